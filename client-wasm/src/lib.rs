@@ -1,0 +1,14 @@
+//! The swarmtrain training peer.
+//!
+//! In a browser this is the npm package `swarmtrain`: `Contributor.start(relayUrl, onEvent)`
+//! joins the relay's run and trains on WebGPU (or on the CPU where WebGPU is missing).
+//! Natively the same code is a volunteer worker and the peer of the in-process tests:
+//! [`peer::run`] over any Burn autodiff backend.
+//!
+//! [`platform`] is the only module that knows which target it is compiled for.
+
+pub mod peer;
+pub mod platform;
+pub mod rpc;
+
+pub use peer::{PeerConfig, PeerError, PeerEvent};

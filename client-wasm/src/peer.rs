@@ -1,0 +1,232 @@
+//! The contributor loop, generic over the Burn backend: join, then for every round fetch θ_t
+//! and a shard, train H local steps, and send the signed pseudo-gradient.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use swarmtrain_shared::data::{self, DigitsSet};
+use swarmtrain_shared::model::DigitsMlpConfig;
+use swarmtrain_shared::protocol::{
+    self, Capabilities, ClientToRelay, Codec, Join, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient,
+    RoundAnnouncement, RunSpec, Update,
+};
+use swarmtrain_shared::train::LocalTrainer;
+use swarmtrain_shared::{Identity, PeerKey, Signed};
+use web_time::Instant;
+
+use crate::platform;
+use crate::rpc::{RelayClient, RpcError};
+
+/// How a peer finds and joins a relay.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// The relay's HTTP base URL, e.g. `http://127.0.0.1:8080/`.
+    pub relay_url: String,
+    /// Secret seed of this peer's ML-DSA-65 identity.
+    pub identity_seed: [u8; 32],
+    /// Name of the training backend, reported to the relay.
+    pub backend: String,
+    /// Stop after this many trained rounds (None: until stopped).
+    pub max_rounds: Option<u64>,
+    /// Set to stop the peer after its current step.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What a peer reports as it works (the browser page shows these).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PeerEvent {
+    Backend { backend: String, detail: String },
+    Joined { run: String, peer: String },
+    Round { round: u64, inner_steps: u32, accuracy: Option<f32> },
+    Trained { round: u64, steps: u32, loss: f32, train_ms: u64, rounds_trained: u64 },
+    Submitted { round: u64, accepted: bool, reason: Option<String> },
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("relay bootstrap failed: {0}")]
+    Bootstrap(String),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("the relay refused to let us join: {0}")]
+    Refused(String),
+    #[error("the relay sent an unexpected answer to {0}")]
+    Unexpected(&'static str),
+    #[error("round announcement is not validly signed by the relay: {0}")]
+    Announcement(String),
+    #[error("download failed: {0}")]
+    Download(String),
+    #[error("training failed: {0}")]
+    Train(String),
+    #[error("run uses a model this client does not know")]
+    UnknownModel,
+}
+
+/// The relay's `/api/bootstrap` answer: where to dial it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Bootstrap {
+    pub peer_id: String,
+    pub run_id: String,
+    /// Dialable multiaddrs (ending in `/p2p/<peer_id>`), keyed by transport: "tcp", "ws".
+    pub addresses: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+fn url(base: &str, path: &str) -> String {
+    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
+}
+
+/// A joined session with the relay.
+struct Session {
+    client: RelayClient,
+    identity: Identity,
+    relay_key: PeerKey,
+    relay_url: String,
+    spec: RunSpec,
+}
+
+impl Session {
+    async fn join(config: &PeerConfig, identity: Identity) -> Result<(Self, RoundAnnouncement), PeerError> {
+        let raw = platform::http_get(&url(&config.relay_url, "api/bootstrap")).await.map_err(PeerError::Bootstrap)?;
+        let bootstrap: Bootstrap = serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))?;
+        let address = bootstrap
+            .addresses
+            .get(platform::TRANSPORT)
+            .and_then(|a| a.first())
+            .ok_or_else(|| PeerError::Bootstrap(format!("relay offers no {} address", platform::TRANSPORT)))?;
+        let address = address.parse().map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
+        let client = RelayClient::connect(address)?;
+
+        let join = ClientToRelay::Join(Join {
+            version: PROTOCOL_VERSION,
+            run_id: bootstrap.run_id.clone(),
+            capabilities: Capabilities { backend: config.backend.clone(), platform: platform::platform() },
+        });
+        let signed = identity.sign(&join).map_err(|e| PeerError::Train(e.to_string()))?;
+        let welcome = match client.request(&signed).await? {
+            RelayToClient::Welcome(welcome) => welcome,
+            RelayToClient::Rejected { reason } => return Err(PeerError::Refused(reason)),
+            _ => return Err(PeerError::Unexpected("join")),
+        };
+        let relay_key = PeerKey::from_public_key(&welcome.relay_key);
+        let session = Self { client, identity, relay_key, relay_url: config.relay_url.clone(), spec: welcome.spec };
+        let announcement = session.verify(&welcome.round)?;
+        Ok((session, announcement))
+    }
+
+    fn verify(&self, signed: &Signed<RoundAnnouncement>) -> Result<RoundAnnouncement, PeerError> {
+        let announcement = signed.verify_from(&self.relay_key).map_err(|e| PeerError::Announcement(e.to_string()))?;
+        if announcement.run_id != self.spec.run_id {
+            return Err(PeerError::Announcement(format!("announcement is for run {:?}", announcement.run_id)));
+        }
+        Ok(announcement)
+    }
+
+    async fn request(&self, message: ClientToRelay) -> Result<RelayToClient, PeerError> {
+        let signed = self.identity.sign(&message).map_err(|e| PeerError::Train(e.to_string()))?;
+        Ok(self.client.request(&signed).await?)
+    }
+
+    /// Long-polls for the first round after `after`.
+    async fn next_round(&self, after: u64) -> Result<RoundAnnouncement, PeerError> {
+        loop {
+            let ask = ClientToRelay::AwaitRound { run_id: self.spec.run_id.clone(), after: Some(after) };
+            match self.request(ask).await? {
+                RelayToClient::Round(signed) => {
+                    let announcement = self.verify(&signed)?;
+                    if announcement.round > after {
+                        return Ok(announcement);
+                    }
+                }
+                RelayToClient::Rejected { reason } => return Err(PeerError::Refused(reason)),
+                _ => return Err(PeerError::Unexpected("await round")),
+            }
+        }
+    }
+
+    async fn fetch_params(&self, hash: ParamsHash) -> Result<Vec<f32>, PeerError> {
+        let path = format!("api/runs/{}/params/{}", self.spec.run_id, hash.to_hex());
+        let bytes = platform::http_get(&url(&self.relay_url, &path)).await.map_err(PeerError::Download)?;
+        if ParamsHash::of(&bytes) != hash {
+            return Err(PeerError::Download("parameters do not match the announced hash".into()));
+        }
+        protocol::params_from_bytes(&bytes).ok_or_else(|| PeerError::Download("parameters are malformed".into()))
+    }
+
+    async fn fetch_shard(&self, round: u64) -> Result<DigitsSet, PeerError> {
+        let shard = data::assign_shard(&self.spec.run_id, round, &self.identity.peer(), self.spec.data.n_shards);
+        let path = format!("api/runs/{}/shards/{shard}", self.spec.run_id);
+        let bytes = platform::http_get(&url(&self.relay_url, &path)).await.map_err(PeerError::Download)?;
+        DigitsSet::from_bytes(&bytes).map_err(|e| PeerError::Download(e.to_string()))
+    }
+}
+
+/// Joins the relay and trains round after round on `B` until stopped, `max_rounds` is reached,
+/// or the relay can't be reached.
+pub async fn run<B: AutodiffBackend>(
+    device: B::Device,
+    config: PeerConfig,
+    mut emit: impl FnMut(PeerEvent),
+) -> Result<u64, PeerError> {
+    let identity = Identity::from_seed(config.identity_seed);
+    let peer = identity.peer();
+    let (session, mut announcement) = Session::join(&config, identity).await?;
+    emit(PeerEvent::Joined { run: session.spec.run_id.clone(), peer: peer.to_hex() });
+    let ModelSpec::DigitsMlp { hidden } = session.spec.model;
+    let model = DigitsMlpConfig::new().with_hidden(hidden as usize);
+    let mut rounds_trained = 0u64;
+
+    while !config.stop.load(Ordering::Relaxed) && config.max_rounds.is_none_or(|max| rounds_trained < max) {
+        let round = announcement.round;
+        emit(PeerEvent::Round { round, inner_steps: session.spec.inner.steps, accuracy: announcement.accuracy });
+        let start = session.fetch_params(announcement.params).await?;
+        let shard = session.fetch_shard(round).await?;
+
+        let started = Instant::now();
+        let seed = data::derive_seed("inner", &[session.spec.run_id.as_bytes(), &round.to_le_bytes(), &peer.0]);
+        let mut trainer = LocalTrainer::<B>::new(&device, &model, &start, shard, &session.spec.inner, seed)
+            .map_err(|e| PeerError::Train(e.to_string()))?;
+        while !trainer.is_done() && !config.stop.load(Ordering::Relaxed) {
+            trainer.step();
+            if trainer.steps_done() % 8 == 0 {
+                // Let the browser breathe (and the relay connection make progress).
+                platform::sleep(Duration::ZERO).await;
+            }
+        }
+        let result = trainer.finish().await.map_err(|e| PeerError::Train(e.to_string()))?;
+        let train_ms = started.elapsed().as_millis() as u64;
+        if config.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        rounds_trained += 1;
+        emit(PeerEvent::Trained { round, steps: result.steps, loss: result.loss, train_ms, rounds_trained });
+
+        // Δ = θ_t − θ_local
+        let delta: Vec<f32> = start.iter().zip(&result.params).map(|(t, l)| t - l).collect();
+        let update = Update {
+            run_id: session.spec.run_id.clone(),
+            round,
+            base: announcement.params,
+            n_samples: result.samples,
+            inner_steps: result.steps,
+            loss: result.loss,
+            codec: Codec::F32,
+            payload: protocol::params_to_bytes(&delta),
+        };
+        let event = match session.request(ClientToRelay::Update(update)).await? {
+            RelayToClient::Accepted { .. } => PeerEvent::Submitted { round, accepted: true, reason: None },
+            RelayToClient::Rejected { reason } => PeerEvent::Submitted { round, accepted: false, reason: Some(reason) },
+            _ => return Err(PeerError::Unexpected("update")),
+        };
+        emit(event);
+        if config.max_rounds.is_some_and(|max| rounds_trained >= max) {
+            break;
+        }
+        announcement = session.next_round(round).await?;
+    }
+    Ok(rounds_trained)
+}

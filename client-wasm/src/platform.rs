@@ -1,0 +1,14 @@
+//! The platform shim: the only place in the client that names a target.
+//!
+//! `native` and `web` export the same names: `sleep`, `spawn`, `build_swarm`, `http_get`,
+//! `TRANSPORT` (which of the relay's addresses to dial) and `PLATFORM`. The browser facade
+//! (`Contributor`, exported to JavaScript) lives in `web`.
+
+#[cfg(not(target_arch = "wasm32"))]
+#[path = "platform/native.rs"]
+mod imp;
+#[cfg(target_arch = "wasm32")]
+#[path = "platform/web.rs"]
+mod imp;
+
+pub use imp::*;

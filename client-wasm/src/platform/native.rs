@@ -1,0 +1,43 @@
+//! Native platform: tokio, TCP to the relay, reqwest for HTTP.
+
+use std::future::Future;
+use std::time::Duration;
+
+use libp2p::{Swarm, identity::Keypair, noise, tcp, yamux};
+
+use crate::rpc::Behaviour;
+
+/// Which of the relay's advertised addresses this platform dials.
+pub const TRANSPORT: &str = "tcp";
+/// Platform description reported in `Join`.
+pub fn platform() -> String {
+    format!("native {} {}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+pub async fn sleep(duration: Duration) {
+    tokio::time::sleep(duration).await;
+}
+
+pub fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
+    tokio::spawn(future);
+}
+
+pub fn build_swarm(keypair: Keypair, behaviour: Behaviour, idle: Duration) -> Result<Swarm<Behaviour>, String> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| e.to_string())?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| e.to_string())?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build())
+}
+
+pub async fn http_get(url: &str) -> Result<Vec<u8>, String> {
+    let response = reqwest::get(url).await.map_err(|e| format!("GET {url}: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("GET {url}: HTTP {status}"));
+    }
+    Ok(response.bytes().await.map_err(|e| format!("GET {url}: {e}"))?.to_vec())
+}

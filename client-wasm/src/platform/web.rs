@@ -1,0 +1,198 @@
+//! Browser platform: WebSocket to the relay, `fetch` for HTTP, and the JavaScript API.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use burn::backend::wgpu::{WgpuDevice, graphics::AutoGraphicsApi, init_setup_async};
+use burn::backend::{Autodiff, NdArray, Wgpu};
+use js_sys::{Function, JSON, Promise, Reflect, Uint8Array};
+use libp2p::core::upgrade::Version;
+use libp2p::{Swarm, Transport as _, identity::Keypair, noise, websocket_websys, yamux};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, spawn_local};
+
+use crate::peer::{self, PeerConfig, PeerEvent};
+use crate::rpc::Behaviour;
+
+/// Which of the relay's advertised addresses this platform dials.
+pub const TRANSPORT: &str = "ws";
+
+/// Platform description reported in `Join`.
+pub fn platform() -> String {
+    let agent = web_sys::window().and_then(|w| w.navigator().user_agent().ok()).unwrap_or_default();
+    format!("browser {agent}")
+}
+
+pub async fn sleep(duration: Duration) {
+    futures_timer::Delay::new(duration).await;
+}
+
+pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
+    spawn_local(future);
+}
+
+pub fn build_swarm(keypair: Keypair, behaviour: Behaviour, idle: Duration) -> Result<Swarm<Behaviour>, String> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_wasm_bindgen()
+        .with_other_transport(|key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                websocket_websys::Transport::default()
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()),
+            )
+        })
+        .map_err(|e| e.to_string())?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| e.to_string())?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build())
+}
+
+fn js_error(value: JsValue) -> String {
+    value.as_string().unwrap_or_else(|| format!("{value:?}"))
+}
+
+pub async fn http_get(url: &str) -> Result<Vec<u8>, String> {
+    let global = js_sys::global();
+    let fetch: Function = Reflect::get(&global, &"fetch".into()).map_err(js_error)?.dyn_into().map_err(js_error)?;
+    let promise: Promise = fetch.call1(&global, &url.into()).map_err(js_error)?.dyn_into().map_err(js_error)?;
+    let response: web_sys::Response =
+        JsFuture::from(promise).await.map_err(|e| format!("GET {url}: {}", js_error(e)))?.dyn_into().map_err(js_error)?;
+    if !response.ok() {
+        return Err(format!("GET {url}: HTTP {}", response.status()));
+    }
+    let buffer = JsFuture::from(response.array_buffer().map_err(js_error)?).await.map_err(js_error)?;
+    Ok(Uint8Array::new(&buffer).to_vec())
+}
+
+const IDENTITY_KEY: &str = "swarmtrain.identity.v1";
+
+/// The identity seed kept in this origin's storage, created on first use.
+fn stored_identity_seed() -> Result<[u8; 32], String> {
+    let storage = web_sys::window().and_then(|w| w.local_storage().ok().flatten());
+    if let Some(hex) = storage.as_ref().and_then(|s| s.get_item(IDENTITY_KEY).ok().flatten()) {
+        if let Some(seed) = decode_hex(&hex) {
+            return Ok(seed);
+        }
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| e.to_string())?;
+    if let Some(storage) = storage {
+        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = storage.set_item(IDENTITY_KEY, &hex);
+    }
+    Ok(seed)
+}
+
+fn decode_hex(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Whether `navigator.gpu.requestAdapter()` gives an adapter, and its description.
+async fn webgpu_adapter() -> Option<String> {
+    let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
+    let gpu = Reflect::get(&navigator, &"gpu".into()).ok().filter(|g| !g.is_undefined() && !g.is_null())?;
+    let request: Function = Reflect::get(&gpu, &"requestAdapter".into()).ok()?.dyn_into().ok()?;
+    let promise: Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
+    let adapter = JsFuture::from(promise).await.ok().filter(|a| !a.is_null() && !a.is_undefined())?;
+    let info = Reflect::get(&adapter, &"info".into()).ok();
+    let field = |name: &str| {
+        info.as_ref().and_then(|i| Reflect::get(i, &name.into()).ok()).and_then(|v| v.as_string()).unwrap_or_default()
+    };
+    Some(format!("{} {} {}", field("vendor"), field("architecture"), field("description")).trim().to_owned())
+}
+
+fn emitter(on_event: Function) -> impl FnMut(PeerEvent) {
+    move |event| {
+        let value = serde_json::to_string(&event).ok().and_then(|json| JSON::parse(&json).ok());
+        if let Some(value) = value {
+            let _ = on_event.call1(&JsValue::NULL, &value);
+        }
+    }
+}
+
+/// A browser tab taking part in training. Created with `Contributor.start`.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Contributor {
+    stop: Arc<AtomicBool>,
+    peer: String,
+    backend: String,
+}
+
+#[wasm_bindgen]
+impl Contributor {
+    /// Joins the run of the relay at `relay_url` and trains until `stop()`.
+    ///
+    /// `on_event` receives plain objects with a `kind` field: `backend`, `joined`, `round`,
+    /// `trained`, `submitted` or `error`. `backend` may be `"webgpu"`, `"cpu"` or `"auto"`
+    /// (the default: WebGPU when the browser offers an adapter, else the CPU).
+    pub async fn start(relay_url: String, on_event: Function, backend: Option<String>) -> Result<Contributor, JsError> {
+        std::panic::set_hook(Box::new(|info| web_sys::console::error_1(&info.to_string().into())));
+        let seed = stored_identity_seed().map_err(|e| JsError::new(&e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let want = backend.unwrap_or_else(|| "auto".into());
+        let adapter = if want == "cpu" { None } else { webgpu_adapter().await };
+        if want == "webgpu" && adapter.is_none() {
+            return Err(JsError::new("this browser offers no WebGPU adapter"));
+        }
+        let peer_key = swarmtrain_shared::Identity::from_seed(seed).peer().to_hex();
+        let mut emit = emitter(on_event.clone());
+        let config = |backend: &str| PeerConfig {
+            relay_url: relay_url.clone(),
+            identity_seed: seed,
+            backend: backend.into(),
+            max_rounds: None,
+            stop: stop.clone(),
+        };
+        let report = move |result: Result<u64, peer::PeerError>| {
+            if let Err(e) = result {
+                emitter(on_event.clone())(PeerEvent::Error { message: e.to_string() });
+            }
+        };
+        let backend = match adapter {
+            Some(detail) => {
+                let device = WgpuDevice::default();
+                init_setup_async::<AutoGraphicsApi>(&device, Default::default()).await;
+                emit(PeerEvent::Backend { backend: "webgpu".into(), detail });
+                let config = config("wgpu");
+                spawn_local(async move { report(peer::run::<Autodiff<Wgpu>>(device, config, emit).await) });
+                "webgpu"
+            }
+            None => {
+                emit(PeerEvent::Backend { backend: "cpu".into(), detail: "ndarray (no WebGPU adapter)".into() });
+                let config = config("ndarray");
+                spawn_local(async move { report(peer::run::<Autodiff<NdArray>>(Default::default(), config, emit).await) });
+                "cpu"
+            }
+        };
+        Ok(Contributor { stop, peer: peer_key, backend: backend.into() })
+    }
+
+    /// Stops training after the current step.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// This tab's peer key (hex BLAKE3 of its ML-DSA-65 public key).
+    #[wasm_bindgen(getter)]
+    pub fn peer(&self) -> String {
+        self.peer.clone()
+    }
+
+    /// The training backend in use: "webgpu" or "cpu".
+    #[wasm_bindgen(getter)]
+    pub fn backend(&self) -> String {
+        self.backend.clone()
+    }
+}

@@ -1,0 +1,199 @@
+//! The peer ↔ relay exchange over libp2p request-response.
+//!
+//! Each request and each response is one postcard frame of at most
+//! [`MAX_FRAME_BYTES`](swarmtrain_shared::protocol::MAX_FRAME_BYTES); longer input is refused
+//! without being buffered. [`RelayClient`] is a cloneable handle; an event loop task owns the
+//! `Swarm` and answers the handle's commands through oneshot channels.
+
+use std::collections::HashMap;
+use std::io;
+use std::time::Duration;
+
+use futures::channel::{mpsc, oneshot};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt, StreamExt};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identity::Keypair};
+use swarmtrain_shared::Signed;
+use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, RPC_PROTOCOL, RelayToClient, WireError};
+
+use crate::platform;
+
+/// How long a request may wait for its answer. Long polls for the next round wait up to a round
+/// deadline, so this is generous.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Length-delimited by the stream itself: a frame is everything up to EOF, at most
+/// `MAX_FRAME_BYTES`.
+#[derive(Clone, Debug, Default)]
+pub struct FrameCodec;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut frame = Vec::new();
+    io.take(MAX_FRAME_BYTES as u64 + 1).read_to_end(&mut frame).await?;
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, WireError::TooLarge(frame.len())));
+    }
+    Ok(frame)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: Vec<u8>) -> io::Result<()> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, WireError::TooLarge(frame.len())));
+    }
+    io.write_all(&frame).await?;
+    io.close().await
+}
+
+impl request_response::Codec for FrameCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, req).await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, res).await
+    }
+}
+
+/// The swarmtrain behaviour, shared by peers and the relay.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub rpc: request_response::Behaviour<FrameCodec>,
+}
+
+impl std::fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Behaviour").finish_non_exhaustive()
+    }
+}
+
+impl Behaviour {
+    /// `support`: peers only send requests; the relay only answers them.
+    pub fn new(support: ProtocolSupport) -> Self {
+        let config = request_response::Config::default()
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_max_concurrent_streams(64);
+        Self { rpc: request_response::Behaviour::new([(StreamProtocol::new(RPC_PROTOCOL), support)], config) }
+    }
+}
+
+/// Why a request to the relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("could not reach the relay: {0}")]
+    Network(String),
+    #[error("the relay's answer is not valid: {0}")]
+    Wire(#[from] WireError),
+    #[error("the connection's event loop has stopped")]
+    Closed,
+}
+
+enum Command {
+    Request { frame: Vec<u8>, reply: oneshot::Sender<Result<Vec<u8>, RpcError>> },
+}
+
+/// A handle to the connection to one relay. Dropping every clone ends the connection.
+#[derive(Clone, Debug)]
+pub struct RelayClient {
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command::Request")
+    }
+}
+
+impl RelayClient {
+    /// Dials the relay at `address` (which must end in `/p2p/<relay peer id>`).
+    pub fn connect(address: Multiaddr) -> Result<Self, RpcError> {
+        let relay = address
+            .iter()
+            .find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            })
+            .ok_or_else(|| RpcError::Network(format!("{address} names no relay peer id")))?;
+        let mut swarm = platform::build_swarm(
+            Keypair::generate_ed25519(),
+            Behaviour::new(ProtocolSupport::Outbound),
+            Duration::from_secs(300),
+        )
+        .map_err(RpcError::Network)?;
+        swarm.add_peer_address(relay, address.clone());
+        swarm.dial(address).map_err(|e| RpcError::Network(e.to_string()))?;
+        let (commands, receiver) = mpsc::channel(16);
+        platform::spawn(event_loop(swarm, relay, receiver));
+        Ok(Self { commands })
+    }
+
+    /// Sends one signed request and waits for the relay's answer.
+    pub async fn request(&self, message: &Signed<ClientToRelay>) -> Result<RelayToClient, RpcError> {
+        let frame = protocol::encode(message)?;
+        let (reply, answer) = oneshot::channel();
+        self.commands.clone().send(Command::Request { frame, reply }).await.map_err(|_| RpcError::Closed)?;
+        let bytes = answer.await.map_err(|_| RpcError::Closed)??;
+        Ok(protocol::decode(&bytes)?)
+    }
+}
+
+async fn event_loop(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mpsc::Receiver<Command>) {
+    let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> = HashMap::new();
+    loop {
+        futures::select! {
+            command = commands.next() => match command {
+                Some(Command::Request { frame, reply }) => {
+                    let id = swarm.behaviour_mut().rpc.send_request(&relay, frame);
+                    pending.insert(id, reply);
+                }
+                // Every handle is gone: close the connection.
+                None => return,
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) => {
+                    if let Some(reply) = pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                })) => {
+                    if let Some(reply) = pending.remove(&request_id) {
+                        let _ = reply.send(Err(RpcError::Network(error.to_string())));
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == relay => {
+                    tracing::debug!(?cause, "connection to the relay closed");
+                }
+                _ => {}
+            },
+        }
+    }
+}

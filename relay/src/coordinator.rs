@@ -1,0 +1,329 @@
+//! The relay's coordinator: owns the round state, verifies and judges every peer message,
+//! evaluates θ after each round, and signs announcements.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::backend::NdArray;
+use serde::Serialize;
+use swarmtrain_shared::model::DigitsMlpConfig;
+use swarmtrain_shared::protocol::{
+    self, ClientToRelay, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient, RoundAnnouncement, RunSpec, Signed,
+    Welcome,
+};
+use swarmtrain_shared::round::{RoundClosed, RoundState};
+use swarmtrain_shared::{Identity, PeerKey, params, train};
+use tokio::sync::{Mutex, oneshot};
+use tokio::time::Instant;
+
+use crate::dataset::RunData;
+
+/// Parameter versions kept for download (a late peer may still fetch the previous round's).
+const KEEP_PARAMS: usize = 4;
+
+/// One row of the run's history.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub accuracy: Option<f32>,
+    pub contributors: usize,
+    pub samples: u64,
+    pub mean_loss: Option<f32>,
+    pub closed_at_ms: u64,
+}
+
+/// A snapshot for `/api/status` and the page.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub run_id: String,
+    pub round: u64,
+    pub params_hash: String,
+    pub n_params: usize,
+    pub updates_this_round: usize,
+    pub active_peers: usize,
+    pub joined_peers: usize,
+    pub history: Vec<RoundRecord>,
+    pub rejected: BTreeMap<String, u64>,
+    pub accepted_updates: u64,
+    pub spec: RunSpecView,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSpecView {
+    pub inner_steps: u32,
+    pub batch_size: u32,
+    pub inner_lr: f64,
+    pub outer_lr: f32,
+    pub outer_momentum: f32,
+    pub quorum: u32,
+    pub round_deadline_ms: u64,
+    pub n_shards: u32,
+}
+
+struct State {
+    round: RoundState,
+    accuracy: Option<f32>,
+    history: Vec<RoundRecord>,
+    params: HashMap<ParamsHash, Arc<Vec<u8>>>,
+    params_order: VecDeque<ParamsHash>,
+    announcement: Signed<RoundAnnouncement>,
+    waiters: Vec<(u64, oneshot::Sender<Signed<RoundAnnouncement>>)>,
+    joined: BTreeMap<PeerKey, String>,
+    rejected: BTreeMap<String, u64>,
+    accepted: u64,
+}
+
+/// Shared by the HTTP server, the libp2p event loop and the round timer.
+pub struct Coordinator {
+    identity: Identity,
+    data: RunData,
+    model: DigitsMlpConfig,
+    started: Instant,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").field("identity", &self.identity).finish_non_exhaustive()
+    }
+}
+
+fn model_config(spec: &RunSpec) -> DigitsMlpConfig {
+    let ModelSpec::DigitsMlp { hidden } = spec.model;
+    DigitsMlpConfig::new().with_hidden(hidden as usize)
+}
+
+impl Coordinator {
+    /// Opens round 0 of `spec` with freshly initialized parameters (seeded by `seed`).
+    pub async fn new(identity: Identity, spec: RunSpec, data: RunData, seed: u64) -> anyhow::Result<Self> {
+        let model = model_config(&spec);
+        let device = burn::backend::ndarray::NdArrayDevice::Cpu;
+        <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
+        let initial = params::to_vec(&model.init::<NdArray>(&device)).await?;
+        let round = RoundState::new(spec, initial, 0);
+        let accuracy = Some(train::evaluate::<NdArray>(&device, &model, round.params(), &data.held_out).await?);
+        let announcement = identity.sign(&round.announcement(accuracy, 0))?;
+        let mut state = State {
+            round,
+            accuracy,
+            history: Vec::new(),
+            params: HashMap::new(),
+            params_order: VecDeque::new(),
+            announcement,
+            waiters: Vec::new(),
+            joined: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            accepted: 0,
+        };
+        state.history.push(RoundRecord {
+            round: 0,
+            accuracy,
+            contributors: 0,
+            samples: 0,
+            mean_loss: None,
+            closed_at_ms: 0,
+        });
+        store_params(&mut state);
+        Ok(Self { identity, data, model, started: Instant::now(), state: Mutex::new(state) })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub async fn run_id(&self) -> String {
+        self.state.lock().await.round.spec.run_id.clone()
+    }
+
+    pub async fn params(&self, hash: &ParamsHash) -> Option<Arc<Vec<u8>>> {
+        self.state.lock().await.params.get(hash).cloned()
+    }
+
+    pub fn shard(&self, index: usize) -> Option<Vec<u8>> {
+        self.data.shards.get(index).map(|s| s.to_bytes())
+    }
+
+    async fn reject(&self, peer: Option<PeerKey>, kind: &str, reason: String) -> Vec<u8> {
+        tracing::warn!(peer = peer.map(|p| p.short()), kind, %reason, "rejected message");
+        *self.state.lock().await.rejected.entry(kind.to_owned()).or_default() += 1;
+        encode(&RelayToClient::Rejected { reason })
+    }
+
+    /// Handles one request frame from the network and returns the response frame. Never
+    /// panics on peer input; a long poll resolves at the next announcement or after `max_wait`.
+    pub async fn handle(&self, frame: &[u8], max_wait: Duration) -> Vec<u8> {
+        let signed: Signed<ClientToRelay> = match protocol::decode(frame) {
+            Ok(signed) => signed,
+            Err(e) => return self.reject(None, "malformed", e.to_string()).await,
+        };
+        let (peer, message) = match signed.verify_and_decode() {
+            Ok(ok) => ok,
+            Err(e) => return self.reject(None, "bad_signature", e.to_string()).await,
+        };
+        let now = self.now_ms();
+        match message {
+            ClientToRelay::Join(join) => {
+                let mut state = self.state.lock().await;
+                if join.version != PROTOCOL_VERSION || join.run_id != state.round.spec.run_id {
+                    drop(state);
+                    let reason = format!("join for run {:?} version {}", join.run_id, join.version);
+                    return self.reject(Some(peer), "bad_join", reason).await;
+                }
+                tracing::info!(peer = peer.short(), backend = join.capabilities.backend, platform = join.capabilities.platform, "peer joined");
+                state.joined.insert(peer, join.capabilities.backend);
+                state.round.seen(peer, now);
+                let round = self.identity.sign(&state.round.announcement(state.accuracy, now));
+                let spec = state.round.spec.clone();
+                drop(state);
+                match round {
+                    Ok(round) => encode(&RelayToClient::Welcome(Welcome {
+                        relay_key: self.identity.public_key().to_vec(),
+                        spec,
+                        round,
+                    })),
+                    Err(e) => self.reject(Some(peer), "internal", e.to_string()).await,
+                }
+            }
+            ClientToRelay::AwaitRound { run_id, after } => {
+                let waiter = {
+                    let mut state = self.state.lock().await;
+                    if run_id != state.round.spec.run_id {
+                        drop(state);
+                        return self.reject(Some(peer), "wrong_run", format!("no run {run_id:?}")).await;
+                    }
+                    state.round.seen(peer, now);
+                    match after {
+                        Some(after) if after >= state.round.round => {
+                            let (tx, rx) = oneshot::channel();
+                            state.waiters.push((after, tx));
+                            rx
+                        }
+                        _ => return encode(&RelayToClient::Round(state.announcement.clone())),
+                    }
+                };
+                let announcement = match tokio::time::timeout(max_wait, waiter).await {
+                    Ok(Ok(announcement)) => announcement,
+                    // Timed out (or shutting down): answer with the current round; the peer asks again.
+                    _ => self.state.lock().await.announcement.clone(),
+                };
+                encode(&RelayToClient::Round(announcement))
+            }
+            ClientToRelay::Update(update) => {
+                let mut state = self.state.lock().await;
+                match state.round.submit(peer, &update, now) {
+                    Ok(()) => {
+                        state.accepted += 1;
+                        tracing::info!(peer = peer.short(), round = update.round, loss = update.loss, "accepted update");
+                        drop(state);
+                        self.tick().await;
+                        encode(&RelayToClient::Accepted { round: update.round })
+                    }
+                    Err(rejection) => {
+                        drop(state);
+                        self.reject(Some(peer), rejection.kind(), rejection.to_string()).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the round if it is due; then evaluates, stores θ_{t+1} and announces it.
+    pub async fn tick(&self) {
+        let now = self.now_ms();
+        let mut state = self.state.lock().await;
+        let Some(closed) = state.round.tick(now) else { return };
+        let accuracy = match train::evaluate::<NdArray>(&Default::default(), &self.model, state.round.params(), &self.data.held_out).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(error = %e, "evaluation failed");
+                None
+            }
+        };
+        state.accuracy = accuracy;
+        state.history.push(record(&closed, accuracy, now));
+        store_params(&mut state);
+        match self.identity.sign(&state.round.announcement(accuracy, now)) {
+            Ok(announcement) => {
+                state.announcement = announcement.clone();
+                let round = state.round.round;
+                let (ready, waiting): (Vec<_>, Vec<_>) = state.waiters.drain(..).partition(|(after, _)| *after < round);
+                state.waiters = waiting;
+                for (_, waiter) in ready {
+                    let _ = waiter.send(announcement.clone());
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not sign the announcement"),
+        }
+        tracing::info!(
+            round = closed.round,
+            contributors = closed.contributors.len(),
+            accuracy = accuracy.unwrap_or(f32::NAN),
+            "round closed; announced round {}",
+            closed.next_round
+        );
+    }
+
+    pub async fn status(&self) -> Status {
+        let now = self.now_ms();
+        let state = self.state.lock().await;
+        let spec = &state.round.spec;
+        Status {
+            run_id: spec.run_id.clone(),
+            round: state.round.round,
+            params_hash: state.round.params_hash().to_hex(),
+            n_params: state.round.params().len(),
+            updates_this_round: state.round.updates_this_round(),
+            active_peers: state.round.active_peers(now),
+            joined_peers: state.joined.len(),
+            history: state.history.clone(),
+            rejected: state.rejected.clone(),
+            accepted_updates: state.accepted,
+            spec: RunSpecView {
+                inner_steps: spec.inner.steps,
+                batch_size: spec.inner.batch_size,
+                inner_lr: spec.inner.lr,
+                outer_lr: spec.outer.lr,
+                outer_momentum: spec.outer.momentum,
+                quorum: spec.quorum,
+                round_deadline_ms: spec.round_deadline_ms,
+                n_shards: spec.data.n_shards,
+            },
+        }
+    }
+}
+
+fn record(closed: &RoundClosed, accuracy: Option<f32>, now: u64) -> RoundRecord {
+    let n = closed.contributors.len();
+    RoundRecord {
+        round: closed.next_round,
+        accuracy,
+        contributors: n,
+        samples: closed.contributors.iter().map(|(_, s, _)| u64::from(*s)).sum(),
+        mean_loss: (n > 0).then(|| closed.contributors.iter().map(|(_, _, l)| l).sum::<f32>() / n as f32),
+        closed_at_ms: now,
+    }
+}
+
+fn store_params(state: &mut State) {
+    let hash = state.round.params_hash();
+    if state.params.contains_key(&hash) {
+        return;
+    }
+    state.params.insert(hash, Arc::new(protocol::params_to_bytes(state.round.params())));
+    state.params_order.push_back(hash);
+    while state.params_order.len() > KEEP_PARAMS {
+        if let Some(old) = state.params_order.pop_front() {
+            state.params.remove(&old);
+        }
+    }
+}
+
+fn encode(message: &RelayToClient) -> Vec<u8> {
+    // Responses are built by the relay and are far below the frame limit.
+    protocol::encode(message).unwrap_or_default()
+}

@@ -1,0 +1,251 @@
+//! ML-DSA-65 identities and signed envelopes.
+//!
+//! A peer's identity is an ML-DSA-65 key pair derived from a 32-byte seed; its [`PeerKey`] is
+//! the BLAKE3 hash of the encoded verifying key. Every message that changes state travels as a
+//! [`Signed<T>`], and [`Signed::verify_and_decode`] is the only way to turn its bytes into a `T`:
+//! the signature is checked before a single byte of the body is parsed.
+
+use core::fmt;
+use core::marker::PhantomData;
+
+use ml_dsa::{EncodedVerifyingKey, Keypair, MlDsa65, Seed, Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Domain separation: signatures made for swarmtrain messages can't be replayed elsewhere.
+const DOMAIN: &[u8] = b"swarmtrain/signed/v1\0";
+
+/// Encoded ML-DSA-65 verifying key length in bytes.
+pub const PUBLIC_KEY_BYTES: usize = 1952;
+/// Encoded ML-DSA-65 signature length in bytes.
+pub const SIGNATURE_BYTES: usize = 3309;
+
+/// Why a signed message was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("public key has {0} bytes, expected {PUBLIC_KEY_BYTES}")]
+    PublicKeyLength(usize),
+    #[error("signature is malformed")]
+    MalformedSignature,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("signed by {got}, expected {expected}")]
+    WrongSigner { expected: PeerKey, got: PeerKey },
+    #[error("signed body does not decode: {0}")]
+    Decode(String),
+    #[error("could not encode message: {0}")]
+    Encode(String),
+}
+
+/// A peer's stable name: BLAKE3 of its encoded ML-DSA-65 verifying key.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PeerKey(pub [u8; 32]);
+
+impl PeerKey {
+    pub fn from_public_key(public_key: &[u8]) -> Self {
+        Self(*blake3::hash(public_key).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// The first 8 bytes, for logs.
+    pub fn short(&self) -> String {
+        self.to_hex()[..16].to_owned()
+    }
+}
+
+impl fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerKey({})", self.short())
+    }
+}
+
+/// An ML-DSA-65 signing identity. Deterministic: the same seed gives the same keys.
+pub struct Identity {
+    seed: [u8; 32],
+    signing: SigningKey<MlDsa65>,
+    public_key: Vec<u8>,
+    peer: PeerKey,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Derives the key pair from a 32-byte secret seed (FIPS 204 ML-DSA.KeyGen_internal).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        let signing = SigningKey::<MlDsa65>::from_seed(&Seed::from(seed));
+        let public_key = signing.verifying_key().encode().to_vec();
+        let peer = PeerKey::from_public_key(&public_key);
+        Self { seed, signing, public_key, peer }
+    }
+
+    /// The secret seed, for persisting the identity (IndexedDB, or a 0600 key file).
+    pub fn seed(&self) -> [u8; 32] {
+        self.seed
+    }
+
+    pub fn peer(&self) -> PeerKey {
+        self.peer
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    /// Serializes `message` with postcard and signs the bytes.
+    pub fn sign<T: Serialize>(&self, message: &T) -> Result<Signed<T>, CryptoError> {
+        let body = postcard::to_allocvec(message).map_err(|e| CryptoError::Encode(e.to_string()))?;
+        let signature: Signature<MlDsa65> = self.signing.sign(&signed_bytes(&body));
+        Ok(Signed {
+            public_key: self.public_key.clone(),
+            body,
+            signature: signature.encode().to_vec(),
+            _message: PhantomData,
+        })
+    }
+}
+
+fn signed_bytes(body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(DOMAIN.len() + body.len());
+    bytes.extend_from_slice(DOMAIN);
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// A postcard-encoded `T` with the signer's public key and an ML-DSA-65 signature over it.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub struct Signed<T> {
+    pub public_key: Vec<u8>,
+    pub body: Vec<u8>,
+    pub signature: Vec<u8>,
+    #[serde(skip)]
+    _message: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Signed<T> {
+    fn clone(&self) -> Self {
+        Self {
+            public_key: self.public_key.clone(),
+            body: self.body.clone(),
+            signature: self.signature.clone(),
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Signed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signed")
+            .field("signer", &PeerKey::from_public_key(&self.public_key))
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: DeserializeOwned> Signed<T> {
+    /// Checks the signature, then decodes the body. Returns the signer and the message.
+    pub fn verify_and_decode(&self) -> Result<(PeerKey, T), CryptoError> {
+        let encoded = EncodedVerifyingKey::<MlDsa65>::try_from(self.public_key.as_slice())
+            .map_err(|_| CryptoError::PublicKeyLength(self.public_key.len()))?;
+        let key = VerifyingKey::<MlDsa65>::decode(&encoded);
+        let signature = Signature::<MlDsa65>::try_from(self.signature.as_slice())
+            .map_err(|_| CryptoError::MalformedSignature)?;
+        key.verify(&signed_bytes(&self.body), &signature).map_err(|_| CryptoError::BadSignature)?;
+        let message = postcard::from_bytes(&self.body).map_err(|e| CryptoError::Decode(e.to_string()))?;
+        Ok((PeerKey::from_public_key(&self.public_key), message))
+    }
+
+    /// As [`Self::verify_and_decode`], and the signer must be `expected`.
+    pub fn verify_from(&self, expected: &PeerKey) -> Result<T, CryptoError> {
+        let got = PeerKey::from_public_key(&self.public_key);
+        if &got != expected {
+            return Err(CryptoError::WrongSigner { expected: *expected, got });
+        }
+        self.verify_and_decode().map(|(_, message)| message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Msg {
+        round: u64,
+        payload: Vec<u8>,
+    }
+
+    fn signed() -> (Identity, Signed<Msg>) {
+        let id = Identity::from_seed([7; 32]);
+        let msg = id.sign(&Msg { round: 3, payload: vec![1, 2, 3, 4] }).expect("sign");
+        (id, msg)
+    }
+
+    #[test]
+    fn signed_message_round_trips_and_names_its_signer() {
+        let (id, msg) = signed();
+        assert_eq!(msg.public_key.len(), PUBLIC_KEY_BYTES);
+        assert_eq!(msg.signature.len(), SIGNATURE_BYTES);
+        let (peer, decoded) = msg.verify_and_decode().expect("verifies");
+        assert_eq!(peer, id.peer());
+        assert_eq!(decoded, Msg { round: 3, payload: vec![1, 2, 3, 4] });
+        assert_eq!(msg.verify_from(&id.peer()).expect("from"), decoded);
+    }
+
+    #[test]
+    fn identity_is_deterministic_in_its_seed() {
+        assert_eq!(Identity::from_seed([1; 32]).peer(), Identity::from_seed([1; 32]).peer());
+        assert_ne!(Identity::from_seed([1; 32]).peer(), Identity::from_seed([2; 32]).peer());
+    }
+
+    #[test]
+    fn every_flipped_bit_in_the_body_is_rejected() {
+        let (_, msg) = signed();
+        for bit in 0..msg.body.len() * 8 {
+            let mut forged = msg.clone();
+            forged.body[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(forged.verify_and_decode().unwrap_err(), CryptoError::BadSignature, "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn flipped_bits_in_the_signature_are_rejected() {
+        let (_, msg) = signed();
+        for byte in [0, 1, 100, 2000, SIGNATURE_BYTES - 1] {
+            let mut forged = msg.clone();
+            forged.signature[byte] ^= 0x10;
+            let err = forged.verify_and_decode().unwrap_err();
+            assert!(matches!(err, CryptoError::BadSignature | CryptoError::MalformedSignature), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn another_key_or_truncation_is_rejected() {
+        let (_, msg) = signed();
+        let other = Identity::from_seed([8; 32]);
+        let mut swapped = msg.clone();
+        swapped.public_key = other.public_key().to_vec();
+        assert_eq!(swapped.verify_and_decode().unwrap_err(), CryptoError::BadSignature);
+        assert!(matches!(msg.verify_from(&other.peer()), Err(CryptoError::WrongSigner { .. })));
+
+        let mut short_key = msg.clone();
+        short_key.public_key.pop();
+        assert_eq!(short_key.verify_and_decode().unwrap_err(), CryptoError::PublicKeyLength(PUBLIC_KEY_BYTES - 1));
+        let mut short_sig = msg.clone();
+        short_sig.signature.truncate(100);
+        assert_eq!(short_sig.verify_and_decode().unwrap_err(), CryptoError::MalformedSignature);
+    }
+}

@@ -1,0 +1,19 @@
+//! swarmtrain's shared core: the wire format, identities and signatures, the model, the data
+//! pipeline, the inner training loop, the DiLoCo outer step, aggregation and the round state
+//! machine.
+//!
+//! Everything here is pure: no I/O, no runtime, no target-specific code. The browser client,
+//! the native volunteers, the relay and the tests all call this crate unchanged. Model and
+//! training code is generic over Burn's `Backend`; only entry points name a backend.
+
+pub mod aggregate;
+pub mod crypto;
+pub mod data;
+pub mod model;
+pub mod outer;
+pub mod params;
+pub mod protocol;
+pub mod round;
+pub mod train;
+
+pub use crypto::{Identity, PeerKey, Signed};

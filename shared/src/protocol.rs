@@ -1,0 +1,247 @@
+//! The wire format: versioned, postcard-encoded, size-limited.
+//!
+//! Messages are named by direction. Every [`ClientToRelay`] travels signed
+//! (`Signed<ClientToRelay>`); round announcements are signed by the relay. Requests and
+//! responses travel over libp2p request-response on [`RPC_PROTOCOL`], each as one postcard
+//! frame no longer than [`MAX_FRAME_BYTES`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{CryptoError, Signed};
+
+/// Version of the messages below. A relay refuses a `Join` of another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// libp2p protocol id of the peer ↔ relay request-response exchange.
+pub const RPC_PROTOCOL: &str = "/swarmtrain/rpc/1";
+/// No request or response frame may exceed this many bytes; larger input is refused unread.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// BLAKE3 hash of the little-endian f32 parameter vector: names a checkpoint.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ParamsHash(pub [u8; 32]);
+
+impl ParamsHash {
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        blake3::Hash::from_hex(hex).ok().map(|h| Self(*h.as_bytes()))
+    }
+}
+
+impl core::fmt::Debug for ParamsHash {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "ParamsHash({})", &self.to_hex()[..16])
+    }
+}
+
+/// Encodes parameters as little-endian f32, the form that is hashed and served.
+pub fn params_to_bytes(params: &[f32]) -> Vec<u8> {
+    params.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Decodes little-endian f32 parameters; `None` if the length is not a multiple of 4.
+pub fn params_from_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
+    (bytes.len() % 4 == 0).then(|| {
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    })
+}
+
+/// What a peer sends to the relay. Always wrapped in `Signed<_>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientToRelay {
+    /// First message: who I am and what I can do.
+    Join(Join),
+    /// Long poll: answer with the announcement of the first round after `after`.
+    AwaitRound { run_id: String, after: Option<u64> },
+    /// My pseudo-gradient for `round`.
+    Update(Update),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    pub version: u32,
+    pub run_id: String,
+    pub capabilities: Capabilities,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// "wgpu", "ndarray", "cuda", …: the backend that trains.
+    pub backend: String,
+    /// Free-form platform description (browser adapter, CPU, …).
+    pub platform: String,
+}
+
+/// How the payload of an update is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    /// Little-endian f32, uncompressed.
+    F32,
+}
+
+/// A pseudo-gradient Δ = θ_t − θ_local. The signature of the enclosing `Signed` covers the run,
+/// the round, the base parameters, the sample count, the codec and the payload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    pub run_id: String,
+    pub round: u64,
+    /// Hash of θ_t that the peer started from.
+    pub base: ParamsHash,
+    pub n_samples: u32,
+    pub inner_steps: u32,
+    /// Mean training loss over the local steps (for display and the ledger).
+    pub loss: f32,
+    pub codec: Codec,
+    pub payload: Vec<u8>,
+}
+
+/// What the relay sends back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RelayToClient {
+    Welcome(Welcome),
+    Round(Signed<RoundAnnouncement>),
+    Accepted { round: u64 },
+    Rejected { reason: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The relay's ML-DSA-65 public key: announcements must be signed by it.
+    pub relay_key: Vec<u8>,
+    pub spec: RunSpec,
+    pub round: Signed<RoundAnnouncement>,
+}
+
+/// The signed announcement that opens a round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnouncement {
+    pub run_id: String,
+    pub round: u64,
+    /// θ_t, fetched by hash over HTTP and verified.
+    pub params: ParamsHash,
+    pub n_params: u32,
+    /// Time left until the round closes, measured when the announcement was sent.
+    pub deadline_ms: u64,
+    /// Held-out accuracy of θ_t, when it was evaluated.
+    pub accuracy: Option<f32>,
+}
+
+/// Everything a peer needs to take part in a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub run_id: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub inner: InnerSpec,
+    pub outer: OuterSpec,
+    pub codec: Codec,
+    /// A round closes as soon as this many updates (or every active peer) have arrived…
+    pub quorum: u32,
+    /// …or when this much time has passed since it opened.
+    pub round_deadline_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ModelSpec {
+    /// The 8×8 digits MLP: 64 → hidden → 10.
+    DigitsMlp { hidden: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    /// Number of training shards; a peer's shard for a round is `data::assign_shard`.
+    pub n_shards: u32,
+}
+
+/// Inner optimizer: AdamW for `steps` steps of `batch_size` samples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InnerSpec {
+    pub steps: u32,
+    pub batch_size: u32,
+    pub lr: f64,
+    pub weight_decay: f32,
+}
+
+/// Outer optimizer: SGD with Nesterov momentum on the averaged pseudo-gradient.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OuterSpec {
+    pub lr: f32,
+    pub momentum: f32,
+}
+
+impl Default for OuterSpec {
+    fn default() -> Self {
+        Self { lr: 0.7, momentum: 0.9 }
+    }
+}
+
+/// Why bytes from the network were not accepted as a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// Encodes any wire message as one postcard frame.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
+    let bytes = postcard::to_allocvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes one postcard frame, refusing oversized input before parsing.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Identity;
+
+    #[test]
+    fn signed_requests_round_trip_through_the_wire() {
+        let id = Identity::from_seed([3; 32]);
+        let msg = ClientToRelay::AwaitRound { run_id: "digits".into(), after: Some(4) };
+        let frame = encode(&id.sign(&msg).expect("sign")).expect("encode");
+        let signed: Signed<ClientToRelay> = decode(&frame).expect("decode");
+        assert_eq!(signed.verify_and_decode().expect("verify"), (id.peer(), msg));
+    }
+
+    #[test]
+    fn truncated_and_oversized_frames_are_errors() {
+        let id = Identity::from_seed([3; 32]);
+        let frame = encode(&id.sign(&ClientToRelay::AwaitRound { run_id: "r".into(), after: None }).expect("sign"))
+            .expect("encode");
+        for cut in [0, 1, frame.len() / 2, frame.len() - 1] {
+            assert!(matches!(decode::<Signed<ClientToRelay>>(&frame[..cut]), Err(WireError::Malformed(_))), "cut {cut}");
+        }
+        let big = vec![0u8; MAX_FRAME_BYTES + 1];
+        assert_eq!(decode::<Signed<ClientToRelay>>(&big).unwrap_err(), WireError::TooLarge(MAX_FRAME_BYTES + 1));
+    }
+
+    #[test]
+    fn params_bytes_round_trip_and_hash() {
+        let params = [0.0f32, -1.5, 3.25, f32::MIN_POSITIVE];
+        let bytes = params_to_bytes(&params);
+        assert_eq!(params_from_bytes(&bytes).expect("len"), params);
+        assert!(params_from_bytes(&bytes[..5]).is_none());
+        let hash = ParamsHash::of(&bytes);
+        assert_eq!(ParamsHash::from_hex(&hash.to_hex()), Some(hash));
+    }
+}

@@ -1,0 +1,303 @@
+//! The round state machine. Pure: time is an argument, nothing here does I/O.
+//!
+//! A round opens with θ_t. Peers submit pseudo-gradients; each is checked (run, round, base,
+//! duplicate, codec, shape, finiteness) before it is kept. The round closes at quorum — the
+//! smaller of the configured quorum and the number of active peers — or at the deadline if at
+//! least one update arrived. Closing averages the contributions in peer order, applies the
+//! outer Nesterov step and opens the next round.
+
+use std::collections::BTreeMap;
+
+use crate::aggregate::{self, Contribution};
+use crate::crypto::PeerKey;
+use crate::outer::OuterOptimizer;
+use crate::protocol::{Codec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_from_bytes, params_to_bytes};
+
+/// Why an update was refused. The run goes on either way.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejection {
+    #[error("update is for run {got:?}, this is run {expected:?}")]
+    WrongRun { expected: String, got: String },
+    #[error("update is for round {got}, the open round is {expected}")]
+    WrongRound { expected: u64, got: u64 },
+    #[error("update was trained from other parameters than this round's")]
+    StaleBase,
+    #[error("peer already sent an update for round {0}")]
+    Duplicate(u64),
+    #[error("codec {0:?} is not this run's")]
+    WrongCodec(Codec),
+    #[error("update has {got} values, the model has {expected}")]
+    WrongShape { expected: usize, got: usize },
+    #[error("update payload is not a whole number of f32 values")]
+    Malformed,
+    #[error("update contains NaN or infinite values")]
+    NonFinite,
+    #[error("update claims zero samples")]
+    NoSamples,
+}
+
+impl Rejection {
+    /// A short label, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::WrongRun { .. } => "wrong_run",
+            Self::WrongRound { .. } => "wrong_round",
+            Self::StaleBase => "stale_base",
+            Self::Duplicate(_) => "duplicate",
+            Self::WrongCodec(_) => "wrong_codec",
+            Self::WrongShape { .. } => "wrong_shape",
+            Self::Malformed => "malformed",
+            Self::NonFinite => "non_finite",
+            Self::NoSamples => "no_samples",
+        }
+    }
+}
+
+/// What closing a round produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundClosed {
+    /// The round that closed.
+    pub round: u64,
+    /// Who contributed, in peer order, with their sample counts and mean local loss.
+    pub contributors: Vec<(PeerKey, u32, f32)>,
+    /// The round that is now open, and its parameters' hash.
+    pub next_round: u64,
+    pub next_params: ParamsHash,
+}
+
+/// Coordinator state for one run.
+#[derive(Clone, Debug)]
+pub struct RoundState {
+    pub spec: RunSpec,
+    pub round: u64,
+    params: Vec<f32>,
+    params_hash: ParamsHash,
+    outer: OuterOptimizer,
+    opened_ms: u64,
+    contributions: BTreeMap<PeerKey, (Contribution, f32)>,
+    last_seen: BTreeMap<PeerKey, u64>,
+}
+
+impl RoundState {
+    /// Opens round 0 with the initial parameters θ_0.
+    pub fn new(spec: RunSpec, params: Vec<f32>, now_ms: u64) -> Self {
+        let outer = OuterOptimizer::new(spec.outer.clone(), params.len());
+        Self::resume(spec, 0, params, outer, now_ms)
+    }
+
+    /// Re-opens `round` from saved parameters and outer state.
+    pub fn resume(spec: RunSpec, round: u64, params: Vec<f32>, outer: OuterOptimizer, now_ms: u64) -> Self {
+        let params_hash = ParamsHash::of(&params_to_bytes(&params));
+        Self {
+            spec,
+            round,
+            params,
+            params_hash,
+            outer,
+            opened_ms: now_ms,
+            contributions: BTreeMap::new(),
+            last_seen: BTreeMap::new(),
+        }
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn params_hash(&self) -> ParamsHash {
+        self.params_hash
+    }
+
+    pub fn outer(&self) -> &OuterOptimizer {
+        &self.outer
+    }
+
+    pub fn updates_this_round(&self) -> usize {
+        self.contributions.len()
+    }
+
+    fn peer_timeout_ms(&self) -> u64 {
+        // A peer that has not been heard from for two deadlines no longer holds a round open.
+        self.spec.round_deadline_ms.saturating_mul(2).max(10_000)
+    }
+
+    /// Records that `peer` is taking part (it joined or is waiting for a round).
+    pub fn seen(&mut self, peer: PeerKey, now_ms: u64) {
+        self.last_seen.insert(peer, now_ms);
+    }
+
+    /// Peers heard from recently.
+    pub fn active_peers(&self, now_ms: u64) -> usize {
+        let timeout = self.peer_timeout_ms();
+        self.last_seen.values().filter(|&&t| now_ms.saturating_sub(t) <= timeout).count()
+    }
+
+    fn quorum(&self, now_ms: u64) -> usize {
+        (self.spec.quorum as usize).min(self.active_peers(now_ms)).max(1)
+    }
+
+    pub fn deadline_ms(&self) -> u64 {
+        self.opened_ms + self.spec.round_deadline_ms
+    }
+
+    /// The announcement of the open round (to be signed by the relay).
+    pub fn announcement(&self, accuracy: Option<f32>, now_ms: u64) -> RoundAnnouncement {
+        RoundAnnouncement {
+            run_id: self.spec.run_id.clone(),
+            round: self.round,
+            params: self.params_hash,
+            n_params: self.params.len() as u32,
+            deadline_ms: self.deadline_ms().saturating_sub(now_ms),
+            accuracy,
+        }
+    }
+
+    /// Checks `update` from `peer` and keeps it for the open round.
+    pub fn submit(&mut self, peer: PeerKey, update: &Update, now_ms: u64) -> Result<(), Rejection> {
+        if update.run_id != self.spec.run_id {
+            return Err(Rejection::WrongRun { expected: self.spec.run_id.clone(), got: update.run_id.clone() });
+        }
+        if update.round != self.round {
+            return Err(Rejection::WrongRound { expected: self.round, got: update.round });
+        }
+        if self.contributions.contains_key(&peer) {
+            return Err(Rejection::Duplicate(self.round));
+        }
+        if update.base != self.params_hash {
+            return Err(Rejection::StaleBase);
+        }
+        if update.codec != self.spec.codec {
+            return Err(Rejection::WrongCodec(update.codec));
+        }
+        if update.n_samples == 0 {
+            return Err(Rejection::NoSamples);
+        }
+        let delta = match update.codec {
+            Codec::F32 => params_from_bytes(&update.payload).ok_or(Rejection::Malformed)?,
+        };
+        if delta.len() != self.params.len() {
+            return Err(Rejection::WrongShape { expected: self.params.len(), got: delta.len() });
+        }
+        if !update.loss.is_finite() || delta.iter().any(|v| !v.is_finite()) {
+            return Err(Rejection::NonFinite);
+        }
+        self.seen(peer, now_ms);
+        let contribution = Contribution { peer, n_samples: update.n_samples, delta };
+        self.contributions.insert(peer, (contribution, update.loss));
+        Ok(())
+    }
+
+    /// Closes the round if it has reached quorum, or its deadline with at least one update.
+    /// A round that reaches its deadline empty is extended.
+    pub fn tick(&mut self, now_ms: u64) -> Option<RoundClosed> {
+        let n = self.contributions.len();
+        let due = now_ms >= self.deadline_ms();
+        if n == 0 {
+            if due {
+                self.opened_ms = now_ms;
+            }
+            return None;
+        }
+        if n < self.quorum(now_ms) && !due {
+            return None;
+        }
+        Some(self.close(now_ms))
+    }
+
+    fn close(&mut self, now_ms: u64) -> RoundClosed {
+        let taken = std::mem::take(&mut self.contributions);
+        let contributors = taken.values().map(|(c, loss)| (c.peer, c.n_samples, *loss)).collect();
+        let contributions: Vec<Contribution> = taken.into_values().map(|(c, _)| c).collect();
+        // Every contribution was checked against the parameter count, so these cannot fail.
+        if let Some(delta) = aggregate::mean(&contributions) {
+            if self.outer.step(&mut self.params, &delta).is_ok() {
+                self.params_hash = ParamsHash::of(&params_to_bytes(&self.params));
+            }
+        }
+        let closed = self.round;
+        self.round += 1;
+        self.opened_ms = now_ms;
+        RoundClosed { round: closed, contributors, next_round: self.round, next_params: self.params_hash }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DataSpec, InnerSpec, ModelSpec, OuterSpec};
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            run_id: "t".into(),
+            model: ModelSpec::DigitsMlp { hidden: 1 },
+            data: DataSpec { n_shards: 2 },
+            inner: InnerSpec { steps: 1, batch_size: 1, lr: 0.1, weight_decay: 0.0 },
+            outer: OuterSpec { lr: 1.0, momentum: 0.0 },
+            codec: Codec::F32,
+            quorum: 2,
+            round_deadline_ms: 1000,
+        }
+    }
+
+    fn update(state: &RoundState, delta: &[f32]) -> Update {
+        Update {
+            run_id: "t".into(),
+            round: state.round,
+            base: state.params_hash(),
+            n_samples: 4,
+            inner_steps: 1,
+            loss: 0.5,
+            codec: Codec::F32,
+            payload: params_to_bytes(delta),
+        }
+    }
+
+    #[test]
+    fn closes_at_quorum_and_applies_the_mean() {
+        let mut s = RoundState::new(spec(), vec![1.0, 1.0], 0);
+        let (a, b) = (PeerKey([1; 32]), PeerKey([2; 32]));
+        s.seen(a, 0);
+        s.seen(b, 0);
+        s.submit(a, &update(&s, &[0.2, 0.0]), 10).expect("a");
+        assert_eq!(s.tick(20), None, "one of two active peers: not yet");
+        s.submit(b, &update(&s, &[0.4, 0.2]), 30).expect("b");
+        let closed = s.tick(40).expect("quorum");
+        assert_eq!((closed.round, closed.next_round), (0, 1));
+        assert_eq!(closed.contributors.len(), 2);
+        assert!((s.params()[0] - 0.7).abs() < 1e-6 && (s.params()[1] - 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn closes_at_deadline_with_partial_updates_and_extends_empty_rounds() {
+        let mut s = RoundState::new(spec(), vec![0.0], 0);
+        assert_eq!(s.tick(5000), None);
+        assert_eq!(s.round, 0, "an empty round is extended, not closed");
+        s.seen(PeerKey([2; 32]), 5000);
+        s.submit(PeerKey([1; 32]), &update(&s, &[1.0]), 5100).expect("ok");
+        assert_eq!(s.tick(5200), None);
+        assert!(s.tick(6000).is_some(), "deadline closes with one of two");
+    }
+
+    #[test]
+    fn bad_updates_are_rejected_and_change_nothing() {
+        let mut s = RoundState::new(spec(), vec![0.0, 0.0], 0);
+        let p = PeerKey([1; 32]);
+        let good = update(&s, &[0.1, 0.1]);
+        let cases = [
+            (Update { round: 7, ..good.clone() }, Rejection::WrongRound { expected: 0, got: 7 }),
+            (Update { run_id: "x".into(), ..good.clone() }, Rejection::WrongRun { expected: "t".into(), got: "x".into() }),
+            (Update { base: ParamsHash([0; 32]), ..good.clone() }, Rejection::StaleBase),
+            (Update { payload: params_to_bytes(&[0.1]), ..good.clone() }, Rejection::WrongShape { expected: 2, got: 1 }),
+            (Update { payload: vec![0; 7], ..good.clone() }, Rejection::Malformed),
+            (Update { payload: params_to_bytes(&[f32::NAN, 0.0]), ..good.clone() }, Rejection::NonFinite),
+            (Update { payload: params_to_bytes(&[f32::INFINITY, 0.0]), ..good.clone() }, Rejection::NonFinite),
+            (Update { n_samples: 0, ..good.clone() }, Rejection::NoSamples),
+        ];
+        for (bad, why) in cases {
+            assert_eq!(s.submit(p, &bad, 1), Err(why));
+        }
+        assert_eq!(s.updates_this_round(), 0);
+        s.submit(p, &good, 1).expect("good one");
+        assert_eq!(s.submit(p, &good, 2), Err(Rejection::Duplicate(0)), "a replay is refused");
+    }
+}

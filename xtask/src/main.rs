@@ -1,0 +1,204 @@
+//! `cargo xtask run|test|bench`: the README's commands.
+//!
+//! Every step installs what it needs first, idempotently: the wasm32 rustup target, the pinned
+//! `wasm-bindgen` CLI, Debian packages for the browser tests and npm packages for the browser
+//! driver. Nothing here depends on anything but `std`, so the task runner builds in seconds.
+
+use std::env;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Must match the `wasm-bindgen` pin in the workspace manifest (libp2p 0.57.1 pins it).
+const WASM_BINDGEN_VERSION: &str = "0.2.108";
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+const APT_PACKAGES: &[&str] = &["chromium", "chromium-driver", "mesa-vulkan-drivers"];
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("build-wasm") => setup_wasm().and_then(|()| build_wasm()),
+        Some("setup") => setup_wasm().and_then(|()| setup_browser()),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 run          build the browser package and start the relay on http://127.0.0.1:8080\n  \
+                 test         install test dependencies and run every test (cargo, wasm in Chromium, end-to-end)\n  \
+                 build-wasm   build the npm package into web/pkg\n  \
+                 setup        install the toolchain pieces and browser packages only"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn status(cmd: &mut Command) -> Result {
+    eprintln!("xtask: $ {}", describe(cmd));
+    let status = cmd.status().map_err(|e| format!("could not start `{}`: {e}", describe(cmd)))?;
+    if status.success() { Ok(()) } else { Err(format!("`{}` failed with {status}", describe(cmd))) }
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Adds the wasm32 target and installs the pinned wasm-bindgen CLI when missing.
+fn setup_wasm() -> Result {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == WASM_TARGET) {
+        status(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
+    }
+    let have = output(Command::new("wasm-bindgen").arg("--version")).unwrap_or_default();
+    if !have.contains(WASM_BINDGEN_VERSION) {
+        status(cargo().args(["install", "--locked", "wasm-bindgen-cli", "--version", WASM_BINDGEN_VERSION]))?;
+    }
+    Ok(())
+}
+
+/// Installs Debian's Chromium, ChromeDriver and Mesa's software Vulkan, and playwright-core.
+fn setup_browser() -> Result {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        let sudo = output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() != "0");
+        let apt = |args: &[&str]| {
+            let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+            if sudo {
+                cmd.arg("apt-get");
+            }
+            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+            cmd
+        };
+        status(&mut apt(&["update"]))?;
+        let mut install = apt(&["install", "-y", "--no-install-recommends"]);
+        install.args(&missing);
+        status(&mut install)?;
+    }
+    let e2e = root().join("tests/browser");
+    if !e2e.join("node_modules/playwright-core").exists() {
+        status(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&e2e))?;
+    }
+    Ok(())
+}
+
+/// Builds the client for wasm32 and runs wasm-bindgen into `web/pkg` (the npm package).
+fn build_wasm() -> Result {
+    status(cargo().args(["build", "--release", "-p", "swarmtrain-client", "--lib", "--target", WASM_TARGET]))?;
+    let wasm = target_dir().join(WASM_TARGET).join("release/swarmtrain_client.wasm");
+    let out = root().join("web/pkg");
+    status(
+        Command::new("wasm-bindgen")
+            .args(["--target", "web", "--out-name", "swarmtrain", "--out-dir"])
+            .arg(&out)
+            .arg(&wasm),
+    )?;
+    let version = fs::read_to_string(root().join("client-wasm/Cargo.toml"))
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("version = \"").map(|v| v.trim_end_matches('"').to_owned())))
+        .unwrap_or_else(|| "0.1.0".to_owned());
+    let package = format!(
+        r#"{{
+  "name": "swarmtrain",
+  "version": "{version}",
+  "description": "Volunteer deep-learning training in the browser: Burn on WebGPU, libp2p to a swarmtrain relay",
+  "license": "MIT OR Apache-2.0",
+  "type": "module",
+  "main": "swarmtrain.js",
+  "types": "swarmtrain.d.ts",
+  "files": ["swarmtrain_bg.wasm", "swarmtrain.js", "swarmtrain.d.ts", "swarmtrain_bg.wasm.d.ts"],
+  "sideEffects": ["./snippets/*"]
+}}
+"#
+    );
+    fs::write(out.join("package.json"), package).map_err(|e| format!("writing package.json: {e}"))?;
+    let size = fs::metadata(out.join("swarmtrain_bg.wasm")).map(|m| m.len()).unwrap_or(0);
+    eprintln!("xtask: npm package in {} (wasm {:.2} MB)", out.display(), size as f64 / 1e6);
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result {
+    setup_wasm()?;
+    build_wasm()?;
+    let mut cmd = cargo();
+    cmd.args(["run", "-p", "swarmtrain-relay", "--", "serve"]);
+    if args.is_empty() {
+        cmd.args(["--http", "127.0.0.1:8080"]);
+    }
+    cmd.args(args);
+    status(&mut cmd)
+}
+
+fn test(args: &[String]) -> Result {
+    setup_wasm()?;
+    setup_browser()?;
+    build_wasm()?;
+    let filter: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+
+    // 1. Native tests: unit tests, the in-process multi-peer tests, bad-input tests.
+    status(cargo().args(["test", "--workspace", "--exclude", "swarmtrain-wasm-tests"]).args(&filter))?;
+
+    // 2. wasm_bindgen_test suites in headless Chromium, driven by Debian's chromedriver.
+    //    wasm-bindgen-test-runner reads webdriver.json (the Chromium flags) from the crate dir.
+    let mut wasm = cargo();
+    wasm.current_dir(root().join("wasm-pack-tests"))
+        .args(["test", "--release", "--target", WASM_TARGET])
+        .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", "wasm-bindgen-test-runner")
+        .env("CHROMEDRIVER", "/usr/bin/chromedriver")
+        .env("WASM_BINDGEN_TEST_TIMEOUT", "300")
+        .env_remove("CARGO_TARGET_DIR")
+        .env("CARGO_TARGET_DIR", target_dir());
+    status(&mut wasm)?;
+
+    // 3. The browser end-to-end test: a real relay, real Chromium, the Contribute button.
+    status(cargo().args(["build", "-p", "swarmtrain-relay"]))?;
+    status(
+        Command::new("node")
+            .arg("e2e.mjs")
+            .current_dir(root().join("tests/browser"))
+            .env("SWARMTRAIN_RELAY_BIN", target_dir().join("debug/swarmtrain-relay"))
+            .env("SWARMTRAIN_ROOT", root()),
+    )
+}
