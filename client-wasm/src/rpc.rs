@@ -153,11 +153,15 @@ impl RelayClient {
 
     /// Sends one signed request and waits for the relay's answer.
     pub async fn request(&self, message: &Signed<ClientToRelay>) -> Result<RelayToClient, RpcError> {
-        let frame = protocol::encode(message)?;
+        let bytes = self.request_frame(protocol::encode(message)?).await?;
+        Ok(protocol::decode(&bytes)?)
+    }
+
+    /// Sends raw request bytes and returns the raw answer (tests use it to send bad input).
+    pub async fn request_frame(&self, frame: Vec<u8>) -> Result<Vec<u8>, RpcError> {
         let (reply, answer) = oneshot::channel();
         self.commands.clone().send(Command::Request { frame, reply }).await.map_err(|_| RpcError::Closed)?;
-        let bytes = answer.await.map_err(|_| RpcError::Closed)??;
-        Ok(protocol::decode(&bytes)?)
+        answer.await.map_err(|_| RpcError::Closed)?
     }
 }
 

@@ -9,11 +9,11 @@ use burn::backend::NdArray;
 use serde::Serialize;
 use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient, RoundAnnouncement, RunSpec, Signed,
+    self, ClientToRelay, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient, RoundAnnouncement, RunSpec,
     Welcome,
 };
 use swarmtrain_shared::round::{RoundClosed, RoundState};
-use swarmtrain_shared::{Identity, PeerKey, params, train};
+use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
 use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 

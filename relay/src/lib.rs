@@ -1,1 +1,198 @@
+//! The swarmtrain relay: serves the page, the npm package, data and checkpoints over HTTP,
+//! coordinates rounds over libp2p, and aggregates updates with the shared round state machine.
+//!
+//! [`Relay::start`] runs everything in the current tokio runtime, so tests start a relay and
+//! native peers in one process.
 
+pub mod coordinator;
+pub mod dataset;
+pub mod http;
+pub mod p2p;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use swarmtrain_client::peer::Bootstrap;
+use swarmtrain_shared::Identity;
+use swarmtrain_shared::protocol::{Codec, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::coordinator::Coordinator;
+
+/// Everything a relay needs to start.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// HTTP listen address; its IP is also used for the libp2p listeners.
+    pub http: SocketAddr,
+    /// libp2p TCP port for native peers (0: any).
+    pub tcp_port: u16,
+    /// libp2p WebSocket port for browsers (0: any).
+    pub ws_port: u16,
+    /// The page; the npm package is expected under `pkg/`.
+    pub web_dir: PathBuf,
+    /// Where the relay keeps its identity key. `None`: an ephemeral identity.
+    pub data_dir: Option<PathBuf>,
+    pub run: RunSpec,
+    /// Seed of θ_0.
+    pub seed: u64,
+}
+
+/// The default run: the digits MLP, trained DiLoCo-style.
+pub fn default_run() -> RunSpec {
+    RunSpec {
+        run_id: "digits".into(),
+        model: ModelSpec::DigitsMlp { hidden: 64 },
+        data: DataSpec { n_shards: 8 },
+        inner: InnerSpec { steps: 50, batch_size: 32, lr: 3e-3, weight_decay: 1e-4 },
+        outer: OuterSpec::default(),
+        codec: Codec::F32,
+        quorum: 3,
+        round_deadline_ms: 30_000,
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tcp_port: 0,
+            ws_port: 0,
+            web_dir: PathBuf::from("web"),
+            data_dir: None,
+            run: default_run(),
+            seed: 0,
+        }
+    }
+}
+
+/// A running relay. Dropping it does not stop it; call [`Relay::shutdown`].
+#[derive(Debug)]
+pub struct Relay {
+    pub http_addr: SocketAddr,
+    pub bootstrap: Bootstrap,
+    pub coordinator: Arc<Coordinator>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Loads the relay's identity seed from `dir/relay.key` (hex), creating it (mode 0600) if
+/// missing.
+fn load_or_create_seed(dir: &Path) -> anyhow::Result<[u8; 32]> {
+    let path = dir.join("relay.key");
+    match std::fs::read_to_string(&path) {
+        Ok(hex) => {
+            let hex = hex.trim();
+            anyhow::ensure!(hex.len() == 64, "{} does not hold a 32-byte hex key", path.display());
+            let mut seed = [0u8; 32];
+            for (i, byte) in seed.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                    .with_context(|| format!("{} does not hold a hex key", path.display()))?;
+            }
+            Ok(seed)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            std::io::Write::write_all(&mut options.open(&path)?, hex.as_bytes())?;
+            Ok(seed)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn random_seed() -> anyhow::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(seed)
+}
+
+fn ip_protocol(ip: IpAddr) -> Protocol<'static> {
+    match ip {
+        IpAddr::V4(v4) => Protocol::Ip4(v4),
+        IpAddr::V6(v6) => Protocol::Ip6(v6),
+    }
+}
+
+impl Relay {
+    /// Starts the HTTP server, the libp2p node and the round timer.
+    pub async fn start(config: RelayConfig) -> anyhow::Result<Self> {
+        let seed = match &config.data_dir {
+            Some(dir) => load_or_create_seed(dir)?,
+            None => random_seed()?,
+        };
+        let identity = Identity::from_seed(seed);
+        let libp2p_secret = blake3::derive_key("swarmtrain relay libp2p key v1", &seed);
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(libp2p_secret)?;
+        let peer_id = keypair.public().to_peer_id();
+
+        let data = dataset::digits(&config.run.run_id, config.run.data.n_shards as usize)?;
+        let run_id = config.run.run_id.clone();
+        let coordinator = Arc::new(Coordinator::new(identity, config.run.clone(), data, config.seed).await?);
+
+        let mut swarm = p2p::build_swarm(keypair).await?;
+        let ip = ip_protocol(config.http.ip());
+        let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(config.tcp_port));
+        let ws = Multiaddr::empty().with(ip).with(Protocol::Tcp(config.ws_port)).with(Protocol::Ws("/".into()));
+        let bound = p2p::listen(&mut swarm, &[tcp, ws]).await?;
+        let mut addresses: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for addr in bound {
+            let kind = if addr.iter().any(|p| matches!(p, Protocol::Ws(_))) { "ws" } else { "tcp" };
+            addresses.entry(kind.into()).or_default().push(addr.with(Protocol::P2p(peer_id)).to_string());
+        }
+        let bootstrap = Bootstrap { peer_id: peer_id.to_string(), run_id, addresses };
+
+        let listener = tokio::net::TcpListener::bind(config.http).await.with_context(|| format!("binding {}", config.http))?;
+        let http_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = http::AppState { coordinator: coordinator.clone(), bootstrap: Arc::new(bootstrap.clone()) };
+        let router = http::app(state, config.web_dir.clone());
+        let mut http_shutdown = shutdown_rx.clone();
+        let mut tasks = vec![tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = http_shutdown.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })];
+        tasks.push(tokio::spawn(p2p::run(swarm, coordinator.clone(), shutdown_rx.clone())));
+        let timer = coordinator.clone();
+        let mut timer_shutdown = shutdown_rx;
+        tasks.push(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = timer_shutdown.changed() => return,
+                    _ = interval.tick() => timer.tick().await,
+                }
+            }
+        }));
+        tracing::info!(%http_addr, %peer_id, "relay started");
+        Ok(Self { http_addr, bootstrap, coordinator, shutdown, tasks })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.http_addr)
+    }
+
+    /// Stops accepting work and waits for the tasks to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

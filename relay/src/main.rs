@@ -1,1 +1,107 @@
-fn main() {}
+//! `swarmtrain-relay`: the operator's binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use swarmtrain_relay::{Relay, RelayConfig, default_run};
+
+#[derive(Parser, Debug)]
+#[command(name = "swarmtrain-relay", version, about = "Serves the swarmtrain page, coordinates training rounds and aggregates updates")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the page and the default run (digits MLP) until SIGINT or SIGTERM.
+    Serve(Serve),
+}
+
+#[derive(Parser, Debug)]
+struct Serve {
+    /// HTTP address for the page, data and checkpoints; its IP is used for libp2p too.
+    #[arg(long, env = "SWARMTRAIN_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// libp2p TCP port for native peers (0 picks a free port).
+    #[arg(long, env = "SWARMTRAIN_TCP_PORT", default_value_t = 0)]
+    tcp_port: u16,
+    /// libp2p WebSocket port for browsers (0 picks a free port).
+    #[arg(long, env = "SWARMTRAIN_WS_PORT", default_value_t = 0)]
+    ws_port: u16,
+    /// Directory with the contributor page (index.html) and the npm package under pkg/.
+    #[arg(long, env = "SWARMTRAIN_WEB_DIR", default_value = "web")]
+    web_dir: PathBuf,
+    /// Directory for the relay's identity key (created with mode 0600).
+    #[arg(long, env = "SWARMTRAIN_DATA_DIR", default_value = "swarmtrain-data")]
+    data_dir: PathBuf,
+    /// Local AdamW steps per round (DiLoCo's H).
+    #[arg(long, env = "SWARMTRAIN_INNER_STEPS", default_value_t = default_run().inner.steps)]
+    inner_steps: u32,
+    /// Updates that close a round early (capped at the number of active peers).
+    #[arg(long, env = "SWARMTRAIN_QUORUM", default_value_t = default_run().quorum)]
+    quorum: u32,
+    /// Seconds after which a round closes with the updates it has.
+    #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS", default_value_t = default_run().round_deadline_ms / 1000)]
+    round_deadline_secs: u64,
+    /// Seed of the initial parameters.
+    #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
+    seed: u64,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return ctrl_c.await.unwrap_or_default(),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or_default();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "swarmtrain_relay=info,warn".into()),
+        )
+        .init();
+    let Command::Serve(args) = Cli::parse().command;
+    if !args.web_dir.join("index.html").is_file() {
+        anyhow::bail!("{} has no index.html (run from the repository root, or pass --web-dir)", args.web_dir.display());
+    }
+    if !args.web_dir.join("pkg/swarmtrain.js").is_file() {
+        tracing::warn!("{} has no pkg/swarmtrain.js: build it with `cargo xtask build-wasm`", args.web_dir.display());
+    }
+    anyhow::ensure!(args.inner_steps > 0, "--inner-steps must be at least 1");
+    anyhow::ensure!(args.round_deadline_secs > 0, "--round-deadline-secs must be at least 1");
+    let mut run = default_run();
+    run.inner.steps = args.inner_steps;
+    run.quorum = args.quorum.max(1);
+    run.round_deadline_ms = args.round_deadline_secs * 1000;
+    let config = RelayConfig {
+        http: args.http,
+        tcp_port: args.tcp_port,
+        ws_port: args.ws_port,
+        web_dir: args.web_dir,
+        data_dir: Some(args.data_dir),
+        run,
+        seed: args.seed,
+    };
+    let relay = Relay::start(config).await?;
+    println!("swarmtrain relay listening on {}", relay.url());
+    println!("open it in a browser and press Contribute");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
