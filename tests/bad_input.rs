@@ -1,1 +1,110 @@
+//! Bad input from the network: a forged signature, a truncated message, a wrong round, a
+//! wrong-shaped update, non-finite values, a replayed update and an oversized frame are each
+//! refused with a reason, counted, and the run goes on.
 
+use std::time::Duration;
+
+use swarmtrain_client::rpc::RelayClient;
+use swarmtrain_relay::default_run;
+use swarmtrain_shared::protocol::{
+    self, Capabilities, ClientToRelay, Codec, Join, MAX_FRAME_BYTES, PROTOCOL_VERSION, RelayToClient, Update,
+};
+use swarmtrain_shared::{Identity, PeerKey};
+use swarmtrain_tests::{init_logging, spawn_peer, start_relay};
+
+fn rejection(answer: RelayToClient) -> String {
+    match answer {
+        RelayToClient::Rejected { reason } => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_rejected_and_the_run_goes_on() {
+    init_logging();
+    let mut run = default_run();
+    run.quorum = 1;
+    run.inner.steps = 20;
+    let relay = start_relay(run).await;
+    let address = relay.bootstrap.addresses["tcp"][0].parse().expect("multiaddr");
+    let client = RelayClient::connect(address).expect("dial");
+    let attacker = Identity::from_seed([99; 32]);
+
+    let join = ClientToRelay::Join(Join {
+        version: PROTOCOL_VERSION,
+        run_id: "digits".into(),
+        capabilities: Capabilities { backend: "none".into(), platform: "test".into() },
+    });
+    let welcome = match client.request(&attacker.sign(&join).expect("sign")).await.expect("join") {
+        RelayToClient::Welcome(w) => w,
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let announcement = welcome.round.verify_from(&PeerKey::from_public_key(&welcome.relay_key)).expect("signed by relay");
+    let n = announcement.n_params as usize;
+    let update = |round: u64, values: Vec<f32>| {
+        ClientToRelay::Update(Update {
+            run_id: "digits".into(),
+            round,
+            base: announcement.params,
+            n_samples: 32,
+            inner_steps: 1,
+            loss: 1.0,
+            codec: Codec::F32,
+            payload: protocol::params_to_bytes(&values),
+        })
+    };
+
+    // A forged signature: the body was changed after signing.
+    let mut forged = attacker.sign(&update(0, vec![0.0; n])).expect("sign");
+    let last = forged.body.len() - 1;
+    forged.body[last] ^= 1;
+    let reason = rejection(client.request(&forged).await.expect("answer"));
+    assert!(reason.contains("signature"), "{reason}");
+
+    // A truncated message.
+    let frame = protocol::encode(&attacker.sign(&update(0, vec![0.0; n])).expect("sign")).expect("encode");
+    let answer = client.request_frame(frame[..frame.len() / 2].to_vec()).await.expect("answer");
+    let reason = rejection(protocol::decode(&answer).expect("decodes"));
+    assert!(reason.contains("malformed"), "{reason}");
+
+    // A wrong round number.
+    let reason = rejection(client.request(&attacker.sign(&update(5, vec![0.0; n])).expect("sign")).await.expect("answer"));
+    assert!(reason.contains("round 5"), "{reason}");
+
+    // A wrong-shaped update.
+    let reason = rejection(client.request(&attacker.sign(&update(0, vec![0.0; n - 3])).expect("sign")).await.expect("answer"));
+    assert!(reason.contains(&format!("{} values", n - 3)), "{reason}");
+
+    // NaN and infinity.
+    let mut poisoned = vec![0.0; n];
+    poisoned[7] = f32::NAN;
+    poisoned[8] = f32::INFINITY;
+    let reason = rejection(client.request(&attacker.sign(&update(0, poisoned)).expect("sign")).await.expect("answer"));
+    assert!(reason.contains("NaN"), "{reason}");
+
+    // A frame over the size limit is refused before it is buffered; the connection survives.
+    assert!(client.request_frame(vec![0; MAX_FRAME_BYTES + 1]).await.is_err());
+
+    // A valid update is accepted (and closes round 0: quorum 1); replaying it is refused.
+    let valid = attacker.sign(&update(0, vec![0.0; n])).expect("sign");
+    assert!(matches!(client.request(&valid).await.expect("answer"), RelayToClient::Accepted { round: 0 }));
+    let reason = rejection(client.request(&valid).await.expect("answer"));
+    assert!(reason.contains("open round is 1"), "{reason}");
+
+    let status = relay.coordinator.status().await;
+    for kind in ["bad_signature", "malformed", "wrong_round", "wrong_shape", "non_finite"] {
+        assert!(status.rejected.get(kind).copied().unwrap_or(0) >= 1, "{kind} counted: {:?}", status.rejected);
+    }
+    assert_eq!(status.rejected["wrong_round"], 2, "the wrong round and the replay");
+
+    // The run goes on: an honest peer trains three rounds and accuracy rises.
+    let honest = spawn_peer(&relay, 1, 3);
+    let (trained, _) = tokio::time::timeout(Duration::from_secs(300), honest.finish()).await.expect("in time");
+    assert_eq!(trained, 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = relay.coordinator.status().await;
+    assert!(status.round >= 4, "rounds advanced: {}", status.round);
+    let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
+    assert!(accuracy.last() > accuracy.first(), "accuracy rose: {accuracy:?}");
+    relay.shutdown().await;
+}
