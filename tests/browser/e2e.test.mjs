@@ -1,0 +1,100 @@
+// End-to-end: a real relay serves the page; headless Chromium (Debian's, WebGPU through
+// SwiftShader) presses Contribute; the round counter advances and held-out accuracy rises.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const root = process.env.SWARMTRAIN_ROOT ?? join(import.meta.dirname, '..', '..');
+const relayBin = process.env.SWARMTRAIN_RELAY_BIN ?? join(root, 'target', 'debug', 'swarmtrain-relay');
+const outDir = join(import.meta.dirname, 'out');
+
+function startRelay(dataDir) {
+  const relay = spawn(relayBin, [
+    'serve', '--http', '127.0.0.1:0', '--web-dir', join(root, 'web'), '--data-dir', dataDir,
+    '--inner-steps', '20', '--quorum', '1', '--round-deadline-secs', '60',
+  ], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const url = new Promise((resolve, reject) => {
+    let buffered = '';
+    relay.stdout.on('data', (chunk) => {
+      buffered += chunk;
+      const m = buffered.match(/listening on (http:\/\/\S+)/);
+      if (m) resolve(m[1]);
+    });
+    relay.on('exit', (code) => reject(new Error(`relay exited with ${code}`)));
+    setTimeout(() => reject(new Error('relay did not start in 60 s')), 60_000).unref();
+  });
+  return { relay, url };
+}
+
+async function status(url) {
+  const res = await fetch(new URL('api/status', url));
+  return res.json();
+}
+
+const lastAccuracy = (s) => s.history.at(-1)?.accuracy ?? 0;
+
+test('Contribute trains in the browser on WebGPU and the relay accuracy rises', { timeout: 600_000 }, async () => {
+  mkdirSync(outDir, { recursive: true });
+  const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-e2e-'));
+  const profile = mkdtempSync(join(tmpdir(), 'swarmtrain-chromium-'));
+  const { relay, url: urlPromise } = startRelay(dataDir);
+  let browser;
+  try {
+    const url = await urlPromise;
+    const initial = await status(url);
+    assert.equal(initial.round, 0);
+
+    // A fresh profile directory every run (Chromium's --user-data-dir).
+    browser = await chromium.launchPersistentContext(profile, {
+      executablePath: '/usr/bin/chromium',
+      headless: true,
+      viewport: { width: 720, height: 1000 },
+      args: [
+        '--headless', '--no-sandbox', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+        '--disable-dev-shm-usage', '--enable-unsafe-webgpu',
+      ],
+    });
+    const page = browser.pages()[0] ?? await browser.newPage();
+    const logs = [];
+    page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+    page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
+    await page.goto(url);
+    await page.click('#contribute');
+
+    await page.waitForFunction(() => document.getElementById('backend').textContent !== 'not started', null, { timeout: 120_000 });
+    const backend = await page.textContent('#backend');
+    assert.equal(backend, 'webgpu', `expected WebGPU in headless Chromium; logs:\n${logs.join('\n')}`);
+
+    const started = Date.now();
+    let s = initial;
+    while (s.round < 3 && Date.now() - started < 480_000) {
+      await new Promise((r) => setTimeout(r, 1000));
+      s = await status(url);
+      const err = await page.$('.error');
+      if (err) assert.fail(`page shows an error: ${await err.textContent()}\n${logs.join('\n')}`);
+    }
+    const seconds = (Date.now() - started) / 1000;
+    assert.ok(s.round >= 3, `round advanced to ${s.round} in ${seconds}s; logs:\n${logs.join('\n')}`);
+    assert.ok(lastAccuracy(s) > lastAccuracy(initial) + 0.2,
+      `held-out accuracy rose: ${lastAccuracy(initial)} -> ${lastAccuracy(s)}`);
+    console.log(`browser peer: ${s.round} rounds in ${seconds.toFixed(1)} s (${(seconds / s.round).toFixed(1)} s/round), ` +
+      `accuracy ${lastAccuracy(initial).toFixed(3)} -> ${lastAccuracy(s).toFixed(3)}`);
+
+    // The page itself shows what happened.
+    await page.waitForFunction(() => Number(document.getElementById('trained').textContent) >= 3, null, { timeout: 30_000 });
+    await page.waitForFunction(() => /\d+\.\d%/.test(document.getElementById('accuracy').textContent), null, { timeout: 10_000 });
+    const loss = Number(await page.textContent('#loss'));
+    assert.ok(Number.isFinite(loss) && loss > 0, `local loss shown: ${loss}`);
+    await page.screenshot({ path: join(outDir, 'contribute.png'), fullPage: true });
+  } finally {
+    if (browser) await browser.close();
+    relay.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+    rmSync(profile, { recursive: true, force: true });
+  }
+});
