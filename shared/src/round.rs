@@ -209,10 +209,10 @@ impl RoundState {
         let contributors = taken.values().map(|(c, loss)| (c.peer, c.n_samples, *loss)).collect();
         let contributions: Vec<Contribution> = taken.into_values().map(|(c, _)| c).collect();
         // Every contribution was checked against the parameter count, so these cannot fail.
-        if let Some(delta) = aggregate::mean(&contributions) {
-            if self.outer.step(&mut self.params, &delta).is_ok() {
-                self.params_hash = ParamsHash::of(&params_to_bytes(&self.params));
-            }
+        if let Some(delta) = aggregate::mean(&contributions)
+            && self.outer.step(&mut self.params, &delta).is_ok()
+        {
+            self.params_hash = ParamsHash::of(&params_to_bytes(&self.params));
         }
         let closed = self.round;
         self.round += 1;

@@ -196,7 +196,7 @@ fn test(args: &[String]) -> Result {
     status(cargo().args(["build", "-p", "swarmtrain-relay"]))?;
     status(
         Command::new("node")
-            .arg("e2e.mjs")
+            .args(["--test", "e2e.test.mjs"])
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", target_dir().join("debug/swarmtrain-relay"))
             .env("SWARMTRAIN_ROOT", root()),
