@@ -82,11 +82,9 @@ pub struct Relay {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Loads the relay's identity seed from `dir/relay.key` (hex), creating it (mode 0600) if
-/// missing.
-fn load_or_create_seed(dir: &Path) -> anyhow::Result<[u8; 32]> {
-    let path = dir.join("relay.key");
-    match std::fs::read_to_string(&path) {
+/// Loads a 32-byte identity seed kept as hex in `path`, creating it (mode 0600) if missing.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
+    match std::fs::read_to_string(path) {
         Ok(hex) => {
             let hex = hex.trim();
             anyhow::ensure!(hex.len() == 64, "{} does not hold a 32-byte hex key", path.display());
@@ -98,7 +96,9 @@ fn load_or_create_seed(dir: &Path) -> anyhow::Result<[u8; 32]> {
             Ok(seed)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
             let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
@@ -106,7 +106,8 @@ fn load_or_create_seed(dir: &Path) -> anyhow::Result<[u8; 32]> {
             options.write(true).create_new(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            std::io::Write::write_all(&mut options.open(&path)?, hex.as_bytes())?;
+            let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut file, hex.as_bytes())?;
             Ok(seed)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -130,7 +131,7 @@ impl Relay {
     /// Starts the HTTP server, the libp2p node and the round timer.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Self> {
         let seed = match &config.data_dir {
-            Some(dir) => load_or_create_seed(dir)?,
+            Some(dir) => load_or_create_key(&dir.join("relay.key"))?,
             None => random_seed()?,
         };
         let identity = Identity::from_seed(seed);

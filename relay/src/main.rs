@@ -17,6 +17,50 @@ struct Cli {
 enum Command {
     /// Serve the page and the default run (digits MLP) until SIGINT or SIGTERM.
     Serve(Serve),
+    /// Join a relay as a native training peer (ndarray CPU backend), with the browser's code.
+    Worker(Worker),
+}
+
+#[derive(Parser, Debug)]
+struct Worker {
+    /// The relay's HTTP URL.
+    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    relay: String,
+    /// File holding this worker's identity seed (hex; created with mode 0600 if missing).
+    #[arg(long, env = "SWARMTRAIN_KEY_FILE", default_value = "swarmtrain-data/worker.key")]
+    key_file: PathBuf,
+    /// Stop after this many rounds (default: until SIGINT or SIGTERM).
+    #[arg(long)]
+    rounds: Option<u64>,
+}
+
+async fn worker(args: Worker) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use burn::backend::{Autodiff, NdArray};
+    use swarmtrain_client::peer::{self, PeerConfig};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = PeerConfig {
+        relay_url: args.relay,
+        identity_seed: swarmtrain_relay::load_or_create_key(&args.key_file)?,
+        backend: "ndarray".into(),
+        max_rounds: args.rounds,
+        stop: stop.clone(),
+    };
+    let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
+        tracing::info!(?event, "worker");
+    });
+    tokio::pin!(run);
+    let rounds = tokio::select! {
+        result = &mut run => result?,
+        _ = shutdown_signal() => {
+            stop.store(true, Ordering::Relaxed);
+            run.await?
+        }
+    };
+    println!("trained {rounds} rounds");
+    Ok(())
 }
 
 #[derive(Parser, Debug)]
@@ -75,7 +119,10 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "swarmtrain_relay=info,warn".into()),
         )
         .init();
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Worker(args) => return worker(args).await,
+    };
     if !args.web_dir.join("index.html").is_file() {
         anyhow::bail!("{} has no index.html (run from the repository root, or pass --web-dir)", args.web_dir.display());
     }

@@ -15,7 +15,7 @@ const outDir = join(import.meta.dirname, 'out');
 function startRelay(dataDir) {
   const relay = spawn(relayBin, [
     'serve', '--http', '127.0.0.1:0', '--web-dir', join(root, 'web'), '--data-dir', dataDir,
-    '--inner-steps', '20', '--quorum', '1', '--round-deadline-secs', '60',
+    '--inner-steps', process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', '--quorum', '1', '--round-deadline-secs', '60',
   ], { stdio: ['ignore', 'pipe', 'inherit'] });
   const url = new Promise((resolve, reject) => {
     let buffered = '';

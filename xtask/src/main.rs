@@ -159,15 +159,22 @@ fn build_wasm() -> Result {
     Ok(())
 }
 
+/// The native packages, built with the same feature set as `cargo test --workspace` so that
+/// the relay binary reuses the test build instead of compiling Burn a second time.
+const NATIVE: &[&str] = &["--workspace", "--exclude", "swarmtrain-wasm-tests"];
+
+/// Builds the relay binary and returns its path.
+fn build_relay() -> Result<PathBuf> {
+    status(cargo().arg("build").args(NATIVE).args(["--bin", "swarmtrain-relay"]))?;
+    Ok(target_dir().join("debug/swarmtrain-relay"))
+}
+
 fn run(args: &[String]) -> Result {
     setup_wasm()?;
     build_wasm()?;
-    let mut cmd = cargo();
-    cmd.args(["run", "-p", "swarmtrain-relay", "--", "serve"]);
-    if args.is_empty() {
-        cmd.args(["--http", "127.0.0.1:8080"]);
-    }
-    cmd.args(args);
+    let relay = build_relay()?;
+    let mut cmd = Command::new(relay);
+    cmd.current_dir(root()).arg("serve").args(args);
     status(&mut cmd)
 }
 
@@ -178,7 +185,7 @@ fn test(args: &[String]) -> Result {
     let filter: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
 
     // 1. Native tests: unit tests, the in-process multi-peer tests, bad-input tests.
-    status(cargo().args(["test", "--workspace", "--exclude", "swarmtrain-wasm-tests"]).args(&filter))?;
+    status(cargo().arg("test").args(NATIVE).args(&filter))?;
 
     // 2. wasm_bindgen_test suites in headless Chromium, driven by Debian's chromedriver.
     //    wasm-bindgen-test-runner reads webdriver.json (the Chromium flags) from the crate dir.
@@ -193,12 +200,12 @@ fn test(args: &[String]) -> Result {
     status(&mut wasm)?;
 
     // 3. The browser end-to-end test: a real relay, real Chromium, the Contribute button.
-    status(cargo().args(["build", "-p", "swarmtrain-relay"]))?;
+    let relay = build_relay()?;
     status(
         Command::new("node")
             .args(["--test", "e2e.test.mjs"])
             .current_dir(root().join("tests/browser"))
-            .env("SWARMTRAIN_RELAY_BIN", target_dir().join("debug/swarmtrain-relay"))
+            .env("SWARMTRAIN_RELAY_BIN", relay)
             .env("SWARMTRAIN_ROOT", root()),
     )
 }
