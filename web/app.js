@@ -31,10 +31,11 @@ function onEvent(ev) {
     case 'trained':
       $('trained').textContent = ev.rounds_trained;
       $('loss').textContent = ev.loss.toFixed(4);
-      log(`round ${ev.round}: ${ev.steps} steps in ${(ev.train_ms / 1000).toFixed(1)} s, loss ${ev.loss.toFixed(4)}`);
+      log(`round ${ev.round}: ${ev.steps} steps in ${ev.train_ms < 10000 ? `${ev.train_ms} ms` : `${(ev.train_ms / 1000).toFixed(1)} s`}, loss ${ev.loss.toFixed(4)}`);
       break;
     case 'submitted':
       $('state').textContent = `Update for round ${ev.round} ${ev.accepted ? 'accepted' : 'rejected: ' + ev.reason}.`;
+      refreshStatus();
       break;
     case 'error':
       $('state').textContent = ev.message;
@@ -73,7 +74,10 @@ function drawChart() {
   g.fillText(`round ${maxRound}`, c.width - 60, c.height - 2);
 }
 
-async function pollStatus() {
+let refreshing = false;
+async function refreshStatus() {
+  if (refreshing) return;
+  refreshing = true;
   try {
     const res = await fetch('api/status', { cache: 'no-store' });
     if (res.ok) {
@@ -89,7 +93,13 @@ async function pollStatus() {
     }
   } catch (e) {
     // The relay may be restarting; the next poll retries.
+  } finally {
+    refreshing = false;
   }
+}
+
+async function pollStatus() {
+  await refreshStatus();
   setTimeout(pollStatus, 1000);
 }
 

@@ -37,7 +37,14 @@ async function status(url) {
 
 const lastAccuracy = (s) => s.history.at(-1)?.accuracy ?? 0;
 
-test('Contribute trains in the browser on WebGPU and the relay accuracy rises', { timeout: 600_000 }, async () => {
+// Without --enable-unsafe-webgpu, headless Chromium offers no adapter and the page falls back
+// to the CPU backend.
+const cases = [
+  { backend: 'webgpu', flags: ['--enable-unsafe-webgpu'] },
+  { backend: 'cpu', flags: [] },
+];
+
+for (const { backend: expected, flags } of cases) test(`Contribute trains in the browser (${expected}) and the relay accuracy rises`, { timeout: 600_000 }, async () => {
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-e2e-'));
   const profile = mkdtempSync(join(tmpdir(), 'swarmtrain-chromium-'));
@@ -56,7 +63,7 @@ test('Contribute trains in the browser on WebGPU and the relay accuracy rises', 
       args: [
         '--headless', '--no-sandbox', '--disable-quic', '--no-first-run',
         '--disable-background-networking', '--disable-component-update', '--disable-sync',
-        '--disable-dev-shm-usage', '--enable-unsafe-webgpu',
+        '--disable-dev-shm-usage', ...flags,
       ],
     });
     const page = browser.pages()[0] ?? await browser.newPage();
@@ -68,7 +75,7 @@ test('Contribute trains in the browser on WebGPU and the relay accuracy rises', 
 
     await page.waitForFunction(() => document.getElementById('backend').textContent !== 'not started', null, { timeout: 120_000 });
     const backend = await page.textContent('#backend');
-    assert.equal(backend, 'webgpu', `expected WebGPU in headless Chromium; logs:\n${logs.join('\n')}`);
+    assert.equal(backend, expected, `expected ${expected} in headless Chromium; logs:\n${logs.join('\n')}`);
 
     const started = Date.now();
     let s = initial;
@@ -82,15 +89,18 @@ test('Contribute trains in the browser on WebGPU and the relay accuracy rises', 
     assert.ok(s.round >= 3, `round advanced to ${s.round} in ${seconds}s; logs:\n${logs.join('\n')}`);
     assert.ok(lastAccuracy(s) > lastAccuracy(initial) + 0.2,
       `held-out accuracy rose: ${lastAccuracy(initial)} -> ${lastAccuracy(s)}`);
-    console.log(`browser peer: ${s.round} rounds in ${seconds.toFixed(1)} s (${(seconds / s.round).toFixed(1)} s/round), ` +
+    console.log(`browser peer (${backend}): ${s.round} rounds in ${seconds.toFixed(1)} s (${(seconds / s.round).toFixed(1)} s/round), ` +
       `accuracy ${lastAccuracy(initial).toFixed(3)} -> ${lastAccuracy(s).toFixed(3)}`);
 
     // The page itself shows what happened.
     await page.waitForFunction(() => Number(document.getElementById('trained').textContent) >= 3, null, { timeout: 30_000 });
     await page.waitForFunction(() => /\d+\.\d%/.test(document.getElementById('accuracy').textContent), null, { timeout: 10_000 });
+    await page.waitForFunction(() => Number(document.getElementById('round').textContent) >= 3, null, { timeout: 10_000 });
     const loss = Number(await page.textContent('#loss'));
     assert.ok(Number.isFinite(loss) && loss > 0, `local loss shown: ${loss}`);
-    await page.screenshot({ path: join(outDir, 'contribute.png'), fullPage: true });
+    const pageLog = await page.$$eval('#log li', (items) => items.map((li) => li.textContent).reverse());
+    console.log(pageLog.filter((l) => /steps in|backend/.test(l)).join('\n'));
+    await page.screenshot({ path: join(outDir, `contribute-${expected}.png`), fullPage: true });
   } finally {
     if (browser) await browser.close();
     relay.kill('SIGTERM');
