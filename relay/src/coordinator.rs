@@ -17,6 +17,7 @@ use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
 use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 
+use crate::backend::AggregationBackend;
 use crate::dataset::RunData;
 
 /// Parameter versions kept for download (a late peer may still fetch the previous round's).
@@ -31,6 +32,8 @@ pub struct RoundRecord {
     pub samples: u64,
     pub mean_loss: Option<f32>,
     pub closed_at_ms: u64,
+    /// Time the aggregation backend took for the mean and the outer step.
+    pub aggregation_ms: f64,
 }
 
 /// A snapshot for `/api/status` and the page.
@@ -79,6 +82,7 @@ pub struct Coordinator {
     identity: Identity,
     data: RunData,
     model: DigitsMlpConfig,
+    aggregation: AggregationBackend,
     started: Instant,
     state: Mutex<State>,
 }
@@ -96,7 +100,13 @@ fn model_config(spec: &RunSpec) -> DigitsMlpConfig {
 
 impl Coordinator {
     /// Opens round 0 of `spec` with freshly initialized parameters (seeded by `seed`).
-    pub async fn new(identity: Identity, spec: RunSpec, data: RunData, seed: u64) -> anyhow::Result<Self> {
+    pub async fn new(
+        identity: Identity,
+        spec: RunSpec,
+        data: RunData,
+        seed: u64,
+        aggregation: AggregationBackend,
+    ) -> anyhow::Result<Self> {
         let model = model_config(&spec);
         let device = burn::backend::ndarray::NdArrayDevice::Cpu;
         <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
@@ -123,9 +133,10 @@ impl Coordinator {
             samples: 0,
             mean_loss: None,
             closed_at_ms: 0,
+            aggregation_ms: 0.0,
         });
         store_params(&mut state);
-        Ok(Self { identity, data, model, started: Instant::now(), state: Mutex::new(state) })
+        Ok(Self { identity, data, model, aggregation, started: Instant::now(), state: Mutex::new(state) })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -236,7 +247,24 @@ impl Coordinator {
     pub async fn tick(&self) {
         let now = self.now_ms();
         let mut state = self.state.lock().await;
-        let Some(closed) = state.round.tick(now) else { return };
+        if !state.round.due(now) {
+            return;
+        }
+        let contributions = state.round.contributions();
+        let spec = state.round.spec.outer.clone();
+        let started = Instant::now();
+        let stepped = self
+            .aggregation
+            .outer_step(state.round.params(), &state.round.outer().velocity, &contributions, &spec)
+            .await;
+        let aggregation_ms = started.elapsed().as_secs_f64() * 1e3;
+        let closed = match stepped {
+            Ok((params, velocity)) => state.round.close_with(params, velocity, now),
+            Err(e) => {
+                tracing::error!(error = %e, backend = %self.aggregation, "aggregation failed; θ is kept");
+                state.round.close_with(Vec::new(), Vec::new(), now)
+            }
+        };
         let accuracy = match train::evaluate::<NdArray>(&Default::default(), &self.model, state.round.params(), &self.data.held_out).await {
             Ok(a) => Some(a),
             Err(e) => {
@@ -245,7 +273,7 @@ impl Coordinator {
             }
         };
         state.accuracy = accuracy;
-        state.history.push(record(&closed, accuracy, now));
+        state.history.push(record(&closed, accuracy, now, aggregation_ms));
         store_params(&mut state);
         match self.identity.sign(&state.round.announcement(accuracy, now)) {
             Ok(announcement) => {
@@ -262,6 +290,8 @@ impl Coordinator {
         tracing::info!(
             round = closed.round,
             contributors = closed.contributors.len(),
+            backend = %self.aggregation,
+            aggregation_ms,
             accuracy = accuracy.unwrap_or(f32::NAN),
             "round closed; announced round {}",
             closed.next_round
@@ -297,7 +327,7 @@ impl Coordinator {
     }
 }
 
-fn record(closed: &RoundClosed, accuracy: Option<f32>, now: u64) -> RoundRecord {
+fn record(closed: &RoundClosed, accuracy: Option<f32>, now: u64, aggregation_ms: f64) -> RoundRecord {
     let n = closed.contributors.len();
     RoundRecord {
         round: closed.next_round,
@@ -306,6 +336,7 @@ fn record(closed: &RoundClosed, accuracy: Option<f32>, now: u64) -> RoundRecord 
         samples: closed.contributors.iter().map(|(_, s, _)| u64::from(*s)).sum(),
         mean_loss: (n > 0).then(|| closed.contributors.iter().map(|(_, _, l)| l).sum::<f32>() / n as f32),
         closed_at_ms: now,
+        aggregation_ms,
     }
 }
 

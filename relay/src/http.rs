@@ -95,6 +95,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metric("swarmtrain_accepted_updates_total", "Accepted updates.", "counter", one(s.accepted_updates as f64));
     let accuracy = s.history.last().and_then(|r| r.accuracy).unwrap_or(f32::NAN);
     metric("swarmtrain_heldout_accuracy", "Held-out accuracy of the current parameters.", "gauge", one(f64::from(accuracy)));
+    let aggregation = s.history.last().map_or(0.0, |r| r.aggregation_ms / 1e3);
+    metric("swarmtrain_last_aggregation_seconds", "Time of the last round's aggregation.", "gauge", one(aggregation));
     let rejected = s.rejected.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v as f64)).collect();
     metric("swarmtrain_rejected_messages_total", "Rejected messages by reason.", "counter", rejected);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

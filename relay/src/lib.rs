@@ -4,6 +4,7 @@
 //! [`Relay::start`] runs everything in the current tokio runtime, so tests start a relay and
 //! native peers in one process.
 
+pub mod backend;
 pub mod coordinator;
 pub mod dataset;
 pub mod http;
@@ -24,6 +25,7 @@ use swarmtrain_shared::protocol::{Codec, DataSpec, InnerSpec, ModelSpec, OuterSp
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use crate::backend::AggregationBackend;
 use crate::coordinator::Coordinator;
 
 /// Everything a relay needs to start.
@@ -42,6 +44,8 @@ pub struct RelayConfig {
     pub run: RunSpec,
     /// Seed of θ_0.
     pub seed: u64,
+    /// The Burn backend that aggregates.
+    pub aggregation: AggregationBackend,
 }
 
 /// The default run: the digits MLP, trained DiLoCo-style.
@@ -68,6 +72,7 @@ impl Default for RelayConfig {
             data_dir: None,
             run: default_run(),
             seed: 0,
+            aggregation: AggregationBackend::default(),
         }
     }
 }
@@ -141,7 +146,7 @@ impl Relay {
 
         let data = dataset::digits(&config.run.run_id, config.run.data.n_shards as usize)?;
         let run_id = config.run.run_id.clone();
-        let coordinator = Arc::new(Coordinator::new(identity, config.run.clone(), data, config.seed).await?);
+        let coordinator = Arc::new(Coordinator::new(identity, config.run.clone(), data, config.seed, config.aggregation).await?);
 
         let mut swarm = p2p::build_swarm(keypair).await?;
         let ip = ip_protocol(config.http.ip());

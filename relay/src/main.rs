@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use swarmtrain_relay::{Relay, RelayConfig, default_run};
+use swarmtrain_relay::{AggregationBackend, Relay, RelayConfig, default_run};
 
 #[derive(Parser, Debug)]
 #[command(name = "swarmtrain-relay", version, about = "Serves the swarmtrain page, coordinates training rounds and aggregates updates")]
@@ -92,6 +92,9 @@ struct Serve {
     /// Seed of the initial parameters.
     #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
     seed: u64,
+    /// Burn backend that aggregates updates (from those compiled in).
+    #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum, default_value_t = AggregationBackend::Ndarray)]
+    aggregation_backend: AggregationBackend,
 }
 
 async fn shutdown_signal() {
@@ -143,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: Some(args.data_dir),
         run,
         seed: args.seed,
+        aggregation: args.aggregation_backend,
     };
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());

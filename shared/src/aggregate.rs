@@ -1,7 +1,21 @@
 //! Aggregation of pseudo-gradients. Contributions are taken in peer-key order, so the result
 //! does not depend on arrival order.
 
+use burn::prelude::*;
+
 use crate::crypto::PeerKey;
+use crate::protocol::OuterSpec;
+
+/// Why a backend aggregation failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AggregateError {
+    #[error("no contributions to aggregate")]
+    Empty,
+    #[error("contribution of {got} values, parameters have {expected}")]
+    Shape { expected: usize, got: usize },
+    #[error("could not read the result back from the device: {0}")]
+    Readback(String),
+}
 
 /// One accepted, decoded pseudo-gradient.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,9 +45,48 @@ pub fn mean(contributions: &[Contribution]) -> Option<Vec<f32>> {
     Some(sum)
 }
 
+/// The mean of the contributions (in peer order) followed by the outer Nesterov step, computed
+/// on any Burn backend (ndarray, wgpu, cuda). Returns θ_{t+1} and the new momentum; reads back
+/// asynchronously, so it is safe in browsers too.
+pub async fn outer_step_on<B: Backend>(
+    device: &B::Device,
+    params: &[f32],
+    velocity: &[f32],
+    contributions: &[Contribution],
+    spec: &OuterSpec,
+) -> Result<(Vec<f32>, Vec<f32>), AggregateError> {
+    let n = params.len();
+    if velocity.len() != n {
+        return Err(AggregateError::Shape { expected: n, got: velocity.len() });
+    }
+    let mut sorted: Vec<&Contribution> = contributions.iter().collect();
+    sorted.sort_by_key(|c| c.peer);
+    if sorted.is_empty() {
+        return Err(AggregateError::Empty);
+    }
+    let mut stacked = Vec::with_capacity(sorted.len() * n);
+    for c in &sorted {
+        if c.delta.len() != n {
+            return Err(AggregateError::Shape { expected: n, got: c.delta.len() });
+        }
+        stacked.extend_from_slice(&c.delta);
+    }
+    let deltas = Tensor::<B, 2>::from_data(TensorData::new(stacked, [sorted.len(), n]), device); // [peers, n]
+    let mean = deltas.mean_dim(0).reshape([n]); // [n]
+    let theta = Tensor::<B, 1>::from_data(TensorData::new(params.to_vec(), [n]), device);
+    let v = Tensor::<B, 1>::from_data(TensorData::new(velocity.to_vec(), [n]), device);
+    let v = v.mul_scalar(spec.momentum).add(mean.clone());
+    let theta = theta.sub(mean.add(v.clone().mul_scalar(spec.momentum)).mul_scalar(spec.lr));
+    let read = |t: Tensor<B, 1>| async move {
+        t.into_data_async().await.map(|d| d.iter::<f32>().collect::<Vec<f32>>()).map_err(|e| AggregateError::Readback(e.to_string()))
+    };
+    Ok((read(theta).await?, read(v).await?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outer::OuterOptimizer;
 
     fn c(id: u8, delta: Vec<f32>) -> Contribution {
         Contribution { peer: PeerKey([id; 32]), n_samples: 1, delta }
@@ -49,5 +102,31 @@ mod tests {
         assert!((m[0] - 1.0).abs() < 1e-6 && (m[1] - 1.0 / 3.0).abs() < 1e-6);
         assert_eq!(mean(&[]), None);
         assert_eq!(mean(&[c(1, vec![1.0]), c(2, vec![1.0, 2.0])]), None);
+    }
+
+    #[test]
+    fn backend_outer_step_matches_the_cpu_reference() {
+        let n = 1000;
+        let contributions: Vec<Contribution> =
+            (0..5u8).map(|p| c(p, (0..n).map(|i| ((i * 7 + p as usize * 13) % 17) as f32 * 0.01 - 0.08).collect())).collect();
+        let params: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
+        let velocity: Vec<f32> = (0..n).map(|i| (i as f32).cos() * 0.1).collect();
+        let spec = OuterSpec::default();
+
+        let mut expected = params.clone();
+        let mut outer = OuterOptimizer { spec: spec.clone(), velocity: velocity.clone() };
+        outer.step(&mut expected, &mean(&contributions).expect("mean")).expect("shape");
+
+        let device = Default::default();
+        let (theta, v) = futures::executor::block_on(outer_step_on::<burn::backend::NdArray>(
+            &device, &params, &velocity, &contributions, &spec,
+        ))
+        .expect("aggregate");
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+        assert!(close(&theta, &expected));
+        assert!(close(&v, &outer.velocity));
+        let bad = [c(1, vec![0.0; 3])];
+        let err = futures::executor::block_on(outer_step_on::<burn::backend::NdArray>(&device, &params, &velocity, &bad, &spec));
+        assert_eq!(err, Err(AggregateError::Shape { expected: n, got: 3 }));
     }
 }

@@ -187,31 +187,48 @@ impl RoundState {
         Ok(())
     }
 
-    /// Closes the round if it has reached quorum, or its deadline with at least one update.
-    /// A round that reaches its deadline empty is extended.
-    pub fn tick(&mut self, now_ms: u64) -> Option<RoundClosed> {
+    /// Whether the round should close now: quorum reached, or the deadline passed with at least
+    /// one update. A round that reaches its deadline empty is extended.
+    pub fn due(&mut self, now_ms: u64) -> bool {
         let n = self.contributions.len();
-        let due = now_ms >= self.deadline_ms();
+        let past_deadline = now_ms >= self.deadline_ms();
         if n == 0 {
-            if due {
+            if past_deadline {
                 self.opened_ms = now_ms;
             }
-            return None;
+            return false;
         }
-        if n < self.quorum(now_ms) && !due {
-            return None;
-        }
-        Some(self.close(now_ms))
+        n >= self.quorum(now_ms) || past_deadline
     }
 
-    fn close(&mut self, now_ms: u64) -> RoundClosed {
+    /// The accepted contributions of the open round, in peer order.
+    pub fn contributions(&self) -> Vec<Contribution> {
+        self.contributions.values().map(|(c, _)| c.clone()).collect()
+    }
+
+    /// Closes the round if it is [`due`](Self::due), aggregating on the CPU.
+    pub fn tick(&mut self, now_ms: u64) -> Option<RoundClosed> {
+        if !self.due(now_ms) {
+            return None;
+        }
+        let mut params = self.params.clone();
+        let mut outer = self.outer.clone();
+        // Every contribution was checked against the parameter count, so these cannot fail.
+        if let Some(delta) = aggregate::mean(&self.contributions()) {
+            let _ = outer.step(&mut params, &delta);
+        }
+        Some(self.close_with(params, outer.velocity, now_ms))
+    }
+
+    /// Closes the round with θ_{t+1} and the outer momentum computed elsewhere (for example
+    /// by [`aggregate::outer_step_on`] on a GPU backend) and opens the next one. Values of the
+    /// wrong length are ignored: the round then closes without changing θ.
+    pub fn close_with(&mut self, params: Vec<f32>, velocity: Vec<f32>, now_ms: u64) -> RoundClosed {
         let taken = std::mem::take(&mut self.contributions);
         let contributors = taken.values().map(|(c, loss)| (c.peer, c.n_samples, *loss)).collect();
-        let contributions: Vec<Contribution> = taken.into_values().map(|(c, _)| c).collect();
-        // Every contribution was checked against the parameter count, so these cannot fail.
-        if let Some(delta) = aggregate::mean(&contributions)
-            && self.outer.step(&mut self.params, &delta).is_ok()
-        {
+        if params.len() == self.params.len() && velocity.len() == self.params.len() {
+            self.params = params;
+            self.outer.velocity = velocity;
             self.params_hash = ParamsHash::of(&params_to_bytes(&self.params));
         }
         let closed = self.round;

@@ -1,0 +1,65 @@
+//! Which Burn backend runs the relay's aggregation, chosen at run time from those compiled in
+//! (`ndarray` always; `wgpu` and `cuda` with the crate features of the same names). Every
+//! backend runs the same shared code, [`outer_step_on`].
+
+use std::fmt;
+
+use burn::backend::NdArray;
+use swarmtrain_shared::aggregate::{AggregateError, Contribution, outer_step_on};
+use swarmtrain_shared::protocol::OuterSpec;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AggregationBackend {
+    /// CPU, always available.
+    #[default]
+    Ndarray,
+    /// wgpu: Vulkan, Metal or DX12 (build with `--features wgpu`).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+    /// NVIDIA CUDA (build with `--features cuda`; needs the driver at run time).
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+impl fmt::Display for AggregationBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Self::Ndarray => "ndarray",
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu => "wgpu",
+            #[cfg(feature = "cuda")]
+            Self::Cuda => "cuda",
+        };
+        f.write_str(name)
+    }
+}
+
+impl AggregationBackend {
+    /// The backends compiled into this binary.
+    pub fn compiled_in() -> Vec<Self> {
+        <Self as clap::ValueEnum>::value_variants().to_vec()
+    }
+
+    /// Averages `contributions` and applies the outer Nesterov step on this backend.
+    pub async fn outer_step(
+        self,
+        params: &[f32],
+        velocity: &[f32],
+        contributions: &[Contribution],
+        spec: &OuterSpec,
+    ) -> Result<(Vec<f32>, Vec<f32>), AggregateError> {
+        match self {
+            Self::Ndarray => outer_step_on::<NdArray>(&Default::default(), params, velocity, contributions, spec).await,
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu => {
+                let device = burn::backend::wgpu::WgpuDevice::default();
+                outer_step_on::<burn::backend::Wgpu>(&device, params, velocity, contributions, spec).await
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda => {
+                let device = burn::backend::cuda::CudaDevice::default();
+                outer_step_on::<burn::backend::Cuda>(&device, params, velocity, contributions, spec).await
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The shared aggregation code gives the same result on every backend compiled into the relay.
+//! CUDA is checked only where the driver is present; elsewhere it says so and is skipped.
+
+use std::time::Instant;
+
+use swarmtrain_relay::AggregationBackend;
+use swarmtrain_shared::PeerKey;
+use swarmtrain_shared::aggregate::Contribution;
+use swarmtrain_shared::data::SplitMix64;
+use swarmtrain_shared::protocol::OuterSpec;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
+}
+
+fn usable(backend: AggregationBackend) -> Result<(), String> {
+    let name = backend.to_string();
+    if name == "cuda" && !std::path::Path::new("/dev/nvidiactl").exists() {
+        return Err("no NVIDIA driver on this machine (/dev/nvidiactl is missing)".into());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_compiled_backend_matches_the_cpu() {
+    let backends = AggregationBackend::compiled_in();
+    println!("backends compiled in: {backends:?}");
+    if !backends.iter().any(|b| b.to_string() == "cuda") {
+        println!("SKIPPED cuda: not compiled in (build the relay with --features cuda to check it)");
+    }
+    for size in [50_000usize, 1_000_000] {
+        let peers = 16;
+        let contributions: Vec<Contribution> = (0..peers)
+            .map(|p| Contribution { peer: PeerKey([p as u8; 32]), n_samples: 1, delta: random(size, p) })
+            .collect();
+        let params = random(size, 100);
+        let velocity = random(size, 101);
+        let spec = OuterSpec::default();
+        let (cpu_theta, cpu_v) = AggregationBackend::Ndarray
+            .outer_step(&params, &velocity, &contributions, &spec)
+            .await
+            .expect("cpu");
+        for &backend in &backends {
+            if let Err(why) = usable(backend) {
+                println!("SKIPPED {backend}: {why}");
+                continue;
+            }
+            // The first call on a GPU backend compiles kernels; time the second.
+            backend.outer_step(&params, &velocity, &contributions, &spec).await.expect("warm-up");
+            let started = Instant::now();
+            let (theta, v) = backend.outer_step(&params, &velocity, &contributions, &spec).await.expect("aggregate");
+            let elapsed = started.elapsed();
+            let max_diff = theta.iter().chain(&v).zip(cpu_theta.iter().chain(&cpu_v)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            println!("{backend}: {peers} × {size} f32 mean + Nesterov step in {:.2} ms (incl. transfers), max |Δ| vs ndarray {max_diff:e}", elapsed.as_secs_f64() * 1e3);
+            assert!(max_diff < 1e-5, "{backend} differs from ndarray by {max_diff}");
+        }
+    }
+}
