@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use swarmtrain_shared::data::{self, DigitsSet};
 use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::protocol::{
-    self, Capabilities, ClientToRelay, Codec, Join, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient,
+    self, Capabilities, ClientToRelay, Join, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient,
     RoundAnnouncement, RunSpec, Update,
 };
+use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::train::LocalTrainer;
 use swarmtrain_shared::{Identity, PeerKey, Signed};
 use web_time::Instant;
@@ -179,6 +180,8 @@ pub async fn run<B: AutodiffBackend>(
     let ModelSpec::DigitsMlp { hidden } = session.spec.model;
     let model = DigitsMlpConfig::new().with_hidden(hidden as usize);
     let mut rounds_trained = 0u64;
+    // What lossy compression left out of earlier updates rides along with the next one.
+    let mut feedback = ErrorFeedback::default();
 
     while !config.stop.load(Ordering::Relaxed) && config.max_rounds.is_none_or(|max| rounds_trained < max) {
         let round = announcement.round;
@@ -214,8 +217,8 @@ pub async fn run<B: AutodiffBackend>(
             n_samples: result.samples,
             inner_steps: result.steps,
             loss: result.loss,
-            codec: Codec::F32,
-            payload: protocol::params_to_bytes(&delta),
+            codec: session.spec.codec,
+            payload: feedback.encode(session.spec.codec, &delta),
         };
         let event = match session.request(ClientToRelay::Update(update)).await? {
             RelayToClient::Accepted { .. } => PeerEvent::Submitted { round, accepted: true, reason: None },

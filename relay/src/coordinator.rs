@@ -62,6 +62,9 @@ pub struct RunSpecView {
     pub quorum: u32,
     pub round_deadline_ms: u64,
     pub n_shards: u32,
+    pub codec: String,
+    /// Bytes of one update on the wire with this codec (payload only).
+    pub update_bytes: usize,
 }
 
 struct State {
@@ -322,6 +325,8 @@ impl Coordinator {
                 quorum: spec.quorum,
                 round_deadline_ms: spec.round_deadline_ms,
                 n_shards: spec.data.n_shards,
+                codec: format!("{:?}", spec.codec),
+                update_bytes: spec.codec.encoded_len(state.round.params().len()),
             },
         }
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use swarmtrain_relay::{AggregationBackend, Relay, RelayConfig, default_run};
+use swarmtrain_shared::protocol::Codec;
 
 #[derive(Parser, Debug)]
 #[command(name = "swarmtrain-relay", version, about = "Serves the swarmtrain page, coordinates training rounds and aggregates updates")]
@@ -92,9 +93,34 @@ struct Serve {
     /// Seed of the initial parameters.
     #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
     seed: u64,
+    /// How peers encode their updates: f32, f16, int8 (blockwise, 64 per block) or topk.
+    #[arg(long, env = "SWARMTRAIN_CODEC", value_enum, default_value_t = CodecArg::F32)]
+    codec: CodecArg,
+    /// With --codec topk: how many values per million to send (10000 = 1%).
+    #[arg(long, env = "SWARMTRAIN_TOPK_PER_MILLION", default_value_t = 20_000)]
+    topk_per_million: u32,
     /// Burn backend that aggregates updates (from those compiled in).
     #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum, default_value_t = AggregationBackend::Ndarray)]
     aggregation_backend: AggregationBackend,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CodecArg {
+    F32,
+    F16,
+    Int8,
+    Topk,
+}
+
+impl CodecArg {
+    fn codec(self, per_million: u32) -> Codec {
+        match self {
+            Self::F32 => Codec::F32,
+            Self::F16 => Codec::F16,
+            Self::Int8 => Codec::Int8Block { block: 64 },
+            Self::Topk => Codec::TopK { per_million },
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -138,6 +164,8 @@ async fn main() -> anyhow::Result<()> {
     run.inner.steps = args.inner_steps;
     run.quorum = args.quorum.max(1);
     run.round_deadline_ms = args.round_deadline_secs * 1000;
+    anyhow::ensure!((1..=1_000_000).contains(&args.topk_per_million), "--topk-per-million must be in 1..=1000000");
+    run.codec = args.codec.codec(args.topk_per_million);
     let config = RelayConfig {
         http: args.http,
         tcp_port: args.tcp_port,

@@ -78,12 +78,7 @@ pub struct Capabilities {
     pub platform: String,
 }
 
-/// How the payload of an update is encoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Codec {
-    /// Little-endian f32, uncompressed.
-    F32,
-}
+pub use crate::compress::Codec;
 
 /// A pseudo-gradient Δ = θ_t − θ_local. The signature of the enclosing `Signed` covers the run,
 /// the round, the base parameters, the sample count, the codec and the payload.

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use crate::aggregate::{self, Contribution};
 use crate::crypto::PeerKey;
 use crate::outer::OuterOptimizer;
-use crate::protocol::{Codec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_from_bytes, params_to_bytes};
+use crate::compress::CodecError;
+use crate::protocol::{Codec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes};
 
 /// Why an update was refused. The run goes on either way.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,10 +27,10 @@ pub enum Rejection {
     Duplicate(u64),
     #[error("codec {0:?} is not this run's")]
     WrongCodec(Codec),
-    #[error("update has {got} values, the model has {expected}")]
-    WrongShape { expected: usize, got: usize },
-    #[error("update payload is not a whole number of f32 values")]
-    Malformed,
+    #[error("update does not fit the model: {0}")]
+    WrongShape(CodecError),
+    #[error("update payload is malformed: {0}")]
+    Malformed(CodecError),
     #[error("update contains NaN or infinite values")]
     NonFinite,
     #[error("update claims zero samples")]
@@ -45,8 +46,8 @@ impl Rejection {
             Self::StaleBase => "stale_base",
             Self::Duplicate(_) => "duplicate",
             Self::WrongCodec(_) => "wrong_codec",
-            Self::WrongShape { .. } => "wrong_shape",
-            Self::Malformed => "malformed",
+            Self::WrongShape(_) => "wrong_shape",
+            Self::Malformed(_) => "malformed",
             Self::NonFinite => "non_finite",
             Self::NoSamples => "no_samples",
         }
@@ -172,15 +173,14 @@ impl RoundState {
         if update.n_samples == 0 {
             return Err(Rejection::NoSamples);
         }
-        let delta = match update.codec {
-            Codec::F32 => params_from_bytes(&update.payload).ok_or(Rejection::Malformed)?,
-        };
-        if delta.len() != self.params.len() {
-            return Err(Rejection::WrongShape { expected: self.params.len(), got: delta.len() });
-        }
-        if !update.loss.is_finite() || delta.iter().any(|v| !v.is_finite()) {
+        if !update.loss.is_finite() {
             return Err(Rejection::NonFinite);
         }
+        let delta = update.codec.decode(&update.payload, self.params.len()).map_err(|e| match e {
+            CodecError::Length { .. } => Rejection::WrongShape(e),
+            CodecError::NonFinite => Rejection::NonFinite,
+            CodecError::BadIndex { .. } | CodecError::BadBlock => Rejection::Malformed(e),
+        })?;
         self.seen(peer, now_ms);
         let contribution = Contribution { peer, n_samples: update.n_samples, delta };
         self.contributions.insert(peer, (contribution, update.loss));
@@ -304,8 +304,14 @@ mod tests {
             (Update { round: 7, ..good.clone() }, Rejection::WrongRound { expected: 0, got: 7 }),
             (Update { run_id: "x".into(), ..good.clone() }, Rejection::WrongRun { expected: "t".into(), got: "x".into() }),
             (Update { base: ParamsHash([0; 32]), ..good.clone() }, Rejection::StaleBase),
-            (Update { payload: params_to_bytes(&[0.1]), ..good.clone() }, Rejection::WrongShape { expected: 2, got: 1 }),
-            (Update { payload: vec![0; 7], ..good.clone() }, Rejection::Malformed),
+            (
+                Update { payload: params_to_bytes(&[0.1]), ..good.clone() },
+                Rejection::WrongShape(CodecError::Length { expected: 8, got: 4, n: 2 }),
+            ),
+            (
+                Update { payload: vec![0; 7], ..good.clone() },
+                Rejection::WrongShape(CodecError::Length { expected: 8, got: 7, n: 2 }),
+            ),
             (Update { payload: params_to_bytes(&[f32::NAN, 0.0]), ..good.clone() }, Rejection::NonFinite),
             (Update { payload: params_to_bytes(&[f32::INFINITY, 0.0]), ..good.clone() }, Rejection::NonFinite),
             (Update { n_samples: 0, ..good.clone() }, Rejection::NoSamples),
