@@ -75,3 +75,29 @@ async fn compressed_updates_still_train() {
         relay.shutdown().await;
     }
 }
+
+/// With differential privacy on, peers clip and noise their updates, the relay reports the ε
+/// spent so far, and the model still learns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differentially_private_run_reports_epsilon_and_learns() {
+    use swarmtrain_shared::privacy::{PrivacySpec, epsilon};
+    init_logging();
+    let mut run = default_run();
+    run.inner.steps = 40;
+    run.privacy = Some(PrivacySpec { clip_norm: 2.0, noise_multiplier: 0.02, delta: 1e-5 });
+    let relay = start_relay(run).await;
+    let rounds = 6;
+    let peers: Vec<_> = (1..=3).map(|id| spawn_peer(&relay, id, rounds)).collect();
+    for peer in peers {
+        let (trained, _) = tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("in time");
+        assert_eq!(trained, rounds);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = relay.coordinator.status().await;
+    let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
+    let eps = status.privacy_epsilon.expect("the relay reports ε");
+    println!("DP (clip 2, z 0.02): ε = {eps:.0} at δ = 1e-5 after {} rounds; accuracy {accuracy:?}", status.round);
+    assert_eq!(eps, epsilon(status.round, 0.02, 1e-5));
+    assert!(*accuracy.last().expect("history") > 0.8, "{accuracy:?}");
+    relay.shutdown().await;
+}

@@ -208,8 +208,14 @@ pub async fn run<B: AutodiffBackend>(
         rounds_trained += 1;
         emit(PeerEvent::Trained { round, steps: result.steps, loss: result.loss, train_ms, rounds_trained });
 
-        // Δ = θ_t − θ_local
-        let delta: Vec<f32> = start.iter().zip(&result.params).map(|(t, l)| t - l).collect();
+        // Δ = θ_t − θ_local, clipped and noised when the run asks for differential privacy.
+        let mut delta: Vec<f32> = start.iter().zip(&result.params).map(|(t, l)| t - l).collect();
+        if let Some(privacy) = &session.spec.privacy {
+            // The noise seed must stay secret from the relay, so it comes from the OS.
+            let mut seed = [0u8; 8];
+            getrandom::fill(&mut seed).map_err(|e| PeerError::Train(format!("no randomness for DP noise: {e}")))?;
+            swarmtrain_shared::privacy::privatize(&mut delta, privacy, u64::from_le_bytes(seed));
+        }
         let update = Update {
             run_id: session.spec.run_id.clone(),
             round,

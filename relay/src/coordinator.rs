@@ -49,6 +49,8 @@ pub struct Status {
     pub history: Vec<RoundRecord>,
     pub rejected: BTreeMap<String, u64>,
     pub accepted_updates: u64,
+    /// Differential privacy spent per peer so far (ε at the run's δ), when the run uses DP.
+    pub privacy_epsilon: Option<f64>,
     pub spec: RunSpecView,
 }
 
@@ -316,6 +318,10 @@ impl Coordinator {
             history: state.history.clone(),
             rejected: state.rejected.clone(),
             accepted_updates: state.accepted,
+            privacy_epsilon: spec
+                .privacy
+                .as_ref()
+                .map(|p| swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)),
             spec: RunSpecView {
                 inner_steps: spec.inner.steps,
                 batch_size: spec.inner.batch_size,

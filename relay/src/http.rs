@@ -97,6 +97,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metric("swarmtrain_heldout_accuracy", "Held-out accuracy of the current parameters.", "gauge", one(f64::from(accuracy)));
     let aggregation = s.history.last().map_or(0.0, |r| r.aggregation_ms / 1e3);
     metric("swarmtrain_last_aggregation_seconds", "Time of the last round's aggregation.", "gauge", one(aggregation));
+    if let Some(eps) = s.privacy_epsilon {
+        metric("swarmtrain_privacy_epsilon", "Differential privacy spent per peer (at the run's delta).", "gauge", one(eps));
+    }
     let rejected = s.rejected.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v as f64)).collect();
     metric("swarmtrain_rejected_messages_total", "Rejected messages by reason.", "counter", rejected);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

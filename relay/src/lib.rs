@@ -59,6 +59,7 @@ pub fn default_run() -> RunSpec {
         codec: Codec::F32,
         quorum: 3,
         round_deadline_ms: 30_000,
+        privacy: None,
     }
 }
 

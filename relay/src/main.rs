@@ -99,6 +99,15 @@ struct Serve {
     /// With --codec topk: how many values per million to send (10000 = 1%).
     #[arg(long, env = "SWARMTRAIN_TOPK_PER_MILLION", default_value_t = 20_000)]
     topk_per_million: u32,
+    /// Differential privacy: clip every update to this L2 norm (enables DP with --dp-noise).
+    #[arg(long, env = "SWARMTRAIN_DP_CLIP")]
+    dp_clip: Option<f32>,
+    /// Differential privacy: noise standard deviation in units of the clip norm.
+    #[arg(long, env = "SWARMTRAIN_DP_NOISE", default_value_t = 1.0, requires = "dp_clip")]
+    dp_noise: f32,
+    /// Differential privacy: the δ that ε is reported for.
+    #[arg(long, env = "SWARMTRAIN_DP_DELTA", default_value_t = 1e-5, requires = "dp_clip")]
+    dp_delta: f64,
     /// Burn backend that aggregates updates (from those compiled in).
     #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum, default_value_t = AggregationBackend::Ndarray)]
     aggregation_backend: AggregationBackend,
@@ -166,6 +175,16 @@ async fn main() -> anyhow::Result<()> {
     run.round_deadline_ms = args.round_deadline_secs * 1000;
     anyhow::ensure!((1..=1_000_000).contains(&args.topk_per_million), "--topk-per-million must be in 1..=1000000");
     run.codec = args.codec.codec(args.topk_per_million);
+    if let Some(clip) = args.dp_clip {
+        anyhow::ensure!(clip > 0.0 && clip.is_finite(), "--dp-clip must be a positive number");
+        anyhow::ensure!(args.dp_noise >= 0.0 && args.dp_noise.is_finite(), "--dp-noise must be ≥ 0");
+        anyhow::ensure!(args.dp_delta > 0.0 && args.dp_delta < 1.0, "--dp-delta must be in (0, 1)");
+        run.privacy = Some(swarmtrain_shared::privacy::PrivacySpec {
+            clip_norm: clip,
+            noise_multiplier: args.dp_noise,
+            delta: args.dp_delta,
+        });
+    }
     let config = RelayConfig {
         http: args.http,
         tcp_port: args.tcp_port,

@@ -183,7 +183,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 let r = rng.next_u64();
-                if r % 17 == 0 {
+                if r.is_multiple_of(17) {
                     return 0.0;
                 }
                 let mantissa = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;

@@ -13,6 +13,7 @@ pub mod data;
 pub mod model;
 pub mod outer;
 pub mod params;
+pub mod privacy;
 pub mod protocol;
 pub mod robust;
 pub mod round;

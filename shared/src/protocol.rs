@@ -140,6 +140,8 @@ pub struct RunSpec {
     pub quorum: u32,
     /// …or when this much time has passed since it opened.
     pub round_deadline_ms: u64,
+    /// Differential privacy: peers clip and noise their updates (None: off).
+    pub privacy: Option<crate::privacy::PrivacySpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

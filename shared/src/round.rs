@@ -253,6 +253,7 @@ mod tests {
             codec: Codec::F32,
             quorum: 2,
             round_deadline_ms: 1000,
+            privacy: None,
         }
     }
 
