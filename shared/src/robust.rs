@@ -60,27 +60,17 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
     let rows = checked(contributions, n)?;
     match *rule {
         Rule::Mean => Ok(mean(&rows, n)),
-        Rule::Median => Ok(coordinate_wise(&rows, n, |values| {
-            let m = values.len();
-            let (_, upper, _) = values.select_nth_unstable_by(m / 2, f32::total_cmp);
-            let upper = *upper;
-            if m % 2 == 1 {
-                upper
-            } else {
-                let lower = values[..m / 2].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                0.5 * (lower + upper)
-            }
+        Rule::Median => Ok(sorted_columns(&rows, n, |sorted| {
+            let m = sorted.len();
+            if m % 2 == 1 { sorted[m / 2] } else { 0.5 * (sorted[m / 2 - 1] + sorted[m / 2]) }
         })),
         Rule::TrimmedMean { trim } => {
             let trim = trim as usize;
             if 2 * trim >= rows.len() {
                 return Err(RobustError::TooFew(format!("trimming {trim} from each side of {}", rows.len())));
             }
-            Ok(coordinate_wise(&rows, n, |values| {
-                values.sort_unstable_by(f32::total_cmp);
-                let kept = &values[trim..values.len() - trim];
-                kept.iter().sum::<f32>() / kept.len() as f32
-            }))
+            let kept = (rows.len() - 2 * trim) as f32;
+            Ok(sorted_columns(&rows, n, |sorted| sorted[trim..sorted.len() - trim].iter().sum::<f32>() / kept))
         }
         Rule::MultiKrum { byzantine, select } => multi_krum(&rows, n, byzantine as usize, select as usize),
         Rule::GeometricMedian { iterations } => Ok(geometric_median(&rows, n, iterations)),
@@ -123,21 +113,66 @@ fn mean(rows: &[&[f32]], n: usize) -> Vec<f32> {
     out
 }
 
-/// Applies `reduce` to each coordinate's values (in peer order), in parallel blocks.
-fn coordinate_wise(rows: &[&[f32]], n: usize, reduce: impl Fn(&mut [f32]) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; n];
-    let chunk = n.div_ceil(threads()).max(4096);
-    let reduce = &reduce;
-    std::thread::scope(|s| {
-        for (i, part) in out.chunks_mut(chunk).enumerate() {
-            s.spawn(move || {
-                let start = i * chunk;
-                let mut column = vec![0.0f32; rows.len()];
-                for (j, o) in part.iter_mut().enumerate() {
-                    for (c, row) in column.iter_mut().zip(rows) {
-                        *c = row[start + j];
+/// Coordinates processed together: one sorting network runs on all lanes at once, so each
+/// compare-exchange is a vector min and max.
+const LANES: usize = 16;
+
+/// Batcher's odd–even merge sort network for `m` inputs: compare-exchange pairs (i < j).
+/// Built for the next power of two; pairs touching padding (index ≥ m, conceptually +∞) are
+/// dropped, which keeps it a valid sorting network for `m`.
+fn sorting_network(m: usize) -> Vec<(usize, usize)> {
+    let size = m.next_power_of_two();
+    let mut pairs = Vec::new();
+    let mut p = 1;
+    while p < size {
+        let mut k = p;
+        while k >= 1 {
+            for j in (k % p..size - k).step_by(2 * k) {
+                for i in 0..k.min(size - j - k) {
+                    if (i + j) / (2 * p) == (i + j + k) / (2 * p) && i + j + k < m {
+                        pairs.push((i + j, i + j + k));
                     }
-                    *o = reduce(&mut column);
+                }
+            }
+            k /= 2;
+        }
+        p *= 2;
+    }
+    pairs
+}
+
+/// Sorts each coordinate's values across peers and applies `reduce` to the sorted column.
+/// Columns are sorted `LANES` at a time by a sorting network, in parallel blocks.
+fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[f32]) -> f32 + Sync) -> Vec<f32> {
+    let m = rows.len();
+    let network = sorting_network(m);
+    let mut out = vec![0.0f32; n];
+    let chunk = n.div_ceil(threads()).max(4096).next_multiple_of(LANES);
+    let (network, reduce) = (&network, &reduce);
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let mut block = vec![[0.0f32; LANES]; m];
+                let mut column = vec![0.0f32; m];
+                for (b, outs) in part.chunks_mut(LANES).enumerate() {
+                    let start = c * chunk + b * LANES;
+                    let lanes = outs.len();
+                    for (lane_values, row) in block.iter_mut().zip(rows) {
+                        lane_values[..lanes].copy_from_slice(&row[start..start + lanes]);
+                    }
+                    for &(i, j) in network {
+                        let (lo, hi) = block.split_at_mut(j);
+                        let (a, b) = (&mut lo[i], &mut hi[0]);
+                        for l in 0..LANES {
+                            let (x, y) = (a[l], b[l]);
+                            a[l] = x.min(y);
+                            b[l] = x.max(y);
+                        }
+                    }
+                    for (l, o) in outs.iter_mut().enumerate() {
+                        column.iter_mut().zip(&block).for_each(|(v, lane_values)| *v = lane_values[l]);
+                        *o = reduce(&column);
+                    }
                 }
             });
         }
@@ -261,6 +296,23 @@ mod tests {
             contributions.reverse();
             let b = aggregate(&rule, &contributions, 300, None).expect("aggregate");
             assert_eq!(a, b, "{rule:?}");
+        }
+    }
+
+    #[test]
+    fn sorting_networks_sort_every_small_size() {
+        let mut rng = SplitMix64::new(9);
+        for m in 1..=40 {
+            let network = sorting_network(m);
+            for _ in 0..50 {
+                let mut v: Vec<f32> = (0..m).map(|_| (rng.next_u64() % 7) as f32).collect();
+                for &(i, j) in &network {
+                    if v[i] > v[j] {
+                        v.swap(i, j);
+                    }
+                }
+                assert!(v.windows(2).all(|w| w[0] <= w[1]), "m = {m}: {v:?}");
+            }
         }
     }
 
