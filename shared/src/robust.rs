@@ -60,9 +60,11 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
     let rows = checked(contributions, n)?;
     match *rule {
         Rule::Mean => Ok(mean(&rows, n)),
-        Rule::Median => Ok(sorted_columns(&rows, n, |sorted| {
+        Rule::Median => Ok(sorted_columns(&rows, n, |sorted, out| {
             let m = sorted.len();
-            if m % 2 == 1 { sorted[m / 2] } else { 0.5 * (sorted[m / 2 - 1] + sorted[m / 2]) }
+            for (l, o) in out.iter_mut().enumerate() {
+                *o = if m % 2 == 1 { sorted[m / 2][l] } else { 0.5 * (sorted[m / 2 - 1][l] + sorted[m / 2][l]) };
+            }
         })),
         Rule::TrimmedMean { trim } => {
             let trim = trim as usize;
@@ -70,7 +72,13 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
                 return Err(RobustError::TooFew(format!("trimming {trim} from each side of {}", rows.len())));
             }
             let kept = (rows.len() - 2 * trim) as f32;
-            Ok(sorted_columns(&rows, n, |sorted| sorted[trim..sorted.len() - trim].iter().sum::<f32>() / kept))
+            Ok(sorted_columns(&rows, n, |sorted, out| {
+                let mut sum = [0.0f32; LANES];
+                for lanes in &sorted[trim..sorted.len() - trim] {
+                    sum.iter_mut().zip(lanes).for_each(|(s, v)| *s += v);
+                }
+                out.iter_mut().zip(sum).for_each(|(o, s)| *o = s / kept);
+            }))
         }
         Rule::MultiKrum { byzantine, select } => multi_krum(&rows, n, byzantine as usize, select as usize),
         Rule::GeometricMedian { iterations } => Ok(geometric_median(&rows, n, iterations)),
@@ -93,6 +101,9 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(16)
 }
 
+/// Coordinates summed together in [`mean`].
+const TILE: usize = 1024;
+
 fn mean(rows: &[&[f32]], n: usize) -> Vec<f32> {
     let scale = 1.0 / rows.len() as f32;
     let mut out = vec![0.0f32; n];
@@ -100,13 +111,16 @@ fn mean(rows: &[&[f32]], n: usize) -> Vec<f32> {
     std::thread::scope(|s| {
         for (i, part) in out.chunks_mut(chunk).enumerate() {
             s.spawn(move || {
-                let (start, len) = (i * chunk, part.len());
-                for row in rows {
-                    for (o, v) in part.iter_mut().zip(&row[start..start + len]) {
-                        *o += v;
+                // Tiles keep the accumulator in L1 while the rows stream past once.
+                for (t, tile) in part.chunks_mut(TILE).enumerate() {
+                    let start = i * chunk + t * TILE;
+                    let mut acc = [0.0f32; TILE];
+                    let acc = &mut acc[..tile.len()];
+                    for row in rows {
+                        acc.iter_mut().zip(&row[start..start + tile.len()]).for_each(|(a, v)| *a += v);
                     }
+                    tile.iter_mut().zip(acc.iter()).for_each(|(o, a)| *o = a * scale);
                 }
-                part.iter_mut().for_each(|o| *o *= scale);
             });
         }
     });
@@ -141,9 +155,10 @@ fn sorting_network(m: usize) -> Vec<(usize, usize)> {
     pairs
 }
 
-/// Sorts each coordinate's values across peers and applies `reduce` to the sorted column.
-/// Columns are sorted `LANES` at a time by a sorting network, in parallel blocks.
-fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[f32]) -> f32 + Sync) -> Vec<f32> {
+/// Sorts each coordinate's values across peers, `LANES` coordinates at a time with a sorting
+/// network, and lets `reduce` turn the sorted block (`sorted[rank][lane]`) into up to `LANES`
+/// outputs. Blocks run in parallel.
+fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[[f32; LANES]], &mut [f32]) + Sync) -> Vec<f32> {
     let m = rows.len();
     let network = sorting_network(m);
     let mut out = vec![0.0f32; n];
@@ -153,7 +168,6 @@ fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[f32]) -> f32 + Sy
         for (c, part) in out.chunks_mut(chunk).enumerate() {
             s.spawn(move || {
                 let mut block = vec![[0.0f32; LANES]; m];
-                let mut column = vec![0.0f32; m];
                 for (b, outs) in part.chunks_mut(LANES).enumerate() {
                     let start = c * chunk + b * LANES;
                     let lanes = outs.len();
@@ -169,10 +183,9 @@ fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[f32]) -> f32 + Sy
                             b[l] = x.max(y);
                         }
                     }
-                    for (l, o) in outs.iter_mut().enumerate() {
-                        column.iter_mut().zip(&block).for_each(|(v, lane_values)| *v = lane_values[l]);
-                        *o = reduce(&column);
-                    }
+                    let mut result = [0.0f32; LANES];
+                    reduce(&block, &mut result);
+                    outs.copy_from_slice(&result[..lanes]);
                 }
             });
         }
