@@ -21,6 +21,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use swarmtrain_client::peer::Bootstrap;
 use swarmtrain_shared::Identity;
+use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
 use swarmtrain_shared::protocol::{Codec, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -91,23 +92,14 @@ pub struct Relay {
 /// Loads a 32-byte identity seed kept as hex in `path`, creating it (mode 0600) if missing.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
     match std::fs::read_to_string(path) {
-        Ok(hex) => {
-            let hex = hex.trim();
-            anyhow::ensure!(hex.len() == 64, "{} does not hold a 32-byte hex key", path.display());
-            let mut seed = [0u8; 32];
-            for (i, byte) in seed.iter_mut().enumerate() {
-                *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                    .with_context(|| format!("{} does not hold a hex key", path.display()))?;
-            }
-            Ok(seed)
-        }
+        Ok(hex) => seed_from_hex(&hex).with_context(|| format!("{} does not hold a 32-byte hex key", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-            let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = seed_to_hex(&seed);
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);
             #[cfg(unix)]

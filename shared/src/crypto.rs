@@ -117,6 +117,24 @@ impl Identity {
     }
 }
 
+/// Lowercase hex of a 32-byte identity seed, the form in which seeds are stored.
+pub fn seed_to_hex(seed: &[u8; 32]) -> String {
+    seed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses 64 hex digits (surrounding whitespace allowed) back into a seed.
+pub fn seed_from_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut seed = [0u8; 32];
+    for (i, byte) in seed.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(seed)
+}
+
 fn signed_bytes(body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(DOMAIN.len() + body.len());
     bytes.extend_from_slice(DOMAIN);
@@ -203,6 +221,15 @@ mod tests {
         assert_eq!(peer, id.peer());
         assert_eq!(decoded, Msg { round: 3, payload: vec![1, 2, 3, 4] });
         assert_eq!(msg.verify_from(&id.peer()).expect("from"), decoded);
+    }
+
+    #[test]
+    fn seeds_round_trip_through_hex_and_bad_hex_is_refused() {
+        let seed: [u8; 32] = core::array::from_fn(|i| (i * 37) as u8);
+        assert_eq!(seed_from_hex(&format!(" {}\n", seed_to_hex(&seed))), Some(seed));
+        assert_eq!(seed_from_hex("abc"), None);
+        assert_eq!(seed_from_hex(&"zz".repeat(32)), None);
+        assert_eq!(seed_from_hex(&"é".repeat(32)), None);
     }
 
     #[test]

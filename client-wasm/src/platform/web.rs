@@ -13,6 +13,8 @@ use libp2p::{Swarm, Transport as _, identity::Keypair, noise, websocket_websys, 
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 
+use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
+
 use crate::peer::{self, PeerConfig, PeerEvent};
 use crate::rpc::Behaviour;
 
@@ -73,29 +75,16 @@ const IDENTITY_KEY: &str = "swarmtrain.identity.v1";
 /// The identity seed kept in this origin's storage, created on first use.
 fn stored_identity_seed() -> Result<[u8; 32], String> {
     let storage = web_sys::window().and_then(|w| w.local_storage().ok().flatten());
-    if let Some(hex) = storage.as_ref().and_then(|s| s.get_item(IDENTITY_KEY).ok().flatten()) {
-        if let Some(seed) = decode_hex(&hex) {
-            return Ok(seed);
-        }
+    let stored = storage.as_ref().and_then(|s| s.get_item(IDENTITY_KEY).ok().flatten());
+    if let Some(seed) = stored.as_deref().and_then(seed_from_hex) {
+        return Ok(seed);
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| e.to_string())?;
     if let Some(storage) = storage {
-        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
-        let _ = storage.set_item(IDENTITY_KEY, &hex);
+        let _ = storage.set_item(IDENTITY_KEY, &seed_to_hex(&seed));
     }
     Ok(seed)
-}
-
-fn decode_hex(hex: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Whether `navigator.gpu.requestAdapter()` gives an adapter, and its description.
