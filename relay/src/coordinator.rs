@@ -65,6 +65,7 @@ pub struct RunSpecView {
     pub round_deadline_ms: u64,
     pub n_shards: u32,
     pub codec: String,
+    pub aggregator: String,
     /// Bytes of one update on the wire with this codec (payload only).
     pub update_bytes: usize,
 }
@@ -255,13 +256,14 @@ impl Coordinator {
         if !state.round.due(now) {
             return;
         }
-        let contributions = state.round.contributions();
         let spec = state.round.spec.outer.clone();
         let started = Instant::now();
-        let stepped = self
-            .aggregation
-            .outer_step(state.round.params(), &state.round.outer().velocity, &contributions, &spec)
-            .await;
+        let stepped = match state.round.aggregation_inputs() {
+            Ok(inputs) => {
+                self.aggregation.outer_step(state.round.params(), &state.round.outer().velocity, &inputs, &spec).await
+            }
+            Err(e) => Err(swarmtrain_shared::aggregate::AggregateError::Rule(e.to_string())),
+        };
         let aggregation_ms = started.elapsed().as_secs_f64() * 1e3;
         let closed = match stepped {
             Ok((params, velocity)) => state.round.close_with(params, velocity, now),
@@ -332,6 +334,7 @@ impl Coordinator {
                 round_deadline_ms: spec.round_deadline_ms,
                 n_shards: spec.data.n_shards,
                 codec: format!("{:?}", spec.codec),
+                aggregator: format!("{:?}", spec.aggregator),
                 update_bytes: spec.codec.encoded_len(state.round.params().len()),
             },
         }

@@ -61,6 +61,7 @@ pub fn default_run() -> RunSpec {
         quorum: 3,
         round_deadline_ms: 30_000,
         privacy: None,
+        aggregator: swarmtrain_shared::robust::Rule::Mean,
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use swarmtrain_relay::{AggregationBackend, Relay, RelayConfig, default_run};
 use swarmtrain_shared::protocol::Codec;
+use swarmtrain_shared::robust::Rule;
 
 #[derive(Parser, Debug)]
 #[command(name = "swarmtrain-relay", version, about = "Serves the swarmtrain page, coordinates training rounds and aggregates updates")]
@@ -108,9 +109,33 @@ struct Serve {
     /// Differential privacy: the δ that ε is reported for.
     #[arg(long, env = "SWARMTRAIN_DP_DELTA", default_value_t = 1e-5, requires = "dp_clip")]
     dp_delta: f64,
+    /// How a round's updates are combined: mean, median, trimmed-mean (drops --trim from each
+    /// side), krum (multi-Krum, tolerating --byzantine attackers), geometric-median or
+    /// centered-clipping (radius --clip-radius around the previous aggregate).
+    #[arg(long, env = "SWARMTRAIN_AGGREGATOR", value_enum, default_value_t = AggregatorArg::Mean)]
+    aggregator: AggregatorArg,
+    /// With --aggregator trimmed-mean: updates dropped from each side per coordinate.
+    #[arg(long, env = "SWARMTRAIN_TRIM", default_value_t = 1)]
+    trim: u32,
+    /// With --aggregator krum: attackers to tolerate (needs at least 2·f + 3 updates a round).
+    #[arg(long, env = "SWARMTRAIN_BYZANTINE", default_value_t = 1)]
+    byzantine: u32,
+    /// With --aggregator centered-clipping: the clipping radius.
+    #[arg(long, env = "SWARMTRAIN_CLIP_RADIUS", default_value_t = 1.0)]
+    clip_radius: f32,
     /// Burn backend that aggregates updates (from those compiled in).
     #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum, default_value_t = AggregationBackend::Ndarray)]
     aggregation_backend: AggregationBackend,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum AggregatorArg {
+    Mean,
+    Median,
+    TrimmedMean,
+    Krum,
+    GeometricMedian,
+    CenteredClipping,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -175,6 +200,15 @@ async fn main() -> anyhow::Result<()> {
     run.round_deadline_ms = args.round_deadline_secs * 1000;
     anyhow::ensure!((1..=1_000_000).contains(&args.topk_per_million), "--topk-per-million must be in 1..=1000000");
     run.codec = args.codec.codec(args.topk_per_million);
+    anyhow::ensure!(args.clip_radius > 0.0 && args.clip_radius.is_finite(), "--clip-radius must be positive");
+    run.aggregator = match args.aggregator {
+        AggregatorArg::Mean => Rule::Mean,
+        AggregatorArg::Median => Rule::Median,
+        AggregatorArg::TrimmedMean => Rule::TrimmedMean { trim: args.trim },
+        AggregatorArg::Krum => Rule::MultiKrum { byzantine: args.byzantine, select: 1 },
+        AggregatorArg::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
+        AggregatorArg::CenteredClipping => Rule::CenteredClipping { tau: args.clip_radius, iterations: 3 },
+    };
     if let Some(clip) = args.dp_clip {
         anyhow::ensure!(clip > 0.0 && clip.is_finite(), "--dp-clip must be a positive number");
         anyhow::ensure!(args.dp_noise >= 0.0 && args.dp_noise.is_finite(), "--dp-noise must be ≥ 0");

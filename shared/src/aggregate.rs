@@ -15,6 +15,8 @@ pub enum AggregateError {
     Shape { expected: usize, got: usize },
     #[error("could not read the result back from the device: {0}")]
     Readback(String),
+    #[error("the aggregation rule refused the round: {0}")]
+    Rule(String),
 }
 
 /// One accepted, decoded pseudo-gradient.

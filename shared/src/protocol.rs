@@ -142,6 +142,8 @@ pub struct RunSpec {
     pub round_deadline_ms: u64,
     /// Differential privacy: peers clip and noise their updates (None: off).
     pub privacy: Option<crate::privacy::PrivacySpec>,
+    /// How the relay combines a round's updates.
+    pub aggregator: crate::robust::Rule,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -13,6 +13,7 @@ use crate::crypto::PeerKey;
 use crate::outer::OuterOptimizer;
 use crate::compress::CodecError;
 use crate::protocol::{Codec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes};
+use crate::robust::{self, RobustError, Rule};
 
 /// Why an update was refused. The run goes on either way.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,6 +78,8 @@ pub struct RoundState {
     opened_ms: u64,
     contributions: BTreeMap<PeerKey, (Contribution, f32)>,
     last_seen: BTreeMap<PeerKey, u64>,
+    /// The previous round's aggregate: the center of centered clipping.
+    last_aggregate: Option<Vec<f32>>,
 }
 
 impl RoundState {
@@ -98,6 +101,7 @@ impl RoundState {
             opened_ms: now_ms,
             contributions: BTreeMap::new(),
             last_seen: BTreeMap::new(),
+            last_aggregate: None,
         }
     }
 
@@ -206,6 +210,20 @@ impl RoundState {
         self.contributions.values().map(|(c, _)| c.clone()).collect()
     }
 
+    /// What the outer step should average: for the `Mean` rule every contribution (so a GPU
+    /// backend can average them), for a robust rule the one robust aggregate, computed here.
+    pub fn aggregation_inputs(&mut self) -> Result<Vec<Contribution>, RobustError> {
+        let contributions = self.contributions();
+        if self.spec.aggregator == Rule::Mean {
+            return Ok(contributions);
+        }
+        let n = self.params.len();
+        let delta = robust::aggregate(&self.spec.aggregator, &contributions, n, self.last_aggregate.as_deref())?;
+        self.last_aggregate = Some(delta.clone());
+        let n_samples = contributions.iter().map(|c| c.n_samples).sum();
+        Ok(vec![Contribution { peer: PeerKey([0; 32]), n_samples, delta }])
+    }
+
     /// Closes the round if it is [`due`](Self::due), aggregating on the CPU.
     pub fn tick(&mut self, now_ms: u64) -> Option<RoundClosed> {
         if !self.due(now_ms) {
@@ -214,8 +232,14 @@ impl RoundState {
         let mut params = self.params.clone();
         let mut outer = self.outer.clone();
         // Every contribution was checked against the parameter count, so these cannot fail.
-        if let Some(delta) = aggregate::mean(&self.contributions()) {
-            let _ = outer.step(&mut params, &delta);
+        match self.aggregation_inputs() {
+            Ok(inputs) => {
+                if let Some(delta) = aggregate::mean(&inputs) {
+                    let _ = outer.step(&mut params, &delta);
+                }
+            }
+            // Too few contributions for the rule: the round closes without moving θ.
+            Err(_) => return Some(self.close_with(Vec::new(), Vec::new(), now_ms)),
         }
         Some(self.close_with(params, outer.velocity, now_ms))
     }
@@ -254,6 +278,7 @@ mod tests {
             quorum: 2,
             round_deadline_ms: 1000,
             privacy: None,
+            aggregator: Rule::Mean,
         }
     }
 
