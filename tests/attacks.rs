@@ -4,30 +4,16 @@
 
 use std::time::Duration;
 
-use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::{Relay, default_run};
-use swarmtrain_shared::protocol::{
-    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, Update,
-};
+use swarmtrain_shared::PeerKey;
+use swarmtrain_shared::protocol::{ClientToRelay, Codec, RelayToClient, Update};
 use swarmtrain_shared::robust::Rule;
-use swarmtrain_shared::{Identity, PeerKey};
-use swarmtrain_tests::{init_logging, spawn_peer, start_relay};
+use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
 
 /// Joins and, every round, sends Δ = −10 in every coordinate (about −1000× an honest Δ).
 async fn attacker(relay: &Relay) {
-    let address = relay.bootstrap.addresses["tcp"][0].parse().expect("multiaddr");
-    let client = RelayClient::connect(address).expect("dial");
-    let id = Identity::from_seed([200; 32]);
-    let join = ClientToRelay::Join(Join {
-        version: PROTOCOL_VERSION,
-        run_id: "digits".into(),
-        capabilities: Capabilities { backend: "none".into(), platform: "attacker".into() },
-    });
-    let RelayToClient::Welcome(welcome) = client.request(&id.sign(&join).expect("sign")).await.expect("join") else {
-        panic!("no welcome");
-    };
+    let (client, id, welcome, mut round) = join_raw(relay, [200; 32]).await;
     let relay_key = PeerKey::from_public_key(&welcome.relay_key);
-    let mut round: RoundAnnouncement = welcome.round.verify_from(&relay_key).expect("announcement");
     loop {
         let update = ClientToRelay::Update(Update {
             run_id: "digits".into(),

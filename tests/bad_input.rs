@@ -4,13 +4,9 @@
 
 use std::time::Duration;
 
-use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::default_run;
-use swarmtrain_shared::protocol::{
-    self, Capabilities, ClientToRelay, Codec, Join, MAX_FRAME_BYTES, PROTOCOL_VERSION, RelayToClient, Update,
-};
-use swarmtrain_shared::{Identity, PeerKey};
-use swarmtrain_tests::{init_logging, spawn_peer, start_relay};
+use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, MAX_FRAME_BYTES, RelayToClient, Update};
+use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
 
 fn rejection(answer: RelayToClient) -> String {
     match answer {
@@ -26,20 +22,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     run.quorum = 1;
     run.inner.steps = 20;
     let relay = start_relay(run).await;
-    let address = relay.bootstrap.addresses["tcp"][0].parse().expect("multiaddr");
-    let client = RelayClient::connect(address).expect("dial");
-    let attacker = Identity::from_seed([99; 32]);
-
-    let join = ClientToRelay::Join(Join {
-        version: PROTOCOL_VERSION,
-        run_id: "digits".into(),
-        capabilities: Capabilities { backend: "none".into(), platform: "test".into() },
-    });
-    let welcome = match client.request(&attacker.sign(&join).expect("sign")).await.expect("join") {
-        RelayToClient::Welcome(w) => w,
-        other => panic!("expected a welcome, got {other:?}"),
-    };
-    let announcement = welcome.round.verify_from(&PeerKey::from_public_key(&welcome.relay_key)).expect("signed by relay");
+    let (client, attacker, _, announcement) = join_raw(&relay, [99; 32]).await;
     let n = announcement.n_params as usize;
     let update = |round: u64, values: Vec<f32>| {
         ClientToRelay::Update(Update {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_relay::default_run;
-use swarmtrain_tests::{init_logging, spawn_peer, start_relay};
+use swarmtrain_tests::{init_logging, spawn_peer, start_relay, train_peers};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_native_peers_train_digits_past_90_percent() {
@@ -61,13 +61,7 @@ async fn compressed_updates_still_train() {
         run.inner.steps = 40;
         run.codec = codec;
         let relay = start_relay(run).await;
-        let peers: Vec<_> = (1..=3).map(|id| spawn_peer(&relay, id, rounds)).collect();
-        for peer in peers {
-            let (trained, _) = tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("in time");
-            assert_eq!(trained, rounds);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let status = relay.coordinator.status().await;
+        let status = train_peers(&relay, 3, rounds).await;
         let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
         println!("{codec:?} ({} bytes per update vs {} for f32): accuracy {accuracy:?}", status.spec.update_bytes, 4 * status.n_params);
         assert!(status.rejected.is_empty(), "{:?}", status.rejected);
@@ -86,14 +80,7 @@ async fn differentially_private_run_reports_epsilon_and_learns() {
     run.inner.steps = 40;
     run.privacy = Some(PrivacySpec { clip_norm: 2.0, noise_multiplier: 0.02, delta: 1e-5 });
     let relay = start_relay(run).await;
-    let rounds = 6;
-    let peers: Vec<_> = (1..=3).map(|id| spawn_peer(&relay, id, rounds)).collect();
-    for peer in peers {
-        let (trained, _) = tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("in time");
-        assert_eq!(trained, rounds);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = relay.coordinator.status().await;
+    let status = train_peers(&relay, 3, 6).await;
     let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
     let eps = status.privacy_epsilon.expect("the relay reports ε");
     println!("DP (clip 2, z 0.02): ε = {eps:.0} at δ = 1e-5 after {} rounds; accuracy {accuracy:?}", status.round);

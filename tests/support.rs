@@ -5,9 +5,16 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use burn::backend::{Autodiff, NdArray};
+use std::time::Duration;
+
 use swarmtrain_client::peer::{self, PeerConfig, PeerError, PeerEvent};
+use swarmtrain_client::rpc::RelayClient;
+use swarmtrain_relay::coordinator::Status;
 use swarmtrain_relay::{Relay, RelayConfig};
-use swarmtrain_shared::protocol::RunSpec;
+use swarmtrain_shared::protocol::{
+    Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, RunSpec, Welcome,
+};
+use swarmtrain_shared::{Identity, PeerKey};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -29,6 +36,44 @@ pub async fn start_relay(run: RunSpec) -> Relay {
         ..RelayConfig::default()
     };
     Relay::start(config).await.expect("relay starts")
+}
+
+/// Connects to `relay` over TCP as the identity with `seed` and joins its run, without the
+/// peer loop: tests use it to send hand-made (and malformed) messages.
+pub async fn join_raw(relay: &Relay, seed: [u8; 32]) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
+    let address = relay.bootstrap.addresses["tcp"][0].parse().expect("multiaddr");
+    let client = RelayClient::connect(address).expect("dial");
+    let identity = Identity::from_seed(seed);
+    let join = ClientToRelay::Join(Join {
+        version: PROTOCOL_VERSION,
+        run_id: relay.bootstrap.run_id.clone(),
+        capabilities: Capabilities { backend: "none".into(), platform: "test".into() },
+    });
+    let welcome = match client.request(&identity.sign(&join).expect("sign")).await.expect("join") {
+        RelayToClient::Welcome(welcome) => welcome,
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let round = welcome.round.verify_from(&PeerKey::from_public_key(&welcome.relay_key)).expect("signed by the relay");
+    (client, identity, welcome, round)
+}
+
+/// Runs `count` native peers for `rounds` rounds each and returns the relay's status once the
+/// last round has closed.
+pub async fn train_peers(relay: &Relay, count: u8, rounds: u64) -> Status {
+    let peers: Vec<_> = (1..=count).map(|id| spawn_peer(relay, id, rounds)).collect();
+    for peer in peers {
+        let (trained, _) = tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("peers finish in time");
+        assert_eq!(trained, rounds, "every peer trained every round");
+    }
+    let mut status = relay.coordinator.status().await;
+    for _ in 0..50 {
+        if status.round >= rounds {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = relay.coordinator.status().await;
+    }
+    status
 }
 
 /// A native peer (ndarray backend) running the browser's client code.
