@@ -1,11 +1,9 @@
 //! A relay and three native peers, in one process, train the digits MLP DiLoCo-style until the
 //! relay's held-out accuracy passes 90%.
 
-use std::time::Duration;
-
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_relay::default_run;
-use swarmtrain_tests::{init_logging, spawn_peer, start_relay, train_peers};
+use swarmtrain_tests::{init_logging, start_relay, train_peers, train_peers_with_events};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_native_peers_train_digits_past_90_percent() {
@@ -15,29 +13,12 @@ async fn three_native_peers_train_digits_past_90_percent() {
     run.quorum = 3;
     let relay = start_relay(run).await;
     let rounds = 6;
-    let peers: Vec<_> = (1..=3).map(|id| spawn_peer(&relay, id, rounds)).collect();
-
-    let mut all_events = Vec::new();
-    for peer in peers {
-        let (trained, events) = tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("peers finish in time");
-        assert_eq!(trained, rounds, "every peer trained every round");
-        all_events.push(events);
-    }
+    let (status, all_events) = train_peers_with_events(&relay, 3, rounds).await;
     for events in &all_events {
         let accepted = events.iter().filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. })).count();
         assert_eq!(accepted as u64, rounds, "every update was accepted: {events:?}");
         let losses: Vec<f32> = events.iter().filter_map(|e| match e { PeerEvent::Trained { loss, .. } => Some(*loss), _ => None }).collect();
         assert!(losses.last() < losses.first(), "local loss falls: {losses:?}");
-    }
-
-    // The last round closes as the third update arrives; give the timer a moment.
-    let mut status = relay.coordinator.status().await;
-    for _ in 0..50 {
-        if status.round >= rounds {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        status = relay.coordinator.status().await;
     }
     assert_eq!(status.round, rounds, "one round per trained round");
     let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();

@@ -58,12 +58,15 @@ pub async fn join_raw(relay: &Relay, seed: [u8; 32]) -> (RelayClient, Identity, 
 }
 
 /// Runs `count` native peers for `rounds` rounds each and returns the relay's status once the
-/// last round has closed.
-pub async fn train_peers(relay: &Relay, count: u8, rounds: u64) -> Status {
+/// last round has closed, with each peer's events.
+pub async fn train_peers_with_events(relay: &Relay, count: u8, rounds: u64) -> (Status, Vec<Vec<PeerEvent>>) {
     let peers: Vec<_> = (1..=count).map(|id| spawn_peer(relay, id, rounds)).collect();
+    let mut events = Vec::new();
     for peer in peers {
-        let (trained, _) = tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("peers finish in time");
+        let (trained, peer_events) =
+            tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("peers finish in time");
         assert_eq!(trained, rounds, "every peer trained every round");
+        events.push(peer_events);
     }
     let mut status = relay.coordinator.status().await;
     for _ in 0..50 {
@@ -73,7 +76,12 @@ pub async fn train_peers(relay: &Relay, count: u8, rounds: u64) -> Status {
         tokio::time::sleep(Duration::from_millis(100)).await;
         status = relay.coordinator.status().await;
     }
-    status
+    (status, events)
+}
+
+/// As [`train_peers_with_events`], for tests that only need the relay's status.
+pub async fn train_peers(relay: &Relay, count: u8, rounds: u64) -> Status {
+    train_peers_with_events(relay, count, rounds).await.0
 }
 
 /// A native peer (ndarray backend) running the browser's client code.
