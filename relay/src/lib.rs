@@ -98,8 +98,7 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
-            let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let seed = random_seed()?;
             let hex = seed_to_hex(&seed);
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);
