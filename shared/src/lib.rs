@@ -10,6 +10,8 @@ pub mod aggregate;
 pub mod compress;
 pub mod crypto;
 pub mod data;
+pub mod lm;
+pub mod lm_train;
 pub mod model;
 pub mod outer;
 pub mod params;
@@ -17,6 +19,8 @@ pub mod privacy;
 pub mod protocol;
 pub mod robust;
 pub mod round;
+pub mod sim;
+pub mod text;
 pub mod train;
 
 pub use crypto::{Identity, PeerKey, Signed};
