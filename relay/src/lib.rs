@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod coordinator;
+pub mod corpus;
 pub mod dataset;
 pub mod http;
 pub mod p2p;

@@ -14,7 +14,7 @@ use crate::compress::{Codec, CodecError, ErrorFeedback};
 use crate::crypto::PeerKey;
 use crate::data::derive_seed;
 use crate::lm::LmConfig;
-use crate::lm_train::{LmInnerSpec, LmTrainer, evaluate_lm};
+use crate::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, evaluate_lm};
 use crate::outer::OuterOptimizer;
 use crate::params::ParamsError;
 use crate::protocol::OuterSpec;
@@ -49,6 +49,11 @@ pub struct SimConfig {
     pub inner: LmInnerSpec,
     /// Fixes θ₀ and the data order.
     pub seed: u64,
+    /// Steps of one replica (on `peers · batch` windows, from a separate data order) that
+    /// produce the shared starting point, as the DiLoCo paper starts from a pretrained model.
+    /// Not counted in tokens or bytes; 0 starts from θ₀.
+    #[serde(default)]
+    pub pretrain_steps: u32,
     /// Validation loss is measured at step 0, every `eval_every` steps (at syncs for DiLoCo)
     /// and at the end.
     pub eval_every: u32,
@@ -118,6 +123,18 @@ pub async fn simulate<B: AutodiffBackend>(
     };
     let mut theta = config.model.init_params::<B::InnerBackend>(device, derive_seed("lm init", &[&config.seed.to_le_bytes()])).await?;
     let n = theta.len();
+    if config.pretrain_steps > 0 {
+        let spec = LmInnerSpec {
+            schedule: LrSchedule { total: u64::from(config.pretrain_steps), min_ratio: 1.0, ..config.inner.schedule.clone() },
+            ..config.inner.clone()
+        };
+        let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &spec)?;
+        let pretrain = Shards::new(corpus, window, derive_seed("pretrain", &[&config.seed.to_le_bytes()]));
+        for step in 0..config.pretrain_steps {
+            trainer.step(&pretrain.batch(0, 1, u64::from(step), peers as usize * batch), window);
+        }
+        theta = trainer.params().await?;
+    }
     let tokens_per_step = u64::from(peers) * batch as u64 * config.model.context as u64;
 
     let mut points = Vec::new();
@@ -201,7 +218,6 @@ pub async fn simulate<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lm_train::LrSchedule;
     use burn::backend::{Autodiff, NdArray};
 
     /// A generated corpus with structure to learn: sentences from a small grammar.
@@ -230,6 +246,7 @@ mod tests {
             aggregator: Rule::Mean,
             inner: LmInnerSpec::new(LrSchedule { peak: 3e-3, warmup: 5, total: u64::from(steps), min_ratio: 0.1 }),
             seed: 11,
+            pretrain_steps: 0,
             eval_every: 10,
             eval_windows: 64,
         }

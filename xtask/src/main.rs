@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode};
 /// Must match the `wasm-bindgen` pin in the workspace manifest (libp2p 0.57.1 pins it).
 const WASM_BINDGEN_VERSION: &str = "0.2.108";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
-const APT_PACKAGES: &[&str] = &["chromium", "chromium-driver", "mesa-vulkan-drivers"];
+const APT_PACKAGES: &[&str] = &["chromium", "chromium-driver", "mesa-vulkan-drivers", "fortunes"];
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
                  run          build the browser package and start the relay on http://127.0.0.1:8080\n  \
                  test         install test dependencies and run every test (cargo, wasm in Chromium, end-to-end)\n  \
                  bench robust aggregator throughput beside numpy; writes docs/benchmarks/robust.md\n  \
+                 bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
                  setup        install the toolchain pieces and browser packages only"
             );
@@ -95,8 +96,9 @@ fn setup_wasm() -> Result {
 }
 
 /// Installs Debian's Chromium, ChromeDriver and Mesa's software Vulkan, and playwright-core.
-fn setup_browser() -> Result {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages that are missing, with apt-get (through sudo when not root).
+fn apt_install(packages: &[&str]) -> Result {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -104,21 +106,26 @@ fn setup_browser() -> Result {
                 .is_some_and(|s| s.contains("install ok installed"))
         })
         .collect();
-    if !missing.is_empty() {
-        let sudo = output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() != "0");
-        let apt = |args: &[&str]| {
-            let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
-            if sudo {
-                cmd.arg("apt-get");
-            }
-            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            cmd
-        };
-        status(&mut apt(&["update"]))?;
-        let mut install = apt(&["install", "-y", "--no-install-recommends"]);
-        install.args(&missing);
-        status(&mut install)?;
+    if missing.is_empty() {
+        return Ok(());
     }
+    let sudo = output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() != "0");
+    let apt = |args: &[&str]| {
+        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        if sudo {
+            cmd.arg("apt-get");
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    status(&mut apt(&["update"]))?;
+    let mut install = apt(&["install", "-y", "--no-install-recommends"]);
+    install.args(&missing);
+    status(&mut install)
+}
+
+fn setup_browser() -> Result {
+    apt_install(APT_PACKAGES)?;
     let e2e = root().join("tests/browser");
     if !e2e.join("node_modules/playwright-core").exists() {
         status(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&e2e))?;
@@ -215,7 +222,8 @@ fn test(args: &[String]) -> Result {
 fn bench(args: &[String]) -> Result {
     match args.first().map(String::as_str) {
         Some("robust") => bench_robust(),
-        _ => Err("usage: cargo xtask bench robust".into()),
+        Some("diloco") => bench_diloco(),
+        _ => Err("usage: cargo xtask bench robust|diloco".into()),
     }
 }
 
@@ -306,4 +314,240 @@ fn bench_robust() -> Result {
     fs::write(dir.join("robust.md"), &report).map_err(|e| e.to_string())?;
     println!("{report}");
     Ok(())
+}
+
+/// Debian's `fortunes` package ships the default corpus (read at run time, never committed).
+fn setup_corpus() -> Result {
+    apt_install(&["fortunes"])
+}
+
+/// One simulated run of `cargo xtask bench diloco`.
+struct SimRun {
+    name: &'static str,
+    label: String,
+    args: Vec<String>,
+}
+
+/// What a `simulate --out` report says.
+#[derive(Debug)]
+struct SimResult {
+    curve: Vec<(f64, f64, f64)>, // (tokens, bytes, val loss)
+    bytes: f64,
+    tokens: f64,
+    final_loss: f64,
+    syncs: f64,
+    params_blake3: String,
+    wall: f64,
+}
+
+fn parse_sim(json: &str) -> Result<SimResult> {
+    let points = json.split("\"points\":").nth(1).ok_or("no points")?;
+    let points = &points[..points.find(']').ok_or("unterminated points")?];
+    let curve = points
+        .split('}')
+        .filter(|p| p.contains("val_loss"))
+        .map(|p| Ok((json_number(p, "tokens")?, json_number(p, "bytes")?, json_number(p, "val_loss")?)))
+        .collect::<Result<Vec<_>>>()?;
+    let rest = json.split("\"points\":").nth(1).and_then(|p| p.split_once(']')).map(|(_, r)| r).unwrap_or("");
+    let hash = json.split("\"params_blake3\": \"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("?").to_owned();
+    Ok(SimResult {
+        curve,
+        bytes: json_number(rest, "bytes")?,
+        tokens: json_number(rest, "tokens")?,
+        final_loss: json_number(rest, "final_val_loss")?,
+        syncs: json_number(rest, "syncs")?,
+        params_blake3: hash,
+        wall: json_number(rest, "wall_seconds")?,
+    })
+}
+
+/// DiLoCo against the data-parallel baseline on the byte-level LM, every run through the relay's
+/// `simulate` subcommand (the shared simulator), two at a time on this machine's cores.
+fn bench_diloco() -> Result {
+    setup_corpus()?;
+    status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
+    let relay = target_dir().join("release/swarmtrain-relay");
+    let out_dir = target_dir().join("bench-diloco");
+    fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+
+    // Shared by every run: model, steps per peer, batch per peer, schedule, seed, start point.
+    let common = "--context 32 --d-model 48 --heads 4 --layers 2 --steps 2000 --batch 8 --lr 3e-3 --warmup 50 \
+                  --pretrain-steps 300 --eval-every 100 --eval-windows 256 --seed 1";
+    let run = |name: &'static str, label: &str, extra: &str| SimRun {
+        name,
+        label: label.to_owned(),
+        args: format!("simulate {common} {extra}").split_whitespace().map(str::to_owned).collect(),
+    };
+    let runs = vec![
+        run("dp", "data-parallel, 8 × batch", "--sync data-parallel --peers 8"),
+        run("h1", "DiLoCo H=1, 8 peers", "--inner-steps 1 --peers 8"),
+        run("h10", "DiLoCo H=10, 8 peers", "--inner-steps 10 --peers 8"),
+        run("h50", "DiLoCo H=50, 8 peers", "--inner-steps 50 --peers 8"),
+        run("h100", "DiLoCo H=100, 8 peers", "--inner-steps 100 --peers 8"),
+        run("h500", "DiLoCo H=500, 8 peers", "--inner-steps 500 --peers 8"),
+        run("fedavg100", "FedAvg H=100, 8 peers", "--sync fedavg --inner-steps 100 --peers 8"),
+        run("r1", "DiLoCo H=100, 1 peer", "--inner-steps 100 --peers 1"),
+        run("r4", "DiLoCo H=100, 4 peers", "--inner-steps 100 --peers 4"),
+        run("int8", "DiLoCo H=100, 8 peers, int8", "--inner-steps 100 --peers 8 --codec int8"),
+        run("topk", "DiLoCo H=100, 8 peers, top-2% + EF", "--inner-steps 100 --peers 8 --codec topk --topk-per-million 20000"),
+        run("h100again", "DiLoCo H=100, 8 peers (repeat)", "--inner-steps 100 --peers 8"),
+    ];
+    let started = std::time::Instant::now();
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let mut pending: Vec<&SimRun> = runs.iter().collect();
+    let mut running: Vec<(&SimRun, std::process::Child)> = Vec::new();
+    while !pending.is_empty() || !running.is_empty() {
+        while running.len() < parallel && !pending.is_empty() {
+            let job = pending.remove(0);
+            let json = out_dir.join(format!("{}.json", job.name));
+            let log = fs::File::create(out_dir.join(format!("{}.log", job.name))).map_err(|e| e.to_string())?;
+            let child = Command::new(&relay)
+                .args(&job.args)
+                .arg("--out")
+                .arg(&json)
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("{}: {e}", relay.display()))?;
+            println!("[{:>4.0} s] started {}", started.elapsed().as_secs_f64(), job.label);
+            running.push((job, child));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut still = Vec::new();
+        for (job, mut child) in running {
+            match child.try_wait().map_err(|e| e.to_string())? {
+                Some(code) if code.success() => println!("[{:>4.0} s] finished {}", started.elapsed().as_secs_f64(), job.label),
+                Some(code) => return Err(format!("{} failed ({code}); see {}/{}.log", job.label, out_dir.display(), job.name)),
+                None => still.push((job, child)),
+            }
+        }
+        running = still;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let results = runs
+        .iter()
+        .map(|r| {
+            let text = fs::read_to_string(out_dir.join(format!("{}.json", r.name))).map_err(|e| e.to_string())?;
+            Ok((r, parse_sim(&text)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let get = |name: &str| results.iter().find(|(r, _)| r.name == name).map(|(_, s)| s).ok_or(format!("no run {name}"));
+    let dp = get("dp")?;
+
+    let mut table = String::from(
+        "| run | syncs | tokens | bytes sent | fewer bytes than DP | final val loss | vs DP | wall |\n| --- | --: | --: | --: | --: | --: | --: | --: |\n",
+    );
+    for (run, r) in &results {
+        table.push_str(&format!(
+            "| {} | {} | {:.2} M | {} | {} | {:.4} | {:+.2}% | {:.0} s |\n",
+            run.label,
+            r.syncs,
+            r.tokens / 1e6,
+            human_bytes(r.bytes),
+            if run.name == "dp" { "1×".into() } else { format!("{:.0}×", dp.bytes / r.bytes) },
+            r.final_loss,
+            100.0 * (r.final_loss / dp.final_loss - 1.0),
+            r.wall,
+        ));
+    }
+    let (h100, h500, r1, r8, again) = (get("h100")?, get("h500")?, get("r1")?, get("h100")?, get("h100again")?);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let within = |r: &SimResult, pct: f64| r.final_loss <= dp.final_loss * (1.0 + pct / 100.0);
+    let acceptance = format!(
+        "- H=100, 8 peers: {:+.2}% vs data-parallel, {:.0}× fewer bytes (target: within 2%, ≥ 100×): {}.\n\
+         - H=500, 8 peers: {:+.2}% vs data-parallel (target: within 5%): {}.\n\
+         - 8 peers vs 1 peer at equal steps per peer (H=100): {:.4} vs {:.4}: {}.\n\
+         - Determinism: the H=100 run repeated in a fresh process gives θ BLAKE3 {} and {}: {}.\n",
+        100.0 * (h100.final_loss / dp.final_loss - 1.0),
+        dp.bytes / h100.bytes,
+        verdict(within(h100, 2.0) && dp.bytes / h100.bytes >= 100.0),
+        100.0 * (h500.final_loss / dp.final_loss - 1.0),
+        verdict(within(h500, 5.0)),
+        r8.final_loss,
+        r1.final_loss,
+        verdict(r8.final_loss < r1.final_loss),
+        &h100.params_blake3[..16],
+        &again.params_blake3[..16],
+        verdict(h100.params_blake3 == again.params_blake3),
+    );
+    let dir = root().join("docs/benchmarks");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let curves: Vec<(&str, &[(f64, f64, f64)])> = results
+        .iter()
+        .filter(|(r, _)| r.name != "h100again")
+        .map(|(r, s)| (r.label.as_str(), s.curve.as_slice()))
+        .collect();
+    fs::write(dir.join("diloco-loss-vs-tokens.svg"), svg_plot("validation loss vs tokens", "tokens (M)", &curves, |p| p.0 / 1e6, false))
+        .map_err(|e| e.to_string())?;
+    fs::write(dir.join("diloco-loss-vs-bytes.svg"), svg_plot("validation loss vs bytes sent", "bytes (log10)", &curves, |p| p.1, true))
+        .map_err(|e| e.to_string())?;
+    let report = format!(
+        "# DiLoCo vs data-parallel on the byte-level language model\n\n\
+         Produced by `cargo xtask bench diloco` in {wall:.0} s on {parallel} cores. Every run goes \
+         through `swarmtrain-relay simulate`, which trains N peers in one process with the shared \
+         code (`shared/src/sim.rs`) on the ndarray CPU backend and counts 2 × payload per sync per \
+         peer. Corpus: Debian's `fortunes` package (`/usr/share/games/fortunes`, read at run time), \
+         5% held out by 4 KiB blocks. All runs share θ₀, a 300-step single-replica warm start \
+         (as DiLoCo starts from a pretrained model) and the data: at step s peer p reads the same \
+         windows in every run, and the data-parallel baseline reads all 8 peers' windows at once \
+         (equal tokens). Settings: `{common}`; inner AdamW (β 0.9/0.95, wd 0.1, global-norm clip \
+         1.0) with warm-up and cosine to 10%; outer Nesterov lr 0.7, momentum 0.9.\n\n{table}\n\
+         ## Acceptance\n\n{acceptance}\n\
+         ![loss vs tokens](diloco-loss-vs-tokens.svg)\n\n![loss vs bytes](diloco-loss-vs-bytes.svg)\n"
+    );
+    fs::write(dir.join("diloco.md"), &report).map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(())
+}
+
+fn human_bytes(b: f64) -> String {
+    match b {
+        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b => format!("{:.0} kB", b / 1e3),
+    }
+}
+
+/// A small line plot as SVG: one polyline per run, y = validation loss.
+fn svg_plot(title: &str, x_label: &str, curves: &[(&str, &[(f64, f64, f64)])], x_of: impl Fn(&(f64, f64, f64)) -> f64, log_x: bool) -> String {
+    const COLORS: [&str; 11] =
+        ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+    let (w, h, left, right, top, bottom) = (860.0, 460.0, 60.0, 250.0, 30.0, 45.0);
+    let fx = |p: &(f64, f64, f64)| {
+        let x = x_of(p);
+        if log_x { x.max(1.0).log10() } else { x }
+    };
+    let points: Vec<&(f64, f64, f64)> = curves.iter().flat_map(|(_, c)| c.iter()).filter(|p| !log_x || x_of(p) > 0.0).collect();
+    let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(fx(p)), b.max(fx(p))));
+    let (y0, y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2), b.max(p.2)));
+    let sx = |x: f64| left + (x - x0) / (x1 - x0).max(1e-9) * (w - left - right);
+    let sy = |y: f64| top + (y1 - y) / (y1 - y0).max(1e-9) * (h - top - bottom);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"18\" font-size=\"14\">{title}</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#444\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#444\"/>\n",
+        h - bottom, w - right, h - bottom, h - bottom
+    );
+    for i in 0..=4 {
+        let (x, y) = (x0 + (x1 - x0) * f64::from(i) / 4.0, y0 + (y1 - y0) * f64::from(i) / 4.0);
+        svg.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x:.1}</text>\n", sx(x), h - bottom + 16.0));
+        svg.push_str(&format!("<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.2}</text>\n", left - 6.0, sy(y) + 4.0));
+    }
+    svg.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n", (left + w - right) / 2.0, h - 8.0));
+    for (i, (label, curve)) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let path: Vec<String> =
+            curve.iter().filter(|p| !log_x || x_of(p) > 0.0).map(|p| format!("{:.1},{:.1}", sx(fx(p)), sy(p.2))).collect();
+        svg.push_str(&format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", path.join(" ")));
+        let ly = top + 16.0 * i as f64;
+        svg.push_str(&format!(
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{:.1}\">{label}</text>\n",
+            w - right + 10.0,
+            w - right + 30.0,
+            w - right + 35.0,
+            ly + 4.0
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
