@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
     let mut target = vec![0.0f32; 64 << 20];
     let mut group = c.benchmark_group("memory");
     group.sample_size(15).measurement_time(Duration::from_secs(3));
-    group.throughput(Throughput::Bytes(2 * 256 << 20));
+    group.throughput(Throughput::Bytes((2 * 256) << 20));
     group.bench_function("copy_256MB", |b| b.iter(|| target.copy_from_slice(black_box(&source))));
     group.finish();
 }

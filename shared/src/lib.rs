@@ -7,6 +7,7 @@
 //! training code is generic over Burn's `Backend`; only entry points name a backend.
 
 pub mod aggregate;
+pub mod attack;
 pub mod compress;
 pub mod crypto;
 pub mod data;

@@ -101,7 +101,7 @@ impl LmConfig {
         if self.vocab == 0 || self.context == 0 || self.d_model == 0 || self.layers == 0 || self.mlp_ratio == 0 {
             return Err("every LM dimension must be positive".into());
         }
-        if self.heads == 0 || self.d_model % self.heads != 0 {
+        if self.heads == 0 || !self.d_model.is_multiple_of(self.heads) {
             return Err(format!("{} heads do not divide d_model {}", self.heads, self.d_model));
         }
         if self.num_params() > 64 << 20 {

@@ -11,7 +11,7 @@ pub struct DigitsMlp<B: Backend> {
     activation: Relu,
 }
 
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq, Eq)]
 pub struct DigitsMlpConfig {
     #[config(default = 64)]
     pub hidden: usize,

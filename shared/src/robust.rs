@@ -25,7 +25,7 @@ pub enum Rule {
     CenteredClipping { tau: f32, iterations: u32 },
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RobustError {
     #[error("no contributions")]
     Empty,
@@ -37,30 +37,44 @@ pub enum RobustError {
     TooFew(String),
 }
 
-fn checked(contributions: &[Contribution], n: usize) -> Result<Vec<&[f32]>, RobustError> {
+/// Sorts by peer key and checks sizes; finiteness is checked inside the coordinate-wise kernels
+/// (fused with their single pass over memory) and up front for the other rules.
+fn checked(contributions: &[Contribution], n: usize) -> Result<Vec<&Contribution>, RobustError> {
     let mut sorted: Vec<&Contribution> = contributions.iter().collect();
     sorted.sort_by_key(|c| c.peer);
     if sorted.is_empty() {
         return Err(RobustError::Empty);
     }
-    for c in &sorted {
-        if c.delta.len() != n {
-            return Err(RobustError::Shape { expected: n, got: c.delta.len() });
-        }
-        if c.delta.iter().any(|v| !v.is_finite()) {
-            return Err(RobustError::NonFinite(c.peer.short()));
-        }
+    if let Some(c) = sorted.iter().find(|c| c.delta.len() != n) {
+        return Err(RobustError::Shape { expected: n, got: c.delta.len() });
     }
-    Ok(sorted.into_iter().map(|c| c.delta.as_slice()).collect())
+    Ok(sorted)
+}
+
+/// The error for a kernel that met a non-finite value: names the first offending peer.
+fn non_finite(sorted: &[&Contribution]) -> RobustError {
+    match sorted.iter().find(|c| c.delta.iter().any(|v| !v.is_finite())) {
+        Some(c) => RobustError::NonFinite(c.peer.short()),
+        None => RobustError::NonFinite("the sum (overflow)".into()),
+    }
+}
+
+fn all_finite(sorted: &[&Contribution]) -> Result<(), RobustError> {
+    if sorted.iter().all(|c| c.delta.iter().all(|v| v.is_finite())) { Ok(()) } else { Err(non_finite(sorted)) }
 }
 
 /// Aggregates `contributions` (each of `n` values) with `rule`. `center` is the reference
 /// point of centered clipping (the previous aggregate; zeros when there is none).
 pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: Option<&[f32]>) -> Result<Vec<f32>, RobustError> {
-    let rows = checked(contributions, n)?;
+    let sorted = checked(contributions, n)?;
+    let rows: Vec<&[f32]> = sorted.iter().map(|c| c.delta.as_slice()).collect();
+    let fused = |result: Option<Vec<f32>>| result.ok_or_else(|| non_finite(&sorted));
+    if !matches!(rule, Rule::Mean | Rule::Median | Rule::TrimmedMean { .. }) {
+        all_finite(&sorted)?;
+    }
     match *rule {
-        Rule::Mean => Ok(mean(&rows, n)),
-        Rule::Median => Ok(sorted_columns(&rows, n, |sorted, out| {
+        Rule::Mean => fused(mean(&rows, n)),
+        Rule::Median => fused(sorted_columns(&rows, n, |sorted, out| {
             let m = sorted.len();
             for (l, o) in out.iter_mut().enumerate() {
                 *o = if m % 2 == 1 { sorted[m / 2][l] } else { 0.5 * (sorted[m / 2 - 1][l] + sorted[m / 2][l]) };
@@ -72,7 +86,7 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
                 return Err(RobustError::TooFew(format!("trimming {trim} from each side of {}", rows.len())));
             }
             let kept = (rows.len() - 2 * trim) as f32;
-            Ok(sorted_columns(&rows, n, |sorted, out| {
+            fused(sorted_columns(&rows, n, |sorted, out| {
                 let mut sum = [0.0f32; LANES];
                 for lanes in &sorted[trim..sorted.len() - trim] {
                     sum.iter_mut().zip(lanes).for_each(|(s, v)| *s += v);
@@ -104,27 +118,38 @@ fn threads() -> usize {
 /// Coordinates summed together in [`mean`].
 const TILE: usize = 1024;
 
-fn mean(rows: &[&[f32]], n: usize) -> Vec<f32> {
+/// The coordinate-wise mean in one pass over the rows, or `None` if a value was not finite
+/// (a NaN or infinity in any input makes its coordinate's sum non-finite).
+fn mean(rows: &[&[f32]], n: usize) -> Option<Vec<f32>> {
     let scale = 1.0 / rows.len() as f32;
     let mut out = vec![0.0f32; n];
     let chunk = n.div_ceil(threads()).max(4096);
-    std::thread::scope(|s| {
-        for (i, part) in out.chunks_mut(chunk).enumerate() {
-            s.spawn(move || {
-                // Tiles keep the accumulator in L1 while the rows stream past once.
-                for (t, tile) in part.chunks_mut(TILE).enumerate() {
-                    let start = i * chunk + t * TILE;
-                    let mut acc = [0.0f32; TILE];
-                    let acc = &mut acc[..tile.len()];
-                    for row in rows {
-                        acc.iter_mut().zip(&row[start..start + tile.len()]).for_each(|(a, v)| *a += v);
+    let finite = std::thread::scope(|s| {
+        let workers: Vec<_> = out
+            .chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                s.spawn(move || {
+                    let mut finite = true;
+                    // Tiles keep the accumulator in L1 while the rows stream past once.
+                    for (t, tile) in part.chunks_mut(TILE).enumerate() {
+                        let start = i * chunk + t * TILE;
+                        let mut acc = [0.0f32; TILE];
+                        let acc = &mut acc[..tile.len()];
+                        for row in rows {
+                            acc.iter_mut().zip(&row[start..start + tile.len()]).for_each(|(a, v)| *a += v);
+                        }
+                        // x·0 is 0 for finite x and NaN otherwise: a branch-free check.
+                        finite &= acc.iter().fold(0.0f32, |z, a| z + a * 0.0) == 0.0;
+                        tile.iter_mut().zip(acc.iter()).for_each(|(o, a)| *o = a * scale);
                     }
-                    tile.iter_mut().zip(acc.iter()).for_each(|(o, a)| *o = a * scale);
-                }
-            });
-        }
+                    finite
+                })
+            })
+            .collect();
+        workers.into_iter().all(|w| w.join().unwrap_or(false))
     });
-    out
+    finite.then_some(out)
 }
 
 /// Coordinates processed together: one sorting network runs on all lanes at once, so each
@@ -158,39 +183,48 @@ fn sorting_network(m: usize) -> Vec<(usize, usize)> {
 /// Sorts each coordinate's values across peers, `LANES` coordinates at a time with a sorting
 /// network, and lets `reduce` turn the sorted block (`sorted[rank][lane]`) into up to `LANES`
 /// outputs. Blocks run in parallel.
-fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[[f32; LANES]], &mut [f32]) + Sync) -> Vec<f32> {
+fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[[f32; LANES]], &mut [f32]) + Sync) -> Option<Vec<f32>> {
     let m = rows.len();
     let network = sorting_network(m);
     let mut out = vec![0.0f32; n];
     let chunk = n.div_ceil(threads()).max(4096).next_multiple_of(LANES);
     let (network, reduce) = (&network, &reduce);
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            s.spawn(move || {
-                let mut block = vec![[0.0f32; LANES]; m];
-                for (b, outs) in part.chunks_mut(LANES).enumerate() {
-                    let start = c * chunk + b * LANES;
-                    let lanes = outs.len();
-                    for (lane_values, row) in block.iter_mut().zip(rows) {
-                        lane_values[..lanes].copy_from_slice(&row[start..start + lanes]);
-                    }
-                    for &(i, j) in network {
-                        let (lo, hi) = block.split_at_mut(j);
-                        let (a, b) = (&mut lo[i], &mut hi[0]);
-                        for l in 0..LANES {
-                            let (x, y) = (a[l], b[l]);
-                            a[l] = x.min(y);
-                            b[l] = x.max(y);
+    let finite = std::thread::scope(|s| {
+        let workers: Vec<_> = out
+            .chunks_mut(chunk)
+            .enumerate()
+            .map(|(c, part)| {
+                s.spawn(move || {
+                    let mut block = vec![[0.0f32; LANES]; m];
+                    let mut check = 0.0f32;
+                    for (b, outs) in part.chunks_mut(LANES).enumerate() {
+                        let start = c * chunk + b * LANES;
+                        let lanes = outs.len();
+                        for (lane_values, row) in block.iter_mut().zip(rows) {
+                            lane_values[..lanes].copy_from_slice(&row[start..start + lanes]);
+                            // min/max would silently drop a NaN: check while the block is hot.
+                            check += lane_values.iter().fold(0.0f32, |z, v| z + v * 0.0);
                         }
+                        for &(i, j) in network {
+                            let (lo, hi) = block.split_at_mut(j);
+                            let (a, b) = (&mut lo[i], &mut hi[0]);
+                            for l in 0..LANES {
+                                let (x, y) = (a[l], b[l]);
+                                a[l] = x.min(y);
+                                b[l] = x.max(y);
+                            }
+                        }
+                        let mut result = [0.0f32; LANES];
+                        reduce(&block, &mut result);
+                        outs.copy_from_slice(&result[..lanes]);
                     }
-                    let mut result = [0.0f32; LANES];
-                    reduce(&block, &mut result);
-                    outs.copy_from_slice(&result[..lanes]);
-                }
-            });
-        }
+                    check == 0.0
+                })
+            })
+            .collect();
+        workers.into_iter().all(|w| w.join().unwrap_or(false))
     });
-    out
+    finite.then_some(out)
 }
 
 fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
@@ -220,11 +254,12 @@ fn multi_krum(rows: &[&[f32]], n: usize, f: usize, m: usize) -> Result<Vec<f32>,
         .collect();
     scores.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let chosen: Vec<&[f32]> = scores[..m].iter().map(|&(_, i)| rows[i]).collect();
-    Ok(mean(&chosen, n))
+    mean(&chosen, n).ok_or_else(|| RobustError::NonFinite("the sum (overflow)".into()))
 }
 
 fn geometric_median(rows: &[&[f32]], n: usize, iterations: u32) -> Vec<f32> {
-    let mut z = mean(rows, n);
+    // Inputs are finite here; only an overflowing sum has no mean: then start from zero.
+    let mut z = mean(rows, n).unwrap_or_else(|| vec![0.0; n]);
     for _ in 0..iterations {
         let weights: Vec<f64> = rows.iter().map(|r| 1.0 / squared_distance(r, &z).sqrt().max(1e-8)).collect();
         let total: f64 = weights.iter().sum();
@@ -341,13 +376,31 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
-        let (_, mut contributions) = honest(5, 10, 2);
+        let (_, contributions) = honest(5, 10, 2);
         assert_eq!(aggregate(&Rule::Median, &[], 10, None), Err(RobustError::Empty));
         assert!(matches!(aggregate(&Rule::Median, &contributions, 11, None), Err(RobustError::Shape { .. })));
         assert!(matches!(aggregate(&Rule::TrimmedMean { trim: 3 }, &contributions, 10, None), Err(RobustError::TooFew(_))));
         assert!(matches!(aggregate(&Rule::MultiKrum { byzantine: 2, select: 1 }, &contributions, 10, None), Err(RobustError::TooFew(_))));
-        contributions[3].delta[4] = f32::NAN;
-        assert!(matches!(aggregate(&Rule::Mean, &contributions, 10, None), Err(RobustError::NonFinite(_))));
+        // Every rule refuses NaN and ±∞ wherever they sit (the fused kernels check in-pass),
+        // and names the peer that sent them.
+        let n = 5000;
+        let (_, clean) = honest(20, n, 4);
+        let mut all_rules = rules();
+        all_rules.push(Rule::Mean);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for position in [0, 17, 4095, 4096, n - 1] {
+                let mut contributions = clean.clone();
+                contributions[3].delta[position] = bad;
+                let expected = RobustError::NonFinite(contributions[3].peer.short());
+                for rule in &all_rules {
+                    assert_eq!(aggregate(rule, &contributions, n, None), Err(expected.clone()), "{rule:?} {bad} at {position}");
+                }
+            }
+        }
+        // Finite values whose sum overflows are refused too, never returned as ∞.
+        let mut huge = clean.clone();
+        huge.iter_mut().for_each(|c| c.delta[9] = f32::MAX);
+        assert!(matches!(aggregate(&Rule::Mean, &huge, n, None), Err(RobustError::NonFinite(_))));
     }
 
     /// 30% of 20 peers flip their sign ×1000: every robust rule stays near the honest mean,

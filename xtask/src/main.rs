@@ -31,7 +31,7 @@ fn main() -> ExitCode {
                  commands:\n  \
                  run          build the browser package and start the relay on http://127.0.0.1:8080\n  \
                  test         install test dependencies and run every test (cargo, wasm in Chromium, end-to-end)\n  \
-                 bench robust aggregator throughput beside numpy; writes docs/benchmarks/robust.md\n  \
+                 bench robust aggregator throughput beside numpy and the attack grid; writes docs/benchmarks/robust.md and attacks.md\n  \
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
                  setup        install the toolchain pieces and browser packages only"
@@ -313,7 +313,11 @@ fn bench_robust() -> Result {
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     fs::write(dir.join("robust.md"), &report).map_err(|e| e.to_string())?;
     println!("{report}");
-    Ok(())
+
+    // The attack grid: every standard attack × every rule × attacker share, on the digits.
+    status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
+    let relay = target_dir().join("release/swarmtrain-relay");
+    status(Command::new(&relay).args(["attack-grid", "--out"]).arg(dir.join("attacks.md")))
 }
 
 /// Debian's `fortunes` package ships the default corpus (read at run time, never committed).
@@ -328,10 +332,15 @@ struct SimRun {
     args: Vec<String>,
 }
 
+/// (tokens, bytes sent, validation loss) at one point of a run.
+type CurvePoint = (f64, f64, f64);
+/// A labelled loss curve.
+type Curve<'a> = (&'a str, &'a [CurvePoint]);
+
 /// What a `simulate --out` report says.
 #[derive(Debug)]
 struct SimResult {
-    curve: Vec<(f64, f64, f64)>, // (tokens, bytes, val loss)
+    curve: Vec<CurvePoint>,
     bytes: f64,
     tokens: f64,
     final_loss: f64,
@@ -390,7 +399,7 @@ fn bench_diloco() -> Result {
         run("r4", "DiLoCo H=100, 4 peers", "--inner-steps 100 --peers 4"),
         run("int8", "DiLoCo H=100, 8 peers, int8", "--inner-steps 100 --peers 8 --codec int8"),
         run("topk", "DiLoCo H=100, 8 peers, top-2% + EF", "--inner-steps 100 --peers 8 --codec topk --topk-per-million 20000"),
-        run("h100again", "DiLoCo H=100, 8 peers (repeat)", "--inner-steps 100 --peers 8"),
+        run("r1again", "DiLoCo H=100, 1 peer (repeat)", "--inner-steps 100 --peers 1"),
     ];
     let started = std::time::Instant::now();
     let parallel = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
@@ -450,14 +459,14 @@ fn bench_diloco() -> Result {
             r.wall,
         ));
     }
-    let (h100, h500, r1, r8, again) = (get("h100")?, get("h500")?, get("r1")?, get("h100")?, get("h100again")?);
+    let (h100, h500, r1, r8, again) = (get("h100")?, get("h500")?, get("r1")?, get("h100")?, get("r1again")?);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let within = |r: &SimResult, pct: f64| r.final_loss <= dp.final_loss * (1.0 + pct / 100.0);
     let acceptance = format!(
         "- H=100, 8 peers: {:+.2}% vs data-parallel, {:.0}× fewer bytes (target: within 2%, ≥ 100×): {}.\n\
          - H=500, 8 peers: {:+.2}% vs data-parallel (target: within 5%): {}.\n\
          - 8 peers vs 1 peer at equal steps per peer (H=100): {:.4} vs {:.4}: {}.\n\
-         - Determinism: the H=100 run repeated in a fresh process gives θ BLAKE3 {} and {}: {}.\n",
+         - Determinism: the 1-peer run repeated in a fresh process gives θ BLAKE3 {} and {}: {}.\n",
         100.0 * (h100.final_loss / dp.final_loss - 1.0),
         dp.bytes / h100.bytes,
         verdict(within(h100, 2.0) && dp.bytes / h100.bytes >= 100.0),
@@ -466,15 +475,15 @@ fn bench_diloco() -> Result {
         r8.final_loss,
         r1.final_loss,
         verdict(r8.final_loss < r1.final_loss),
-        &h100.params_blake3[..16],
+        &r1.params_blake3[..16],
         &again.params_blake3[..16],
-        verdict(h100.params_blake3 == again.params_blake3),
+        verdict(r1.params_blake3 == again.params_blake3),
     );
     let dir = root().join("docs/benchmarks");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let curves: Vec<(&str, &[(f64, f64, f64)])> = results
+    let curves: Vec<Curve> = results
         .iter()
-        .filter(|(r, _)| r.name != "h100again")
+        .filter(|(r, _)| r.name != "r1again")
         .map(|(r, s)| (r.label.as_str(), s.curve.as_slice()))
         .collect();
     fs::write(dir.join("diloco-loss-vs-tokens.svg"), svg_plot("validation loss vs tokens", "tokens (M)", &curves, |p| p.0 / 1e6, false))
@@ -509,15 +518,15 @@ fn human_bytes(b: f64) -> String {
 }
 
 /// A small line plot as SVG: one polyline per run, y = validation loss.
-fn svg_plot(title: &str, x_label: &str, curves: &[(&str, &[(f64, f64, f64)])], x_of: impl Fn(&(f64, f64, f64)) -> f64, log_x: bool) -> String {
+fn svg_plot(title: &str, x_label: &str, curves: &[Curve], x_of: impl Fn(&CurvePoint) -> f64, log_x: bool) -> String {
     const COLORS: [&str; 11] =
         ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
     let (w, h, left, right, top, bottom) = (860.0, 460.0, 60.0, 250.0, 30.0, 45.0);
-    let fx = |p: &(f64, f64, f64)| {
+    let fx = |p: &CurvePoint| {
         let x = x_of(p);
         if log_x { x.max(1.0).log10() } else { x }
     };
-    let points: Vec<&(f64, f64, f64)> = curves.iter().flat_map(|(_, c)| c.iter()).filter(|p| !log_x || x_of(p) > 0.0).collect();
+    let points: Vec<&CurvePoint> = curves.iter().flat_map(|(_, c)| c.iter()).filter(|p| !log_x || x_of(p) > 0.0).collect();
     let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(fx(p)), b.max(fx(p))));
     let (y0, y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2), b.max(p.2)));
     let sx = |x: f64| left + (x - x0) / (x1 - x0).max(1e-9) * (w - left - right);

@@ -1,0 +1,210 @@
+//! The standard Byzantine attacks on federated averaging, and a digits simulation that runs them
+//! against every aggregation rule with the real shared training, aggregation and outer step.
+//!
+//! Attackers are omniscient where the attack needs it (ALIE and IPM read the honest updates of
+//! the round, as in their papers). Updates the relay refuses before aggregation (NaN/Inf
+//! payloads, replays of an earlier round: see `tests/bad_input.rs`) are dropped here the same
+//! way.
+
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::Contribution;
+use crate::crypto::PeerKey;
+use crate::data::{DigitsSet, SplitMix64, derive_seed};
+use crate::model::DigitsMlpConfig;
+use crate::outer::OuterOptimizer;
+use crate::params::ParamsError;
+use crate::privacy::standard_normal;
+use crate::protocol::{InnerSpec, OuterSpec};
+use crate::robust::{self, RobustError, Rule};
+use crate::train::{LocalTrainer, evaluate};
+
+/// What a malicious peer sends instead of its honest pseudo-gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Attack {
+    /// −scale × its own honest update.
+    SignFlip { scale: f32 },
+    /// N(0, σ²) in every coordinate.
+    Gaussian { sigma: f32 },
+    /// "A little is enough" (Baruch et al. 2019): honest mean − z · honest std, per coordinate.
+    Alie { z: f32 },
+    /// Inner-product manipulation (Xie et al. 2020): −ε × the honest mean.
+    Ipm { epsilon: f32 },
+    /// NaN and infinities in the payload.
+    NonFinite,
+    /// Resends its update of an earlier round.
+    Replay,
+    /// Trains honestly on its own data with every label y replaced by 9 − y.
+    LabelFlip,
+}
+
+impl Attack {
+    /// The standard evaluation set with the usual parameters.
+    pub fn standard() -> [Attack; 7] {
+        [
+            Attack::SignFlip { scale: 1000.0 },
+            Attack::Gaussian { sigma: 1.0 },
+            Attack::Alie { z: 1.0 },
+            Attack::Ipm { epsilon: 0.5 },
+            Attack::NonFinite,
+            Attack::Replay,
+            Attack::LabelFlip,
+        ]
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Attack::SignFlip { .. } => "sign flip ×1000",
+            Attack::Gaussian { .. } => "Gaussian σ=1",
+            Attack::Alie { .. } => "ALIE z=1",
+            Attack::Ipm { .. } => "IPM ε=0.5",
+            Attack::NonFinite => "NaN/Inf",
+            Attack::Replay => "replay",
+            Attack::LabelFlip => "label flip",
+        }
+    }
+}
+
+/// Per-coordinate mean and standard deviation of `rows`.
+fn mean_std(rows: &[Vec<f32>], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let count = rows.len().max(1) as f32;
+    let mut mean = vec![0.0f32; n];
+    for row in rows {
+        mean.iter_mut().zip(row).for_each(|(m, v)| *m += v / count);
+    }
+    let mut var = vec![0.0f32; n];
+    for row in rows {
+        var.iter_mut().zip(row).zip(&mean).for_each(|((s, v), m)| *s += (v - m) * (v - m) / count);
+    }
+    (mean, var.into_iter().map(f32::sqrt).collect())
+}
+
+/// The malicious update for `attack` given the attacker's own honest update and the honest
+/// updates of the round. `None` for attacks that need another kind of input (label flip
+/// trains on poisoned data; replay resends an old update).
+pub fn craft(attack: Attack, own: &[f32], honest: &[Vec<f32>], rng: &mut SplitMix64) -> Option<Vec<f32>> {
+    let n = own.len();
+    Some(match attack {
+        Attack::SignFlip { scale } => own.iter().map(|v| -scale * v).collect(),
+        Attack::Gaussian { sigma } => (0..n).map(|_| (standard_normal(rng) * f64::from(sigma)) as f32).collect(),
+        Attack::Alie { z } => {
+            let (mean, std) = mean_std(honest, n);
+            mean.iter().zip(&std).map(|(m, s)| m - z * s).collect()
+        }
+        Attack::Ipm { epsilon } => mean_std(honest, n).0.iter().map(|m| -epsilon * m).collect(),
+        Attack::NonFinite => own.iter().enumerate().map(|(i, v)| if i % 3 == 0 { f32::NAN } else if i % 3 == 1 { f32::INFINITY } else { *v }).collect(),
+        Attack::Replay | Attack::LabelFlip => return None,
+    })
+}
+
+/// One cell of the attack grid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttackRun {
+    pub model: DigitsMlpConfig,
+    pub peers: u32,
+    pub attackers: u32,
+    pub attack: Option<Attack>,
+    pub rule: Rule,
+    pub rounds: u32,
+    pub inner: InnerSpec,
+    pub outer: OuterSpec,
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttackError {
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    #[error(transparent)]
+    Aggregate(#[from] RobustError),
+    #[error("bad attack run: {0}")]
+    Config(String),
+}
+
+/// Runs `run` on the digits: peer i trains on `shards[i % len]`, peers `0..attackers` attack.
+/// Returns the held-out accuracy after every round (index 0 is θ₀).
+pub async fn run_attack<B: AutodiffBackend>(
+    device: &B::Device,
+    shards: &[DigitsSet],
+    held_out: &DigitsSet,
+    theta0: &[f32],
+    run: &AttackRun,
+) -> Result<Vec<f32>, AttackError> {
+    if shards.is_empty() || run.peers == 0 || run.attackers >= run.peers {
+        return Err(AttackError::Config("need shards and at least one honest peer".into()));
+    }
+    let n = theta0.len();
+    let mut theta = theta0.to_vec();
+    let mut outer = OuterOptimizer::new(run.outer.clone(), n);
+    let mut previous: Option<Vec<f32>> = None;
+    let mut replayable: Vec<Option<Vec<f32>>> = vec![None; run.attackers as usize];
+    let mut rng = SplitMix64::new(derive_seed("attack", &[&run.seed.to_le_bytes()]));
+    let mut accuracy = vec![evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?];
+    for round in 0..run.rounds {
+        // Every peer's honest update (attackers compute theirs too: sign flip and replay use it).
+        let mut updates = Vec::with_capacity(run.peers as usize);
+        for peer in 0..run.peers {
+            let mut data = shards[peer as usize % shards.len()].clone();
+            if peer < run.attackers && run.attack == Some(Attack::LabelFlip) {
+                data.labels.iter_mut().for_each(|y| *y = 9 - (*y).min(9));
+            }
+            let seed = derive_seed("attack peer", &[&run.seed.to_le_bytes(), &round.to_le_bytes(), &peer.to_le_bytes()]);
+            let mut trainer = LocalTrainer::<B>::new(device, &run.model, &theta, data, &run.inner, seed)?;
+            while !trainer.is_done() {
+                trainer.step();
+            }
+            let local = trainer.finish().await?.params;
+            updates.push(theta.iter().zip(&local).map(|(t, l)| t - l).collect::<Vec<f32>>());
+        }
+        let honest: Vec<Vec<f32>> = updates[run.attackers as usize..].to_vec();
+        let mut contributions = Vec::with_capacity(run.peers as usize);
+        for (peer, update) in updates.into_iter().enumerate() {
+            let sent = match run.attack {
+                Some(attack) if peer < run.attackers as usize => match attack {
+                    Attack::LabelFlip => Some(update),
+                    Attack::Replay => {
+                        // The first round's update is fresh; later it resends that one, which the
+                        // relay refuses (stale round, or a signature it has seen).
+                        let old = replayable[peer].take();
+                        replayable[peer] = Some(update.clone());
+                        if old.is_some() { None } else { Some(update) }
+                    }
+                    other => craft(other, &update, &honest, &mut rng),
+                },
+                _ => Some(update),
+            };
+            // The relay's own checks, before any aggregation rule sees the update.
+            let Some(delta) = sent.filter(|d| d.len() == n && d.iter().all(|v| v.is_finite())) else { continue };
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&(peer as u32).to_be_bytes());
+            contributions.push(Contribution { peer: PeerKey(key), n_samples: run.inner.steps * run.inner.batch_size, delta });
+        }
+        let aggregate = robust::aggregate(&run.rule, &contributions, n, previous.as_deref())?;
+        outer.step(&mut theta, &aggregate).map_err(|e| AttackError::Config(e.to_string()))?;
+        previous = Some(aggregate);
+        accuracy.push(evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?);
+    }
+    Ok(accuracy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crafted_updates_follow_their_definitions() {
+        let honest = vec![vec![1.0f32, 2.0], vec![3.0, 2.0]];
+        let mut rng = SplitMix64::new(1);
+        assert_eq!(craft(Attack::SignFlip { scale: 10.0 }, &[1.0, -2.0], &honest, &mut rng), Some(vec![-10.0, 20.0]));
+        // mean (2, 2), std (1, 0): ALIE z = 1 → (1, 2); IPM ε = 0.5 → (−1, −1).
+        assert_eq!(craft(Attack::Alie { z: 1.0 }, &[0.0, 0.0], &honest, &mut rng), Some(vec![1.0, 2.0]));
+        assert_eq!(craft(Attack::Ipm { epsilon: 0.5 }, &[0.0, 0.0], &honest, &mut rng), Some(vec![-1.0, -1.0]));
+        let nan = craft(Attack::NonFinite, &[1.0, 1.0, 1.0], &honest, &mut rng).expect("crafted");
+        assert!(nan[0].is_nan() && nan[1].is_infinite());
+        let noise = craft(Attack::Gaussian { sigma: 2.0 }, &[0.0; 4000], &honest, &mut rng).expect("crafted");
+        let std = (noise.iter().map(|v| v * v).sum::<f32>() / 4000.0).sqrt();
+        assert!((std - 2.0).abs() < 0.1, "σ {std}");
+        assert_eq!(craft(Attack::LabelFlip, &[0.0], &honest, &mut rng), None);
+    }
+}
