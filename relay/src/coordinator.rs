@@ -56,6 +56,7 @@ pub struct Status {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSpecView {
+    pub model: swarmtrain_shared::protocol::ModelSpec,
     pub inner_steps: u32,
     pub batch_size: u32,
     pub inner_lr: f64,
@@ -325,6 +326,7 @@ impl Coordinator {
                 .as_ref()
                 .map(|p| swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)),
             spec: RunSpecView {
+                model: spec.model.clone(),
                 inner_steps: spec.inner.steps,
                 batch_size: spec.inner.batch_size,
                 inner_lr: spec.inner.lr,

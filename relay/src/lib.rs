@@ -9,6 +9,7 @@ pub mod coordinator;
 pub mod corpus;
 pub mod dataset;
 pub mod http;
+pub mod ops;
 pub mod p2p;
 
 use std::collections::BTreeMap;

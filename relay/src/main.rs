@@ -19,6 +19,12 @@ struct Cli {
 enum Command {
     /// Serve the page and the default run (digits MLP) until SIGINT or SIGTERM.
     Serve(Serve),
+    /// Create a new identity key file (refuses to overwrite one) and print its peer key.
+    Keygen(Keygen),
+    /// Print a running relay's status: run, round, accuracy, peers, rejections.
+    Status(StatusArgs),
+    /// Download a relay's current global parameters as a safetensors checkpoint.
+    Export(Export),
     /// Join a relay as a native training peer (ndarray CPU backend), with the browser's code.
     Worker(Worker),
     /// Simulate N peers training the language model in this process (DiLoCo or data-parallel),
@@ -365,6 +371,72 @@ fn simulate(args: Simulate) -> anyhow::Result<()> {
 }
 
 #[derive(Parser, Debug)]
+struct Keygen {
+    /// Where to write the key (hex seed, mode 0600).
+    #[arg(long, env = "SWARMTRAIN_KEY_FILE", default_value = "swarmtrain-data/worker.key")]
+    key_file: PathBuf,
+}
+
+#[derive(Parser, Debug)]
+struct StatusArgs {
+    /// The relay's HTTP URL.
+    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    relay: String,
+    /// Print the whole /api/status JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser, Debug)]
+struct Export {
+    /// The relay's HTTP URL.
+    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    relay: String,
+    /// The safetensors file to write (replaced atomically).
+    #[arg(long, default_value = "swarmtrain.safetensors")]
+    out: PathBuf,
+}
+
+fn keygen(args: Keygen) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.key_file.exists(), "{} exists; refusing to overwrite an identity", args.key_file.display());
+    let seed = swarmtrain_relay::load_or_create_key(&args.key_file)?;
+    let identity = swarmtrain_shared::Identity::from_seed(seed);
+    println!("wrote {}", args.key_file.display());
+    println!("peer key {}", identity.peer());
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let status = swarmtrain_relay::ops::status(&args.relay).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let get = |k: &str| status.get(k).cloned().unwrap_or_default();
+    let last = get("history").as_array().and_then(|h| h.last().cloned()).unwrap_or_default();
+    println!("run        {}", get("run_id").as_str().unwrap_or("?"));
+    println!("round      {}", get("round"));
+    println!("params     {} values, BLAKE3 {}", get("n_params"), get("params_hash").as_str().unwrap_or("?"));
+    println!("accuracy   {}", last.get("accuracy").map_or("—".into(), |a| format!("{:.1}%", a.as_f64().unwrap_or(0.0) * 100.0)));
+    println!("peers      {} active, {} joined", get("active_peers"), get("joined_peers"));
+    println!("updates    {} accepted, this round {}", get("accepted_updates"), get("updates_this_round"));
+    println!("rejected   {}", get("rejected"));
+    if let Some(eps) = get("privacy_epsilon").as_f64() {
+        println!("privacy    ε = {eps:.3}");
+    }
+    Ok(())
+}
+
+async fn export(args: Export) -> anyhow::Result<()> {
+    let (file, status) = swarmtrain_relay::ops::export(&args.relay).await?;
+    let tmp = args.out.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, &file).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
+    println!("wrote {} ({} bytes): run {}, round {}", args.out.display(), file.len(), status["run_id"], status["round"]);
+    Ok(())
+}
+
+#[derive(Parser, Debug)]
 struct Worker {
     /// The relay's HTTP URL.
     #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
@@ -526,6 +598,9 @@ async fn main() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Worker(args) => return worker(args).await,
+        Command::Keygen(args) => return keygen(args),
+        Command::Status(args) => return status(args).await,
+        Command::Export(args) => return export(args).await,
         Command::AttackGrid(args) => return tokio::task::spawn_blocking(move || attack_grid(args)).await?,
         Command::Simulate(args) => return tokio::task::spawn_blocking(move || simulate(args)).await?,
     };

@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod attack;
+pub mod checkpoint;
 pub mod compress;
 pub mod crypto;
 pub mod data;

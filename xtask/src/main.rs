@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode};
 /// Must match the `wasm-bindgen` pin in the workspace manifest (libp2p 0.57.1 pins it).
 const WASM_BINDGEN_VERSION: &str = "0.2.108";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
-const APT_PACKAGES: &[&str] = &["chromium", "chromium-driver", "mesa-vulkan-drivers", "fortunes"];
+const APT_PACKAGES: &[&str] = &["chromium", "chromium-driver", "mesa-vulkan-drivers", "fortunes", "python3-venv"];
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -193,8 +193,10 @@ fn test(args: &[String]) -> Result {
     build_wasm()?;
     let filter: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
 
-    // 1. Native tests: unit tests, the in-process multi-peer tests, bad-input tests.
-    status(cargo().arg("test").args(NATIVE).args(&filter))?;
+    // 1. Native tests: unit tests, the in-process multi-peer tests, bad-input tests, and the
+    //    checkpoint export read back by Python's safetensors.
+    let python = python_venv()?;
+    status(cargo().arg("test").args(NATIVE).args(&filter).env("SWARMTRAIN_PYTHON", python))?;
 
     // 2. wasm_bindgen_test suites in headless Chromium, driven by Debian's chromedriver.
     //    wasm-bindgen-test-runner reads webdriver.json (the Chromium flags) from the crate dir.
@@ -227,15 +229,18 @@ fn bench(args: &[String]) -> Result {
     }
 }
 
-/// A Python with numpy from PyPI, in a virtual environment under the target directory.
-fn numpy_python() -> Result<PathBuf> {
-    let venv = target_dir().join("bench-venv");
+/// Python packages from PyPI for the tests (reading checkpoints) and the benchmarks (numpy).
+const PYTHON_PACKAGES: &[&str] = &["numpy", "safetensors"];
+
+/// A Python with [`PYTHON_PACKAGES`], in a virtual environment under the target directory.
+fn python_venv() -> Result<PathBuf> {
+    let venv = target_dir().join("python-venv");
     let python = venv.join("bin/python");
     if !python.exists() {
         status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    if output(Command::new(&python).args(["-c", "import numpy"])).is_none() {
-        status(Command::new(&python).args(["-m", "pip", "install", "--quiet", "numpy"]))?;
+    if output(Command::new(&python).args(["-c", "import numpy, safetensors"])).is_none() {
+        status(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(PYTHON_PACKAGES))?;
     }
     Ok(python)
 }
@@ -260,7 +265,7 @@ fn json_number(json: &str, key: &str) -> Result<f64> {
 
 /// Aggregators on 16 × 1M f32, ours (criterion) and numpy's, in one run.
 fn bench_robust() -> Result {
-    let python = numpy_python()?;
+    let python = python_venv()?;
     status(cargo().args(["bench", "-p", "swarmtrain-shared", "--bench", "aggregate"]))?;
     let script = root().join("xtask/bench/numpy_aggregate.py");
     let out = Command::new(&python).arg(&script).output().map_err(|e| format!("numpy benchmark: {e}"))?;
