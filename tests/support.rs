@@ -41,12 +41,16 @@ pub async fn start_relay(run: RunSpec) -> Relay {
 /// Connects to `relay` over TCP as the identity with `seed` and joins its run, without the
 /// peer loop: tests use it to send hand-made (and malformed) messages.
 pub async fn join_raw(relay: &Relay, seed: [u8; 32]) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
-    let address = relay.bootstrap.addresses["tcp"][0].parse().expect("multiaddr");
-    let client = RelayClient::connect(address).expect("dial");
+    join_raw_at(&relay.bootstrap.addresses["tcp"][0], &relay.bootstrap.run_id, seed).await
+}
+
+/// [`join_raw`] for a relay at TCP multiaddr `address` (for example a relay process).
+pub async fn join_raw_at(address: &str, run_id: &str, seed: [u8; 32]) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
+    let client = RelayClient::connect(address.parse().expect("multiaddr")).expect("dial");
     let identity = Identity::from_seed(seed);
     let join = ClientToRelay::Join(Join {
         version: PROTOCOL_VERSION,
-        run_id: relay.bootstrap.run_id.clone(),
+        run_id: run_id.to_owned(),
         capabilities: Capabilities { backend: "none".into(), platform: "test".into() },
     });
     let welcome = match client.request(&identity.sign(&join).expect("sign")).await.expect("join") {

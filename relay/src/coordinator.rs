@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burn::backend::NdArray;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient, RoundAnnouncement, RunSpec,
@@ -19,12 +19,15 @@ use tokio::time::Instant;
 
 use crate::backend::AggregationBackend;
 use crate::dataset::RunData;
+use crate::store::{LedgerEntry, RunRecord, Store};
+use swarmtrain_shared::checkpoint::{self, TensorInfo};
+use swarmtrain_shared::outer::OuterOptimizer;
 
 /// Parameter versions kept for download (a late peer may still fetch the previous round's).
 const KEEP_PARAMS: usize = 4;
 
 /// One row of the run's history.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
     pub accuracy: Option<f32>,
@@ -92,6 +95,8 @@ pub struct Coordinator {
     aggregation: AggregationBackend,
     started: Instant,
     state: Mutex<State>,
+    store: Option<Store>,
+    layout: Vec<TensorInfo>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -106,44 +111,92 @@ fn model_config(spec: &RunSpec) -> DigitsMlpConfig {
 }
 
 impl Coordinator {
-    /// Opens round 0 of `spec` with freshly initialized parameters (seeded by `seed`).
+    /// Opens the run: resumed from `store` at its last announced round (with that round's
+    /// accepted updates) when the store has it, else round 0 with fresh parameters seeded by
+    /// `seed`, checkpointed before anything is announced.
     pub async fn new(
         identity: Identity,
         spec: RunSpec,
         data: RunData,
         seed: u64,
         aggregation: AggregationBackend,
+        store: Option<Store>,
     ) -> anyhow::Result<Self> {
         let model = model_config(&spec);
         let device = burn::backend::ndarray::NdArrayDevice::Cpu;
-        <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
-        let initial = params::to_vec(&model.init::<NdArray>(&device)).await?;
-        let round = RoundState::new(spec, initial, 0);
-        let accuracy = Some(train::evaluate::<NdArray>(&device, &model, round.params(), &data.held_out).await?);
-        let announcement = identity.sign(&round.announcement(accuracy, 0))?;
-        let mut state = State {
-            round,
-            accuracy,
-            history: Vec::new(),
-            params: HashMap::new(),
-            params_order: VecDeque::new(),
-            announcement,
-            waiters: Vec::new(),
-            joined: BTreeMap::new(),
-            rejected: BTreeMap::new(),
-            accepted: 0,
+        let layout = checkpoint::layout(&model.init::<NdArray>(&device));
+        let resumed = match &store {
+            Some(store) => store.run(&spec.run_id)?,
+            None => None,
         };
-        state.history.push(RoundRecord {
-            round: 0,
-            accuracy,
-            contributors: 0,
-            samples: 0,
-            mean_loss: None,
-            closed_at_ms: 0,
-            aggregation_ms: 0.0,
-        });
+        let mut state = match (&store, resumed) {
+            (Some(store), Some(record)) => {
+                let (params, velocity) = store.read_checkpoint(&record.checkpoint, &layout).await?;
+                let outer = OuterOptimizer { spec: spec.outer.clone(), velocity };
+                let mut round = RoundState::resume(spec.clone(), record.round, params, outer, 0);
+                let mut accepted = record.accepted;
+                for (peer, entry) in store.updates(&spec.run_id, record.round)? {
+                    match round.restore(peer, &entry.update) {
+                        Ok(()) => accepted += 1,
+                        Err(e) => tracing::warn!(peer = peer.short(), error = %e, "a stored update no longer applies"),
+                    }
+                }
+                tracing::info!(
+                    run = spec.run_id,
+                    round = record.round,
+                    pending = round.updates_this_round(),
+                    checkpoint = record.checkpoint,
+                    "resumed from the data directory"
+                );
+                let announcement = identity.sign(&round.announcement(record.accuracy, 0))?;
+                State {
+                    round,
+                    accuracy: record.accuracy,
+                    history: record.history,
+                    params: HashMap::new(),
+                    params_order: VecDeque::new(),
+                    announcement,
+                    waiters: Vec::new(),
+                    joined: BTreeMap::new(),
+                    rejected: record.rejected,
+                    accepted,
+                }
+            }
+            _ => {
+                <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
+                let initial = params::to_vec(&model.init::<NdArray>(&device)).await?;
+                let round = RoundState::new(spec, initial, 0);
+                let accuracy = Some(train::evaluate::<NdArray>(&device, &model, round.params(), &data.held_out).await?);
+                let announcement = identity.sign(&round.announcement(accuracy, 0))?;
+                let mut state = State {
+                    round,
+                    accuracy,
+                    history: Vec::new(),
+                    params: HashMap::new(),
+                    params_order: VecDeque::new(),
+                    announcement,
+                    waiters: Vec::new(),
+                    joined: BTreeMap::new(),
+                    rejected: BTreeMap::new(),
+                    accepted: 0,
+                };
+                state.history.push(RoundRecord {
+                    round: 0,
+                    accuracy,
+                    contributors: 0,
+                    samples: 0,
+                    mean_loss: None,
+                    closed_at_ms: 0,
+                    aggregation_ms: 0.0,
+                });
+                if let Some(store) = &store {
+                    persist(store, &layout, &state).await?;
+                }
+                state
+            }
+        };
         store_params(&mut state);
-        Ok(Self { identity, data, model, aggregation, started: Instant::now(), state: Mutex::new(state) })
+        Ok(Self { identity, data, model, aggregation, started: Instant::now(), state: Mutex::new(state), store, layout })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -236,6 +289,13 @@ impl Coordinator {
                 match state.round.submit(peer, &update, now) {
                     Ok(()) => {
                         state.accepted += 1;
+                        // Durable before the peer hears `Accepted`.
+                        if let Some(store) = &self.store {
+                            let entry = LedgerEntry { received_ms: now, update: update.clone() };
+                            if let Err(e) = store.record_update(&state.round.spec.run_id, &peer, &entry) {
+                                tracing::error!(error = %e, "could not record an accepted update");
+                            }
+                        }
                         tracing::info!(peer = peer.short(), round = update.round, loss = update.loss, "accepted update");
                         drop(state);
                         self.tick().await;
@@ -283,6 +343,12 @@ impl Coordinator {
         state.accuracy = accuracy;
         state.history.push(record(&closed, accuracy, now, aggregation_ms));
         store_params(&mut state);
+        // The checkpoint and the run record are written before the round is announced.
+        if let Some(store) = &self.store {
+            if let Err(e) = persist(store, &self.layout, &state).await {
+                tracing::error!(error = %e, round = state.round.round, "could not checkpoint the round");
+            }
+        }
         match self.identity.sign(&state.round.announcement(accuracy, now)) {
             Ok(announcement) => {
                 state.announcement = announcement.clone();
@@ -354,6 +420,23 @@ fn record(closed: &RoundClosed, accuracy: Option<f32>, now: u64, aggregation_ms:
         closed_at_ms: now,
         aggregation_ms,
     }
+}
+
+/// Writes the open round's checkpoint, then points the run record at it.
+async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow::Result<()> {
+    let round = &state.round;
+    let key = store.write_checkpoint(&round.spec.run_id, round.round, layout, round.params(), &round.outer().velocity).await?;
+    store.commit_round(
+        &round.spec.run_id,
+        &RunRecord {
+            round: round.round,
+            checkpoint: key,
+            accuracy: state.accuracy,
+            history: state.history.clone(),
+            accepted: state.accepted,
+            rejected: state.rejected.clone(),
+        },
+    )
 }
 
 fn store_params(state: &mut State) {

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod http;
 pub mod ops;
 pub mod p2p;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -141,7 +142,9 @@ impl Relay {
 
         let data = dataset::digits(&config.run.run_id, config.run.data.n_shards as usize)?;
         let run_id = config.run.run_id.clone();
-        let coordinator = Arc::new(Coordinator::new(identity, config.run.clone(), data, config.seed, config.aggregation).await?);
+        // With a data directory the run survives restarts: checkpoints and the ledger live there.
+        let store = config.data_dir.as_deref().map(store::Store::open).transpose()?;
+        let coordinator = Arc::new(Coordinator::new(identity, config.run.clone(), data, config.seed, config.aggregation, store).await?);
 
         let mut swarm = p2p::build_swarm(keypair).await?;
         let ip = ip_protocol(config.http.ip());

@@ -159,6 +159,15 @@ impl RoundState {
 
     /// Checks `update` from `peer` and keeps it for the open round.
     pub fn submit(&mut self, peer: PeerKey, update: &Update, now_ms: u64) -> Result<(), Rejection> {
+        self.restore(peer, update)?;
+        self.seen(peer, now_ms);
+        Ok(())
+    }
+
+    /// Re-admits an update accepted before a restart, through the same checks. The peer is not
+    /// counted as active until it is heard from again, so a resumed round still waits for its
+    /// quorum of live peers (or its deadline).
+    pub fn restore(&mut self, peer: PeerKey, update: &Update) -> Result<(), Rejection> {
         if update.run_id != self.spec.run_id {
             return Err(Rejection::WrongRun { expected: self.spec.run_id.clone(), got: update.run_id.clone() });
         }
@@ -185,7 +194,6 @@ impl RoundState {
             CodecError::NonFinite => Rejection::NonFinite,
             CodecError::BadIndex { .. } | CodecError::BadBlock => Rejection::Malformed(e),
         })?;
-        self.seen(peer, now_ms);
         let contribution = Contribution { peer, n_samples: update.n_samples, delta };
         self.contributions.insert(peer, (contribution, update.loss));
         Ok(())
@@ -202,7 +210,9 @@ impl RoundState {
             }
             return false;
         }
-        n >= self.quorum(now_ms) || past_deadline
+        // With nobody live (a relay that just restarted with restored updates), wait for peers
+        // to come back or for the deadline instead of closing on stored updates alone.
+        (self.active_peers(now_ms) > 0 && n >= self.quorum(now_ms)) || past_deadline
     }
 
     /// The accepted contributions of the open round, in peer order.

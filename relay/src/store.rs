@@ -1,0 +1,170 @@
+//! Durable run state: checkpoints as safetensors behind `object_store` (a local directory by
+//! default), and the run record and contribution ledger in an embedded database (redb) in the
+//! data directory.
+//!
+//! Order of writes, so that a relay killed at any instant resumes without loss:
+//! 1. an accepted update is committed to the ledger before the peer hears `Accepted`;
+//! 2. when a round closes, θ_{t+1} and the outer momentum are written as a checkpoint, then the
+//!    run record is switched to round t+1 in one transaction (which also drops the closed
+//!    round's pending updates), and only then is round t+1 announced.
+//!
+//! On start, the record names the last announced round and its checkpoint; the ledger's updates
+//! for that round are submitted again, through the same checks as live ones.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use redb::{Database, TableDefinition};
+use serde::{Deserialize, Serialize};
+use swarmtrain_shared::PeerKey;
+use swarmtrain_shared::checkpoint::{self, TensorInfo};
+use swarmtrain_shared::protocol::Update;
+
+use crate::coordinator::RoundRecord;
+
+/// run id → postcard [`RunRecord`].
+const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+/// (run id, round, peer key) → postcard [`LedgerEntry`]: every accepted update, kept for the
+/// ledger; the open round's are replayed on restart.
+const LEDGER: TableDefinition<(&str, u64, &[u8]), &[u8]> = TableDefinition::new("ledger");
+
+/// What a run's record says: enough to resume at the last announced round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The open (last announced) round.
+    pub round: u64,
+    /// Its checkpoint's key in the object store.
+    pub checkpoint: String,
+    pub accuracy: Option<f32>,
+    pub history: Vec<RoundRecord>,
+    pub accepted: u64,
+    pub rejected: BTreeMap<String, u64>,
+}
+
+/// One accepted update in the ledger.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub received_ms: u64,
+    pub update: Update,
+}
+
+/// The relay's durable storage for its runs.
+pub struct Store {
+    db: Database,
+    objects: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("objects", &self.objects.to_string()).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating) `data_dir/state.redb`, with checkpoints under `data_dir/checkpoints`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        let checkpoints = data_dir.join("checkpoints");
+        std::fs::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
+        let objects = LocalFileSystem::new_with_prefix(&checkpoints).context("opening the checkpoint directory")?;
+        Self::open_with(data_dir, Arc::new(objects))
+    }
+
+    /// Opens the database in `data_dir` with checkpoints in `objects` (any object store).
+    pub fn open_with(data_dir: &Path, objects: Arc<dyn ObjectStore>) -> anyhow::Result<Self> {
+        let path = data_dir.join("state.redb");
+        let db = Database::create(&path).with_context(|| format!("opening the run database {}", path.display()))?;
+        let tx = db.begin_write()?;
+        tx.open_table(RUNS)?;
+        tx.open_table(LEDGER)?;
+        tx.commit()?;
+        Ok(Self { db, objects })
+    }
+
+    pub fn run(&self, run_id: &str) -> anyhow::Result<Option<RunRecord>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(RUNS)?;
+        let Some(bytes) = table.get(run_id)? else { return Ok(None) };
+        let record = postcard::from_bytes(bytes.value()).context("the run record in the database is corrupt")?;
+        Ok(Some(record))
+    }
+
+    /// Commits an accepted update; returns once it is durable.
+    pub fn record_update(&self, run_id: &str, peer: &PeerKey, entry: &LedgerEntry) -> anyhow::Result<()> {
+        let bytes = postcard::to_allocvec(entry)?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(LEDGER)?.insert((run_id, entry.update.round, peer.0.as_slice()), bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The ledger's updates for `round`, in peer order.
+    pub fn updates(&self, run_id: &str, round: u64) -> anyhow::Result<Vec<(PeerKey, LedgerEntry)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(LEDGER)?;
+        let low: (&str, u64, &[u8]) = (run_id, round, &[]);
+        let high: (&str, u64, &[u8]) = (run_id, round, &[0xff; 33]);
+        let mut out = Vec::new();
+        for item in table.range(low..high)? {
+            let (key, value) = item?;
+            let (_, _, peer) = key.value();
+            let peer: [u8; 32] = peer.try_into().context("a ledger key has a bad peer key")?;
+            out.push((PeerKey(peer), postcard::from_bytes(value.value()).context("a ledger entry is corrupt")?));
+        }
+        Ok(out)
+    }
+
+    /// Ledger entries of a run, all rounds.
+    pub fn ledger_len(&self, run_id: &str) -> anyhow::Result<u64> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(LEDGER)?;
+        let low: (&str, u64, &[u8]) = (run_id, 0, &[]);
+        let high: (&str, u64, &[u8]) = (run_id, u64::MAX, &[0xff; 33]);
+        Ok(table.range(low..high)?.count() as u64)
+    }
+
+    /// Writes the checkpoint of `round` (θ and the outer momentum) and returns its key.
+    pub async fn write_checkpoint(&self, run_id: &str, round: u64, layout: &[TensorInfo], params: &[f32], velocity: &[f32]) -> anyhow::Result<String> {
+        let mut tensors = layout.to_vec();
+        tensors.push(TensorInfo { name: "outer.velocity".into(), shape: vec![velocity.len()] });
+        let values: Vec<f32> = params.iter().chain(velocity).copied().collect();
+        let metadata = BTreeMap::from([
+            ("format".to_owned(), "swarmtrain".to_owned()),
+            ("run_id".to_owned(), run_id.to_owned()),
+            ("round".to_owned(), round.to_string()),
+        ]);
+        let bytes = checkpoint::to_safetensors(&tensors, &values, &metadata)?;
+        let key = format!("{run_id}/round-{round:08}.safetensors");
+        // The local store writes a temporary file and renames it: never a torn checkpoint.
+        self.objects.put(&StorePath::from(key.as_str()), bytes.into()).await.with_context(|| format!("writing checkpoint {key}"))?;
+        Ok(key)
+    }
+
+    /// Reads a checkpoint back: (θ, outer momentum), checked against the model's layout.
+    pub async fn read_checkpoint(&self, key: &str, layout: &[TensorInfo]) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let bytes = self.objects.get(&StorePath::from(key)).await.with_context(|| format!("reading checkpoint {key}"))?.bytes().await?;
+        let file = checkpoint::from_safetensors(&bytes).with_context(|| format!("checkpoint {key}"))?;
+        let n: usize = layout.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+        let names: Vec<&str> = file.tensors.iter().map(|(t, _)| t.name.as_str()).collect();
+        let expected: Vec<&str> = layout.iter().map(|t| t.name.as_str()).chain(["outer.velocity"]).collect();
+        anyhow::ensure!(names == expected, "checkpoint {key} holds {names:?}, this run's model needs {expected:?}");
+        let mut flat = file.flat();
+        let velocity = flat.split_off(n);
+        anyhow::ensure!(velocity.len() == n, "checkpoint {key}: momentum has {} values, expected {n}", velocity.len());
+        Ok((flat, velocity))
+    }
+
+    /// Switches the run to its next round in one transaction: the new record, and the closed
+    /// round's updates stay in the ledger (they are history, not pending).
+    pub fn commit_round(&self, run_id: &str, record: &RunRecord) -> anyhow::Result<()> {
+        let bytes = postcard::to_allocvec(record)?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(RUNS)?.insert(run_id, bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! A relay killed with SIGKILL and started again on the same data directory resumes at the last
+//! announced round, with the same parameters, the accepted update of the open round and the
+//! whole ledger; the run then goes on.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use swarmtrain_client::rpc::RelayClient;
+use swarmtrain_shared::Identity;
+use swarmtrain_shared::protocol::{ClientToRelay, Codec, RelayToClient, RoundAnnouncement, Update};
+use swarmtrain_tests::join_raw_at;
+
+/// The relay binary that `cargo test --workspace` builds beside the test executables (or the
+/// one `cargo xtask test` names).
+fn relay_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("SWARMTRAIN_RELAY_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("swarmtrain-relay");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p swarmtrain-relay`", bin.display());
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+struct RelayProcess {
+    child: Child,
+    http: String,
+}
+
+impl RelayProcess {
+    fn start(data_dir: &Path, port: u16) -> Self {
+        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+        let child = Command::new(relay_binary())
+            .args(["serve", "--tcp-port", "0", "--ws-port", "0", "--quorum", "2", "--round-deadline-secs", "600"])
+            .arg("--http")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--web-dir")
+            .arg(web)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the relay");
+        Self { child, http: format!("http://127.0.0.1:{port}/") }
+    }
+
+    async fn json(&self, path: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = reqwest::get(format!("{}{path}", self.http)).await {
+                if let Ok(Ok(value)) = response.bytes().await.map(|b| serde_json::from_slice(&b)) {
+                    return value;
+                }
+            }
+            assert!(Instant::now() < deadline, "the relay did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn tcp_address(&self) -> String {
+        self.json("api/bootstrap").await["addresses"]["tcp"][0].as_str().expect("tcp address").to_owned()
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends an update of constant value `value` for `round`.
+async fn send(client: &RelayClient, id: &Identity, round: &RoundAnnouncement, value: f32) -> RelayToClient {
+    let update = ClientToRelay::Update(Update {
+        run_id: "digits".into(),
+        round: round.round,
+        base: round.params,
+        n_samples: 32,
+        inner_steps: 10,
+        loss: 1.0,
+        codec: Codec::F32,
+        payload: Codec::F32.encode(&vec![value; round.n_params as usize]),
+    });
+    client.request(&id.sign(&update).expect("sign")).await.expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let relay = RelayProcess::start(dir.path(), port);
+    let address = relay.tcp_address().await;
+
+    // Round 0 closes at quorum 2; in round 1 only peer A has sent its update.
+    let (client_a, id_a, _, round0) = join_raw_at(&address, "digits", [1; 32]).await;
+    let (client_b, id_b, _, _) = join_raw_at(&address, "digits", [2; 32]).await;
+    assert!(matches!(send(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(send(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
+    let before = relay.json("api/status").await;
+    assert_eq!(before["round"], 1);
+    let round1 = match client_a
+        .request(&id_a.sign(&ClientToRelay::AwaitRound { run_id: "digits".into(), after: None }).expect("sign"))
+        .await
+        .expect("round")
+    {
+        RelayToClient::Round(signed) => signed.verify_and_decode().expect("signed").1,
+        other => panic!("expected the round, got {other:?}"),
+    };
+    assert!(matches!(send(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Accepted { round: 1 }));
+    let before = relay.json("api/status").await;
+    assert_eq!(before["updates_this_round"], 1);
+    assert_eq!(before["accepted_updates"], 3);
+
+    relay.kill();
+    drop((client_a, client_b, id_b));
+    let relay = RelayProcess::start(dir.path(), port);
+    let after = relay.json("api/status").await;
+    for key in ["round", "params_hash", "updates_this_round", "accepted_updates", "history"] {
+        assert_eq!(after[key], before[key], "{key} survives SIGKILL");
+    }
+
+    // The run goes on: once a live peer is back, the round closes with the stored update
+    // (the quorum counts live peers), and A cannot send its round-1 update twice.
+    let address = relay.tcp_address().await;
+    let (client_a, id_a, _, announced) = join_raw_at(&address, "digits", [1; 32]).await;
+    assert_eq!(announced.round, 1);
+    assert_eq!(announced.params, round1.params, "the same θ is announced again");
+    assert!(matches!(send(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Rejected { .. }), "no second update");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let status = relay.json("api/status").await;
+        if status["round"] == 2 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "round 1 did not close: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["history"][2]["round"], 2, "history rows are the rounds they opened");
+    assert_eq!(done["history"][2]["contributors"], 1, "the stored update closed round 1");
+    assert_eq!(done["accepted_updates"], 3);
+}
