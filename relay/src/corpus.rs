@@ -99,7 +99,7 @@ mod tests {
         assert_eq!(corpus.skipped, vec![dir.path().join("a.dat")]);
 
         assert_eq!(load(&dir.path().join("a.txt")).expect("file").text, b"first file\n");
-        assert!(matches!(load(&dir.path().join("a.dat")), Err(CorpusError::NotText { offset: 0, .. })));
+        assert!(matches!(load(&dir.path().join("a.dat")), Err(CorpusError::NotText { offset: 3, .. })));
         let missing = load(&dir.path().join("missing")).unwrap_err();
         assert!(missing.to_string().contains("missing") && missing.to_string().contains("fortunes"), "{missing}");
         let empty = tempfile::tempdir().expect("tempdir");
