@@ -492,7 +492,8 @@ struct Serve {
     /// Directory with the contributor page (index.html) and the npm package under pkg/.
     #[arg(long, env = "SWARMTRAIN_WEB_DIR", default_value = "web")]
     web_dir: PathBuf,
-    /// Directory for the relay's identity key (created with mode 0600).
+    /// Directory for the identity key (mode 0600), the run database and the checkpoints; a
+    /// relay started again on the same directory resumes its run.
     #[arg(long, env = "SWARMTRAIN_DATA_DIR", default_value = "swarmtrain-data")]
     data_dir: PathBuf,
     /// Local AdamW steps per round (DiLoCo's H).
