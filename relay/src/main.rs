@@ -588,6 +588,56 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or_default();
 }
 
+/// Applies `--config FILE` (or `SWARMTRAIN_CONFIG`): a TOML table whose keys are `serve`'s long
+/// options (`inner_steps = 100`, `http = "0.0.0.0:8080"`, …). Precedence: command line, then
+/// environment variables, then the file, then the defaults. Unknown keys are an error.
+fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<Vec<String>> {
+    use clap::CommandFactory;
+    let flag = argv.iter().position(|a| a == "--config");
+    let path = match flag {
+        Some(i) => {
+            anyhow::ensure!(i + 1 < argv.len(), "--config needs a file");
+            let path = argv.remove(i + 1);
+            argv.remove(i);
+            path
+        }
+        None => match std::env::var("SWARMTRAIN_CONFIG") {
+            Ok(path) => path,
+            Err(_) => return Ok(argv),
+        },
+    };
+    let Some(serve_at) = argv.iter().position(|a| a == "serve") else {
+        anyhow::bail!("--config applies to `serve`");
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read config {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("config {path} is not valid TOML: {e}"))?;
+    let command = Cli::command();
+    let serve = command.find_subcommand("serve").ok_or_else(|| anyhow::anyhow!("no serve command"))?;
+    let mut extra = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let Some(arg) = serve.get_arguments().find(|a| a.get_long() == Some(long.as_str())) else {
+            let known: Vec<String> = serve.get_arguments().filter_map(|a| a.get_long()).map(|l| l.replace('-', "_")).collect();
+            anyhow::bail!("config {path}: unknown key {key:?}; known keys: {}", known.join(", "));
+        };
+        let on_command_line = argv.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        let in_environment = arg.get_env().is_some_and(|name| std::env::var_os(name).is_some());
+        if on_command_line || in_environment {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!("config {path}: {key} must be a string, number or boolean, not a {}", other.type_str()),
+        };
+        extra.push(format!("--{long}={value}"));
+    }
+    argv.splice(serve_at + 1..serve_at + 1, extra);
+    Ok(argv)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -596,7 +646,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "swarmtrain_relay=info,warn".into()),
         )
         .init();
-    let args = match Cli::parse().command {
+    let args = match Cli::parse_from(with_config_file(std::env::args().collect())?).command {
         Command::Serve(args) => args,
         Command::Worker(args) => return worker(args).await,
         Command::Keygen(args) => return keygen(args),
@@ -655,4 +705,34 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     relay.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn config_file_fills_in_what_the_command_line_does_not_say() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "inner_steps = 7\nquorum = 2\naggregator = \"median\"\n").expect("write");
+        let path = path.to_str().expect("utf-8 path");
+        let out = with_config_file(argv(&["relay", "serve", "--config", path, "--quorum", "5"])).expect("config");
+        let Command::Serve(serve) = Cli::parse_from(out).command else { panic!("serve") };
+        assert_eq!((serve.inner_steps, serve.quorum), (7, 5), "the command line wins over the file");
+        assert!(matches!(serve.aggregator, AggregatorArg::Median));
+
+        std::fs::write(dir.path().join("bad.toml"), "inner_stepz = 7\n").expect("write");
+        let bad = dir.path().join("bad.toml");
+        let err = with_config_file(argv(&["relay", "serve", "--config", bad.to_str().expect("utf-8")])).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"inner_stepz\""), "{err}");
+        std::fs::write(dir.path().join("broken.toml"), "inner_steps = \n").expect("write");
+        let broken = dir.path().join("broken.toml");
+        assert!(with_config_file(argv(&["relay", "serve", "--config", broken.to_str().expect("utf-8")])).is_err());
+        assert!(with_config_file(argv(&["relay", "serve", "--config", "/nonexistent.toml"])).is_err());
+    }
 }
