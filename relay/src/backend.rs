@@ -1,12 +1,13 @@
 //! Which Burn backend runs the relay's aggregation, chosen at run time from those compiled in
 //! (`ndarray` always; `wgpu` and `cuda` with the crate features of the same names). Every
-//! backend runs the same shared code, [`outer_step_on`].
+//! backend runs the same shared code, [`outer_step_with`].
 
 use std::fmt;
 
 use burn::backend::NdArray;
-use swarmtrain_shared::aggregate::{AggregateError, Contribution, outer_step_on};
+use swarmtrain_shared::aggregate::{AggregateError, Contribution, outer_step_with};
 use swarmtrain_shared::protocol::OuterSpec;
+use swarmtrain_shared::robust::Rule;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AggregationBackend {
@@ -46,19 +47,21 @@ impl AggregationBackend {
         params: &[f32],
         velocity: &[f32],
         contributions: &[Contribution],
+        rule: &Rule,
+        center: Option<&[f32]>,
         spec: &OuterSpec,
-    ) -> Result<(Vec<f32>, Vec<f32>), AggregateError> {
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), AggregateError> {
         match self {
-            Self::Ndarray => outer_step_on::<NdArray>(&Default::default(), params, velocity, contributions, spec).await,
+            Self::Ndarray => outer_step_with::<NdArray>(&Default::default(), params, velocity, contributions, rule, center, spec).await,
             #[cfg(feature = "wgpu")]
             Self::Wgpu => {
                 let device = burn::backend::wgpu::WgpuDevice::default();
-                outer_step_on::<burn::backend::Wgpu>(&device, params, velocity, contributions, spec).await
+                outer_step_with::<burn::backend::Wgpu>(&device, params, velocity, contributions, rule, center, spec).await
             }
             #[cfg(feature = "cuda")]
             Self::Cuda => {
                 let device = burn::backend::cuda::CudaDevice::default();
-                outer_step_on::<burn::backend::Cuda>(&device, params, velocity, contributions, spec).await
+                outer_step_with::<burn::backend::Cuda>(&device, params, velocity, contributions, rule, center, spec).await
             }
         }
     }

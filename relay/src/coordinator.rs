@@ -319,15 +319,19 @@ impl Coordinator {
         }
         let spec = state.round.spec.outer.clone();
         let started = Instant::now();
-        let stepped = match state.round.aggregation_inputs() {
-            Ok(inputs) => {
-                self.aggregation.outer_step(state.round.params(), &state.round.outer().velocity, &inputs, &spec).await
-            }
-            Err(e) => Err(swarmtrain_shared::aggregate::AggregateError::Rule(e.to_string())),
-        };
+        // The run's rule and the outer step both run on the aggregation backend.
+        let contributions = state.round.contributions();
+        let rule = state.round.spec.aggregator.clone();
+        let stepped = self
+            .aggregation
+            .outer_step(state.round.params(), &state.round.outer().velocity, &contributions, &rule, state.round.last_aggregate(), &spec)
+            .await;
         let aggregation_ms = started.elapsed().as_secs_f64() * 1e3;
         let closed = match stepped {
-            Ok((params, velocity)) => state.round.close_with(params, velocity, now),
+            Ok((params, velocity, aggregate)) => {
+                state.round.set_last_aggregate(aggregate);
+                state.round.close_with(params, velocity, now)
+            }
             Err(e) => {
                 tracing::error!(error = %e, backend = %self.aggregation, "aggregation failed; θ is kept");
                 state.round.close_with(Vec::new(), Vec::new(), now)

@@ -7,7 +7,9 @@ use swarmtrain_relay::AggregationBackend;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::aggregate::Contribution;
 use swarmtrain_shared::data::SplitMix64;
+use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::OuterSpec;
+use swarmtrain_shared::robust::{self, Rule};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);
@@ -37,23 +39,30 @@ async fn every_compiled_backend_matches_the_cpu() {
         let params = random(size, 100);
         let velocity = random(size, 101);
         let spec = OuterSpec::default();
-        let (cpu_theta, cpu_v) = AggregationBackend::Ndarray
-            .outer_step(&params, &velocity, &contributions, &spec)
-            .await
-            .expect("cpu");
-        for &backend in &backends {
-            if let Err(why) = usable(backend) {
-                println!("SKIPPED {backend}: {why}");
-                continue;
+        for rule in [Rule::Mean, Rule::Median, Rule::TrimmedMean { trim: 3 }] {
+            // The CPU reference: the shared CPU rule and the outer optimizer.
+            let aggregate = robust::aggregate(&rule, &contributions, size, None).expect("cpu rule");
+            let (mut cpu_theta, mut outer) = (params.clone(), OuterOptimizer { spec: spec.clone(), velocity: velocity.clone() });
+            outer.step(&mut cpu_theta, &aggregate).expect("shape");
+            let cpu_v = outer.velocity;
+            for &backend in &backends {
+                if let Err(why) = usable(backend) {
+                    println!("SKIPPED {backend}: {why}");
+                    continue;
+                }
+                // The first call on a GPU backend compiles kernels; time the second.
+                backend.outer_step(&params, &velocity, &contributions, &rule, None, &spec).await.expect("warm-up");
+                let started = Instant::now();
+                let (theta, v, _) = backend.outer_step(&params, &velocity, &contributions, &rule, None, &spec).await.expect("aggregate");
+                let elapsed = started.elapsed();
+                let max_diff =
+                    theta.iter().chain(&v).zip(cpu_theta.iter().chain(&cpu_v)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                println!(
+                    "{backend}: {rule:?} of {peers} × {size} f32 + Nesterov step in {:.2} ms (incl. transfers), max |Δ| vs CPU {max_diff:e}",
+                    elapsed.as_secs_f64() * 1e3
+                );
+                assert!(max_diff < 1e-5, "{backend} {rule:?} differs from the CPU by {max_diff}");
             }
-            // The first call on a GPU backend compiles kernels; time the second.
-            backend.outer_step(&params, &velocity, &contributions, &spec).await.expect("warm-up");
-            let started = Instant::now();
-            let (theta, v) = backend.outer_step(&params, &velocity, &contributions, &spec).await.expect("aggregate");
-            let elapsed = started.elapsed();
-            let max_diff = theta.iter().chain(&v).zip(cpu_theta.iter().chain(&cpu_v)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            println!("{backend}: {peers} × {size} f32 mean + Nesterov step in {:.2} ms (incl. transfers), max |Δ| vs ndarray {max_diff:e}", elapsed.as_secs_f64() * 1e3);
-            assert!(max_diff < 1e-5, "{backend} differs from ndarray by {max_diff}");
         }
     }
 }

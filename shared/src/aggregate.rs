@@ -5,6 +5,7 @@ use burn::prelude::*;
 
 use crate::crypto::PeerKey;
 use crate::protocol::OuterSpec;
+use crate::robust::{self, RobustError, Rule};
 
 /// Why a backend aggregation failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,32 +58,49 @@ pub async fn outer_step_on<B: Backend>(
     contributions: &[Contribution],
     spec: &OuterSpec,
 ) -> Result<(Vec<f32>, Vec<f32>), AggregateError> {
+    let (theta, v, _) = outer_step_with::<B>(device, params, velocity, contributions, &Rule::Mean, None, spec).await?;
+    Ok((theta, v))
+}
+
+/// Aggregates the contributions with `rule` ([`robust::aggregate_tensor`]) and takes the outer
+/// Nesterov step, all on backend `B`. Returns θ_{t+1}, the new momentum and the aggregate (the
+/// next round's centre for centered clipping). Input is validated on the host first: wrongly
+/// sized or non-finite contributions are errors.
+pub async fn outer_step_with<B: Backend>(
+    device: &B::Device,
+    params: &[f32],
+    velocity: &[f32],
+    contributions: &[Contribution],
+    rule: &Rule,
+    center: Option<&[f32]>,
+    spec: &OuterSpec,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), AggregateError> {
     let n = params.len();
     if velocity.len() != n {
         return Err(AggregateError::Shape { expected: n, got: velocity.len() });
     }
-    let mut sorted: Vec<&Contribution> = contributions.iter().collect();
-    sorted.sort_by_key(|c| c.peer);
-    if sorted.is_empty() {
-        return Err(AggregateError::Empty);
-    }
+    let sorted = robust::validated(contributions, n).map_err(|e| match e {
+        RobustError::Empty => AggregateError::Empty,
+        RobustError::Shape { expected, got } => AggregateError::Shape { expected, got },
+        other => AggregateError::Rule(other.to_string()),
+    })?;
     let mut stacked = Vec::with_capacity(sorted.len() * n);
-    for c in &sorted {
-        if c.delta.len() != n {
-            return Err(AggregateError::Shape { expected: n, got: c.delta.len() });
-        }
-        stacked.extend_from_slice(&c.delta);
-    }
+    sorted.iter().for_each(|c| stacked.extend_from_slice(&c.delta));
     let deltas = Tensor::<B, 2>::from_data(TensorData::new(stacked, [sorted.len(), n]), device); // [peers, n]
-    let mean = deltas.mean_dim(0).reshape([n]); // [n]
+    let center = match center {
+        Some(c) if c.len() == n => Some(Tensor::<B, 1>::from_data(TensorData::new(c.to_vec(), [n]), device)),
+        Some(c) => return Err(AggregateError::Shape { expected: n, got: c.len() }),
+        None => None,
+    };
+    let aggregate = robust::aggregate_tensor(rule, deltas, center).map_err(|e| AggregateError::Rule(e.to_string()))?; // [n]
     let theta = Tensor::<B, 1>::from_data(TensorData::new(params.to_vec(), [n]), device);
     let v = Tensor::<B, 1>::from_data(TensorData::new(velocity.to_vec(), [n]), device);
-    let v = v.mul_scalar(spec.momentum).add(mean.clone());
-    let theta = theta.sub(mean.add(v.clone().mul_scalar(spec.momentum)).mul_scalar(spec.lr));
+    let v = v.mul_scalar(spec.momentum).add(aggregate.clone());
+    let theta = theta.sub(aggregate.clone().add(v.clone().mul_scalar(spec.momentum)).mul_scalar(spec.lr));
     let read = |t: Tensor<B, 1>| async move {
         t.into_data_async().await.map(|d| d.iter::<f32>().collect::<Vec<f32>>()).map_err(|e| AggregateError::Readback(e.to_string()))
     };
-    Ok((read(theta).await?, read(v).await?))
+    Ok((read(theta).await?, read(v).await?, read(aggregate).await?))
 }
 
 #[cfg(test)]

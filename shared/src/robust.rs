@@ -59,6 +59,81 @@ fn non_finite(sorted: &[&Contribution]) -> RobustError {
     }
 }
 
+/// Contributions in peer order, checked for size and finiteness: what every rule accepts.
+pub fn validated(contributions: &[Contribution], n: usize) -> Result<Vec<&Contribution>, RobustError> {
+    let sorted = checked(contributions, n)?;
+    all_finite(&sorted)?;
+    Ok(sorted)
+}
+
+/// `rule` on Burn tensors: `deltas` is `[peers, n]` in peer order (finite), `center` the
+/// previous aggregate for centered clipping. The same rules as [`aggregate`], on any backend
+/// (ndarray, wgpu, cuda), without reading anything back. Sums run in f32 on the device, so
+/// results agree with the CPU rules to rounding (and Krum's choice can differ on exact ties).
+pub fn aggregate_tensor<B: burn::prelude::Backend>(
+    rule: &Rule,
+    deltas: burn::prelude::Tensor<B, 2>,
+    center: Option<burn::prelude::Tensor<B, 1>>,
+) -> Result<burn::prelude::Tensor<B, 1>, RobustError> {
+    use burn::prelude::*;
+    let [m, n] = deltas.dims();
+    if m == 0 {
+        return Err(RobustError::Empty);
+    }
+    let mean_of = |t: Tensor<B, 2>| t.mean_dim(0).reshape([n]);
+    let norms = |t: Tensor<B, 2>| t.powi_scalar(2).sum_dim(1).sqrt(); // [rows, 1]
+    Ok(match *rule {
+        Rule::Mean => mean_of(deltas),
+        Rule::Median => {
+            let sorted = deltas.sort(0);
+            if m % 2 == 1 {
+                sorted.narrow(0, m / 2, 1).reshape([n])
+            } else {
+                mean_of(sorted.narrow(0, m / 2 - 1, 2))
+            }
+        }
+        Rule::TrimmedMean { trim } => {
+            let trim = trim as usize;
+            if 2 * trim >= m {
+                return Err(RobustError::TooFew(format!("trimming {trim} from each side of {m}")));
+            }
+            mean_of(deltas.sort(0).narrow(0, trim, m - 2 * trim))
+        }
+        Rule::MultiKrum { byzantine, select } => {
+            let (f, select) = (byzantine as usize, select as usize);
+            if m < 2 * f + 3 || select == 0 || select > m {
+                return Err(RobustError::TooFew(format!("multi-Krum with f = {f}, select {select} needs n ≥ 2f + 3; got {m}")));
+            }
+            // ‖xᵢ − xⱼ‖² = ‖xᵢ‖² + ‖xⱼ‖² − 2 xᵢ·xⱼ
+            let squared = deltas.clone().powi_scalar(2).sum_dim(1); // [m, 1]
+            let gram = deltas.clone().matmul(deltas.clone().transpose()); // [m, m]
+            let distances = squared.clone() + squared.transpose() - gram.mul_scalar(2.0);
+            // Each row's smallest is the point itself (≈ 0): skip it, sum the next m − f − 2.
+            let scores = distances.sort(1).narrow(1, 1, m - f - 2).sum_dim(1).reshape([m]);
+            let chosen = scores.argsort(0).narrow(0, 0, select);
+            mean_of(deltas.select(0, chosen))
+        }
+        Rule::GeometricMedian { iterations } => {
+            let mut z = mean_of(deltas.clone());
+            for _ in 0..iterations {
+                let weights = norms(deltas.clone() - z.clone().reshape([1, n])).clamp_min(1e-8).recip(); // [m, 1]
+                let total = weights.clone().sum(); // [1]
+                z = (deltas.clone() * weights).sum_dim(0).reshape([n]) / total;
+            }
+            z
+        }
+        Rule::CenteredClipping { tau, iterations } => {
+            let mut v = center.unwrap_or_else(|| Tensor::zeros([n], &deltas.device()));
+            for _ in 0..iterations.max(1) {
+                let diff = deltas.clone() - v.clone().reshape([1, n]);
+                let scale = norms(diff.clone()).clamp_min(1e-30).recip().mul_scalar(tau).clamp_max(1.0); // [m, 1]
+                v = v + mean_of(diff * scale);
+            }
+            v
+        }
+    })
+}
+
 fn all_finite(sorted: &[&Contribution]) -> Result<(), RobustError> {
     if sorted.iter().all(|c| c.delta.iter().all(|v| v.is_finite())) { Ok(()) } else { Err(non_finite(sorted)) }
 }
@@ -401,6 +476,39 @@ mod tests {
         let mut huge = clean.clone();
         huge.iter_mut().for_each(|c| c.delta[9] = f32::MAX);
         assert!(matches!(aggregate(&Rule::Mean, &huge, n, None), Err(RobustError::NonFinite(_))));
+    }
+
+    /// The tensor rules (any Burn backend; ndarray here, wgpu and CUDA in the relay's backend
+    /// test) agree with the CPU rules, under attack too, and for odd and even peer counts.
+    #[test]
+    fn tensor_rules_match_the_cpu_rules() {
+        use burn::backend::NdArray;
+        use burn::prelude::*;
+        let device = Default::default();
+        let n = 3000;
+        for count in [19usize, 20] {
+            let (truth, mut contributions) = honest(count, n, 9);
+            for c in contributions.iter_mut().take(5) {
+                c.delta.iter_mut().for_each(|v| *v *= -1000.0);
+            }
+            let center: Vec<f32> = truth.iter().map(|t| 0.9 * t).collect();
+            let mut all = rules();
+            all.push(Rule::Mean);
+            all.push(Rule::MultiKrum { byzantine: 5, select: 1 });
+            for rule in all {
+                let cpu = aggregate(&rule, &contributions, n, Some(&center)).expect("cpu");
+                let sorted = validated(&contributions, n).expect("valid");
+                let rows: Vec<f32> = sorted.iter().flat_map(|c| c.delta.iter().copied()).collect();
+                let deltas = Tensor::<NdArray, 2>::from_data(TensorData::new(rows, [count, n]), &device);
+                let center = Tensor::<NdArray, 1>::from_data(TensorData::new(center.clone(), [n]), &device);
+                let gpu = aggregate_tensor(&rule, deltas, Some(center)).expect("tensor").into_data().to_vec::<f32>().expect("f32");
+                let scale = cpu.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1.0);
+                let worst = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-4 * scale, "{rule:?} with {count} peers: max |Δ| {worst} (scale {scale})");
+            }
+        }
+        let empty = Tensor::<NdArray, 2>::zeros([0, 4], &device);
+        assert_eq!(aggregate_tensor(&Rule::Median, empty, None).err(), Some(RobustError::Empty));
     }
 
     /// 30% of 20 peers flip their sign ×1000: every robust rule stays near the honest mean,

@@ -220,6 +220,18 @@ impl RoundState {
         self.contributions.values().map(|(c, _)| c.clone()).collect()
     }
 
+    /// The previous round's aggregate: the centre of centered clipping.
+    pub fn last_aggregate(&self) -> Option<&[f32]> {
+        self.last_aggregate.as_deref()
+    }
+
+    /// Records the aggregate computed elsewhere (on a Burn backend) for the next round.
+    pub fn set_last_aggregate(&mut self, aggregate: Vec<f32>) {
+        if aggregate.len() == self.params.len() {
+            self.last_aggregate = Some(aggregate);
+        }
+    }
+
     /// What the outer step should average: for the `Mean` rule every contribution (so a GPU
     /// backend can average them), for a robust rule the one robust aggregate, computed here.
     pub fn aggregation_inputs(&mut self) -> Result<Vec<Contribution>, RobustError> {
