@@ -55,10 +55,10 @@ impl RelayProcess {
     async fn json(&self, path: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(response) = reqwest::get(format!("{}{path}", self.http)).await {
-                if let Ok(Ok(value)) = response.bytes().await.map(|b| serde_json::from_slice(&b)) {
-                    return value;
-                }
+            if let Ok(response) = reqwest::get(format!("{}{path}", self.http)).await
+                && let Ok(Ok(value)) = response.bytes().await.map(|b| serde_json::from_slice(&b))
+            {
+                return value;
             }
             assert!(Instant::now() < deadline, "the relay did not come up");
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -348,10 +348,10 @@ impl Coordinator {
         state.history.push(record(&closed, accuracy, now, aggregation_ms));
         store_params(&mut state);
         // The checkpoint and the run record are written before the round is announced.
-        if let Some(store) = &self.store {
-            if let Err(e) = persist(store, &self.layout, &state).await {
-                tracing::error!(error = %e, round = state.round.round, "could not checkpoint the round");
-            }
+        if let Some(store) = &self.store
+            && let Err(e) = persist(store, &self.layout, &state).await
+        {
+            tracing::error!(error = %e, round = state.round.round, "could not checkpoint the round");
         }
         match self.identity.sign(&state.round.announcement(accuracy, now)) {
             Ok(announcement) => {
