@@ -54,6 +54,8 @@ pub struct Status {
     pub accepted_updates: u64,
     /// Differential privacy spent per peer so far (ε at the run's δ), when the run uses DP.
     pub privacy_epsilon: Option<f64>,
+    /// The open round's timeout: the configured deadline, adapted to the peers' speed.
+    pub round_timeout_ms: u64,
     pub spec: RunSpecView,
 }
 
@@ -391,6 +393,7 @@ impl Coordinator {
             history: state.history.clone(),
             rejected: state.rejected.clone(),
             accepted_updates: state.accepted,
+            round_timeout_ms: state.round.round_timeout_ms(),
             privacy_epsilon: spec
                 .privacy
                 .as_ref()

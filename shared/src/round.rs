@@ -80,7 +80,16 @@ pub struct RoundState {
     last_seen: BTreeMap<PeerKey, u64>,
     /// The previous round's aggregate: the center of centered clipping.
     last_aggregate: Option<Vec<f32>>,
+    /// How long recent rounds took to reach their quorum, oldest first.
+    recent_ms: Vec<u64>,
 }
+
+/// Rounds whose duration sets the adaptive deadline.
+const RECENT_ROUNDS: usize = 8;
+/// The adaptive deadline: this many times the median recent round, …
+const DEADLINE_FACTOR: u64 = 4;
+/// … but never below this.
+const MIN_DEADLINE_MS: u64 = 5_000;
 
 impl RoundState {
     /// Opens round 0 with the initial parameters θ_0.
@@ -102,6 +111,7 @@ impl RoundState {
             contributions: BTreeMap::new(),
             last_seen: BTreeMap::new(),
             last_aggregate: None,
+            recent_ms: Vec::new(),
         }
     }
 
@@ -141,8 +151,24 @@ impl RoundState {
         (self.spec.quorum as usize).min(self.active_peers(now_ms)).max(1)
     }
 
+    /// When the open round closes even without quorum. It adapts to the peers: once three
+    /// rounds have reached quorum, it is 4 × their median duration (at least 5 s), never more
+    /// than the run's `round_deadline_ms`. Stragglers past it are dropped: their late updates
+    /// are for a closed round.
     pub fn deadline_ms(&self) -> u64 {
-        self.opened_ms + self.spec.round_deadline_ms
+        self.opened_ms + self.round_timeout_ms()
+    }
+
+    /// The current round timeout (see [`deadline_ms`](Self::deadline_ms)).
+    pub fn round_timeout_ms(&self) -> u64 {
+        let configured = self.spec.round_deadline_ms;
+        if self.recent_ms.len() < 3 {
+            return configured;
+        }
+        let mut sorted = self.recent_ms.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        median.saturating_mul(DEADLINE_FACTOR).max(MIN_DEADLINE_MS).min(configured)
     }
 
     /// The announcement of the open round (to be signed by the relay).
@@ -277,6 +303,14 @@ impl RoundState {
             self.outer.velocity = velocity;
             self.params_hash = ParamsHash::of(&params_to_bytes(&self.params));
         }
+        // Rounds that reached quorum before the deadline measure the peers' speed.
+        let took = now_ms.saturating_sub(self.opened_ms);
+        if !taken.is_empty() && now_ms < self.deadline_ms() {
+            if self.recent_ms.len() == RECENT_ROUNDS {
+                self.recent_ms.remove(0);
+            }
+            self.recent_ms.push(took);
+        }
         let closed = self.round;
         self.round += 1;
         self.opened_ms = now_ms;
@@ -341,6 +375,41 @@ mod tests {
         s.submit(PeerKey([1; 32]), &update(&s, &[1.0]), 5100).expect("ok");
         assert_eq!(s.tick(5200), None);
         assert!(s.tick(6000).is_some(), "deadline closes with one of two");
+    }
+
+    #[test]
+    fn the_deadline_adapts_to_the_peers_and_drops_stragglers() {
+        let mut s = RoundState::new(RunSpec { round_deadline_ms: 60_000, quorum: 3, ..spec() }, vec![0.0], 0);
+        let (a, b, slow) = (PeerKey([1; 32]), PeerKey([2; 32]), PeerKey([3; 32]));
+        let mut now = 0;
+        assert_eq!(s.round_timeout_ms(), 60_000, "the configured deadline until rounds were measured");
+        // Three rounds reach quorum in 2 s each: the timeout becomes max(4 × 2 s, 5 s) = 8 s.
+        for _ in 0..3 {
+            s.submit(a, &update(&s, &[0.1]), now + 500).expect("ok");
+            s.submit(b, &update(&s, &[0.1]), now + 1000).expect("ok");
+            s.submit(slow, &update(&s, &[0.1]), now + 2000).expect("ok");
+            assert!(s.tick(now + 2000).is_some());
+            now += 2000;
+        }
+        assert_eq!(s.round_timeout_ms(), 8000);
+        // Now one peer is slow: the round closes at 8 s with the updates it has…
+        s.submit(a, &update(&s, &[0.1]), now + 100).expect("ok");
+        s.submit(b, &update(&s, &[0.1]), now + 200).expect("ok");
+        let late = update(&s, &[0.1]);
+        assert_eq!(s.tick(now + 7999), None, "waiting for the third peer");
+        let closed = s.tick(now + 8000).expect("closed at the adapted deadline");
+        assert_eq!(closed.contributors.len(), 2);
+        // …and the straggler's update is refused: its round is over.
+        assert!(matches!(s.submit(slow, &late, now + 9000), Err(Rejection::WrongRound { .. })));
+        // Never below 5 s, never above the configured deadline.
+        let quick = RunSpec { round_deadline_ms: 3_000, ..spec() };
+        let mut q = RoundState::new(quick, vec![0.0], 0);
+        for r in 0..3 {
+            q.submit(a, &update(&q, &[0.1]), r * 10).expect("ok");
+            q.submit(b, &update(&q, &[0.1]), r * 10 + 10).expect("ok");
+            assert!(q.tick(r * 10 + 10).is_some());
+        }
+        assert_eq!(q.round_timeout_ms(), 3_000);
     }
 
     #[test]

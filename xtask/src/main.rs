@@ -224,7 +224,7 @@ fn test(args: &[String]) -> Result {
 fn bench(args: &[String]) -> Result {
     match args.first().map(String::as_str) {
         Some("robust") => bench_robust(),
-        Some("diloco") => bench_diloco(),
+        Some("diloco") => bench_diloco(args.get(1).is_some_and(|a| a == "--report-only")),
         _ => Err("usage: cargo xtask bench robust|diloco".into()),
     }
 }
@@ -355,31 +355,34 @@ struct SimResult {
 }
 
 fn parse_sim(json: &str) -> Result<SimResult> {
-    let points = json.split("\"points\":").nth(1).ok_or("no points")?;
-    let points = &points[..points.find(']').ok_or("unterminated points")?];
+    let (before, after) = json.split_once("\"points\":").ok_or("no points")?;
+    let (points, after) = after.split_once(']').ok_or("unterminated points")?;
     let curve = points
         .split('}')
         .filter(|p| p.contains("val_loss"))
         .map(|p| Ok((json_number(p, "tokens")?, json_number(p, "bytes")?, json_number(p, "val_loss")?)))
         .collect::<Result<Vec<_>>>()?;
-    let rest = json.split("\"points\":").nth(1).and_then(|p| p.split_once(']')).map(|(_, r)| r).unwrap_or("");
+    // Top-level numbers, with the curve cut out (its points have "bytes" and "tokens" too).
+    let rest = format!("{before}{after}");
     let hash = json.split("\"params_blake3\": \"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("?").to_owned();
     Ok(SimResult {
         curve,
-        bytes: json_number(rest, "bytes")?,
-        tokens: json_number(rest, "tokens")?,
-        final_loss: json_number(rest, "final_val_loss")?,
-        syncs: json_number(rest, "syncs")?,
+        bytes: json_number(&rest, "bytes")?,
+        tokens: json_number(&rest, "tokens")?,
+        final_loss: json_number(&rest, "final_val_loss")?,
+        syncs: json_number(&rest, "syncs")?,
         params_blake3: hash,
-        wall: json_number(rest, "wall_seconds")?,
+        wall: json_number(&rest, "wall_seconds")?,
     })
 }
 
 /// DiLoCo against the data-parallel baseline on the byte-level LM, every run through the relay's
 /// `simulate` subcommand (the shared simulator), two at a time on this machine's cores.
-fn bench_diloco() -> Result {
+fn bench_diloco(report_only: bool) -> Result {
     setup_corpus()?;
-    status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
+    if !report_only {
+        status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
+    }
     let relay = target_dir().join("release/swarmtrain-relay");
     let out_dir = target_dir().join("bench-diloco");
     fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
@@ -408,7 +411,8 @@ fn bench_diloco() -> Result {
     ];
     let started = std::time::Instant::now();
     let parallel = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
-    let mut pending: Vec<&SimRun> = runs.iter().collect();
+    // `--report-only` rewrites the report from the last run's JSON files.
+    let mut pending: Vec<&SimRun> = if report_only { Vec::new() } else { runs.iter().collect() };
     let mut running: Vec<(&SimRun, std::process::Child)> = Vec::new();
     while !pending.is_empty() || !running.is_empty() {
         while running.len() < parallel && !pending.is_empty() {
@@ -437,7 +441,11 @@ fn bench_diloco() -> Result {
         }
         running = still;
     }
-    let wall = started.elapsed().as_secs_f64();
+    let wall_file = out_dir.join("wall-seconds.txt");
+    if !report_only {
+        fs::write(&wall_file, format!("{:.0}", started.elapsed().as_secs_f64())).map_err(|e| e.to_string())?;
+    }
+    let wall: f64 = fs::read_to_string(&wall_file).ok().and_then(|w| w.trim().parse().ok()).unwrap_or(f64::NAN);
     let results = runs
         .iter()
         .map(|r| {
