@@ -149,7 +149,7 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
     }
     match *rule {
         Rule::Mean => fused(mean(&rows, n)),
-        Rule::Median => fused(sorted_columns(&rows, n, |sorted, out| {
+        Rule::Median => fused(sorted_columns(&rows, n, &sorting_network(rows.len()), |sorted, out| {
             let m = sorted.len();
             for (l, o) in out.iter_mut().enumerate() {
                 *o = if m % 2 == 1 { sorted[m / 2][l] } else { 0.5 * (sorted[m / 2 - 1][l] + sorted[m / 2][l]) };
@@ -161,7 +161,11 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
                 return Err(RobustError::TooFew(format!("trimming {trim} from each side of {}", rows.len())));
             }
             let kept = (rows.len() - 2 * trim) as f32;
-            fused(sorted_columns(&rows, n, |sorted, out| {
+            // Only the `trim` lowest and highest ranks must be exact; the middle ranks then hold
+            // exactly the kept values, in some order, which is all the sum needs.
+            let m = rows.len();
+            let network = pruned_network(&sorting_network(m), |rank| rank < trim || rank >= m - trim);
+            fused(sorted_columns(&rows, n, &network, |sorted, out| {
                 let mut sum = [0.0f32; LANES];
                 for lanes in &sorted[trim..sorted.len() - trim] {
                     sum.iter_mut().zip(lanes).for_each(|(s, v)| *s += v);
@@ -255,15 +259,42 @@ fn sorting_network(m: usize) -> Vec<(usize, usize)> {
     pairs
 }
 
+/// The comparators of `network` that can change what ends up at the ranks `needed` says: a
+/// comparator is kept if either of its wires still feeds a needed output after it. Every
+/// comparator swaps, so the other ranks end up holding the remaining values as a set.
+fn pruned_network(network: &[(usize, usize)], needed: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+    let wires = network.iter().map(|&(_, j)| j + 1).max().unwrap_or(0);
+    let mut live: Vec<bool> = (0..wires).map(&needed).collect();
+    let mut kept: Vec<(usize, usize)> = network
+        .iter()
+        .rev()
+        .filter(|&&(i, j)| {
+            let keep = live[i] || live[j];
+            if keep {
+                live[i] = true;
+                live[j] = true;
+            }
+            keep
+        })
+        .copied()
+        .collect();
+    kept.reverse();
+    kept
+}
+
 /// Sorts each coordinate's values across peers, `LANES` coordinates at a time with a sorting
 /// network, and lets `reduce` turn the sorted block (`sorted[rank][lane]`) into up to `LANES`
 /// outputs. Blocks run in parallel.
-fn sorted_columns(rows: &[&[f32]], n: usize, reduce: impl Fn(&[[f32; LANES]], &mut [f32]) + Sync) -> Option<Vec<f32>> {
+fn sorted_columns(
+    rows: &[&[f32]],
+    n: usize,
+    network: &[(usize, usize)],
+    reduce: impl Fn(&[[f32; LANES]], &mut [f32]) + Sync,
+) -> Option<Vec<f32>> {
     let m = rows.len();
-    let network = sorting_network(m);
     let mut out = vec![0.0f32; n];
     let chunk = n.div_ceil(threads()).max(4096).next_multiple_of(LANES);
-    let (network, reduce) = (&network, &reduce);
+    let reduce = &reduce;
     let finite = std::thread::scope(|s| {
         let workers: Vec<_> = out
             .chunks_mut(chunk)
@@ -420,6 +451,37 @@ mod tests {
             let b = aggregate(&rule, &contributions, 300, None).expect("aggregate");
             assert_eq!(a, b, "{rule:?}");
         }
+    }
+
+    #[test]
+    fn pruned_networks_keep_the_extremes_and_the_middle_set() {
+        let mut rng = SplitMix64::new(5);
+        for m in 3..=30usize {
+            for trim in 1..m.div_ceil(2) {
+                if 2 * trim >= m {
+                    continue;
+                }
+                let full = sorting_network(m);
+                let pruned = pruned_network(&full, |r| r < trim || r >= m - trim);
+                assert!(pruned.len() <= full.len());
+                for _ in 0..30 {
+                    let mut v: Vec<f32> = (0..m).map(|_| (rng.next_u64() % 9) as f32).collect();
+                    let mut sorted = v.clone();
+                    sorted.sort_by(f32::total_cmp);
+                    for &(i, j) in &pruned {
+                        if v[i] > v[j] {
+                            v.swap(i, j);
+                        }
+                    }
+                    assert_eq!(v[..trim], sorted[..trim], "m {m} trim {trim}");
+                    assert_eq!(v[m - trim..], sorted[m - trim..], "m {m} trim {trim}");
+                    let mut middle = v[trim..m - trim].to_vec();
+                    middle.sort_by(f32::total_cmp);
+                    assert_eq!(middle, sorted[trim..m - trim], "m {m} trim {trim}");
+                }
+            }
+        }
+        assert!(pruned_network(&sorting_network(16), |r| r < 3 || r >= 13).len() < sorting_network(16).len());
     }
 
     #[test]
