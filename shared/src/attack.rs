@@ -17,7 +17,7 @@ use crate::outer::OuterOptimizer;
 use crate::params::ParamsError;
 use crate::privacy::standard_normal;
 use crate::protocol::{InnerSpec, OuterSpec};
-use crate::robust::{self, RobustError, Rule};
+use crate::robust::{self, Rule};
 use crate::train::{LocalTrainer, evaluate};
 
 /// What a malicious peer sends instead of its honest pseudo-gradient.
@@ -116,8 +116,6 @@ pub struct AttackRun {
 pub enum AttackError {
     #[error(transparent)]
     Params(#[from] ParamsError),
-    #[error(transparent)]
-    Aggregate(#[from] RobustError),
     #[error("bad attack run: {0}")]
     Config(String),
 }
@@ -180,9 +178,12 @@ pub async fn run_attack<B: AutodiffBackend>(
             key[..4].copy_from_slice(&(peer as u32).to_be_bytes());
             contributions.push(Contribution { peer: PeerKey(key), n_samples: run.inner.steps * run.inner.batch_size, delta });
         }
-        let aggregate = robust::aggregate(&run.rule, &contributions, n, previous.as_deref())?;
-        outer.step(&mut theta, &aggregate).map_err(|e| AttackError::Config(e.to_string()))?;
-        previous = Some(aggregate);
+        // As the relay does: a round the rule refuses (too few updates left for it) closes
+        // without moving θ.
+        if let Ok(aggregate) = robust::aggregate(&run.rule, &contributions, n, previous.as_deref()) {
+            outer.step(&mut theta, &aggregate).map_err(|e| AttackError::Config(e.to_string()))?;
+            previous = Some(aggregate);
+        }
         accuracy.push(evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?);
     }
     Ok(accuracy)

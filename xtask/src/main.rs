@@ -32,6 +32,7 @@ fn main() -> ExitCode {
                  run          build the browser package and start the relay on http://127.0.0.1:8080\n  \
                  test         install test dependencies and run every test (cargo, wasm in Chromium, end-to-end)\n  \
                  bench robust aggregator throughput beside numpy and the attack grid; writes docs/benchmarks/robust.md and attacks.md\n  \
+                 bench load   1,000 simulated peers on one relay; writes docs/benchmarks/load.md\n  \
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
                  setup        install the toolchain pieces and browser packages only"
@@ -224,8 +225,9 @@ fn test(args: &[String]) -> Result {
 fn bench(args: &[String]) -> Result {
     match args.first().map(String::as_str) {
         Some("robust") => bench_robust(),
+        Some("load") => bench_load(),
         Some("diloco") => bench_diloco(args.get(1).is_some_and(|a| a == "--report-only")),
-        _ => Err("usage: cargo xtask bench robust|diloco".into()),
+        _ => Err("usage: cargo xtask bench robust|diloco|load".into()),
     }
 }
 
@@ -572,4 +574,95 @@ fn svg_plot(title: &str, x_label: &str, curves: &[Curve], x_of: impl Fn(&CurvePo
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// Resident and peak memory of process `pid`, in kB, from /proc.
+fn memory_kb(pid: u32) -> Result<(f64, f64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// 1,000 simulated peers on one relay process over loopback TCP (noise, yamux, ML-DSA-signed
+/// requests): memory per peer and the time from round close to announcement received.
+fn bench_load() -> Result {
+    use std::io::{BufRead, BufReader};
+    let (peers, rounds, senders) = (1000, 5, 20);
+    status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
+    let relay_bin = target_dir().join("release/swarmtrain-relay");
+    let data = target_dir().join("bench-load-data");
+    let _ = fs::remove_dir_all(&data);
+    let mut relay = Command::new(&relay_bin)
+        .args(["serve", "--http", "127.0.0.1:0", "--tcp-port", "0", "--ws-port", "0", "--round-deadline-secs", "600"])
+        .args(["--quorum", &senders.to_string()])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--web-dir")
+        .arg(root().join("web"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", relay_bin.display()))?;
+    let stdout = relay.stdout.take().ok_or("no relay stdout")?;
+    let url = BufReader::new(stdout)
+        .lines()
+        .map_while(std::result::Result::ok)
+        .find_map(|l| l.strip_prefix("swarmtrain relay listening on ").map(str::to_owned))
+        .ok_or("the relay did not start")?;
+    let pid = relay.id();
+    let (idle_kb, _) = memory_kb(pid)?;
+    let out = Command::new(&relay_bin)
+        .args(["loadtest", "--relay", &url])
+        .args(["--peers", &peers.to_string(), "--rounds", &rounds.to_string(), "--senders", &senders.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string());
+    let memory = memory_kb(pid);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let out = out?;
+    if !out.status.success() {
+        return Err("the load test failed".into());
+    }
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (loaded_kb, peak_kb) = memory?;
+    let per_peer_kb = (loaded_kb - idle_kb) / f64::from(peers);
+    let report = format!(
+        "# Load: {peers} simulated peers on one relay\n\n\
+         Produced by `cargo xtask bench load` on {} cores: a release relay process (persistence on: \
+         every update is committed to redb, every round checkpointed) and one `swarmtrain-relay \
+         loadtest` process holding {peers} libp2p connections over loopback TCP (noise, yamux), \
+         each peer ML-DSA-signing its join and its long polls and verifying every announcement. \
+         Each round {senders} peers send an update (the quorum); the clock starts when the \
+         closing update is sent and stops when a peer has verified the next round's \
+         announcement.\n\n\
+         | figure | value |\n| --- | --: |\n\
+         | peers connected | {} |\n| rounds completed | {} |\n| connect + join, all peers | {:.1} s |\n\
+         | close → announcement, p50 | {:.0} ms |\n| close → announcement, p99 | {:.0} ms |\n\
+         | close → announcement, max | {:.0} ms |\n| relay memory, idle | {:.1} MB |\n\
+         | relay memory, {peers} peers | {:.1} MB (peak {:.1} MB) |\n| relay memory per peer | {per_peer_kb:.0} KB |\n\n\
+         Goals: ≥ 1,000 peers, p99 < 1 s, < 100 KB per peer.\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        json_number(&json, "peers")?,
+        json_number(&json, "rounds_completed")?,
+        json_number(&json, "connect_seconds")?,
+        json_number(&json, "latency_ms_p50")?,
+        json_number(&json, "latency_ms_p99")?,
+        json_number(&json, "latency_ms_max")?,
+        idle_kb / 1024.0,
+        loaded_kb / 1024.0,
+        peak_kb / 1024.0,
+    );
+    let dir = root().join("docs/benchmarks");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    fs::write(dir.join("load.md"), &report).map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(())
 }
