@@ -194,6 +194,16 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(16)
 }
 
+/// Runs `work(index, part)` on every `chunk`-sized part of `out`, each in its own thread, and
+/// says whether every part returned true.
+fn for_each_chunk(out: &mut [f32], chunk: usize, work: impl Fn(usize, &mut [f32]) -> bool + Sync) -> bool {
+    let work = &work;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = out.chunks_mut(chunk).enumerate().map(|(i, part)| s.spawn(move || work(i, part))).collect();
+        workers.into_iter().all(|w| w.join().unwrap_or(false))
+    })
+}
+
 /// Coordinates summed together in [`mean`].
 const TILE: usize = 1024;
 
@@ -203,30 +213,21 @@ fn mean(rows: &[&[f32]], n: usize) -> Option<Vec<f32>> {
     let scale = 1.0 / rows.len() as f32;
     let mut out = vec![0.0f32; n];
     let chunk = n.div_ceil(threads()).max(4096);
-    let finite = std::thread::scope(|s| {
-        let workers: Vec<_> = out
-            .chunks_mut(chunk)
-            .enumerate()
-            .map(|(i, part)| {
-                s.spawn(move || {
-                    let mut finite = true;
-                    // Tiles keep the accumulator in L1 while the rows stream past once.
-                    for (t, tile) in part.chunks_mut(TILE).enumerate() {
-                        let start = i * chunk + t * TILE;
-                        let mut acc = [0.0f32; TILE];
-                        let acc = &mut acc[..tile.len()];
-                        for row in rows {
-                            acc.iter_mut().zip(&row[start..start + tile.len()]).for_each(|(a, v)| *a += v);
-                        }
-                        // x·0 is 0 for finite x and NaN otherwise: a branch-free check.
-                        finite &= acc.iter().fold(0.0f32, |z, a| z + a * 0.0) == 0.0;
-                        tile.iter_mut().zip(acc.iter()).for_each(|(o, a)| *o = a * scale);
-                    }
-                    finite
-                })
-            })
-            .collect();
-        workers.into_iter().all(|w| w.join().unwrap_or(false))
+    let finite = for_each_chunk(&mut out, chunk, |i, part| {
+        let mut finite = true;
+        // Tiles keep the accumulator in L1 while the rows stream past once.
+        for (t, tile) in part.chunks_mut(TILE).enumerate() {
+            let start = i * chunk + t * TILE;
+            let mut acc = [0.0f32; TILE];
+            let acc = &mut acc[..tile.len()];
+            for row in rows {
+                acc.iter_mut().zip(&row[start..start + tile.len()]).for_each(|(a, v)| *a += v);
+            }
+            // x·0 is 0 for finite x and NaN otherwise: a branch-free check.
+            finite &= acc.iter().fold(0.0f32, |z, a| z + a * 0.0) == 0.0;
+            tile.iter_mut().zip(acc.iter()).for_each(|(o, a)| *o = a * scale);
+        }
+        finite
     });
     finite.then_some(out)
 }
@@ -294,41 +295,31 @@ fn sorted_columns(
     let m = rows.len();
     let mut out = vec![0.0f32; n];
     let chunk = n.div_ceil(threads()).max(4096).next_multiple_of(LANES);
-    let reduce = &reduce;
-    let finite = std::thread::scope(|s| {
-        let workers: Vec<_> = out
-            .chunks_mut(chunk)
-            .enumerate()
-            .map(|(c, part)| {
-                s.spawn(move || {
-                    let mut block = vec![[0.0f32; LANES]; m];
-                    let mut check = 0.0f32;
-                    for (b, outs) in part.chunks_mut(LANES).enumerate() {
-                        let start = c * chunk + b * LANES;
-                        let lanes = outs.len();
-                        for (lane_values, row) in block.iter_mut().zip(rows) {
-                            lane_values[..lanes].copy_from_slice(&row[start..start + lanes]);
-                            // min/max would silently drop a NaN: check while the block is hot.
-                            check += lane_values.iter().fold(0.0f32, |z, v| z + v * 0.0);
-                        }
-                        for &(i, j) in network {
-                            let (lo, hi) = block.split_at_mut(j);
-                            let (a, b) = (&mut lo[i], &mut hi[0]);
-                            for l in 0..LANES {
-                                let (x, y) = (a[l], b[l]);
-                                a[l] = x.min(y);
-                                b[l] = x.max(y);
-                            }
-                        }
-                        let mut result = [0.0f32; LANES];
-                        reduce(&block, &mut result);
-                        outs.copy_from_slice(&result[..lanes]);
-                    }
-                    check == 0.0
-                })
-            })
-            .collect();
-        workers.into_iter().all(|w| w.join().unwrap_or(false))
+    let finite = for_each_chunk(&mut out, chunk, |c, part| {
+        let mut block = vec![[0.0f32; LANES]; m];
+        let mut check = 0.0f32;
+        for (b, outs) in part.chunks_mut(LANES).enumerate() {
+            let start = c * chunk + b * LANES;
+            let lanes = outs.len();
+            for (lane_values, row) in block.iter_mut().zip(rows) {
+                lane_values[..lanes].copy_from_slice(&row[start..start + lanes]);
+                // min/max would silently drop a NaN: check while the block is hot.
+                check += lane_values.iter().fold(0.0f32, |z, v| z + v * 0.0);
+            }
+            for &(i, j) in network {
+                let (lo, hi) = block.split_at_mut(j);
+                let (a, b) = (&mut lo[i], &mut hi[0]);
+                for l in 0..LANES {
+                    let (x, y) = (a[l], b[l]);
+                    a[l] = x.min(y);
+                    b[l] = x.max(y);
+                }
+            }
+            let mut result = [0.0f32; LANES];
+            reduce(&block, &mut result);
+            outs.copy_from_slice(&result[..lanes]);
+        }
+        check == 0.0
     });
     finite.then_some(out)
 }
