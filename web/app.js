@@ -35,6 +35,7 @@ function onEvent(ev) {
       break;
     case 'submitted':
       $('state').textContent = `Update for round ${ev.round} ${ev.accepted ? 'accepted' : 'rejected: ' + ev.reason}.`;
+      if (ev.relay_rtt_ms != null) $('rtt').textContent = `${ev.relay_rtt_ms.toFixed(1)} ms`;
       refreshStatus();
       break;
     case 'error':

@@ -44,7 +44,8 @@ pub enum PeerEvent {
     Joined { run: String, peer: String },
     Round { round: u64, inner_steps: u32, accuracy: Option<f32> },
     Trained { round: u64, steps: u32, loss: f32, train_ms: u64, rounds_trained: u64 },
-    Submitted { round: u64, accepted: bool, reason: Option<String> },
+    /// The relay's answer to the update; `relay_rtt_ms` is the last ping round trip to it.
+    Submitted { round: u64, accepted: bool, reason: Option<String>, relay_rtt_ms: Option<f64> },
     Error { message: String },
 }
 
@@ -226,9 +227,11 @@ pub async fn run<B: AutodiffBackend>(
             codec: session.spec.codec,
             payload: feedback.encode(session.spec.codec, &delta),
         };
-        let event = match session.request(ClientToRelay::Update(update)).await? {
-            RelayToClient::Accepted { .. } => PeerEvent::Submitted { round, accepted: true, reason: None },
-            RelayToClient::Rejected { reason } => PeerEvent::Submitted { round, accepted: false, reason: Some(reason) },
+        let answer = session.request(ClientToRelay::Update(update)).await?;
+        let relay_rtt_ms = session.client.relay_info().rtt.map(|rtt| rtt.as_secs_f64() * 1e3);
+        let event = match answer {
+            RelayToClient::Accepted { .. } => PeerEvent::Submitted { round, accepted: true, reason: None, relay_rtt_ms },
+            RelayToClient::Rejected { reason } => PeerEvent::Submitted { round, accepted: false, reason: Some(reason), relay_rtt_ms },
             _ => return Err(PeerError::Unexpected("update")),
         };
         emit(event);

@@ -6,6 +6,7 @@
 //! `Swarm` and answers the handle's commands through oneshot channels.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::io;
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use futures::channel::{mpsc, oneshot};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt, StreamExt};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identity::Keypair};
+use libp2p::identity::{Keypair, PublicKey};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, ping};
 use swarmtrain_shared::Signed;
 use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, RPC_PROTOCOL, RelayToClient, WireError};
 
@@ -79,10 +81,17 @@ impl request_response::Codec for FrameCodec {
     }
 }
 
-/// The swarmtrain behaviour, shared by peers and the relay.
+/// The protocol version swarmtrain nodes announce in identify.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/swarmtrain/id/1";
+
+/// The swarmtrain behaviour, shared by peers and the relay: the request-response protocol,
+/// identify (agent and protocols, so either side knows what it talks to) and ping (liveness and
+/// round-trip time).
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     pub rpc: request_response::Behaviour<FrameCodec>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -92,12 +101,17 @@ impl std::fmt::Debug for Behaviour {
 }
 
 impl Behaviour {
-    /// `support`: peers only send requests; the relay only answers them.
-    pub fn new(support: ProtocolSupport) -> Self {
+    /// `support`: peers only send requests; the relay only answers them. `agent` names this
+    /// node in identify (`swarmtrain-relay/0.1.0`, `swarmtrain-peer/0.1.0`).
+    pub fn new(support: ProtocolSupport, key: PublicKey, agent: &str) -> Self {
         let config = request_response::Config::default()
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_max_concurrent_streams(64);
-        Self { rpc: request_response::Behaviour::new([(StreamProtocol::new(RPC_PROTOCOL), support)], config) }
+        Self {
+            rpc: request_response::Behaviour::new([(StreamProtocol::new(RPC_PROTOCOL), support)], config),
+            identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key).with_agent_version(agent.into())),
+            ping: ping::Behaviour::new(ping::Config::new()),
+        }
     }
 }
 
@@ -120,6 +134,18 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct RelayClient {
     commands: mpsc::Sender<Command>,
+    info: Arc<Mutex<RelayInfo>>,
+}
+
+/// The relay as identify and ping see it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RelayInfo {
+    /// The relay's agent version, e.g. `swarmtrain-relay/0.1.0`.
+    pub agent: Option<String>,
+    /// The protocols the relay speaks.
+    pub protocols: Vec<String>,
+    /// The last measured round-trip time.
+    pub rtt: Option<Duration>,
 }
 
 impl std::fmt::Debug for Command {
@@ -138,17 +164,26 @@ impl RelayClient {
                 _ => None,
             })
             .ok_or_else(|| RpcError::Network(format!("{address} names no relay peer id")))?;
+        let keypair = Keypair::generate_ed25519();
+        let agent = format!("swarmtrain-peer/{}", env!("CARGO_PKG_VERSION"));
+        let behaviour = Behaviour::new(ProtocolSupport::Outbound, keypair.public(), &agent);
         let mut swarm = platform::build_swarm(
-            Keypair::generate_ed25519(),
-            Behaviour::new(ProtocolSupport::Outbound),
+            keypair,
+            behaviour,
             Duration::from_secs(300),
         )
         .map_err(RpcError::Network)?;
         swarm.add_peer_address(relay, address.clone());
         swarm.dial(address).map_err(|e| RpcError::Network(e.to_string()))?;
         let (commands, receiver) = mpsc::channel(16);
-        platform::spawn(event_loop(swarm, relay, receiver));
-        Ok(Self { commands })
+        let info = Arc::new(Mutex::new(RelayInfo::default()));
+        platform::spawn(event_loop(swarm, relay, receiver, info.clone()));
+        Ok(Self { commands, info })
+    }
+
+    /// What identify and ping have told about the relay so far.
+    pub fn relay_info(&self) -> RelayInfo {
+        self.info.lock().map(|i| i.clone()).unwrap_or_default()
     }
 
     /// Sends one signed request and waits for the relay's answer.
@@ -165,7 +200,7 @@ impl RelayClient {
     }
 }
 
-async fn event_loop(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mpsc::Receiver<Command>) {
+async fn event_loop(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mpsc::Receiver<Command>, info: Arc<Mutex<RelayInfo>>) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> = HashMap::new();
     loop {
         futures::select! {
@@ -191,6 +226,19 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mp
                 })) => {
                     if let Some(reply) = pending.remove(&request_id) {
                         let _ = reply.send(Err(RpcError::Network(error.to_string())));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info: received, .. }))
+                    if peer_id == relay =>
+                {
+                    if let Ok(mut info) = info.lock() {
+                        info.agent = Some(received.agent_version);
+                        info.protocols = received.protocols.iter().map(ToString::to_string).collect();
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) if peer == relay => {
+                    if let Ok(mut info) = info.lock() {
+                        info.rtt = Some(rtt);
                     }
                 }
                 SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == relay => {

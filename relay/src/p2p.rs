@@ -20,12 +20,13 @@ use crate::coordinator::Coordinator;
 const MAX_IN_FLIGHT: usize = 4096;
 
 pub async fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> {
+    let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
         .with_websocket(noise::Config::new, yamux::Config::default)
         .await?
-        .with_behaviour(|_| Behaviour::new(ProtocolSupport::Inbound))?
+        .with_behaviour(|key| Behaviour::new(ProtocolSupport::Inbound, key.public(), &agent))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build())
 }

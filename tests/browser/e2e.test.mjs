@@ -98,6 +98,9 @@ for (const { backend: expected, flags } of cases) test(`Contribute trains in the
     await page.waitForFunction(() => Number(document.getElementById('round').textContent) >= 3, null, { timeout: 10_000 });
     const loss = Number(await page.textContent('#loss'));
     assert.ok(Number.isFinite(loss) && loss > 0, `local loss shown: ${loss}`);
+    // libp2p ping over the browser's WebSocket connection measured the relay.
+    await page.waitForFunction(() => /^\d+\.\d ms$/.test(document.getElementById('rtt').textContent), null, { timeout: 10_000 });
+    console.log(`relay round trip shown: ${await page.textContent('#rtt')}`);
     const pageLog = await page.$$eval('#log li', (items) => items.map((li) => li.textContent).reverse());
     console.log(pageLog.filter((l) => /steps in|backend/.test(l)).join('\n'));
     await page.screenshot({ path: join(outDir, `contribute-${expected}.png`), fullPage: true });
