@@ -443,7 +443,10 @@ async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow:
             accepted: state.accepted,
             rejected: state.rejected.clone(),
         },
-    )
+    )?;
+    // Only once the record points at the new checkpoint may older ones go.
+    store.prune(&round.spec.run_id, round.round).await?;
+    Ok(())
 }
 
 fn store_params(state: &mut State) {

@@ -50,6 +50,8 @@ pub struct RelayConfig {
     pub seed: u64,
     /// The Burn backend that aggregates.
     pub aggregation: AggregationBackend,
+    /// Checkpoints kept per run in the data directory.
+    pub keep_checkpoints: usize,
 }
 
 /// The default run: the digits MLP, trained DiLoCo-style.
@@ -79,6 +81,7 @@ impl Default for RelayConfig {
             run: default_run(),
             seed: 0,
             aggregation: AggregationBackend::default(),
+            keep_checkpoints: store::KEEP_CHECKPOINTS,
         }
     }
 }
@@ -143,7 +146,10 @@ impl Relay {
         let data = dataset::digits(&config.run.run_id, config.run.data.n_shards as usize)?;
         let run_id = config.run.run_id.clone();
         // With a data directory the run survives restarts: checkpoints and the ledger live there.
-        let store = config.data_dir.as_deref().map(store::Store::open).transpose()?;
+        let store = match config.data_dir.as_deref() {
+            Some(dir) => Some(store::Store::open(dir)?.with_keep(config.keep_checkpoints)),
+            None => None,
+        };
         let coordinator = Arc::new(Coordinator::new(identity, config.run.clone(), data, config.seed, config.aggregation, store).await?);
 
         let mut swarm = p2p::build_swarm(keypair).await?;

@@ -666,6 +666,9 @@ struct Serve {
     /// relay started again on the same directory resumes its run.
     #[arg(long, env = "SWARMTRAIN_DATA_DIR", default_value = "swarmtrain-data")]
     data_dir: PathBuf,
+    /// Checkpoints kept per run in the data directory (older ones are deleted).
+    #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS", default_value_t = swarmtrain_relay::store::KEEP_CHECKPOINTS)]
+    keep_checkpoints: usize,
     /// Local AdamW steps per round (DiLoCo's H).
     #[arg(long, env = "SWARMTRAIN_INNER_STEPS", default_value_t = default_run().inner.steps)]
     inner_steps: u32,
@@ -868,6 +871,7 @@ async fn main() -> anyhow::Result<()> {
         run,
         seed: args.seed,
         aggregation: args.aggregation_backend,
+        keep_checkpoints: args.keep_checkpoints,
     };
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());

@@ -57,7 +57,11 @@ pub struct LedgerEntry {
 pub struct Store {
     db: Database,
     objects: Arc<dyn ObjectStore>,
+    keep: usize,
 }
+
+/// Checkpoints kept per run by default (older ones are deleted once a newer round is recorded).
+pub const KEEP_CHECKPOINTS: usize = 10;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,7 +86,33 @@ impl Store {
         tx.open_table(RUNS)?;
         tx.open_table(LEDGER)?;
         tx.commit()?;
-        Ok(Self { db, objects })
+        Ok(Self { db, objects, keep: KEEP_CHECKPOINTS })
+    }
+
+    /// Keeps the newest `keep` checkpoints of each run (at least 1).
+    pub fn with_keep(mut self, keep: usize) -> Self {
+        self.keep = keep.max(1);
+        self
+    }
+
+    /// Deletes the checkpoints of `run_id` older than the newest `keep` before `round`.
+    pub async fn prune(&self, run_id: &str, round: u64) -> anyhow::Result<usize> {
+        use futures::TryStreamExt;
+        let prefix = StorePath::from(run_id);
+        let listed: Vec<_> = self.objects.list(Some(&prefix)).try_collect().await.context("listing checkpoints")?;
+        let mut deleted = 0;
+        for meta in listed {
+            let name = meta.location.filename().unwrap_or_default();
+            let Some(r) = name.strip_prefix("round-").and_then(|n| n.strip_suffix(".safetensors")).and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if r + (self.keep as u64) <= round {
+                self.objects.delete(&meta.location).await.with_context(|| format!("deleting {}", meta.location))?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     pub fn run(&self, run_id: &str) -> anyhow::Result<Option<RunRecord>> {
@@ -166,5 +196,37 @@ impl Store {
         tx.open_table(RUNS)?.insert(run_id, bytes.as_slice())?;
         tx.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_checkpoints_are_pruned_and_the_newest_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open").with_keep(2);
+        let layout = [TensorInfo { name: "w".into(), shape: vec![3] }];
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async {
+            for round in 0..6u64 {
+                let key = store.write_checkpoint("run", round, &layout, &[round as f32; 3], &[0.5; 3]).await.expect("write");
+                store.prune("run", round).await.expect("prune");
+                assert_eq!(key, format!("run/round-{round:08}.safetensors"));
+            }
+            let left: Vec<String> = std::fs::read_dir(dir.path().join("checkpoints/run"))
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            assert_eq!(left, ["round-00000004.safetensors", "round-00000005.safetensors"]);
+            let (params, velocity) = store.read_checkpoint("run/round-00000005.safetensors", &layout).await.expect("read");
+            assert_eq!((params, velocity), (vec![5.0; 3], vec![0.5; 3]));
+            let wrong = [TensorInfo { name: "v".into(), shape: vec![3] }];
+            assert!(store.read_checkpoint("run/round-00000005.safetensors", &wrong).await.is_err(), "another model's checkpoint");
+            assert!(store.read_checkpoint("run/round-00000001.safetensors", &layout).await.is_err(), "pruned");
+        });
     }
 }
