@@ -5,8 +5,8 @@
 //! Order of writes, so that a relay killed at any instant resumes without loss:
 //! 1. an accepted update is committed to the ledger before the peer hears `Accepted`;
 //! 2. when a round closes, θ_{t+1} and the outer momentum are written as a checkpoint, then the
-//!    run record is switched to round t+1 in one transaction (which also drops the closed
-//!    round's pending updates), and only then is round t+1 announced.
+//!    run record is switched to round t+1 in one transaction, and only then is round t+1
+//!    announced. The closed round's updates stay in the ledger as history.
 //!
 //! On start, the record names the last announced round and its checkpoint; the ledger's updates
 //! for that round are submitted again, through the same checks as live ones.
@@ -148,15 +148,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Ledger entries of a run, all rounds.
-    pub fn ledger_len(&self, run_id: &str) -> anyhow::Result<u64> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(LEDGER)?;
-        let low: (&str, u64, &[u8]) = (run_id, 0, &[]);
-        let high: (&str, u64, &[u8]) = (run_id, u64::MAX, &[0xff; 33]);
-        Ok(table.range(low..high)?.count() as u64)
-    }
-
     /// Writes the checkpoint of `round` (θ and the outer momentum) and returns its key.
     pub async fn write_checkpoint(&self, run_id: &str, round: u64, layout: &[TensorInfo], params: &[f32], velocity: &[f32]) -> anyhow::Result<String> {
         let mut tensors = layout.to_vec();
@@ -188,8 +179,7 @@ impl Store {
         Ok((flat, velocity))
     }
 
-    /// Switches the run to its next round in one transaction: the new record, and the closed
-    /// round's updates stay in the ledger (they are history, not pending).
+    /// Switches the run's record (open round, checkpoint, history, counters) in one transaction.
     pub fn commit_round(&self, run_id: &str, record: &RunRecord) -> anyhow::Result<()> {
         let bytes = postcard::to_allocvec(record)?;
         let tx = self.db.begin_write()?;
