@@ -390,7 +390,7 @@ fn bench_diloco(report_only: bool) -> Result {
     fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
 
     // Shared by every run: model, steps per peer, batch per peer, schedule, seed, start point.
-    let common = "--context 32 --d-model 48 --heads 4 --layers 2 --steps 2000 --batch 8 --lr 3e-3 --warmup 50 \
+    let common = "--context 32 --d-model 48 --heads 4 --layers 2 --steps 1500 --batch 8 --lr 3e-3 --warmup 50 \
                   --pretrain-steps 300 --eval-every 100 --eval-windows 256 --seed 1";
     let run = |name: &'static str, label: &str, extra: &str| SimRun {
         name,

@@ -1,0 +1,171 @@
+//! `swarmtrain-relay loadtest`: many simulated peers against one running relay.
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+pub(crate) struct Loadtest {
+    /// The relay's HTTP URL (it must run with --quorum equal to --senders).
+    #[arg(long, default_value = "http://127.0.0.1:8080/")]
+    relay: String,
+    /// Simulated peers kept connected.
+    #[arg(long, default_value_t = 1000)]
+    peers: u32,
+    /// Rounds to close.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Peers that send an update each round (the relay's quorum).
+    #[arg(long, default_value_t = 20)]
+    senders: u32,
+    /// Give up on a round after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    round_timeout_secs: u64,
+}
+
+pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::time::{Duration, Instant};
+    use swarmtrain_client::rpc::RelayClient;
+    use swarmtrain_shared::protocol::{Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, Update};
+    use swarmtrain_shared::{Identity, PeerKey};
+
+    anyhow::ensure!(args.senders >= 1 && args.senders <= args.peers, "--senders must be in 1..=--peers");
+    let boot: swarmtrain_client::peer::Bootstrap = serde_json::from_slice(
+        &swarmtrain_client::platform::http_get(&format!("{}/api/bootstrap", args.relay.trim_end_matches('/')))
+            .await
+            .map_err(anyhow::Error::msg)?,
+    )?;
+    let address: libp2p::Multiaddr = boot.addresses.get("tcp").and_then(|a| a.first()).context_str("the relay has no TCP address")?.parse()?;
+    let run_id = boot.run_id.clone();
+    let started = Instant::now();
+    // Connect and join, 64 at a time.
+    type Joined = (RelayClient, std::sync::Arc<Identity>, PeerKey, RoundAnnouncement);
+    let joined: Vec<anyhow::Result<Joined>> = futures::stream::iter(0..args.peers)
+        .map(|i| {
+            let (address, run_id) = (address.clone(), run_id.clone());
+            async move {
+                let client = RelayClient::connect(address)?;
+                let mut seed = [7u8; 32];
+                seed[..4].copy_from_slice(&i.to_le_bytes());
+                let identity = Identity::from_seed(seed);
+                let join = ClientToRelay::Join(Join {
+                    version: PROTOCOL_VERSION,
+                    run_id,
+                    capabilities: Capabilities { backend: "none".into(), platform: "loadtest".into() },
+                });
+                match client.request(&identity.sign(&join)?).await? {
+                    RelayToClient::Welcome(w) => {
+                        let relay_key = PeerKey::from_public_key(&w.relay_key);
+                        let round = w.round.verify_from(&relay_key)?;
+                        Ok((client, std::sync::Arc::new(identity), relay_key, round))
+                    }
+                    other => anyhow::bail!("expected a welcome, got {other:?}"),
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let peers: Vec<_> = joined.into_iter().collect::<anyhow::Result<_>>()?;
+    let connect_s = started.elapsed().as_secs_f64();
+    eprintln!("{} peers joined in {connect_s:.1} s", peers.len());
+
+    // Every peer long-polls for the next round and reports when it sees it.
+    let (seen_tx, mut seen_rx) = futures::channel::mpsc::channel::<(u64, Instant)>(4096);
+    let first_round = peers.iter().map(|p| p.3.round).max().unwrap_or(0);
+    let last_round = first_round + u64::from(args.rounds);
+    for (client, identity, relay_key, round) in &peers {
+        let (client, identity, relay_key, run_id, mut seen) = (client.clone(), identity.clone(), *relay_key, run_id.clone(), seen_tx.clone());
+        let mut current = round.round;
+        tokio::spawn(async move {
+            while current < last_round {
+                let ask = ClientToRelay::AwaitRound { run_id: run_id.clone(), after: Some(current) };
+                let Ok(signed) = identity.sign(&ask) else { return };
+                match client.request(&signed).await {
+                    Ok(RelayToClient::Round(r)) => match r.verify_from(&relay_key) {
+                        Ok(r) if r.round > current => {
+                            current = r.round;
+                            let _ = futures::SinkExt::send(&mut seen, (current, Instant::now())).await;
+                        }
+                        _ => {}
+                    },
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+    }
+    drop(seen_tx);
+
+    let mut latencies_ms = Vec::new();
+    let mut completed = 0u32;
+    let mut announcement = peers[0].3.clone();
+    for _ in 0..args.rounds {
+        // Quorum − 1 updates, then the one that closes the round: its send time is the close.
+        let update = |r: &RoundAnnouncement| ClientToRelay::Update(Update {
+            run_id: run_id.clone(),
+            round: r.round,
+            base: r.params,
+            n_samples: 1,
+            inner_steps: 1,
+            loss: 1.0,
+            codec: swarmtrain_shared::protocol::Codec::F32,
+            payload: swarmtrain_shared::protocol::Codec::F32.encode(&vec![1e-4; r.n_params as usize]),
+        });
+        let senders = &peers[..args.senders as usize];
+        for (client, identity, _, _) in &senders[..senders.len() - 1] {
+            let answer = client.request(&identity.sign(&update(&announcement))?).await?;
+            anyhow::ensure!(matches!(answer, RelayToClient::Accepted { .. }), "update refused: {answer:?}");
+        }
+        let (client, identity, relay_key, _) = &senders[senders.len() - 1];
+        let closing = identity.sign(&update(&announcement))?;
+        let closed_at = Instant::now();
+        let answer = client.request(&closing).await?;
+        anyhow::ensure!(matches!(answer, RelayToClient::Accepted { .. }), "update refused: {answer:?}");
+        let next = announcement.round + 1;
+        let deadline = closed_at + Duration::from_secs(args.round_timeout_secs);
+        let mut received = 0;
+        while received < peers.len() {
+            let Ok(Some((round, at))) = tokio::time::timeout_at(deadline.into(), seen_rx.next()).await else { break };
+            if round == next {
+                received += 1;
+                latencies_ms.push(at.saturating_duration_since(closed_at).as_secs_f64() * 1e3);
+            }
+        }
+        eprintln!("round {} closed; {received} of {} peers saw round {next}", announcement.round, peers.len());
+        if received < peers.len() {
+            anyhow::bail!("only {received} of {} peers saw round {next} within {} s", peers.len(), args.round_timeout_secs);
+        }
+        completed += 1;
+        let ask = ClientToRelay::AwaitRound { run_id: run_id.clone(), after: None };
+        announcement = match client.request(&identity.sign(&ask)?).await? {
+            RelayToClient::Round(r) => r.verify_from(relay_key)?,
+            other => anyhow::bail!("expected the round, got {other:?}"),
+        };
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies_ms.get(((latencies_ms.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    println!(
+        "{}",
+        serde_json::json!({
+            "peers": peers.len(),
+            "rounds_completed": completed,
+            "connect_seconds": connect_s,
+            "latency_ms_p50": pct(0.5),
+            "latency_ms_p99": pct(0.99),
+            "latency_ms_max": latencies_ms.last().copied().unwrap_or(f64::NAN),
+            "announcements_received": latencies_ms.len(),
+        })
+    );
+    Ok(())
+}
+
+/// `Option::context` for a message without pulling `anyhow::Context` into every function.
+trait ContextStr<T> {
+    fn context_str(self, message: &str) -> anyhow::Result<T>;
+}
+
+impl<T> ContextStr<T> for Option<T> {
+    fn context_str(self, message: &str) -> anyhow::Result<T> {
+        self.ok_or_else(|| anyhow::anyhow!("{message}"))
+    }
+}
+

@@ -1,0 +1,419 @@
+//! `swarmtrain-relay`: the operator's binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod attack_grid;
+mod loadtest;
+mod simulate;
+
+use attack_grid::{AttackGrid, attack_grid};
+use loadtest::{Loadtest, loadtest};
+use simulate::{Simulate, simulate};
+use swarmtrain_relay::{AggregationBackend, Relay, RelayConfig, default_run};
+use swarmtrain_shared::protocol::Codec;
+use swarmtrain_shared::robust::Rule;
+
+#[derive(Parser, Debug)]
+#[command(name = "swarmtrain-relay", version, about = "Serves the swarmtrain page, coordinates training rounds and aggregates updates")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the page and the default run (digits MLP) until SIGINT or SIGTERM.
+    Serve(Serve),
+    /// Create a new identity key file (refuses to overwrite one) and print its peer key.
+    Keygen(Keygen),
+    /// Print a running relay's status: run, round, accuracy, peers, rejections.
+    Status(StatusArgs),
+    /// Download a relay's current global parameters as a safetensors checkpoint.
+    Export(Export),
+    /// Join a relay as a native training peer (ndarray CPU backend), with the browser's code.
+    Worker(Worker),
+    /// Simulate N peers training the language model in this process (DiLoCo or data-parallel),
+    /// with the real shared code, counting every byte; prints the loss curve, writes JSON.
+    Simulate(Simulate),
+    /// Load-test a running relay: connect many simulated peers over TCP, keep them waiting for
+    /// rounds, close rounds with synthetic updates, and report announcement latencies as JSON.
+    Loadtest(Loadtest),
+    /// Run the Byzantine attack grid on the digits: every standard attack × every aggregation
+    /// rule × attacker fraction, with simulated peers and the shared code; writes a Markdown table.
+    AttackGrid(AttackGrid),
+}
+
+#[derive(Parser, Debug)]
+struct Keygen {
+    /// Where to write the key (hex seed, mode 0600).
+    #[arg(long, env = "SWARMTRAIN_KEY_FILE", default_value = "swarmtrain-data/worker.key")]
+    key_file: PathBuf,
+}
+
+#[derive(Parser, Debug)]
+struct StatusArgs {
+    /// The relay's HTTP URL.
+    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    relay: String,
+    /// Print the whole /api/status JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser, Debug)]
+struct Export {
+    /// The relay's HTTP URL.
+    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    relay: String,
+    /// The safetensors file to write (replaced atomically).
+    #[arg(long, default_value = "swarmtrain.safetensors")]
+    out: PathBuf,
+}
+
+fn keygen(args: Keygen) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.key_file.exists(), "{} exists; refusing to overwrite an identity", args.key_file.display());
+    let seed = swarmtrain_relay::load_or_create_key(&args.key_file)?;
+    let identity = swarmtrain_shared::Identity::from_seed(seed);
+    println!("wrote {}", args.key_file.display());
+    println!("peer key {}", identity.peer());
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let status = swarmtrain_relay::ops::status(&args.relay).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let get = |k: &str| status.get(k).cloned().unwrap_or_default();
+    let last = get("history").as_array().and_then(|h| h.last().cloned()).unwrap_or_default();
+    println!("run        {}", get("run_id").as_str().unwrap_or("?"));
+    println!("round      {}", get("round"));
+    println!("params     {} values, BLAKE3 {}", get("n_params"), get("params_hash").as_str().unwrap_or("?"));
+    println!("accuracy   {}", last.get("accuracy").map_or("—".into(), |a| format!("{:.1}%", a.as_f64().unwrap_or(0.0) * 100.0)));
+    println!("peers      {} active, {} joined", get("active_peers"), get("joined_peers"));
+    println!("updates    {} accepted, this round {}", get("accepted_updates"), get("updates_this_round"));
+    println!("rejected   {}", get("rejected"));
+    if let Some(eps) = get("privacy_epsilon").as_f64() {
+        println!("privacy    ε = {eps:.3}");
+    }
+    Ok(())
+}
+
+async fn export(args: Export) -> anyhow::Result<()> {
+    let (file, status) = swarmtrain_relay::ops::export(&args.relay).await?;
+    let tmp = args.out.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, &file).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
+    println!("wrote {} ({} bytes): run {}, round {}", args.out.display(), file.len(), status["run_id"], status["round"]);
+    Ok(())
+}
+
+#[derive(Parser, Debug)]
+struct Worker {
+    /// The relay's HTTP URL.
+    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    relay: String,
+    /// File holding this worker's identity seed (hex; created with mode 0600 if missing).
+    #[arg(long, env = "SWARMTRAIN_KEY_FILE", default_value = "swarmtrain-data/worker.key")]
+    key_file: PathBuf,
+    /// Stop after this many rounds (default: until SIGINT or SIGTERM).
+    #[arg(long)]
+    rounds: Option<u64>,
+}
+
+async fn worker(args: Worker) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use burn::backend::{Autodiff, NdArray};
+    use swarmtrain_client::peer::{self, PeerConfig};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = PeerConfig {
+        relay_url: args.relay,
+        identity_seed: swarmtrain_relay::load_or_create_key(&args.key_file)?,
+        backend: "ndarray".into(),
+        max_rounds: args.rounds,
+        stop: stop.clone(),
+    };
+    let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
+        tracing::info!(?event, "worker");
+    });
+    tokio::pin!(run);
+    let rounds = tokio::select! {
+        result = &mut run => result?,
+        _ = shutdown_signal() => {
+            stop.store(true, Ordering::Relaxed);
+            run.await?
+        }
+    };
+    println!("trained {rounds} rounds");
+    Ok(())
+}
+
+#[derive(Parser, Debug)]
+struct Serve {
+    /// HTTP address for the page, data and checkpoints; its IP is used for libp2p too.
+    #[arg(long, env = "SWARMTRAIN_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// libp2p TCP port for native peers (0 picks a free port).
+    #[arg(long, env = "SWARMTRAIN_TCP_PORT", default_value_t = 0)]
+    tcp_port: u16,
+    /// libp2p WebSocket port for browsers (0 picks a free port).
+    #[arg(long, env = "SWARMTRAIN_WS_PORT", default_value_t = 0)]
+    ws_port: u16,
+    /// Directory with the contributor page (index.html) and the npm package under pkg/.
+    #[arg(long, env = "SWARMTRAIN_WEB_DIR", default_value = "web")]
+    web_dir: PathBuf,
+    /// Directory for the identity key (mode 0600), the run database and the checkpoints; a
+    /// relay started again on the same directory resumes its run.
+    #[arg(long, env = "SWARMTRAIN_DATA_DIR", default_value = "swarmtrain-data")]
+    data_dir: PathBuf,
+    /// Checkpoints kept per run in the data directory (older ones are deleted).
+    #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS", default_value_t = swarmtrain_relay::store::KEEP_CHECKPOINTS)]
+    keep_checkpoints: usize,
+    /// Local AdamW steps per round (DiLoCo's H).
+    #[arg(long, env = "SWARMTRAIN_INNER_STEPS", default_value_t = default_run().inner.steps)]
+    inner_steps: u32,
+    /// Updates that close a round early (capped at the number of active peers).
+    #[arg(long, env = "SWARMTRAIN_QUORUM", default_value_t = default_run().quorum)]
+    quorum: u32,
+    /// Seconds after which a round closes with the updates it has.
+    #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS", default_value_t = default_run().round_deadline_ms / 1000)]
+    round_deadline_secs: u64,
+    /// Seed of the initial parameters.
+    #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
+    seed: u64,
+    /// How peers encode their updates: f32, f16, int8 (blockwise, 64 per block) or topk.
+    #[arg(long, env = "SWARMTRAIN_CODEC", value_enum, default_value_t = CodecArg::F32)]
+    codec: CodecArg,
+    /// With --codec topk: how many values per million to send (10000 = 1%).
+    #[arg(long, env = "SWARMTRAIN_TOPK_PER_MILLION", default_value_t = 20_000)]
+    topk_per_million: u32,
+    /// Differential privacy: clip every update to this L2 norm (enables DP with --dp-noise).
+    #[arg(long, env = "SWARMTRAIN_DP_CLIP")]
+    dp_clip: Option<f32>,
+    /// Differential privacy: noise standard deviation in units of the clip norm.
+    #[arg(long, env = "SWARMTRAIN_DP_NOISE", default_value_t = 1.0, requires = "dp_clip")]
+    dp_noise: f32,
+    /// Differential privacy: the δ that ε is reported for.
+    #[arg(long, env = "SWARMTRAIN_DP_DELTA", default_value_t = 1e-5, requires = "dp_clip")]
+    dp_delta: f64,
+    /// How a round's updates are combined: mean, median, trimmed-mean (drops --trim from each
+    /// side), krum (multi-Krum, tolerating --byzantine attackers), geometric-median or
+    /// centered-clipping (radius --clip-radius around the previous aggregate).
+    #[arg(long, env = "SWARMTRAIN_AGGREGATOR", value_enum, default_value_t = AggregatorArg::Mean)]
+    aggregator: AggregatorArg,
+    /// With --aggregator trimmed-mean: updates dropped from each side per coordinate.
+    #[arg(long, env = "SWARMTRAIN_TRIM", default_value_t = 1)]
+    trim: u32,
+    /// With --aggregator krum: attackers to tolerate (needs at least 2·f + 3 updates a round).
+    #[arg(long, env = "SWARMTRAIN_BYZANTINE", default_value_t = 1)]
+    byzantine: u32,
+    /// With --aggregator centered-clipping: the clipping radius.
+    #[arg(long, env = "SWARMTRAIN_CLIP_RADIUS", default_value_t = 1.0)]
+    clip_radius: f32,
+    /// Burn backend that aggregates updates (from those compiled in).
+    #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum, default_value_t = AggregationBackend::Ndarray)]
+    aggregation_backend: AggregationBackend,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum AggregatorArg {
+    Mean,
+    Median,
+    TrimmedMean,
+    Krum,
+    GeometricMedian,
+    CenteredClipping,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CodecArg {
+    F32,
+    F16,
+    Int8,
+    Topk,
+}
+
+impl CodecArg {
+    fn codec(self, per_million: u32) -> Codec {
+        match self {
+            Self::F32 => Codec::F32,
+            Self::F16 => Codec::F16,
+            Self::Int8 => Codec::Int8Block { block: 64 },
+            Self::Topk => Codec::TopK { per_million },
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return ctrl_c.await.unwrap_or_default(),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or_default();
+}
+
+/// Applies `--config FILE` (or `SWARMTRAIN_CONFIG`): a TOML table whose keys are `serve`'s long
+/// options (`inner_steps = 100`, `http = "0.0.0.0:8080"`, …). Precedence: command line, then
+/// environment variables, then the file, then the defaults. Unknown keys are an error.
+fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<Vec<String>> {
+    use clap::CommandFactory;
+    let flag = argv.iter().position(|a| a == "--config");
+    let path = match flag {
+        Some(i) => {
+            anyhow::ensure!(i + 1 < argv.len(), "--config needs a file");
+            let path = argv.remove(i + 1);
+            argv.remove(i);
+            path
+        }
+        None => match std::env::var("SWARMTRAIN_CONFIG") {
+            Ok(path) => path,
+            Err(_) => return Ok(argv),
+        },
+    };
+    let Some(serve_at) = argv.iter().position(|a| a == "serve") else {
+        anyhow::bail!("--config applies to `serve`");
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read config {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("config {path} is not valid TOML: {e}"))?;
+    let command = Cli::command();
+    let serve = command.find_subcommand("serve").ok_or_else(|| anyhow::anyhow!("no serve command"))?;
+    let mut extra = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let Some(arg) = serve.get_arguments().find(|a| a.get_long() == Some(long.as_str())) else {
+            let known: Vec<String> = serve.get_arguments().filter_map(|a| a.get_long()).map(|l| l.replace('-', "_")).collect();
+            anyhow::bail!("config {path}: unknown key {key:?}; known keys: {}", known.join(", "));
+        };
+        let on_command_line = argv.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        let in_environment = arg.get_env().is_some_and(|name| std::env::var_os(name).is_some());
+        if on_command_line || in_environment {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!("config {path}: {key} must be a string, number or boolean, not a {}", other.type_str()),
+        };
+        extra.push(format!("--{long}={value}"));
+    }
+    argv.splice(serve_at + 1..serve_at + 1, extra);
+    Ok(argv)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "swarmtrain_relay=info,warn".into()),
+        )
+        .init();
+    let args = match Cli::parse_from(with_config_file(std::env::args().collect())?).command {
+        Command::Serve(args) => args,
+        Command::Worker(args) => return worker(args).await,
+        Command::Keygen(args) => return keygen(args),
+        Command::Status(args) => return status(args).await,
+        Command::Export(args) => return export(args).await,
+        Command::Loadtest(args) => return loadtest(args).await,
+        Command::AttackGrid(args) => return tokio::task::spawn_blocking(move || attack_grid(args)).await?,
+        Command::Simulate(args) => return tokio::task::spawn_blocking(move || simulate(args)).await?,
+    };
+    if !args.web_dir.join("index.html").is_file() {
+        anyhow::bail!("{} has no index.html (run from the repository root, or pass --web-dir)", args.web_dir.display());
+    }
+    if !args.web_dir.join("pkg/swarmtrain.js").is_file() {
+        tracing::warn!("{} has no pkg/swarmtrain.js: build it with `cargo xtask build-wasm`", args.web_dir.display());
+    }
+    anyhow::ensure!(args.inner_steps > 0, "--inner-steps must be at least 1");
+    anyhow::ensure!(args.round_deadline_secs > 0, "--round-deadline-secs must be at least 1");
+    let mut run = default_run();
+    run.inner.steps = args.inner_steps;
+    run.quorum = args.quorum.max(1);
+    run.round_deadline_ms = args.round_deadline_secs * 1000;
+    anyhow::ensure!((1..=1_000_000).contains(&args.topk_per_million), "--topk-per-million must be in 1..=1000000");
+    run.codec = args.codec.codec(args.topk_per_million);
+    anyhow::ensure!(args.clip_radius > 0.0 && args.clip_radius.is_finite(), "--clip-radius must be positive");
+    run.aggregator = match args.aggregator {
+        AggregatorArg::Mean => Rule::Mean,
+        AggregatorArg::Median => Rule::Median,
+        AggregatorArg::TrimmedMean => Rule::TrimmedMean { trim: args.trim },
+        AggregatorArg::Krum => Rule::MultiKrum { byzantine: args.byzantine, select: 1 },
+        AggregatorArg::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
+        AggregatorArg::CenteredClipping => Rule::CenteredClipping { tau: args.clip_radius, iterations: 3 },
+    };
+    if let Some(clip) = args.dp_clip {
+        anyhow::ensure!(clip > 0.0 && clip.is_finite(), "--dp-clip must be a positive number");
+        anyhow::ensure!(args.dp_noise >= 0.0 && args.dp_noise.is_finite(), "--dp-noise must be ≥ 0");
+        anyhow::ensure!(args.dp_delta > 0.0 && args.dp_delta < 1.0, "--dp-delta must be in (0, 1)");
+        run.privacy = Some(swarmtrain_shared::privacy::PrivacySpec {
+            clip_norm: clip,
+            noise_multiplier: args.dp_noise,
+            delta: args.dp_delta,
+        });
+    }
+    let config = RelayConfig {
+        http: args.http,
+        tcp_port: args.tcp_port,
+        ws_port: args.ws_port,
+        web_dir: args.web_dir,
+        data_dir: Some(args.data_dir),
+        run,
+        seed: args.seed,
+        aggregation: args.aggregation_backend,
+        keep_checkpoints: args.keep_checkpoints,
+    };
+    let relay = Relay::start(config).await?;
+    println!("swarmtrain relay listening on {}", relay.url());
+    println!("open it in a browser and press Contribute");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn config_file_fills_in_what_the_command_line_does_not_say() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "inner_steps = 7\nquorum = 2\naggregator = \"median\"\n").expect("write");
+        let path = path.to_str().expect("utf-8 path");
+        let out = with_config_file(argv(&["relay", "serve", "--config", path, "--quorum", "5"])).expect("config");
+        let Command::Serve(serve) = Cli::parse_from(out).command else { panic!("serve") };
+        assert_eq!((serve.inner_steps, serve.quorum), (7, 5), "the command line wins over the file");
+        assert!(matches!(serve.aggregator, AggregatorArg::Median));
+
+        std::fs::write(dir.path().join("bad.toml"), "inner_stepz = 7\n").expect("write");
+        let bad = dir.path().join("bad.toml");
+        let err = with_config_file(argv(&["relay", "serve", "--config", bad.to_str().expect("utf-8")])).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"inner_stepz\""), "{err}");
+        std::fs::write(dir.path().join("broken.toml"), "inner_steps = \n").expect("write");
+        let broken = dir.path().join("broken.toml");
+        assert!(with_config_file(argv(&["relay", "serve", "--config", broken.to_str().expect("utf-8")])).is_err());
+        assert!(with_config_file(argv(&["relay", "serve", "--config", "/nonexistent.toml"])).is_err());
+    }
+}
