@@ -5,9 +5,7 @@
 use std::fmt;
 
 use burn::backend::NdArray;
-use swarmtrain_shared::aggregate::{AggregateError, Contribution, outer_step_with};
-use swarmtrain_shared::protocol::OuterSpec;
-use swarmtrain_shared::robust::Rule;
+use swarmtrain_shared::aggregate::{AggregateError, RoundInputs, Stepped, outer_step_with};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AggregationBackend {
@@ -41,27 +39,19 @@ impl AggregationBackend {
         <Self as clap::ValueEnum>::value_variants().to_vec()
     }
 
-    /// Averages `contributions` and applies the outer Nesterov step on this backend.
-    pub async fn outer_step(
-        self,
-        params: &[f32],
-        velocity: &[f32],
-        contributions: &[Contribution],
-        rule: &Rule,
-        center: Option<&[f32]>,
-        spec: &OuterSpec,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), AggregateError> {
+    /// Aggregates with the run's rule and applies the outer Nesterov step on this backend.
+    pub async fn outer_step(self, inputs: &RoundInputs<'_>) -> Result<Stepped, AggregateError> {
         match self {
-            Self::Ndarray => outer_step_with::<NdArray>(&Default::default(), params, velocity, contributions, rule, center, spec).await,
+            Self::Ndarray => outer_step_with::<NdArray>(&Default::default(), inputs).await,
             #[cfg(feature = "wgpu")]
             Self::Wgpu => {
                 let device = burn::backend::wgpu::WgpuDevice::default();
-                outer_step_with::<burn::backend::Wgpu>(&device, params, velocity, contributions, rule, center, spec).await
+                outer_step_with::<burn::backend::Wgpu>(&device, inputs).await
             }
             #[cfg(feature = "cuda")]
             Self::Cuda => {
                 let device = burn::backend::cuda::CudaDevice::default();
-                outer_step_with::<burn::backend::Cuda>(&device, params, velocity, contributions, rule, center, spec).await
+                outer_step_with::<burn::backend::Cuda>(&device, inputs).await
             }
         }
     }

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::backend::AggregationBackend;
 use crate::dataset::RunData;
 use crate::store::{LedgerEntry, RunRecord, Store};
+use swarmtrain_shared::aggregate::RoundInputs;
 use swarmtrain_shared::checkpoint::{self, TensorInfo};
 use swarmtrain_shared::outer::OuterOptimizer;
 
@@ -324,15 +325,20 @@ impl Coordinator {
         // The run's rule and the outer step both run on the aggregation backend.
         let contributions = state.round.contributions();
         let rule = state.round.spec.aggregator.clone();
-        let stepped = self
-            .aggregation
-            .outer_step(state.round.params(), &state.round.outer().velocity, &contributions, &rule, state.round.last_aggregate(), &spec)
-            .await;
+        let inputs = RoundInputs {
+            params: state.round.params(),
+            velocity: &state.round.outer().velocity,
+            contributions: &contributions,
+            rule: &rule,
+            center: state.round.last_aggregate(),
+            outer: &spec,
+        };
+        let stepped = self.aggregation.outer_step(&inputs).await;
         let aggregation_ms = started.elapsed().as_secs_f64() * 1e3;
         let closed = match stepped {
-            Ok((params, velocity, aggregate)) => {
-                state.round.set_last_aggregate(aggregate);
-                state.round.close_with(params, velocity, now)
+            Ok(stepped) => {
+                state.round.set_last_aggregate(stepped.aggregate);
+                state.round.close_with(stepped.params, stepped.velocity, now)
             }
             Err(e) => {
                 tracing::error!(error = %e, backend = %self.aggregation, "aggregation failed; θ is kept");

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use swarmtrain_relay::AggregationBackend;
 use swarmtrain_shared::PeerKey;
-use swarmtrain_shared::aggregate::Contribution;
+use swarmtrain_shared::aggregate::{Contribution, RoundInputs, Stepped};
 use swarmtrain_shared::data::SplitMix64;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::OuterSpec;
@@ -51,9 +51,10 @@ async fn every_compiled_backend_matches_the_cpu() {
                     continue;
                 }
                 // The first call on a GPU backend compiles kernels; time the second.
-                backend.outer_step(&params, &velocity, &contributions, &rule, None, &spec).await.expect("warm-up");
+                let inputs = RoundInputs { params: &params, velocity: &velocity, contributions: &contributions, rule: &rule, center: None, outer: &spec };
+                backend.outer_step(&inputs).await.expect("warm-up");
                 let started = Instant::now();
-                let (theta, v, _) = backend.outer_step(&params, &velocity, &contributions, &rule, None, &spec).await.expect("aggregate");
+                let Stepped { params: theta, velocity: v, .. } = backend.outer_step(&inputs).await.expect("aggregate");
                 let elapsed = started.elapsed();
                 let max_diff =
                     theta.iter().chain(&v).zip(cpu_theta.iter().chain(&cpu_v)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);

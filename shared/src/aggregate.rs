@@ -58,23 +58,41 @@ pub async fn outer_step_on<B: Backend>(
     contributions: &[Contribution],
     spec: &OuterSpec,
 ) -> Result<(Vec<f32>, Vec<f32>), AggregateError> {
-    let (theta, v, _) = outer_step_with::<B>(device, params, velocity, contributions, &Rule::Mean, None, spec).await?;
-    Ok((theta, v))
+    let inputs = RoundInputs { params, velocity, contributions, rule: &Rule::Mean, center: None, outer: spec };
+    let stepped = outer_step_with::<B>(device, &inputs).await?;
+    Ok((stepped.params, stepped.velocity))
 }
 
-/// Aggregates the contributions with `rule` ([`robust::aggregate_tensor`]) and takes the outer
-/// Nesterov step, all on backend `B`. Returns θ_{t+1}, the new momentum and the aggregate (the
-/// next round's centre for centered clipping). Input is validated on the host first: wrongly
+/// What a round's aggregation starts from.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundInputs<'a> {
+    /// θ_t.
+    pub params: &'a [f32],
+    /// The outer momentum.
+    pub velocity: &'a [f32],
+    pub contributions: &'a [Contribution],
+    pub rule: &'a Rule,
+    /// The previous aggregate (centered clipping's centre).
+    pub center: Option<&'a [f32]>,
+    pub outer: &'a OuterSpec,
+}
+
+/// What a round's aggregation produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stepped {
+    /// θ_{t+1}.
+    pub params: Vec<f32>,
+    /// The new outer momentum.
+    pub velocity: Vec<f32>,
+    /// The rule's aggregate of the pseudo-gradients.
+    pub aggregate: Vec<f32>,
+}
+
+/// Aggregates the contributions with the run's rule ([`robust::aggregate_tensor`]) and takes
+/// the outer Nesterov step, all on backend `B`. Input is validated on the host first: wrongly
 /// sized or non-finite contributions are errors.
-pub async fn outer_step_with<B: Backend>(
-    device: &B::Device,
-    params: &[f32],
-    velocity: &[f32],
-    contributions: &[Contribution],
-    rule: &Rule,
-    center: Option<&[f32]>,
-    spec: &OuterSpec,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), AggregateError> {
+pub async fn outer_step_with<B: Backend>(device: &B::Device, inputs: &RoundInputs<'_>) -> Result<Stepped, AggregateError> {
+    let RoundInputs { params, velocity, contributions, rule, center, outer: spec } = *inputs;
     let n = params.len();
     if velocity.len() != n {
         return Err(AggregateError::Shape { expected: n, got: velocity.len() });
@@ -100,7 +118,7 @@ pub async fn outer_step_with<B: Backend>(
     let read = |t: Tensor<B, 1>| async move {
         t.into_data_async().await.map(|d| d.iter::<f32>().collect::<Vec<f32>>()).map_err(|e| AggregateError::Readback(e.to_string()))
     };
-    Ok((read(theta).await?, read(v).await?, read(aggregate).await?))
+    Ok(Stepped { params: read(theta).await?, velocity: read(v).await?, aggregate: read(aggregate).await? })
 }
 
 #[cfg(test)]
