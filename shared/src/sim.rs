@@ -54,10 +54,17 @@ pub struct SimConfig {
     /// Not counted in tokens or bytes; 0 starts from θ₀.
     #[serde(default)]
     pub pretrain_steps: u32,
+    /// Windows per warm-start step: fixed, so runs with different peer counts share θ_start.
+    #[serde(default = "default_pretrain_batch")]
+    pub pretrain_batch: u32,
     /// Validation loss is measured at step 0, every `eval_every` steps (at syncs for DiLoCo)
     /// and at the end.
     pub eval_every: u32,
     pub eval_windows: u32,
+}
+
+fn default_pretrain_batch() -> u32 {
+    64
 }
 
 /// A point on the loss curve.
@@ -131,7 +138,7 @@ pub async fn simulate<B: AutodiffBackend>(
         let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &spec)?;
         let pretrain = Shards::new(corpus, window, derive_seed("pretrain", &[&config.seed.to_le_bytes()]));
         for step in 0..config.pretrain_steps {
-            trainer.step(&pretrain.batch(0, 1, u64::from(step), peers as usize * batch), window);
+            trainer.step(&pretrain.batch(0, 1, u64::from(step), config.pretrain_batch.max(1) as usize), window);
         }
         theta = trainer.params().await?;
     }
@@ -247,6 +254,7 @@ mod tests {
             inner: LmInnerSpec::new(LrSchedule { peak: 3e-3, warmup: 5, total: u64::from(steps), min_ratio: 0.1 }),
             seed: 11,
             pretrain_steps: 0,
+            pretrain_batch: 64,
             eval_every: 10,
             eval_windows: 64,
         }

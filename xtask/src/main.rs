@@ -391,7 +391,7 @@ fn bench_diloco(report_only: bool) -> Result {
 
     // Shared by every run: model, steps per peer, batch per peer, schedule, seed, start point.
     let common = "--context 32 --d-model 48 --heads 4 --layers 2 --steps 1500 --batch 8 --lr 3e-3 --warmup 50 \
-                  --pretrain-steps 300 --eval-every 100 --eval-windows 256 --seed 1";
+                  --pretrain-steps 300 --pretrain-batch 64 --eval-every 100 --eval-windows 256 --seed 1";
     let run = |name: &'static str, label: &str, extra: &str| SimRun {
         name,
         label: label.to_owned(),

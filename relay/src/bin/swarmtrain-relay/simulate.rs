@@ -73,6 +73,9 @@ pub(crate) struct Simulate {
     /// pretrained model); not counted in tokens or bytes.
     #[arg(long, default_value_t = 0)]
     pretrain_steps: u32,
+    /// Windows per warm-start step (the same for every peer count, so runs share the start).
+    #[arg(long, default_value_t = 64)]
+    pretrain_batch: u32,
     /// Measure validation loss every this many steps (at syncs for DiLoCo).
     #[arg(long, default_value_t = 50)]
     eval_every: u32,
@@ -131,6 +134,7 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
         inner: LmInnerSpec::new(LrSchedule { peak: args.lr, warmup: args.warmup, total: u64::from(args.steps), min_ratio: 0.1 }),
         seed: args.seed,
         pretrain_steps: args.pretrain_steps,
+        pretrain_batch: args.pretrain_batch,
         eval_every: args.eval_every,
         eval_windows: args.eval_windows,
     };
