@@ -1,11 +1,12 @@
 //! Bad input from the network: a forged signature, a truncated message, a wrong round, a
-//! wrong-shaped update, non-finite values, a replayed update and an oversized frame are each
-//! refused with a reason, counted, and the run goes on.
+//! wrong-shaped update, non-finite values, a replayed update, parts of a long message out of
+//! order or forged, and an oversized frame are each refused with a reason, counted, and the run
+//! goes on.
 
 use std::time::Duration;
 
 use swarmtrain_relay::default_run;
-use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, MAX_FRAME_BYTES, RelayToClient, Update};
+use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, RelayToClient, Request, Update};
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
 
 fn rejection(answer: RelayToClient) -> String {
@@ -45,10 +46,34 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     assert!(reason.contains("signature"), "{reason}");
 
     // A truncated message.
-    let frame = protocol::encode(&attacker.sign(&update(0, vec![0.0; n])).expect("sign")).expect("encode");
+    let ask = ClientToRelay::AwaitRound { run_id: "digits".into(), after: None };
+    let frame = protocol::encode(&Request::Signed(attacker.sign(&ask).expect("sign"))).expect("encode");
     let answer = client.request_frame(frame[..frame.len() / 2].to_vec()).await.expect("answer");
     let reason = rejection(protocol::decode(&answer).expect("decodes"));
     assert!(reason.contains("malformed"), "{reason}");
+
+    // An update too long for one frame travels in parts; parts that skip ahead, or whose whole
+    // does not match its digest, are refused.
+    let frames = protocol::requests_for(&attacker.sign(&update(0, vec![0.0; n])).expect("sign")).expect("split");
+    assert!(frames.len() >= 2, "the digits update needs {} frames", frames.len());
+    let Request::Part(first) = protocol::decode::<Request>(&frames[0]).expect("part") else { panic!("a part") };
+    let skipped = Part { offset: first.offset + 2 * first.bytes.len() as u32, ..first.clone() };
+    let reason = rejection(protocol::decode(&client.request_frame(protocol::encode(&Request::Part(skipped)).expect("encode")).await.expect("answer")).expect("decodes"));
+    assert!(reason.contains("does not continue"), "{reason}");
+    let mut tampered: Vec<Part> = frames
+        .iter()
+        .map(|f| match protocol::decode::<Request>(f).expect("part") {
+            Request::Part(p) => p,
+            _ => panic!("a part"),
+        })
+        .collect();
+    tampered.last_mut().expect("parts").bytes[0] ^= 1;
+    let mut last = None;
+    for part in tampered {
+        last = Some(protocol::decode(&client.request_frame(protocol::encode(&Request::Part(part)).expect("encode")).await.expect("answer")).expect("decodes"));
+    }
+    let reason = rejection(last.expect("answered"));
+    assert!(reason.contains("digest"), "{reason}");
 
     // A wrong round number.
     let reason = rejection(client.request(&attacker.sign(&update(5, vec![0.0; n])).expect("sign")).await.expect("answer"));
@@ -75,7 +100,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     assert!(reason.contains("open round is 1"), "{reason}");
 
     let status = relay.coordinator.status().await;
-    for kind in ["bad_signature", "malformed", "wrong_round", "wrong_shape", "non_finite"] {
+    for kind in ["bad_signature", "malformed", "bad_part", "wrong_round", "wrong_shape", "non_finite"] {
         assert!(status.rejected.get(kind).copied().unwrap_or(0) >= 1, "{kind} counted: {:?}", status.rejected);
     }
     assert_eq!(status.rejected["wrong_round"], 2, "the wrong round and the replay");

@@ -31,7 +31,7 @@ pub async fn start_relay(run: RunSpec) -> Relay {
     let config = RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
         web_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"),
-        run,
+        runs: vec![run],
         seed: 7,
         ..RelayConfig::default()
     };
@@ -96,8 +96,14 @@ pub struct TestPeer {
 }
 
 pub fn spawn_peer(relay: &Relay, id: u8, max_rounds: u64) -> TestPeer {
+    spawn_peer_in(relay, id, max_rounds, None)
+}
+
+/// [`spawn_peer`] for the run `run_id` (None: the relay's default run).
+pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str>) -> TestPeer {
     let (tx, events) = mpsc::channel(1024);
     let config = PeerConfig {
+        run_id: run_id.map(str::to_owned),
         relay_url: relay.url(),
         identity_seed: [id; 32],
         backend: "ndarray".into(),

@@ -21,11 +21,16 @@ use web_time::Instant;
 use crate::platform;
 use crate::rpc::{RelayClient, RpcError};
 
+/// How long a peer waits for a gossiped announcement before it also long-polls the relay.
+pub const POLL_AFTER: Duration = Duration::from_secs(3);
+
 /// How a peer finds and joins a relay.
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
     /// The relay's HTTP base URL, e.g. `http://127.0.0.1:8080/`.
     pub relay_url: String,
+    /// The run to join (None: the relay's default run).
+    pub run_id: Option<String>,
     /// Secret seed of this peer's ML-DSA-65 identity.
     pub identity_seed: [u8; 32],
     /// Name of the training backend, reported to the relay.
@@ -73,8 +78,13 @@ pub enum PeerError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Bootstrap {
     pub peer_id: String,
+    /// The default run.
     pub run_id: String,
-    /// Dialable multiaddrs (ending in `/p2p/<peer_id>`), keyed by transport: "tcp", "ws".
+    /// Every run on the relay.
+    #[serde(default)]
+    pub runs: Vec<String>,
+    /// Dialable multiaddrs (ending in `/p2p/<peer_id>`), keyed by transport: "tcp", "ws",
+    /// "webrtc-direct".
     pub addresses: std::collections::BTreeMap<String, Vec<String>>,
 }
 
@@ -105,7 +115,7 @@ impl Session {
 
         let join = ClientToRelay::Join(Join {
             version: PROTOCOL_VERSION,
-            run_id: bootstrap.run_id.clone(),
+            run_id: config.run_id.clone().unwrap_or(bootstrap.run_id),
             capabilities: Capabilities { backend: config.backend.clone(), platform: platform::platform() },
         });
         let signed = identity.sign(&join).map_err(|e| PeerError::Train(e.to_string()))?;
@@ -117,6 +127,8 @@ impl Session {
         let relay_key = PeerKey::from_public_key(&welcome.relay_key);
         let session = Self { client, identity, relay_key, relay_url: config.relay_url.clone(), spec: welcome.spec };
         let announcement = session.verify(&welcome.round)?;
+        // Announcements arrive by gossip; the long poll is the fallback.
+        session.client.subscribe(protocol::rounds_topic(&session.spec.run_id)).await?;
         Ok((session, announcement))
     }
 
@@ -133,8 +145,35 @@ impl Session {
         Ok(self.client.request(&signed).await?)
     }
 
-    /// Long-polls for the first round after `after`.
+    /// Waits for the first round after `after`: announced by gossip, or, should gossip be slow
+    /// or lost, found by a long poll that starts [`POLL_AFTER`] later.
     async fn next_round(&self, after: u64) -> Result<RoundAnnouncement, PeerError> {
+        let gossip = async {
+            while let Some(frame) = self.client.next_gossip().await {
+                let verified = protocol::decode::<Signed<RoundAnnouncement>>(&frame)
+                    .map_err(|e| PeerError::Announcement(e.to_string()))
+                    .and_then(|signed| self.verify(&signed));
+                match verified {
+                    Ok(announcement) if announcement.round > after => return announcement,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring a gossiped announcement"),
+                }
+            }
+            futures::future::pending().await
+        };
+        let poll = async {
+            platform::sleep(POLL_AFTER).await;
+            self.poll_round(after).await
+        };
+        futures::pin_mut!(gossip, poll);
+        match futures::future::select(gossip, poll).await {
+            futures::future::Either::Left((announcement, _)) => Ok(announcement),
+            futures::future::Either::Right((polled, _)) => polled,
+        }
+    }
+
+    /// Long-polls for the first round after `after`.
+    async fn poll_round(&self, after: u64) -> Result<RoundAnnouncement, PeerError> {
         loop {
             let ask = ClientToRelay::AwaitRound { run_id: self.spec.run_id.clone(), after: Some(after) };
             match self.request(ask).await? {
@@ -150,12 +189,9 @@ impl Session {
         }
     }
 
+    /// θ_t from the relay, in chunks over the peer connection, checked against its hash.
     async fn fetch_params(&self, hash: ParamsHash) -> Result<Vec<f32>, PeerError> {
-        let path = format!("api/runs/{}/params/{}", self.spec.run_id, hash.to_hex());
-        let bytes = platform::http_get(&url(&self.relay_url, &path)).await.map_err(PeerError::Download)?;
-        if ParamsHash::of(&bytes) != hash {
-            return Err(PeerError::Download("parameters do not match the announced hash".into()));
-        }
+        let bytes = self.client.fetch_params(&self.spec.run_id, hash).await.map_err(|e| PeerError::Download(e.to_string()))?;
         protocol::params_from_bytes(&bytes).ok_or_else(|| PeerError::Download("parameters are malformed".into()))
     }
 

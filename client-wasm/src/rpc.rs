@@ -1,9 +1,12 @@
 //! The peer ↔ relay exchange over libp2p request-response.
 //!
 //! Each request and each response is one postcard frame of at most
-//! [`MAX_FRAME_BYTES`](swarmtrain_shared::protocol::MAX_FRAME_BYTES); longer input is refused
-//! without being buffered. [`RelayClient`] is a cloneable handle; an event loop task owns the
-//! `Swarm` and answers the handle's commands through oneshot channels.
+//! [`MAX_FRAME_BYTES`](swarmtrain_shared::protocol::MAX_FRAME_BYTES) (16 KiB, WebRTC's limit);
+//! longer input is refused without being buffered. Longer signed messages go in parts, and θ
+//! comes in chunks. Round announcements also arrive by gossipsub.
+//!
+//! [`RelayClient`] is a cloneable handle; an event loop task owns the `Swarm` and answers the
+//! handle's commands through oneshot channels.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,10 +17,13 @@ use futures::channel::{mpsc, oneshot};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt, StreamExt};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::identity::{Keypair, PublicKey};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, ping};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping};
 use swarmtrain_shared::Signed;
-use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, RPC_PROTOCOL, RelayToClient, WireError};
+use swarmtrain_shared::protocol::{
+    self, ClientToRelay, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, ParamsHash, RPC_PROTOCOL, RelayToClient, Request,
+    WireError,
+};
 
 use crate::platform;
 
@@ -85,11 +91,12 @@ impl request_response::Codec for FrameCodec {
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/swarmtrain/id/1";
 
 /// The swarmtrain behaviour, shared by peers and the relay: the request-response protocol,
-/// identify (agent and protocols, so either side knows what it talks to) and ping (liveness and
-/// round-trip time).
+/// gossipsub (the relay publishes signed round announcements), identify (agent and protocols,
+/// so either side knows what it talks to) and ping (liveness and round-trip time).
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     pub rpc: request_response::Behaviour<FrameCodec>,
+    pub gossipsub: gossipsub::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
 }
@@ -103,15 +110,28 @@ impl std::fmt::Debug for Behaviour {
 impl Behaviour {
     /// `support`: peers only send requests; the relay only answers them. `agent` names this
     /// node in identify (`swarmtrain-relay/0.1.0`, `swarmtrain-peer/0.1.0`).
-    pub fn new(support: ProtocolSupport, key: PublicKey, agent: &str) -> Self {
+    pub fn new(support: ProtocolSupport, key: &Keypair, agent: &str) -> Result<Self, String> {
         let config = request_response::Config::default()
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_max_concurrent_streams(64);
-        Self {
+        // Gossip messages are libp2p-signed; the announcement inside is ML-DSA-signed as well.
+        // The relay publishes to every subscribed peer (flood publishing): peers connect to
+        // the relay only, so there is no mesh to rely on.
+        let gossip = gossipsub::ConfigBuilder::default()
+            .max_transmit_size(MAX_FRAME_BYTES)
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .flood_publish(true)
+            .heartbeat_interval(Duration::from_secs(1))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
             rpc: request_response::Behaviour::new([(StreamProtocol::new(RPC_PROTOCOL), support)], config),
-            identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key).with_agent_version(agent.into())),
+            gossipsub: gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip)?,
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public()).with_agent_version(agent.into()),
+            ),
             ping: ping::Behaviour::new(ping::Config::new()),
-        }
+        })
     }
 }
 
@@ -124,17 +144,24 @@ pub enum RpcError {
     Wire(#[from] WireError),
     #[error("the connection's event loop has stopped")]
     Closed,
+    #[error("the relay refused: {0}")]
+    Refused(String),
 }
 
 enum Command {
     Request { frame: Vec<u8>, reply: oneshot::Sender<Result<Vec<u8>, RpcError>> },
+    Subscribe { topic: String },
 }
+
+/// Announcements received by gossip, kept until read; older ones are dropped when it is full.
+const GOSSIP_QUEUE: usize = 8;
 
 /// A handle to the connection to one relay. Dropping every clone ends the connection.
 #[derive(Clone, Debug)]
 pub struct RelayClient {
     commands: mpsc::Sender<Command>,
     info: Arc<Mutex<RelayInfo>>,
+    gossip: Arc<futures::lock::Mutex<mpsc::Receiver<Vec<u8>>>>,
 }
 
 /// The relay as identify and ping see it.
@@ -150,7 +177,10 @@ pub struct RelayInfo {
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Command::Request")
+        match self {
+            Command::Request { .. } => f.write_str("Command::Request"),
+            Command::Subscribe { topic } => write!(f, "Command::Subscribe({topic})"),
+        }
     }
 }
 
@@ -166,7 +196,7 @@ impl RelayClient {
             .ok_or_else(|| RpcError::Network(format!("{address} names no relay peer id")))?;
         let keypair = Keypair::generate_ed25519();
         let agent = format!("swarmtrain-peer/{}", env!("CARGO_PKG_VERSION"));
-        let behaviour = Behaviour::new(ProtocolSupport::Outbound, keypair.public(), &agent);
+        let behaviour = Behaviour::new(ProtocolSupport::Outbound, &keypair, &agent).map_err(RpcError::Network)?;
         let mut swarm = platform::build_swarm(
             keypair,
             behaviour,
@@ -177,8 +207,19 @@ impl RelayClient {
         swarm.dial(address).map_err(|e| RpcError::Network(e.to_string()))?;
         let (commands, receiver) = mpsc::channel(16);
         let info = Arc::new(Mutex::new(RelayInfo::default()));
-        platform::spawn(event_loop(swarm, relay, receiver, info.clone()));
-        Ok(Self { commands, info })
+        let (gossip_tx, gossip) = mpsc::channel(GOSSIP_QUEUE);
+        platform::spawn(event_loop(swarm, relay, receiver, info.clone(), gossip_tx));
+        Ok(Self { commands, info, gossip: Arc::new(futures::lock::Mutex::new(gossip)) })
+    }
+
+    /// Subscribes to a gossipsub topic; its messages come out of [`RelayClient::next_gossip`].
+    pub async fn subscribe(&self, topic: String) -> Result<(), RpcError> {
+        self.commands.clone().send(Command::Subscribe { topic }).await.map_err(|_| RpcError::Closed)
+    }
+
+    /// The next message from a subscribed topic (as sent: its content is not yet verified).
+    pub async fn next_gossip(&self) -> Option<Vec<u8>> {
+        self.gossip.lock().await.next().await
     }
 
     /// What identify and ping have told about the relay so far.
@@ -186,10 +227,44 @@ impl RelayClient {
         self.info.lock().map(|i| i.clone()).unwrap_or_default()
     }
 
-    /// Sends one signed request and waits for the relay's answer.
+    /// Sends one signed request, in parts when it is longer than a frame, and waits for the
+    /// relay's answer.
     pub async fn request(&self, message: &Signed<ClientToRelay>) -> Result<RelayToClient, RpcError> {
-        let bytes = self.request_frame(protocol::encode(message)?).await?;
-        Ok(protocol::decode(&bytes)?)
+        let frames = protocol::requests_for(message)?;
+        let last = frames.len() - 1;
+        for (i, frame) in frames.into_iter().enumerate() {
+            let answer: RelayToClient = protocol::decode(&self.request_frame(frame).await?)?;
+            match answer {
+                RelayToClient::PartReceived { .. } if i < last => continue,
+                answer => return Ok(answer),
+            }
+        }
+        Err(RpcError::Closed)
+    }
+
+    /// Downloads θ with `hash` from the relay in chunks and checks the hash.
+    pub async fn fetch_params(&self, run_id: &str, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
+        let mut bytes = Vec::new();
+        loop {
+            let fetch = Fetch::Params { run_id: run_id.to_owned(), hash, offset: bytes.len() as u32 };
+            let answer: RelayToClient = protocol::decode(&self.request_frame(protocol::encode(&Request::Fetch(fetch))?).await?)?;
+            let (total, offset, chunk) = match answer {
+                RelayToClient::Chunk { total, offset, bytes } => (total as usize, offset as usize, bytes),
+                RelayToClient::Rejected { reason } => return Err(RpcError::Refused(reason)),
+                _ => return Err(RpcError::Wire(WireError::Malformed("expected a chunk".into()))),
+            };
+            if total > MAX_MESSAGE_BYTES || offset != bytes.len() || chunk.is_empty() || offset + chunk.len() > total {
+                return Err(RpcError::Wire(WireError::Malformed(format!("chunk {offset}+{} of {total}", chunk.len()))));
+            }
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() == total {
+                break;
+            }
+        }
+        if ParamsHash::of(&bytes) != hash {
+            return Err(RpcError::Wire(WireError::Malformed("parameters do not match their hash".into())));
+        }
+        Ok(bytes)
     }
 
     /// Sends raw request bytes and returns the raw answer (tests use it to send bad input).
@@ -200,7 +275,13 @@ impl RelayClient {
     }
 }
 
-async fn event_loop(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mpsc::Receiver<Command>, info: Arc<Mutex<RelayInfo>>) {
+async fn event_loop(
+    mut swarm: Swarm<Behaviour>,
+    relay: PeerId,
+    mut commands: mpsc::Receiver<Command>,
+    info: Arc<Mutex<RelayInfo>>,
+    mut gossip: mpsc::Sender<Vec<u8>>,
+) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> = HashMap::new();
     loop {
         futures::select! {
@@ -208,6 +289,11 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mp
                 Some(Command::Request { frame, reply }) => {
                     let id = swarm.behaviour_mut().rpc.send_request(&relay, frame);
                     pending.insert(id, reply);
+                }
+                Some(Command::Subscribe { topic }) => {
+                    if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(topic)) {
+                        tracing::warn!(error = %e, "could not subscribe");
+                    }
                 }
                 // Every handle is gone: close the connection.
                 None => return,
@@ -226,6 +312,13 @@ async fn event_loop(mut swarm: Swarm<Behaviour>, relay: PeerId, mut commands: mp
                 })) => {
                     if let Some(reply) = pending.remove(&request_id) {
                         let _ = reply.send(Err(RpcError::Network(error.to_string())));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+                    // Only the relay's messages count; a full queue drops the newest (the
+                    // long poll still finds the round).
+                    if message.source == Some(relay) && gossip.try_send(message.data).is_err() {
+                        tracing::debug!("gossip queue full; announcement dropped");
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info: received, .. }))

@@ -9,12 +9,12 @@ use burn::backend::NdArray;
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient, RoundAnnouncement, RunSpec,
-    Welcome,
+    self, CHUNK_BYTES, ClientToRelay, Fetch, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient, RoundAnnouncement,
+    RunSpec, Welcome,
 };
 use swarmtrain_shared::round::{RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::{Mutex, broadcast, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::AggregationBackend;
@@ -98,9 +98,15 @@ pub struct Coordinator {
     aggregation: AggregationBackend,
     started: Instant,
     state: Mutex<State>,
-    store: Option<Store>,
+    store: Option<Arc<Store>>,
     layout: Vec<TensorInfo>,
+    spec: RunSpec,
+    /// Every announcement as it is signed, for gossip: (run id, encoded `Signed<RoundAnnouncement>`).
+    announce: broadcast::Sender<(String, Vec<u8>)>,
 }
+
+/// Where coordinators send their announcements for gossip.
+pub type Announcements = broadcast::Sender<(String, Vec<u8>)>;
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -123,9 +129,11 @@ impl Coordinator {
         data: RunData,
         seed: u64,
         aggregation: AggregationBackend,
-        store: Option<Store>,
+        store: Option<Arc<Store>>,
+        announce: Announcements,
     ) -> anyhow::Result<Self> {
         let model = model_config(&spec);
+        let run_spec = spec.clone();
         let device = burn::backend::ndarray::NdArrayDevice::Cpu;
         let layout = checkpoint::layout(&model.init::<NdArray>(&device));
         let resumed = match &store {
@@ -199,7 +207,7 @@ impl Coordinator {
             }
         };
         store_params(&mut state);
-        Ok(Self { identity, data, model, aggregation, started: Instant::now(), state: Mutex::new(state), store, layout })
+        Ok(Self { identity, data, model, aggregation, started: Instant::now(), state: Mutex::new(state), store, layout, spec: run_spec, announce })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -210,8 +218,13 @@ impl Coordinator {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// The run's spec (fixed for the run's life).
+    pub fn spec(&self) -> &RunSpec {
+        &self.spec
+    }
+
     pub async fn run_id(&self) -> String {
-        self.state.lock().await.round.spec.run_id.clone()
+        self.spec.run_id.clone()
     }
 
     pub async fn params(&self, hash: &ParamsHash) -> Option<Arc<Vec<u8>>> {
@@ -222,23 +235,37 @@ impl Coordinator {
         self.data.shards.get(index).map(|s| s.to_bytes())
     }
 
-    async fn reject(&self, peer: Option<PeerKey>, kind: &str, reason: String) -> Vec<u8> {
+    /// Counts and logs a refused message and returns the `Rejected` frame that answers it.
+    pub async fn reject(&self, peer: Option<PeerKey>, kind: &str, reason: String) -> Vec<u8> {
         tracing::warn!(peer = peer.map(|p| p.short()), kind, %reason, "rejected message");
         *self.state.lock().await.rejected.entry(kind.to_owned()).or_default() += 1;
         encode(&RelayToClient::Rejected { reason })
     }
 
-    /// Handles one request frame from the network and returns the response frame. Never
-    /// panics on peer input; a long poll resolves at the next announcement or after `max_wait`.
-    pub async fn handle(&self, frame: &[u8], max_wait: Duration) -> Vec<u8> {
-        let signed: Signed<ClientToRelay> = match protocol::decode(frame) {
-            Ok(signed) => signed,
-            Err(e) => return self.reject(None, "malformed", e.to_string()).await,
-        };
-        let (peer, message) = match signed.verify_and_decode() {
-            Ok(ok) => ok,
-            Err(e) => return self.reject(None, "bad_signature", e.to_string()).await,
-        };
+    /// Answers a fetch of public data: one chunk of θ by hash.
+    pub async fn fetch(&self, fetch: Fetch) -> Vec<u8> {
+        match fetch {
+            Fetch::Params { run_id, hash, offset } => {
+                if run_id != self.run_id().await {
+                    return self.reject(None, "wrong_run", format!("no run {run_id:?}")).await;
+                }
+                let Some(bytes) = self.params(&hash).await else {
+                    return self.reject(None, "unknown_params", format!("no parameters {}", hash.to_hex())).await;
+                };
+                let start = offset as usize;
+                if start >= bytes.len() {
+                    return self.reject(None, "bad_fetch", format!("offset {offset} is past the end ({} bytes)", bytes.len())).await;
+                }
+                let end = (start + CHUNK_BYTES).min(bytes.len());
+                encode(&RelayToClient::Chunk { total: bytes.len() as u32, offset, bytes: bytes[start..end].to_vec() })
+            }
+        }
+    }
+
+    /// Handles one message from `peer`, whose signature [`Runs`](crate::Runs) has checked, and
+    /// returns the response frame. Never panics on peer input; a long poll resolves at the next
+    /// announcement or after `max_wait`.
+    pub async fn handle(&self, peer: PeerKey, message: ClientToRelay, max_wait: Duration) -> Vec<u8> {
         let now = self.now_ms();
         match message {
             ClientToRelay::Join(join) => {
@@ -364,6 +391,8 @@ impl Coordinator {
         match self.identity.sign(&state.round.announcement(accuracy, now)) {
             Ok(announcement) => {
                 state.announcement = announcement.clone();
+                // Gossip it; nobody listening (no peers yet) is fine.
+                let _ = self.announce.send((state.round.spec.run_id.clone(), encode_any(&announcement)));
                 let round = state.round.round;
                 let (ready, waiting): (Vec<_>, Vec<_>) = state.waiters.drain(..).partition(|(after, _)| *after < round);
                 state.waiters = waiting;
@@ -470,6 +499,14 @@ fn store_params(state: &mut State) {
 }
 
 fn encode(message: &RelayToClient) -> Vec<u8> {
-    // Responses are built by the relay and are far below the frame limit.
-    protocol::encode(message).unwrap_or_default()
+    encode_any(message)
+}
+
+fn encode_any<T: Serialize>(message: &T) -> Vec<u8> {
+    // Responses are built by the relay and stay below the frame limit (a test checks the largest,
+    // the welcome); should one not, the peer gets an empty frame, which it reports as malformed.
+    protocol::encode(message).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a response does not fit a frame");
+        Vec::new()
+    })
 }

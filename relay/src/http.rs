@@ -1,7 +1,6 @@
 //! The relay's HTTP side: the page and the npm package, run data, checkpoints, status,
 //! health and metrics.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,11 +14,12 @@ use swarmtrain_client::peer::Bootstrap;
 use swarmtrain_shared::protocol::ParamsHash;
 use tower_http::services::ServeDir;
 
-use crate::coordinator::Coordinator;
+use crate::Runs;
+use crate::coordinator::{Coordinator, Status};
 
 #[derive(Clone, Debug)]
 pub struct AppState {
-    pub coordinator: Arc<Coordinator>,
+    pub runs: Arc<Runs>,
     pub bootstrap: Arc<Bootstrap>,
 }
 
@@ -42,6 +42,8 @@ pub fn app(state: AppState, web_dir: PathBuf) -> Router {
     Router::new()
         .route("/api/bootstrap", get(bootstrap))
         .route("/api/status", get(status))
+        .route("/api/runs", get(runs))
+        .route("/api/runs/{run}/status", get(run_status))
         .route("/api/runs/{run}/params/{hash}", get(params))
         .route("/api/runs/{run}/shards/{index}", get(shard))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -54,18 +56,33 @@ async fn bootstrap(State(state): State<AppState>) -> Json<Bootstrap> {
     Json((*state.bootstrap).clone())
 }
 
+/// The default run's status.
 async fn status(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CACHE_CONTROL, "no-store")], Json(state.coordinator.status().await))
+    ([(header::CACHE_CONTROL, "no-store")], Json(state.runs.default_run().status().await))
 }
 
-async fn check_run(state: &AppState, run: &str) -> Result<(), ApiError> {
-    if state.coordinator.run_id().await == run { Ok(()) } else { Err(ApiError::NotFound("run")) }
+/// Every run's status.
+async fn runs(State(state): State<AppState>) -> impl IntoResponse {
+    let mut all: Vec<Status> = Vec::new();
+    for run in state.runs.iter() {
+        all.push(run.status().await);
+    }
+    ([(header::CACHE_CONTROL, "no-store")], Json(all))
+}
+
+async fn run_status(State(state): State<AppState>, Path(run): Path<String>) -> Result<Response, ApiError> {
+    let run = find_run(&state, &run)?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(run.status().await)).into_response())
+}
+
+fn find_run<'a>(state: &'a AppState, run: &str) -> Result<&'a Arc<Coordinator>, ApiError> {
+    state.runs.get(run).ok_or(ApiError::NotFound("run"))
 }
 
 async fn params(State(state): State<AppState>, Path((run, hash)): Path<(String, String)>) -> Result<Response, ApiError> {
-    check_run(&state, &run).await?;
+    let run = find_run(&state, &run)?;
     let hash = ParamsHash::from_hex(&hash).ok_or(ApiError::NotFound("parameters"))?;
-    let bytes = state.coordinator.params(&hash).await.ok_or(ApiError::NotFound("parameters"))?;
+    let bytes = run.params(&hash).await.ok_or(ApiError::NotFound("parameters"))?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")],
         (*bytes).clone(),
@@ -74,33 +91,41 @@ async fn params(State(state): State<AppState>, Path((run, hash)): Path<(String, 
 }
 
 async fn shard(State(state): State<AppState>, Path((run, index)): Path<(String, usize)>) -> Result<Response, ApiError> {
-    check_run(&state, &run).await?;
-    let bytes = state.coordinator.shard(index).ok_or(ApiError::NotFound("shard"))?;
+    let bytes = find_run(&state, &run)?.shard(index).ok_or(ApiError::NotFound("shard"))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let s = state.coordinator.status().await;
+    let mut all = Vec::new();
+    for run in state.runs.iter() {
+        all.push(run.status().await);
+    }
     let mut out = String::new();
-    let mut metric = |name: &str, help: &str, kind: &str, rows: BTreeMap<String, f64>| {
+    let mut metric = |name: &str, help: &str, kind: &str, value: &dyn Fn(&Status) -> Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in rows {
-            let _ = writeln!(out, "{name}{labels} {value}");
+        for s in &all {
+            for (labels, v) in value(s) {
+                let sep = if labels.is_empty() { "" } else { "," };
+                let _ = writeln!(out, "{name}{{run=\"{}\"{sep}{labels}}} {v}", s.run_id);
+            }
         }
     };
-    let one = |v: f64| BTreeMap::from([(String::new(), v)]);
-    metric("swarmtrain_round", "The open round.", "gauge", one(s.round as f64));
-    metric("swarmtrain_active_peers", "Peers heard from recently.", "gauge", one(s.active_peers as f64));
-    metric("swarmtrain_joined_peers", "Peers that joined since start.", "counter", one(s.joined_peers as f64));
-    metric("swarmtrain_accepted_updates_total", "Accepted updates.", "counter", one(s.accepted_updates as f64));
-    let accuracy = s.history.last().and_then(|r| r.accuracy).unwrap_or(f32::NAN);
-    metric("swarmtrain_heldout_accuracy", "Held-out accuracy of the current parameters.", "gauge", one(f64::from(accuracy)));
-    let aggregation = s.history.last().map_or(0.0, |r| r.aggregation_ms / 1e3);
-    metric("swarmtrain_last_aggregation_seconds", "Time of the last round's aggregation.", "gauge", one(aggregation));
-    if let Some(eps) = s.privacy_epsilon {
-        metric("swarmtrain_privacy_epsilon", "Differential privacy spent per peer (at the run's delta).", "gauge", one(eps));
-    }
-    let rejected = s.rejected.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v as f64)).collect();
-    metric("swarmtrain_rejected_messages_total", "Rejected messages by reason.", "counter", rejected);
+    let one = |v: f64| vec![(String::new(), v)];
+    metric("swarmtrain_round", "The open round.", "gauge", &|s| one(s.round as f64));
+    metric("swarmtrain_active_peers", "Peers heard from recently.", "gauge", &|s| one(s.active_peers as f64));
+    metric("swarmtrain_joined_peers", "Peers that joined since start.", "counter", &|s| one(s.joined_peers as f64));
+    metric("swarmtrain_accepted_updates_total", "Accepted updates.", "counter", &|s| one(s.accepted_updates as f64));
+    metric("swarmtrain_heldout_accuracy", "Held-out accuracy of the current parameters.", "gauge", &|s| {
+        one(f64::from(s.history.last().and_then(|r| r.accuracy).unwrap_or(f32::NAN)))
+    });
+    metric("swarmtrain_last_aggregation_seconds", "Time of the last round's aggregation.", "gauge", &|s| {
+        one(s.history.last().map_or(0.0, |r| r.aggregation_ms / 1e3))
+    });
+    metric("swarmtrain_privacy_epsilon", "Differential privacy spent per peer (at the run's delta).", "gauge", &|s| {
+        s.privacy_epsilon.map(one).unwrap_or_default()
+    });
+    metric("swarmtrain_rejected_messages_total", "Rejected messages by reason.", "counter", &|s| {
+        s.rejected.iter().map(|(k, v)| (format!("reason=\"{k}\""), *v as f64)).collect()
+    });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod http;
 pub mod ops;
 pub mod p2p;
+pub mod runs;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::backend::AggregationBackend;
 use crate::coordinator::Coordinator;
+pub use crate::runs::Runs;
 
 /// Everything a relay needs to start.
 #[derive(Clone, Debug)]
@@ -41,11 +43,15 @@ pub struct RelayConfig {
     pub tcp_port: u16,
     /// libp2p WebSocket port for browsers (0: any).
     pub ws_port: u16,
+    /// libp2p WebRTC-direct UDP port for browsers (0: any).
+    pub webrtc_port: u16,
     /// The page; the npm package is expected under `pkg/`.
     pub web_dir: PathBuf,
     /// Where the relay keeps its identity key. `None`: an ephemeral identity.
     pub data_dir: Option<PathBuf>,
-    pub run: RunSpec,
+    /// The runs this relay coordinates, each with its own spec; the first is the default one
+    /// (what `/api/status` shows and the page joins). Run ids must differ.
+    pub runs: Vec<RunSpec>,
     /// Seed of θ_0.
     pub seed: u64,
     /// The Burn backend that aggregates.
@@ -76,9 +82,10 @@ impl Default for RelayConfig {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tcp_port: 0,
             ws_port: 0,
+            webrtc_port: 0,
             web_dir: PathBuf::from("web"),
             data_dir: None,
-            run: default_run(),
+            runs: vec![default_run()],
             seed: 0,
             aggregation: AggregationBackend::default(),
             keep_checkpoints: store::KEEP_CHECKPOINTS,
@@ -91,7 +98,10 @@ impl Default for RelayConfig {
 pub struct Relay {
     pub http_addr: SocketAddr,
     pub bootstrap: Bootstrap,
+    /// The default (first) run's coordinator.
     pub coordinator: Arc<Coordinator>,
+    /// Every run's coordinator.
+    pub runs: Arc<Runs>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -138,36 +148,57 @@ impl Relay {
             Some(dir) => load_or_create_key(&dir.join("relay.key"))?,
             None => random_seed()?,
         };
-        let identity = Identity::from_seed(seed);
         let libp2p_secret = blake3::derive_key("swarmtrain relay libp2p key v1", &seed);
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(libp2p_secret)?;
         let peer_id = keypair.public().to_peer_id();
 
-        let data = dataset::digits(&config.run.run_id, config.run.data.n_shards as usize)?;
-        let run_id = config.run.run_id.clone();
-        // With a data directory the run survives restarts: checkpoints and the ledger live there.
+        anyhow::ensure!(!config.runs.is_empty(), "a relay needs at least one run");
+        // With a data directory the runs survive restarts: checkpoints and the ledger live there.
         let store = match config.data_dir.as_deref() {
-            Some(dir) => Some(store::Store::open(dir)?.with_keep(config.keep_checkpoints)),
+            Some(dir) => Some(Arc::new(store::Store::open(dir)?.with_keep(config.keep_checkpoints))),
             None => None,
         };
-        let coordinator = Arc::new(Coordinator::new(identity, config.run.clone(), data, config.seed, config.aggregation, store).await?);
+        let (announce, announcements) = tokio::sync::broadcast::channel(64);
+        let mut coordinators = Vec::new();
+        for spec in &config.runs {
+            anyhow::ensure!(
+                coordinators.iter().all(|c: &Arc<Coordinator>| c.spec().run_id != spec.run_id),
+                "two runs are named {:?}",
+                spec.run_id
+            );
+            let data = dataset::digits(&spec.run_id, spec.data.n_shards as usize)?;
+            let coordinator = Coordinator::new(Identity::from_seed(seed), spec.clone(), data, config.seed, config.aggregation, store.clone(), announce.clone());
+            coordinators.push(Arc::new(coordinator.await.with_context(|| format!("opening run {:?}", spec.run_id))?));
+        }
+        let runs = Arc::new(Runs::new(coordinators));
+        let coordinator = runs.default_run().clone();
 
-        let mut swarm = p2p::build_swarm(keypair).await?;
+        // The WebRTC certificate is kept beside the key, so the certhash survives restarts.
+        let certificate = match &config.data_dir {
+            Some(dir) => p2p::load_or_create_certificate(&dir.join("webrtc.pem"))?,
+            None => libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng())?,
+        };
+        let mut swarm = p2p::build_swarm(keypair, certificate).await?;
         let ip = ip_protocol(config.http.ip());
         let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(config.tcp_port));
-        let ws = Multiaddr::empty().with(ip).with(Protocol::Tcp(config.ws_port)).with(Protocol::Ws("/".into()));
-        let bound = p2p::listen(&mut swarm, &[tcp, ws]).await?;
+        let ws = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(config.ws_port)).with(Protocol::Ws("/".into()));
+        let webrtc = Multiaddr::empty().with(ip).with(Protocol::Udp(config.webrtc_port)).with(Protocol::WebRTCDirect);
+        let bound = p2p::listen(&mut swarm, &[tcp, ws, webrtc]).await?;
         let mut addresses: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for addr in bound {
-            let kind = if addr.iter().any(|p| matches!(p, Protocol::Ws(_))) { "ws" } else { "tcp" };
+        for (kind, addr) in ["tcp", "ws", "webrtc-direct"].into_iter().zip(bound) {
             addresses.entry(kind.into()).or_default().push(addr.with(Protocol::P2p(peer_id)).to_string());
         }
-        let bootstrap = Bootstrap { peer_id: peer_id.to_string(), run_id, addresses };
+        let bootstrap = Bootstrap {
+            peer_id: peer_id.to_string(),
+            run_id: coordinator.spec().run_id.clone(),
+            runs: runs.ids(),
+            addresses,
+        };
 
         let listener = tokio::net::TcpListener::bind(config.http).await.with_context(|| format!("binding {}", config.http))?;
         let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state = http::AppState { coordinator: coordinator.clone(), bootstrap: Arc::new(bootstrap.clone()) };
+        let state = http::AppState { runs: runs.clone(), bootstrap: Arc::new(bootstrap.clone()) };
         let router = http::app(state, config.web_dir.clone());
         let mut http_shutdown = shutdown_rx.clone();
         let mut tasks = vec![tokio::spawn(async move {
@@ -178,20 +209,24 @@ impl Relay {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         })];
-        tasks.push(tokio::spawn(p2p::run(swarm, coordinator.clone(), shutdown_rx.clone())));
-        let timer = coordinator.clone();
+        tasks.push(tokio::spawn(p2p::run(swarm, runs.clone(), announcements, shutdown_rx.clone())));
+        let timer = runs.clone();
         let mut timer_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
                     _ = timer_shutdown.changed() => return,
-                    _ = interval.tick() => timer.tick().await,
+                    _ = interval.tick() => {
+                        for run in timer.iter() {
+                            run.tick().await;
+                        }
+                    }
                 }
             }
         }));
         tracing::info!(%http_addr, %peer_id, "relay started");
-        Ok(Self { http_addr, bootstrap, coordinator, shutdown, tasks })
+        Ok(Self { http_addr, bootstrap, coordinator, runs, shutdown, tasks })
     }
 
     pub fn url(&self) -> String {

@@ -1,32 +1,84 @@
-//! The relay's libp2p node: TCP for native peers, WebSocket for browsers, noise + yamux, and
-//! the request-response protocol. Each inbound request is handled by the coordinator
-//! concurrently; the event loop sends the answers back as they complete.
+//! The relay's libp2p node.
+//!
+//! Transports: TCP for native peers, WebSocket and WebRTC-direct for browsers, each with its own
+//! security (noise for TCP and WebSocket, DTLS for WebRTC) and multiplexing. Behaviours: the
+//! swarmtrain request-response protocol, gossipsub (the relay publishes each run's signed round
+//! announcements), identify, ping, and a circuit relay v2 server so that peers which cannot be
+//! dialled directly (browsers) can reach each other through the relay.
+//!
+//! Each inbound request is handled by the coordinator concurrently; the event loop sends the
+//! answers back as they complete. Messages longer than a frame arrive in parts and are
+//! reassembled here, per connection, within a memory budget.
 
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, Swarm, identity::Keypair, noise, tcp, yamux};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identity::Keypair, noise, relay, tcp, yamux};
+use libp2p_webrtc::tokio::Certificate;
 use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
-use tokio::sync::watch;
+use swarmtrain_shared::protocol::{self, RelayToClient, Request};
+use swarmtrain_shared::transfer::{Progress, Reassembly};
+use tokio::sync::{broadcast, watch};
 
-use crate::coordinator::Coordinator;
+use crate::Runs;
 
 /// At most this many requests are handled (or parked as long polls) at once.
 const MAX_IN_FLIGHT: usize = 4096;
 
-pub async fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> {
+/// The relay's behaviour: the swarmtrain node plus a circuit relay v2 server.
+#[derive(NetworkBehaviour)]
+pub struct RelayBehaviour {
+    pub node: Behaviour,
+    pub circuit: relay::Behaviour,
+}
+
+impl std::fmt::Debug for RelayBehaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBehaviour").finish_non_exhaustive()
+    }
+}
+
+/// Loads the WebRTC certificate kept as PEM in `path`, creating it if missing, so that the
+/// relay's `/certhash` (and so its WebRTC-direct address) survives restarts.
+pub fn load_or_create_certificate(path: &Path) -> anyhow::Result<Certificate> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => Certificate::from_pem(&pem).with_context(|| format!("{} does not hold a WebRTC certificate", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let certificate = Certificate::generate(&mut rand::rng())?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut file, certificate.serialize_pem().as_bytes())?;
+            Ok(certificate)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub async fn build_swarm(keypair: Keypair, certificate: Certificate) -> anyhow::Result<Swarm<RelayBehaviour>> {
     let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
+        .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))?
+        .with_dns()?
         .with_websocket(noise::Config::new, yamux::Config::default)
         .await?
-        .with_behaviour(|key| Behaviour::new(ProtocolSupport::Inbound, key.public(), &agent))?
+        .with_behaviour(|key| {
+            Ok(RelayBehaviour {
+                node: Behaviour::new(ProtocolSupport::Inbound, key, &agent)?,
+                circuit: relay::Behaviour::new(key.public().to_peer_id(), relay::Config::default()),
+            })
+        })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build())
 }
@@ -34,58 +86,100 @@ pub async fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> {
 type Pending = Pin<Box<dyn Future<Output = (ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
 
 /// Runs the node until `shutdown` flips to true.
-pub async fn run(mut swarm: Swarm<Behaviour>, coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    mut swarm: Swarm<RelayBehaviour>,
+    runs: Arc<Runs>,
+    mut announcements: broadcast::Receiver<(String, Vec<u8>)>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut parts: Reassembly<PeerId> = Reassembly::default();
+    let started = tokio::time::Instant::now();
     let max_wait = Duration::from_secs(60);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
+            announcement = announcements.recv() => match announcement {
+                Ok((run_id, frame)) => {
+                    let topic = gossipsub::IdentTopic::new(protocol::rounds_topic(&run_id));
+                    match swarm.behaviour_mut().node.gossipsub.publish(topic, frame) {
+                        Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                        Err(e) => tracing::warn!(error = %e, run = run_id, "could not gossip the announcement"),
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(n, "announcements skipped"),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
             Some((channel, frame)) = pending.next(), if !pending.is_empty() => {
-                if swarm.behaviour_mut().rpc.send_response(channel, frame).is_err() {
+                if swarm.behaviour_mut().node.rpc.send_response(channel, frame).is_err() {
                     tracing::debug!("peer went away before its answer was sent");
                 }
             }
             event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Rpc(request_response::Event::Message {
                     peer,
                     message: request_response::Message::Request { request, channel, .. },
                     ..
-                })) => {
+                }))) => {
                     if pending.len() >= MAX_IN_FLIGHT {
                         tracing::warn!(%peer, "too many requests in flight; dropping one");
                         continue;
                     }
-                    let coordinator = coordinator.clone();
-                    pending.push(Box::pin(async move {
-                        let answer = coordinator.handle(&request, max_wait).await;
-                        (channel, answer)
-                    }));
+                    let now_ms = started.elapsed().as_millis() as u64;
+                    let runs = runs.clone();
+                    let answer: Pending = match protocol::decode::<Request>(&request) {
+                        Err(e) => Box::pin(async move { (channel, runs.reject_malformed(e.to_string()).await) }),
+                        Ok(Request::Signed(signed)) => Box::pin(async move { (channel, runs.handle(signed, max_wait).await) }),
+                        Ok(Request::Fetch(fetch)) => Box::pin(async move { (channel, runs.fetch(fetch).await) }),
+                        Ok(Request::Part(part)) => match parts.accept(peer, part, now_ms) {
+                            Ok(Progress::More { received }) => {
+                                let frame = protocol::encode(&RelayToClient::PartReceived { received }).unwrap_or_default();
+                                Box::pin(async move { (channel, frame) })
+                            }
+                            Ok(Progress::Complete(bytes)) => Box::pin(async move {
+                                let answer = match postcard::from_bytes(&bytes) {
+                                    Ok(signed) => runs.handle(signed, max_wait).await,
+                                    Err(e) => runs.reject_malformed(format!("malformed frame: {e}")).await,
+                                };
+                                (channel, answer)
+                            }),
+                            Err(e) => Box::pin(async move { (channel, runs.reject_part(e.to_string()).await) }),
+                        },
+                    };
+                    pending.push(answer);
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. })) => {
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. }))) => {
                     tracing::debug!(%peer, %error, "inbound request failed");
                 }
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Circuit(event)) => tracing::debug!(?event, "circuit relay"),
                 SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connection established");
                 }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => parts.drop_sender(&peer_id),
                 _ => {}
             },
         }
     }
 }
 
-/// Waits for the swarm's first listen address on each of `listeners` and returns them.
-pub async fn listen(swarm: &mut Swarm<Behaviour>, listeners: &[Multiaddr]) -> anyhow::Result<Vec<Multiaddr>> {
+/// Starts listening on each of `listeners` and returns the addresses bound, in order.
+pub async fn listen(swarm: &mut Swarm<RelayBehaviour>, listeners: &[Multiaddr]) -> anyhow::Result<Vec<Multiaddr>> {
+    let mut ids = Vec::new();
     for addr in listeners {
-        swarm.listen_on(addr.clone())?;
+        ids.push(swarm.listen_on(addr.clone()).with_context(|| format!("listening on {addr}"))?);
     }
-    let mut bound = Vec::new();
-    while bound.len() < listeners.len() {
+    let mut bound: Vec<Option<Multiaddr>> = vec![None; listeners.len()];
+    while bound.iter().any(Option::is_none) {
         match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await? {
-            SwarmEvent::NewListenAddr { address, .. } => bound.push(address),
+            SwarmEvent::NewListenAddr { listener_id, address } => {
+                if let Some(i) = ids.iter().position(|id| *id == listener_id) {
+                    bound[i].get_or_insert(address);
+                }
+            }
             SwarmEvent::ListenerError { error, .. } => anyhow::bail!("listener failed: {error}"),
             _ => {}
         }
     }
-    Ok(bound)
+    Ok(bound.into_iter().flatten().collect())
 }

@@ -24,5 +24,6 @@ pub mod round;
 pub mod sim;
 pub mod text;
 pub mod train;
+pub mod transfer;
 
 pub use crypto::{Identity, PeerKey, Signed};

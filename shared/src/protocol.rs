@@ -3,7 +3,11 @@
 //! Messages are named by direction. Every [`ClientToRelay`] travels signed
 //! (`Signed<ClientToRelay>`); round announcements are signed by the relay. Requests and
 //! responses travel over libp2p request-response on [`RPC_PROTOCOL`], each as one postcard
-//! frame no longer than [`MAX_FRAME_BYTES`].
+//! frame no longer than [`MAX_FRAME_BYTES`] (16 KiB, what a WebRTC data channel carries).
+//!
+//! A request frame is a [`Request`]: a signed message that fits one frame, one [`Part`] of a
+//! longer signed message (an update of a large model, see [`crate::transfer`]), or a [`Fetch`]
+//! of one chunk of public data such as θ_t.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +18,43 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// libp2p protocol id of the peer ↔ relay request-response exchange.
 pub const RPC_PROTOCOL: &str = "/swarmtrain/rpc/1";
 /// No request or response frame may exceed this many bytes; larger input is refused unread.
-pub const MAX_FRAME_BYTES: usize = 1 << 20;
+pub const MAX_FRAME_BYTES: usize = 16 * 1024;
+/// Payload bytes in one [`Part`] or [`RelayToClient::Chunk`]: a frame less room for the envelope.
+pub const CHUNK_BYTES: usize = 15 * 1024;
+/// The longest signed message or fetched object, in bytes (θ of a 16M-parameter model).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// libp2p gossipsub topic on which the relay publishes a run's signed announcements.
+pub fn rounds_topic(run_id: &str) -> String {
+    format!("/swarmtrain/{run_id}/rounds/1")
+}
+
+/// One request frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// A signed message that fits one frame.
+    Signed(Signed<ClientToRelay>),
+    /// A piece of a longer signed message, sent in order (see [`crate::transfer`]).
+    Part(Part),
+    /// A chunk of public data. Unsigned: anyone may read it, and it is verified by hash.
+    Fetch(Fetch),
+}
+
+/// Bytes `offset..offset + bytes.len()` of a postcard-encoded `Signed<ClientToRelay>` of `total`
+/// bytes whose BLAKE3 hash is `digest`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Part {
+    pub digest: [u8; 32],
+    pub total: u32,
+    pub offset: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// A chunk of public data; answered by [`RelayToClient::Chunk`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Fetch {
+    /// θ as little-endian f32, by its hash, from byte `offset`.
+    Params { run_id: String, hash: ParamsHash, offset: u32 },
+}
 
 /// BLAKE3 hash of the little-endian f32 parameter vector: names a checkpoint.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -103,6 +143,10 @@ pub enum RelayToClient {
     Round(Signed<RoundAnnouncement>),
     Accepted { round: u64 },
     Rejected { reason: String },
+    /// A [`Part`] was buffered; `received` bytes of the message have arrived.
+    PartReceived { received: u32 },
+    /// Bytes `offset..` of a fetched object of `total` bytes.
+    Chunk { total: u32, offset: u32, bytes: Vec<u8> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -185,6 +229,8 @@ impl Default for OuterSpec {
 pub enum WireError {
     #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
     TooLarge(usize),
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    MessageTooLarge(usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
     #[error(transparent)]
@@ -206,6 +252,32 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, WireErr
         return Err(WireError::TooLarge(bytes.len()));
     }
     postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Splits a signed message into the request frames that carry it: itself when it fits one
+/// frame, else [`Part`]s of at most [`CHUNK_BYTES`].
+pub fn requests_for(message: &Signed<ClientToRelay>) -> Result<Vec<Vec<u8>>, WireError> {
+    let whole = Request::Signed(message.clone());
+    match encode(&whole) {
+        Ok(frame) => Ok(vec![frame]),
+        Err(WireError::TooLarge(_)) => {
+            let bytes = postcard::to_allocvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
+            if bytes.len() > MAX_MESSAGE_BYTES {
+                return Err(WireError::MessageTooLarge(bytes.len()));
+            }
+            let digest = *blake3::hash(&bytes).as_bytes();
+            let total = bytes.len() as u32;
+            bytes
+                .chunks(CHUNK_BYTES)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let offset = (i * CHUNK_BYTES) as u32;
+                    encode(&Request::Part(Part { digest, total, offset, bytes: chunk.to_vec() }))
+                })
+                .collect()
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -232,6 +304,38 @@ mod tests {
         }
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
         assert_eq!(decode::<Signed<ClientToRelay>>(&big).unwrap_err(), WireError::TooLarge(MAX_FRAME_BYTES + 1));
+    }
+
+    #[test]
+    fn long_messages_travel_in_parts_that_fit_a_frame() {
+        let id = Identity::from_seed([4; 32]);
+        let small = id.sign(&ClientToRelay::AwaitRound { run_id: "r".into(), after: None }).expect("sign");
+        let frames = requests_for(&small).expect("split");
+        assert_eq!(frames.len(), 1);
+        assert!(matches!(decode::<Request>(&frames[0]).expect("decode"), Request::Signed(s) if s.body == small.body));
+
+        let update = ClientToRelay::Update(Update {
+            run_id: "r".into(),
+            round: 3,
+            base: ParamsHash([1; 32]),
+            n_samples: 1,
+            inner_steps: 1,
+            loss: 0.5,
+            codec: Codec::F32,
+            payload: (0..100_000u32).map(|i| i as u8).collect(),
+        });
+        let big = id.sign(&update).expect("sign");
+        let frames = requests_for(&big).expect("split");
+        assert!(frames.len() > 6, "{} frames", frames.len());
+        let mut whole = Vec::new();
+        for frame in &frames {
+            assert!(frame.len() <= MAX_FRAME_BYTES, "{} bytes", frame.len());
+            let Request::Part(part) = decode::<Request>(frame).expect("decode") else { panic!("a part") };
+            assert_eq!(part.offset as usize, whole.len());
+            whole.extend_from_slice(&part.bytes);
+        }
+        let back: Signed<ClientToRelay> = postcard::from_bytes(&whole).expect("whole message");
+        assert_eq!(back.verify_and_decode().expect("verify").1, update);
     }
 
     #[test]

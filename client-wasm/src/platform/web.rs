@@ -138,6 +138,7 @@ impl Contributor {
         let peer_key = swarmtrain_shared::Identity::from_seed(seed).peer().to_hex();
         let mut emit = emitter(on_event.clone());
         let config = |backend: &str| PeerConfig {
+            run_id: None,
             relay_url: relay_url.clone(),
             identity_seed: seed,
             backend: backend.into(),

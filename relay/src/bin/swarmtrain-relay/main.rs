@@ -123,6 +123,9 @@ struct Worker {
     /// Stop after this many rounds (default: until SIGINT or SIGTERM).
     #[arg(long)]
     rounds: Option<u64>,
+    /// The run to join (default: the relay's default run).
+    #[arg(long, env = "SWARMTRAIN_RUN")]
+    run: Option<String>,
 }
 
 async fn worker(args: Worker) -> anyhow::Result<()> {
@@ -134,6 +137,7 @@ async fn worker(args: Worker) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let config = PeerConfig {
         relay_url: args.relay,
+        run_id: args.run,
         identity_seed: swarmtrain_relay::load_or_create_key(&args.key_file)?,
         backend: "ndarray".into(),
         max_rounds: args.rounds,
@@ -165,6 +169,10 @@ struct Serve {
     /// libp2p WebSocket port for browsers (0 picks a free port).
     #[arg(long, env = "SWARMTRAIN_WS_PORT", default_value_t = 0)]
     ws_port: u16,
+    /// libp2p WebRTC-direct UDP port for browsers (0 picks a free port). The certificate is
+    /// kept in the data directory, so the address's certhash survives restarts.
+    #[arg(long, env = "SWARMTRAIN_WEBRTC_PORT", default_value_t = 0)]
+    webrtc_port: u16,
     /// Directory with the contributor page (index.html) and the npm package under pkg/.
     #[arg(long, env = "SWARMTRAIN_WEB_DIR", default_value = "web")]
     web_dir: PathBuf,
@@ -372,9 +380,10 @@ async fn main() -> anyhow::Result<()> {
         http: args.http,
         tcp_port: args.tcp_port,
         ws_port: args.ws_port,
+        webrtc_port: args.webrtc_port,
         web_dir: args.web_dir,
         data_dir: Some(args.data_dir),
-        run,
+        runs: vec![run],
         seed: args.seed,
         aggregation: args.aggregation_backend,
         keep_checkpoints: args.keep_checkpoints,

@@ -1,0 +1,246 @@
+//! The relay as a libp2p node: gossiped announcements, WebRTC-direct with a certificate that
+//! survives restarts, a circuit relay v2 server, and several runs on one relay.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, identify, noise, ping, relay, tcp, yamux};
+use swarmtrain_client::peer::PeerEvent;
+use swarmtrain_relay::{Relay, RelayConfig, default_run};
+use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, RelayToClient, RoundAnnouncement, Update};
+use swarmtrain_shared::robust::Rule;
+use swarmtrain_shared::{PeerKey, Signed};
+use swarmtrain_tests::{init_logging, join_raw, spawn_peer_in, start_relay};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_announcements_arrive_by_gossip() {
+    init_logging();
+    let mut run = default_run();
+    run.quorum = 1;
+    let relay = start_relay(run).await;
+    let (client, identity, welcome, round0) = join_raw(&relay, [11; 32]).await;
+    client.subscribe(protocol::rounds_topic("digits")).await.expect("subscribe");
+    // Give the subscription time to reach the relay before the round closes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let update = ClientToRelay::Update(Update {
+        run_id: "digits".into(),
+        round: 0,
+        base: round0.params,
+        n_samples: 32,
+        inner_steps: 1,
+        loss: 1.0,
+        codec: Codec::F32,
+        payload: protocol::params_to_bytes(&vec![0.01; round0.n_params as usize]),
+    });
+    // This update (19 KB) is longer than a frame: it goes in parts.
+    let answer = client.request(&identity.sign(&update).expect("sign")).await.expect("answer");
+    assert!(matches!(answer, RelayToClient::Accepted { round: 0 }), "{answer:?}");
+    let frame = tokio::time::timeout(WAIT, client.next_gossip()).await.expect("gossip in time").expect("gossip");
+    let signed: Signed<RoundAnnouncement> = protocol::decode(&frame).expect("an announcement");
+    let announcement = signed.verify_from(&PeerKey::from_public_key(&welcome.relay_key)).expect("signed by the relay");
+    assert_eq!((announcement.run_id.as_str(), announcement.round), ("digits", 1));
+    relay.shutdown().await;
+}
+
+#[derive(NetworkBehaviour)]
+struct Probe {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    relay: relay::client::Behaviour,
+}
+
+/// A bare libp2p node over TCP (or WebRTC-direct) with identify, ping and a circuit relay client.
+fn probe(webrtc: bool) -> Swarm<Probe> {
+    let behaviour = |key: &libp2p::identity::Keypair, relay: relay::client::Behaviour| Probe {
+        identify: identify::Behaviour::new(identify::Config::new("/probe/1".into(), key.public())),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(200))),
+        relay,
+    };
+    let builder = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .expect("tcp");
+    if webrtc {
+        builder
+            .with_other_transport(|key| {
+                let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
+                libp2p_webrtc::tokio::Transport::new(key.clone(), certificate)
+            })
+            .expect("webrtc")
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .expect("relay client")
+            .with_behaviour(behaviour)
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    } else {
+        builder
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .expect("relay client")
+            .with_behaviour(behaviour)
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    }
+}
+
+/// Drives `swarm` until `done` says what it waited for.
+async fn until<T>(swarm: &mut Swarm<Probe>, what: &str, mut done: impl FnMut(SwarmEvent<ProbeEvent>) -> Option<T>) -> T {
+    let wait = async {
+        loop {
+            if let Some(t) = done(swarm.select_next_some().await) {
+                return t;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, wait).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn certhash(address: &str) -> String {
+    let address: Multiaddr = address.parse().expect("multiaddr");
+    address
+        .iter()
+        .find_map(|p| match p {
+            Protocol::Certhash(hash) => Some(format!("{hash:?}")),
+            _ => None,
+        })
+        .expect("a certhash")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        web_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"),
+        data_dir: Some(dir.path().to_path_buf()),
+        ..RelayConfig::default()
+    };
+    let relay = Relay::start(config()).await.expect("relay starts");
+    let address = relay.bootstrap.addresses["webrtc-direct"][0].clone();
+    assert!(address.contains("/udp/") && address.contains("/webrtc-direct/certhash/"), "{address}");
+
+    // A node dials the relay over WebRTC-direct: identify and ping run over the data channels.
+    let mut node = probe(true);
+    node.dial(address.parse::<Multiaddr>().expect("multiaddr")).expect("dial");
+    let agent = until(&mut node, "identify over WebRTC", |e| match e {
+        SwarmEvent::Behaviour(ProbeEvent::Identify(identify::Event::Received { info, .. })) => Some(info.agent_version),
+        _ => None,
+    })
+    .await;
+    assert!(agent.starts_with("swarmtrain-relay/"), "{agent}");
+    let rtt = until(&mut node, "ping over WebRTC", |e| match e {
+        SwarmEvent::Behaviour(ProbeEvent::Ping(ping::Event { result: Ok(rtt), .. })) => Some(rtt),
+        _ => None,
+    })
+    .await;
+    println!("WebRTC-direct: {agent}, ping {rtt:?}");
+    relay.shutdown().await;
+
+    let again = Relay::start(config()).await.expect("relay restarts");
+    let readdress = again.bootstrap.addresses["webrtc-direct"][0].clone();
+    assert_eq!(certhash(&address), certhash(&readdress), "the certhash is the same after a restart");
+    again.shutdown().await;
+    let pem = std::fs::read_to_string(dir.path().join("webrtc.pem")).expect("the certificate is kept");
+    assert!(pem.contains("BEGIN"), "PEM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_reach_each_other_through_the_circuit_relay() {
+    init_logging();
+    let relay = start_relay(default_run()).await;
+    let relay_tcp: Multiaddr = relay.bootstrap.addresses["tcp"][0].parse().expect("multiaddr");
+    let relay_id: PeerId = relay.bootstrap.peer_id.parse().expect("peer id");
+
+    // A listens through the relay (a reservation), B dials A's relayed address.
+    let mut a = probe(false);
+    let a_id = *a.local_peer_id();
+    a.listen_on(relay_tcp.clone().with(Protocol::P2pCircuit)).expect("listen via relay");
+    until(&mut a, "a reservation", |e| match e {
+        SwarmEvent::Behaviour(ProbeEvent::Relay(relay::client::Event::ReservationReqAccepted { relay_peer_id, .. })) => {
+            assert_eq!(relay_peer_id, relay_id);
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+
+    let mut b = probe(false);
+    let via_relay = relay_tcp.with(Protocol::P2pCircuit).with(Protocol::P2p(a_id));
+    b.dial(via_relay).expect("dial A via the relay");
+    let (mut a_connected, mut b_pinged) = (false, false);
+    let wait = async {
+        while !(a_connected && b_pinged) {
+            tokio::select! {
+                event = a.select_next_some() => {
+                    if let SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } = event
+                        && peer_id != relay_id
+                    {
+                        assert!(endpoint.is_relayed(), "A's connection from B is relayed");
+                        a_connected = true;
+                    }
+                }
+                event = b.select_next_some() => {
+                    if let SwarmEvent::Behaviour(ProbeEvent::Ping(ping::Event { peer, result: Ok(_), .. })) = event
+                        && peer == a_id
+                    {
+                        b_pinged = true;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, wait).await.expect("B reaches A through the relay");
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_coordinates_two_runs_with_their_own_specs() {
+    init_logging();
+    let mut digits = default_run();
+    digits.quorum = 1;
+    digits.inner.steps = 10;
+    let mut robust = digits.clone();
+    robust.run_id = "digits-robust".into();
+    robust.codec = Codec::Int8Block { block: 64 };
+    robust.aggregator = Rule::Median;
+    let config = RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        web_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"),
+        runs: vec![digits, robust.clone()],
+        ..RelayConfig::default()
+    };
+    let relay = Relay::start(config).await.expect("relay starts");
+    assert_eq!(relay.bootstrap.runs, ["digits", "digits-robust"]);
+
+    let first = spawn_peer_in(&relay, 1, 2, None);
+    let second = spawn_peer_in(&relay, 2, 2, Some("digits-robust"));
+    for peer in [first, second] {
+        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish()).await.expect("in time");
+        assert_eq!(trained, 2);
+        assert!(events.iter().filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. })).count() == 2, "{events:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let default = relay.runs.get("digits").expect("digits").status().await;
+    let other = relay.runs.get("digits-robust").expect("second run").status().await;
+    assert!(default.round >= 2 && other.round >= 2, "both runs advanced: {} and {}", default.round, other.round);
+    assert_eq!(other.spec.aggregator, "Median");
+    assert!(other.spec.codec.contains("Int8"), "{}", other.spec.codec);
+    assert_ne!(default.params_hash, other.params_hash, "each run has its own parameters");
+
+    // The HTTP side lists both; an unknown run is refused.
+    let listed = reqwest::get(format!("{}api/runs", relay.url())).await.expect("GET").bytes().await.expect("body");
+    let listed: serde_json::Value = serde_json::from_slice(&listed).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    let missing = reqwest::get(format!("{}api/runs/nope/status", relay.url())).await.expect("GET");
+    assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
+    let metrics = reqwest::get(format!("{}metrics", relay.url())).await.expect("GET").text().await.expect("text");
+    assert!(metrics.contains("swarmtrain_round{run=\"digits-robust\"}"), "{metrics}");
+    relay.shutdown().await;
+}
