@@ -128,6 +128,8 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
 
     // A node dials the relay over WebRTC-direct: identify and ping run over the data channels.
     let mut node = probe(true);
+    // libp2p-webrtc dials from its listener's UDP socket.
+    node.listen_on("/ip4/127.0.0.1/udp/0/webrtc-direct".parse().expect("multiaddr")).expect("listen");
     node.dial(address.parse::<Multiaddr>().expect("multiaddr")).expect("dial");
     let agent = until(&mut node, "identify over WebRTC", |e| match e {
         SwarmEvent::Behaviour(ProbeEvent::Identify(identify::Event::Received { info, .. })) => Some(info.agent_version),

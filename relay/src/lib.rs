@@ -186,6 +186,9 @@ impl Relay {
         let bound = p2p::listen(&mut swarm, &[tcp, ws, webrtc]).await?;
         let mut addresses: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (kind, addr) in ["tcp", "ws", "webrtc-direct"].into_iter().zip(bound) {
+            // The relay is reachable where it listens: the circuit relay server only serves
+            // reservations once it has a confirmed external address.
+            swarm.add_external_address(addr.clone());
             addresses.entry(kind.into()).or_default().push(addr.with(Protocol::P2p(peer_id)).to_string());
         }
         let bootstrap = Bootstrap {
