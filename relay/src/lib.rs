@@ -58,6 +58,9 @@ pub struct RelayConfig {
     pub aggregation: AggregationBackend,
     /// Checkpoints kept per run in the data directory.
     pub keep_checkpoints: usize,
+    /// Where checkpoints go, as a URL (`s3://bucket/prefix`, `file:///path`); None: the data
+    /// directory's `checkpoints/`. The run database stays in the data directory.
+    pub checkpoint_store: Option<String>,
 }
 
 /// The default run: the digits MLP, trained DiLoCo-style.
@@ -89,6 +92,7 @@ impl Default for RelayConfig {
             seed: 0,
             aggregation: AggregationBackend::default(),
             keep_checkpoints: store::KEEP_CHECKPOINTS,
+            checkpoint_store: None,
         }
     }
 }
@@ -155,7 +159,13 @@ impl Relay {
         anyhow::ensure!(!config.runs.is_empty(), "a relay needs at least one run");
         // With a data directory the runs survive restarts: checkpoints and the ledger live there.
         let store = match config.data_dir.as_deref() {
-            Some(dir) => Some(Arc::new(store::Store::open(dir)?.with_keep(config.keep_checkpoints))),
+            Some(dir) => {
+                let store = match &config.checkpoint_store {
+                    Some(url) => store::Store::open_at(dir, url)?,
+                    None => store::Store::open(dir)?,
+                };
+                Some(Arc::new(store.with_keep(config.keep_checkpoints)))
+            }
             None => None,
         };
         let (announce, announcements) = tokio::sync::broadcast::channel(64);

@@ -78,6 +78,25 @@ impl Store {
         Self::open_with(data_dir, Arc::new(objects))
     }
 
+    /// Opens the database in `data_dir` with checkpoints at `url`: `file:///path`, `memory://`
+    /// or, in a relay built with the `s3` feature, `s3://bucket/prefix` (S3 or any S3-compatible
+    /// store; credentials, region and endpoint come from the `AWS_*` environment variables, e.g.
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`,
+    /// `AWS_ALLOW_HTTP`).
+    pub fn open_at(data_dir: &Path, url: &str) -> anyhow::Result<Self> {
+        let parsed = url::Url::parse(url).with_context(|| format!("checkpoint store {url:?} is not a URL"))?;
+        let options = std::env::vars().filter(|(k, _)| k.starts_with("AWS_"));
+        let (objects, prefix) = object_store::parse_url_opts(&parsed, options).with_context(|| {
+            format!("cannot open checkpoint store {url} (s3:// needs a relay built with the `s3` feature)")
+        })?;
+        let objects: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+            Arc::from(objects)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(objects, prefix))
+        };
+        Self::open_with(data_dir, objects)
+    }
+
     /// Opens the database in `data_dir` with checkpoints in `objects` (any object store).
     pub fn open_with(data_dir: &Path, objects: Arc<dyn ObjectStore>) -> anyhow::Result<Self> {
         let path = data_dir.join("state.redb");
@@ -192,6 +211,25 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoints_go_to_the_store_named_by_url() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}/ckpt", elsewhere.path().display());
+        std::fs::create_dir_all(elsewhere.path().join("ckpt")).expect("mkdir");
+        let store = Store::open_at(dir.path(), &url).expect("open");
+        let layout = [TensorInfo { name: "w".into(), shape: vec![2] }];
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async {
+            let key = store.write_checkpoint("run", 3, &layout, &[1.0, 2.0], &[0.0, 0.5]).await.expect("write");
+            assert!(elsewhere.path().join("ckpt").join(&key).is_file(), "written under the URL's path");
+            assert_eq!(store.read_checkpoint(&key, &layout).await.expect("read"), (vec![1.0, 2.0], vec![0.0, 0.5]));
+        });
+        assert!(Store::open_at(dir.path(), "not a url").is_err());
+        let err = Store::open_at(dir.path(), "nosuch://bucket/x").map(|_| ()).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot open checkpoint store"), "{err:#}");
+    }
 
     #[test]
     fn old_checkpoints_are_pruned_and_the_newest_read_back() {

@@ -180,9 +180,34 @@ struct Serve {
     /// relay started again on the same directory resumes its run.
     #[arg(long, env = "SWARMTRAIN_DATA_DIR", default_value = "swarmtrain-data")]
     data_dir: PathBuf,
+    /// Where checkpoints are written, as a URL: `s3://bucket/prefix` (relays built with the `s3`
+    /// feature; credentials and endpoint from AWS_* variables) or `file:///path`. Default: the
+    /// data directory's checkpoints/.
+    #[arg(long, env = "SWARMTRAIN_CHECKPOINT_STORE")]
+    checkpoint_store: Option<String>,
     /// Checkpoints kept per run in the data directory (older ones are deleted).
     #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS", default_value_t = swarmtrain_relay::store::KEEP_CHECKPOINTS)]
     keep_checkpoints: usize,
+    /// Seed of every run's initial parameters.
+    #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
+    seed: u64,
+    /// The default run's options; more runs come from `[[run]]` tables in the config file.
+    #[command(flatten)]
+    run: RunArgs,
+    /// Burn backend that aggregates updates (from those compiled in).
+    #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum, default_value_t = AggregationBackend::Ndarray)]
+    aggregation_backend: AggregationBackend,
+}
+
+/// One run's options: on the command line for the default run, or in a `[[run]]` table.
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// The run's name, unique on this relay (letters, digits, '-' and '_').
+    #[arg(long, env = "SWARMTRAIN_RUN_ID", default_value = "digits")]
+    run_id: String,
+    /// Hidden units of the digits MLP.
+    #[arg(long, env = "SWARMTRAIN_HIDDEN", default_value_t = 64)]
+    hidden: u32,
     /// Local AdamW steps per round (DiLoCo's H).
     #[arg(long, env = "SWARMTRAIN_INNER_STEPS", default_value_t = default_run().inner.steps)]
     inner_steps: u32,
@@ -192,9 +217,6 @@ struct Serve {
     /// Seconds after which a round closes with the updates it has.
     #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS", default_value_t = default_run().round_deadline_ms / 1000)]
     round_deadline_secs: u64,
-    /// Seed of the initial parameters.
-    #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
-    seed: u64,
     /// How peers encode their updates: f32, f16, int8 (blockwise, 64 per block) or topk.
     #[arg(long, env = "SWARMTRAIN_CODEC", value_enum, default_value_t = CodecArg::F32)]
     codec: CodecArg,
@@ -224,9 +246,13 @@ struct Serve {
     /// With --aggregator centered-clipping: the clipping radius.
     #[arg(long, env = "SWARMTRAIN_CLIP_RADIUS", default_value_t = 1.0)]
     clip_radius: f32,
-    /// Burn backend that aggregates updates (from those compiled in).
-    #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum, default_value_t = AggregationBackend::Ndarray)]
-    aggregation_backend: AggregationBackend,
+}
+
+/// Parses one `[[run]]` table of the config file with the same options as the command line.
+#[derive(Parser, Debug)]
+struct RunTable {
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -275,10 +301,33 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or_default();
 }
 
+/// One TOML value as a command-line option value.
+fn option_value(path: &str, key: &str, value: &toml::Value) -> anyhow::Result<String> {
+    Ok(match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        other => anyhow::bail!("config {path}: {key} must be a string, number or boolean, not a {}", other.type_str()),
+    })
+}
+
+/// Checks `key` against `command`'s long options; the error lists the known keys.
+fn find_option<'a>(path: &str, command: &'a clap::Command, key: &str) -> anyhow::Result<&'a clap::Arg> {
+    let long = key.replace('_', "-");
+    command.get_arguments().find(|a| a.get_long() == Some(long.as_str())).ok_or_else(|| {
+        let known: Vec<String> = command.get_arguments().filter_map(|a| a.get_long()).map(|l| l.replace('-', "_")).collect();
+        anyhow::anyhow!("config {path}: unknown key {key:?}; known keys: {}", known.join(", "))
+    })
+}
+
 /// Applies `--config FILE` (or `SWARMTRAIN_CONFIG`): a TOML table whose keys are `serve`'s long
 /// options (`inner_steps = 100`, `http = "0.0.0.0:8080"`, …). Precedence: command line, then
 /// environment variables, then the file, then the defaults. Unknown keys are an error.
-fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<Vec<String>> {
+///
+/// Each `[[run]]` table adds a run, with the run options (`run_id`, `hidden`, `inner_steps`,
+/// `codec`, `aggregator`, …); these are returned beside the new command line.
+fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<(Vec<String>, Vec<RunArgs>)> {
     use clap::CommandFactory;
     let flag = argv.iter().position(|a| a == "--config");
     let path = match flag {
@@ -290,7 +339,7 @@ fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<Vec<String>> {
         }
         None => match std::env::var("SWARMTRAIN_CONFIG") {
             Ok(path) => path,
-            Err(_) => return Ok(argv),
+            Err(_) => return Ok((argv, Vec::new())),
         },
     };
     let Some(serve_at) = argv.iter().position(|a| a == "serve") else {
@@ -300,29 +349,77 @@ fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<Vec<String>> {
     let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("config {path} is not valid TOML: {e}"))?;
     let command = Cli::command();
     let serve = command.find_subcommand("serve").ok_or_else(|| anyhow::anyhow!("no serve command"))?;
+    let run_command = RunTable::command();
     let mut extra = Vec::new();
+    let mut runs = Vec::new();
     for (key, value) in &table {
-        let long = key.replace('_', "-");
-        let Some(arg) = serve.get_arguments().find(|a| a.get_long() == Some(long.as_str())) else {
-            let known: Vec<String> = serve.get_arguments().filter_map(|a| a.get_long()).map(|l| l.replace('-', "_")).collect();
-            anyhow::bail!("config {path}: unknown key {key:?}; known keys: {}", known.join(", "));
-        };
+        if key == "run" {
+            let Some(tables) = value.as_array() else {
+                anyhow::bail!("config {path}: `run` must be an array of tables ([[run]])");
+            };
+            for (i, run) in tables.iter().enumerate() {
+                let Some(run) = run.as_table() else { anyhow::bail!("config {path}: run {i} is not a table") };
+                let mut run_argv = vec!["run".to_owned()];
+                for (key, value) in run {
+                    let arg = find_option(&path, &run_command, key)?;
+                    run_argv.push(format!("--{}={}", arg.get_long().unwrap_or(key), option_value(&path, key, value)?));
+                }
+                let parsed = RunTable::try_parse_from(run_argv).map_err(|e| anyhow::anyhow!("config {path}: run {i}: {e}"))?;
+                runs.push(parsed.run);
+            }
+            continue;
+        }
+        let arg = find_option(&path, serve, key)?;
+        let long = arg.get_long().unwrap_or(key).to_owned();
         let on_command_line = argv.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
         let in_environment = arg.get_env().is_some_and(|name| std::env::var_os(name).is_some());
         if on_command_line || in_environment {
             continue;
         }
-        let value = match value {
-            toml::Value::String(s) => s.clone(),
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => anyhow::bail!("config {path}: {key} must be a string, number or boolean, not a {}", other.type_str()),
-        };
-        extra.push(format!("--{long}={value}"));
+        extra.push(format!("--{long}={}", option_value(&path, key, value)?));
     }
     argv.splice(serve_at + 1..serve_at + 1, extra);
-    Ok(argv)
+    Ok((argv, runs))
+}
+
+/// A run's spec from its options, checked.
+fn run_spec(run_args: &RunArgs) -> anyhow::Result<swarmtrain_shared::protocol::RunSpec> {
+    anyhow::ensure!(run_args.inner_steps > 0, "--inner-steps must be at least 1");
+    anyhow::ensure!(run_args.round_deadline_secs > 0, "--round-deadline-secs must be at least 1");
+    let mut run = default_run();
+    anyhow::ensure!(
+        !run_args.run_id.is_empty() && run_args.run_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "run id {:?} must be letters, digits, '-' or '_'",
+        run_args.run_id
+    );
+    run.run_id = run_args.run_id.clone();
+    anyhow::ensure!((4..=4096).contains(&run_args.hidden), "--hidden must be in 4..=4096");
+    run.model = swarmtrain_shared::protocol::ModelSpec::DigitsMlp { hidden: run_args.hidden };
+    run.inner.steps = run_args.inner_steps;
+    run.quorum = run_args.quorum.max(1);
+    run.round_deadline_ms = run_args.round_deadline_secs * 1000;
+    anyhow::ensure!((1..=1_000_000).contains(&run_args.topk_per_million), "--topk-per-million must be in 1..=1000000");
+    run.codec = run_args.codec.codec(run_args.topk_per_million);
+    anyhow::ensure!(run_args.clip_radius > 0.0 && run_args.clip_radius.is_finite(), "--clip-radius must be positive");
+    run.aggregator = match run_args.aggregator {
+        AggregatorArg::Mean => Rule::Mean,
+        AggregatorArg::Median => Rule::Median,
+        AggregatorArg::TrimmedMean => Rule::TrimmedMean { trim: run_args.trim },
+        AggregatorArg::Krum => Rule::MultiKrum { byzantine: run_args.byzantine, select: 1 },
+        AggregatorArg::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
+        AggregatorArg::CenteredClipping => Rule::CenteredClipping { tau: run_args.clip_radius, iterations: 3 },
+    };
+    if let Some(clip) = run_args.dp_clip {
+        anyhow::ensure!(clip > 0.0 && clip.is_finite(), "--dp-clip must be a positive number");
+        anyhow::ensure!(run_args.dp_noise >= 0.0 && run_args.dp_noise.is_finite(), "--dp-noise must be ≥ 0");
+        anyhow::ensure!(run_args.dp_delta > 0.0 && run_args.dp_delta < 1.0, "--dp-delta must be in (0, 1)");
+        run.privacy = Some(swarmtrain_shared::privacy::PrivacySpec {
+            clip_norm: clip,
+            noise_multiplier: run_args.dp_noise,
+            delta: run_args.dp_delta,
+        });
+    }
+    Ok(run)
 }
 
 #[tokio::main]
@@ -333,7 +430,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "swarmtrain_relay=info,warn".into()),
         )
         .init();
-    let args = match Cli::parse_from(with_config_file(std::env::args().collect())?).command {
+    let (argv, extra_runs) = with_config_file(std::env::args().collect())?;
+    let args = match Cli::parse_from(argv).command {
         Command::Serve(args) => args,
         Command::Worker(args) => return worker(args).await,
         Command::Keygen(args) => return keygen(args),
@@ -349,32 +447,9 @@ async fn main() -> anyhow::Result<()> {
     if !args.web_dir.join("pkg/swarmtrain.js").is_file() {
         tracing::warn!("{} has no pkg/swarmtrain.js: build it with `cargo xtask build-wasm`", args.web_dir.display());
     }
-    anyhow::ensure!(args.inner_steps > 0, "--inner-steps must be at least 1");
-    anyhow::ensure!(args.round_deadline_secs > 0, "--round-deadline-secs must be at least 1");
-    let mut run = default_run();
-    run.inner.steps = args.inner_steps;
-    run.quorum = args.quorum.max(1);
-    run.round_deadline_ms = args.round_deadline_secs * 1000;
-    anyhow::ensure!((1..=1_000_000).contains(&args.topk_per_million), "--topk-per-million must be in 1..=1000000");
-    run.codec = args.codec.codec(args.topk_per_million);
-    anyhow::ensure!(args.clip_radius > 0.0 && args.clip_radius.is_finite(), "--clip-radius must be positive");
-    run.aggregator = match args.aggregator {
-        AggregatorArg::Mean => Rule::Mean,
-        AggregatorArg::Median => Rule::Median,
-        AggregatorArg::TrimmedMean => Rule::TrimmedMean { trim: args.trim },
-        AggregatorArg::Krum => Rule::MultiKrum { byzantine: args.byzantine, select: 1 },
-        AggregatorArg::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
-        AggregatorArg::CenteredClipping => Rule::CenteredClipping { tau: args.clip_radius, iterations: 3 },
-    };
-    if let Some(clip) = args.dp_clip {
-        anyhow::ensure!(clip > 0.0 && clip.is_finite(), "--dp-clip must be a positive number");
-        anyhow::ensure!(args.dp_noise >= 0.0 && args.dp_noise.is_finite(), "--dp-noise must be ≥ 0");
-        anyhow::ensure!(args.dp_delta > 0.0 && args.dp_delta < 1.0, "--dp-delta must be in (0, 1)");
-        run.privacy = Some(swarmtrain_shared::privacy::PrivacySpec {
-            clip_norm: clip,
-            noise_multiplier: args.dp_noise,
-            delta: args.dp_delta,
-        });
+    let mut runs = vec![run_spec(&args.run)?];
+    for table in &extra_runs {
+        runs.push(run_spec(table)?);
     }
     let config = RelayConfig {
         http: args.http,
@@ -383,10 +458,11 @@ async fn main() -> anyhow::Result<()> {
         webrtc_port: args.webrtc_port,
         web_dir: args.web_dir,
         data_dir: Some(args.data_dir),
-        runs: vec![run],
+        runs,
         seed: args.seed,
         aggregation: args.aggregation_backend,
         keep_checkpoints: args.keep_checkpoints,
+        checkpoint_store: args.checkpoint_store,
     };
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());
@@ -411,18 +487,43 @@ mod tests {
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, "inner_steps = 7\nquorum = 2\naggregator = \"median\"\n").expect("write");
         let path = path.to_str().expect("utf-8 path");
-        let out = with_config_file(argv(&["relay", "serve", "--config", path, "--quorum", "5"])).expect("config");
+        let (out, runs) = with_config_file(argv(&["relay", "serve", "--config", path, "--quorum", "5"])).expect("config");
+        assert!(runs.is_empty());
         let Command::Serve(serve) = Cli::parse_from(out).command else { panic!("serve") };
-        assert_eq!((serve.inner_steps, serve.quorum), (7, 5), "the command line wins over the file");
-        assert!(matches!(serve.aggregator, AggregatorArg::Median));
+        assert_eq!((serve.run.inner_steps, serve.run.quorum), (7, 5), "the command line wins over the file");
+        assert!(matches!(serve.run.aggregator, AggregatorArg::Median));
 
         std::fs::write(dir.path().join("bad.toml"), "inner_stepz = 7\n").expect("write");
         let bad = dir.path().join("bad.toml");
-        let err = with_config_file(argv(&["relay", "serve", "--config", bad.to_str().expect("utf-8")])).unwrap_err();
+        let err = with_config_file(argv(&["relay", "serve", "--config", bad.to_str().expect("utf-8")])).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("unknown key \"inner_stepz\""), "{err}");
         std::fs::write(dir.path().join("broken.toml"), "inner_steps = \n").expect("write");
         let broken = dir.path().join("broken.toml");
         assert!(with_config_file(argv(&["relay", "serve", "--config", broken.to_str().expect("utf-8")])).is_err());
         assert!(with_config_file(argv(&["relay", "serve", "--config", "/nonexistent.toml"])).is_err());
+    }
+
+    #[test]
+    fn run_tables_add_runs_with_their_own_options() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        let text = "quorum = 2\n\n[[run]]\nrun_id = \"robust\"\naggregator = \"median\"\ncodec = \"int8\"\nhidden = 32\n\n[[run]]\nrun_id = \"small\"\ninner_steps = 5\n";
+        std::fs::write(&path, text).expect("write");
+        let (out, runs) = with_config_file(argv(&["relay", "serve", "--config", path.to_str().expect("utf-8")])).expect("config");
+        let Command::Serve(serve) = Cli::parse_from(out).command else { panic!("serve") };
+        let specs: Vec<_> = std::iter::once(&serve.run).chain(&runs).map(|r| run_spec(r).expect("valid")).collect();
+        let ids: Vec<&str> = specs.iter().map(|s| s.run_id.as_str()).collect();
+        assert_eq!(ids, ["digits", "robust", "small"]);
+        assert_eq!(specs[0].quorum, 2);
+        assert_eq!(specs[1].aggregator, Rule::Median);
+        assert_eq!(specs[1].codec, Codec::Int8Block { block: 64 });
+        assert_eq!(specs[1].model, swarmtrain_shared::protocol::ModelSpec::DigitsMlp { hidden: 32 });
+        assert_eq!(specs[2].inner.steps, 5);
+
+        std::fs::write(&path, "[[run]]\nrun_id = \"x\"\nhttp = \"0.0.0.0:1\"\n").expect("write");
+        let err = with_config_file(argv(&["relay", "serve", "--config", path.to_str().expect("utf-8")])).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"http\""), "a relay option in a run table: {err}");
+        let bad_id = RunTable::try_parse_from(["run", "--run-id=a/b"]).expect("parses");
+        assert!(run_spec(&bad_id.run).is_err(), "a run id with a slash");
     }
 }
