@@ -409,6 +409,7 @@ fn bench_diloco(report_only: bool) -> Result {
         run("r4", "DiLoCo H=100, 4 peers", "--inner-steps 100 --peers 4"),
         run("int8", "DiLoCo H=100, 8 peers, int8", "--inner-steps 100 --peers 8 --codec int8"),
         run("topk", "DiLoCo H=100, 8 peers, top-2% + EF", "--inner-steps 100 --peers 8 --codec topk --topk-per-million 20000"),
+        run("topk2", "DiLoCo H=100, 8 peers, top-2% 2-bit + EF", "--inner-steps 100 --peers 8 --codec topk2 --topk-per-million 20000"),
         run("r1again", "DiLoCo H=100, 1 peer (repeat)", "--inner-steps 100 --peers 1"),
     ];
     let started = std::time::Instant::now();

@@ -19,14 +19,24 @@ pub(crate) struct Loadtest {
     /// Give up on a round after this many seconds.
     #[arg(long, default_value_t = 60)]
     round_timeout_secs: u64,
+    /// How peers learn of a new round: from the relay's gossipsub announcements (what peers
+    /// do), or by long-polling it.
+    #[arg(long, value_enum, default_value_t = Delivery::Gossip)]
+    delivery: Delivery,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Delivery {
+    Gossip,
+    Poll,
 }
 
 pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     use futures::StreamExt;
     use std::time::{Duration, Instant};
     use swarmtrain_client::rpc::RelayClient;
-    use swarmtrain_shared::protocol::{Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, Update};
-    use swarmtrain_shared::{Identity, PeerKey};
+    use swarmtrain_shared::protocol::{self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, Update};
+    use swarmtrain_shared::{Identity, PeerKey, Signed};
 
     anyhow::ensure!(args.senders >= 1 && args.senders <= args.peers, "--senders must be in 1..=--peers");
     let boot: swarmtrain_client::peer::Bootstrap = serde_json::from_slice(
@@ -54,6 +64,9 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                 });
                 match client.request(&identity.sign(&join)?).await? {
                     RelayToClient::Welcome(w) => {
+                        if args.delivery == Delivery::Gossip {
+                            client.subscribe(protocol::rounds_topic(&w.spec.run_id)).await?;
+                        }
                         let relay_key = PeerKey::from_public_key(&w.relay_key);
                         let round = w.round.verify_from(&relay_key)?;
                         Ok((client, std::sync::Arc::new(identity), relay_key, round))
@@ -69,7 +82,9 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     let connect_s = started.elapsed().as_secs_f64();
     eprintln!("{} peers joined in {connect_s:.1} s", peers.len());
 
-    // Every peer long-polls for the next round and reports when it sees it.
+    // Let the last subscriptions reach the relay.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every peer waits for the next round (gossip or long poll) and reports when it sees it.
     let (seen_tx, mut seen_rx) = futures::channel::mpsc::channel::<(u64, Instant)>(4096);
     let first_round = peers.iter().map(|p| p.3.round).max().unwrap_or(0);
     let last_round = first_round + u64::from(args.rounds);
@@ -77,6 +92,16 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
         let (client, identity, relay_key, run_id, mut seen) = (client.clone(), identity.clone(), *relay_key, run_id.clone(), seen_tx.clone());
         let mut current = round.round;
         tokio::spawn(async move {
+            while current < last_round && args.delivery == Delivery::Gossip {
+                let Some(frame) = client.next_gossip().await else { return };
+                let Ok(signed) = protocol::decode::<Signed<RoundAnnouncement>>(&frame) else { continue };
+                if let Ok(r) = signed.verify_from(&relay_key)
+                    && r.round > current
+                {
+                    current = r.round;
+                    let _ = futures::SinkExt::send(&mut seen, (current, Instant::now())).await;
+                }
+            }
             while current < last_round {
                 let ask = ClientToRelay::AwaitRound { run_id: run_id.clone(), after: Some(current) };
                 let Ok(signed) = identity.sign(&ask) else { return };
@@ -147,6 +172,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "peers": peers.len(),
+            "delivery": format!("{:?}", args.delivery).to_lowercase(),
             "rounds_completed": completed,
             "connect_seconds": connect_s,
             "latency_ms_p50": pct(0.5),

@@ -217,10 +217,11 @@ struct RunArgs {
     /// Seconds after which a round closes with the updates it has.
     #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS", default_value_t = default_run().round_deadline_ms / 1000)]
     round_deadline_secs: u64,
-    /// How peers encode their updates: f32, f16, int8 (blockwise, 64 per block) or topk.
+    /// How peers encode their updates: f32, f16, int8 (blockwise, 64 per block), topk, or top-k
+    /// with 4- or 2-bit values (topk4, topk2).
     #[arg(long, env = "SWARMTRAIN_CODEC", value_enum, default_value_t = CodecArg::F32)]
     codec: CodecArg,
-    /// With --codec topk: how many values per million to send (10000 = 1%).
+    /// With --codec topk/topk4/topk2: how many values per million to send (10000 = 1%).
     #[arg(long, env = "SWARMTRAIN_TOPK_PER_MILLION", default_value_t = 20_000)]
     topk_per_million: u32,
     /// Differential privacy: clip every update to this L2 norm (enables DP with --dp-noise).
@@ -271,6 +272,10 @@ enum CodecArg {
     F16,
     Int8,
     Topk,
+    /// Top-k with 4-bit values.
+    Topk4,
+    /// Top-k with 2-bit values.
+    Topk2,
 }
 
 impl CodecArg {
@@ -280,6 +285,8 @@ impl CodecArg {
             Self::F16 => Codec::F16,
             Self::Int8 => Codec::Int8Block { block: 64 },
             Self::Topk => Codec::TopK { per_million },
+            Self::Topk4 => Codec::TopKQuant { per_million, bits: 4 },
+            Self::Topk2 => Codec::TopKQuant { per_million, bits: 2 },
         }
     }
 }
