@@ -2,85 +2,12 @@
 //! announced round, with the same parameters, the accepted update of the open round and the
 //! whole ledger; the run then goes on.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{ClientToRelay, Codec, RelayToClient, RoundAnnouncement, Update};
-use swarmtrain_tests::join_raw_at;
-
-/// The relay binary that `cargo test --workspace` builds beside the test executables (or the
-/// one `cargo xtask test` names).
-fn relay_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("SWARMTRAIN_RELAY_BIN") {
-        return path.into();
-    }
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("swarmtrain-relay");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p swarmtrain-relay`", bin.display());
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-struct RelayProcess {
-    child: Child,
-    http: String,
-}
-
-impl RelayProcess {
-    fn start(data_dir: &Path, port: u16) -> Self {
-        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
-        let child = Command::new(relay_binary())
-            .args(["serve", "--tcp-port", "0", "--ws-port", "0", "--quorum", "2", "--round-deadline-secs", "600"])
-            .arg("--http")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--web-dir")
-            .arg(web)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the relay");
-        Self { child, http: format!("http://127.0.0.1:{port}/") }
-    }
-
-    async fn json(&self, path: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(response) = reqwest::get(format!("{}{path}", self.http)).await
-                && let Ok(Ok(value)) = response.bytes().await.map(|b| serde_json::from_slice(&b))
-            {
-                return value;
-            }
-            assert!(Instant::now() < deadline, "the relay did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn tcp_address(&self) -> String {
-        self.json("api/bootstrap").await["addresses"]["tcp"][0].as_str().expect("tcp address").to_owned()
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use swarmtrain_tests::{RelayProcess, free_port, join_raw_at};
 
 /// Sends an update of constant value `value` for `round`.
 async fn send(client: &RelayClient, id: &Identity, round: &RoundAnnouncement, value: f32) -> RelayToClient {
@@ -101,7 +28,7 @@ async fn send(client: &RelayClient, id: &Identity, round: &RoundAnnouncement, va
 async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let relay = RelayProcess::start(dir.path(), port);
+    let relay = RelayProcess::start(dir.path(), port, &[], &[]);
     let address = relay.tcp_address().await;
 
     // Round 0 closes at quorum 2; in round 1 only peer A has sent its update.
@@ -126,7 +53,7 @@ async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
 
     relay.kill();
     drop((client_a, client_b, id_b));
-    let relay = RelayProcess::start(dir.path(), port);
+    let relay = RelayProcess::start(dir.path(), port, &[], &[]);
     let after = relay.json("api/status").await;
     for key in ["round", "params_hash", "updates_this_round", "accepted_updates", "history"] {
         assert_eq!(after[key], before[key], "{key} survives SIGKILL");

@@ -1,6 +1,9 @@
 //! Helpers for the multi-peer tests: a relay and native peers in one process, on loopback.
 
-use std::path::PathBuf;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -104,6 +107,7 @@ pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str
     let (tx, events) = mpsc::channel(1024);
     let config = PeerConfig {
         run_id: run_id.map(str::to_owned),
+        transport: None,
         relay_url: relay.url(),
         identity_seed: [id; 32],
         backend: "ndarray".into(),
@@ -125,5 +129,89 @@ impl TestPeer {
             events.push(event);
         }
         (rounds, events)
+    }
+}
+
+/// The relay binary that `cargo test --workspace` builds beside the test executables (or the
+/// one `cargo xtask test` names).
+pub fn relay_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("SWARMTRAIN_RELAY_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("swarmtrain-relay");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p swarmtrain-relay`", bin.display());
+    bin
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A relay process (`swarmtrain-relay serve`, quorum 2) on loopback; killed with SIGKILL when
+/// dropped.
+#[derive(Debug)]
+pub struct RelayProcess {
+    child: Child,
+    pub http: String,
+}
+
+impl RelayProcess {
+    /// Starts the relay on `data_dir` and HTTP `port`, with `args` added to `serve` and `env`
+    /// set for the process.
+    pub fn start(data_dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+        let child = Command::new(relay_binary())
+            .args(["serve", "--tcp-port", "0", "--ws-port", "0", "--quorum", "2", "--round-deadline-secs", "600"])
+            .arg("--http")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--web-dir")
+            .arg(web)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("RUST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .expect("start the relay");
+        Self { child, http: format!("http://127.0.0.1:{port}/") }
+    }
+
+    /// GETs `path` as JSON, waiting up to a minute for the relay to come up.
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = reqwest::get(format!("{}{path}", self.http)).await
+                && let Ok(Ok(value)) = response.bytes().await.map(|b| serde_json::from_slice(&b))
+            {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "the relay did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn tcp_address(&self) -> String {
+        self.json("api/bootstrap").await["addresses"]["tcp"][0].as_str().expect("tcp address").to_owned()
+    }
+
+    /// Whether the process has exited, and how.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -22,8 +22,9 @@ function onEvent(ev) {
       break;
     case 'joined':
       $('peer').textContent = ev.peer.slice(0, 16);
+      $('transport').textContent = ev.transport === 'webrtc-direct' ? 'WebRTC-direct' : ev.transport === 'ws' ? 'WebSocket' : ev.transport;
       $('state').textContent = 'Connected to the relay; waiting for a round.';
-      log(`joined run ${ev.run} as ${ev.peer.slice(0, 16)}`);
+      log(`joined run ${ev.run} as ${ev.peer.slice(0, 16)} over ${$('transport').textContent}`);
       break;
     case 'round':
       $('state').textContent = `Training round ${ev.round} (${ev.inner_steps} local steps)…`;
@@ -109,7 +110,10 @@ $('contribute').addEventListener('click', async () => {
   $('state').textContent = 'Starting…';
   try {
     await init();
-    contributor = await Contributor.start(new URL('.', location.href).href, onEvent);
+    // `?transport=ws` or `?transport=webrtc-direct` picks the connection; the default takes
+    // WebRTC-direct when the relay offers it.
+    const transport = new URLSearchParams(location.search).get('transport') ?? 'auto';
+    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport);
   } catch (e) {
     onEvent({ kind: 'error', message: `could not start: ${e}` });
     $('contribute').disabled = false;

@@ -31,6 +31,9 @@ pub struct PeerConfig {
     pub relay_url: String,
     /// The run to join (None: the relay's default run).
     pub run_id: Option<String>,
+    /// Which of the relay's transports to dial (None: the platform's first that the relay
+    /// offers, see `platform::TRANSPORTS`).
+    pub transport: Option<String>,
     /// Secret seed of this peer's ML-DSA-65 identity.
     pub identity_seed: [u8; 32],
     /// Name of the training backend, reported to the relay.
@@ -46,7 +49,8 @@ pub struct PeerConfig {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PeerEvent {
     Backend { backend: String, detail: String },
-    Joined { run: String, peer: String },
+    /// Joined `run` as `peer`, connected to the relay over `transport` ("webrtc-direct", "ws", "tcp").
+    Joined { run: String, peer: String, transport: String },
     Round { round: u64, inner_steps: u32, accuracy: Option<f32> },
     Trained { round: u64, steps: u32, loss: f32, train_ms: u64, rounds_trained: u64 },
     /// The relay's answer to the update; `relay_rtt_ms` is the last ping round trip to it.
@@ -95,6 +99,7 @@ fn url(base: &str, path: &str) -> String {
 /// A joined session with the relay.
 struct Session {
     client: RelayClient,
+    transport: String,
     identity: Identity,
     relay_key: PeerKey,
     relay_url: String,
@@ -105,11 +110,14 @@ impl Session {
     async fn join(config: &PeerConfig, identity: Identity) -> Result<(Self, RoundAnnouncement), PeerError> {
         let raw = platform::http_get(&url(&config.relay_url, "api/bootstrap")).await.map_err(PeerError::Bootstrap)?;
         let bootstrap: Bootstrap = serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))?;
-        let address = bootstrap
-            .addresses
-            .get(platform::TRANSPORT)
-            .and_then(|a| a.first())
-            .ok_or_else(|| PeerError::Bootstrap(format!("relay offers no {} address", platform::TRANSPORT)))?;
+        let wanted: Vec<&str> = match &config.transport {
+            Some(t) => vec![t.as_str()],
+            None => platform::TRANSPORTS.to_vec(),
+        };
+        let (transport, address) = wanted
+            .iter()
+            .find_map(|t| bootstrap.addresses.get(*t).and_then(|a| a.first()).map(|a| ((*t).to_owned(), a)))
+            .ok_or_else(|| PeerError::Bootstrap(format!("relay offers no {} address", wanted.join(" or "))))?;
         let address = address.parse().map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
         let client = RelayClient::connect(address)?;
 
@@ -125,7 +133,7 @@ impl Session {
             _ => return Err(PeerError::Unexpected("join")),
         };
         let relay_key = PeerKey::from_public_key(&welcome.relay_key);
-        let session = Self { client, identity, relay_key, relay_url: config.relay_url.clone(), spec: welcome.spec };
+        let session = Self { client, transport, identity, relay_key, relay_url: config.relay_url.clone(), spec: welcome.spec };
         let announcement = session.verify(&welcome.round)?;
         // Announcements arrive by gossip; the long poll is the fallback.
         session.client.subscribe(protocol::rounds_topic(&session.spec.run_id)).await?;
@@ -213,7 +221,7 @@ pub async fn run<B: AutodiffBackend>(
     let identity = Identity::from_seed(config.identity_seed);
     let peer = identity.peer();
     let (session, mut announcement) = Session::join(&config, identity).await?;
-    emit(PeerEvent::Joined { run: session.spec.run_id.clone(), peer: peer.to_hex() });
+    emit(PeerEvent::Joined { run: session.spec.run_id.clone(), peer: peer.to_hex(), transport: session.transport.clone() });
     let ModelSpec::DigitsMlp { hidden } = session.spec.model;
     let model = DigitsMlpConfig::new().with_hidden(hidden as usize);
     let mut rounds_trained = 0u64;

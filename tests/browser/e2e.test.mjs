@@ -39,12 +39,14 @@ const lastAccuracy = (s) => s.history.at(-1)?.accuracy ?? 0;
 
 // Without --enable-unsafe-webgpu, headless Chromium offers no adapter and the page falls back
 // to the CPU backend.
+// The WebGPU tab connects as it would by default (WebRTC-direct, which the relay offers); the CPU
+// tab asks for WebSocket with `?transport=ws`.
 const cases = [
-  { backend: 'webgpu', flags: ['--enable-unsafe-webgpu'] },
-  { backend: 'cpu', flags: [] },
+  { backend: 'webgpu', flags: ['--enable-unsafe-webgpu'], query: '', transport: 'WebRTC-direct' },
+  { backend: 'cpu', flags: [], query: '?transport=ws', transport: 'WebSocket' },
 ];
 
-for (const { backend: expected, flags } of cases) test(`Contribute trains in the browser (${expected}) and the relay accuracy rises`, { timeout: 600_000 }, async () => {
+for (const { backend: expected, flags, query, transport } of cases) test(`Contribute trains in the browser (${expected}, ${transport}) and the relay accuracy rises`, { timeout: 600_000 }, async () => {
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-e2e-'));
   const profile = mkdtempSync(join(tmpdir(), 'swarmtrain-chromium-'));
@@ -70,7 +72,7 @@ for (const { backend: expected, flags } of cases) test(`Contribute trains in the
     const logs = [];
     page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
     page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
-    await page.goto(url);
+    await page.goto(url + query);
     await page.click('#contribute');
 
     await page.waitForFunction(() => document.getElementById('backend').textContent !== 'not started', null, { timeout: 120_000 });
@@ -98,7 +100,8 @@ for (const { backend: expected, flags } of cases) test(`Contribute trains in the
     await page.waitForFunction(() => Number(document.getElementById('round').textContent) >= 3, null, { timeout: 10_000 });
     const loss = Number(await page.textContent('#loss'));
     assert.ok(Number.isFinite(loss) && loss > 0, `local loss shown: ${loss}`);
-    // libp2p ping over the browser's WebSocket connection measured the relay.
+    assert.equal(await page.textContent('#transport'), transport, `connected over ${transport}; logs:\n${logs.join('\n')}`);
+    // libp2p ping over the browser's connection measured the relay.
     await page.waitForFunction(() => /^\d+\.\d ms$/.test(document.getElementById('rtt').textContent), null, { timeout: 10_000 });
     console.log(`relay round trip shown: ${await page.textContent('#rtt')}`);
     const pageLog = await page.$$eval('#log li', (items) => items.map((li) => li.textContent).reverse());

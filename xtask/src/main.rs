@@ -612,11 +612,14 @@ fn bench_load() -> Result {
         .spawn()
         .map_err(|e| format!("{}: {e}", relay_bin.display()))?;
     let stdout = relay.stdout.take().ok_or("no relay stdout")?;
-    let url = BufReader::new(stdout)
-        .lines()
+    let mut lines = BufReader::new(stdout).lines();
+    let url = lines
+        .by_ref()
         .map_while(std::result::Result::ok)
         .find_map(|l| l.strip_prefix("swarmtrain relay listening on ").map(str::to_owned))
         .ok_or("the relay did not start")?;
+    // Keep reading, so that the relay never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     let pid = relay.id();
     let (idle_kb, _) = memory_kb(pid)?;
     let out = Command::new(&relay_bin)

@@ -7,8 +7,8 @@ use libp2p::{Swarm, identity::Keypair, noise, tcp, yamux};
 
 use crate::rpc::Behaviour;
 
-/// Which of the relay's advertised addresses this platform dials.
-pub const TRANSPORT: &str = "tcp";
+/// The relay's advertised transports this platform can dial, in order of preference.
+pub const TRANSPORTS: &[&str] = &["tcp"];
 /// Platform description reported in `Join`.
 pub fn platform() -> String {
     format!("native {} {}", std::env::consts::OS, std::env::consts::ARCH)

@@ -1,4 +1,5 @@
-//! Browser platform: WebSocket to the relay, `fetch` for HTTP, and the JavaScript API.
+//! Browser platform: WebRTC-direct or WebSocket to the relay, `fetch` for HTTP, and the
+//! JavaScript API.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use burn::backend::wgpu::{WgpuDevice, graphics::AutoGraphicsApi, init_setup_asyn
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use js_sys::{Function, JSON, Promise, Reflect, Uint8Array};
 use libp2p::core::upgrade::Version;
-use libp2p::{Swarm, Transport as _, identity::Keypair, noise, websocket_websys, yamux};
+use libp2p::{Swarm, Transport as _, identity::Keypair, noise, webrtc_websys, websocket_websys, yamux};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 
@@ -18,8 +19,8 @@ use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
 use crate::peer::{self, PeerConfig, PeerEvent};
 use crate::rpc::Behaviour;
 
-/// Which of the relay's advertised addresses this platform dials.
-pub const TRANSPORT: &str = "ws";
+/// The relay's advertised transports this platform can dial, in order of preference.
+pub const TRANSPORTS: &[&str] = &["webrtc-direct", "ws"];
 
 /// Platform description reported in `Join`.
 pub fn platform() -> String {
@@ -46,6 +47,9 @@ pub fn build_swarm(keypair: Keypair, behaviour: Behaviour, idle: Duration) -> Re
                     .multiplex(yamux::Config::default()),
             )
         })
+        .map_err(|e| e.to_string())?
+        // WebRTC-direct brings its own security (DTLS, then noise) and multiplexing (data channels).
+        .with_other_transport(|key| webrtc_websys::Transport::new(webrtc_websys::Config::new(key)))
         .map_err(|e| e.to_string())?
         .with_behaviour(|_| behaviour)
         .map_err(|e| e.to_string())?
@@ -125,8 +129,15 @@ impl Contributor {
     ///
     /// `on_event` receives plain objects with a `kind` field: `backend`, `joined`, `round`,
     /// `trained`, `submitted` or `error`. `backend` may be `"webgpu"`, `"cpu"` or `"auto"`
-    /// (the default: WebGPU when the browser offers an adapter, else the CPU).
-    pub async fn start(relay_url: String, on_event: Function, backend: Option<String>) -> Result<Contributor, JsError> {
+    /// (the default: WebGPU when the browser offers an adapter, else the CPU). `transport` may
+    /// be `"webrtc-direct"`, `"ws"` or `"auto"` (the default: WebRTC-direct when the relay
+    /// offers it, else WebSocket).
+    pub async fn start(
+        relay_url: String,
+        on_event: Function,
+        backend: Option<String>,
+        transport: Option<String>,
+    ) -> Result<Contributor, JsError> {
         std::panic::set_hook(Box::new(|info| web_sys::console::error_1(&info.to_string().into())));
         let seed = stored_identity_seed().map_err(|e| JsError::new(&e))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -137,8 +148,15 @@ impl Contributor {
         }
         let peer_key = swarmtrain_shared::Identity::from_seed(seed).peer().to_hex();
         let mut emit = emitter(on_event.clone());
+        let transport = transport.filter(|t| t != "auto");
+        if let Some(t) = &transport
+            && !TRANSPORTS.contains(&t.as_str())
+        {
+            return Err(JsError::new(&format!("unknown transport {t:?}: use webrtc-direct, ws or auto")));
+        }
         let config = |backend: &str| PeerConfig {
             run_id: None,
+            transport: transport.clone(),
             relay_url: relay_url.clone(),
             identity_seed: seed,
             backend: backend.into(),

@@ -138,6 +138,7 @@ async fn worker(args: Worker) -> anyhow::Result<()> {
     let config = PeerConfig {
         relay_url: args.relay,
         run_id: args.run,
+        transport: None,
         identity_seed: swarmtrain_relay::load_or_create_key(&args.key_file)?,
         backend: "ndarray".into(),
         max_rounds: args.rounds,
@@ -431,7 +432,9 @@ fn run_spec(run_args: &RunArgs) -> anyhow::Result<swarmtrain_shared::protocol::R
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr; stdout carries what the commands print (the listening banner, JSON).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "swarmtrain_relay=info,warn".into()),
