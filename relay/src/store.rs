@@ -84,8 +84,13 @@ impl Store {
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`,
     /// `AWS_ALLOW_HTTP`).
     pub fn open_at(data_dir: &Path, url: &str) -> anyhow::Result<Self> {
+        Self::open_at_with(data_dir, url, std::env::vars().filter(|(k, _)| k.starts_with("AWS_")))
+    }
+
+    /// [`Store::open_at`] with the store's options given (`("aws_endpoint", "http://…")`, …)
+    /// instead of read from the environment.
+    pub fn open_at_with(data_dir: &Path, url: &str, options: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
         let parsed = url::Url::parse(url).with_context(|| format!("checkpoint store {url:?} is not a URL"))?;
-        let options = std::env::vars().filter(|(k, _)| k.starts_with("AWS_"));
         let (objects, prefix) = object_store::parse_url_opts(&parsed, options).with_context(|| {
             format!("cannot open checkpoint store {url} (s3:// needs a relay built with the `s3` feature)")
         })?;

@@ -232,7 +232,7 @@ fn bench(args: &[String]) -> Result {
 }
 
 /// Python packages from PyPI for the tests (reading checkpoints) and the benchmarks (numpy).
-const PYTHON_PACKAGES: &[&str] = &["numpy", "safetensors"];
+const PYTHON_PACKAGES: &[&str] = &["numpy", "safetensors", "moto[server]==5.2.5"];
 
 /// A Python with [`PYTHON_PACKAGES`], in a virtual environment under the target directory.
 fn python_venv() -> Result<PathBuf> {
@@ -241,7 +241,7 @@ fn python_venv() -> Result<PathBuf> {
     if !python.exists() {
         status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    if output(Command::new(&python).args(["-c", "import numpy, safetensors"])).is_none() {
+    if output(Command::new(&python).args(["-c", "import numpy, safetensors, moto.server"])).is_none() {
         status(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(PYTHON_PACKAGES))?;
     }
     Ok(python)
