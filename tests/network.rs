@@ -115,6 +115,8 @@ fn certhash(address: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
     init_logging();
+    // The probe below dials over WebRTC before any relay has chosen the crypto provider.
+    swarmtrain_relay::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = || RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),

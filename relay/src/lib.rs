@@ -132,6 +132,13 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
     }
 }
 
+/// Chooses ring as the process's rustls crypto provider (once; later calls do nothing). WebRTC's
+/// DTLS needs one, and with more than one compiled in (the `s3` feature adds aws-lc-rs) rustls
+/// cannot pick by itself. [`Relay::start`] calls it.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn random_seed() -> anyhow::Result<[u8; 32]> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -148,6 +155,7 @@ fn ip_protocol(ip: IpAddr) -> Protocol<'static> {
 impl Relay {
     /// Starts the HTTP server, the libp2p node and the round timer.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Self> {
+        install_crypto_provider();
         let seed = match &config.data_dir {
             Some(dir) => load_or_create_key(&dir.join("relay.key"))?,
             None => random_seed()?,

@@ -642,11 +642,12 @@ fn bench_load() -> Result {
         "# Load: {peers} simulated peers on one relay\n\n\
          Produced by `cargo xtask bench load` on {} cores: a release relay process (persistence on: \
          every update is committed to redb, every round checkpointed) and one `swarmtrain-relay \
-         loadtest` process holding {peers} libp2p connections over loopback TCP (noise, yamux), \
-         each peer ML-DSA-signing its join and its long polls and verifying every announcement. \
-         Each round {senders} peers send an update (the quorum); the clock starts when the \
-         closing update is sent and stops when a peer has verified the next round's \
-         announcement.\n\n\
+         loadtest` process holding {peers} libp2p connections over loopback TCP (noise, yamux; \
+         request-response, gossipsub, identify, ping), each peer ML-DSA-signing its join, \
+         subscribing to the run's gossipsub topic and verifying every announcement it gets there. \
+         Each round {senders} peers send an update (the quorum, 19 KB signed, in two 16 KiB-bounded \
+         parts); the clock starts when the closing update is sent and stops when a peer has \
+         verified the next round's announcement.\n\n\
          | figure | value |\n| --- | --: |\n\
          | peers connected | {} |\n| rounds completed | {} |\n| connect + join, all peers | {:.1} s |\n\
          | close → announcement, p50 | {:.0} ms |\n| close → announcement, p99 | {:.0} ms |\n\
