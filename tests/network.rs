@@ -10,7 +10,9 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, identify, noise, ping, relay, tcp, yamux};
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_relay::{Relay, RelayConfig, default_run};
-use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, RelayToClient, RoundAnnouncement, Update};
+use libp2p::request_response::{self, ProtocolSupport};
+use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
+use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, Fetch, RelayToClient, Request, RoundAnnouncement, Update};
 use swarmtrain_shared::robust::Rule;
 use swarmtrain_shared::{PeerKey, Signed};
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer_in, start_relay};
@@ -24,6 +26,9 @@ async fn round_announcements_arrive_by_gossip() {
     run.quorum = 1;
     let relay = start_relay(run).await;
     let (client, identity, welcome, round0) = join_raw(&relay, [11; 32]).await;
+    // The longest answer the relay gives fits the frame size every WebRTC stack reads.
+    let welcome_frame = protocol::encode(&RelayToClient::Welcome(welcome.clone())).expect("encode");
+    assert!(welcome_frame.len() <= protocol::PREFERRED_FRAME_BYTES, "welcome of {} bytes", welcome_frame.len());
     client.subscribe(protocol::rounds_topic("digits")).await.expect("subscribe");
     // Give the subscription time to reach the relay before the round closes.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -101,6 +106,43 @@ async fn until<T>(swarm: &mut Swarm<Probe>, what: &str, mut done: impl FnMut(Swa
     tokio::time::timeout(WAIT, wait).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// A node with the swarmtrain behaviour over WebRTC-direct only.
+fn rpc_over_webrtc() -> Swarm<Behaviour> {
+    SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
+            libp2p_webrtc::tokio::Transport::new(key.clone(), certificate)
+        })
+        .expect("webrtc")
+        .with_behaviour(|key| Behaviour::new(ProtocolSupport::Outbound, key, "swarmtrain-test/0").expect("behaviour"))
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// Sends one request frame and waits for the decoded answer.
+async fn rpc_call(swarm: &mut Swarm<Behaviour>, relay: PeerId, frame: Vec<u8>) -> RelayToClient {
+    let id = swarm.behaviour_mut().rpc.send_request(&relay, frame);
+    let wait = async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) if request_id == id => return protocol::decode(&response).expect("an answer"),
+                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::OutboundFailure { request_id, error, .. }))
+                    if request_id == id =>
+                {
+                    panic!("request failed: {error}")
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, wait).await.expect("an answer over WebRTC in time")
+}
+
 fn certhash(address: &str) -> String {
     let address: Multiaddr = address.parse().expect("multiaddr");
     address
@@ -145,6 +187,32 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
     })
     .await;
     println!("WebRTC-direct: {agent}, ping {rtt:?}");
+
+    // The swarmtrain protocol itself over WebRTC: a signed join, and θ fetched in 16 KiB chunks.
+    let mut peer = rpc_over_webrtc();
+    peer.listen_on("/ip4/127.0.0.1/udp/0/webrtc-direct".parse().expect("multiaddr")).expect("listen");
+    let relay_id: PeerId = relay.bootstrap.peer_id.parse().expect("peer id");
+    peer.dial(address.parse::<Multiaddr>().expect("multiaddr")).expect("dial");
+    let identity = swarmtrain_shared::Identity::from_seed([12; 32]);
+    let join = ClientToRelay::Join(swarmtrain_shared::protocol::Join {
+        version: swarmtrain_shared::protocol::PROTOCOL_VERSION,
+        run_id: "digits".into(),
+        capabilities: swarmtrain_shared::protocol::Capabilities { backend: "none".into(), platform: "webrtc test".into() },
+    });
+    let frame = protocol::encode(&Request::Signed(identity.sign(&join).expect("sign"))).expect("encode");
+    let welcome = match rpc_call(&mut peer, relay_id, frame).await {
+        RelayToClient::Welcome(welcome) => welcome,
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let round = welcome.round.verify_from(&PeerKey::from_public_key(&welcome.relay_key)).expect("signed");
+    let fetch = Request::Fetch(Fetch::Params { run_id: "digits".into(), hash: round.params, offset: 0 });
+    match rpc_call(&mut peer, relay_id, protocol::encode(&fetch).expect("encode")).await {
+        RelayToClient::Chunk { total, offset: 0, bytes } => {
+            assert_eq!(total, 4 * round.n_params);
+            assert_eq!(bytes.len(), protocol::CHUNK_BYTES.min(total as usize));
+        }
+        other => panic!("expected a chunk, got {other:?}"),
+    }
     relay.shutdown().await;
 
     let again = Relay::start(config()).await.expect("relay restarts");
@@ -248,3 +316,4 @@ async fn one_relay_coordinates_two_runs_with_their_own_specs() {
     assert!(metrics.contains("swarmtrain_round{run=\"digits-robust\"}"), "{metrics}");
     relay.shutdown().await;
 }
+

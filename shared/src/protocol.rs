@@ -19,8 +19,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const RPC_PROTOCOL: &str = "/swarmtrain/rpc/1";
 /// No request or response frame may exceed this many bytes; larger input is refused unread.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024;
-/// Payload bytes in one [`Part`] or [`RelayToClient::Chunk`]: a frame less room for the envelope.
-pub const CHUNK_BYTES: usize = 15 * 1024;
+/// Frames are kept to this size when they can be: webrtc-rs, the native WebRTC stack, reads a
+/// data-channel message into an 8 KiB buffer, so a longer message fails there. A signed message
+/// whose frame would be longer goes in [`Part`]s.
+pub const PREFERRED_FRAME_BYTES: usize = 8 * 1024 - 256;
+/// Payload bytes in one [`Part`] or [`RelayToClient::Chunk`]: a preferred frame less room for
+/// the envelope.
+pub const CHUNK_BYTES: usize = 7 * 1024;
 /// The longest signed message or fetched object, in bytes (θ of a 16M-parameter model).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// libp2p gossipsub topic on which the relay publishes a run's signed announcements.
@@ -254,13 +259,13 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, WireErr
     postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
-/// Splits a signed message into the request frames that carry it: itself when it fits one
-/// frame, else [`Part`]s of at most [`CHUNK_BYTES`].
+/// Splits a signed message into the request frames that carry it: itself when its frame is at
+/// most [`PREFERRED_FRAME_BYTES`], else [`Part`]s of at most [`CHUNK_BYTES`].
 pub fn requests_for(message: &Signed<ClientToRelay>) -> Result<Vec<Vec<u8>>, WireError> {
     let whole = Request::Signed(message.clone());
     match encode(&whole) {
-        Ok(frame) => Ok(vec![frame]),
-        Err(WireError::TooLarge(_)) => {
+        Ok(frame) if frame.len() <= PREFERRED_FRAME_BYTES => Ok(vec![frame]),
+        Ok(_) | Err(WireError::TooLarge(_)) => {
             let bytes = postcard::to_allocvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
             if bytes.len() > MAX_MESSAGE_BYTES {
                 return Err(WireError::MessageTooLarge(bytes.len()));
@@ -326,10 +331,10 @@ mod tests {
         });
         let big = id.sign(&update).expect("sign");
         let frames = requests_for(&big).expect("split");
-        assert!(frames.len() > 6, "{} frames", frames.len());
+        assert!(frames.len() > 13, "{} frames", frames.len());
         let mut whole = Vec::new();
         for frame in &frames {
-            assert!(frame.len() <= MAX_FRAME_BYTES, "{} bytes", frame.len());
+            assert!(frame.len() <= PREFERRED_FRAME_BYTES, "{} bytes", frame.len());
             let Request::Part(part) = decode::<Request>(frame).expect("decode") else { panic!("a part") };
             assert_eq!(part.offset as usize, whole.len());
             whole.extend_from_slice(&part.bytes);

@@ -437,7 +437,8 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "swarmtrain_relay=info,warn".into()),
+                // webrtc-rs's DTLS warns about every TLS extension a browser offers that it does not know.
+                .unwrap_or_else(|_| "swarmtrain_relay=info,warn,dtls=error".into()),
         )
         .init();
     let (argv, extra_runs) = with_config_file(std::env::args().collect())?;
