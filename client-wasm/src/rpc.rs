@@ -314,12 +314,12 @@ async fn event_loop(
                         let _ = reply.send(Err(RpcError::Network(error.to_string())));
                     }
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
-                    // Only the relay's messages count; a full queue drops the newest (the
-                    // long poll still finds the round).
-                    if message.source == Some(relay) && gossip.try_send(message.data).is_err() {
-                        tracing::debug!("gossip queue full; announcement dropped");
-                    }
+                // Only the relay's messages count; a full queue drops the newest (the long poll
+                // still finds the round).
+                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }))
+                    if message.source == Some(relay) =>
+                {
+                    let _ = gossip.try_send(message.data).inspect_err(|_| tracing::debug!("gossip queue full; announcement dropped"));
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info: received, .. }))
                     if peer_id == relay =>

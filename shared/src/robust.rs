@@ -152,7 +152,7 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
         Rule::Median => {
             // Only the middle rank (or two) must be exact.
             let m = rows.len();
-            let network = selection_network(m, |rank| rank == m / 2 || (m % 2 == 0 && rank + 1 == m / 2));
+            let network = selection_network(m, |rank| rank == m / 2 || (m.is_multiple_of(2) && rank + 1 == m / 2));
             fused(sorted_columns(&rows, n, &network, |sorted, out| {
             let m = sorted.len();
             for (l, o) in out.iter_mut().enumerate() {
