@@ -59,39 +59,27 @@ struct Probe {
     relay: relay::client::Behaviour,
 }
 
-/// A bare libp2p node over TCP (or WebRTC-direct) with identify, ping and a circuit relay client.
-fn probe(webrtc: bool) -> Swarm<Probe> {
-    let behaviour = |key: &libp2p::identity::Keypair, relay: relay::client::Behaviour| Probe {
-        identify: identify::Behaviour::new(identify::Config::new("/probe/1".into(), key.public())),
-        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(200))),
-        relay,
-    };
-    let builder = SwarmBuilder::with_new_identity()
+/// A bare libp2p node over TCP and WebRTC-direct with identify, ping and a circuit relay client.
+fn probe() -> Swarm<Probe> {
+    SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .expect("tcp");
-    if webrtc {
-        builder
-            .with_other_transport(|key| {
-                let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
-                libp2p_webrtc::tokio::Transport::new(key.clone(), certificate)
-            })
-            .expect("webrtc")
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .expect("relay client")
-            .with_behaviour(behaviour)
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build()
-    } else {
-        builder
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .expect("relay client")
-            .with_behaviour(behaviour)
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build()
-    }
+        .expect("tcp")
+        .with_other_transport(|key| {
+            let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
+            libp2p_webrtc::tokio::Transport::new(key.clone(), certificate)
+        })
+        .expect("webrtc")
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .expect("relay client")
+        .with_behaviour(|key, relay| Probe {
+            identify: identify::Behaviour::new(identify::Config::new("/probe/1".into(), key.public())),
+            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(200))),
+            relay,
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
 }
 
 /// Drives `swarm` until `done` says what it waited for.
@@ -171,7 +159,7 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
     assert!(address.contains("/udp/") && address.contains("/webrtc-direct/certhash/"), "{address}");
 
     // A node dials the relay over WebRTC-direct: identify and ping run over the data channels.
-    let mut node = probe(true);
+    let mut node = probe();
     // libp2p-webrtc dials from its listener's UDP socket.
     node.listen_on("/ip4/127.0.0.1/udp/0/webrtc-direct".parse().expect("multiaddr")).expect("listen");
     node.dial(address.parse::<Multiaddr>().expect("multiaddr")).expect("dial");
@@ -231,7 +219,7 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
     let relay_id: PeerId = relay.bootstrap.peer_id.parse().expect("peer id");
 
     // A listens through the relay (a reservation), B dials A's relayed address.
-    let mut a = probe(false);
+    let mut a = probe();
     let a_id = *a.local_peer_id();
     a.listen_on(relay_tcp.clone().with(Protocol::P2pCircuit)).expect("listen via relay");
     until(&mut a, "a reservation", |e| match e {
@@ -243,7 +231,7 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
     })
     .await;
 
-    let mut b = probe(false);
+    let mut b = probe();
     let via_relay = relay_tcp.with(Protocol::P2pCircuit).with(Protocol::P2p(a_id));
     b.dial(via_relay).expect("dial A via the relay");
     let (mut a_connected, mut b_pinged) = (false, false);

@@ -4,25 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use swarmtrain_client::rpc::RelayClient;
-use swarmtrain_shared::Identity;
-use swarmtrain_shared::protocol::{ClientToRelay, Codec, RelayToClient, RoundAnnouncement, Update};
-use swarmtrain_tests::{RelayProcess, free_port, join_raw_at};
+use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient};
+use swarmtrain_tests::{RelayProcess, free_port, join_raw_at, send_constant_update};
 
-/// Sends an update of constant value `value` for `round`.
-async fn send(client: &RelayClient, id: &Identity, round: &RoundAnnouncement, value: f32) -> RelayToClient {
-    let update = ClientToRelay::Update(Update {
-        run_id: "digits".into(),
-        round: round.round,
-        base: round.params,
-        n_samples: 32,
-        inner_steps: 10,
-        loss: 1.0,
-        codec: Codec::F32,
-        payload: Codec::F32.encode(&vec![value; round.n_params as usize]),
-    });
-    client.request(&id.sign(&update).expect("sign")).await.expect("request")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
@@ -34,8 +18,8 @@ async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
     // Round 0 closes at quorum 2; in round 1 only peer A has sent its update.
     let (client_a, id_a, _, round0) = join_raw_at(&address, "digits", [1; 32]).await;
     let (client_b, id_b, _, _) = join_raw_at(&address, "digits", [2; 32]).await;
-    assert!(matches!(send(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
-    assert!(matches!(send(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(send_constant_update(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(send_constant_update(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
     let before = relay.json("api/status").await;
     assert_eq!(before["round"], 1);
     let round1 = match client_a
@@ -46,7 +30,7 @@ async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
         RelayToClient::Round(signed) => signed.verify_and_decode().expect("signed").1,
         other => panic!("expected the round, got {other:?}"),
     };
-    assert!(matches!(send(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Accepted { round: 1 }));
+    assert!(matches!(send_constant_update(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Accepted { round: 1 }));
     let before = relay.json("api/status").await;
     assert_eq!(before["updates_this_round"], 1);
     assert_eq!(before["accepted_updates"], 3);
@@ -65,7 +49,7 @@ async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
     let (client_a, id_a, _, announced) = join_raw_at(&address, "digits", [1; 32]).await;
     assert_eq!(announced.round, 1);
     assert_eq!(announced.params, round1.params, "the same θ is announced again");
-    assert!(matches!(send(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Rejected { .. }), "no second update");
+    assert!(matches!(send_constant_update(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Rejected { .. }), "no second update");
     let deadline = Instant::now() + Duration::from_secs(30);
     let done = loop {
         let status = relay.json("api/status").await;

@@ -5,14 +5,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use swarmtrain_client::rpc::RelayClient;
-use swarmtrain_shared::Identity;
-use swarmtrain_shared::protocol::{ClientToRelay, Codec, RelayToClient, RoundAnnouncement, Update};
 use swarmtrain_relay::default_run;
 use swarmtrain_relay::ops::model_layout;
 use swarmtrain_relay::store::Store;
-use swarmtrain_shared::protocol::{ParamsHash, params_to_bytes};
-use swarmtrain_tests::{RelayProcess, free_port, join_raw_at};
+use swarmtrain_shared::protocol::{ParamsHash, RelayToClient, params_to_bytes};
+use swarmtrain_tests::{RelayProcess, free_port, join_raw_at, send_constant_update};
 
 /// A moto S3 server on loopback, stopped when dropped.
 struct S3Server {
@@ -56,19 +53,6 @@ impl Drop for S3Server {
     }
 }
 
-async fn send(client: &RelayClient, id: &Identity, round: &RoundAnnouncement, value: f32) -> RelayToClient {
-    let update = ClientToRelay::Update(Update {
-        run_id: "digits".into(),
-        round: round.round,
-        base: round.params,
-        n_samples: 32,
-        inner_steps: 10,
-        loss: 1.0,
-        codec: Codec::F32,
-        payload: Codec::F32.encode(&vec![value; round.n_params as usize]),
-    });
-    client.request(&id.sign(&update).expect("sign")).await.expect("request")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() {
@@ -94,8 +78,8 @@ async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() 
     let address = relay.tcp_address().await;
     let (client_a, id_a, _, round0) = join_raw_at(&address, "digits", [1; 32]).await;
     let (client_b, id_b, _, _) = join_raw_at(&address, "digits", [2; 32]).await;
-    assert!(matches!(send(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
-    assert!(matches!(send(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(send_constant_update(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(send_constant_update(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
     let before = relay.json("api/status").await;
     assert_eq!(before["round"], 1);
 

@@ -15,7 +15,8 @@ use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::coordinator::Status;
 use swarmtrain_relay::{Relay, RelayConfig};
 use swarmtrain_shared::protocol::{
-    Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, RunSpec, Welcome,
+    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, RunSpec, Update,
+    Welcome,
 };
 use swarmtrain_shared::{Identity, PeerKey};
 use tokio::sync::mpsc;
@@ -214,4 +215,19 @@ impl Drop for RelayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends a signed update of constant `value` (f32) for `round` of the digits run.
+pub async fn send_constant_update(client: &RelayClient, id: &Identity, round: &RoundAnnouncement, value: f32) -> RelayToClient {
+    let update = ClientToRelay::Update(Update {
+        run_id: "digits".into(),
+        round: round.round,
+        base: round.params,
+        n_samples: 32,
+        inner_steps: 10,
+        loss: 1.0,
+        codec: Codec::F32,
+        payload: Codec::F32.encode(&vec![value; round.n_params as usize]),
+    });
+    client.request(&id.sign(&update).expect("sign")).await.expect("request")
 }
