@@ -101,11 +101,11 @@ pub struct Coordinator {
     store: Option<Arc<Store>>,
     layout: Vec<TensorInfo>,
     spec: RunSpec,
-    /// Every announcement as it is signed, for gossip: (run id, encoded `Signed<RoundAnnouncement>`).
-    announce: broadcast::Sender<(String, Vec<u8>)>,
+    announce: Announcements,
 }
 
-/// Where coordinators send their announcements for gossip.
+/// Where coordinators send every announcement as it is signed, for gossip: (run id, encoded
+/// `Signed<RoundAnnouncement>`).
 pub type Announcements = broadcast::Sender<(String, Vec<u8>)>;
 
 impl std::fmt::Debug for Coordinator {
@@ -246,7 +246,7 @@ impl Coordinator {
     pub async fn fetch(&self, fetch: Fetch) -> Vec<u8> {
         match fetch {
             Fetch::Params { run_id, hash, offset } => {
-                if run_id != self.run_id().await {
+                if run_id != self.spec.run_id {
                     return self.reject(None, "wrong_run", format!("no run {run_id:?}")).await;
                 }
                 let Some(bytes) = self.params(&hash).await else {
@@ -392,7 +392,7 @@ impl Coordinator {
             Ok(announcement) => {
                 state.announcement = announcement.clone();
                 // Gossip it; nobody listening (no peers yet) is fine.
-                let _ = self.announce.send((state.round.spec.run_id.clone(), encode_any(&announcement)));
+                let _ = self.announce.send((state.round.spec.run_id.clone(), encode(&announcement)));
                 let round = state.round.round;
                 let (ready, waiting): (Vec<_>, Vec<_>) = state.waiters.drain(..).partition(|(after, _)| *after < round);
                 state.waiters = waiting;
@@ -498,11 +498,7 @@ fn store_params(state: &mut State) {
     }
 }
 
-fn encode(message: &RelayToClient) -> Vec<u8> {
-    encode_any(message)
-}
-
-fn encode_any<T: Serialize>(message: &T) -> Vec<u8> {
+fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     // Responses are built by the relay and stay below the frame limit (a test checks the largest,
     // the welcome); should one not, the peer gets an empty frame, which it reports as malformed.
     protocol::encode(message).unwrap_or_else(|e| {
