@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient};
-use swarmtrain_tests::{RelayProcess, free_port, join_raw_at, send_constant_update};
+use swarmtrain_tests::{RelayProcess, free_port, join_raw_at, send_constant_update, two_peers_close_round_0};
 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,10 +16,7 @@ async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
     let address = relay.tcp_address().await;
 
     // Round 0 closes at quorum 2; in round 1 only peer A has sent its update.
-    let (client_a, id_a, _, round0) = join_raw_at(&address, "digits", [1; 32]).await;
-    let (client_b, id_b, _, _) = join_raw_at(&address, "digits", [2; 32]).await;
-    assert!(matches!(send_constant_update(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
-    assert!(matches!(send_constant_update(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
+    let [(client_a, id_a, _), (client_b, id_b, _)] = two_peers_close_round_0(&address).await;
     let before = relay.json("api/status").await;
     assert_eq!(before["round"], 1);
     let round1 = match client_a

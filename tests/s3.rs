@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use swarmtrain_relay::default_run;
 use swarmtrain_relay::ops::model_layout;
 use swarmtrain_relay::store::Store;
-use swarmtrain_shared::protocol::{ParamsHash, RelayToClient, params_to_bytes};
-use swarmtrain_tests::{RelayProcess, free_port, join_raw_at, send_constant_update};
+use swarmtrain_shared::protocol::{ParamsHash, params_to_bytes};
+use swarmtrain_tests::{RelayProcess, free_port, two_peers_close_round_0};
 
 /// A moto S3 server on loopback, stopped when dropped.
 struct S3Server {
@@ -76,10 +76,7 @@ async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() 
     let port = free_port();
     let relay = RelayProcess::start(dir.path(), port, &args, &env);
     let address = relay.tcp_address().await;
-    let (client_a, id_a, _, round0) = join_raw_at(&address, "digits", [1; 32]).await;
-    let (client_b, id_b, _, _) = join_raw_at(&address, "digits", [2; 32]).await;
-    assert!(matches!(send_constant_update(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
-    assert!(matches!(send_constant_update(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
+    let peers = two_peers_close_round_0(&address).await;
     let before = relay.json("api/status").await;
     assert_eq!(before["round"], 1);
 
@@ -93,7 +90,7 @@ async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() 
     assert!(!dir.path().join("checkpoints/digits").exists(), "no local checkpoints");
 
     relay.kill();
-    drop((client_a, client_b));
+    drop(peers);
     let relay = RelayProcess::start(dir.path(), port, &args, &env);
     let after = relay.json("api/status").await;
     for key in ["round", "params_hash", "history"] {

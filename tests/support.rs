@@ -231,3 +231,14 @@ pub async fn send_constant_update(client: &RelayClient, id: &Identity, round: &R
     });
     client.request(&id.sign(&update).expect("sign")).await.expect("request")
 }
+
+/// Two peers (seeds 1 and 2) join the digits run of the relay process at TCP `address` and each
+/// send an update to round 0, which closes it at quorum 2. Returns each peer's connection and
+/// identity, and round 0's announcement.
+pub async fn two_peers_close_round_0(address: &str) -> [(RelayClient, Identity, RoundAnnouncement); 2] {
+    let (client_a, id_a, _, round0) = join_raw_at(address, "digits", [1; 32]).await;
+    let (client_b, id_b, _, _) = join_raw_at(address, "digits", [2; 32]).await;
+    assert!(matches!(send_constant_update(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(send_constant_update(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
+    [(client_a, id_a, round0.clone()), (client_b, id_b, round0)]
+}
