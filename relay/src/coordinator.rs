@@ -223,10 +223,6 @@ impl Coordinator {
         &self.spec
     }
 
-    pub async fn run_id(&self) -> String {
-        self.spec.run_id.clone()
-    }
-
     pub async fn params(&self, hash: &ParamsHash) -> Option<Arc<Vec<u8>>> {
         self.state.lock().await.params.get(hash).cloned()
     }
