@@ -13,7 +13,7 @@ use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
 /// Joins and, every round, sends Δ = −10 in every coordinate (about −1000× an honest Δ).
 async fn attacker(relay: &Relay) {
     let (client, id, welcome, mut round) = join_raw(relay, [200; 32]).await;
-    let relay_key = PeerKey::from_public_key(&welcome.relay_key);
+    let relay_key = PeerKey::from_public_key(welcome.relay_key());
     loop {
         let update = ClientToRelay::Update(Update {
             run_id: "digits".into(),

@@ -61,7 +61,7 @@ pub async fn join_raw_at(address: &str, run_id: &str, seed: [u8; 32]) -> (RelayC
         RelayToClient::Welcome(welcome) => welcome,
         other => panic!("expected a welcome, got {other:?}"),
     };
-    let round = welcome.round.verify_from(&PeerKey::from_public_key(&welcome.relay_key)).expect("signed by the relay");
+    let round = welcome.round.verify_from(&PeerKey::from_public_key(welcome.relay_key())).expect("signed by the relay");
     (client, identity, welcome, round)
 }
 

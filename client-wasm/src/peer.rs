@@ -15,7 +15,7 @@ use swarmtrain_shared::protocol::{
 };
 use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::train::LocalTrainer;
-use swarmtrain_shared::{Identity, PeerKey, Signed};
+use swarmtrain_shared::{Identity, Signed};
 use web_time::Instant;
 
 use crate::platform;
@@ -101,7 +101,8 @@ struct Session {
     client: RelayClient,
     transport: String,
     identity: Identity,
-    relay_key: PeerKey,
+    /// The relay's ML-DSA-65 public key, which signs every announcement.
+    relay_key: Vec<u8>,
     relay_url: String,
     spec: RunSpec,
 }
@@ -132,7 +133,7 @@ impl Session {
             RelayToClient::Rejected { reason } => return Err(PeerError::Refused(reason)),
             _ => return Err(PeerError::Unexpected("join")),
         };
-        let relay_key = PeerKey::from_public_key(&welcome.relay_key);
+        let relay_key = welcome.relay_key().to_vec();
         let session = Self { client, transport, identity, relay_key, relay_url: config.relay_url.clone(), spec: welcome.spec };
         let announcement = session.verify(&welcome.round)?;
         // Announcements arrive by gossip; the long poll is the fallback.
@@ -141,7 +142,7 @@ impl Session {
     }
 
     fn verify(&self, signed: &Signed<RoundAnnouncement>) -> Result<RoundAnnouncement, PeerError> {
-        let announcement = signed.verify_from(&self.relay_key).map_err(|e| PeerError::Announcement(e.to_string()))?;
+        let announcement = signed.verify_with_key(&self.relay_key).map_err(|e| PeerError::Announcement(e.to_string()))?;
         if announcement.run_id != self.spec.run_id {
             return Err(PeerError::Announcement(format!("announcement is for run {:?}", announcement.run_id)));
         }

@@ -278,11 +278,7 @@ impl Coordinator {
                 let spec = state.round.spec.clone();
                 drop(state);
                 match round {
-                    Ok(round) => encode(&RelayToClient::Welcome(Welcome {
-                        relay_key: self.identity.public_key().to_vec(),
-                        spec,
-                        round,
-                    })),
+                    Ok(round) => encode(&RelayToClient::Welcome(Welcome { spec, round })),
                     Err(e) => self.reject(Some(peer), "internal", e.to_string()).await,
                 }
             }
@@ -388,7 +384,12 @@ impl Coordinator {
             Ok(announcement) => {
                 state.announcement = announcement.clone();
                 // Gossip it; nobody listening (no peers yet) is fine.
-                let _ = self.announce.send((state.round.spec.run_id.clone(), encode(&announcement)));
+                match protocol::gossip_announcement(&announcement) {
+                    Ok(frame) => {
+                        let _ = self.announce.send((state.round.spec.run_id.clone(), frame));
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not encode the announcement for gossip"),
+                }
                 let round = state.round.round;
                 let (ready, waiting): (Vec<_>, Vec<_>) = state.waiters.drain(..).partition(|(after, _)| *after < round);
                 state.waiters = waiting;

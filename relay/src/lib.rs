@@ -5,6 +5,7 @@
 //! native peers in one process.
 
 pub mod backend;
+pub mod boxed;
 pub mod coordinator;
 pub mod corpus;
 pub mod dataset;

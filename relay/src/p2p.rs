@@ -28,11 +28,13 @@ use swarmtrain_shared::transfer::{Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
 
 use crate::Runs;
+use crate::boxed::Boxed;
 
 /// At most this many requests are handled (or parked as long polls) at once.
 const MAX_IN_FLIGHT: usize = 4096;
 
-/// The relay's behaviour: the swarmtrain node plus a circuit relay v2 server.
+/// The relay's behaviour: the swarmtrain node plus a circuit relay v2 server. The swarm holds it
+/// [`Boxed`], so that each connection's handler lives on the heap.
 #[derive(NetworkBehaviour)]
 pub struct RelayBehaviour {
     pub node: Behaviour,
@@ -64,7 +66,7 @@ pub fn load_or_create_certificate(path: &Path) -> anyhow::Result<Certificate> {
     }
 }
 
-pub async fn build_swarm(keypair: Keypair, certificate: Certificate) -> anyhow::Result<Swarm<RelayBehaviour>> {
+pub async fn build_swarm(keypair: Keypair, certificate: Certificate) -> anyhow::Result<Swarm<Boxed<RelayBehaviour>>> {
     let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -74,10 +76,10 @@ pub async fn build_swarm(keypair: Keypair, certificate: Certificate) -> anyhow::
         .with_websocket(noise::Config::new, yamux::Config::default)
         .await?
         .with_behaviour(|key| {
-            Ok(RelayBehaviour {
+            Ok(Boxed(RelayBehaviour {
                 node: Behaviour::new(ProtocolSupport::Inbound, key, &agent)?,
                 circuit: relay::Behaviour::new(key.public().to_peer_id(), relay::Config::default()),
-            })
+            }))
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build())
@@ -87,7 +89,7 @@ type Pending = Pin<Box<dyn Future<Output = (ResponseChannel<Vec<u8>>, Vec<u8>)> 
 
 /// Runs the node until `shutdown` flips to true.
 pub async fn run(
-    mut swarm: Swarm<RelayBehaviour>,
+    mut swarm: Swarm<Boxed<RelayBehaviour>>,
     runs: Arc<Runs>,
     mut announcements: broadcast::Receiver<(String, Vec<u8>)>,
     mut shutdown: watch::Receiver<bool>,
@@ -164,7 +166,7 @@ pub async fn run(
 }
 
 /// Starts listening on each of `listeners` and returns the addresses bound, in order.
-pub async fn listen(swarm: &mut Swarm<RelayBehaviour>, listeners: &[Multiaddr]) -> anyhow::Result<Vec<Multiaddr>> {
+pub async fn listen(swarm: &mut Swarm<Boxed<RelayBehaviour>>, listeners: &[Multiaddr]) -> anyhow::Result<Vec<Multiaddr>> {
     let mut ids = Vec::new();
     for addr in listeners {
         ids.push(swarm.listen_on(addr.clone()).with_context(|| format!("listening on {addr}"))?);
@@ -183,3 +185,4 @@ pub async fn listen(swarm: &mut Swarm<RelayBehaviour>, listeners: &[Multiaddr]) 
     }
     Ok(bound.into_iter().flatten().collect())
 }
+

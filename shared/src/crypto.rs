@@ -173,16 +173,18 @@ impl<T> fmt::Debug for Signed<T> {
     }
 }
 
+impl<T> Signed<T> {
+    /// The same signed message without the signer's public key, for receivers that already
+    /// hold that key (1,952 bytes less). [`Self::verify_with_key`] checks it.
+    pub fn without_key(&self) -> Self {
+        Self { public_key: Vec::new(), body: self.body.clone(), signature: self.signature.clone(), _message: PhantomData }
+    }
+}
+
 impl<T: DeserializeOwned> Signed<T> {
     /// Checks the signature, then decodes the body. Returns the signer and the message.
     pub fn verify_and_decode(&self) -> Result<(PeerKey, T), CryptoError> {
-        let encoded = EncodedVerifyingKey::<MlDsa65>::try_from(self.public_key.as_slice())
-            .map_err(|_| CryptoError::PublicKeyLength(self.public_key.len()))?;
-        let key = VerifyingKey::<MlDsa65>::decode(&encoded);
-        let signature = Signature::<MlDsa65>::try_from(self.signature.as_slice())
-            .map_err(|_| CryptoError::MalformedSignature)?;
-        key.verify(&signed_bytes(&self.body), &signature).map_err(|_| CryptoError::BadSignature)?;
-        let message = postcard::from_bytes(&self.body).map_err(|e| CryptoError::Decode(e.to_string()))?;
+        let message = verify_body(&self.public_key, &self.body, &self.signature)?;
         Ok((PeerKey::from_public_key(&self.public_key), message))
     }
 
@@ -194,6 +196,27 @@ impl<T: DeserializeOwned> Signed<T> {
         }
         self.verify_and_decode().map(|(_, message)| message)
     }
+
+    /// Checks that `public_key` signed this message, which may have been sent
+    /// [without its key](Self::without_key); a key it does carry must be `public_key`.
+    pub fn verify_with_key(&self, public_key: &[u8]) -> Result<T, CryptoError> {
+        if !self.public_key.is_empty() && self.public_key != public_key {
+            return Err(CryptoError::WrongSigner {
+                expected: PeerKey::from_public_key(public_key),
+                got: PeerKey::from_public_key(&self.public_key),
+            });
+        }
+        verify_body(public_key, &self.body, &self.signature)
+    }
+}
+
+/// Checks an ML-DSA-65 signature by `public_key` over `body`, then decodes `body`.
+fn verify_body<T: DeserializeOwned>(public_key: &[u8], body: &[u8], signature: &[u8]) -> Result<T, CryptoError> {
+    let encoded = EncodedVerifyingKey::<MlDsa65>::try_from(public_key).map_err(|_| CryptoError::PublicKeyLength(public_key.len()))?;
+    let key = VerifyingKey::<MlDsa65>::decode(&encoded);
+    let signature = Signature::<MlDsa65>::try_from(signature).map_err(|_| CryptoError::MalformedSignature)?;
+    key.verify(&signed_bytes(body), &signature).map_err(|_| CryptoError::BadSignature)?;
+    postcard::from_bytes(body).map_err(|e| CryptoError::Decode(e.to_string()))
 }
 
 #[cfg(test)]
@@ -221,6 +244,22 @@ mod tests {
         assert_eq!(peer, id.peer());
         assert_eq!(decoded, Msg { round: 3, payload: vec![1, 2, 3, 4] });
         assert_eq!(msg.verify_from(&id.peer()).expect("from"), decoded);
+    }
+
+    #[test]
+    fn a_message_sent_without_its_key_verifies_only_with_the_signers_key() {
+        let (id, msg) = signed();
+        let bare = msg.without_key();
+        assert!(bare.public_key.is_empty());
+        assert_eq!(bare.verify_with_key(&msg.public_key).expect("verifies").round, 3);
+        assert_eq!(msg.verify_with_key(&msg.public_key).expect("with its key too").round, 3);
+        let other = Identity::from_seed([8; 32]);
+        let other_key = other.sign(&Msg { round: 0, payload: vec![] }).expect("sign").public_key;
+        assert!(matches!(bare.verify_with_key(&other_key), Err(CryptoError::BadSignature)));
+        assert!(matches!(msg.verify_with_key(&other_key), Err(CryptoError::WrongSigner { .. })));
+        assert!(matches!(bare.verify_with_key(&[1, 2, 3]), Err(CryptoError::PublicKeyLength(3))));
+        assert!(bare.verify_and_decode().is_err(), "no key, nothing to verify against");
+        let _ = id;
     }
 
     #[test]

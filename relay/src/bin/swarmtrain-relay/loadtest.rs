@@ -36,7 +36,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     use std::time::{Duration, Instant};
     use swarmtrain_client::rpc::RelayClient;
     use swarmtrain_shared::protocol::{self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, Update};
-    use swarmtrain_shared::{Identity, PeerKey, Signed};
+    use swarmtrain_shared::Identity;
 
     anyhow::ensure!(args.senders >= 1 && args.senders <= args.peers, "--senders must be in 1..=--peers");
     let boot: swarmtrain_client::peer::Bootstrap = serde_json::from_slice(
@@ -48,7 +48,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     let run_id = boot.run_id.clone();
     let started = Instant::now();
     // Connect and join, 64 at a time.
-    type Joined = (RelayClient, std::sync::Arc<Identity>, PeerKey, RoundAnnouncement);
+    type Joined = (RelayClient, std::sync::Arc<Identity>, std::sync::Arc<Vec<u8>>, RoundAnnouncement);
     let joined: Vec<anyhow::Result<Joined>> = futures::stream::iter(0..args.peers)
         .map(|i| {
             let (address, run_id) = (address.clone(), run_id.clone());
@@ -67,8 +67,8 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                         if args.delivery == Delivery::Gossip {
                             client.subscribe(protocol::rounds_topic(&w.spec.run_id)).await?;
                         }
-                        let relay_key = PeerKey::from_public_key(&w.relay_key);
-                        let round = w.round.verify_from(&relay_key)?;
+                        let relay_key = std::sync::Arc::new(w.relay_key().to_vec());
+                        let round = w.round.verify_with_key(&relay_key)?;
                         Ok((client, std::sync::Arc::new(identity), relay_key, round))
                     }
                     other => anyhow::bail!("expected a welcome, got {other:?}"),
@@ -89,13 +89,12 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     let first_round = peers.iter().map(|p| p.3.round).max().unwrap_or(0);
     let last_round = first_round + u64::from(args.rounds);
     for (client, identity, relay_key, round) in &peers {
-        let (client, identity, relay_key, run_id, mut seen) = (client.clone(), identity.clone(), *relay_key, run_id.clone(), seen_tx.clone());
+        let (client, identity, relay_key, run_id, mut seen) = (client.clone(), identity.clone(), relay_key.clone(), run_id.clone(), seen_tx.clone());
         let mut current = round.round;
         tokio::spawn(async move {
             while current < last_round && args.delivery == Delivery::Gossip {
                 let Some(frame) = client.next_gossip().await else { return };
-                let Ok(signed) = protocol::decode::<Signed<RoundAnnouncement>>(&frame) else { continue };
-                if let Ok(r) = signed.verify_from(&relay_key)
+                if let Ok(r) = protocol::verify_gossiped(&frame, &relay_key)
                     && r.round > current
                 {
                     current = r.round;
@@ -106,7 +105,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                 let ask = ClientToRelay::AwaitRound { run_id: run_id.clone(), after: Some(current) };
                 let Ok(signed) = identity.sign(&ask) else { return };
                 match client.request(&signed).await {
-                    Ok(RelayToClient::Round(r)) => match r.verify_from(&relay_key) {
+                    Ok(RelayToClient::Round(r)) => match r.verify_with_key(&relay_key) {
                         Ok(r) if r.round > current => {
                             current = r.round;
                             let _ = futures::SinkExt::send(&mut seen, (current, Instant::now())).await;
@@ -162,7 +161,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
         completed += 1;
         let ask = ClientToRelay::AwaitRound { run_id: run_id.clone(), after: None };
         announcement = match client.request(&identity.sign(&ask)?).await? {
-            RelayToClient::Round(r) => r.verify_from(relay_key)?,
+            RelayToClient::Round(r) => r.verify_with_key(relay_key)?,
             other => anyhow::bail!("expected the round, got {other:?}"),
         };
     }
