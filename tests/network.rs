@@ -12,9 +12,9 @@ use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_relay::{Relay, RelayConfig, default_run};
 use libp2p::request_response::{self, ProtocolSupport};
 use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
-use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, Fetch, RelayToClient, Request, RoundAnnouncement, Update};
+use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, Fetch, RelayToClient, Request, Update};
 use swarmtrain_shared::robust::Rule;
-use swarmtrain_shared::{PeerKey, Signed};
+use swarmtrain_shared::PeerKey;
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer_in, start_relay};
 
 const WAIT: Duration = Duration::from_secs(60);
