@@ -645,7 +645,7 @@ fn bench_load() -> Result {
          loadtest` process holding {peers} libp2p connections over loopback TCP (noise, yamux; \
          request-response, gossipsub, identify, ping), each peer ML-DSA-signing its join, \
          subscribing to the run's gossipsub topic and verifying every announcement it gets there. \
-         Each round {senders} peers send an update (the quorum, 19 KB signed, in two 16 KiB-bounded \
+         Each round {senders} peers send an update (the quorum, 19 KB signed, in three 7 KiB \
          parts); the clock starts when the closing update is sent and stops when a peer has \
          verified the next round's announcement.\n\n\
          | figure | value |\n| --- | --: |\n\
@@ -653,6 +653,8 @@ fn bench_load() -> Result {
          | close → announcement, p50 | {:.0} ms |\n| close → announcement, p99 | {:.0} ms |\n\
          | close → announcement, max | {:.0} ms |\n| relay memory, idle | {:.1} MB |\n\
          | relay memory, {peers} peers | {:.1} MB (peak {:.1} MB) |\n| relay memory per peer | {per_peer_kb:.0} KB |\n\n\
+         Memory is the relay's resident set (VmRSS) when the load test has finished, minus its \
+         resident set before the peers connected, over the peer count.\n\n\
          Goals: ≥ 1,000 peers, p99 < 1 s, < 100 KB per peer.\n",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         json_number(&json, "peers")?,
