@@ -6,7 +6,10 @@
 //! 1. an accepted update is committed to the ledger before the peer hears `Accepted`;
 //! 2. when a round closes, θ_{t+1} and the outer momentum are written as a checkpoint, then the
 //!    run record is switched to round t+1 in one transaction, and only then is round t+1
-//!    announced. The closed round's updates stay in the ledger as history.
+//!    announced. The closed round's updates stay in the ledger as history: in full while the
+//!    round's checkpoint is kept (the newest `keep` rounds), then as entries without payload
+//!    (who sent what for which round, when, with how many samples and what loss), so that the
+//!    database does not grow by every update's bytes forever.
 //!
 //! On start, the record names the last announced round and its checkpoint; the ledger's updates
 //! for that round are submitted again, through the same checks as live ones.
@@ -19,7 +22,7 @@ use anyhow::Context;
 use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::checkpoint::{self, TensorInfo};
@@ -32,6 +35,8 @@ const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 /// (run id, round, peer key) → postcard [`LedgerEntry`]: every accepted update, kept for the
 /// ledger; the open round's are replayed on restart.
 const LEDGER: TableDefinition<(&str, u64, &[u8]), &[u8]> = TableDefinition::new("ledger");
+/// run id → the first round whose ledger entries still hold their payloads.
+const COMPACTED: TableDefinition<&str, u64> = TableDefinition::new("ledger_compacted");
 
 /// What a run's record says: enough to resume at the last announced round.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,6 +114,7 @@ impl Store {
         let tx = db.begin_write()?;
         tx.open_table(RUNS)?;
         tx.open_table(LEDGER)?;
+        tx.open_table(COMPACTED)?;
         tx.commit()?;
         Ok(Self { db, objects, keep: KEEP_CHECKPOINTS })
     }
@@ -119,8 +125,10 @@ impl Store {
         self
     }
 
-    /// Deletes the checkpoints of `run_id` older than the newest `keep` before `round`.
+    /// Deletes the checkpoints of `run_id` older than the newest `keep` before `round`, and
+    /// drops the payloads of those rounds' ledger entries (see [`Store::compact_ledger`]).
     pub async fn prune(&self, run_id: &str, round: u64) -> anyhow::Result<usize> {
+        self.compact_ledger(run_id, (round + 1).saturating_sub(self.keep as u64))?;
         use futures::TryStreamExt;
         let prefix = StorePath::from(run_id);
         let listed: Vec<_> = self.objects.list(Some(&prefix)).try_collect().await.context("listing checkpoints")?;
@@ -137,6 +145,40 @@ impl Store {
             }
         }
         Ok(deleted)
+    }
+
+    /// Empties the payload of every ledger entry of `run_id` before round `before`, in one
+    /// transaction; the entries themselves stay. Each round is compacted once.
+    pub fn compact_ledger(&self, run_id: &str, before: u64) -> anyhow::Result<usize> {
+        let tx = self.db.begin_write()?;
+        let mut compacted = 0;
+        {
+            let mut marks = tx.open_table(COMPACTED)?;
+            let from = marks.get(run_id)?.map_or(0, |v| v.value());
+            if from >= before {
+                return Ok(0);
+            }
+            let mut ledger = tx.open_table(LEDGER)?;
+            let low: (&str, u64, &[u8]) = (run_id, from, &[]);
+            let high: (&str, u64, &[u8]) = (run_id, before, &[]);
+            let mut rewritten = Vec::new();
+            for item in ledger.range(low..high)? {
+                let (key, value) = item?;
+                let (_, round, peer) = key.value();
+                let mut entry: LedgerEntry = postcard::from_bytes(value.value()).context("a ledger entry is corrupt")?;
+                if !entry.update.payload.is_empty() {
+                    entry.update.payload = Vec::new();
+                    rewritten.push((round, peer.to_vec(), postcard::to_allocvec(&entry)?));
+                }
+            }
+            for (round, peer, bytes) in &rewritten {
+                ledger.insert((run_id, *round, peer.as_slice()), bytes.as_slice())?;
+            }
+            compacted = rewritten.len();
+            marks.insert(run_id, before)?;
+        }
+        tx.commit()?;
+        Ok(compacted)
     }
 
     pub fn run(&self, run_id: &str) -> anyhow::Result<Option<RunRecord>> {
@@ -261,5 +303,61 @@ mod tests {
             assert!(store.read_checkpoint("run/round-00000005.safetensors", &wrong).await.is_err(), "another model's checkpoint");
             assert!(store.read_checkpoint("run/round-00000001.safetensors", &layout).await.is_err(), "pruned");
         });
+    }
+
+    fn entry(round: u64, payload: Vec<u8>) -> LedgerEntry {
+        LedgerEntry {
+            received_ms: 1000 + round,
+            update: Update {
+                run_id: "run".into(),
+                round,
+                base: swarmtrain_shared::protocol::ParamsHash([round as u8; 32]),
+                n_samples: 64,
+                inner_steps: 2,
+                loss: 0.5,
+                codec: swarmtrain_shared::compress::Codec::F32,
+                payload,
+            },
+        }
+    }
+
+    #[test]
+    fn ledger_payloads_are_kept_as_long_as_their_checkpoints_and_the_entries_for_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = [TensorInfo { name: "w".into(), shape: vec![1] }];
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        {
+            let store = Store::open(dir.path()).expect("open").with_keep(2);
+            rt.block_on(async {
+                for round in 0..5u64 {
+                    for peer in 0..3u8 {
+                        store.record_update("run", &PeerKey([peer; 32]), &entry(round, vec![peer; 100])).expect("record");
+                    }
+                    store.record_update("other", &PeerKey([9; 32]), &entry(round, vec![9; 100])).expect("record");
+                    store.write_checkpoint("run", round, &layout, &[0.0], &[0.0]).await.expect("write");
+                    store.prune("run", round).await.expect("prune");
+                }
+            });
+            // Checkpoints 3 and 4 are kept, and so are the payloads of rounds 3 and 4.
+            for round in 0..5u64 {
+                let updates = store.updates("run", round).expect("updates");
+                assert_eq!(updates.len(), 3, "round {round}: every entry stays");
+                for (peer, got) in &updates {
+                    let mut want = entry(round, vec![peer.0[0]; 100]);
+                    if round < 3 {
+                        want.update.payload.clear();
+                    }
+                    assert_eq!(got, &want, "round {round}");
+                }
+            }
+            // Another run's ledger is untouched, and compacting again changes nothing.
+            assert_eq!(store.updates("other", 0).expect("updates")[0].1.update.payload.len(), 100);
+            assert_eq!(store.compact_ledger("run", 3).expect("compact"), 0);
+        }
+        // The mark survives a reopen: only newer rounds are compacted then.
+        let store = Store::open(dir.path()).expect("reopen").with_keep(2);
+        assert_eq!(store.compact_ledger("run", 4).expect("compact"), 3);
+        assert!(store.updates("run", 3).expect("updates").iter().all(|(_, e)| e.update.payload.is_empty()));
+        assert_eq!(store.updates("run", 4).expect("updates")[0].1.update.payload.len(), 100);
     }
 }
