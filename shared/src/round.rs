@@ -218,7 +218,9 @@ impl RoundState {
         let delta = update.codec.decode(&update.payload, self.params.len()).map_err(|e| match e {
             CodecError::Length { .. } => Rejection::WrongShape(e),
             CodecError::NonFinite => Rejection::NonFinite,
-            CodecError::BadIndex { .. } | CodecError::BadBlock | CodecError::BadBits(_) => Rejection::Malformed(e),
+            CodecError::BadIndex { .. } | CodecError::BadBlock | CodecError::BadBits(_) | CodecError::BadKeep { .. } => {
+                Rejection::Malformed(e)
+            }
         })?;
         let contribution = Contribution { peer, n_samples: update.n_samples, delta };
         self.contributions.insert(peer, (contribution, update.loss));

@@ -218,11 +218,12 @@ struct RunArgs {
     /// Seconds after which a round closes with the updates it has.
     #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS", default_value_t = default_run().round_deadline_ms / 1000)]
     round_deadline_secs: u64,
-    /// How peers encode their updates: f32, f16, int8 (blockwise, 64 per block), topk, or top-k
-    /// with 4- or 2-bit values (topk4, topk2).
+    /// How peers encode their updates: f32, f16, int8 / int4 / int2 (blockwise, 64 per block),
+    /// topk, top-k with 4- or 2-bit values (topk4, topk2), or top-k within blocks of 256 with
+    /// one-byte offsets and 4- or 2-bit values (block-topk4, block-topk2; SparseLoCo's layout).
     #[arg(long, env = "SWARMTRAIN_CODEC", value_enum, default_value_t = CodecArg::F32)]
     codec: CodecArg,
-    /// With --codec topk/topk4/topk2: how many values per million to send (10000 = 1%).
+    /// With the top-k codecs: how many values per million to send (10000 = 1%).
     #[arg(long, env = "SWARMTRAIN_TOPK_PER_MILLION", default_value_t = 20_000)]
     topk_per_million: u32,
     /// Differential privacy: clip every update to this L2 norm (enables DP with --dp-noise).
@@ -277,6 +278,14 @@ enum CodecArg {
     Topk4,
     /// Top-k with 2-bit values.
     Topk2,
+    /// Blocks of 64 at 4 bits.
+    Int4,
+    /// Blocks of 64 at 2 bits.
+    Int2,
+    /// Top-k within blocks of 256, 4-bit values.
+    BlockTopk4,
+    /// Top-k within blocks of 256, 2-bit values.
+    BlockTopk2,
 }
 
 impl CodecArg {
@@ -288,7 +297,16 @@ impl CodecArg {
             Self::Topk => Codec::TopK { per_million },
             Self::Topk4 => Codec::TopKQuant { per_million, bits: 4 },
             Self::Topk2 => Codec::TopKQuant { per_million, bits: 2 },
+            Self::Int4 => Codec::LowBitBlock { block: 64, bits: 4 },
+            Self::Int2 => Codec::LowBitBlock { block: 64, bits: 2 },
+            Self::BlockTopk4 => Codec::TopKBlock { block: 256, keep: Self::keep_of_256(per_million), bits: 4 },
+            Self::BlockTopk2 => Codec::TopKBlock { block: 256, keep: Self::keep_of_256(per_million), bits: 2 },
         }
+    }
+
+    /// Values kept per block of 256 at `per_million` (rounded, at least one).
+    fn keep_of_256(per_million: u32) -> u16 {
+        ((u64::from(per_million) * 256 + 500_000) / 1_000_000).clamp(1, 256) as u16
     }
 }
 

@@ -45,7 +45,7 @@ pub(crate) struct Simulate {
     /// How pseudo-gradients are encoded.
     #[arg(long, value_enum, default_value_t = CodecArg::F32)]
     codec: CodecArg,
-    /// With --codec topk: values kept per million.
+    /// With the top-k codecs: values kept per million (block-topk: of every 256).
     #[arg(long, default_value_t = 20_000)]
     topk_per_million: u32,
     /// Context length in bytes.
