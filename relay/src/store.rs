@@ -151,8 +151,7 @@ impl Store {
     /// transaction; the entries themselves stay. Each round is compacted once.
     pub fn compact_ledger(&self, run_id: &str, before: u64) -> anyhow::Result<usize> {
         let tx = self.db.begin_write()?;
-        let mut compacted = 0;
-        {
+        let compacted = {
             let mut marks = tx.open_table(COMPACTED)?;
             let from = marks.get(run_id)?.map_or(0, |v| v.value());
             if from >= before {
@@ -165,7 +164,12 @@ impl Store {
             for item in ledger.range(low..high)? {
                 let (key, value) = item?;
                 let (_, round, peer) = key.value();
-                let mut entry: LedgerEntry = postcard::from_bytes(value.value()).context("a ledger entry is corrupt")?;
+                // An entry that does not decode is left as it is: compaction only saves space,
+                // and resuming reports such an entry for the open round.
+                let Ok(mut entry) = postcard::from_bytes::<LedgerEntry>(value.value()) else {
+                    tracing::warn!(run_id, round, "a ledger entry does not decode; left uncompacted");
+                    continue;
+                };
                 if !entry.update.payload.is_empty() {
                     entry.update.payload = Vec::new();
                     rewritten.push((round, peer.to_vec(), postcard::to_allocvec(&entry)?));
@@ -174,9 +178,9 @@ impl Store {
             for (round, peer, bytes) in &rewritten {
                 ledger.insert((run_id, *round, peer.as_slice()), bytes.as_slice())?;
             }
-            compacted = rewritten.len();
             marks.insert(run_id, before)?;
-        }
+            rewritten.len()
+        };
         tx.commit()?;
         Ok(compacted)
     }
