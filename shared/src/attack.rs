@@ -53,15 +53,16 @@ impl Attack {
         ]
     }
 
-    pub fn name(&self) -> &'static str {
+    /// The attack and its parameter, as the reports name it.
+    pub fn name(&self) -> String {
         match self {
-            Attack::SignFlip { .. } => "sign flip ×1000",
-            Attack::Gaussian { .. } => "Gaussian σ=1",
-            Attack::Alie { .. } => "ALIE z=1",
-            Attack::Ipm { .. } => "IPM ε=0.5",
-            Attack::NonFinite => "NaN/Inf",
-            Attack::Replay => "replay",
-            Attack::LabelFlip => "label flip",
+            Attack::SignFlip { scale } => format!("sign flip ×{scale}"),
+            Attack::Gaussian { sigma } => format!("Gaussian σ={sigma}"),
+            Attack::Alie { z } => format!("ALIE z={z}"),
+            Attack::Ipm { epsilon } => format!("IPM ε={epsilon}"),
+            Attack::NonFinite => "NaN/Inf".into(),
+            Attack::Replay => "replay".into(),
+            Attack::LabelFlip => "label flip".into(),
         }
     }
 }
