@@ -410,6 +410,9 @@ fn bench_diloco(report_only: bool) -> Result {
         run("int8", "DiLoCo H=100, 8 peers, int8", "--inner-steps 100 --peers 8 --codec int8"),
         run("topk", "DiLoCo H=100, 8 peers, top-2% + EF", "--inner-steps 100 --peers 8 --codec topk --topk-per-million 20000"),
         run("topk2", "DiLoCo H=100, 8 peers, top-2% 2-bit + EF", "--inner-steps 100 --peers 8 --codec topk2 --topk-per-million 20000"),
+        run("btopk2", "DiLoCo H=100, 8 peers, block top-10% 2-bit + EF", "--inner-steps 100 --peers 8 --codec block-topk2 --topk-per-million 100000"),
+        run("int4", "DiLoCo H=100, 8 peers, int4 + EF", "--inner-steps 100 --peers 8 --codec int4"),
+        run("int2", "DiLoCo H=100, 8 peers, int2 + EF", "--inner-steps 100 --peers 8 --codec int2"),
         run("r1again", "DiLoCo H=100, 1 peer (repeat)", "--inner-steps 100 --peers 1"),
     ];
     let started = std::time::Instant::now();
@@ -495,6 +498,26 @@ fn bench_diloco(report_only: bool) -> Result {
         &again.params_blake3[..16],
         verdict(r1.params_blake3 == again.params_blake3),
     );
+    // Compression on top of DiLoCo H=100: the best codec that sends ≥ 1000× fewer bytes than DP.
+    let compressed = ["int8", "int4", "int2", "topk", "topk2", "btopk2"];
+    let best = results
+        .iter()
+        .filter(|(r, s)| compressed.contains(&r.name) && dp.bytes / s.bytes >= 1000.0)
+        .min_by(|a, b| a.1.final_loss.total_cmp(&b.1.final_loss));
+    let acceptance = match best {
+        Some((run, r)) => format!(
+            "{acceptance}- Compression: the best codec with ≥ 1000× fewer bytes than data-parallel is {}: {:.0}× fewer, \
+             {:+.2}% vs the uncompressed H=100 run (target: within 2%): {}; {:+.2}% vs data-parallel, which the \
+             uncompressed H=100 run already misses by {:+.2}%.\n",
+            run.label,
+            dp.bytes / r.bytes,
+            100.0 * (r.final_loss / h100.final_loss - 1.0),
+            verdict(r.final_loss <= h100.final_loss * 1.02),
+            100.0 * (r.final_loss / dp.final_loss - 1.0),
+            100.0 * (h100.final_loss / dp.final_loss - 1.0),
+        ),
+        None => format!("{acceptance}- Compression: no codec sent ≥ 1000× fewer bytes than data-parallel: NOT met.\n"),
+    };
     let dir = root().join("docs/benchmarks");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let curves: Vec<Curve> = results
@@ -535,8 +558,10 @@ fn human_bytes(b: f64) -> String {
 
 /// A small line plot as SVG: one polyline per run, y = validation loss.
 fn svg_plot(title: &str, x_label: &str, curves: &[Curve], x_of: impl Fn(&CurvePoint) -> f64, log_x: bool) -> String {
-    const COLORS: [&str; 11] =
-        ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+    const COLORS: [&str; 14] = [
+        "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+        "#393b79", "#e7ba52", "#ad494a",
+    ];
     let (w, h, left, right, top, bottom) = (860.0, 460.0, 60.0, 250.0, 30.0, 45.0);
     let fx = |p: &CurvePoint| {
         let x = x_of(p);
