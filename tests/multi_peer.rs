@@ -31,13 +31,18 @@ async fn three_native_peers_train_digits_past_90_percent() {
     relay.shutdown().await;
 }
 
-/// The same run with compressed updates: blockwise int8 (3.8× fewer bytes) and top-2% with
-/// error feedback (25× fewer): the model still learns.
+/// The same run with compressed updates: blockwise int8 (3.8× fewer bytes), blockwise 2-bit
+/// with error feedback (12.8× fewer) and top-2% with error feedback (25× fewer): the model still
+/// learns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_updates_still_train() {
     use swarmtrain_shared::protocol::Codec;
     init_logging();
-    for (codec, rounds, target) in [(Codec::Int8Block { block: 64 }, 6, 0.9), (Codec::TopK { per_million: 20_000 }, 10, 0.8)] {
+    for (codec, rounds, target) in [
+        (Codec::Int8Block { block: 64 }, 6, 0.9),
+        (Codec::LowBitBlock { block: 64, bits: 2 }, 6, 0.9),
+        (Codec::TopK { per_million: 20_000 }, 10, 0.8),
+    ] {
         let mut run = default_run();
         run.inner.steps = 40;
         run.codec = codec;

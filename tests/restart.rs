@@ -1,6 +1,6 @@
-//! A relay killed with SIGKILL and started again on the same data directory resumes at the last
-//! announced round, with the same parameters, the accepted update of the open round and the
-//! whole ledger; the run then goes on.
+//! A relay killed with SIGKILL, or stopped with SIGTERM, and started again on the same data
+//! directory resumes at the last announced round, with the same parameters, the accepted update
+//! of the open round and the whole ledger; the run then goes on.
 
 use std::time::{Duration, Instant};
 
@@ -8,8 +8,24 @@ use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient};
 use swarmtrain_tests::{RelayProcess, free_port, join_raw_at, send_constant_update, two_peers_close_round_0};
 
 
+/// How the first relay process ends.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Kill,
+    Terminate,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
+    stop_then_restart_resumes(Stop::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly_and_restart_resumes_the_round_with_its_updates() {
+    stop_then_restart_resumes(Stop::Terminate).await;
+}
+
+async fn stop_then_restart_resumes(stop: Stop) {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let relay = RelayProcess::start(dir.path(), port, &[], &[]);
@@ -32,12 +48,18 @@ async fn sigkill_then_restart_resumes_the_round_with_its_updates() {
     assert_eq!(before["updates_this_round"], 1);
     assert_eq!(before["accepted_updates"], 3);
 
-    relay.kill();
+    match stop {
+        Stop::Kill => relay.kill(),
+        Stop::Terminate => {
+            let status = relay.terminate();
+            assert!(status.success(), "SIGTERM is a clean shutdown, not {status}");
+        }
+    }
     drop((client_a, client_b, id_b));
     let relay = RelayProcess::start(dir.path(), port, &[], &[]);
     let after = relay.json("api/status").await;
     for key in ["round", "params_hash", "updates_this_round", "accepted_updates", "history"] {
-        assert_eq!(after[key], before[key], "{key} survives SIGKILL");
+        assert_eq!(after[key], before[key], "{key} survives {stop:?}");
     }
 
     // The run goes on: once a live peer is back, the round closes with the stored update

@@ -208,6 +208,21 @@ impl RelayProcess {
         self.child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
         self.child.wait().expect("reaped");
     }
+
+    /// Sends SIGTERM (through `kill`, as an operator's service manager would) and waits up to
+    /// 30 s for the relay to exit; returns how it exited.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the relay did not exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for RelayProcess {
