@@ -558,11 +558,11 @@ fn human_bytes(b: f64) -> String {
 
 /// A small line plot as SVG: one polyline per run, y = validation loss.
 fn svg_plot(title: &str, x_label: &str, curves: &[Curve], x_of: impl Fn(&CurvePoint) -> f64, log_x: bool) -> String {
-    const COLORS: [&str; 14] = [
+    const COLORS: [&str; 16] = [
         "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-        "#393b79", "#e7ba52", "#ad494a",
+        "#393b79", "#e7ba52", "#ad494a", "#637939", "#7b4173",
     ];
-    let (w, h, left, right, top, bottom) = (860.0, 460.0, 60.0, 250.0, 30.0, 45.0);
+    let (w, h, left, right, top, bottom) = (990.0, 460.0, 60.0, 360.0, 30.0, 45.0);
     let fx = |p: &CurvePoint| {
         let x = x_of(p);
         if log_x { x.max(1.0).log10() } else { x }
