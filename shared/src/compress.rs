@@ -73,10 +73,9 @@ impl Codec {
     pub fn check(self) -> Result<(), CodecError> {
         match self {
             Self::F32 | Self::F16 | Self::TopK { .. } => Ok(()),
-            Self::Int8Block { block } if block == 0 => Err(CodecError::BadBlock),
+            Self::Int8Block { block: 0 } | Self::LowBitBlock { block: 0, .. } => Err(CodecError::BadBlock),
             Self::Int8Block { .. } => Ok(()),
             Self::TopKQuant { bits, .. } => check_bits(bits),
-            Self::LowBitBlock { block, .. } if block == 0 => Err(CodecError::BadBlock),
             Self::LowBitBlock { bits, .. } => check_bits(bits),
             Self::TopKBlock { block, keep, bits } => {
                 if keep == 0 || keep > block || block > 256 {
@@ -101,7 +100,7 @@ impl Codec {
             Self::LowBitBlock { block, bits } => {
                 let block = block.max(1) as usize;
                 let per = |len: usize| 4 + (len * usize::from(bits)).div_ceil(8);
-                (n / block) * per(block) + if n % block > 0 { per(n % block) } else { 0 }
+                (n / block) * per(block) + if n.is_multiple_of(block) { 0 } else { per(n % block) }
             }
             Self::TopKBlock { block, keep, bits } => {
                 let block = usize::from(block.max(1));
@@ -109,7 +108,7 @@ impl Codec {
                     let k = usize::from(keep).min(len);
                     4 + k + (k * usize::from(bits)).div_ceil(8)
                 };
-                (n / block) * per(block) + if n % block > 0 { per(n % block) } else { 0 }
+                (n / block) * per(block) + if n.is_multiple_of(block) { 0 } else { per(n % block) }
             }
         }
     }
