@@ -98,18 +98,12 @@ impl Codec {
                 4 * k + 4 + (k * usize::from(bits)).div_ceil(8)
             }
             Self::LowBitBlock { block, bits } => {
-                let block = block.max(1) as usize;
-                let per = |len: usize| 4 + (len * usize::from(bits)).div_ceil(8);
-                (n / block) * per(block) + if n.is_multiple_of(block) { 0 } else { per(n % block) }
+                blockwise_len(n, block as usize, |len| 4 + (len * usize::from(bits)).div_ceil(8))
             }
-            Self::TopKBlock { block, keep, bits } => {
-                let block = usize::from(block.max(1));
-                let per = |len: usize| {
-                    let k = usize::from(keep).min(len);
-                    4 + k + (k * usize::from(bits)).div_ceil(8)
-                };
-                (n / block) * per(block) + if n.is_multiple_of(block) { 0 } else { per(n % block) }
-            }
+            Self::TopKBlock { block, keep, bits } => blockwise_len(n, usize::from(block), |len| {
+                let k = usize::from(keep).min(len);
+                4 + k + (k * usize::from(bits)).div_ceil(8)
+            }),
         }
     }
 
@@ -208,9 +202,10 @@ impl Codec {
                 let (indices, rest) = bytes.split_at(4 * k);
                 let indices = sparse_indices(indices, n)?;
                 let (scale, packed) = rest.split_at(4);
+                let scale = f32_at(scale);
                 let mut out = vec![0.0f32; n];
                 for (j, index) in indices.into_iter().enumerate() {
-                    out[index] = unpack_level(packed, j, bits, f32_at(scale));
+                    out[index] = unpack_level(packed, j, bits, scale);
                 }
                 out
             }
@@ -221,7 +216,8 @@ impl Codec {
                     let len = (block as usize).min(n - out.len());
                     let (scale, tail) = rest.split_at(4);
                     let (packed, tail) = tail.split_at((len * usize::from(bits)).div_ceil(8));
-                    out.extend((0..len).map(|j| unpack_level(packed, j, bits, f32_at(scale))));
+                    let scale = f32_at(scale);
+                    out.extend((0..len).map(|j| unpack_level(packed, j, bits, scale)));
                     rest = tail;
                 }
                 out
@@ -235,13 +231,14 @@ impl Codec {
                     let (scale, tail) = rest.split_at(4);
                     let (offsets, tail) = tail.split_at(k);
                     let (packed, tail) = tail.split_at((k * usize::from(bits)).div_ceil(8));
+                    let scale = f32_at(scale);
                     let mut previous: Option<u8> = None;
                     for (j, &offset) in offsets.iter().enumerate() {
                         if usize::from(offset) >= len || previous.is_some_and(|p| offset <= p) {
                             return Err(CodecError::BadIndex { index: (start + usize::from(offset)) as u32 });
                         }
                         previous = Some(offset);
-                        out[start + usize::from(offset)] = unpack_level(packed, j, bits, f32_at(scale));
+                        out[start + usize::from(offset)] = unpack_level(packed, j, bits, scale);
                     }
                     rest = tail;
                 }
@@ -253,6 +250,12 @@ impl Codec {
         }
         Ok(values)
     }
+}
+
+/// Bytes for `n` values in blocks of `block` (at least 1), `per(len)` for a block of `len`.
+fn blockwise_len(n: usize, block: usize, per: impl Fn(usize) -> usize) -> usize {
+    let block = block.max(1);
+    (n / block) * per(block) + if n.is_multiple_of(block) { 0 } else { per(n % block) }
 }
 
 fn check_bits(bits: u8) -> Result<(), CodecError> {
