@@ -150,7 +150,7 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
     match *rule {
         Rule::Mean => fused(mean(&rows, n)),
         Rule::Median => {
-            // Only the middle rank (or two) must be exact.
+            // Only the middle rank (or the middle two, as a pair) is read.
             let m = rows.len();
             let network = selection_network(m, |rank| rank == m / 2 || (m.is_multiple_of(2) && rank + 1 == m / 2));
             fused(sorted_columns(&rows, n, &network, |sorted, out| {
@@ -166,10 +166,9 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
                 return Err(RobustError::TooFew(format!("trimming {trim} from each side of {}", rows.len())));
             }
             let kept = (rows.len() - 2 * trim) as f32;
-            // Only the `trim` lowest and highest ranks must be exact; the middle ranks then hold
-            // exactly the kept values, in some order, which is all the sum needs.
+            // The middle ranks must hold exactly the kept values, in any order: all the sum needs.
             let m = rows.len();
-            let network = selection_network(m, |rank| rank < trim || rank >= m - trim);
+            let network = selection_network(m, |rank| rank >= trim && rank < m - trim);
             fused(sorted_columns(&rows, n, &network, |sorted, out| {
                 let mut sum = [0.0f32; LANES];
                 for lanes in &sorted[trim..sorted.len() - trim] {
@@ -199,28 +198,54 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(16)
 }
 
-/// Runs `work(index, part)` on every `chunk`-sized part of `out`, each in its own thread, and
-/// says whether every part returned true.
+/// Coordinates per part in [`for_each_chunk`]: small enough that a core slowed by another
+/// process hands its share of the work to the others, large enough that claiming a part costs
+/// nothing next to reducing it.
+const PART: usize = 1 << 16;
+
+/// The part size for `n` coordinates: [`PART`], or less so that every thread gets work, and a
+/// multiple of `align`.
+fn part_size(n: usize, align: usize) -> usize {
+    PART.min(n.div_ceil(threads())).max(4096).next_multiple_of(align)
+}
+
+/// Runs `work(index, part)` on every `chunk`-sized part of `out` and says whether every part
+/// returned true. All threads, this one included, claim parts until none are left, so a thread
+/// that the OS pauses delays the result by one part, not by its whole share.
 fn for_each_chunk(out: &mut [f32], chunk: usize, work: impl Fn(usize, &mut [f32]) -> bool + Sync) -> bool {
-    let work = &work;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let parts = std::sync::Mutex::new(out.chunks_mut(chunk).enumerate());
+    let all_ok = AtomicBool::new(true);
+    let worker = || {
+        loop {
+            let next = parts.lock().unwrap_or_else(|e| e.into_inner()).next();
+            let Some((i, part)) = next else { break };
+            if !work(i, part) {
+                all_ok.store(false, Ordering::Relaxed);
+            }
+        }
+    };
     std::thread::scope(|s| {
-        let workers: Vec<_> = out.chunks_mut(chunk).enumerate().map(|(i, part)| s.spawn(move || work(i, part))).collect();
-        workers.into_iter().all(|w| w.join().unwrap_or(false))
-    })
+        for _ in 1..threads() {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    all_ok.into_inner()
 }
 
 /// Coordinates summed together in [`mean`].
-const TILE: usize = 1024;
+const TILE: usize = 4096;
 
 /// The coordinate-wise mean in one pass over the rows, or `None` if a value was not finite
 /// (a NaN or infinity in any input makes its coordinate's sum non-finite).
 fn mean(rows: &[&[f32]], n: usize) -> Option<Vec<f32>> {
     let scale = 1.0 / rows.len() as f32;
     let mut out = vec![0.0f32; n];
-    let chunk = n.div_ceil(threads()).max(4096);
+    let chunk = part_size(n, TILE);
     let finite = for_each_chunk(&mut out, chunk, |i, part| {
         let mut finite = true;
-        // Tiles keep the accumulator in L1 while the rows stream past once.
+        // Tiles keep the accumulator (16 KiB) in L1 while the rows stream past once.
         for (t, tile) in part.chunks_mut(TILE).enumerate() {
             let start = i * chunk + t * TILE;
             let mut acc = [0.0f32; TILE];
@@ -266,15 +291,26 @@ fn sorting_network(m: usize) -> Vec<(usize, usize)> {
     if m == 16 { GREEN_16.to_vec() } else { batcher_network(m) }
 }
 
-/// The shortest network, of those known here, that puts the right values at the ranks `needed`
-/// says (and the rest, as a set, at the other ranks).
-fn selection_network(m: usize, needed: impl Fn(usize) -> bool + Copy) -> Vec<(usize, usize)> {
-    let batcher = pruned_network(&batcher_network(m), needed);
+/// The shortest network, of those known here, after which the positions whose rank `used`
+/// says hold exactly the values of those ranks, in some order (see [`selection`]).
+fn selection_network(m: usize, used: impl Fn(usize) -> bool + Copy) -> Vec<Comparator> {
+    let batcher = selection(&batcher_network(m), used);
     if m != 16 {
         return batcher;
     }
-    let green = pruned_network(&GREEN_16, needed);
-    if green.len() < batcher.len() { green } else { batcher }
+    let green = selection(&GREEN_16, used);
+    let ops = |net: &[Comparator]| net.iter().map(|c| usize::from(c.min) + usize::from(c.max)).sum::<usize>();
+    if ops(&green) < ops(&batcher) { green } else { batcher }
+}
+
+/// One compare-exchange of a selection network: wire `i` gets the smaller value (if `min`),
+/// wire `j` the larger (if `max`). A side that nothing reads later is not written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Comparator {
+    i: usize,
+    j: usize,
+    min: bool,
+    max: bool,
 }
 
 fn batcher_network(m: usize) -> Vec<(usize, usize)> {
@@ -298,25 +334,28 @@ fn batcher_network(m: usize) -> Vec<(usize, usize)> {
     pairs
 }
 
-/// The comparators of `network` that can change what ends up at the ranks `needed` says: a
-/// comparator is kept if either of its wires still feeds a needed output after it. Every
-/// comparator swaps, so the other ranks end up holding the remaining values as a set.
-fn pruned_network(network: &[(usize, usize)], needed: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+/// What of the sorting `network` is needed so that the positions whose rank is `used` end up
+/// holding exactly the values of those ranks, as a set. Walking back from the outputs, a
+/// comparator is dropped if both its wires then run untouched to outputs of the same kind
+/// (used or not: a swap between them changes no set), or if neither of its results is read; of
+/// the rest, only the results something reads are computed.
+fn selection(network: &[(usize, usize)], used: impl Fn(usize) -> bool) -> Vec<Comparator> {
     let wires = network.iter().map(|&(_, j)| j + 1).max().unwrap_or(0);
-    let mut live: Vec<bool> = (0..wires).map(&needed).collect();
-    let mut kept: Vec<(usize, usize)> = network
-        .iter()
-        .rev()
-        .filter(|&&(i, j)| {
-            let keep = live[i] || live[j];
-            if keep {
-                live[i] = true;
-                live[j] = true;
-            }
-            keep
-        })
-        .copied()
-        .collect();
+    // Per wire: the kind of output it runs to untouched (None once a later comparator reads it),
+    // and whether its value is read at all.
+    let mut tail: Vec<Option<bool>> = (0..wires).map(|w| Some(used(w))).collect();
+    let mut read: Vec<bool> = (0..wires).map(&used).collect();
+    let mut kept = Vec::new();
+    for &(i, j) in network.iter().rev() {
+        if (tail[i].is_some() && tail[i] == tail[j]) || !(read[i] || read[j]) {
+            continue;
+        }
+        kept.push(Comparator { i, j, min: read[i], max: read[j] });
+        tail[i] = None;
+        tail[j] = None;
+        read[i] = true;
+        read[j] = true;
+    }
     kept.reverse();
     kept
 }
@@ -327,12 +366,12 @@ fn pruned_network(network: &[(usize, usize)], needed: impl Fn(usize) -> bool) ->
 fn sorted_columns(
     rows: &[&[f32]],
     n: usize,
-    network: &[(usize, usize)],
+    network: &[Comparator],
     reduce: impl Fn(&[[f32; LANES]], &mut [f32]) + Sync,
 ) -> Option<Vec<f32>> {
     let m = rows.len();
     let mut out = vec![0.0f32; n];
-    let chunk = n.div_ceil(threads()).max(4096).next_multiple_of(LANES);
+    let chunk = part_size(n, LANES);
     let finite = for_each_chunk(&mut out, chunk, |c, part| {
         let mut block = vec![[0.0f32; LANES]; m];
         // Per lane, so that the check vectorizes instead of forming one long chain of adds.
@@ -342,24 +381,31 @@ fn sorted_columns(
             let lanes = outs.len();
             for (lane_values, row) in block.iter_mut().zip(rows) {
                 lane_values[..lanes].copy_from_slice(&row[start..start + lanes]);
-                // min/max would silently drop a NaN: check while the block is hot (x·0 is 0 for
-                // finite x, NaN otherwise).
-                check.iter_mut().zip(lane_values.iter()).for_each(|(c, v)| *c += v * 0.0);
+                // The network would misplace a NaN and trim an infinity away: check while the
+                // block is hot. A sum is non-finite if any term is (one add per value); a finite
+                // sum that overflowed is told apart below.
+                check.iter_mut().zip(lane_values.iter()).for_each(|(c, v)| *c += v);
             }
-            for &(i, j) in network {
-                let (lo, hi) = block.split_at_mut(j);
-                let (a, b) = (&mut lo[i], &mut hi[0]);
-                for l in 0..LANES {
-                    let (x, y) = (a[l], b[l]);
-                    a[l] = x.min(y);
-                    b[l] = x.max(y);
+            for c in network {
+                let (lo, hi) = block.split_at_mut(c.j);
+                let (a, b) = (&mut lo[c.i], &mut hi[0]);
+                // Plain comparisons, not f32::min/max: the values were checked finite above, so
+                // the NaN handling of min/max (three more instructions per vector on x86) buys
+                // nothing here. Whole arrays, so that each pick vectorizes to one minps/maxps.
+                let (x, y) = (*a, *b);
+                if c.min {
+                    *a = std::array::from_fn(|l| if y[l] < x[l] { y[l] } else { x[l] });
+                }
+                if c.max {
+                    *b = std::array::from_fn(|l| if y[l] < x[l] { x[l] } else { y[l] });
                 }
             }
             let mut result = [0.0f32; LANES];
             reduce(&block, &mut result);
             outs.copy_from_slice(&result[..lanes]);
         }
-        check.iter().all(|c| *c == 0.0)
+        let range = c * chunk..c * chunk + part.len();
+        check.iter().all(|c| c.is_finite()) || rows.iter().all(|r| r[range.clone()].iter().all(|v| v.is_finite()))
     });
     finite.then_some(out)
 }
@@ -484,63 +530,79 @@ mod tests {
         }
     }
 
+    /// Runs a selection network on one column, leaving unread results as they were.
+    fn select<T: PartialOrd + Copy>(network: &[Comparator], v: &mut [T]) {
+        for c in network {
+            let (x, y) = (v[c.i], v[c.j]);
+            let swap = y < x;
+            if c.min {
+                v[c.i] = if swap { y } else { x };
+            }
+            if c.max {
+                v[c.j] = if swap { x } else { y };
+            }
+        }
+    }
+
     #[test]
-    fn pruned_networks_keep_the_extremes_and_the_middle_set() {
+    fn selection_networks_put_the_used_ranks_in_place_as_a_set() {
         let mut rng = SplitMix64::new(5);
-        for m in 3..=30usize {
-            for trim in 1..m.div_ceil(2) {
-                if 2 * trim >= m {
-                    continue;
-                }
-                let full = sorting_network(m);
-                let pruned = selection_network(m, |r| r < trim || r >= m - trim);
-                assert!(pruned.len() <= full.len());
+        for m in 1..=30usize {
+            let mut cases: Vec<(usize, usize)> = (1..m.div_ceil(2)).filter(|t| 2 * t < m).map(|t| (t, m - t)).collect();
+            cases.push(((m - 1) / 2, m / 2 + 1)); // the median (pair)
+            for (from, to) in cases {
+                let network = selection_network(m, |r| (from..to).contains(&r));
+                assert!(network.len() <= sorting_network(m).len());
                 for _ in 0..30 {
                     let mut v: Vec<f32> = (0..m).map(|_| (rng.next_u64() % 9) as f32).collect();
                     let mut sorted = v.clone();
                     sorted.sort_by(f32::total_cmp);
-                    for &(i, j) in &pruned {
-                        if v[i] > v[j] {
-                            v.swap(i, j);
-                        }
-                    }
-                    assert_eq!(v[..trim], sorted[..trim], "m {m} trim {trim}");
-                    assert_eq!(v[m - trim..], sorted[m - trim..], "m {m} trim {trim}");
-                    let mut middle = v[trim..m - trim].to_vec();
-                    middle.sort_by(f32::total_cmp);
-                    assert_eq!(middle, sorted[trim..m - trim], "m {m} trim {trim}");
+                    select(&network, &mut v);
+                    let mut kept = v[from..to].to_vec();
+                    kept.sort_by(f32::total_cmp);
+                    assert_eq!(kept, sorted[from..to], "m {m} ranks {from}..{to}");
                 }
             }
         }
-        assert!(pruned_network(&sorting_network(16), |r| !(3..13).contains(&r)).len() < sorting_network(16).len());
     }
 
     #[test]
-    fn green_16_and_its_prunings_are_right_on_every_0_1_input() {
+    fn green_16_and_its_selections_are_right_on_every_0_1_input() {
         // The 0–1 principle: a comparator network that sorts (or selects) every 0–1 input does so
-        // for every input.
-        let apply = |network: &[(usize, usize)], bits: u32| {
-            let mut v: Vec<u32> = (0..16).map(|b| (bits >> b) & 1).collect();
-            for &(i, j) in network {
-                if v[i] > v[j] {
-                    v.swap(i, j);
-                }
-            }
-            v
-        };
-        let trimmed = pruned_network(&GREEN_16, |r| !(3..13).contains(&r));
-        let median = pruned_network(&GREEN_16, |r| r == 7 || r == 8);
-        assert_eq!((trimmed.len(), median.len()), (42, 54));
-        assert_eq!(selection_network(16, |r| !(3..13).contains(&r)), trimmed, "Green's is the shorter for trim 3");
+        // for every input. The selections only compute the results they read, so they are checked
+        // on the count of ones at the used positions.
+        let full: Vec<Comparator> = GREEN_16.iter().map(|&(i, j)| Comparator { i, j, min: true, max: true }).collect();
+        let trimmed = selection_network(16, |r| (3..13).contains(&r));
+        let median = selection_network(16, |r| r == 7 || r == 8);
+        let ops = |net: &[Comparator]| net.iter().map(|c| usize::from(c.min) + usize::from(c.max)).sum::<usize>();
+        // Down from 84 and 108 picks (42 and 54 whole compare-exchanges) with rank-exact pruning;
+        // the median takes Batcher's network, which selects with fewer picks than Green's (94).
+        assert_eq!((ops(&trimmed), ops(&median)), (78, 90));
         for bits in 0..1u32 << 16 {
             let ones = bits.count_ones() as usize;
             let sorted: Vec<u32> = (0..16).map(|r| u32::from(r >= 16 - ones)).collect();
-            assert_eq!(apply(&GREEN_16, bits), sorted);
-            let t = apply(&trimmed, bits);
-            assert_eq!((&t[..3], &t[13..]), (&sorted[..3], &sorted[13..]));
-            let m = apply(&median, bits);
-            assert_eq!(&m[7..9], &sorted[7..9]);
+            let input: Vec<u32> = (0..16).map(|b| (bits >> b) & 1).collect();
+            let mut v = input.clone();
+            select(&full, &mut v);
+            assert_eq!(v, sorted);
+            for (network, range) in [(&trimmed, 3..13), (&median, 7..9)] {
+                let mut v = input.clone();
+                select(network, &mut v);
+                let count = |s: &[u32]| s.iter().sum::<u32>();
+                assert_eq!(count(&v[range.clone()]), count(&sorted[range.clone()]));
+            }
         }
+    }
+
+    #[test]
+    fn overflowing_but_finite_values_are_not_taken_for_non_finite_ones() {
+        let c = |p: u8, v: f32| Contribution { peer: PeerKey([p; 32]), n_samples: 1, delta: vec![v; 100] };
+        let big: Vec<Contribution> = (0..5).map(|p| c(p, f32::MAX)).collect();
+        assert_eq!(aggregate(&Rule::Median, &big, 100, None).expect("median"), vec![f32::MAX; 100]);
+        assert_eq!(aggregate(&Rule::TrimmedMean { trim: 1 }, &big[..3], 100, None).expect("trimmed"), vec![f32::MAX; 100]);
+        let mut with_inf = big.clone();
+        with_inf[2].delta[57] = f32::INFINITY;
+        assert!(matches!(aggregate(&Rule::TrimmedMean { trim: 1 }, &with_inf, 100, None), Err(RobustError::NonFinite(_))));
     }
 
     #[test]
