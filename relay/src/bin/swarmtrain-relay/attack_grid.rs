@@ -23,6 +23,10 @@ pub(crate) struct AttackGrid {
     /// (Baruch et al. derive 0.67 for 6 of 20 attackers; 1 is the usual setting).
     #[arg(long, default_value_t = 1.0)]
     alie_z: f32,
+    /// Label-skewed (non-IID) shards: each peer's data is this many runs of the label-sorted
+    /// training set, about as many classes (McMahan et al.'s split). IID shards without it.
+    #[arg(long)]
+    classes_per_peer: Option<usize>,
     /// Radius of centered clipping.
     #[arg(long, default_value_t = 0.5)]
     clip_radius: f32,
@@ -43,7 +47,15 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
 
     anyhow::ensure!(args.peers >= 4, "--peers must be at least 4");
     anyhow::ensure!(args.percent.iter().all(|p| *p < 50), "--percent values must be below 50");
-    let data = swarmtrain_relay::dataset::digits("attack-grid", args.peers as usize)?;
+    // The training set is split over the honest peers of a cell, so attackers take no data away
+    // from training (what matters with label-skewed shards): honest peers a..n use shards
+    // a % h..n % h, each once; attacker i trains on a copy of shard i.
+    let split = |honest: u32| match args.classes_per_peer {
+        None => swarmtrain_relay::dataset::digits("attack-grid", honest as usize),
+        Some(k) => swarmtrain_relay::dataset::digits_label_skewed("attack-grid", honest as usize, k),
+    };
+    let data: std::collections::HashMap<u32, swarmtrain_relay::dataset::RunData> =
+        std::iter::once(&0).chain(&args.percent).map(|p| Ok((*p, split(args.peers - args.peers * p / 100)?))).collect::<anyhow::Result<_>>()?;
     let model = DigitsMlpConfig::new();
     let device = Default::default();
     <NdArray as Backend>::seed(&device, 7);
@@ -94,8 +106,8 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
                 };
                 let outcome = futures::executor::block_on(run_attack::<Autodiff<NdArray>>(
                     &Default::default(),
-                    &data.shards,
-                    &data.held_out,
+                    &data[percent].shards,
+                    &data[percent].held_out,
                     &theta0,
                     &run,
                 ));
@@ -163,7 +175,7 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
         "# Byzantine attack grid on the digits\n\n\
          Produced by `swarmtrain-relay attack-grid` (run by `cargo xtask bench robust`) in {:.0} s: \
          {} simulated peers, {} rounds of {} AdamW steps (batch 32), outer Nesterov lr 0.7 / \
-         momentum 0.9, the shared digits MLP, shards and aggregation rules. Held-out accuracy (%) \
+         momentum 0.9, the shared digits MLP, {} shards over the honest peers and aggregation rules. Held-out accuracy (%) \
          after the last round; every rule is configured for {f} attackers (trim {}, Krum f = {f}, \
          centered clipping τ = {}). NaN/Inf and replayed updates are dropped by the relay's checks \
          before aggregation, as `tests/bad_input.rs` shows the real relay does.\n\n{table}\n\
@@ -172,6 +184,7 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
         args.peers,
         args.rounds,
         args.inner_steps,
+        args.classes_per_peer.map_or("IID".to_owned(), |k| format!("label-skewed ({k} label runs per peer)")),
         f.max(1),
         args.clip_radius,
     );
