@@ -350,9 +350,15 @@ fn selection(network: &[(usize, usize)], used: impl Fn(usize) -> bool) -> Vec<(u
     kept
 }
 
+/// Values staged per superblock in [`sorted_columns`] (128 KiB, in L2), over all rows.
+const STAGED: usize = 1 << 15;
+
 /// Sorts each coordinate's values across peers, `LANES` coordinates at a time with a sorting
 /// network, and lets `reduce` turn the sorted block (`sorted[rank][lane]`) into up to `LANES`
-/// outputs. Blocks run in parallel.
+/// outputs. Parts run in parallel. Each part first stages a superblock (up to 2,048 coordinates
+/// of every row, side by side), so that every row is read in runs of kilobytes that the hardware
+/// prefetchers follow; reading 32 coordinates of each row straight into a block took the
+/// trimmed mean of 16 × 1M from about 14 to about 21 ms.
 fn sorted_columns(
     rows: &[&[f32]],
     n: usize,
@@ -361,34 +367,47 @@ fn sorted_columns(
 ) -> Option<Vec<f32>> {
     let m = rows.len();
     let mut out = vec![0.0f32; n];
-    let chunk = part_size(n, LANES);
+    let span = (STAGED / m.max(1)).clamp(LANES, 2048) / LANES * LANES;
+    let chunk = part_size(n, span);
     let finite = for_each_chunk(&mut out, chunk, |c, part| {
+        let mut staged = vec![0.0f32; m * span];
         let mut block = vec![[0.0f32; LANES]; m];
         // Per lane, so that the check vectorizes instead of forming one long chain of adds.
         let mut check = [0.0f32; LANES];
-        for (b, outs) in part.chunks_mut(LANES).enumerate() {
-            let start = c * chunk + b * LANES;
-            let lanes = outs.len();
-            for (lane_values, row) in block.iter_mut().zip(rows) {
-                lane_values[..lanes].copy_from_slice(&row[start..start + lanes]);
+        for (q, outs) in part.chunks_mut(span).enumerate() {
+            let start = c * chunk + q * span;
+            let len = outs.len();
+            for (r, row) in rows.iter().enumerate() {
+                let dst = &mut staged[r * span..r * span + len];
+                dst.copy_from_slice(&row[start..start + len]);
                 // The network would misplace a NaN and trim an infinity away: check while the
-                // block is hot. A sum is non-finite if any term is (one add per value); a finite
-                // sum that overflowed is told apart below.
-                check.iter_mut().zip(lane_values.iter()).for_each(|(c, v)| *c += v);
+                // values are hot. A sum is non-finite if any term is (one add per value); a
+                // finite sum that overflowed is told apart below.
+                for lanes in dst.chunks(LANES) {
+                    check.iter_mut().zip(lanes).for_each(|(c, v)| *c += v);
+                }
             }
-            for &(i, j) in network {
-                let (lo, hi) = block.split_at_mut(j);
-                let (a, b) = (&mut lo[i], &mut hi[0]);
-                // Plain comparisons, not f32::min/max: the values were checked finite above, so
-                // the NaN handling of min/max (three more instructions per vector on x86) buys
-                // nothing here. Whole arrays, so that both picks vectorize to one minps/maxps each.
-                let (x, y) = (*a, *b);
-                *a = std::array::from_fn(|l| if y[l] < x[l] { y[l] } else { x[l] });
-                *b = std::array::from_fn(|l| if y[l] < x[l] { x[l] } else { y[l] });
+            for (b, outs) in outs.chunks_mut(LANES).enumerate() {
+                let lanes = outs.len();
+                for (r, lane_values) in block.iter_mut().enumerate() {
+                    let from = r * span + b * LANES;
+                    lane_values[..lanes].copy_from_slice(&staged[from..from + lanes]);
+                }
+                for &(i, j) in network {
+                    let (lo, hi) = block.split_at_mut(j);
+                    let (a, b) = (&mut lo[i], &mut hi[0]);
+                    // Plain comparisons, not f32::min/max: the values were checked finite above,
+                    // so the NaN handling of min/max (three more instructions per vector on x86)
+                    // buys nothing here. Whole arrays, so that both picks vectorize to one
+                    // minps/maxps each.
+                    let (x, y) = (*a, *b);
+                    *a = std::array::from_fn(|l| if y[l] < x[l] { y[l] } else { x[l] });
+                    *b = std::array::from_fn(|l| if y[l] < x[l] { x[l] } else { y[l] });
+                }
+                let mut result = [0.0f32; LANES];
+                reduce(&block, &mut result);
+                outs.copy_from_slice(&result[..lanes]);
             }
-            let mut result = [0.0f32; LANES];
-            reduce(&block, &mut result);
-            outs.copy_from_slice(&result[..lanes]);
         }
         let range = c * chunk..c * chunk + part.len();
         check.iter().all(|c| c.is_finite()) || rows.iter().all(|r| r[range.clone()].iter().all(|v| v.is_finite()))
@@ -569,6 +588,33 @@ mod tests {
                 select(network, &mut v);
                 let count = |s: &[u32]| s.iter().sum::<u32>();
                 assert_eq!(count(&v[range.clone()]), count(&sorted[range.clone()]));
+            }
+        }
+    }
+
+    #[test]
+    fn median_and_trimmed_mean_match_a_sort_per_coordinate_at_any_size() {
+        // Sizes around the kernel's blocks (32 lanes), superblocks (up to 2,048) and parts.
+        let mut rng = SplitMix64::new(11);
+        for (m, n) in [(1, 5), (2, 33), (3, 2049), (7, 4097), (16, 70_001), (16, 2048), (19, 3000), (40, 1000), (64, 777)] {
+            let rows: Vec<Contribution> = (0..m)
+                .map(|p| Contribution {
+                    peer: PeerKey([p as u8; 32]),
+                    n_samples: 1,
+                    delta: (0..n).map(|_| ((rng.next_u64() % 2001) as f32 - 1000.0) / 8.0).collect(),
+                })
+                .collect();
+            let trim = (m - 1) / 3;
+            let median = aggregate(&Rule::Median, &rows, n, None).expect("median");
+            let trimmed = aggregate(&Rule::TrimmedMean { trim: trim as u32 }, &rows, n, None).expect("trimmed mean");
+            for i in 0..n {
+                let mut column: Vec<f32> = rows.iter().map(|r| r.delta[i]).collect();
+                column.sort_by(f32::total_cmp);
+                let expected = if m % 2 == 1 { column[m / 2] } else { 0.5 * (column[m / 2 - 1] + column[m / 2]) };
+                assert_eq!(median[i], expected, "median, m {m} n {n} at {i}");
+                let kept = &column[trim..m - trim];
+                let expected = kept.iter().sum::<f32>() / kept.len() as f32;
+                assert!((trimmed[i] - expected).abs() <= 1e-3, "trimmed mean, m {m} n {n} at {i}: {} vs {expected}", trimmed[i]);
             }
         }
     }
