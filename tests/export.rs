@@ -40,7 +40,7 @@ async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
     }
     expected.insert("__metadata__".into(), serde_json::to_value(&checkpoint.metadata).expect("json"));
     std::fs::write(dir.path().join("expected.json"), serde_json::to_vec(&expected).expect("json")).expect("write");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/read_checkpoint.py");
+    let script = swarmtrain_tests::package_path("python/read_checkpoint.py");
     let out = std::process::Command::new(python)
         .arg(script)
         .arg(dir.path().join("model.safetensors"))

@@ -1,7 +1,6 @@
 //! The relay as a libp2p node: gossiped announcements, WebRTC-direct with a certificate that
 //! survives restarts, a circuit relay v2 server, and several runs on one relay.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -151,7 +150,7 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = || RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"),
+        web_dir: swarmtrain_tests::package_path("../web"),
         data_dir: Some(dir.path().to_path_buf()),
         ..RelayConfig::default()
     };
@@ -273,7 +272,7 @@ async fn one_relay_coordinates_two_runs_with_their_own_specs() {
     robust.aggregator = Rule::Median;
     let config = RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"),
+        web_dir: swarmtrain_tests::package_path("../web"),
         runs: vec![digits, robust.clone()],
         ..RelayConfig::default()
     };

@@ -34,7 +34,7 @@ pub fn init_logging() {
 pub async fn start_relay(run: RunSpec) -> Relay {
     let config = RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"),
+        web_dir: package_path("../web"),
         runs: vec![run],
         seed: 7,
         ..RelayConfig::default()
@@ -133,6 +133,13 @@ impl TestPeer {
     }
 }
 
+/// A path under this package (`tests/`). `cargo test` sets CARGO_MANIFEST_DIR for the test
+/// process, which names this checkout even when the test was compiled in another one sharing
+/// the CARGO_TARGET_DIR; the path compiled in is the fallback.
+pub fn package_path(relative: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from).join(relative)
+}
+
 /// The relay binary that `cargo test --workspace` builds beside the test executables (or the
 /// one `cargo xtask test` names).
 pub fn relay_binary() -> PathBuf {
@@ -163,7 +170,7 @@ impl RelayProcess {
     /// Starts the relay on `data_dir` and HTTP `port`, with `args` added to `serve` and `env`
     /// set for the process.
     pub fn start(data_dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+        let web = package_path("../web");
         let child = Command::new(relay_binary())
             .args(["serve", "--tcp-port", "0", "--ws-port", "0", "--quorum", "2", "--round-deadline-secs", "600"])
             .arg("--http")

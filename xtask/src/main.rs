@@ -49,8 +49,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The workspace root. `cargo run` sets CARGO_MANIFEST_DIR for the binary it starts, which is
+/// right for this checkout even when the binary was built from another one sharing the
+/// CARGO_TARGET_DIR (cargo does not rebuild xtask for a moved checkout, so the path compiled in
+/// can name a clone that is gone).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    let manifest = env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().map_or_else(|| manifest.clone(), Path::to_path_buf)
 }
 
 fn target_dir() -> PathBuf {
