@@ -25,10 +25,17 @@ async fn attacker(relay: &Relay) {
             codec: Codec::F32,
             payload: Codec::F32.encode(&vec![-10.0; round.n_params as usize]),
         });
-        let Ok(_) = client.request(&id.sign(&update).expect("sign")).await else { return };
-        let ask = ClientToRelay::AwaitRound { run_id: "digits".into(), after: Some(round.round) };
+        let Ok(_) = client.request(&id.sign(&update).expect("sign")).await else {
+            return;
+        };
+        let ask = ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: Some(round.round),
+        };
         match client.request(&id.sign(&ask).expect("sign")).await {
-            Ok(RelayToClient::Round(signed)) => round = signed.verify_from(&relay_key).expect("announcement"),
+            Ok(RelayToClient::Round(signed)) => {
+                round = signed.verify_from(&relay_key).expect("announcement")
+            }
             _ => return,
         }
     }
@@ -62,7 +69,10 @@ async fn run_with(aggregator: Rule) -> Vec<f32> {
     .expect("in time");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = relay.coordinator.status().await;
-    assert!(status.history.iter().skip(1).all(|r| r.contributors == 4), "the attacker was in every round");
+    assert!(
+        status.history.iter().skip(1).all(|r| r.contributors == 4),
+        "the attacker was in every round"
+    );
     relay.shutdown().await;
     status.history.iter().filter_map(|r| r.accuracy).collect()
 }
@@ -72,10 +82,16 @@ async fn a_sign_flip_attacker_wrecks_the_mean_but_not_robust_rules() {
     init_logging();
     let mean = run_with(Rule::Mean).await;
     println!("mean under attack: {mean:?}");
-    assert!(*mean.last().expect("history") < 0.5, "plain mean fails: {mean:?}");
+    assert!(
+        *mean.last().expect("history") < 0.5,
+        "plain mean fails: {mean:?}"
+    );
     for rule in [Rule::Median, Rule::TrimmedMean { trim: 1 }] {
         let accuracy = run_with(rule.clone()).await;
         println!("{rule:?} under attack: {accuracy:?}");
-        assert!(*accuracy.last().expect("history") >= 0.85, "{rule:?} holds: {accuracy:?}");
+        assert!(
+            *accuracy.last().expect("history") >= 0.85,
+            "{rule:?} holds: {accuracy:?}"
+        );
     }
 }

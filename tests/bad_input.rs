@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use swarmtrain_relay::default_run;
-use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, RelayToClient, Request, Update};
+use swarmtrain_shared::protocol::{
+    self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, RelayToClient, Request, Update,
+};
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
 
 fn rejection(answer: RelayToClient) -> String {
@@ -46,19 +48,44 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     assert!(reason.contains("signature"), "{reason}");
 
     // A truncated message.
-    let ask = ClientToRelay::AwaitRound { run_id: "digits".into(), after: None };
-    let frame = protocol::encode(&Request::Signed(attacker.sign(&ask).expect("sign"))).expect("encode");
-    let answer = client.request_frame(frame[..frame.len() / 2].to_vec()).await.expect("answer");
+    let ask = ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after: None,
+    };
+    let frame =
+        protocol::encode(&Request::Signed(attacker.sign(&ask).expect("sign"))).expect("encode");
+    let answer = client
+        .request_frame(frame[..frame.len() / 2].to_vec())
+        .await
+        .expect("answer");
     let reason = rejection(protocol::decode(&answer).expect("decodes"));
     assert!(reason.contains("malformed"), "{reason}");
 
     // An update too long for one frame travels in parts; parts that skip ahead, or whose whole
     // does not match its digest, are refused.
-    let frames = protocol::requests_for(&attacker.sign(&update(0, vec![0.0; n])).expect("sign")).expect("split");
-    assert!(frames.len() >= 2, "the digits update needs {} frames", frames.len());
-    let Request::Part(first) = protocol::decode::<Request>(&frames[0]).expect("part") else { panic!("a part") };
-    let skipped = Part { offset: first.offset + 2 * first.bytes.len() as u32, ..first.clone() };
-    let reason = rejection(protocol::decode(&client.request_frame(protocol::encode(&Request::Part(skipped)).expect("encode")).await.expect("answer")).expect("decodes"));
+    let frames = protocol::requests_for(&attacker.sign(&update(0, vec![0.0; n])).expect("sign"))
+        .expect("split");
+    assert!(
+        frames.len() >= 2,
+        "the digits update needs {} frames",
+        frames.len()
+    );
+    let Request::Part(first) = protocol::decode::<Request>(&frames[0]).expect("part") else {
+        panic!("a part")
+    };
+    let skipped = Part {
+        offset: first.offset + 2 * first.bytes.len() as u32,
+        ..first.clone()
+    };
+    let reason = rejection(
+        protocol::decode(
+            &client
+                .request_frame(protocol::encode(&Request::Part(skipped)).expect("encode"))
+                .await
+                .expect("answer"),
+        )
+        .expect("decodes"),
+    );
     assert!(reason.contains("does not continue"), "{reason}");
     let mut tampered: Vec<Part> = frames
         .iter()
@@ -70,49 +97,102 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     tampered.last_mut().expect("parts").bytes[0] ^= 1;
     let mut last = None;
     for part in tampered {
-        last = Some(protocol::decode(&client.request_frame(protocol::encode(&Request::Part(part)).expect("encode")).await.expect("answer")).expect("decodes"));
+        last = Some(
+            protocol::decode(
+                &client
+                    .request_frame(protocol::encode(&Request::Part(part)).expect("encode"))
+                    .await
+                    .expect("answer"),
+            )
+            .expect("decodes"),
+        );
     }
     let reason = rejection(last.expect("answered"));
     assert!(reason.contains("digest"), "{reason}");
 
     // A wrong round number.
-    let reason = rejection(client.request(&attacker.sign(&update(5, vec![0.0; n])).expect("sign")).await.expect("answer"));
+    let reason = rejection(
+        client
+            .request(&attacker.sign(&update(5, vec![0.0; n])).expect("sign"))
+            .await
+            .expect("answer"),
+    );
     assert!(reason.contains("round 5"), "{reason}");
 
     // A wrong-shaped update.
-    let reason = rejection(client.request(&attacker.sign(&update(0, vec![0.0; n - 3])).expect("sign")).await.expect("answer"));
-    assert!(reason.contains(&format!("{} bytes, {} expected", 4 * (n - 3), 4 * n)), "{reason}");
+    let reason = rejection(
+        client
+            .request(&attacker.sign(&update(0, vec![0.0; n - 3])).expect("sign"))
+            .await
+            .expect("answer"),
+    );
+    assert!(
+        reason.contains(&format!("{} bytes, {} expected", 4 * (n - 3), 4 * n)),
+        "{reason}"
+    );
 
     // NaN and infinity.
     let mut poisoned = vec![0.0; n];
     poisoned[7] = f32::NAN;
     poisoned[8] = f32::INFINITY;
-    let reason = rejection(client.request(&attacker.sign(&update(0, poisoned)).expect("sign")).await.expect("answer"));
+    let reason = rejection(
+        client
+            .request(&attacker.sign(&update(0, poisoned)).expect("sign"))
+            .await
+            .expect("answer"),
+    );
     assert!(reason.contains("NaN"), "{reason}");
 
     // A frame over the size limit is refused before it is buffered; the connection survives.
-    assert!(client.request_frame(vec![0; MAX_FRAME_BYTES + 1]).await.is_err());
+    assert!(
+        client
+            .request_frame(vec![0; MAX_FRAME_BYTES + 1])
+            .await
+            .is_err()
+    );
 
     // A valid update is accepted (and closes round 0: quorum 1); replaying it is refused.
     let valid = attacker.sign(&update(0, vec![0.0; n])).expect("sign");
-    assert!(matches!(client.request(&valid).await.expect("answer"), RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(
+        client.request(&valid).await.expect("answer"),
+        RelayToClient::Accepted { round: 0 }
+    ));
     let reason = rejection(client.request(&valid).await.expect("answer"));
     assert!(reason.contains("open round is 1"), "{reason}");
 
     let status = relay.coordinator.status().await;
-    for kind in ["bad_signature", "malformed", "bad_part", "wrong_round", "wrong_shape", "non_finite"] {
-        assert!(status.rejected.get(kind).copied().unwrap_or(0) >= 1, "{kind} counted: {:?}", status.rejected);
+    for kind in [
+        "bad_signature",
+        "malformed",
+        "bad_part",
+        "wrong_round",
+        "wrong_shape",
+        "non_finite",
+    ] {
+        assert!(
+            status.rejected.get(kind).copied().unwrap_or(0) >= 1,
+            "{kind} counted: {:?}",
+            status.rejected
+        );
     }
-    assert_eq!(status.rejected["wrong_round"], 2, "the wrong round and the replay");
+    assert_eq!(
+        status.rejected["wrong_round"], 2,
+        "the wrong round and the replay"
+    );
 
     // The run goes on: an honest peer trains three rounds and accuracy rises.
     let honest = spawn_peer(&relay, 1, 3);
-    let (trained, _) = tokio::time::timeout(Duration::from_secs(300), honest.finish()).await.expect("in time");
+    let (trained, _) = tokio::time::timeout(Duration::from_secs(300), honest.finish())
+        .await
+        .expect("in time");
     assert_eq!(trained, 3);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = relay.coordinator.status().await;
     assert!(status.round >= 4, "rounds advanced: {}", status.round);
     let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
-    assert!(accuracy.last() > accuracy.first(), "accuracy rose: {accuracy:?}");
+    assert!(
+        accuracy.last() > accuracy.first(),
+        "accuracy rose: {accuracy:?}"
+    );
     relay.shutdown().await;
 }

@@ -15,15 +15,37 @@ async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
     run.quorum = 2;
     let relay = start_relay(run).await;
     let status = train_peers(&relay, 2, 2).await;
-    assert!(status.round >= 2, "two rounds trained, round is {}", status.round);
+    assert!(
+        status.round >= 2,
+        "two rounds trained, round is {}",
+        status.round
+    );
 
-    let (file, exported) = swarmtrain_relay::ops::export(&relay.url()).await.expect("export");
+    let (file, exported) = swarmtrain_relay::ops::export(&relay.url())
+        .await
+        .expect("export");
     let checkpoint = from_safetensors(&file).expect("a valid safetensors file");
     let hash = exported["params_hash"].as_str().expect("hash").to_owned();
     let url = format!("{}api/runs/digits/params/{hash}", relay.url());
-    let wire = params_from_bytes(&reqwest::get(&url).await.expect("GET").bytes().await.expect("body")).expect("params");
-    assert_eq!(checkpoint.flat(), wire, "the checkpoint holds the global parameters, bit for bit");
-    let names: Vec<&str> = checkpoint.tensors.iter().map(|(t, _)| t.name.as_str()).collect();
+    let wire = params_from_bytes(
+        &reqwest::get(&url)
+            .await
+            .expect("GET")
+            .bytes()
+            .await
+            .expect("body"),
+    )
+    .expect("params");
+    assert_eq!(
+        checkpoint.flat(),
+        wire,
+        "the checkpoint holds the global parameters, bit for bit"
+    );
+    let names: Vec<&str> = checkpoint
+        .tensors
+        .iter()
+        .map(|(t, _)| t.name.as_str())
+        .collect();
     assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
     assert_eq!(checkpoint.metadata["params_blake3"], hash);
     assert_eq!(checkpoint.metadata["round"], exported["round"].to_string());
@@ -36,10 +58,20 @@ async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
     std::fs::write(dir.path().join("model.safetensors"), &file).expect("write");
     let mut expected = serde_json::Map::new();
     for (info, values) in &checkpoint.tensors {
-        expected.insert(info.name.clone(), serde_json::json!({ "shape": info.shape, "values": values }));
+        expected.insert(
+            info.name.clone(),
+            serde_json::json!({ "shape": info.shape, "values": values }),
+        );
     }
-    expected.insert("__metadata__".into(), serde_json::to_value(&checkpoint.metadata).expect("json"));
-    std::fs::write(dir.path().join("expected.json"), serde_json::to_vec(&expected).expect("json")).expect("write");
+    expected.insert(
+        "__metadata__".into(),
+        serde_json::to_value(&checkpoint.metadata).expect("json"),
+    );
+    std::fs::write(
+        dir.path().join("expected.json"),
+        serde_json::to_vec(&expected).expect("json"),
+    )
+    .expect("write");
     let script = swarmtrain_tests::package_path("python/read_checkpoint.py");
     let out = std::process::Command::new(python)
         .arg(script)
@@ -48,6 +80,10 @@ async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
         .output()
         .expect("run python");
     println!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(out.status.success(), "python could not read the checkpoint: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python could not read the checkpoint: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     relay.shutdown().await;
 }

@@ -17,13 +17,24 @@ async fn a_peer_sees_the_relay_through_identify_and_ping() {
         if info.agent.is_some() && info.rtt.is_some() {
             break info;
         }
-        assert!(Instant::now() < deadline, "no identify or ping from the relay: {info:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no identify or ping from the relay: {info:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let agent = info.agent.expect("agent");
     assert!(agent.starts_with("swarmtrain-relay/"), "{agent}");
-    assert!(info.protocols.iter().any(|p| p == RPC_PROTOCOL), "{:?}", info.protocols);
-    assert!(info.protocols.iter().any(|p| p == "/ipfs/ping/1.0.0"), "{:?}", info.protocols);
+    assert!(
+        info.protocols.iter().any(|p| p == RPC_PROTOCOL),
+        "{:?}",
+        info.protocols
+    );
+    assert!(
+        info.protocols.iter().any(|p| p == "/ipfs/ping/1.0.0"),
+        "{:?}",
+        info.protocols
+    );
     let rtt = info.rtt.expect("rtt");
     assert!(rtt < Duration::from_secs(5), "loopback round trip {rtt:?}");
     println!("relay {agent}, rtt {rtt:?}, protocols {:?}", info.protocols);

@@ -15,19 +15,44 @@ async fn three_native_peers_train_digits_past_90_percent() {
     let rounds = 6;
     let (status, all_events) = train_peers_with_events(&relay, 3, rounds).await;
     for events in &all_events {
-        let accepted = events.iter().filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. })).count();
-        assert_eq!(accepted as u64, rounds, "every update was accepted: {events:?}");
-        let losses: Vec<f32> = events.iter().filter_map(|e| match e { PeerEvent::Trained { loss, .. } => Some(*loss), _ => None }).collect();
-        assert!(losses.last() < losses.first(), "local loss falls: {losses:?}");
+        let accepted = events
+            .iter()
+            .filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. }))
+            .count();
+        assert_eq!(
+            accepted as u64, rounds,
+            "every update was accepted: {events:?}"
+        );
+        let losses: Vec<f32> = events
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::Trained { loss, .. } => Some(*loss),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            losses.last() < losses.first(),
+            "local loss falls: {losses:?}"
+        );
     }
     assert_eq!(status.round, rounds, "one round per trained round");
     let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
     println!("held-out accuracy by round: {accuracy:?}");
-    assert!(accuracy[0] < 0.3, "an untrained model is near chance: {accuracy:?}");
+    assert!(
+        accuracy[0] < 0.3,
+        "an untrained model is near chance: {accuracy:?}"
+    );
     let last = *accuracy.last().expect("history");
     assert!(last >= 0.9, "held-out accuracy reaches 90%: {accuracy:?}");
-    assert!(status.history.iter().skip(1).all(|r| r.contributors == 3), "every round aggregated all three peers");
-    assert!(status.rejected.is_empty(), "no honest update was rejected: {:?}", status.rejected);
+    assert!(
+        status.history.iter().skip(1).all(|r| r.contributors == 3),
+        "every round aggregated all three peers"
+    );
+    assert!(
+        status.rejected.is_empty(),
+        "no honest update was rejected: {:?}",
+        status.rejected
+    );
     relay.shutdown().await;
 }
 
@@ -41,7 +66,13 @@ async fn compressed_updates_still_train() {
     for (codec, rounds, target) in [
         (Codec::Int8Block { block: 64 }, 6, 0.9),
         (Codec::LowBitBlock { block: 64, bits: 2 }, 6, 0.9),
-        (Codec::TopK { per_million: 20_000 }, 10, 0.8),
+        (
+            Codec::TopK {
+                per_million: 20_000,
+            },
+            10,
+            0.8,
+        ),
     ] {
         let mut run = default_run();
         run.inner.steps = 40;
@@ -49,9 +80,16 @@ async fn compressed_updates_still_train() {
         let relay = start_relay(run).await;
         let status = train_peers(&relay, 3, rounds).await;
         let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
-        println!("{codec:?} ({} bytes per update vs {} for f32): accuracy {accuracy:?}", status.spec.update_bytes, 4 * status.n_params);
+        println!(
+            "{codec:?} ({} bytes per update vs {} for f32): accuracy {accuracy:?}",
+            status.spec.update_bytes,
+            4 * status.n_params
+        );
         assert!(status.rejected.is_empty(), "{:?}", status.rejected);
-        assert!(*accuracy.last().expect("history") >= target, "{codec:?}: {accuracy:?}");
+        assert!(
+            *accuracy.last().expect("history") >= target,
+            "{codec:?}: {accuracy:?}"
+        );
         relay.shutdown().await;
     }
 }
@@ -64,12 +102,19 @@ async fn differentially_private_run_reports_epsilon_and_learns() {
     init_logging();
     let mut run = default_run();
     run.inner.steps = 40;
-    run.privacy = Some(PrivacySpec { clip_norm: 2.0, noise_multiplier: 0.02, delta: 1e-5 });
+    run.privacy = Some(PrivacySpec {
+        clip_norm: 2.0,
+        noise_multiplier: 0.02,
+        delta: 1e-5,
+    });
     let relay = start_relay(run).await;
     let status = train_peers(&relay, 3, 6).await;
     let accuracy: Vec<f32> = status.history.iter().filter_map(|r| r.accuracy).collect();
     let eps = status.privacy_epsilon.expect("the relay reports ε");
-    println!("DP (clip 2, z 0.02): ε = {eps:.0} at δ = 1e-5 after {} rounds; accuracy {accuracy:?}", status.round);
+    println!(
+        "DP (clip 2, z 0.02): ε = {eps:.0} at δ = 1e-5 after {} rounds; accuracy {accuracy:?}",
+        status.round
+    );
     assert_eq!(eps, epsilon(status.round, 0.02, 1e-5));
     assert!(*accuracy.last().expect("history") > 0.8, "{accuracy:?}");
     relay.shutdown().await;

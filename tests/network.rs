@@ -5,15 +5,17 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, identify, noise, ping, relay, tcp, yamux};
 use swarmtrain_client::peer::PeerEvent;
-use swarmtrain_relay::{Relay, RelayConfig, default_run};
-use libp2p::request_response::{self, ProtocolSupport};
 use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
-use swarmtrain_shared::protocol::{self, ClientToRelay, Codec, Fetch, RelayToClient, Request, Update};
-use swarmtrain_shared::robust::Rule;
+use swarmtrain_relay::{Relay, RelayConfig, default_run};
 use swarmtrain_shared::PeerKey;
+use swarmtrain_shared::protocol::{
+    self, ClientToRelay, Codec, Fetch, RelayToClient, Request, Update,
+};
+use swarmtrain_shared::robust::Rule;
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer_in, start_relay};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -27,8 +29,15 @@ async fn round_announcements_arrive_by_gossip() {
     let (client, identity, welcome, round0) = join_raw(&relay, [11; 32]).await;
     // The longest answer the relay gives fits the frame size every WebRTC stack reads.
     let welcome_frame = protocol::encode(&RelayToClient::Welcome(welcome.clone())).expect("encode");
-    assert!(welcome_frame.len() <= protocol::PREFERRED_FRAME_BYTES, "welcome of {} bytes", welcome_frame.len());
-    client.subscribe(protocol::rounds_topic("digits")).await.expect("subscribe");
+    assert!(
+        welcome_frame.len() <= protocol::PREFERRED_FRAME_BYTES,
+        "welcome of {} bytes",
+        welcome_frame.len()
+    );
+    client
+        .subscribe(protocol::rounds_topic("digits"))
+        .await
+        .expect("subscribe");
     // Give the subscription time to reach the relay before the round closes.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let update = ClientToRelay::Update(Update {
@@ -42,13 +51,26 @@ async fn round_announcements_arrive_by_gossip() {
         payload: protocol::params_to_bytes(&vec![0.01; round0.n_params as usize]),
     });
     // This update (19 KB) is longer than a frame: it goes in parts.
-    let answer = client.request(&identity.sign(&update).expect("sign")).await.expect("answer");
-    assert!(matches!(answer, RelayToClient::Accepted { round: 0 }), "{answer:?}");
-    let frame = tokio::time::timeout(WAIT, client.next_gossip()).await.expect("gossip in time").expect("gossip");
+    let answer = client
+        .request(&identity.sign(&update).expect("sign"))
+        .await
+        .expect("answer");
+    assert!(
+        matches!(answer, RelayToClient::Accepted { round: 0 }),
+        "{answer:?}"
+    );
+    let frame = tokio::time::timeout(WAIT, client.next_gossip())
+        .await
+        .expect("gossip in time")
+        .expect("gossip");
     // Gossiped without the relay's 1,952-byte key: the signature (3,309 bytes) and a short body.
     assert!(frame.len() < 3500, "{} bytes", frame.len());
-    let announcement = protocol::verify_gossiped(&frame, welcome.relay_key()).expect("signed by the relay");
-    assert_eq!((announcement.run_id.as_str(), announcement.round), ("digits", 1));
+    let announcement =
+        protocol::verify_gossiped(&frame, welcome.relay_key()).expect("signed by the relay");
+    assert_eq!(
+        (announcement.run_id.as_str(), announcement.round),
+        ("digits", 1)
+    );
     relay.shutdown().await;
 }
 
@@ -63,18 +85,28 @@ struct Probe {
 fn probe() -> Swarm<Probe> {
     SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .expect("tcp")
         .with_other_transport(|key| {
-            let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
+            let certificate =
+                libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
             libp2p_webrtc::tokio::Transport::new(key.clone(), certificate)
         })
         .expect("webrtc")
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .expect("relay client")
         .with_behaviour(|key, relay| Probe {
-            identify: identify::Behaviour::new(identify::Config::new("/probe/1".into(), key.public())),
-            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(200))),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/probe/1".into(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::new(
+                ping::Config::new().with_interval(Duration::from_millis(200)),
+            ),
             relay,
         })
         .expect("behaviour")
@@ -83,7 +115,11 @@ fn probe() -> Swarm<Probe> {
 }
 
 /// Drives `swarm` until `done` says what it waited for.
-async fn until<T>(swarm: &mut Swarm<Probe>, what: &str, mut done: impl FnMut(SwarmEvent<ProbeEvent>) -> Option<T>) -> T {
+async fn until<T>(
+    swarm: &mut Swarm<Probe>,
+    what: &str,
+    mut done: impl FnMut(SwarmEvent<ProbeEvent>) -> Option<T>,
+) -> T {
     let wait = async {
         loop {
             if let Some(t) = done(swarm.select_next_some().await) {
@@ -91,7 +127,9 @@ async fn until<T>(swarm: &mut Swarm<Probe>, what: &str, mut done: impl FnMut(Swa
             }
         }
     };
-    tokio::time::timeout(WAIT, wait).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// A node with the swarmtrain behaviour over WebRTC-direct only.
@@ -99,11 +137,14 @@ fn rpc_over_webrtc() -> Swarm<Behaviour> {
     SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_other_transport(|key| {
-            let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
+            let certificate =
+                libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng()).expect("certificate");
             libp2p_webrtc::tokio::Transport::new(key.clone(), certificate)
         })
         .expect("webrtc")
-        .with_behaviour(|key| Behaviour::new(ProtocolSupport::Outbound, key, "swarmtrain-test/0").expect("behaviour"))
+        .with_behaviour(|key| {
+            Behaviour::new(ProtocolSupport::Outbound, key, "swarmtrain-test/0").expect("behaviour")
+        })
         .expect("behaviour")
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build()
@@ -116,19 +157,27 @@ async fn rpc_call(swarm: &mut Swarm<Behaviour>, relay: PeerId, frame: Vec<u8>) -
         loop {
             match swarm.select_next_some().await {
                 SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
                     ..
                 })) if request_id == id => return protocol::decode(&response).expect("an answer"),
-                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::OutboundFailure { request_id, error, .. }))
-                    if request_id == id =>
-                {
+                SwarmEvent::Behaviour(BehaviourEvent::Rpc(
+                    request_response::Event::OutboundFailure {
+                        request_id, error, ..
+                    },
+                )) if request_id == id => {
                     panic!("request failed: {error}")
                 }
                 _ => {}
             }
         }
     };
-    tokio::time::timeout(WAIT, wait).await.expect("an answer over WebRTC in time")
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .expect("an answer over WebRTC in time")
 }
 
 fn certhash(address: &str) -> String {
@@ -156,21 +205,34 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
     };
     let relay = Relay::start(config()).await.expect("relay starts");
     let address = relay.bootstrap.addresses["webrtc-direct"][0].clone();
-    assert!(address.contains("/udp/") && address.contains("/webrtc-direct/certhash/"), "{address}");
+    assert!(
+        address.contains("/udp/") && address.contains("/webrtc-direct/certhash/"),
+        "{address}"
+    );
 
     // A node dials the relay over WebRTC-direct: identify and ping run over the data channels.
     let mut node = probe();
     // libp2p-webrtc dials from its listener's UDP socket.
-    node.listen_on("/ip4/127.0.0.1/udp/0/webrtc-direct".parse().expect("multiaddr")).expect("listen");
-    node.dial(address.parse::<Multiaddr>().expect("multiaddr")).expect("dial");
+    node.listen_on(
+        "/ip4/127.0.0.1/udp/0/webrtc-direct"
+            .parse()
+            .expect("multiaddr"),
+    )
+    .expect("listen");
+    node.dial(address.parse::<Multiaddr>().expect("multiaddr"))
+        .expect("dial");
     let agent = until(&mut node, "identify over WebRTC", |e| match e {
-        SwarmEvent::Behaviour(ProbeEvent::Identify(identify::Event::Received { info, .. })) => Some(info.agent_version),
+        SwarmEvent::Behaviour(ProbeEvent::Identify(identify::Event::Received { info, .. })) => {
+            Some(info.agent_version)
+        }
         _ => None,
     })
     .await;
     assert!(agent.starts_with("swarmtrain-relay/"), "{agent}");
     let rtt = until(&mut node, "ping over WebRTC", |e| match e {
-        SwarmEvent::Behaviour(ProbeEvent::Ping(ping::Event { result: Ok(rtt), .. })) => Some(rtt),
+        SwarmEvent::Behaviour(ProbeEvent::Ping(ping::Event {
+            result: Ok(rtt), ..
+        })) => Some(rtt),
         _ => None,
     })
     .await;
@@ -178,24 +240,51 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
 
     // The swarmtrain protocol itself over WebRTC: a signed join, and θ fetched in 16 KiB chunks.
     let mut peer = rpc_over_webrtc();
-    peer.listen_on("/ip4/127.0.0.1/udp/0/webrtc-direct".parse().expect("multiaddr")).expect("listen");
+    peer.listen_on(
+        "/ip4/127.0.0.1/udp/0/webrtc-direct"
+            .parse()
+            .expect("multiaddr"),
+    )
+    .expect("listen");
     let relay_id: PeerId = relay.bootstrap.peer_id.parse().expect("peer id");
-    peer.dial(address.parse::<Multiaddr>().expect("multiaddr")).expect("dial");
+    peer.dial(address.parse::<Multiaddr>().expect("multiaddr"))
+        .expect("dial");
     let identity = swarmtrain_shared::Identity::from_seed([12; 32]);
     let join = ClientToRelay::Join(swarmtrain_shared::protocol::Join {
         version: swarmtrain_shared::protocol::PROTOCOL_VERSION,
         run_id: "digits".into(),
-        capabilities: swarmtrain_shared::protocol::Capabilities { backend: "none".into(), platform: "webrtc test".into() },
+        capabilities: swarmtrain_shared::protocol::Capabilities {
+            backend: "none".into(),
+            platform: "webrtc test".into(),
+        },
     });
-    let frame = protocol::encode(&Request::Signed(identity.sign(&join).expect("sign"))).expect("encode");
+    let frame =
+        protocol::encode(&Request::Signed(identity.sign(&join).expect("sign"))).expect("encode");
     let welcome = match rpc_call(&mut peer, relay_id, frame).await {
         RelayToClient::Welcome(welcome) => welcome,
         other => panic!("expected a welcome, got {other:?}"),
     };
-    let round = welcome.round.verify_from(&PeerKey::from_public_key(welcome.relay_key())).expect("signed");
-    let fetch = Request::Fetch(Fetch::Params { run_id: "digits".into(), hash: round.params, offset: 0 });
-    match rpc_call(&mut peer, relay_id, protocol::encode(&fetch).expect("encode")).await {
-        RelayToClient::Chunk { total, offset: 0, bytes } => {
+    let round = welcome
+        .round
+        .verify_from(&PeerKey::from_public_key(welcome.relay_key()))
+        .expect("signed");
+    let fetch = Request::Fetch(Fetch::Params {
+        run_id: "digits".into(),
+        hash: round.params,
+        offset: 0,
+    });
+    match rpc_call(
+        &mut peer,
+        relay_id,
+        protocol::encode(&fetch).expect("encode"),
+    )
+    .await
+    {
+        RelayToClient::Chunk {
+            total,
+            offset: 0,
+            bytes,
+        } => {
             assert_eq!(total, 4 * round.n_params);
             assert_eq!(bytes.len(), protocol::CHUNK_BYTES.min(total as usize));
         }
@@ -205,9 +294,14 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
 
     let again = Relay::start(config()).await.expect("relay restarts");
     let readdress = again.bootstrap.addresses["webrtc-direct"][0].clone();
-    assert_eq!(certhash(&address), certhash(&readdress), "the certhash is the same after a restart");
+    assert_eq!(
+        certhash(&address),
+        certhash(&readdress),
+        "the certhash is the same after a restart"
+    );
     again.shutdown().await;
-    let pem = std::fs::read_to_string(dir.path().join("webrtc.pem")).expect("the certificate is kept");
+    let pem =
+        std::fs::read_to_string(dir.path().join("webrtc.pem")).expect("the certificate is kept");
     assert!(pem.contains("BEGIN"), "PEM");
 }
 
@@ -215,15 +309,20 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
 async fn two_peers_reach_each_other_through_the_circuit_relay() {
     init_logging();
     let relay = start_relay(default_run()).await;
-    let relay_tcp: Multiaddr = relay.bootstrap.addresses["tcp"][0].parse().expect("multiaddr");
+    let relay_tcp: Multiaddr = relay.bootstrap.addresses["tcp"][0]
+        .parse()
+        .expect("multiaddr");
     let relay_id: PeerId = relay.bootstrap.peer_id.parse().expect("peer id");
 
     // A listens through the relay (a reservation), B dials A's relayed address.
     let mut a = probe();
     let a_id = *a.local_peer_id();
-    a.listen_on(relay_tcp.clone().with(Protocol::P2pCircuit)).expect("listen via relay");
+    a.listen_on(relay_tcp.clone().with(Protocol::P2pCircuit))
+        .expect("listen via relay");
     until(&mut a, "a reservation", |e| match e {
-        SwarmEvent::Behaviour(ProbeEvent::Relay(relay::client::Event::ReservationReqAccepted { relay_peer_id, .. })) => {
+        SwarmEvent::Behaviour(ProbeEvent::Relay(
+            relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+        )) => {
             assert_eq!(relay_peer_id, relay_id);
             Some(())
         }
@@ -232,7 +331,9 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
     .await;
 
     let mut b = probe();
-    let via_relay = relay_tcp.with(Protocol::P2pCircuit).with(Protocol::P2p(a_id));
+    let via_relay = relay_tcp
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(a_id));
     b.dial(via_relay).expect("dial A via the relay");
     let (mut a_connected, mut b_pinged) = (false, false);
     let wait = async {
@@ -256,7 +357,9 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
             }
         }
     };
-    tokio::time::timeout(WAIT, wait).await.expect("B reaches A through the relay");
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .expect("B reaches A through the relay");
     relay.shutdown().await;
 }
 
@@ -282,26 +385,62 @@ async fn one_relay_coordinates_two_runs_with_their_own_specs() {
     let first = spawn_peer_in(&relay, 1, 2, None);
     let second = spawn_peer_in(&relay, 2, 2, Some("digits-robust"));
     for peer in [first, second] {
-        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish()).await.expect("in time");
+        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
+            .await
+            .expect("in time");
         assert_eq!(trained, 2);
-        assert!(events.iter().filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. })).count() == 2, "{events:?}");
+        assert!(
+            events
+                .iter()
+                .filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. }))
+                .count()
+                == 2,
+            "{events:?}"
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let default = relay.runs.get("digits").expect("digits").status().await;
-    let other = relay.runs.get("digits-robust").expect("second run").status().await;
-    assert!(default.round >= 2 && other.round >= 2, "both runs advanced: {} and {}", default.round, other.round);
+    let other = relay
+        .runs
+        .get("digits-robust")
+        .expect("second run")
+        .status()
+        .await;
+    assert!(
+        default.round >= 2 && other.round >= 2,
+        "both runs advanced: {} and {}",
+        default.round,
+        other.round
+    );
     assert_eq!(other.spec.aggregator, "Median");
     assert!(other.spec.codec.contains("Int8"), "{}", other.spec.codec);
-    assert_ne!(default.params_hash, other.params_hash, "each run has its own parameters");
+    assert_ne!(
+        default.params_hash, other.params_hash,
+        "each run has its own parameters"
+    );
 
     // The HTTP side lists both; an unknown run is refused.
-    let listed = reqwest::get(format!("{}api/runs", relay.url())).await.expect("GET").bytes().await.expect("body");
+    let listed = reqwest::get(format!("{}api/runs", relay.url()))
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("body");
     let listed: serde_json::Value = serde_json::from_slice(&listed).expect("json");
     assert_eq!(listed.as_array().map(Vec::len), Some(2));
-    let missing = reqwest::get(format!("{}api/runs/nope/status", relay.url())).await.expect("GET");
+    let missing = reqwest::get(format!("{}api/runs/nope/status", relay.url()))
+        .await
+        .expect("GET");
     assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
-    let metrics = reqwest::get(format!("{}metrics", relay.url())).await.expect("GET").text().await.expect("text");
-    assert!(metrics.contains("swarmtrain_round{run=\"digits-robust\"}"), "{metrics}");
+    let metrics = reqwest::get(format!("{}metrics", relay.url()))
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("swarmtrain_round{run=\"digits-robust\"}"),
+        "{metrics}"
+    );
     relay.shutdown().await;
 }
-

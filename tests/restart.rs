@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient};
-use swarmtrain_tests::{RelayProcess, free_port, join_raw_at, send_constant_update, two_peers_close_round_0};
-
+use swarmtrain_tests::{
+    RelayProcess, free_port, join_raw_at, send_constant_update, two_peers_close_round_0,
+};
 
 /// How the first relay process ends.
 #[derive(Clone, Copy, Debug)]
@@ -36,14 +37,24 @@ async fn stop_then_restart_resumes(stop: Stop) {
     let before = relay.json("api/status").await;
     assert_eq!(before["round"], 1);
     let round1 = match client_a
-        .request(&id_a.sign(&ClientToRelay::AwaitRound { run_id: "digits".into(), after: None }).expect("sign"))
+        .request(
+            &id_a
+                .sign(&ClientToRelay::AwaitRound {
+                    run_id: "digits".into(),
+                    after: None,
+                })
+                .expect("sign"),
+        )
         .await
         .expect("round")
     {
         RelayToClient::Round(signed) => signed.verify_and_decode().expect("signed").1,
         other => panic!("expected the round, got {other:?}"),
     };
-    assert!(matches!(send_constant_update(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Accepted { round: 1 }));
+    assert!(matches!(
+        send_constant_update(&client_a, &id_a, &round1, 0.03).await,
+        RelayToClient::Accepted { round: 1 }
+    ));
     let before = relay.json("api/status").await;
     assert_eq!(before["updates_this_round"], 1);
     assert_eq!(before["accepted_updates"], 3);
@@ -52,13 +63,22 @@ async fn stop_then_restart_resumes(stop: Stop) {
         Stop::Kill => relay.kill(),
         Stop::Terminate => {
             let status = relay.terminate();
-            assert!(status.success(), "SIGTERM is a clean shutdown, not {status}");
+            assert!(
+                status.success(),
+                "SIGTERM is a clean shutdown, not {status}"
+            );
         }
     }
     drop((client_a, client_b, id_b));
     let relay = RelayProcess::start(dir.path(), port, &[], &[]);
     let after = relay.json("api/status").await;
-    for key in ["round", "params_hash", "updates_this_round", "accepted_updates", "history"] {
+    for key in [
+        "round",
+        "params_hash",
+        "updates_this_round",
+        "accepted_updates",
+        "history",
+    ] {
         assert_eq!(after[key], before[key], "{key} survives {stop:?}");
     }
 
@@ -67,8 +87,17 @@ async fn stop_then_restart_resumes(stop: Stop) {
     let address = relay.tcp_address().await;
     let (client_a, id_a, _, announced) = join_raw_at(&address, "digits", [1; 32]).await;
     assert_eq!(announced.round, 1);
-    assert_eq!(announced.params, round1.params, "the same θ is announced again");
-    assert!(matches!(send_constant_update(&client_a, &id_a, &round1, 0.03).await, RelayToClient::Rejected { .. }), "no second update");
+    assert_eq!(
+        announced.params, round1.params,
+        "the same θ is announced again"
+    );
+    assert!(
+        matches!(
+            send_constant_update(&client_a, &id_a, &round1, 0.03).await,
+            RelayToClient::Rejected { .. }
+        ),
+        "no second update"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let done = loop {
         let status = relay.json("api/status").await;
@@ -78,7 +107,13 @@ async fn stop_then_restart_resumes(stop: Stop) {
         assert!(Instant::now() < deadline, "round 1 did not close: {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(done["history"][2]["round"], 2, "history rows are the rounds they opened");
-    assert_eq!(done["history"][2]["contributors"], 1, "the stored update closed round 1");
+    assert_eq!(
+        done["history"][2]["round"], 2,
+        "history rows are the rounds they opened"
+    );
+    assert_eq!(
+        done["history"][2]["contributors"], 1,
+        "the stored update closed round 1"
+    );
     assert_eq!(done["accepted_updates"], 3);
 }

@@ -21,12 +21,22 @@ impl S3Server {
     fn start(python: &std::ffi::OsStr) -> Self {
         let port = free_port();
         let child = Command::new(python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto");
-        Self { child, endpoint: format!("http://127.0.0.1:{port}") }
+        Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
     }
 
     /// Sends an unsigned S3 request (moto accepts any credentials) once the server is up.
@@ -34,7 +44,11 @@ impl S3Server {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match client.request(method.clone(), format!("{}{path}", self.endpoint)).send().await {
+            match client
+                .request(method.clone(), format!("{}{path}", self.endpoint))
+                .send()
+                .await
+            {
                 Ok(response) => {
                     let status = response.status();
                     return (status, response.bytes().await.expect("body").to_vec());
@@ -53,16 +67,21 @@ impl Drop for S3Server {
     }
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() {
     let Some(python) = std::env::var_os("SWARMTRAIN_PYTHON") else {
-        println!("SKIPPED S3 check: SWARMTRAIN_PYTHON is not set (`cargo xtask test` sets it and installs moto)");
+        println!(
+            "SKIPPED S3 check: SWARMTRAIN_PYTHON is not set (`cargo xtask test` sets it and installs moto)"
+        );
         return;
     };
     let s3 = S3Server::start(&python);
     let (status, body) = s3.request(reqwest::Method::PUT, "/checkpoints").await;
-    assert!(status.is_success(), "create the bucket: {status} {}", String::from_utf8_lossy(&body));
+    assert!(
+        status.is_success(),
+        "create the bucket: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
 
     let env = [
         ("AWS_ENDPOINT", s3.endpoint.as_str()),
@@ -81,13 +100,24 @@ async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() 
     assert_eq!(before["round"], 1);
 
     // Both rounds' checkpoints are objects in the bucket, not files in the data directory.
-    let (status, listing) = s3.request(reqwest::Method::GET, "/checkpoints?list-type=2&prefix=relay-a/").await;
+    let (status, listing) = s3
+        .request(
+            reqwest::Method::GET,
+            "/checkpoints?list-type=2&prefix=relay-a/",
+        )
+        .await;
     let listing = String::from_utf8_lossy(&listing);
     assert!(status.is_success(), "{status} {listing}");
-    for key in ["relay-a/digits/round-00000000.safetensors", "relay-a/digits/round-00000001.safetensors"] {
+    for key in [
+        "relay-a/digits/round-00000000.safetensors",
+        "relay-a/digits/round-00000001.safetensors",
+    ] {
         assert!(listing.contains(key), "{key} is in the bucket: {listing}");
     }
-    assert!(!dir.path().join("checkpoints/digits").exists(), "no local checkpoints");
+    assert!(
+        !dir.path().join("checkpoints/digits").exists(),
+        "no local checkpoints"
+    );
 
     relay.kill();
     drop(peers);
@@ -100,9 +130,19 @@ async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() 
     // The bucket's checkpoint of round 1 holds θ_1: the parameters the relay announces.
     let reader_dir = tempfile::tempdir().expect("tempdir");
     let options = env.iter().map(|(k, v)| (k.to_lowercase(), (*v).to_owned()));
-    let store = Store::open_at_with(reader_dir.path(), "s3://checkpoints/relay-a", options).expect("open the bucket");
+    let store = Store::open_at_with(reader_dir.path(), "s3://checkpoints/relay-a", options)
+        .expect("open the bucket");
     let layout = model_layout(&default_run().model);
-    let (params, velocity) = store.read_checkpoint("digits/round-00000001.safetensors", &layout).await.expect("read");
-    assert_eq!(ParamsHash::of(&params_to_bytes(&params)).to_hex(), after["params_hash"].as_str().expect("hash"));
-    assert!(velocity.iter().any(|v| *v != 0.0), "the outer momentum is kept too");
+    let (params, velocity) = store
+        .read_checkpoint("digits/round-00000001.safetensors", &layout)
+        .await
+        .expect("read");
+    assert_eq!(
+        ParamsHash::of(&params_to_bytes(&params)).to_hex(),
+        after["params_hash"].as_str().expect("hash")
+    );
+    assert!(
+        velocity.iter().any(|v| *v != 0.0),
+        "the outer momentum is kept too"
+    );
 }

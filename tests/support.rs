@@ -3,9 +3,9 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use burn::backend::{Autodiff, NdArray};
 use std::time::Duration;
@@ -15,8 +15,8 @@ use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::coordinator::Status;
 use swarmtrain_relay::{Relay, RelayConfig};
 use swarmtrain_shared::protocol::{
-    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, RunSpec, Update,
-    Welcome,
+    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement,
+    RunSpec, Update, Welcome,
 };
 use swarmtrain_shared::{Identity, PeerKey};
 use tokio::sync::mpsc;
@@ -44,35 +44,64 @@ pub async fn start_relay(run: RunSpec) -> Relay {
 
 /// Connects to `relay` over TCP as the identity with `seed` and joins its run, without the
 /// peer loop: tests use it to send hand-made (and malformed) messages.
-pub async fn join_raw(relay: &Relay, seed: [u8; 32]) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
-    join_raw_at(&relay.bootstrap.addresses["tcp"][0], &relay.bootstrap.run_id, seed).await
+pub async fn join_raw(
+    relay: &Relay,
+    seed: [u8; 32],
+) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
+    join_raw_at(
+        &relay.bootstrap.addresses["tcp"][0],
+        &relay.bootstrap.run_id,
+        seed,
+    )
+    .await
 }
 
 /// [`join_raw`] for a relay at TCP multiaddr `address` (for example a relay process).
-pub async fn join_raw_at(address: &str, run_id: &str, seed: [u8; 32]) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
+pub async fn join_raw_at(
+    address: &str,
+    run_id: &str,
+    seed: [u8; 32],
+) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
     let client = RelayClient::connect(address.parse().expect("multiaddr")).expect("dial");
     let identity = Identity::from_seed(seed);
     let join = ClientToRelay::Join(Join {
         version: PROTOCOL_VERSION,
         run_id: run_id.to_owned(),
-        capabilities: Capabilities { backend: "none".into(), platform: "test".into() },
+        capabilities: Capabilities {
+            backend: "none".into(),
+            platform: "test".into(),
+        },
     });
-    let welcome = match client.request(&identity.sign(&join).expect("sign")).await.expect("join") {
+    let welcome = match client
+        .request(&identity.sign(&join).expect("sign"))
+        .await
+        .expect("join")
+    {
         RelayToClient::Welcome(welcome) => welcome,
         other => panic!("expected a welcome, got {other:?}"),
     };
-    let round = welcome.round.verify_from(&PeerKey::from_public_key(welcome.relay_key())).expect("signed by the relay");
+    let round = welcome
+        .round
+        .verify_from(&PeerKey::from_public_key(welcome.relay_key()))
+        .expect("signed by the relay");
     (client, identity, welcome, round)
 }
 
 /// Runs `count` native peers for `rounds` rounds each and returns the relay's status once the
 /// last round has closed, with each peer's events.
-pub async fn train_peers_with_events(relay: &Relay, count: u8, rounds: u64) -> (Status, Vec<Vec<PeerEvent>>) {
-    let peers: Vec<_> = (1..=count).map(|id| spawn_peer(relay, id, rounds)).collect();
+pub async fn train_peers_with_events(
+    relay: &Relay,
+    count: u8,
+    rounds: u64,
+) -> (Status, Vec<Vec<PeerEvent>>) {
+    let peers: Vec<_> = (1..=count)
+        .map(|id| spawn_peer(relay, id, rounds))
+        .collect();
     let mut events = Vec::new();
     for peer in peers {
-        let (trained, peer_events) =
-            tokio::time::timeout(Duration::from_secs(600), peer.finish()).await.expect("peers finish in time");
+        let (trained, peer_events) = tokio::time::timeout(Duration::from_secs(600), peer.finish())
+            .await
+            .expect("peers finish in time");
         assert_eq!(trained, rounds, "every peer trained every round");
         events.push(peer_events);
     }
@@ -115,9 +144,13 @@ pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str
         max_rounds: Some(max_rounds),
         stop: Arc::new(AtomicBool::new(false)),
     };
-    let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(Default::default(), config, move |event| {
-        let _ = tx.try_send(event);
-    }));
+    let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(
+        Default::default(),
+        config,
+        move |event| {
+            let _ = tx.try_send(event);
+        },
+    ));
     TestPeer { task, events }
 }
 
@@ -137,7 +170,9 @@ impl TestPeer {
 /// process, which names this checkout even when the test was compiled in another one sharing
 /// the CARGO_TARGET_DIR; the path compiled in is the fallback.
 pub fn package_path(relative: &str) -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from).join(relative)
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join(relative)
 }
 
 /// The relay binary that `cargo test --workspace` builds beside the test executables (or the
@@ -149,13 +184,21 @@ pub fn relay_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("swarmtrain-relay");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p swarmtrain-relay`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p swarmtrain-relay`",
+        bin.display()
+    );
     bin
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A relay process (`swarmtrain-relay serve`, quorum 2) on loopback; killed with SIGKILL when
@@ -172,7 +215,17 @@ impl RelayProcess {
     pub fn start(data_dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Self {
         let web = package_path("../web");
         let child = Command::new(relay_binary())
-            .args(["serve", "--tcp-port", "0", "--ws-port", "0", "--quorum", "2", "--round-deadline-secs", "600"])
+            .args([
+                "serve",
+                "--tcp-port",
+                "0",
+                "--ws-port",
+                "0",
+                "--quorum",
+                "2",
+                "--round-deadline-secs",
+                "600",
+            ])
             .arg("--http")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
@@ -182,10 +235,17 @@ impl RelayProcess {
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("RUST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if std::env::var_os("RUST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("start the relay");
-        Self { child, http: format!("http://127.0.0.1:{port}/") }
+        Self {
+            child,
+            http: format!("http://127.0.0.1:{port}/"),
+        }
     }
 
     /// GETs `path` as JSON, waiting up to a minute for the relay to come up.
@@ -203,7 +263,10 @@ impl RelayProcess {
     }
 
     pub async fn tcp_address(&self) -> String {
-        self.json("api/bootstrap").await["addresses"]["tcp"][0].as_str().expect("tcp address").to_owned()
+        self.json("api/bootstrap").await["addresses"]["tcp"][0]
+            .as_str()
+            .expect("tcp address")
+            .to_owned()
     }
 
     /// Whether the process has exited, and how.
@@ -219,14 +282,20 @@ impl RelayProcess {
     /// Sends SIGTERM (through `kill`, as an operator's service manager would) and waits up to
     /// 30 s for the relay to exit; returns how it exited.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
         assert!(sent.success(), "kill -TERM failed");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.exited() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "the relay did not exit within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not exit within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -240,7 +309,12 @@ impl Drop for RelayProcess {
 }
 
 /// Sends a signed update of constant `value` (f32) for `round` of the digits run.
-pub async fn send_constant_update(client: &RelayClient, id: &Identity, round: &RoundAnnouncement, value: f32) -> RelayToClient {
+pub async fn send_constant_update(
+    client: &RelayClient,
+    id: &Identity,
+    round: &RoundAnnouncement,
+    value: f32,
+) -> RelayToClient {
     let update = ClientToRelay::Update(Update {
         run_id: "digits".into(),
         round: round.round,
@@ -251,16 +325,27 @@ pub async fn send_constant_update(client: &RelayClient, id: &Identity, round: &R
         codec: Codec::F32,
         payload: Codec::F32.encode(&vec![value; round.n_params as usize]),
     });
-    client.request(&id.sign(&update).expect("sign")).await.expect("request")
+    client
+        .request(&id.sign(&update).expect("sign"))
+        .await
+        .expect("request")
 }
 
 /// Two peers (seeds 1 and 2) join the digits run of the relay process at TCP `address` and each
 /// send an update to round 0, which closes it at quorum 2. Returns each peer's connection and
 /// identity, and round 0's announcement.
-pub async fn two_peers_close_round_0(address: &str) -> [(RelayClient, Identity, RoundAnnouncement); 2] {
+pub async fn two_peers_close_round_0(
+    address: &str,
+) -> [(RelayClient, Identity, RoundAnnouncement); 2] {
     let (client_a, id_a, _, round0) = join_raw_at(address, "digits", [1; 32]).await;
     let (client_b, id_b, _, _) = join_raw_at(address, "digits", [2; 32]).await;
-    assert!(matches!(send_constant_update(&client_a, &id_a, &round0, 0.01).await, RelayToClient::Accepted { round: 0 }));
-    assert!(matches!(send_constant_update(&client_b, &id_b, &round0, 0.02).await, RelayToClient::Accepted { round: 0 }));
+    assert!(matches!(
+        send_constant_update(&client_a, &id_a, &round0, 0.01).await,
+        RelayToClient::Accepted { round: 0 }
+    ));
+    assert!(matches!(
+        send_constant_update(&client_b, &id_b, &round0, 0.02).await,
+        RelayToClient::Accepted { round: 0 }
+    ));
     [(client_a, id_a, round0.clone()), (client_b, id_b, round0)]
 }

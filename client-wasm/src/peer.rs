@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
+use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::data::{self, DigitsSet};
 use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::protocol::{
-    self, Capabilities, ClientToRelay, Join, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient,
-    RoundAnnouncement, RunSpec, Update,
+    self, Capabilities, ClientToRelay, Join, ModelSpec, PROTOCOL_VERSION, ParamsHash,
+    RelayToClient, RoundAnnouncement, RunSpec, Update,
 };
-use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::train::LocalTrainer;
 use swarmtrain_shared::{Identity, Signed};
 use web_time::Instant;
@@ -48,14 +48,38 @@ pub struct PeerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PeerEvent {
-    Backend { backend: String, detail: String },
+    Backend {
+        backend: String,
+        detail: String,
+    },
     /// Joined `run` as `peer`, connected to the relay over `transport` ("webrtc-direct", "ws", "tcp").
-    Joined { run: String, peer: String, transport: String },
-    Round { round: u64, inner_steps: u32, accuracy: Option<f32> },
-    Trained { round: u64, steps: u32, loss: f32, train_ms: u64, rounds_trained: u64 },
+    Joined {
+        run: String,
+        peer: String,
+        transport: String,
+    },
+    Round {
+        round: u64,
+        inner_steps: u32,
+        accuracy: Option<f32>,
+    },
+    Trained {
+        round: u64,
+        steps: u32,
+        loss: f32,
+        train_ms: u64,
+        rounds_trained: u64,
+    },
     /// The relay's answer to the update; `relay_rtt_ms` is the last ping round trip to it.
-    Submitted { round: u64, accepted: bool, reason: Option<String>, relay_rtt_ms: Option<f64> },
-    Error { message: String },
+    Submitted {
+        round: u64,
+        accepted: bool,
+        reason: Option<String>,
+        relay_rtt_ms: Option<f64>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +117,11 @@ pub struct Bootstrap {
 }
 
 fn url(base: &str, path: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
 }
 
 /// A joined session with the relay.
@@ -108,49 +136,88 @@ struct Session {
 }
 
 impl Session {
-    async fn join(config: &PeerConfig, identity: Identity) -> Result<(Self, RoundAnnouncement), PeerError> {
-        let raw = platform::http_get(&url(&config.relay_url, "api/bootstrap")).await.map_err(PeerError::Bootstrap)?;
-        let bootstrap: Bootstrap = serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))?;
+    async fn join(
+        config: &PeerConfig,
+        identity: Identity,
+    ) -> Result<(Self, RoundAnnouncement), PeerError> {
+        let raw = platform::http_get(&url(&config.relay_url, "api/bootstrap"))
+            .await
+            .map_err(PeerError::Bootstrap)?;
+        let bootstrap: Bootstrap =
+            serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))?;
         let wanted: Vec<&str> = match &config.transport {
             Some(t) => vec![t.as_str()],
             None => platform::TRANSPORTS.to_vec(),
         };
         let (transport, address) = wanted
             .iter()
-            .find_map(|t| bootstrap.addresses.get(*t).and_then(|a| a.first()).map(|a| ((*t).to_owned(), a)))
-            .ok_or_else(|| PeerError::Bootstrap(format!("relay offers no {} address", wanted.join(" or "))))?;
-        let address = address.parse().map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
+            .find_map(|t| {
+                bootstrap
+                    .addresses
+                    .get(*t)
+                    .and_then(|a| a.first())
+                    .map(|a| ((*t).to_owned(), a))
+            })
+            .ok_or_else(|| {
+                PeerError::Bootstrap(format!("relay offers no {} address", wanted.join(" or ")))
+            })?;
+        let address = address
+            .parse()
+            .map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
         let client = RelayClient::connect(address)?;
 
         let join = ClientToRelay::Join(Join {
             version: PROTOCOL_VERSION,
             run_id: config.run_id.clone().unwrap_or(bootstrap.run_id),
-            capabilities: Capabilities { backend: config.backend.clone(), platform: platform::platform() },
+            capabilities: Capabilities {
+                backend: config.backend.clone(),
+                platform: platform::platform(),
+            },
         });
-        let signed = identity.sign(&join).map_err(|e| PeerError::Train(e.to_string()))?;
+        let signed = identity
+            .sign(&join)
+            .map_err(|e| PeerError::Train(e.to_string()))?;
         let welcome = match client.request(&signed).await? {
             RelayToClient::Welcome(welcome) => welcome,
             RelayToClient::Rejected { reason } => return Err(PeerError::Refused(reason)),
             _ => return Err(PeerError::Unexpected("join")),
         };
         let relay_key = welcome.relay_key().to_vec();
-        let session = Self { client, transport, identity, relay_key, relay_url: config.relay_url.clone(), spec: welcome.spec };
+        let session = Self {
+            client,
+            transport,
+            identity,
+            relay_key,
+            relay_url: config.relay_url.clone(),
+            spec: welcome.spec,
+        };
         let announcement = session.verify(&welcome.round)?;
         // Announcements arrive by gossip; the long poll is the fallback.
-        session.client.subscribe(protocol::rounds_topic(&session.spec.run_id)).await?;
+        session
+            .client
+            .subscribe(protocol::rounds_topic(&session.spec.run_id))
+            .await?;
         Ok((session, announcement))
     }
 
     fn verify(&self, signed: &Signed<RoundAnnouncement>) -> Result<RoundAnnouncement, PeerError> {
-        let announcement = signed.verify_with_key(&self.relay_key).map_err(|e| PeerError::Announcement(e.to_string()))?;
+        let announcement = signed
+            .verify_with_key(&self.relay_key)
+            .map_err(|e| PeerError::Announcement(e.to_string()))?;
         if announcement.run_id != self.spec.run_id {
-            return Err(PeerError::Announcement(format!("announcement is for run {:?}", announcement.run_id)));
+            return Err(PeerError::Announcement(format!(
+                "announcement is for run {:?}",
+                announcement.run_id
+            )));
         }
         Ok(announcement)
     }
 
     async fn request(&self, message: ClientToRelay) -> Result<RelayToClient, PeerError> {
-        let signed = self.identity.sign(&message).map_err(|e| PeerError::Train(e.to_string()))?;
+        let signed = self
+            .identity
+            .sign(&message)
+            .map_err(|e| PeerError::Train(e.to_string()))?;
         Ok(self.client.request(&signed).await?)
     }
 
@@ -184,7 +251,10 @@ impl Session {
     /// Long-polls for the first round after `after`.
     async fn poll_round(&self, after: u64) -> Result<RoundAnnouncement, PeerError> {
         loop {
-            let ask = ClientToRelay::AwaitRound { run_id: self.spec.run_id.clone(), after: Some(after) };
+            let ask = ClientToRelay::AwaitRound {
+                run_id: self.spec.run_id.clone(),
+                after: Some(after),
+            };
             match self.request(ask).await? {
                 RelayToClient::Round(signed) => {
                     let announcement = self.verify(&signed)?;
@@ -200,14 +270,26 @@ impl Session {
 
     /// θ_t from the relay, in chunks over the peer connection, checked against its hash.
     async fn fetch_params(&self, hash: ParamsHash) -> Result<Vec<f32>, PeerError> {
-        let bytes = self.client.fetch_params(&self.spec.run_id, hash).await.map_err(|e| PeerError::Download(e.to_string()))?;
-        protocol::params_from_bytes(&bytes).ok_or_else(|| PeerError::Download("parameters are malformed".into()))
+        let bytes = self
+            .client
+            .fetch_params(&self.spec.run_id, hash)
+            .await
+            .map_err(|e| PeerError::Download(e.to_string()))?;
+        protocol::params_from_bytes(&bytes)
+            .ok_or_else(|| PeerError::Download("parameters are malformed".into()))
     }
 
     async fn fetch_shard(&self, round: u64) -> Result<DigitsSet, PeerError> {
-        let shard = data::assign_shard(&self.spec.run_id, round, &self.identity.peer(), self.spec.data.n_shards);
+        let shard = data::assign_shard(
+            &self.spec.run_id,
+            round,
+            &self.identity.peer(),
+            self.spec.data.n_shards,
+        );
         let path = format!("api/runs/{}/shards/{shard}", self.spec.run_id);
-        let bytes = platform::http_get(&url(&self.relay_url, &path)).await.map_err(PeerError::Download)?;
+        let bytes = platform::http_get(&url(&self.relay_url, &path))
+            .await
+            .map_err(PeerError::Download)?;
         DigitsSet::from_bytes(&bytes).map_err(|e| PeerError::Download(e.to_string()))
     }
 }
@@ -222,23 +304,41 @@ pub async fn run<B: AutodiffBackend>(
     let identity = Identity::from_seed(config.identity_seed);
     let peer = identity.peer();
     let (session, mut announcement) = Session::join(&config, identity).await?;
-    emit(PeerEvent::Joined { run: session.spec.run_id.clone(), peer: peer.to_hex(), transport: session.transport.clone() });
+    emit(PeerEvent::Joined {
+        run: session.spec.run_id.clone(),
+        peer: peer.to_hex(),
+        transport: session.transport.clone(),
+    });
     let ModelSpec::DigitsMlp { hidden } = session.spec.model;
     let model = DigitsMlpConfig::new().with_hidden(hidden as usize);
     let mut rounds_trained = 0u64;
     // What lossy compression left out of earlier updates rides along with the next one.
     let mut feedback = ErrorFeedback::default();
 
-    while !config.stop.load(Ordering::Relaxed) && config.max_rounds.is_none_or(|max| rounds_trained < max) {
+    while !config.stop.load(Ordering::Relaxed)
+        && config.max_rounds.is_none_or(|max| rounds_trained < max)
+    {
         let round = announcement.round;
-        emit(PeerEvent::Round { round, inner_steps: session.spec.inner.steps, accuracy: announcement.accuracy });
+        emit(PeerEvent::Round {
+            round,
+            inner_steps: session.spec.inner.steps,
+            accuracy: announcement.accuracy,
+        });
         let start = session.fetch_params(announcement.params).await?;
         let shard = session.fetch_shard(round).await?;
 
         let started = Instant::now();
-        let seed = data::derive_seed("inner", &[session.spec.run_id.as_bytes(), &round.to_le_bytes(), &peer.0]);
-        let mut trainer = LocalTrainer::<B>::new(&device, &model, &start, shard, &session.spec.inner, seed)
-            .map_err(|e| PeerError::Train(e.to_string()))?;
+        let seed = data::derive_seed(
+            "inner",
+            &[
+                session.spec.run_id.as_bytes(),
+                &round.to_le_bytes(),
+                &peer.0,
+            ],
+        );
+        let mut trainer =
+            LocalTrainer::<B>::new(&device, &model, &start, shard, &session.spec.inner, seed)
+                .map_err(|e| PeerError::Train(e.to_string()))?;
         while !trainer.is_done() && !config.stop.load(Ordering::Relaxed) {
             trainer.step();
             if trainer.steps_done() % 8 == 0 {
@@ -246,20 +346,34 @@ pub async fn run<B: AutodiffBackend>(
                 platform::sleep(Duration::ZERO).await;
             }
         }
-        let result = trainer.finish().await.map_err(|e| PeerError::Train(e.to_string()))?;
+        let result = trainer
+            .finish()
+            .await
+            .map_err(|e| PeerError::Train(e.to_string()))?;
         let train_ms = started.elapsed().as_millis() as u64;
         if config.stop.load(Ordering::Relaxed) {
             break;
         }
         rounds_trained += 1;
-        emit(PeerEvent::Trained { round, steps: result.steps, loss: result.loss, train_ms, rounds_trained });
+        emit(PeerEvent::Trained {
+            round,
+            steps: result.steps,
+            loss: result.loss,
+            train_ms,
+            rounds_trained,
+        });
 
         // Δ = θ_t − θ_local, clipped and noised when the run asks for differential privacy.
-        let mut delta: Vec<f32> = start.iter().zip(&result.params).map(|(t, l)| t - l).collect();
+        let mut delta: Vec<f32> = start
+            .iter()
+            .zip(&result.params)
+            .map(|(t, l)| t - l)
+            .collect();
         if let Some(privacy) = &session.spec.privacy {
             // The noise seed must stay secret from the relay, so it comes from the OS.
             let mut seed = [0u8; 8];
-            getrandom::fill(&mut seed).map_err(|e| PeerError::Train(format!("no randomness for DP noise: {e}")))?;
+            getrandom::fill(&mut seed)
+                .map_err(|e| PeerError::Train(format!("no randomness for DP noise: {e}")))?;
             swarmtrain_shared::privacy::privatize(&mut delta, privacy, u64::from_le_bytes(seed));
         }
         let update = Update {
@@ -273,10 +387,24 @@ pub async fn run<B: AutodiffBackend>(
             payload: feedback.encode(session.spec.codec, &delta),
         };
         let answer = session.request(ClientToRelay::Update(update)).await?;
-        let relay_rtt_ms = session.client.relay_info().rtt.map(|rtt| rtt.as_secs_f64() * 1e3);
+        let relay_rtt_ms = session
+            .client
+            .relay_info()
+            .rtt
+            .map(|rtt| rtt.as_secs_f64() * 1e3);
         let event = match answer {
-            RelayToClient::Accepted { .. } => PeerEvent::Submitted { round, accepted: true, reason: None, relay_rtt_ms },
-            RelayToClient::Rejected { reason } => PeerEvent::Submitted { round, accepted: false, reason: Some(reason), relay_rtt_ms },
+            RelayToClient::Accepted { .. } => PeerEvent::Submitted {
+                round,
+                accepted: true,
+                reason: None,
+                relay_rtt_ms,
+            },
+            RelayToClient::Rejected { reason } => PeerEvent::Submitted {
+                round,
+                accepted: false,
+                reason: Some(reason),
+                relay_rtt_ms,
+            },
             _ => return Err(PeerError::Unexpected("update")),
         };
         emit(event);

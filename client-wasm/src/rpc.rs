@@ -9,20 +9,20 @@
 //! handle's commands through oneshot channels.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::channel::{mpsc, oneshot};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt, StreamExt};
+use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping};
 use swarmtrain_shared::Signed;
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, ParamsHash, RPC_PROTOCOL, RelayToClient, Request,
-    WireError,
+    self, ClientToRelay, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, ParamsHash, RPC_PROTOCOL,
+    RelayToClient, Request, WireError,
 };
 
 use crate::platform;
@@ -38,16 +38,24 @@ pub struct FrameCodec;
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
     let mut frame = Vec::new();
-    io.take(MAX_FRAME_BYTES as u64 + 1).read_to_end(&mut frame).await?;
+    io.take(MAX_FRAME_BYTES as u64 + 1)
+        .read_to_end(&mut frame)
+        .await?;
     if frame.len() > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, WireError::TooLarge(frame.len())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            WireError::TooLarge(frame.len()),
+        ));
     }
     Ok(frame)
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: Vec<u8>) -> io::Result<()> {
     if frame.len() > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, WireError::TooLarge(frame.len())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            WireError::TooLarge(frame.len()),
+        ));
     }
     io.write_all(&frame).await?;
     io.close().await
@@ -72,14 +80,24 @@ impl request_response::Codec for FrameCodec {
         read_frame(io).await
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, req).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -125,10 +143,17 @@ impl Behaviour {
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
-            rpc: request_response::Behaviour::new([(StreamProtocol::new(RPC_PROTOCOL), support)], config),
-            gossipsub: gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip)?,
+            rpc: request_response::Behaviour::new(
+                [(StreamProtocol::new(RPC_PROTOCOL), support)],
+                config,
+            ),
+            gossipsub: gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip,
+            )?,
             identify: identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public()).with_agent_version(agent.into()),
+                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
+                    .with_agent_version(agent.into()),
             ),
             ping: ping::Behaviour::new(ping::Config::new()),
         })
@@ -149,8 +174,13 @@ pub enum RpcError {
 }
 
 enum Command {
-    Request { frame: Vec<u8>, reply: oneshot::Sender<Result<Vec<u8>, RpcError>> },
-    Subscribe { topic: String },
+    Request {
+        frame: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, RpcError>>,
+    },
+    Subscribe {
+        topic: String,
+    },
 }
 
 /// Announcements received by gossip, kept until read; older ones are dropped when it is full.
@@ -196,25 +226,32 @@ impl RelayClient {
             .ok_or_else(|| RpcError::Network(format!("{address} names no relay peer id")))?;
         let keypair = Keypair::generate_ed25519();
         let agent = format!("swarmtrain-peer/{}", env!("CARGO_PKG_VERSION"));
-        let behaviour = Behaviour::new(ProtocolSupport::Outbound, &keypair, &agent).map_err(RpcError::Network)?;
-        let mut swarm = platform::build_swarm(
-            keypair,
-            behaviour,
-            Duration::from_secs(300),
-        )
-        .map_err(RpcError::Network)?;
+        let behaviour = Behaviour::new(ProtocolSupport::Outbound, &keypair, &agent)
+            .map_err(RpcError::Network)?;
+        let mut swarm = platform::build_swarm(keypair, behaviour, Duration::from_secs(300))
+            .map_err(RpcError::Network)?;
         swarm.add_peer_address(relay, address.clone());
-        swarm.dial(address).map_err(|e| RpcError::Network(e.to_string()))?;
+        swarm
+            .dial(address)
+            .map_err(|e| RpcError::Network(e.to_string()))?;
         let (commands, receiver) = mpsc::channel(16);
         let info = Arc::new(Mutex::new(RelayInfo::default()));
         let (gossip_tx, gossip) = mpsc::channel(GOSSIP_QUEUE);
         platform::spawn(event_loop(swarm, relay, receiver, info.clone(), gossip_tx));
-        Ok(Self { commands, info, gossip: Arc::new(futures::lock::Mutex::new(gossip)) })
+        Ok(Self {
+            commands,
+            info,
+            gossip: Arc::new(futures::lock::Mutex::new(gossip)),
+        })
     }
 
     /// Subscribes to a gossipsub topic; its messages come out of [`RelayClient::next_gossip`].
     pub async fn subscribe(&self, topic: String) -> Result<(), RpcError> {
-        self.commands.clone().send(Command::Subscribe { topic }).await.map_err(|_| RpcError::Closed)
+        self.commands
+            .clone()
+            .send(Command::Subscribe { topic })
+            .await
+            .map_err(|_| RpcError::Closed)
     }
 
     /// The next message from a subscribed topic (as sent: its content is not yet verified).
@@ -229,7 +266,10 @@ impl RelayClient {
 
     /// Sends one signed request, in parts when it is longer than a frame, and waits for the
     /// relay's answer.
-    pub async fn request(&self, message: &Signed<ClientToRelay>) -> Result<RelayToClient, RpcError> {
+    pub async fn request(
+        &self,
+        message: &Signed<ClientToRelay>,
+    ) -> Result<RelayToClient, RpcError> {
         let frames = protocol::requests_for(message)?;
         let last = frames.len() - 1;
         for (i, frame) in frames.into_iter().enumerate() {
@@ -246,15 +286,38 @@ impl RelayClient {
     pub async fn fetch_params(&self, run_id: &str, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
         let mut bytes = Vec::new();
         loop {
-            let fetch = Fetch::Params { run_id: run_id.to_owned(), hash, offset: bytes.len() as u32 };
-            let answer: RelayToClient = protocol::decode(&self.request_frame(protocol::encode(&Request::Fetch(fetch))?).await?)?;
-            let (total, offset, chunk) = match answer {
-                RelayToClient::Chunk { total, offset, bytes } => (total as usize, offset as usize, bytes),
-                RelayToClient::Rejected { reason } => return Err(RpcError::Refused(reason)),
-                _ => return Err(RpcError::Wire(WireError::Malformed("expected a chunk".into()))),
+            let fetch = Fetch::Params {
+                run_id: run_id.to_owned(),
+                hash,
+                offset: bytes.len() as u32,
             };
-            if total > MAX_MESSAGE_BYTES || offset != bytes.len() || chunk.is_empty() || offset + chunk.len() > total {
-                return Err(RpcError::Wire(WireError::Malformed(format!("chunk {offset}+{} of {total}", chunk.len()))));
+            let answer: RelayToClient = protocol::decode(
+                &self
+                    .request_frame(protocol::encode(&Request::Fetch(fetch))?)
+                    .await?,
+            )?;
+            let (total, offset, chunk) = match answer {
+                RelayToClient::Chunk {
+                    total,
+                    offset,
+                    bytes,
+                } => (total as usize, offset as usize, bytes),
+                RelayToClient::Rejected { reason } => return Err(RpcError::Refused(reason)),
+                _ => {
+                    return Err(RpcError::Wire(WireError::Malformed(
+                        "expected a chunk".into(),
+                    )));
+                }
+            };
+            if total > MAX_MESSAGE_BYTES
+                || offset != bytes.len()
+                || chunk.is_empty()
+                || offset + chunk.len() > total
+            {
+                return Err(RpcError::Wire(WireError::Malformed(format!(
+                    "chunk {offset}+{} of {total}",
+                    chunk.len()
+                ))));
             }
             bytes.extend_from_slice(&chunk);
             if bytes.len() == total {
@@ -262,7 +325,9 @@ impl RelayClient {
             }
         }
         if ParamsHash::of(&bytes) != hash {
-            return Err(RpcError::Wire(WireError::Malformed("parameters do not match their hash".into())));
+            return Err(RpcError::Wire(WireError::Malformed(
+                "parameters do not match their hash".into(),
+            )));
         }
         Ok(bytes)
     }
@@ -270,7 +335,11 @@ impl RelayClient {
     /// Sends raw request bytes and returns the raw answer (tests use it to send bad input).
     pub async fn request_frame(&self, frame: Vec<u8>) -> Result<Vec<u8>, RpcError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.clone().send(Command::Request { frame, reply }).await.map_err(|_| RpcError::Closed)?;
+        self.commands
+            .clone()
+            .send(Command::Request { frame, reply })
+            .await
+            .map_err(|_| RpcError::Closed)?;
         answer.await.map_err(|_| RpcError::Closed)?
     }
 }
@@ -282,7 +351,8 @@ async fn event_loop(
     info: Arc<Mutex<RelayInfo>>,
     mut gossip: mpsc::Sender<Vec<u8>>,
 ) {
-    let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> = HashMap::new();
+    let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> =
+        HashMap::new();
     loop {
         futures::select! {
             command = commands.next() => match command {

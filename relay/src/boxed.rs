@@ -9,12 +9,12 @@
 use std::ops::{Deref, DerefMut};
 use std::task::{Context, Poll};
 
-use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
+use libp2p::core::transport::PortUse;
 use libp2p::swarm::handler::ConnectionEvent;
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
-    SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
+    NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 use libp2p::{Multiaddr, PeerId};
 
@@ -58,7 +58,9 @@ impl<H: ConnectionHandler> ConnectionHandler for BoxedHandler<H> {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
+    ) -> Poll<
+        ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>,
+    > {
         self.0.poll(cx)
     }
 
@@ -72,7 +74,12 @@ impl<H: ConnectionHandler> ConnectionHandler for BoxedHandler<H> {
 
     fn on_connection_event(
         &mut self,
-        event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, Self::InboundOpenInfo, Self::OutboundOpenInfo>,
+        event: ConnectionEvent<
+            Self::InboundProtocol,
+            Self::OutboundProtocol,
+            Self::InboundOpenInfo,
+            Self::OutboundOpenInfo,
+        >,
     ) {
         self.0.on_connection_event(event);
     }
@@ -88,7 +95,8 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Boxed<B> {
         local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
-        self.0.handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+        self.0
+            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
     }
 
     fn handle_established_inbound_connection(
@@ -98,7 +106,12 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Boxed<B> {
         local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        let handler = self.0.handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)?;
+        let handler = self.0.handle_established_inbound_connection(
+            connection_id,
+            peer,
+            local_addr,
+            remote_addr,
+        )?;
         Ok(BoxedHandler(Box::new(handler)))
     }
 
@@ -109,7 +122,12 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Boxed<B> {
         addresses: &[Multiaddr],
         effective_role: Endpoint,
     ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.0.handle_pending_outbound_connection(connection_id, maybe_peer, addresses, effective_role)
+        self.0.handle_pending_outbound_connection(
+            connection_id,
+            maybe_peer,
+            addresses,
+            effective_role,
+        )
     }
 
     fn handle_established_outbound_connection(
@@ -120,7 +138,13 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Boxed<B> {
         role_override: Endpoint,
         port_use: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        let handler = self.0.handle_established_outbound_connection(connection_id, peer, addr, role_override, port_use)?;
+        let handler = self.0.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )?;
         Ok(BoxedHandler(Box::new(handler)))
     }
 
@@ -128,11 +152,20 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Boxed<B> {
         self.0.on_swarm_event(event);
     }
 
-    fn on_connection_handler_event(&mut self, peer_id: PeerId, connection_id: ConnectionId, event: THandlerOutEvent<Self>) {
-        self.0.on_connection_handler_event(peer_id, connection_id, event);
+    fn on_connection_handler_event(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.0
+            .on_connection_handler_event(peer_id, connection_id, event);
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         self.0.poll(cx)
     }
 }

@@ -9,8 +9,8 @@ use burn::backend::NdArray;
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::protocol::{
-    self, CHUNK_BYTES, ClientToRelay, Fetch, ModelSpec, PROTOCOL_VERSION, ParamsHash, RelayToClient, RoundAnnouncement,
-    RunSpec, Welcome,
+    self, CHUNK_BYTES, ClientToRelay, Fetch, ModelSpec, PROTOCOL_VERSION, ParamsHash,
+    RelayToClient, RoundAnnouncement, RunSpec, Welcome,
 };
 use swarmtrain_shared::round::{RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
@@ -110,7 +110,9 @@ pub type Announcements = broadcast::Sender<(String, Vec<u8>)>;
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Coordinator").field("identity", &self.identity).finish_non_exhaustive()
+        f.debug_struct("Coordinator")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -143,13 +145,18 @@ impl Coordinator {
         let mut state = match (&store, resumed) {
             (Some(store), Some(record)) => {
                 let (params, velocity) = store.read_checkpoint(&record.checkpoint, &layout).await?;
-                let outer = OuterOptimizer { spec: spec.outer.clone(), velocity };
+                let outer = OuterOptimizer {
+                    spec: spec.outer.clone(),
+                    velocity,
+                };
                 let mut round = RoundState::resume(spec.clone(), record.round, params, outer, 0);
                 let mut accepted = record.accepted;
                 for (peer, entry) in store.updates(&spec.run_id, record.round)? {
                     match round.restore(peer, &entry.update) {
                         Ok(()) => accepted += 1,
-                        Err(e) => tracing::warn!(peer = peer.short(), error = %e, "a stored update no longer applies"),
+                        Err(e) => {
+                            tracing::warn!(peer = peer.short(), error = %e, "a stored update no longer applies")
+                        }
                     }
                 }
                 tracing::info!(
@@ -177,7 +184,10 @@ impl Coordinator {
                 <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
                 let initial = params::to_vec(&model.init::<NdArray>(&device)).await?;
                 let round = RoundState::new(spec, initial, 0);
-                let accuracy = Some(train::evaluate::<NdArray>(&device, &model, round.params(), &data.held_out).await?);
+                let accuracy = Some(
+                    train::evaluate::<NdArray>(&device, &model, round.params(), &data.held_out)
+                        .await?,
+                );
                 let announcement = identity.sign(&round.announcement(accuracy, 0))?;
                 let mut state = State {
                     round,
@@ -207,7 +217,18 @@ impl Coordinator {
             }
         };
         store_params(&mut state);
-        Ok(Self { identity, data, model, aggregation, started: Instant::now(), state: Mutex::new(state), store, layout, spec: run_spec, announce })
+        Ok(Self {
+            identity,
+            data,
+            model,
+            aggregation,
+            started: Instant::now(),
+            state: Mutex::new(state),
+            store,
+            layout,
+            spec: run_spec,
+            announce,
+        })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -234,26 +255,54 @@ impl Coordinator {
     /// Counts and logs a refused message and returns the `Rejected` frame that answers it.
     pub async fn reject(&self, peer: Option<PeerKey>, kind: &str, reason: String) -> Vec<u8> {
         tracing::warn!(peer = peer.map(|p| p.short()), kind, %reason, "rejected message");
-        *self.state.lock().await.rejected.entry(kind.to_owned()).or_default() += 1;
+        *self
+            .state
+            .lock()
+            .await
+            .rejected
+            .entry(kind.to_owned())
+            .or_default() += 1;
         encode(&RelayToClient::Rejected { reason })
     }
 
     /// Answers a fetch of public data: one chunk of θ by hash.
     pub async fn fetch(&self, fetch: Fetch) -> Vec<u8> {
         match fetch {
-            Fetch::Params { run_id, hash, offset } => {
+            Fetch::Params {
+                run_id,
+                hash,
+                offset,
+            } => {
                 if run_id != self.spec.run_id {
-                    return self.reject(None, "wrong_run", format!("no run {run_id:?}")).await;
+                    return self
+                        .reject(None, "wrong_run", format!("no run {run_id:?}"))
+                        .await;
                 }
                 let Some(bytes) = self.params(&hash).await else {
-                    return self.reject(None, "unknown_params", format!("no parameters {}", hash.to_hex())).await;
+                    return self
+                        .reject(
+                            None,
+                            "unknown_params",
+                            format!("no parameters {}", hash.to_hex()),
+                        )
+                        .await;
                 };
                 let start = offset as usize;
                 if start >= bytes.len() {
-                    return self.reject(None, "bad_fetch", format!("offset {offset} is past the end ({} bytes)", bytes.len())).await;
+                    return self
+                        .reject(
+                            None,
+                            "bad_fetch",
+                            format!("offset {offset} is past the end ({} bytes)", bytes.len()),
+                        )
+                        .await;
                 }
                 let end = (start + CHUNK_BYTES).min(bytes.len());
-                encode(&RelayToClient::Chunk { total: bytes.len() as u32, offset, bytes: bytes[start..end].to_vec() })
+                encode(&RelayToClient::Chunk {
+                    total: bytes.len() as u32,
+                    offset,
+                    bytes: bytes[start..end].to_vec(),
+                })
             }
         }
     }
@@ -261,7 +310,12 @@ impl Coordinator {
     /// Handles one message from `peer`, whose signature [`Runs`](crate::Runs) has checked, and
     /// returns the response frame. Never panics on peer input; a long poll resolves at the next
     /// announcement or after `max_wait`.
-    pub async fn handle(&self, peer: PeerKey, message: ClientToRelay, max_wait: Duration) -> Vec<u8> {
+    pub async fn handle(
+        &self,
+        peer: PeerKey,
+        message: ClientToRelay,
+        max_wait: Duration,
+    ) -> Vec<u8> {
         let now = self.now_ms();
         match message {
             ClientToRelay::Join(join) => {
@@ -271,10 +325,17 @@ impl Coordinator {
                     let reason = format!("join for run {:?} version {}", join.run_id, join.version);
                     return self.reject(Some(peer), "bad_join", reason).await;
                 }
-                tracing::info!(peer = peer.short(), backend = join.capabilities.backend, platform = join.capabilities.platform, "peer joined");
+                tracing::info!(
+                    peer = peer.short(),
+                    backend = join.capabilities.backend,
+                    platform = join.capabilities.platform,
+                    "peer joined"
+                );
                 state.joined.insert(peer, join.capabilities.backend);
                 state.round.seen(peer, now);
-                let round = self.identity.sign(&state.round.announcement(state.accuracy, now));
+                let round = self
+                    .identity
+                    .sign(&state.round.announcement(state.accuracy, now));
                 let spec = state.round.spec.clone();
                 drop(state);
                 match round {
@@ -287,7 +348,9 @@ impl Coordinator {
                     let mut state = self.state.lock().await;
                     if run_id != state.round.spec.run_id {
                         drop(state);
-                        return self.reject(Some(peer), "wrong_run", format!("no run {run_id:?}")).await;
+                        return self
+                            .reject(Some(peer), "wrong_run", format!("no run {run_id:?}"))
+                            .await;
                     }
                     state.round.seen(peer, now);
                     match after {
@@ -313,19 +376,32 @@ impl Coordinator {
                         state.accepted += 1;
                         // Durable before the peer hears `Accepted`.
                         if let Some(store) = &self.store {
-                            let entry = LedgerEntry { received_ms: now, update: update.clone() };
-                            if let Err(e) = store.record_update(&state.round.spec.run_id, &peer, &entry) {
+                            let entry = LedgerEntry {
+                                received_ms: now,
+                                update: update.clone(),
+                            };
+                            if let Err(e) =
+                                store.record_update(&state.round.spec.run_id, &peer, &entry)
+                            {
                                 tracing::error!(error = %e, "could not record an accepted update");
                             }
                         }
-                        tracing::info!(peer = peer.short(), round = update.round, loss = update.loss, "accepted update");
+                        tracing::info!(
+                            peer = peer.short(),
+                            round = update.round,
+                            loss = update.loss,
+                            "accepted update"
+                        );
                         drop(state);
                         self.tick().await;
-                        encode(&RelayToClient::Accepted { round: update.round })
+                        encode(&RelayToClient::Accepted {
+                            round: update.round,
+                        })
                     }
                     Err(rejection) => {
                         drop(state);
-                        self.reject(Some(peer), rejection.kind(), rejection.to_string()).await
+                        self.reject(Some(peer), rejection.kind(), rejection.to_string())
+                            .await
                     }
                 }
             }
@@ -357,14 +433,23 @@ impl Coordinator {
         let closed = match stepped {
             Ok(stepped) => {
                 state.round.set_last_aggregate(stepped.aggregate);
-                state.round.close_with(stepped.params, stepped.velocity, now)
+                state
+                    .round
+                    .close_with(stepped.params, stepped.velocity, now)
             }
             Err(e) => {
                 tracing::error!(error = %e, backend = %self.aggregation, "aggregation failed; θ is kept");
                 state.round.close_with(Vec::new(), Vec::new(), now)
             }
         };
-        let accuracy = match train::evaluate::<NdArray>(&Default::default(), &self.model, state.round.params(), &self.data.held_out).await {
+        let accuracy = match train::evaluate::<NdArray>(
+            &Default::default(),
+            &self.model,
+            state.round.params(),
+            &self.data.held_out,
+        )
+        .await
+        {
             Ok(a) => Some(a),
             Err(e) => {
                 tracing::error!(error = %e, "evaluation failed");
@@ -372,7 +457,9 @@ impl Coordinator {
             }
         };
         state.accuracy = accuracy;
-        state.history.push(record(&closed, accuracy, now, aggregation_ms));
+        state
+            .history
+            .push(record(&closed, accuracy, now, aggregation_ms));
         store_params(&mut state);
         // The checkpoint and the run record are written before the round is announced.
         if let Some(store) = &self.store
@@ -388,10 +475,15 @@ impl Coordinator {
                     Ok(frame) => {
                         let _ = self.announce.send((state.round.spec.run_id.clone(), frame));
                     }
-                    Err(e) => tracing::error!(error = %e, "could not encode the announcement for gossip"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not encode the announcement for gossip")
+                    }
                 }
                 let round = state.round.round;
-                let (ready, waiting): (Vec<_>, Vec<_>) = state.waiters.drain(..).partition(|(after, _)| *after < round);
+                let (ready, waiting): (Vec<_>, Vec<_>) = state
+                    .waiters
+                    .drain(..)
+                    .partition(|(after, _)| *after < round);
                 state.waiters = waiting;
                 for (_, waiter) in ready {
                     let _ = waiter.send(announcement.clone());
@@ -426,10 +518,9 @@ impl Coordinator {
             rejected: state.rejected.clone(),
             accepted_updates: state.accepted,
             round_timeout_ms: state.round.round_timeout_ms(),
-            privacy_epsilon: spec
-                .privacy
-                .as_ref()
-                .map(|p| swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)),
+            privacy_epsilon: spec.privacy.as_ref().map(|p| {
+                swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)
+            }),
             spec: RunSpecView {
                 model: spec.model.clone(),
                 inner_steps: spec.inner.steps,
@@ -448,14 +539,24 @@ impl Coordinator {
     }
 }
 
-fn record(closed: &RoundClosed, accuracy: Option<f32>, now: u64, aggregation_ms: f64) -> RoundRecord {
+fn record(
+    closed: &RoundClosed,
+    accuracy: Option<f32>,
+    now: u64,
+    aggregation_ms: f64,
+) -> RoundRecord {
     let n = closed.contributors.len();
     RoundRecord {
         round: closed.next_round,
         accuracy,
         contributors: n,
-        samples: closed.contributors.iter().map(|(_, s, _)| u64::from(*s)).sum(),
-        mean_loss: (n > 0).then(|| closed.contributors.iter().map(|(_, _, l)| l).sum::<f32>() / n as f32),
+        samples: closed
+            .contributors
+            .iter()
+            .map(|(_, s, _)| u64::from(*s))
+            .sum(),
+        mean_loss: (n > 0)
+            .then(|| closed.contributors.iter().map(|(_, _, l)| l).sum::<f32>() / n as f32),
         closed_at_ms: now,
         aggregation_ms,
     }
@@ -464,7 +565,15 @@ fn record(closed: &RoundClosed, accuracy: Option<f32>, now: u64, aggregation_ms:
 /// Writes the open round's checkpoint, then points the run record at it.
 async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow::Result<()> {
     let round = &state.round;
-    let key = store.write_checkpoint(&round.spec.run_id, round.round, layout, round.params(), &round.outer().velocity).await?;
+    let key = store
+        .write_checkpoint(
+            &round.spec.run_id,
+            round.round,
+            layout,
+            round.params(),
+            &round.outer().velocity,
+        )
+        .await?;
     store.commit_round(
         &round.spec.run_id,
         &RunRecord {
@@ -486,7 +595,10 @@ fn store_params(state: &mut State) {
     if state.params.contains_key(&hash) {
         return;
     }
-    state.params.insert(hash, Arc::new(protocol::params_to_bytes(state.round.params())));
+    state.params.insert(
+        hash,
+        Arc::new(protocol::params_to_bytes(state.round.params())),
+    );
     state.params_order.push_back(hash);
     while state.params_order.len() > KEEP_PARAMS {
         if let Some(old) = state.params_order.pop_front() {

@@ -8,8 +8,13 @@ pub const DEFAULT_CORPUS: &str = "/usr/share/games/fortunes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
-    #[error("cannot read corpus {path}: {source} (the default corpus comes from Debian's `fortunes` package: `apt-get install fortunes`, or pass --corpus)")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot read corpus {path}: {source} (the default corpus comes from Debian's `fortunes` package: `apt-get install fortunes`, or pass --corpus)"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corpus file {path} is not UTF-8 text (invalid byte at offset {offset})")]
     NotText { path: PathBuf, offset: usize },
     #[error("corpus folder {0} holds no UTF-8 text file")]
@@ -34,7 +39,10 @@ fn is_text(bytes: &[u8]) -> Result<(), usize> {
 }
 
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
-    move |source| CorpusError::Read { path: path.to_path_buf(), source }
+    move |source| CorpusError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Reads `path`. A file must be UTF-8 text. In a folder, every regular file (not symlinks,
@@ -44,8 +52,15 @@ pub fn load(path: &Path) -> Result<Corpus, CorpusError> {
     let meta = std::fs::metadata(path).map_err(read_err(path))?;
     if meta.is_file() {
         let text = std::fs::read(path).map_err(read_err(path))?;
-        is_text(&text).map_err(|offset| CorpusError::NotText { path: path.to_path_buf(), offset })?;
-        return Ok(Corpus { text, files: vec![path.to_path_buf()], skipped: Vec::new() });
+        is_text(&text).map_err(|offset| CorpusError::NotText {
+            path: path.to_path_buf(),
+            offset,
+        })?;
+        return Ok(Corpus {
+            text,
+            files: vec![path.to_path_buf()],
+            skipped: Vec::new(),
+        });
     }
     let mut pending = vec![path.to_path_buf()];
     let mut paths = Vec::new();
@@ -77,7 +92,11 @@ pub fn load(path: &Path) -> Result<Corpus, CorpusError> {
     if files.is_empty() {
         return Err(CorpusError::Empty(path.to_path_buf()));
     }
-    Ok(Corpus { text, files, skipped })
+    Ok(Corpus {
+        text,
+        files,
+        skipped,
+    })
 }
 
 #[cfg(test)]
@@ -98,10 +117,19 @@ mod tests {
         assert_eq!(corpus.files.len(), 3);
         assert_eq!(corpus.skipped, vec![dir.path().join("a.dat")]);
 
-        assert_eq!(load(&dir.path().join("a.txt")).expect("file").text, b"first file\n");
-        assert!(matches!(load(&dir.path().join("a.dat")), Err(CorpusError::NotText { offset: 3, .. })));
+        assert_eq!(
+            load(&dir.path().join("a.txt")).expect("file").text,
+            b"first file\n"
+        );
+        assert!(matches!(
+            load(&dir.path().join("a.dat")),
+            Err(CorpusError::NotText { offset: 3, .. })
+        ));
         let missing = load(&dir.path().join("missing")).unwrap_err();
-        assert!(missing.to_string().contains("missing") && missing.to_string().contains("fortunes"), "{missing}");
+        assert!(
+            missing.to_string().contains("missing") && missing.to_string().contains("fortunes"),
+            "{missing}"
+        );
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(matches!(load(empty.path()), Err(CorpusError::Empty(_))));
     }

@@ -22,28 +22,57 @@ pub fn digits(run_id: &str, n_shards: usize) -> anyhow::Result<RunData> {
 /// Like [`digits`], but label-skewed (non-IID, as McMahan et al. 2017 split MNIST): the training
 /// examples are sorted by label and cut into `runs_per_shard × n_shards` runs, and shard `s` gets
 /// runs `s, s + n_shards, …`, so each shard holds about `runs_per_shard` classes.
-pub fn digits_label_skewed(run_id: &str, n_shards: usize, runs_per_shard: usize) -> anyhow::Result<RunData> {
+pub fn digits_label_skewed(
+    run_id: &str,
+    n_shards: usize,
+    runs_per_shard: usize,
+) -> anyhow::Result<RunData> {
     anyhow::ensure!(runs_per_shard >= 1, "runs per shard must be at least 1");
     digits_split(run_id, n_shards, Some(runs_per_shard))
 }
 
 fn digits_split(run_id: &str, n_shards: usize, skew: Option<usize>) -> anyhow::Result<RunData> {
     let raw = smartcore::dataset::digits::load_dataset();
-    anyhow::ensure!(raw.num_features == DIGITS_INPUTS, "digits have {} features, expected 64", raw.num_features);
-    let pixels = raw.data.iter().map(|&v| v.clamp(0.0, 16.0).round() as u8).collect();
+    anyhow::ensure!(
+        raw.num_features == DIGITS_INPUTS,
+        "digits have {} features, expected 64",
+        raw.num_features
+    );
+    let pixels = raw
+        .data
+        .iter()
+        .map(|&v| v.clamp(0.0, 16.0).round() as u8)
+        .collect();
     let labels = raw.target.iter().map(|&v| v.round() as u8).collect();
     let all = DigitsSet::new(pixels, labels)?;
-    let (mut train, test) = data::split_indices(all.len(), HELD_OUT, data::derive_seed("split", &[run_id.as_bytes()]));
+    let (mut train, test) = data::split_indices(
+        all.len(),
+        HELD_OUT,
+        data::derive_seed("split", &[run_id.as_bytes()]),
+    );
     let shards = match skew {
         None => data::shard_indices(&train, n_shards),
         Some(runs) => {
             let n_shards = n_shards.max(1);
             train.sort_by_key(|&i| all.labels[i]);
             let pieces = data::shard_indices(&train, n_shards * runs);
-            (0..n_shards).map(|s| pieces.iter().skip(s).step_by(n_shards).flatten().copied().collect()).collect()
+            (0..n_shards)
+                .map(|s| {
+                    pieces
+                        .iter()
+                        .skip(s)
+                        .step_by(n_shards)
+                        .flatten()
+                        .copied()
+                        .collect()
+                })
+                .collect()
         }
     };
-    Ok(RunData { shards: shards.iter().map(|idx| all.select(idx)).collect(), held_out: all.select(&test) })
+    Ok(RunData {
+        shards: shards.iter().map(|idx| all.select(idx)).collect(),
+        held_out: all.select(&test),
+    })
 }
 
 #[cfg(test)]
@@ -74,10 +103,22 @@ mod tests {
             let mut classes = shard.labels.clone();
             classes.sort_unstable();
             classes.dedup();
-            assert!(classes.len() <= 4, "a skewed shard has {} classes", classes.len());
+            assert!(
+                classes.len() <= 4,
+                "a skewed shard has {} classes",
+                classes.len()
+            );
         }
         let classes = |d: &RunData| {
-            d.shards.iter().map(|s| { let mut c = s.labels.clone(); c.sort_unstable(); c.dedup(); c.len() }).sum::<usize>()
+            d.shards
+                .iter()
+                .map(|s| {
+                    let mut c = s.labels.clone();
+                    c.sort_unstable();
+                    c.dedup();
+                    c.len()
+                })
+                .sum::<usize>()
         };
         assert!(classes(&iid) > 2 * classes(&skewed));
         assert!(digits_label_skewed("test", 20, 0).is_err());

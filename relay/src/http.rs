@@ -32,7 +32,9 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
-            Self::NotFound(what) => (StatusCode::NOT_FOUND, format!("{what} not found\n")).into_response(),
+            Self::NotFound(what) => {
+                (StatusCode::NOT_FOUND, format!("{what} not found\n")).into_response()
+            }
         }
     }
 }
@@ -58,7 +60,10 @@ async fn bootstrap(State(state): State<AppState>) -> Json<Bootstrap> {
 
 /// The default run's status.
 async fn status(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CACHE_CONTROL, "no-store")], Json(state.runs.default_run().status().await))
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(state.runs.default_run().status().await),
+    )
 }
 
 /// Every run's status.
@@ -70,28 +75,49 @@ async fn runs(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CACHE_CONTROL, "no-store")], Json(all))
 }
 
-async fn run_status(State(state): State<AppState>, Path(run): Path<String>) -> Result<Response, ApiError> {
+async fn run_status(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+) -> Result<Response, ApiError> {
     let run = find_run(&state, &run)?;
-    Ok(([(header::CACHE_CONTROL, "no-store")], Json(run.status().await)).into_response())
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(run.status().await),
+    )
+        .into_response())
 }
 
 fn find_run<'a>(state: &'a AppState, run: &str) -> Result<&'a Arc<Coordinator>, ApiError> {
     state.runs.get(run).ok_or(ApiError::NotFound("run"))
 }
 
-async fn params(State(state): State<AppState>, Path((run, hash)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn params(
+    State(state): State<AppState>,
+    Path((run, hash)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let run = find_run(&state, &run)?;
     let hash = ParamsHash::from_hex(&hash).ok_or(ApiError::NotFound("parameters"))?;
-    let bytes = run.params(&hash).await.ok_or(ApiError::NotFound("parameters"))?;
+    let bytes = run
+        .params(&hash)
+        .await
+        .ok_or(ApiError::NotFound("parameters"))?;
     Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")],
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
         (*bytes).clone(),
     )
         .into_response())
 }
 
-async fn shard(State(state): State<AppState>, Path((run, index)): Path<(String, usize)>) -> Result<Response, ApiError> {
-    let bytes = find_run(&state, &run)?.shard(index).ok_or(ApiError::NotFound("shard"))?;
+async fn shard(
+    State(state): State<AppState>,
+    Path((run, index)): Path<(String, usize)>,
+) -> Result<Response, ApiError> {
+    let bytes = find_run(&state, &run)?
+        .shard(index)
+        .ok_or(ApiError::NotFound("shard"))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -101,31 +127,73 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         all.push(run.status().await);
     }
     let mut out = String::new();
-    let mut metric = |name: &str, help: &str, kind: &str, value: &dyn Fn(&Status) -> Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for s in &all {
-            for (labels, v) in value(s) {
-                let sep = if labels.is_empty() { "" } else { "," };
-                let _ = writeln!(out, "{name}{{run=\"{}\"{sep}{labels}}} {v}", s.run_id);
+    let mut metric =
+        |name: &str, help: &str, kind: &str, value: &dyn Fn(&Status) -> Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in &all {
+                for (labels, v) in value(s) {
+                    let sep = if labels.is_empty() { "" } else { "," };
+                    let _ = writeln!(out, "{name}{{run=\"{}\"{sep}{labels}}} {v}", s.run_id);
+                }
             }
-        }
-    };
+        };
     let one = |v: f64| vec![(String::new(), v)];
-    metric("swarmtrain_round", "The open round.", "gauge", &|s| one(s.round as f64));
-    metric("swarmtrain_active_peers", "Peers heard from recently.", "gauge", &|s| one(s.active_peers as f64));
-    metric("swarmtrain_joined_peers", "Peers that joined since start.", "counter", &|s| one(s.joined_peers as f64));
-    metric("swarmtrain_accepted_updates_total", "Accepted updates.", "counter", &|s| one(s.accepted_updates as f64));
-    metric("swarmtrain_heldout_accuracy", "Held-out accuracy of the current parameters.", "gauge", &|s| {
-        one(f64::from(s.history.last().and_then(|r| r.accuracy).unwrap_or(f32::NAN)))
+    metric("swarmtrain_round", "The open round.", "gauge", &|s| {
+        one(s.round as f64)
     });
-    metric("swarmtrain_last_aggregation_seconds", "Time of the last round's aggregation.", "gauge", &|s| {
-        one(s.history.last().map_or(0.0, |r| r.aggregation_ms / 1e3))
-    });
-    metric("swarmtrain_privacy_epsilon", "Differential privacy spent per peer (at the run's delta).", "gauge", &|s| {
-        s.privacy_epsilon.map(one).unwrap_or_default()
-    });
-    metric("swarmtrain_rejected_messages_total", "Rejected messages by reason.", "counter", &|s| {
-        s.rejected.iter().map(|(k, v)| (format!("reason=\"{k}\""), *v as f64)).collect()
-    });
+    metric(
+        "swarmtrain_active_peers",
+        "Peers heard from recently.",
+        "gauge",
+        &|s| one(s.active_peers as f64),
+    );
+    metric(
+        "swarmtrain_joined_peers",
+        "Peers that joined since start.",
+        "counter",
+        &|s| one(s.joined_peers as f64),
+    );
+    metric(
+        "swarmtrain_accepted_updates_total",
+        "Accepted updates.",
+        "counter",
+        &|s| one(s.accepted_updates as f64),
+    );
+    metric(
+        "swarmtrain_heldout_accuracy",
+        "Held-out accuracy of the current parameters.",
+        "gauge",
+        &|s| {
+            one(f64::from(
+                s.history
+                    .last()
+                    .and_then(|r| r.accuracy)
+                    .unwrap_or(f32::NAN),
+            ))
+        },
+    );
+    metric(
+        "swarmtrain_last_aggregation_seconds",
+        "Time of the last round's aggregation.",
+        "gauge",
+        &|s| one(s.history.last().map_or(0.0, |r| r.aggregation_ms / 1e3)),
+    );
+    metric(
+        "swarmtrain_privacy_epsilon",
+        "Differential privacy spent per peer (at the run's delta).",
+        "gauge",
+        &|s| s.privacy_epsilon.map(one).unwrap_or_default(),
+    );
+    metric(
+        "swarmtrain_rejected_messages_total",
+        "Rejected messages by reason.",
+        "counter",
+        &|s| {
+            s.rejected
+                .iter()
+                .map(|(k, v)| (format!("reason=\"{k}\""), *v as f64))
+                .collect()
+        },
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

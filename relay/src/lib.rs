@@ -70,7 +70,12 @@ pub fn default_run() -> RunSpec {
         run_id: "digits".into(),
         model: ModelSpec::DigitsMlp { hidden: 64 },
         data: DataSpec { n_shards: 8 },
-        inner: InnerSpec { steps: 50, batch_size: 32, lr: 3e-3, weight_decay: 1e-4 },
+        inner: InnerSpec {
+            steps: 50,
+            batch_size: 32,
+            lr: 3e-3,
+            weight_decay: 1e-4,
+        },
         outer: OuterSpec::default(),
         codec: Codec::F32,
         quorum: 3,
@@ -114,10 +119,12 @@ pub struct Relay {
 /// Loads a 32-byte identity seed kept as hex in `path`, creating it (mode 0600) if missing.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
     match std::fs::read_to_string(path) {
-        Ok(hex) => seed_from_hex(&hex).with_context(|| format!("{} does not hold a 32-byte hex key", path.display())),
+        Ok(hex) => seed_from_hex(&hex)
+            .with_context(|| format!("{} does not hold a 32-byte hex key", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
             let seed = random_seed()?;
             let hex = seed_to_hex(&seed);
@@ -125,7 +132,9 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
             options.write(true).create_new(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
             std::io::Write::write_all(&mut file, hex.as_bytes())?;
             Ok(seed)
         }
@@ -181,13 +190,27 @@ impl Relay {
         let mut coordinators = Vec::new();
         for spec in &config.runs {
             anyhow::ensure!(
-                coordinators.iter().all(|c: &Arc<Coordinator>| c.spec().run_id != spec.run_id),
+                coordinators
+                    .iter()
+                    .all(|c: &Arc<Coordinator>| c.spec().run_id != spec.run_id),
                 "two runs are named {:?}",
                 spec.run_id
             );
             let data = dataset::digits(&spec.run_id, spec.data.n_shards as usize)?;
-            let coordinator = Coordinator::new(Identity::from_seed(seed), spec.clone(), data, config.seed, config.aggregation, store.clone(), announce.clone());
-            coordinators.push(Arc::new(coordinator.await.with_context(|| format!("opening run {:?}", spec.run_id))?));
+            let coordinator = Coordinator::new(
+                Identity::from_seed(seed),
+                spec.clone(),
+                data,
+                config.seed,
+                config.aggregation,
+                store.clone(),
+                announce.clone(),
+            );
+            coordinators.push(Arc::new(
+                coordinator
+                    .await
+                    .with_context(|| format!("opening run {:?}", spec.run_id))?,
+            ));
         }
         let runs = Arc::new(Runs::new(coordinators));
         let coordinator = runs.default_run().clone();
@@ -199,16 +222,27 @@ impl Relay {
         };
         let mut swarm = p2p::build_swarm(keypair, certificate).await?;
         let ip = ip_protocol(config.http.ip());
-        let tcp = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(config.tcp_port));
-        let ws = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(config.ws_port)).with(Protocol::Ws("/".into()));
-        let webrtc = Multiaddr::empty().with(ip).with(Protocol::Udp(config.webrtc_port)).with(Protocol::WebRTCDirect);
+        let tcp = Multiaddr::empty()
+            .with(ip.clone())
+            .with(Protocol::Tcp(config.tcp_port));
+        let ws = Multiaddr::empty()
+            .with(ip.clone())
+            .with(Protocol::Tcp(config.ws_port))
+            .with(Protocol::Ws("/".into()));
+        let webrtc = Multiaddr::empty()
+            .with(ip)
+            .with(Protocol::Udp(config.webrtc_port))
+            .with(Protocol::WebRTCDirect);
         let bound = p2p::listen(&mut swarm, &[tcp, ws, webrtc]).await?;
         let mut addresses: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (kind, addr) in ["tcp", "ws", "webrtc-direct"].into_iter().zip(bound) {
             // The relay is reachable where it listens: the circuit relay server only serves
             // reservations once it has a confirmed external address.
             swarm.add_external_address(addr.clone());
-            addresses.entry(kind.into()).or_default().push(addr.with(Protocol::P2p(peer_id)).to_string());
+            addresses
+                .entry(kind.into())
+                .or_default()
+                .push(addr.with(Protocol::P2p(peer_id)).to_string());
         }
         let bootstrap = Bootstrap {
             peer_id: peer_id.to_string(),
@@ -217,10 +251,15 @@ impl Relay {
             addresses,
         };
 
-        let listener = tokio::net::TcpListener::bind(config.http).await.with_context(|| format!("binding {}", config.http))?;
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("binding {}", config.http))?;
         let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state = http::AppState { runs: runs.clone(), bootstrap: Arc::new(bootstrap.clone()) };
+        let state = http::AppState {
+            runs: runs.clone(),
+            bootstrap: Arc::new(bootstrap.clone()),
+        };
         let router = http::app(state, config.web_dir.clone());
         let mut http_shutdown = shutdown_rx.clone();
         let mut tasks = vec![tokio::spawn(async move {
@@ -231,7 +270,12 @@ impl Relay {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         })];
-        tasks.push(tokio::spawn(p2p::run(swarm, runs.clone(), announcements, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(p2p::run(
+            swarm,
+            runs.clone(),
+            announcements,
+            shutdown_rx.clone(),
+        )));
         let timer = runs.clone();
         let mut timer_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
@@ -248,7 +292,14 @@ impl Relay {
             }
         }));
         tracing::info!(%http_addr, %peer_id, "relay started");
-        Ok(Self { http_addr, bootstrap, coordinator, runs, shutdown, tasks })
+        Ok(Self {
+            http_addr,
+            bootstrap,
+            coordinator,
+            runs,
+            shutdown,
+            tasks,
+        })
     }
 
     pub fn url(&self) -> String {

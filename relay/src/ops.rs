@@ -9,12 +9,18 @@ use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::protocol::{ModelSpec, params_from_bytes};
 
 fn url(base: &str, path: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
 }
 
 /// The relay's `/api/status` document.
 pub async fn status(relay: &str) -> anyhow::Result<serde_json::Value> {
-    let bytes = http_get(&url(relay, "api/status")).await.map_err(anyhow::Error::msg)?;
+    let bytes = http_get(&url(relay, "api/status"))
+        .await
+        .map_err(anyhow::Error::msg)?;
     serde_json::from_slice(&bytes).context("the relay's /api/status is not JSON")
 }
 
@@ -22,7 +28,9 @@ pub async fn status(relay: &str) -> anyhow::Result<serde_json::Value> {
 pub fn model_layout(model: &ModelSpec) -> Vec<TensorInfo> {
     match model {
         ModelSpec::DigitsMlp { hidden } => {
-            let module = DigitsMlpConfig::new().with_hidden(*hidden as usize).init::<burn::backend::NdArray>(&Default::default());
+            let module = DigitsMlpConfig::new()
+                .with_hidden(*hidden as usize)
+                .init::<burn::backend::NdArray>(&Default::default());
             checkpoint::layout(&module)
         }
     }
@@ -32,14 +40,34 @@ pub fn model_layout(model: &ModelSpec) -> Vec<TensorInfo> {
 /// parameter hash as metadata. The parameters are checked against their BLAKE3 hash.
 pub async fn export(relay: &str) -> anyhow::Result<(Vec<u8>, serde_json::Value)> {
     let status = status(relay).await?;
-    let field = |key: &str| status.get(key).with_context(|| format!("/api/status has no {key}"));
-    let run_id = field("run_id")?.as_str().context("run_id is not a string")?.to_owned();
-    let hash = field("params_hash")?.as_str().context("params_hash is not a string")?.to_owned();
+    let field = |key: &str| {
+        status
+            .get(key)
+            .with_context(|| format!("/api/status has no {key}"))
+    };
+    let run_id = field("run_id")?
+        .as_str()
+        .context("run_id is not a string")?
+        .to_owned();
+    let hash = field("params_hash")?
+        .as_str()
+        .context("params_hash is not a string")?
+        .to_owned();
     let round = field("round")?.as_u64().context("round is not a number")?;
-    let model: ModelSpec = serde_json::from_value(field("spec")?.get("model").cloned().context("/api/status has no spec.model")?)
-        .context("unknown model in /api/status")?;
-    let bytes = http_get(&url(relay, &format!("api/runs/{run_id}/params/{hash}"))).await.map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(blake3::hash(&bytes).to_hex().as_str() == hash, "parameters do not match their hash {hash}");
+    let model: ModelSpec = serde_json::from_value(
+        field("spec")?
+            .get("model")
+            .cloned()
+            .context("/api/status has no spec.model")?,
+    )
+    .context("unknown model in /api/status")?;
+    let bytes = http_get(&url(relay, &format!("api/runs/{run_id}/params/{hash}")))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        blake3::hash(&bytes).to_hex().as_str() == hash,
+        "parameters do not match their hash {hash}"
+    );
     let values = params_from_bytes(&bytes).context("the relay sent malformed parameters")?;
     let metadata = BTreeMap::from([
         ("format".to_owned(), "swarmtrain".to_owned()),
@@ -47,7 +75,10 @@ pub async fn export(relay: &str) -> anyhow::Result<(Vec<u8>, serde_json::Value)>
         ("round".to_owned(), round.to_string()),
         ("params_blake3".to_owned(), hash),
         ("model".to_owned(), serde_json::to_string(&model)?),
-        ("layout".to_owned(), "burn: Linear weights are [in, out]".to_owned()),
+        (
+            "layout".to_owned(),
+            "burn: Linear weights are [in, out]".to_owned(),
+        ),
     ]);
     let file = checkpoint::to_safetensors(&model_layout(&model), &values, &metadata)?;
     Ok((file, status))

@@ -51,14 +51,17 @@ impl std::fmt::Debug for RelayBehaviour {
 /// relay's `/certhash` (and so its WebRTC-direct address) survives restarts.
 pub fn load_or_create_certificate(path: &Path) -> anyhow::Result<Certificate> {
     match std::fs::read_to_string(path) {
-        Ok(pem) => Certificate::from_pem(&pem).with_context(|| format!("{} does not hold a WebRTC certificate", path.display())),
+        Ok(pem) => Certificate::from_pem(&pem)
+            .with_context(|| format!("{} does not hold a WebRTC certificate", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let certificate = Certificate::generate(&mut rand::rng())?;
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
             std::io::Write::write_all(&mut file, certificate.serialize_pem().as_bytes())?;
             Ok(certificate)
         }
@@ -66,11 +69,18 @@ pub fn load_or_create_certificate(path: &Path) -> anyhow::Result<Certificate> {
     }
 }
 
-pub async fn build_swarm(keypair: Keypair, certificate: Certificate) -> anyhow::Result<Swarm<Boxed<RelayBehaviour>>> {
+pub async fn build_swarm(
+    keypair: Keypair,
+    certificate: Certificate,
+) -> anyhow::Result<Swarm<Boxed<RelayBehaviour>>> {
     let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
         .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))?
         .with_dns()?
         .with_websocket(noise::Config::new, yamux::Config::default)
@@ -166,15 +176,25 @@ pub async fn run(
 }
 
 /// Starts listening on each of `listeners` and returns the addresses bound, in order.
-pub async fn listen(swarm: &mut Swarm<Boxed<RelayBehaviour>>, listeners: &[Multiaddr]) -> anyhow::Result<Vec<Multiaddr>> {
+pub async fn listen(
+    swarm: &mut Swarm<Boxed<RelayBehaviour>>,
+    listeners: &[Multiaddr],
+) -> anyhow::Result<Vec<Multiaddr>> {
     let mut ids = Vec::new();
     for addr in listeners {
-        ids.push(swarm.listen_on(addr.clone()).with_context(|| format!("listening on {addr}"))?);
+        ids.push(
+            swarm
+                .listen_on(addr.clone())
+                .with_context(|| format!("listening on {addr}"))?,
+        );
     }
     let mut bound: Vec<Option<Multiaddr>> = vec![None; listeners.len()];
     while bound.iter().any(Option::is_none) {
         match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await? {
-            SwarmEvent::NewListenAddr { listener_id, address } => {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
                 if let Some(i) = ids.iter().position(|id| *id == listener_id) {
                     bound[i].get_or_insert(address);
                 }
@@ -185,4 +205,3 @@ pub async fn listen(swarm: &mut Swarm<Boxed<RelayBehaviour>>, listeners: &[Multi
     }
     Ok(bound.into_iter().flatten().collect())
 }
-

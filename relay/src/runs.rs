@@ -29,7 +29,10 @@ impl Runs {
     /// `coordinators` must be non-empty with distinct run ids; the first is the default run.
     pub fn new(coordinators: Vec<Arc<Coordinator>>) -> Self {
         let default = coordinators[0].clone();
-        let by_id = coordinators.into_iter().map(|c| (c.spec().run_id.clone(), c)).collect();
+        let by_id = coordinators
+            .into_iter()
+            .map(|c| (c.spec().run_id.clone(), c))
+            .collect();
         Self { by_id, default }
     }
 
@@ -54,12 +57,21 @@ impl Runs {
     pub async fn handle(&self, signed: Signed<ClientToRelay>, max_wait: Duration) -> Vec<u8> {
         let (peer, message) = match signed.verify_and_decode() {
             Ok(ok) => ok,
-            Err(e) => return self.default.reject(None, "bad_signature", e.to_string()).await,
+            Err(e) => {
+                return self
+                    .default
+                    .reject(None, "bad_signature", e.to_string())
+                    .await;
+            }
         };
         match self.by_id.get(run_of(&message)) {
             Some(run) => run.handle(peer, message, max_wait).await,
             None => {
-                let reason = format!("no run {:?} on this relay (it has {})", run_of(&message), self.ids().join(", "));
+                let reason = format!(
+                    "no run {:?} on this relay (it has {})",
+                    run_of(&message),
+                    self.ids().join(", ")
+                );
                 self.default.reject(Some(peer), "wrong_run", reason).await
             }
         }
@@ -70,7 +82,15 @@ impl Runs {
         let Fetch::Params { run_id, .. } = &fetch;
         match self.by_id.get(run_id) {
             Some(run) => run.fetch(fetch).await,
-            None => self.default.reject(None, "wrong_run", format!("no run {run_id:?} on this relay")).await,
+            None => {
+                self.default
+                    .reject(
+                        None,
+                        "wrong_run",
+                        format!("no run {run_id:?} on this relay"),
+                    )
+                    .await
+            }
         }
     }
 

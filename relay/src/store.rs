@@ -19,9 +19,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::PeerKey;
@@ -70,7 +70,9 @@ pub const KEEP_CHECKPOINTS: usize = 10;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("objects", &self.objects.to_string()).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("objects", &self.objects.to_string())
+            .finish_non_exhaustive()
     }
 }
 
@@ -78,8 +80,10 @@ impl Store {
     /// Opens (creating) `data_dir/state.redb`, with checkpoints under `data_dir/checkpoints`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let checkpoints = data_dir.join("checkpoints");
-        std::fs::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
-        let objects = LocalFileSystem::new_with_prefix(&checkpoints).context("opening the checkpoint directory")?;
+        std::fs::create_dir_all(&checkpoints)
+            .with_context(|| format!("creating {}", checkpoints.display()))?;
+        let objects = LocalFileSystem::new_with_prefix(&checkpoints)
+            .context("opening the checkpoint directory")?;
         Self::open_with(data_dir, Arc::new(objects))
     }
 
@@ -89,13 +93,22 @@ impl Store {
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`,
     /// `AWS_ALLOW_HTTP`).
     pub fn open_at(data_dir: &Path, url: &str) -> anyhow::Result<Self> {
-        Self::open_at_with(data_dir, url, std::env::vars().filter(|(k, _)| k.starts_with("AWS_")))
+        Self::open_at_with(
+            data_dir,
+            url,
+            std::env::vars().filter(|(k, _)| k.starts_with("AWS_")),
+        )
     }
 
     /// [`Store::open_at`] with the store's options given (`("aws_endpoint", "http://…")`, …)
     /// instead of read from the environment.
-    pub fn open_at_with(data_dir: &Path, url: &str, options: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
-        let parsed = url::Url::parse(url).with_context(|| format!("checkpoint store {url:?} is not a URL"))?;
+    pub fn open_at_with(
+        data_dir: &Path,
+        url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let parsed = url::Url::parse(url)
+            .with_context(|| format!("checkpoint store {url:?} is not a URL"))?;
         let (objects, prefix) = object_store::parse_url_opts(&parsed, options).with_context(|| {
             format!("cannot open checkpoint store {url} (s3:// needs a relay built with the `s3` feature)")
         })?;
@@ -110,13 +123,18 @@ impl Store {
     /// Opens the database in `data_dir` with checkpoints in `objects` (any object store).
     pub fn open_with(data_dir: &Path, objects: Arc<dyn ObjectStore>) -> anyhow::Result<Self> {
         let path = data_dir.join("state.redb");
-        let db = Database::create(&path).with_context(|| format!("opening the run database {}", path.display()))?;
+        let db = Database::create(&path)
+            .with_context(|| format!("opening the run database {}", path.display()))?;
         let tx = db.begin_write()?;
         tx.open_table(RUNS)?;
         tx.open_table(LEDGER)?;
         tx.open_table(COMPACTED)?;
         tx.commit()?;
-        Ok(Self { db, objects, keep: KEEP_CHECKPOINTS })
+        Ok(Self {
+            db,
+            objects,
+            keep: KEEP_CHECKPOINTS,
+        })
     }
 
     /// Keeps the newest `keep` checkpoints of each run (at least 1).
@@ -131,16 +149,27 @@ impl Store {
         self.compact_ledger(run_id, (round + 1).saturating_sub(self.keep as u64))?;
         use futures::TryStreamExt;
         let prefix = StorePath::from(run_id);
-        let listed: Vec<_> = self.objects.list(Some(&prefix)).try_collect().await.context("listing checkpoints")?;
+        let listed: Vec<_> = self
+            .objects
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .context("listing checkpoints")?;
         let mut deleted = 0;
         for meta in listed {
             let name = meta.location.filename().unwrap_or_default();
-            let Some(r) = name.strip_prefix("round-").and_then(|n| n.strip_suffix(".safetensors")).and_then(|n| n.parse::<u64>().ok())
+            let Some(r) = name
+                .strip_prefix("round-")
+                .and_then(|n| n.strip_suffix(".safetensors"))
+                .and_then(|n| n.parse::<u64>().ok())
             else {
                 continue;
             };
             if r + (self.keep as u64) <= round {
-                self.objects.delete(&meta.location).await.with_context(|| format!("deleting {}", meta.location))?;
+                self.objects
+                    .delete(&meta.location)
+                    .await
+                    .with_context(|| format!("deleting {}", meta.location))?;
                 deleted += 1;
             }
         }
@@ -167,7 +196,11 @@ impl Store {
                 // An entry that does not decode is left as it is: compaction only saves space,
                 // and resuming reports such an entry for the open round.
                 let Ok(mut entry) = postcard::from_bytes::<LedgerEntry>(value.value()) else {
-                    tracing::warn!(run_id, round, "a ledger entry does not decode; left uncompacted");
+                    tracing::warn!(
+                        run_id,
+                        round,
+                        "a ledger entry does not decode; left uncompacted"
+                    );
                     continue;
                 };
                 if !entry.update.payload.is_empty() {
@@ -188,16 +221,27 @@ impl Store {
     pub fn run(&self, run_id: &str) -> anyhow::Result<Option<RunRecord>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(RUNS)?;
-        let Some(bytes) = table.get(run_id)? else { return Ok(None) };
-        let record = postcard::from_bytes(bytes.value()).context("the run record in the database is corrupt")?;
+        let Some(bytes) = table.get(run_id)? else {
+            return Ok(None);
+        };
+        let record = postcard::from_bytes(bytes.value())
+            .context("the run record in the database is corrupt")?;
         Ok(Some(record))
     }
 
     /// Commits an accepted update; returns once it is durable.
-    pub fn record_update(&self, run_id: &str, peer: &PeerKey, entry: &LedgerEntry) -> anyhow::Result<()> {
+    pub fn record_update(
+        &self,
+        run_id: &str,
+        peer: &PeerKey,
+        entry: &LedgerEntry,
+    ) -> anyhow::Result<()> {
         let bytes = postcard::to_allocvec(entry)?;
         let tx = self.db.begin_write()?;
-        tx.open_table(LEDGER)?.insert((run_id, entry.update.round, peer.0.as_slice()), bytes.as_slice())?;
+        tx.open_table(LEDGER)?.insert(
+            (run_id, entry.update.round, peer.0.as_slice()),
+            bytes.as_slice(),
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -213,15 +257,28 @@ impl Store {
             let (key, value) = item?;
             let (_, _, peer) = key.value();
             let peer: [u8; 32] = peer.try_into().context("a ledger key has a bad peer key")?;
-            out.push((PeerKey(peer), postcard::from_bytes(value.value()).context("a ledger entry is corrupt")?));
+            out.push((
+                PeerKey(peer),
+                postcard::from_bytes(value.value()).context("a ledger entry is corrupt")?,
+            ));
         }
         Ok(out)
     }
 
     /// Writes the checkpoint of `round` (θ and the outer momentum) and returns its key.
-    pub async fn write_checkpoint(&self, run_id: &str, round: u64, layout: &[TensorInfo], params: &[f32], velocity: &[f32]) -> anyhow::Result<String> {
+    pub async fn write_checkpoint(
+        &self,
+        run_id: &str,
+        round: u64,
+        layout: &[TensorInfo],
+        params: &[f32],
+        velocity: &[f32],
+    ) -> anyhow::Result<String> {
         let mut tensors = layout.to_vec();
-        tensors.push(TensorInfo { name: "outer.velocity".into(), shape: vec![velocity.len()] });
+        tensors.push(TensorInfo {
+            name: "outer.velocity".into(),
+            shape: vec![velocity.len()],
+        });
         let values: Vec<f32> = params.iter().chain(velocity).copied().collect();
         let metadata = BTreeMap::from([
             ("format".to_owned(), "swarmtrain".to_owned()),
@@ -231,21 +288,49 @@ impl Store {
         let bytes = checkpoint::to_safetensors(&tensors, &values, &metadata)?;
         let key = format!("{run_id}/round-{round:08}.safetensors");
         // The local store writes a temporary file and renames it: never a torn checkpoint.
-        self.objects.put(&StorePath::from(key.as_str()), bytes.into()).await.with_context(|| format!("writing checkpoint {key}"))?;
+        self.objects
+            .put(&StorePath::from(key.as_str()), bytes.into())
+            .await
+            .with_context(|| format!("writing checkpoint {key}"))?;
         Ok(key)
     }
 
     /// Reads a checkpoint back: (θ, outer momentum), checked against the model's layout.
-    pub async fn read_checkpoint(&self, key: &str, layout: &[TensorInfo]) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
-        let bytes = self.objects.get(&StorePath::from(key)).await.with_context(|| format!("reading checkpoint {key}"))?.bytes().await?;
-        let file = checkpoint::from_safetensors(&bytes).with_context(|| format!("checkpoint {key}"))?;
-        let n: usize = layout.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    pub async fn read_checkpoint(
+        &self,
+        key: &str,
+        layout: &[TensorInfo],
+    ) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let bytes = self
+            .objects
+            .get(&StorePath::from(key))
+            .await
+            .with_context(|| format!("reading checkpoint {key}"))?
+            .bytes()
+            .await?;
+        let file =
+            checkpoint::from_safetensors(&bytes).with_context(|| format!("checkpoint {key}"))?;
+        let n: usize = layout
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
         let names: Vec<&str> = file.tensors.iter().map(|(t, _)| t.name.as_str()).collect();
-        let expected: Vec<&str> = layout.iter().map(|t| t.name.as_str()).chain(["outer.velocity"]).collect();
-        anyhow::ensure!(names == expected, "checkpoint {key} holds {names:?}, this run's model needs {expected:?}");
+        let expected: Vec<&str> = layout
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(["outer.velocity"])
+            .collect();
+        anyhow::ensure!(
+            names == expected,
+            "checkpoint {key} holds {names:?}, this run's model needs {expected:?}"
+        );
         let mut flat = file.flat();
         let velocity = flat.split_off(n);
-        anyhow::ensure!(velocity.len() == n, "checkpoint {key}: momentum has {} values, expected {n}", velocity.len());
+        anyhow::ensure!(
+            velocity.len() == n,
+            "checkpoint {key}: momentum has {} values, expected {n}",
+            velocity.len()
+        );
         Ok((flat, velocity))
     }
 
@@ -270,27 +355,54 @@ mod tests {
         let url = format!("file://{}/ckpt", elsewhere.path().display());
         std::fs::create_dir_all(elsewhere.path().join("ckpt")).expect("mkdir");
         let store = Store::open_at(dir.path(), &url).expect("open");
-        let layout = [TensorInfo { name: "w".into(), shape: vec![2] }];
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let layout = [TensorInfo {
+            name: "w".into(),
+            shape: vec![2],
+        }];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
-            let key = store.write_checkpoint("run", 3, &layout, &[1.0, 2.0], &[0.0, 0.5]).await.expect("write");
-            assert!(elsewhere.path().join("ckpt").join(&key).is_file(), "written under the URL's path");
-            assert_eq!(store.read_checkpoint(&key, &layout).await.expect("read"), (vec![1.0, 2.0], vec![0.0, 0.5]));
+            let key = store
+                .write_checkpoint("run", 3, &layout, &[1.0, 2.0], &[0.0, 0.5])
+                .await
+                .expect("write");
+            assert!(
+                elsewhere.path().join("ckpt").join(&key).is_file(),
+                "written under the URL's path"
+            );
+            assert_eq!(
+                store.read_checkpoint(&key, &layout).await.expect("read"),
+                (vec![1.0, 2.0], vec![0.0, 0.5])
+            );
         });
         assert!(Store::open_at(dir.path(), "not a url").is_err());
-        let err = Store::open_at(dir.path(), "nosuch://bucket/x").map(|_| ()).unwrap_err();
-        assert!(format!("{err:#}").contains("cannot open checkpoint store"), "{err:#}");
+        let err = Store::open_at(dir.path(), "nosuch://bucket/x")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot open checkpoint store"),
+            "{err:#}"
+        );
     }
 
     #[test]
     fn old_checkpoints_are_pruned_and_the_newest_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open").with_keep(2);
-        let layout = [TensorInfo { name: "w".into(), shape: vec![3] }];
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let layout = [TensorInfo {
+            name: "w".into(),
+            shape: vec![3],
+        }];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
             for round in 0..6u64 {
-                let key = store.write_checkpoint("run", round, &layout, &[round as f32; 3], &[0.5; 3]).await.expect("write");
+                let key = store
+                    .write_checkpoint("run", round, &layout, &[round as f32; 3], &[0.5; 3])
+                    .await
+                    .expect("write");
                 store.prune("run", round).await.expect("prune");
                 assert_eq!(key, format!("run/round-{round:08}.safetensors"));
             }
@@ -300,12 +412,33 @@ mod tests {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            assert_eq!(left, ["round-00000004.safetensors", "round-00000005.safetensors"]);
-            let (params, velocity) = store.read_checkpoint("run/round-00000005.safetensors", &layout).await.expect("read");
+            assert_eq!(
+                left,
+                ["round-00000004.safetensors", "round-00000005.safetensors"]
+            );
+            let (params, velocity) = store
+                .read_checkpoint("run/round-00000005.safetensors", &layout)
+                .await
+                .expect("read");
             assert_eq!((params, velocity), (vec![5.0; 3], vec![0.5; 3]));
-            let wrong = [TensorInfo { name: "v".into(), shape: vec![3] }];
-            assert!(store.read_checkpoint("run/round-00000005.safetensors", &wrong).await.is_err(), "another model's checkpoint");
-            assert!(store.read_checkpoint("run/round-00000001.safetensors", &layout).await.is_err(), "pruned");
+            let wrong = [TensorInfo {
+                name: "v".into(),
+                shape: vec![3],
+            }];
+            assert!(
+                store
+                    .read_checkpoint("run/round-00000005.safetensors", &wrong)
+                    .await
+                    .is_err(),
+                "another model's checkpoint"
+            );
+            assert!(
+                store
+                    .read_checkpoint("run/round-00000001.safetensors", &layout)
+                    .await
+                    .is_err(),
+                "pruned"
+            );
         });
     }
 
@@ -328,17 +461,33 @@ mod tests {
     #[test]
     fn ledger_payloads_are_kept_as_long_as_their_checkpoints_and_the_entries_for_good() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let layout = [TensorInfo { name: "w".into(), shape: vec![1] }];
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let layout = [TensorInfo {
+            name: "w".into(),
+            shape: vec![1],
+        }];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         {
             let store = Store::open(dir.path()).expect("open").with_keep(2);
             rt.block_on(async {
                 for round in 0..5u64 {
                     for peer in 0..3u8 {
-                        store.record_update("run", &PeerKey([peer; 32]), &entry(round, vec![peer; 100])).expect("record");
+                        store
+                            .record_update(
+                                "run",
+                                &PeerKey([peer; 32]),
+                                &entry(round, vec![peer; 100]),
+                            )
+                            .expect("record");
                     }
-                    store.record_update("other", &PeerKey([9; 32]), &entry(round, vec![9; 100])).expect("record");
-                    store.write_checkpoint("run", round, &layout, &[0.0], &[0.0]).await.expect("write");
+                    store
+                        .record_update("other", &PeerKey([9; 32]), &entry(round, vec![9; 100]))
+                        .expect("record");
+                    store
+                        .write_checkpoint("run", round, &layout, &[0.0], &[0.0])
+                        .await
+                        .expect("write");
                     store.prune("run", round).await.expect("prune");
                 }
             });
@@ -355,13 +504,33 @@ mod tests {
                 }
             }
             // Another run's ledger is untouched, and compacting again changes nothing.
-            assert_eq!(store.updates("other", 0).expect("updates")[0].1.update.payload.len(), 100);
+            assert_eq!(
+                store.updates("other", 0).expect("updates")[0]
+                    .1
+                    .update
+                    .payload
+                    .len(),
+                100
+            );
             assert_eq!(store.compact_ledger("run", 3).expect("compact"), 0);
         }
         // The mark survives a reopen: only newer rounds are compacted then.
         let store = Store::open(dir.path()).expect("reopen").with_keep(2);
         assert_eq!(store.compact_ledger("run", 4).expect("compact"), 3);
-        assert!(store.updates("run", 3).expect("updates").iter().all(|(_, e)| e.update.payload.is_empty()));
-        assert_eq!(store.updates("run", 4).expect("updates")[0].1.update.payload.len(), 100);
+        assert!(
+            store
+                .updates("run", 3)
+                .expect("updates")
+                .iter()
+                .all(|(_, e)| e.update.payload.is_empty())
+        );
+        assert_eq!(
+            store.updates("run", 4).expect("updates")[0]
+                .1
+                .update
+                .payload
+                .len(),
+            100
+        );
     }
 }

@@ -13,7 +13,9 @@ use swarmtrain_shared::robust::{self, Rule};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);
-    (0..n).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
+    (0..n)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect()
 }
 
 fn usable(backend: AggregationBackend) -> Result<(), String> {
@@ -29,12 +31,18 @@ async fn every_compiled_backend_matches_the_cpu() {
     let backends = AggregationBackend::compiled_in();
     println!("backends compiled in: {backends:?}");
     if !backends.iter().any(|b| b.to_string() == "cuda") {
-        println!("SKIPPED cuda: not compiled in (build the relay with --features cuda to check it)");
+        println!(
+            "SKIPPED cuda: not compiled in (build the relay with --features cuda to check it)"
+        );
     }
     for size in [50_000usize, 1_000_000] {
         let peers = 16;
         let contributions: Vec<Contribution> = (0..peers)
-            .map(|p| Contribution { peer: PeerKey([p as u8; 32]), n_samples: 1, delta: random(size, p) })
+            .map(|p| Contribution {
+                peer: PeerKey([p as u8; 32]),
+                n_samples: 1,
+                delta: random(size, p),
+            })
             .collect();
         let params = random(size, 100);
         let velocity = random(size, 101);
@@ -42,7 +50,13 @@ async fn every_compiled_backend_matches_the_cpu() {
         for rule in [Rule::Mean, Rule::Median, Rule::TrimmedMean { trim: 3 }] {
             // The CPU reference: the shared CPU rule and the outer optimizer.
             let aggregate = robust::aggregate(&rule, &contributions, size, None).expect("cpu rule");
-            let (mut cpu_theta, mut outer) = (params.clone(), OuterOptimizer { spec: spec.clone(), velocity: velocity.clone() });
+            let (mut cpu_theta, mut outer) = (
+                params.clone(),
+                OuterOptimizer {
+                    spec: spec.clone(),
+                    velocity: velocity.clone(),
+                },
+            );
             outer.step(&mut cpu_theta, &aggregate).expect("shape");
             let cpu_v = outer.velocity;
             for &backend in &backends {
@@ -51,18 +65,36 @@ async fn every_compiled_backend_matches_the_cpu() {
                     continue;
                 }
                 // The first call on a GPU backend compiles kernels; time the second.
-                let inputs = RoundInputs { params: &params, velocity: &velocity, contributions: &contributions, rule: &rule, center: None, outer: &spec };
+                let inputs = RoundInputs {
+                    params: &params,
+                    velocity: &velocity,
+                    contributions: &contributions,
+                    rule: &rule,
+                    center: None,
+                    outer: &spec,
+                };
                 backend.outer_step(&inputs).await.expect("warm-up");
                 let started = Instant::now();
-                let Stepped { params: theta, velocity: v, .. } = backend.outer_step(&inputs).await.expect("aggregate");
+                let Stepped {
+                    params: theta,
+                    velocity: v,
+                    ..
+                } = backend.outer_step(&inputs).await.expect("aggregate");
                 let elapsed = started.elapsed();
-                let max_diff =
-                    theta.iter().chain(&v).zip(cpu_theta.iter().chain(&cpu_v)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                let max_diff = theta
+                    .iter()
+                    .chain(&v)
+                    .zip(cpu_theta.iter().chain(&cpu_v))
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
                 println!(
                     "{backend}: {rule:?} of {peers} × {size} f32 + Nesterov step in {:.2} ms (incl. transfers), max |Δ| vs CPU {max_diff:e}",
                     elapsed.as_secs_f64() * 1e3
                 );
-                assert!(max_diff < 1e-5, "{backend} {rule:?} differs from the CPU by {max_diff}");
+                assert!(
+                    max_diff < 1e-5,
+                    "{backend} {rule:?} differs from the CPU by {max_diff}"
+                );
             }
         }
     }

@@ -19,7 +19,9 @@ fn updates() -> Vec<Contribution> {
         .map(|p| Contribution {
             peer: PeerKey([p as u8; 32]),
             n_samples: 1,
-            delta: (0..N).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect(),
+            delta: (0..N)
+                .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                .collect(),
         })
         .collect()
 }
@@ -28,18 +30,35 @@ fn bench(c: &mut Criterion) {
     let updates = updates();
     let bytes = (PEERS * N * 4) as u64;
     let mut group = c.benchmark_group("aggregate_16x1M");
-    group.sample_size(15).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    group
+        .sample_size(15)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Bytes(bytes));
     let rules = [
         ("mean", Rule::Mean),
         ("median", Rule::Median),
         ("trimmed_mean", Rule::TrimmedMean { trim: 3 }),
-        ("multi_krum", Rule::MultiKrum { byzantine: 4, select: 8 }),
+        (
+            "multi_krum",
+            Rule::MultiKrum {
+                byzantine: 4,
+                select: 8,
+            },
+        ),
         ("geometric_median", Rule::GeometricMedian { iterations: 4 }),
-        ("centered_clipping", Rule::CenteredClipping { tau: 10.0, iterations: 3 }),
+        (
+            "centered_clipping",
+            Rule::CenteredClipping {
+                tau: 10.0,
+                iterations: 3,
+            },
+        ),
     ];
     for (name, rule) in rules {
-        group.bench_function(name, |b| b.iter(|| aggregate(black_box(&rule), black_box(&updates), N, None).expect("aggregate")));
+        group.bench_function(name, |b| {
+            b.iter(|| aggregate(black_box(&rule), black_box(&updates), N, None).expect("aggregate"))
+        });
     }
     group.finish();
 
@@ -47,9 +66,13 @@ fn bench(c: &mut Criterion) {
     let source = vec![1.0f32; 64 << 20];
     let mut target = vec![0.0f32; 64 << 20];
     let mut group = c.benchmark_group("memory");
-    group.sample_size(15).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(15)
+        .measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Bytes((2 * 256) << 20));
-    group.bench_function("copy_256MB", |b| b.iter(|| target.copy_from_slice(black_box(&source))));
+    group.bench_function("copy_256MB", |b| {
+        b.iter(|| target.copy_from_slice(black_box(&source)))
+    });
     group.finish();
 }
 

@@ -58,7 +58,14 @@ pub async fn outer_step_on<B: Backend>(
     contributions: &[Contribution],
     spec: &OuterSpec,
 ) -> Result<(Vec<f32>, Vec<f32>), AggregateError> {
-    let inputs = RoundInputs { params, velocity, contributions, rule: &Rule::Mean, center: None, outer: spec };
+    let inputs = RoundInputs {
+        params,
+        velocity,
+        contributions,
+        rule: &Rule::Mean,
+        center: None,
+        outer: spec,
+    };
     let stepped = outer_step_with::<B>(device, &inputs).await?;
     Ok((stepped.params, stepped.velocity))
 }
@@ -91,11 +98,24 @@ pub struct Stepped {
 /// Aggregates the contributions with the run's rule ([`robust::aggregate_tensor`]) and takes
 /// the outer Nesterov step, all on backend `B`. Input is validated on the host first: wrongly
 /// sized or non-finite contributions are errors.
-pub async fn outer_step_with<B: Backend>(device: &B::Device, inputs: &RoundInputs<'_>) -> Result<Stepped, AggregateError> {
-    let RoundInputs { params, velocity, contributions, rule, center, outer: spec } = *inputs;
+pub async fn outer_step_with<B: Backend>(
+    device: &B::Device,
+    inputs: &RoundInputs<'_>,
+) -> Result<Stepped, AggregateError> {
+    let RoundInputs {
+        params,
+        velocity,
+        contributions,
+        rule,
+        center,
+        outer: spec,
+    } = *inputs;
     let n = params.len();
     if velocity.len() != n {
-        return Err(AggregateError::Shape { expected: n, got: velocity.len() });
+        return Err(AggregateError::Shape {
+            expected: n,
+            got: velocity.len(),
+        });
     }
     let sorted = robust::validated(contributions, n).map_err(|e| match e {
         RobustError::Empty => AggregateError::Empty,
@@ -103,22 +123,45 @@ pub async fn outer_step_with<B: Backend>(device: &B::Device, inputs: &RoundInput
         other => AggregateError::Rule(other.to_string()),
     })?;
     let mut stacked = Vec::with_capacity(sorted.len() * n);
-    sorted.iter().for_each(|c| stacked.extend_from_slice(&c.delta));
+    sorted
+        .iter()
+        .for_each(|c| stacked.extend_from_slice(&c.delta));
     let deltas = Tensor::<B, 2>::from_data(TensorData::new(stacked, [sorted.len(), n]), device); // [peers, n]
     let center = match center {
-        Some(c) if c.len() == n => Some(Tensor::<B, 1>::from_data(TensorData::new(c.to_vec(), [n]), device)),
-        Some(c) => return Err(AggregateError::Shape { expected: n, got: c.len() }),
+        Some(c) if c.len() == n => Some(Tensor::<B, 1>::from_data(
+            TensorData::new(c.to_vec(), [n]),
+            device,
+        )),
+        Some(c) => {
+            return Err(AggregateError::Shape {
+                expected: n,
+                got: c.len(),
+            });
+        }
         None => None,
     };
-    let aggregate = robust::aggregate_tensor(rule, deltas, center).map_err(|e| AggregateError::Rule(e.to_string()))?; // [n]
+    let aggregate = robust::aggregate_tensor(rule, deltas, center)
+        .map_err(|e| AggregateError::Rule(e.to_string()))?; // [n]
     let theta = Tensor::<B, 1>::from_data(TensorData::new(params.to_vec(), [n]), device);
     let v = Tensor::<B, 1>::from_data(TensorData::new(velocity.to_vec(), [n]), device);
     let v = v.mul_scalar(spec.momentum).add(aggregate.clone());
-    let theta = theta.sub(aggregate.clone().add(v.clone().mul_scalar(spec.momentum)).mul_scalar(spec.lr));
+    let theta = theta.sub(
+        aggregate
+            .clone()
+            .add(v.clone().mul_scalar(spec.momentum))
+            .mul_scalar(spec.lr),
+    );
     let read = |t: Tensor<B, 1>| async move {
-        t.into_data_async().await.map(|d| d.iter::<f32>().collect::<Vec<f32>>()).map_err(|e| AggregateError::Readback(e.to_string()))
+        t.into_data_async()
+            .await
+            .map(|d| d.iter::<f32>().collect::<Vec<f32>>())
+            .map_err(|e| AggregateError::Readback(e.to_string()))
     };
-    Ok(Stepped { params: read(theta).await?, velocity: read(v).await?, aggregate: read(aggregate).await? })
+    Ok(Stepped {
+        params: read(theta).await?,
+        velocity: read(v).await?,
+        aggregate: read(aggregate).await?,
+    })
 }
 
 #[cfg(test)]
@@ -127,12 +170,20 @@ mod tests {
     use crate::outer::OuterOptimizer;
 
     fn c(id: u8, delta: Vec<f32>) -> Contribution {
-        Contribution { peer: PeerKey([id; 32]), n_samples: 1, delta }
+        Contribution {
+            peer: PeerKey([id; 32]),
+            n_samples: 1,
+            delta,
+        }
     }
 
     #[test]
     fn mean_is_order_independent() {
-        let a = vec![c(1, vec![1.0, 0.1]), c(2, vec![3.0, 0.2]), c(3, vec![-1.0, 0.7])];
+        let a = vec![
+            c(1, vec![1.0, 0.1]),
+            c(2, vec![3.0, 0.2]),
+            c(3, vec![-1.0, 0.7]),
+        ];
         let mut b = a.clone();
         b.reverse();
         assert_eq!(mean(&a), mean(&b));
@@ -145,26 +196,55 @@ mod tests {
     #[test]
     fn backend_outer_step_matches_the_cpu_reference() {
         let n = 1000;
-        let contributions: Vec<Contribution> =
-            (0..5u8).map(|p| c(p, (0..n).map(|i| ((i * 7 + p as usize * 13) % 17) as f32 * 0.01 - 0.08).collect())).collect();
+        let contributions: Vec<Contribution> = (0..5u8)
+            .map(|p| {
+                c(
+                    p,
+                    (0..n)
+                        .map(|i| ((i * 7 + p as usize * 13) % 17) as f32 * 0.01 - 0.08)
+                        .collect(),
+                )
+            })
+            .collect();
         let params: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
         let velocity: Vec<f32> = (0..n).map(|i| (i as f32).cos() * 0.1).collect();
         let spec = OuterSpec::default();
 
         let mut expected = params.clone();
-        let mut outer = OuterOptimizer { spec: spec.clone(), velocity: velocity.clone() };
-        outer.step(&mut expected, &mean(&contributions).expect("mean")).expect("shape");
+        let mut outer = OuterOptimizer {
+            spec: spec.clone(),
+            velocity: velocity.clone(),
+        };
+        outer
+            .step(&mut expected, &mean(&contributions).expect("mean"))
+            .expect("shape");
 
         let device = Default::default();
         let (theta, v) = futures::executor::block_on(outer_step_on::<burn::backend::NdArray>(
-            &device, &params, &velocity, &contributions, &spec,
+            &device,
+            &params,
+            &velocity,
+            &contributions,
+            &spec,
         ))
         .expect("aggregate");
-        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+        };
         assert!(close(&theta, &expected));
         assert!(close(&v, &outer.velocity));
         let bad = [c(1, vec![0.0; 3])];
-        let err = futures::executor::block_on(outer_step_on::<burn::backend::NdArray>(&device, &params, &velocity, &bad, &spec));
-        assert_eq!(err, Err(AggregateError::Shape { expected: n, got: 3 }));
+        let err = futures::executor::block_on(outer_step_on::<burn::backend::NdArray>(
+            &device, &params, &velocity, &bad, &spec,
+        ));
+        assert_eq!(
+            err,
+            Err(AggregateError::Shape {
+                expected: n,
+                got: 3
+            })
+        );
     }
 }

@@ -76,7 +76,10 @@ fn mean_std(rows: &[Vec<f32>], n: usize) -> (Vec<f32>, Vec<f32>) {
     }
     let mut var = vec![0.0f32; n];
     for row in rows {
-        var.iter_mut().zip(row).zip(&mean).for_each(|((s, v), m)| *s += (v - m) * (v - m) / count);
+        var.iter_mut()
+            .zip(row)
+            .zip(&mean)
+            .for_each(|((s, v), m)| *s += (v - m) * (v - m) / count);
     }
     (mean, var.into_iter().map(f32::sqrt).collect())
 }
@@ -84,17 +87,36 @@ fn mean_std(rows: &[Vec<f32>], n: usize) -> (Vec<f32>, Vec<f32>) {
 /// The malicious update for `attack` given the attacker's own honest update and the honest
 /// updates of the round. `None` for attacks that need another kind of input (label flip
 /// trains on poisoned data; replay resends an old update).
-pub fn craft(attack: Attack, own: &[f32], honest: &[Vec<f32>], rng: &mut SplitMix64) -> Option<Vec<f32>> {
+pub fn craft(
+    attack: Attack,
+    own: &[f32],
+    honest: &[Vec<f32>],
+    rng: &mut SplitMix64,
+) -> Option<Vec<f32>> {
     let n = own.len();
     Some(match attack {
         Attack::SignFlip { scale } => own.iter().map(|v| -scale * v).collect(),
-        Attack::Gaussian { sigma } => (0..n).map(|_| (standard_normal(rng) * f64::from(sigma)) as f32).collect(),
+        Attack::Gaussian { sigma } => (0..n)
+            .map(|_| (standard_normal(rng) * f64::from(sigma)) as f32)
+            .collect(),
         Attack::Alie { z } => {
             let (mean, std) = mean_std(honest, n);
             mean.iter().zip(&std).map(|(m, s)| m - z * s).collect()
         }
         Attack::Ipm { epsilon } => mean_std(honest, n).0.iter().map(|m| -epsilon * m).collect(),
-        Attack::NonFinite => own.iter().enumerate().map(|(i, v)| if i % 3 == 0 { f32::NAN } else if i % 3 == 1 { f32::INFINITY } else { *v }).collect(),
+        Attack::NonFinite => own
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if i % 3 == 0 {
+                    f32::NAN
+                } else if i % 3 == 1 {
+                    f32::INFINITY
+                } else {
+                    *v
+                }
+            })
+            .collect(),
         Attack::Replay | Attack::LabelFlip => return None,
     })
 }
@@ -131,7 +153,9 @@ pub async fn run_attack<B: AutodiffBackend>(
     run: &AttackRun,
 ) -> Result<Vec<f32>, AttackError> {
     if shards.is_empty() || run.peers == 0 || run.attackers >= run.peers {
-        return Err(AttackError::Config("need shards and at least one honest peer".into()));
+        return Err(AttackError::Config(
+            "need shards and at least one honest peer".into(),
+        ));
     }
     let n = theta0.len();
     let mut theta = theta0.to_vec();
@@ -139,7 +163,8 @@ pub async fn run_attack<B: AutodiffBackend>(
     let mut previous: Option<Vec<f32>> = None;
     let mut replayable: Vec<Option<Vec<f32>>> = vec![None; run.attackers as usize];
     let mut rng = SplitMix64::new(derive_seed("attack", &[&run.seed.to_le_bytes()]));
-    let mut accuracy = vec![evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?];
+    let mut accuracy =
+        vec![evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?];
     for round in 0..run.rounds {
         // Every peer's honest update (attackers compute theirs too: sign flip and replay use it).
         let mut updates = Vec::with_capacity(run.peers as usize);
@@ -148,13 +173,27 @@ pub async fn run_attack<B: AutodiffBackend>(
             if peer < run.attackers && run.attack == Some(Attack::LabelFlip) {
                 data.labels.iter_mut().for_each(|y| *y = 9 - (*y).min(9));
             }
-            let seed = derive_seed("attack peer", &[&run.seed.to_le_bytes(), &round.to_le_bytes(), &peer.to_le_bytes()]);
-            let mut trainer = LocalTrainer::<B>::new(device, &run.model, &theta, data, &run.inner, seed)?;
+            let seed = derive_seed(
+                "attack peer",
+                &[
+                    &run.seed.to_le_bytes(),
+                    &round.to_le_bytes(),
+                    &peer.to_le_bytes(),
+                ],
+            );
+            let mut trainer =
+                LocalTrainer::<B>::new(device, &run.model, &theta, data, &run.inner, seed)?;
             while !trainer.is_done() {
                 trainer.step();
             }
             let local = trainer.finish().await?.params;
-            updates.push(theta.iter().zip(&local).map(|(t, l)| t - l).collect::<Vec<f32>>());
+            updates.push(
+                theta
+                    .iter()
+                    .zip(&local)
+                    .map(|(t, l)| t - l)
+                    .collect::<Vec<f32>>(),
+            );
         }
         let honest: Vec<Vec<f32>> = updates[run.attackers as usize..].to_vec();
         let mut contributions = Vec::with_capacity(run.peers as usize);
@@ -174,15 +213,25 @@ pub async fn run_attack<B: AutodiffBackend>(
                 _ => Some(update),
             };
             // The relay's own checks, before any aggregation rule sees the update.
-            let Some(delta) = sent.filter(|d| d.len() == n && d.iter().all(|v| v.is_finite())) else { continue };
+            let Some(delta) = sent.filter(|d| d.len() == n && d.iter().all(|v| v.is_finite()))
+            else {
+                continue;
+            };
             let mut key = [0u8; 32];
             key[..4].copy_from_slice(&(peer as u32).to_be_bytes());
-            contributions.push(Contribution { peer: PeerKey(key), n_samples: run.inner.steps * run.inner.batch_size, delta });
+            contributions.push(Contribution {
+                peer: PeerKey(key),
+                n_samples: run.inner.steps * run.inner.batch_size,
+                delta,
+            });
         }
         // As the relay does: a round the rule refuses (too few updates left for it) closes
         // without moving θ.
-        if let Ok(aggregate) = robust::aggregate(&run.rule, &contributions, n, previous.as_deref()) {
-            outer.step(&mut theta, &aggregate).map_err(|e| AttackError::Config(e.to_string()))?;
+        if let Ok(aggregate) = robust::aggregate(&run.rule, &contributions, n, previous.as_deref())
+        {
+            outer
+                .step(&mut theta, &aggregate)
+                .map_err(|e| AttackError::Config(e.to_string()))?;
             previous = Some(aggregate);
         }
         accuracy.push(evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?);
@@ -198,13 +247,33 @@ mod tests {
     fn crafted_updates_follow_their_definitions() {
         let honest = vec![vec![1.0f32, 2.0], vec![3.0, 2.0]];
         let mut rng = SplitMix64::new(1);
-        assert_eq!(craft(Attack::SignFlip { scale: 10.0 }, &[1.0, -2.0], &honest, &mut rng), Some(vec![-10.0, 20.0]));
+        assert_eq!(
+            craft(
+                Attack::SignFlip { scale: 10.0 },
+                &[1.0, -2.0],
+                &honest,
+                &mut rng
+            ),
+            Some(vec![-10.0, 20.0])
+        );
         // mean (2, 2), std (1, 0): ALIE z = 1 → (1, 2); IPM ε = 0.5 → (−1, −1).
-        assert_eq!(craft(Attack::Alie { z: 1.0 }, &[0.0, 0.0], &honest, &mut rng), Some(vec![1.0, 2.0]));
-        assert_eq!(craft(Attack::Ipm { epsilon: 0.5 }, &[0.0, 0.0], &honest, &mut rng), Some(vec![-1.0, -1.0]));
+        assert_eq!(
+            craft(Attack::Alie { z: 1.0 }, &[0.0, 0.0], &honest, &mut rng),
+            Some(vec![1.0, 2.0])
+        );
+        assert_eq!(
+            craft(Attack::Ipm { epsilon: 0.5 }, &[0.0, 0.0], &honest, &mut rng),
+            Some(vec![-1.0, -1.0])
+        );
         let nan = craft(Attack::NonFinite, &[1.0, 1.0, 1.0], &honest, &mut rng).expect("crafted");
         assert!(nan[0].is_nan() && nan[1].is_infinite());
-        let noise = craft(Attack::Gaussian { sigma: 2.0 }, &[0.0; 4000], &honest, &mut rng).expect("crafted");
+        let noise = craft(
+            Attack::Gaussian { sigma: 2.0 },
+            &[0.0; 4000],
+            &honest,
+            &mut rng,
+        )
+        .expect("crafted");
         let std = (noise.iter().map(|v| v * v).sum::<f32>() / 4000.0).sqrt();
         assert!((std - 2.0).abs() < 0.1, "σ {std}");
         assert_eq!(craft(Attack::LabelFlip, &[0.0], &honest, &mut rng), None);

@@ -33,7 +33,10 @@ impl<B: Backend> ModuleVisitor<B> for Layout {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.tensors.push(TensorInfo { name: self.path.join("."), shape: param.dims().to_vec() });
+        self.tensors.push(TensorInfo {
+            name: self.path.join("."),
+            shape: param.dims().to_vec(),
+        });
     }
 }
 
@@ -55,14 +58,28 @@ pub enum CheckpointError {
 }
 
 /// Encodes `values` (flat, in `layout` order) as safetensors, with string `metadata`.
-pub fn to_safetensors(layout: &[TensorInfo], values: &[f32], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, CheckpointError> {
-    let expected: usize = layout.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+pub fn to_safetensors(
+    layout: &[TensorInfo],
+    values: &[f32],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, CheckpointError> {
+    let expected: usize = layout
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     if expected != values.len() {
-        return Err(CheckpointError::Length { expected, got: values.len() });
+        return Err(CheckpointError::Length {
+            expected,
+            got: values.len(),
+        });
     }
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(|e| CheckpointError::Malformed(e.to_string()))?);
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata)
+                .map_err(|e| CheckpointError::Malformed(e.to_string()))?,
+        );
     }
     let mut offset = 0usize;
     for t in layout {
@@ -73,13 +90,16 @@ pub fn to_safetensors(layout: &[TensorInfo], values: &[f32], metadata: &BTreeMap
         );
         offset += bytes;
     }
-    let mut json = serde_json::to_vec(&header).map_err(|e| CheckpointError::Malformed(e.to_string()))?;
+    let mut json =
+        serde_json::to_vec(&header).map_err(|e| CheckpointError::Malformed(e.to_string()))?;
     // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
     json.resize(json.len().next_multiple_of(8), b' ');
     let mut out = Vec::with_capacity(8 + json.len() + 4 * values.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
-    values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    values
+        .iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
     Ok(out)
 }
 
@@ -93,7 +113,10 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// All values, concatenated in data order: the flat parameter vector.
     pub fn flat(&self) -> Vec<f32> {
-        self.tensors.iter().flat_map(|(_, v)| v.iter().copied()).collect()
+        self.tensors
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect()
     }
 }
 
@@ -101,35 +124,61 @@ impl Checkpoint {
 /// is an error, never a panic.
 pub fn from_safetensors(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
     let bad = |m: &str| CheckpointError::Malformed(m.to_owned());
-    let len = bytes.get(..8).ok_or_else(|| bad("shorter than its 8-byte header length"))?;
+    let len = bytes
+        .get(..8)
+        .ok_or_else(|| bad("shorter than its 8-byte header length"))?;
     let len = u64::from_le_bytes(len.try_into().map_err(|_| bad("header length"))?);
-    let end = usize::try_from(len).ok().and_then(|l| l.checked_add(8)).filter(|e| *e <= bytes.len()).ok_or_else(|| bad("header runs past the end"))?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..end]).map_err(|e| CheckpointError::Malformed(format!("header: {e}")))?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(8))
+        .filter(|e| *e <= bytes.len())
+        .ok_or_else(|| bad("header runs past the end"))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..end])
+        .map_err(|e| CheckpointError::Malformed(format!("header: {e}")))?;
     let data = &bytes[end..];
     let mut metadata = BTreeMap::new();
     let mut tensors = Vec::new();
     for (name, entry) in header {
         if name == "__metadata__" {
-            metadata = serde_json::from_value(entry).map_err(|e| CheckpointError::Malformed(format!("metadata: {e}")))?;
+            metadata = serde_json::from_value(entry)
+                .map_err(|e| CheckpointError::Malformed(format!("metadata: {e}")))?;
             continue;
         }
         if entry.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
             return Err(CheckpointError::Dtype(name));
         }
-        let shape: Vec<usize> = serde_json::from_value(entry.get("shape").cloned().unwrap_or_default())
-            .map_err(|e| CheckpointError::Malformed(format!("{name} shape: {e}")))?;
-        let [begin, stop]: [usize; 2] = serde_json::from_value(entry.get("data_offsets").cloned().unwrap_or_default())
-            .map_err(|e| CheckpointError::Malformed(format!("{name} offsets: {e}")))?;
-        let count = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d)).ok_or_else(|| bad("shape overflows"))?;
-        if begin > stop || stop > data.len() || stop - begin != count.checked_mul(4).ok_or_else(|| bad("size overflows"))? {
-            return Err(CheckpointError::Malformed(format!("{name}: offsets {begin}..{stop} do not match shape {shape:?}")));
+        let shape: Vec<usize> =
+            serde_json::from_value(entry.get("shape").cloned().unwrap_or_default())
+                .map_err(|e| CheckpointError::Malformed(format!("{name} shape: {e}")))?;
+        let [begin, stop]: [usize; 2] =
+            serde_json::from_value(entry.get("data_offsets").cloned().unwrap_or_default())
+                .map_err(|e| CheckpointError::Malformed(format!("{name} offsets: {e}")))?;
+        let count = shape
+            .iter()
+            .try_fold(1usize, |a, d| a.checked_mul(*d))
+            .ok_or_else(|| bad("shape overflows"))?;
+        if begin > stop
+            || stop > data.len()
+            || stop - begin != count.checked_mul(4).ok_or_else(|| bad("size overflows"))?
+        {
+            return Err(CheckpointError::Malformed(format!(
+                "{name}: offsets {begin}..{stop} do not match shape {shape:?}"
+            )));
         }
-        let values = data[begin..stop].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values = data[begin..stop]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         tensors.push((begin, TensorInfo { name, shape }, values));
     }
     tensors.sort_by_key(|(begin, ..)| *begin);
-    Ok(Checkpoint { tensors: tensors.into_iter().map(|(_, info, values)| (info, values)).collect(), metadata })
+    Ok(Checkpoint {
+        tensors: tensors
+            .into_iter()
+            .map(|(_, info, values)| (info, values))
+            .collect(),
+        metadata,
+    })
 }
 
 #[cfg(test)]
@@ -140,7 +189,9 @@ mod tests {
 
     #[test]
     fn round_trip_with_names_shapes_and_metadata() {
-        let model = DigitsMlpConfig::new().with_hidden(8).init::<NdArray>(&Default::default());
+        let model = DigitsMlpConfig::new()
+            .with_hidden(8)
+            .init::<NdArray>(&Default::default());
         let layout = layout(&model);
         let names: Vec<&str> = layout.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
@@ -148,20 +199,38 @@ mod tests {
         let values: Vec<f32> = (0..model.num_params()).map(|i| i as f32 * 0.5).collect();
         let metadata = BTreeMap::from([("round".to_owned(), "7".to_owned())]);
         let bytes = to_safetensors(&layout, &values, &metadata).expect("encode");
-        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) % 8, 0);
+        assert_eq!(
+            u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) % 8,
+            0
+        );
         let back = from_safetensors(&bytes).expect("decode");
         assert_eq!(back.flat(), values);
         assert_eq!(back.metadata, metadata);
-        assert_eq!(back.tensors.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(), layout);
-        assert!(matches!(to_safetensors(&layout, &values[1..], &metadata), Err(CheckpointError::Length { .. })));
+        assert_eq!(
+            back.tensors
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect::<Vec<_>>(),
+            layout
+        );
+        assert!(matches!(
+            to_safetensors(&layout, &values[1..], &metadata),
+            Err(CheckpointError::Length { .. })
+        ));
     }
 
     #[test]
     fn malformed_files_are_errors() {
-        let layout = [TensorInfo { name: "w".into(), shape: vec![2] }];
+        let layout = [TensorInfo {
+            name: "w".into(),
+            shape: vec![2],
+        }];
         let good = to_safetensors(&layout, &[1.0, 2.0], &BTreeMap::new()).expect("encode");
         for cut in 0..good.len() {
-            assert!(from_safetensors(&good[..cut]).is_err(), "truncated at {cut}");
+            assert!(
+                from_safetensors(&good[..cut]).is_err(),
+                "truncated at {cut}"
+            );
         }
         let mut huge = good.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -170,11 +239,17 @@ mod tests {
         let mut lying = (json.len() as u64).to_le_bytes().to_vec();
         lying.extend_from_slice(json);
         lying.extend_from_slice(&[0; 8]);
-        assert!(matches!(from_safetensors(&lying), Err(CheckpointError::Malformed(_))));
+        assert!(matches!(
+            from_safetensors(&lying),
+            Err(CheckpointError::Malformed(_))
+        ));
         let json = br#"{"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#;
         let mut wrong = (json.len() as u64).to_le_bytes().to_vec();
         wrong.extend_from_slice(json);
         wrong.extend_from_slice(&[0; 8]);
-        assert_eq!(from_safetensors(&wrong), Err(CheckpointError::Dtype("w".into())));
+        assert_eq!(
+            from_safetensors(&wrong),
+            Err(CheckpointError::Dtype("w".into()))
+        );
     }
 }

@@ -8,7 +8,10 @@
 use core::fmt;
 use core::marker::PhantomData;
 
-use ml_dsa::{EncodedVerifyingKey, Keypair, MlDsa65, Seed, Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ml_dsa::{
+    EncodedVerifyingKey, Keypair, MlDsa65, Seed, Signature, Signer, SigningKey, Verifier,
+    VerifyingKey,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -78,7 +81,9 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,7 +93,12 @@ impl Identity {
         let signing = SigningKey::<MlDsa65>::from_seed(&Seed::from(seed));
         let public_key = signing.verifying_key().encode().to_vec();
         let peer = PeerKey::from_public_key(&public_key);
-        Self { seed, signing, public_key, peer }
+        Self {
+            seed,
+            signing,
+            public_key,
+            peer,
+        }
     }
 
     /// The secret seed, for persisting the identity (IndexedDB, or a 0600 key file).
@@ -106,7 +116,8 @@ impl Identity {
 
     /// Serializes `message` with postcard and signs the bytes.
     pub fn sign<T: Serialize>(&self, message: &T) -> Result<Signed<T>, CryptoError> {
-        let body = postcard::to_allocvec(message).map_err(|e| CryptoError::Encode(e.to_string()))?;
+        let body =
+            postcard::to_allocvec(message).map_err(|e| CryptoError::Encode(e.to_string()))?;
         let signature: Signature<MlDsa65> = self.signing.sign(&signed_bytes(&body));
         Ok(Signed {
             public_key: self.public_key.clone(),
@@ -177,7 +188,12 @@ impl<T> Signed<T> {
     /// The same signed message without the signer's public key, for receivers that already
     /// hold that key (1,952 bytes less). [`Self::verify_with_key`] checks it.
     pub fn without_key(&self) -> Self {
-        Self { public_key: Vec::new(), body: self.body.clone(), signature: self.signature.clone(), _message: PhantomData }
+        Self {
+            public_key: Vec::new(),
+            body: self.body.clone(),
+            signature: self.signature.clone(),
+            _message: PhantomData,
+        }
     }
 }
 
@@ -192,7 +208,10 @@ impl<T: DeserializeOwned> Signed<T> {
     pub fn verify_from(&self, expected: &PeerKey) -> Result<T, CryptoError> {
         let got = PeerKey::from_public_key(&self.public_key);
         if &got != expected {
-            return Err(CryptoError::WrongSigner { expected: *expected, got });
+            return Err(CryptoError::WrongSigner {
+                expected: *expected,
+                got,
+            });
         }
         self.verify_and_decode().map(|(_, message)| message)
     }
@@ -211,11 +230,18 @@ impl<T: DeserializeOwned> Signed<T> {
 }
 
 /// Checks an ML-DSA-65 signature by `public_key` over `body`, then decodes `body`.
-fn verify_body<T: DeserializeOwned>(public_key: &[u8], body: &[u8], signature: &[u8]) -> Result<T, CryptoError> {
-    let encoded = EncodedVerifyingKey::<MlDsa65>::try_from(public_key).map_err(|_| CryptoError::PublicKeyLength(public_key.len()))?;
+fn verify_body<T: DeserializeOwned>(
+    public_key: &[u8],
+    body: &[u8],
+    signature: &[u8],
+) -> Result<T, CryptoError> {
+    let encoded = EncodedVerifyingKey::<MlDsa65>::try_from(public_key)
+        .map_err(|_| CryptoError::PublicKeyLength(public_key.len()))?;
     let key = VerifyingKey::<MlDsa65>::decode(&encoded);
-    let signature = Signature::<MlDsa65>::try_from(signature).map_err(|_| CryptoError::MalformedSignature)?;
-    key.verify(&signed_bytes(body), &signature).map_err(|_| CryptoError::BadSignature)?;
+    let signature =
+        Signature::<MlDsa65>::try_from(signature).map_err(|_| CryptoError::MalformedSignature)?;
+    key.verify(&signed_bytes(body), &signature)
+        .map_err(|_| CryptoError::BadSignature)?;
     postcard::from_bytes(body).map_err(|e| CryptoError::Decode(e.to_string()))
 }
 
@@ -231,7 +257,12 @@ mod tests {
 
     fn signed() -> (Identity, Signed<Msg>) {
         let id = Identity::from_seed([7; 32]);
-        let msg = id.sign(&Msg { round: 3, payload: vec![1, 2, 3, 4] }).expect("sign");
+        let msg = id
+            .sign(&Msg {
+                round: 3,
+                payload: vec![1, 2, 3, 4],
+            })
+            .expect("sign");
         (id, msg)
     }
 
@@ -242,7 +273,13 @@ mod tests {
         assert_eq!(msg.signature.len(), SIGNATURE_BYTES);
         let (peer, decoded) = msg.verify_and_decode().expect("verifies");
         assert_eq!(peer, id.peer());
-        assert_eq!(decoded, Msg { round: 3, payload: vec![1, 2, 3, 4] });
+        assert_eq!(
+            decoded,
+            Msg {
+                round: 3,
+                payload: vec![1, 2, 3, 4]
+            }
+        );
         assert_eq!(msg.verify_from(&id.peer()).expect("from"), decoded);
     }
 
@@ -251,21 +288,52 @@ mod tests {
         let (id, msg) = signed();
         let bare = msg.without_key();
         assert!(bare.public_key.is_empty());
-        assert_eq!(bare.verify_with_key(&msg.public_key).expect("verifies").round, 3);
-        assert_eq!(msg.verify_with_key(&msg.public_key).expect("with its key too").round, 3);
+        assert_eq!(
+            bare.verify_with_key(&msg.public_key)
+                .expect("verifies")
+                .round,
+            3
+        );
+        assert_eq!(
+            msg.verify_with_key(&msg.public_key)
+                .expect("with its key too")
+                .round,
+            3
+        );
         let other = Identity::from_seed([8; 32]);
-        let other_key = other.sign(&Msg { round: 0, payload: vec![] }).expect("sign").public_key;
-        assert!(matches!(bare.verify_with_key(&other_key), Err(CryptoError::BadSignature)));
-        assert!(matches!(msg.verify_with_key(&other_key), Err(CryptoError::WrongSigner { .. })));
-        assert!(matches!(bare.verify_with_key(&[1, 2, 3]), Err(CryptoError::PublicKeyLength(3))));
-        assert!(bare.verify_and_decode().is_err(), "no key, nothing to verify against");
+        let other_key = other
+            .sign(&Msg {
+                round: 0,
+                payload: vec![],
+            })
+            .expect("sign")
+            .public_key;
+        assert!(matches!(
+            bare.verify_with_key(&other_key),
+            Err(CryptoError::BadSignature)
+        ));
+        assert!(matches!(
+            msg.verify_with_key(&other_key),
+            Err(CryptoError::WrongSigner { .. })
+        ));
+        assert!(matches!(
+            bare.verify_with_key(&[1, 2, 3]),
+            Err(CryptoError::PublicKeyLength(3))
+        ));
+        assert!(
+            bare.verify_and_decode().is_err(),
+            "no key, nothing to verify against"
+        );
         let _ = id;
     }
 
     #[test]
     fn seeds_round_trip_through_hex_and_bad_hex_is_refused() {
         let seed: [u8; 32] = core::array::from_fn(|i| (i * 37) as u8);
-        assert_eq!(seed_from_hex(&format!(" {}\n", seed_to_hex(&seed))), Some(seed));
+        assert_eq!(
+            seed_from_hex(&format!(" {}\n", seed_to_hex(&seed))),
+            Some(seed)
+        );
         assert_eq!(seed_from_hex("abc"), None);
         assert_eq!(seed_from_hex(&"zz".repeat(32)), None);
         assert_eq!(seed_from_hex(&"é".repeat(32)), None);
@@ -273,8 +341,14 @@ mod tests {
 
     #[test]
     fn identity_is_deterministic_in_its_seed() {
-        assert_eq!(Identity::from_seed([1; 32]).peer(), Identity::from_seed([1; 32]).peer());
-        assert_ne!(Identity::from_seed([1; 32]).peer(), Identity::from_seed([2; 32]).peer());
+        assert_eq!(
+            Identity::from_seed([1; 32]).peer(),
+            Identity::from_seed([1; 32]).peer()
+        );
+        assert_ne!(
+            Identity::from_seed([1; 32]).peer(),
+            Identity::from_seed([2; 32]).peer()
+        );
     }
 
     #[test]
@@ -283,7 +357,11 @@ mod tests {
         for bit in 0..msg.body.len() * 8 {
             let mut forged = msg.clone();
             forged.body[bit / 8] ^= 1 << (bit % 8);
-            assert_eq!(forged.verify_and_decode().unwrap_err(), CryptoError::BadSignature, "bit {bit}");
+            assert_eq!(
+                forged.verify_and_decode().unwrap_err(),
+                CryptoError::BadSignature,
+                "bit {bit}"
+            );
         }
     }
 
@@ -294,7 +372,13 @@ mod tests {
             let mut forged = msg.clone();
             forged.signature[byte] ^= 0x10;
             let err = forged.verify_and_decode().unwrap_err();
-            assert!(matches!(err, CryptoError::BadSignature | CryptoError::MalformedSignature), "{err:?}");
+            assert!(
+                matches!(
+                    err,
+                    CryptoError::BadSignature | CryptoError::MalformedSignature
+                ),
+                "{err:?}"
+            );
         }
     }
 
@@ -304,14 +388,26 @@ mod tests {
         let other = Identity::from_seed([8; 32]);
         let mut swapped = msg.clone();
         swapped.public_key = other.public_key().to_vec();
-        assert_eq!(swapped.verify_and_decode().unwrap_err(), CryptoError::BadSignature);
-        assert!(matches!(msg.verify_from(&other.peer()), Err(CryptoError::WrongSigner { .. })));
+        assert_eq!(
+            swapped.verify_and_decode().unwrap_err(),
+            CryptoError::BadSignature
+        );
+        assert!(matches!(
+            msg.verify_from(&other.peer()),
+            Err(CryptoError::WrongSigner { .. })
+        ));
 
         let mut short_key = msg.clone();
         short_key.public_key.pop();
-        assert_eq!(short_key.verify_and_decode().unwrap_err(), CryptoError::PublicKeyLength(PUBLIC_KEY_BYTES - 1));
+        assert_eq!(
+            short_key.verify_and_decode().unwrap_err(),
+            CryptoError::PublicKeyLength(PUBLIC_KEY_BYTES - 1)
+        );
         let mut short_sig = msg.clone();
         short_sig.signature.truncate(100);
-        assert_eq!(short_sig.verify_and_decode().unwrap_err(), CryptoError::MalformedSignature);
+        assert_eq!(
+            short_sig.verify_and_decode().unwrap_err(),
+            CryptoError::MalformedSignature
+        );
     }
 }

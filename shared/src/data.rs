@@ -40,7 +40,9 @@ impl DigitsSet {
     /// Builds a set, checking every pixel and label.
     pub fn new(pixels: Vec<u8>, labels: Vec<u8>) -> Result<Self, DataError> {
         if pixels.len() != labels.len() * DIGITS_INPUTS {
-            return Err(DataError::Malformed("pixel count does not match label count"));
+            return Err(DataError::Malformed(
+                "pixel count does not match label count",
+            ));
         }
         if let Some(&p) = pixels.iter().find(|&&p| p > MAX_PIXEL) {
             return Err(DataError::Pixel(p));
@@ -55,7 +57,8 @@ impl DigitsSet {
     pub fn select(&self, indices: &[usize]) -> Self {
         let mut out = Self::default();
         for &i in indices {
-            out.pixels.extend_from_slice(&self.pixels[i * DIGITS_INPUTS..(i + 1) * DIGITS_INPUTS]);
+            out.pixels
+                .extend_from_slice(&self.pixels[i * DIGITS_INPUTS..(i + 1) * DIGITS_INPUTS]);
             out.labels.push(self.labels[i]);
         }
         out
@@ -72,10 +75,16 @@ impl DigitsSet {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, DataError> {
-        let rest = bytes.strip_prefix(SHARD_MAGIC).ok_or(DataError::Malformed("bad magic"))?;
-        let (count, rest) = rest.split_at_checked(4).ok_or(DataError::Malformed("truncated header"))?;
+        let rest = bytes
+            .strip_prefix(SHARD_MAGIC)
+            .ok_or(DataError::Malformed("bad magic"))?;
+        let (count, rest) = rest
+            .split_at_checked(4)
+            .ok_or(DataError::Malformed("truncated header"))?;
         let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
-        let pixel_bytes = count.checked_mul(DIGITS_INPUTS).ok_or(DataError::Malformed("count overflows"))?;
+        let pixel_bytes = count
+            .checked_mul(DIGITS_INPUTS)
+            .ok_or(DataError::Malformed("count overflows"))?;
         if rest.len() != pixel_bytes + count {
             return Err(DataError::Malformed("length does not match count"));
         }
@@ -184,7 +193,12 @@ impl BatchSampler {
         let mut rng = SplitMix64::new(seed);
         let mut order: Vec<usize> = (0..len).collect();
         rng.shuffle(&mut order);
-        Self { rng, order, cursor: 0, batch_size: batch_size.clamp(1, len.max(1)) }
+        Self {
+            rng,
+            order,
+            cursor: 0,
+            batch_size: batch_size.clamp(1, len.max(1)),
+        }
     }
 
     /// The next batch: always `batch_size` indices (fewer only if the set is smaller).
@@ -249,8 +263,14 @@ mod tests {
             counts[s as usize] += 1;
         }
         assert!(counts.iter().all(|&c| c >= 8), "{counts:?}");
-        let moved = peers.iter().filter(|p| assign_shard("run", 3, p, 4) != assign_shard("run", 4, p, 4)).count();
-        assert!(moved > 16, "shards should rotate between rounds, {moved} moved");
+        let moved = peers
+            .iter()
+            .filter(|p| assign_shard("run", 3, p, 4) != assign_shard("run", 4, p, 4))
+            .count();
+        assert!(
+            moved > 16,
+            "shards should rotate between rounds, {moved} moved"
+        );
     }
 
     #[test]

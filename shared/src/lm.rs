@@ -98,22 +98,39 @@ impl LmConfig {
 
     /// Checks the shape before anything is allocated; a bad spec from a relay is an error.
     pub fn validate(&self) -> Result<(), String> {
-        if self.vocab == 0 || self.context == 0 || self.d_model == 0 || self.layers == 0 || self.mlp_ratio == 0 {
+        if self.vocab == 0
+            || self.context == 0
+            || self.d_model == 0
+            || self.layers == 0
+            || self.mlp_ratio == 0
+        {
             return Err("every LM dimension must be positive".into());
         }
         if self.heads == 0 || !self.d_model.is_multiple_of(self.heads) {
-            return Err(format!("{} heads do not divide d_model {}", self.heads, self.d_model));
+            return Err(format!(
+                "{} heads do not divide d_model {}",
+                self.heads, self.d_model
+            ));
         }
         if self.num_params() > 64 << 20 {
-            return Err(format!("{} parameters is more than this system sends", self.num_params()));
+            return Err(format!(
+                "{} parameters is more than this system sends",
+                self.num_params()
+            ));
         }
         Ok(())
     }
 
     /// θ₀ for `seed`: every matrix (embeddings and linear weights) ~ N(0, 0.02²), LayerNorm
     /// gains 1 and biases 0. Identical on every backend and platform for a given seed.
-    pub async fn init_params<B: Backend>(&self, device: &B::Device, seed: u64) -> Result<Vec<f32>, ParamsError> {
-        let module = self.init::<B>(device).map(&mut NormalInit(SplitMix64::new(seed)));
+    pub async fn init_params<B: Backend>(
+        &self,
+        device: &B::Device,
+        seed: u64,
+    ) -> Result<Vec<f32>, ParamsError> {
+        let module = self
+            .init::<B>(device)
+            .map(&mut NormalInit(SplitMix64::new(seed)));
         params::to_vec(&module).await
     }
 }
@@ -129,8 +146,11 @@ impl<B: Backend> ModuleMapper<B> for NormalInit {
         }
         let (id, old, mapper) = param.consume();
         let shape = old.shape();
-        let values: Vec<f32> = (0..shape.num_elements()).map(|_| (standard_normal(&mut self.0) * 0.02) as f32).collect();
-        let tensor = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device()).set_require_grad(old.is_require_grad());
+        let values: Vec<f32> = (0..shape.num_elements())
+            .map(|_| (standard_normal(&mut self.0) * 0.02) as f32)
+            .collect();
+        let tensor = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device())
+            .set_require_grad(old.is_require_grad());
         Param::from_mapped_value(id, tensor, mapper)
     }
 }
@@ -141,10 +161,15 @@ impl<B: Backend> Block<B> {
         let (heads, head_dim) = (self.heads, d / self.heads);
         let qkv = self.qkv.forward(self.attn_norm.forward(x.clone())); // [b, t, 3d]
         let split = |i: usize| {
-            qkv.clone().narrow(2, i * d, d).reshape([batch, time, heads, head_dim]).swap_dims(1, 2) // [b, h, t, hd]
+            qkv.clone()
+                .narrow(2, i * d, d)
+                .reshape([batch, time, heads, head_dim])
+                .swap_dims(1, 2) // [b, h, t, hd]
         };
         let (q, k, v) = (split(0), split(1), split(2));
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (head_dim as f64).sqrt()); // [b, h, t, t]
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (head_dim as f64).sqrt()); // [b, h, t, t]
         let weights = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
         let attended = weights.matmul(v).swap_dims(1, 2).reshape([batch, time, d]); // [b, t, d]
         let x = x + self.proj.forward(attended);
@@ -161,7 +186,8 @@ impl<B: Backend> Lm<B> {
         let positions = Tensor::<B, 1, Int>::arange(0..time as i64, &device).reshape([1, time]);
         let mut x = self.tokens.forward(tokens) + self.positions.forward(positions); // [b, t, d]
         // True above the diagonal: a position never attends to later ones.
-        let mask = Tensor::<B, 2, Bool>::tril_mask([time, time], 0, &device).reshape([1, 1, time, time]);
+        let mask =
+            Tensor::<B, 2, Bool>::tril_mask([time, time], 0, &device).reshape([1, 1, time, time]);
         for block in &self.blocks {
             x = block.forward(x, mask.clone());
         }
@@ -177,7 +203,9 @@ impl<B: Backend> Lm<B> {
         let targets = windows.narrow(1, 1, time).reshape([batch * time]);
         let logits = self.forward(inputs);
         let vocab = logits.dims()[2];
-        CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.reshape([batch * time, vocab]), targets)
+        CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits.reshape([batch * time, vocab]), targets)
     }
 }
 
@@ -188,7 +216,11 @@ mod tests {
     use futures::executor::block_on;
 
     fn config() -> LmConfig {
-        LmConfig::new().with_context(8).with_d_model(16).with_heads(2).with_layers(2)
+        LmConfig::new()
+            .with_context(8)
+            .with_d_model(16)
+            .with_heads(2)
+            .with_layers(2)
     }
 
     #[test]
@@ -197,11 +229,21 @@ mod tests {
         let c = config();
         assert_eq!(c.num_params(), c.init::<NdArray>(&device).num_params());
         let a = block_on(c.init_params::<NdArray>(&device, 1)).expect("init");
-        assert_eq!(a, block_on(c.init_params::<NdArray>(&device, 1)).expect("init"), "same seed, same θ₀");
-        assert_ne!(a, block_on(c.init_params::<NdArray>(&device, 2)).expect("init"));
+        assert_eq!(
+            a,
+            block_on(c.init_params::<NdArray>(&device, 1)).expect("init"),
+            "same seed, same θ₀"
+        );
+        assert_ne!(
+            a,
+            block_on(c.init_params::<NdArray>(&device, 2)).expect("init")
+        );
         // The first LayerNorm gain (after the two embeddings) is ones, its bias zeros.
         let ln = (c.vocab + c.context) * c.d_model;
-        assert!(a[ln..ln + 16].iter().all(|v| *v == 1.0) && a[ln + 16..ln + 32].iter().all(|v| *v == 0.0));
+        assert!(
+            a[ln..ln + 16].iter().all(|v| *v == 1.0)
+                && a[ln + 16..ln + 32].iter().all(|v| *v == 0.0)
+        );
         let std = (a[..ln].iter().map(|v| v * v).sum::<f32>() / ln as f32).sqrt();
         assert!((std - 0.02).abs() < 0.002, "embedding std {std}");
         assert!(LmConfig::new().with_heads(3).validate().is_err());
@@ -213,11 +255,21 @@ mod tests {
         let c = config();
         let theta = block_on(c.init_params::<NdArray>(&device, 3)).expect("init");
         let model = params::load(c.init::<NdArray>(&device), &theta).expect("load");
-        let logits = |tokens: [i64; 8]| model.forward(Tensor::<NdArray, 2, Int>::from_data([tokens], &device)).into_data().to_vec::<f32>().expect("f32");
+        let logits = |tokens: [i64; 8]| {
+            model
+                .forward(Tensor::<NdArray, 2, Int>::from_data([tokens], &device))
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32")
+        };
         let a = logits([1, 2, 3, 4, 5, 6, 7, 8]);
         let b = logits([1, 2, 3, 4, 5, 6, 7, 200]);
         let per_position = c.vocab;
-        assert_eq!(a[..7 * per_position], b[..7 * per_position], "earlier positions never see later bytes");
+        assert_eq!(
+            a[..7 * per_position],
+            b[..7 * per_position],
+            "earlier positions never see later bytes"
+        );
         assert_ne!(a[7 * per_position..], b[7 * per_position..]);
     }
 }

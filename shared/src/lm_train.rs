@@ -47,7 +47,13 @@ pub struct LmInnerSpec {
 
 impl LmInnerSpec {
     pub fn new(schedule: LrSchedule) -> Self {
-        Self { schedule, weight_decay: 0.1, beta_1: 0.9, beta_2: 0.95, clip_norm: Some(1.0) }
+        Self {
+            schedule,
+            weight_decay: 0.1,
+            beta_1: 0.9,
+            beta_2: 0.95,
+            clip_norm: Some(1.0),
+        }
     }
 
     fn optimizer(&self) -> AdamWConfig {
@@ -84,19 +90,37 @@ struct Scale<'a, B: AutodiffBackend> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register(param.id, g * self.factor.clone().unsqueeze::<D>());
+            self.grads
+                .register(param.id, g * self.factor.clone().unsqueeze::<D>());
         }
     }
 }
 
 /// Scales all gradients of `module` by `min(1, max_norm / ‖g‖₂)` over every parameter at once,
 /// without reading anything back (the factor stays on the device).
-pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, mut grads: GradientsParams, max_norm: f32) -> GradientsParams {
-    let mut norm = SquaredNorm::<B> { grads: &grads, sum: None };
+pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    mut grads: GradientsParams,
+    max_norm: f32,
+) -> GradientsParams {
+    let mut norm = SquaredNorm::<B> {
+        grads: &grads,
+        sum: None,
+    };
     module.visit(&mut norm);
-    let Some(squared) = norm.sum else { return grads };
-    let factor = squared.sqrt().add_scalar(1e-6).recip().mul_scalar(max_norm).clamp_max(1.0);
-    module.visit(&mut Scale::<B> { grads: &mut grads, factor });
+    let Some(squared) = norm.sum else {
+        return grads;
+    };
+    let factor = squared
+        .sqrt()
+        .add_scalar(1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .clamp_max(1.0);
+    module.visit(&mut Scale::<B> {
+        grads: &mut grads,
+        factor,
+    });
     grads
 }
 
@@ -112,12 +136,20 @@ pub struct LmTrainer<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> core::fmt::Debug for LmTrainer<B> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("LmTrainer").field("config", &self.config).field("step", &self.step).finish_non_exhaustive()
+        f.debug_struct("LmTrainer")
+            .field("config", &self.config)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
     }
 }
 
 impl<B: AutodiffBackend> LmTrainer<B> {
-    pub fn new(device: &B::Device, config: &LmConfig, start: &[f32], spec: &LmInnerSpec) -> Result<Self, ParamsError> {
+    pub fn new(
+        device: &B::Device,
+        config: &LmConfig,
+        start: &[f32],
+        spec: &LmInnerSpec,
+    ) -> Result<Self, ParamsError> {
         Ok(Self {
             device: device.clone(),
             config: config.clone(),
@@ -145,7 +177,8 @@ impl<B: AutodiffBackend> LmTrainer<B> {
     pub fn step(&mut self, windows: &[u8], window: usize) -> Tensor<B::InnerBackend, 1> {
         let batch = windows.len() / window;
         let tokens: Vec<i64> = windows.iter().map(|&b| i64::from(b)).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [batch, window]), &self.device);
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [batch, window]), &self.device);
         let loss = self.model.loss(tokens);
         let mut grads = GradientsParams::from_grads(loss.backward(), &self.model);
         if let Some(max_norm) = self.spec.clip_norm {
@@ -182,7 +215,10 @@ pub async fn evaluate_lm<B: Backend>(
     for chunk in windows.chunks(window * batch.max(1)) {
         let n = chunk.len() / window;
         let tokens: Vec<i64> = chunk.iter().map(|&b| i64::from(b)).collect();
-        let loss = model.loss(Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [n, window]), device));
+        let loss = model.loss(Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens, [n, window]),
+            device,
+        ));
         total += f64::from(loss.into_scalar_async().await?.elem::<f32>()) * n as f64;
     }
     Ok((total / count as f64) as f32)
@@ -196,7 +232,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_follows_a_cosine() {
-        let s = LrSchedule { peak: 1e-3, warmup: 10, total: 110, min_ratio: 0.1 };
+        let s = LrSchedule {
+            peak: 1e-3,
+            warmup: 10,
+            total: 110,
+            min_ratio: 0.1,
+        };
         assert!((s.at(0) - 1e-4).abs() < 1e-12);
         assert!((s.at(9) - 1e-3).abs() < 1e-12);
         assert!((s.at(10) - 1e-3).abs() < 1e-12, "cosine starts at the peak");
@@ -214,7 +255,11 @@ mod tests {
         let device = Default::default();
         let linear: Linear<B> = LinearConfig::new(1, 1).with_bias(false).init(&device);
         let mut linear = params::load(linear, &[1.0]).expect("load");
-        let config = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8).with_weight_decay(0.1);
+        let config = AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.95)
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.1);
         let mut optimizer = config.init::<B, Linear<B>>();
         let (lr, g) = (0.01f64, 2.0f64);
         let (mut w, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
@@ -230,7 +275,10 @@ mod tests {
             let (m_hat, v_hat) = (m / (1.0 - 0.9f64.powi(t)), v / (1.0 - 0.95f64.powi(t)));
             w -= lr * m_hat / (v_hat.sqrt() + 1e-8);
             let got = futures::executor::block_on(params::to_vec(&linear)).expect("read")[0];
-            assert!((f64::from(got) - w).abs() < 1e-6, "step {t}: burn {got}, by hand {w}");
+            assert!(
+                (f64::from(got) - w).abs() < 1e-6,
+                "step {t}: burn {got}, by hand {w}"
+            );
         }
     }
 
@@ -246,9 +294,22 @@ mod tests {
         let grads = GradientsParams::from_grads(loss.backward(), &linear);
         let grads = clip_global_norm(&linear, grads, 1.0);
         // ‖(12, 0, 4)‖ = √160; every component is scaled by 1/√160.
-        let w = grads.get::<NdArray, 2>(linear.weight.id).expect("weight grad").into_data().to_vec::<f32>().expect("f32");
-        let b = grads.get::<NdArray, 1>(linear.bias.as_ref().expect("bias").id).expect("bias grad").into_data().to_vec::<f32>().expect("f32");
+        let w = grads
+            .get::<NdArray, 2>(linear.weight.id)
+            .expect("weight grad")
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32");
+        let b = grads
+            .get::<NdArray, 1>(linear.bias.as_ref().expect("bias").id)
+            .expect("bias grad")
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32");
         let s = 160f32.sqrt();
-        assert!((w[0] - 12.0 / s).abs() < 1e-5 && w[1].abs() < 1e-6 && (b[0] - 4.0 / s).abs() < 1e-5, "{w:?} {b:?}");
+        assert!(
+            (w[0] - 12.0 / s).abs() < 1e-5 && w[1].abs() < 1e-6 && (b[0] - 4.0 / s).abs() < 1e-5,
+            "{w:?} {b:?}"
+        );
     }
 }

@@ -29,16 +29,30 @@ pub struct OuterOptimizer {
 
 impl OuterOptimizer {
     pub fn new(spec: OuterSpec, n_params: usize) -> Self {
-        Self { spec, velocity: vec![0.0; n_params] }
+        Self {
+            spec,
+            velocity: vec![0.0; n_params],
+        }
     }
 
     /// Applies one Nesterov step to `params` in place.
-    pub fn step(&mut self, params: &mut [f32], pseudo_gradient: &[f32]) -> Result<(), ShapeMismatch> {
+    pub fn step(
+        &mut self,
+        params: &mut [f32],
+        pseudo_gradient: &[f32],
+    ) -> Result<(), ShapeMismatch> {
         if pseudo_gradient.len() != params.len() || self.velocity.len() != params.len() {
-            return Err(ShapeMismatch { expected: params.len(), got: pseudo_gradient.len() });
+            return Err(ShapeMismatch {
+                expected: params.len(),
+                got: pseudo_gradient.len(),
+            });
         }
         let OuterSpec { lr, momentum } = self.spec;
-        for ((p, v), &g) in params.iter_mut().zip(&mut self.velocity).zip(pseudo_gradient) {
+        for ((p, v), &g) in params
+            .iter_mut()
+            .zip(&mut self.velocity)
+            .zip(pseudo_gradient)
+        {
             *v = momentum * *v + g;
             *p -= lr * (g + momentum * *v);
         }
@@ -52,11 +66,20 @@ mod tests {
 
     #[test]
     fn nesterov_matches_hand_computed_values() {
-        let mut opt = OuterOptimizer::new(OuterSpec { lr: 0.7, momentum: 0.9 }, 2);
+        let mut opt = OuterOptimizer::new(
+            OuterSpec {
+                lr: 0.7,
+                momentum: 0.9,
+            },
+            2,
+        );
         let mut theta = [1.0f32, -2.0];
         // Step 1: v = [0.5, -1.0]; θ -= 0.7·(Δ + 0.9·v) = 0.7·[0.95, -1.9] = [0.665, -1.33]
         opt.step(&mut theta, &[0.5, -1.0]).expect("shape");
-        assert!((theta[0] - 0.335).abs() < 1e-6 && (theta[1] + 0.67).abs() < 1e-6, "{theta:?}");
+        assert!(
+            (theta[0] - 0.335).abs() < 1e-6 && (theta[1] + 0.67).abs() < 1e-6,
+            "{theta:?}"
+        );
         assert_eq!(opt.velocity, [0.5, -1.0]);
         // Step 2 with Δ = [0.1, 0.0]: v = [0.55, -0.9]; θ -= 0.7·[0.595, -0.81] = [0.4165, -0.567]
         opt.step(&mut theta, &[0.1, 0.0]).expect("shape");
@@ -66,7 +89,13 @@ mod tests {
 
     #[test]
     fn lr_one_without_momentum_is_plain_averaging() {
-        let mut opt = OuterOptimizer::new(OuterSpec { lr: 1.0, momentum: 0.0 }, 3);
+        let mut opt = OuterOptimizer::new(
+            OuterSpec {
+                lr: 1.0,
+                momentum: 0.0,
+            },
+            3,
+        );
         let mut theta = [1.0f32, 2.0, 3.0];
         opt.step(&mut theta, &[0.25, -0.5, 1.0]).expect("shape");
         assert_eq!(theta, [0.75, 2.5, 2.0]);
@@ -76,7 +105,13 @@ mod tests {
     fn wrong_shape_is_an_error_and_changes_nothing() {
         let mut opt = OuterOptimizer::new(OuterSpec::default(), 2);
         let mut theta = [1.0f32, 2.0];
-        assert_eq!(opt.step(&mut theta, &[1.0]), Err(ShapeMismatch { expected: 2, got: 1 }));
+        assert_eq!(
+            opt.step(&mut theta, &[1.0]),
+            Err(ShapeMismatch {
+                expected: 2,
+                got: 1
+            })
+        );
         assert_eq!(theta, [1.0, 2.0]);
     }
 }

@@ -67,7 +67,10 @@ impl<B: Backend> ModuleMapper<B> for Load<'_> {
 pub fn load<B: Backend, M: Module<B>>(module: M, values: &[f32]) -> Result<M, ParamsError> {
     let expected = module.num_params();
     if values.len() != expected {
-        return Err(ParamsError::Length { expected, got: values.len() });
+        return Err(ParamsError::Length {
+            expected,
+            got: values.len(),
+        });
     }
     Ok(module.map(&mut Load { values, offset: 0 }))
 }
@@ -88,9 +91,18 @@ mod tests {
 
         let shifted: Vec<f32> = flat.iter().map(|v| v + 1.0).collect();
         let other = load(config.init::<NdArray>(&device), &shifted).expect("load");
-        assert_eq!(futures::executor::block_on(to_vec(&other)).expect("readback"), shifted);
+        assert_eq!(
+            futures::executor::block_on(to_vec(&other)).expect("readback"),
+            shifted
+        );
 
         let err = load(model, &shifted[1..]).unwrap_err();
-        assert_eq!(err, ParamsError::Length { expected: flat.len(), got: flat.len() - 1 });
+        assert_eq!(
+            err,
+            ParamsError::Length {
+                expected: flat.len(),
+                got: flat.len() - 1
+            }
+        );
     }
 }

@@ -25,7 +25,11 @@ pub struct PrivacySpec {
 
 /// Scales `values` down to L2 norm at most `max_norm`; returns the norm before clipping.
 pub fn clip_l2(values: &mut [f32], max_norm: f32) -> f32 {
-    let norm = values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt() as f32;
+    let norm = values
+        .iter()
+        .map(|v| f64::from(*v) * f64::from(*v))
+        .sum::<f64>()
+        .sqrt() as f32;
     if norm > max_norm && norm > 0.0 {
         let scale = max_norm / norm;
         values.iter_mut().for_each(|v| *v *= scale);
@@ -35,20 +39,27 @@ pub fn clip_l2(values: &mut [f32], max_norm: f32) -> f32 {
 
 /// A standard normal sample (Box–Muller) from a seeded generator: reproducible everywhere.
 pub fn standard_normal(rng: &mut SplitMix64) -> f64 {
-    let uniform = |rng: &mut SplitMix64| ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let uniform =
+        |rng: &mut SplitMix64| ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     let (u1, u2) = (uniform(rng), uniform(rng));
     (-2.0 * u1.ln()).sqrt() * (2.0 * core::f64::consts::PI * u2).cos()
 }
 
 /// Adds N(0, σ²) to every value.
 pub fn add_gaussian_noise(values: &mut [f32], sigma: f32, rng: &mut SplitMix64) {
-    values.iter_mut().for_each(|v| *v += (standard_normal(rng) * f64::from(sigma)) as f32);
+    values
+        .iter_mut()
+        .for_each(|v| *v += (standard_normal(rng) * f64::from(sigma)) as f32);
 }
 
 /// Clips to `spec.clip_norm` and adds the spec's Gaussian noise, seeded by `seed`.
 pub fn privatize(values: &mut [f32], spec: &PrivacySpec, seed: u64) {
     clip_l2(values, spec.clip_norm);
-    add_gaussian_noise(values, spec.noise_multiplier * spec.clip_norm, &mut SplitMix64::new(seed));
+    add_gaussian_noise(
+        values,
+        spec.noise_multiplier * spec.clip_norm,
+        &mut SplitMix64::new(seed),
+    );
 }
 
 /// (ε, δ) after `rounds` Gaussian-mechanism rounds with noise multiplier `z`, via RDP.
@@ -61,7 +72,9 @@ pub fn epsilon(rounds: u64, noise_multiplier: f32, delta: f64) -> f64 {
     if z <= 0.0 || delta <= 0.0 || delta >= 1.0 {
         return f64::INFINITY;
     }
-    let orders = (1..=1000).map(|i| 1.0 + f64::from(i) * 0.05).chain((2..=64).map(|i| f64::from(i) * 8.0));
+    let orders = (1..=1000)
+        .map(|i| 1.0 + f64::from(i) * 0.05)
+        .chain((2..=64).map(|i| f64::from(i) * 8.0));
     orders
         .map(|alpha| rounds as f64 * alpha / (2.0 * z * z) + (1.0 / delta).ln() / (alpha - 1.0))
         .fold(f64::INFINITY, f64::min)
@@ -87,8 +100,16 @@ mod tests {
         let mut a = vec![0.0f32; n];
         add_gaussian_noise(&mut a, 2.0, &mut SplitMix64::new(1));
         let mean = a.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64;
-        let var = a.iter().map(|v| (f64::from(*v) - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.02 && (var.sqrt() - 2.0).abs() < 0.02, "mean {mean} sd {}", var.sqrt());
+        let var = a
+            .iter()
+            .map(|v| (f64::from(*v) - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        assert!(
+            mean.abs() < 0.02 && (var.sqrt() - 2.0).abs() < 0.02,
+            "mean {mean} sd {}",
+            var.sqrt()
+        );
         let mut b = vec![0.0f32; n];
         add_gaussian_noise(&mut b, 2.0, &mut SplitMix64::new(1));
         assert_eq!(a, b);
@@ -103,7 +124,10 @@ mod tests {
             let r = rounds as f64;
             let closed = r / (2.0 * 16.0) + (2.0 * r * (1.0f64 / delta).ln()).sqrt() / 4.0;
             let eps = epsilon(rounds, z, delta);
-            assert!(eps >= closed - 1e-9 && eps < closed * 1.01, "rounds {rounds}: {eps} vs {closed}");
+            assert!(
+                eps >= closed - 1e-9 && eps < closed * 1.01,
+                "rounds {rounds}: {eps} vs {closed}"
+            );
         }
         assert!(epsilon(10, z, delta) < epsilon(20, z, delta));
         assert!(epsilon(10, 8.0, delta) < epsilon(10, z, delta));

@@ -73,7 +73,11 @@ pub struct Part {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Fetch {
     /// θ as little-endian f32, by its hash, from byte `offset`.
-    Params { run_id: String, hash: ParamsHash, offset: u32 },
+    Params {
+        run_id: String,
+        hash: ParamsHash,
+        offset: u32,
+    },
 }
 
 /// BLAKE3 hash of the little-endian f32 parameter vector: names a checkpoint.
@@ -90,7 +94,9 @@ impl ParamsHash {
     }
 
     pub fn from_hex(hex: &str) -> Option<Self> {
-        blake3::Hash::from_hex(hex).ok().map(|h| Self(*h.as_bytes()))
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| Self(*h.as_bytes()))
     }
 }
 
@@ -108,7 +114,10 @@ pub fn params_to_bytes(params: &[f32]) -> Vec<u8> {
 /// Decodes little-endian f32 parameters; `None` if the length is not a multiple of 4.
 pub fn params_from_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
     bytes.len().is_multiple_of(4).then(|| {
-        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     })
 }
 
@@ -161,12 +170,22 @@ pub struct Update {
 pub enum RelayToClient {
     Welcome(Welcome),
     Round(Signed<RoundAnnouncement>),
-    Accepted { round: u64 },
-    Rejected { reason: String },
+    Accepted {
+        round: u64,
+    },
+    Rejected {
+        reason: String,
+    },
     /// A [`Part`] was buffered; `received` bytes of the message have arrived.
-    PartReceived { received: u32 },
+    PartReceived {
+        received: u32,
+    },
     /// Bytes `offset..` of a fetched object of `total` bytes.
-    Chunk { total: u32, offset: u32, bytes: Vec<u8> },
+    Chunk {
+        total: u32,
+        offset: u32,
+        bytes: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -248,7 +267,10 @@ pub struct OuterSpec {
 
 impl Default for OuterSpec {
     fn default() -> Self {
-        Self { lr: 0.7, momentum: 0.9 }
+        Self {
+            lr: 0.7,
+            momentum: 0.9,
+        }
     }
 }
 
@@ -289,7 +311,8 @@ pub fn requests_for(message: &Signed<ClientToRelay>) -> Result<Vec<Vec<u8>>, Wir
     match encode(&whole) {
         Ok(frame) if frame.len() <= PREFERRED_FRAME_BYTES => Ok(vec![frame]),
         Ok(_) | Err(WireError::TooLarge(_)) => {
-            let bytes = postcard::to_allocvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
+            let bytes =
+                postcard::to_allocvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
             if bytes.len() > MAX_MESSAGE_BYTES {
                 return Err(WireError::MessageTooLarge(bytes.len()));
             }
@@ -300,7 +323,12 @@ pub fn requests_for(message: &Signed<ClientToRelay>) -> Result<Vec<Vec<u8>>, Wir
                 .enumerate()
                 .map(|(i, chunk)| {
                     let offset = (i * CHUNK_BYTES) as u32;
-                    encode(&Request::Part(Part { digest, total, offset, bytes: chunk.to_vec() }))
+                    encode(&Request::Part(Part {
+                        digest,
+                        total,
+                        offset,
+                        bytes: chunk.to_vec(),
+                    }))
                 })
                 .collect()
         }
@@ -316,31 +344,59 @@ mod tests {
     #[test]
     fn signed_requests_round_trip_through_the_wire() {
         let id = Identity::from_seed([3; 32]);
-        let msg = ClientToRelay::AwaitRound { run_id: "digits".into(), after: Some(4) };
+        let msg = ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: Some(4),
+        };
         let frame = encode(&id.sign(&msg).expect("sign")).expect("encode");
         let signed: Signed<ClientToRelay> = decode(&frame).expect("decode");
-        assert_eq!(signed.verify_and_decode().expect("verify"), (id.peer(), msg));
+        assert_eq!(
+            signed.verify_and_decode().expect("verify"),
+            (id.peer(), msg)
+        );
     }
 
     #[test]
     fn truncated_and_oversized_frames_are_errors() {
         let id = Identity::from_seed([3; 32]);
-        let frame = encode(&id.sign(&ClientToRelay::AwaitRound { run_id: "r".into(), after: None }).expect("sign"))
-            .expect("encode");
+        let frame = encode(
+            &id.sign(&ClientToRelay::AwaitRound {
+                run_id: "r".into(),
+                after: None,
+            })
+            .expect("sign"),
+        )
+        .expect("encode");
         for cut in [0, 1, frame.len() / 2, frame.len() - 1] {
-            assert!(matches!(decode::<Signed<ClientToRelay>>(&frame[..cut]), Err(WireError::Malformed(_))), "cut {cut}");
+            assert!(
+                matches!(
+                    decode::<Signed<ClientToRelay>>(&frame[..cut]),
+                    Err(WireError::Malformed(_))
+                ),
+                "cut {cut}"
+            );
         }
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert_eq!(decode::<Signed<ClientToRelay>>(&big).unwrap_err(), WireError::TooLarge(MAX_FRAME_BYTES + 1));
+        assert_eq!(
+            decode::<Signed<ClientToRelay>>(&big).unwrap_err(),
+            WireError::TooLarge(MAX_FRAME_BYTES + 1)
+        );
     }
 
     #[test]
     fn long_messages_travel_in_parts_that_fit_a_frame() {
         let id = Identity::from_seed([4; 32]);
-        let small = id.sign(&ClientToRelay::AwaitRound { run_id: "r".into(), after: None }).expect("sign");
+        let small = id
+            .sign(&ClientToRelay::AwaitRound {
+                run_id: "r".into(),
+                after: None,
+            })
+            .expect("sign");
         let frames = requests_for(&small).expect("split");
         assert_eq!(frames.len(), 1);
-        assert!(matches!(decode::<Request>(&frames[0]).expect("decode"), Request::Signed(s) if s.body == small.body));
+        assert!(
+            matches!(decode::<Request>(&frames[0]).expect("decode"), Request::Signed(s) if s.body == small.body)
+        );
 
         let update = ClientToRelay::Update(Update {
             run_id: "r".into(),
@@ -357,8 +413,14 @@ mod tests {
         assert!(frames.len() > 13, "{} frames", frames.len());
         let mut whole = Vec::new();
         for frame in &frames {
-            assert!(frame.len() <= PREFERRED_FRAME_BYTES, "{} bytes", frame.len());
-            let Request::Part(part) = decode::<Request>(frame).expect("decode") else { panic!("a part") };
+            assert!(
+                frame.len() <= PREFERRED_FRAME_BYTES,
+                "{} bytes",
+                frame.len()
+            );
+            let Request::Part(part) = decode::<Request>(frame).expect("decode") else {
+                panic!("a part")
+            };
             assert_eq!(part.offset as usize, whole.len());
             whole.extend_from_slice(&part.bytes);
         }

@@ -46,21 +46,30 @@ fn checked(contributions: &[Contribution], n: usize) -> Result<Vec<&Contribution
         return Err(RobustError::Empty);
     }
     if let Some(c) = sorted.iter().find(|c| c.delta.len() != n) {
-        return Err(RobustError::Shape { expected: n, got: c.delta.len() });
+        return Err(RobustError::Shape {
+            expected: n,
+            got: c.delta.len(),
+        });
     }
     Ok(sorted)
 }
 
 /// The error for a kernel that met a non-finite value: names the first offending peer.
 fn non_finite(sorted: &[&Contribution]) -> RobustError {
-    match sorted.iter().find(|c| c.delta.iter().any(|v| !v.is_finite())) {
+    match sorted
+        .iter()
+        .find(|c| c.delta.iter().any(|v| !v.is_finite()))
+    {
         Some(c) => RobustError::NonFinite(c.peer.short()),
         None => RobustError::NonFinite("the sum (overflow)".into()),
     }
 }
 
 /// Contributions in peer order, checked for size and finiteness: what every rule accepts.
-pub fn validated(contributions: &[Contribution], n: usize) -> Result<Vec<&Contribution>, RobustError> {
+pub fn validated(
+    contributions: &[Contribution],
+    n: usize,
+) -> Result<Vec<&Contribution>, RobustError> {
     let sorted = checked(contributions, n)?;
     all_finite(&sorted)?;
     Ok(sorted)
@@ -95,28 +104,38 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
         Rule::TrimmedMean { trim } => {
             let trim = trim as usize;
             if 2 * trim >= m {
-                return Err(RobustError::TooFew(format!("trimming {trim} from each side of {m}")));
+                return Err(RobustError::TooFew(format!(
+                    "trimming {trim} from each side of {m}"
+                )));
             }
             mean_of(deltas.sort(0).narrow(0, trim, m - 2 * trim))
         }
         Rule::MultiKrum { byzantine, select } => {
             let (f, select) = (byzantine as usize, select as usize);
             if m < 2 * f + 3 || select == 0 || select > m {
-                return Err(RobustError::TooFew(format!("multi-Krum with f = {f}, select {select} needs n ≥ 2f + 3; got {m}")));
+                return Err(RobustError::TooFew(format!(
+                    "multi-Krum with f = {f}, select {select} needs n ≥ 2f + 3; got {m}"
+                )));
             }
             // ‖xᵢ − xⱼ‖² = ‖xᵢ‖² + ‖xⱼ‖² − 2 xᵢ·xⱼ
             let squared = deltas.clone().powi_scalar(2).sum_dim(1); // [m, 1]
             let gram = deltas.clone().matmul(deltas.clone().transpose()); // [m, m]
             let distances = squared.clone() + squared.transpose() - gram.mul_scalar(2.0);
             // Each row's smallest is the point itself (≈ 0): skip it, sum the next m − f − 2.
-            let scores = distances.sort(1).narrow(1, 1, m - f - 2).sum_dim(1).reshape([m]);
+            let scores = distances
+                .sort(1)
+                .narrow(1, 1, m - f - 2)
+                .sum_dim(1)
+                .reshape([m]);
             let chosen = scores.argsort(0).narrow(0, 0, select);
             mean_of(deltas.select(0, chosen))
         }
         Rule::GeometricMedian { iterations } => {
             let mut z = mean_of(deltas.clone());
             for _ in 0..iterations {
-                let weights = norms(deltas.clone() - z.clone().reshape([1, n])).clamp_min(1e-8).recip(); // [m, 1]
+                let weights = norms(deltas.clone() - z.clone().reshape([1, n]))
+                    .clamp_min(1e-8)
+                    .recip(); // [m, 1]
                 let total = weights.clone().sum(); // [1]
                 z = (deltas.clone() * weights).sum_dim(0).reshape([n]) / total;
             }
@@ -126,7 +145,11 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
             let mut v = center.unwrap_or_else(|| Tensor::zeros([n], &deltas.device()));
             for _ in 0..iterations.max(1) {
                 let diff = deltas.clone() - v.clone().reshape([1, n]);
-                let scale = norms(diff.clone()).clamp_min(1e-30).recip().mul_scalar(tau).clamp_max(1.0); // [m, 1]
+                let scale = norms(diff.clone())
+                    .clamp_min(1e-30)
+                    .recip()
+                    .mul_scalar(tau)
+                    .clamp_max(1.0); // [m, 1]
                 v = v + mean_of(diff * scale);
             }
             v
@@ -135,12 +158,21 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
 }
 
 fn all_finite(sorted: &[&Contribution]) -> Result<(), RobustError> {
-    if sorted.iter().all(|c| c.delta.iter().all(|v| v.is_finite())) { Ok(()) } else { Err(non_finite(sorted)) }
+    if sorted.iter().all(|c| c.delta.iter().all(|v| v.is_finite())) {
+        Ok(())
+    } else {
+        Err(non_finite(sorted))
+    }
 }
 
 /// Aggregates `contributions` (each of `n` values) with `rule`. `center` is the reference
 /// point of centered clipping (the previous aggregate; zeros when there is none).
-pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: Option<&[f32]>) -> Result<Vec<f32>, RobustError> {
+pub fn aggregate(
+    rule: &Rule,
+    contributions: &[Contribution],
+    n: usize,
+    center: Option<&[f32]>,
+) -> Result<Vec<f32>, RobustError> {
     let sorted = checked(contributions, n)?;
     let rows: Vec<&[f32]> = sorted.iter().map(|c| c.delta.as_slice()).collect();
     let fused = |result: Option<Vec<f32>>| result.ok_or_else(|| non_finite(&sorted));
@@ -152,18 +184,27 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
         Rule::Median => {
             // Only the middle rank (or the middle two, as a pair) is read.
             let m = rows.len();
-            let network = selection_network(m, |rank| rank == m / 2 || (m.is_multiple_of(2) && rank + 1 == m / 2));
+            let network = selection_network(m, |rank| {
+                rank == m / 2 || (m.is_multiple_of(2) && rank + 1 == m / 2)
+            });
             fused(sorted_columns(&rows, n, &network, |sorted, out| {
-            let m = sorted.len();
-            for (l, o) in out.iter_mut().enumerate() {
-                *o = if m % 2 == 1 { sorted[m / 2][l] } else { 0.5 * (sorted[m / 2 - 1][l] + sorted[m / 2][l]) };
-            }
-        }))
+                let m = sorted.len();
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o = if m % 2 == 1 {
+                        sorted[m / 2][l]
+                    } else {
+                        0.5 * (sorted[m / 2 - 1][l] + sorted[m / 2][l])
+                    };
+                }
+            }))
         }
         Rule::TrimmedMean { trim } => {
             let trim = trim as usize;
             if 2 * trim >= rows.len() {
-                return Err(RobustError::TooFew(format!("trimming {trim} from each side of {}", rows.len())));
+                return Err(RobustError::TooFew(format!(
+                    "trimming {trim} from each side of {}",
+                    rows.len()
+                )));
             }
             let kept = (rows.len() - 2 * trim) as f32;
             // The middle ranks must hold exactly the kept values, in any order: all the sum needs.
@@ -177,13 +218,20 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
                 out.iter_mut().zip(sum).for_each(|(o, s)| *o = s / kept);
             }))
         }
-        Rule::MultiKrum { byzantine, select } => multi_krum(&rows, n, byzantine as usize, select as usize),
+        Rule::MultiKrum { byzantine, select } => {
+            multi_krum(&rows, n, byzantine as usize, select as usize)
+        }
         Rule::GeometricMedian { iterations } => Ok(geometric_median(&rows, n, iterations)),
         Rule::CenteredClipping { tau, iterations } => {
             let zeros;
             let center = match center {
                 Some(c) if c.len() == n => c,
-                Some(c) => return Err(RobustError::Shape { expected: n, got: c.len() }),
+                Some(c) => {
+                    return Err(RobustError::Shape {
+                        expected: n,
+                        got: c.len(),
+                    });
+                }
                 None => {
                     zeros = vec![0.0; n];
                     &zeros
@@ -195,7 +243,9 @@ pub fn aggregate(rule: &Rule, contributions: &[Contribution], n: usize, center: 
 }
 
 fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).min(16)
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(16)
 }
 
 /// Coordinates per part in [`for_each_chunk`]: small enough that a core slowed by another
@@ -206,13 +256,19 @@ const PART: usize = 1 << 16;
 /// The part size for `n` coordinates: [`PART`], or less so that every thread gets work, and a
 /// multiple of `align`.
 fn part_size(n: usize, align: usize) -> usize {
-    PART.min(n.div_ceil(threads())).max(4096).next_multiple_of(align)
+    PART.min(n.div_ceil(threads()))
+        .max(4096)
+        .next_multiple_of(align)
 }
 
 /// Runs `work(index, part)` on every `chunk`-sized part of `out` and says whether every part
 /// returned true. All threads, this one included, claim parts until none are left, so a thread
 /// that the OS pauses delays the result by one part, not by its whole share.
-fn for_each_chunk(out: &mut [f32], chunk: usize, work: impl Fn(usize, &mut [f32]) -> bool + Sync) -> bool {
+fn for_each_chunk(
+    out: &mut [f32],
+    chunk: usize,
+    work: impl Fn(usize, &mut [f32]) -> bool + Sync,
+) -> bool {
     use std::sync::atomic::{AtomicBool, Ordering};
     let parts = std::sync::Mutex::new(out.chunks_mut(chunk).enumerate());
     let all_ok = AtomicBool::new(true);
@@ -251,11 +307,15 @@ fn mean(rows: &[&[f32]], n: usize) -> Option<Vec<f32>> {
             let mut acc = [0.0f32; TILE];
             let acc = &mut acc[..tile.len()];
             for row in rows {
-                acc.iter_mut().zip(&row[start..start + tile.len()]).for_each(|(a, v)| *a += v);
+                acc.iter_mut()
+                    .zip(&row[start..start + tile.len()])
+                    .for_each(|(a, v)| *a += v);
             }
             // x·0 is 0 for finite x and NaN otherwise: a branch-free check.
             finite &= acc.iter().fold(0.0f32, |z, a| z + a * 0.0) == 0.0;
-            tile.iter_mut().zip(acc.iter()).for_each(|(o, a)| *o = a * scale);
+            tile.iter_mut()
+                .zip(acc.iter())
+                .for_each(|(o, a)| *o = a * scale);
         }
         finite
     });
@@ -271,16 +331,66 @@ const LANES: usize = 32;
 /// layer. Batcher's needs 63, and after pruning for a trimmed mean of 16 with trim 3 Green's
 /// keeps 42 comparators against Batcher's 50. Checked by the 0–1 principle in the tests.
 const GREEN_16: [(usize, usize); 60] = [
-    (0, 13), (1, 12), (2, 15), (3, 14), (4, 8), (5, 6), (7, 11), (9, 10),
-    (0, 5), (1, 7), (2, 9), (3, 4), (6, 13), (8, 14), (10, 15), (11, 12),
-    (0, 1), (2, 3), (4, 5), (6, 8), (7, 9), (10, 11), (12, 13), (14, 15),
-    (0, 2), (1, 3), (4, 10), (5, 11), (6, 7), (8, 9), (12, 14), (13, 15),
-    (1, 2), (3, 12), (4, 6), (5, 7), (8, 10), (9, 11), (13, 14),
-    (1, 4), (2, 6), (5, 8), (7, 10), (9, 13), (11, 14),
-    (2, 4), (3, 6), (9, 12), (11, 13),
-    (3, 5), (6, 8), (7, 9), (10, 12),
-    (3, 4), (5, 6), (7, 8), (9, 10), (11, 12),
-    (6, 7), (8, 9),
+    (0, 13),
+    (1, 12),
+    (2, 15),
+    (3, 14),
+    (4, 8),
+    (5, 6),
+    (7, 11),
+    (9, 10),
+    (0, 5),
+    (1, 7),
+    (2, 9),
+    (3, 4),
+    (6, 13),
+    (8, 14),
+    (10, 15),
+    (11, 12),
+    (0, 1),
+    (2, 3),
+    (4, 5),
+    (6, 8),
+    (7, 9),
+    (10, 11),
+    (12, 13),
+    (14, 15),
+    (0, 2),
+    (1, 3),
+    (4, 10),
+    (5, 11),
+    (6, 7),
+    (8, 9),
+    (12, 14),
+    (13, 15),
+    (1, 2),
+    (3, 12),
+    (4, 6),
+    (5, 7),
+    (8, 10),
+    (9, 11),
+    (13, 14),
+    (1, 4),
+    (2, 6),
+    (5, 8),
+    (7, 10),
+    (9, 13),
+    (11, 14),
+    (2, 4),
+    (3, 6),
+    (9, 12),
+    (11, 13),
+    (3, 5),
+    (6, 8),
+    (7, 9),
+    (10, 12),
+    (3, 4),
+    (5, 6),
+    (7, 8),
+    (9, 10),
+    (11, 12),
+    (6, 7),
+    (8, 9),
 ];
 
 /// A sorting network for `m` inputs: compare-exchange pairs (i < j). Green's for 16 inputs;
@@ -288,7 +398,11 @@ const GREEN_16: [(usize, usize); 60] = [
 /// padding (index ≥ m, conceptually +∞) dropped, which keeps it a valid sorting network for `m`.
 #[cfg(test)]
 fn sorting_network(m: usize) -> Vec<(usize, usize)> {
-    if m == 16 { GREEN_16.to_vec() } else { batcher_network(m) }
+    if m == 16 {
+        GREEN_16.to_vec()
+    } else {
+        batcher_network(m)
+    }
 }
 
 /// The shortest network, of those known here, after which the positions whose rank `used`
@@ -299,7 +413,11 @@ fn selection_network(m: usize, used: impl Fn(usize) -> bool + Copy) -> Vec<(usiz
         return batcher;
     }
     let green = selection(&GREEN_16, used);
-    if green.len() < batcher.len() { green } else { batcher }
+    if green.len() < batcher.len() {
+        green
+    } else {
+        batcher
+    }
 }
 
 fn batcher_network(m: usize) -> Vec<(usize, usize)> {
@@ -410,19 +528,27 @@ fn sorted_columns(
             }
         }
         let range = c * chunk..c * chunk + part.len();
-        check.iter().all(|c| c.is_finite()) || rows.iter().all(|r| r[range.clone()].iter().all(|v| v.is_finite()))
+        check.iter().all(|c| c.is_finite())
+            || rows
+                .iter()
+                .all(|r| r[range.clone()].iter().all(|v| v.is_finite()))
     });
     finite.then_some(out)
 }
 
 fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| f64::from(x - y) * f64::from(x - y)).sum()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y) * f64::from(x - y))
+        .sum()
 }
 
 fn multi_krum(rows: &[&[f32]], n: usize, f: usize, m: usize) -> Result<Vec<f32>, RobustError> {
     let count = rows.len();
     if count < 2 * f + 3 || m == 0 || m > count {
-        return Err(RobustError::TooFew(format!("Krum with f = {f}, m = {m} needs n ≥ 2f + 3, got {count}")));
+        return Err(RobustError::TooFew(format!(
+            "Krum with f = {f}, m = {m} needs n ≥ 2f + 3, got {count}"
+        )));
     }
     let mut distances = vec![0.0f64; count * count];
     for i in 0..count {
@@ -435,7 +561,10 @@ fn multi_krum(rows: &[&[f32]], n: usize, f: usize, m: usize) -> Result<Vec<f32>,
     let neighbours = count - f - 2;
     let mut scores: Vec<(f64, usize)> = (0..count)
         .map(|i| {
-            let mut row: Vec<f64> = (0..count).filter(|&j| j != i).map(|j| distances[i * count + j]).collect();
+            let mut row: Vec<f64> = (0..count)
+                .filter(|&j| j != i)
+                .map(|j| distances[i * count + j])
+                .collect();
             row.sort_unstable_by(f64::total_cmp);
             (row[..neighbours].iter().sum(), i)
         })
@@ -449,7 +578,10 @@ fn geometric_median(rows: &[&[f32]], n: usize, iterations: u32) -> Vec<f32> {
     // Inputs are finite here; only an overflowing sum has no mean: then start from zero.
     let mut z = mean(rows, n).unwrap_or_else(|| vec![0.0; n]);
     for _ in 0..iterations {
-        let weights: Vec<f64> = rows.iter().map(|r| 1.0 / squared_distance(r, &z).sqrt().max(1e-8)).collect();
+        let weights: Vec<f64> = rows
+            .iter()
+            .map(|r| 1.0 / squared_distance(r, &z).sqrt().max(1e-8))
+            .collect();
         let total: f64 = weights.iter().sum();
         let mut next = vec![0.0f64; n];
         for (row, w) in rows.iter().zip(&weights) {
@@ -469,7 +601,11 @@ fn centered_clipping(rows: &[&[f32]], center: &[f32], tau: f32, iterations: u32)
         let mut step = vec![0.0f64; v.len()];
         for row in rows {
             let norm = squared_distance(row, &v).sqrt();
-            let clip = if norm > f64::from(tau) { f64::from(tau) / norm } else { 1.0 };
+            let clip = if norm > f64::from(tau) {
+                f64::from(tau) / norm
+            } else {
+                1.0
+            };
             for ((s, x), c) in step.iter_mut().zip(row.iter()).zip(&v) {
                 *s += f64::from(x - c) * clip * scale;
             }
@@ -489,7 +625,10 @@ mod tests {
 
     fn gaussian(rng: &mut SplitMix64) -> f32 {
         // Irwin–Hall approximation: good enough for test data.
-        (0..12).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32).sum::<f32>() - 6.0
+        (0..12)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+            .sum::<f32>()
+            - 6.0
     }
 
     fn honest(count: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<Contribution>) {
@@ -509,9 +648,15 @@ mod tests {
         vec![
             Rule::Median,
             Rule::TrimmedMean { trim: 6 },
-            Rule::MultiKrum { byzantine: 6, select: 4 },
+            Rule::MultiKrum {
+                byzantine: 6,
+                select: 4,
+            },
             Rule::GeometricMedian { iterations: 8 },
-            Rule::CenteredClipping { tau: 10.0, iterations: 5 },
+            Rule::CenteredClipping {
+                tau: 10.0,
+                iterations: 5,
+            },
         ]
     }
 
@@ -525,7 +670,10 @@ mod tests {
         for rule in [Rule::Mean].into_iter().chain(rules()) {
             let rule = match rule {
                 Rule::TrimmedMean { .. } => Rule::TrimmedMean { trim: 2 },
-                Rule::MultiKrum { .. } => Rule::MultiKrum { byzantine: 2, select: 3 },
+                Rule::MultiKrum { .. } => Rule::MultiKrum {
+                    byzantine: 2,
+                    select: 3,
+                },
                 r => r,
             };
             let a = aggregate(&rule, &contributions, 300, None).expect("aggregate");
@@ -548,7 +696,10 @@ mod tests {
     fn selection_networks_put_the_used_ranks_in_place_as_a_set() {
         let mut rng = SplitMix64::new(5);
         for m in 1..=30usize {
-            let mut cases: Vec<(usize, usize)> = (1..m.div_ceil(2)).filter(|t| 2 * t < m).map(|t| (t, m - t)).collect();
+            let mut cases: Vec<(usize, usize)> = (1..m.div_ceil(2))
+                .filter(|t| 2 * t < m)
+                .map(|t| (t, m - t))
+                .collect();
             cases.push(((m - 1) / 2, m / 2 + 1)); // the median (pair)
             for (from, to) in cases {
                 let network = selection_network(m, |r| (from..to).contains(&r));
@@ -596,38 +747,72 @@ mod tests {
     fn median_and_trimmed_mean_match_a_sort_per_coordinate_at_any_size() {
         // Sizes around the kernel's blocks (32 lanes), superblocks (up to 2,048) and parts.
         let mut rng = SplitMix64::new(11);
-        for (m, n) in [(1, 5), (2, 33), (3, 2049), (7, 4097), (16, 70_001), (16, 2048), (19, 3000), (40, 1000), (64, 777)] {
+        for (m, n) in [
+            (1, 5),
+            (2, 33),
+            (3, 2049),
+            (7, 4097),
+            (16, 70_001),
+            (16, 2048),
+            (19, 3000),
+            (40, 1000),
+            (64, 777),
+        ] {
             let rows: Vec<Contribution> = (0..m)
                 .map(|p| Contribution {
                     peer: PeerKey([p as u8; 32]),
                     n_samples: 1,
-                    delta: (0..n).map(|_| ((rng.next_u64() % 2001) as f32 - 1000.0) / 8.0).collect(),
+                    delta: (0..n)
+                        .map(|_| ((rng.next_u64() % 2001) as f32 - 1000.0) / 8.0)
+                        .collect(),
                 })
                 .collect();
             let trim = (m - 1) / 3;
             let median = aggregate(&Rule::Median, &rows, n, None).expect("median");
-            let trimmed = aggregate(&Rule::TrimmedMean { trim: trim as u32 }, &rows, n, None).expect("trimmed mean");
+            let trimmed = aggregate(&Rule::TrimmedMean { trim: trim as u32 }, &rows, n, None)
+                .expect("trimmed mean");
             for i in 0..n {
                 let mut column: Vec<f32> = rows.iter().map(|r| r.delta[i]).collect();
                 column.sort_by(f32::total_cmp);
-                let expected = if m % 2 == 1 { column[m / 2] } else { 0.5 * (column[m / 2 - 1] + column[m / 2]) };
+                let expected = if m % 2 == 1 {
+                    column[m / 2]
+                } else {
+                    0.5 * (column[m / 2 - 1] + column[m / 2])
+                };
                 assert_eq!(median[i], expected, "median, m {m} n {n} at {i}");
                 let kept = &column[trim..m - trim];
                 let expected = kept.iter().sum::<f32>() / kept.len() as f32;
-                assert!((trimmed[i] - expected).abs() <= 1e-3, "trimmed mean, m {m} n {n} at {i}: {} vs {expected}", trimmed[i]);
+                assert!(
+                    (trimmed[i] - expected).abs() <= 1e-3,
+                    "trimmed mean, m {m} n {n} at {i}: {} vs {expected}",
+                    trimmed[i]
+                );
             }
         }
     }
 
     #[test]
     fn overflowing_but_finite_values_are_not_taken_for_non_finite_ones() {
-        let c = |p: u8, v: f32| Contribution { peer: PeerKey([p; 32]), n_samples: 1, delta: vec![v; 100] };
+        let c = |p: u8, v: f32| Contribution {
+            peer: PeerKey([p; 32]),
+            n_samples: 1,
+            delta: vec![v; 100],
+        };
         let big: Vec<Contribution> = (0..5).map(|p| c(p, f32::MAX)).collect();
-        assert_eq!(aggregate(&Rule::Median, &big, 100, None).expect("median"), vec![f32::MAX; 100]);
-        assert_eq!(aggregate(&Rule::TrimmedMean { trim: 1 }, &big[..3], 100, None).expect("trimmed"), vec![f32::MAX; 100]);
+        assert_eq!(
+            aggregate(&Rule::Median, &big, 100, None).expect("median"),
+            vec![f32::MAX; 100]
+        );
+        assert_eq!(
+            aggregate(&Rule::TrimmedMean { trim: 1 }, &big[..3], 100, None).expect("trimmed"),
+            vec![f32::MAX; 100]
+        );
         let mut with_inf = big.clone();
         with_inf[2].delta[57] = f32::INFINITY;
-        assert!(matches!(aggregate(&Rule::TrimmedMean { trim: 1 }, &with_inf, 100, None), Err(RobustError::NonFinite(_))));
+        assert!(matches!(
+            aggregate(&Rule::TrimmedMean { trim: 1 }, &with_inf, 100, None),
+            Err(RobustError::NonFinite(_))
+        ));
     }
 
     #[test]
@@ -649,21 +834,60 @@ mod tests {
 
     #[test]
     fn median_and_trimmed_mean_match_hand_computed_values() {
-        let c = |p: u8, v: Vec<f32>| Contribution { peer: PeerKey([p; 32]), n_samples: 1, delta: v };
-        let five = vec![c(1, vec![1.0, -4.0]), c(2, vec![5.0, 0.0]), c(3, vec![2.0, 3.0]), c(4, vec![100.0, 1.0]), c(5, vec![3.0, 2.0])];
-        assert_eq!(aggregate(&Rule::Median, &five, 2, None).expect("median"), vec![3.0, 1.0]);
-        assert_eq!(aggregate(&Rule::TrimmedMean { trim: 1 }, &five, 2, None).expect("trimmed"), vec![10.0 / 3.0, 1.0]);
+        let c = |p: u8, v: Vec<f32>| Contribution {
+            peer: PeerKey([p; 32]),
+            n_samples: 1,
+            delta: v,
+        };
+        let five = vec![
+            c(1, vec![1.0, -4.0]),
+            c(2, vec![5.0, 0.0]),
+            c(3, vec![2.0, 3.0]),
+            c(4, vec![100.0, 1.0]),
+            c(5, vec![3.0, 2.0]),
+        ];
+        assert_eq!(
+            aggregate(&Rule::Median, &five, 2, None).expect("median"),
+            vec![3.0, 1.0]
+        );
+        assert_eq!(
+            aggregate(&Rule::TrimmedMean { trim: 1 }, &five, 2, None).expect("trimmed"),
+            vec![10.0 / 3.0, 1.0]
+        );
         let four = &five[..4];
-        assert_eq!(aggregate(&Rule::Median, four, 2, None).expect("median"), vec![3.5, 0.5]);
+        assert_eq!(
+            aggregate(&Rule::Median, four, 2, None).expect("median"),
+            vec![3.5, 0.5]
+        );
     }
 
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
         let (_, contributions) = honest(5, 10, 2);
-        assert_eq!(aggregate(&Rule::Median, &[], 10, None), Err(RobustError::Empty));
-        assert!(matches!(aggregate(&Rule::Median, &contributions, 11, None), Err(RobustError::Shape { .. })));
-        assert!(matches!(aggregate(&Rule::TrimmedMean { trim: 3 }, &contributions, 10, None), Err(RobustError::TooFew(_))));
-        assert!(matches!(aggregate(&Rule::MultiKrum { byzantine: 2, select: 1 }, &contributions, 10, None), Err(RobustError::TooFew(_))));
+        assert_eq!(
+            aggregate(&Rule::Median, &[], 10, None),
+            Err(RobustError::Empty)
+        );
+        assert!(matches!(
+            aggregate(&Rule::Median, &contributions, 11, None),
+            Err(RobustError::Shape { .. })
+        ));
+        assert!(matches!(
+            aggregate(&Rule::TrimmedMean { trim: 3 }, &contributions, 10, None),
+            Err(RobustError::TooFew(_))
+        ));
+        assert!(matches!(
+            aggregate(
+                &Rule::MultiKrum {
+                    byzantine: 2,
+                    select: 1
+                },
+                &contributions,
+                10,
+                None
+            ),
+            Err(RobustError::TooFew(_))
+        ));
         // Every rule refuses NaN and ±∞ wherever they sit (the fused kernels check in-pass),
         // and names the peer that sent them.
         let n = 5000;
@@ -676,14 +900,21 @@ mod tests {
                 contributions[3].delta[position] = bad;
                 let expected = RobustError::NonFinite(contributions[3].peer.short());
                 for rule in &all_rules {
-                    assert_eq!(aggregate(rule, &contributions, n, None), Err(expected.clone()), "{rule:?} {bad} at {position}");
+                    assert_eq!(
+                        aggregate(rule, &contributions, n, None),
+                        Err(expected.clone()),
+                        "{rule:?} {bad} at {position}"
+                    );
                 }
             }
         }
         // Finite values whose sum overflows are refused too, never returned as ∞.
         let mut huge = clean.clone();
         huge.iter_mut().for_each(|c| c.delta[9] = f32::MAX);
-        assert!(matches!(aggregate(&Rule::Mean, &huge, n, None), Err(RobustError::NonFinite(_))));
+        assert!(matches!(
+            aggregate(&Rule::Mean, &huge, n, None),
+            Err(RobustError::NonFinite(_))
+        ));
     }
 
     /// The tensor rules (any Burn backend; ndarray here, wgpu and CUDA in the relay's backend
@@ -702,21 +933,43 @@ mod tests {
             let center: Vec<f32> = truth.iter().map(|t| 0.9 * t).collect();
             let mut all = rules();
             all.push(Rule::Mean);
-            all.push(Rule::MultiKrum { byzantine: 5, select: 1 });
+            all.push(Rule::MultiKrum {
+                byzantine: 5,
+                select: 1,
+            });
             for rule in all {
                 let cpu = aggregate(&rule, &contributions, n, Some(&center)).expect("cpu");
                 let sorted = validated(&contributions, n).expect("valid");
-                let rows: Vec<f32> = sorted.iter().flat_map(|c| c.delta.iter().copied()).collect();
-                let deltas = Tensor::<NdArray, 2>::from_data(TensorData::new(rows, [count, n]), &device);
-                let center = Tensor::<NdArray, 1>::from_data(TensorData::new(center.clone(), [n]), &device);
-                let gpu = aggregate_tensor(&rule, deltas, Some(center)).expect("tensor").into_data().to_vec::<f32>().expect("f32");
+                let rows: Vec<f32> = sorted
+                    .iter()
+                    .flat_map(|c| c.delta.iter().copied())
+                    .collect();
+                let deltas =
+                    Tensor::<NdArray, 2>::from_data(TensorData::new(rows, [count, n]), &device);
+                let center =
+                    Tensor::<NdArray, 1>::from_data(TensorData::new(center.clone(), [n]), &device);
+                let gpu = aggregate_tensor(&rule, deltas, Some(center))
+                    .expect("tensor")
+                    .into_data()
+                    .to_vec::<f32>()
+                    .expect("f32");
                 let scale = cpu.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1.0);
-                let worst = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-                assert!(worst <= 1e-4 * scale, "{rule:?} with {count} peers: max |Δ| {worst} (scale {scale})");
+                let worst = cpu
+                    .iter()
+                    .zip(&gpu)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst <= 1e-4 * scale,
+                    "{rule:?} with {count} peers: max |Δ| {worst} (scale {scale})"
+                );
             }
         }
         let empty = Tensor::<NdArray, 2>::zeros([0, 4], &device);
-        assert_eq!(aggregate_tensor(&Rule::Median, empty, None).err(), Some(RobustError::Empty));
+        assert_eq!(
+            aggregate_tensor(&Rule::Median, empty, None).err(),
+            Some(RobustError::Empty)
+        );
     }
 
     /// 30% of 20 peers flip their sign ×1000: every robust rule stays near the honest mean,
@@ -731,13 +984,19 @@ mod tests {
         let honest_mean = aggregate(&Rule::Mean, &contributions[6..], n, None).expect("mean");
         let scale = distance(&truth, &vec![0.0; n]);
         let plain = aggregate(&Rule::Mean, &contributions, n, None).expect("mean");
-        assert!(distance(&plain, &honest_mean) > 100.0 * scale, "the plain mean is dragged away");
+        assert!(
+            distance(&plain, &honest_mean) > 100.0 * scale,
+            "the plain mean is dragged away"
+        );
         // Centered clipping starts from the previous round's aggregate: near, not at, the truth.
         let previous: Vec<f32> = truth.iter().map(|t| 0.9 * t).collect();
         for rule in rules() {
             let robust = aggregate(&rule, &contributions, n, Some(&previous)).expect("aggregate");
             let error = distance(&robust, &honest_mean);
-            assert!(error < 0.5 * scale, "{rule:?}: distance {error} vs scale {scale}");
+            assert!(
+                error < 0.5 * scale,
+                "{rule:?}: distance {error} vs scale {scale}"
+            );
         }
     }
 }

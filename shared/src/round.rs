@@ -9,9 +9,9 @@
 use std::collections::BTreeMap;
 
 use crate::aggregate::{self, Contribution};
+use crate::compress::CodecError;
 use crate::crypto::PeerKey;
 use crate::outer::OuterOptimizer;
-use crate::compress::CodecError;
 use crate::protocol::{Codec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes};
 use crate::robust::{self, RobustError, Rule};
 
@@ -99,7 +99,13 @@ impl RoundState {
     }
 
     /// Re-opens `round` from saved parameters and outer state.
-    pub fn resume(spec: RunSpec, round: u64, params: Vec<f32>, outer: OuterOptimizer, now_ms: u64) -> Self {
+    pub fn resume(
+        spec: RunSpec,
+        round: u64,
+        params: Vec<f32>,
+        outer: OuterOptimizer,
+        now_ms: u64,
+    ) -> Self {
         let params_hash = ParamsHash::of(&params_to_bytes(&params));
         Self {
             spec,
@@ -144,11 +150,16 @@ impl RoundState {
     /// Peers heard from recently.
     pub fn active_peers(&self, now_ms: u64) -> usize {
         let timeout = self.peer_timeout_ms();
-        self.last_seen.values().filter(|&&t| now_ms.saturating_sub(t) <= timeout).count()
+        self.last_seen
+            .values()
+            .filter(|&&t| now_ms.saturating_sub(t) <= timeout)
+            .count()
     }
 
     fn quorum(&self, now_ms: u64) -> usize {
-        (self.spec.quorum as usize).min(self.active_peers(now_ms)).max(1)
+        (self.spec.quorum as usize)
+            .min(self.active_peers(now_ms))
+            .max(1)
     }
 
     /// When the open round closes even without quorum. It adapts to the peers: once three
@@ -168,7 +179,10 @@ impl RoundState {
         let mut sorted = self.recent_ms.clone();
         sorted.sort_unstable();
         let median = sorted[sorted.len() / 2];
-        median.saturating_mul(DEADLINE_FACTOR).max(MIN_DEADLINE_MS).min(configured)
+        median
+            .saturating_mul(DEADLINE_FACTOR)
+            .max(MIN_DEADLINE_MS)
+            .min(configured)
     }
 
     /// The announcement of the open round (to be signed by the relay).
@@ -195,10 +209,16 @@ impl RoundState {
     /// quorum of live peers (or its deadline).
     pub fn restore(&mut self, peer: PeerKey, update: &Update) -> Result<(), Rejection> {
         if update.run_id != self.spec.run_id {
-            return Err(Rejection::WrongRun { expected: self.spec.run_id.clone(), got: update.run_id.clone() });
+            return Err(Rejection::WrongRun {
+                expected: self.spec.run_id.clone(),
+                got: update.run_id.clone(),
+            });
         }
         if update.round != self.round {
-            return Err(Rejection::WrongRound { expected: self.round, got: update.round });
+            return Err(Rejection::WrongRound {
+                expected: self.round,
+                got: update.round,
+            });
         }
         if self.contributions.contains_key(&peer) {
             return Err(Rejection::Duplicate(self.round));
@@ -215,14 +235,22 @@ impl RoundState {
         if !update.loss.is_finite() {
             return Err(Rejection::NonFinite);
         }
-        let delta = update.codec.decode(&update.payload, self.params.len()).map_err(|e| match e {
-            CodecError::Length { .. } => Rejection::WrongShape(e),
-            CodecError::NonFinite => Rejection::NonFinite,
-            CodecError::BadIndex { .. } | CodecError::BadBlock | CodecError::BadBits(_) | CodecError::BadKeep { .. } => {
-                Rejection::Malformed(e)
-            }
-        })?;
-        let contribution = Contribution { peer, n_samples: update.n_samples, delta };
+        let delta = update
+            .codec
+            .decode(&update.payload, self.params.len())
+            .map_err(|e| match e {
+                CodecError::Length { .. } => Rejection::WrongShape(e),
+                CodecError::NonFinite => Rejection::NonFinite,
+                CodecError::BadIndex { .. }
+                | CodecError::BadBlock
+                | CodecError::BadBits(_)
+                | CodecError::BadKeep { .. } => Rejection::Malformed(e),
+            })?;
+        let contribution = Contribution {
+            peer,
+            n_samples: update.n_samples,
+            delta,
+        };
         self.contributions.insert(peer, (contribution, update.loss));
         Ok(())
     }
@@ -245,7 +273,10 @@ impl RoundState {
 
     /// The accepted contributions of the open round, in peer order.
     pub fn contributions(&self) -> Vec<Contribution> {
-        self.contributions.values().map(|(c, _)| c.clone()).collect()
+        self.contributions
+            .values()
+            .map(|(c, _)| c.clone())
+            .collect()
     }
 
     /// The previous round's aggregate: the centre of centered clipping.
@@ -268,10 +299,19 @@ impl RoundState {
             return Ok(contributions);
         }
         let n = self.params.len();
-        let delta = robust::aggregate(&self.spec.aggregator, &contributions, n, self.last_aggregate.as_deref())?;
+        let delta = robust::aggregate(
+            &self.spec.aggregator,
+            &contributions,
+            n,
+            self.last_aggregate.as_deref(),
+        )?;
         self.last_aggregate = Some(delta.clone());
         let n_samples = contributions.iter().map(|c| c.n_samples).sum();
-        Ok(vec![Contribution { peer: PeerKey([0; 32]), n_samples, delta }])
+        Ok(vec![Contribution {
+            peer: PeerKey([0; 32]),
+            n_samples,
+            delta,
+        }])
     }
 
     /// Closes the round if it is [`due`](Self::due), aggregating on the CPU.
@@ -299,7 +339,10 @@ impl RoundState {
     /// wrong length are ignored: the round then closes without changing θ.
     pub fn close_with(&mut self, params: Vec<f32>, velocity: Vec<f32>, now_ms: u64) -> RoundClosed {
         let taken = std::mem::take(&mut self.contributions);
-        let contributors = taken.values().map(|(c, loss)| (c.peer, c.n_samples, *loss)).collect();
+        let contributors = taken
+            .values()
+            .map(|(c, loss)| (c.peer, c.n_samples, *loss))
+            .collect();
         if params.len() == self.params.len() && velocity.len() == self.params.len() {
             self.params = params;
             self.outer.velocity = velocity;
@@ -316,7 +359,12 @@ impl RoundState {
         let closed = self.round;
         self.round += 1;
         self.opened_ms = now_ms;
-        RoundClosed { round: closed, contributors, next_round: self.round, next_params: self.params_hash }
+        RoundClosed {
+            round: closed,
+            contributors,
+            next_round: self.round,
+            next_params: self.params_hash,
+        }
     }
 }
 
@@ -330,8 +378,16 @@ mod tests {
             run_id: "t".into(),
             model: ModelSpec::DigitsMlp { hidden: 1 },
             data: DataSpec { n_shards: 2 },
-            inner: InnerSpec { steps: 1, batch_size: 1, lr: 0.1, weight_decay: 0.0 },
-            outer: OuterSpec { lr: 1.0, momentum: 0.0 },
+            inner: InnerSpec {
+                steps: 1,
+                batch_size: 1,
+                lr: 0.1,
+                weight_decay: 0.0,
+            },
+            outer: OuterSpec {
+                lr: 1.0,
+                momentum: 0.0,
+            },
             codec: Codec::F32,
             quorum: 2,
             round_deadline_ms: 1000,
@@ -374,17 +430,30 @@ mod tests {
         assert_eq!(s.tick(5000), None);
         assert_eq!(s.round, 0, "an empty round is extended, not closed");
         s.seen(PeerKey([2; 32]), 5000);
-        s.submit(PeerKey([1; 32]), &update(&s, &[1.0]), 5100).expect("ok");
+        s.submit(PeerKey([1; 32]), &update(&s, &[1.0]), 5100)
+            .expect("ok");
         assert_eq!(s.tick(5200), None);
         assert!(s.tick(6000).is_some(), "deadline closes with one of two");
     }
 
     #[test]
     fn the_deadline_adapts_to_the_peers_and_drops_stragglers() {
-        let mut s = RoundState::new(RunSpec { round_deadline_ms: 60_000, quorum: 3, ..spec() }, vec![0.0], 0);
+        let mut s = RoundState::new(
+            RunSpec {
+                round_deadline_ms: 60_000,
+                quorum: 3,
+                ..spec()
+            },
+            vec![0.0],
+            0,
+        );
         let (a, b, slow) = (PeerKey([1; 32]), PeerKey([2; 32]), PeerKey([3; 32]));
         let mut now = 0;
-        assert_eq!(s.round_timeout_ms(), 60_000, "the configured deadline until rounds were measured");
+        assert_eq!(
+            s.round_timeout_ms(),
+            60_000,
+            "the configured deadline until rounds were measured"
+        );
         // Three rounds reach quorum in 2 s each: the timeout becomes max(4 × 2 s, 5 s) = 8 s.
         for _ in 0..3 {
             s.submit(a, &update(&s, &[0.1]), now + 500).expect("ok");
@@ -402,9 +471,15 @@ mod tests {
         let closed = s.tick(now + 8000).expect("closed at the adapted deadline");
         assert_eq!(closed.contributors.len(), 2);
         // …and the straggler's update is refused: its round is over.
-        assert!(matches!(s.submit(slow, &late, now + 9000), Err(Rejection::WrongRound { .. })));
+        assert!(matches!(
+            s.submit(slow, &late, now + 9000),
+            Err(Rejection::WrongRound { .. })
+        ));
         // Never below 5 s, never above the configured deadline.
-        let quick = RunSpec { round_deadline_ms: 3_000, ..spec() };
+        let quick = RunSpec {
+            round_deadline_ms: 3_000,
+            ..spec()
+        };
         let mut q = RoundState::new(quick, vec![0.0], 0);
         for r in 0..3 {
             q.submit(a, &update(&q, &[0.1]), r * 10).expect("ok");
@@ -420,26 +495,86 @@ mod tests {
         let p = PeerKey([1; 32]);
         let good = update(&s, &[0.1, 0.1]);
         let cases = [
-            (Update { round: 7, ..good.clone() }, Rejection::WrongRound { expected: 0, got: 7 }),
-            (Update { run_id: "x".into(), ..good.clone() }, Rejection::WrongRun { expected: "t".into(), got: "x".into() }),
-            (Update { base: ParamsHash([0; 32]), ..good.clone() }, Rejection::StaleBase),
             (
-                Update { payload: params_to_bytes(&[0.1]), ..good.clone() },
-                Rejection::WrongShape(CodecError::Length { expected: 8, got: 4, n: 2 }),
+                Update {
+                    round: 7,
+                    ..good.clone()
+                },
+                Rejection::WrongRound {
+                    expected: 0,
+                    got: 7,
+                },
             ),
             (
-                Update { payload: vec![0; 7], ..good.clone() },
-                Rejection::WrongShape(CodecError::Length { expected: 8, got: 7, n: 2 }),
+                Update {
+                    run_id: "x".into(),
+                    ..good.clone()
+                },
+                Rejection::WrongRun {
+                    expected: "t".into(),
+                    got: "x".into(),
+                },
             ),
-            (Update { payload: params_to_bytes(&[f32::NAN, 0.0]), ..good.clone() }, Rejection::NonFinite),
-            (Update { payload: params_to_bytes(&[f32::INFINITY, 0.0]), ..good.clone() }, Rejection::NonFinite),
-            (Update { n_samples: 0, ..good.clone() }, Rejection::NoSamples),
+            (
+                Update {
+                    base: ParamsHash([0; 32]),
+                    ..good.clone()
+                },
+                Rejection::StaleBase,
+            ),
+            (
+                Update {
+                    payload: params_to_bytes(&[0.1]),
+                    ..good.clone()
+                },
+                Rejection::WrongShape(CodecError::Length {
+                    expected: 8,
+                    got: 4,
+                    n: 2,
+                }),
+            ),
+            (
+                Update {
+                    payload: vec![0; 7],
+                    ..good.clone()
+                },
+                Rejection::WrongShape(CodecError::Length {
+                    expected: 8,
+                    got: 7,
+                    n: 2,
+                }),
+            ),
+            (
+                Update {
+                    payload: params_to_bytes(&[f32::NAN, 0.0]),
+                    ..good.clone()
+                },
+                Rejection::NonFinite,
+            ),
+            (
+                Update {
+                    payload: params_to_bytes(&[f32::INFINITY, 0.0]),
+                    ..good.clone()
+                },
+                Rejection::NonFinite,
+            ),
+            (
+                Update {
+                    n_samples: 0,
+                    ..good.clone()
+                },
+                Rejection::NoSamples,
+            ),
         ];
         for (bad, why) in cases {
             assert_eq!(s.submit(p, &bad, 1), Err(why));
         }
         assert_eq!(s.updates_this_round(), 0);
         s.submit(p, &good, 1).expect("good one");
-        assert_eq!(s.submit(p, &good, 2), Err(Rejection::Duplicate(0)), "a replay is refused");
+        assert_eq!(
+            s.submit(p, &good, 2),
+            Err(Rejection::Duplicate(0)),
+            "a replay is refused"
+        );
     }
 }

@@ -115,7 +115,9 @@ pub async fn simulate<B: AutodiffBackend>(
 ) -> Result<SimReport, SimError> {
     config.model.validate().map_err(SimError::Config)?;
     if config.peers == 0 || config.batch == 0 || config.steps == 0 || config.eval_every == 0 {
-        return Err(SimError::Config("peers, batch, steps and eval_every must be positive".into()));
+        return Err(SimError::Config(
+            "peers, batch, steps and eval_every must be positive".into(),
+        ));
     }
     let window = config.model.context + 1;
     let (peers, batch) = (config.peers, config.batch as usize);
@@ -126,19 +128,37 @@ pub async fn simulate<B: AutodiffBackend>(
     let (validation, val_count) = corpus.validation_windows(window, config.eval_windows as usize);
     let validation = &validation;
     let eval = |theta: Vec<f32>| async move {
-        evaluate_lm::<B::InnerBackend>(device, &config.model, &theta, validation, val_count, 32).await
+        evaluate_lm::<B::InnerBackend>(device, &config.model, &theta, validation, val_count, 32)
+            .await
     };
-    let mut theta = config.model.init_params::<B::InnerBackend>(device, derive_seed("lm init", &[&config.seed.to_le_bytes()])).await?;
+    let mut theta = config
+        .model
+        .init_params::<B::InnerBackend>(
+            device,
+            derive_seed("lm init", &[&config.seed.to_le_bytes()]),
+        )
+        .await?;
     let n = theta.len();
     if config.pretrain_steps > 0 {
         let spec = LmInnerSpec {
-            schedule: LrSchedule { total: u64::from(config.pretrain_steps), min_ratio: 1.0, ..config.inner.schedule.clone() },
+            schedule: LrSchedule {
+                total: u64::from(config.pretrain_steps),
+                min_ratio: 1.0,
+                ..config.inner.schedule.clone()
+            },
             ..config.inner.clone()
         };
         let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &spec)?;
-        let pretrain = Shards::new(corpus, window, derive_seed("pretrain", &[&config.seed.to_le_bytes()]));
+        let pretrain = Shards::new(
+            corpus,
+            window,
+            derive_seed("pretrain", &[&config.seed.to_le_bytes()]),
+        );
         for step in 0..config.pretrain_steps {
-            trainer.step(&pretrain.batch(0, 1, u64::from(step), config.pretrain_batch.max(1) as usize), window);
+            trainer.step(
+                &pretrain.batch(0, 1, u64::from(step), config.pretrain_batch.max(1) as usize),
+                window,
+            );
         }
         theta = trainer.params().await?;
     }
@@ -146,7 +166,12 @@ pub async fn simulate<B: AutodiffBackend>(
 
     let mut points = Vec::new();
     let mut record = |step: u32, bytes: u64, val_loss: f32| {
-        let point = SimPoint { step, tokens: u64::from(step) * tokens_per_step, bytes, val_loss };
+        let point = SimPoint {
+            step,
+            tokens: u64::from(step) * tokens_per_step,
+            bytes,
+            val_loss,
+        };
         progress(&point);
         points.push(point);
     };
@@ -157,7 +182,10 @@ pub async fn simulate<B: AutodiffBackend>(
         Sync::DataParallel => {
             let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &config.inner)?;
             for step in 0..config.steps {
-                trainer.step(&shards.batch(0, 1, u64::from(step), peers as usize * batch), window);
+                trainer.step(
+                    &shards.batch(0, 1, u64::from(step), peers as usize * batch),
+                    window,
+                );
                 bytes += 2 * u64::from(peers) * 4 * n as u64;
                 syncs += 1;
                 let done = step + 1;
@@ -198,8 +226,11 @@ pub async fn simulate<B: AutodiffBackend>(
                         delta: config.codec.decode(&payload, n)?,
                     });
                 }
-                let aggregate = robust::aggregate(&config.aggregator, &contributions, n, previous.as_deref())?;
-                outer_opt.step(&mut theta, &aggregate).map_err(|e| SimError::Outer(e.to_string()))?;
+                let aggregate =
+                    robust::aggregate(&config.aggregator, &contributions, n, previous.as_deref())?;
+                outer_opt
+                    .step(&mut theta, &aggregate)
+                    .map_err(|e| SimError::Outer(e.to_string()))?;
                 previous = Some(aggregate);
                 step += h;
                 syncs += 1;
@@ -231,7 +262,12 @@ mod tests {
     fn corpus() -> TextCorpus {
         let subjects = ["the cat ", "a dog ", "my friend ", "the old man "];
         let verbs = ["sees ", "likes ", "follows ", "finds "];
-        let objects = ["the ball.\n", "a red hat.\n", "the river.\n", "some bread.\n"];
+        let objects = [
+            "the ball.\n",
+            "a red hat.\n",
+            "the river.\n",
+            "some bread.\n",
+        ];
         let mut rng = crate::data::SplitMix64::new(9);
         let mut text = String::new();
         while text.len() < 120_000 {
@@ -244,14 +280,23 @@ mod tests {
 
     fn config(sync: Sync, steps: u32) -> SimConfig {
         SimConfig {
-            model: LmConfig::new().with_context(16).with_d_model(32).with_heads(2).with_layers(1),
+            model: LmConfig::new()
+                .with_context(16)
+                .with_d_model(32)
+                .with_heads(2)
+                .with_layers(1),
             peers: 2,
             steps,
             batch: 8,
             sync,
             codec: Codec::F32,
             aggregator: Rule::Mean,
-            inner: LmInnerSpec::new(LrSchedule { peak: 3e-3, warmup: 5, total: u64::from(steps), min_ratio: 0.1 }),
+            inner: LmInnerSpec::new(LrSchedule {
+                peak: 3e-3,
+                warmup: 5,
+                total: u64::from(steps),
+                min_ratio: 0.1,
+            }),
             seed: 11,
             pretrain_steps: 0,
             pretrain_batch: 64,
@@ -264,25 +309,66 @@ mod tests {
     fn a_short_diloco_run_lowers_the_loss_and_counts_bytes() {
         let device = Default::default();
         let corpus = corpus();
-        let cfg = config(Sync::DiLoCo { inner_steps: 10, outer: OuterSpec::default() }, 40);
-        let report = futures::executor::block_on(simulate::<Autodiff<NdArray>>(&device, &corpus, &cfg, |_| {})).expect("sim");
+        let cfg = config(
+            Sync::DiLoCo {
+                inner_steps: 10,
+                outer: OuterSpec::default(),
+            },
+            40,
+        );
+        let report = futures::executor::block_on(simulate::<Autodiff<NdArray>>(
+            &device,
+            &corpus,
+            &cfg,
+            |_| {},
+        ))
+        .expect("sim");
         let first = report.points[0].val_loss;
-        assert!(first > 5.0, "an untrained byte model is near ln 256 = 5.5, got {first}");
-        assert!(report.final_val_loss < first * 0.7, "loss {first} -> {}", report.final_val_loss);
+        assert!(
+            first > 5.0,
+            "an untrained byte model is near ln 256 = 5.5, got {first}"
+        );
+        assert!(
+            report.final_val_loss < first * 0.7,
+            "loss {first} -> {}",
+            report.final_val_loss
+        );
         assert_eq!(report.syncs, 4);
         // 4 syncs × 2 peers × 2 directions × 4 bytes × params.
         assert_eq!(report.bytes, 4 * 2 * 2 * 4 * report.num_params as u64);
         assert_eq!(report.tokens, 40 * 2 * 8 * 16);
 
         // Same seeds, same parameters, bit for bit.
-        let again = futures::executor::block_on(simulate::<Autodiff<NdArray>>(&device, &corpus, &cfg, |_| {})).expect("sim");
-        assert!(report.params.iter().zip(&again.params).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let again = futures::executor::block_on(simulate::<Autodiff<NdArray>>(
+            &device,
+            &corpus,
+            &cfg,
+            |_| {},
+        ))
+        .expect("sim");
+        assert!(
+            report
+                .params
+                .iter()
+                .zip(&again.params)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
 
         // The data-parallel baseline at equal tokens sends 10× more here (H = 10).
         let dp = config(Sync::DataParallel, 40);
-        let baseline = futures::executor::block_on(simulate::<Autodiff<NdArray>>(&device, &corpus, &dp, |_| {})).expect("sim");
+        let baseline = futures::executor::block_on(simulate::<Autodiff<NdArray>>(
+            &device,
+            &corpus,
+            &dp,
+            |_| {},
+        ))
+        .expect("sim");
         assert_eq!(baseline.tokens, report.tokens);
         assert_eq!(baseline.bytes, 10 * report.bytes);
-        assert!(baseline.final_val_loss < first * 0.7, "baseline learns too: {}", baseline.final_val_loss);
+        assert!(
+            baseline.final_val_loss < first * 0.7,
+            "baseline learns too: {}",
+            baseline.final_val_loss
+        );
     }
 }

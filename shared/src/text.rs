@@ -33,7 +33,11 @@ pub enum TextError {
     #[error("the corpus is not UTF-8 text (invalid byte at offset {0})")]
     NotUtf8(usize),
     #[error("the corpus has {got} bytes; at least {need} are needed for windows of {window} bytes")]
-    TooSmall { got: usize, need: usize, window: usize },
+    TooSmall {
+        got: usize,
+        need: usize,
+        window: usize,
+    },
 }
 
 /// Size of the blocks that are assigned to train or validation as a whole.
@@ -57,17 +61,28 @@ impl TextCorpus {
         }
         let need = 2 * SPLIT_BLOCK.max(window * 8);
         if text.len() < need {
-            return Err(TextError::TooSmall { got: text.len(), need, window });
+            return Err(TextError::TooSmall {
+                got: text.len(),
+                need,
+                window,
+            });
         }
         let blocks: Vec<&[u8]> = text.chunks(SPLIT_BLOCK).collect();
         let mut rng = SplitMix64::new(derive_seed("text split", &[&seed.to_le_bytes()]));
-        let mut held: Vec<bool> = blocks.iter().map(|_| rng.below(VALIDATION_EVERY) == 0).collect();
+        let mut held: Vec<bool> = blocks
+            .iter()
+            .map(|_| rng.below(VALIDATION_EVERY) == 0)
+            .collect();
         if !held.iter().any(|h| *h) {
             held[blocks.len() / 2] = true;
         }
         let (mut train, mut validation) = (Vec::new(), Vec::new());
         for (block, held) in blocks.iter().zip(held) {
-            if held { validation.extend_from_slice(block) } else { train.extend_from_slice(block) }
+            if held {
+                validation.extend_from_slice(block)
+            } else {
+                train.extend_from_slice(block)
+            }
         }
         Ok(Self { train, validation })
     }
@@ -101,7 +116,12 @@ impl Shards {
     /// `window` is `context + 1` bytes; `run_seed` fixes the order of every epoch.
     pub fn new(corpus: &TextCorpus, window: usize, run_seed: u64) -> Self {
         let windows = (corpus.train.len() / window) as u64;
-        Self { train: corpus.train.clone(), window, windows, seed: run_seed }
+        Self {
+            train: corpus.train.clone(),
+            window,
+            windows,
+            seed: run_seed,
+        }
     }
 
     /// Training windows per epoch.
@@ -118,7 +138,10 @@ impl Shards {
     pub fn window_of_slot(&self, slot: u64) -> u64 {
         let w = self.windows;
         let (epoch, i) = (slot / w, slot % w);
-        let mut rng = SplitMix64::new(derive_seed("text epoch", &[&self.seed.to_le_bytes(), &epoch.to_le_bytes()]));
+        let mut rng = SplitMix64::new(derive_seed(
+            "text epoch",
+            &[&self.seed.to_le_bytes(), &epoch.to_le_bytes()],
+        ));
         let a = loop {
             let a = 1 + rng.below(w.max(2) - 1);
             if gcd(a, w) == 1 {
@@ -147,9 +170,18 @@ impl Shards {
     }
 
     /// What `peer` trains on in `round` when a round is `inner_steps` steps: the round's shard.
-    pub fn shard(&self, round: u64, peer: u32, peers: u32, inner_steps: u32, batch: usize) -> Vec<u8> {
+    pub fn shard(
+        &self,
+        round: u64,
+        peer: u32,
+        peers: u32,
+        inner_steps: u32,
+        batch: usize,
+    ) -> Vec<u8> {
         let first = round * u64::from(inner_steps);
-        (first..first + u64::from(inner_steps)).flat_map(|step| self.batch(peer, peers, step, batch)).collect()
+        (first..first + u64::from(inner_steps))
+            .flat_map(|step| self.batch(peer, peers, step, batch))
+            .collect()
     }
 }
 
@@ -166,7 +198,9 @@ mod tests {
     use std::collections::HashSet;
 
     fn text(n: usize) -> Vec<u8> {
-        let words = ["the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog. "];
+        let words = [
+            "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog. ",
+        ];
         let mut rng = SplitMix64::new(3);
         let mut out = Vec::new();
         while out.len() < n {
@@ -184,7 +218,11 @@ mod tests {
         assert_eq!(a.train().len() + a.validation().len(), t.len());
         let share = a.validation().len() as f64 / t.len() as f64;
         assert!((0.01..0.15).contains(&share), "validation share {share}");
-        assert_ne!(a, TextCorpus::new(&t, 65, 8).expect("corpus"), "the seed picks the blocks");
+        assert_ne!(
+            a,
+            TextCorpus::new(&t, 65, 8).expect("corpus"),
+            "the seed picks the blocks"
+        );
     }
 
     #[test]
@@ -192,7 +230,10 @@ mod tests {
         let mut t = text(100_000);
         t[500] = 0xff;
         assert_eq!(TextCorpus::new(&t, 65, 1), Err(TextError::NotUtf8(500)));
-        assert!(matches!(TextCorpus::new(b"tiny", 65, 1), Err(TextError::TooSmall { got: 4, .. })));
+        assert!(matches!(
+            TextCorpus::new(b"tiny", 65, 1),
+            Err(TextError::TooSmall { got: 4, .. })
+        ));
     }
 
     #[test]
@@ -210,12 +251,19 @@ mod tests {
                 for step in round * u64::from(steps)..(round + 1) * u64::from(steps) {
                     let slot0 = (step * u64::from(peers) + u64::from(peer)) * batch as u64;
                     for slot in slot0..slot0 + batch as u64 {
-                        assert!(seen.insert(shards.window_of_slot(slot)), "window reused in epoch 0");
+                        assert!(
+                            seen.insert(shards.window_of_slot(slot)),
+                            "window reused in epoch 0"
+                        );
                     }
                 }
                 let shard = shards.shard(round, peer, peers, steps, batch);
                 assert_eq!(shard.len(), steps as usize * batch * 33);
-                assert_eq!(shard, Shards::new(&corpus, 33, 42).shard(round, peer, peers, steps, batch), "deterministic");
+                assert_eq!(
+                    shard,
+                    Shards::new(&corpus, 33, 42).shard(round, peer, peers, steps, batch),
+                    "deterministic"
+                );
             }
         }
         // The next epoch is a different order of the same windows.
@@ -226,7 +274,10 @@ mod tests {
         assert_ne!(order0, order1);
         // Another run seed, another order.
         let other = Shards::new(&corpus, 33, 43);
-        assert_ne!(order0, (0..16).map(|s| other.window_of_slot(s)).collect::<Vec<_>>());
+        assert_ne!(
+            order0,
+            (0..16).map(|s| other.window_of_slot(s)).collect::<Vec<_>>()
+        );
     }
 
     #[test]

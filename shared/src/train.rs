@@ -63,7 +63,10 @@ pub struct LocalTrainer<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> core::fmt::Debug for LocalTrainer<B> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("LocalTrainer").field("steps", &self.steps).field("spec", &self.spec).finish_non_exhaustive()
+        f.debug_struct("LocalTrainer")
+            .field("steps", &self.steps)
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,7 +83,9 @@ impl<B: AutodiffBackend> LocalTrainer<B> {
     ) -> Result<Self, ParamsError> {
         B::seed(device, seed);
         let module = params::load(model.init::<B>(device), start)?;
-        let optimizer = AdamWConfig::new().with_weight_decay(spec.weight_decay).init();
+        let optimizer = AdamWConfig::new()
+            .with_weight_decay(spec.weight_decay)
+            .init();
         let sampler = BatchSampler::new(data.len(), spec.batch_size as usize, seed);
         Ok(Self {
             device: device.clone(),
@@ -110,9 +115,19 @@ impl<B: AutodiffBackend> LocalTrainer<B> {
             TensorData::new(self.data.features(&batch), [batch.len(), DIGITS_INPUTS]),
             &self.device,
         );
-        let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(self.data.targets(&batch), [batch.len()]), &self.device);
+        let targets = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(self.data.targets(&batch), [batch.len()]),
+            &self.device,
+        );
         let model = self.model.clone();
-        let (model, loss) = train_step(model, &mut self.optimizer, &self.loss_fn, pixels, targets, self.spec.lr);
+        let (model, loss) = train_step(
+            model,
+            &mut self.optimizer,
+            &self.loss_fn,
+            pixels,
+            targets,
+            self.spec.lr,
+        );
         self.model = model;
         self.loss_sum = Some(match self.loss_sum.take() {
             Some(sum) => sum + loss,
@@ -149,10 +164,20 @@ pub async fn evaluate<B: Backend>(
     }
     let module = params::load(model.init::<B>(device), params)?;
     let all: Vec<usize> = (0..data.len()).collect();
-    let pixels = Tensor::<B, 2>::from_data(TensorData::new(data.features(&all), [all.len(), DIGITS_INPUTS]), device);
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(data.targets(&all), [all.len()]), device);
+    let pixels = Tensor::<B, 2>::from_data(
+        TensorData::new(data.features(&all), [all.len(), DIGITS_INPUTS]),
+        device,
+    );
+    let targets =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(data.targets(&all), [all.len()]), device);
     let predicted = module.forward(pixels).argmax(1).squeeze_dim::<1>(1); // [n]
-    let correct = predicted.equal(targets).int().sum().into_scalar_async().await?.elem::<i64>();
+    let correct = predicted
+        .equal(targets)
+        .int()
+        .sum()
+        .into_scalar_async()
+        .await?
+        .elem::<i64>();
     Ok(correct as f32 / data.len() as f32)
 }
 
@@ -171,7 +196,11 @@ mod tests {
             let label = (i % 2) as u8;
             for p in 0..64 {
                 let left = p % 8 < 4;
-                pixels.push(if left == (label == 0) { 12 + (i % 5) as u8 } else { (i % 3) as u8 });
+                pixels.push(if left == (label == 0) {
+                    12 + (i % 5) as u8
+                } else {
+                    (i % 3) as u8
+                });
             }
             labels.push(label);
         }
@@ -183,13 +212,24 @@ mod tests {
         let device = Default::default();
         let config = DigitsMlpConfig::new().with_hidden(16);
         <NdArray as Backend>::seed(&device, 1);
-        let start = futures::executor::block_on(params::to_vec(&config.init::<NdArray>(&device))).expect("init");
-        let spec = InnerSpec { steps: 30, batch_size: 16, lr: 1e-2, weight_decay: 0.0 };
+        let start = futures::executor::block_on(params::to_vec(&config.init::<NdArray>(&device)))
+            .expect("init");
+        let spec = InnerSpec {
+            steps: 30,
+            batch_size: 16,
+            lr: 1e-2,
+            weight_decay: 0.0,
+        };
         let data = toy_set(64);
 
         let run = |steps| {
-            let spec = InnerSpec { steps, ..spec.clone() };
-            let mut trainer = LocalTrainer::<B>::new(&device, &config, &start, data.clone(), &spec, 5).expect("trainer");
+            let spec = InnerSpec {
+                steps,
+                ..spec.clone()
+            };
+            let mut trainer =
+                LocalTrainer::<B>::new(&device, &config, &start, data.clone(), &spec, 5)
+                    .expect("trainer");
             while !trainer.is_done() {
                 trainer.step();
             }
@@ -198,10 +238,29 @@ mod tests {
         let first = run(1);
         let trained = run(30);
         let again = run(30);
-        assert!(trained.loss < first.loss * 0.8, "loss {} -> {}", first.loss, trained.loss);
-        assert_eq!(trained.params, again.params, "same seed, same parameters, bit for bit");
-        let before = futures::executor::block_on(evaluate::<NdArray>(&device, &config, &start, &data)).expect("eval");
-        let after = futures::executor::block_on(evaluate::<NdArray>(&device, &config, &trained.params, &data)).expect("eval");
-        assert!(after > 0.95 && after > before, "accuracy {before} -> {after}");
+        assert!(
+            trained.loss < first.loss * 0.8,
+            "loss {} -> {}",
+            first.loss,
+            trained.loss
+        );
+        assert_eq!(
+            trained.params, again.params,
+            "same seed, same parameters, bit for bit"
+        );
+        let before =
+            futures::executor::block_on(evaluate::<NdArray>(&device, &config, &start, &data))
+                .expect("eval");
+        let after = futures::executor::block_on(evaluate::<NdArray>(
+            &device,
+            &config,
+            &trained.params,
+            &data,
+        ))
+        .expect("eval");
+        assert!(
+            after > 0.95 && after > before,
+            "accuracy {before} -> {after}"
+        );
     }
 }

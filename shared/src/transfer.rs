@@ -67,7 +67,11 @@ impl<K: Eq + Hash + Clone> Default for Reassembly<K> {
 
 impl<K: Eq + Hash + Clone> Reassembly<K> {
     pub fn with_budget(budget: usize) -> Self {
-        Self { partial: HashMap::new(), buffered: 0, budget }
+        Self {
+            partial: HashMap::new(),
+            buffered: 0,
+            budget,
+        }
     }
 
     /// Bytes buffered now, over all senders.
@@ -100,14 +104,28 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
         }
         if part.offset == 0 {
             self.drop_sender(from);
-            self.partial.insert(from.clone(), Partial { digest: part.digest, total: part.total, bytes: Vec::new(), touched_ms: now_ms });
+            self.partial.insert(
+                from.clone(),
+                Partial {
+                    digest: part.digest,
+                    total: part.total,
+                    bytes: Vec::new(),
+                    touched_ms: now_ms,
+                },
+            );
         }
         let Some(partial) = self.partial.get_mut(from) else {
-            return Err(PartError::OutOfOrder { got: part.offset, expected: 0 });
+            return Err(PartError::OutOfOrder {
+                got: part.offset,
+                expected: 0,
+            });
         };
         let expected = partial.bytes.len() as u32;
         if part.offset != expected || part.digest != partial.digest || part.total != partial.total {
-            return Err(PartError::OutOfOrder { got: part.offset, expected });
+            return Err(PartError::OutOfOrder {
+                got: part.offset,
+                expected,
+            });
         }
         if partial.bytes.len() + part.bytes.len() > partial.total as usize {
             return Err(PartError::Overrun);
@@ -119,10 +137,15 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
         partial.touched_ms = now_ms;
         self.buffered += part.bytes.len();
         if partial.bytes.len() < partial.total as usize {
-            return Ok(Progress::More { received: partial.bytes.len() as u32 });
+            return Ok(Progress::More {
+                received: partial.bytes.len() as u32,
+            });
         }
         let Some(done) = self.partial.remove(from) else {
-            return Err(PartError::OutOfOrder { got: part.offset, expected });
+            return Err(PartError::OutOfOrder {
+                got: part.offset,
+                expected,
+            });
         };
         self.buffered -= done.bytes.len();
         if *blake3::hash(&done.bytes).as_bytes() != done.digest {
@@ -161,12 +184,19 @@ mod tests {
         message
             .chunks(size)
             .enumerate()
-            .map(|(i, c)| Part { digest, total: message.len() as u32, offset: (i * size) as u32, bytes: c.to_vec() })
+            .map(|(i, c)| Part {
+                digest,
+                total: message.len() as u32,
+                offset: (i * size) as u32,
+                bytes: c.to_vec(),
+            })
             .collect()
     }
 
     fn message(len: usize, salt: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
+            .collect()
     }
 
     #[test]
@@ -179,7 +209,9 @@ mod tests {
             for (who, ps) in [("a", &pa), ("b", &pb)] {
                 if let Some(p) = ps.get(i) {
                     match r.accept(who, p.clone(), 0).expect("accepted") {
-                        Progress::More { received } => assert_eq!(received as usize, (i + 1) * 15_000),
+                        Progress::More { received } => {
+                            assert_eq!(received as usize, (i + 1) * 15_000)
+                        }
                         Progress::Complete(bytes) => done.push((who, bytes)),
                     }
                 }
@@ -195,10 +227,22 @@ mod tests {
         let ps = parts(&m, 10_000);
         let mut r = Reassembly::default();
         // Out of order: a part with no start.
-        assert_eq!(r.accept(1, ps[1].clone(), 0), Err(PartError::OutOfOrder { got: 10_000, expected: 0 }));
+        assert_eq!(
+            r.accept(1, ps[1].clone(), 0),
+            Err(PartError::OutOfOrder {
+                got: 10_000,
+                expected: 0
+            })
+        );
         // A skipped part drops what was buffered.
         r.accept(1, ps[0].clone(), 0).expect("first");
-        assert_eq!(r.accept(1, ps[2].clone(), 0), Err(PartError::OutOfOrder { got: 20_000, expected: 10_000 }));
+        assert_eq!(
+            r.accept(1, ps[2].clone(), 0),
+            Err(PartError::OutOfOrder {
+                got: 20_000,
+                expected: 10_000
+            })
+        );
         assert_eq!(r.buffered(), 0);
         // A wrong digest is found at the end.
         let mut forged = ps.clone();
@@ -206,13 +250,31 @@ mod tests {
         for p in &forged[..3] {
             r.accept(1, p.clone(), 0).expect("part");
         }
-        assert_eq!(r.accept(1, forged[3].clone(), 0), Err(PartError::DigestMismatch));
+        assert_eq!(
+            r.accept(1, forged[3].clone(), 0),
+            Err(PartError::DigestMismatch)
+        );
         // Claims beyond the limits.
-        let huge = Part { digest: [0; 32], total: u32::MAX, offset: 0, bytes: vec![1] };
+        let huge = Part {
+            digest: [0; 32],
+            total: u32::MAX,
+            offset: 0,
+            bytes: vec![1],
+        };
         assert_eq!(r.accept(1, huge, 0), Err(PartError::TooLarge(u32::MAX)));
-        let empty = Part { digest: [0; 32], total: 10, offset: 0, bytes: vec![] };
+        let empty = Part {
+            digest: [0; 32],
+            total: 10,
+            offset: 0,
+            bytes: vec![],
+        };
         assert_eq!(r.accept(1, empty, 0), Err(PartError::BadLength(0)));
-        let over = Part { digest: [0; 32], total: 10, offset: 0, bytes: vec![0; 11] };
+        let over = Part {
+            digest: [0; 32],
+            total: 10,
+            offset: 0,
+            bytes: vec![0; 11],
+        };
         assert_eq!(r.accept(1, over, 0), Err(PartError::Overrun));
         assert_eq!((r.buffered(), r.in_progress()), (0, 0));
     }
@@ -224,10 +286,14 @@ mod tests {
         let mut r = Reassembly::with_budget(25_000);
         r.accept("a", ps[0].clone(), 0).expect("a0");
         r.accept("b", ps[0].clone(), STALL_MS / 2).expect("b0");
-        assert_eq!(r.accept("c", ps[0].clone(), STALL_MS / 2), Err(PartError::Busy));
+        assert_eq!(
+            r.accept("c", ps[0].clone(), STALL_MS / 2),
+            Err(PartError::Busy)
+        );
         assert_eq!(r.buffered(), 20_000);
         // `a` stalls; after STALL_MS its buffer is freed and `c` fits beside `b`.
-        r.accept("c", ps[0].clone(), STALL_MS + 1).expect("c0 after a expired");
+        r.accept("c", ps[0].clone(), STALL_MS + 1)
+            .expect("c0 after a expired");
         assert_eq!(r.in_progress(), 2);
         assert_eq!(r.buffered(), 20_000);
     }

@@ -21,19 +21,33 @@ fn toy_digits(n: usize) -> DigitsSet {
         let class = i % 10;
         for p in 0..64 {
             let (row, col) = (p / 8, p % 8);
-            let on = if class < 8 { row == class } else { col == class - 8 };
-            pixels.push(if on { 12 + (i % 5) as u8 } else { (i * 7 + p) as u8 % 3 });
+            let on = if class < 8 {
+                row == class
+            } else {
+                col == class - 8
+            };
+            pixels.push(if on {
+                12 + (i % 5) as u8
+            } else {
+                (i * 7 + p) as u8 % 3
+            });
         }
         labels.push(class as u8);
     }
     DigitsSet::new(pixels, labels).expect("valid")
 }
 
-const SPEC: InnerSpec = InnerSpec { steps: 30, batch_size: 32, lr: 1e-2, weight_decay: 0.0 };
+const SPEC: InnerSpec = InnerSpec {
+    steps: 30,
+    batch_size: 32,
+    lr: 1e-2,
+    weight_decay: 0.0,
+};
 
 async fn train<B: AutodiffBackend>(device: &B::Device, start: &[f32]) -> LocalResult {
     let config = DigitsMlpConfig::new().with_hidden(32);
-    let mut trainer = LocalTrainer::<B>::new(device, &config, start, toy_digits(200), &SPEC, 3).expect("trainer");
+    let mut trainer =
+        LocalTrainer::<B>::new(device, &config, start, toy_digits(200), &SPEC, 3).expect("trainer");
     while !trainer.is_done() {
         trainer.step();
     }
@@ -43,7 +57,13 @@ async fn train<B: AutodiffBackend>(device: &B::Device, start: &[f32]) -> LocalRe
 async fn initial() -> Vec<f32> {
     let device = Default::default();
     <NdArray as Backend>::seed(&device, 11);
-    params::to_vec(&DigitsMlpConfig::new().with_hidden(32).init::<NdArray>(&device)).await.expect("init")
+    params::to_vec(
+        &DigitsMlpConfig::new()
+            .with_hidden(32)
+            .init::<NdArray>(&device),
+    )
+    .await
+    .expect("init")
 }
 
 #[wasm_bindgen_test]
@@ -51,10 +71,17 @@ async fn cpu_fallback_trains_in_the_browser() {
     let start = initial().await;
     let config = DigitsMlpConfig::new().with_hidden(32);
     let data = toy_digits(200);
-    let before = evaluate::<NdArray>(&Default::default(), &config, &start, &data).await.expect("eval");
+    let before = evaluate::<NdArray>(&Default::default(), &config, &start, &data)
+        .await
+        .expect("eval");
     let result = train::<Autodiff<NdArray>>(&Default::default(), &start).await;
-    let after = evaluate::<NdArray>(&Default::default(), &config, &result.params, &data).await.expect("eval");
-    assert!(after > 0.9 && after > before + 0.5, "accuracy {before} -> {after}");
+    let after = evaluate::<NdArray>(&Default::default(), &config, &result.params, &data)
+        .await
+        .expect("eval");
+    assert!(
+        after > 0.9 && after > before + 0.5,
+        "accuracy {before} -> {after}"
+    );
 }
 
 #[wasm_bindgen_test]
@@ -65,11 +92,26 @@ async fn webgpu_trains_in_the_browser_and_matches_the_cpu() {
     let gpu = train::<Autodiff<Wgpu>>(&device, &start).await;
     let cpu = train::<Autodiff<NdArray>>(&Default::default(), &start).await;
     let config = DigitsMlpConfig::new().with_hidden(32);
-    let accuracy = evaluate::<Wgpu>(&device, &config, &gpu.params, &toy_digits(200)).await.expect("eval");
+    let accuracy = evaluate::<Wgpu>(&device, &config, &gpu.params, &toy_digits(200))
+        .await
+        .expect("eval");
     assert!(accuracy > 0.9, "WebGPU-trained accuracy {accuracy}");
-    let max_diff = gpu.params.iter().zip(&cpu.params).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(max_diff < 5e-3, "WebGPU and CPU parameters differ by up to {max_diff}");
-    assert!((gpu.loss - cpu.loss).abs() < 1e-3, "loss {} vs {}", gpu.loss, cpu.loss);
+    let max_diff = gpu
+        .params
+        .iter()
+        .zip(&cpu.params)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        max_diff < 5e-3,
+        "WebGPU and CPU parameters differ by up to {max_diff}"
+    );
+    assert!(
+        (gpu.loss - cpu.loss).abs() < 1e-3,
+        "loss {} vs {}",
+        gpu.loss,
+        cpu.loss
+    );
 }
 
 #[wasm_bindgen_test]

@@ -13,7 +13,13 @@ use std::process::{Command, ExitCode};
 /// Must match the `wasm-bindgen` pin in the workspace manifest (libp2p 0.57.1 pins it).
 const WASM_BINDGEN_VERSION: &str = "0.2.108";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
-const APT_PACKAGES: &[&str] = &["chromium", "chromium-driver", "mesa-vulkan-drivers", "fortunes", "python3-venv"];
+const APT_PACKAGES: &[&str] = &[
+    "chromium",
+    "chromium-driver",
+    "mesa-vulkan-drivers",
+    "fortunes",
+    "python3-venv",
+];
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -54,12 +60,17 @@ fn main() -> ExitCode {
 /// CARGO_TARGET_DIR (cargo does not rebuild xtask for a moved checkout, so the path compiled in
 /// can name a clone that is gone).
 fn root() -> PathBuf {
-    let manifest = env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    manifest.parent().map_or_else(|| manifest.clone(), Path::to_path_buf)
+    let manifest = env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest
+        .parent()
+        .map_or_else(|| manifest.clone(), Path::to_path_buf)
 }
 
 fn target_dir() -> PathBuf {
-    env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 fn cargo() -> Command {
@@ -70,13 +81,21 @@ fn cargo() -> Command {
 
 fn status(cmd: &mut Command) -> Result {
     eprintln!("xtask: $ {}", describe(cmd));
-    let status = cmd.status().map_err(|e| format!("could not start `{}`: {e}", describe(cmd)))?;
-    if status.success() { Ok(()) } else { Err(format!("`{}` failed with {status}", describe(cmd))) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("could not start `{}`: {e}", describe(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed with {status}", describe(cmd)))
+    }
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn describe(cmd: &Command) -> String {
@@ -90,13 +109,20 @@ fn describe(cmd: &Command) -> String {
 
 /// Adds the wasm32 target and installs the pinned wasm-bindgen CLI when missing.
 fn setup_wasm() -> Result {
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    let installed =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
     if !installed.lines().any(|l| l.trim() == WASM_TARGET) {
         status(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
     }
     let have = output(Command::new("wasm-bindgen").arg("--version")).unwrap_or_default();
     if !have.contains(WASM_BINDGEN_VERSION) {
-        status(cargo().args(["install", "--locked", "wasm-bindgen-cli", "--version", WASM_BINDGEN_VERSION]))?;
+        status(cargo().args([
+            "install",
+            "--locked",
+            "wasm-bindgen-cli",
+            "--version",
+            WASM_BINDGEN_VERSION,
+        ]))?;
     }
     Ok(())
 }
@@ -117,7 +143,11 @@ fn apt_install(packages: &[&str]) -> Result {
     }
     let sudo = output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() != "0");
     let apt = |args: &[&str]| {
-        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        let mut cmd = if sudo {
+            Command::new("sudo")
+        } else {
+            Command::new("apt-get")
+        };
         if sudo {
             cmd.arg("apt-get");
         }
@@ -134,15 +164,29 @@ fn setup_browser() -> Result {
     apt_install(APT_PACKAGES)?;
     let e2e = root().join("tests/browser");
     if !e2e.join("node_modules/playwright-core").exists() {
-        status(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&e2e))?;
+        status(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&e2e),
+        )?;
     }
     Ok(())
 }
 
 /// Builds the client for wasm32 and runs wasm-bindgen into `web/pkg` (the npm package).
 fn build_wasm() -> Result {
-    status(cargo().args(["build", "--release", "-p", "swarmtrain-client", "--lib", "--target", WASM_TARGET]))?;
-    let wasm = target_dir().join(WASM_TARGET).join("release/swarmtrain_client.wasm");
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "swarmtrain-client",
+        "--lib",
+        "--target",
+        WASM_TARGET,
+    ]))?;
+    let wasm = target_dir()
+        .join(WASM_TARGET)
+        .join("release/swarmtrain_client.wasm");
     let out = root().join("web/pkg");
     status(
         Command::new("wasm-bindgen")
@@ -152,7 +196,12 @@ fn build_wasm() -> Result {
     )?;
     let version = fs::read_to_string(root().join("client-wasm/Cargo.toml"))
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("version = \"").map(|v| v.trim_end_matches('"').to_owned())))
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("version = \"")
+                    .map(|v| v.trim_end_matches('"').to_owned())
+            })
+        })
         .unwrap_or_else(|| "0.1.0".to_owned());
     let package = format!(
         r#"{{
@@ -168,9 +217,16 @@ fn build_wasm() -> Result {
 }}
 "#
     );
-    fs::write(out.join("package.json"), package).map_err(|e| format!("writing package.json: {e}"))?;
-    let size = fs::metadata(out.join("swarmtrain_bg.wasm")).map(|m| m.len()).unwrap_or(0);
-    eprintln!("xtask: npm package in {} (wasm {:.2} MB)", out.display(), size as f64 / 1e6);
+    fs::write(out.join("package.json"), package)
+        .map_err(|e| format!("writing package.json: {e}"))?;
+    let size = fs::metadata(out.join("swarmtrain_bg.wasm"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    eprintln!(
+        "xtask: npm package in {} (wasm {:.2} MB)",
+        out.display(),
+        size as f64 / 1e6
+    );
     Ok(())
 }
 
@@ -180,7 +236,12 @@ const NATIVE: &[&str] = &["--workspace", "--exclude", "swarmtrain-wasm-tests"];
 
 /// Builds the relay binary and returns its path.
 fn build_relay() -> Result<PathBuf> {
-    status(cargo().arg("build").args(NATIVE).args(["--bin", "swarmtrain-relay"]))?;
+    status(
+        cargo()
+            .arg("build")
+            .args(NATIVE)
+            .args(["--bin", "swarmtrain-relay"]),
+    )?;
     Ok(target_dir().join("debug/swarmtrain-relay"))
 }
 
@@ -202,14 +263,23 @@ fn test(args: &[String]) -> Result {
     // 1. Native tests: unit tests, the in-process multi-peer tests, bad-input tests, and the
     //    checkpoint export read back by Python's safetensors.
     let python = python_venv()?;
-    status(cargo().arg("test").args(NATIVE).args(&filter).env("SWARMTRAIN_PYTHON", python))?;
+    status(
+        cargo()
+            .arg("test")
+            .args(NATIVE)
+            .args(&filter)
+            .env("SWARMTRAIN_PYTHON", python),
+    )?;
 
     // 2. wasm_bindgen_test suites in headless Chromium, driven by Debian's chromedriver.
     //    wasm-bindgen-test-runner reads webdriver.json (the Chromium flags) from the crate dir.
     let mut wasm = cargo();
     wasm.current_dir(root().join("wasm-pack-tests"))
         .args(["test", "--release", "--target", WASM_TARGET])
-        .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", "wasm-bindgen-test-runner")
+        .env(
+            "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
+            "wasm-bindgen-test-runner",
+        )
         .env("CHROMEDRIVER", "/usr/bin/chromedriver")
         .env("WASM_BINDGEN_TEST_TIMEOUT", "300")
         .env_remove("CARGO_TARGET_DIR")
@@ -246,27 +316,53 @@ fn python_venv() -> Result<PathBuf> {
     if !python.exists() {
         status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    if output(Command::new(&python).args(["-c", "import numpy, safetensors, moto.server"])).is_none() {
-        status(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(PYTHON_PACKAGES))?;
+    if output(Command::new(&python).args(["-c", "import numpy, safetensors, moto.server"]))
+        .is_none()
+    {
+        status(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(PYTHON_PACKAGES),
+        )?;
     }
     Ok(python)
 }
 
 /// The median point estimate, in seconds, from a criterion `estimates.json`.
 fn criterion_median(group: &str, name: &str) -> Result<f64> {
-    let path = target_dir().join("criterion").join(group).join(name).join("new/estimates.json");
+    let path = target_dir()
+        .join("criterion")
+        .join(group)
+        .join(name)
+        .join("new/estimates.json");
     let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let median = text.find("\"median\"").ok_or("no median in estimates")?;
     let after = &text[median..];
-    let at = after.find("\"point_estimate\":").ok_or("no point estimate")? + "\"point_estimate\":".len();
-    let number: String = after[at..].chars().take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')).collect();
-    number.parse::<f64>().map(|ns| ns * 1e-9).map_err(|e| format!("{number}: {e}"))
+    let at = after
+        .find("\"point_estimate\":")
+        .ok_or("no point estimate")?
+        + "\"point_estimate\":".len();
+    let number: String = after[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+        .collect();
+    number
+        .parse::<f64>()
+        .map(|ns| ns * 1e-9)
+        .map_err(|e| format!("{number}: {e}"))
 }
 
 fn json_number(json: &str, key: &str) -> Result<f64> {
-    let at = json.find(&format!("\"{key}\":")).ok_or_else(|| format!("numpy gave no {key}"))? + key.len() + 3;
-    let number: String =
-        json[at..].trim_start().chars().take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')).collect();
+    let at = json
+        .find(&format!("\"{key}\":"))
+        .ok_or_else(|| format!("numpy gave no {key}"))?
+        + key.len()
+        + 3;
+    let number: String = json[at..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+        .collect();
     number.parse().map_err(|e| format!("{key}: {e}"))
 }
 
@@ -275,12 +371,23 @@ fn bench_robust() -> Result {
     let python = python_venv()?;
     status(cargo().args(["bench", "-p", "swarmtrain-shared", "--bench", "aggregate"]))?;
     let script = root().join("xtask/bench/numpy_aggregate.py");
-    let out = Command::new(&python).arg(&script).output().map_err(|e| format!("numpy benchmark: {e}"))?;
+    let out = Command::new(&python)
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("numpy benchmark: {e}"))?;
     if !out.status.success() {
-        return Err(format!("numpy benchmark failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "numpy benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let numpy = String::from_utf8_lossy(&out.stdout).into_owned();
-    let version = numpy.split("\"numpy\": \"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("?").to_owned();
+    let version = numpy
+        .split("\"numpy\": \"")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .unwrap_or("?")
+        .to_owned();
 
     let group = "aggregate_16x1M";
     let ours = |name: &str| criterion_median(group, name);
@@ -288,7 +395,9 @@ fn bench_robust() -> Result {
     let copy = criterion_median("memory", "copy_256MB")?;
     let bandwidth = 2.0 * 256.0 * 1048576.0 / copy / 1e9;
     let mean_bandwidth = 16.0 * 1048576.0 * 4.0 / mean / 1e9;
-    let mut table = String::from("| aggregator | ours (median) | numpy (median) | numpy / ours | ours / our mean |\n| --- | --- | --- | --- | --- |\n");
+    let mut table = String::from(
+        "| aggregator | ours (median) | numpy (median) | numpy / ours | ours / our mean |\n| --- | --- | --- | --- | --- |\n",
+    );
     let ms = |s: f64| format!("{:.1} ms", s * 1e3);
     for (name, reference) in [
         ("mean", Some("mean")),
@@ -306,7 +415,11 @@ fn bench_robust() -> Result {
             }
             None => ("—".into(), "—".into()),
         };
-        table.push_str(&format!("| {name} | {} | {np} | {ratio} | {:.2}× |\n", ms(t), t / mean));
+        table.push_str(&format!(
+            "| {name} | {} | {np} | {ratio} | {:.2}× |\n",
+            ms(t),
+            t / mean
+        ));
     }
     let partition = json_number(&numpy, "trimmed_mean_partition")?;
     let report = format!(
@@ -329,7 +442,11 @@ fn bench_robust() -> Result {
     // The attack grid: every standard attack × every rule × attacker share, on the digits.
     status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
     let relay = target_dir().join("release/swarmtrain-relay");
-    status(Command::new(&relay).args(["attack-grid", "--out"]).arg(dir.join("attacks.md")))
+    status(
+        Command::new(&relay)
+            .args(["attack-grid", "--out"])
+            .arg(dir.join("attacks.md")),
+    )
 }
 
 /// Debian's `fortunes` package ships the default corpus (read at run time, never committed).
@@ -367,11 +484,22 @@ fn parse_sim(json: &str) -> Result<SimResult> {
     let curve = points
         .split('}')
         .filter(|p| p.contains("val_loss"))
-        .map(|p| Ok((json_number(p, "tokens")?, json_number(p, "bytes")?, json_number(p, "val_loss")?)))
+        .map(|p| {
+            Ok((
+                json_number(p, "tokens")?,
+                json_number(p, "bytes")?,
+                json_number(p, "val_loss")?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     // Top-level numbers, with the curve cut out (its points have "bytes" and "tokens" too).
     let rest = format!("{before}{after}");
-    let hash = json.split("\"params_blake3\": \"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("?").to_owned();
+    let hash = json
+        .split("\"params_blake3\": \"")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .unwrap_or("?")
+        .to_owned();
     Ok(SimResult {
         curve,
         bytes: json_number(&rest, "bytes")?,
@@ -400,36 +528,90 @@ fn bench_diloco(report_only: bool) -> Result {
     let run = |name: &'static str, label: &str, extra: &str| SimRun {
         name,
         label: label.to_owned(),
-        args: format!("simulate {common} {extra}").split_whitespace().map(str::to_owned).collect(),
+        args: format!("simulate {common} {extra}")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
     };
     let runs = vec![
-        run("dp", "data-parallel, 8 × batch", "--sync data-parallel --peers 8"),
+        run(
+            "dp",
+            "data-parallel, 8 × batch",
+            "--sync data-parallel --peers 8",
+        ),
         run("h1", "DiLoCo H=1, 8 peers", "--inner-steps 1 --peers 8"),
         run("h10", "DiLoCo H=10, 8 peers", "--inner-steps 10 --peers 8"),
         run("h50", "DiLoCo H=50, 8 peers", "--inner-steps 50 --peers 8"),
-        run("h100", "DiLoCo H=100, 8 peers", "--inner-steps 100 --peers 8"),
-        run("h500", "DiLoCo H=500, 8 peers", "--inner-steps 500 --peers 8"),
-        run("fedavg100", "FedAvg H=100, 8 peers", "--sync fedavg --inner-steps 100 --peers 8"),
+        run(
+            "h100",
+            "DiLoCo H=100, 8 peers",
+            "--inner-steps 100 --peers 8",
+        ),
+        run(
+            "h500",
+            "DiLoCo H=500, 8 peers",
+            "--inner-steps 500 --peers 8",
+        ),
+        run(
+            "fedavg100",
+            "FedAvg H=100, 8 peers",
+            "--sync fedavg --inner-steps 100 --peers 8",
+        ),
         run("r1", "DiLoCo H=100, 1 peer", "--inner-steps 100 --peers 1"),
         run("r4", "DiLoCo H=100, 4 peers", "--inner-steps 100 --peers 4"),
-        run("int8", "DiLoCo H=100, 8 peers, int8", "--inner-steps 100 --peers 8 --codec int8"),
-        run("topk", "DiLoCo H=100, 8 peers, top-2% + EF", "--inner-steps 100 --peers 8 --codec topk --topk-per-million 20000"),
-        run("topk2", "DiLoCo H=100, 8 peers, top-2% 2-bit + EF", "--inner-steps 100 --peers 8 --codec topk2 --topk-per-million 20000"),
-        run("btopk2", "DiLoCo H=100, 8 peers, block top-10% 2-bit + EF", "--inner-steps 100 --peers 8 --codec block-topk2 --topk-per-million 100000"),
-        run("int4", "DiLoCo H=100, 8 peers, int4 + EF", "--inner-steps 100 --peers 8 --codec int4"),
-        run("int2", "DiLoCo H=100, 8 peers, int2 + EF", "--inner-steps 100 --peers 8 --codec int2"),
-        run("r1again", "DiLoCo H=100, 1 peer (repeat)", "--inner-steps 100 --peers 1"),
+        run(
+            "int8",
+            "DiLoCo H=100, 8 peers, int8",
+            "--inner-steps 100 --peers 8 --codec int8",
+        ),
+        run(
+            "topk",
+            "DiLoCo H=100, 8 peers, top-2% + EF",
+            "--inner-steps 100 --peers 8 --codec topk --topk-per-million 20000",
+        ),
+        run(
+            "topk2",
+            "DiLoCo H=100, 8 peers, top-2% 2-bit + EF",
+            "--inner-steps 100 --peers 8 --codec topk2 --topk-per-million 20000",
+        ),
+        run(
+            "btopk2",
+            "DiLoCo H=100, 8 peers, block top-10% 2-bit + EF",
+            "--inner-steps 100 --peers 8 --codec block-topk2 --topk-per-million 100000",
+        ),
+        run(
+            "int4",
+            "DiLoCo H=100, 8 peers, int4 + EF",
+            "--inner-steps 100 --peers 8 --codec int4",
+        ),
+        run(
+            "int2",
+            "DiLoCo H=100, 8 peers, int2 + EF",
+            "--inner-steps 100 --peers 8 --codec int2",
+        ),
+        run(
+            "r1again",
+            "DiLoCo H=100, 1 peer (repeat)",
+            "--inner-steps 100 --peers 1",
+        ),
     ];
     let started = std::time::Instant::now();
-    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let parallel = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
     // `--report-only` rewrites the report from the last run's JSON files.
-    let mut pending: Vec<&SimRun> = if report_only { Vec::new() } else { runs.iter().collect() };
+    let mut pending: Vec<&SimRun> = if report_only {
+        Vec::new()
+    } else {
+        runs.iter().collect()
+    };
     let mut running: Vec<(&SimRun, std::process::Child)> = Vec::new();
     while !pending.is_empty() || !running.is_empty() {
         while running.len() < parallel && !pending.is_empty() {
             let job = pending.remove(0);
             let json = out_dir.join(format!("{}.json", job.name));
-            let log = fs::File::create(out_dir.join(format!("{}.log", job.name))).map_err(|e| e.to_string())?;
+            let log = fs::File::create(out_dir.join(format!("{}.log", job.name)))
+                .map_err(|e| e.to_string())?;
             let child = Command::new(&relay)
                 .args(&job.args)
                 .arg("--out")
@@ -438,15 +620,30 @@ fn bench_diloco(report_only: bool) -> Result {
                 .stderr(log)
                 .spawn()
                 .map_err(|e| format!("{}: {e}", relay.display()))?;
-            println!("[{:>4.0} s] started {}", started.elapsed().as_secs_f64(), job.label);
+            println!(
+                "[{:>4.0} s] started {}",
+                started.elapsed().as_secs_f64(),
+                job.label
+            );
             running.push((job, child));
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
         let mut still = Vec::new();
         for (job, mut child) in running {
             match child.try_wait().map_err(|e| e.to_string())? {
-                Some(code) if code.success() => println!("[{:>4.0} s] finished {}", started.elapsed().as_secs_f64(), job.label),
-                Some(code) => return Err(format!("{} failed ({code}); see {}/{}.log", job.label, out_dir.display(), job.name)),
+                Some(code) if code.success() => println!(
+                    "[{:>4.0} s] finished {}",
+                    started.elapsed().as_secs_f64(),
+                    job.label
+                ),
+                Some(code) => {
+                    return Err(format!(
+                        "{} failed ({code}); see {}/{}.log",
+                        job.label,
+                        out_dir.display(),
+                        job.name
+                    ));
+                }
                 None => still.push((job, child)),
             }
         }
@@ -454,17 +651,31 @@ fn bench_diloco(report_only: bool) -> Result {
     }
     let wall_file = out_dir.join("wall-seconds.txt");
     if !report_only {
-        fs::write(&wall_file, format!("{:.0}", started.elapsed().as_secs_f64())).map_err(|e| e.to_string())?;
+        fs::write(
+            &wall_file,
+            format!("{:.0}", started.elapsed().as_secs_f64()),
+        )
+        .map_err(|e| e.to_string())?;
     }
-    let wall: f64 = fs::read_to_string(&wall_file).ok().and_then(|w| w.trim().parse().ok()).unwrap_or(f64::NAN);
+    let wall: f64 = fs::read_to_string(&wall_file)
+        .ok()
+        .and_then(|w| w.trim().parse().ok())
+        .unwrap_or(f64::NAN);
     let results = runs
         .iter()
         .map(|r| {
-            let text = fs::read_to_string(out_dir.join(format!("{}.json", r.name))).map_err(|e| e.to_string())?;
+            let text = fs::read_to_string(out_dir.join(format!("{}.json", r.name)))
+                .map_err(|e| e.to_string())?;
             Ok((r, parse_sim(&text)?))
         })
         .collect::<Result<Vec<_>>>()?;
-    let get = |name: &str| results.iter().find(|(r, _)| r.name == name).map(|(_, s)| s).ok_or(format!("no run {name}"));
+    let get = |name: &str| {
+        results
+            .iter()
+            .find(|(r, _)| r.name == name)
+            .map(|(_, s)| s)
+            .ok_or(format!("no run {name}"))
+    };
     let dp = get("dp")?;
 
     let mut table = String::from(
@@ -477,13 +688,23 @@ fn bench_diloco(report_only: bool) -> Result {
             r.syncs,
             r.tokens / 1e6,
             human_bytes(r.bytes),
-            if run.name == "dp" { "1×".into() } else { format!("{:.0}×", dp.bytes / r.bytes) },
+            if run.name == "dp" {
+                "1×".into()
+            } else {
+                format!("{:.0}×", dp.bytes / r.bytes)
+            },
             r.final_loss,
             100.0 * (r.final_loss / dp.final_loss - 1.0),
             r.wall,
         ));
     }
-    let (h100, h500, r1, r8, again) = (get("h100")?, get("h500")?, get("r1")?, get("h100")?, get("r1again")?);
+    let (h100, h500, r1, r8, again) = (
+        get("h100")?,
+        get("h500")?,
+        get("r1")?,
+        get("h100")?,
+        get("r1again")?,
+    );
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let within = |r: &SimResult, pct: f64| r.final_loss <= dp.final_loss * (1.0 + pct / 100.0);
     let acceptance = format!(
@@ -521,7 +742,9 @@ fn bench_diloco(report_only: bool) -> Result {
             100.0 * (r.final_loss / dp.final_loss - 1.0),
             100.0 * (h100.final_loss / dp.final_loss - 1.0),
         ),
-        None => format!("{acceptance}- Compression: no codec sent ≥ 1000× fewer bytes than data-parallel: NOT met.\n"),
+        None => format!(
+            "{acceptance}- Compression: no codec sent ≥ 1000× fewer bytes than data-parallel: NOT met.\n"
+        ),
     };
     let dir = root().join("docs/benchmarks");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -530,10 +753,28 @@ fn bench_diloco(report_only: bool) -> Result {
         .filter(|(r, _)| r.name != "r1again")
         .map(|(r, s)| (r.label.as_str(), s.curve.as_slice()))
         .collect();
-    fs::write(dir.join("diloco-loss-vs-tokens.svg"), svg_plot("validation loss vs tokens", "tokens (M)", &curves, |p| p.0 / 1e6, false))
-        .map_err(|e| e.to_string())?;
-    fs::write(dir.join("diloco-loss-vs-bytes.svg"), svg_plot("validation loss vs bytes sent", "bytes (log10)", &curves, |p| p.1, true))
-        .map_err(|e| e.to_string())?;
+    fs::write(
+        dir.join("diloco-loss-vs-tokens.svg"),
+        svg_plot(
+            "validation loss vs tokens",
+            "tokens (M)",
+            &curves,
+            |p| p.0 / 1e6,
+            false,
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    fs::write(
+        dir.join("diloco-loss-vs-bytes.svg"),
+        svg_plot(
+            "validation loss vs bytes sent",
+            "bytes (log10)",
+            &curves,
+            |p| p.1,
+            true,
+        ),
+    )
+    .map_err(|e| e.to_string())?;
     let report = format!(
         "# DiLoCo vs data-parallel on the byte-level language model\n\n\
          Produced by `cargo xtask bench diloco` in {wall:.0} s on {parallel} cores. Every run goes \
@@ -562,38 +803,76 @@ fn human_bytes(b: f64) -> String {
 }
 
 /// A small line plot as SVG: one polyline per run, y = validation loss.
-fn svg_plot(title: &str, x_label: &str, curves: &[Curve], x_of: impl Fn(&CurvePoint) -> f64, log_x: bool) -> String {
+fn svg_plot(
+    title: &str,
+    x_label: &str,
+    curves: &[Curve],
+    x_of: impl Fn(&CurvePoint) -> f64,
+    log_x: bool,
+) -> String {
     const COLORS: [&str; 16] = [
-        "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-        "#393b79", "#e7ba52", "#ad494a", "#637939", "#7b4173",
+        "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+        "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#e7ba52", "#ad494a", "#637939", "#7b4173",
     ];
     let (w, h, left, right, top, bottom) = (990.0, 460.0, 60.0, 360.0, 30.0, 45.0);
     let fx = |p: &CurvePoint| {
         let x = x_of(p);
         if log_x { x.max(1.0).log10() } else { x }
     };
-    let points: Vec<&CurvePoint> = curves.iter().flat_map(|(_, c)| c.iter()).filter(|p| !log_x || x_of(p) > 0.0).collect();
-    let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(fx(p)), b.max(fx(p))));
-    let (y0, y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2), b.max(p.2)));
+    let points: Vec<&CurvePoint> = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter())
+        .filter(|p| !log_x || x_of(p) > 0.0)
+        .collect();
+    let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
+        (a.min(fx(p)), b.max(fx(p)))
+    });
+    let (y0, y1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2), b.max(p.2)));
     let sx = |x: f64| left + (x - x0) / (x1 - x0).max(1e-9) * (w - left - right);
     let sy = |y: f64| top + (y1 - y) / (y1 - y0).max(1e-9) * (h - top - bottom);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"18\" font-size=\"14\">{title}</text>\n\
          <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#444\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#444\"/>\n",
-        h - bottom, w - right, h - bottom, h - bottom
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
     );
     for i in 0..=4 {
-        let (x, y) = (x0 + (x1 - x0) * f64::from(i) / 4.0, y0 + (y1 - y0) * f64::from(i) / 4.0);
-        svg.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x:.1}</text>\n", sx(x), h - bottom + 16.0));
-        svg.push_str(&format!("<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.2}</text>\n", left - 6.0, sy(y) + 4.0));
+        let (x, y) = (
+            x0 + (x1 - x0) * f64::from(i) / 4.0,
+            y0 + (y1 - y0) * f64::from(i) / 4.0,
+        );
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x:.1}</text>\n",
+            sx(x),
+            h - bottom + 16.0
+        ));
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.2}</text>\n",
+            left - 6.0,
+            sy(y) + 4.0
+        ));
     }
-    svg.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n", (left + w - right) / 2.0, h - 8.0));
+    svg.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n",
+        (left + w - right) / 2.0,
+        h - 8.0
+    ));
     for (i, (label, curve)) in curves.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let path: Vec<String> =
-            curve.iter().filter(|p| !log_x || x_of(p) > 0.0).map(|p| format!("{:.1},{:.1}", sx(fx(p)), sy(p.2))).collect();
-        svg.push_str(&format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", path.join(" ")));
+        let path: Vec<String> = curve
+            .iter()
+            .filter(|p| !log_x || x_of(p) > 0.0)
+            .map(|p| format!("{:.1},{:.1}", sx(fx(p)), sy(p.2)))
+            .collect();
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            path.join(" ")
+        ));
         let ly = top + 16.0 * i as f64;
         svg.push_str(&format!(
             "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{:.1}\">{label}</text>\n",
@@ -609,7 +888,8 @@ fn svg_plot(title: &str, x_label: &str, curves: &[Curve], x_of: impl Fn(&CurvePo
 
 /// Resident and peak memory of process `pid`, in kB, from /proc.
 fn memory_kb(pid: u32) -> Result<(f64, f64)> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     let field = |name: &str| {
         status
             .lines()
@@ -631,7 +911,17 @@ fn bench_load() -> Result {
     let data = target_dir().join("bench-load-data");
     let _ = fs::remove_dir_all(&data);
     let mut relay = Command::new(&relay_bin)
-        .args(["serve", "--http", "127.0.0.1:0", "--tcp-port", "0", "--ws-port", "0", "--round-deadline-secs", "600"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--tcp-port",
+            "0",
+            "--ws-port",
+            "0",
+            "--round-deadline-secs",
+            "600",
+        ])
         .args(["--quorum", &senders.to_string()])
         .arg("--data-dir")
         .arg(&data)
@@ -646,7 +936,10 @@ fn bench_load() -> Result {
     let url = lines
         .by_ref()
         .map_while(std::result::Result::ok)
-        .find_map(|l| l.strip_prefix("swarmtrain relay listening on ").map(str::to_owned))
+        .find_map(|l| {
+            l.strip_prefix("swarmtrain relay listening on ")
+                .map(str::to_owned)
+        })
         .ok_or("the relay did not start")?;
     // Keep reading, so that the relay never writes to a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
@@ -654,7 +947,14 @@ fn bench_load() -> Result {
     let (idle_kb, _) = memory_kb(pid)?;
     let out = Command::new(&relay_bin)
         .args(["loadtest", "--relay", &url])
-        .args(["--peers", &peers.to_string(), "--rounds", &rounds.to_string(), "--senders", &senders.to_string()])
+        .args([
+            "--peers",
+            &peers.to_string(),
+            "--rounds",
+            &rounds.to_string(),
+            "--senders",
+            &senders.to_string(),
+        ])
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| e.to_string());

@@ -22,10 +22,18 @@ pub fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
     tokio::spawn(future);
 }
 
-pub fn build_swarm(keypair: Keypair, behaviour: Behaviour, idle: Duration) -> Result<Swarm<Behaviour>, String> {
+pub fn build_swarm(
+    keypair: Keypair,
+    behaviour: Behaviour,
+    idle: Duration,
+) -> Result<Swarm<Behaviour>, String> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| e.to_string())?
         .with_behaviour(|_| behaviour)
         .map_err(|e| e.to_string())?
@@ -34,10 +42,16 @@ pub fn build_swarm(keypair: Keypair, behaviour: Behaviour, idle: Duration) -> Re
 }
 
 pub async fn http_get(url: &str) -> Result<Vec<u8>, String> {
-    let response = reqwest::get(url).await.map_err(|e| format!("GET {url}: {e}"))?;
+    let response = reqwest::get(url)
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!("GET {url}: HTTP {status}"));
     }
-    Ok(response.bytes().await.map_err(|e| format!("GET {url}: {e}"))?.to_vec())
+    Ok(response
+        .bytes()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?
+        .to_vec())
 }

@@ -10,7 +10,9 @@ use burn::backend::wgpu::{WgpuDevice, graphics::AutoGraphicsApi, init_setup_asyn
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use js_sys::{Function, JSON, Promise, Reflect, Uint8Array};
 use libp2p::core::upgrade::Version;
-use libp2p::{Swarm, Transport as _, identity::Keypair, noise, webrtc_websys, websocket_websys, yamux};
+use libp2p::{
+    Swarm, Transport as _, identity::Keypair, noise, webrtc_websys, websocket_websys, yamux,
+};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 
@@ -24,7 +26,9 @@ pub const TRANSPORTS: &[&str] = &["webrtc-direct", "ws"];
 
 /// Platform description reported in `Join`.
 pub fn platform() -> String {
-    let agent = web_sys::window().and_then(|w| w.navigator().user_agent().ok()).unwrap_or_default();
+    let agent = web_sys::window()
+        .and_then(|w| w.navigator().user_agent().ok())
+        .unwrap_or_default();
     format!("browser {agent}")
 }
 
@@ -36,7 +40,11 @@ pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
     spawn_local(future);
 }
 
-pub fn build_swarm(keypair: Keypair, behaviour: Behaviour, idle: Duration) -> Result<Swarm<Behaviour>, String> {
+pub fn build_swarm(
+    keypair: Keypair,
+    behaviour: Behaviour,
+    idle: Duration,
+) -> Result<Swarm<Behaviour>, String> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_wasm_bindgen()
         .with_other_transport(|key| {
@@ -63,14 +71,26 @@ fn js_error(value: JsValue) -> String {
 
 pub async fn http_get(url: &str) -> Result<Vec<u8>, String> {
     let global = js_sys::global();
-    let fetch: Function = Reflect::get(&global, &"fetch".into()).map_err(js_error)?.dyn_into().map_err(js_error)?;
-    let promise: Promise = fetch.call1(&global, &url.into()).map_err(js_error)?.dyn_into().map_err(js_error)?;
-    let response: web_sys::Response =
-        JsFuture::from(promise).await.map_err(|e| format!("GET {url}: {}", js_error(e)))?.dyn_into().map_err(js_error)?;
+    let fetch: Function = Reflect::get(&global, &"fetch".into())
+        .map_err(js_error)?
+        .dyn_into()
+        .map_err(js_error)?;
+    let promise: Promise = fetch
+        .call1(&global, &url.into())
+        .map_err(js_error)?
+        .dyn_into()
+        .map_err(js_error)?;
+    let response: web_sys::Response = JsFuture::from(promise)
+        .await
+        .map_err(|e| format!("GET {url}: {}", js_error(e)))?
+        .dyn_into()
+        .map_err(js_error)?;
     if !response.ok() {
         return Err(format!("GET {url}: HTTP {}", response.status()));
     }
-    let buffer = JsFuture::from(response.array_buffer().map_err(js_error)?).await.map_err(js_error)?;
+    let buffer = JsFuture::from(response.array_buffer().map_err(js_error)?)
+        .await
+        .map_err(js_error)?;
     Ok(Uint8Array::new(&buffer).to_vec())
 }
 
@@ -79,7 +99,9 @@ const IDENTITY_KEY: &str = "swarmtrain.identity.v1";
 /// The identity seed kept in this origin's storage, created on first use.
 fn stored_identity_seed() -> Result<[u8; 32], String> {
     let storage = web_sys::window().and_then(|w| w.local_storage().ok().flatten());
-    let stored = storage.as_ref().and_then(|s| s.get_item(IDENTITY_KEY).ok().flatten());
+    let stored = storage
+        .as_ref()
+        .and_then(|s| s.get_item(IDENTITY_KEY).ok().flatten());
     if let Some(seed) = stored.as_deref().and_then(seed_from_hex) {
         return Ok(seed);
     }
@@ -94,20 +116,42 @@ fn stored_identity_seed() -> Result<[u8; 32], String> {
 /// Whether `navigator.gpu.requestAdapter()` gives an adapter, and its description.
 async fn webgpu_adapter() -> Option<String> {
     let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
-    let gpu = Reflect::get(&navigator, &"gpu".into()).ok().filter(|g| !g.is_undefined() && !g.is_null())?;
-    let request: Function = Reflect::get(&gpu, &"requestAdapter".into()).ok()?.dyn_into().ok()?;
+    let gpu = Reflect::get(&navigator, &"gpu".into())
+        .ok()
+        .filter(|g| !g.is_undefined() && !g.is_null())?;
+    let request: Function = Reflect::get(&gpu, &"requestAdapter".into())
+        .ok()?
+        .dyn_into()
+        .ok()?;
     let promise: Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
-    let adapter = JsFuture::from(promise).await.ok().filter(|a| !a.is_null() && !a.is_undefined())?;
+    let adapter = JsFuture::from(promise)
+        .await
+        .ok()
+        .filter(|a| !a.is_null() && !a.is_undefined())?;
     let info = Reflect::get(&adapter, &"info".into()).ok();
     let field = |name: &str| {
-        info.as_ref().and_then(|i| Reflect::get(i, &name.into()).ok()).and_then(|v| v.as_string()).unwrap_or_default()
+        info.as_ref()
+            .and_then(|i| Reflect::get(i, &name.into()).ok())
+            .and_then(|v| v.as_string())
+            .unwrap_or_default()
     };
-    Some(format!("{} {} {}", field("vendor"), field("architecture"), field("description")).trim().to_owned())
+    Some(
+        format!(
+            "{} {} {}",
+            field("vendor"),
+            field("architecture"),
+            field("description")
+        )
+        .trim()
+        .to_owned(),
+    )
 }
 
 fn emitter(on_event: Function) -> impl FnMut(PeerEvent) {
     move |event| {
-        let value = serde_json::to_string(&event).ok().and_then(|json| JSON::parse(&json).ok());
+        let value = serde_json::to_string(&event)
+            .ok()
+            .and_then(|json| JSON::parse(&json).ok());
         if let Some(value) = value {
             let _ = on_event.call1(&JsValue::NULL, &value);
         }
@@ -138,11 +182,17 @@ impl Contributor {
         backend: Option<String>,
         transport: Option<String>,
     ) -> Result<Contributor, JsError> {
-        std::panic::set_hook(Box::new(|info| web_sys::console::error_1(&info.to_string().into())));
+        std::panic::set_hook(Box::new(|info| {
+            web_sys::console::error_1(&info.to_string().into())
+        }));
         let seed = stored_identity_seed().map_err(|e| JsError::new(&e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let want = backend.unwrap_or_else(|| "auto".into());
-        let adapter = if want == "cpu" { None } else { webgpu_adapter().await };
+        let adapter = if want == "cpu" {
+            None
+        } else {
+            webgpu_adapter().await
+        };
         if want == "webgpu" && adapter.is_none() {
             return Err(JsError::new("this browser offers no WebGPU adapter"));
         }
@@ -152,7 +202,9 @@ impl Contributor {
         if let Some(t) = &transport
             && !TRANSPORTS.contains(&t.as_str())
         {
-            return Err(JsError::new(&format!("unknown transport {t:?}: use webrtc-direct, ws or auto")));
+            return Err(JsError::new(&format!(
+                "unknown transport {t:?}: use webrtc-direct, ws or auto"
+            )));
         }
         let config = |backend: &str| PeerConfig {
             run_id: None,
@@ -165,26 +217,42 @@ impl Contributor {
         };
         let report = move |result: Result<u64, peer::PeerError>| {
             if let Err(e) = result {
-                emitter(on_event.clone())(PeerEvent::Error { message: e.to_string() });
+                emitter(on_event.clone())(PeerEvent::Error {
+                    message: e.to_string(),
+                });
             }
         };
         let backend = match adapter {
             Some(detail) => {
                 let device = WgpuDevice::default();
                 init_setup_async::<AutoGraphicsApi>(&device, Default::default()).await;
-                emit(PeerEvent::Backend { backend: "webgpu".into(), detail });
+                emit(PeerEvent::Backend {
+                    backend: "webgpu".into(),
+                    detail,
+                });
                 let config = config("wgpu");
-                spawn_local(async move { report(peer::run::<Autodiff<Wgpu>>(device, config, emit).await) });
+                spawn_local(async move {
+                    report(peer::run::<Autodiff<Wgpu>>(device, config, emit).await)
+                });
                 "webgpu"
             }
             None => {
-                emit(PeerEvent::Backend { backend: "cpu".into(), detail: "ndarray (no WebGPU adapter)".into() });
+                emit(PeerEvent::Backend {
+                    backend: "cpu".into(),
+                    detail: "ndarray (no WebGPU adapter)".into(),
+                });
                 let config = config("ndarray");
-                spawn_local(async move { report(peer::run::<Autodiff<NdArray>>(Default::default(), config, emit).await) });
+                spawn_local(async move {
+                    report(peer::run::<Autodiff<NdArray>>(Default::default(), config, emit).await)
+                });
                 "cpu"
             }
         };
-        Ok(Contributor { stop, peer: peer_key, backend: backend.into() })
+        Ok(Contributor {
+            stop,
+            peer: peer_key,
+            backend: backend.into(),
+        })
     }
 
     /// Stops training after the current step.

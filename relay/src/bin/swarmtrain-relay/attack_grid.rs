@@ -46,29 +46,51 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
     use swarmtrain_shared::protocol::{InnerSpec, OuterSpec};
 
     anyhow::ensure!(args.peers >= 4, "--peers must be at least 4");
-    anyhow::ensure!(args.percent.iter().all(|p| *p < 50), "--percent values must be below 50");
+    anyhow::ensure!(
+        args.percent.iter().all(|p| *p < 50),
+        "--percent values must be below 50"
+    );
     // The training set is split over the honest peers of a cell, so attackers take no data away
     // from training (what matters with label-skewed shards): honest peers a..n use shards
     // a % h..n % h, each once; attacker i trains on a copy of shard i.
     let split = |honest: u32| match args.classes_per_peer {
         None => swarmtrain_relay::dataset::digits("attack-grid", honest as usize),
-        Some(k) => swarmtrain_relay::dataset::digits_label_skewed("attack-grid", honest as usize, k),
+        Some(k) => {
+            swarmtrain_relay::dataset::digits_label_skewed("attack-grid", honest as usize, k)
+        }
     };
     let data: std::collections::HashMap<u32, swarmtrain_relay::dataset::RunData> =
-        std::iter::once(&0).chain(&args.percent).map(|p| Ok((*p, split(args.peers - args.peers * p / 100)?))).collect::<anyhow::Result<_>>()?;
+        std::iter::once(&0)
+            .chain(&args.percent)
+            .map(|p| Ok((*p, split(args.peers - args.peers * p / 100)?)))
+            .collect::<anyhow::Result<_>>()?;
     let model = DigitsMlpConfig::new();
     let device = Default::default();
     <NdArray as Backend>::seed(&device, 7);
-    let theta0 = futures::executor::block_on(swarmtrain_shared::params::to_vec(&model.init::<NdArray>(&device)))?;
+    let theta0 = futures::executor::block_on(swarmtrain_shared::params::to_vec(
+        &model.init::<NdArray>(&device),
+    ))?;
     // Every robust rule is configured for the largest attacker share of the grid.
     let f = args.peers * args.percent.iter().copied().max().unwrap_or(0) / 100;
     let rules = [
         ("mean", Rule::Mean),
         ("median", Rule::Median),
         ("trimmed mean", Rule::TrimmedMean { trim: f.max(1) }),
-        ("multi-Krum", Rule::MultiKrum { byzantine: f, select: args.peers - 2 * f }),
+        (
+            "multi-Krum",
+            Rule::MultiKrum {
+                byzantine: f,
+                select: args.peers - 2 * f,
+            },
+        ),
         ("geometric median", Rule::GeometricMedian { iterations: 8 }),
-        ("centered clipping", Rule::CenteredClipping { tau: args.clip_radius, iterations: 3 }),
+        (
+            "centered clipping",
+            Rule::CenteredClipping {
+                tau: args.clip_radius,
+                iterations: 3,
+            },
+        ),
     ];
     let attacks = Attack::standard().map(|a| match a {
         Attack::Alie { .. } => Attack::Alie { z: args.alie_z },
@@ -83,48 +105,63 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
             }
         }
     }
-    let inner = InnerSpec { steps: args.inner_steps, batch_size: 32, lr: 3e-3, weight_decay: 0.0 };
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let inner = InnerSpec {
+        steps: args.inner_steps,
+        batch_size: 32,
+        lr: 3e-3,
+        weight_decay: 0.0,
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
     let started = std::time::Instant::now();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((rule_name, rule, percent, attack)) = cells.get(i) else { break };
-                let run = AttackRun {
-                    model: model.clone(),
-                    peers: args.peers,
-                    attackers: args.peers * percent / 100,
-                    attack: *attack,
-                    rule: rule.clone(),
-                    rounds: args.rounds,
-                    inner: inner.clone(),
-                    outer: OuterSpec::default(),
-                    seed: 1,
-                };
-                let outcome = futures::executor::block_on(run_attack::<Autodiff<NdArray>>(
-                    &Default::default(),
-                    &data[percent].shards,
-                    &data[percent].held_out,
-                    &theta0,
-                    &run,
-                ));
-                let accuracy = match &outcome {
-                    Ok(curve) => curve.last().copied().unwrap_or(f32::NAN),
-                    Err(e) => {
-                        eprintln!("{rule_name} {percent}% {attack:?}: {e}");
-                        f32::NAN
-                    }
-                };
-                eprintln!(
-                    "[{:>4.0} s] {rule_name:<17} {percent:>2}% {:<16} accuracy {:.1}%",
-                    started.elapsed().as_secs_f64(),
-                    attack.map_or("none".into(), |a| a.name()),
-                    100.0 * accuracy
-                );
-                results.lock().unwrap_or_else(|e| e.into_inner()).push((i, accuracy));
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((rule_name, rule, percent, attack)) = cells.get(i) else {
+                        break;
+                    };
+                    let run = AttackRun {
+                        model: model.clone(),
+                        peers: args.peers,
+                        attackers: args.peers * percent / 100,
+                        attack: *attack,
+                        rule: rule.clone(),
+                        rounds: args.rounds,
+                        inner: inner.clone(),
+                        outer: OuterSpec::default(),
+                        seed: 1,
+                    };
+                    let outcome = futures::executor::block_on(run_attack::<Autodiff<NdArray>>(
+                        &Default::default(),
+                        &data[percent].shards,
+                        &data[percent].held_out,
+                        &theta0,
+                        &run,
+                    ));
+                    let accuracy = match &outcome {
+                        Ok(curve) => curve.last().copied().unwrap_or(f32::NAN),
+                        Err(e) => {
+                            eprintln!("{rule_name} {percent}% {attack:?}: {e}");
+                            f32::NAN
+                        }
+                    };
+                    eprintln!(
+                        "[{:>4.0} s] {rule_name:<17} {percent:>2}% {:<16} accuracy {:.1}%",
+                        started.elapsed().as_secs_f64(),
+                        attack.map_or("none".into(), |a| a.name()),
+                        100.0 * accuracy
+                    );
+                    results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((i, accuracy));
+                }
             });
         }
     });
@@ -146,16 +183,25 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
     for (rule_name, _) in &rules {
         let honest = accuracy(rule_name, 0, None);
         for &percent in args.percent.iter().filter(|p| **p > 0) {
-            table.push_str(&format!("| {rule_name} | {percent}% | {:.1} |", 100.0 * honest));
+            table.push_str(&format!(
+                "| {rule_name} | {percent}% | {:.1} |",
+                100.0 * honest
+            ));
             for a in &attacks {
-                table.push_str(&format!(" {:.1} |", 100.0 * accuracy(rule_name, percent, Some(*a))));
+                table.push_str(&format!(
+                    " {:.1} |",
+                    100.0 * accuracy(rule_name, percent, Some(*a))
+                ));
             }
             table.push('\n');
         }
     }
     // The acceptance: with the largest share, the best robust rule per attack vs the honest run.
     let top = args.percent.iter().copied().max().unwrap_or(0);
-    let honest_best = rules.iter().map(|(r, _)| accuracy(r, 0, None)).fold(f32::MIN, f32::max);
+    let honest_best = rules
+        .iter()
+        .map(|(r, _)| accuracy(r, 0, None))
+        .fold(f32::MIN, f32::max);
     let mut summary = String::new();
     for a in &attacks {
         let (best_rule, best) = rules[1..]
@@ -184,14 +230,16 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
         args.peers,
         args.rounds,
         args.inner_steps,
-        args.classes_per_peer.map_or("IID".to_owned(), |k| format!("label-skewed ({k} label runs per peer)")),
+        args.classes_per_peer.map_or("IID".to_owned(), |k| format!(
+            "label-skewed ({k} label runs per peer)"
+        )),
         f.max(1),
         args.clip_radius,
     );
     println!("{report}");
     if let Some(out) = args.out {
-        std::fs::write(&out, &report).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+        std::fs::write(&out, &report)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     }
     Ok(())
 }
-

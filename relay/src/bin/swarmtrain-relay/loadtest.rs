@@ -35,20 +35,39 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     use futures::StreamExt;
     use std::time::{Duration, Instant};
     use swarmtrain_client::rpc::RelayClient;
-    use swarmtrain_shared::protocol::{self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement, Update};
     use swarmtrain_shared::Identity;
+    use swarmtrain_shared::protocol::{
+        self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient,
+        RoundAnnouncement, Update,
+    };
 
-    anyhow::ensure!(args.senders >= 1 && args.senders <= args.peers, "--senders must be in 1..=--peers");
+    anyhow::ensure!(
+        args.senders >= 1 && args.senders <= args.peers,
+        "--senders must be in 1..=--peers"
+    );
     let boot: swarmtrain_client::peer::Bootstrap = serde_json::from_slice(
-        &swarmtrain_client::platform::http_get(&format!("{}/api/bootstrap", args.relay.trim_end_matches('/')))
-            .await
-            .map_err(anyhow::Error::msg)?,
+        &swarmtrain_client::platform::http_get(&format!(
+            "{}/api/bootstrap",
+            args.relay.trim_end_matches('/')
+        ))
+        .await
+        .map_err(anyhow::Error::msg)?,
     )?;
-    let address: libp2p::Multiaddr = boot.addresses.get("tcp").and_then(|a| a.first()).context_str("the relay has no TCP address")?.parse()?;
+    let address: libp2p::Multiaddr = boot
+        .addresses
+        .get("tcp")
+        .and_then(|a| a.first())
+        .context_str("the relay has no TCP address")?
+        .parse()?;
     let run_id = boot.run_id.clone();
     let started = Instant::now();
     // Connect and join, 64 at a time.
-    type Joined = (RelayClient, std::sync::Arc<Identity>, std::sync::Arc<Vec<u8>>, RoundAnnouncement);
+    type Joined = (
+        RelayClient,
+        std::sync::Arc<Identity>,
+        std::sync::Arc<Vec<u8>>,
+        RoundAnnouncement,
+    );
     let joined: Vec<anyhow::Result<Joined>> = futures::stream::iter(0..args.peers)
         .map(|i| {
             let (address, run_id) = (address.clone(), run_id.clone());
@@ -60,12 +79,17 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                 let join = ClientToRelay::Join(Join {
                     version: PROTOCOL_VERSION,
                     run_id,
-                    capabilities: Capabilities { backend: "none".into(), platform: "loadtest".into() },
+                    capabilities: Capabilities {
+                        backend: "none".into(),
+                        platform: "loadtest".into(),
+                    },
                 });
                 match client.request(&identity.sign(&join)?).await? {
                     RelayToClient::Welcome(w) => {
                         if args.delivery == Delivery::Gossip {
-                            client.subscribe(protocol::rounds_topic(&w.spec.run_id)).await?;
+                            client
+                                .subscribe(protocol::rounds_topic(&w.spec.run_id))
+                                .await?;
                         }
                         let relay_key = std::sync::Arc::new(w.relay_key().to_vec());
                         let round = w.round.verify_with_key(&relay_key)?;
@@ -89,11 +113,19 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     let first_round = peers.iter().map(|p| p.3.round).max().unwrap_or(0);
     let last_round = first_round + u64::from(args.rounds);
     for (client, identity, relay_key, round) in &peers {
-        let (client, identity, relay_key, run_id, mut seen) = (client.clone(), identity.clone(), relay_key.clone(), run_id.clone(), seen_tx.clone());
+        let (client, identity, relay_key, run_id, mut seen) = (
+            client.clone(),
+            identity.clone(),
+            relay_key.clone(),
+            run_id.clone(),
+            seen_tx.clone(),
+        );
         let mut current = round.round;
         tokio::spawn(async move {
             while current < last_round && args.delivery == Delivery::Gossip {
-                let Some(frame) = client.next_gossip().await else { return };
+                let Some(frame) = client.next_gossip().await else {
+                    return;
+                };
                 if let Ok(r) = protocol::verify_gossiped(&frame, &relay_key)
                     && r.round > current
                 {
@@ -102,13 +134,19 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                 }
             }
             while current < last_round {
-                let ask = ClientToRelay::AwaitRound { run_id: run_id.clone(), after: Some(current) };
-                let Ok(signed) = identity.sign(&ask) else { return };
+                let ask = ClientToRelay::AwaitRound {
+                    run_id: run_id.clone(),
+                    after: Some(current),
+                };
+                let Ok(signed) = identity.sign(&ask) else {
+                    return;
+                };
                 match client.request(&signed).await {
                     Ok(RelayToClient::Round(r)) => match r.verify_with_key(&relay_key) {
                         Ok(r) if r.round > current => {
                             current = r.round;
-                            let _ = futures::SinkExt::send(&mut seen, (current, Instant::now())).await;
+                            let _ =
+                                futures::SinkExt::send(&mut seen, (current, Instant::now())).await;
                         }
                         _ => {}
                     },
@@ -124,49 +162,80 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     let mut announcement = peers[0].3.clone();
     for _ in 0..args.rounds {
         // Quorum − 1 updates, then the one that closes the round: its send time is the close.
-        let update = |r: &RoundAnnouncement| ClientToRelay::Update(Update {
-            run_id: run_id.clone(),
-            round: r.round,
-            base: r.params,
-            n_samples: 1,
-            inner_steps: 1,
-            loss: 1.0,
-            codec: swarmtrain_shared::protocol::Codec::F32,
-            payload: swarmtrain_shared::protocol::Codec::F32.encode(&vec![1e-4; r.n_params as usize]),
-        });
+        let update = |r: &RoundAnnouncement| {
+            ClientToRelay::Update(Update {
+                run_id: run_id.clone(),
+                round: r.round,
+                base: r.params,
+                n_samples: 1,
+                inner_steps: 1,
+                loss: 1.0,
+                codec: swarmtrain_shared::protocol::Codec::F32,
+                payload: swarmtrain_shared::protocol::Codec::F32
+                    .encode(&vec![1e-4; r.n_params as usize]),
+            })
+        };
         let senders = &peers[..args.senders as usize];
         for (client, identity, _, _) in &senders[..senders.len() - 1] {
-            let answer = client.request(&identity.sign(&update(&announcement))?).await?;
-            anyhow::ensure!(matches!(answer, RelayToClient::Accepted { .. }), "update refused: {answer:?}");
+            let answer = client
+                .request(&identity.sign(&update(&announcement))?)
+                .await?;
+            anyhow::ensure!(
+                matches!(answer, RelayToClient::Accepted { .. }),
+                "update refused: {answer:?}"
+            );
         }
         let (client, identity, relay_key, _) = &senders[senders.len() - 1];
         let closing = identity.sign(&update(&announcement))?;
         let closed_at = Instant::now();
         let answer = client.request(&closing).await?;
-        anyhow::ensure!(matches!(answer, RelayToClient::Accepted { .. }), "update refused: {answer:?}");
+        anyhow::ensure!(
+            matches!(answer, RelayToClient::Accepted { .. }),
+            "update refused: {answer:?}"
+        );
         let next = announcement.round + 1;
         let deadline = closed_at + Duration::from_secs(args.round_timeout_secs);
         let mut received = 0;
         while received < peers.len() {
-            let Ok(Some((round, at))) = tokio::time::timeout_at(deadline.into(), seen_rx.next()).await else { break };
+            let Ok(Some((round, at))) =
+                tokio::time::timeout_at(deadline.into(), seen_rx.next()).await
+            else {
+                break;
+            };
             if round == next {
                 received += 1;
                 latencies_ms.push(at.saturating_duration_since(closed_at).as_secs_f64() * 1e3);
             }
         }
-        eprintln!("round {} closed; {received} of {} peers saw round {next}", announcement.round, peers.len());
+        eprintln!(
+            "round {} closed; {received} of {} peers saw round {next}",
+            announcement.round,
+            peers.len()
+        );
         if received < peers.len() {
-            anyhow::bail!("only {received} of {} peers saw round {next} within {} s", peers.len(), args.round_timeout_secs);
+            anyhow::bail!(
+                "only {received} of {} peers saw round {next} within {} s",
+                peers.len(),
+                args.round_timeout_secs
+            );
         }
         completed += 1;
-        let ask = ClientToRelay::AwaitRound { run_id: run_id.clone(), after: None };
+        let ask = ClientToRelay::AwaitRound {
+            run_id: run_id.clone(),
+            after: None,
+        };
         announcement = match client.request(&identity.sign(&ask)?).await? {
             RelayToClient::Round(r) => r.verify_with_key(relay_key)?,
             other => anyhow::bail!("expected the round, got {other:?}"),
         };
     }
     latencies_ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies_ms.get(((latencies_ms.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        latencies_ms
+            .get(((latencies_ms.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     println!(
         "{}",
         serde_json::json!({
@@ -193,4 +262,3 @@ impl<T> ContextStr<T> for Option<T> {
         self.ok_or_else(|| anyhow::anyhow!("{message}"))
     }
 }
-

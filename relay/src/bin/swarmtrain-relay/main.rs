@@ -17,7 +17,11 @@ use swarmtrain_shared::protocol::Codec;
 use swarmtrain_shared::robust::Rule;
 
 #[derive(Parser, Debug)]
-#[command(name = "swarmtrain-relay", version, about = "Serves the swarmtrain page, coordinates training rounds and aggregates updates")]
+#[command(
+    name = "swarmtrain-relay",
+    version,
+    about = "Serves the swarmtrain page, coordinates training rounds and aggregates updates"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,14 +53,22 @@ enum Command {
 #[derive(Parser, Debug)]
 struct Keygen {
     /// Where to write the key (hex seed, mode 0600).
-    #[arg(long, env = "SWARMTRAIN_KEY_FILE", default_value = "swarmtrain-data/worker.key")]
+    #[arg(
+        long,
+        env = "SWARMTRAIN_KEY_FILE",
+        default_value = "swarmtrain-data/worker.key"
+    )]
     key_file: PathBuf,
 }
 
 #[derive(Parser, Debug)]
 struct StatusArgs {
     /// The relay's HTTP URL.
-    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    #[arg(
+        long,
+        env = "SWARMTRAIN_RELAY",
+        default_value = "http://127.0.0.1:8080/"
+    )]
     relay: String,
     /// Print the whole /api/status JSON instead of a summary.
     #[arg(long)]
@@ -66,7 +78,11 @@ struct StatusArgs {
 #[derive(Parser, Debug)]
 struct Export {
     /// The relay's HTTP URL.
-    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    #[arg(
+        long,
+        env = "SWARMTRAIN_RELAY",
+        default_value = "http://127.0.0.1:8080/"
+    )]
     relay: String,
     /// The safetensors file to write (replaced atomically).
     #[arg(long, default_value = "swarmtrain.safetensors")]
@@ -74,7 +90,11 @@ struct Export {
 }
 
 fn keygen(args: Keygen) -> anyhow::Result<()> {
-    anyhow::ensure!(!args.key_file.exists(), "{} exists; refusing to overwrite an identity", args.key_file.display());
+    anyhow::ensure!(
+        !args.key_file.exists(),
+        "{} exists; refusing to overwrite an identity",
+        args.key_file.display()
+    );
     let seed = swarmtrain_relay::load_or_create_key(&args.key_file)?;
     let identity = swarmtrain_shared::Identity::from_seed(seed);
     println!("wrote {}", args.key_file.display());
@@ -89,13 +109,34 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let get = |k: &str| status.get(k).cloned().unwrap_or_default();
-    let last = get("history").as_array().and_then(|h| h.last().cloned()).unwrap_or_default();
+    let last = get("history")
+        .as_array()
+        .and_then(|h| h.last().cloned())
+        .unwrap_or_default();
     println!("run        {}", get("run_id").as_str().unwrap_or("?"));
     println!("round      {}", get("round"));
-    println!("params     {} values, BLAKE3 {}", get("n_params"), get("params_hash").as_str().unwrap_or("?"));
-    println!("accuracy   {}", last.get("accuracy").map_or("—".into(), |a| format!("{:.1}%", a.as_f64().unwrap_or(0.0) * 100.0)));
-    println!("peers      {} active, {} joined", get("active_peers"), get("joined_peers"));
-    println!("updates    {} accepted, this round {}", get("accepted_updates"), get("updates_this_round"));
+    println!(
+        "params     {} values, BLAKE3 {}",
+        get("n_params"),
+        get("params_hash").as_str().unwrap_or("?")
+    );
+    println!(
+        "accuracy   {}",
+        last.get("accuracy").map_or("—".into(), |a| format!(
+            "{:.1}%",
+            a.as_f64().unwrap_or(0.0) * 100.0
+        ))
+    );
+    println!(
+        "peers      {} active, {} joined",
+        get("active_peers"),
+        get("joined_peers")
+    );
+    println!(
+        "updates    {} accepted, this round {}",
+        get("accepted_updates"),
+        get("updates_this_round")
+    );
     println!("rejected   {}", get("rejected"));
     if let Some(eps) = get("privacy_epsilon").as_f64() {
         println!("privacy    ε = {eps:.3}");
@@ -106,19 +147,35 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
 async fn export(args: Export) -> anyhow::Result<()> {
     let (file, status) = swarmtrain_relay::ops::export(&args.relay).await?;
     let tmp = args.out.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, &file).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &args.out).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
-    println!("wrote {} ({} bytes): run {}, round {}", args.out.display(), file.len(), status["run_id"], status["round"]);
+    std::fs::write(&tmp, &file)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
+    println!(
+        "wrote {} ({} bytes): run {}, round {}",
+        args.out.display(),
+        file.len(),
+        status["run_id"],
+        status["round"]
+    );
     Ok(())
 }
 
 #[derive(Parser, Debug)]
 struct Worker {
     /// The relay's HTTP URL.
-    #[arg(long, env = "SWARMTRAIN_RELAY", default_value = "http://127.0.0.1:8080/")]
+    #[arg(
+        long,
+        env = "SWARMTRAIN_RELAY",
+        default_value = "http://127.0.0.1:8080/"
+    )]
     relay: String,
     /// File holding this worker's identity seed (hex; created with mode 0600 if missing).
-    #[arg(long, env = "SWARMTRAIN_KEY_FILE", default_value = "swarmtrain-data/worker.key")]
+    #[arg(
+        long,
+        env = "SWARMTRAIN_KEY_FILE",
+        default_value = "swarmtrain-data/worker.key"
+    )]
     key_file: PathBuf,
     /// Stop after this many rounds (default: until SIGINT or SIGTERM).
     #[arg(long)]
@@ -129,9 +186,9 @@ struct Worker {
 }
 
 async fn worker(args: Worker) -> anyhow::Result<()> {
+    use burn::backend::{Autodiff, NdArray};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use burn::backend::{Autodiff, NdArray};
     use swarmtrain_client::peer::{self, PeerConfig};
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -230,10 +287,20 @@ struct RunArgs {
     #[arg(long, env = "SWARMTRAIN_DP_CLIP")]
     dp_clip: Option<f32>,
     /// Differential privacy: noise standard deviation in units of the clip norm.
-    #[arg(long, env = "SWARMTRAIN_DP_NOISE", default_value_t = 1.0, requires = "dp_clip")]
+    #[arg(
+        long,
+        env = "SWARMTRAIN_DP_NOISE",
+        default_value_t = 1.0,
+        requires = "dp_clip"
+    )]
     dp_noise: f32,
     /// Differential privacy: the δ that ε is reported for.
-    #[arg(long, env = "SWARMTRAIN_DP_DELTA", default_value_t = 1e-5, requires = "dp_clip")]
+    #[arg(
+        long,
+        env = "SWARMTRAIN_DP_DELTA",
+        default_value_t = 1e-5,
+        requires = "dp_clip"
+    )]
     dp_delta: f64,
     /// How a round's updates are combined: mean, median, trimmed-mean (drops --trim from each
     /// side), krum (multi-Krum, tolerating --byzantine attackers), geometric-median or
@@ -295,12 +362,26 @@ impl CodecArg {
             Self::F16 => Codec::F16,
             Self::Int8 => Codec::Int8Block { block: 64 },
             Self::Topk => Codec::TopK { per_million },
-            Self::Topk4 => Codec::TopKQuant { per_million, bits: 4 },
-            Self::Topk2 => Codec::TopKQuant { per_million, bits: 2 },
+            Self::Topk4 => Codec::TopKQuant {
+                per_million,
+                bits: 4,
+            },
+            Self::Topk2 => Codec::TopKQuant {
+                per_million,
+                bits: 2,
+            },
             Self::Int4 => Codec::LowBitBlock { block: 64, bits: 4 },
             Self::Int2 => Codec::LowBitBlock { block: 64, bits: 2 },
-            Self::BlockTopk4 => Codec::TopKBlock { block: 256, keep: Self::keep_of_256(per_million), bits: 4 },
-            Self::BlockTopk2 => Codec::TopKBlock { block: 256, keep: Self::keep_of_256(per_million), bits: 2 },
+            Self::BlockTopk4 => Codec::TopKBlock {
+                block: 256,
+                keep: Self::keep_of_256(per_million),
+                bits: 4,
+            },
+            Self::BlockTopk2 => Codec::TopKBlock {
+                block: 256,
+                keep: Self::keep_of_256(per_million),
+                bits: 2,
+            },
         }
     }
 
@@ -314,10 +395,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return ctrl_c.await.unwrap_or_default(),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return ctrl_c.await.unwrap_or_default(),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -334,17 +416,34 @@ fn option_value(path: &str, key: &str, value: &toml::Value) -> anyhow::Result<St
         toml::Value::Integer(i) => i.to_string(),
         toml::Value::Float(f) => f.to_string(),
         toml::Value::Boolean(b) => b.to_string(),
-        other => anyhow::bail!("config {path}: {key} must be a string, number or boolean, not a {}", other.type_str()),
+        other => anyhow::bail!(
+            "config {path}: {key} must be a string, number or boolean, not a {}",
+            other.type_str()
+        ),
     })
 }
 
 /// Checks `key` against `command`'s long options; the error lists the known keys.
-fn find_option<'a>(path: &str, command: &'a clap::Command, key: &str) -> anyhow::Result<&'a clap::Arg> {
+fn find_option<'a>(
+    path: &str,
+    command: &'a clap::Command,
+    key: &str,
+) -> anyhow::Result<&'a clap::Arg> {
     let long = key.replace('_', "-");
-    command.get_arguments().find(|a| a.get_long() == Some(long.as_str())).ok_or_else(|| {
-        let known: Vec<String> = command.get_arguments().filter_map(|a| a.get_long()).map(|l| l.replace('-', "_")).collect();
-        anyhow::anyhow!("config {path}: unknown key {key:?}; known keys: {}", known.join(", "))
-    })
+    command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))
+        .ok_or_else(|| {
+            let known: Vec<String> = command
+                .get_arguments()
+                .filter_map(|a| a.get_long())
+                .map(|l| l.replace('-', "_"))
+                .collect();
+            anyhow::anyhow!(
+                "config {path}: unknown key {key:?}; known keys: {}",
+                known.join(", ")
+            )
+        })
 }
 
 /// Applies `--config FILE` (or `SWARMTRAIN_CONFIG`): a TOML table whose keys are `serve`'s long
@@ -371,10 +470,15 @@ fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<(Vec<String>, Vec<R
     let Some(serve_at) = argv.iter().position(|a| a == "serve") else {
         anyhow::bail!("--config applies to `serve`");
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read config {path}: {e}"))?;
-    let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("config {path} is not valid TOML: {e}"))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read config {path}: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("config {path} is not valid TOML: {e}"))?;
     let command = Cli::command();
-    let serve = command.find_subcommand("serve").ok_or_else(|| anyhow::anyhow!("no serve command"))?;
+    let serve = command
+        .find_subcommand("serve")
+        .ok_or_else(|| anyhow::anyhow!("no serve command"))?;
     let run_command = RunTable::command();
     let mut extra = Vec::new();
     let mut runs = Vec::new();
@@ -384,21 +488,32 @@ fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<(Vec<String>, Vec<R
                 anyhow::bail!("config {path}: `run` must be an array of tables ([[run]])");
             };
             for (i, run) in tables.iter().enumerate() {
-                let Some(run) = run.as_table() else { anyhow::bail!("config {path}: run {i} is not a table") };
+                let Some(run) = run.as_table() else {
+                    anyhow::bail!("config {path}: run {i} is not a table")
+                };
                 let mut run_argv = vec!["run".to_owned()];
                 for (key, value) in run {
                     let arg = find_option(&path, &run_command, key)?;
-                    run_argv.push(format!("--{}={}", arg.get_long().unwrap_or(key), option_value(&path, key, value)?));
+                    run_argv.push(format!(
+                        "--{}={}",
+                        arg.get_long().unwrap_or(key),
+                        option_value(&path, key, value)?
+                    ));
                 }
-                let parsed = RunTable::try_parse_from(run_argv).map_err(|e| anyhow::anyhow!("config {path}: run {i}: {e}"))?;
+                let parsed = RunTable::try_parse_from(run_argv)
+                    .map_err(|e| anyhow::anyhow!("config {path}: run {i}: {e}"))?;
                 runs.push(parsed.run);
             }
             continue;
         }
         let arg = find_option(&path, serve, key)?;
         let long = arg.get_long().unwrap_or(key).to_owned();
-        let on_command_line = argv.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
-        let in_environment = arg.get_env().is_some_and(|name| std::env::var_os(name).is_some());
+        let on_command_line = argv
+            .iter()
+            .any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        let in_environment = arg
+            .get_env()
+            .is_some_and(|name| std::env::var_os(name).is_some());
         if on_command_line || in_environment {
             continue;
         }
@@ -411,34 +526,69 @@ fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<(Vec<String>, Vec<R
 /// A run's spec from its options, checked.
 fn run_spec(run_args: &RunArgs) -> anyhow::Result<swarmtrain_shared::protocol::RunSpec> {
     anyhow::ensure!(run_args.inner_steps > 0, "--inner-steps must be at least 1");
-    anyhow::ensure!(run_args.round_deadline_secs > 0, "--round-deadline-secs must be at least 1");
+    anyhow::ensure!(
+        run_args.round_deadline_secs > 0,
+        "--round-deadline-secs must be at least 1"
+    );
     let mut run = default_run();
     anyhow::ensure!(
-        !run_args.run_id.is_empty() && run_args.run_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        !run_args.run_id.is_empty()
+            && run_args
+                .run_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
         "run id {:?} must be letters, digits, '-' or '_'",
         run_args.run_id
     );
     run.run_id = run_args.run_id.clone();
-    anyhow::ensure!((4..=4096).contains(&run_args.hidden), "--hidden must be in 4..=4096");
-    run.model = swarmtrain_shared::protocol::ModelSpec::DigitsMlp { hidden: run_args.hidden };
+    anyhow::ensure!(
+        (4..=4096).contains(&run_args.hidden),
+        "--hidden must be in 4..=4096"
+    );
+    run.model = swarmtrain_shared::protocol::ModelSpec::DigitsMlp {
+        hidden: run_args.hidden,
+    };
     run.inner.steps = run_args.inner_steps;
     run.quorum = run_args.quorum.max(1);
     run.round_deadline_ms = run_args.round_deadline_secs * 1000;
-    anyhow::ensure!((1..=1_000_000).contains(&run_args.topk_per_million), "--topk-per-million must be in 1..=1000000");
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&run_args.topk_per_million),
+        "--topk-per-million must be in 1..=1000000"
+    );
     run.codec = run_args.codec.codec(run_args.topk_per_million);
-    anyhow::ensure!(run_args.clip_radius > 0.0 && run_args.clip_radius.is_finite(), "--clip-radius must be positive");
+    anyhow::ensure!(
+        run_args.clip_radius > 0.0 && run_args.clip_radius.is_finite(),
+        "--clip-radius must be positive"
+    );
     run.aggregator = match run_args.aggregator {
         AggregatorArg::Mean => Rule::Mean,
         AggregatorArg::Median => Rule::Median,
-        AggregatorArg::TrimmedMean => Rule::TrimmedMean { trim: run_args.trim },
-        AggregatorArg::Krum => Rule::MultiKrum { byzantine: run_args.byzantine, select: 1 },
+        AggregatorArg::TrimmedMean => Rule::TrimmedMean {
+            trim: run_args.trim,
+        },
+        AggregatorArg::Krum => Rule::MultiKrum {
+            byzantine: run_args.byzantine,
+            select: 1,
+        },
         AggregatorArg::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
-        AggregatorArg::CenteredClipping => Rule::CenteredClipping { tau: run_args.clip_radius, iterations: 3 },
+        AggregatorArg::CenteredClipping => Rule::CenteredClipping {
+            tau: run_args.clip_radius,
+            iterations: 3,
+        },
     };
     if let Some(clip) = run_args.dp_clip {
-        anyhow::ensure!(clip > 0.0 && clip.is_finite(), "--dp-clip must be a positive number");
-        anyhow::ensure!(run_args.dp_noise >= 0.0 && run_args.dp_noise.is_finite(), "--dp-noise must be ≥ 0");
-        anyhow::ensure!(run_args.dp_delta > 0.0 && run_args.dp_delta < 1.0, "--dp-delta must be in (0, 1)");
+        anyhow::ensure!(
+            clip > 0.0 && clip.is_finite(),
+            "--dp-clip must be a positive number"
+        );
+        anyhow::ensure!(
+            run_args.dp_noise >= 0.0 && run_args.dp_noise.is_finite(),
+            "--dp-noise must be ≥ 0"
+        );
+        anyhow::ensure!(
+            run_args.dp_delta > 0.0 && run_args.dp_delta < 1.0,
+            "--dp-delta must be in (0, 1)"
+        );
         run.privacy = Some(swarmtrain_shared::privacy::PrivacySpec {
             clip_norm: clip,
             noise_multiplier: run_args.dp_noise,
@@ -467,14 +617,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(args) => return status(args).await,
         Command::Export(args) => return export(args).await,
         Command::Loadtest(args) => return loadtest(args).await,
-        Command::AttackGrid(args) => return tokio::task::spawn_blocking(move || attack_grid(args)).await?,
-        Command::Simulate(args) => return tokio::task::spawn_blocking(move || simulate(args)).await?,
+        Command::AttackGrid(args) => {
+            return tokio::task::spawn_blocking(move || attack_grid(args)).await?;
+        }
+        Command::Simulate(args) => {
+            return tokio::task::spawn_blocking(move || simulate(args)).await?;
+        }
     };
     if !args.web_dir.join("index.html").is_file() {
-        anyhow::bail!("{} has no index.html (run from the repository root, or pass --web-dir)", args.web_dir.display());
+        anyhow::bail!(
+            "{} has no index.html (run from the repository root, or pass --web-dir)",
+            args.web_dir.display()
+        );
     }
     if !args.web_dir.join("pkg/swarmtrain.js").is_file() {
-        tracing::warn!("{} has no pkg/swarmtrain.js: build it with `cargo xtask build-wasm`", args.web_dir.display());
+        tracing::warn!(
+            "{} has no pkg/swarmtrain.js: build it with `cargo xtask build-wasm`",
+            args.web_dir.display()
+        );
     }
     let mut runs = vec![run_spec(&args.run)?];
     for table in &extra_runs {
@@ -514,22 +674,54 @@ mod tests {
     fn config_file_fills_in_what_the_command_line_does_not_say() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("relay.toml");
-        std::fs::write(&path, "inner_steps = 7\nquorum = 2\naggregator = \"median\"\n").expect("write");
+        std::fs::write(
+            &path,
+            "inner_steps = 7\nquorum = 2\naggregator = \"median\"\n",
+        )
+        .expect("write");
         let path = path.to_str().expect("utf-8 path");
-        let (out, runs) = with_config_file(argv(&["relay", "serve", "--config", path, "--quorum", "5"])).expect("config");
+        let (out, runs) =
+            with_config_file(argv(&["relay", "serve", "--config", path, "--quorum", "5"]))
+                .expect("config");
         assert!(runs.is_empty());
-        let Command::Serve(serve) = Cli::parse_from(out).command else { panic!("serve") };
-        assert_eq!((serve.run.inner_steps, serve.run.quorum), (7, 5), "the command line wins over the file");
+        let Command::Serve(serve) = Cli::parse_from(out).command else {
+            panic!("serve")
+        };
+        assert_eq!(
+            (serve.run.inner_steps, serve.run.quorum),
+            (7, 5),
+            "the command line wins over the file"
+        );
         assert!(matches!(serve.run.aggregator, AggregatorArg::Median));
 
         std::fs::write(dir.path().join("bad.toml"), "inner_stepz = 7\n").expect("write");
         let bad = dir.path().join("bad.toml");
-        let err = with_config_file(argv(&["relay", "serve", "--config", bad.to_str().expect("utf-8")])).map(|_| ()).unwrap_err();
-        assert!(err.to_string().contains("unknown key \"inner_stepz\""), "{err}");
+        let err = with_config_file(argv(&[
+            "relay",
+            "serve",
+            "--config",
+            bad.to_str().expect("utf-8"),
+        ]))
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown key \"inner_stepz\""),
+            "{err}"
+        );
         std::fs::write(dir.path().join("broken.toml"), "inner_steps = \n").expect("write");
         let broken = dir.path().join("broken.toml");
-        assert!(with_config_file(argv(&["relay", "serve", "--config", broken.to_str().expect("utf-8")])).is_err());
-        assert!(with_config_file(argv(&["relay", "serve", "--config", "/nonexistent.toml"])).is_err());
+        assert!(
+            with_config_file(argv(&[
+                "relay",
+                "serve",
+                "--config",
+                broken.to_str().expect("utf-8")
+            ]))
+            .is_err()
+        );
+        assert!(
+            with_config_file(argv(&["relay", "serve", "--config", "/nonexistent.toml"])).is_err()
+        );
     }
 
     #[test]
@@ -538,20 +730,44 @@ mod tests {
         let path = dir.path().join("relay.toml");
         let text = "quorum = 2\n\n[[run]]\nrun_id = \"robust\"\naggregator = \"median\"\ncodec = \"int8\"\nhidden = 32\n\n[[run]]\nrun_id = \"small\"\ninner_steps = 5\n";
         std::fs::write(&path, text).expect("write");
-        let (out, runs) = with_config_file(argv(&["relay", "serve", "--config", path.to_str().expect("utf-8")])).expect("config");
-        let Command::Serve(serve) = Cli::parse_from(out).command else { panic!("serve") };
-        let specs: Vec<_> = std::iter::once(&serve.run).chain(&runs).map(|r| run_spec(r).expect("valid")).collect();
+        let (out, runs) = with_config_file(argv(&[
+            "relay",
+            "serve",
+            "--config",
+            path.to_str().expect("utf-8"),
+        ]))
+        .expect("config");
+        let Command::Serve(serve) = Cli::parse_from(out).command else {
+            panic!("serve")
+        };
+        let specs: Vec<_> = std::iter::once(&serve.run)
+            .chain(&runs)
+            .map(|r| run_spec(r).expect("valid"))
+            .collect();
         let ids: Vec<&str> = specs.iter().map(|s| s.run_id.as_str()).collect();
         assert_eq!(ids, ["digits", "robust", "small"]);
         assert_eq!(specs[0].quorum, 2);
         assert_eq!(specs[1].aggregator, Rule::Median);
         assert_eq!(specs[1].codec, Codec::Int8Block { block: 64 });
-        assert_eq!(specs[1].model, swarmtrain_shared::protocol::ModelSpec::DigitsMlp { hidden: 32 });
+        assert_eq!(
+            specs[1].model,
+            swarmtrain_shared::protocol::ModelSpec::DigitsMlp { hidden: 32 }
+        );
         assert_eq!(specs[2].inner.steps, 5);
 
         std::fs::write(&path, "[[run]]\nrun_id = \"x\"\nhttp = \"0.0.0.0:1\"\n").expect("write");
-        let err = with_config_file(argv(&["relay", "serve", "--config", path.to_str().expect("utf-8")])).map(|_| ()).unwrap_err();
-        assert!(err.to_string().contains("unknown key \"http\""), "a relay option in a run table: {err}");
+        let err = with_config_file(argv(&[
+            "relay",
+            "serve",
+            "--config",
+            path.to_str().expect("utf-8"),
+        ]))
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown key \"http\""),
+            "a relay option in a run table: {err}"
+        );
         let bad_id = RunTable::try_parse_from(["run", "--run-id=a/b"]).expect("parses");
         assert!(run_spec(&bad_id.run).is_err(), "a run id with a slash");
     }

@@ -98,13 +98,18 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
     use swarmtrain_shared::sim::{self, SimConfig, Sync};
     use swarmtrain_shared::text::TextCorpus;
 
-    anyhow::ensure!((1..=1_000_000).contains(&args.topk_per_million), "--topk-per-million must be in 1..=1000000");
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&args.topk_per_million),
+        "--topk-per-million must be in 1..=1000000"
+    );
     let model = LmConfig::new()
         .with_context(args.context)
         .with_d_model(args.d_model)
         .with_layers(args.layers)
         .with_heads(args.heads);
-    model.validate().map_err(|e| anyhow::anyhow!("bad model shape: {e}"))?;
+    model
+        .validate()
+        .map_err(|e| anyhow::anyhow!("bad model shape: {e}"))?;
     let loaded = swarmtrain_relay::corpus::load(&args.corpus)?;
     let corpus = TextCorpus::new(&loaded.text, args.context + 1, args.seed)?;
     eprintln!(
@@ -118,9 +123,18 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
     let sync = match args.sync {
         SyncArg::Diloco => Sync::DiLoCo {
             inner_steps: args.inner_steps,
-            outer: OuterSpec { lr: args.outer_lr, momentum: args.outer_momentum },
+            outer: OuterSpec {
+                lr: args.outer_lr,
+                momentum: args.outer_momentum,
+            },
         },
-        SyncArg::Fedavg => Sync::DiLoCo { inner_steps: args.inner_steps, outer: OuterSpec { lr: 1.0, momentum: 0.0 } },
+        SyncArg::Fedavg => Sync::DiLoCo {
+            inner_steps: args.inner_steps,
+            outer: OuterSpec {
+                lr: 1.0,
+                momentum: 0.0,
+            },
+        },
         SyncArg::DataParallel => Sync::DataParallel,
     };
     let config = SimConfig {
@@ -131,7 +145,12 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
         sync,
         codec: args.codec.codec(args.topk_per_million),
         aggregator: Rule::Mean,
-        inner: LmInnerSpec::new(LrSchedule { peak: args.lr, warmup: args.warmup, total: u64::from(args.steps), min_ratio: 0.1 }),
+        inner: LmInnerSpec::new(LrSchedule {
+            peak: args.lr,
+            warmup: args.warmup,
+            total: u64::from(args.steps),
+            min_ratio: 0.1,
+        }),
         seed: args.seed,
         pretrain_steps: args.pretrain_steps,
         pretrain_batch: args.pretrain_batch,
@@ -139,25 +158,37 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
         eval_windows: args.eval_windows,
     };
     let started = std::time::Instant::now();
-    let report = futures::executor::block_on(sim::simulate::<Autodiff<NdArray>>(&Default::default(), &corpus, &config, |p| {
-        eprintln!(
-            "step {:>5}  tokens {:>10}  bytes {:>13}  val loss {:.4}  ({:.0} s)",
-            p.step,
-            p.tokens,
-            p.bytes,
-            p.val_loss,
-            started.elapsed().as_secs_f64()
-        );
-    }))?;
+    let report = futures::executor::block_on(sim::simulate::<Autodiff<NdArray>>(
+        &Default::default(),
+        &corpus,
+        &config,
+        |p| {
+            eprintln!(
+                "step {:>5}  tokens {:>10}  bytes {:>13}  val loss {:.4}  ({:.0} s)",
+                p.step,
+                p.tokens,
+                p.bytes,
+                p.val_loss,
+                started.elapsed().as_secs_f64()
+            );
+        },
+    ))?;
     let wall = started.elapsed().as_secs_f64();
     let params_bytes: Vec<u8> = report.params.iter().flat_map(|v| v.to_le_bytes()).collect();
     let params_blake3 = blake3::hash(&params_bytes).to_hex().to_string();
     println!(
         "final val loss {:.4} after {} tokens, {} bytes in {} syncs, {} parameters, θ BLAKE3 {}, {:.0} s",
-        report.final_val_loss, report.tokens, report.bytes, report.syncs, report.num_params, &params_blake3[..16], wall
+        report.final_val_loss,
+        report.tokens,
+        report.bytes,
+        report.syncs,
+        report.num_params,
+        &params_blake3[..16],
+        wall
     );
     if let Some(path) = &args.params_out {
-        std::fs::write(path, &params_bytes).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, &params_bytes)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
     if let Some(out) = args.out {
         let json = serde_json::json!({
@@ -171,8 +202,8 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
             "params_blake3": params_blake3,
             "wall_seconds": wall,
         });
-        std::fs::write(&out, serde_json::to_vec_pretty(&json)?).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+        std::fs::write(&out, serde_json::to_vec_pretty(&json)?)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     }
     Ok(())
 }
-
