@@ -352,6 +352,16 @@ fn criterion_median(group: &str, name: &str) -> Result<f64> {
         .map_err(|e| format!("{number}: {e}"))
 }
 
+/// The string value of `key` in the flat JSON our benchmark scripts and `simulate` print, or
+/// "?" when it is missing.
+fn json_string(json: &str, key: &str) -> String {
+    json.split(&format!("\"{key}\": \""))
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .unwrap_or("?")
+        .to_owned()
+}
+
 fn json_number(json: &str, key: &str) -> Result<f64> {
     let at = json
         .find(&format!("\"{key}\":"))
@@ -382,12 +392,7 @@ fn bench_robust() -> Result {
         ));
     }
     let numpy = String::from_utf8_lossy(&out.stdout).into_owned();
-    let version = numpy
-        .split("\"numpy\": \"")
-        .nth(1)
-        .and_then(|v| v.split('"').next())
-        .unwrap_or("?")
-        .to_owned();
+    let version = json_string(&numpy, "numpy");
 
     let group = "aggregate_16x1M";
     let ours = |name: &str| criterion_median(group, name);
@@ -494,12 +499,7 @@ fn parse_sim(json: &str) -> Result<SimResult> {
         .collect::<Result<Vec<_>>>()?;
     // Top-level numbers, with the curve cut out (its points have "bytes" and "tokens" too).
     let rest = format!("{before}{after}");
-    let hash = json
-        .split("\"params_blake3\": \"")
-        .nth(1)
-        .and_then(|v| v.split('"').next())
-        .unwrap_or("?")
-        .to_owned();
+    let hash = json_string(json, "params_blake3");
     Ok(SimResult {
         curve,
         bytes: json_number(&rest, "bytes")?,
