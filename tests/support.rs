@@ -30,6 +30,55 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// A corpus with structure to learn, about `bytes` long: sentences from a small grammar.
+pub fn grammar_text(bytes: usize) -> String {
+    let subjects = ["the cat ", "a dog ", "my friend ", "the old man ", "she "];
+    let verbs = ["sees ", "likes ", "follows ", "finds ", "paints "];
+    let objects = [
+        "the ball.\n",
+        "a red hat.\n",
+        "the river.\n",
+        "some bread.\n",
+        "the moon.\n",
+    ];
+    let mut rng = swarmtrain_shared::data::SplitMix64::new(9);
+    let mut text = String::new();
+    while text.len() < bytes {
+        for part in [&subjects[..], &verbs[..], &objects[..]] {
+            text.push_str(part[rng.below(part.len() as u64) as usize]);
+        }
+    }
+    text
+}
+
+/// Writes [`grammar_text`] to `dir/corpus.txt` and returns a tiny language-model run on it
+/// (context 32, 1 layer × 32 wide, 2 heads; `steps` inner steps of 8 windows; 3 data slots;
+/// quorum 3), with the live run's schedule and clipping.
+pub fn tiny_lm_run(dir: &Path, steps: u32) -> RunSpec {
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, grammar_text(150_000)).expect("write corpus");
+    let mut run = swarmtrain_relay::default_lm_run(path.to_str().expect("utf-8 path"));
+    run.model = swarmtrain_shared::protocol::ModelSpec::ByteLm {
+        context: 32,
+        d_model: 32,
+        heads: 2,
+        layers: 1,
+        mlp_ratio: 4,
+    };
+    run.data.n_shards = 3;
+    run.inner.steps = steps;
+    run.inner.batch_size = 8;
+    run.inner.optimizer.schedule = swarmtrain_shared::lm_train::LrSchedule {
+        peak: 1e-2,
+        warmup: 5,
+        total: 200,
+        min_ratio: 0.1,
+    };
+    run.quorum = 3;
+    run.round_deadline_ms = 600_000;
+    run
+}
+
 /// Starts a relay for `run` on loopback with free ports and an ephemeral identity.
 pub async fn start_relay(run: RunSpec) -> Relay {
     let config = RelayConfig {
@@ -142,6 +191,7 @@ pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str
         identity_seed: [id; 32],
         backend: "ndarray".into(),
         max_rounds: Some(max_rounds),
+        sample_len: 0,
         stop: Arc::new(AtomicBool::new(false)),
     };
     let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(
@@ -217,6 +267,8 @@ impl RelayProcess {
         let child = Command::new(relay_binary())
             .args([
                 "serve",
+                "--model",
+                "digits",
                 "--tcp-port",
                 "0",
                 "--ws-port",

@@ -1,20 +1,29 @@
 //! The contributor loop, generic over the Burn backend: join, then for every round fetch θ_t
-//! and a shard, train H local steps, and send the signed pseudo-gradient.
+//! and the round's data, train H local steps, and send the signed pseudo-gradient.
+//!
+//! The inner loop is the simulator's ([`Trainer`]): one replica per run whose AdamW moments
+//! persist across rounds (reset when the run's θ lineage restarts), with the run's warm-up,
+//! cosine schedule and clipping at the run's global step `round · H + s`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use burn::prelude::ElementConversion;
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::compress::ErrorFeedback;
-use swarmtrain_shared::data::{self, DigitsSet};
-use swarmtrain_shared::model::DigitsMlpConfig;
+use swarmtrain_shared::data::{self, BatchSampler, DigitsSet};
+use swarmtrain_shared::lm::{self, Lm, LmConfig, SampleConfig};
+use swarmtrain_shared::lm_train::{LmTrainer, TextBatch, Trainer};
+use swarmtrain_shared::model::{DigitsMlp, DigitsMlpConfig};
+use swarmtrain_shared::params;
 use swarmtrain_shared::protocol::{
     self, Capabilities, ClientToRelay, Join, ModelSpec, PROTOCOL_VERSION, ParamsHash,
     RelayToClient, RoundAnnouncement, RunSpec, Update,
 };
-use swarmtrain_shared::train::LocalTrainer;
+use swarmtrain_shared::train::DigitsBatch;
 use swarmtrain_shared::{Identity, Signed};
 use web_time::Instant;
 
@@ -40,6 +49,9 @@ pub struct PeerConfig {
     pub backend: String,
     /// Stop after this many trained rounds (None: until stopped).
     pub max_rounds: Option<u64>,
+    /// Language-model runs: bytes of text to sample from each new global model and report as
+    /// [`PeerEvent::Sample`] (0: none).
+    pub sample_len: usize,
     /// Set to stop the peer after its current step.
     pub stop: Arc<AtomicBool>,
 }
@@ -58,10 +70,22 @@ pub enum PeerEvent {
         peer: String,
         transport: String,
     },
+    /// Joined a run of this model (`ModelSpec::describe`).
+    Model {
+        model: String,
+        n_params: usize,
+    },
     Round {
         round: u64,
         inner_steps: u32,
         accuracy: Option<f32>,
+        /// Held-out loss of the round's θ (language-model runs).
+        val_loss: Option<f32>,
+    },
+    /// Text sampled on this peer's backend from the global model of `round`.
+    Sample {
+        round: u64,
+        text: String,
     },
     Trained {
         round: u64,
@@ -98,8 +122,8 @@ pub enum PeerError {
     Download(String),
     #[error("training failed: {0}")]
     Train(String),
-    #[error("run uses a model this client does not know")]
-    UnknownModel,
+    #[error("the relay's run cannot work: {0}")]
+    BadSpec(String),
 }
 
 /// The relay's `/api/bootstrap` answer: where to dial it.
@@ -133,6 +157,8 @@ struct Session {
     relay_key: Vec<u8>,
     relay_url: String,
     spec: RunSpec,
+    /// This peer's data slot (text runs).
+    slot: u32,
 }
 
 impl Session {
@@ -183,7 +209,18 @@ impl Session {
             _ => return Err(PeerError::Unexpected("join")),
         };
         let relay_key = welcome.relay_key().to_vec();
+        welcome
+            .spec
+            .validate()
+            .map_err(|e| PeerError::BadSpec(e.to_string()))?;
+        if welcome.slot >= welcome.spec.data.n_shards {
+            return Err(PeerError::BadSpec(format!(
+                "slot {} of {}",
+                welcome.slot, welcome.spec.data.n_shards
+            )));
+        }
         let session = Self {
+            slot: welcome.slot,
             client,
             transport,
             identity,
@@ -292,6 +329,72 @@ impl Session {
             .map_err(PeerError::Download)?;
         DigitsSet::from_bytes(&bytes).map_err(|e| PeerError::Download(e.to_string()))
     }
+
+    /// The round's text windows for this peer's slot: `steps · batch` windows of `window`
+    /// bytes, in step order.
+    async fn fetch_text(&self, round: u64, window: usize) -> Result<Vec<u8>, PeerError> {
+        let path = format!(
+            "api/runs/{}/text/{round}/{}",
+            self.spec.run_id, self.slot
+        );
+        let bytes = platform::http_get(&url(&self.relay_url, &path))
+            .await
+            .map_err(PeerError::Download)?;
+        let expected =
+            self.spec.inner.steps as usize * self.spec.inner.batch_size as usize * window;
+        if bytes.len() != expected {
+            return Err(PeerError::Download(format!(
+                "the round's text is {} bytes, expected {expected}",
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+/// A peer's replica of the run's model with its optimizer state, kept across rounds.
+enum Local<B: AutodiffBackend> {
+    Digits {
+        trainer: Trainer<B, DigitsMlp<B>>,
+    },
+    Lm {
+        config: LmConfig,
+        trainer: LmTrainer<B>,
+    },
+}
+
+impl<B: AutodiffBackend> Local<B> {
+    fn new(device: &B::Device, spec: &RunSpec, start: &[f32]) -> Result<Self, PeerError> {
+        let train = |e: params::ParamsError| PeerError::Train(e.to_string());
+        Ok(match (&spec.model, spec.model.lm_config()) {
+            (_, Some(config)) => {
+                let module: Lm<B> = params::load(config.init::<B>(device), start).map_err(train)?;
+                Self::Lm {
+                    trainer: Trainer::with_module(device, module, &spec.inner.optimizer),
+                    config,
+                }
+            }
+            (ModelSpec::DigitsMlp { hidden }, None) => {
+                let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
+                let module = params::load(config.init::<B>(device), start).map_err(train)?;
+                Self::Digits {
+                    trainer: Trainer::with_module(device, module, &spec.inner.optimizer),
+                }
+            }
+            (other, None) => return Err(PeerError::BadSpec(format!("model {other:?}"))),
+        })
+    }
+}
+
+/// Adds a step's loss to the running sum on the device (nothing is read back per step).
+fn accumulate<B: burn::tensor::backend::Backend>(
+    sum: &mut Option<Tensor<B, 1>>,
+    loss: Tensor<B, 1>,
+) {
+    *sum = Some(match sum.take() {
+        Some(s) => s + loss,
+        None => loss,
+    });
 }
 
 /// Joins the relay and trains round after round on `B` until stopped, `max_rounds` is reached,
@@ -309,8 +412,13 @@ pub async fn run<B: AutodiffBackend>(
         peer: peer.to_hex(),
         transport: session.transport.clone(),
     });
-    let ModelSpec::DigitsMlp { hidden } = session.spec.model;
-    let model = DigitsMlpConfig::new().with_hidden(hidden as usize);
+    emit(PeerEvent::Model {
+        model: session.spec.model.describe(),
+        n_params: session.spec.model.num_params(),
+    });
+    let spec = session.spec.clone();
+    let mut local: Option<Local<B>> = None;
+    let mut last_trained: Option<u64> = None;
     let mut rounds_trained = 0u64;
     // What lossy compression left out of earlier updates rides along with the next one.
     let mut feedback = ErrorFeedback::default();
@@ -321,44 +429,127 @@ pub async fn run<B: AutodiffBackend>(
         let round = announcement.round;
         emit(PeerEvent::Round {
             round,
-            inner_steps: session.spec.inner.steps,
+            inner_steps: spec.inner.steps,
             accuracy: announcement.accuracy,
+            val_loss: announcement.loss,
         });
         let start = session.fetch_params(announcement.params).await?;
-        let shard = session.fetch_shard(round).await?;
-
-        let started = Instant::now();
-        let seed = data::derive_seed(
-            "inner",
-            &[
-                session.spec.run_id.as_bytes(),
-                &round.to_le_bytes(),
-                &peer.0,
-            ],
-        );
-        let mut trainer =
-            LocalTrainer::<B>::new(&device, &model, &start, shard, &session.spec.inner, seed)
-                .map_err(|e| PeerError::Train(e.to_string()))?;
-        while !trainer.is_done() && !config.stop.load(Ordering::Relaxed) {
-            trainer.step();
-            if trainer.steps_done() % 8 == 0 {
-                // Let the browser breathe (and the relay connection make progress).
-                platform::sleep(Duration::ZERO).await;
-            }
+        if start.len() != spec.model.num_params() {
+            return Err(PeerError::Download(format!(
+                "θ has {} values, the model {}",
+                start.len(),
+                spec.model.num_params()
+            )));
         }
-        let result = trainer
-            .finish()
+        // A round at or before one already trained means the run started over (a relay that
+        // lost its state): that θ is another lineage, and the old moments do not apply to it.
+        if last_trained.is_some_and(|last| round <= last) {
+            local = None;
+            feedback = ErrorFeedback::default();
+        }
+        let replica = match &mut local {
+            Some(replica) => replica,
+            None => local.insert(Local::new(&device, &spec, &start)?),
+        };
+        if let (Local::Lm { config: lm_config, .. }, true) = (&*replica, config.sample_len > 0) {
+            let sampled = lm::sample::<B::InnerBackend>(
+                &device,
+                lm_config,
+                &start,
+                &SampleConfig {
+                    prompt: Vec::new(),
+                    len: config.sample_len,
+                    temperature: 0.8,
+                    seed: data::derive_seed(
+                        "sample",
+                        &[spec.run_id.as_bytes(), &round.to_le_bytes()],
+                    ),
+                },
+            )
             .await
             .map_err(|e| PeerError::Train(e.to_string()))?;
+            emit(PeerEvent::Sample {
+                round,
+                text: String::from_utf8_lossy(&sampled).into_owned(),
+            });
+        }
+
+        let started = Instant::now();
+        let h = spec.inner.steps;
+        let first_step = round * u64::from(h);
+        let mut steps = 0u32;
+        let mut samples = 0u32;
+        let load = |e: params::ParamsError| PeerError::Train(e.to_string());
+        let (loss_sum, local_params) = match replica {
+            Local::Digits { trainer, .. } => {
+                let shard = session.fetch_shard(round).await?;
+                trainer.load(&start).map_err(load)?;
+                trainer.seek(first_step);
+                let seed = data::derive_seed(
+                    "inner",
+                    &[spec.run_id.as_bytes(), &round.to_le_bytes(), &peer.0],
+                );
+                let mut sampler =
+                    BatchSampler::new(shard.len(), spec.inner.batch_size as usize, seed);
+                let mut sum = None;
+                while steps < h && !config.stop.load(Ordering::Relaxed) {
+                    let batch = DigitsBatch::draw(&shard, &mut sampler);
+                    samples += batch.targets.len() as u32;
+                    accumulate(&mut sum, trainer.step(&batch));
+                    steps += 1;
+                    if steps % 8 == 0 {
+                        // Let the browser breathe (and the relay connection make progress).
+                        platform::sleep(Duration::ZERO).await;
+                    }
+                }
+                (sum, trainer.params().await.map_err(load)?)
+            }
+            Local::Lm {
+                trainer,
+                config: lm_config,
+            } => {
+                let window = lm_config.context + 1;
+                let text = session.fetch_text(round, window).await?;
+                trainer.load(&start).map_err(load)?;
+                trainer.seek(first_step);
+                let per_step = spec.inner.batch_size as usize * window;
+                let mut sum = None;
+                for chunk in text.chunks_exact(per_step) {
+                    if config.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let batch = TextBatch {
+                        windows: chunk.to_vec(),
+                        window,
+                    };
+                    accumulate(&mut sum, trainer.step(&batch));
+                    samples += spec.inner.batch_size;
+                    steps += 1;
+                    platform::sleep(Duration::ZERO).await;
+                }
+                (sum, trainer.params().await.map_err(load)?)
+            }
+        };
+        let loss = match loss_sum {
+            Some(sum) => {
+                sum.into_scalar_async()
+                    .await
+                    .map_err(|e| PeerError::Train(e.to_string()))?
+                    .elem::<f32>()
+                    / steps.max(1) as f32
+            }
+            None => f32::NAN,
+        };
         let train_ms = started.elapsed().as_millis() as u64;
         if config.stop.load(Ordering::Relaxed) {
             break;
         }
         rounds_trained += 1;
+        last_trained = Some(round);
         emit(PeerEvent::Trained {
             round,
-            steps: result.steps,
-            loss: result.loss,
+            steps,
+            loss,
             train_ms,
             rounds_trained,
         });
@@ -366,7 +557,7 @@ pub async fn run<B: AutodiffBackend>(
         // Δ = θ_t − θ_local, clipped and noised when the run asks for differential privacy.
         let mut delta: Vec<f32> = start
             .iter()
-            .zip(&result.params)
+            .zip(&local_params)
             .map(|(t, l)| t - l)
             .collect();
         if let Some(privacy) = &session.spec.privacy {
@@ -380,9 +571,9 @@ pub async fn run<B: AutodiffBackend>(
             run_id: session.spec.run_id.clone(),
             round,
             base: announcement.params,
-            n_samples: result.samples,
-            inner_steps: result.steps,
-            loss: result.loss,
+            n_samples: samples,
+            inner_steps: steps,
+            loss,
             codec: session.spec.codec,
             payload: feedback.encode(session.spec.codec, &delta),
         };

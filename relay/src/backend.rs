@@ -1,15 +1,20 @@
-//! Which Burn backend runs the relay's aggregation, chosen at run time from those compiled in
-//! (`ndarray` always; `wgpu` and `cuda` with the crate features of the same names). Every
-//! backend runs the same shared code, [`outer_step_with`].
+//! Which backend runs the relay's aggregation, chosen at run time from those compiled in
+//! (`ndarray` always; `wgpu` and `cuda` with the crate features of the same names). The CPU
+//! default runs the shared fast kernels ([`step_cpu`], what `bench robust` times and what the
+//! simulator and the attack grid run); the Burn backends run the same rules as tensor
+//! operations ([`outer_step_with`]), bitwise equal for mean, median and trimmed mean.
 
 use std::fmt;
 
-use burn::backend::NdArray;
-use swarmtrain_shared::aggregate::{AggregateError, RoundInputs, Stepped, outer_step_with};
+use swarmtrain_shared::aggregate::{
+    AggregateError, RoundInputs, Stepped, step_cpu,
+};
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use swarmtrain_shared::aggregate::outer_step_with;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AggregationBackend {
-    /// CPU, always available.
+    /// The CPU, always available: the shared multi-threaded kernels.
     #[default]
     Ndarray,
     /// wgpu: Vulkan, Metal or DX12 (build with `--features wgpu`).
@@ -42,7 +47,7 @@ impl AggregationBackend {
     /// Aggregates with the run's rule and applies the outer Nesterov step on this backend.
     pub async fn outer_step(self, inputs: &RoundInputs<'_>) -> Result<Stepped, AggregateError> {
         match self {
-            Self::Ndarray => outer_step_with::<NdArray>(&Default::default(), inputs).await,
+            Self::Ndarray => step_cpu(inputs),
             #[cfg(feature = "wgpu")]
             Self::Wgpu => {
                 let device = burn::backend::wgpu::WgpuDevice::default();

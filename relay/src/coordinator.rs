@@ -1,5 +1,11 @@
-//! The relay's coordinator: owns the round state, verifies and judges every peer message,
-//! evaluates θ after each round, and signs announcements.
+//! The relay's coordinator: owns a run's round state, verifies and judges every peer message,
+//! and signs announcements.
+//!
+//! A round closes through the shared engine ([`RoundState::begin_close`] /
+//! [`RoundState::finish_close`]) on the round timer's task, never inside a peer's request: the
+//! aggregation (the fast CPU kernels, or a Burn backend) and the held-out evaluation run in
+//! `spawn_blocking` without the state lock, so other peers' requests go on meanwhile, and the
+//! peer whose update completed the quorum hears `Accepted` as soon as its update is durable.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -7,31 +13,39 @@ use std::time::Duration;
 
 use burn::backend::NdArray;
 use serde::{Deserialize, Serialize};
+use swarmtrain_shared::aggregate::AggregateError;
+use swarmtrain_shared::checkpoint::TensorInfo;
+use swarmtrain_shared::data::derive_seed;
+use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::model::DigitsMlpConfig;
+use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
     self, CHUNK_BYTES, ClientToRelay, Fetch, ModelSpec, PROTOCOL_VERSION, ParamsHash,
     RelayToClient, RoundAnnouncement, RunSpec, Welcome,
 };
-use swarmtrain_shared::round::{RoundClosed, RoundState};
+use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
-use tokio::sync::{Mutex, broadcast, oneshot};
+use tokio::sync::{Mutex, Notify, broadcast, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::AggregationBackend;
-use crate::dataset::RunData;
+use crate::dataset::TaskData;
 use crate::store::{LedgerEntry, RunRecord, Store};
-use swarmtrain_shared::aggregate::RoundInputs;
-use swarmtrain_shared::checkpoint::{self, TensorInfo};
-use swarmtrain_shared::outer::OuterOptimizer;
 
 /// Parameter versions kept for download (a late peer may still fetch the previous round's).
 const KEEP_PARAMS: usize = 4;
+/// Rows of round history in a status answer (the newest); older rows come from
+/// `/api/runs/{run}/history`.
+pub const STATUS_HISTORY: usize = 200;
 
 /// One row of the run's history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
+    /// Held-out accuracy of the round's θ (classifier runs).
     pub accuracy: Option<f32>,
+    /// Held-out loss of the round's θ in nats per byte (language-model runs).
+    pub val_loss: Option<f32>,
     pub contributors: usize,
     pub samples: u64,
     pub mean_loss: Option<f32>,
@@ -50,7 +64,10 @@ pub struct Status {
     pub updates_this_round: usize,
     pub active_peers: usize,
     pub joined_peers: usize,
+    /// The newest rows of the round history (at most [`STATUS_HISTORY`]).
     pub history: Vec<RoundRecord>,
+    /// Rows in the whole history.
+    pub history_len: usize,
     pub rejected: BTreeMap<String, u64>,
     pub accepted_updates: u64,
     /// Differential privacy spent per peer so far (ε at the run's δ), when the run uses DP.
@@ -63,6 +80,10 @@ pub struct Status {
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSpecView {
     pub model: swarmtrain_shared::protocol::ModelSpec,
+    /// The model in words.
+    pub model_name: String,
+    /// The data in words.
+    pub data: String,
     pub inner_steps: u32,
     pub batch_size: u32,
     pub inner_lr: f64,
@@ -79,13 +100,15 @@ pub struct RunSpecView {
 
 struct State {
     round: RoundState,
-    accuracy: Option<f32>,
+    eval: Evaluation,
     history: Vec<RoundRecord>,
     params: HashMap<ParamsHash, Arc<Vec<u8>>>,
     params_order: VecDeque<ParamsHash>,
     announcement: Signed<RoundAnnouncement>,
     waiters: Vec<(u64, oneshot::Sender<Signed<RoundAnnouncement>>)>,
     joined: BTreeMap<PeerKey, String>,
+    /// Data slots by peer, given out in order of first join (modulo the run's slots).
+    slots: BTreeMap<PeerKey, u32>,
     rejected: BTreeMap<String, u64>,
     accepted: u64,
 }
@@ -93,8 +116,7 @@ struct State {
 /// Shared by the HTTP server, the libp2p event loop and the round timer.
 pub struct Coordinator {
     identity: Identity,
-    data: RunData,
-    model: DigitsMlpConfig,
+    data: TaskData,
     aggregation: AggregationBackend,
     started: Instant,
     state: Mutex<State>,
@@ -102,6 +124,8 @@ pub struct Coordinator {
     layout: Vec<TensorInfo>,
     spec: RunSpec,
     announce: Announcements,
+    /// Woken when an accepted update may have completed the quorum.
+    due: Arc<Notify>,
 }
 
 /// Where coordinators send every announcement as it is signed, for gossip: (run id, encoded
@@ -116,28 +140,44 @@ impl std::fmt::Debug for Coordinator {
     }
 }
 
-fn model_config(spec: &RunSpec) -> DigitsMlpConfig {
-    let ModelSpec::DigitsMlp { hidden } = spec.model;
-    DigitsMlpConfig::new().with_hidden(hidden as usize)
+/// θ₀ of the run: the digits MLP as Burn initializes it after seeding the backend with `seed`;
+/// the language model from [`swarmtrain_shared::lm::LmConfig::init_params`] with the seed the
+/// simulator derives from the same `seed`.
+async fn initial_params(spec: &RunSpec, seed: u64) -> anyhow::Result<Vec<f32>> {
+    let device = burn::backend::ndarray::NdArrayDevice::Cpu;
+    Ok(match (&spec.model, spec.model.lm_config()) {
+        (_, Some(config)) => {
+            config
+                .init_params::<NdArray>(&device, derive_seed("lm init", &[&seed.to_le_bytes()]))
+                .await?
+        }
+        (ModelSpec::DigitsMlp { hidden }, None) => {
+            <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
+            let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
+            params::to_vec(&config.init::<NdArray>(&device)).await?
+        }
+        (other, None) => anyhow::bail!("no model {other:?}"),
+    })
 }
 
 impl Coordinator {
     /// Opens the run: resumed from `store` at its last announced round (with that round's
     /// accepted updates) when the store has it, else round 0 with fresh parameters seeded by
     /// `seed`, checkpointed before anything is announced.
+    #[allow(clippy::too_many_arguments)]
     pub async fn new(
         identity: Identity,
         spec: RunSpec,
-        data: RunData,
+        data: TaskData,
         seed: u64,
         aggregation: AggregationBackend,
         store: Option<Arc<Store>>,
         announce: Announcements,
+        due: Arc<Notify>,
     ) -> anyhow::Result<Self> {
-        let model = model_config(&spec);
+        spec.validate()?;
         let run_spec = spec.clone();
-        let device = burn::backend::ndarray::NdArrayDevice::Cpu;
-        let layout = checkpoint::layout(&model.init::<NdArray>(&device));
+        let layout = crate::ops::model_layout(&spec.model);
         let resumed = match &store {
             Some(store) => store.run(&spec.run_id)?,
             None => None,
@@ -166,44 +206,53 @@ impl Coordinator {
                     checkpoint = record.checkpoint,
                     "resumed from the data directory"
                 );
-                let announcement = identity.sign(&round.announcement(record.accuracy, 0))?;
+                let eval = Evaluation {
+                    accuracy: record.accuracy,
+                    loss: record.loss,
+                };
+                let announcement = identity.sign(&round.announcement(eval, 0))?;
                 State {
                     round,
-                    accuracy: record.accuracy,
+                    eval,
                     history: record.history,
                     params: HashMap::new(),
                     params_order: VecDeque::new(),
                     announcement,
                     waiters: Vec::new(),
                     joined: BTreeMap::new(),
+                    slots: BTreeMap::new(),
                     rejected: record.rejected,
                     accepted,
                 }
             }
             _ => {
-                <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
-                let initial = params::to_vec(&model.init::<NdArray>(&device)).await?;
-                let round = RoundState::new(spec, initial, 0);
-                let accuracy = Some(
-                    train::evaluate::<NdArray>(&device, &model, round.params(), &data.held_out)
-                        .await?,
+                let initial = initial_params(&spec, seed).await?;
+                anyhow::ensure!(
+                    initial.len() == spec.model.num_params(),
+                    "θ₀ has {} values, the model {}",
+                    initial.len(),
+                    spec.model.num_params()
                 );
-                let announcement = identity.sign(&round.announcement(accuracy, 0))?;
+                let eval = evaluate(&spec, &data, &initial)?;
+                let round = RoundState::new(spec, initial, 0);
+                let announcement = identity.sign(&round.announcement(eval, 0))?;
                 let mut state = State {
                     round,
-                    accuracy,
+                    eval,
                     history: Vec::new(),
                     params: HashMap::new(),
                     params_order: VecDeque::new(),
                     announcement,
                     waiters: Vec::new(),
                     joined: BTreeMap::new(),
+                    slots: BTreeMap::new(),
                     rejected: BTreeMap::new(),
                     accepted: 0,
                 };
                 state.history.push(RoundRecord {
                     round: 0,
-                    accuracy,
+                    accuracy: eval.accuracy,
+                    val_loss: eval.loss,
                     contributors: 0,
                     samples: 0,
                     mean_loss: None,
@@ -220,7 +269,6 @@ impl Coordinator {
         Ok(Self {
             identity,
             data,
-            model,
             aggregation,
             started: Instant::now(),
             state: Mutex::new(state),
@@ -228,6 +276,7 @@ impl Coordinator {
             layout,
             spec: run_spec,
             announce,
+            due,
         })
     }
 
@@ -248,8 +297,36 @@ impl Coordinator {
         self.state.lock().await.params.get(hash).cloned()
     }
 
+    /// The data slot given to `peer` when it joined.
+    pub async fn slot(&self, peer: &PeerKey) -> Option<u32> {
+        self.state.lock().await.slots.get(peer).copied()
+    }
+
+    /// The open round's parameters θ_t.
+    pub async fn current_params(&self) -> Vec<f32> {
+        self.state.lock().await.round.params().to_vec()
+    }
+
+    /// Digits runs: training shard `index`.
     pub fn shard(&self, index: usize) -> Option<Vec<u8>> {
-        self.data.shards.get(index).map(|s| s.to_bytes())
+        match &self.data {
+            TaskData::Digits(data) => data.shards.get(index).map(|s| s.to_bytes()),
+            TaskData::Text(_) => None,
+        }
+    }
+
+    /// Text runs: the windows that the peer in `slot` trains on in `round` (`steps · batch`
+    /// windows, in step order), for the open round or an earlier one.
+    pub async fn text(&self, round: u64, slot: u32) -> Option<Vec<u8>> {
+        let TaskData::Text(text) = &self.data else {
+            return None;
+        };
+        let open = self.state.lock().await.round.round;
+        let (n, inner) = (self.spec.data.n_shards, &self.spec.inner);
+        (round <= open && slot < n).then(|| {
+            text.shards
+                .shard(round, slot, n, inner.steps, inner.batch_size as usize)
+        })
     }
 
     /// Counts and logs a refused message and returns the `Rejected` frame that answers it.
@@ -333,13 +410,15 @@ impl Coordinator {
                 );
                 state.joined.insert(peer, join.capabilities.backend);
                 state.round.seen(peer, now);
+                let next = state.slots.len() as u32 % self.spec.data.n_shards.max(1);
+                let slot = *state.slots.entry(peer).or_insert(next);
                 let round = self
                     .identity
-                    .sign(&state.round.announcement(state.accuracy, now));
+                    .sign(&state.round.announcement(state.eval, now));
                 let spec = state.round.spec.clone();
                 drop(state);
                 match round {
-                    Ok(round) => encode(&RelayToClient::Welcome(Welcome { spec, round })),
+                    Ok(round) => encode(&RelayToClient::Welcome(Welcome { spec, round, slot })),
                     Err(e) => self.reject(Some(peer), "internal", e.to_string()).await,
                 }
             }
@@ -371,95 +450,89 @@ impl Coordinator {
             }
             ClientToRelay::Update(update) => {
                 let mut state = self.state.lock().await;
-                match state.round.submit(peer, &update, now) {
-                    Ok(()) => {
-                        state.accepted += 1;
-                        // Durable before the peer hears `Accepted`.
-                        if let Some(store) = &self.store {
-                            let entry = LedgerEntry {
-                                received_ms: now,
-                                update: update.clone(),
-                            };
-                            if let Err(e) =
-                                store.record_update(&state.round.spec.run_id, &peer, &entry)
-                            {
-                                tracing::error!(error = %e, "could not record an accepted update");
-                            }
-                        }
-                        tracing::info!(
-                            peer = peer.short(),
-                            round = update.round,
-                            loss = update.loss,
-                            "accepted update"
-                        );
+                if let Err(rejection) = state.round.submit(peer, &update, now) {
+                    drop(state);
+                    return self
+                        .reject(Some(peer), rejection.kind(), rejection.to_string())
+                        .await;
+                }
+                // Durable before the peer hears `Accepted`; an update that cannot be made
+                // durable is taken back and the peer told so.
+                if let Some(store) = &self.store {
+                    let entry = LedgerEntry {
+                        received_ms: now,
+                        update: update.clone(),
+                    };
+                    if let Err(e) = store.record_update(&state.round.spec.run_id, &peer, &entry)
+                    {
+                        state.round.withdraw(&peer);
                         drop(state);
-                        self.tick().await;
-                        encode(&RelayToClient::Accepted {
-                            round: update.round,
-                        })
-                    }
-                    Err(rejection) => {
-                        drop(state);
-                        self.reject(Some(peer), rejection.kind(), rejection.to_string())
-                            .await
+                        tracing::error!(error = %e, "could not record an accepted update");
+                        return self
+                            .reject(
+                                Some(peer),
+                                "store_failed",
+                                "the relay could not store the update; send it again".into(),
+                            )
+                            .await;
                     }
                 }
+                state.accepted += 1;
+                drop(state);
+                tracing::info!(
+                    peer = peer.short(),
+                    round = update.round,
+                    loss = update.loss,
+                    "accepted update"
+                );
+                // The round timer closes the round if this completed its quorum.
+                self.due.notify_one();
+                encode(&RelayToClient::Accepted {
+                    round: update.round,
+                })
             }
         }
     }
 
-    /// Closes the round if it is due; then evaluates, stores θ_{t+1} and announces it.
-    pub async fn tick(&self) {
+    /// Closes the round if it is due: aggregates and evaluates in `spawn_blocking` (without
+    /// the state lock), then stores θ_{t+1}, checkpoints it and announces it.
+    pub async fn tick(self: &Arc<Self>) {
+        let job = {
+            let mut state = self.state.lock().await;
+            match state.round.begin_close(self.now_ms()) {
+                Some(job) => job,
+                None => return,
+            }
+        };
+        let this = self.clone();
+        let worked = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let outcome = futures::executor::block_on(this.aggregation.outer_step(&job.inputs()));
+            let aggregation_ms = started.elapsed().as_secs_f64() * 1e3;
+            let theta = outcome.as_ref().map_or(&job.params, |s| &s.params);
+            let eval = evaluate(&this.spec, &this.data, theta).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "evaluation failed");
+                Evaluation::default()
+            });
+            (outcome, eval, aggregation_ms)
+        })
+        .await;
+        let (outcome, eval, aggregation_ms) = match worked {
+            Ok(done) => done,
+            Err(e) => (
+                Err(AggregateError::Rule(format!("the aggregation task failed: {e}"))),
+                Evaluation::default(),
+                0.0,
+            ),
+        };
         let now = self.now_ms();
         let mut state = self.state.lock().await;
-        if !state.round.due(now) {
-            return;
+        let closed = state.round.finish_close(outcome, now);
+        if let Some(why) = &closed.failed {
+            tracing::error!(error = %why, backend = %self.aggregation, round = closed.round, "aggregation failed; θ is kept");
         }
-        let spec = state.round.spec.outer.clone();
-        let started = Instant::now();
-        // The run's rule and the outer step both run on the aggregation backend.
-        let contributions = state.round.contributions();
-        let rule = state.round.spec.aggregator.clone();
-        let inputs = RoundInputs {
-            params: state.round.params(),
-            velocity: &state.round.outer().velocity,
-            contributions: &contributions,
-            rule: &rule,
-            center: state.round.last_aggregate(),
-            outer: &spec,
-        };
-        let stepped = self.aggregation.outer_step(&inputs).await;
-        let aggregation_ms = started.elapsed().as_secs_f64() * 1e3;
-        let closed = match stepped {
-            Ok(stepped) => {
-                state.round.set_last_aggregate(stepped.aggregate);
-                state
-                    .round
-                    .close_with(stepped.params, stepped.velocity, now)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, backend = %self.aggregation, "aggregation failed; θ is kept");
-                state.round.close_with(Vec::new(), Vec::new(), now)
-            }
-        };
-        let accuracy = match train::evaluate::<NdArray>(
-            &Default::default(),
-            &self.model,
-            state.round.params(),
-            &self.data.held_out,
-        )
-        .await
-        {
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::error!(error = %e, "evaluation failed");
-                None
-            }
-        };
-        state.accuracy = accuracy;
-        state
-            .history
-            .push(record(&closed, accuracy, now, aggregation_ms));
+        state.eval = eval;
+        state.history.push(record(&closed, eval, now, aggregation_ms));
         store_params(&mut state);
         // The checkpoint and the run record are written before the round is announced.
         if let Some(store) = &self.store
@@ -467,7 +540,7 @@ impl Coordinator {
         {
             tracing::error!(error = %e, round = state.round.round, "could not checkpoint the round");
         }
-        match self.identity.sign(&state.round.announcement(accuracy, now)) {
+        match self.identity.sign(&state.round.announcement(eval, now)) {
             Ok(announcement) => {
                 state.announcement = announcement.clone();
                 // Gossip it; nobody listening (no peers yet) is fine.
@@ -492,14 +565,28 @@ impl Coordinator {
             Err(e) => tracing::error!(error = %e, "could not sign the announcement"),
         }
         tracing::info!(
+            run = self.spec.run_id,
             round = closed.round,
             contributors = closed.contributors.len(),
             backend = %self.aggregation,
             aggregation_ms,
-            accuracy = accuracy.unwrap_or(f32::NAN),
+            accuracy = eval.accuracy.unwrap_or(f32::NAN),
+            val_loss = eval.loss.unwrap_or(f32::NAN),
             "round closed; announced round {}",
             closed.next_round
         );
+    }
+
+    /// Rows `from..from + limit` of the round history (at most [`STATUS_HISTORY`] at once).
+    pub async fn history(&self, from: usize, limit: usize) -> Vec<RoundRecord> {
+        let state = self.state.lock().await;
+        state
+            .history
+            .iter()
+            .skip(from)
+            .take(limit.min(STATUS_HISTORY))
+            .cloned()
+            .collect()
     }
 
     pub async fn status(&self) -> Status {
@@ -514,7 +601,8 @@ impl Coordinator {
             updates_this_round: state.round.updates_this_round(),
             active_peers: state.round.active_peers(now),
             joined_peers: state.joined.len(),
-            history: state.history.clone(),
+            history: state.history[state.history.len().saturating_sub(STATUS_HISTORY)..].to_vec(),
+            history_len: state.history.len(),
             rejected: state.rejected.clone(),
             accepted_updates: state.accepted,
             round_timeout_ms: state.round.round_timeout_ms(),
@@ -523,9 +611,17 @@ impl Coordinator {
             }),
             spec: RunSpecView {
                 model: spec.model.clone(),
+                model_name: spec.model.describe(),
+                data: match (&spec.data.source, &self.data) {
+                    (protocol::DataSource::Text { name }, TaskData::Text(text)) => format!(
+                        "{name} ({} training bytes, {} held-out windows)",
+                        text.train_bytes, text.eval_count
+                    ),
+                    _ => "scikit-learn digits".into(),
+                },
                 inner_steps: spec.inner.steps,
                 batch_size: spec.inner.batch_size,
-                inner_lr: spec.inner.lr,
+                inner_lr: spec.inner.optimizer.schedule.peak,
                 outer_lr: spec.outer.lr,
                 outer_momentum: spec.outer.momentum,
                 quorum: spec.quorum,
@@ -539,16 +635,49 @@ impl Coordinator {
     }
 }
 
+/// Held-out accuracy (digits) or loss (text) of `params`. Blocking: call it off the async
+/// runtime's workers.
+fn evaluate(spec: &RunSpec, data: &TaskData, params: &[f32]) -> anyhow::Result<Evaluation> {
+    let device = burn::backend::ndarray::NdArrayDevice::Cpu;
+    Ok(match (data, &spec.model, spec.model.lm_config()) {
+        (TaskData::Digits(digits), ModelSpec::DigitsMlp { hidden }, _) => {
+            let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
+            Evaluation {
+                accuracy: Some(futures::executor::block_on(train::evaluate::<NdArray>(
+                    &device,
+                    &config,
+                    params,
+                    &digits.held_out,
+                ))?),
+                loss: None,
+            }
+        }
+        (TaskData::Text(text), _, Some(config)) => Evaluation {
+            accuracy: None,
+            loss: Some(futures::executor::block_on(evaluate_lm::<NdArray>(
+                &device,
+                &config,
+                params,
+                &text.validation,
+                text.eval_count,
+                32,
+            ))?),
+        },
+        _ => anyhow::bail!("the run's data does not fit its model"),
+    })
+}
+
 fn record(
     closed: &RoundClosed,
-    accuracy: Option<f32>,
+    eval: Evaluation,
     now: u64,
     aggregation_ms: f64,
 ) -> RoundRecord {
     let n = closed.contributors.len();
     RoundRecord {
         round: closed.next_round,
-        accuracy,
+        accuracy: eval.accuracy,
+        val_loss: eval.loss,
         contributors: n,
         samples: closed
             .contributors
@@ -579,7 +708,8 @@ async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow:
         &RunRecord {
             round: round.round,
             checkpoint: key,
-            accuracy: state.accuracy,
+            accuracy: state.eval.accuracy,
+            loss: state.eval.loss,
             history: state.history.clone(),
             accepted: state.accepted,
             rejected: state.rejected.clone(),

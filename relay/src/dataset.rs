@@ -1,8 +1,48 @@
-//! The digits data set (scikit-learn's 1,797 8×8 images, shipped inside the `smartcore` crate),
-//! split into a held-out set and training shards.
+//! A run's data: the digits (scikit-learn's 1,797 8×8 images, shipped inside the `smartcore`
+//! crate) split into a held-out set and training shards, or a text corpus split into training
+//! windows, served per (round, slot), and held-out windows.
 
 use swarmtrain_shared::data::{self, DigitsSet};
 use swarmtrain_shared::model::DIGITS_INPUTS;
+use swarmtrain_shared::text::{Shards, TextCorpus, TextError};
+
+/// Held-out windows the relay evaluates a language model on after every round.
+pub const EVAL_WINDOWS: usize = 256;
+
+/// What a run trains on.
+#[derive(Clone, Debug)]
+pub enum TaskData {
+    Digits(RunData),
+    Text(TextData),
+}
+
+/// A text corpus cut for one run: the same split and window order as the simulator's
+/// (`TextCorpus::new` and `Shards::new` with the run's seed).
+#[derive(Clone, Debug)]
+pub struct TextData {
+    pub shards: Shards,
+    /// `eval_count` held-out windows of `context + 1` bytes, concatenated.
+    pub validation: Vec<u8>,
+    pub eval_count: usize,
+    /// Training bytes (for the status page).
+    pub train_bytes: usize,
+}
+
+impl TextData {
+    /// Splits `text` for a model with `context` bytes of context; `seed` fixes the split and the
+    /// window order.
+    pub fn new(text: &[u8], context: usize, seed: u64) -> Result<Self, TextError> {
+        let window = context + 1;
+        let corpus = TextCorpus::new(text, window, seed)?;
+        let (validation, eval_count) = corpus.validation_windows(window, EVAL_WINDOWS);
+        Ok(Self {
+            shards: Shards::new(&corpus, window, seed),
+            validation,
+            eval_count,
+            train_bytes: corpus.train().len(),
+        })
+    }
+}
 
 /// Examples kept out of training to measure accuracy after every round.
 pub const HELD_OUT: usize = 297;

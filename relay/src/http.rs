@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -48,6 +48,8 @@ pub fn app(state: AppState, web_dir: PathBuf) -> Router {
         .route("/api/runs/{run}/status", get(run_status))
         .route("/api/runs/{run}/params/{hash}", get(params))
         .route("/api/runs/{run}/shards/{index}", get(shard))
+        .route("/api/runs/{run}/text/{round}/{slot}", get(text))
+        .route("/api/runs/{run}/history", get(history))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -121,6 +123,49 @@ async fn shard(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
+/// Text runs: the windows a slot trains on in a round (`GET /api/runs/{run}/text/{round}/{slot}`).
+async fn text(
+    State(state): State<AppState>,
+    Path((run, round, slot)): Path<(String, u64, u32)>,
+) -> Result<Response, ApiError> {
+    let bytes = find_run(&state, &run)?
+        .text(round, slot)
+        .await
+        .ok_or(ApiError::NotFound("text"))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    from: usize,
+    #[serde(default = "history_page")]
+    limit: usize,
+}
+
+fn history_page() -> usize {
+    crate::coordinator::STATUS_HISTORY
+}
+
+/// Rows of a run's round history, `?from=N&limit=M` (at most 200 a page), oldest first.
+async fn history(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let rows = find_run(&state, &run)?
+        .history(query.from, query.limit)
+        .await;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(rows)).into_response())
+}
+
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut all = Vec::new();
     for run in state.runs.iter() {
@@ -170,6 +215,18 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                     .and_then(|r| r.accuracy)
                     .unwrap_or(f32::NAN),
             ))
+        },
+    );
+    metric(
+        "swarmtrain_heldout_loss",
+        "Held-out loss (nats per byte) of the current parameters (language-model runs).",
+        "gauge",
+        &|s| {
+            s.history
+                .last()
+                .and_then(|r| r.val_loss)
+                .map(|l| one(f64::from(l)))
+                .unwrap_or_default()
         },
     );
     metric(

@@ -27,8 +27,12 @@ use libp2p::multiaddr::Protocol;
 use swarmtrain_client::peer::Bootstrap;
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
-use swarmtrain_shared::protocol::{Codec, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec};
-use tokio::sync::watch;
+use swarmtrain_shared::lm::LmConfig;
+use swarmtrain_shared::lm_train::{LmInnerSpec, LrSchedule};
+use swarmtrain_shared::protocol::{
+    Codec, DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec,
+};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 pub use crate::backend::AggregationBackend;
@@ -64,17 +68,19 @@ pub struct RelayConfig {
     pub checkpoint_store: Option<String>,
 }
 
-/// The default run: the digits MLP, trained DiLoCo-style.
+/// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
 pub fn default_run() -> RunSpec {
     RunSpec {
         run_id: "digits".into(),
         model: ModelSpec::DigitsMlp { hidden: 64 },
-        data: DataSpec { n_shards: 8 },
+        data: DataSpec {
+            source: DataSource::Digits,
+            n_shards: 8,
+        },
         inner: InnerSpec {
             steps: 50,
             batch_size: 32,
-            lr: 3e-3,
-            weight_decay: 1e-4,
+            optimizer: LmInnerSpec::constant(3e-3, 1e-4),
         },
         outer: OuterSpec::default(),
         codec: Codec::F32,
@@ -83,6 +89,59 @@ pub fn default_run() -> RunSpec {
         privacy: None,
         aggregator: swarmtrain_shared::robust::Rule::Mean,
     }
+}
+
+/// The language-model run: the byte-level transformer (2 layers × 64 wide, 4 heads, context 64:
+/// 136K parameters) on the text at `corpus` (a UTF-8 file or folder, read by the relay), with
+/// the simulator's inner loop: AdamW (β₂ 0.95, weight decay 0.1), 100 warm-up steps, a cosine
+/// to a tenth of the peak over 20,000 steps, global-norm clipping at 1.
+pub fn default_lm_run(corpus: &str) -> RunSpec {
+    let model = LmConfig::new();
+    RunSpec {
+        run_id: "lm".into(),
+        model: ModelSpec::byte_lm(&model),
+        data: DataSpec {
+            source: DataSource::Text {
+                name: corpus.to_owned(),
+            },
+            n_shards: 16,
+        },
+        inner: InnerSpec {
+            steps: 50,
+            batch_size: 16,
+            optimizer: LmInnerSpec::new(LrSchedule {
+                peak: 3e-3,
+                warmup: 100,
+                total: 20_000,
+                min_ratio: 0.1,
+            }),
+        },
+        outer: OuterSpec::default(),
+        codec: Codec::F32,
+        quorum: 3,
+        round_deadline_ms: 60_000,
+        privacy: None,
+        aggregator: swarmtrain_shared::robust::Rule::Mean,
+    }
+}
+
+/// Loads what `spec` trains on: the digits, or the text its data source names (split with the
+/// run seed `seed`, as the simulator splits it).
+pub fn load_data(spec: &RunSpec, seed: u64) -> anyhow::Result<dataset::TaskData> {
+    Ok(match (&spec.data.source, spec.model.lm_config()) {
+        (DataSource::Digits, _) => dataset::TaskData::Digits(dataset::digits(
+            &spec.run_id,
+            spec.data.n_shards as usize,
+        )?),
+        (DataSource::Text { name }, Some(config)) => {
+            let text = corpus::load(Path::new(name))?.text;
+            dataset::TaskData::Text(
+                dataset::TextData::new(&text, config.context, seed)
+                    .with_context(|| format!("corpus {name}"))?,
+            )
+        }
+        (DataSource::Text { .. }, None) => anyhow::bail!("text data needs a language model"),
+    })
 }
 
 impl Default for RelayConfig {
@@ -187,6 +246,7 @@ impl Relay {
             None => None,
         };
         let (announce, announcements) = tokio::sync::broadcast::channel(64);
+        let due = Arc::new(Notify::new());
         let mut coordinators = Vec::new();
         for spec in &config.runs {
             anyhow::ensure!(
@@ -196,7 +256,9 @@ impl Relay {
                 "two runs are named {:?}",
                 spec.run_id
             );
-            let data = dataset::digits(&spec.run_id, spec.data.n_shards as usize)?;
+            spec.validate()?;
+            let data = load_data(spec, config.seed)
+                .with_context(|| format!("loading the data of run {:?}", spec.run_id))?;
             let coordinator = Coordinator::new(
                 Identity::from_seed(seed),
                 spec.clone(),
@@ -205,6 +267,7 @@ impl Relay {
                 config.aggregation,
                 store.clone(),
                 announce.clone(),
+                due.clone(),
             );
             coordinators.push(Arc::new(
                 coordinator
@@ -276,6 +339,8 @@ impl Relay {
             announcements,
             shutdown_rx.clone(),
         )));
+        // The round timer: closes due rounds (every 100 ms, and at once when an accepted update
+        // may have completed a quorum). Closes run here, never in a peer's request.
         let timer = runs.clone();
         let mut timer_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
@@ -283,11 +348,11 @@ impl Relay {
             loop {
                 tokio::select! {
                     _ = timer_shutdown.changed() => return,
-                    _ = interval.tick() => {
-                        for run in timer.iter() {
-                            run.tick().await;
-                        }
-                    }
+                    _ = interval.tick() => {}
+                    _ = due.notified() => {}
+                }
+                for run in timer.iter() {
+                    run.tick().await;
                 }
             }
         }));

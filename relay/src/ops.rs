@@ -26,13 +26,15 @@ pub async fn status(relay: &str) -> anyhow::Result<serde_json::Value> {
 
 /// Names and shapes of a model's tensors, in flat-vector order.
 pub fn model_layout(model: &ModelSpec) -> Vec<TensorInfo> {
-    match model {
-        ModelSpec::DigitsMlp { hidden } => {
-            let module = DigitsMlpConfig::new()
+    let device = Default::default();
+    match (model, model.lm_config()) {
+        (_, Some(config)) => checkpoint::layout(&config.init::<burn::backend::NdArray>(&device)),
+        (ModelSpec::DigitsMlp { hidden }, None) => checkpoint::layout(
+            &DigitsMlpConfig::new()
                 .with_hidden(*hidden as usize)
-                .init::<burn::backend::NdArray>(&Default::default());
-            checkpoint::layout(&module)
-        }
+                .init::<burn::backend::NdArray>(&device),
+        ),
+        (ModelSpec::ByteLm { .. }, None) => Vec::new(),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct RunRecord {
     /// Its checkpoint's key in the object store.
     pub checkpoint: String,
     pub accuracy: Option<f32>,
+    /// Held-out loss of the round's θ (language-model runs).
+    pub loss: Option<f32>,
     pub history: Vec<RoundRecord>,
     pub accepted: u64,
     pub rejected: BTreeMap<String, u64>,

@@ -95,6 +95,42 @@ pub struct Stepped {
     pub aggregate: Vec<f32>,
 }
 
+/// The CPU entry point of a round's aggregation: the run's rule on the fast CPU kernels
+/// ([`robust::aggregate`]) followed by the outer Nesterov step ([`crate::outer`]). This is what
+/// the relay (by default), the simulator and the attack grid run, through
+/// [`crate::round::RoundState`]; [`outer_step_with`] is the same on a Burn backend.
+pub fn step_cpu(inputs: &RoundInputs<'_>) -> Result<Stepped, AggregateError> {
+    let n = inputs.params.len();
+    if inputs.velocity.len() != n {
+        return Err(AggregateError::Shape {
+            expected: n,
+            got: inputs.velocity.len(),
+        });
+    }
+    let aggregate = robust::aggregate(inputs.rule, inputs.contributions, n, inputs.center)
+        .map_err(|e| match e {
+            RobustError::Empty => AggregateError::Empty,
+            RobustError::Shape { expected, got } => AggregateError::Shape { expected, got },
+            other => AggregateError::Rule(other.to_string()),
+        })?;
+    let mut params = inputs.params.to_vec();
+    let mut outer = crate::outer::OuterOptimizer {
+        spec: inputs.outer.clone(),
+        velocity: inputs.velocity.to_vec(),
+    };
+    outer
+        .step(&mut params, &aggregate)
+        .map_err(|e| AggregateError::Shape {
+            expected: e.expected,
+            got: e.got,
+        })?;
+    Ok(Stepped {
+        params,
+        velocity: outer.velocity,
+        aggregate,
+    })
+}
+
 /// Aggregates the contributions with the run's rule ([`robust::aggregate_tensor`]) and takes
 /// the outer Nesterov step, all on backend `B`. Input is validated on the host first: wrongly
 /// sized or non-finite contributions are errors.

@@ -9,16 +9,20 @@
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::Contribution;
+use crate::aggregate::AggregateError;
 use crate::crypto::PeerKey;
-use crate::data::{DigitsSet, SplitMix64, derive_seed};
-use crate::model::DigitsMlpConfig;
-use crate::outer::OuterOptimizer;
-use crate::params::ParamsError;
+use crate::data::{BatchSampler, DigitsSet, SplitMix64, derive_seed};
+use crate::lm_train::Trainer;
+use crate::model::{DigitsMlp, DigitsMlpConfig};
+use crate::params::{self, ParamsError};
 use crate::privacy::standard_normal;
-use crate::protocol::{InnerSpec, OuterSpec};
-use crate::robust::{self, Rule};
-use crate::train::{LocalTrainer, evaluate};
+use crate::protocol::{
+    Codec, DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update,
+    params_to_bytes,
+};
+use crate::robust::Rule;
+use crate::round::RoundState;
+use crate::train::{DigitsBatch, evaluate};
 
 /// What a malicious peer sends instead of its honest pseudo-gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,18 +161,52 @@ pub async fn run_attack<B: AutodiffBackend>(
             "need shards and at least one honest peer".into(),
         ));
     }
-    let n = theta0.len();
-    let mut theta = theta0.to_vec();
-    let mut outer = OuterOptimizer::new(run.outer.clone(), n);
-    let mut previous: Option<Vec<f32>> = None;
-    let mut replayable: Vec<Option<Vec<f32>>> = vec![None; run.attackers as usize];
+    let spec = RunSpec {
+        run_id: "attack".into(),
+        model: ModelSpec::DigitsMlp {
+            hidden: run.model.hidden as u32,
+        },
+        data: DataSpec {
+            source: DataSource::Digits,
+            n_shards: shards.len() as u32,
+        },
+        inner: run.inner.clone(),
+        outer: run.outer.clone(),
+        codec: Codec::F32,
+        quorum: run.peers,
+        round_deadline_ms: 1_000,
+        privacy: None,
+        aggregator: run.rule.clone(),
+    };
+    let keys: Vec<PeerKey> = (0..run.peers)
+        .map(|peer| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&peer.to_be_bytes());
+            PeerKey(key)
+        })
+        .collect();
+    let mut state = RoundState::new(spec, theta0.to_vec(), 0);
+    let mut trainers = (0..run.peers)
+        .map(|_| {
+            let module = params::load(run.model.init::<B>(device), theta0)?;
+            Ok(Trainer::<B, DigitsMlp<B>>::with_module(
+                device,
+                module,
+                &run.inner.optimizer,
+            ))
+        })
+        .collect::<Result<Vec<_>, ParamsError>>()?;
+    let mut replayable: Vec<Option<Update>> = vec![None; run.attackers as usize];
     let mut rng = SplitMix64::new(derive_seed("attack", &[&run.seed.to_le_bytes()]));
     let mut accuracy =
-        vec![evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?];
+        vec![evaluate::<B::InnerBackend>(device, &run.model, state.params(), held_out).await?];
     for round in 0..run.rounds {
+        let now = u64::from(round) * 1_000;
+        let theta = state.params().to_vec();
         // Every peer's honest update (attackers compute theirs too: sign flip and replay use it).
         let mut updates = Vec::with_capacity(run.peers as usize);
-        for peer in 0..run.peers {
+        for (peer, trainer) in trainers.iter_mut().enumerate() {
+            let peer = peer as u32;
             let mut data = shards[peer as usize % shards.len()].clone();
             if peer < run.attackers && run.attack == Some(Attack::LabelFlip) {
                 data.labels.iter_mut().for_each(|y| *y = 9 - (*y).min(9));
@@ -181,12 +219,13 @@ pub async fn run_attack<B: AutodiffBackend>(
                     &peer.to_le_bytes(),
                 ],
             );
-            let mut trainer =
-                LocalTrainer::<B>::new(device, &run.model, &theta, data, &run.inner, seed)?;
-            while !trainer.is_done() {
-                trainer.step();
+            trainer.load(&theta)?;
+            trainer.seek(u64::from(round) * u64::from(run.inner.steps));
+            let mut sampler = BatchSampler::new(data.len(), run.inner.batch_size as usize, seed);
+            for _ in 0..run.inner.steps {
+                trainer.step(&DigitsBatch::draw(&data, &mut sampler));
             }
-            let local = trainer.finish().await?.params;
+            let local = trainer.params().await?;
             updates.push(
                 theta
                     .iter()
@@ -196,45 +235,49 @@ pub async fn run_attack<B: AutodiffBackend>(
             );
         }
         let honest: Vec<Vec<f32>> = updates[run.attackers as usize..].to_vec();
-        let mut contributions = Vec::with_capacity(run.peers as usize);
-        for (peer, update) in updates.into_iter().enumerate() {
+        for (peer, delta) in updates.into_iter().enumerate() {
+            let update = |delta: &[f32]| Update {
+                run_id: state.spec.run_id.clone(),
+                round: state.round,
+                base: state.params_hash(),
+                n_samples: run.inner.steps * run.inner.batch_size,
+                inner_steps: run.inner.steps,
+                loss: 0.0,
+                codec: Codec::F32,
+                payload: params_to_bytes(delta),
+            };
             let sent = match run.attack {
                 Some(attack) if peer < run.attackers as usize => match attack {
-                    Attack::LabelFlip => Some(update),
-                    Attack::Replay => {
-                        // The first round's update is fresh; later it resends that one, which the
-                        // relay refuses (stale round, or a signature it has seen).
-                        let old = replayable[peer].take();
-                        replayable[peer] = Some(update.clone());
-                        if old.is_some() { None } else { Some(update) }
-                    }
-                    other => craft(other, &update, &honest, &mut rng),
+                    Attack::LabelFlip => update(&delta),
+                    // The first round's update is fresh; later it resends that one, which the
+                    // round engine refuses (its round is over).
+                    Attack::Replay => replayable[peer]
+                        .get_or_insert_with(|| update(&delta))
+                        .clone(),
+                    other => match craft(other, &delta, &honest, &mut rng) {
+                        Some(crafted) => update(&crafted),
+                        None => continue,
+                    },
                 },
-                _ => Some(update),
+                _ => update(&delta),
             };
-            // The relay's own checks, before any aggregation rule sees the update.
-            let Some(delta) = sent.filter(|d| d.len() == n && d.iter().all(|v| v.is_finite()))
-            else {
-                continue;
-            };
-            let mut key = [0u8; 32];
-            key[..4].copy_from_slice(&(peer as u32).to_be_bytes());
-            contributions.push(Contribution {
-                peer: PeerKey(key),
-                n_samples: run.inner.steps * run.inner.batch_size,
-                delta,
-            });
+            // The relay's own checks (NaN/Inf, stale rounds) refuse some attacks here.
+            let _ = state.submit(keys[peer], &sent, now);
         }
-        // As the relay does: a round the rule refuses (too few updates left for it) closes
-        // without moving θ.
-        if let Ok(aggregate) = robust::aggregate(&run.rule, &contributions, n, previous.as_deref())
-        {
-            outer
-                .step(&mut theta, &aggregate)
-                .map_err(|e| AttackError::Config(e.to_string()))?;
-            previous = Some(aggregate);
+        // The round closes when the rule has what it needs; with too few left after the
+        // refusals it closes without moving θ (a live relay would wait for more peers).
+        if state.tick(now + 1_000).is_none() {
+            let why = format!(
+                "{} updates, {:?} needs {}",
+                state.updates_this_round(),
+                run.rule,
+                run.rule.min_updates()
+            );
+            state.finish_close(Err(AggregateError::Rule(why)), now + 1_000);
         }
-        accuracy.push(evaluate::<B::InnerBackend>(device, &run.model, &theta, held_out).await?);
+        accuracy.push(
+            evaluate::<B::InnerBackend>(device, &run.model, state.params(), held_out).await?,
+        );
     }
     Ok(accuracy)
 }

@@ -1,4 +1,4 @@
-//! The language model's inner loop: AdamW with linear warm-up and cosine decay, and clipping of
+//! The inner loop of every model: AdamW with linear warm-up and cosine decay, and clipping of
 //! the global gradient norm (PyTorch's `clip_grad_norm_`), on any autodiff backend.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
@@ -34,7 +34,7 @@ impl LrSchedule {
     }
 }
 
-/// Inner optimizer settings of a language-model run.
+/// Inner optimizer settings of a run (AdamW, its schedule and clipping).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LmInnerSpec {
     pub schedule: LrSchedule,
@@ -53,6 +53,22 @@ impl LmInnerSpec {
             beta_1: 0.9,
             beta_2: 0.95,
             clip_norm: Some(1.0),
+        }
+    }
+
+    /// A constant rate with no warm-up and no clipping (the digits run's default).
+    pub fn constant(lr: f64, weight_decay: f32) -> Self {
+        Self {
+            schedule: LrSchedule {
+                peak: lr,
+                warmup: 0,
+                total: 1,
+                min_ratio: 1.0,
+            },
+            weight_decay,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            clip_norm: None,
         }
     }
 
@@ -124,40 +140,84 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads
 }
 
-/// One replica of the language model with its AdamW state, stepped by its caller.
-pub struct LmTrainer<B: AutodiffBackend> {
+/// A model that can be trained: the loss of one batch, on the device.
+pub trait Objective<B: Backend>: Module<B> {
+    /// One batch of training examples, on the host.
+    type Batch;
+    /// The mean loss of `batch` (shape `[1]`).
+    fn batch_loss(&self, batch: &Self::Batch, device: &B::Device) -> Tensor<B, 1>;
+}
+
+/// A batch of language-model windows: `windows.len() / window` windows of `window` bytes
+/// (`context + 1` each).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextBatch {
+    pub windows: Vec<u8>,
+    pub window: usize,
+}
+
+impl<B: Backend> Objective<B> for Lm<B> {
+    type Batch = TextBatch;
+
+    fn batch_loss(&self, batch: &TextBatch, device: &B::Device) -> Tensor<B, 1> {
+        let rows = batch.windows.len() / batch.window.max(1);
+        let tokens: Vec<i64> = batch.windows.iter().map(|&b| i64::from(b)).collect();
+        self.loss(Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens, [rows, batch.window]),
+            device,
+        ))
+    }
+}
+
+/// One replica of a model with its AdamW state, stepped by its caller: the inner loop of every
+/// peer (browser, native worker, simulator, attack grid). The moments persist across
+/// [`load`](Self::load)s, as DiLoCo's workers keep theirs across rounds.
+pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> {
     device: B::Device,
-    config: LmConfig,
-    model: Lm<B>,
-    optimizer: OptimizerAdaptor<AdamW, Lm<B>, B>,
+    model: M,
+    optimizer: OptimizerAdaptor<AdamW, M, B>,
     spec: LmInnerSpec,
     step: u64,
 }
 
-impl<B: AutodiffBackend> core::fmt::Debug for LmTrainer<B> {
+/// The language model's trainer.
+pub type LmTrainer<B> = Trainer<B, Lm<B>>;
+
+impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> core::fmt::Debug for Trainer<B, M> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("LmTrainer")
-            .field("config", &self.config)
+        f.debug_struct("Trainer")
+            .field("spec", &self.spec)
             .field("step", &self.step)
             .finish_non_exhaustive()
     }
 }
 
-impl<B: AutodiffBackend> LmTrainer<B> {
+impl<B: AutodiffBackend> Trainer<B, Lm<B>> {
+    /// A language-model replica starting from `start`.
     pub fn new(
         device: &B::Device,
         config: &LmConfig,
         start: &[f32],
         spec: &LmInnerSpec,
     ) -> Result<Self, ParamsError> {
-        Ok(Self {
+        Ok(Self::with_module(
+            device,
+            params::load(config.init::<B>(device), start)?,
+            spec,
+        ))
+    }
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> Trainer<B, M> {
+    /// A replica of `model` (already holding its starting parameters) with fresh AdamW moments.
+    pub fn with_module(device: &B::Device, model: M, spec: &LmInnerSpec) -> Self {
+        Self {
             device: device.clone(),
-            config: config.clone(),
-            model: params::load(config.init::<B>(device), start)?,
+            model,
             optimizer: spec.optimizer().init(),
             spec: spec.clone(),
             step: 0,
-        })
+        }
     }
 
     /// Replaces the parameters (the new global θ at a round start) and keeps the optimizer's
@@ -172,14 +232,15 @@ impl<B: AutodiffBackend> LmTrainer<B> {
         self.step
     }
 
-    /// One AdamW step on `windows` (`batch · window` bytes, each window `context + 1` long).
-    /// Returns the batch loss, still on the device.
-    pub fn step(&mut self, windows: &[u8], window: usize) -> Tensor<B::InnerBackend, 1> {
-        let batch = windows.len() / window;
-        let tokens: Vec<i64> = windows.iter().map(|&b| i64::from(b)).collect();
-        let tokens =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [batch, window]), &self.device);
-        let loss = self.model.loss(tokens);
+    /// Moves the schedule to `step` (a peer joining at round r starts at r · H).
+    pub fn seek(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// One AdamW step on `batch`, clipped and scheduled as the spec says. Returns the batch
+    /// loss, still on the device.
+    pub fn step(&mut self, batch: &M::Batch) -> Tensor<B::InnerBackend, 1> {
+        let loss = self.model.batch_loss(batch, &self.device);
         let mut grads = GradientsParams::from_grads(loss.backward(), &self.model);
         if let Some(max_norm) = self.spec.clip_norm {
             grads = clip_global_norm(&self.model, grads, max_norm);

@@ -12,11 +12,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CryptoError, Signed};
+use crate::lm::LmConfig;
+use crate::lm_train::LmInnerSpec;
 
 /// Version of the messages below. A relay refuses a `Join` of another version.
 ///
 /// 2: `Welcome` no longer repeats the relay's key (it is the key that signed its `round`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: runs name a language model and text data; the inner optimizer carries its schedule and
+/// clipping; `Welcome` gives the peer its data slot; announcements carry the held-out loss.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// libp2p protocol id of the peer ↔ relay request-response exchange.
 pub const RPC_PROTOCOL: &str = "/swarmtrain/rpc/1";
 /// No request or response frame may exceed this many bytes; larger input is refused unread.
@@ -193,6 +197,10 @@ pub struct Welcome {
     pub spec: RunSpec,
     /// The current round, signed by the relay.
     pub round: Signed<RoundAnnouncement>,
+    /// This peer's data slot in `0..spec.data.n_shards`: which part of every round's data it
+    /// trains on (text runs; see [`crate::text::Shards::shard`]). Fixed per peer for the
+    /// relay's life, given out in order of first join.
+    pub slot: u32,
 }
 
 impl Welcome {
@@ -214,8 +222,10 @@ pub struct RoundAnnouncement {
     pub n_params: u32,
     /// Time left until the round closes, measured when the announcement was sent.
     pub deadline_ms: u64,
-    /// Held-out accuracy of θ_t, when it was evaluated.
+    /// Held-out accuracy of θ_t (classifier runs), when it was evaluated.
     pub accuracy: Option<f32>,
+    /// Held-out loss of θ_t in nats per token (language-model runs), when it was evaluated.
+    pub loss: Option<f32>,
 }
 
 /// Everything a peer needs to take part in a run.
@@ -241,21 +251,103 @@ pub struct RunSpec {
 pub enum ModelSpec {
     /// The 8×8 digits MLP: 64 → hidden → 10.
     DigitsMlp { hidden: u32 },
+    /// The byte-level transformer language model ([`crate::lm`]).
+    ByteLm {
+        context: u32,
+        d_model: u32,
+        heads: u32,
+        layers: u32,
+        mlp_ratio: u32,
+    },
+}
+
+impl ModelSpec {
+    /// The language model's shape, for a `ByteLm` run.
+    pub fn lm_config(&self) -> Option<LmConfig> {
+        match *self {
+            Self::DigitsMlp { .. } => None,
+            Self::ByteLm {
+                context,
+                d_model,
+                heads,
+                layers,
+                mlp_ratio,
+            } => Some(
+                LmConfig::new()
+                    .with_context(context as usize)
+                    .with_d_model(d_model as usize)
+                    .with_heads(heads as usize)
+                    .with_layers(layers as usize)
+                    .with_mlp_ratio(mlp_ratio as usize),
+            ),
+        }
+    }
+
+    /// The shape of a language-model config.
+    pub fn byte_lm(config: &LmConfig) -> Self {
+        Self::ByteLm {
+            context: config.context as u32,
+            d_model: config.d_model as u32,
+            heads: config.heads as u32,
+            layers: config.layers as u32,
+            mlp_ratio: config.mlp_ratio as u32,
+        }
+    }
+
+    /// Number of f32 parameters.
+    pub fn num_params(&self) -> usize {
+        match self {
+            Self::DigitsMlp { hidden } => crate::model::DigitsMlpConfig::new()
+                .with_hidden(*hidden as usize)
+                .num_params(),
+            Self::ByteLm { .. } => self.lm_config().map_or(0, |c| c.num_params()),
+        }
+    }
+
+    /// A short name for pages and logs ("digits MLP (4,810 parameters)").
+    pub fn describe(&self) -> String {
+        match self {
+            Self::DigitsMlp { hidden } => format!("digits MLP, {hidden} hidden units"),
+            Self::ByteLm {
+                context,
+                d_model,
+                heads,
+                layers,
+                ..
+            } => format!(
+                "byte-level transformer, {layers} layers × {d_model} wide, {heads} heads, context {context}"
+            ),
+        }
+    }
+}
+
+/// Where a run's training data comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataSource {
+    /// scikit-learn's 8×8 digits, split into `n_shards` labelled shards.
+    Digits,
+    /// UTF-8 text read by the relay (`name` says which), cut into windows of `context + 1`
+    /// bytes; peers fetch each round's windows for their slot.
+    Text { name: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DataSpec {
-    /// Number of training shards; a peer's shard for a round is `data::assign_shard`.
+    pub source: DataSource,
+    /// Digits: training shards, a peer's shard for a round is `data::assign_shard`. Text: data
+    /// slots, a peer trains on its slot's windows ([`Welcome::slot`]).
     pub n_shards: u32,
 }
 
-/// Inner optimizer: AdamW for `steps` steps of `batch_size` samples.
+/// Inner optimizer: `steps` AdamW steps of `batch_size` examples per round, with the
+/// optimizer's settings and learning-rate schedule. A peer keeps its AdamW moments across the
+/// rounds of one run, and the schedule's position is the run's global inner step
+/// (`round · steps + s`), so every peer is at the same point of the warm-up and decay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InnerSpec {
     pub steps: u32,
     pub batch_size: u32,
-    pub lr: f64,
-    pub weight_decay: f32,
+    pub optimizer: LmInnerSpec,
 }
 
 /// Outer optimizer: SGD with Nesterov momentum on the averaged pseudo-gradient.
@@ -271,6 +363,107 @@ impl Default for OuterSpec {
             lr: 0.7,
             momentum: 0.9,
         }
+    }
+}
+
+/// Why a run's spec cannot work. A relay refuses to start such a run; a peer refuses to join it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("run {run:?}: {reason}")]
+pub struct SpecError {
+    pub run: String,
+    pub reason: String,
+}
+
+impl RunSpec {
+    /// Checks that the run can work: a model of a sane size whose θ and updates fit the wire,
+    /// data that fits the model, optimizer settings that are numbers, and a quorum that gives
+    /// the aggregation rule the updates it needs.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let fail = |reason: String| {
+            Err(SpecError {
+                run: self.run_id.clone(),
+                reason,
+            })
+        };
+        if self.run_id.is_empty()
+            || !self
+                .run_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return fail("the run id must be letters, digits, '-' or '_'".into());
+        }
+        match (&self.model, &self.data.source) {
+            (ModelSpec::DigitsMlp { hidden }, DataSource::Digits) => {
+                if !(1..=4096).contains(hidden) {
+                    return fail(format!("{hidden} hidden units is not in 1..=4096"));
+                }
+            }
+            (ModelSpec::ByteLm { .. }, DataSource::Text { .. }) => {
+                let config = self.model.lm_config().unwrap_or_else(LmConfig::new);
+                if let Err(e) = config.validate() {
+                    return fail(e);
+                }
+                if config.vocab != crate::text::ByteTokenizer::VOCAB {
+                    return fail("the byte-level model needs a vocabulary of 256".into());
+                }
+            }
+            (model, data) => {
+                return fail(format!("model {model:?} cannot train on data {data:?}"));
+            }
+        }
+        let n = self.model.num_params();
+        if 4 * n > MAX_MESSAGE_BYTES {
+            return fail(format!(
+                "θ of {n} parameters is {} bytes; the most a peer fetches is {MAX_MESSAGE_BYTES}",
+                4 * n
+            ));
+        }
+        let update = self.codec.encoded_len(n);
+        // The signed update: payload plus the envelope (signature, key and fields, < 8 KiB).
+        if update + 8 * 1024 > MAX_MESSAGE_BYTES {
+            return fail(format!(
+                "an update of {update} bytes with codec {:?} does not fit a {MAX_MESSAGE_BYTES}-byte message",
+                self.codec
+            ));
+        }
+        if self.data.n_shards == 0 {
+            return fail("the data needs at least one shard".into());
+        }
+        if self.inner.steps == 0 || self.inner.batch_size == 0 {
+            return fail("inner steps and batch size must be at least 1".into());
+        }
+        let o = &self.inner.optimizer;
+        let s = &o.schedule;
+        if !(s.peak.is_finite() && s.peak > 0.0)
+            || !(0.0..=1.0).contains(&s.min_ratio)
+            || !o.weight_decay.is_finite()
+            || !(0.0..1.0).contains(&o.beta_1)
+            || !(0.0..1.0).contains(&o.beta_2)
+            || o.clip_norm.is_some_and(|c| !(c.is_finite() && c > 0.0))
+        {
+            return fail(format!("the inner optimizer's settings are out of range: {o:?}"));
+        }
+        if !(self.outer.lr.is_finite() && self.outer.lr > 0.0)
+            || !(0.0..1.0).contains(&self.outer.momentum)
+        {
+            return fail(format!(
+                "the outer learning rate must be positive and the momentum in [0, 1): {:?}",
+                self.outer
+            ));
+        }
+        let needed = self.aggregator.min_updates();
+        if (self.quorum as usize) < needed {
+            return fail(format!(
+                "{:?} needs at least {needed} updates a round, but the quorum is {}: rounds would \
+                 close with too few updates for it (raise the quorum to {needed} or more)",
+                self.aggregator, self.quorum
+            ));
+        }
+        if self.round_deadline_ms == 0 {
+            return fail("the round deadline must be positive".into());
+        }
+        Ok(())
     }
 }
 

@@ -25,6 +25,20 @@ pub enum Rule {
     CenteredClipping { tau: f32, iterations: u32 },
 }
 
+impl Rule {
+    /// The fewest updates the rule can aggregate: a round never closes with fewer.
+    pub fn min_updates(&self) -> usize {
+        match *self {
+            Self::Mean | Self::Median | Self::GeometricMedian { .. } => 1,
+            Self::CenteredClipping { .. } => 1,
+            Self::TrimmedMean { trim } => 2 * trim as usize + 1,
+            Self::MultiKrum { byzantine, select } => {
+                (2 * byzantine as usize + 3).max(select as usize)
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RobustError {
     #[error("no contributions")]
@@ -90,15 +104,24 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
         return Err(RobustError::Empty);
     }
     let mean_of = |t: Tensor<B, 2>| t.mean_dim(0).reshape([n]);
+    // Rows added one after another in order, as the CPU kernels add them: the same roundings,
+    // so mean, median and trimmed mean are bitwise equal to [`aggregate`]'s.
+    let row_sum = |t: &Tensor<B, 2>, from: usize, count: usize| {
+        (from + 1..from + count).fold(t.clone().narrow(0, from, 1), |acc, r| {
+            acc + t.clone().narrow(0, r, 1)
+        })
+    };
     let norms = |t: Tensor<B, 2>| t.powi_scalar(2).sum_dim(1).sqrt(); // [rows, 1]
     Ok(match *rule {
-        Rule::Mean => mean_of(deltas),
+        Rule::Mean => row_sum(&deltas, 0, m)
+            .mul_scalar(1.0 / m as f32)
+            .reshape([n]),
         Rule::Median => {
             let sorted = deltas.sort(0);
             if m % 2 == 1 {
                 sorted.narrow(0, m / 2, 1).reshape([n])
             } else {
-                mean_of(sorted.narrow(0, m / 2 - 1, 2))
+                row_sum(&sorted, m / 2 - 1, 2).mul_scalar(0.5).reshape([n])
             }
         }
         Rule::TrimmedMean { trim } => {
@@ -108,7 +131,10 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
                     "trimming {trim} from each side of {m}"
                 )));
             }
-            mean_of(deltas.sort(0).narrow(0, trim, m - 2 * trim))
+            let kept = m - 2 * trim;
+            row_sum(&deltas.sort(0), trim, kept)
+                .div_scalar(kept as f32)
+                .reshape([n])
         }
         Rule::MultiKrum { byzantine, select } => {
             let (f, select) = (byzantine as usize, select as usize);

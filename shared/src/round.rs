@@ -2,18 +2,28 @@
 //!
 //! A round opens with θ_t. Peers submit pseudo-gradients; each is checked (run, round, base,
 //! duplicate, codec, shape, finiteness) before it is kept. The round closes at quorum — the
-//! smaller of the configured quorum and the number of active peers — or at the deadline if at
-//! least one update arrived. Closing averages the contributions in peer order, applies the
-//! outer Nesterov step and opens the next round.
+//! smaller of the configured quorum and the number of active peers, but never fewer updates
+//! than the aggregation rule needs — or at the deadline if the rule has what it needs.
+//! Closing aggregates the contributions in peer order with the run's rule, applies the outer
+//! Nesterov step and opens the next round.
+//!
+//! This is the one round engine: the relay, the simulator and the attack grid all drive it.
+//! A close is two halves so the caller can run the heavy middle elsewhere:
+//! [`RoundState::begin_close`] hands out a [`CloseJob`] (the round's inputs), the caller
+//! aggregates it ([`aggregate::step_cpu`], or a Burn backend), and
+//! [`RoundState::finish_close`] opens the next round. [`RoundState::tick`] does all three on
+//! the CPU.
 
 use std::collections::BTreeMap;
 
-use crate::aggregate::{self, Contribution};
+use crate::aggregate::{self, AggregateError, Contribution, RoundInputs, Stepped};
 use crate::compress::CodecError;
 use crate::crypto::PeerKey;
 use crate::outer::OuterOptimizer;
-use crate::protocol::{Codec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes};
-use crate::robust::{self, RobustError, Rule};
+use crate::protocol::{
+    Codec, OuterSpec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes,
+};
+use crate::robust::Rule;
 
 /// Why an update was refused. The run goes on either way.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,6 +46,8 @@ pub enum Rejection {
     NonFinite,
     #[error("update claims zero samples")]
     NoSamples,
+    #[error("round {0} is closing; the update missed it")]
+    Closing(u64),
 }
 
 impl Rejection {
@@ -51,6 +63,7 @@ impl Rejection {
             Self::Malformed(_) => "malformed",
             Self::NonFinite => "non_finite",
             Self::NoSamples => "no_samples",
+            Self::Closing(_) => "closing",
         }
     }
 }
@@ -65,6 +78,36 @@ pub struct RoundClosed {
     /// The round that is now open, and its parameters' hash.
     pub next_round: u64,
     pub next_params: ParamsHash,
+    /// Why θ was kept, when the aggregation failed (it should not: inputs are checked).
+    pub failed: Option<String>,
+}
+
+/// A round's inputs, handed out by [`RoundState::begin_close`] to be aggregated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloseJob {
+    pub round: u64,
+    /// θ_t.
+    pub params: Vec<f32>,
+    pub velocity: Vec<f32>,
+    /// The accepted contributions, in peer order.
+    pub contributions: Vec<Contribution>,
+    pub rule: Rule,
+    /// The previous round's aggregate (centered clipping's centre).
+    pub center: Option<Vec<f32>>,
+    pub outer: OuterSpec,
+}
+
+impl CloseJob {
+    pub fn inputs(&self) -> RoundInputs<'_> {
+        RoundInputs {
+            params: &self.params,
+            velocity: &self.velocity,
+            contributions: &self.contributions,
+            rule: &self.rule,
+            center: self.center.as_deref(),
+            outer: &self.outer,
+        }
+    }
 }
 
 /// Coordinator state for one run.
@@ -82,6 +125,8 @@ pub struct RoundState {
     last_aggregate: Option<Vec<f32>>,
     /// How long recent rounds took to reach their quorum, oldest first.
     recent_ms: Vec<u64>,
+    /// A [`CloseJob`] is out: updates are refused until [`RoundState::finish_close`].
+    closing: bool,
 }
 
 /// Rounds whose duration sets the adaptive deadline.
@@ -118,6 +163,7 @@ impl RoundState {
             last_seen: BTreeMap::new(),
             last_aggregate: None,
             recent_ms: Vec::new(),
+            closing: false,
         }
     }
 
@@ -156,9 +202,12 @@ impl RoundState {
             .count()
     }
 
+    /// Updates that close the round early: the configured quorum, capped at the active peers,
+    /// but never below what the aggregation rule needs.
     fn quorum(&self, now_ms: u64) -> usize {
         (self.spec.quorum as usize)
             .min(self.active_peers(now_ms))
+            .max(self.spec.aggregator.min_updates())
             .max(1)
     }
 
@@ -186,14 +235,15 @@ impl RoundState {
     }
 
     /// The announcement of the open round (to be signed by the relay).
-    pub fn announcement(&self, accuracy: Option<f32>, now_ms: u64) -> RoundAnnouncement {
+    pub fn announcement(&self, eval: Evaluation, now_ms: u64) -> RoundAnnouncement {
         RoundAnnouncement {
             run_id: self.spec.run_id.clone(),
             round: self.round,
             params: self.params_hash,
             n_params: self.params.len() as u32,
             deadline_ms: self.deadline_ms().saturating_sub(now_ms),
-            accuracy,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
         }
     }
 
@@ -208,6 +258,9 @@ impl RoundState {
     /// counted as active until it is heard from again, so a resumed round still waits for its
     /// quorum of live peers (or its deadline).
     pub fn restore(&mut self, peer: PeerKey, update: &Update) -> Result<(), Rejection> {
+        if self.closing && update.round == self.round {
+            return Err(Rejection::Closing(self.round));
+        }
         if update.run_id != self.spec.run_id {
             return Err(Rejection::WrongRun {
                 expected: self.spec.run_id.clone(),
@@ -255,12 +308,21 @@ impl RoundState {
         Ok(())
     }
 
-    /// Whether the round should close now: quorum reached, or the deadline passed with at least
-    /// one update. A round that reaches its deadline empty is extended.
+    /// Takes back `peer`'s accepted update of the open round (the caller could not make it
+    /// durable, so the peer is told it was not accepted). Returns whether there was one.
+    pub fn withdraw(&mut self, peer: &PeerKey) -> bool {
+        !self.closing && self.contributions.remove(peer).is_some()
+    }
+
+    /// Whether the round should close now: quorum reached, or the deadline passed with as many
+    /// updates as the rule needs. A round that reaches its deadline with fewer is extended.
     pub fn due(&mut self, now_ms: u64) -> bool {
+        if self.closing {
+            return false;
+        }
         let n = self.contributions.len();
         let past_deadline = now_ms >= self.deadline_ms();
-        if n == 0 {
+        if n < self.spec.aggregator.min_updates().max(1) {
             if past_deadline {
                 self.opened_ms = now_ms;
             }
@@ -269,6 +331,11 @@ impl RoundState {
         // With nobody live (a relay that just restarted with restored updates), wait for peers
         // to come back or for the deadline instead of closing on stored updates alone.
         (self.active_peers(now_ms) > 0 && n >= self.quorum(now_ms)) || past_deadline
+    }
+
+    /// Whether a [`CloseJob`] is out.
+    pub fn is_closing(&self) -> bool {
+        self.closing
     }
 
     /// The accepted contributions of the open round, in peer order.
@@ -284,70 +351,54 @@ impl RoundState {
         self.last_aggregate.as_deref()
     }
 
-    /// Records the aggregate computed elsewhere (on a Burn backend) for the next round.
-    pub fn set_last_aggregate(&mut self, aggregate: Vec<f32>) {
-        if aggregate.len() == self.params.len() {
-            self.last_aggregate = Some(aggregate);
-        }
-    }
-
-    /// What the outer step should average: for the `Mean` rule every contribution (so a GPU
-    /// backend can average them), for a robust rule the one robust aggregate, computed here.
-    pub fn aggregation_inputs(&mut self) -> Result<Vec<Contribution>, RobustError> {
-        let contributions = self.contributions();
-        if self.spec.aggregator == Rule::Mean {
-            return Ok(contributions);
-        }
-        let n = self.params.len();
-        let delta = robust::aggregate(
-            &self.spec.aggregator,
-            &contributions,
-            n,
-            self.last_aggregate.as_deref(),
-        )?;
-        self.last_aggregate = Some(delta.clone());
-        let n_samples = contributions.iter().map(|c| c.n_samples).sum();
-        Ok(vec![Contribution {
-            peer: PeerKey([0; 32]),
-            n_samples,
-            delta,
-        }])
-    }
-
-    /// Closes the round if it is [`due`](Self::due), aggregating on the CPU.
-    pub fn tick(&mut self, now_ms: u64) -> Option<RoundClosed> {
+    /// If the round is [`due`](Self::due), hands out its inputs to be aggregated; updates are
+    /// then refused as [`Rejection::Closing`] until [`finish_close`](Self::finish_close).
+    pub fn begin_close(&mut self, now_ms: u64) -> Option<CloseJob> {
         if !self.due(now_ms) {
             return None;
         }
-        let mut params = self.params.clone();
-        let mut outer = self.outer.clone();
-        // Every contribution was checked against the parameter count, so these cannot fail.
-        match self.aggregation_inputs() {
-            Ok(inputs) => {
-                if let Some(delta) = aggregate::mean(&inputs) {
-                    let _ = outer.step(&mut params, &delta);
-                }
-            }
-            // Too few contributions for the rule: the round closes without moving θ.
-            Err(_) => return Some(self.close_with(Vec::new(), Vec::new(), now_ms)),
-        }
-        Some(self.close_with(params, outer.velocity, now_ms))
+        self.closing = true;
+        Some(CloseJob {
+            round: self.round,
+            params: self.params.clone(),
+            velocity: self.outer.velocity.clone(),
+            contributions: self.contributions(),
+            rule: self.spec.aggregator.clone(),
+            center: self.last_aggregate.clone(),
+            outer: self.spec.outer.clone(),
+        })
     }
 
-    /// Closes the round with θ_{t+1} and the outer momentum computed elsewhere (for example
-    /// by [`aggregate::outer_step_on`] on a GPU backend) and opens the next one. Values of the
-    /// wrong length are ignored: the round then closes without changing θ.
-    pub fn close_with(&mut self, params: Vec<f32>, velocity: Vec<f32>, now_ms: u64) -> RoundClosed {
+    /// Closes the round with what aggregating its [`CloseJob`] gave and opens the next one.
+    /// A failed aggregation (or one of the wrong size) keeps θ and says why in
+    /// [`RoundClosed::failed`].
+    pub fn finish_close(
+        &mut self,
+        outcome: Result<Stepped, AggregateError>,
+        now_ms: u64,
+    ) -> RoundClosed {
+        self.closing = false;
         let taken = std::mem::take(&mut self.contributions);
         let contributors = taken
             .values()
             .map(|(c, loss)| (c.peer, c.n_samples, *loss))
             .collect();
-        if params.len() == self.params.len() && velocity.len() == self.params.len() {
-            self.params = params;
-            self.outer.velocity = velocity;
-            self.params_hash = ParamsHash::of(&params_to_bytes(&self.params));
-        }
+        let n = self.params.len();
+        let failed = match outcome {
+            Ok(stepped)
+                if stepped.params.len() == n
+                    && stepped.velocity.len() == n
+                    && stepped.aggregate.len() == n =>
+            {
+                self.params = stepped.params;
+                self.outer.velocity = stepped.velocity;
+                self.last_aggregate = Some(stepped.aggregate);
+                self.params_hash = ParamsHash::of(&params_to_bytes(&self.params));
+                None
+            }
+            Ok(_) => Some("the aggregation returned values of the wrong size".to_owned()),
+            Err(e) => Some(e.to_string()),
+        };
         // Rounds that reached quorum before the deadline measure the peers' speed.
         let took = now_ms.saturating_sub(self.opened_ms);
         if !taken.is_empty() && now_ms < self.deadline_ms() {
@@ -364,25 +415,46 @@ impl RoundState {
             contributors,
             next_round: self.round,
             next_params: self.params_hash,
+            failed,
         }
     }
+
+    /// Closes the round if it is [`due`](Self::due), aggregating on the CPU
+    /// ([`aggregate::step_cpu`]).
+    pub fn tick(&mut self, now_ms: u64) -> Option<RoundClosed> {
+        let job = self.begin_close(now_ms)?;
+        let outcome = aggregate::step_cpu(&job.inputs());
+        Some(self.finish_close(outcome, now_ms))
+    }
+}
+
+/// What the coordinator measured of θ_t on held-out data.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Evaluation {
+    /// Classifier runs: the share classified correctly.
+    pub accuracy: Option<f32>,
+    /// Language-model runs: mean next-byte cross-entropy in nats.
+    pub loss: Option<f32>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{DataSpec, InnerSpec, ModelSpec, OuterSpec};
+    use crate::lm_train::LmInnerSpec;
+    use crate::protocol::{DataSource, DataSpec, InnerSpec, ModelSpec};
 
     fn spec() -> RunSpec {
         RunSpec {
             run_id: "t".into(),
             model: ModelSpec::DigitsMlp { hidden: 1 },
-            data: DataSpec { n_shards: 2 },
+            data: DataSpec {
+                source: DataSource::Digits,
+                n_shards: 2,
+            },
             inner: InnerSpec {
                 steps: 1,
                 batch_size: 1,
-                lr: 0.1,
-                weight_decay: 0.0,
+                optimizer: LmInnerSpec::constant(0.1, 0.0),
             },
             outer: OuterSpec {
                 lr: 1.0,
@@ -576,5 +648,47 @@ mod tests {
             Err(Rejection::Duplicate(0)),
             "a replay is refused"
         );
+    }
+
+    #[test]
+    fn a_round_waits_for_what_its_rule_needs_and_refuses_updates_while_closing() {
+        let krum = RunSpec {
+            aggregator: Rule::MultiKrum {
+                byzantine: 1,
+                select: 2,
+            },
+            quorum: 5,
+            ..spec()
+        };
+        assert!(krum.validate().is_ok());
+        let mut s = RoundState::new(krum.clone(), vec![0.0], 0);
+        let peers: Vec<PeerKey> = (1..=5).map(|i| PeerKey([i; 32])).collect();
+        // Two active peers only: the quorum is still the 5 updates multi-Krum needs (2f + 3).
+        for p in &peers[..4] {
+            s.submit(*p, &update(&s, &[0.1]), 10).expect("ok");
+        }
+        assert_eq!(s.tick(10), None, "4 < 2f + 3 = 5");
+        assert_eq!(s.tick(5_000), None, "not even at the deadline");
+        assert_eq!(s.round, 0, "the round is extended, θ untouched");
+        s.submit(peers[4], &update(&s, &[0.1]), 5_100).expect("ok");
+        let job = s.begin_close(5_100).expect("five updates: due");
+        assert_eq!(job.contributions.len(), 5);
+        assert_eq!(s.begin_close(5_100), None, "one close at a time");
+        assert_eq!(
+            s.submit(PeerKey([9; 32]), &update(&s, &[0.1]), 5_150),
+            Err(Rejection::Closing(0))
+        );
+        let closed = s.finish_close(aggregate::step_cpu(&job.inputs()), 5_200);
+        assert_eq!((closed.round, closed.failed), (0, None));
+        assert!((s.params()[0] + 0.1).abs() < 1e-6, "{:?}", s.params());
+
+        // A quorum below what the rule needs is refused when the run is set up.
+        let err = RunSpec {
+            quorum: 3,
+            ..krum
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.reason.contains("needs at least 5 updates"), "{err}");
     }
 }

@@ -1,6 +1,9 @@
 //! An in-process simulator of a DiLoCo run on the language model: N peers, each with its own
 //! replica and AdamW state, trained with the same code the browser and native peers run, and a
-//! byte counter on every message.
+//! byte counter on every message. Rounds go through the relay's engine: every update is
+//! submitted to a [`RoundState`] and the round closes with [`RoundState::tick`], so the same
+//! checks, aggregation kernels and outer step decide θ. Given the same seeds, peers (keys and
+//! slots) and rounds, a live relay with native peers ends with the same θ, bit for bit.
 //!
 //! Bytes are counted the way the DiLoCo papers count them: every sync costs each worker its
 //! payload twice (its update up, the new parameters down). The data-parallel baseline averages
@@ -9,16 +12,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::Contribution;
 use crate::compress::{Codec, CodecError, ErrorFeedback};
 use crate::crypto::PeerKey;
 use crate::data::derive_seed;
 use crate::lm::LmConfig;
-use crate::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, evaluate_lm};
-use crate::outer::OuterOptimizer;
+use crate::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, TextBatch, evaluate_lm};
 use crate::params::ParamsError;
-use crate::protocol::OuterSpec;
-use crate::robust::{self, RobustError, Rule};
+use crate::protocol::{
+    DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update,
+};
+use crate::robust::{RobustError, Rule};
+use crate::round::RoundState;
 use crate::text::{Shards, TextCorpus};
 use burn::tensor::backend::AutodiffBackend;
 
@@ -61,6 +65,35 @@ pub struct SimConfig {
     /// and at the end.
     pub eval_every: u32,
     pub eval_windows: u32,
+    /// The peers' keys, in slot order (peer p trains on data slot p). Empty: made-up keys.
+    /// A live run's keys make the reduction order, and so θ, the live run's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_keys: Vec<PeerKey>,
+}
+
+/// The relay's view of a simulated DiLoCo run (its round engine needs a spec).
+pub fn run_spec(config: &SimConfig, inner_steps: u32, outer: &OuterSpec) -> RunSpec {
+    RunSpec {
+        run_id: "sim".into(),
+        model: ModelSpec::byte_lm(&config.model),
+        data: DataSpec {
+            source: DataSource::Text {
+                name: "simulation".into(),
+            },
+            n_shards: config.peers,
+        },
+        inner: InnerSpec {
+            steps: inner_steps,
+            batch_size: config.batch,
+            optimizer: config.inner.clone(),
+        },
+        outer: outer.clone(),
+        codec: config.codec,
+        quorum: config.peers,
+        round_deadline_ms: u64::MAX / 4,
+        privacy: None,
+        aggregator: config.aggregator.clone(),
+    }
 }
 
 fn default_pretrain_batch() -> u32 {
@@ -102,8 +135,8 @@ pub enum SimError {
     Codec(#[from] CodecError),
     #[error(transparent)]
     Aggregate(#[from] RobustError),
-    #[error("the outer step failed: {0}")]
-    Outer(String),
+    #[error("the round engine refused the run: {0}")]
+    Round(String),
 }
 
 /// Runs `config` on backend `B` over `corpus`; `progress` sees every curve point as it comes.
@@ -155,10 +188,10 @@ pub async fn simulate<B: AutodiffBackend>(
             derive_seed("pretrain", &[&config.seed.to_le_bytes()]),
         );
         for step in 0..config.pretrain_steps {
-            trainer.step(
-                &pretrain.batch(0, 1, u64::from(step), config.pretrain_batch.max(1) as usize),
+            trainer.step(&TextBatch {
+                windows: pretrain.batch(0, 1, u64::from(step), config.pretrain_batch.max(1) as usize),
                 window,
-            );
+            });
         }
         theta = trainer.params().await?;
     }
@@ -182,10 +215,10 @@ pub async fn simulate<B: AutodiffBackend>(
         Sync::DataParallel => {
             let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &config.inner)?;
             for step in 0..config.steps {
-                trainer.step(
-                    &shards.batch(0, 1, u64::from(step), peers as usize * batch),
+                trainer.step(&TextBatch {
+                    windows: shards.batch(0, 1, u64::from(step), peers as usize * batch),
                     window,
-                );
+                });
                 bytes += 2 * u64::from(peers) * 4 * n as u64;
                 syncs += 1;
                 let done = step + 1;
@@ -199,39 +232,62 @@ pub async fn simulate<B: AutodiffBackend>(
             if *inner_steps == 0 {
                 return Err(SimError::Config("inner_steps must be positive".into()));
             }
+            if !config.peer_keys.is_empty() && config.peer_keys.len() != peers as usize {
+                return Err(SimError::Config(format!(
+                    "{} peer keys for {peers} peers",
+                    config.peer_keys.len()
+                )));
+            }
+            let keys: Vec<PeerKey> = (0..peers)
+                .map(|p| {
+                    config.peer_keys.get(p as usize).copied().unwrap_or_else(|| {
+                        let mut key = [0u8; 32];
+                        key[..4].copy_from_slice(&p.to_be_bytes());
+                        PeerKey(key)
+                    })
+                })
+                .collect();
+            let spec = run_spec(config, *inner_steps, outer);
+            let mut state = RoundState::new(spec, theta.clone(), 0);
             let mut trainers = (0..peers)
                 .map(|_| LmTrainer::<B>::new(device, &config.model, &theta, &config.inner))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut feedback = vec![ErrorFeedback::default(); peers as usize];
-            let mut outer_opt = OuterOptimizer::new(outer.clone(), n);
-            let mut previous: Option<Vec<f32>> = None;
             let mut step = 0u32;
             while step < config.steps {
                 let h = (*inner_steps).min(config.steps - step);
-                let mut contributions = Vec::with_capacity(peers as usize);
+                let now = u64::from(step);
                 for (p, trainer) in trainers.iter_mut().enumerate() {
                     trainer.load(&theta)?;
                     for s in step..step + h {
-                        trainer.step(&shards.batch(p as u32, peers, u64::from(s), batch), window);
+                        let windows = shards.batch(p as u32, peers, u64::from(s), batch);
+                        trainer.step(&TextBatch { windows, window });
                     }
                     let local = trainer.params().await?;
                     let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
                     let payload = feedback[p].encode(config.codec, &delta);
                     bytes += 2 * payload.len() as u64;
-                    let mut peer = [0u8; 32];
-                    peer[..4].copy_from_slice(&(p as u32).to_be_bytes());
-                    contributions.push(Contribution {
-                        peer: PeerKey(peer),
+                    let update = Update {
+                        run_id: state.spec.run_id.clone(),
+                        round: state.round,
+                        base: state.params_hash(),
                         n_samples: h * batch as u32,
-                        delta: config.codec.decode(&payload, n)?,
-                    });
+                        inner_steps: h,
+                        loss: 0.0,
+                        codec: config.codec,
+                        payload,
+                    };
+                    state
+                        .submit(keys[p], &update, now)
+                        .map_err(|e| SimError::Round(e.to_string()))?;
                 }
-                let aggregate =
-                    robust::aggregate(&config.aggregator, &contributions, n, previous.as_deref())?;
-                outer_opt
-                    .step(&mut theta, &aggregate)
-                    .map_err(|e| SimError::Outer(e.to_string()))?;
-                previous = Some(aggregate);
+                let closed = state
+                    .tick(now)
+                    .ok_or_else(|| SimError::Round("the round did not close".into()))?;
+                if let Some(why) = closed.failed {
+                    return Err(SimError::Round(why));
+                }
+                theta = state.params().to_vec();
                 step += h;
                 syncs += 1;
                 let crossed = (step - h) / config.eval_every != step / config.eval_every;
@@ -302,6 +358,7 @@ mod tests {
             pretrain_batch: 64,
             eval_every: 10,
             eval_windows: 64,
+            peer_keys: Vec::new(),
         }
     }
 

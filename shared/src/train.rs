@@ -1,154 +1,47 @@
-//! The inner loop: AdamW steps on a peer's own backend.
-//!
-//! [`LocalTrainer`] is stepped by its caller, so a browser can yield to its event loop between
-//! steps; losses stay on the device until [`LocalTrainer::finish`] reads them back
-//! asynchronously.
+//! The digits classifier's training objective and evaluation. The inner loop itself is
+//! [`crate::lm_train::Trainer`], shared by every model.
 
-use burn::module::AutodiffModule;
-use burn::nn::loss::CrossEntropyLoss;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::data::{BatchSampler, DigitsSet};
+use crate::lm_train::Objective;
 use crate::model::{DIGITS_INPUTS, DigitsMlp, DigitsMlpConfig};
 use crate::params::{self, ParamsError};
-use crate::protocol::InnerSpec;
 
-/// What a peer's local round produced.
+/// A batch of digits: `targets.len()` images of 64 features in [0, 1].
 #[derive(Clone, Debug, PartialEq)]
-pub struct LocalResult {
-    /// θ_local after the inner steps.
-    pub params: Vec<f32>,
-    /// Mean training loss over the steps.
-    pub loss: f32,
-    pub steps: u32,
-    pub samples: u32,
+pub struct DigitsBatch {
+    pub features: Vec<f32>,
+    pub targets: Vec<i64>,
 }
 
-/// One AdamW step on a batch: forward, cross-entropy, backward, update.
-/// Returns the updated model and the (detached) loss.
-pub fn train_step<B, O>(
-    model: DigitsMlp<B>,
-    optimizer: &mut O,
-    loss_fn: &CrossEntropyLoss<B>,
-    pixels: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
-    lr: f64,
-) -> (DigitsMlp<B>, Tensor<B::InnerBackend, 1>)
-where
-    B: AutodiffBackend,
-    O: Optimizer<DigitsMlp<B>, B>,
-{
-    let logits = model.forward(pixels); // [batch, 10]
-    let loss = loss_fn.forward(logits, targets); // [1]
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = optimizer.step(lr, model, grads);
-    (model, loss.inner())
-}
-
-/// Runs a peer's inner steps on backend `B`, one [`step`](Self::step) at a time.
-pub struct LocalTrainer<B: AutodiffBackend> {
-    device: B::Device,
-    model: DigitsMlp<B>,
-    optimizer: OptimizerAdaptor<AdamW, DigitsMlp<B>, B>,
-    loss_fn: CrossEntropyLoss<B>,
-    data: DigitsSet,
-    sampler: BatchSampler,
-    loss_sum: Option<Tensor<B::InnerBackend, 1>>,
-    spec: InnerSpec,
-    steps: u32,
-}
-
-impl<B: AutodiffBackend> core::fmt::Debug for LocalTrainer<B> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("LocalTrainer")
-            .field("steps", &self.steps)
-            .field("spec", &self.spec)
-            .finish_non_exhaustive()
+impl DigitsBatch {
+    /// The next batch that `sampler` draws from `data`.
+    pub fn draw(data: &DigitsSet, sampler: &mut BatchSampler) -> Self {
+        let batch = sampler.next_batch();
+        Self {
+            features: data.features(&batch),
+            targets: data.targets(&batch),
+        }
     }
 }
 
-impl<B: AutodiffBackend> LocalTrainer<B> {
-    /// Starts from the global parameters `start`; batches come from `data` in an order fixed by
-    /// `seed`.
-    pub fn new(
-        device: &B::Device,
-        model: &DigitsMlpConfig,
-        start: &[f32],
-        data: DigitsSet,
-        spec: &InnerSpec,
-        seed: u64,
-    ) -> Result<Self, ParamsError> {
-        B::seed(device, seed);
-        let module = params::load(model.init::<B>(device), start)?;
-        let optimizer = AdamWConfig::new()
-            .with_weight_decay(spec.weight_decay)
-            .init();
-        let sampler = BatchSampler::new(data.len(), spec.batch_size as usize, seed);
-        Ok(Self {
-            device: device.clone(),
-            model: module,
-            optimizer,
-            loss_fn: CrossEntropyLoss::new(None, device),
-            data,
-            sampler,
-            loss_sum: None,
-            spec: spec.clone(),
-            steps: 0,
-        })
-    }
+impl<B: Backend> Objective<B> for DigitsMlp<B> {
+    type Batch = DigitsBatch;
 
-    pub fn steps_done(&self) -> u32 {
-        self.steps
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.steps >= self.spec.steps
-    }
-
-    /// One AdamW step on the next batch. Enqueues work; reads nothing back.
-    pub fn step(&mut self) {
-        let batch = self.sampler.next_batch();
+    fn batch_loss(&self, batch: &DigitsBatch, device: &B::Device) -> Tensor<B, 1> {
+        let rows = batch.targets.len();
         let pixels = Tensor::<B, 2>::from_data(
-            TensorData::new(self.data.features(&batch), [batch.len(), DIGITS_INPUTS]),
-            &self.device,
+            TensorData::new(batch.features.clone(), [rows, DIGITS_INPUTS]),
+            device,
         );
-        let targets = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(self.data.targets(&batch), [batch.len()]),
-            &self.device,
-        );
-        let model = self.model.clone();
-        let (model, loss) = train_step(
-            model,
-            &mut self.optimizer,
-            &self.loss_fn,
-            pixels,
-            targets,
-            self.spec.lr,
-        );
-        self.model = model;
-        self.loss_sum = Some(match self.loss_sum.take() {
-            Some(sum) => sum + loss,
-            None => loss,
-        });
-        self.steps += 1;
-    }
-
-    /// Reads the parameters and the mean loss back (asynchronously: safe in browsers).
-    pub async fn finish(self) -> Result<LocalResult, ParamsError> {
-        let loss = match self.loss_sum {
-            Some(sum) => sum.into_scalar_async().await?.elem::<f32>() / self.steps.max(1) as f32,
-            None => f32::NAN,
-        };
-        let params = params::to_vec(&self.model.valid()).await?;
-        Ok(LocalResult {
-            params,
-            loss,
-            steps: self.steps,
-            samples: self.steps * (self.spec.batch_size.min(self.data.len() as u32)),
-        })
+        let targets =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(batch.targets.clone(), [rows]), device);
+        let logits = self.forward(pixels); // [batch, 10]
+        CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(logits, targets)
     }
 }
 
@@ -209,55 +102,38 @@ mod tests {
 
     #[test]
     fn local_training_lowers_the_loss_and_is_deterministic() {
+        use crate::lm_train::{LmInnerSpec, Trainer};
         let device = Default::default();
         let config = DigitsMlpConfig::new().with_hidden(16);
         <NdArray as Backend>::seed(&device, 1);
         let start = futures::executor::block_on(params::to_vec(&config.init::<NdArray>(&device)))
             .expect("init");
-        let spec = InnerSpec {
-            steps: 30,
-            batch_size: 16,
-            lr: 1e-2,
-            weight_decay: 0.0,
-        };
+        let spec = LmInnerSpec::constant(1e-2, 0.0);
         let data = toy_set(64);
 
         let run = |steps| {
-            let spec = InnerSpec {
-                steps,
-                ..spec.clone()
-            };
-            let mut trainer =
-                LocalTrainer::<B>::new(&device, &config, &start, data.clone(), &spec, 5)
-                    .expect("trainer");
-            while !trainer.is_done() {
-                trainer.step();
+            let module = params::load(config.init::<B>(&device), &start).expect("load");
+            let mut trainer = Trainer::<B, DigitsMlp<B>>::with_module(&device, module, &spec);
+            let mut sampler = BatchSampler::new(data.len(), 16, 5);
+            let mut losses = Vec::new();
+            for _ in 0..steps {
+                let loss = trainer.step(&DigitsBatch::draw(&data, &mut sampler));
+                losses.push(loss.into_scalar().elem::<f32>());
             }
-            futures::executor::block_on(trainer.finish()).expect("finish")
+            let params = futures::executor::block_on(trainer.params()).expect("params");
+            (losses, params)
         };
-        let first = run(1);
-        let trained = run(30);
-        let again = run(30);
-        assert!(
-            trained.loss < first.loss * 0.8,
-            "loss {} -> {}",
-            first.loss,
-            trained.loss
-        );
-        assert_eq!(
-            trained.params, again.params,
-            "same seed, same parameters, bit for bit"
-        );
+        let (losses, trained) = run(30);
+        let (_, again) = run(30);
+        let (first, last) = (losses[0], *losses.last().expect("steps"));
+        assert!(last < first * 0.8, "loss {first} -> {last}");
+        assert_eq!(trained, again, "same seed, same parameters, bit for bit");
         let before =
             futures::executor::block_on(evaluate::<NdArray>(&device, &config, &start, &data))
                 .expect("eval");
-        let after = futures::executor::block_on(evaluate::<NdArray>(
-            &device,
-            &config,
-            &trained.params,
-            &data,
-        ))
-        .expect("eval");
+        let after =
+            futures::executor::block_on(evaluate::<NdArray>(&device, &config, &trained, &data))
+                .expect("eval");
         assert!(
             after > 0.95 && after > before,
             "accuracy {before} -> {after}"

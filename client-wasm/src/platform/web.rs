@@ -158,6 +158,9 @@ fn emitter(on_event: Function) -> impl FnMut(PeerEvent) {
     }
 }
 
+/// Bytes of text a tab samples from each new global model of a language-model run.
+const SAMPLE_LEN: usize = 120;
+
 /// A browser tab taking part in training. Created with `Contributor.start`.
 #[wasm_bindgen]
 #[derive(Debug)]
@@ -171,16 +174,19 @@ pub struct Contributor {
 impl Contributor {
     /// Joins the run of the relay at `relay_url` and trains until `stop()`.
     ///
-    /// `on_event` receives plain objects with a `kind` field: `backend`, `joined`, `round`,
+    /// `on_event` receives plain objects with a `kind` field: `backend`, `joined`, `model`,
+    /// `round`, `sample` (text generated from the global model, language-model runs),
     /// `trained`, `submitted` or `error`. `backend` may be `"webgpu"`, `"cpu"` or `"auto"`
     /// (the default: WebGPU when the browser offers an adapter, else the CPU). `transport` may
     /// be `"webrtc-direct"`, `"ws"` or `"auto"` (the default: WebRTC-direct when the relay
-    /// offers it, else WebSocket).
+    /// offers it, else WebSocket). `run` names the run to join (default: the relay's default
+    /// run).
     pub async fn start(
         relay_url: String,
         on_event: Function,
         backend: Option<String>,
         transport: Option<String>,
+        run: Option<String>,
     ) -> Result<Contributor, JsError> {
         std::panic::set_hook(Box::new(|info| {
             web_sys::console::error_1(&info.to_string().into())
@@ -206,8 +212,10 @@ impl Contributor {
                 "unknown transport {t:?}: use webrtc-direct, ws or auto"
             )));
         }
+        let run = run.filter(|r| !r.is_empty());
         let config = |backend: &str| PeerConfig {
-            run_id: None,
+            run_id: run.clone(),
+            sample_len: SAMPLE_LEN,
             transport: transport.clone(),
             relay_url: relay_url.clone(),
             identity_seed: seed,

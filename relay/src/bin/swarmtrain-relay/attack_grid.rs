@@ -108,8 +108,7 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
     let inner = InnerSpec {
         steps: args.inner_steps,
         batch_size: 32,
-        lr: 3e-3,
-        weight_decay: 0.0,
+        optimizer: swarmtrain_shared::lm_train::LmInnerSpec::constant(3e-3, 0.0),
     };
     let threads = args
         .threads

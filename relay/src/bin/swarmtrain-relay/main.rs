@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the page and the default run (digits MLP) until SIGINT or SIGTERM.
+    /// Serve the page and the runs (by default the language model; more with `[[run]]` tables
+    /// in --config) until SIGINT or SIGTERM.
     Serve(Serve),
     /// Create a new identity key file (refuses to overwrite one) and print its peer key.
     Keygen(Keygen),
@@ -199,6 +200,7 @@ async fn worker(args: Worker) -> anyhow::Result<()> {
         identity_seed: swarmtrain_relay::load_or_create_key(&args.key_file)?,
         backend: "ndarray".into(),
         max_rounds: args.rounds,
+        sample_len: 0,
         stop: stop.clone(),
     };
     let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
@@ -258,23 +260,74 @@ struct Serve {
 }
 
 /// One run's options: on the command line for the default run, or in a `[[run]]` table.
+/// Options left out take the model's defaults (`default_lm_run` or `default_run`).
 #[derive(clap::Args, Debug, Clone)]
 struct RunArgs {
-    /// The run's name, unique on this relay (letters, digits, '-' and '_').
-    #[arg(long, env = "SWARMTRAIN_RUN_ID", default_value = "digits")]
-    run_id: String,
+    /// The model: the byte-level transformer language model (`lm`) or the digits MLP.
+    #[arg(long, env = "SWARMTRAIN_MODEL", value_enum, default_value_t = ModelArg::Lm)]
+    model: ModelArg,
+    /// The run's name, unique on this relay (letters, digits, '-' and '_'); default: the
+    /// model's name, "lm" or "digits".
+    #[arg(long, env = "SWARMTRAIN_RUN_ID")]
+    run_id: Option<String>,
+    /// Language model: the training text, a UTF-8 file or a folder of them.
+    #[arg(long, env = "SWARMTRAIN_CORPUS", default_value = swarmtrain_relay::corpus::DEFAULT_CORPUS)]
+    corpus: String,
+    /// Language model: context length in bytes.
+    #[arg(long, env = "SWARMTRAIN_CONTEXT")]
+    context: Option<u32>,
+    /// Language model: embedding width.
+    #[arg(long, env = "SWARMTRAIN_D_MODEL")]
+    d_model: Option<u32>,
+    /// Language model: attention heads (must divide --d-model).
+    #[arg(long, env = "SWARMTRAIN_HEADS")]
+    heads: Option<u32>,
+    /// Language model: transformer blocks.
+    #[arg(long, env = "SWARMTRAIN_LAYERS")]
+    layers: Option<u32>,
     /// Hidden units of the digits MLP.
-    #[arg(long, env = "SWARMTRAIN_HIDDEN", default_value_t = 64)]
-    hidden: u32,
+    #[arg(long, env = "SWARMTRAIN_HIDDEN")]
+    hidden: Option<u32>,
+    /// Data slots (text) or shards (digits) the training data is cut into per round.
+    #[arg(long, env = "SWARMTRAIN_SHARDS")]
+    shards: Option<u32>,
     /// Local AdamW steps per round (DiLoCo's H).
-    #[arg(long, env = "SWARMTRAIN_INNER_STEPS", default_value_t = default_run().inner.steps)]
-    inner_steps: u32,
-    /// Updates that close a round early (capped at the number of active peers).
-    #[arg(long, env = "SWARMTRAIN_QUORUM", default_value_t = default_run().quorum)]
-    quorum: u32,
+    #[arg(long, env = "SWARMTRAIN_INNER_STEPS")]
+    inner_steps: Option<u32>,
+    /// Examples (windows of text) per inner step.
+    #[arg(long, env = "SWARMTRAIN_BATCH_SIZE")]
+    batch_size: Option<u32>,
+    /// Inner AdamW peak learning rate.
+    #[arg(long, env = "SWARMTRAIN_LR")]
+    lr: Option<f64>,
+    /// Inner steps of linear warm-up (counted over the whole run: round · H + step).
+    #[arg(long, env = "SWARMTRAIN_WARMUP_STEPS")]
+    warmup_steps: Option<u64>,
+    /// Inner step at which the cosine decay reaches --min-lr-ratio × the peak.
+    #[arg(long, env = "SWARMTRAIN_DECAY_STEPS")]
+    decay_steps: Option<u64>,
+    /// The learning rate's floor as a share of the peak (1: a constant rate).
+    #[arg(long, env = "SWARMTRAIN_MIN_LR_RATIO")]
+    min_lr_ratio: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, env = "SWARMTRAIN_CLIP_NORM")]
+    clip_norm: Option<f32>,
+    /// AdamW weight decay.
+    #[arg(long, env = "SWARMTRAIN_WEIGHT_DECAY")]
+    weight_decay: Option<f32>,
+    /// Outer Nesterov learning rate.
+    #[arg(long, env = "SWARMTRAIN_OUTER_LR")]
+    outer_lr: Option<f32>,
+    /// Outer Nesterov momentum.
+    #[arg(long, env = "SWARMTRAIN_OUTER_MOMENTUM")]
+    outer_momentum: Option<f32>,
+    /// Updates that close a round early (capped at the number of active peers, never below
+    /// what the aggregator needs).
+    #[arg(long, env = "SWARMTRAIN_QUORUM")]
+    quorum: Option<u32>,
     /// Seconds after which a round closes with the updates it has.
-    #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS", default_value_t = default_run().round_deadline_ms / 1000)]
-    round_deadline_secs: u64,
+    #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS")]
+    round_deadline_secs: Option<u64>,
     /// How peers encode their updates: f32, f16, int8 / int4 / int2 (blockwise, 64 per block),
     /// topk, top-k with 4- or 2-bit values (topk4, topk2), or top-k within blocks of 256 with
     /// one-byte offsets and 4- or 2-bit values (block-topk4, block-topk2; SparseLoCo's layout).
@@ -303,19 +356,32 @@ struct RunArgs {
     )]
     dp_delta: f64,
     /// How a round's updates are combined: mean, median, trimmed-mean (drops --trim from each
-    /// side), krum (multi-Krum, tolerating --byzantine attackers), geometric-median or
-    /// centered-clipping (radius --clip-radius around the previous aggregate).
+    /// side), krum (multi-Krum: averages the --krum-select best-scored updates, tolerating
+    /// --byzantine attackers), geometric-median or centered-clipping (radius --clip-radius
+    /// around the previous aggregate). The quorum must be at least what the rule needs.
     #[arg(long, env = "SWARMTRAIN_AGGREGATOR", value_enum, default_value_t = AggregatorArg::Mean)]
     aggregator: AggregatorArg,
-    /// With --aggregator trimmed-mean: updates dropped from each side per coordinate.
+    /// With --aggregator trimmed-mean: updates dropped from each side per coordinate (needs a
+    /// quorum of at least 2·trim + 1).
     #[arg(long, env = "SWARMTRAIN_TRIM", default_value_t = 1)]
     trim: u32,
-    /// With --aggregator krum: attackers to tolerate (needs at least 2·f + 3 updates a round).
+    /// With --aggregator krum: attackers to tolerate (needs a quorum of at least 2·f + 3).
     #[arg(long, env = "SWARMTRAIN_BYZANTINE", default_value_t = 1)]
     byzantine: u32,
+    /// With --aggregator krum: how many of the best-scored updates are averaged (1 is Krum).
+    #[arg(long, env = "SWARMTRAIN_KRUM_SELECT", default_value_t = 1)]
+    krum_select: u32,
     /// With --aggregator centered-clipping: the clipping radius.
     #[arg(long, env = "SWARMTRAIN_CLIP_RADIUS", default_value_t = 1.0)]
     clip_radius: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ModelArg {
+    /// The byte-level transformer language model.
+    Lm,
+    /// The digits MLP.
+    Digits,
 }
 
 /// Parses one `[[run]]` table of the config file with the same options as the command line.
@@ -523,78 +589,104 @@ fn with_config_file(mut argv: Vec<String>) -> anyhow::Result<(Vec<String>, Vec<R
     Ok((argv, runs))
 }
 
-/// A run's spec from its options, checked.
-fn run_spec(run_args: &RunArgs) -> anyhow::Result<swarmtrain_shared::protocol::RunSpec> {
-    anyhow::ensure!(run_args.inner_steps > 0, "--inner-steps must be at least 1");
-    anyhow::ensure!(
-        run_args.round_deadline_secs > 0,
-        "--round-deadline-secs must be at least 1"
-    );
-    let mut run = default_run();
-    anyhow::ensure!(
-        !run_args.run_id.is_empty()
-            && run_args
-                .run_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-        "run id {:?} must be letters, digits, '-' or '_'",
-        run_args.run_id
-    );
-    run.run_id = run_args.run_id.clone();
-    anyhow::ensure!(
-        (4..=4096).contains(&run_args.hidden),
-        "--hidden must be in 4..=4096"
-    );
-    run.model = swarmtrain_shared::protocol::ModelSpec::DigitsMlp {
-        hidden: run_args.hidden,
+/// A run's spec from its options, checked ([`RunSpec::validate`]: a run that cannot work is
+/// refused here, with the reason).
+fn run_spec(a: &RunArgs) -> anyhow::Result<swarmtrain_shared::protocol::RunSpec> {
+    use swarmtrain_shared::protocol::ModelSpec;
+    let mut run = match a.model {
+        ModelArg::Lm => swarmtrain_relay::default_lm_run(&a.corpus),
+        ModelArg::Digits => default_run(),
     };
-    run.inner.steps = run_args.inner_steps;
-    run.quorum = run_args.quorum.max(1);
-    run.round_deadline_ms = run_args.round_deadline_secs * 1000;
+    if let Some(id) = &a.run_id {
+        run.run_id = id.clone();
+    }
+    match &mut run.model {
+        ModelSpec::ByteLm {
+            context,
+            d_model,
+            heads,
+            layers,
+            ..
+        } => {
+            anyhow::ensure!(a.hidden.is_none(), "--hidden is an option of the digits model");
+            *context = a.context.unwrap_or(*context);
+            *d_model = a.d_model.unwrap_or(*d_model);
+            *heads = a.heads.unwrap_or(*heads);
+            *layers = a.layers.unwrap_or(*layers);
+        }
+        ModelSpec::DigitsMlp { hidden } => {
+            anyhow::ensure!(
+                a.context.is_none() && a.d_model.is_none() && a.heads.is_none() && a.layers.is_none(),
+                "--context, --d-model, --heads and --layers are options of the language model"
+            );
+            *hidden = a.hidden.unwrap_or(*hidden);
+        }
+    }
+    run.data.n_shards = a.shards.unwrap_or(run.data.n_shards);
+    run.inner.steps = a.inner_steps.unwrap_or(run.inner.steps);
+    run.inner.batch_size = a.batch_size.unwrap_or(run.inner.batch_size);
+    let o = &mut run.inner.optimizer;
+    o.schedule.peak = a.lr.unwrap_or(o.schedule.peak);
+    o.schedule.warmup = a.warmup_steps.unwrap_or(o.schedule.warmup);
+    o.schedule.total = a.decay_steps.unwrap_or(o.schedule.total);
+    o.schedule.min_ratio = a.min_lr_ratio.unwrap_or(o.schedule.min_ratio);
+    o.weight_decay = a.weight_decay.unwrap_or(o.weight_decay);
+    if let Some(clip) = a.clip_norm {
+        o.clip_norm = (clip > 0.0).then_some(clip);
+    }
+    run.outer.lr = a.outer_lr.unwrap_or(run.outer.lr);
+    run.outer.momentum = a.outer_momentum.unwrap_or(run.outer.momentum);
+    run.quorum = a.quorum.unwrap_or(run.quorum).max(1);
+    if let Some(secs) = a.round_deadline_secs {
+        anyhow::ensure!(secs > 0, "--round-deadline-secs must be at least 1");
+        run.round_deadline_ms = secs * 1000;
+    }
     anyhow::ensure!(
-        (1..=1_000_000).contains(&run_args.topk_per_million),
+        (1..=1_000_000).contains(&a.topk_per_million),
         "--topk-per-million must be in 1..=1000000"
     );
-    run.codec = run_args.codec.codec(run_args.topk_per_million);
+    run.codec = a.codec.codec(a.topk_per_million);
     anyhow::ensure!(
-        run_args.clip_radius > 0.0 && run_args.clip_radius.is_finite(),
+        a.clip_radius > 0.0 && a.clip_radius.is_finite(),
         "--clip-radius must be positive"
     );
-    run.aggregator = match run_args.aggregator {
+    run.aggregator = match a.aggregator {
         AggregatorArg::Mean => Rule::Mean,
         AggregatorArg::Median => Rule::Median,
-        AggregatorArg::TrimmedMean => Rule::TrimmedMean {
-            trim: run_args.trim,
-        },
-        AggregatorArg::Krum => Rule::MultiKrum {
-            byzantine: run_args.byzantine,
-            select: 1,
-        },
+        AggregatorArg::TrimmedMean => Rule::TrimmedMean { trim: a.trim },
+        AggregatorArg::Krum => {
+            anyhow::ensure!(a.krum_select >= 1, "--krum-select must be at least 1");
+            Rule::MultiKrum {
+                byzantine: a.byzantine,
+                select: a.krum_select,
+            }
+        }
         AggregatorArg::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
         AggregatorArg::CenteredClipping => Rule::CenteredClipping {
-            tau: run_args.clip_radius,
+            tau: a.clip_radius,
             iterations: 3,
         },
     };
-    if let Some(clip) = run_args.dp_clip {
+    if let Some(clip) = a.dp_clip {
         anyhow::ensure!(
             clip > 0.0 && clip.is_finite(),
             "--dp-clip must be a positive number"
         );
         anyhow::ensure!(
-            run_args.dp_noise >= 0.0 && run_args.dp_noise.is_finite(),
+            a.dp_noise >= 0.0 && a.dp_noise.is_finite(),
             "--dp-noise must be ≥ 0"
         );
         anyhow::ensure!(
-            run_args.dp_delta > 0.0 && run_args.dp_delta < 1.0,
+            a.dp_delta > 0.0 && a.dp_delta < 1.0,
             "--dp-delta must be in (0, 1)"
         );
         run.privacy = Some(swarmtrain_shared::privacy::PrivacySpec {
             clip_norm: clip,
-            noise_multiplier: run_args.dp_noise,
-            delta: run_args.dp_delta,
+            noise_multiplier: a.dp_noise,
+            delta: a.dp_delta,
         });
     }
+    run.validate()?;
     Ok(run)
 }
 
@@ -689,7 +781,7 @@ mod tests {
         };
         assert_eq!(
             (serve.run.inner_steps, serve.run.quorum),
-            (7, 5),
+            (Some(7), Some(5)),
             "the command line wins over the file"
         );
         assert!(matches!(serve.run.aggregator, AggregatorArg::Median));
@@ -728,7 +820,7 @@ mod tests {
     fn run_tables_add_runs_with_their_own_options() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("relay.toml");
-        let text = "quorum = 2\n\n[[run]]\nrun_id = \"robust\"\naggregator = \"median\"\ncodec = \"int8\"\nhidden = 32\n\n[[run]]\nrun_id = \"small\"\ninner_steps = 5\n";
+        let text = "quorum = 2\n\n[[run]]\nrun_id = \"robust\"\nmodel = \"digits\"\naggregator = \"median\"\ncodec = \"int8\"\nhidden = 32\n\n[[run]]\nrun_id = \"small\"\ninner_steps = 5\n";
         std::fs::write(&path, text).expect("write");
         let (out, runs) = with_config_file(argv(&[
             "relay",
@@ -745,7 +837,7 @@ mod tests {
             .map(|r| run_spec(r).expect("valid"))
             .collect();
         let ids: Vec<&str> = specs.iter().map(|s| s.run_id.as_str()).collect();
-        assert_eq!(ids, ["digits", "robust", "small"]);
+        assert_eq!(ids, ["lm", "robust", "small"]);
         assert_eq!(specs[0].quorum, 2);
         assert_eq!(specs[1].aggregator, Rule::Median);
         assert_eq!(specs[1].codec, Codec::Int8Block { block: 64 });
@@ -770,5 +862,51 @@ mod tests {
         );
         let bad_id = RunTable::try_parse_from(["run", "--run-id=a/b"]).expect("parses");
         assert!(run_spec(&bad_id.run).is_err(), "a run id with a slash");
+        let digits_option = RunTable::try_parse_from(["run", "--hidden=8"]).expect("parses");
+        assert!(
+            run_spec(&digits_option.run).is_err(),
+            "a digits option on the language model"
+        );
+    }
+
+    #[test]
+    fn a_rule_the_quorum_cannot_feed_is_refused_with_the_reason() {
+        let krum = RunTable::try_parse_from([
+            "run",
+            "--model=digits",
+            "--aggregator=krum",
+            "--byzantine=1",
+            "--quorum=3",
+        ])
+        .expect("parses");
+        let err = run_spec(&krum.run).unwrap_err().to_string();
+        assert!(
+            err.contains("needs at least 5 updates") && err.contains("quorum is 3"),
+            "{err}"
+        );
+        let fed = RunTable::try_parse_from([
+            "run",
+            "--model=digits",
+            "--aggregator=krum",
+            "--byzantine=1",
+            "--krum-select=3",
+            "--quorum=5",
+        ])
+        .expect("parses");
+        assert_eq!(
+            run_spec(&fed.run).expect("works").aggregator,
+            Rule::MultiKrum {
+                byzantine: 1,
+                select: 3
+            }
+        );
+        let trimmed = RunTable::try_parse_from([
+            "run",
+            "--aggregator=trimmed-mean",
+            "--trim=2",
+            "--quorum=4",
+        ])
+        .expect("parses");
+        assert!(run_spec(&trimmed.run).is_err(), "trim 2 needs 5 updates");
     }
 }

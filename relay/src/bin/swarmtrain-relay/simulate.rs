@@ -156,6 +156,7 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
         pretrain_batch: args.pretrain_batch,
         eval_every: args.eval_every,
         eval_windows: args.eval_windows,
+        peer_keys: Vec::new(),
     };
     let started = std::time::Instant::now();
     let report = futures::executor::block_on(sim::simulate::<Autodiff<NdArray>>(
