@@ -1,9 +1,13 @@
 // The contributor page. Everything it shows comes from the npm package's events and from the
-// relay's public /api/status.
+// relay's public API: /api/runs once (the run list), then every second the chosen run's status
+// without history (?history=0) and only the history rows it does not have yet (/history?from=).
 import init, { Contributor } from './pkg/swarmtrain.js';
 
 const $ = (id) => document.getElementById(id);
-const history = [];
+const params = new URLSearchParams(location.search);
+let runs = [];
+let selected = null; // the run id whose status the page shows
+let history = []; // that run's round history, oldest first
 let contributor = null;
 
 function log(text, cls) {
@@ -13,6 +17,8 @@ function log(text, cls) {
   $('log').prepend(li);
   while ($('log').children.length > 200) $('log').lastChild.remove();
 }
+
+const isLm = (status) => status?.spec?.model?.ByteLm !== undefined;
 
 function onEvent(ev) {
   switch (ev.kind) {
@@ -26,8 +32,16 @@ function onEvent(ev) {
       $('state').textContent = 'Connected to the relay; waiting for a round.';
       log(`joined run ${ev.run} as ${ev.peer.slice(0, 16)} over ${$('transport').textContent}`);
       break;
+    case 'model':
+      log(`model: ${ev.model} (${ev.n_params.toLocaleString()} parameters)`);
+      break;
     case 'round':
       $('state').textContent = `Training round ${ev.round} (${ev.inner_steps} local steps)…`;
+      break;
+    case 'sample':
+      $('sample-card').hidden = false;
+      $('sample').textContent = ev.text;
+      $('sample-round').textContent = `(global model of round ${ev.round})`;
       break;
     case 'trained':
       $('trained').textContent = ev.rounds_trained;
@@ -49,27 +63,32 @@ function onEvent(ev) {
   }
 }
 
-function drawChart() {
+// Accuracy (digits) on a fixed 0..100% axis; held-out loss (language model) from 0 to the
+// largest value seen.
+function drawChart(lm) {
   const c = $('chart');
   const g = c.getContext('2d');
   g.clearRect(0, 0, c.width, c.height);
   g.strokeStyle = '#e2e8f0';
   g.fillStyle = '#64748b';
   g.font = '11px sans-serif';
+  const value = (h) => (lm ? h.val_loss : h.accuracy);
+  const pts = history.filter((h) => value(h) !== null && value(h) !== undefined);
+  const top = lm ? Math.max(1, ...pts.map(value)) : 1;
   for (const a of [0, 0.5, 1]) {
     const y = c.height - 16 - a * (c.height - 26);
-    g.beginPath(); g.moveTo(30, y); g.lineTo(c.width, y); g.stroke();
-    g.fillText(`${a * 100}%`, 0, y + 4);
+    g.beginPath(); g.moveTo(34, y); g.lineTo(c.width, y); g.stroke();
+    g.fillText(lm ? (a * top).toFixed(1) : `${a * 100}%`, 0, y + 4);
   }
-  const pts = history.filter((h) => h.accuracy !== null);
+  g.fillText(lm ? 'held-out loss (nats/byte)' : 'held-out accuracy', 40, 10);
   if (pts.length < 1) return;
   const maxRound = Math.max(1, ...pts.map((p) => p.round));
   g.strokeStyle = '#2563eb';
   g.lineWidth = 2;
   g.beginPath();
   pts.forEach((p, i) => {
-    const x = 30 + (p.round / maxRound) * (c.width - 40);
-    const y = c.height - 16 - p.accuracy * (c.height - 26);
+    const x = 34 + (p.round / maxRound) * (c.width - 44);
+    const y = c.height - 16 - (value(p) / top) * (c.height - 26);
     if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
   });
   g.stroke();
@@ -78,20 +97,31 @@ function drawChart() {
 
 let refreshing = false;
 async function refreshStatus() {
-  if (refreshing) return;
+  if (refreshing || !selected) return;
   refreshing = true;
   try {
-    const res = await fetch('api/status', { cache: 'no-store' });
+    const run = encodeURIComponent(selected);
+    const res = await fetch(`api/runs/${run}/status?history=0`, { cache: 'no-store' });
     if (res.ok) {
       const s = await res.json();
+      if (s.history_len < history.length) history = []; // the run started over
+      while (history.length < s.history_len) {
+        const page = await fetch(`api/runs/${run}/history?from=${history.length}`, { cache: 'no-store' });
+        const rows = page.ok ? await page.json() : [];
+        if (rows.length === 0) break;
+        history.push(...rows);
+      }
+      const lm = isLm(s);
       $('run').textContent = s.run_id;
+      $('model').textContent = s.spec.model_name;
       $('round').textContent = s.round;
       $('peers').textContent = `${s.updates_this_round} of ${s.active_peers} active`;
-      const last = s.history.length ? s.history[s.history.length - 1] : null;
-      $('accuracy').textContent = last ? `${(last.accuracy * 100).toFixed(1)}%` : '—';
-      history.length = 0;
-      history.push(...s.history);
-      drawChart();
+      const last = history.at(-1);
+      $('metric-name').textContent = lm ? 'Held-out loss' : 'Held-out accuracy';
+      $('metric').textContent = !last ? '—'
+        : lm ? (last.val_loss == null ? '—' : `${last.val_loss.toFixed(3)} nats/byte (${(last.val_loss / Math.LN2).toFixed(2)} bits)`)
+          : (last.accuracy == null ? '—' : `${(last.accuracy * 100).toFixed(1)}%`);
+      drawChart(lm);
     }
   } catch (e) {
     // The relay may be restarting; the next poll retries.
@@ -105,19 +135,49 @@ async function pollStatus() {
   setTimeout(pollStatus, 1000);
 }
 
+// The run list, once: every run with its model, the relay's default first. `?run=ID` preselects.
+async function loadRuns() {
+  try {
+    const boot = await (await fetch('api/bootstrap', { cache: 'no-store' })).json();
+    runs = await (await fetch('api/runs?history=0', { cache: 'no-store' })).json();
+    runs.sort((a, b) => (b.run_id === boot.run_id) - (a.run_id === boot.run_id));
+    const select = $('run-select');
+    select.replaceChildren(...runs.map((r) => {
+      const o = document.createElement('option');
+      o.value = r.run_id;
+      o.textContent = `${r.run_id}: ${r.spec.model_name}`;
+      return o;
+    }));
+    const wanted = params.get('run');
+    selected = runs.some((r) => r.run_id === wanted) ? wanted : boot.run_id;
+    select.value = selected;
+  } catch (e) {
+    log(`could not list the relay's runs: ${e}`, 'error');
+  }
+}
+
+$('run-select').addEventListener('change', () => {
+  selected = $('run-select').value;
+  history = [];
+  refreshStatus();
+});
+
 $('contribute').addEventListener('click', async () => {
   $('contribute').disabled = true;
+  $('run-select').disabled = true;
   $('state').textContent = 'Starting…';
   try {
     await init();
     // `?transport=ws` or `?transport=webrtc-direct` picks the connection; the default takes
     // WebRTC-direct when the relay offers it.
-    const transport = new URLSearchParams(location.search).get('transport') ?? 'auto';
-    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport);
+    const transport = params.get('transport') ?? 'auto';
+    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected);
   } catch (e) {
     onEvent({ kind: 'error', message: `could not start: ${e}` });
     $('contribute').disabled = false;
+    $('run-select').disabled = false;
   }
 });
 
+await loadRuns();
 pollStatus();

@@ -589,7 +589,14 @@ impl Coordinator {
             .collect()
     }
 
+    /// The run's status with the newest [`STATUS_HISTORY`] rows of history.
     pub async fn status(&self) -> Status {
+        self.status_with(STATUS_HISTORY).await
+    }
+
+    /// The run's status with the newest `rows` rows of history (at most [`STATUS_HISTORY`]).
+    pub async fn status_with(&self, rows: usize) -> Status {
+        let rows = rows.min(STATUS_HISTORY);
         let now = self.now_ms();
         let state = self.state.lock().await;
         let spec = &state.round.spec;
@@ -601,7 +608,7 @@ impl Coordinator {
             updates_this_round: state.round.updates_this_round(),
             active_peers: state.round.active_peers(now),
             joined_peers: state.joined.len(),
-            history: state.history[state.history.len().saturating_sub(STATUS_HISTORY)..].to_vec(),
+            history: state.history[state.history.len().saturating_sub(rows)..].to_vec(),
             history_len: state.history.len(),
             rejected: state.rejected.clone(),
             accepted_updates: state.accepted,

@@ -60,19 +60,33 @@ async fn bootstrap(State(state): State<AppState>) -> Json<Bootstrap> {
     Json((*state.bootstrap).clone())
 }
 
+/// `?history=N`: how many of the newest history rows a status carries (default and most: 200).
+/// A page that keeps its own copy asks for 0 and fetches new rows from `/history`.
+#[derive(Debug, serde::Deserialize)]
+struct StatusQuery {
+    #[serde(default = "history_page")]
+    history: usize,
+}
+
 /// The default run's status.
-async fn status(State(state): State<AppState>) -> impl IntoResponse {
+async fn status(
+    State(state): State<AppState>,
+    Query(query): Query<StatusQuery>,
+) -> impl IntoResponse {
     (
         [(header::CACHE_CONTROL, "no-store")],
-        Json(state.runs.default_run().status().await),
+        Json(state.runs.default_run().status_with(query.history).await),
     )
 }
 
-/// Every run's status.
-async fn runs(State(state): State<AppState>) -> impl IntoResponse {
+/// Every run's status (`?history=N` as for one run).
+async fn runs(
+    State(state): State<AppState>,
+    Query(query): Query<StatusQuery>,
+) -> impl IntoResponse {
     let mut all: Vec<Status> = Vec::new();
     for run in state.runs.iter() {
-        all.push(run.status().await);
+        all.push(run.status_with(query.history).await);
     }
     ([(header::CACHE_CONTROL, "no-store")], Json(all))
 }
@@ -80,11 +94,12 @@ async fn runs(State(state): State<AppState>) -> impl IntoResponse {
 async fn run_status(
     State(state): State<AppState>,
     Path(run): Path<String>,
+    Query(query): Query<StatusQuery>,
 ) -> Result<Response, ApiError> {
     let run = find_run(&state, &run)?;
     Ok((
         [(header::CACHE_CONTROL, "no-store")],
-        Json(run.status().await),
+        Json(run.status_with(query.history).await),
     )
         .into_response())
 }
@@ -169,7 +184,7 @@ async fn history(
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut all = Vec::new();
     for run in state.runs.iter() {
-        all.push(run.status().await);
+        all.push(run.status_with(1).await);
     }
     let mut out = String::new();
     let mut metric =

@@ -304,7 +304,7 @@ impl ModelSpec {
         }
     }
 
-    /// A short name for pages and logs ("digits MLP (4,810 parameters)").
+    /// The model in words, for pages and logs.
     pub fn describe(&self) -> String {
         match self {
             Self::DigitsMlp { hidden } => format!("digits MLP, {hidden} hidden units"),
@@ -315,7 +315,8 @@ impl ModelSpec {
                 layers,
                 ..
             } => format!(
-                "byte-level transformer, {layers} layers × {d_model} wide, {heads} heads, context {context}"
+                "byte-level transformer, {layers} layer{} × {d_model} wide, {heads} heads, context {context}",
+                if *layers == 1 { "" } else { "s" }
             ),
         }
     }

@@ -1,5 +1,7 @@
-// End-to-end: a real relay serves the page; headless Chromium (Debian's, WebGPU through
-// SwiftShader) presses Contribute; the round counter advances and held-out accuracy rises.
+// End-to-end: a real relay serves the page with two runs (the language model, the default, and
+// the digits, from relay.toml); headless Chromium (Debian's, WebGPU through SwiftShader) presses
+// Contribute; the language model trains, the round counter advances, the relay's held-out loss
+// falls and the page shows text sampled from the global model.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -14,7 +16,11 @@ const outDir = join(import.meta.dirname, 'out');
 
 function startRelay(dataDir) {
   const relay = spawn(relayBin, [
-    'serve', '--http', '127.0.0.1:0', '--web-dir', join(root, 'web'), '--data-dir', dataDir,
+    'serve', '--config', join(root, 'relay.toml'), '--http', '127.0.0.1:0', '--web-dir', join(root, 'web'),
+    '--data-dir', dataDir,
+    // A tiny language model keeps the browser rounds short: 1 layer × 32 wide, context 32.
+    '--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',
+    '--lr', '0.01', '--warmup-steps', '5',
     '--inner-steps', process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', '--quorum', '1', '--round-deadline-secs', '60',
   ], { stdio: ['ignore', 'pipe', 'inherit'] });
   const url = new Promise((resolve, reject) => {
@@ -35,7 +41,7 @@ async function status(url) {
   return res.json();
 }
 
-const lastAccuracy = (s) => s.history.at(-1)?.accuracy ?? 0;
+const lastLoss = (s) => s.history.at(-1)?.val_loss ?? NaN;
 
 // Without --enable-unsafe-webgpu, headless Chromium offers no adapter and the page falls back
 // to the CPU backend.
@@ -46,7 +52,7 @@ const cases = [
   { backend: 'cpu', flags: [], query: '?transport=ws', transport: 'WebSocket' },
 ];
 
-for (const { backend: expected, flags, query, transport } of cases) test(`Contribute trains in the browser (${expected}, ${transport}) and the relay accuracy rises`, { timeout: 600_000 }, async () => {
+for (const { backend: expected, flags, query, transport } of cases) test(`Contribute trains the language model in the browser (${expected}, ${transport}) and the relay's held-out loss falls`, { timeout: 600_000 }, async () => {
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-e2e-'));
   const profile = mkdtempSync(join(tmpdir(), 'swarmtrain-chromium-'));
@@ -56,6 +62,7 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     const url = await urlPromise;
     const initial = await status(url);
     assert.equal(initial.round, 0);
+    assert.equal(initial.run_id, 'lm', 'the language model is the default run');
 
     // A fresh profile directory every run (Chromium's --user-data-dir).
     browser = await chromium.launchPersistentContext(profile, {
@@ -73,6 +80,11 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
     page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
     await page.goto(url + query);
+    // The run picker lists both runs, the language model first and selected.
+    await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+    const options = await page.$$eval('#run-select option', (os) => os.map((o) => o.value));
+    assert.deepEqual(options, ['lm', 'digits']);
+    assert.equal(await page.inputValue('#run-select'), 'lm');
     await page.click('#contribute');
 
     await page.waitForFunction(() => document.getElementById('backend').textContent !== 'not started', null, { timeout: 120_000 });
@@ -89,14 +101,21 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     }
     const seconds = (Date.now() - started) / 1000;
     assert.ok(s.round >= 3, `round advanced to ${s.round} in ${seconds}s; logs:\n${logs.join('\n')}`);
-    assert.ok(lastAccuracy(s) > lastAccuracy(initial) + 0.2,
-      `held-out accuracy rose: ${lastAccuracy(initial)} -> ${lastAccuracy(s)}`);
+    const losses = s.history.map((h) => h.val_loss);
+    assert.ok(lastLoss(initial) > 5, `an untrained byte model: ${lastLoss(initial)}`);
+    assert.ok(lastLoss(s) < 0.85 * lastLoss(initial), `held-out loss fell: ${losses.join(' ')}`);
     console.log(`browser peer (${backend}): ${s.round} rounds in ${seconds.toFixed(1)} s (${(seconds / s.round).toFixed(1)} s/round), ` +
-      `accuracy ${lastAccuracy(initial).toFixed(3)} -> ${lastAccuracy(s).toFixed(3)}`);
+      `held-out loss ${losses.map((l) => l.toFixed(3)).join(' -> ')}`);
 
     // The page itself shows what happened.
     await page.waitForFunction(() => Number(document.getElementById('trained').textContent) >= 3, null, { timeout: 30_000 });
-    await page.waitForFunction(() => /\d+\.\d%/.test(document.getElementById('accuracy').textContent), null, { timeout: 10_000 });
+    await page.waitForFunction(() => /nats\/byte/.test(document.getElementById('metric').textContent), null, { timeout: 10_000 });
+    // Text sampled from the global model on the tab's own backend.
+    await page.waitForFunction(() => !document.getElementById('sample-card').hidden
+      && /round \d+/.test(document.getElementById('sample-round').textContent), null, { timeout: 30_000 });
+    const sample = await page.textContent('#sample');
+    assert.ok(sample.length >= 60, `a sample is shown: ${JSON.stringify(sample)}`);
+    console.log(`sample shown: ${JSON.stringify(sample)}`);
     await page.waitForFunction(() => Number(document.getElementById('round').textContent) >= 3, null, { timeout: 10_000 });
     const loss = Number(await page.textContent('#loss'));
     assert.ok(Number.isFinite(loss) && loss > 0, `local loss shown: ${loss}`);

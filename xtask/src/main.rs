@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
-                 run          build the browser package and start the relay on http://127.0.0.1:8080\n  \
+                 run          build the browser package and start the relay on http://127.0.0.1:8080 with the runs of relay.toml\n  \
                  test         install test dependencies and run every test (cargo, wasm in Chromium, end-to-end)\n  \
                  bench robust aggregator throughput beside numpy and the attack grid; writes docs/benchmarks/robust.md and attacks.md\n  \
                  bench load   1,000 simulated peers on one relay; writes docs/benchmarks/load.md\n  \
@@ -245,13 +245,19 @@ fn build_relay() -> Result<PathBuf> {
     Ok(target_dir().join("debug/swarmtrain-relay"))
 }
 
+/// The relay with the two runs of `relay.toml` (the language model, then the digits), unless
+/// the arguments name another config file.
 fn run(args: &[String]) -> Result {
     setup_wasm()?;
+    setup_corpus()?;
     build_wasm()?;
     let relay = build_relay()?;
     let mut cmd = Command::new(relay);
-    cmd.current_dir(root()).arg("serve").args(args);
-    status(&mut cmd)
+    cmd.current_dir(root()).arg("serve");
+    if !args.iter().any(|a| a == "--config") && std::env::var_os("SWARMTRAIN_CONFIG").is_none() {
+        cmd.arg("--config").arg(root().join("relay.toml"));
+    }
+    status(cmd.args(args))
 }
 
 fn test(args: &[String]) -> Result {
