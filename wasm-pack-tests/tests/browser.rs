@@ -144,8 +144,7 @@ async fn cpu_fallback_trains_in_the_browser() {
 
 #[wasm_bindgen_test]
 async fn webgpu_trains_in_the_browser_and_matches_the_cpu() {
-    let device = WgpuDevice::default();
-    init_setup_async::<AutoGraphicsApi>(&device, Default::default()).await;
+    let device = webgpu().await;
     let start = initial().await;
     let gpu = train::<Autodiff<Wgpu>>(&device, &start).await;
     let cpu = train::<Autodiff<NdArray>>(&Default::default(), &start).await;
@@ -176,8 +175,7 @@ async fn webgpu_trains_in_the_browser_and_matches_the_cpu() {
 /// logged and skipped there, so the result is compared), and sampling reads back asynchronously.
 #[wasm_bindgen_test]
 async fn webgpu_trains_the_language_model_like_the_cpu() {
-    let device = WgpuDevice::default();
-    init_setup_async::<AutoGraphicsApi>(&device, Default::default()).await;
+    let device = webgpu().await;
     let config = lm_config();
     let start = config
         .init_params::<NdArray>(&Default::default(), 5)
@@ -221,6 +219,17 @@ async fn webgpu_trains_the_language_model_like_the_cpu() {
 
 fn device_of() -> WgpuDevice {
     WgpuDevice::default()
+}
+
+/// The WebGPU device, set up once per page (a second setup of the same device panics).
+async fn webgpu() -> WgpuDevice {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static READY: AtomicBool = AtomicBool::new(false);
+    let device = WgpuDevice::default();
+    if !READY.swap(true, Ordering::SeqCst) {
+        init_setup_async::<AutoGraphicsApi>(&device, Default::default()).await;
+    }
+    device
 }
 
 #[wasm_bindgen_test]
