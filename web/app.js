@@ -9,6 +9,7 @@ let runs = [];
 let selected = null; // the run id whose status the page shows
 let history = []; // that run's round history, oldest first
 let contributor = null;
+const CHART_ROUNDS = 1000;
 
 function log(text, cls) {
   const li = document.createElement('li');
@@ -104,13 +105,18 @@ async function refreshStatus() {
     const res = await fetch(`api/runs/${run}/status?history=0`, { cache: 'no-store' });
     if (res.ok) {
       const s = await res.json();
-      if (s.history_len < history.length) history = []; // the run started over
-      while (history.length < s.history_len) {
-        const page = await fetch(`api/runs/${run}/history?from=${history.length}`, { cache: 'no-store' });
+      const have = history.at(-1)?.round ?? -1;
+      if (have > s.round) history = []; // the run started over
+      // New rows only; the chart shows at most the last CHART_ROUNDS rounds.
+      let from = Math.max(history.at(-1)?.round + 1 || 0, s.history_from, s.round + 1 - CHART_ROUNDS);
+      while (from <= s.round) {
+        const page = await fetch(`api/runs/${run}/history?from=${from}`, { cache: 'no-store' });
         const rows = page.ok ? await page.json() : [];
         if (rows.length === 0) break;
         history.push(...rows);
+        from = rows.at(-1).round + 1;
       }
+      if (history.length > CHART_ROUNDS) history.splice(0, history.length - CHART_ROUNDS);
       const lm = isLm(s);
       $('run').textContent = s.run_id;
       $('model').textContent = s.spec.model_name;

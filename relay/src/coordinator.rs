@@ -66,8 +66,9 @@ pub struct Status {
     pub joined_peers: usize,
     /// The newest rows of the round history (at most [`STATUS_HISTORY`]).
     pub history: Vec<RoundRecord>,
-    /// Rows in the whole history.
-    pub history_len: usize,
+    /// The oldest round whose history row is still kept (older rows: see the retention
+    /// policy; a relay without a data directory keeps only the newest rows in memory).
+    pub history_from: u64,
     pub rejected: BTreeMap<String, u64>,
     pub accepted_updates: u64,
     /// Differential privacy spent per peer so far (ε at the run's δ), when the run uses DP.
@@ -101,7 +102,11 @@ pub struct RunSpecView {
 struct State {
     round: RoundState,
     eval: Evaluation,
-    history: Vec<RoundRecord>,
+    /// The newest [`STATUS_HISTORY`] rows (the store keeps the rest): memory does not grow
+    /// with the number of rounds.
+    history: VecDeque<RoundRecord>,
+    /// The oldest round with a history row.
+    history_from: u64,
     params: HashMap<ParamsHash, Arc<Vec<u8>>>,
     params_order: VecDeque<ParamsHash>,
     announcement: Signed<RoundAnnouncement>,
@@ -211,10 +216,12 @@ impl Coordinator {
                     loss: record.loss,
                 };
                 let announcement = identity.sign(&round.announcement(eval, 0))?;
+                let (history, first) = store.recent_history(&spec.run_id, STATUS_HISTORY)?;
                 State {
                     round,
                     eval,
-                    history: record.history,
+                    history: history.into(),
+                    history_from: first.unwrap_or(record.round),
                     params: HashMap::new(),
                     params_order: VecDeque::new(),
                     announcement,
@@ -239,7 +246,8 @@ impl Coordinator {
                 let mut state = State {
                     round,
                     eval,
-                    history: Vec::new(),
+                    history: VecDeque::new(),
+                    history_from: 0,
                     params: HashMap::new(),
                     params_order: VecDeque::new(),
                     announcement,
@@ -249,7 +257,7 @@ impl Coordinator {
                     rejected: BTreeMap::new(),
                     accepted: 0,
                 };
-                state.history.push(RoundRecord {
+                state.history.push_back(RoundRecord {
                     round: 0,
                     accuracy: eval.accuracy,
                     val_loss: eval.loss,
@@ -532,7 +540,15 @@ impl Coordinator {
             tracing::error!(error = %why, backend = %self.aggregation, round = closed.round, "aggregation failed; θ is kept");
         }
         state.eval = eval;
-        state.history.push(record(&closed, eval, now, aggregation_ms));
+        state
+            .history
+            .push_back(record(&closed, eval, now, aggregation_ms));
+        while state.history.len() > STATUS_HISTORY {
+            state.history.pop_front();
+            if self.store.is_none() {
+                state.history_from = state.history.front().map_or(0, |r| r.round);
+            }
+        }
         store_params(&mut state);
         // The checkpoint and the run record are written before the round is announced.
         if let Some(store) = &self.store
@@ -577,16 +593,23 @@ impl Coordinator {
         );
     }
 
-    /// Rows `from..from + limit` of the round history (at most [`STATUS_HISTORY`] at once).
-    pub async fn history(&self, from: usize, limit: usize) -> Vec<RoundRecord> {
+    /// Up to `limit` rows of the round history from round `from` on (at most
+    /// [`STATUS_HISTORY`] at once), oldest first: from the store when the relay has one, else
+    /// from the newest rows kept in memory.
+    pub async fn history(&self, from: u64, limit: usize) -> anyhow::Result<Vec<RoundRecord>> {
+        let limit = limit.min(STATUS_HISTORY);
+        if let Some(store) = &self.store {
+            let (store, run) = (store.clone(), self.spec.run_id.clone());
+            return tokio::task::spawn_blocking(move || store.history(&run, from, limit)).await?;
+        }
         let state = self.state.lock().await;
-        state
+        Ok(state
             .history
             .iter()
-            .skip(from)
-            .take(limit.min(STATUS_HISTORY))
+            .filter(|r| r.round >= from)
+            .take(limit)
             .cloned()
-            .collect()
+            .collect())
     }
 
     /// The run's status with the newest [`STATUS_HISTORY`] rows of history.
@@ -608,8 +631,13 @@ impl Coordinator {
             updates_this_round: state.round.updates_this_round(),
             active_peers: state.round.active_peers(now),
             joined_peers: state.joined.len(),
-            history: state.history[state.history.len().saturating_sub(rows)..].to_vec(),
-            history_len: state.history.len(),
+            history: state
+                .history
+                .iter()
+                .skip(state.history.len().saturating_sub(rows))
+                .cloned()
+                .collect(),
+            history_from: state.history_from,
             rejected: state.rejected.clone(),
             accepted_updates: state.accepted,
             round_timeout_ms: state.round.round_timeout_ms(),
@@ -717,10 +745,13 @@ async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow:
             checkpoint: key,
             accuracy: state.eval.accuracy,
             loss: state.eval.loss,
-            history: state.history.clone(),
             accepted: state.accepted,
             rejected: state.rejected.clone(),
         },
+        state
+            .history
+            .back()
+            .ok_or_else(|| anyhow::anyhow!("no history row for the round"))?,
     )?;
     // Only once the record points at the new checkpoint may older ones go.
     store.prune(&round.spec.run_id, round.round).await?;

@@ -27,6 +27,8 @@ pub struct AppState {
 #[derive(Debug)]
 pub enum ApiError {
     NotFound(&'static str),
+    /// Details are logged where it happens.
+    Internal,
 }
 
 impl IntoResponse for ApiError {
@@ -34,6 +36,9 @@ impl IntoResponse for ApiError {
         match self {
             Self::NotFound(what) => {
                 (StatusCode::NOT_FOUND, format!("{what} not found\n")).into_response()
+            }
+            Self::Internal => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
             }
         }
     }
@@ -160,7 +165,7 @@ async fn text(
 #[derive(Debug, serde::Deserialize)]
 struct HistoryQuery {
     #[serde(default)]
-    from: usize,
+    from: u64,
     #[serde(default = "history_page")]
     limit: usize,
 }
@@ -169,7 +174,8 @@ fn history_page() -> usize {
     crate::coordinator::STATUS_HISTORY
 }
 
-/// Rows of a run's round history, `?from=N&limit=M` (at most 200 a page), oldest first.
+/// A run's round history from round `?from=R`, at most `&limit=M` rows (200 a page), oldest
+/// first.
 async fn history(
     State(state): State<AppState>,
     Path(run): Path<String>,
@@ -177,7 +183,11 @@ async fn history(
 ) -> Result<Response, ApiError> {
     let rows = find_run(&state, &run)?
         .history(query.from, query.limit)
-        .await;
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not read the history");
+            ApiError::Internal
+        })?;
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(rows)).into_response())
 }
 

@@ -66,6 +66,8 @@ pub struct RelayConfig {
     /// Where checkpoints go, as a URL (`s3://bucket/prefix`, `file:///path`); None: the data
     /// directory's `checkpoints/`. The run database stays in the data directory.
     pub checkpoint_store: Option<String>,
+    /// How many rounds of history rows and ledger entries the data directory keeps.
+    pub retention: store::Retention,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -158,6 +160,7 @@ impl Default for RelayConfig {
             aggregation: AggregationBackend::default(),
             keep_checkpoints: store::KEEP_CHECKPOINTS,
             checkpoint_store: None,
+            retention: store::Retention::default(),
         }
     }
 }
@@ -241,7 +244,11 @@ impl Relay {
                     Some(url) => store::Store::open_at(dir, url)?,
                     None => store::Store::open(dir)?,
                 };
-                Some(Arc::new(store.with_keep(config.keep_checkpoints)))
+                Some(Arc::new(
+                    store
+                        .with_keep(config.keep_checkpoints)
+                        .with_retention(config.retention),
+                ))
             }
             None => None,
         };

@@ -105,7 +105,8 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
     }
     let mean_of = |t: Tensor<B, 2>| t.mean_dim(0).reshape([n]);
     // Rows added one after another in order, as the CPU kernels add them: the same roundings,
-    // so mean, median and trimmed mean are bitwise equal to [`aggregate`]'s.
+    // so mean and median are bitwise equal to [`aggregate`]'s. (The trimmed mean's CPU kernel
+    // sums its kept values in selection-network order, so the two agree to rounding.)
     let row_sum = |t: &Tensor<B, 2>, from: usize, count: usize| {
         (from + 1..from + count).fold(t.clone().narrow(0, from, 1), |acc, r| {
             acc + t.clone().narrow(0, r, 1)

@@ -248,6 +248,13 @@ struct Serve {
     /// Checkpoints kept per run in the data directory (older ones are deleted).
     #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS", default_value_t = swarmtrain_relay::store::KEEP_CHECKPOINTS)]
     keep_checkpoints: usize,
+    /// Rounds of round history kept in the data directory (the newest; default: all).
+    #[arg(long, env = "SWARMTRAIN_HISTORY_RETENTION_ROUNDS")]
+    history_retention_rounds: Option<u64>,
+    /// Rounds of the contribution ledger kept in the data directory (the newest, and never fewer
+    /// than --keep-checkpoints; default: all).
+    #[arg(long, env = "SWARMTRAIN_LEDGER_RETENTION_ROUNDS")]
+    ledger_retention_rounds: Option<u64>,
     /// Seed of every run's initial parameters.
     #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
     seed: u64,
@@ -744,6 +751,10 @@ async fn main() -> anyhow::Result<()> {
         aggregation: args.aggregation_backend,
         keep_checkpoints: args.keep_checkpoints,
         checkpoint_store: args.checkpoint_store,
+        retention: swarmtrain_relay::store::Retention {
+            history_rounds: args.history_retention_rounds,
+            ledger_rounds: args.ledger_retention_rounds,
+        },
     };
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());
