@@ -74,20 +74,18 @@ async fn every_compiled_backend_matches_the_cpu() {
             );
             outer.step(&mut cpu_theta, &aggregate).expect("shape");
             let cpu_v = outer.velocity;
-            // The Burn tensor path on the CPU backend: bitwise the CPU kernels' result.
-            let burn = outer_step_with::<NdArray>(
-                &Default::default(),
-                &RoundInputs {
-                    params: &params,
-                    velocity: &velocity,
-                    contributions: &contributions,
-                    rule: &rule,
-                    center: None,
-                    outer: &spec,
-                },
-            )
-            .await
-            .expect("burn ndarray");
+            let inputs = RoundInputs {
+                params: &params,
+                velocity: &velocity,
+                contributions: &contributions,
+                rule: &rule,
+                center: None,
+                outer: &spec,
+            };
+            // The Burn tensor path on the CPU backend.
+            let burn = outer_step_with::<NdArray>(&Default::default(), &inputs)
+                .await
+                .expect("burn ndarray");
             // Mean and median: bit for bit. Trimmed mean: the CPU kernel's selection network
             // leaves the kept values in network order, not sorted, so its f32 sum may round
             // differently in the last place from the sorted sum the tensor path takes.
@@ -105,14 +103,6 @@ async fn every_compiled_backend_matches_the_cpu() {
                     continue;
                 }
                 // The first call on a GPU backend compiles kernels; time the second.
-                let inputs = RoundInputs {
-                    params: &params,
-                    velocity: &velocity,
-                    contributions: &contributions,
-                    rule: &rule,
-                    center: None,
-                    outer: &spec,
-                };
                 backend.outer_step(&inputs).await.expect("warm-up");
                 let started = Instant::now();
                 let Stepped {

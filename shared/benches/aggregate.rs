@@ -62,6 +62,42 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
+    // The yardstick for the mean, which only reads its 64 MB: a read-only pass over the same
+    // rows on as many threads, each summing the bits of its share of every row (an integer sum,
+    // which the compiler vectorizes; nothing is written).
+    let rows: Vec<&[f32]> = updates.iter().map(|c| c.delta.as_slice()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut group = c.benchmark_group("memory");
+    group
+        .sample_size(15)
+        .measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Bytes(bytes));
+    group.bench_function("read_16x1M", |b| {
+        b.iter(|| {
+            let part = N.div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let rows = &rows;
+                        scope.spawn(move || {
+                            let range = (t * part).min(N)..((t + 1) * part).min(N);
+                            rows.iter().fold(0u32, |acc, row| {
+                                row[range.clone()]
+                                    .iter()
+                                    .fold(acc, |a, v| a.wrapping_add(v.to_bits()))
+                            })
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(0))
+                    .fold(0u32, u32::wrapping_add)
+            })
+        })
+    });
+    group.finish();
+
     // Reference: a plain 256 MB copy (read + write), the machine's memory bandwidth.
     let source = vec![1.0f32; 64 << 20];
     let mut target = vec![0.0f32; 64 << 20];

@@ -8,10 +8,12 @@ use clap::{Parser, Subcommand};
 mod attack_grid;
 mod loadtest;
 mod simulate;
+mod soak;
 
 use attack_grid::{AttackGrid, attack_grid};
 use loadtest::{Loadtest, loadtest};
 use simulate::{Simulate, simulate};
+use soak::{Soak, soak};
 use swarmtrain_relay::{AggregationBackend, Relay, RelayConfig, default_run};
 use swarmtrain_shared::protocol::Codec;
 use swarmtrain_shared::robust::Rule;
@@ -34,7 +36,7 @@ enum Command {
     Serve(Serve),
     /// Create a new identity key file (refuses to overwrite one) and print its peer key.
     Keygen(Keygen),
-    /// Print a running relay's status: run, round, accuracy, peers, rejections.
+    /// Print a running relay's status: run, round, held-out loss or accuracy, peers, rejections.
     Status(StatusArgs),
     /// Download a relay's current global parameters as a safetensors checkpoint.
     Export(Export),
@@ -46,6 +48,8 @@ enum Command {
     /// Load-test a running relay: connect many simulated peers over TCP, keep them waiting for
     /// rounds, close rounds with synthetic updates, and report announcement latencies as JSON.
     Loadtest(Loadtest),
+    /// Drive a relay process through many fast rounds and report round time, memory and disk.
+    Soak(Soak),
     /// Run the Byzantine attack grid on the digits: every standard attack × every aggregation
     /// rule × attacker fraction, with simulated peers and the shared code; writes a Markdown table.
     AttackGrid(AttackGrid),
@@ -121,13 +125,18 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         get("n_params"),
         get("params_hash").as_str().unwrap_or("?")
     );
-    println!(
-        "accuracy   {}",
-        last.get("accuracy").map_or("—".into(), |a| format!(
-            "{:.1}%",
-            a.as_f64().unwrap_or(0.0) * 100.0
-        ))
-    );
+    match last.get("val_loss").and_then(|l| l.as_f64()) {
+        Some(loss) => println!(
+            "held-out   {loss:.4} nats/byte ({:.3} bits/byte)",
+            loss / std::f64::consts::LN_2
+        ),
+        None => println!(
+            "accuracy   {}",
+            last.get("accuracy")
+                .and_then(|a| a.as_f64())
+                .map_or("—".into(), |a| format!("{:.1}%", a * 100.0))
+        ),
+    }
     println!(
         "peers      {} active, {} joined",
         get("active_peers"),
@@ -716,6 +725,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(args) => return status(args).await,
         Command::Export(args) => return export(args).await,
         Command::Loadtest(args) => return loadtest(args).await,
+        Command::Soak(args) => return soak(args).await,
         Command::AttackGrid(args) => {
             return tokio::task::spawn_blocking(move || attack_grid(args)).await?;
         }
