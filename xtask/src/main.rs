@@ -190,8 +190,11 @@ fn build_wasm() -> Result {
         .join("release/swarmtrain_client.wasm");
     let out = root().join("web/pkg");
     status(
+        // Without the name section (2.4 MB raw, 0.4 MB gzip): panics still report their
+        // message and location; only browser stack traces lose Rust function names.
         Command::new("wasm-bindgen")
-            .args(["--target", "web", "--out-name", "swarmtrain", "--out-dir"])
+            .args(["--target", "web", "--remove-name-section"])
+            .args(["--out-name", "swarmtrain", "--out-dir"])
             .arg(&out)
             .arg(&wasm),
     )?;
