@@ -157,6 +157,15 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
         client.request(&valid).await.expect("answer"),
         RelayToClient::Accepted { round: 0 }
     ));
+    // The round closes on the relay's timer just after `Accepted`: wait for round 1.
+    let ask = ClientToRelay::AwaitRound {
+        run_id: relay.bootstrap.run_id.clone(),
+        after: Some(0),
+    };
+    assert!(matches!(
+        client.request(&attacker.sign(&ask).expect("sign")).await.expect("answer"),
+        RelayToClient::Round(_)
+    ));
     let reason = rejection(client.request(&valid).await.expect("answer"));
     assert!(reason.contains("open round is 1"), "{reason}");
 

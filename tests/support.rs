@@ -399,5 +399,22 @@ pub async fn two_peers_close_round_0(
         send_constant_update(&client_b, &id_b, &round0, 0.02).await,
         RelayToClient::Accepted { round: 0 }
     ));
+    // `Accepted` comes once an update is durable; the round closes just after, on the relay's
+    // round timer. Wait for round 1's announcement as a peer does.
+    let ask = ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after: Some(0),
+    };
+    match client_a
+        .request(&id_a.sign(&ask).expect("sign"))
+        .await
+        .expect("await round")
+    {
+        RelayToClient::Round(signed) => {
+            let round = signed.verify_and_decode().expect("signed").1;
+            assert_eq!(round.round, 1, "round 0 closed");
+        }
+        other => panic!("expected round 1, got {other:?}"),
+    }
     [(client_a, id_a, round0.clone()), (client_b, id_b, round0)]
 }
