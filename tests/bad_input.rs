@@ -163,7 +163,10 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
         after: Some(0),
     };
     assert!(matches!(
-        client.request(&attacker.sign(&ask).expect("sign")).await.expect("answer"),
+        client
+            .request(&attacker.sign(&ask).expect("sign"))
+            .await
+            .expect("answer"),
         RelayToClient::Round(_)
     ));
     let reason = rejection(client.request(&valid).await.expect("answer"));

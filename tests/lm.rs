@@ -39,18 +39,25 @@ async fn three_native_peers_train_the_language_model_and_the_simulator_agrees_bi
             .count();
         assert_eq!(accepted as u64, ROUNDS, "every update accepted: {events:?}");
         assert!(
-            events
-                .iter()
-                .any(|e| matches!(e, PeerEvent::Model { model, .. } if model.contains("transformer"))),
+            events.iter().any(
+                |e| matches!(e, PeerEvent::Model { model, .. } if model.contains("transformer"))
+            ),
             "the peer says which model it trains"
         );
     }
     let losses: Vec<f32> = status.history.iter().filter_map(|r| r.val_loss).collect();
     println!("held-out loss by round (nats per byte): {losses:?}");
-    assert_eq!(losses.len() as u64, ROUNDS + 1, "θ₀ and every round evaluated");
+    assert_eq!(
+        losses.len() as u64,
+        ROUNDS + 1,
+        "θ₀ and every round evaluated"
+    );
     assert!(losses[0] > 5.0, "an untrained byte model: {losses:?}");
     let last = *losses.last().expect("history");
-    assert!(last < 0.75 * losses[0], "the held-out loss falls: {losses:?}");
+    assert!(
+        last < 0.75 * losses[0],
+        "the held-out loss falls: {losses:?}"
+    );
     assert!(
         status.history.iter().skip(1).all(|r| r.contributors == 3),
         "every round aggregated all three peers: {:?}",
@@ -60,7 +67,9 @@ async fn three_native_peers_train_the_language_model_and_the_simulator_agrees_bi
     assert_eq!(status.round, ROUNDS);
 
     // The simulator on the same corpus, seeds, peers (keys in slot order) and rounds.
-    let keys: Vec<_> = (1..=3u8).map(|id| Identity::from_seed([id; 32]).peer()).collect();
+    let keys: Vec<_> = (1..=3u8)
+        .map(|id| Identity::from_seed([id; 32]).peer())
+        .collect();
     let mut by_slot = Vec::new();
     for key in &keys {
         by_slot.push((relay.coordinator.slot(key).await.expect("joined"), *key));

@@ -28,7 +28,8 @@ async fn round_announcements_arrive_by_gossip() {
     let relay = start_relay(run).await;
     let (client, identity, welcome, round0) = join_raw(&relay, [11; 32]).await;
     // The longest answer the relay gives fits the frame size every WebRTC stack reads.
-    let welcome_frame = protocol::encode(&RelayToClient::Welcome(welcome.clone())).expect("encode");
+    let welcome_frame =
+        protocol::encode(&RelayToClient::Welcome(Box::new(welcome.clone()))).expect("encode");
     assert!(
         welcome_frame.len() <= protocol::PREFERRED_FRAME_BYTES,
         "welcome of {} bytes",
@@ -261,7 +262,7 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
     let frame =
         protocol::encode(&Request::Signed(identity.sign(&join).expect("sign"))).expect("encode");
     let welcome = match rpc_call(&mut peer, relay_id, frame).await {
-        RelayToClient::Welcome(welcome) => welcome,
+        RelayToClient::Welcome(welcome) => *welcome,
         other => panic!("expected a welcome, got {other:?}"),
     };
     let round = welcome

@@ -126,7 +126,7 @@ pub async fn join_raw_at(
         .await
         .expect("join")
     {
-        RelayToClient::Welcome(welcome) => welcome,
+        RelayToClient::Welcome(welcome) => *welcome,
         other => panic!("expected a welcome, got {other:?}"),
     };
     let round = welcome

@@ -204,7 +204,7 @@ impl Session {
             .sign(&join)
             .map_err(|e| PeerError::Train(e.to_string()))?;
         let welcome = match client.request(&signed).await? {
-            RelayToClient::Welcome(welcome) => welcome,
+            RelayToClient::Welcome(welcome) => *welcome,
             RelayToClient::Rejected { reason } => return Err(PeerError::Refused(reason)),
             _ => return Err(PeerError::Unexpected("join")),
         };
@@ -333,10 +333,7 @@ impl Session {
     /// The round's text windows for this peer's slot: `steps · batch` windows of `window`
     /// bytes, in step order.
     async fn fetch_text(&self, round: u64, window: usize) -> Result<Vec<u8>, PeerError> {
-        let path = format!(
-            "api/runs/{}/text/{round}/{}",
-            self.spec.run_id, self.slot
-        );
+        let path = format!("api/runs/{}/text/{round}/{}", self.spec.run_id, self.slot);
         let bytes = platform::http_get(&url(&self.relay_url, &path))
             .await
             .map_err(PeerError::Download)?;
@@ -352,7 +349,9 @@ impl Session {
     }
 }
 
-/// A peer's replica of the run's model with its optimizer state, kept across rounds.
+/// A peer's replica of the run's model with its optimizer state, kept across rounds. One per
+/// peer, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Local<B: AutodiffBackend> {
     Digits {
         trainer: Trainer<B, DigitsMlp<B>>,
@@ -451,7 +450,13 @@ pub async fn run<B: AutodiffBackend>(
             Some(replica) => replica,
             None => local.insert(Local::new(&device, &spec, &start)?),
         };
-        if let (Local::Lm { config: lm_config, .. }, true) = (&*replica, config.sample_len > 0) {
+        if let (
+            Local::Lm {
+                config: lm_config, ..
+            },
+            true,
+        ) = (&*replica, config.sample_len > 0)
+        {
             let sampled = lm::sample::<B::InnerBackend>(
                 &device,
                 lm_config,
@@ -497,7 +502,7 @@ pub async fn run<B: AutodiffBackend>(
                     samples += batch.targets.len() as u32;
                     accumulate(&mut sum, trainer.step(&batch));
                     steps += 1;
-                    if steps % 8 == 0 {
+                    if steps.is_multiple_of(8) {
                         // Let the browser breathe (and the relay connection make progress).
                         platform::sleep(Duration::ZERO).await;
                     }

@@ -7,11 +7,9 @@
 
 use std::fmt;
 
-use swarmtrain_shared::aggregate::{
-    AggregateError, RoundInputs, Stepped, step_cpu,
-};
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 use swarmtrain_shared::aggregate::outer_step_with;
+use swarmtrain_shared::aggregate::{AggregateError, RoundInputs, Stepped, step_cpu};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AggregationBackend {

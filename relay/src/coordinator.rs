@@ -426,7 +426,11 @@ impl Coordinator {
                 let spec = state.round.spec.clone();
                 drop(state);
                 match round {
-                    Ok(round) => encode(&RelayToClient::Welcome(Welcome { spec, round, slot })),
+                    Ok(round) => encode(&RelayToClient::Welcome(Box::new(Welcome {
+                        spec,
+                        round,
+                        slot,
+                    }))),
                     Err(e) => self.reject(Some(peer), "internal", e.to_string()).await,
                 }
             }
@@ -471,8 +475,7 @@ impl Coordinator {
                         received_ms: now,
                         update: update.clone(),
                     };
-                    if let Err(e) = store.record_update(&state.round.spec.run_id, &peer, &entry)
-                    {
+                    if let Err(e) = store.record_update(&state.round.spec.run_id, &peer, &entry) {
                         state.round.withdraw(&peer);
                         drop(state);
                         tracing::error!(error = %e, "could not record an accepted update");
@@ -528,7 +531,9 @@ impl Coordinator {
         let (outcome, eval, aggregation_ms) = match worked {
             Ok(done) => done,
             Err(e) => (
-                Err(AggregateError::Rule(format!("the aggregation task failed: {e}"))),
+                Err(AggregateError::Rule(format!(
+                    "the aggregation task failed: {e}"
+                ))),
                 Evaluation::default(),
                 0.0,
             ),
@@ -702,12 +707,7 @@ fn evaluate(spec: &RunSpec, data: &TaskData, params: &[f32]) -> anyhow::Result<E
     })
 }
 
-fn record(
-    closed: &RoundClosed,
-    eval: Evaluation,
-    now: u64,
-    aggregation_ms: f64,
-) -> RoundRecord {
+fn record(closed: &RoundClosed, eval: Evaluation, now: u64, aggregation_ms: f64) -> RoundRecord {
     let n = closed.contributors.len();
     RoundRecord {
         round: closed.next_round,

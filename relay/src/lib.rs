@@ -131,10 +131,9 @@ pub fn default_lm_run(corpus: &str) -> RunSpec {
 /// run seed `seed`, as the simulator splits it).
 pub fn load_data(spec: &RunSpec, seed: u64) -> anyhow::Result<dataset::TaskData> {
     Ok(match (&spec.data.source, spec.model.lm_config()) {
-        (DataSource::Digits, _) => dataset::TaskData::Digits(dataset::digits(
-            &spec.run_id,
-            spec.data.n_shards as usize,
-        )?),
+        (DataSource::Digits, _) => {
+            dataset::TaskData::Digits(dataset::digits(&spec.run_id, spec.data.n_shards as usize)?)
+        }
         (DataSource::Text { name }, Some(config)) => {
             let text = corpus::load(Path::new(name))?.text;
             dataset::TaskData::Text(

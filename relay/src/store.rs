@@ -166,11 +166,19 @@ impl Store {
     }
 
     /// Up to `limit` history rows of `run_id` from round `from` on, oldest first.
-    pub fn history(&self, run_id: &str, from: u64, limit: usize) -> anyhow::Result<Vec<RoundRecord>> {
+    pub fn history(
+        &self,
+        run_id: &str,
+        from: u64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<RoundRecord>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(HISTORY)?;
         let mut rows = Vec::new();
-        for item in table.range((run_id, from)..=(run_id, u64::MAX))?.take(limit) {
+        for item in table
+            .range((run_id, from)..=(run_id, u64::MAX))?
+            .take(limit)
+        {
             let (_, value) = item?;
             rows.push(postcard::from_bytes(value.value()).context("a history row is corrupt")?);
         }
@@ -421,8 +429,7 @@ impl Store {
             let before = (record.round + 1).saturating_sub(keep.max(self.keep as u64));
             let low: (&str, u64, &[u8]) = (run_id, 0, &[]);
             let high: (&str, u64, &[u8]) = (run_id, before, &[]);
-            tx.open_table(LEDGER)?
-                .retain_in(low..high, |_, _| false)?;
+            tx.open_table(LEDGER)?.retain_in(low..high, |_, _| false)?;
         }
         tx.commit()?;
         Ok(())
@@ -575,7 +582,9 @@ mod tests {
                 accepted: round + 1,
                 rejected: BTreeMap::new(),
             };
-            store.commit_round("run", &record, &row(round)).expect("commit");
+            store
+                .commit_round("run", &record, &row(round))
+                .expect("commit");
         }
         let (recent, first) = store.recent_history("run", 3).expect("history");
         assert_eq!(recent, vec![row(17), row(18), row(19)]);

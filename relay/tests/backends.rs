@@ -5,9 +5,9 @@
 
 use std::time::Instant;
 
+use burn::backend::NdArray;
 use swarmtrain_relay::AggregationBackend;
 use swarmtrain_shared::PeerKey;
-use burn::backend::NdArray;
 use swarmtrain_shared::aggregate::{Contribution, RoundInputs, Stepped, outer_step_with};
 use swarmtrain_shared::data::SplitMix64;
 use swarmtrain_shared::outer::OuterOptimizer;

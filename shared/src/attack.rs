@@ -17,8 +17,7 @@ use crate::model::{DigitsMlp, DigitsMlpConfig};
 use crate::params::{self, ParamsError};
 use crate::privacy::standard_normal;
 use crate::protocol::{
-    Codec, DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update,
-    params_to_bytes,
+    Codec, DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update, params_to_bytes,
 };
 use crate::robust::Rule;
 use crate::round::RoundState;
@@ -275,9 +274,8 @@ pub async fn run_attack<B: AutodiffBackend>(
             );
             state.finish_close(Err(AggregateError::Rule(why)), now + 1_000);
         }
-        accuracy.push(
-            evaluate::<B::InnerBackend>(device, &run.model, state.params(), held_out).await?,
-        );
+        accuracy
+            .push(evaluate::<B::InnerBackend>(device, &run.model, state.params(), held_out).await?);
     }
     Ok(accuracy)
 }

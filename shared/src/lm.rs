@@ -371,7 +371,11 @@ mod tests {
             .expect("sample")
         };
         let a = run(1, 1.0);
-        assert_eq!(a.len(), 22, "prompt and 20 bytes (longer than the context of 8)");
+        assert_eq!(
+            a.len(),
+            22,
+            "prompt and 20 bytes (longer than the context of 8)"
+        );
         assert_eq!(&a[..2], b"ab");
         assert_eq!(a, run(1, 1.0), "same seed, same text");
         assert_ne!(a, run(2, 1.0), "another seed, other text");

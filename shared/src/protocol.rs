@@ -172,7 +172,8 @@ pub struct Update {
 /// What the relay sends back.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RelayToClient {
-    Welcome(Welcome),
+    /// Boxed: a run spec is far larger than the other answers (the wire form is the same).
+    Welcome(Box<Welcome>),
     Round(Signed<RoundAnnouncement>),
     Accepted {
         round: u64,
@@ -436,18 +437,22 @@ impl RunSpec {
         }
         let o = &self.inner.optimizer;
         let s = &o.schedule;
-        if !(s.peak.is_finite() && s.peak > 0.0)
-            || !(0.0..=1.0).contains(&s.min_ratio)
-            || !o.weight_decay.is_finite()
-            || !(0.0..1.0).contains(&o.beta_1)
-            || !(0.0..1.0).contains(&o.beta_2)
-            || o.clip_norm.is_some_and(|c| !(c.is_finite() && c > 0.0))
-        {
-            return fail(format!("the inner optimizer's settings are out of range: {o:?}"));
+        let inner_ok = s.peak.is_finite()
+            && s.peak > 0.0
+            && (0.0..=1.0).contains(&s.min_ratio)
+            && o.weight_decay.is_finite()
+            && (0.0..1.0).contains(&o.beta_1)
+            && (0.0..1.0).contains(&o.beta_2)
+            && o.clip_norm.is_none_or(|c| c.is_finite() && c > 0.0);
+        if !inner_ok {
+            return fail(format!(
+                "the inner optimizer's settings are out of range: {o:?}"
+            ));
         }
-        if !(self.outer.lr.is_finite() && self.outer.lr > 0.0)
-            || !(0.0..1.0).contains(&self.outer.momentum)
-        {
+        let outer_ok = self.outer.lr.is_finite()
+            && self.outer.lr > 0.0
+            && (0.0..1.0).contains(&self.outer.momentum);
+        if !outer_ok {
             return fail(format!(
                 "the outer learning rate must be positive and the momentum in [0, 1): {:?}",
                 self.outer

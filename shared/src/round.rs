@@ -683,12 +683,7 @@ mod tests {
         assert!((s.params()[0] + 0.1).abs() < 1e-6, "{:?}", s.params());
 
         // A quorum below what the rule needs is refused when the run is set up.
-        let err = RunSpec {
-            quorum: 3,
-            ..krum
-        }
-        .validate()
-        .unwrap_err();
+        let err = RunSpec { quorum: 3, ..krum }.validate().unwrap_err();
         assert!(err.reason.contains("needs at least 5 updates"), "{err}");
     }
 }

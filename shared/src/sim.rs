@@ -18,9 +18,7 @@ use crate::data::derive_seed;
 use crate::lm::LmConfig;
 use crate::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, TextBatch, evaluate_lm};
 use crate::params::ParamsError;
-use crate::protocol::{
-    DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update,
-};
+use crate::protocol::{DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update};
 use crate::robust::{RobustError, Rule};
 use crate::round::RoundState;
 use crate::text::{Shards, TextCorpus};
@@ -189,7 +187,12 @@ pub async fn simulate<B: AutodiffBackend>(
         );
         for step in 0..config.pretrain_steps {
             trainer.step(&TextBatch {
-                windows: pretrain.batch(0, 1, u64::from(step), config.pretrain_batch.max(1) as usize),
+                windows: pretrain.batch(
+                    0,
+                    1,
+                    u64::from(step),
+                    config.pretrain_batch.max(1) as usize,
+                ),
                 window,
             });
         }
@@ -240,11 +243,15 @@ pub async fn simulate<B: AutodiffBackend>(
             }
             let keys: Vec<PeerKey> = (0..peers)
                 .map(|p| {
-                    config.peer_keys.get(p as usize).copied().unwrap_or_else(|| {
-                        let mut key = [0u8; 32];
-                        key[..4].copy_from_slice(&p.to_be_bytes());
-                        PeerKey(key)
-                    })
+                    config
+                        .peer_keys
+                        .get(p as usize)
+                        .copied()
+                        .unwrap_or_else(|| {
+                            let mut key = [0u8; 32];
+                            key[..4].copy_from_slice(&p.to_be_bytes());
+                            PeerKey(key)
+                        })
                 })
                 .collect();
             let spec = run_spec(config, *inner_steps, outer);

@@ -3,8 +3,8 @@
 
 use burn::backend::wgpu::{WgpuDevice, graphics::AutoGraphicsApi, init_setup_async};
 use burn::backend::{Autodiff, NdArray, Wgpu};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::prelude::ElementConversion;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use swarmtrain_shared::data::{BatchSampler, DigitsSet};
 use swarmtrain_shared::lm::{LmConfig, SampleConfig, sample};
 use swarmtrain_shared::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, TextBatch, Trainer};
@@ -95,7 +95,12 @@ async fn train_lm<B: AutodiffBackend>(device: &B::Device, start: &[f32]) -> (Vec
             })
             .collect();
         let loss = trainer.step(&TextBatch { windows, window });
-        losses.push(loss.into_scalar_async().await.expect("readback").elem::<f32>());
+        losses.push(
+            loss.into_scalar_async()
+                .await
+                .expect("readback")
+                .elem::<f32>(),
+        );
     }
     (
         trainer.params().await.expect("readback"),
@@ -182,7 +187,8 @@ async fn webgpu_trains_the_language_model_like_the_cpu() {
         .await
         .expect("θ₀");
     let (gpu, gpu_first, gpu_last) = train_lm::<Autodiff<Wgpu>>(&device, &start).await;
-    let (cpu, cpu_first, cpu_last) = train_lm::<Autodiff<NdArray>>(&Default::default(), &start).await;
+    let (cpu, cpu_first, cpu_last) =
+        train_lm::<Autodiff<NdArray>>(&Default::default(), &start).await;
     assert!(
         gpu_last < gpu_first * 0.8,
         "WebGPU loss {gpu_first} -> {gpu_last}"
@@ -196,7 +202,10 @@ async fn webgpu_trains_the_language_model_like_the_cpu() {
         .zip(&cpu)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(max_diff < 2e-2, "WebGPU and CPU parameters differ by up to {max_diff}");
+    assert!(
+        max_diff < 2e-2,
+        "WebGPU and CPU parameters differ by up to {max_diff}"
+    );
     let sampled = |theta: Vec<f32>| async move {
         sample::<Wgpu>(
             &device_of(),

@@ -29,6 +29,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the page and the runs (by default the language model; more with `[[run]]` tables
@@ -301,6 +303,9 @@ struct RunArgs {
     /// Language model: transformer blocks.
     #[arg(long, env = "SWARMTRAIN_LAYERS")]
     layers: Option<u32>,
+    /// Language model: MLP width as a multiple of --d-model.
+    #[arg(long, env = "SWARMTRAIN_MLP_RATIO")]
+    mlp_ratio: Option<u32>,
     /// Hidden units of the digits MLP.
     #[arg(long, env = "SWARMTRAIN_HIDDEN")]
     hidden: Option<u32>,
@@ -622,18 +627,26 @@ fn run_spec(a: &RunArgs) -> anyhow::Result<swarmtrain_shared::protocol::RunSpec>
             d_model,
             heads,
             layers,
-            ..
+            mlp_ratio,
         } => {
-            anyhow::ensure!(a.hidden.is_none(), "--hidden is an option of the digits model");
+            anyhow::ensure!(
+                a.hidden.is_none(),
+                "--hidden is an option of the digits model"
+            );
             *context = a.context.unwrap_or(*context);
             *d_model = a.d_model.unwrap_or(*d_model);
             *heads = a.heads.unwrap_or(*heads);
             *layers = a.layers.unwrap_or(*layers);
+            *mlp_ratio = a.mlp_ratio.unwrap_or(*mlp_ratio);
         }
         ModelSpec::DigitsMlp { hidden } => {
             anyhow::ensure!(
-                a.context.is_none() && a.d_model.is_none() && a.heads.is_none() && a.layers.is_none(),
-                "--context, --d-model, --heads and --layers are options of the language model"
+                a.context.is_none()
+                    && a.d_model.is_none()
+                    && a.heads.is_none()
+                    && a.layers.is_none()
+                    && a.mlp_ratio.is_none(),
+                "--context, --d-model, --heads, --layers and --mlp-ratio are options of the language model"
             );
             *hidden = a.hidden.unwrap_or(*hidden);
         }

@@ -123,24 +123,43 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
     use swarmtrain_client::rpc::RelayClient;
     use swarmtrain_shared::Identity;
     use swarmtrain_shared::protocol::{
-        Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, Update,
-        params_to_bytes,
+        Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, Update, params_to_bytes,
     };
 
-    anyhow::ensure!(args.every >= 1 && args.rounds >= args.every, "--rounds ≥ --every ≥ 1");
+    anyhow::ensure!(
+        args.every >= 1 && args.rounds >= args.every,
+        "--rounds ≥ --every ≥ 1"
+    );
     let data = TempDir::new()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut child = Command::new(std::env::current_exe()?);
     child
-        .args(["serve", "--model", "digits", "--hidden", "4", "--quorum", "1"])
-        .args(["--round-deadline-secs", "600", "--tcp-port", "0", "--ws-port", "0"])
+        .args([
+            "serve", "--model", "digits", "--hidden", "4", "--quorum", "1",
+        ])
+        .args([
+            "--round-deadline-secs",
+            "600",
+            "--tcp-port",
+            "0",
+            "--ws-port",
+            "0",
+        ])
         .arg(format!("--http=127.0.0.1:{port}"))
         .arg("--data-dir")
         .arg(data.path())
         .arg("--web-dir")
         .arg(&args.web_dir)
-        .arg(format!("--history-retention-rounds={}", args.history_retention_rounds))
-        .arg(format!("--ledger-retention-rounds={}", args.ledger_retention_rounds))
+        .arg(format!(
+            "--history-retention-rounds={}",
+            args.history_retention_rounds
+        ))
+        .arg(format!(
+            "--ledger-retention-rounds={}",
+            args.ledger_retention_rounds
+        ))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -150,7 +169,9 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
     let started = Instant::now();
     let boot = loop {
         match http_get(&format!("{base}/api/bootstrap")).await {
-            Ok(bytes) => break serde_json::from_slice::<swarmtrain_client::peer::Bootstrap>(&bytes)?,
+            Ok(bytes) => {
+                break serde_json::from_slice::<swarmtrain_client::peer::Bootstrap>(&bytes)?;
+            }
             Err(_) if started.elapsed() < Duration::from_secs(60) => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
@@ -174,7 +195,7 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
         },
     });
     let welcome = match client.request(&identity.sign(&join)?).await? {
-        RelayToClient::Welcome(w) => w,
+        RelayToClient::Welcome(w) => *w,
         other => anyhow::bail!("expected a welcome, got {other:?}"),
     };
     let relay_key = welcome.relay_key().to_vec();
@@ -275,7 +296,13 @@ fn report(args: &Soak, samples: &[Sample], elapsed: f64) -> String {
         args.rounds as f64 / elapsed.max(1e-9),
     );
     for s in samples {
-        let time = |v: f64| if v.is_nan() { "—".to_owned() } else { format!("{v:.2}") };
+        let time = |v: f64| {
+            if v.is_nan() {
+                "—".to_owned()
+            } else {
+                format!("{v:.2}")
+            }
+        };
         out.push_str(&format!(
             "| {} | {} | {} | {:.1} | {:.2} | {:.1} |\n",
             s.round,
