@@ -33,8 +33,8 @@ use crate::rpc::{RelayClient, RpcError};
 /// How long a peer waits for a gossiped announcement before it also long-polls the relay.
 pub const POLL_AFTER: Duration = Duration::from_secs(3);
 
-/// How a peer finds and joins a relay.
-#[derive(Clone, Debug)]
+/// How a peer finds and joins a relay. Its `Debug` leaves the identity seed out.
+#[derive(Clone)]
 pub struct PeerConfig {
     /// The relay's HTTP base URL, e.g. `http://127.0.0.1:8080/`.
     pub relay_url: String,
@@ -54,6 +54,20 @@ pub struct PeerConfig {
     pub sample_len: usize,
     /// Set to stop the peer after its current step.
     pub stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("relay_url", &self.relay_url)
+            .field("run_id", &self.run_id)
+            .field("transport", &self.transport)
+            .field("identity_seed", &"<secret>")
+            .field("backend", &self.backend)
+            .field("max_rounds", &self.max_rounds)
+            .field("sample_len", &self.sample_len)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a peer reports as it works (the browser page shows these).
