@@ -61,6 +61,25 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     let reason = rejection(protocol::decode(&answer).expect("decodes"));
     assert!(reason.contains("malformed"), "{reason}");
 
+    // A long poll for a round after one that does not exist yet is answered at once with the
+    // current round instead of leaving a waiter that no announcement would ever release.
+    let ask = ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after: Some(u64::MAX),
+    };
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(&attacker.sign(&ask).expect("sign")),
+    )
+    .await
+    .expect("answered without waiting for the long poll's timeout")
+    .expect("answer");
+    let RelayToClient::Round(current) = answer else {
+        panic!("a round announcement, got {answer:?}")
+    };
+    let (_, current) = current.verify_and_decode().expect("signed by the relay");
+    assert_eq!(current.round, 0);
+
     // An update too long for one frame travels in parts; parts that skip ahead, or whose whole
     // does not match its digest, are refused.
     let frames = protocol::requests_for(&attacker.sign(&update(0, vec![0.0; n])).expect("sign"))

@@ -7,8 +7,10 @@
 //!
 //! [`platform`] is the only module that knows which target it is compiled for.
 
+pub mod bench;
 pub mod peer;
 pub mod platform;
+pub mod replica;
 pub mod rpc;
 
 pub use peer::{PeerConfig, PeerError, PeerEvent};

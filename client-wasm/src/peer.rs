@@ -1,33 +1,27 @@
 //! The contributor loop, generic over the Burn backend: join, then for every round fetch θ_t
 //! and the round's data, train H local steps, and send the signed pseudo-gradient.
 //!
-//! The inner loop is the simulator's ([`Trainer`]): one replica per run whose AdamW moments
-//! persist across rounds (reset when the run's θ lineage restarts), with the run's warm-up,
-//! cosine schedule and clipping at the run's global step `round · H + s`.
+//! The inner loop is [`Replica::train_round`], the simulator's trainer: one replica per run
+//! whose AdamW moments persist across rounds (reset when the run's θ lineage restarts).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use burn::prelude::ElementConversion;
-use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::compress::ErrorFeedback;
-use swarmtrain_shared::data::{self, BatchSampler, DigitsSet};
-use swarmtrain_shared::lm::{self, Lm, LmConfig, SampleConfig};
-use swarmtrain_shared::lm_train::{LmTrainer, TextBatch, Trainer};
-use swarmtrain_shared::model::{DigitsMlp, DigitsMlpConfig};
-use swarmtrain_shared::params;
+use swarmtrain_shared::data::{self, DigitsSet};
+use swarmtrain_shared::lm::{self, SampleConfig};
 use swarmtrain_shared::protocol::{
-    self, Capabilities, ClientToRelay, Join, ModelSpec, PROTOCOL_VERSION, ParamsHash,
-    RelayToClient, RoundAnnouncement, RunSpec, Update,
+    self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, ParamsHash, RelayToClient,
+    RoundAnnouncement, RunSpec, Update,
 };
-use swarmtrain_shared::train::DigitsBatch;
 use swarmtrain_shared::{Identity, Signed};
 use web_time::Instant;
 
 use crate::platform;
+use crate::replica::{LocalRound, Replica, RoundData};
 use crate::rpc::{RelayClient, RpcError};
 
 /// How long a peer waits for a gossiped announcement before it also long-polls the relay.
@@ -363,53 +357,6 @@ impl Session {
     }
 }
 
-/// A peer's replica of the run's model with its optimizer state, kept across rounds. One per
-/// peer, so the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-enum Local<B: AutodiffBackend> {
-    Digits {
-        trainer: Trainer<B, DigitsMlp<B>>,
-    },
-    Lm {
-        config: LmConfig,
-        trainer: LmTrainer<B>,
-    },
-}
-
-impl<B: AutodiffBackend> Local<B> {
-    fn new(device: &B::Device, spec: &RunSpec, start: &[f32]) -> Result<Self, PeerError> {
-        let train = |e: params::ParamsError| PeerError::Train(e.to_string());
-        Ok(match (&spec.model, spec.model.lm_config()) {
-            (_, Some(config)) => {
-                let module: Lm<B> = params::load(config.init::<B>(device), start).map_err(train)?;
-                Self::Lm {
-                    trainer: Trainer::with_module(device, module, &spec.inner.optimizer),
-                    config,
-                }
-            }
-            (ModelSpec::DigitsMlp { hidden }, None) => {
-                let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
-                let module = params::load(config.init::<B>(device), start).map_err(train)?;
-                Self::Digits {
-                    trainer: Trainer::with_module(device, module, &spec.inner.optimizer),
-                }
-            }
-            (other, None) => return Err(PeerError::BadSpec(format!("model {other:?}"))),
-        })
-    }
-}
-
-/// Adds a step's loss to the running sum on the device (nothing is read back per step).
-fn accumulate<B: burn::tensor::backend::Backend>(
-    sum: &mut Option<Tensor<B, 1>>,
-    loss: Tensor<B, 1>,
-) {
-    *sum = Some(match sum.take() {
-        Some(s) => s + loss,
-        None => loss,
-    });
-}
-
 /// Joins the relay and trains round after round on `B` until stopped, `max_rounds` is reached,
 /// or the relay can't be reached.
 pub async fn run<B: AutodiffBackend>(
@@ -430,7 +377,7 @@ pub async fn run<B: AutodiffBackend>(
         n_params: session.spec.model.num_params(),
     });
     let spec = session.spec.clone();
-    let mut local: Option<Local<B>> = None;
+    let mut local: Option<Replica<B>> = None;
     let mut last_trained: Option<u64> = None;
     let mut rounds_trained = 0u64;
     // What lossy compression left out of earlier updates rides along with the next one.
@@ -462,15 +409,12 @@ pub async fn run<B: AutodiffBackend>(
         }
         let replica = match &mut local {
             Some(replica) => replica,
-            None => local.insert(Local::new(&device, &spec, &start)?),
+            None => local.insert(
+                Replica::new(&device, &spec.model, &spec.inner.optimizer, &start)
+                    .map_err(PeerError::BadSpec)?,
+            ),
         };
-        if let (
-            Local::Lm {
-                config: lm_config, ..
-            },
-            true,
-        ) = (&*replica, config.sample_len > 0)
-        {
+        if let (Some(lm_config), true) = (replica.lm_config(), config.sample_len > 0) {
             let sampled = lm::sample::<B::InnerBackend>(
                 &device,
                 lm_config,
@@ -495,70 +439,34 @@ pub async fn run<B: AutodiffBackend>(
 
         let started = Instant::now();
         let h = spec.inner.steps;
-        let first_step = round * u64::from(h);
-        let mut steps = 0u32;
-        let mut samples = 0u32;
-        let load = |e: params::ParamsError| PeerError::Train(e.to_string());
-        let (loss_sum, local_params) = match replica {
-            Local::Digits { trainer, .. } => {
-                let shard = session.fetch_shard(round).await?;
-                trainer.load(&start).map_err(load)?;
-                trainer.seek(first_step);
-                let seed = data::derive_seed(
+        let data = match replica {
+            Replica::Digits { .. } => RoundData::Digits {
+                shard: session.fetch_shard(round).await?,
+                sampler_seed: data::derive_seed(
                     "inner",
                     &[spec.run_id.as_bytes(), &round.to_le_bytes(), &peer.0],
-                );
-                let mut sampler =
-                    BatchSampler::new(shard.len(), spec.inner.batch_size as usize, seed);
-                let mut sum = None;
-                while steps < h && !config.stop.load(Ordering::Relaxed) {
-                    let batch = DigitsBatch::draw(&shard, &mut sampler);
-                    samples += batch.targets.len() as u32;
-                    accumulate(&mut sum, trainer.step(&batch));
-                    steps += 1;
-                    if steps.is_multiple_of(8) {
-                        // Let the browser breathe (and the relay connection make progress).
-                        platform::sleep(Duration::ZERO).await;
-                    }
-                }
-                (sum, trainer.params().await.map_err(load)?)
-            }
-            Local::Lm {
-                trainer,
-                config: lm_config,
-            } => {
-                let window = lm_config.context + 1;
-                let text = session.fetch_text(round, window).await?;
-                trainer.load(&start).map_err(load)?;
-                trainer.seek(first_step);
-                let per_step = spec.inner.batch_size as usize * window;
-                let mut sum = None;
-                for chunk in text.chunks_exact(per_step) {
-                    if config.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let batch = TextBatch {
-                        windows: chunk.to_vec(),
-                        window,
-                    };
-                    accumulate(&mut sum, trainer.step(&batch));
-                    samples += spec.inner.batch_size;
-                    steps += 1;
-                    platform::sleep(Duration::ZERO).await;
-                }
-                (sum, trainer.params().await.map_err(load)?)
-            }
+                ),
+            },
+            Replica::Lm {
+                config: lm_config, ..
+            } => RoundData::Text(session.fetch_text(round, lm_config.context + 1).await?),
         };
-        let loss = match loss_sum {
-            Some(sum) => {
-                sum.into_scalar_async()
-                    .await
-                    .map_err(|e| PeerError::Train(e.to_string()))?
-                    .elem::<f32>()
-                    / steps.max(1) as f32
-            }
-            None => f32::NAN,
-        };
+        let LocalRound {
+            steps,
+            samples,
+            loss,
+            params: local_params,
+        } = replica
+            .train_round(
+                &start,
+                round * u64::from(h),
+                &data,
+                h,
+                spec.inner.batch_size,
+                &config.stop,
+            )
+            .await
+            .map_err(PeerError::Train)?;
         let train_ms = started.elapsed().as_millis() as u64;
         if config.stop.load(Ordering::Relaxed) {
             break;

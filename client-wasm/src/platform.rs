@@ -1,7 +1,7 @@
 //! The platform shim: the only place in the client that names a target.
 //!
-//! `native` and `web` export the same names: `sleep`, `spawn`, `build_swarm`, `http_get`,
-//! `TRANSPORT` (which of the relay's addresses to dial) and `PLATFORM`. The browser facade
+//! `native` and `web` export the same names: `sleep`, `yield_now`, `spawn`, `build_swarm`,
+//! `http_get`, `TRANSPORT` (which of the relay's addresses to dial) and `PLATFORM`. The browser facade
 //! (`Contributor`, exported to JavaScript) lives in `web`.
 
 #[cfg(not(target_arch = "wasm32"))]

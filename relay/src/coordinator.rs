@@ -445,7 +445,13 @@ impl Coordinator {
                     }
                     state.round.seen(peer, now);
                     match after {
-                        Some(after) if after >= state.round.round => {
+                        // Only a peer that has the current round waits for the next one. One
+                        // that names a later round (a relay that lost its state, or a hostile
+                        // `u64::MAX`) hears the current round at once and leaves no waiter behind.
+                        Some(after) if after == state.round.round => {
+                            // Polls that timed out left their senders: drop them here, so the
+                            // list never outgrows the polls in flight.
+                            state.waiters.retain(|(_, tx)| !tx.is_closed());
                             let (tx, rx) = oneshot::channel();
                             state.waiters.push((after, tx));
                             rx

@@ -1,6 +1,5 @@
 //! The shared aggregation code gives the same result on every backend compiled into the relay
-//! and through Burn's tensor path on the CPU: bit for bit for mean and median, to rounding for
-//! the trimmed mean.
+//! and through Burn's tensor path on the CPU: bit for bit for mean, median and trimmed mean.
 //! CUDA is checked only where the driver is present; elsewhere it says so and is skipped.
 
 use std::time::Instant;
@@ -23,14 +22,6 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 
 fn bitwise_eq(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-}
-
-/// Equal to f32 rounding: within 1e-6 relative (a few units in the last place).
-fn close(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs()))
 }
 
 fn usable(backend: AggregationBackend) -> Result<(), String> {
@@ -86,15 +77,9 @@ async fn every_compiled_backend_matches_the_cpu() {
             let burn = outer_step_with::<NdArray>(&Default::default(), &inputs)
                 .await
                 .expect("burn ndarray");
-            // Mean and median: bit for bit. Trimmed mean: the CPU kernel's selection network
-            // leaves the kept values in network order, not sorted, so its f32 sum may round
-            // differently in the last place from the sorted sum the tensor path takes.
-            let agrees = |a: &[f32], b: &[f32]| match rule {
-                Rule::TrimmedMean { .. } => close(a, b),
-                _ => bitwise_eq(a, b),
-            };
+            // Bit for bit: both sum the kept rows in ascending order and scale by a reciprocal.
             assert!(
-                agrees(&burn.params, &cpu_theta) && agrees(&burn.velocity, &cpu_v),
+                bitwise_eq(&burn.params, &cpu_theta) && bitwise_eq(&burn.velocity, &cpu_v),
                 "Burn's ndarray path and the CPU kernels differ for {rule:?}"
             );
             for &backend in &backends {
@@ -122,7 +107,7 @@ async fn every_compiled_backend_matches_the_cpu() {
                     elapsed.as_secs_f64() * 1e3
                 );
                 assert!(
-                    agrees(&theta, &cpu_theta) && agrees(&v, &cpu_v),
+                    bitwise_eq(&theta, &cpu_theta) && bitwise_eq(&v, &cpu_v),
                     "{backend} {rule:?} differs from the CPU (by up to {max_diff})"
                 );
             }

@@ -104,9 +104,9 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
         return Err(RobustError::Empty);
     }
     let mean_of = |t: Tensor<B, 2>| t.mean_dim(0).reshape([n]);
-    // Rows added one after another in order, as the CPU kernels add them: the same roundings,
-    // so mean and median are bitwise equal to [`aggregate`]'s. (The trimmed mean's CPU kernel
-    // sums its kept values in selection-network order, so the two agree to rounding.)
+    // Rows added one after another in order, as the CPU kernels add them, and scaled by a
+    // reciprocal (a product rounds the same everywhere; WGSL's division may not): the same
+    // roundings, so mean, median and trimmed mean are bitwise equal to [`aggregate`]'s.
     let row_sum = |t: &Tensor<B, 2>, from: usize, count: usize| {
         (from + 1..from + count).fold(t.clone().narrow(0, from, 1), |acc, r| {
             acc + t.clone().narrow(0, r, 1)
@@ -134,7 +134,7 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
             }
             let kept = m - 2 * trim;
             row_sum(&deltas.sort(0), trim, kept)
-                .div_scalar(kept as f32)
+                .mul_scalar(1.0 / kept as f32)
                 .reshape([n])
         }
         Rule::MultiKrum { byzantine, select } => {
@@ -212,7 +212,7 @@ pub fn aggregate(
             // Only the middle rank (or the middle two, as a pair) is read.
             let m = rows.len();
             let network = selection_network(m, |rank| {
-                rank == m / 2 || (m.is_multiple_of(2) && rank + 1 == m / 2)
+                usize::from(rank == m / 2 || (m.is_multiple_of(2) && rank + 1 == m / 2))
             });
             fused(sorted_columns(&rows, n, &network, |sorted, out| {
                 let m = sorted.len();
@@ -233,16 +233,23 @@ pub fn aggregate(
                     rows.len()
                 )));
             }
-            let kept = (rows.len() - 2 * trim) as f32;
-            // The middle ranks must hold exactly the kept values, in any order: all the sum needs.
+            let scale = 1.0 / (rows.len() - 2 * trim) as f32;
+            // Every kept rank holds exactly its value, so the sum runs in ascending order, as
+            // the tensor path sums the sorted rows: the same roundings on every backend.
             let m = rows.len();
-            let network = selection_network(m, |rank| rank >= trim && rank < m - trim);
+            let network = selection_network(m, |rank| {
+                if rank >= trim && rank < m - trim {
+                    rank + 1
+                } else {
+                    0
+                }
+            });
             fused(sorted_columns(&rows, n, &network, |sorted, out| {
-                let mut sum = [0.0f32; LANES];
-                for lanes in &sorted[trim..sorted.len() - trim] {
+                let mut sum = sorted[trim];
+                for lanes in &sorted[trim + 1..sorted.len() - trim] {
                     sum.iter_mut().zip(lanes).for_each(|(s, v)| *s += v);
                 }
-                out.iter_mut().zip(sum).for_each(|(o, s)| *o = s / kept);
+                out.iter_mut().zip(sum).for_each(|(o, s)| *o = s * scale);
             }))
         }
         Rule::MultiKrum { byzantine, select } => {
@@ -355,8 +362,8 @@ fn mean(rows: &[&[f32]], n: usize) -> Option<Vec<f32>> {
 const LANES: usize = 32;
 
 /// Green's 60-comparator network for 16 inputs (depth 10; Knuth, TAOCP vol. 3, §5.3.4), by
-/// layer. Batcher's needs 63, and after pruning for a trimmed mean of 16 with trim 3 Green's
-/// keeps 42 comparators against Batcher's 50. Checked by the 0–1 principle in the tests.
+/// layer. Batcher's needs 63. The trimmed mean of 16 needs every kept rank exact (it sums them
+/// in ascending order), which keeps all 60. Checked by the 0–1 principle in the tests.
 const GREEN_16: [(usize, usize); 60] = [
     (0, 13),
     (1, 12),
@@ -432,14 +439,14 @@ fn sorting_network(m: usize) -> Vec<(usize, usize)> {
     }
 }
 
-/// The shortest network, of those known here, after which the positions whose rank `used`
-/// says hold exactly the values of those ranks, in some order (see [`selection`]).
-fn selection_network(m: usize, used: impl Fn(usize) -> bool + Copy) -> Vec<(usize, usize)> {
-    let batcher = selection(&batcher_network(m), used);
+/// The shortest network, of those known here, after which the outputs are as `kind` asks (see
+/// [`selection`]).
+fn selection_network(m: usize, kind: impl Fn(usize) -> usize + Copy) -> Vec<(usize, usize)> {
+    let batcher = selection(&batcher_network(m), kind);
     if m != 16 {
         return batcher;
     }
-    let green = selection(&GREEN_16, used);
+    let green = selection(&GREEN_16, kind);
     if green.len() < batcher.len() {
         green
     } else {
@@ -468,18 +475,19 @@ fn batcher_network(m: usize) -> Vec<(usize, usize)> {
     pairs
 }
 
-/// The comparators of the sorting `network` needed so that the positions whose rank is `used`
-/// end up holding exactly the values of those ranks, as a set. Walking back from the outputs, a
-/// comparator is dropped if both its wires then run untouched to outputs of the same kind (used
-/// or not: a swap between them changes no set), or if neither of its results is read later.
+/// The comparators of the sorting `network` needed so that every output holds what `kind` asks
+/// of its rank: 0, nothing (it is not read); any other kind, one of the values of the ranks of
+/// that kind, as a set (a kind of its own: exactly that rank's value). Walking back from the
+/// outputs, a comparator is dropped if both its wires then run untouched to outputs of the same
+/// kind (a swap between them changes no set), or if neither of its results is read later.
 /// (Computing only the read side of the rest measured no faster: the branch costs what the
 /// saved min or max does.)
-fn selection(network: &[(usize, usize)], used: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+fn selection(network: &[(usize, usize)], kind: impl Fn(usize) -> usize) -> Vec<(usize, usize)> {
     let wires = network.iter().map(|&(_, j)| j + 1).max().unwrap_or(0);
     // Per wire: the kind of output it runs to untouched (None once a later comparator reads it),
     // and whether its value is read at all.
-    let mut tail: Vec<Option<bool>> = (0..wires).map(|w| Some(used(w))).collect();
-    let mut read: Vec<bool> = (0..wires).map(&used).collect();
+    let mut tail: Vec<Option<usize>> = (0..wires).map(|w| Some(kind(w))).collect();
+    let mut read: Vec<bool> = (0..wires).map(|w| kind(w) != 0).collect();
     let mut kept = Vec::new();
     for &(i, j) in network.iter().rev() {
         if (tail[i].is_some() && tail[i] == tail[j]) || !(read[i] || read[j]) {
@@ -729,7 +737,7 @@ mod tests {
                 .collect();
             cases.push(((m - 1) / 2, m / 2 + 1)); // the median (pair)
             for (from, to) in cases {
-                let network = selection_network(m, |r| (from..to).contains(&r));
+                let network = selection_network(m, |r| usize::from((from..to).contains(&r)));
                 assert!(network.len() <= sorting_network(m).len());
                 for _ in 0..30 {
                     let mut v: Vec<f32> = (0..m).map(|_| (rng.next_u64() % 9) as f32).collect();
@@ -749,11 +757,13 @@ mod tests {
         // The 0–1 principle: a comparator network that sorts (or selects) every 0–1 input does so
         // for every input. A selection holds its ranks as a set: the count of ones there is checked.
         let full = GREEN_16.to_vec();
-        let trimmed = selection_network(16, |r| (3..13).contains(&r));
-        let median = selection_network(16, |r| r == 7 || r == 8);
-        // Rank-exact pruning kept 42 and 54 of Green's 60; as sets, the median pair needs 52
-        // (of Batcher's network, which then is the shorter).
-        assert_eq!((trimmed.len(), median.len()), (42, 52));
+        // The trimmed mean's kept ranks each hold exactly their value (it sums them in order).
+        let trimmed = selection_network(16, |r| if (3..13).contains(&r) { r + 1 } else { 0 });
+        let median = selection_network(16, |r| usize::from(r == 7 || r == 8));
+        // Ten exact ranks keep all of Green's 60 comparators (as a set they needed 42, but then
+        // the sum's order, and so its rounding, depended on the network); the median pair, as a
+        // set, needs 52 (of Batcher's network, which then is the shorter; rank-exact, 54).
+        assert_eq!((trimmed.len(), median.len()), (60, 52));
         for bits in 0..1u32 << 16 {
             let ones = bits.count_ones() as usize;
             let sorted: Vec<u32> = (0..16).map(|r| u32::from(r >= 16 - ones)).collect();
@@ -761,12 +771,13 @@ mod tests {
             let mut v = input.clone();
             select(&full, &mut v);
             assert_eq!(v, sorted);
-            for (network, range) in [(&trimmed, 3..13), (&median, 7..9)] {
-                let mut v = input.clone();
-                select(network, &mut v);
-                let count = |s: &[u32]| s.iter().sum::<u32>();
-                assert_eq!(count(&v[range.clone()]), count(&sorted[range.clone()]));
-            }
+            let mut v = input.clone();
+            select(&trimmed, &mut v);
+            assert_eq!(v[3..13], sorted[3..13]);
+            let mut v = input.clone();
+            select(&median, &mut v);
+            let count = |s: &[u32]| s.iter().sum::<u32>();
+            assert_eq!(count(&v[7..9]), count(&sorted[7..9]));
         }
     }
 
@@ -879,7 +890,8 @@ mod tests {
         );
         assert_eq!(
             aggregate(&Rule::TrimmedMean { trim: 1 }, &five, 2, None).expect("trimmed"),
-            vec![10.0 / 3.0, 1.0]
+            // (2 + 3) + 5 in ascending order, times the reciprocal of 3 (as on every backend).
+            vec![10.0 * (1.0f32 / 3.0), 1.0]
         );
         let four = &five[..4];
         assert_eq!(

@@ -2,13 +2,15 @@
 //!
 //! Every step installs what it needs first, idempotently: the wasm32 rustup target, the pinned
 //! `wasm-bindgen` CLI, Debian packages for the browser tests and npm packages for the browser
-//! driver. Nothing here depends on anything but `std`, so the task runner builds in seconds.
+//! driver. The only dependency is `serde_json`, so the task runner builds in seconds.
 
 use std::env;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+mod bench_browser;
 
 /// Must match the `wasm-bindgen` pin in the workspace manifest (libp2p 0.57.1 pins it).
 const WASM_BINDGEN_VERSION: &str = "0.2.108";
@@ -313,7 +315,8 @@ fn bench(args: &[String]) -> Result {
         Some("load") => bench_load(),
         Some("diloco") => bench_diloco(args.get(1).is_some_and(|a| a == "--report-only")),
         Some("soak") => bench_soak(&args[1..]),
-        _ => Err("usage: cargo xtask bench robust|diloco|load|soak".into()),
+        Some("browser") => bench_browser::run(),
+        _ => Err("usage: cargo xtask bench robust|diloco|load|soak|browser".into()),
     }
 }
 

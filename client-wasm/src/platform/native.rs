@@ -18,6 +18,11 @@ pub async fn sleep(duration: Duration) {
     tokio::time::sleep(duration).await;
 }
 
+/// Lets the runtime's other tasks (the connection to the relay) run between training steps.
+pub async fn yield_now() {
+    tokio::task::yield_now().await;
+}
+
 pub fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
     tokio::spawn(future);
 }

@@ -36,6 +36,26 @@ pub async fn sleep(duration: Duration) {
     futures_timer::Delay::new(duration).await;
 }
 
+/// Lets the browser run its other tasks (rendering, input, the connection to the relay) between
+/// training steps: a message to ourselves through a `MessageChannel`, a macrotask that is not
+/// throttled like `setTimeout(0)`, which waits at least 4 ms once timeouts nest (it cost the
+/// digits run almost half its steps).
+pub async fn yield_now() {
+    let promise = Promise::new(&mut |resolve, _reject| {
+        match web_sys::MessageChannel::new() {
+            Ok(channel) => {
+                // An entangled port with a listener and a message on its way stays alive.
+                channel.port1().set_onmessage(Some(&resolve));
+                let _ = channel.port2().post_message(&JsValue::NULL);
+            }
+            Err(_) => {
+                let _ = resolve.call0(&JsValue::NULL);
+            }
+        }
+    });
+    let _ = JsFuture::from(promise).await;
+}
+
 pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
     spawn_local(future);
 }
@@ -147,6 +167,29 @@ async fn webgpu_adapter() -> Option<String> {
     )
 }
 
+thread_local! {
+    static WGPU_READY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The WebGPU device, set up on first use: Burn refuses to set up a device twice, and a page
+/// may start training again after `stop()` or run several benches.
+async fn wgpu_device() -> WgpuDevice {
+    let device = WgpuDevice::default();
+    if !WGPU_READY.get() {
+        init_setup_async::<AutoGraphicsApi>(&device, Default::default()).await;
+        WGPU_READY.set(true);
+    }
+    device
+}
+
+/// Sends a panic's message and location to the console (the default hook prints nothing in a
+/// browser, leaving only "unreachable").
+fn report_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        web_sys::console::error_1(&info.to_string().into())
+    }));
+}
+
 fn emitter(on_event: Function) -> impl FnMut(PeerEvent) {
     move |event| {
         let value = serde_json::to_string(&event)
@@ -188,9 +231,7 @@ impl Contributor {
         transport: Option<String>,
         run: Option<String>,
     ) -> Result<Contributor, JsError> {
-        std::panic::set_hook(Box::new(|info| {
-            web_sys::console::error_1(&info.to_string().into())
-        }));
+        report_panics();
         let seed = stored_identity_seed().map_err(|e| JsError::new(&e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let want = backend.unwrap_or_else(|| "auto".into());
@@ -232,8 +273,7 @@ impl Contributor {
         };
         let backend = match adapter {
             Some(detail) => {
-                let device = WgpuDevice::default();
-                init_setup_async::<AutoGraphicsApi>(&device, Default::default()).await;
+                let device = wgpu_device().await;
                 emit(PeerEvent::Backend {
                     backend: "webgpu".into(),
                     detail,
@@ -278,5 +318,109 @@ impl Contributor {
     #[wasm_bindgen(getter)]
     pub fn backend(&self) -> String {
         self.backend.clone()
+    }
+}
+
+/// One per bench, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum BenchReplica {
+    WebGpu(crate::bench::TrainingBench<Autodiff<Wgpu>>),
+    Cpu(crate::bench::TrainingBench<Autodiff<NdArray>>),
+}
+
+/// How fast this browser trains a model with the code a contributor runs: a replica stepped
+/// round after round as a peer steps it, on generated data of the right shape. Created with
+/// `TrainingBench.create`.
+#[wasm_bindgen]
+pub struct TrainingBench {
+    inner: BenchReplica,
+    detail: String,
+}
+
+impl std::fmt::Debug for TrainingBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainingBench")
+            .field("detail", &self.detail)
+            .finish_non_exhaustive()
+    }
+}
+
+#[wasm_bindgen]
+impl TrainingBench {
+    /// A replica of `model` (a run spec's model as JSON, e.g.
+    /// `{"ByteLm":{"context":64,"d_model":64,"heads":4,"layers":2,"mlp_ratio":4}}` or
+    /// `{"DigitsMlp":{"hidden":64}}`) with the inner optimizer `optimizer` (a run spec's
+    /// `inner.optimizer` as JSON), training on batches of `batch`. `backend` is `"webgpu"` or
+    /// `"cpu"`.
+    pub async fn create(
+        backend: String,
+        model: String,
+        optimizer: String,
+        batch: u32,
+    ) -> Result<TrainingBench, JsError> {
+        report_panics();
+        let model =
+            serde_json::from_str(&model).map_err(|e| JsError::new(&format!("model: {e}")))?;
+        let optimizer = serde_json::from_str(&optimizer)
+            .map_err(|e| JsError::new(&format!("optimizer: {e}")))?;
+        let (inner, detail) = match backend.as_str() {
+            "webgpu" => {
+                let adapter = webgpu_adapter()
+                    .await
+                    .ok_or_else(|| JsError::new("this browser offers no WebGPU adapter"))?;
+                let device = wgpu_device().await;
+                let bench = crate::bench::TrainingBench::new(&device, &model, &optimizer, batch)
+                    .await
+                    .map_err(|e| JsError::new(&e))?;
+                (
+                    BenchReplica::WebGpu(bench),
+                    format!("Burn WebGPU ({adapter})"),
+                )
+            }
+            "cpu" => {
+                let bench = crate::bench::TrainingBench::new(
+                    &Default::default(),
+                    &model,
+                    &optimizer,
+                    batch,
+                )
+                .await
+                .map_err(|e| JsError::new(&e))?;
+                (
+                    BenchReplica::Cpu(bench),
+                    "Burn ndarray (CPU fallback)".into(),
+                )
+            }
+            other => {
+                return Err(JsError::new(&format!(
+                    "unknown backend {other:?}: use webgpu or cpu"
+                )));
+            }
+        };
+        Ok(Self { inner, detail })
+    }
+
+    /// Trains one round of `steps` steps and resolves to its mean batch loss.
+    pub async fn round(&mut self, steps: u32) -> Result<f32, JsError> {
+        let round = match &mut self.inner {
+            BenchReplica::WebGpu(b) => b.round(steps).await,
+            BenchReplica::Cpu(b) => b.round(steps).await,
+        };
+        round.map(|r| r.loss).map_err(|e| JsError::new(&e))
+    }
+
+    /// The model's parameter count.
+    #[wasm_bindgen(getter)]
+    pub fn params(&self) -> usize {
+        match &self.inner {
+            BenchReplica::WebGpu(b) => b.params(),
+            BenchReplica::Cpu(b) => b.params(),
+        }
+    }
+
+    /// The engine and backend, with the WebGPU adapter's description.
+    #[wasm_bindgen(getter)]
+    pub fn detail(&self) -> String {
+        self.detail.clone()
     }
 }

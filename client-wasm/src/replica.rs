@@ -1,0 +1,198 @@
+//! A peer's replica of the run's model and its round of local training: the inner loop that
+//! browsers, native workers and `cargo xtask bench browser` run.
+//!
+//! The replica wraps the simulator's [`Trainer`]: its AdamW moments persist across rounds (the
+//! peer drops the replica when the run's θ lineage restarts), with the run's warm-up, cosine
+//! schedule and clipping at the run's global step `round · H + s`. The batch losses are summed
+//! on the device and read back once, with the parameters, at the end of the round.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::prelude::ElementConversion;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use swarmtrain_shared::data::{BatchSampler, DigitsSet};
+use swarmtrain_shared::lm::{Lm, LmConfig};
+use swarmtrain_shared::lm_train::{LmInnerSpec, LmTrainer, TextBatch, Trainer};
+use swarmtrain_shared::model::{DigitsMlp, DigitsMlpConfig};
+use swarmtrain_shared::params::{self, ParamsError};
+use swarmtrain_shared::protocol::ModelSpec;
+use swarmtrain_shared::train::DigitsBatch;
+
+use crate::platform;
+
+/// A replica of a run's model with its optimizer state, kept across rounds. One per peer, so
+/// the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Replica<B: AutodiffBackend> {
+    Digits {
+        trainer: Trainer<B, DigitsMlp<B>>,
+    },
+    Lm {
+        config: LmConfig,
+        trainer: LmTrainer<B>,
+    },
+}
+
+/// What a round trains on: the peer's digits shard, or its text windows (`context + 1` bytes
+/// each, `batch` windows a step).
+#[derive(Debug)]
+pub enum RoundData {
+    Digits {
+        shard: DigitsSet,
+        /// Seeds the order the shard's examples are drawn in.
+        sampler_seed: u64,
+    },
+    Text(Vec<u8>),
+}
+
+/// What a round of local training produced.
+#[derive(Debug)]
+pub struct LocalRound {
+    pub steps: u32,
+    pub samples: u32,
+    /// The mean batch loss over the round's steps (NaN when no step ran).
+    pub loss: f32,
+    /// The replica's parameters after the round.
+    pub params: Vec<f32>,
+}
+
+impl<B: AutodiffBackend> core::fmt::Debug for Replica<B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Digits { trainer } => f.debug_tuple("Digits").field(trainer).finish(),
+            Self::Lm { config, trainer } => {
+                f.debug_tuple("Lm").field(config).field(trainer).finish()
+            }
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Replica<B> {
+    /// A replica of `model` starting from `start`, with fresh AdamW moments.
+    pub fn new(
+        device: &B::Device,
+        model: &ModelSpec,
+        optimizer: &LmInnerSpec,
+        start: &[f32],
+    ) -> Result<Self, String> {
+        let load = |e: ParamsError| e.to_string();
+        Ok(match (model, model.lm_config()) {
+            (_, Some(config)) => {
+                config.validate()?;
+                let module: Lm<B> = params::load(config.init::<B>(device), start).map_err(load)?;
+                Self::Lm {
+                    trainer: Trainer::with_module(device, module, optimizer),
+                    config,
+                }
+            }
+            (ModelSpec::DigitsMlp { hidden }, None) => {
+                let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
+                let module = params::load(config.init::<B>(device), start).map_err(load)?;
+                Self::Digits {
+                    trainer: Trainer::with_module(device, module, optimizer),
+                }
+            }
+            (other, None) => return Err(format!("model {other:?} has no trainer")),
+        })
+    }
+
+    /// The language model's shape, for a language-model replica.
+    pub fn lm_config(&self) -> Option<&LmConfig> {
+        match self {
+            Self::Lm { config, .. } => Some(config),
+            Self::Digits { .. } => None,
+        }
+    }
+
+    /// Trains one round from `start` (the round's global θ) at global step `first_step`: at
+    /// most `steps` steps of `batch` examples for the digits, one step per `batch` windows of
+    /// `data` for the language model. Stops early when `stop` is set.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn train_round(
+        &mut self,
+        start: &[f32],
+        first_step: u64,
+        data: &RoundData,
+        steps: u32,
+        batch: u32,
+        stop: &AtomicBool,
+    ) -> Result<LocalRound, String> {
+        let load = |e: ParamsError| e.to_string();
+        let mut taken = 0u32;
+        let mut samples = 0u32;
+        let mut sum = None;
+        let params = match (self, data) {
+            (
+                Self::Digits { trainer },
+                RoundData::Digits {
+                    shard,
+                    sampler_seed,
+                },
+            ) => {
+                trainer.load(start).map_err(load)?;
+                trainer.seek(first_step);
+                let mut sampler = BatchSampler::new(shard.len(), batch as usize, *sampler_seed);
+                while taken < steps && !stop.load(Ordering::Relaxed) {
+                    let batch = DigitsBatch::draw(shard, &mut sampler);
+                    samples += batch.targets.len() as u32;
+                    accumulate(&mut sum, trainer.step(&batch));
+                    taken += 1;
+                    if taken.is_multiple_of(8) {
+                        // Let the browser breathe (and the relay connection make progress).
+                        platform::yield_now().await;
+                    }
+                }
+                trainer.params().await.map_err(load)?
+            }
+            (Self::Lm { trainer, config }, RoundData::Text(text)) => {
+                let window = config.context + 1;
+                trainer.load(start).map_err(load)?;
+                trainer.seek(first_step);
+                let per_step = batch as usize * window;
+                for chunk in text.chunks_exact(per_step.max(1)).take(steps as usize) {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let batch = TextBatch {
+                        windows: chunk.to_vec(),
+                        window,
+                    };
+                    accumulate(&mut sum, trainer.step(&batch));
+                    samples += (chunk.len() / window) as u32;
+                    taken += 1;
+                    platform::yield_now().await;
+                }
+                trainer.params().await.map_err(load)?
+            }
+            (Self::Digits { .. }, RoundData::Text(_))
+            | (Self::Lm { .. }, RoundData::Digits { .. }) => {
+                return Err("the round's data is not for this model".into());
+            }
+        };
+        let loss = match sum {
+            Some(sum) => {
+                sum.into_scalar_async()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .elem::<f32>()
+                    / taken.max(1) as f32
+            }
+            None => f32::NAN,
+        };
+        Ok(LocalRound {
+            steps: taken,
+            samples,
+            loss,
+            params,
+        })
+    }
+}
+
+/// Adds a step's loss to the running sum on the device (nothing is read back per step).
+fn accumulate<B: Backend>(sum: &mut Option<Tensor<B, 1>>, loss: Tensor<B, 1>) {
+    *sum = Some(match sum.take() {
+        Some(s) => s + loss,
+        None => loss,
+    });
+}
