@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::{
-    Result, build_wasm, cargo, criterion_median, root, setup_browser, setup_wasm, status,
+    Result, build_wasm, cargo, criterion_median, npm_ci, root, setup_browser, setup_wasm, status,
     target_dir,
 };
 
@@ -27,13 +27,7 @@ pub fn run() -> Result {
     setup_browser()?;
     build_wasm()?;
     let bench_dir = root().join("bench/browser");
-    if !bench_dir.join("node_modules/@tensorflow/tfjs").exists() {
-        status(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund"])
-                .current_dir(&bench_dir),
-        )?;
-    }
+    npm_ci(&bench_dir, "@tensorflow/tfjs")?;
     // Native first, with the machine to itself.
     status(cargo().args([
         "bench",

@@ -165,15 +165,19 @@ fn apt_install(packages: &[&str]) -> Result {
 
 fn setup_browser() -> Result {
     apt_install(APT_PACKAGES)?;
-    let e2e = root().join("tests/browser");
-    if !e2e.join("node_modules/playwright-core").exists() {
-        status(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund"])
-                .current_dir(&e2e),
-        )?;
+    npm_ci(&root().join("tests/browser"), "playwright-core")
+}
+
+/// `npm ci` in `dir` unless its `node_modules` already holds `package`.
+fn npm_ci(dir: &Path, package: &str) -> Result {
+    if dir.join("node_modules").join(package).exists() {
+        return Ok(());
     }
-    Ok(())
+    status(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir),
+    )
 }
 
 /// Builds the client for wasm32 and runs wasm-bindgen into `web/pkg` (the npm package).
