@@ -22,7 +22,27 @@ const CELLS: &[(&str, &str, &str)] = &[
     ("tfjs", "wasm", "TF.js wasm"),
 ];
 
-pub fn run() -> Result {
+/// `report_only`: rewrite the report from the last run's results without measuring again.
+pub fn run(report_only: bool) -> Result {
+    if !report_only {
+        measure()?;
+    }
+    let bench_dir = root().join("bench/browser");
+    let read = |path: &std::path::Path| -> Result<Value> {
+        let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let plan = read(&bench_dir.join("plan.json"))?;
+    let results = read(&target_dir().join("bench-browser/results.json"))?;
+    let report = report(&plan, &results)?;
+    let docs = root().join("docs/benchmarks");
+    fs::create_dir_all(&docs).map_err(|e| e.to_string())?;
+    fs::write(docs.join("browser.md"), &report).map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(())
+}
+
+fn measure() -> Result {
     setup_wasm()?;
     setup_browser()?;
     build_wasm()?;
@@ -47,17 +67,6 @@ pub fn run() -> Result {
             .arg(&results_file)
             .current_dir(&bench_dir),
     )?;
-    let read = |path: &std::path::Path| -> Result<Value> {
-        let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    let plan = read(&bench_dir.join("plan.json"))?;
-    let results = read(&results_file)?;
-    let report = report(&plan, &results)?;
-    let docs = root().join("docs/benchmarks");
-    fs::create_dir_all(&docs).map_err(|e| e.to_string())?;
-    fs::write(docs.join("browser.md"), &report).map_err(|e| e.to_string())?;
-    println!("{report}");
     Ok(())
 }
 
@@ -107,7 +116,7 @@ fn goal(name: &str, value: Option<f64>, target: f64, higher_is_better: bool) -> 
                 v <= target
             };
             format!(
-                "- {name}: {v:.2}× (goal {} {target}×): {}\n",
+                "- {name}: {v:.3}× (goal {} {target}×): {}\n",
                 if higher_is_better { "≥" } else { "≤" },
                 if met { "met" } else { "NOT met" }
             )

@@ -319,7 +319,7 @@ fn bench(args: &[String]) -> Result {
         Some("load") => bench_load(),
         Some("diloco") => bench_diloco(args.get(1).is_some_and(|a| a == "--report-only")),
         Some("soak") => bench_soak(&args[1..]),
-        Some("browser") => bench_browser::run(),
+        Some("browser") => bench_browser::run(args.get(1).is_some_and(|a| a == "--report-only")),
         _ => Err("usage: cargo xtask bench robust|diloco|load|soak|browser".into()),
     }
 }
