@@ -1,11 +1,16 @@
 //! Bad input from the network: a forged signature, a truncated message, a wrong round, a
 //! wrong-shaped update, non-finite values, a replayed update, parts of a long message out of
-//! order or forged, and an oversized frame are each refused with a reason, counted, and the run
-//! goes on.
+//! order or forged, an oversized frame, a long poll for a future round and more requests in
+//! flight than one connection may have are each refused with a reason (or answered at once),
+//! counted, and the run goes on.
 
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
 use swarmtrain_relay::default_run;
+use swarmtrain_relay::p2p::MAX_IN_FLIGHT_PER_PEER;
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, RelayToClient, Request, Update,
 };
@@ -210,6 +215,28 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
         status.rejected["wrong_round"], 2,
         "the wrong round and the replay"
     );
+
+    // One connection has at most `MAX_IN_FLIGHT_PER_PEER` requests in flight: a long poll past
+    // that is refused at once with a reason and counted, and the parked ones do not stop the
+    // honest peer below.
+    let (flooder, flood_identity, _, _) = join_raw(&relay, [98; 32]).await;
+    let poll = flood_identity
+        .sign(&ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: Some(relay.coordinator.status().await.round),
+        })
+        .expect("sign");
+    let mut polls: FuturesUnordered<_> = (0..=MAX_IN_FLIGHT_PER_PEER)
+        .map(|_| flooder.request(&poll))
+        .collect();
+    let first = tokio::time::timeout(Duration::from_secs(10), polls.next())
+        .await
+        .expect("refused at once, not parked")
+        .expect("an answer")
+        .expect("answer");
+    let reason = rejection(first);
+    assert!(reason.contains("in flight"), "{reason}");
+    assert_eq!(relay.coordinator.status().await.rejected["peer_busy"], 1);
 
     // The run goes on: an honest peer trains three rounds and accuracy rises.
     let honest = spawn_peer(&relay, 1, 3);

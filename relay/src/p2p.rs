@@ -10,6 +10,7 @@
 //! answers back as they complete. Messages longer than a frame arrive in parts and are
 //! reassembled here, per connection, within a memory budget.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ use crate::boxed::Boxed;
 
 /// At most this many requests are handled (or parked as long polls) at once.
 const MAX_IN_FLIGHT: usize = 4096;
+/// At most this many from one connection's peer ID: an honest peer has one long poll and one
+/// other request out at a time, so a few connections can no longer take every slot.
+pub const MAX_IN_FLIGHT_PER_PEER: usize = 8;
 
 /// The relay's behaviour: the swarmtrain node plus a circuit relay v2 server. The swarm holds it
 /// [`Boxed`], so that each connection's handler lives on the heap.
@@ -95,7 +99,8 @@ pub async fn build_swarm(
         .build())
 }
 
-type Pending = Pin<Box<dyn Future<Output = (ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
+type Pending =
+    Pin<Box<dyn Future<Output = (Option<PeerId>, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
 
 /// Runs the node until `shutdown` flips to true.
 pub async fn run(
@@ -105,6 +110,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    // Requests in `pending` per peer ID; refusals are answered at once and not counted.
+    let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
     let mut parts: Reassembly<PeerId> = Reassembly::default();
     let started = tokio::time::Instant::now();
     let max_wait = Duration::from_secs(60);
@@ -122,7 +129,15 @@ pub async fn run(
                 Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(n, "announcements skipped"),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            Some((channel, frame)) = pending.next(), if !pending.is_empty() => {
+            Some((counted, channel, frame)) = pending.next(), if !pending.is_empty() => {
+                if let Some(peer) = counted
+                    && let Some(n) = in_flight.get_mut(&peer)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        in_flight.remove(&peer);
+                    }
+                }
                 if swarm.behaviour_mut().node.rpc.send_response(channel, frame).is_err() {
                     tracing::debug!("peer went away before its answer was sent");
                 }
@@ -133,29 +148,40 @@ pub async fn run(
                     message: request_response::Message::Request { request, channel, .. },
                     ..
                 }))) => {
-                    if pending.len() >= MAX_IN_FLIGHT {
-                        tracing::warn!(%peer, "too many requests in flight; dropping one");
+                    let runs = runs.clone();
+                    let mine = in_flight.get(&peer).copied().unwrap_or(0);
+                    let busy = if mine >= MAX_IN_FLIGHT_PER_PEER {
+                        Some(("peer_busy", format!("{mine} requests from this connection are in flight; wait for an answer")))
+                    } else if pending.len() >= MAX_IN_FLIGHT {
+                        Some(("relay_busy", format!("the relay has {MAX_IN_FLIGHT} requests in flight; try again shortly")))
+                    } else {
+                        None
+                    };
+                    if let Some((kind, reason)) = busy {
+                        // Refused with a reason, logged and counted; outside the quota (it
+                        // resolves as soon as the count is taken).
+                        pending.push(Box::pin(async move { (None, channel, runs.reject_busy(kind, reason).await) }));
                         continue;
                     }
+                    *in_flight.entry(peer).or_default() += 1;
                     let now_ms = started.elapsed().as_millis() as u64;
-                    let runs = runs.clone();
                     let answer: Pending = match protocol::decode::<Request>(&request) {
-                        Err(e) => Box::pin(async move { (channel, runs.reject_malformed(e.to_string()).await) }),
-                        Ok(Request::Signed(signed)) => Box::pin(async move { (channel, runs.handle(signed, max_wait).await) }),
-                        Ok(Request::Fetch(fetch)) => Box::pin(async move { (channel, runs.fetch(fetch).await) }),
+                        Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_malformed(e.to_string()).await) }),
+                        Ok(Request::Signed(signed)) => Box::pin(async move { (Some(peer), channel, runs.handle(signed, max_wait).await) }),
+                        Ok(Request::Fetch(fetch)) => Box::pin(async move { (Some(peer), channel, runs.fetch(fetch).await) }),
                         Ok(Request::Part(part)) => match parts.accept(peer, part, now_ms) {
                             Ok(Progress::More { received }) => {
                                 let frame = protocol::encode(&RelayToClient::PartReceived { received }).unwrap_or_default();
-                                Box::pin(async move { (channel, frame) })
+                                Box::pin(async move { (Some(peer), channel, frame) })
                             }
                             Ok(Progress::Complete(bytes)) => Box::pin(async move {
                                 let answer = match postcard::from_bytes(&bytes) {
                                     Ok(signed) => runs.handle(signed, max_wait).await,
                                     Err(e) => runs.reject_malformed(format!("malformed frame: {e}")).await,
                                 };
-                                (channel, answer)
+                                (Some(peer), channel, answer)
                             }),
-                            Err(e) => Box::pin(async move { (channel, runs.reject_part(e.to_string()).await) }),
+                            Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_part(e.to_string()).await) }),
                         },
                     };
                     pending.push(answer);

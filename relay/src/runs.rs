@@ -101,4 +101,9 @@ impl Runs {
     pub async fn reject_part(&self, reason: String) -> Vec<u8> {
         self.default.reject(None, "bad_part", reason).await
     }
+
+    /// Refuses a request because its connection, or the relay, has too many in flight.
+    pub async fn reject_busy(&self, kind: &str, reason: String) -> Vec<u8> {
+        self.default.reject(None, kind, reason).await
+    }
 }
