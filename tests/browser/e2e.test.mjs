@@ -126,6 +126,9 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     const pageLog = await page.$$eval('#log li', (items) => items.map((li) => li.textContent).reverse());
     console.log(pageLog.filter((l) => /steps in|backend/.test(l)).join('\n'));
     await page.screenshot({ path: join(outDir, `contribute-${expected}.png`), fullPage: true });
+    // Every resource the page asks for exists (a missing favicon used to log a 404 on every load).
+    const missing = logs.filter((l) => /Failed to load resource/.test(l));
+    assert.deepEqual(missing, [], `the page loaded everything it asked for`);
   } finally {
     if (browser) await browser.close();
     relay.kill('SIGTERM');
