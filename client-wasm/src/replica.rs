@@ -14,9 +14,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use swarmtrain_shared::data::{BatchSampler, DigitsSet};
 use swarmtrain_shared::lm::{Lm, LmConfig};
 use swarmtrain_shared::lm_train::{LmInnerSpec, LmTrainer, TextBatch, Trainer};
-use swarmtrain_shared::model::{DigitsMlp, DigitsMlpConfig};
+use swarmtrain_shared::model::DigitsMlp;
 use swarmtrain_shared::params::{self, ParamsError};
-use swarmtrain_shared::protocol::ModelSpec;
+use swarmtrain_shared::protocol::{ModelConfig, ModelSpec};
 use swarmtrain_shared::train::DigitsBatch;
 
 use crate::platform;
@@ -77,8 +77,8 @@ impl<B: AutodiffBackend> Replica<B> {
         start: &[f32],
     ) -> Result<Self, String> {
         let load = |e: ParamsError| e.to_string();
-        Ok(match (model, model.lm_config()) {
-            (_, Some(config)) => {
+        Ok(match model.config() {
+            ModelConfig::Lm(config) => {
                 config.validate()?;
                 let module: Lm<B> = params::load(config.init::<B>(device), start).map_err(load)?;
                 Self::Lm {
@@ -86,14 +86,12 @@ impl<B: AutodiffBackend> Replica<B> {
                     config,
                 }
             }
-            (ModelSpec::DigitsMlp { hidden }, None) => {
-                let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
+            ModelConfig::Digits(config) => {
                 let module = params::load(config.init::<B>(device), start).map_err(load)?;
                 Self::Digits {
                     trainer: Trainer::with_module(device, module, optimizer),
                 }
             }
-            (other, None) => return Err(format!("model {other:?} has no trainer")),
         })
     }
 

@@ -17,10 +17,9 @@ use swarmtrain_shared::aggregate::AggregateError;
 use swarmtrain_shared::checkpoint::TensorInfo;
 use swarmtrain_shared::data::derive_seed;
 use swarmtrain_shared::lm_train::evaluate_lm;
-use swarmtrain_shared::model::DigitsMlpConfig;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
-    self, CHUNK_BYTES, ClientToRelay, Fetch, ModelSpec, PROTOCOL_VERSION, ParamsHash,
+    self, CHUNK_BYTES, ClientToRelay, Fetch, ModelConfig, PROTOCOL_VERSION, ParamsHash,
     RelayToClient, RoundAnnouncement, RunSpec, Welcome,
 };
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
@@ -150,18 +149,16 @@ impl std::fmt::Debug for Coordinator {
 /// simulator derives from the same `seed`.
 async fn initial_params(spec: &RunSpec, seed: u64) -> anyhow::Result<Vec<f32>> {
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
-    Ok(match (&spec.model, spec.model.lm_config()) {
-        (_, Some(config)) => {
+    Ok(match spec.model.config() {
+        ModelConfig::Lm(config) => {
             config
                 .init_params::<NdArray>(&device, derive_seed("lm init", &[&seed.to_le_bytes()]))
                 .await?
         }
-        (ModelSpec::DigitsMlp { hidden }, None) => {
+        ModelConfig::Digits(config) => {
             <NdArray as burn::tensor::backend::Backend>::seed(&device, seed);
-            let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
             params::to_vec(&config.init::<NdArray>(&device)).await?
         }
-        (other, None) => anyhow::bail!("no model {other:?}"),
     })
 }
 
@@ -685,20 +682,17 @@ impl Coordinator {
 /// runtime's workers.
 fn evaluate(spec: &RunSpec, data: &TaskData, params: &[f32]) -> anyhow::Result<Evaluation> {
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
-    Ok(match (data, &spec.model, spec.model.lm_config()) {
-        (TaskData::Digits(digits), ModelSpec::DigitsMlp { hidden }, _) => {
-            let config = DigitsMlpConfig::new().with_hidden(*hidden as usize);
-            Evaluation {
-                accuracy: Some(futures::executor::block_on(train::evaluate::<NdArray>(
-                    &device,
-                    &config,
-                    params,
-                    &digits.held_out,
-                ))?),
-                loss: None,
-            }
-        }
-        (TaskData::Text(text), _, Some(config)) => Evaluation {
+    Ok(match (data, spec.model.config()) {
+        (TaskData::Digits(digits), ModelConfig::Digits(config)) => Evaluation {
+            accuracy: Some(futures::executor::block_on(train::evaluate::<NdArray>(
+                &device,
+                &config,
+                params,
+                &digits.held_out,
+            ))?),
+            loss: None,
+        },
+        (TaskData::Text(text), ModelConfig::Lm(config)) => Evaluation {
             accuracy: None,
             loss: Some(futures::executor::block_on(evaluate_lm::<NdArray>(
                 &device,

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
+use burn::backend::NdArray;
 use swarmtrain_client::platform::http_get;
 use swarmtrain_shared::checkpoint::{self, TensorInfo};
-use swarmtrain_shared::model::DigitsMlpConfig;
-use swarmtrain_shared::protocol::{ModelSpec, params_from_bytes};
+use swarmtrain_shared::protocol::{ModelConfig, ModelSpec, params_from_bytes};
 
 fn url(base: &str, path: &str) -> String {
     format!(
@@ -27,14 +27,9 @@ pub async fn status(relay: &str) -> anyhow::Result<serde_json::Value> {
 /// Names and shapes of a model's tensors, in flat-vector order.
 pub fn model_layout(model: &ModelSpec) -> Vec<TensorInfo> {
     let device = Default::default();
-    match (model, model.lm_config()) {
-        (_, Some(config)) => checkpoint::layout(&config.init::<burn::backend::NdArray>(&device)),
-        (ModelSpec::DigitsMlp { hidden }, None) => checkpoint::layout(
-            &DigitsMlpConfig::new()
-                .with_hidden(*hidden as usize)
-                .init::<burn::backend::NdArray>(&device),
-        ),
-        (ModelSpec::ByteLm { .. }, None) => Vec::new(),
+    match model.config() {
+        ModelConfig::Lm(config) => checkpoint::layout(&config.init::<NdArray>(&device)),
+        ModelConfig::Digits(config) => checkpoint::layout(&config.init::<NdArray>(&device)),
     }
 }
 

@@ -262,18 +262,27 @@ pub enum ModelSpec {
     },
 }
 
+/// A run's model as the Burn config that builds it.
+#[derive(Debug)]
+pub enum ModelConfig {
+    Digits(crate::model::DigitsMlpConfig),
+    Lm(LmConfig),
+}
+
 impl ModelSpec {
-    /// The language model's shape, for a `ByteLm` run.
-    pub fn lm_config(&self) -> Option<LmConfig> {
+    /// The Burn config that builds this model: the one mapping from spec to config.
+    pub fn config(&self) -> ModelConfig {
         match *self {
-            Self::DigitsMlp { .. } => None,
+            Self::DigitsMlp { hidden } => ModelConfig::Digits(
+                crate::model::DigitsMlpConfig::new().with_hidden(hidden as usize),
+            ),
             Self::ByteLm {
                 context,
                 d_model,
                 heads,
                 layers,
                 mlp_ratio,
-            } => Some(
+            } => ModelConfig::Lm(
                 LmConfig::new()
                     .with_context(context as usize)
                     .with_d_model(d_model as usize)
@@ -281,6 +290,14 @@ impl ModelSpec {
                     .with_layers(layers as usize)
                     .with_mlp_ratio(mlp_ratio as usize),
             ),
+        }
+    }
+
+    /// The language model's shape, for a `ByteLm` run.
+    pub fn lm_config(&self) -> Option<LmConfig> {
+        match self.config() {
+            ModelConfig::Lm(config) => Some(config),
+            ModelConfig::Digits(_) => None,
         }
     }
 
@@ -297,11 +314,9 @@ impl ModelSpec {
 
     /// Number of f32 parameters.
     pub fn num_params(&self) -> usize {
-        match self {
-            Self::DigitsMlp { hidden } => crate::model::DigitsMlpConfig::new()
-                .with_hidden(*hidden as usize)
-                .num_params(),
-            Self::ByteLm { .. } => self.lm_config().map_or(0, |c| c.num_params()),
+        match self.config() {
+            ModelConfig::Digits(config) => config.num_params(),
+            ModelConfig::Lm(config) => config.num_params(),
         }
     }
 
