@@ -12,7 +12,7 @@ use swarmtrain_shared::robust::Rule;
 use swarmtrain_shared::sim::{SimConfig, Sync, simulate};
 use swarmtrain_shared::text::TextCorpus;
 use swarmtrain_tests::{
-    init_logging, package_path, start_relay, tiny_lm_run, train_peers_with_events,
+    accepted_updates, init_logging, package_path, start_relay, tiny_lm_run, train_peers_with_events,
 };
 
 /// Rounds of the live run; the simulator runs as many.
@@ -33,10 +33,7 @@ async fn three_native_peers_train_the_language_model_and_the_simulator_agrees_bi
     // What a contributor and an operator see: every update accepted, the held-out loss falling
     // from an untrained byte model's ln 256 ≈ 5.5 nats, every round with all three peers.
     for events in &all_events {
-        let accepted = events
-            .iter()
-            .filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. }))
-            .count();
+        let accepted = accepted_updates(events);
         assert_eq!(accepted as u64, ROUNDS, "every update accepted: {events:?}");
         assert!(
             events.iter().any(

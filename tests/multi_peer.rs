@@ -3,7 +3,9 @@
 
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_relay::default_run;
-use swarmtrain_tests::{init_logging, start_relay, train_peers, train_peers_with_events};
+use swarmtrain_tests::{
+    accepted_updates, init_logging, start_relay, train_peers, train_peers_with_events,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_native_peers_train_digits_past_90_percent() {
@@ -15,10 +17,7 @@ async fn three_native_peers_train_digits_past_90_percent() {
     let rounds = 6;
     let (status, all_events) = train_peers_with_events(&relay, 3, rounds).await;
     for events in &all_events {
-        let accepted = events
-            .iter()
-            .filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. }))
-            .count();
+        let accepted = accepted_updates(events);
         assert_eq!(
             accepted as u64, rounds,
             "every update was accepted: {events:?}"

@@ -8,7 +8,6 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, identify, noise, ping, relay, tcp, yamux};
-use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
 use swarmtrain_relay::{Relay, RelayConfig, default_run};
 use swarmtrain_shared::PeerKey;
@@ -16,7 +15,7 @@ use swarmtrain_shared::protocol::{
     self, ClientToRelay, Codec, Fetch, RelayToClient, Request, Update,
 };
 use swarmtrain_shared::robust::Rule;
-use swarmtrain_tests::{init_logging, join_raw, spawn_peer_in, start_relay};
+use swarmtrain_tests::{accepted_updates, init_logging, join_raw, spawn_peer_in, start_relay};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -390,14 +389,7 @@ async fn one_relay_coordinates_two_runs_with_their_own_specs() {
             .await
             .expect("in time");
         assert_eq!(trained, 2);
-        assert!(
-            events
-                .iter()
-                .filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. }))
-                .count()
-                == 2,
-            "{events:?}"
-        );
+        assert!(accepted_updates(&events) == 2, "{events:?}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let default = relay.runs.get("digits").expect("digits").status().await;

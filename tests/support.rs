@@ -23,6 +23,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Logs to the test output when `RUST_LOG` is set.
+/// How many of a peer's updates the relay accepted, from its events.
+pub fn accepted_updates(events: &[PeerEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. }))
+        .count()
+}
+
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
