@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::PeerKey;
-use swarmtrain_shared::protocol::{ClientToRelay, Codec, RelayToClient, Update};
+use swarmtrain_shared::protocol::{ClientToRelay, Codec, PayloadRef, RelayToClient, Update};
 use swarmtrain_shared::robust::Rule;
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
 
 /// Joins and, every round, sends Δ = −10 in every coordinate (about −1000× an honest Δ).
 async fn attacker(relay: &Relay) {
-    let (client, id, welcome, mut round) = join_raw(relay, [200; 32]).await;
+    let (client, _, welcome, mut round) = join_raw(relay, [200; 32]).await;
     let relay_key = PeerKey::from_public_key(welcome.relay_key());
     loop {
+        let payload = Codec::F32.encode(&vec![-10.0; round.n_params as usize]);
         let update = ClientToRelay::Update(Update {
             run_id: "digits".into(),
             round: round.round,
@@ -23,16 +24,16 @@ async fn attacker(relay: &Relay) {
             inner_steps: 40,
             loss: 0.1,
             codec: Codec::F32,
-            payload: Codec::F32.encode(&vec![-10.0; round.n_params as usize]),
+            payload: PayloadRef::of(&payload),
         });
-        let Ok(_) = client.request(&id.sign(&update).expect("sign")).await else {
+        let Ok(_) = client.send(update, payload).await else {
             return;
         };
         let ask = ClientToRelay::AwaitRound {
             run_id: "digits".into(),
             after: Some(round.round),
         };
-        match client.request(&id.sign(&ask).expect("sign")).await {
+        match client.send(ask, Vec::new()).await {
             Ok(RelayToClient::Round(signed)) => {
                 round = signed.verify_from(&relay_key).expect("announcement")
             }

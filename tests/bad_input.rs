@@ -1,25 +1,43 @@
 //! Bad input from the network: a forged signature, a truncated message, a wrong round, a
-//! wrong-shaped update, non-finite values, a replayed update, parts of a long message out of
-//! order or forged, an oversized frame, a long poll for a future round and more requests in
-//! flight than one connection may have are each refused with a reason (or answered at once),
-//! counted, and the run goes on.
+//! wrong-shaped update, non-finite values, a payload that is not the signed one, a replayed
+//! message, one signed for another connection, an expired one, an update without a join, parts
+//! of a long message out of order, forged or from a connection that never signed anything, an
+//! oversized frame, a long poll for a future round and more requests in flight than one
+//! connection may have are each refused with a reason (or answered at once), counted, and the
+//! run goes on.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
+use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::default_run;
 use swarmtrain_relay::p2p::MAX_IN_FLIGHT_PER_PEER;
+use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, RelayToClient, Request, Update,
+    self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, PayloadRef, RelayToClient, Request,
+    Submission, Update,
 };
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
 
 fn rejection(answer: RelayToClient) -> String {
     match answer {
-        RelayToClient::Rejected { reason } => reason,
+        RelayToClient::Rejected { reason, .. } => reason,
         other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+/// `message` in a fresh envelope of `client`'s connection, signed by `identity`.
+fn sign(
+    client: &RelayClient,
+    identity: &Identity,
+    message: ClientToRelay,
+    payload: Vec<u8>,
+) -> Submission {
+    Submission {
+        signed: identity.sign(&client.envelope(message)).expect("sign"),
+        payload,
     }
 }
 
@@ -33,7 +51,8 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     let (client, attacker, _, announcement) = join_raw(&relay, [99; 32]).await;
     let n = announcement.n_params as usize;
     let update = |round: u64, values: Vec<f32>| {
-        ClientToRelay::Update(Update {
+        let payload = protocol::params_to_bytes(&values);
+        let update = ClientToRelay::Update(Update {
             run_id: "digits".into(),
             round,
             base: announcement.params,
@@ -41,24 +60,92 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
             inner_steps: 1,
             loss: 1.0,
             codec: Codec::F32,
-            payload: protocol::params_to_bytes(&values),
-        })
+            payload: PayloadRef::of(&payload),
+        });
+        sign(&client, &attacker, update, payload)
     };
 
     // A forged signature: the body was changed after signing.
-    let mut forged = attacker.sign(&update(0, vec![0.0; n])).expect("sign");
-    let last = forged.body.len() - 1;
-    forged.body[last] ^= 1;
-    let reason = rejection(client.request(&forged).await.expect("answer"));
+    let mut forged = update(0, vec![0.0; n]);
+    let last = forged.signed.body.len() - 1;
+    forged.signed.body[last] ^= 1;
+    let reason = rejection(client.submit(&forged).await.expect("answer"));
     assert!(reason.contains("signature"), "{reason}");
+
+    // A payload other than the one the update signed.
+    let mut swapped = update(0, vec![0.0; n]);
+    swapped.payload[0] ^= 1;
+    let reason = rejection(client.submit(&swapped).await.expect("answer"));
+    assert!(reason.contains("digest"), "{reason}");
+
+    // A message signed for another connection, and one that has expired.
+    let (other_client, _, _, _) = join_raw(&relay, [97; 32]).await;
+    let elsewhere = sign(
+        &other_client,
+        &attacker,
+        ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: None,
+        },
+        Vec::new(),
+    );
+    let reason = rejection(client.submit(&elsewhere).await.expect("answer"));
+    assert!(reason.contains("signed for connection"), "{reason}");
+    let mut stale = client.envelope(ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after: None,
+    });
+    stale.expires_ms = swarmtrain_relay::runs::unix_ms() - 1;
+    let stale = Submission {
+        signed: attacker.sign(&stale).expect("sign"),
+        payload: Vec::new(),
+    };
+    let reason = rejection(client.submit(&stale).await.expect("answer"));
+    assert!(reason.contains("expired"), "{reason}");
+
+    // An update from an identity that never joined, and the parts of a long message from a
+    // connection that has not signed anything yet.
+    let stranger = Identity::from_seed([96; 32]);
+    let unjoined = RelayClient::connect(
+        relay.bootstrap.addresses["tcp"][0]
+            .parse()
+            .expect("multiaddr"),
+        &stranger,
+    )
+    .expect("dial");
+    let reason = rejection(
+        protocol::decode(
+            &unjoined
+                .request_frame(
+                    protocol::requests_for(&update(0, vec![0.0; n])).expect("split")[0].clone(),
+                )
+                .await
+                .expect("answer"),
+        )
+        .expect("decodes"),
+    );
+    assert!(reason.contains("before a long one"), "{reason}");
+    let payload = Codec::F32.encode(&vec![0.0; 8]);
+    let small = ClientToRelay::Update(Update {
+        run_id: "digits".into(),
+        round: 0,
+        base: announcement.params,
+        n_samples: 32,
+        inner_steps: 1,
+        loss: 1.0,
+        codec: Codec::F32,
+        payload: PayloadRef::of(&payload),
+    });
+    let reason = rejection(unjoined.send(small, payload).await.expect("answer"));
+    assert!(reason.contains("Join"), "{reason}");
 
     // A truncated message.
     let ask = ClientToRelay::AwaitRound {
         run_id: "digits".into(),
         after: None,
     };
-    let frame =
-        protocol::encode(&Request::Signed(attacker.sign(&ask).expect("sign"))).expect("encode");
+    let frame = protocol::encode(&Request::Submit(sign(&client, &attacker, ask, Vec::new())))
+        .expect("encode");
     let answer = client
         .request_frame(frame[..frame.len() / 2].to_vec())
         .await
@@ -72,13 +159,10 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
         run_id: "digits".into(),
         after: Some(u64::MAX),
     };
-    let answer = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.request(&attacker.sign(&ask).expect("sign")),
-    )
-    .await
-    .expect("answered without waiting for the long poll's timeout")
-    .expect("answer");
+    let answer = tokio::time::timeout(Duration::from_secs(5), client.send(ask, Vec::new()))
+        .await
+        .expect("answered without waiting for the long poll's timeout")
+        .expect("answer");
     let RelayToClient::Round(current) = answer else {
         panic!("a round announcement, got {answer:?}")
     };
@@ -87,8 +171,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
 
     // An update too long for one frame travels in parts; parts that skip ahead, or whose whole
     // does not match its digest, are refused.
-    let frames = protocol::requests_for(&attacker.sign(&update(0, vec![0.0; n])).expect("sign"))
-        .expect("split");
+    let frames = protocol::requests_for(&update(0, vec![0.0; n])).expect("split");
     assert!(
         frames.len() >= 2,
         "the digits update needs {} frames",
@@ -137,7 +220,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     // A wrong round number.
     let reason = rejection(
         client
-            .request(&attacker.sign(&update(5, vec![0.0; n])).expect("sign"))
+            .submit(&update(5, vec![0.0; n]))
             .await
             .expect("answer"),
     );
@@ -146,7 +229,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     // A wrong-shaped update.
     let reason = rejection(
         client
-            .request(&attacker.sign(&update(0, vec![0.0; n - 3])).expect("sign"))
+            .submit(&update(0, vec![0.0; n - 3]))
             .await
             .expect("answer"),
     );
@@ -159,12 +242,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     let mut poisoned = vec![0.0; n];
     poisoned[7] = f32::NAN;
     poisoned[8] = f32::INFINITY;
-    let reason = rejection(
-        client
-            .request(&attacker.sign(&update(0, poisoned)).expect("sign"))
-            .await
-            .expect("answer"),
-    );
+    let reason = rejection(client.submit(&update(0, poisoned)).await.expect("answer"));
     assert!(reason.contains("NaN"), "{reason}");
 
     // A frame over the size limit is refused before it is buffered; the connection survives.
@@ -176,9 +254,9 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     );
 
     // A valid update is accepted (and closes round 0: quorum 1); replaying it is refused.
-    let valid = attacker.sign(&update(0, vec![0.0; n])).expect("sign");
+    let valid = update(0, vec![0.0; n]);
     assert!(matches!(
-        client.request(&valid).await.expect("answer"),
+        client.submit(&valid).await.expect("answer"),
         RelayToClient::Accepted { round: 0 }
     ));
     // The round closes on the relay's timer just after `Accepted`: wait for round 1.
@@ -187,14 +265,11 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
         after: Some(0),
     };
     assert!(matches!(
-        client
-            .request(&attacker.sign(&ask).expect("sign"))
-            .await
-            .expect("answer"),
+        client.send(ask, Vec::new()).await.expect("answer"),
         RelayToClient::Round(_)
     ));
-    let reason = rejection(client.request(&valid).await.expect("answer"));
-    assert!(reason.contains("open round is 1"), "{reason}");
+    let reason = rejection(client.submit(&valid).await.expect("answer"));
+    assert!(reason.contains("already received"), "{reason}");
 
     let status = relay.coordinator.status().await;
     for kind in [
@@ -204,6 +279,12 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
         "wrong_round",
         "wrong_shape",
         "non_finite",
+        "payload_mismatch",
+        "wrong_connection",
+        "expired",
+        "replayed",
+        "not_joined",
+        "unbound_part",
     ] {
         assert!(
             status.rejected.get(kind).copied().unwrap_or(0) >= 1,
@@ -211,23 +292,21 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
             status.rejected
         );
     }
-    assert_eq!(
-        status.rejected["wrong_round"], 2,
-        "the wrong round and the replay"
-    );
+    assert_eq!(status.rejected["wrong_round"], 1, "the wrong round");
 
     // One connection has at most `MAX_IN_FLIGHT_PER_PEER` requests in flight: a long poll past
     // that is refused at once with a reason and counted, and the parked ones do not stop the
     // honest peer below.
-    let (flooder, flood_identity, _, _) = join_raw(&relay, [98; 32]).await;
-    let poll = flood_identity
-        .sign(&ClientToRelay::AwaitRound {
-            run_id: "digits".into(),
-            after: Some(relay.coordinator.status().await.round),
-        })
-        .expect("sign");
+    let (flooder, _, _, _) = join_raw(&relay, [98; 32]).await;
+    let after = Some(relay.coordinator.status().await.round);
     let mut polls: FuturesUnordered<_> = (0..=MAX_IN_FLIGHT_PER_PEER)
-        .map(|_| flooder.request(&poll))
+        .map(|_| {
+            let poll = ClientToRelay::AwaitRound {
+                run_id: "digits".into(),
+                after,
+            };
+            flooder.send(poll, Vec::new())
+        })
         .collect();
     let first = tokio::time::timeout(Duration::from_secs(10), polls.next())
         .await

@@ -25,7 +25,7 @@ async fn round_announcements_arrive_by_gossip() {
     let mut run = default_run();
     run.quorum = 1;
     let relay = start_relay(run).await;
-    let (client, identity, welcome, round0) = join_raw(&relay, [11; 32]).await;
+    let (client, _, welcome, round0) = join_raw(&relay, [11; 32]).await;
     // The longest answer the relay gives fits the frame size every WebRTC stack reads.
     let welcome_frame =
         protocol::encode(&RelayToClient::Welcome(Box::new(welcome.clone()))).expect("encode");
@@ -40,6 +40,7 @@ async fn round_announcements_arrive_by_gossip() {
         .expect("subscribe");
     // Give the subscription time to reach the relay before the round closes.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let payload = protocol::params_to_bytes(&vec![0.01; round0.n_params as usize]);
     let update = ClientToRelay::Update(Update {
         run_id: "digits".into(),
         round: 0,
@@ -48,13 +49,10 @@ async fn round_announcements_arrive_by_gossip() {
         inner_steps: 1,
         loss: 1.0,
         codec: Codec::F32,
-        payload: protocol::params_to_bytes(&vec![0.01; round0.n_params as usize]),
+        payload: protocol::PayloadRef::of(&payload),
     });
     // This update (19 KB) is longer than a frame: it goes in parts.
-    let answer = client
-        .request(&identity.sign(&update).expect("sign"))
-        .await
-        .expect("answer");
+    let answer = client.send(update, payload).await.expect("answer");
     assert!(
         matches!(answer, RelayToClient::Accepted { round: 0 }),
         "{answer:?}"
@@ -257,9 +255,19 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
             backend: "none".into(),
             platform: "webrtc test".into(),
         },
+        proof_of_work: None,
     });
-    let frame =
-        protocol::encode(&Request::Signed(identity.sign(&join).expect("sign"))).expect("encode");
+    let envelope = protocol::Envelope {
+        peer_id: peer.local_peer_id().to_bytes(),
+        seq: 1,
+        expires_ms: swarmtrain_relay::runs::unix_ms() + 60_000,
+        message: join,
+    };
+    let frame = protocol::encode(&Request::Submit(protocol::Submission {
+        signed: identity.sign(&envelope).expect("sign"),
+        payload: Vec::new(),
+    }))
+    .expect("encode");
     let welcome = match rpc_call(&mut peer, relay_id, frame).await {
         RelayToClient::Welcome(welcome) => *welcome,
         other => panic!("expected a welcome, got {other:?}"),

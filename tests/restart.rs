@@ -33,26 +33,19 @@ async fn stop_then_restart_resumes(stop: Stop) {
     let address = relay.tcp_address().await;
 
     // Round 0 closes at quorum 2; in round 1 only peer A has sent its update.
-    let [(client_a, id_a, _), (client_b, id_b, _)] = two_peers_close_round_0(&address).await;
+    let [(client_a, _, _), (client_b, id_b, _)] = two_peers_close_round_0(&address).await;
     let before = relay.json("api/status").await;
     assert_eq!(before["round"], 1);
-    let round1 = match client_a
-        .request(
-            &id_a
-                .sign(&ClientToRelay::AwaitRound {
-                    run_id: "digits".into(),
-                    after: None,
-                })
-                .expect("sign"),
-        )
-        .await
-        .expect("round")
-    {
+    let ask = ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after: None,
+    };
+    let round1 = match client_a.send(ask, Vec::new()).await.expect("round") {
         RelayToClient::Round(signed) => signed.verify_and_decode().expect("signed").1,
         other => panic!("expected the round, got {other:?}"),
     };
     assert!(matches!(
-        send_constant_update(&client_a, &id_a, &round1, 0.03).await,
+        send_constant_update(&client_a, &round1, 0.03).await,
         RelayToClient::Accepted { round: 1 }
     ));
     let before = relay.json("api/status").await;
@@ -85,7 +78,7 @@ async fn stop_then_restart_resumes(stop: Stop) {
     // The run goes on: once a live peer is back, the round closes with the stored update
     // (the quorum counts live peers), and A cannot send its round-1 update twice.
     let address = relay.tcp_address().await;
-    let (client_a, id_a, _, announced) = join_raw_at(&address, "digits", [1; 32]).await;
+    let (client_a, _, _, announced) = join_raw_at(&address, "digits", [1; 32]).await;
     assert_eq!(announced.round, 1);
     assert_eq!(
         announced.params, round1.params,
@@ -93,7 +86,7 @@ async fn stop_then_restart_resumes(stop: Stop) {
     );
     assert!(
         matches!(
-            send_constant_update(&client_a, &id_a, &round1, 0.03).await,
+            send_constant_update(&client_a, &round1, 0.03).await,
             RelayToClient::Rejected { .. }
         ),
         "no second update"

@@ -15,8 +15,8 @@ use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::coordinator::Status;
 use swarmtrain_relay::{Relay, RelayConfig};
 use swarmtrain_shared::protocol::{
-    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, RelayToClient, RoundAnnouncement,
-    RunSpec, Update, Welcome,
+    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, PayloadRef, RelayToClient,
+    RoundAnnouncement, RunSpec, Update, Welcome,
 };
 use swarmtrain_shared::{Identity, PeerKey};
 use tokio::sync::mpsc;
@@ -119,8 +119,9 @@ pub async fn join_raw_at(
     run_id: &str,
     seed: [u8; 32],
 ) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
-    let client = RelayClient::connect(address.parse().expect("multiaddr")).expect("dial");
     let identity = Identity::from_seed(seed);
+    let client =
+        RelayClient::connect(address.parse().expect("multiaddr"), &identity).expect("dial");
     let join = ClientToRelay::Join(Join {
         version: PROTOCOL_VERSION,
         run_id: run_id.to_owned(),
@@ -128,12 +129,9 @@ pub async fn join_raw_at(
             backend: "none".into(),
             platform: "test".into(),
         },
+        proof_of_work: None,
     });
-    let welcome = match client
-        .request(&identity.sign(&join).expect("sign"))
-        .await
-        .expect("join")
-    {
+    let welcome = match client.send(join, Vec::new()).await.expect("join") {
         RelayToClient::Welcome(welcome) => *welcome,
         other => panic!("expected a welcome, got {other:?}"),
     };
@@ -196,7 +194,7 @@ pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str
         run_id: run_id.map(str::to_owned),
         transport: None,
         relay_url: relay.url(),
-        identity_seed: [id; 32],
+        identity_seed: zeroize::Zeroizing::new([id; 32]),
         backend: "ndarray".into(),
         max_rounds: Some(max_rounds),
         sample_len: 0,
@@ -371,10 +369,10 @@ impl Drop for RelayProcess {
 /// Sends a signed update of constant `value` (f32) for `round` of the digits run.
 pub async fn send_constant_update(
     client: &RelayClient,
-    id: &Identity,
     round: &RoundAnnouncement,
     value: f32,
 ) -> RelayToClient {
+    let payload = Codec::F32.encode(&vec![value; round.n_params as usize]);
     let update = ClientToRelay::Update(Update {
         run_id: "digits".into(),
         round: round.round,
@@ -383,12 +381,9 @@ pub async fn send_constant_update(
         inner_steps: 10,
         loss: 1.0,
         codec: Codec::F32,
-        payload: Codec::F32.encode(&vec![value; round.n_params as usize]),
+        payload: PayloadRef::of(&payload),
     });
-    client
-        .request(&id.sign(&update).expect("sign"))
-        .await
-        .expect("request")
+    client.send(update, payload).await.expect("request")
 }
 
 /// Two peers (seeds 1 and 2) join the digits run of the relay process at TCP `address` and each
@@ -400,11 +395,11 @@ pub async fn two_peers_close_round_0(
     let (client_a, id_a, _, round0) = join_raw_at(address, "digits", [1; 32]).await;
     let (client_b, id_b, _, _) = join_raw_at(address, "digits", [2; 32]).await;
     assert!(matches!(
-        send_constant_update(&client_a, &id_a, &round0, 0.01).await,
+        send_constant_update(&client_a, &round0, 0.01).await,
         RelayToClient::Accepted { round: 0 }
     ));
     assert!(matches!(
-        send_constant_update(&client_b, &id_b, &round0, 0.02).await,
+        send_constant_update(&client_b, &round0, 0.02).await,
         RelayToClient::Accepted { round: 0 }
     ));
     // `Accepted` comes once an update is durable; the round closes just after, on the relay's
@@ -413,11 +408,7 @@ pub async fn two_peers_close_round_0(
         run_id: "digits".into(),
         after: Some(0),
     };
-    match client_a
-        .request(&id_a.sign(&ask).expect("sign"))
-        .await
-        .expect("await round")
-    {
+    match client_a.send(ask, Vec::new()).await.expect("await round") {
         RelayToClient::Round(signed) => {
             let round = signed.verify_and_decode().expect("signed").1;
             assert_eq!(round.round, 1, "round 0 closed");

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
+use swarmtrain_shared::admission::{Admission, AdmissionTerms, search_proof_of_work};
 use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::data::{self, DigitsSet};
 use swarmtrain_shared::lm::{self, SampleConfig};
 use swarmtrain_shared::protocol::{
-    self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, ParamsHash, RelayToClient,
-    RoundAnnouncement, RunSpec, Update,
+    self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, ParamsHash, PayloadRef,
+    RelayToClient, RoundAnnouncement, RunSpec, Update,
 };
 use swarmtrain_shared::{Identity, Signed};
 use web_time::Instant;
@@ -37,8 +38,8 @@ pub struct PeerConfig {
     /// Which of the relay's transports to dial (None: the platform's first that the relay
     /// offers, see `platform::TRANSPORTS`).
     pub transport: Option<String>,
-    /// Secret seed of this peer's ML-DSA-65 identity.
-    pub identity_seed: [u8; 32],
+    /// Secret seed of this peer's ML-DSA-65 identity (zeroized on drop).
+    pub identity_seed: zeroize::Zeroizing<[u8; 32]>,
     /// Name of the training backend, reported to the relay.
     pub backend: String,
     /// Stop after this many trained rounds (None: until stopped).
@@ -146,6 +147,49 @@ pub struct Bootstrap {
     /// Dialable multiaddrs (ending in `/p2p/<peer_id>`), keyed by transport: "tcp", "ws",
     /// "webrtc-direct".
     pub addresses: std::collections::BTreeMap<String, Vec<String>>,
+    /// The relay's clock (Unix ms) when it answered: envelopes expire on this clock.
+    #[serde(default)]
+    pub time_ms: u64,
+    /// Each run's admission terms (a run missing here is open).
+    #[serde(default)]
+    pub admission: std::collections::BTreeMap<String, AdmissionTerms>,
+}
+
+/// Solves the run's proof-of-work puzzle for `identity` when its terms ask for one, yielding
+/// to the page between batches of hashes.
+async fn proof_of_work(
+    terms: Option<&AdmissionTerms>,
+    identity: &Identity,
+) -> Result<Option<u64>, PeerError> {
+    let Some(terms) = terms.filter(|t| t.policy == "proof-of-work") else {
+        return Ok(None);
+    };
+    let bad = || {
+        PeerError::Bootstrap(format!(
+            "the relay's admission terms are malformed: {terms:?}"
+        ))
+    };
+    let bits = terms
+        .bits
+        .filter(|b| *b <= Admission::MAX_BITS)
+        .ok_or_else(bad)?;
+    let challenge = terms
+        .challenge
+        .as_deref()
+        .and_then(|hex| blake3::Hash::from_hex(hex).ok())
+        .ok_or_else(bad)?;
+    const BATCH: u64 = 1 << 14;
+    let mut start = 0u64;
+    loop {
+        let range = start..start.saturating_add(BATCH);
+        if let Some(nonce) =
+            search_proof_of_work(challenge.as_bytes(), &identity.peer(), bits, range)
+        {
+            return Ok(Some(nonce));
+        }
+        start = start.checked_add(BATCH).ok_or_else(bad)?;
+        platform::yield_now().await;
+    }
 }
 
 fn url(base: &str, path: &str) -> String {
@@ -160,7 +204,8 @@ fn url(base: &str, path: &str) -> String {
 struct Session {
     client: RelayClient,
     transport: String,
-    identity: Identity,
+    /// The `Join` this session sent, to send again should the relay have forgotten us.
+    join: ClientToRelay,
     /// The relay's ML-DSA-65 public key, which signs every announcement.
     relay_key: Vec<u8>,
     relay_url: String,
@@ -198,22 +243,24 @@ impl Session {
         let address = address
             .parse()
             .map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
-        let client = RelayClient::connect(address)?;
-
+        let client = RelayClient::connect(address, &identity)?;
+        if bootstrap.time_ms > 0 {
+            client.set_relay_clock(bootstrap.time_ms);
+        }
+        let run_id = config.run_id.clone().unwrap_or(bootstrap.run_id);
+        let proof_of_work = proof_of_work(bootstrap.admission.get(&run_id), &identity).await?;
         let join = ClientToRelay::Join(Join {
             version: PROTOCOL_VERSION,
-            run_id: config.run_id.clone().unwrap_or(bootstrap.run_id),
+            run_id,
             capabilities: Capabilities {
                 backend: config.backend.clone(),
                 platform: platform::platform(),
             },
+            proof_of_work,
         });
-        let signed = identity
-            .sign(&join)
-            .map_err(|e| PeerError::Train(e.to_string()))?;
-        let welcome = match client.request(&signed).await? {
+        let welcome = match client.send(join.clone(), Vec::new()).await? {
             RelayToClient::Welcome(welcome) => *welcome,
-            RelayToClient::Rejected { reason } => return Err(PeerError::Refused(reason)),
+            RelayToClient::Rejected { reason, .. } => return Err(PeerError::Refused(reason)),
             _ => return Err(PeerError::Unexpected("join")),
         };
         let relay_key = welcome.relay_key().to_vec();
@@ -231,7 +278,7 @@ impl Session {
             slot: welcome.slot,
             client,
             transport,
-            identity,
+            join,
             relay_key,
             relay_url: config.relay_url.clone(),
             spec: welcome.spec,
@@ -259,11 +306,23 @@ impl Session {
     }
 
     async fn request(&self, message: ClientToRelay) -> Result<RelayToClient, PeerError> {
-        let signed = self
-            .identity
-            .sign(&message)
-            .map_err(|e| PeerError::Train(e.to_string()))?;
-        Ok(self.client.request(&signed).await?)
+        Ok(self.client.send(message, Vec::new()).await?)
+    }
+
+    /// Sends an update with its payload. A relay that no longer knows this peer (it restarted)
+    /// answers `not_joined`: the peer joins again and sends the update once more.
+    async fn submit(&self, update: Update, payload: Vec<u8>) -> Result<RelayToClient, PeerError> {
+        let message = ClientToRelay::Update(update);
+        match self.client.send(message.clone(), payload.clone()).await? {
+            RelayToClient::Rejected { kind, .. } if kind == "not_joined" => {
+                match self.client.send(self.join.clone(), Vec::new()).await? {
+                    RelayToClient::Welcome(_) => Ok(self.client.send(message, payload).await?),
+                    RelayToClient::Rejected { reason, .. } => Err(PeerError::Refused(reason)),
+                    _ => Err(PeerError::Unexpected("join")),
+                }
+            }
+            answer => Ok(answer),
+        }
     }
 
     /// Waits for the first round after `after`: announced by gossip, or, should gossip be slow
@@ -307,7 +366,7 @@ impl Session {
                         return Ok(announcement);
                     }
                 }
-                RelayToClient::Rejected { reason } => return Err(PeerError::Refused(reason)),
+                RelayToClient::Rejected { reason, .. } => return Err(PeerError::Refused(reason)),
                 _ => return Err(PeerError::Unexpected("await round")),
             }
         }
@@ -328,7 +387,7 @@ impl Session {
         let shard = data::assign_shard(
             &self.spec.run_id,
             round,
-            &self.identity.peer(),
+            &self.client.identity().peer(),
             self.spec.data.n_shards,
         );
         let path = format!("api/runs/{}/shards/{shard}", self.spec.run_id);
@@ -364,7 +423,7 @@ pub async fn run<B: AutodiffBackend>(
     config: PeerConfig,
     mut emit: impl FnMut(PeerEvent),
 ) -> Result<u64, PeerError> {
-    let identity = Identity::from_seed(config.identity_seed);
+    let identity = Identity::from_seed(*config.identity_seed);
     let peer = identity.peer();
     let (session, mut announcement) = Session::join(&config, identity).await?;
     emit(PeerEvent::Joined {
@@ -481,19 +540,17 @@ pub async fn run<B: AutodiffBackend>(
             rounds_trained,
         });
 
-        // Δ = θ_t − θ_local, clipped and noised when the run asks for differential privacy.
+        // Δ = θ_t − θ_local, clipped to the run's norm when it uses differential privacy (the
+        // relay clips again, and noises the round's sum).
         let mut delta: Vec<f32> = start
             .iter()
             .zip(&local_params)
             .map(|(t, l)| t - l)
             .collect();
         if let Some(privacy) = &session.spec.privacy {
-            // The noise seed must stay secret from the relay, so it comes from the OS.
-            let mut seed = [0u8; 8];
-            getrandom::fill(&mut seed)
-                .map_err(|e| PeerError::Train(format!("no randomness for DP noise: {e}")))?;
-            swarmtrain_shared::privacy::privatize(&mut delta, privacy, u64::from_le_bytes(seed));
+            swarmtrain_shared::privacy::clip_l2(&mut delta, privacy.clip_norm);
         }
+        let payload = feedback.encode(session.spec.codec, &delta);
         let update = Update {
             run_id: session.spec.run_id.clone(),
             round,
@@ -502,9 +559,9 @@ pub async fn run<B: AutodiffBackend>(
             inner_steps: steps,
             loss,
             codec: session.spec.codec,
-            payload: feedback.encode(session.spec.codec, &delta),
+            payload: PayloadRef::of(&payload),
         };
-        let answer = session.request(ClientToRelay::Update(update)).await?;
+        let answer = session.submit(update, payload).await?;
         let relay_rtt_ms = session
             .client
             .relay_info()
@@ -517,7 +574,7 @@ pub async fn run<B: AutodiffBackend>(
                 reason: None,
                 relay_rtt_ms,
             },
-            RelayToClient::Rejected { reason } => PeerEvent::Submitted {
+            RelayToClient::Rejected { reason, .. } => PeerEvent::Submitted {
                 round,
                 accepted: false,
                 reason: Some(reason),

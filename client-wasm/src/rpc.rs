@@ -6,10 +6,14 @@
 //! comes in chunks. Round announcements also arrive by gossipsub.
 //!
 //! [`RelayClient`] is a cloneable handle; an event loop task owns the `Swarm` and answers the
-//! handle's commands through oneshot channels.
+//! handle's commands through oneshot channels. The handle signs for one identity: its libp2p key
+//! is derived from the identity's seed, and each message goes in a fresh
+//! [`Envelope`] (this connection's peer ID, the next sequence number, an expiry on the relay's
+//! clock).
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,10 +23,10 @@ use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping};
-use swarmtrain_shared::Signed;
+use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, ParamsHash, RPC_PROTOCOL,
-    RelayToClient, Request, WireError,
+    self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES,
+    ParamsHash, RPC_PROTOCOL, RelayToClient, Request, Submission, WireError,
 };
 
 use crate::platform;
@@ -171,6 +175,8 @@ pub enum RpcError {
     Closed,
     #[error("the relay refused: {0}")]
     Refused(String),
+    #[error("could not sign the message: {0}")]
+    Sign(String),
 }
 
 enum Command {
@@ -192,6 +198,26 @@ pub struct RelayClient {
     commands: mpsc::Sender<Command>,
     info: Arc<Mutex<RelayInfo>>,
     gossip: Arc<futures::lock::Mutex<mpsc::Receiver<Vec<u8>>>>,
+    signer: Arc<Signer>,
+}
+
+/// Signs this connection's envelopes.
+#[derive(Debug)]
+struct Signer {
+    identity: Identity,
+    peer_id: PeerId,
+    /// The next sequence number: starts at the clock in µs, so a peer that reconnects with the
+    /// same identity continues above the numbers it used before.
+    seq: AtomicU64,
+    /// The relay's clock minus ours, in ms.
+    clock_offset_ms: AtomicI64,
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock.
+pub fn unix_ms() -> u64 {
+    web_time::SystemTime::now()
+        .duration_since(web_time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The relay as identify and ping see it.
@@ -215,8 +241,9 @@ impl std::fmt::Debug for Command {
 }
 
 impl RelayClient {
-    /// Dials the relay at `address` (which must end in `/p2p/<relay peer id>`).
-    pub fn connect(address: Multiaddr) -> Result<Self, RpcError> {
+    /// Dials the relay at `address` (which must end in `/p2p/<relay peer id>`) as `identity`,
+    /// whose seed gives the connection's libp2p key.
+    pub fn connect(address: Multiaddr, identity: &Identity) -> Result<Self, RpcError> {
         let relay = address
             .iter()
             .find_map(|p| match p {
@@ -224,7 +251,9 @@ impl RelayClient {
                 _ => None,
             })
             .ok_or_else(|| RpcError::Network(format!("{address} names no relay peer id")))?;
-        let keypair = Keypair::generate_ed25519();
+        let keypair = Keypair::ed25519_from_bytes(*identity.network_secret())
+            .map_err(|e| RpcError::Network(format!("deriving the libp2p key: {e}")))?;
+        let peer_id = keypair.public().to_peer_id();
         let agent = format!("swarmtrain-peer/{}", env!("CARGO_PKG_VERSION"));
         let behaviour = Behaviour::new(ProtocolSupport::Outbound, &keypair, &agent)
             .map_err(RpcError::Network)?;
@@ -238,11 +267,64 @@ impl RelayClient {
         let info = Arc::new(Mutex::new(RelayInfo::default()));
         let (gossip_tx, gossip) = mpsc::channel(GOSSIP_QUEUE);
         platform::spawn(event_loop(swarm, relay, receiver, info.clone(), gossip_tx));
+        let micros = web_time::SystemTime::now()
+            .duration_since(web_time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         Ok(Self {
             commands,
             info,
             gossip: Arc::new(futures::lock::Mutex::new(gossip)),
+            signer: Arc::new(Signer {
+                identity: Identity::from_seed(*identity.seed()),
+                peer_id,
+                seq: AtomicU64::new(micros),
+                clock_offset_ms: AtomicI64::new(0),
+            }),
         })
+    }
+
+    /// This connection's libp2p peer ID (derived from the identity).
+    pub fn peer_id(&self) -> PeerId {
+        self.signer.peer_id
+    }
+
+    /// The identity this handle signs for.
+    pub fn identity(&self) -> &Identity {
+        &self.signer.identity
+    }
+
+    /// Tells the handle the relay's clock (Unix ms, as `/api/bootstrap` reports it), so that
+    /// envelope expiries are on the relay's clock whatever this machine's says.
+    pub fn set_relay_clock(&self, relay_unix_ms: u64) {
+        let offset = relay_unix_ms as i64 - unix_ms() as i64;
+        self.signer.clock_offset_ms.store(offset, Ordering::Relaxed);
+    }
+
+    /// A fresh envelope for `message`: this connection, the next sequence number, and an expiry
+    /// [`ENVELOPE_VALIDITY_MS`] from now on the relay's clock.
+    pub fn envelope(&self, message: ClientToRelay) -> Envelope {
+        let now = unix_ms() as i64 + self.signer.clock_offset_ms.load(Ordering::Relaxed);
+        Envelope {
+            peer_id: self.signer.peer_id.to_bytes(),
+            seq: self.signer.seq.fetch_add(1, Ordering::Relaxed),
+            expires_ms: now.max(0) as u64 + ENVELOPE_VALIDITY_MS,
+            message,
+        }
+    }
+
+    /// Signs `message` in a fresh envelope, sends it with `payload` (an update's encoded Δ,
+    /// else empty) and waits for the relay's answer.
+    pub async fn send(
+        &self,
+        message: ClientToRelay,
+        payload: Vec<u8>,
+    ) -> Result<RelayToClient, RpcError> {
+        let signed = self
+            .signer
+            .identity
+            .sign(&self.envelope(message))
+            .map_err(|e| RpcError::Sign(e.to_string()))?;
+        self.submit(&Submission { signed, payload }).await
     }
 
     /// Subscribes to a gossipsub topic; its messages come out of [`RelayClient::next_gossip`].
@@ -264,13 +346,10 @@ impl RelayClient {
         self.info.lock().map(|i| i.clone()).unwrap_or_default()
     }
 
-    /// Sends one signed request, in parts when it is longer than a frame, and waits for the
-    /// relay's answer.
-    pub async fn request(
-        &self,
-        message: &Signed<ClientToRelay>,
-    ) -> Result<RelayToClient, RpcError> {
-        let frames = protocol::requests_for(message)?;
+    /// Sends one submission as it is, in parts when it is longer than a frame, and waits for the
+    /// relay's answer (tests use it to send forged and replayed messages).
+    pub async fn submit(&self, submission: &Submission) -> Result<RelayToClient, RpcError> {
+        let frames = protocol::requests_for(submission)?;
         let last = frames.len() - 1;
         for (i, frame) in frames.into_iter().enumerate() {
             let answer: RelayToClient = protocol::decode(&self.request_frame(frame).await?)?;
@@ -302,7 +381,7 @@ impl RelayClient {
                     offset,
                     bytes,
                 } => (total as usize, offset as usize, bytes),
-                RelayToClient::Rejected { reason } => return Err(RpcError::Refused(reason)),
+                RelayToClient::Rejected { reason, .. } => return Err(RpcError::Refused(reason)),
                 _ => {
                     return Err(RpcError::Wire(WireError::Malformed(
                         "expected a chunk".into(),

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use burn::backend::NdArray;
 use serde::{Deserialize, Serialize};
+use swarmtrain_shared::admission::{self, Admission, AdmissionTerms};
 use swarmtrain_shared::aggregate::AggregateError;
 use swarmtrain_shared::checkpoint::TensorInfo;
 use swarmtrain_shared::data::derive_seed;
 use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
-    self, CHUNK_BYTES, ClientToRelay, Fetch, ModelConfig, PROTOCOL_VERSION, ParamsHash,
+    self, CHUNK_BYTES, ClientToRelay, Envelope, Fetch, ModelConfig, PROTOCOL_VERSION, ParamsHash,
     RelayToClient, RoundAnnouncement, RunSpec, Welcome,
 };
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
@@ -70,6 +71,10 @@ pub struct Status {
     pub history_from: u64,
     pub rejected: BTreeMap<String, u64>,
     pub accepted_updates: u64,
+    /// Checkpoint writes that failed (each retried; the round waits unannounced meanwhile).
+    pub checkpoint_failures: u64,
+    /// Whether the open round is waiting for its checkpoint to be written before it is announced.
+    pub unannounced: bool,
     /// Differential privacy spent per peer so far (ε at the run's δ), when the run uses DP.
     pub privacy_epsilon: Option<f64>,
     /// The open round's timeout: the configured deadline, adapted to the peers' speed.
@@ -115,6 +120,12 @@ struct State {
     slots: BTreeMap<PeerKey, u32>,
     rejected: BTreeMap<String, u64>,
     accepted: u64,
+    /// The open round could not be checkpointed yet: it is not announced (peers keep hearing
+    /// the previous round) until a later tick writes it.
+    unannounced: bool,
+    /// Failed checkpoint writes so far, and when the next try is due.
+    checkpoint_failures: u64,
+    retry_at_ms: u64,
 }
 
 /// Shared by the HTTP server, the libp2p event loop and the round timer.
@@ -130,6 +141,9 @@ pub struct Coordinator {
     announce: Announcements,
     /// Woken when an accepted update may have completed the quorum.
     due: Arc<Notify>,
+    /// Who may join, and the run's proof-of-work challenge.
+    admission: Admission,
+    challenge: [u8; 32],
 }
 
 /// Where coordinators send every announcement as it is signed, for gossip: (run id, encoded
@@ -176,8 +190,18 @@ impl Coordinator {
         store: Option<Arc<Store>>,
         announce: Announcements,
         due: Arc<Notify>,
+        admission: Admission,
     ) -> anyhow::Result<Self> {
         spec.validate()?;
+        if let Admission::ProofOfWork { bits } = admission {
+            anyhow::ensure!(
+                bits <= Admission::MAX_BITS,
+                "run {:?}: a proof of work of {bits} bits is more than the {} allowed",
+                spec.run_id,
+                Admission::MAX_BITS
+            );
+        }
+        let challenge = admission::challenge(identity.public_key(), &spec.run_id);
         let run_spec = spec.clone();
         let layout = crate::ops::model_layout(&spec.model);
         let resumed = match &store {
@@ -194,7 +218,19 @@ impl Coordinator {
                 let mut round = RoundState::resume(spec.clone(), record.round, params, outer, 0);
                 let mut accepted = record.accepted;
                 for (peer, entry) in store.updates(&spec.run_id, record.round)? {
-                    match round.restore(peer, &entry.update) {
+                    let restored =
+                        entry
+                            .verify()
+                            .map_err(|e| e.to_string())
+                            .and_then(|(signer, update)| {
+                                if signer != peer {
+                                    return Err("signed by another peer than its key".into());
+                                }
+                                round
+                                    .restore(peer, &update, &entry.payload)
+                                    .map_err(|e| e.to_string())
+                            });
+                    match restored {
                         Ok(()) => accepted += 1,
                         Err(e) => {
                             tracing::warn!(peer = peer.short(), error = %e, "a stored update no longer applies")
@@ -227,6 +263,9 @@ impl Coordinator {
                     slots: BTreeMap::new(),
                     rejected: record.rejected,
                     accepted,
+                    unannounced: false,
+                    checkpoint_failures: 0,
+                    retry_at_ms: 0,
                 }
             }
             _ => {
@@ -253,6 +292,9 @@ impl Coordinator {
                     slots: BTreeMap::new(),
                     rejected: BTreeMap::new(),
                     accepted: 0,
+                    unannounced: false,
+                    checkpoint_failures: 0,
+                    retry_at_ms: 0,
                 };
                 state.history.push_back(RoundRecord {
                     round: 0,
@@ -282,7 +324,14 @@ impl Coordinator {
             spec: run_spec,
             announce,
             due,
+            admission,
+            challenge,
         })
+    }
+
+    /// What a peer must know of this run's admission policy before it joins.
+    pub fn admission_terms(&self) -> AdmissionTerms {
+        self.admission.terms(&self.challenge)
     }
 
     pub fn identity(&self) -> &Identity {
@@ -344,7 +393,10 @@ impl Coordinator {
             .rejected
             .entry(kind.to_owned())
             .or_default() += 1;
-        encode(&RelayToClient::Rejected { reason })
+        encode(&RelayToClient::Rejected {
+            kind: kind.to_owned(),
+            reason,
+        })
     }
 
     /// Answers a fetch of public data: one chunk of θ by hash.
@@ -389,23 +441,35 @@ impl Coordinator {
         }
     }
 
-    /// Handles one message from `peer`, whose signature [`Runs`](crate::Runs) has checked, and
-    /// returns the response frame. Never panics on peer input; a long poll resolves at the next
-    /// announcement or after `max_wait`.
+    /// Handles one message from `peer`, whose envelope [`Runs`](crate::Runs) has checked
+    /// (`signed` is that envelope, kept in the ledger for updates; `payload` is an update's
+    /// encoded Δ), and returns the response frame. Never panics on peer input; a long poll
+    /// resolves at the next announcement or after `max_wait`. A `Join` must pass the run's
+    /// admission policy; an update from a peer that has not joined is refused (`not_joined`).
     pub async fn handle(
         &self,
         peer: PeerKey,
         message: ClientToRelay,
+        signed: Signed<Envelope>,
+        payload: Vec<u8>,
         max_wait: Duration,
     ) -> Vec<u8> {
         let now = self.now_ms();
         match message {
             ClientToRelay::Join(join) => {
-                let mut state = self.state.lock().await;
-                if join.version != PROTOCOL_VERSION || join.run_id != state.round.spec.run_id {
-                    drop(state);
+                if join.version != PROTOCOL_VERSION || join.run_id != self.spec.run_id {
                     let reason = format!("join for run {:?} version {}", join.run_id, join.version);
                     return self.reject(Some(peer), "bad_join", reason).await;
+                }
+                let mut state = self.state.lock().await;
+                // An identity admitted once stays admitted (for the relay's life).
+                if !state.joined.contains_key(&peer)
+                    && let Err(e) = self
+                        .admission
+                        .admit(&self.challenge, &peer, join.proof_of_work)
+                {
+                    drop(state);
+                    return self.reject(Some(peer), "not_admitted", e.to_string()).await;
                 }
                 tracing::info!(
                     peer = peer.short(),
@@ -417,9 +481,14 @@ impl Coordinator {
                 state.round.seen(peer, now);
                 let next = state.slots.len() as u32 % self.spec.data.n_shards.max(1);
                 let slot = *state.slots.entry(peer).or_insert(next);
-                let round = self
-                    .identity
-                    .sign(&state.round.announcement(state.eval, now));
+                // A round that is not yet durable is not announced: the joiner hears the last
+                // announced one.
+                let round = if state.unannounced {
+                    Ok(state.announcement.clone())
+                } else {
+                    self.identity
+                        .sign(&state.round.announcement(state.eval, now))
+                };
                 let spec = state.round.spec.clone();
                 drop(state);
                 match round {
@@ -465,7 +534,18 @@ impl Coordinator {
             }
             ClientToRelay::Update(update) => {
                 let mut state = self.state.lock().await;
-                if let Err(rejection) = state.round.submit(peer, &update, now) {
+                if !state.joined.contains_key(&peer) {
+                    drop(state);
+                    let reason = "send a Join for this run before an update".to_owned();
+                    return self.reject(Some(peer), "not_joined", reason).await;
+                }
+                if state.unannounced {
+                    drop(state);
+                    let reason =
+                        "the relay cannot store the round yet; the update missed it".into();
+                    return self.reject(Some(peer), "store_failed", reason).await;
+                }
+                if let Err(rejection) = state.round.submit(peer, &update, &payload, now) {
                     drop(state);
                     return self
                         .reject(Some(peer), rejection.kind(), rejection.to_string())
@@ -476,7 +556,9 @@ impl Coordinator {
                 if let Some(store) = &self.store {
                     let entry = LedgerEntry {
                         received_ms: now,
-                        update: update.clone(),
+                        round: update.round,
+                        signed,
+                        payload,
                     };
                     if let Err(e) = store.record_update(&state.round.spec.run_id, &peer, &entry) {
                         state.round.withdraw(&peer);
@@ -513,6 +595,13 @@ impl Coordinator {
     pub async fn tick(self: &Arc<Self>) {
         let job = {
             let mut state = self.state.lock().await;
+            if state.unannounced {
+                let now = self.now_ms();
+                if now >= state.retry_at_ms {
+                    self.announce_when_durable(&mut state, now).await;
+                }
+                return;
+            }
             match state.round.begin_close(self.now_ms()) {
                 Some(job) => job,
                 None => return,
@@ -558,13 +647,44 @@ impl Coordinator {
             }
         }
         store_params(&mut state);
-        // The checkpoint and the run record are written before the round is announced.
+        tracing::info!(
+            run = self.spec.run_id,
+            round = closed.round,
+            contributors = closed.contributors.len(),
+            backend = %self.aggregation,
+            aggregation_ms,
+            accuracy = eval.accuracy.unwrap_or(f32::NAN),
+            val_loss = eval.loss.unwrap_or(f32::NAN),
+            "round closed; round {} opens",
+            closed.next_round
+        );
+        state.unannounced = true;
+        self.announce_when_durable(&mut state, now).await;
+    }
+
+    /// Writes the open round's checkpoint and run record, and only once they are durable
+    /// announces the round (signed, gossiped, and to the parked long polls). A failed write is
+    /// counted and retried by later ticks, at most once a second; until then peers keep hearing
+    /// the last announced round.
+    async fn announce_when_durable(&self, state: &mut State, now: u64) {
         if let Some(store) = &self.store
-            && let Err(e) = persist(store, &self.layout, &state).await
+            && let Err(e) = persist(store, &self.layout, state).await
         {
-            tracing::error!(error = %e, round = state.round.round, "could not checkpoint the round");
+            state.checkpoint_failures += 1;
+            state.retry_at_ms = now + 1_000;
+            tracing::error!(
+                error = %e,
+                round = state.round.round,
+                failures = state.checkpoint_failures,
+                "could not checkpoint the round; it is not announced until it is"
+            );
+            return;
         }
-        match self.identity.sign(&state.round.announcement(eval, now)) {
+        state.unannounced = false;
+        match self
+            .identity
+            .sign(&state.round.announcement(state.eval, now))
+        {
             Ok(announcement) => {
                 state.announcement = announcement.clone();
                 // Gossip it; nobody listening (no peers yet) is fine.
@@ -588,17 +708,6 @@ impl Coordinator {
             }
             Err(e) => tracing::error!(error = %e, "could not sign the announcement"),
         }
-        tracing::info!(
-            run = self.spec.run_id,
-            round = closed.round,
-            contributors = closed.contributors.len(),
-            backend = %self.aggregation,
-            aggregation_ms,
-            accuracy = eval.accuracy.unwrap_or(f32::NAN),
-            val_loss = eval.loss.unwrap_or(f32::NAN),
-            "round closed; announced round {}",
-            closed.next_round
-        );
     }
 
     /// Up to `limit` rows of the round history from round `from` on (at most
@@ -648,6 +757,8 @@ impl Coordinator {
             history_from: state.history_from,
             rejected: state.rejected.clone(),
             accepted_updates: state.accepted,
+            checkpoint_failures: state.checkpoint_failures,
+            unannounced: state.unannounced,
             round_timeout_ms: state.round.round_timeout_ms(),
             privacy_epsilon: spec.privacy.as_ref().map(|p| {
                 swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)

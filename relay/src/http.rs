@@ -61,8 +61,13 @@ pub fn app(state: AppState, web_dir: PathBuf) -> Router {
         .fallback_service(ServeDir::new(web_dir))
 }
 
+/// Where to dial the relay, each run's admission terms, and the relay's clock (peers make
+/// their envelopes expire on it).
 async fn bootstrap(State(state): State<AppState>) -> Json<Bootstrap> {
-    Json((*state.bootstrap).clone())
+    Json(Bootstrap {
+        time_ms: crate::runs::unix_ms(),
+        ..(*state.bootstrap).clone()
+    })
 }
 
 /// `?history=N`: how many of the newest history rows a status carries (default and most: 200).

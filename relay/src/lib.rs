@@ -26,6 +26,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use swarmtrain_client::peer::Bootstrap;
 use swarmtrain_shared::Identity;
+use swarmtrain_shared::admission::Admission;
 use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
 use swarmtrain_shared::lm::LmConfig;
 use swarmtrain_shared::lm_train::{LmInnerSpec, LrSchedule};
@@ -34,6 +35,7 @@ use swarmtrain_shared::protocol::{
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
 
 pub use crate::backend::AggregationBackend;
 use crate::coordinator::Coordinator;
@@ -68,6 +70,8 @@ pub struct RelayConfig {
     pub checkpoint_store: Option<String>,
     /// How many rounds of history rows and ledger entries the data directory keeps.
     pub retention: store::Retention,
+    /// Each run's admission policy, by run id; a run missing here is open.
+    pub admission: BTreeMap<String, Admission>,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -160,6 +164,7 @@ impl Default for RelayConfig {
             keep_checkpoints: store::KEEP_CHECKPOINTS,
             checkpoint_store: None,
             retention: store::Retention::default(),
+            admission: BTreeMap::new(),
         }
     }
 }
@@ -178,8 +183,8 @@ pub struct Relay {
 }
 
 /// Loads a 32-byte identity seed kept as hex in `path`, creating it (mode 0600) if missing.
-pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
-    match std::fs::read_to_string(path) {
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<Zeroizing<[u8; 32]>> {
+    match std::fs::read_to_string(path).map(Zeroizing::new) {
         Ok(hex) => seed_from_hex(&hex)
             .with_context(|| format!("{} does not hold a 32-byte hex key", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -210,9 +215,9 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn random_seed() -> anyhow::Result<[u8; 32]> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+fn random_seed() -> anyhow::Result<Zeroizing<[u8; 32]>> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut_slice()).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     Ok(seed)
 }
 
@@ -231,11 +236,23 @@ impl Relay {
             Some(dir) => load_or_create_key(&dir.join("relay.key"))?,
             None => random_seed()?,
         };
-        let libp2p_secret = blake3::derive_key("swarmtrain relay libp2p key v1", &seed);
-        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(libp2p_secret)?;
+        let libp2p_secret = Zeroizing::new(blake3::derive_key(
+            "swarmtrain relay libp2p key v1",
+            seed.as_slice(),
+        ));
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(*libp2p_secret)?;
         let peer_id = keypair.public().to_peer_id();
 
         anyhow::ensure!(!config.runs.is_empty(), "a relay needs at least one run");
+        if let Some(unknown) = config
+            .admission
+            .keys()
+            .find(|id| config.runs.iter().all(|r| &r.run_id != *id))
+        {
+            anyhow::bail!(
+                "an admission policy names run {unknown:?}, which the relay does not have"
+            );
+        }
         // With a data directory the runs survive restarts: checkpoints and the ledger live there.
         let store = match config.data_dir.as_deref() {
             Some(dir) => {
@@ -266,7 +283,7 @@ impl Relay {
             let data = load_data(spec, config.seed)
                 .with_context(|| format!("loading the data of run {:?}", spec.run_id))?;
             let coordinator = Coordinator::new(
-                Identity::from_seed(seed),
+                Identity::from_seed(*seed),
                 spec.clone(),
                 data,
                 config.seed,
@@ -274,6 +291,11 @@ impl Relay {
                 store.clone(),
                 announce.clone(),
                 due.clone(),
+                config
+                    .admission
+                    .get(&spec.run_id)
+                    .cloned()
+                    .unwrap_or_default(),
             );
             coordinators.push(Arc::new(
                 coordinator
@@ -318,6 +340,11 @@ impl Relay {
             run_id: coordinator.spec().run_id.clone(),
             runs: runs.ids(),
             addresses,
+            time_ms: 0,
+            admission: runs
+                .iter()
+                .map(|run| (run.spec().run_id.clone(), run.admission_terms()))
+                .collect(),
         };
 
         let listener = tokio::net::TcpListener::bind(config.http)

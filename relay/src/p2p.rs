@@ -8,7 +8,9 @@
 //!
 //! Each inbound request is handled by the coordinator concurrently; the event loop sends the
 //! answers back as they complete. Messages longer than a frame arrive in parts and are
-//! reassembled here, per connection, within a memory budget.
+//! reassembled here, per connection, within a memory budget: only on a connection that has
+//! already sent a valid signed envelope, and no longer than the longest update the relay's runs
+//! use.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,7 +27,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identity::Keypair, noise, rela
 use libp2p_webrtc::tokio::Certificate;
 use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
 use swarmtrain_shared::protocol::{self, RelayToClient, Request};
-use swarmtrain_shared::transfer::{Progress, Reassembly};
+use swarmtrain_shared::transfer::{self, Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
 
 use crate::Runs;
@@ -112,7 +114,8 @@ pub async fn run(
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
     // Requests in `pending` per peer ID; refusals are answered at once and not counted.
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
-    let mut parts: Reassembly<PeerId> = Reassembly::default();
+    let mut parts: Reassembly<PeerId> =
+        Reassembly::with_limits(transfer::DEFAULT_BUDGET, runs.max_submission_bytes());
     let started = tokio::time::Instant::now();
     let max_wait = Duration::from_secs(60);
     loop {
@@ -167,8 +170,13 @@ pub async fn run(
                     let now_ms = started.elapsed().as_millis() as u64;
                     let answer: Pending = match protocol::decode::<Request>(&request) {
                         Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_malformed(e.to_string()).await) }),
-                        Ok(Request::Signed(signed)) => Box::pin(async move { (Some(peer), channel, runs.handle(signed, max_wait).await) }),
+                        Ok(Request::Submit(submission)) => Box::pin(async move { (Some(peer), channel, runs.handle(submission, peer, max_wait).await) }),
                         Ok(Request::Fetch(fetch)) => Box::pin(async move { (Some(peer), channel, runs.fetch(fetch).await) }),
+                        // Buffer space is for connections that have shown a valid envelope.
+                        Ok(Request::Part(_)) if !runs.is_bound(&peer) => Box::pin(async move {
+                            let reason = "send a signed message (a Join) before a long one".to_owned();
+                            (Some(peer), channel, runs.reject_part("unbound_part", reason).await)
+                        }),
                         Ok(Request::Part(part)) => match parts.accept(peer, part, now_ms) {
                             Ok(Progress::More { received }) => {
                                 let frame = protocol::encode(&RelayToClient::PartReceived { received }).unwrap_or_default();
@@ -176,12 +184,12 @@ pub async fn run(
                             }
                             Ok(Progress::Complete(bytes)) => Box::pin(async move {
                                 let answer = match postcard::from_bytes(&bytes) {
-                                    Ok(signed) => runs.handle(signed, max_wait).await,
+                                    Ok(submission) => runs.handle(submission, peer, max_wait).await,
                                     Err(e) => runs.reject_malformed(format!("malformed frame: {e}")).await,
                                 };
                                 (Some(peer), channel, answer)
                             }),
-                            Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_part(e.to_string()).await) }),
+                            Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_part("bad_part", e.to_string()).await) }),
                         },
                     };
                     pending.push(answer);
@@ -194,7 +202,10 @@ pub async fn run(
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connection established");
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => parts.drop_sender(&peer_id),
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                    parts.drop_sender(&peer_id);
+                    runs.unbind(&peer_id);
+                }
                 _ => {}
             },
         }

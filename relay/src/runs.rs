@@ -1,20 +1,44 @@
 //! The runs a relay coordinates, each with its own spec, round state, data and checkpoints.
-//! Messages name their run; this routes them to its coordinator.
+//! Messages name their run; this checks each signed envelope (signature, connection, expiry,
+//! replay, one identity per connection) and routes its message to the run's coordinator.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use swarmtrain_shared::Signed;
-use swarmtrain_shared::protocol::{ClientToRelay, Fetch};
+use libp2p::PeerId;
+use swarmtrain_shared::PeerKey;
+use swarmtrain_shared::admission::ReplayGuard;
+use swarmtrain_shared::protocol::{ClientToRelay, Fetch, Submission};
 
 use crate::coordinator::Coordinator;
+
+/// At most this many identities with unexpired envelopes are tracked (about 100 bytes each);
+/// beyond it new identities are refused with `relay_busy` until old envelopes expire.
+pub const MAX_ACTIVE_IDENTITIES: usize = 100_000;
 
 /// Every run's coordinator, by run id, and the default run.
 #[derive(Debug)]
 pub struct Runs {
     by_id: BTreeMap<String, Arc<Coordinator>>,
     default: Arc<Coordinator>,
+    guard: Mutex<Guard>,
+}
+
+/// What the relay remembers about recent signers.
+#[derive(Debug)]
+struct Guard {
+    replays: ReplayGuard,
+    /// The identity each connection's peer ID has signed as (one each), for as long as the
+    /// connection is open.
+    bound: HashMap<PeerId, PeerKey>,
+}
+
+/// Unix time in ms on the relay's clock.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn run_of(message: &ClientToRelay) -> &str {
@@ -33,7 +57,47 @@ impl Runs {
             .into_iter()
             .map(|c| (c.spec().run_id.clone(), c))
             .collect();
-        Self { by_id, default }
+        Self {
+            by_id,
+            default,
+            guard: Mutex::new(Guard {
+                replays: ReplayGuard::new(MAX_ACTIVE_IDENTITIES),
+                bound: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Whether `peer` has sent a valid signed envelope on its open connection: only such
+    /// connections may buffer a long message.
+    pub fn is_bound(&self, peer: &PeerId) -> bool {
+        self.guard
+            .lock()
+            .is_ok_and(|guard| guard.bound.contains_key(peer))
+    }
+
+    /// Forgets `peer`'s binding: its last connection closed.
+    pub fn unbind(&self, peer: &PeerId) {
+        if let Ok(mut guard) = self.guard.lock() {
+            guard.bound.remove(peer);
+        }
+    }
+
+    /// Identities whose envelopes are tracked for replay now (for `/metrics`).
+    pub fn tracked_identities(&self) -> usize {
+        self.guard.lock().map_or(0, |guard| guard.replays.len())
+    }
+
+    /// The longest message any run can use: its largest update and the envelope around it.
+    pub fn max_submission_bytes(&self) -> usize {
+        self.by_id
+            .values()
+            .map(|run| {
+                let spec = run.spec();
+                spec.codec.encoded_len(spec.model.num_params())
+            })
+            .max()
+            .unwrap_or(0)
+            + 16 * 1024
     }
 
     pub fn default_run(&self) -> &Arc<Coordinator> {
@@ -52,10 +116,19 @@ impl Runs {
         self.by_id.values()
     }
 
-    /// Verifies a signed message and hands it to its run's coordinator. Messages that can't be
-    /// attributed to a run are counted against the default run.
-    pub async fn handle(&self, signed: Signed<ClientToRelay>, max_wait: Duration) -> Vec<u8> {
-        let (peer, message) = match signed.verify_and_decode() {
+    /// Verifies a submission that arrived on `from`'s connection and hands its message to its
+    /// run's coordinator. Refused, each with its reason: a bad signature (`bad_signature`), an
+    /// envelope made for another connection (`wrong_connection`), an expired or overlong one
+    /// (`expired`), one seen before (`replayed`), and a second identity on one connection
+    /// (`identity_mismatch`). Messages that can't be attributed to a run are counted against
+    /// the default run.
+    pub async fn handle(
+        &self,
+        submission: Submission,
+        from: PeerId,
+        max_wait: Duration,
+    ) -> Vec<u8> {
+        let (peer, envelope) = match submission.signed.verify_and_decode() {
             Ok(ok) => ok,
             Err(e) => {
                 return self
@@ -64,8 +137,57 @@ impl Runs {
                     .await;
             }
         };
+        if envelope.peer_id != from.to_bytes() {
+            let reason = format!(
+                "the message was signed for connection {}, not this one ({from})",
+                PeerId::from_bytes(&envelope.peer_id)
+                    .map_or_else(|_| "(malformed)".to_owned(), |p| p.to_string())
+            );
+            return self
+                .default
+                .reject(Some(peer), "wrong_connection", reason)
+                .await;
+        }
+        let refused = match self.guard.lock() {
+            Ok(mut guard) => match guard.bound.get(&from) {
+                Some(bound) if *bound != peer => Some((
+                    "identity_mismatch",
+                    format!(
+                        "this connection signs as {}; one connection carries one identity",
+                        bound.short()
+                    ),
+                )),
+                _ => match guard
+                    .replays
+                    .check(peer, envelope.seq, envelope.expires_ms, unix_ms())
+                {
+                    Ok(()) => {
+                        guard.bound.insert(from, peer);
+                        None
+                    }
+                    Err(e) => Some((e.kind(), e.to_string())),
+                },
+            },
+            Err(_) => Some((
+                "internal",
+                "the relay's replay guard is poisoned".to_owned(),
+            )),
+        };
+        if let Some((kind, reason)) = refused {
+            return self.default.reject(Some(peer), kind, reason).await;
+        }
+        let message = envelope.message;
         match self.by_id.get(run_of(&message)) {
-            Some(run) => run.handle(peer, message, max_wait).await,
+            Some(run) => {
+                run.handle(
+                    peer,
+                    message,
+                    submission.signed,
+                    submission.payload,
+                    max_wait,
+                )
+                .await
+            }
             None => {
                 let reason = format!(
                     "no run {:?} on this relay (it has {})",
@@ -98,8 +220,10 @@ impl Runs {
         self.default.reject(None, "malformed", reason).await
     }
 
-    pub async fn reject_part(&self, reason: String) -> Vec<u8> {
-        self.default.reject(None, "bad_part", reason).await
+    /// Refuses a part of a long message (`kind`: `bad_part`, or `unbound_part` on a connection
+    /// that has not yet sent a valid envelope).
+    pub async fn reject_part(&self, kind: &str, reason: String) -> Vec<u8> {
+        self.default.reject(None, kind, reason).await
     }
 
     /// Refuses a request because its connection, or the relay, has too many in flight.

@@ -30,9 +30,9 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::checkpoint::{self, TensorInfo};
-use swarmtrain_shared::protocol::Update;
+use swarmtrain_shared::protocol::{ClientToRelay, Envelope, Update};
+use swarmtrain_shared::{PeerKey, Signed};
 
 use crate::coordinator::RoundRecord;
 
@@ -70,11 +70,42 @@ pub struct RunRecord {
     pub rejected: BTreeMap<String, u64>,
 }
 
-/// One accepted update in the ledger.
+/// One accepted update in the ledger: the peer's signed envelope as it arrived, so anyone
+/// holding the ledger can check who sent which update ([`LedgerEntry::verify`]), and the
+/// payload, which its signed digest names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     pub received_ms: u64,
-    pub update: Update,
+    /// The update's round (also inside the signed envelope).
+    pub round: u64,
+    /// The envelope the peer signed: its ML-DSA-65 signature covers the update's fields and
+    /// its payload's BLAKE3 digest.
+    pub signed: Signed<Envelope>,
+    /// The encoded Δ; emptied once its round is older than the checkpoints kept.
+    pub payload: Vec<u8>,
+}
+
+impl LedgerEntry {
+    /// Checks the signature and returns the signer and the update it signed; a payload still
+    /// kept must match the signed digest.
+    pub fn verify(&self) -> anyhow::Result<(PeerKey, Update)> {
+        let (peer, envelope) = self
+            .signed
+            .verify_and_decode()
+            .context("a ledger entry's signature does not verify")?;
+        let ClientToRelay::Update(update) = envelope.message else {
+            anyhow::bail!("a ledger entry holds a message that is not an update");
+        };
+        anyhow::ensure!(
+            update.round == self.round,
+            "a ledger entry's round is not the signed one"
+        );
+        anyhow::ensure!(
+            self.payload.is_empty() || update.payload.matches(&self.payload),
+            "a ledger entry's payload does not match its signed digest"
+        );
+        Ok((peer, update))
+    }
 }
 
 /// The relay's durable storage for its runs.
@@ -274,8 +305,8 @@ impl Store {
                     );
                     continue;
                 };
-                if !entry.update.payload.is_empty() {
-                    entry.update.payload = Vec::new();
+                if !entry.payload.is_empty() {
+                    entry.payload = Vec::new();
                     rewritten.push((round, peer.to_vec(), postcard::to_allocvec(&entry)?));
                 }
             }
@@ -309,10 +340,8 @@ impl Store {
     ) -> anyhow::Result<()> {
         let bytes = postcard::to_allocvec(entry)?;
         let tx = self.db.begin_write()?;
-        tx.open_table(LEDGER)?.insert(
-            (run_id, entry.update.round, peer.0.as_slice()),
-            bytes.as_slice(),
-        )?;
+        tx.open_table(LEDGER)?
+            .insert((run_id, entry.round, peer.0.as_slice()), bytes.as_slice())?;
         tx.commit()?;
         Ok(())
     }
@@ -535,18 +564,29 @@ mod tests {
     }
 
     fn entry(round: u64, payload: Vec<u8>) -> LedgerEntry {
+        let update = Update {
+            run_id: "run".into(),
+            round,
+            base: swarmtrain_shared::protocol::ParamsHash([round as u8; 32]),
+            n_samples: 64,
+            inner_steps: 2,
+            loss: 0.5,
+            codec: swarmtrain_shared::compress::Codec::F32,
+            payload: swarmtrain_shared::protocol::PayloadRef::of(&payload),
+        };
+        let envelope = Envelope {
+            peer_id: vec![1; 38],
+            seq: round,
+            expires_ms: 1,
+            message: ClientToRelay::Update(update),
+        };
         LedgerEntry {
             received_ms: 1000 + round,
-            update: Update {
-                run_id: "run".into(),
-                round,
-                base: swarmtrain_shared::protocol::ParamsHash([round as u8; 32]),
-                n_samples: 64,
-                inner_steps: 2,
-                loss: 0.5,
-                codec: swarmtrain_shared::compress::Codec::F32,
-                payload,
-            },
+            round,
+            signed: swarmtrain_shared::Identity::from_seed([1; 32])
+                .sign(&envelope)
+                .expect("sign"),
+            payload,
         }
     }
 
@@ -641,16 +681,22 @@ mod tests {
                 for (peer, got) in &updates {
                     let mut want = entry(round, vec![peer.0[0]; 100]);
                     if round < 3 {
-                        want.update.payload.clear();
+                        want.payload.clear();
                     }
                     assert_eq!(got, &want, "round {round}");
+                    // Compacted or not, the entry still says who sent what.
+                    let (signer, update) = got.verify().expect("verifies");
+                    assert_eq!(
+                        signer,
+                        swarmtrain_shared::Identity::from_seed([1; 32]).peer()
+                    );
+                    assert_eq!(update.round, round);
                 }
             }
             // Another run's ledger is untouched, and compacting again changes nothing.
             assert_eq!(
                 store.updates("other", 0).expect("updates")[0]
                     .1
-                    .update
                     .payload
                     .len(),
                 100
@@ -665,14 +711,10 @@ mod tests {
                 .updates("run", 3)
                 .expect("updates")
                 .iter()
-                .all(|(_, e)| e.update.payload.is_empty())
+                .all(|(_, e)| e.payload.is_empty())
         );
         assert_eq!(
-            store.updates("run", 4).expect("updates")[0]
-                .1
-                .update
-                .payload
-                .len(),
+            store.updates("run", 4).expect("updates")[0].1.payload.len(),
             100
         );
     }

@@ -17,7 +17,8 @@ use crate::model::{DigitsMlp, DigitsMlpConfig};
 use crate::params::{self, ParamsError};
 use crate::privacy::standard_normal;
 use crate::protocol::{
-    Codec, DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update, params_to_bytes,
+    Codec, DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, PayloadRef, RunSpec, Update,
+    params_to_bytes,
 };
 use crate::robust::Rule;
 use crate::round::RoundState;
@@ -195,7 +196,7 @@ pub async fn run_attack<B: AutodiffBackend>(
             ))
         })
         .collect::<Result<Vec<_>, ParamsError>>()?;
-    let mut replayable: Vec<Option<Update>> = vec![None; run.attackers as usize];
+    let mut replayable: Vec<Option<(Update, Vec<u8>)>> = vec![None; run.attackers as usize];
     let mut rng = SplitMix64::new(derive_seed("attack", &[&run.seed.to_le_bytes()]));
     let mut accuracy =
         vec![evaluate::<B::InnerBackend>(device, &run.model, state.params(), held_out).await?];
@@ -235,15 +236,19 @@ pub async fn run_attack<B: AutodiffBackend>(
         }
         let honest: Vec<Vec<f32>> = updates[run.attackers as usize..].to_vec();
         for (peer, delta) in updates.into_iter().enumerate() {
-            let update = |delta: &[f32]| Update {
-                run_id: state.spec.run_id.clone(),
-                round: state.round,
-                base: state.params_hash(),
-                n_samples: run.inner.steps * run.inner.batch_size,
-                inner_steps: run.inner.steps,
-                loss: 0.0,
-                codec: Codec::F32,
-                payload: params_to_bytes(delta),
+            let update = |delta: &[f32]| {
+                let payload = params_to_bytes(delta);
+                let update = Update {
+                    run_id: state.spec.run_id.clone(),
+                    round: state.round,
+                    base: state.params_hash(),
+                    n_samples: run.inner.steps * run.inner.batch_size,
+                    inner_steps: run.inner.steps,
+                    loss: 0.0,
+                    codec: Codec::F32,
+                    payload: PayloadRef::of(&payload),
+                };
+                (update, payload)
             };
             let sent = match run.attack {
                 Some(attack) if peer < run.attackers as usize => match attack {
@@ -261,7 +266,7 @@ pub async fn run_attack<B: AutodiffBackend>(
                 _ => update(&delta),
             };
             // The relay's own checks (NaN/Inf, stale rounds) refuse some attacks here.
-            let _ = state.submit(keys[peer], &sent, now);
+            let _ = state.submit(keys[peer], &sent.0, &sent.1, now);
         }
         // The round closes when the rule has what it needs; with too few left after the
         // refusals it closes without moving θ (a live relay would wait for more peers).

@@ -1,7 +1,9 @@
 //! ML-DSA-65 identities and signed envelopes.
 //!
 //! A peer's identity is an ML-DSA-65 key pair derived from a 32-byte seed; its [`PeerKey`] is
-//! the BLAKE3 hash of the encoded verifying key. Every message that changes state travels as a
+//! the BLAKE3 hash of the encoded verifying key. The same seed also gives the peer's libp2p
+//! key ([`Identity::network_secret`]), so one identity is one libp2p peer ID across
+//! reconnects. The seed and everything derived from it are zeroized when dropped. Every message that changes state travels as a
 //! [`Signed<T>`], and [`Signed::verify_and_decode`] is the only way to turn its bytes into a `T`:
 //! the signature is checked before a single byte of the body is parsed.
 
@@ -14,6 +16,7 @@ use ml_dsa::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 /// Domain separation: signatures made for swarmtrain messages can't be replayed elsewhere.
 const DOMAIN: &[u8] = b"swarmtrain/signed/v1\0";
@@ -71,9 +74,10 @@ impl fmt::Debug for PeerKey {
     }
 }
 
-/// An ML-DSA-65 signing identity. Deterministic: the same seed gives the same keys.
+/// An ML-DSA-65 signing identity. Deterministic: the same seed gives the same keys. The seed
+/// and the signing key are zeroized on drop; `Debug` shows only the peer key.
 pub struct Identity {
-    seed: [u8; 32],
+    seed: Zeroizing<[u8; 32]>,
     signing: SigningKey<MlDsa65>,
     public_key: Vec<u8>,
     peer: PeerKey,
@@ -90,7 +94,8 @@ impl fmt::Debug for Identity {
 impl Identity {
     /// Derives the key pair from a 32-byte secret seed (FIPS 204 ML-DSA.KeyGen_internal).
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        let signing = SigningKey::<MlDsa65>::from_seed(&Seed::from(seed));
+        let seed = Zeroizing::new(seed);
+        let signing = SigningKey::<MlDsa65>::from_seed(&Seed::from(*seed));
         let public_key = signing.verifying_key().encode().to_vec();
         let peer = PeerKey::from_public_key(&public_key);
         Self {
@@ -102,8 +107,18 @@ impl Identity {
     }
 
     /// The secret seed, for persisting the identity (IndexedDB, or a 0600 key file).
-    pub fn seed(&self) -> [u8; 32] {
-        self.seed
+    pub fn seed(&self) -> Zeroizing<[u8; 32]> {
+        self.seed.clone()
+    }
+
+    /// The secret of this identity's Ed25519 libp2p key, derived from the seed (BLAKE3 in
+    /// key-derivation mode, its own context), so a peer keeps its libp2p peer ID across
+    /// connections and the relay can hold one identity to one peer ID.
+    pub fn network_secret(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(blake3::derive_key(
+            "swarmtrain libp2p ed25519 key v1",
+            self.seed.as_slice(),
+        ))
     }
 
     pub fn peer(&self) -> PeerKey {
@@ -129,17 +144,17 @@ impl Identity {
 }
 
 /// Lowercase hex of a 32-byte identity seed, the form in which seeds are stored.
-pub fn seed_to_hex(seed: &[u8; 32]) -> String {
-    seed.iter().map(|b| format!("{b:02x}")).collect()
+pub fn seed_to_hex(seed: &[u8; 32]) -> Zeroizing<String> {
+    Zeroizing::new(seed.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Parses 64 hex digits (surrounding whitespace allowed) back into a seed.
-pub fn seed_from_hex(hex: &str) -> Option<[u8; 32]> {
+pub fn seed_from_hex(hex: &str) -> Option<Zeroizing<[u8; 32]>> {
     let hex = hex.trim();
     if hex.len() != 64 || !hex.is_ascii() {
         return None;
     }
-    let mut seed = [0u8; 32];
+    let mut seed = Zeroizing::new([0u8; 32]);
     for (i, byte) in seed.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
     }
@@ -172,6 +187,15 @@ impl<T> Clone for Signed<T> {
             signature: self.signature.clone(),
             _message: PhantomData,
         }
+    }
+}
+
+/// Equal when the key, body and signature bytes are.
+impl<T> PartialEq for Signed<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.public_key == other.public_key
+            && self.body == other.body
+            && self.signature == other.signature
     }
 }
 
@@ -331,8 +355,8 @@ mod tests {
     fn seeds_round_trip_through_hex_and_bad_hex_is_refused() {
         let seed: [u8; 32] = core::array::from_fn(|i| (i * 37) as u8);
         assert_eq!(
-            seed_from_hex(&format!(" {}\n", seed_to_hex(&seed))),
-            Some(seed)
+            seed_from_hex(&format!(" {}\n", *seed_to_hex(&seed))).as_deref(),
+            Some(&seed)
         );
         assert_eq!(seed_from_hex("abc"), None);
         assert_eq!(seed_from_hex(&"zz".repeat(32)), None);
@@ -349,6 +373,13 @@ mod tests {
             Identity::from_seed([1; 32]).peer(),
             Identity::from_seed([2; 32]).peer()
         );
+        let one = Identity::from_seed([1; 32]);
+        assert_eq!(
+            *one.network_secret(),
+            *Identity::from_seed([1; 32]).network_secret()
+        );
+        assert_ne!(*one.network_secret(), *one.seed(), "a key of its own");
+        assert!(!format!("{one:?}").contains(&*seed_to_hex(&one.seed())));
     }
 
     #[test]

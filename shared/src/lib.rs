@@ -6,6 +6,7 @@
 //! the native volunteers, the relay and the tests all call this crate unchanged. Model and
 //! training code is generic over Burn's `Backend`; only entry points name a backend.
 
+pub mod admission;
 pub mod aggregate;
 pub mod attack;
 pub mod checkpoint;

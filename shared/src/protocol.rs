@@ -1,13 +1,16 @@
 //! The wire format: versioned, postcard-encoded, size-limited.
 //!
-//! Messages are named by direction. Every [`ClientToRelay`] travels signed
-//! (`Signed<ClientToRelay>`); round announcements are signed by the relay. Requests and
-//! responses travel over libp2p request-response on [`RPC_PROTOCOL`], each as one postcard
-//! frame no longer than [`MAX_FRAME_BYTES`] (16 KiB, what a WebRTC data channel carries).
+//! Messages are named by direction. Every [`ClientToRelay`] travels in a signed [`Envelope`]
+//! that binds it to the libp2p connection it is sent on, numbers it and gives it an expiry, so a
+//! captured message cannot be replayed (see [`crate::admission`]); round announcements are
+//! signed by the relay. Requests and responses travel over libp2p request-response on
+//! [`RPC_PROTOCOL`], each as one postcard frame no longer than [`MAX_FRAME_BYTES`] (16 KiB, what
+//! a WebRTC data channel carries).
 //!
-//! A request frame is a [`Request`]: a signed message that fits one frame, one [`Part`] of a
-//! longer signed message (an update of a large model, see [`crate::transfer`]), or a [`Fetch`]
-//! of one chunk of public data such as θ_t.
+//! A request frame is a [`Request`]: a [`Submission`] (a signed envelope and, for an update, its
+//! payload, which the signature covers by digest) that fits one frame, one [`Part`] of a longer
+//! submission (an update of a large model, see [`crate::transfer`]), or a [`Fetch`] of one chunk
+//! of public data such as θ_t.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +23,16 @@ use crate::lm_train::LmInnerSpec;
 /// 2: `Welcome` no longer repeats the relay's key (it is the key that signed its `round`).
 /// 3: runs name a language model and text data; the inner optimizer carries its schedule and
 /// clipping; `Welcome` gives the peer its data slot; announcements carry the held-out loss.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: every message travels in an [`Envelope`] (connection, sequence number, expiry); an update
+/// signs its payload's digest and the payload travels beside it; `Join` carries the admission
+/// proof of work.
+pub const PROTOCOL_VERSION: u32 = 4;
+/// How long a peer makes its envelopes valid for (10 minutes: long enough for a large update
+/// to upload in parts on a slow link).
+pub const ENVELOPE_VALIDITY_MS: u64 = 10 * 60_000;
+/// The relay refuses envelopes that claim to stay valid for longer than this (their replay
+/// protection would have to be kept that long), which leaves 5 minutes for clock skew.
+pub const MAX_ENVELOPE_VALIDITY_MS: u64 = 15 * 60_000;
 /// libp2p protocol id of the peer ↔ relay request-response exchange.
 pub const RPC_PROTOCOL: &str = "/swarmtrain/rpc/1";
 /// No request or response frame may exceed this many bytes; larger input is refused unread.
@@ -55,16 +67,16 @@ pub fn verify_gossiped(frame: &[u8], relay_key: &[u8]) -> Result<RoundAnnounceme
 /// One request frame.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// A signed message that fits one frame.
-    Signed(Signed<ClientToRelay>),
-    /// A piece of a longer signed message, sent in order (see [`crate::transfer`]).
+    /// A signed message (with its payload) that fits one frame.
+    Submit(Submission),
+    /// A piece of a longer [`Submission`], sent in order (see [`crate::transfer`]).
     Part(Part),
     /// A chunk of public data. Unsigned: anyone may read it, and it is verified by hash.
     Fetch(Fetch),
 }
 
-/// Bytes `offset..offset + bytes.len()` of a postcard-encoded `Signed<ClientToRelay>` of `total`
-/// bytes whose BLAKE3 hash is `digest`.
+/// Bytes `offset..offset + bytes.len()` of a postcard-encoded [`Submission`] of `total` bytes
+/// whose BLAKE3 hash is `digest`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Part {
     pub digest: [u8; 32],
@@ -125,7 +137,32 @@ pub fn params_from_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-/// What a peer sends to the relay. Always wrapped in `Signed<_>`.
+/// What a peer sends: a signed [`Envelope`] and the bytes of the update's payload (empty for
+/// other messages), which the signed [`Update`] names by digest. The ledger keeps the signed
+/// envelope, so anyone can check who sent which update even after its payload is dropped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Submission {
+    pub signed: Signed<Envelope>,
+    pub payload: Vec<u8>,
+}
+
+/// The signed body of every peer message: the message, bound to the libp2p connection it is
+/// sent on, numbered and with an expiry. The relay refuses an envelope sent on another
+/// connection than `peer_id`'s, one that has expired or claims too long a life, and one whose
+/// `seq` it has already seen from the signer ([`crate::admission::ReplayWindow`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sender's libp2p peer ID (its multihash bytes): the connection this may arrive on.
+    pub peer_id: Vec<u8>,
+    /// Increases with every envelope the signer makes (peers start from the clock in µs, so a
+    /// restarted peer continues above its old numbers).
+    pub seq: u64,
+    /// Unix time in ms, on the relay's clock, after which the envelope is refused.
+    pub expires_ms: u64,
+    pub message: ClientToRelay,
+}
+
+/// What a peer sends to the relay, inside a signed [`Envelope`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientToRelay {
     /// First message: who I am and what I can do.
@@ -141,6 +178,9 @@ pub struct Join {
     pub version: u32,
     pub run_id: String,
     pub capabilities: Capabilities,
+    /// The nonce that solves the run's proof-of-work puzzle for this peer's key, when its
+    /// admission policy asks for one ([`crate::admission::Admission`]).
+    pub proof_of_work: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -153,8 +193,29 @@ pub struct Capabilities {
 
 pub use crate::compress::Codec;
 
-/// A pseudo-gradient Δ = θ_t − θ_local. The signature of the enclosing `Signed` covers the run,
-/// the round, the base parameters, the sample count, the codec and the payload.
+/// The BLAKE3 digest and length of a payload that travels beside a signed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRef {
+    pub digest: [u8; 32],
+    pub len: u32,
+}
+
+impl PayloadRef {
+    pub fn of(bytes: &[u8]) -> Self {
+        Self {
+            digest: *blake3::hash(bytes).as_bytes(),
+            len: bytes.len() as u32,
+        }
+    }
+
+    /// Whether `bytes` are the payload named here.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        self.len as usize == bytes.len() && *blake3::hash(bytes).as_bytes() == self.digest
+    }
+}
+
+/// A pseudo-gradient Δ = θ_t − θ_local. The signature of the enclosing envelope covers the run,
+/// the round, the base parameters, the sample count, the codec and, by digest, the payload.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Update {
     pub run_id: String,
@@ -166,7 +227,8 @@ pub struct Update {
     /// Mean training loss over the local steps (for display and the ledger).
     pub loss: f32,
     pub codec: Codec,
-    pub payload: Vec<u8>,
+    /// The encoded Δ ([`Codec::encode`]), which travels in [`Submission::payload`].
+    pub payload: PayloadRef,
 }
 
 /// What the relay sends back.
@@ -178,7 +240,10 @@ pub enum RelayToClient {
     Accepted {
         round: u64,
     },
+    /// Refused: `kind` is the label the relay counts it under (`not_joined`, `replayed`,
+    /// `wrong_round`, …), `reason` says why in words.
     Rejected {
+        kind: String,
         reason: String,
     },
     /// A [`Part`] was buffered; `received` bytes of the message have arrived.
@@ -473,6 +538,27 @@ impl RunSpec {
                 self.outer
             ));
         }
+        if let Some(dp) = &self.privacy {
+            let ok = dp.clip_norm.is_finite()
+                && dp.clip_norm > 0.0
+                && dp.noise_multiplier.is_finite()
+                && dp.noise_multiplier >= 0.0
+                && dp.delta > 0.0
+                && dp.delta < 1.0;
+            if !ok {
+                return fail(format!(
+                    "differential privacy needs a positive clip norm, a noise multiplier ≥ 0 and \
+                     δ in (0, 1): {dp:?}"
+                ));
+            }
+            if self.aggregator != crate::robust::Rule::Mean {
+                return fail(format!(
+                    "differential privacy noises the clipped sum, whose sensitivity is the clip \
+                     norm; {:?} has no such bound: use the mean",
+                    self.aggregator
+                ));
+            }
+        }
         let needed = self.aggregator.min_updates();
         if (self.quorum as usize) < needed {
             return fail(format!(
@@ -518,36 +604,32 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, WireErr
     postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
-/// Splits a signed message into the request frames that carry it: itself when its frame is at
+/// Splits a submission into the request frames that carry it: itself when its frame is at
 /// most [`PREFERRED_FRAME_BYTES`], else [`Part`]s of at most [`CHUNK_BYTES`].
-pub fn requests_for(message: &Signed<ClientToRelay>) -> Result<Vec<Vec<u8>>, WireError> {
-    let whole = Request::Signed(message.clone());
-    match encode(&whole) {
-        Ok(frame) if frame.len() <= PREFERRED_FRAME_BYTES => Ok(vec![frame]),
-        Ok(_) | Err(WireError::TooLarge(_)) => {
-            let bytes =
-                postcard::to_allocvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
-            if bytes.len() > MAX_MESSAGE_BYTES {
-                return Err(WireError::MessageTooLarge(bytes.len()));
-            }
-            let digest = *blake3::hash(&bytes).as_bytes();
-            let total = bytes.len() as u32;
-            bytes
-                .chunks(CHUNK_BYTES)
-                .enumerate()
-                .map(|(i, chunk)| {
-                    let offset = (i * CHUNK_BYTES) as u32;
-                    encode(&Request::Part(Part {
-                        digest,
-                        total,
-                        offset,
-                        bytes: chunk.to_vec(),
-                    }))
-                })
-                .collect()
-        }
-        Err(e) => Err(e),
+pub fn requests_for(submission: &Submission) -> Result<Vec<Vec<u8>>, WireError> {
+    let bytes =
+        postcard::to_allocvec(submission).map_err(|e| WireError::Malformed(e.to_string()))?;
+    // A `Request::Submit` frame is one tag byte and the submission.
+    if bytes.len() < PREFERRED_FRAME_BYTES {
+        return Ok(vec![encode(&Request::Submit(submission.clone()))?]);
     }
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::MessageTooLarge(bytes.len()));
+    }
+    let digest = *blake3::hash(&bytes).as_bytes();
+    let total = bytes.len() as u32;
+    bytes
+        .chunks(CHUNK_BYTES)
+        .enumerate()
+        .map(|(i, chunk)| {
+            encode(&Request::Part(Part {
+                digest,
+                total,
+                offset: (i * CHUNK_BYTES) as u32,
+                bytes: chunk.to_vec(),
+            }))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -555,15 +637,24 @@ mod tests {
     use super::*;
     use crate::crypto::Identity;
 
+    fn envelope(message: ClientToRelay) -> Envelope {
+        Envelope {
+            peer_id: vec![7; 38],
+            seq: 1,
+            expires_ms: 1_000,
+            message,
+        }
+    }
+
     #[test]
     fn signed_requests_round_trip_through_the_wire() {
         let id = Identity::from_seed([3; 32]);
-        let msg = ClientToRelay::AwaitRound {
+        let msg = envelope(ClientToRelay::AwaitRound {
             run_id: "digits".into(),
             after: Some(4),
-        };
+        });
         let frame = encode(&id.sign(&msg).expect("sign")).expect("encode");
-        let signed: Signed<ClientToRelay> = decode(&frame).expect("decode");
+        let signed: Signed<Envelope> = decode(&frame).expect("decode");
         assert_eq!(
             signed.verify_and_decode().expect("verify"),
             (id.peer(), msg)
@@ -574,17 +665,17 @@ mod tests {
     fn truncated_and_oversized_frames_are_errors() {
         let id = Identity::from_seed([3; 32]);
         let frame = encode(
-            &id.sign(&ClientToRelay::AwaitRound {
+            &id.sign(&envelope(ClientToRelay::AwaitRound {
                 run_id: "r".into(),
                 after: None,
-            })
+            }))
             .expect("sign"),
         )
         .expect("encode");
         for cut in [0, 1, frame.len() / 2, frame.len() - 1] {
             assert!(
                 matches!(
-                    decode::<Signed<ClientToRelay>>(&frame[..cut]),
+                    decode::<Signed<Envelope>>(&frame[..cut]),
                     Err(WireError::Malformed(_))
                 ),
                 "cut {cut}"
@@ -592,7 +683,7 @@ mod tests {
         }
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
         assert_eq!(
-            decode::<Signed<ClientToRelay>>(&big).unwrap_err(),
+            decode::<Signed<Envelope>>(&big).unwrap_err(),
             WireError::TooLarge(MAX_FRAME_BYTES + 1)
         );
     }
@@ -600,19 +691,23 @@ mod tests {
     #[test]
     fn long_messages_travel_in_parts_that_fit_a_frame() {
         let id = Identity::from_seed([4; 32]);
-        let small = id
-            .sign(&ClientToRelay::AwaitRound {
-                run_id: "r".into(),
-                after: None,
-            })
-            .expect("sign");
+        let small = Submission {
+            signed: id
+                .sign(&envelope(ClientToRelay::AwaitRound {
+                    run_id: "r".into(),
+                    after: None,
+                }))
+                .expect("sign"),
+            payload: Vec::new(),
+        };
         let frames = requests_for(&small).expect("split");
         assert_eq!(frames.len(), 1);
         assert!(
-            matches!(decode::<Request>(&frames[0]).expect("decode"), Request::Signed(s) if s.body == small.body)
+            matches!(decode::<Request>(&frames[0]).expect("decode"), Request::Submit(s) if s.signed.body == small.signed.body)
         );
 
-        let update = ClientToRelay::Update(Update {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let update = envelope(ClientToRelay::Update(Update {
             run_id: "r".into(),
             round: 3,
             base: ParamsHash([1; 32]),
@@ -620,9 +715,12 @@ mod tests {
             inner_steps: 1,
             loss: 0.5,
             codec: Codec::F32,
-            payload: (0..100_000u32).map(|i| i as u8).collect(),
-        });
-        let big = id.sign(&update).expect("sign");
+            payload: PayloadRef::of(&payload),
+        }));
+        let big = Submission {
+            signed: id.sign(&update).expect("sign"),
+            payload,
+        };
         let frames = requests_for(&big).expect("split");
         assert!(frames.len() > 13, "{} frames", frames.len());
         let mut whole = Vec::new();
@@ -638,8 +736,13 @@ mod tests {
             assert_eq!(part.offset as usize, whole.len());
             whole.extend_from_slice(&part.bytes);
         }
-        let back: Signed<ClientToRelay> = postcard::from_bytes(&whole).expect("whole message");
-        assert_eq!(back.verify_and_decode().expect("verify").1, update);
+        let back: Submission = postcard::from_bytes(&whole).expect("whole message");
+        assert_eq!(back.signed.verify_and_decode().expect("verify").1, update);
+        let ClientToRelay::Update(header) = update.message else {
+            unreachable!()
+        };
+        assert!(header.payload.matches(&back.payload));
+        assert!(!header.payload.matches(&back.payload[1..]));
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! Closing aggregates the contributions in peer order with the run's rule, applies the outer
 //! Nesterov step and opens the next round.
 //!
+//! With differential privacy on, every decoded update is clipped to the run's norm here, and
+//! the round's aggregate is the noised sum over the quorum ([`crate::privacy`]), whoever
+//! drives the engine.
+//!
 //! This is the one round engine: the relay, the simulator and the attack grid all drive it.
 //! A close is two halves so the caller can run the heavy middle elsewhere:
 //! [`RoundState::begin_close`] hands out a [`CloseJob`] (the round's inputs), the caller
@@ -20,6 +24,7 @@ use crate::aggregate::{self, AggregateError, Contribution, RoundInputs, Stepped}
 use crate::compress::CodecError;
 use crate::crypto::PeerKey;
 use crate::outer::OuterOptimizer;
+use crate::privacy::{self, NoiseStream};
 use crate::protocol::{
     Codec, OuterSpec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes,
 };
@@ -48,6 +53,8 @@ pub enum Rejection {
     NoSamples,
     #[error("round {0} is closing; the update missed it")]
     Closing(u64),
+    #[error("the payload does not match the digest the update signed")]
+    PayloadMismatch,
 }
 
 impl Rejection {
@@ -64,6 +71,7 @@ impl Rejection {
             Self::NonFinite => "non_finite",
             Self::NoSamples => "no_samples",
             Self::Closing(_) => "closing",
+            Self::PayloadMismatch => "payload_mismatch",
         }
     }
 }
@@ -89,7 +97,8 @@ pub struct CloseJob {
     /// θ_t.
     pub params: Vec<f32>,
     pub velocity: Vec<f32>,
-    /// The accepted contributions, in peer order.
+    /// The accepted contributions, in peer order (with differential privacy: the one noised
+    /// aggregate).
     pub contributions: Vec<Contribution>,
     pub rule: Rule,
     /// The previous round's aggregate (centered clipping's centre).
@@ -127,6 +136,15 @@ pub struct RoundState {
     recent_ms: Vec<u64>,
     /// A [`CloseJob`] is out: updates are refused until [`RoundState::finish_close`].
     closing: bool,
+    /// Differential privacy's noise, keyed from the OS (None if the OS gave no randomness).
+    noise: Option<NoiseStream>,
+}
+
+/// A noise stream keyed by the OS's randomness.
+fn os_noise() -> Option<NoiseStream> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).ok()?;
+    Some(NoiseStream::new(&key))
 }
 
 /// Rounds whose duration sets the adaptive deadline.
@@ -164,7 +182,14 @@ impl RoundState {
             last_aggregate: None,
             recent_ms: Vec::new(),
             closing: false,
+            noise: os_noise(),
         }
+    }
+
+    /// Keys differential privacy's noise with `key` instead of the OS's randomness: for
+    /// reproducible simulations only (whoever knows the key can remove the noise).
+    pub fn set_noise_key(&mut self, key: &[u8; 32]) {
+        self.noise = Some(NoiseStream::new(key));
     }
 
     pub fn params(&self) -> &[f32] {
@@ -247,9 +272,16 @@ impl RoundState {
         }
     }
 
-    /// Checks `update` from `peer` and keeps it for the open round.
-    pub fn submit(&mut self, peer: PeerKey, update: &Update, now_ms: u64) -> Result<(), Rejection> {
-        self.restore(peer, update)?;
+    /// Checks `update` from `peer`, with the `payload` its digest names, and keeps it for the
+    /// open round.
+    pub fn submit(
+        &mut self,
+        peer: PeerKey,
+        update: &Update,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<(), Rejection> {
+        self.restore(peer, update, payload)?;
         self.seen(peer, now_ms);
         Ok(())
     }
@@ -257,7 +289,12 @@ impl RoundState {
     /// Re-admits an update accepted before a restart, through the same checks. The peer is not
     /// counted as active until it is heard from again, so a resumed round still waits for its
     /// quorum of live peers (or its deadline).
-    pub fn restore(&mut self, peer: PeerKey, update: &Update) -> Result<(), Rejection> {
+    pub fn restore(
+        &mut self,
+        peer: PeerKey,
+        update: &Update,
+        payload: &[u8],
+    ) -> Result<(), Rejection> {
         if self.closing && update.round == self.round {
             return Err(Rejection::Closing(self.round));
         }
@@ -288,9 +325,12 @@ impl RoundState {
         if !update.loss.is_finite() {
             return Err(Rejection::NonFinite);
         }
-        let delta = update
+        if !update.payload.matches(payload) {
+            return Err(Rejection::PayloadMismatch);
+        }
+        let mut delta = update
             .codec
-            .decode(&update.payload, self.params.len())
+            .decode(payload, self.params.len())
             .map_err(|e| match e {
                 CodecError::Length { .. } => Rejection::WrongShape(e),
                 CodecError::NonFinite => Rejection::NonFinite,
@@ -299,6 +339,9 @@ impl RoundState {
                 | CodecError::BadBits(_)
                 | CodecError::BadKeep { .. } => Rejection::Malformed(e),
             })?;
+        if let Some(dp) = &self.spec.privacy {
+            privacy::clip_l2(&mut delta, dp.clip_norm);
+        }
         let contribution = Contribution {
             peer,
             n_samples: update.n_samples,
@@ -353,16 +396,36 @@ impl RoundState {
 
     /// If the round is [`due`](Self::due), hands out its inputs to be aggregated; updates are
     /// then refused as [`Rejection::Closing`] until [`finish_close`](Self::finish_close).
+    /// With differential privacy on, the job's one contribution is the mechanism's output, the
+    /// noised sum over the quorum ([`privacy::noised_mean`]; the run's rule is the mean), so any
+    /// backend applies it unchanged; without randomness for the noise it has none, and the
+    /// aggregation fails (θ is kept) rather than publish an un-noised round.
     pub fn begin_close(&mut self, now_ms: u64) -> Option<CloseJob> {
         if !self.due(now_ms) {
             return None;
         }
         self.closing = true;
+        let mut contributions = self.contributions();
+        if let Some(dp) = &self.spec.privacy {
+            let denominator = self.spec.quorum as usize;
+            let noised = self
+                .noise
+                .as_mut()
+                .and_then(|noise| privacy::noised_mean(&contributions, dp, denominator, noise));
+            contributions = noised
+                .map(|delta| Contribution {
+                    peer: PeerKey([0; 32]),
+                    n_samples: contributions.iter().map(|c| c.n_samples).sum(),
+                    delta,
+                })
+                .into_iter()
+                .collect();
+        }
         Some(CloseJob {
             round: self.round,
             params: self.params.clone(),
             velocity: self.outer.velocity.clone(),
-            contributions: self.contributions(),
+            contributions,
             rule: self.spec.aggregator.clone(),
             center: self.last_aggregate.clone(),
             outer: self.spec.outer.clone(),
@@ -441,6 +504,7 @@ pub struct Evaluation {
 mod tests {
     use super::*;
     use crate::lm_train::LmInnerSpec;
+    use crate::protocol::PayloadRef;
     use crate::protocol::{DataSource, DataSpec, InnerSpec, ModelSpec};
 
     fn spec() -> RunSpec {
@@ -468,8 +532,21 @@ mod tests {
         }
     }
 
-    fn update(state: &RoundState, delta: &[f32]) -> Update {
-        Update {
+    trait Put {
+        /// Submits an update of `delta` from `peer`.
+        fn put(&mut self, peer: PeerKey, delta: &[f32], now_ms: u64) -> Result<(), Rejection>;
+    }
+
+    impl Put for RoundState {
+        fn put(&mut self, peer: PeerKey, delta: &[f32], now_ms: u64) -> Result<(), Rejection> {
+            let (update, payload) = update(self, delta);
+            self.submit(peer, &update, &payload, now_ms)
+        }
+    }
+
+    fn update(state: &RoundState, delta: &[f32]) -> (Update, Vec<u8>) {
+        let payload = params_to_bytes(delta);
+        let update = Update {
             run_id: "t".into(),
             round: state.round,
             base: state.params_hash(),
@@ -477,8 +554,9 @@ mod tests {
             inner_steps: 1,
             loss: 0.5,
             codec: Codec::F32,
-            payload: params_to_bytes(delta),
-        }
+            payload: PayloadRef::of(&payload),
+        };
+        (update, payload)
     }
 
     #[test]
@@ -487,9 +565,9 @@ mod tests {
         let (a, b) = (PeerKey([1; 32]), PeerKey([2; 32]));
         s.seen(a, 0);
         s.seen(b, 0);
-        s.submit(a, &update(&s, &[0.2, 0.0]), 10).expect("a");
+        s.put(a, &[0.2, 0.0], 10).expect("a");
         assert_eq!(s.tick(20), None, "one of two active peers: not yet");
-        s.submit(b, &update(&s, &[0.4, 0.2]), 30).expect("b");
+        s.put(b, &[0.4, 0.2], 30).expect("b");
         let closed = s.tick(40).expect("quorum");
         assert_eq!((closed.round, closed.next_round), (0, 1));
         assert_eq!(closed.contributors.len(), 2);
@@ -502,8 +580,7 @@ mod tests {
         assert_eq!(s.tick(5000), None);
         assert_eq!(s.round, 0, "an empty round is extended, not closed");
         s.seen(PeerKey([2; 32]), 5000);
-        s.submit(PeerKey([1; 32]), &update(&s, &[1.0]), 5100)
-            .expect("ok");
+        s.put(PeerKey([1; 32]), &[1.0], 5100).expect("ok");
         assert_eq!(s.tick(5200), None);
         assert!(s.tick(6000).is_some(), "deadline closes with one of two");
     }
@@ -528,23 +605,23 @@ mod tests {
         );
         // Three rounds reach quorum in 2 s each: the timeout becomes max(4 × 2 s, 5 s) = 8 s.
         for _ in 0..3 {
-            s.submit(a, &update(&s, &[0.1]), now + 500).expect("ok");
-            s.submit(b, &update(&s, &[0.1]), now + 1000).expect("ok");
-            s.submit(slow, &update(&s, &[0.1]), now + 2000).expect("ok");
+            s.put(a, &[0.1], now + 500).expect("ok");
+            s.put(b, &[0.1], now + 1000).expect("ok");
+            s.put(slow, &[0.1], now + 2000).expect("ok");
             assert!(s.tick(now + 2000).is_some());
             now += 2000;
         }
         assert_eq!(s.round_timeout_ms(), 8000);
         // Now one peer is slow: the round closes at 8 s with the updates it has…
-        s.submit(a, &update(&s, &[0.1]), now + 100).expect("ok");
-        s.submit(b, &update(&s, &[0.1]), now + 200).expect("ok");
+        s.put(a, &[0.1], now + 100).expect("ok");
+        s.put(b, &[0.1], now + 200).expect("ok");
         let late = update(&s, &[0.1]);
         assert_eq!(s.tick(now + 7999), None, "waiting for the third peer");
         let closed = s.tick(now + 8000).expect("closed at the adapted deadline");
         assert_eq!(closed.contributors.len(), 2);
         // …and the straggler's update is refused: its round is over.
         assert!(matches!(
-            s.submit(slow, &late, now + 9000),
+            s.submit(slow, &late.0, &late.1, now + 9000),
             Err(Rejection::WrongRound { .. })
         ));
         // Never below 5 s, never above the configured deadline.
@@ -554,8 +631,8 @@ mod tests {
         };
         let mut q = RoundState::new(quick, vec![0.0], 0);
         for r in 0..3 {
-            q.submit(a, &update(&q, &[0.1]), r * 10).expect("ok");
-            q.submit(b, &update(&q, &[0.1]), r * 10 + 10).expect("ok");
+            q.put(a, &[0.1], r * 10).expect("ok");
+            q.put(b, &[0.1], r * 10 + 10).expect("ok");
             assert!(q.tick(r * 10 + 10).is_some());
         }
         assert_eq!(q.round_timeout_ms(), 3_000);
@@ -565,40 +642,47 @@ mod tests {
     fn bad_updates_are_rejected_and_change_nothing() {
         let mut s = RoundState::new(spec(), vec![0.0, 0.0], 0);
         let p = PeerKey([1; 32]);
-        let good = update(&s, &[0.1, 0.1]);
-        let cases = [
+        let (good, bytes) = update(&s, &[0.1, 0.1]);
+        let with = |payload: Vec<u8>| {
             (
                 Update {
-                    round: 7,
+                    payload: PayloadRef::of(&payload),
                     ..good.clone()
                 },
+                payload,
+            )
+        };
+        let same = |update: Update| (update, bytes.clone());
+        let cases = [
+            (
+                same(Update {
+                    round: 7,
+                    ..good.clone()
+                }),
                 Rejection::WrongRound {
                     expected: 0,
                     got: 7,
                 },
             ),
             (
-                Update {
+                same(Update {
                     run_id: "x".into(),
                     ..good.clone()
-                },
+                }),
                 Rejection::WrongRun {
                     expected: "t".into(),
                     got: "x".into(),
                 },
             ),
             (
-                Update {
+                same(Update {
                     base: ParamsHash([0; 32]),
                     ..good.clone()
-                },
+                }),
                 Rejection::StaleBase,
             ),
             (
-                Update {
-                    payload: params_to_bytes(&[0.1]),
-                    ..good.clone()
-                },
+                with(params_to_bytes(&[0.1])),
                 Rejection::WrongShape(CodecError::Length {
                     expected: 8,
                     got: 4,
@@ -606,10 +690,7 @@ mod tests {
                 }),
             ),
             (
-                Update {
-                    payload: vec![0; 7],
-                    ..good.clone()
-                },
+                with(vec![0; 7]),
                 Rejection::WrongShape(CodecError::Length {
                     expected: 8,
                     got: 7,
@@ -617,34 +698,32 @@ mod tests {
                 }),
             ),
             (
-                Update {
-                    payload: params_to_bytes(&[f32::NAN, 0.0]),
-                    ..good.clone()
-                },
+                with(params_to_bytes(&[f32::NAN, 0.0])),
                 Rejection::NonFinite,
             ),
             (
-                Update {
-                    payload: params_to_bytes(&[f32::INFINITY, 0.0]),
-                    ..good.clone()
-                },
+                with(params_to_bytes(&[f32::INFINITY, 0.0])),
                 Rejection::NonFinite,
             ),
             (
-                Update {
+                same(Update {
                     n_samples: 0,
                     ..good.clone()
-                },
+                }),
                 Rejection::NoSamples,
             ),
+            (
+                (good.clone(), params_to_bytes(&[0.2, 0.1])),
+                Rejection::PayloadMismatch,
+            ),
         ];
-        for (bad, why) in cases {
-            assert_eq!(s.submit(p, &bad, 1), Err(why));
+        for ((bad, payload), why) in cases {
+            assert_eq!(s.submit(p, &bad, &payload, 1), Err(why));
         }
         assert_eq!(s.updates_this_round(), 0);
-        s.submit(p, &good, 1).expect("good one");
+        s.submit(p, &good, &bytes, 1).expect("good one");
         assert_eq!(
-            s.submit(p, &good, 2),
+            s.submit(p, &good, &bytes, 2),
             Err(Rejection::Duplicate(0)),
             "a replay is refused"
         );
@@ -665,17 +744,17 @@ mod tests {
         let peers: Vec<PeerKey> = (1..=5).map(|i| PeerKey([i; 32])).collect();
         // Two active peers only: the quorum is still the 5 updates multi-Krum needs (2f + 3).
         for p in &peers[..4] {
-            s.submit(*p, &update(&s, &[0.1]), 10).expect("ok");
+            s.put(*p, &[0.1], 10).expect("ok");
         }
         assert_eq!(s.tick(10), None, "4 < 2f + 3 = 5");
         assert_eq!(s.tick(5_000), None, "not even at the deadline");
         assert_eq!(s.round, 0, "the round is extended, θ untouched");
-        s.submit(peers[4], &update(&s, &[0.1]), 5_100).expect("ok");
+        s.put(peers[4], &[0.1], 5_100).expect("ok");
         let job = s.begin_close(5_100).expect("five updates: due");
         assert_eq!(job.contributions.len(), 5);
         assert_eq!(s.begin_close(5_100), None, "one close at a time");
         assert_eq!(
-            s.submit(PeerKey([9; 32]), &update(&s, &[0.1]), 5_150),
+            s.put(PeerKey([9; 32]), &[0.1], 5_150),
             Err(Rejection::Closing(0))
         );
         let closed = s.finish_close(aggregate::step_cpu(&job.inputs()), 5_200);

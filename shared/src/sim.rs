@@ -18,7 +18,9 @@ use crate::data::derive_seed;
 use crate::lm::LmConfig;
 use crate::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, TextBatch, evaluate_lm};
 use crate::params::ParamsError;
-use crate::protocol::{DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, Update};
+use crate::protocol::{
+    DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, PayloadRef, RunSpec, Update,
+};
 use crate::robust::{RobustError, Rule};
 use crate::round::RoundState;
 use crate::text::{Shards, TextCorpus};
@@ -282,10 +284,10 @@ pub async fn simulate<B: AutodiffBackend>(
                         inner_steps: h,
                         loss: 0.0,
                         codec: config.codec,
-                        payload,
+                        payload: PayloadRef::of(&payload),
                     };
                     state
-                        .submit(keys[p], &update, now)
+                        .submit(keys[p], &update, &payload, now)
                         .map_err(|e| SimError::Round(e.to_string()))?;
                 }
                 let closed = state

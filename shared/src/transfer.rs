@@ -3,9 +3,12 @@
 //! A sender splits the encoded message with [`protocol::requests_for`](crate::protocol::requests_for)
 //! and sends the [`Part`]s in order on one connection, waiting for each answer. The receiver keeps
 //! at most one message in progress per sender (keyed by what the transport authenticated, such
-//! as the libp2p peer id), bounds the bytes buffered for all senders together, forgets a message
-//! that stalls, and checks the BLAKE3 digest before handing the bytes on. The signature inside is
-//! checked afterwards, as for any message.
+//! as the libp2p peer id), refuses a message longer than the longest it can use (the relay: its
+//! runs' largest update), bounds the bytes buffered for all senders together, forgets a message
+//! that stalls or that arrives slower than [`MIN_BYTES_PER_SEC`], and checks the BLAKE3 digest
+//! before handing the bytes on. The signature inside is checked afterwards, as for any message.
+//! So a sender can hold buffer space only while it keeps sending: holding `b` bytes for long
+//! costs it `b` bytes of upload every `b /`[`MIN_BYTES_PER_SEC`] seconds.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -16,12 +19,14 @@ use crate::protocol::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, Part};
 pub const DEFAULT_BUDGET: usize = 256 << 20;
 /// A message whose next part does not arrive within this time is dropped.
 pub const STALL_MS: u64 = 60_000;
+/// A message must arrive at this rate on average, after [`STALL_MS`] of grace, or it is dropped.
+pub const MIN_BYTES_PER_SEC: u64 = 16 * 1024;
 
 /// Why a part was refused. The sender must start its message again from offset 0.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PartError {
-    #[error("part claims a {0}-byte message; the limit is {MAX_MESSAGE_BYTES}")]
-    TooLarge(u32),
+    #[error("part claims a {got}-byte message; the limit is {limit}")]
+    TooLarge { got: u32, limit: usize },
     #[error("part of {0} bytes is empty or larger than a frame")]
     BadLength(usize),
     #[error("part at offset {got} does not continue the message (expected offset {expected})")]
@@ -48,7 +53,17 @@ struct Partial {
     digest: [u8; 32],
     total: u32,
     bytes: Vec<u8>,
+    started_ms: u64,
     touched_ms: u64,
+}
+
+impl Partial {
+    /// Whether the message has stalled or is arriving too slowly at `now_ms`.
+    fn too_slow(&self, now_ms: u64) -> bool {
+        let allowed = STALL_MS + u64::from(self.total) * 1000 / MIN_BYTES_PER_SEC;
+        now_ms.saturating_sub(self.touched_ms) >= STALL_MS
+            || now_ms.saturating_sub(self.started_ms) >= allowed
+    }
 }
 
 /// Messages in progress, one per sender `K`.
@@ -57,6 +72,7 @@ pub struct Reassembly<K> {
     partial: HashMap<K, Partial>,
     buffered: usize,
     budget: usize,
+    max_message: usize,
 }
 
 impl<K: Eq + Hash + Clone> Default for Reassembly<K> {
@@ -67,10 +83,17 @@ impl<K: Eq + Hash + Clone> Default for Reassembly<K> {
 
 impl<K: Eq + Hash + Clone> Reassembly<K> {
     pub fn with_budget(budget: usize) -> Self {
+        Self::with_limits(budget, MAX_MESSAGE_BYTES)
+    }
+
+    /// Buffers at most `budget` bytes for all senders together, and messages of at most
+    /// `max_message` bytes.
+    pub fn with_limits(budget: usize, max_message: usize) -> Self {
         Self {
             partial: HashMap::new(),
             buffered: 0,
             budget,
+            max_message: max_message.min(MAX_MESSAGE_BYTES),
         }
     }
 
@@ -96,8 +119,11 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
     }
 
     fn accept_inner(&mut self, from: &K, part: Part, now_ms: u64) -> Result<Progress, PartError> {
-        if part.total as usize > MAX_MESSAGE_BYTES {
-            return Err(PartError::TooLarge(part.total));
+        if part.total as usize > self.max_message {
+            return Err(PartError::TooLarge {
+                got: part.total,
+                limit: self.max_message,
+            });
         }
         if part.bytes.is_empty() || part.bytes.len() > MAX_FRAME_BYTES {
             return Err(PartError::BadLength(part.bytes.len()));
@@ -110,6 +136,7 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
                     digest: part.digest,
                     total: part.total,
                     bytes: Vec::new(),
+                    started_ms: now_ms,
                     touched_ms: now_ms,
                 },
             );
@@ -161,11 +188,12 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
         }
     }
 
-    /// Forgets every message whose last part is older than [`STALL_MS`].
+    /// Forgets every message whose last part is older than [`STALL_MS`], or that is arriving
+    /// slower than [`MIN_BYTES_PER_SEC`].
     pub fn expire(&mut self, now_ms: u64) {
         let mut freed = 0;
         self.partial.retain(|_, p| {
-            let keep = now_ms.saturating_sub(p.touched_ms) < STALL_MS;
+            let keep = !p.too_slow(now_ms);
             if !keep {
                 freed += p.bytes.len();
             }
@@ -261,7 +289,13 @@ mod tests {
             offset: 0,
             bytes: vec![1],
         };
-        assert_eq!(r.accept(1, huge, 0), Err(PartError::TooLarge(u32::MAX)));
+        assert_eq!(
+            r.accept(1, huge, 0),
+            Err(PartError::TooLarge {
+                got: u32::MAX,
+                limit: MAX_MESSAGE_BYTES
+            })
+        );
         let empty = Part {
             digest: [0; 32],
             total: 10,
@@ -296,5 +330,37 @@ mod tests {
             .expect("c0 after a expired");
         assert_eq!(r.in_progress(), 2);
         assert_eq!(r.buffered(), 20_000);
+    }
+
+    #[test]
+    fn a_sender_may_not_claim_more_than_the_longest_useful_message_nor_trickle() {
+        let m = message(100_000, 5);
+        let ps = parts(&m, 5_000);
+        let mut r = Reassembly::with_limits(1 << 20, 50_000);
+        assert_eq!(
+            r.accept("a", ps[0].clone(), 0),
+            Err(PartError::TooLarge {
+                got: 100_000,
+                limit: 50_000
+            })
+        );
+        let mut r = Reassembly::with_limits(1 << 20, 100_000);
+        // One part just inside every stall window: the message is still dropped once it has
+        // taken longer than its size allows at the minimum rate.
+        let allowed = STALL_MS + 100_000 * 1000 / MIN_BYTES_PER_SEC;
+        let mut now = 0;
+        let mut sent = 0;
+        for part in &ps {
+            match r.accept("a", part.clone(), now) {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    assert!(matches!(e, PartError::OutOfOrder { .. }), "{e}");
+                    break;
+                }
+            }
+            now += STALL_MS - 1;
+        }
+        assert!(now > allowed && sent < ps.len(), "{sent} parts by {now} ms");
+        assert_eq!(r.buffered(), 0);
     }
 }

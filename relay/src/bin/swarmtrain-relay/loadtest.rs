@@ -37,7 +37,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     use swarmtrain_client::rpc::RelayClient;
     use swarmtrain_shared::Identity;
     use swarmtrain_shared::protocol::{
-        self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient,
+        self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, PayloadRef, RelayToClient,
         RoundAnnouncement, Update,
     };
 
@@ -62,20 +62,15 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     let run_id = boot.run_id.clone();
     let started = Instant::now();
     // Connect and join, 64 at a time.
-    type Joined = (
-        RelayClient,
-        std::sync::Arc<Identity>,
-        std::sync::Arc<Vec<u8>>,
-        RoundAnnouncement,
-    );
+    type Joined = (RelayClient, std::sync::Arc<Vec<u8>>, RoundAnnouncement);
     let joined: Vec<anyhow::Result<Joined>> = futures::stream::iter(0..args.peers)
         .map(|i| {
             let (address, run_id) = (address.clone(), run_id.clone());
             async move {
-                let client = RelayClient::connect(address)?;
                 let mut seed = [7u8; 32];
                 seed[..4].copy_from_slice(&i.to_le_bytes());
                 let identity = Identity::from_seed(seed);
+                let client = RelayClient::connect(address, &identity)?;
                 let join = ClientToRelay::Join(Join {
                     version: PROTOCOL_VERSION,
                     run_id,
@@ -83,8 +78,9 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                         backend: "none".into(),
                         platform: "loadtest".into(),
                     },
+                    proof_of_work: None,
                 });
-                match client.request(&identity.sign(&join)?).await? {
+                match client.send(join, Vec::new()).await? {
                     RelayToClient::Welcome(w) => {
                         if args.delivery == Delivery::Gossip {
                             client
@@ -93,7 +89,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                         }
                         let relay_key = std::sync::Arc::new(w.relay_key().to_vec());
                         let round = w.round.verify_with_key(&relay_key)?;
-                        Ok((client, std::sync::Arc::new(identity), relay_key, round))
+                        Ok((client, relay_key, round))
                     }
                     other => anyhow::bail!("expected a welcome, got {other:?}"),
                 }
@@ -110,12 +106,11 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Every peer waits for the next round (gossip or long poll) and reports when it sees it.
     let (seen_tx, mut seen_rx) = futures::channel::mpsc::channel::<(u64, Instant)>(4096);
-    let first_round = peers.iter().map(|p| p.3.round).max().unwrap_or(0);
+    let first_round = peers.iter().map(|p| p.2.round).max().unwrap_or(0);
     let last_round = first_round + u64::from(args.rounds);
-    for (client, identity, relay_key, round) in &peers {
-        let (client, identity, relay_key, run_id, mut seen) = (
+    for (client, relay_key, round) in &peers {
+        let (client, relay_key, run_id, mut seen) = (
             client.clone(),
-            identity.clone(),
             relay_key.clone(),
             run_id.clone(),
             seen_tx.clone(),
@@ -138,10 +133,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                     run_id: run_id.clone(),
                     after: Some(current),
                 };
-                let Ok(signed) = identity.sign(&ask) else {
-                    return;
-                };
-                match client.request(&signed).await {
+                match client.send(ask, Vec::new()).await {
                     Ok(RelayToClient::Round(r)) => match r.verify_with_key(&relay_key) {
                         Ok(r) if r.round > current => {
                             current = r.round;
@@ -159,9 +151,12 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
 
     let mut latencies_ms = Vec::new();
     let mut completed = 0u32;
-    let mut announcement = peers[0].3.clone();
+    let mut announcement = peers[0].2.clone();
     for _ in 0..args.rounds {
         // Quorum − 1 updates, then the one that closes the round: its send time is the close.
+        let payload =
+            swarmtrain_shared::protocol::Codec::F32
+                .encode(&vec![1e-4; announcement.n_params as usize]);
         let update = |r: &RoundAnnouncement| {
             ClientToRelay::Update(Update {
                 run_id: run_id.clone(),
@@ -171,24 +166,21 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                 inner_steps: 1,
                 loss: 1.0,
                 codec: swarmtrain_shared::protocol::Codec::F32,
-                payload: swarmtrain_shared::protocol::Codec::F32
-                    .encode(&vec![1e-4; r.n_params as usize]),
+                payload: PayloadRef::of(&payload),
             })
         };
         let senders = &peers[..args.senders as usize];
-        for (client, identity, _, _) in &senders[..senders.len() - 1] {
-            let answer = client
-                .request(&identity.sign(&update(&announcement))?)
-                .await?;
+        for (client, _, _) in &senders[..senders.len() - 1] {
+            let answer = client.send(update(&announcement), payload.clone()).await?;
             anyhow::ensure!(
                 matches!(answer, RelayToClient::Accepted { .. }),
                 "update refused: {answer:?}"
             );
         }
-        let (client, identity, relay_key, _) = &senders[senders.len() - 1];
-        let closing = identity.sign(&update(&announcement))?;
+        let (client, relay_key, _) = &senders[senders.len() - 1];
+        let closing = update(&announcement);
         let closed_at = Instant::now();
-        let answer = client.request(&closing).await?;
+        let answer = client.send(closing, payload.clone()).await?;
         anyhow::ensure!(
             matches!(answer, RelayToClient::Accepted { .. }),
             "update refused: {answer:?}"
@@ -224,7 +216,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
             run_id: run_id.clone(),
             after: None,
         };
-        announcement = match client.request(&identity.sign(&ask)?).await? {
+        announcement = match client.send(ask, Vec::new()).await? {
             RelayToClient::Round(r) => r.verify_with_key(relay_key)?,
             other => anyhow::bail!("expected the round, got {other:?}"),
         };

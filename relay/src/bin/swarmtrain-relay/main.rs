@@ -103,7 +103,7 @@ fn keygen(args: Keygen) -> anyhow::Result<()> {
         args.key_file.display()
     );
     let seed = swarmtrain_relay::load_or_create_key(&args.key_file)?;
-    let identity = swarmtrain_shared::Identity::from_seed(seed);
+    let identity = swarmtrain_shared::Identity::from_seed(*seed);
     println!("wrote {}", args.key_file.display());
     println!("peer key {}", identity.peer());
     Ok(())
@@ -395,6 +395,60 @@ struct RunArgs {
     /// With --aggregator centered-clipping: the clipping radius.
     #[arg(long, env = "SWARMTRAIN_CLIP_RADIUS", default_value_t = 1.0)]
     clip_radius: f32,
+    /// Who may join: anyone (open); anyone whose new identity solves a proof-of-work puzzle of
+    /// --pow-bits (proof-of-work: about 2^bits hashes per identity, so minting many costs CPU);
+    /// or only the peer keys listed in --allow-list (allow-list).
+    #[arg(long, env = "SWARMTRAIN_ADMISSION", value_enum, default_value_t = AdmissionArg::Open)]
+    admission: AdmissionArg,
+    /// With --admission proof-of-work: leading zero bits asked for (at most 32; 20 takes a
+    /// browser about a second).
+    #[arg(long, env = "SWARMTRAIN_POW_BITS", default_value_t = 20)]
+    pow_bits: u8,
+    /// With --admission allow-list: a file of peer keys (64 hex digits each, one per line, as
+    /// `keygen` prints them; `#` starts a comment).
+    #[arg(long, env = "SWARMTRAIN_ALLOW_LIST")]
+    allow_list: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AdmissionArg {
+    Open,
+    ProofOfWork,
+    AllowList,
+}
+
+/// The run's admission policy from its options.
+fn admission(a: &RunArgs) -> anyhow::Result<swarmtrain_shared::admission::Admission> {
+    use anyhow::Context as _;
+    use swarmtrain_shared::admission::Admission;
+    Ok(match a.admission {
+        AdmissionArg::Open => Admission::Open,
+        AdmissionArg::ProofOfWork => Admission::ProofOfWork { bits: a.pow_bits },
+        AdmissionArg::AllowList => {
+            let path = a
+                .allow_list
+                .as_ref()
+                .context("--admission allow-list needs --allow-list FILE")?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut keys = std::collections::BTreeSet::new();
+            for (i, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let hash = blake3::Hash::from_hex(line).with_context(|| {
+                    format!(
+                        "{} line {}: not a 64-hex-digit peer key",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+                keys.insert(swarmtrain_shared::PeerKey(*hash.as_bytes()));
+            }
+            Admission::AllowList { keys }
+        }
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -759,8 +813,12 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mut runs = vec![run_spec(&args.run)?];
+    let mut policies = std::collections::BTreeMap::new();
+    policies.insert(runs[0].run_id.clone(), admission(&args.run)?);
     for table in &extra_runs {
-        runs.push(run_spec(table)?);
+        let spec = run_spec(table)?;
+        policies.insert(spec.run_id.clone(), admission(table)?);
+        runs.push(spec);
     }
     let config = RelayConfig {
         http: args.http,
@@ -778,6 +836,7 @@ async fn main() -> anyhow::Result<()> {
             history_rounds: args.history_retention_rounds,
             ledger_rounds: args.ledger_retention_rounds,
         },
+        admission: policies,
     };
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());

@@ -123,7 +123,8 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
     use swarmtrain_client::rpc::RelayClient;
     use swarmtrain_shared::Identity;
     use swarmtrain_shared::protocol::{
-        Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, RelayToClient, Update, params_to_bytes,
+        Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, PayloadRef, RelayToClient, Update,
+        params_to_bytes,
     };
 
     anyhow::ensure!(
@@ -184,8 +185,8 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
         .and_then(|a| a.first())
         .ok_or_else(|| anyhow::anyhow!("the relay has no TCP address"))?
         .parse()?;
-    let client = RelayClient::connect(address)?;
     let identity = Identity::from_seed([42; 32]);
+    let client = RelayClient::connect(address, &identity)?;
     let join = ClientToRelay::Join(Join {
         version: PROTOCOL_VERSION,
         run_id: boot.run_id.clone(),
@@ -193,8 +194,9 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
             backend: "none".into(),
             platform: "soak".into(),
         },
+        proof_of_work: None,
     });
-    let welcome = match client.request(&identity.sign(&join)?).await? {
+    let welcome = match client.send(join, Vec::new()).await? {
         RelayToClient::Welcome(w) => *w,
         other => anyhow::bail!("expected a welcome, got {other:?}"),
     };
@@ -239,9 +241,9 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
             inner_steps: 1,
             loss: 1.0,
             codec: welcome.spec.codec,
-            payload: payload.clone(),
+            payload: PayloadRef::of(&payload),
         });
-        match client.request(&identity.sign(&update)?).await? {
+        match client.send(update, payload.clone()).await? {
             RelayToClient::Accepted { .. } => {}
             other => anyhow::bail!("round {}: update answered {other:?}", round.round),
         }
@@ -250,7 +252,7 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
             after: Some(round.round),
         };
         loop {
-            match client.request(&identity.sign(&ask)?).await? {
+            match client.send(ask.clone(), Vec::new()).await? {
                 RelayToClient::Round(signed) => {
                     let next = signed.verify_with_key(&relay_key)?;
                     if next.round > round.round {
