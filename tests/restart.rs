@@ -110,3 +110,60 @@ async fn stop_then_restart_resumes(stop: Stop) {
     );
     assert_eq!(done["accepted_updates"], 3);
 }
+
+/// A checkpoint that cannot be written holds the round back: the relay keeps announcing the
+/// last durable round, counts the failure, retries, and announces the new round once the write
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_is_announced_only_once_its_checkpoint_is_written() {
+    use swarmtrain_relay::{Relay, RelayConfig, default_run};
+    use swarmtrain_tests::{init_logging, join_raw};
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut run = default_run();
+    run.quorum = 1;
+    let relay = Relay::start(RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: Some(dir.path().to_owned()),
+        runs: vec![run],
+        ..RelayConfig::default()
+    })
+    .await
+    .expect("relay starts");
+    let (client, _, _, round0) = join_raw(&relay, [1; 32]).await;
+    // The checkpoint directory becomes a file: every checkpoint write fails (even as root).
+    let checkpoints = dir.path().join("checkpoints");
+    std::fs::remove_dir_all(&checkpoints).expect("remove");
+    std::fs::write(&checkpoints, b"not a directory").expect("block");
+    assert!(matches!(
+        send_constant_update(&client, &round0, 0.01).await,
+        RelayToClient::Accepted { round: 0 }
+    ));
+    let current = || async {
+        let ask = ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: None,
+        };
+        match client.send(ask, Vec::new()).await.expect("answer") {
+            RelayToClient::Round(signed) => signed.verify_and_decode().expect("signed").1.round,
+            other => panic!("expected a round, got {other:?}"),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.coordinator.status().await.checkpoint_failures < 2 {
+        assert!(Instant::now() < deadline, "the write was not retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = relay.coordinator.status().await;
+    assert!(status.unannounced, "round 1 waits for its checkpoint");
+    assert_eq!(current().await, 0, "peers still hear round 0");
+    // The storage comes back: the next retry writes the checkpoint and announces round 1.
+    std::fs::remove_file(&checkpoints).expect("unblock");
+    std::fs::create_dir(&checkpoints).expect("mkdir");
+    while current().await != 1 {
+        assert!(Instant::now() < deadline, "round 1 was never announced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!relay.coordinator.status().await.unannounced);
+    relay.shutdown().await;
+}

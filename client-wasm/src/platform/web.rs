@@ -117,7 +117,7 @@ pub async fn http_get(url: &str) -> Result<Vec<u8>, String> {
 const IDENTITY_KEY: &str = "swarmtrain.identity.v1";
 
 /// The identity seed kept in this origin's storage, created on first use.
-fn stored_identity_seed() -> Result<[u8; 32], String> {
+fn stored_identity_seed() -> Result<zeroize::Zeroizing<[u8; 32]>, String> {
     let storage = web_sys::window().and_then(|w| w.local_storage().ok().flatten());
     let stored = storage
         .as_ref()
@@ -125,8 +125,8 @@ fn stored_identity_seed() -> Result<[u8; 32], String> {
     if let Some(seed) = stored.as_deref().and_then(seed_from_hex) {
         return Ok(seed);
     }
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| e.to_string())?;
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut_slice()).map_err(|e| e.to_string())?;
     if let Some(storage) = storage {
         let _ = storage.set_item(IDENTITY_KEY, &seed_to_hex(&seed));
     }
@@ -243,7 +243,9 @@ impl Contributor {
         if want == "webgpu" && adapter.is_none() {
             return Err(JsError::new("this browser offers no WebGPU adapter"));
         }
-        let peer_key = swarmtrain_shared::Identity::from_seed(seed).peer().to_hex();
+        let peer_key = swarmtrain_shared::Identity::from_seed(*seed)
+            .peer()
+            .to_hex();
         let mut emit = emitter(on_event.clone());
         let transport = transport.filter(|t| t != "auto");
         if let Some(t) = &transport
