@@ -272,6 +272,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         &|s| s.privacy_epsilon.map(one).unwrap_or_default(),
     );
     metric(
+        "swarmtrain_checkpoint_failures_total",
+        "Checkpoint writes that failed (the round waits unannounced until one succeeds).",
+        "counter",
+        &|s| one(s.checkpoint_failures as f64),
+    );
+    metric(
         "swarmtrain_rejected_messages_total",
         "Rejected messages by reason.",
         "counter",
@@ -281,6 +287,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 .map(|(k, v)| (format!("reason=\"{k}\""), *v as f64))
                 .collect()
         },
+    );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_tracked_identities Identities whose unexpired envelopes the replay \
+         guard tracks.\n# TYPE swarmtrain_tracked_identities gauge\n\
+         swarmtrain_tracked_identities {}",
+        state.runs.tracked_identities()
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
