@@ -1,7 +1,7 @@
 // The contributor page. Everything it shows comes from the npm package's events and from the
 // relay's public API: /api/runs once (the run list), then every second the chosen run's status
 // without history (?history=0) and only the history rows it does not have yet (/history?from=).
-import init, { Contributor } from './pkg/swarmtrain.js';
+import init, { Contributor, exportIdentity, importIdentity, identityPeerKey } from './pkg/swarmtrain.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -185,5 +185,38 @@ $('contribute').addEventListener('click', async () => {
   }
 });
 
+async function showIdentity() {
+  try {
+    await init();
+    $('identity-key').textContent = (await identityPeerKey()).slice(0, 16);
+  } catch (e) {
+    log(`could not read this browser's identity: ${e}`, 'error');
+  }
+}
+
+$('identity-export').addEventListener('click', async () => {
+  const hex = await exportIdentity();
+  const link = document.createElement('a');
+  link.href = URL.createObjectURL(new Blob([`${hex}\n`], { type: 'text/plain' }));
+  link.download = 'swarmtrain-identity.txt';
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+  log('identity exported');
+});
+
+$('identity-import').addEventListener('change', async (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  try {
+    const peer = await importIdentity(await file.text());
+    $('identity-key').textContent = peer.slice(0, 16);
+    log(`identity imported: peer ${peer.slice(0, 16)}${contributor ? ' (used from the next start)' : ''}`);
+  } catch (e) {
+    log(`could not import the identity: ${e}`, 'error');
+  }
+  event.target.value = '';
+});
+
 await loadRuns();
+showIdentity();
 pollStatus();

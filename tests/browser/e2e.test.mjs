@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -126,6 +126,31 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     const pageLog = await page.$$eval('#log li', (items) => items.map((li) => li.textContent).reverse());
     console.log(pageLog.filter((l) => /steps in|backend/.test(l)).join('\n'));
     await page.screenshot({ path: join(outDir, `contribute-${expected}.png`), fullPage: true });
+    // The identity lives in IndexedDB (nothing in localStorage); it can be exported, and an
+    // imported one is what the page uses from then on, across reloads.
+    const stored = await page.evaluate(() => new Promise((resolve, reject) => {
+      const req = indexedDB.open('swarmtrain');
+      req.onsuccess = () => {
+        const get = req.result.transaction('identity').objectStore('identity').get('seed');
+        get.onsuccess = () => resolve({ length: get.result?.length, local: localStorage.length });
+        get.onerror = () => reject(get.error);
+      };
+      req.onerror = () => reject(req.error);
+    }));
+    assert.deepEqual(stored, { length: 32, local: 0 }, 'a 32-byte seed in IndexedDB, none in localStorage');
+    await page.click('#identity summary');
+    const [download] = await Promise.all([page.waitForEvent('download'), page.click('#identity-export')]);
+    const exported = readFileSync(await download.path(), 'utf8').trim();
+    assert.match(exported, /^[0-9a-f]{64}$/);
+    const before = await page.textContent('#identity-key');
+    const imported = '11'.repeat(32);
+    await page.setInputFiles('#identity-import', { name: 'id.txt', mimeType: 'text/plain', buffer: Buffer.from(imported) });
+    await page.waitForFunction((old) => document.getElementById('identity-key').textContent !== old, before, { timeout: 10_000 });
+    const importedKey = await page.textContent('#identity-key');
+    await page.reload();
+    await page.waitForFunction((key) => document.getElementById('identity-key').textContent === key, importedKey, { timeout: 30_000 });
+    assert.notEqual(importedKey, before);
+    console.log(`identity: exported ${exported.slice(0, 8)}…, imported peer ${importedKey} survives a reload`);
     // Every resource the page asks for exists (a missing favicon used to log a 404 on every load).
     const missing = logs.filter((l) => /Failed to load resource/.test(l));
     assert.deepEqual(missing, [], `the page loaded everything it asked for`);

@@ -222,7 +222,7 @@ fn build_wasm() -> Result {
   "type": "module",
   "main": "swarmtrain.js",
   "types": "swarmtrain.d.ts",
-  "files": ["swarmtrain_bg.wasm", "swarmtrain.js", "swarmtrain.d.ts", "swarmtrain_bg.wasm.d.ts"],
+  "files": ["swarmtrain_bg.wasm", "swarmtrain.js", "swarmtrain.d.ts", "swarmtrain_bg.wasm.d.ts", "snippets"],
   "sideEffects": ["./snippets/*"]
 }}
 "#

@@ -114,23 +114,55 @@ pub async fn http_get(url: &str) -> Result<Vec<u8>, String> {
     Ok(Uint8Array::new(&buffer).to_vec())
 }
 
-const IDENTITY_KEY: &str = "swarmtrain.identity.v1";
+#[wasm_bindgen(module = "/src/platform/identity.js")]
+extern "C" {
+    #[wasm_bindgen(catch, js_name = loadSeed)]
+    async fn load_seed() -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(catch, js_name = storeSeed)]
+    async fn store_seed(seed: &[u8]) -> Result<JsValue, JsValue>;
+}
 
-/// The identity seed kept in this origin's storage, created on first use.
-fn stored_identity_seed() -> Result<zeroize::Zeroizing<[u8; 32]>, String> {
-    let storage = web_sys::window().and_then(|w| w.local_storage().ok().flatten());
-    let stored = storage
-        .as_ref()
-        .and_then(|s| s.get_item(IDENTITY_KEY).ok().flatten());
-    if let Some(seed) = stored.as_deref().and_then(seed_from_hex) {
-        return Ok(seed);
-    }
+/// The identity seed kept in this origin's IndexedDB, created on first use (see
+/// `identity.js`). The JavaScript copy is overwritten with zeros once read.
+async fn stored_identity_seed() -> Result<zeroize::Zeroizing<[u8; 32]>, String> {
+    let value = load_seed()
+        .await
+        .map_err(|e| format!("could not read the identity from IndexedDB: {}", js_error(e)))?;
+    let bytes = Uint8Array::new(&value);
     let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-    getrandom::fill(seed.as_mut_slice()).map_err(|e| e.to_string())?;
-    if let Some(storage) = storage {
-        let _ = storage.set_item(IDENTITY_KEY, &seed_to_hex(&seed));
+    if bytes.length() != 32 {
+        return Err(format!("the stored identity has {} bytes, not 32", bytes.length()));
     }
+    bytes.copy_to(seed.as_mut_slice());
+    bytes.fill(0, 0, 32);
     Ok(seed)
+}
+
+/// This tab's identity seed as 64 hex digits, to keep somewhere safe or move to another
+/// browser with [`import_identity`]. Whoever has it can sign as this peer.
+#[wasm_bindgen(js_name = exportIdentity)]
+pub async fn export_identity() -> Result<String, JsError> {
+    let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
+    Ok(seed_to_hex(&seed).to_string())
+}
+
+/// Replaces this origin's identity with the one exported as `hex` (64 hex digits) and returns
+/// its peer key. A tab that is contributing keeps its old identity until it starts again.
+#[wasm_bindgen(js_name = importIdentity)]
+pub async fn import_identity(hex: String) -> Result<String, JsError> {
+    let seed = seed_from_hex(&hex)
+        .ok_or_else(|| JsError::new("an identity is 64 hex digits (as exportIdentity gives it)"))?;
+    store_seed(seed.as_slice())
+        .await
+        .map_err(|e| JsError::new(&format!("could not store the identity: {}", js_error(e))))?;
+    Ok(swarmtrain_shared::Identity::from_seed(*seed).peer().to_hex())
+}
+
+/// The peer key (hex BLAKE3 of the ML-DSA-65 public key) of this origin's identity.
+#[wasm_bindgen(js_name = identityPeerKey)]
+pub async fn identity_peer_key() -> Result<String, JsError> {
+    let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
+    Ok(swarmtrain_shared::Identity::from_seed(*seed).peer().to_hex())
 }
 
 /// Whether `navigator.gpu.requestAdapter()` gives an adapter, and its description.
@@ -232,7 +264,7 @@ impl Contributor {
         run: Option<String>,
     ) -> Result<Contributor, JsError> {
         report_panics();
-        let seed = stored_identity_seed().map_err(|e| JsError::new(&e))?;
+        let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let want = backend.unwrap_or_else(|| "auto".into());
         let adapter = if want == "cpu" {
