@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench_browser;
+mod fuzz;
 
 /// Must match the `wasm-bindgen` pin in the workspace manifest (libp2p 0.57.1 pins it).
 const WASM_BINDGEN_VERSION: &str = "0.2.108";
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("build-wasm") => setup_wasm().and_then(|()| build_wasm()),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("setup") => setup_wasm().and_then(|()| setup_browser()),
         _ => {
             eprintln!(
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
                  bench soak   100,000 fast rounds on one relay: round time, memory, disk; writes docs/benchmarks/soak.md\n  \
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
+                 fuzz [--seconds N] [TARGET…]  run the cargo fuzz targets N s each (default 60); writes docs/benchmarks/fuzz.md\n  \
                  setup        install the toolchain pieces and browser packages only"
             );
             return ExitCode::from(2);

@@ -125,13 +125,19 @@ extern "C" {
 /// The identity seed kept in this origin's IndexedDB, created on first use (see
 /// `identity.js`). The JavaScript copy is overwritten with zeros once read.
 async fn stored_identity_seed() -> Result<zeroize::Zeroizing<[u8; 32]>, String> {
-    let value = load_seed()
-        .await
-        .map_err(|e| format!("could not read the identity from IndexedDB: {}", js_error(e)))?;
+    let value = load_seed().await.map_err(|e| {
+        format!(
+            "could not read the identity from IndexedDB: {}",
+            js_error(e)
+        )
+    })?;
     let bytes = Uint8Array::new(&value);
     let mut seed = zeroize::Zeroizing::new([0u8; 32]);
     if bytes.length() != 32 {
-        return Err(format!("the stored identity has {} bytes, not 32", bytes.length()));
+        return Err(format!(
+            "the stored identity has {} bytes, not 32",
+            bytes.length()
+        ));
     }
     bytes.copy_to(seed.as_mut_slice());
     bytes.fill(0, 0, 32);
@@ -155,14 +161,18 @@ pub async fn import_identity(hex: String) -> Result<String, JsError> {
     store_seed(seed.as_slice())
         .await
         .map_err(|e| JsError::new(&format!("could not store the identity: {}", js_error(e))))?;
-    Ok(swarmtrain_shared::Identity::from_seed(*seed).peer().to_hex())
+    Ok(swarmtrain_shared::Identity::from_seed(*seed)
+        .peer()
+        .to_hex())
 }
 
 /// The peer key (hex BLAKE3 of the ML-DSA-65 public key) of this origin's identity.
 #[wasm_bindgen(js_name = identityPeerKey)]
 pub async fn identity_peer_key() -> Result<String, JsError> {
     let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
-    Ok(swarmtrain_shared::Identity::from_seed(*seed).peer().to_hex())
+    Ok(swarmtrain_shared::Identity::from_seed(*seed)
+        .peer()
+        .to_hex())
 }
 
 /// Whether `navigator.gpu.requestAdapter()` gives an adapter, and its description.
