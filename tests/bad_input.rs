@@ -124,7 +124,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
         )
         .expect("decodes"),
     );
-    assert!(reason.contains("before a long one"), "{reason}");
+    assert!(reason.contains("before sending a long message"), "{reason}");
     let payload = Codec::F32.encode(&[0.0; 8]);
     let small = ClientToRelay::Update(Update {
         run_id: "digits".into(),

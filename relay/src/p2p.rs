@@ -8,9 +8,9 @@
 //!
 //! Each inbound request is handled by the coordinator concurrently; the event loop sends the
 //! answers back as they complete. Messages longer than a frame arrive in parts and are
-//! reassembled here, per connection, within a memory budget: only on a connection that has
-//! already sent a valid signed envelope, and no longer than the longest update the relay's runs
-//! use.
+//! reassembled here, per connection, within a memory budget: only on a connection whose
+//! identity has joined a run (passed its admission policy), and no longer than the longest
+//! update the relay's runs use.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -172,9 +172,9 @@ pub async fn run(
                         Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_malformed(e.to_string()).await) }),
                         Ok(Request::Submit(submission)) => Box::pin(async move { (Some(peer), channel, runs.handle(submission, peer, max_wait).await) }),
                         Ok(Request::Fetch(fetch)) => Box::pin(async move { (Some(peer), channel, runs.fetch(fetch).await) }),
-                        // Buffer space is for connections that have shown a valid envelope.
-                        Ok(Request::Part(_)) if !runs.is_bound(&peer) => Box::pin(async move {
-                            let reason = "send a signed message (a Join) before a long one".to_owned();
+                        // Buffer space is for connections whose identity has joined a run.
+                        Ok(Request::Part(_)) if !runs.has_joined(&peer) => Box::pin(async move {
+                            let reason = "join a run before sending a long message".to_owned();
                             (Some(peer), channel, runs.reject_part("unbound_part", reason).await)
                         }),
                         Ok(Request::Part(part)) => match parts.accept(peer, part, now_ms) {

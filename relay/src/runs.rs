@@ -2,14 +2,14 @@
 //! Messages name their run; this checks each signed envelope (signature, connection, expiry,
 //! replay, one identity per connection) and routes its message to the run's coordinator.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::admission::ReplayGuard;
-use swarmtrain_shared::protocol::{ClientToRelay, Fetch, Submission};
+use swarmtrain_shared::protocol::{self, ClientToRelay, Fetch, RelayToClient, Submission};
 
 use crate::coordinator::Coordinator;
 
@@ -32,6 +32,8 @@ struct Guard {
     /// The identity each connection's peer ID has signed as (one each), for as long as the
     /// connection is open.
     bound: HashMap<PeerId, PeerKey>,
+    /// Connections whose identity has joined a run (was admitted): only they may send parts.
+    joined: HashSet<PeerId>,
 }
 
 /// Unix time in ms on the relay's clock.
@@ -63,22 +65,24 @@ impl Runs {
             guard: Mutex::new(Guard {
                 replays: ReplayGuard::new(MAX_ACTIVE_IDENTITIES),
                 bound: HashMap::new(),
+                joined: HashSet::new(),
             }),
         }
     }
 
-    /// Whether `peer` has sent a valid signed envelope on its open connection: only such
-    /// connections may buffer a long message.
-    pub fn is_bound(&self, peer: &PeerId) -> bool {
+    /// Whether `peer`'s identity has joined a run on its open connection (it passed the run's
+    /// admission policy): only such connections may buffer a long message.
+    pub fn has_joined(&self, peer: &PeerId) -> bool {
         self.guard
             .lock()
-            .is_ok_and(|guard| guard.bound.contains_key(peer))
+            .is_ok_and(|guard| guard.joined.contains(peer))
     }
 
     /// Forgets `peer`'s binding: its last connection closed.
     pub fn unbind(&self, peer: &PeerId) {
         if let Ok(mut guard) = self.guard.lock() {
             guard.bound.remove(peer);
+            guard.joined.remove(peer);
         }
     }
 
@@ -179,14 +183,26 @@ impl Runs {
         let message = envelope.message;
         match self.by_id.get(run_of(&message)) {
             Some(run) => {
-                run.handle(
-                    peer,
-                    message,
-                    submission.signed,
-                    submission.payload,
-                    max_wait,
-                )
-                .await
+                let is_join = matches!(message, ClientToRelay::Join(_));
+                let answer = run
+                    .handle(
+                        peer,
+                        message,
+                        submission.signed,
+                        submission.payload,
+                        max_wait,
+                    )
+                    .await;
+                if is_join
+                    && matches!(
+                        protocol::decode::<RelayToClient>(&answer),
+                        Ok(RelayToClient::Welcome(_))
+                    )
+                    && let Ok(mut guard) = self.guard.lock()
+                {
+                    guard.joined.insert(from);
+                }
+                answer
             }
             None => {
                 let reason = format!(
