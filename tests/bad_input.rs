@@ -50,9 +50,8 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     let relay = start_relay(run).await;
     let (client, attacker, _, announcement) = join_raw(&relay, [99; 32]).await;
     let n = announcement.n_params as usize;
-    let update = |round: u64, values: Vec<f32>| {
-        let payload = protocol::params_to_bytes(&values);
-        let update = ClientToRelay::Update(Update {
+    let unsigned = |round: u64, payload: &[u8]| {
+        ClientToRelay::Update(Update {
             run_id: "digits".into(),
             round,
             base: announcement.params,
@@ -60,9 +59,12 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
             inner_steps: 1,
             loss: 1.0,
             codec: Codec::F32,
-            payload: PayloadRef::of(&payload),
-        });
-        sign(&client, &attacker, update, payload)
+            payload: PayloadRef::of(payload),
+        })
+    };
+    let update = |round: u64, values: Vec<f32>| {
+        let payload = protocol::params_to_bytes(&values);
+        sign(&client, &attacker, unsigned(round, &payload), payload)
     };
 
     // A forged signature: the body was changed after signing.
@@ -126,16 +128,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     );
     assert!(reason.contains("before sending a long message"), "{reason}");
     let payload = Codec::F32.encode(&[0.0; 8]);
-    let small = ClientToRelay::Update(Update {
-        run_id: "digits".into(),
-        round: 0,
-        base: announcement.params,
-        n_samples: 32,
-        inner_steps: 1,
-        loss: 1.0,
-        codec: Codec::F32,
-        payload: PayloadRef::of(&payload),
-    });
+    let small = unsigned(0, &payload);
     let reason = rejection(unjoined.send(small, payload).await.expect("answer"));
     assert!(reason.contains("Join"), "{reason}");
 

@@ -78,7 +78,11 @@ fn bench(c: &mut Criterion) {
     let policy = Admission::ProofOfWork { bits: 16 };
     group.sample_size(20);
     group.bench_function("check_proof_of_work", |b| {
-        b.iter(|| policy.admit(&challenge, &peer, Some(black_box(nonce))).expect("admit"))
+        b.iter(|| {
+            policy
+                .admit(&challenge, &peer, Some(black_box(nonce)))
+                .expect("admit")
+        })
     });
     group.finish();
 }

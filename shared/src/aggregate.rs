@@ -28,15 +28,22 @@ pub struct Contribution {
     pub delta: Vec<f32>,
 }
 
-/// The coordinate-wise mean, summed in peer order (bitwise independent of arrival order).
-/// Returns `None` for no contributions or mismatched lengths.
-pub fn mean(contributions: &[Contribution]) -> Option<Vec<f32>> {
+/// The contributions in peer order and their common length; `None` for none or mismatched
+/// lengths. Summing in this order makes a result bitwise independent of arrival order.
+pub fn in_peer_order(contributions: &[Contribution]) -> Option<(Vec<&Contribution>, usize)> {
     let mut sorted: Vec<&Contribution> = contributions.iter().collect();
     sorted.sort_by_key(|c| c.peer);
     let n = sorted.first()?.delta.len();
-    if sorted.iter().any(|c| c.delta.len() != n) {
-        return None;
-    }
+    sorted
+        .iter()
+        .all(|c| c.delta.len() == n)
+        .then_some((sorted, n))
+}
+
+/// The coordinate-wise mean, summed in peer order (bitwise independent of arrival order).
+/// Returns `None` for no contributions or mismatched lengths.
+pub fn mean(contributions: &[Contribution]) -> Option<Vec<f32>> {
+    let (sorted, n) = in_peer_order(contributions)?;
     let mut sum = vec![0.0f32; n];
     for c in &sorted {
         for (s, d) in sum.iter_mut().zip(&c.delta) {

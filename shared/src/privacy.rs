@@ -83,12 +83,7 @@ pub fn noised_mean(
     denominator: usize,
     noise: &mut NoiseStream,
 ) -> Option<Vec<f32>> {
-    let mut sorted: Vec<&Contribution> = contributions.iter().collect();
-    sorted.sort_by_key(|c| c.peer);
-    let n = sorted.first()?.delta.len();
-    if sorted.iter().any(|c| c.delta.len() != n) {
-        return None;
-    }
+    let (sorted, n) = crate::aggregate::in_peer_order(contributions)?;
     let mut sum = vec![0.0f64; n];
     for c in &sorted {
         for (s, d) in sum.iter_mut().zip(&c.delta) {
