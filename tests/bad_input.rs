@@ -326,3 +326,116 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     );
     relay.shutdown().await;
 }
+
+/// The hybrid ML-KEM-768 + X25519 session: a peer that agreed keys has its update payload
+/// opened and accepted and gets θ chunks sealed (the bytes on the wire are not θ, the opened
+/// ones are); a plaintext payload on a sealed connection, a key offer before a join, a confirm
+/// of another transcript and an accept signed by another key are refused, each with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
+    use swarmtrain_shared::seal::{self, Offerer};
+    init_logging();
+    let mut run = default_run();
+    run.quorum = 2;
+    let relay = start_relay(run).await;
+    let (client, _, welcome, announcement) = join_raw(&relay, [90; 32]).await;
+    let n = announcement.n_params as usize;
+
+    // An accept is checked against the relay key the peer holds: a wrong one fails the exchange
+    // (and nothing is sealed), the right one agrees keys.
+    let wrong = Identity::from_seed([1; 32]);
+    let error = client.agree_keys(wrong.public_key()).await.unwrap_err();
+    assert!(error.to_string().contains("signed"), "{error}");
+    assert!(client.keys().is_none());
+    client.agree_keys(welcome.relay_key()).await.expect("keys");
+    let keys = client.keys().expect("agreed");
+
+    // θ arrives sealed, and opens to the announced parameters.
+    let fetch = Request::Fetch(protocol::Fetch::Params {
+        run_id: "digits".into(),
+        hash: announcement.params,
+        offset: 0,
+    });
+    let raw: RelayToClient =
+        protocol::decode(&client.request_frame(protocol::encode(&fetch).unwrap()).await.unwrap())
+            .unwrap();
+    let RelayToClient::Chunk { total, bytes, .. } = raw else {
+        panic!("expected a chunk, got {raw:?}");
+    };
+    let theta = client
+        .fetch_params("digits", announcement.params)
+        .await
+        .expect("θ");
+    assert_eq!(total as usize, theta.len());
+    let plain = &theta[..protocol::CHUNK_BYTES.min(theta.len())];
+    assert_eq!(bytes.len(), plain.len() + seal::SEAL_OVERHEAD);
+    assert!(!bytes.windows(64).any(|w| w == &plain[..64]), "θ travelled in clear");
+    let opened = keys
+        .open(&seal::chunk_context(&announcement.params.0, 0, total), &bytes)
+        .expect("opens");
+    assert_eq!(opened, plain);
+
+    // A sealed update is opened and accepted; a plaintext one on this connection is refused.
+    let update = |payload: &[u8]| {
+        ClientToRelay::Update(Update {
+            run_id: "digits".into(),
+            round: announcement.round,
+            base: announcement.params,
+            n_samples: 32,
+            inner_steps: 1,
+            loss: 1.0,
+            codec: Codec::F32,
+            payload: PayloadRef::of(payload),
+        })
+    };
+    let payload = Codec::F32.encode(&vec![0.0; n]);
+    let answer = client.send(update(&payload), payload.clone()).await.unwrap();
+    assert!(
+        matches!(answer, RelayToClient::Accepted { .. }),
+        "{answer:?}"
+    );
+    let (other, other_identity, other_welcome, _) = join_raw(&relay, [91; 32]).await;
+    other.agree_keys(other_welcome.relay_key()).await.expect("keys");
+    let plaintext = sign(&other, &other_identity, update(&payload), payload.clone());
+    let reason = rejection(other.submit(&plaintext).await.unwrap());
+    assert!(reason.contains("sealed payload"), "{reason}");
+
+    // A confirm of a transcript the relay never made.
+    let confirm = ClientToRelay::KeyConfirm {
+        transcript: [7; 32],
+    };
+    let reason = rejection(other.send(confirm, Vec::new()).await.unwrap());
+    assert!(reason.contains("transcript"), "{reason}");
+
+    // A key offer from a connection that has not joined.
+    let stranger = Identity::from_seed([92; 32]);
+    let unjoined = RelayClient::connect(
+        relay.bootstrap.addresses["tcp"][0].parse().unwrap(),
+        &stranger,
+    )
+    .unwrap();
+    let (_, offer) = Offerer::new().unwrap();
+    let reason = rejection(
+        unjoined
+            .send(ClientToRelay::KeyOffer(offer), Vec::new())
+            .await
+            .unwrap(),
+    );
+    assert!(reason.contains("join"), "{reason}");
+
+    let status = relay.coordinator.status().await;
+    for kind in ["undecryptable", "unknown_session", "not_joined"] {
+        assert_eq!(status.rejected.get(kind), Some(&1), "{kind}: {:?}", status.rejected);
+    }
+    let metrics = reqwest::get(format!("{}metrics", relay.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("swarmtrain_sealed_connections 2"),
+        "{metrics}"
+    );
+    relay.shutdown().await;
+}

@@ -264,6 +264,8 @@ impl Session {
             _ => return Err(PeerError::Unexpected("join")),
         };
         let relay_key = welcome.relay_key().to_vec();
+        // From here on, the update payloads and θ chunks on this connection are sealed.
+        client.agree_keys(&relay_key).await?;
         welcome
             .spec
             .validate()

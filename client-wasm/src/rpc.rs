@@ -24,6 +24,7 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping};
 use swarmtrain_shared::Identity;
+use swarmtrain_shared::seal::{self, Offerer, SessionKeys};
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES,
     ParamsHash, RPC_PROTOCOL, RelayToClient, Request, Submission, WireError,
@@ -177,6 +178,8 @@ pub enum RpcError {
     Refused(String),
     #[error("could not sign the message: {0}")]
     Sign(String),
+    #[error("the key exchange with the relay failed: {0}")]
+    Seal(#[from] seal::SealError),
 }
 
 enum Command {
@@ -211,6 +214,9 @@ struct Signer {
     seq: AtomicU64,
     /// The relay's clock minus ours, in ms.
     clock_offset_ms: AtomicI64,
+    /// The session keys agreed with the relay ([`RelayClient::agree_keys`]), which seal update
+    /// payloads and open θ chunks.
+    keys: Mutex<Option<Arc<SessionKeys>>>,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -279,6 +285,7 @@ impl RelayClient {
                 peer_id,
                 seq: AtomicU64::new(micros),
                 clock_offset_ms: AtomicI64::new(0),
+                keys: Mutex::new(None),
             }),
         })
     }
@@ -313,18 +320,67 @@ impl RelayClient {
     }
 
     /// Signs `message` in a fresh envelope, sends it with `payload` (an update's encoded Δ,
-    /// else empty) and waits for the relay's answer.
+    /// else empty; sealed once keys are agreed) and waits for the relay's answer.
     pub async fn send(
         &self,
         message: ClientToRelay,
         payload: Vec<u8>,
     ) -> Result<RelayToClient, RpcError> {
+        let envelope = self.envelope(message);
+        let payload = match self.keys() {
+            Some(keys) if !payload.is_empty() => {
+                keys.seal(&seal::payload_context(envelope.seq), &payload)
+            }
+            _ => payload,
+        };
         let signed = self
             .signer
             .identity
-            .sign(&self.envelope(message))
+            .sign(&envelope)
             .map_err(|e| RpcError::Sign(e.to_string()))?;
         self.submit(&Submission { signed, payload }).await
+    }
+
+    /// The session keys agreed with the relay, if any.
+    pub fn keys(&self) -> Option<Arc<SessionKeys>> {
+        self.signer.keys.lock().ok().and_then(|k| k.clone())
+    }
+
+    /// Agrees ML-KEM-768 + X25519 session keys with the relay ([`swarmtrain_shared::seal`]),
+    /// whose ML-DSA key `relay_key` must sign its half; from then on update payloads and θ
+    /// chunks on this connection are sealed. The relay answers only after a `Join`.
+    pub async fn agree_keys(&self, relay_key: &[u8]) -> Result<(), RpcError> {
+        let (offerer, offer) = Offerer::new()?;
+        let signed = self
+            .signer
+            .identity
+            .sign(&self.envelope(ClientToRelay::KeyOffer(offer)))
+            .map_err(|e| RpcError::Sign(e.to_string()))?;
+        let digest = seal::digest_signed(&signed);
+        let accept = match self
+            .submit(&Submission {
+                signed,
+                payload: Vec::new(),
+            })
+            .await?
+        {
+            RelayToClient::KeyAccept(accept) => accept,
+            RelayToClient::Rejected { reason, .. } => return Err(RpcError::Refused(reason)),
+            _ => return Err(unexpected("a key accept")),
+        };
+        let keys = offerer.finish(&digest, relay_key, &accept)?;
+        let confirm = ClientToRelay::KeyConfirm {
+            transcript: keys.transcript(),
+        };
+        match self.send(confirm, Vec::new()).await? {
+            RelayToClient::KeysAgreed => {}
+            RelayToClient::Rejected { reason, .. } => return Err(RpcError::Refused(reason)),
+            _ => return Err(unexpected("keys agreed")),
+        }
+        if let Ok(mut slot) = self.signer.keys.lock() {
+            *slot = Some(Arc::new(keys));
+        }
+        Ok(())
     }
 
     /// Subscribes to a gossipsub topic; its messages come out of [`RelayClient::next_gossip`].
@@ -361,7 +417,8 @@ impl RelayClient {
         Err(RpcError::Closed)
     }
 
-    /// Downloads θ with `hash` from the relay in chunks and checks the hash.
+    /// Downloads θ with `hash` from the relay in chunks (sealed once keys are agreed) and
+    /// checks the hash.
     pub async fn fetch_params(&self, run_id: &str, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
         let mut bytes = Vec::new();
         loop {
@@ -380,13 +437,17 @@ impl RelayClient {
                     total,
                     offset,
                     bytes,
-                } => (total as usize, offset as usize, bytes),
-                RelayToClient::Rejected { reason, .. } => return Err(RpcError::Refused(reason)),
-                _ => {
-                    return Err(RpcError::Wire(WireError::Malformed(
-                        "expected a chunk".into(),
-                    )));
+                } => {
+                    let bytes = match self.keys() {
+                        Some(keys) => {
+                            keys.open(&seal::chunk_context(&hash.0, offset, total), &bytes)?
+                        }
+                        None => bytes,
+                    };
+                    (total as usize, offset as usize, bytes)
                 }
+                RelayToClient::Rejected { reason, .. } => return Err(RpcError::Refused(reason)),
+                _ => return Err(unexpected("a chunk")),
             };
             if total > MAX_MESSAGE_BYTES
                 || offset != bytes.len()
@@ -421,6 +482,10 @@ impl RelayClient {
             .map_err(|_| RpcError::Closed)?;
         answer.await.map_err(|_| RpcError::Closed)?
     }
+}
+
+fn unexpected(what: &str) -> RpcError {
+    RpcError::Wire(WireError::Malformed(format!("expected {what}")))
 }
 
 async fn event_loop(

@@ -587,6 +587,11 @@ impl Coordinator {
                     round: update.round,
                 })
             }
+            // `Runs` answers key exchanges itself; they name no run.
+            ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => {
+                let reason = "key exchanges are answered by the relay, not a run".to_owned();
+                self.reject(Some(peer), "malformed", reason).await
+            }
         }
     }
 
@@ -886,7 +891,7 @@ fn store_params(state: &mut State) {
     }
 }
 
-fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     // Responses are built by the relay and stay below the frame limit (a test checks the largest,
     // the welcome); should one not, the peer gets an empty frame, which it reports as malformed.
     protocol::encode(message).unwrap_or_else(|e| {

@@ -295,5 +295,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
          swarmtrain_tracked_identities {}",
         state.runs.tracked_identities()
     );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_sealed_connections Connections whose payloads and chunks are sealed \
+         with agreed ML-KEM-768 + X25519 keys.\n# TYPE swarmtrain_sealed_connections gauge\n\
+         swarmtrain_sealed_connections {}",
+        state.runs.sealed_connections()
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -171,7 +171,7 @@ pub async fn run(
                     let answer: Pending = match protocol::decode::<Request>(&request) {
                         Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_malformed(e.to_string()).await) }),
                         Ok(Request::Submit(submission)) => Box::pin(async move { (Some(peer), channel, runs.handle(submission, peer, max_wait).await) }),
-                        Ok(Request::Fetch(fetch)) => Box::pin(async move { (Some(peer), channel, runs.fetch(fetch).await) }),
+                        Ok(Request::Fetch(fetch)) => Box::pin(async move { (Some(peer), channel, runs.fetch(fetch, peer).await) }),
                         // Buffer space is for connections whose identity has joined a run.
                         Ok(Request::Part(_)) if !runs.has_joined(&peer) => Box::pin(async move {
                             let reason = "join a run before sending a long message".to_owned();

@@ -1,6 +1,8 @@
 //! The runs a relay coordinates, each with its own spec, round state, data and checkpoints.
 //! Messages name their run; this checks each signed envelope (signature, connection, expiry,
-//! replay, one identity per connection) and routes its message to the run's coordinator.
+//! replay, one identity per connection) and routes its message to the run's coordinator. It
+//! also keeps each connection's agreed session keys ([`swarmtrain_shared::seal`]): it opens the
+//! sealed payloads of updates and seals the θ chunks it serves.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -10,8 +12,9 @@ use libp2p::PeerId;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::admission::ReplayGuard;
 use swarmtrain_shared::protocol::{self, ClientToRelay, Fetch, RelayToClient, Submission};
+use swarmtrain_shared::seal::{self, SessionKeys};
 
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, encode};
 
 /// At most this many identities with unexpired envelopes are tracked (about 100 bytes each);
 /// beyond it new identities are refused with `relay_busy` until old envelopes expire.
@@ -32,8 +35,18 @@ struct Guard {
     /// The identity each connection's peer ID has signed as (one each), for as long as the
     /// connection is open.
     bound: HashMap<PeerId, PeerKey>,
-    /// Connections whose identity has joined a run (was admitted): only they may send parts.
+    /// Connections whose identity has joined a run (was admitted): only they may send parts
+    /// and offer keys.
     joined: HashSet<PeerId>,
+    /// Each connection's session keys: one pending exchange and the agreed keys, at most.
+    keys: HashMap<PeerId, ConnectionKeys>,
+}
+
+#[derive(Debug, Default)]
+struct ConnectionKeys {
+    /// Derived on `KeyOffer`, in use once the peer signs their transcript (`KeyConfirm`).
+    pending: Option<SessionKeys>,
+    agreed: Option<Arc<SessionKeys>>,
 }
 
 /// Unix time in ms on the relay's clock.
@@ -48,6 +61,7 @@ fn run_of(message: &ClientToRelay) -> &str {
         ClientToRelay::Join(join) => &join.run_id,
         ClientToRelay::AwaitRound { run_id, .. } => run_id,
         ClientToRelay::Update(update) => &update.run_id,
+        ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => "",
     }
 }
 
@@ -66,6 +80,7 @@ impl Runs {
                 replays: ReplayGuard::new(MAX_ACTIVE_IDENTITIES),
                 bound: HashMap::new(),
                 joined: HashSet::new(),
+                keys: HashMap::new(),
             }),
         }
     }
@@ -83,12 +98,28 @@ impl Runs {
         if let Ok(mut guard) = self.guard.lock() {
             guard.bound.remove(peer);
             guard.joined.remove(peer);
+            guard.keys.remove(peer);
         }
     }
 
     /// Identities whose envelopes are tracked for replay now (for `/metrics`).
     pub fn tracked_identities(&self) -> usize {
         self.guard.lock().map_or(0, |guard| guard.replays.len())
+    }
+
+    /// Connections that have agreed session keys (for `/metrics`).
+    pub fn sealed_connections(&self) -> usize {
+        self.guard.lock().map_or(0, |guard| {
+            guard.keys.values().filter(|k| k.agreed.is_some()).count()
+        })
+    }
+
+    /// `peer`'s agreed session keys, if its connection has them.
+    fn agreed(&self, peer: &PeerId) -> Option<Arc<SessionKeys>> {
+        self.guard
+            .lock()
+            .ok()
+            .and_then(|guard| guard.keys.get(peer).and_then(|k| k.agreed.clone()))
     }
 
     /// The longest message any run can use: its largest update and the envelope around it.
@@ -180,7 +211,31 @@ impl Runs {
         if let Some((kind, reason)) = refused {
             return self.default.reject(Some(peer), kind, reason).await;
         }
-        let message = envelope.message;
+        let (seq, message) = (envelope.seq, envelope.message);
+        let mut payload = submission.payload;
+        match message {
+            ClientToRelay::KeyOffer(offer) => {
+                return self.key_offer(from, peer, &submission.signed, &offer).await;
+            }
+            ClientToRelay::KeyConfirm { transcript } => {
+                return self.key_confirm(from, peer, transcript).await;
+            }
+            ClientToRelay::Update(_) => {
+                if let Some(keys) = self.agreed(&from) {
+                    match keys.open(&seal::payload_context(seq), &payload) {
+                        Ok(opened) => payload = opened,
+                        Err(e) => {
+                            let reason = format!("the update's sealed payload: {e}");
+                            return self
+                                .default
+                                .reject(Some(peer), "undecryptable", reason)
+                                .await;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
         match self.by_id.get(run_of(&message)) {
             Some(run) => {
                 let is_join = matches!(message, ClientToRelay::Join(_));
@@ -189,7 +244,7 @@ impl Runs {
                         peer,
                         message,
                         submission.signed,
-                        submission.payload,
+                        payload,
                         max_wait,
                     )
                     .await;
@@ -215,11 +270,88 @@ impl Runs {
         }
     }
 
-    /// Answers a fetch from its run's public data.
-    pub async fn fetch(&self, fetch: Fetch) -> Vec<u8> {
-        let Fetch::Params { run_id, .. } = &fetch;
+    /// A `KeyOffer` from `from`'s connection, signed by `peer` in `signed`: encapsulates to it,
+    /// signs the accept with the relay's key and keeps the keys pending until the peer confirms.
+    /// Only a connection that has joined a run (passed its admission) may offer, so that the
+    /// relay's ML-KEM and ML-DSA work is priced like everything else.
+    async fn key_offer(
+        &self,
+        from: PeerId,
+        peer: PeerKey,
+        signed: &swarmtrain_shared::Signed<protocol::Envelope>,
+        offer: &seal::KeyOffer,
+    ) -> Vec<u8> {
+        if !self.has_joined(&from) {
+            let reason = "join a run before offering keys".to_owned();
+            return self.default.reject(Some(peer), "not_joined", reason).await;
+        }
+        let identity = self.default.identity();
+        match seal::accept(identity, seal::digest_signed(signed), offer) {
+            Ok((accept, keys)) => {
+                if let Ok(mut guard) = self.guard.lock() {
+                    guard.keys.entry(from).or_default().pending = Some(keys);
+                }
+                encode(&RelayToClient::KeyAccept(accept))
+            }
+            Err(e) => {
+                self.default
+                    .reject(Some(peer), "bad_key_offer", e.to_string())
+                    .await
+            }
+        }
+    }
+
+    /// A `KeyConfirm`: the peer signed `transcript`; if it is the pending exchange's, its keys
+    /// seal this connection's payloads and chunks from now on.
+    async fn key_confirm(&self, from: PeerId, peer: PeerKey, transcript: [u8; 32]) -> Vec<u8> {
+        let agreed = self.guard.lock().ok().is_some_and(|mut guard| {
+            let Some(keys) = guard.keys.get_mut(&from) else {
+                return false;
+            };
+            match keys.pending.take() {
+                Some(pending) if pending.transcript() == transcript => {
+                    keys.agreed = Some(Arc::new(pending));
+                    true
+                }
+                other => {
+                    keys.pending = other;
+                    false
+                }
+            }
+        });
+        if agreed {
+            tracing::debug!(peer = peer.short(), "session keys agreed");
+            encode(&RelayToClient::KeysAgreed)
+        } else {
+            let reason = "no pending key exchange has this transcript".to_owned();
+            self.default.reject(Some(peer), "unknown_session", reason).await
+        }
+    }
+
+    /// Answers a fetch from its run's public data; a chunk of θ is sealed for a connection with
+    /// agreed keys.
+    pub async fn fetch(&self, fetch: Fetch, from: PeerId) -> Vec<u8> {
+        let Fetch::Params { run_id, hash, .. } = &fetch;
+        let hash = hash.0;
         match self.by_id.get(run_id) {
-            Some(run) => run.fetch(fetch).await,
+            Some(run) => {
+                let answer = run.fetch(fetch).await;
+                let Some(keys) = self.agreed(&from) else {
+                    return answer;
+                };
+                match protocol::decode::<RelayToClient>(&answer) {
+                    Ok(RelayToClient::Chunk {
+                        total,
+                        offset,
+                        bytes,
+                    }) => encode(&RelayToClient::Chunk {
+                        total,
+                        offset,
+                        bytes: keys.seal(&seal::chunk_context(&hash, offset, total), &bytes),
+                    }),
+                    _ => answer,
+                }
+            }
             None => {
                 self.default
                     .reject(

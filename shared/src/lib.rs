@@ -22,6 +22,7 @@ pub mod privacy;
 pub mod protocol;
 pub mod robust;
 pub mod round;
+pub mod seal;
 pub mod sim;
 pub mod text;
 pub mod train;

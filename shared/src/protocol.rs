@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{CryptoError, Signed};
 use crate::lm::LmConfig;
 use crate::lm_train::LmInnerSpec;
+use crate::seal::{KeyAccept, KeyOffer};
 
 /// Version of the messages below. A relay refuses a `Join` of another version.
 ///
@@ -26,7 +27,9 @@ use crate::lm_train::LmInnerSpec;
 /// 4: every message travels in an [`Envelope`] (connection, sequence number, expiry); an update
 /// signs its payload's digest and the payload travels beside it; `Join` carries the admission
 /// proof of work.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: the peer and the relay agree an ML-KEM-768 + X25519 session key (`KeyOffer`, `KeyAccept`,
+/// `KeyConfirm`; [`crate::seal`]) that seals update payloads and θ chunks.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// How long a peer makes its envelopes valid for (10 minutes: long enough for a large update
 /// to upload in parts on a slow link).
 pub const ENVELOPE_VALIDITY_MS: u64 = 10 * 60_000;
@@ -171,6 +174,12 @@ pub enum ClientToRelay {
     AwaitRound { run_id: String, after: Option<u64> },
     /// My pseudo-gradient for `round`.
     Update(Update),
+    /// Opens a key exchange: answered by [`RelayToClient::KeyAccept`] ([`crate::seal`]).
+    KeyOffer(KeyOffer),
+    /// Signs the exchange's transcript hash ([`crate::seal::transcript`]): from the answer
+    /// [`RelayToClient::KeysAgreed`] on, this connection's update payloads and θ chunks are
+    /// sealed with the agreed keys.
+    KeyConfirm { transcript: [u8; 32] },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -250,12 +259,17 @@ pub enum RelayToClient {
     PartReceived {
         received: u32,
     },
-    /// Bytes `offset..` of a fetched object of `total` bytes.
+    /// Bytes `offset..` of a fetched object of `total` bytes (sealed when the connection has
+    /// agreed keys: [`crate::seal::chunk_context`]).
     Chunk {
         total: u32,
         offset: u32,
         bytes: Vec<u8>,
     },
+    /// The relay's half of a key exchange, signed by its ML-DSA key (sent without the key).
+    KeyAccept(Signed<KeyAccept>),
+    /// The transcript matched: the keys are in use on this connection.
+    KeysAgreed,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ use swarmtrain_shared::protocol::{
     Capabilities, ClientToRelay, Envelope, Fetch, Join, ParamsHash, Part, PayloadRef,
     RelayToClient, Request, RoundAnnouncement, Submission, Update, encode,
 };
+use swarmtrain_shared::seal::{self, Offerer};
 use swarmtrain_shared::{Identity, PeerKey};
 
 fn hex(bytes: &[u8]) -> String {
@@ -181,4 +182,40 @@ fn derivations_keep_their_values() {
         "proof_of_work_digest",
         &proof_of_work_digest(&challenge, &PeerKey([2; 32]), 99),
     );
+}
+
+/// The hybrid key exchange with fixed randomness: the signed offer, the relay's signed accept,
+/// the transcript hash and a sealed payload and chunk (each side's first message).
+#[test]
+fn key_exchange_and_sealing_keep_their_encoding() {
+    let peer = Identity::from_seed([1; 32]);
+    let relay = Identity::from_seed([2; 32]);
+    let (offerer, offer) = Offerer::from_randomness(&[3; 64], &[4; 32]);
+    let signed_offer = peer
+        .sign(&envelope(ClientToRelay::KeyOffer(offer.clone())))
+        .expect("sign");
+    let digest = seal::digest_signed(&signed_offer);
+    let (accept, relay_keys) =
+        seal::accept_with(&relay, digest, &offer, &[5; 32], &[6; 32]).expect("accept");
+    let peer_keys = offerer
+        .finish(&digest, relay.public_key(), &accept)
+        .expect("finish");
+    assert_eq!(peer_keys.transcript(), relay_keys.transcript());
+    check(
+        "key_offer",
+        &encode(&Request::Submit(Submission {
+            signed: signed_offer,
+            payload: Vec::new(),
+        }))
+        .expect("encode"),
+    );
+    check(
+        "key_accept",
+        &encode(&RelayToClient::KeyAccept(accept)).expect("encode"),
+    );
+    check("key_transcript", &peer_keys.transcript());
+    let payload = seal::payload_context(7);
+    check("sealed_payload", &peer_keys.seal(&payload, b"delta"));
+    let chunk = seal::chunk_context(&[9; 32], 0, 5);
+    check("sealed_chunk", &relay_keys.seal(&chunk, b"theta"));
 }
