@@ -123,6 +123,9 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     // libp2p ping over the browser's connection measured the relay.
     await page.waitForFunction(() => /^\d+\.\d ms$/.test(document.getElementById('rtt').textContent), null, { timeout: 10_000 });
     console.log(`relay round trip shown: ${await page.textContent('#rtt')}`);
+    // The tab agreed ML-KEM-768 + X25519 keys with the relay: its payloads and θ chunks are sealed.
+    const metrics = await (await fetch(new URL('metrics', url))).text();
+    assert.match(metrics, /^swarmtrain_sealed_connections [1-9]/m, 'the browser connection is sealed');
     const pageLog = await page.$$eval('#log li', (items) => items.map((li) => li.textContent).reverse());
     console.log(pageLog.filter((l) => /steps in|backend/.test(l)).join('\n'));
     await page.screenshot({ path: join(outDir, `contribute-${expected}.png`), fullPage: true });
