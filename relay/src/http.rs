@@ -302,5 +302,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
          swarmtrain_sealed_connections {}",
         state.runs.sealed_connections()
     );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_closed_for_strikes_total Connections closed after {} refusals an \
+         honest peer never earns.\n# TYPE swarmtrain_closed_for_strikes_total counter\n\
+         swarmtrain_closed_for_strikes_total {}",
+        crate::runs::MAX_STRIKES,
+        state.runs.closed_for_strikes()
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -31,6 +31,7 @@ use swarmtrain_shared::transfer::{self, Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
 
 use crate::Runs;
+use crate::runs::{BAN_SECS, HOSTILE_KINDS, MAX_STRIKES};
 use crate::boxed::Boxed;
 
 /// At most this many requests are handled (or parked as long polls) at once.
@@ -101,8 +102,37 @@ pub async fn build_swarm(
         .build())
 }
 
-type Pending =
-    Pin<Box<dyn Future<Output = (Option<PeerId>, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
+/// A request being answered: whether it counts against its peer's requests in flight, the
+/// peer, where to answer, and the answer.
+type Pending = Pin<Box<dyn Future<Output = (bool, PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
+/// The work that produces an answer.
+type Work = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+
+/// At most this many banned peer IDs are remembered (about 60 bytes each).
+const MAX_BANNED: usize = 10_000;
+
+/// Whether `frame` refuses a message for a reason an honest peer never earns
+/// ([`HOSTILE_KINDS`]).
+fn is_strike(frame: &[u8]) -> bool {
+    // `Rejected` is variant 3; other answers (chunks, welcomes) are not decoded.
+    frame.first() == Some(&3)
+        && matches!(
+            protocol::decode::<RelayToClient>(frame),
+            Ok(RelayToClient::Rejected { kind, .. }) if HOSTILE_KINDS.contains(&kind.as_str())
+        )
+}
+
+/// Bans `peer` for [`BAN_SECS`]; when [`MAX_BANNED`] are remembered, expired bans are dropped
+/// first, and if none has expired the ban is not remembered (the connection is still closed).
+fn ban(banned: &mut HashMap<PeerId, tokio::time::Instant>, peer: PeerId) {
+    let now = tokio::time::Instant::now();
+    if banned.len() >= MAX_BANNED {
+        banned.retain(|_, until| *until > now);
+    }
+    if banned.len() < MAX_BANNED {
+        banned.insert(peer, now + Duration::from_secs(BAN_SECS));
+    }
+}
 
 /// Runs the node until `shutdown` flips to true.
 pub async fn run(
@@ -114,6 +144,10 @@ pub async fn run(
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
     // Requests in `pending` per peer ID; refusals are answered at once and not counted.
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
+    // Strikes per connected peer ID (refusals an honest peer never earns) and the peer IDs
+    // closed for them, with when their ban ends.
+    let mut strikes: HashMap<PeerId, u32> = HashMap::new();
+    let mut banned: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
     let mut parts: Reassembly<PeerId> =
         Reassembly::with_limits(transfer::DEFAULT_BUDGET, runs.max_submission_bytes());
     let started = tokio::time::Instant::now();
@@ -132,13 +166,21 @@ pub async fn run(
                 Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(n, "announcements skipped"),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            Some((counted, channel, frame)) = pending.next(), if !pending.is_empty() => {
-                if let Some(peer) = counted
-                    && let Some(n) = in_flight.get_mut(&peer)
-                {
+            Some((counted, peer, channel, frame)) = pending.next(), if !pending.is_empty() => {
+                if counted && let Some(n) = in_flight.get_mut(&peer) {
                     *n -= 1;
                     if *n == 0 {
                         in_flight.remove(&peer);
+                    }
+                }
+                if is_strike(&frame) {
+                    let n = strikes.entry(peer).or_default();
+                    *n += 1;
+                    if *n == MAX_STRIKES {
+                        tracing::warn!(%peer, strikes = MAX_STRIKES, ban_secs = BAN_SECS, "closing a connection for its refused messages");
+                        runs.note_closed_for_strikes();
+                        ban(&mut banned, peer);
+                        let _ = swarm.disconnect_peer_id(peer);
                     }
                 }
                 if swarm.behaviour_mut().node.rpc.send_response(channel, frame).is_err() {
@@ -163,35 +205,48 @@ pub async fn run(
                     if let Some((kind, reason)) = busy {
                         // Refused with a reason, logged and counted; outside the quota (it
                         // resolves as soon as the count is taken).
-                        pending.push(Box::pin(async move { (None, channel, runs.reject_busy(kind, reason).await) }));
+                        pending.push(Box::pin(async move { (false, peer, channel, runs.reject_busy(kind, reason).await) }));
                         continue;
                     }
                     *in_flight.entry(peer).or_default() += 1;
                     let now_ms = started.elapsed().as_millis() as u64;
-                    let answer: Pending = match protocol::decode::<Request>(&request) {
-                        Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_malformed(e.to_string()).await) }),
-                        Ok(Request::Submit(submission)) => Box::pin(async move { (Some(peer), channel, runs.handle(submission, peer, max_wait).await) }),
-                        Ok(Request::Fetch(fetch)) => Box::pin(async move { (Some(peer), channel, runs.fetch(fetch, peer).await) }),
+                    // Checking signatures and handling messages runs on the runtime's workers, not
+                    // on this loop, so that a flood of messages to check does not hold up the network.
+                    let work: Work = match protocol::decode::<Request>(&request) {
+                        Err(e) => Box::pin(async move { runs.reject_malformed(e.to_string()).await }),
+                        Ok(Request::Submit(submission)) => Box::pin(async move { runs.handle(submission, peer, max_wait).await }),
+                        Ok(Request::Fetch(fetch)) => Box::pin(async move { runs.fetch(fetch, peer).await }),
                         // Buffer space is for connections whose identity has joined a run.
                         Ok(Request::Part(_)) if !runs.has_joined(&peer) => Box::pin(async move {
                             let reason = "join a run before sending a long message".to_owned();
-                            (Some(peer), channel, runs.reject_part("unbound_part", reason).await)
+                            runs.reject_part("unbound_part", reason).await
                         }),
                         Ok(Request::Part(part)) => match parts.accept(peer, part, now_ms) {
                             Ok(Progress::More { received }) => {
                                 let frame = protocol::encode(&RelayToClient::PartReceived { received }).unwrap_or_default();
-                                Box::pin(async move { (Some(peer), channel, frame) })
+                                Box::pin(async move { frame })
                             }
                             Ok(Progress::Complete(bytes)) => Box::pin(async move {
-                                let answer = match postcard::from_bytes(&bytes) {
+                                match postcard::from_bytes(&bytes) {
                                     Ok(submission) => runs.handle(submission, peer, max_wait).await,
                                     Err(e) => runs.reject_malformed(format!("malformed frame: {e}")).await,
-                                };
-                                (Some(peer), channel, answer)
+                                }
                             }),
-                            Err(e) => Box::pin(async move { (Some(peer), channel, runs.reject_part("bad_part", e.to_string()).await) }),
+                            Err(e) => Box::pin(async move { runs.reject_part("bad_part", e.to_string()).await }),
                         },
                     };
+                    let task = tokio::spawn(work);
+                    let answer: Pending = Box::pin(async move {
+                        let frame = task.await.unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "a request's handler failed");
+                            protocol::encode(&RelayToClient::Rejected {
+                                kind: "internal".into(),
+                                reason: "the relay failed to handle this request".into(),
+                            })
+                            .unwrap_or_default()
+                        });
+                        (true, peer, channel, frame)
+                    });
                     pending.push(answer);
                 }
                 SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. }))) => {
@@ -201,10 +256,15 @@ pub async fn run(
                 SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connection established");
+                    if banned.get(&peer_id).is_some_and(|until| *until > tokio::time::Instant::now()) {
+                        tracing::debug!(%peer_id, "refusing a banned peer ID");
+                        let _ = swarm.disconnect_peer_id(peer_id);
+                    }
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                     parts.drop_sender(&peer_id);
                     runs.unbind(&peer_id);
+                    strikes.remove(&peer_id);
                 }
                 _ => {}
             },

@@ -20,13 +20,52 @@ use crate::coordinator::{Coordinator, encode};
 /// beyond it new identities are refused with `relay_busy` until old envelopes expire.
 pub const MAX_ACTIVE_IDENTITIES: usize = 100_000;
 
+/// At most this many verified messages are remembered by digest, so that an exact replay is
+/// refused for the cost of a hash instead of a signature check (about 50 bytes each).
+pub const MAX_REMEMBERED: usize = 200_000;
+
+/// Refusals an honest peer never earns: each is a strike against the connection that sent the
+/// message, and a connection with [`MAX_STRIKES`] is closed (see `p2p::run`). Honest mishaps
+/// (a late update, `wrong_round`; an expired envelope after a clock jump; `not_joined` after a
+/// relay restart; a full relay) are not strikes.
+pub const HOSTILE_KINDS: &[&str] = &[
+    "bad_signature",
+    "replayed",
+    "wrong_connection",
+    "identity_mismatch",
+    "malformed",
+    "unbound_part",
+    "bad_part",
+    "not_admitted",
+    "bad_join",
+    "payload_mismatch",
+    "undecryptable",
+    "unknown_session",
+    "bad_key_offer",
+    "peer_busy",
+];
+/// Strikes after which the relay closes a connection and refuses its peer ID for
+/// [`BAN_SECS`].
+pub const MAX_STRIKES: u32 = 32;
+/// How long a peer ID closed for its strikes is refused.
+pub const BAN_SECS: u64 = 600;
+
 /// Every run's coordinator, by run id, and the default run.
 #[derive(Debug)]
 pub struct Runs {
     by_id: BTreeMap<String, Arc<Coordinator>>,
     default: Arc<Coordinator>,
     guard: Mutex<Guard>,
+    /// Connections closed for their strikes (for `/metrics`).
+    closed_for_strikes: std::sync::atomic::AtomicU64,
+    /// Signature checks for connections that have not joined a run wait for one of these, so
+    /// that a flood from unadmitted connections can keep at most this many of the relay's
+    /// cores busy; the messages of joined peers are checked at once.
+    unjoined_checks: tokio::sync::Semaphore,
 }
+
+/// Signature checks at once for connections that have not joined a run.
+pub const UNJOINED_CHECKS: usize = 1;
 
 /// What the relay remembers about recent signers.
 #[derive(Debug)]
@@ -40,6 +79,23 @@ struct Guard {
     joined: HashSet<PeerId>,
     /// Each connection's session keys: one pending exchange and the agreed keys, at most.
     keys: HashMap<PeerId, ConnectionKeys>,
+    /// Digests ([`seal::digest_signed`]) of messages whose signature checked out, with their
+    /// expiry: a second copy is refused as `replayed` without checking it again.
+    verified: HashMap<[u8; 32], u64>,
+}
+
+impl Guard {
+    /// Remembers a verified message until `expires_ms`; when [`MAX_REMEMBERED`] are kept, the
+    /// expired ones are dropped first, and if none has expired this one is not kept (its replay
+    /// is then refused by the replay window, after a signature check).
+    fn remember(&mut self, digest: [u8; 32], expires_ms: u64, now_ms: u64) {
+        if self.verified.len() >= MAX_REMEMBERED {
+            self.verified.retain(|_, expires| *expires > now_ms);
+        }
+        if self.verified.len() < MAX_REMEMBERED {
+            self.verified.insert(digest, expires_ms);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -81,7 +137,10 @@ impl Runs {
                 bound: HashMap::new(),
                 joined: HashSet::new(),
                 keys: HashMap::new(),
+                verified: HashMap::new(),
             }),
+            closed_for_strikes: Default::default(),
+            unjoined_checks: tokio::sync::Semaphore::new(UNJOINED_CHECKS),
         }
     }
 
@@ -105,6 +164,18 @@ impl Runs {
     /// Identities whose envelopes are tracked for replay now (for `/metrics`).
     pub fn tracked_identities(&self) -> usize {
         self.guard.lock().map_or(0, |guard| guard.replays.len())
+    }
+
+    /// Counts a connection closed for its strikes.
+    pub fn note_closed_for_strikes(&self) {
+        self.closed_for_strikes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Connections closed for their strikes since the relay started (for `/metrics`).
+    pub fn closed_for_strikes(&self) -> u64 {
+        self.closed_for_strikes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Connections that have agreed session keys (for `/metrics`).
@@ -152,7 +223,9 @@ impl Runs {
     }
 
     /// Verifies a submission that arrived on `from`'s connection and hands its message to its
-    /// run's coordinator. Refused, each with its reason: a bad signature (`bad_signature`), an
+    /// run's coordinator. An exact copy of a message verified before is refused (`replayed`)
+    /// for the cost of a hash; a connection that has not joined a run waits its turn for a
+    /// signature check ([`UNJOINED_CHECKS`] at once). Refused, each with its reason: a bad signature (`bad_signature`), an
     /// envelope made for another connection (`wrong_connection`), an expired or overlong one
     /// (`expired`), one seen before (`replayed`), and a second identity on one connection
     /// (`identity_mismatch`). Messages that can't be attributed to a run are counted against
@@ -163,7 +236,24 @@ impl Runs {
         from: PeerId,
         max_wait: Duration,
     ) -> Vec<u8> {
-        let (peer, envelope) = match submission.signed.verify_and_decode() {
+        let digest = seal::digest_signed(&submission.signed);
+        let now = unix_ms();
+        let seen = self.guard.lock().is_ok_and(|guard| {
+            guard.verified.get(&digest).is_some_and(|expires| *expires > now)
+        });
+        if seen {
+            let peer = PeerKey::from_public_key(&submission.signed.public_key);
+            let reason = "this exact message was already received".to_owned();
+            return self.default.reject(Some(peer), "replayed", reason).await;
+        }
+        let permit = if self.has_joined(&from) {
+            None
+        } else {
+            self.unjoined_checks.acquire().await.ok()
+        };
+        let verified = submission.signed.verify_and_decode();
+        drop(permit);
+        let (peer, envelope) = match verified {
             Ok(ok) => ok,
             Err(e) => {
                 return self
@@ -192,16 +282,22 @@ impl Runs {
                         bound.short()
                     ),
                 )),
-                _ => match guard
-                    .replays
-                    .check(peer, envelope.seq, envelope.expires_ms, unix_ms())
-                {
-                    Ok(()) => {
-                        guard.bound.insert(from, peer);
-                        None
+                _ => {
+                    let until = envelope
+                        .expires_ms
+                        .min(now + protocol::MAX_ENVELOPE_VALIDITY_MS);
+                    guard.remember(digest, until, now);
+                    match guard
+                        .replays
+                        .check(peer, envelope.seq, envelope.expires_ms, now)
+                    {
+                        Ok(()) => {
+                            guard.bound.insert(from, peer);
+                            None
+                        }
+                        Err(e) => Some((e.kind(), e.to_string())),
                     }
-                    Err(e) => Some((e.kind(), e.to_string())),
-                },
+                }
             },
             Err(_) => Some((
                 "internal",

@@ -323,7 +323,8 @@ fn bench(args: &[String]) -> Result {
         Some("diloco") => bench_diloco(args.get(1).is_some_and(|a| a == "--report-only")),
         Some("soak") => bench_soak(&args[1..]),
         Some("browser") => bench_browser::run(args.get(1).is_some_and(|a| a == "--report-only")),
-        _ => Err("usage: cargo xtask bench robust|diloco|load|soak|browser".into()),
+        Some("flood") => bench_flood(),
+        _ => Err("usage: cargo xtask bench robust|diloco|load|soak|browser|flood".into()),
     }
 }
 
@@ -931,6 +932,18 @@ fn memory_kb(pid: u32) -> Result<(f64, f64)> {
 /// 1,000 simulated peers on one relay process over loopback TCP (noise, yamux, ML-DSA-signed
 /// requests): memory per peer and the time from round close to announcement received.
 /// `swarmtrain-relay soak` on a release build (extra arguments go to it, e.g. `--rounds 20000`).
+/// The honest round time with and without a hostile flood (`tests/benches/flood.rs`), written
+/// to docs/benchmarks/flood.md.
+fn bench_flood() -> Result {
+    let report = root().join("docs/benchmarks/flood.md");
+    status(
+        cargo()
+            .args(["bench", "-p", "swarmtrain-tests", "--bench", "flood"])
+            .env("SWARMTRAIN_FLOOD_REPORT", &report)
+            .env("RUST_LOG", "error"),
+    )
+}
+
 fn bench_soak(args: &[String]) -> Result {
     status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
     let dir = root().join("docs/benchmarks");

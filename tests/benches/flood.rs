@@ -1,0 +1,278 @@
+//! `cargo xtask bench flood`: the honest round time with and without a flood of hostile
+//! requests, side by side in one process. A relay (digits run, proof-of-work admission) and
+//! three honest native peers train; in the flood phase, hostile connections keep as many
+//! requests in flight as the relay allows them, cycling through forged signatures, replays,
+//! unadmitted joins, unbound parts, oversized frames and long polls: the attacks of
+//! `tests/adversary.rs`, made in advance so that the attackers spend no CPU the relay doesn't.
+//! Each phase runs `REPEATS` times, alternating; the report gives the median round time of
+//! each, their ratio and the hostile request rate. Writes the table to the path in
+//! `SWARMTRAIN_FLOOD_REPORT`, if set.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use swarmtrain_client::peer::PeerEvent;
+use swarmtrain_client::rpc::RelayClient;
+use swarmtrain_relay::p2p::MAX_IN_FLIGHT_PER_PEER;
+use swarmtrain_relay::{Relay, RelayConfig, default_run};
+use swarmtrain_shared::Identity;
+use swarmtrain_shared::admission::Admission;
+use swarmtrain_shared::protocol::{
+    self, Capabilities, ClientToRelay, Envelope, Join, MAX_FRAME_BYTES, PROTOCOL_VERSION, Part, Request,
+    Submission,
+};
+use swarmtrain_tests::{package_path, spawn_peer};
+
+/// Rounds each honest peer trains per phase; the first (joining, the first download) is not
+/// timed.
+const ROUNDS: u64 = 8;
+/// Times each phase runs, alternating with the other.
+const REPEATS: usize = 3;
+/// Hostile connections in the flood at a time.
+const FLOODERS: u8 = 8;
+/// Identities each hostile connection has made in advance, to dial again with when the relay
+/// closes its connection.
+const IDENTITIES: u32 = 200;
+
+async fn start_relay() -> Relay {
+    // The digits run as the relay ships it (50 inner steps), with a quorum of the three peers.
+    let mut run = default_run();
+    run.quorum = 3;
+    Relay::start(RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        web_dir: package_path("../web"),
+        runs: vec![run],
+        admission: [("digits".to_owned(), Admission::ProofOfWork { bits: 10 })].into(),
+        ..RelayConfig::default()
+    })
+    .await
+    .expect("relay starts")
+}
+
+/// The honest peers train [`ROUNDS`] rounds; returns the time each round after the first took
+/// (between the relay opening it and opening the next), every update having been accepted.
+async fn honest_rounds(relay: &Relay) -> Vec<Duration> {
+    let peers: Vec<_> = (1..=3).map(|id| spawn_peer(relay, id, ROUNDS)).collect();
+    let mut opened = Vec::new();
+    let mut last = relay.coordinator.status().await.round;
+    while last < ROUNDS {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let round = relay.coordinator.status().await.round;
+        if round != last {
+            opened.push(Instant::now());
+            last = round;
+        }
+    }
+    for peer in peers {
+        let (trained, events) = peer.finish().await;
+        assert_eq!(trained, ROUNDS);
+        let accepted = events
+            .iter()
+            .filter(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. }))
+            .count();
+        assert_eq!(accepted as u64, ROUNDS, "every honest update accepted");
+    }
+    opened.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+fn join(proof_of_work: Option<u64>) -> ClientToRelay {
+    ClientToRelay::Join(Join {
+        version: PROTOCOL_VERSION,
+        run_id: "digits".into(),
+        capabilities: Capabilities {
+            backend: "none".into(),
+            platform: "flood".into(),
+        },
+        proof_of_work,
+    })
+}
+
+/// A hostile identity and the frames it cycles through, made before the flood starts (so the
+/// attackers' signing does not compete with the relay for this machine's cores): a forged
+/// signature, a replayed long poll, a join without the puzzle's solution (then replayed), a part
+/// from a connection that has not joined, a truncated frame, an oversized one, and a long poll
+/// for a far round.
+struct Attacker {
+    identity: Identity,
+    frames: Vec<Vec<u8>>,
+}
+
+fn attacker(i: u8, generation: u32) -> Attacker {
+    let mut seed = [0; 32];
+    seed[0] = 250;
+    seed[1] = i;
+    seed[2..6].copy_from_slice(&generation.to_le_bytes());
+    let identity = Identity::from_seed(seed);
+    let peer_id = libp2p::identity::Keypair::ed25519_from_bytes(*identity.network_secret())
+        .expect("ed25519 key")
+        .public()
+        .to_peer_id()
+        .to_bytes();
+    let expires_ms = swarmtrain_relay::runs::unix_ms() + protocol::ENVELOPE_VALIDITY_MS;
+    let mut seq = 0;
+    let mut submission = |message: ClientToRelay| {
+        seq += 1;
+        let envelope = Envelope {
+            peer_id: peer_id.clone(),
+            seq,
+            expires_ms,
+            message,
+        };
+        Submission {
+            signed: identity.sign(&envelope).expect("sign"),
+            payload: Vec::new(),
+        }
+    };
+    let poll = |after: Option<u64>| ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after,
+    };
+    let encode = |submission: Submission| {
+        protocol::encode(&Request::Submit(submission)).expect("encode")
+    };
+    let join = submission(join(Some(7)));
+    let mut forged = join.clone();
+    let last = forged.signed.body.len() - 1;
+    forged.signed.body[last] ^= 1;
+    let replayed = encode(submission(poll(None)));
+    let far = encode(submission(poll(Some(u64::MAX / 2))));
+    let frames = vec![
+        encode(forged),
+        replayed.clone(),
+        encode(join),
+        protocol::encode(&Request::Part(Part {
+            digest: [i; 32],
+            total: 60 << 20,
+            offset: 0,
+            bytes: vec![0; 7 * 1024],
+        }))
+        .expect("encode"),
+        replayed[..replayed.len() / 3].to_vec(),
+        vec![7; MAX_FRAME_BYTES + 1],
+        replayed,
+        far,
+    ];
+    Attacker { identity, frames }
+}
+
+/// What the flooders did.
+#[derive(Default)]
+struct Tally {
+    sent: AtomicU64,
+    /// New identities minted after the relay closed a connection.
+    reconnects: AtomicU64,
+}
+
+/// Keeps [`MAX_IN_FLIGHT_PER_PEER`] requests in flight from hostile connection `i` until
+/// `stop`. When the relay closes the connection (its requests fail), the attacker takes the
+/// next of its identities and dials again, as a real one would.
+async fn flood(
+    address: libp2p::Multiaddr,
+    attackers: Vec<Attacker>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    for Attacker { identity, frames } in attackers {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let client = RelayClient::connect(address.clone(), &identity).expect("dial");
+        let mut in_flight = FuturesUnordered::new();
+        let mut next = frames.iter().cycle();
+        let mut closed = false;
+        while !closed && !stop.load(Ordering::Relaxed) {
+            while in_flight.len() < MAX_IN_FLIGHT_PER_PEER {
+                let frame = next.next().expect("cycle").clone();
+                let client = client.clone();
+                in_flight.push(async move {
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(2), client.request_frame(frame))
+                            .await,
+                        Ok(Err(_))
+                    )
+                });
+                tally.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            closed = in_flight.next().await.unwrap_or(false);
+        }
+        tally.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    panic!("a flooder used all its {IDENTITIES} identities: make more");
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
+    let (mut hostile, mut hostile_secs, mut identities) = (0u64, 0f64, 0u64);
+    let mut refusals = std::collections::BTreeMap::new();
+    for repeat in 0..REPEATS {
+        let relay = start_relay().await;
+        let rounds = honest_rounds(&relay).await;
+        println!("quiet   #{repeat}: median round {:?}", median(rounds.clone()));
+        quiet.extend(rounds);
+        relay.shutdown().await;
+
+        let relay = start_relay().await;
+        let address: libp2p::Multiaddr = relay.bootstrap.addresses["tcp"][0]
+            .parse()
+            .expect("multiaddr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Tally::default());
+        let armies: Vec<Vec<Attacker>> = (0..FLOODERS)
+            .map(|i| (0..IDENTITIES).map(|g| attacker(i, g)).collect())
+            .collect();
+        let flooders: Vec<_> = armies
+            .into_iter()
+            .map(|army| tokio::spawn(flood(address.clone(), army, stop.clone(), tally.clone())))
+            .collect();
+        let started = Instant::now();
+        let rounds = honest_rounds(&relay).await;
+        stop.store(true, Ordering::Relaxed);
+        hostile_secs += started.elapsed().as_secs_f64();
+        hostile += tally.sent.load(Ordering::Relaxed);
+        identities += tally.reconnects.load(Ordering::Relaxed);
+        for task in flooders {
+            task.await.expect("a flooder");
+        }
+        println!("flooded #{repeat}: median round {:?}", median(rounds.clone()));
+        flooded.extend(rounds);
+        for (kind, n) in relay.coordinator.status().await.rejected {
+            *refusals.entry(kind).or_insert(0) += n;
+        }
+        relay.shutdown().await;
+    }
+    let (q, f) = (median(quiet), median(flooded));
+    let ratio = f.as_secs_f64() / q.as_secs_f64();
+    let rate = hostile as f64 / hostile_secs;
+    let refused: Vec<String> = refusals.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let report = format!(
+        "# Honest rounds under a flood\n\n`cargo xtask bench flood` (`tests/benches/flood.rs`): a \
+         relay with proof-of-work admission and three honest native peers training the digits \
+         run ({steps} inner steps, quorum 3) in one process, alone and while {FLOODERS} hostile \
+         connections keep 8 requests each in flight. The attackers' identities and frames are \
+         made before the flood, but their connections share this machine's {cores} cores with \
+         the relay and the honest peers.\n\n\
+         | phase | honest round time (median of {n} rounds) |\n| --- | --- |\n\
+         | quiet | {q:.2?} |\n| flooded | {f:.2?} |\n\n\
+         Flooded / quiet: **{ratio:.2}×** (goal ≤ 2×). {FLOODERS} hostile connections at a \
+         time sent {rate:.0} requests/s ({hostile} in all); the relay closed them for their \
+         strikes and the attackers minted {identities} new identities to go on. Every honest \
+         update was accepted. Refusals by reason over the flooded phases: {}.\n",
+        refused.join(", "),
+        n = (ROUNDS as usize - 1) * REPEATS,
+        steps = default_run().inner.steps,
+        cores = std::thread::available_parallelism().map_or(1, usize::from),
+    );
+    println!("\n{report}");
+    if let Some(path) = std::env::var_os("SWARMTRAIN_FLOOD_REPORT") {
+        std::fs::write(&path, report).expect("write the report");
+    }
+}
