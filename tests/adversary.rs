@@ -11,13 +11,10 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_client::rpc::RelayClient;
-use swarmtrain_relay::{Relay, RelayConfig, default_run};
+use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::Identity;
-use swarmtrain_shared::admission::Admission;
-use swarmtrain_shared::protocol::{
-    self, Capabilities, ClientToRelay, Join, MAX_FRAME_BYTES, PROTOCOL_VERSION, Part, Request,
-};
-use swarmtrain_tests::{init_logging, package_path, spawn_peer};
+use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, Part, Request};
+use swarmtrain_tests::{digits_join, init_logging, spawn_peer, start_pow_relay};
 
 const ROUNDS: u64 = 4;
 
@@ -34,15 +31,7 @@ fn rss_kib() -> u64 {
 }
 
 fn join(proof_of_work: Option<u64>) -> ClientToRelay {
-    ClientToRelay::Join(Join {
-        version: PROTOCOL_VERSION,
-        run_id: "digits".into(),
-        capabilities: Capabilities {
-            backend: "none".into(),
-            platform: "adversary".into(),
-        },
-        proof_of_work,
-    })
+    digits_join("adversary", proof_of_work)
 }
 
 fn dial(relay: &Relay, seed: [u8; 32]) -> RelayClient {
@@ -176,15 +165,7 @@ async fn honest_peers_finish_their_rounds_while_hostile_connections_attack() {
     let mut run = default_run();
     run.quorum = 3;
     run.inner.steps = 20;
-    let relay = Relay::start(RelayConfig {
-        http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: package_path("../web"),
-        runs: vec![run],
-        admission: [("digits".to_owned(), Admission::ProofOfWork { bits: 10 })].into(),
-        ..RelayConfig::default()
-    })
-    .await
-    .expect("relay starts");
+    let relay = start_pow_relay(run).await;
     let before = rss_kib();
     let honest: Vec<_> = (1..=3).map(|id| spawn_peer(&relay, id, ROUNDS)).collect();
     let attacks = async {

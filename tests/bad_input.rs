@@ -356,9 +356,13 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
         hash: announcement.params,
         offset: 0,
     });
-    let raw: RelayToClient =
-        protocol::decode(&client.request_frame(protocol::encode(&fetch).unwrap()).await.unwrap())
-            .unwrap();
+    let raw: RelayToClient = protocol::decode(
+        &client
+            .request_frame(protocol::encode(&fetch).unwrap())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     let RelayToClient::Chunk { total, bytes, .. } = raw else {
         panic!("expected a chunk, got {raw:?}");
     };
@@ -369,9 +373,15 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
     assert_eq!(total as usize, theta.len());
     let plain = &theta[..protocol::CHUNK_BYTES.min(theta.len())];
     assert_eq!(bytes.len(), plain.len() + seal::SEAL_OVERHEAD);
-    assert!(!bytes.windows(64).any(|w| w == &plain[..64]), "θ travelled in clear");
+    assert!(
+        !bytes.windows(64).any(|w| w == &plain[..64]),
+        "θ travelled in clear"
+    );
     let opened = keys
-        .open(&seal::chunk_context(&announcement.params.0, 0, total), &bytes)
+        .open(
+            &seal::chunk_context(&announcement.params.0, 0, total),
+            &bytes,
+        )
         .expect("opens");
     assert_eq!(opened, plain);
 
@@ -389,13 +399,19 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
         })
     };
     let payload = Codec::F32.encode(&vec![0.0; n]);
-    let answer = client.send(update(&payload), payload.clone()).await.unwrap();
+    let answer = client
+        .send(update(&payload), payload.clone())
+        .await
+        .unwrap();
     assert!(
         matches!(answer, RelayToClient::Accepted { .. }),
         "{answer:?}"
     );
     let (other, other_identity, other_welcome, _) = join_raw(&relay, [91; 32]).await;
-    other.agree_keys(other_welcome.relay_key()).await.expect("keys");
+    other
+        .agree_keys(other_welcome.relay_key())
+        .await
+        .expect("keys");
     let plaintext = sign(&other, &other_identity, update(&payload), payload.clone());
     let reason = rejection(other.submit(&plaintext).await.unwrap());
     assert!(reason.contains("sealed payload"), "{reason}");
@@ -425,7 +441,12 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
 
     let status = relay.coordinator.status().await;
     for kind in ["undecryptable", "unknown_session", "not_joined"] {
-        assert_eq!(status.rejected.get(kind), Some(&1), "{kind}: {:?}", status.rejected);
+        assert_eq!(
+            status.rejected.get(kind),
+            Some(&1),
+            "{kind}: {:?}",
+            status.rejected
+        );
     }
     let metrics = reqwest::get(format!("{}metrics", relay.url()))
         .await

@@ -99,6 +99,38 @@ pub async fn start_relay(run: RunSpec) -> Relay {
     Relay::start(config).await.expect("relay starts")
 }
 
+/// A relay on loopback coordinating `run` (a digits run) with proof-of-work admission of 10
+/// bits: cheap for the honest peers, not free for minted identities.
+pub async fn start_pow_relay(run: RunSpec) -> Relay {
+    let run_id = run.run_id.clone();
+    Relay::start(RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        web_dir: package_path("../web"),
+        runs: vec![run],
+        admission: [(
+            run_id,
+            swarmtrain_shared::admission::Admission::ProofOfWork { bits: 10 },
+        )]
+        .into(),
+        ..RelayConfig::default()
+    })
+    .await
+    .expect("relay starts")
+}
+
+/// A `Join` of the digits run from `platform`, with `proof_of_work` as its puzzle's solution.
+pub fn digits_join(platform: &str, proof_of_work: Option<u64>) -> ClientToRelay {
+    ClientToRelay::Join(Join {
+        version: PROTOCOL_VERSION,
+        run_id: "digits".into(),
+        capabilities: Capabilities {
+            backend: "none".into(),
+            platform: platform.into(),
+        },
+        proof_of_work,
+    })
+}
+
 /// Connects to `relay` over TCP as the identity with `seed` and joins its run, without the
 /// peer loop: tests use it to send hand-made (and malformed) messages.
 pub async fn join_raw(

@@ -24,11 +24,11 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping};
 use swarmtrain_shared::Identity;
-use swarmtrain_shared::seal::{self, Offerer, SessionKeys};
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES,
     ParamsHash, RPC_PROTOCOL, RelayToClient, Request, Submission, WireError,
 };
+use swarmtrain_shared::seal::{self, Offerer, SessionKeys};
 
 use crate::platform;
 

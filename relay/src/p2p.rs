@@ -31,8 +31,8 @@ use swarmtrain_shared::transfer::{self, Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
 
 use crate::Runs;
-use crate::runs::{BAN_SECS, HOSTILE_KINDS, MAX_STRIKES};
 use crate::boxed::Boxed;
+use crate::runs::{BAN_SECS, HOSTILE_KINDS, MAX_STRIKES};
 
 /// At most this many requests are handled (or parked as long polls) at once.
 const MAX_IN_FLIGHT: usize = 4096;
@@ -104,7 +104,8 @@ pub async fn build_swarm(
 
 /// A request being answered: whether it counts against its peer's requests in flight, the
 /// peer, where to answer, and the answer.
-type Pending = Pin<Box<dyn Future<Output = (bool, PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
+type Pending =
+    Pin<Box<dyn Future<Output = (bool, PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
 /// The work that produces an answer.
 type Work = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
 

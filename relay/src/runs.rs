@@ -239,7 +239,10 @@ impl Runs {
         let digest = seal::digest_signed(&submission.signed);
         let now = unix_ms();
         let seen = self.guard.lock().is_ok_and(|guard| {
-            guard.verified.get(&digest).is_some_and(|expires| *expires > now)
+            guard
+                .verified
+                .get(&digest)
+                .is_some_and(|expires| *expires > now)
         });
         if seen {
             let peer = PeerKey::from_public_key(&submission.signed.public_key);
@@ -336,13 +339,7 @@ impl Runs {
             Some(run) => {
                 let is_join = matches!(message, ClientToRelay::Join(_));
                 let answer = run
-                    .handle(
-                        peer,
-                        message,
-                        submission.signed,
-                        payload,
-                        max_wait,
-                    )
+                    .handle(peer, message, submission.signed, payload, max_wait)
                     .await;
                 if is_join
                     && matches!(
@@ -420,7 +417,9 @@ impl Runs {
             encode(&RelayToClient::KeysAgreed)
         } else {
             let reason = "no pending key exchange has this transcript".to_owned();
-            self.default.reject(Some(peer), "unknown_session", reason).await
+            self.default
+                .reject(Some(peer), "unknown_session", reason)
+                .await
         }
     }
 

@@ -373,7 +373,10 @@ mod tests {
         assert_eq!(relay.open(b"payload 2", &sealed), Err(SealError::Forged));
         sealed[10] ^= 1;
         assert_eq!(relay.open(b"payload 1", &sealed), Err(SealError::Forged));
-        assert_eq!(relay.open(b"payload 1", &sealed[..10]), Err(SealError::Short(10)));
+        assert_eq!(
+            relay.open(b"payload 1", &sealed[..10]),
+            Err(SealError::Short(10))
+        );
     }
 
     #[test]

@@ -33,5 +33,8 @@ fn ml_kem_768_key_generation_matches_the_lamps_example() {
 #[test]
 fn ml_dsa_65_key_generation_matches_the_lamps_example() {
     let identity = Identity::from_seed(counting::<32>());
-    assert_eq!(identity.public_key(), expected("ml-dsa-65-pk.hex").as_slice());
+    assert_eq!(
+        identity.public_key(),
+        expected("ml-dsa-65-pk.hex").as_slice()
+    );
 }

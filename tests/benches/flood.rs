@@ -17,14 +17,12 @@ use futures::stream::FuturesUnordered;
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::p2p::MAX_IN_FLIGHT_PER_PEER;
-use swarmtrain_relay::{Relay, RelayConfig, default_run};
+use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::Identity;
-use swarmtrain_shared::admission::Admission;
 use swarmtrain_shared::protocol::{
-    self, Capabilities, ClientToRelay, Envelope, Join, MAX_FRAME_BYTES, PROTOCOL_VERSION, Part, Request,
-    Submission,
+    self, ClientToRelay, Envelope, MAX_FRAME_BYTES, Part, Request, Submission,
 };
-use swarmtrain_tests::{package_path, spawn_peer};
+use swarmtrain_tests::{digits_join, spawn_peer, start_pow_relay};
 
 /// Rounds each honest peer trains per phase; the first (joining, the first download) is not
 /// timed.
@@ -41,15 +39,7 @@ async fn start_relay() -> Relay {
     // The digits run as the relay ships it (50 inner steps), with a quorum of the three peers.
     let mut run = default_run();
     run.quorum = 3;
-    Relay::start(RelayConfig {
-        http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: package_path("../web"),
-        runs: vec![run],
-        admission: [("digits".to_owned(), Admission::ProofOfWork { bits: 10 })].into(),
-        ..RelayConfig::default()
-    })
-    .await
-    .expect("relay starts")
+    start_pow_relay(run).await
 }
 
 /// The honest peers train [`ROUNDS`] rounds; returns the time each round after the first took
@@ -79,15 +69,7 @@ async fn honest_rounds(relay: &Relay) -> Vec<Duration> {
 }
 
 fn join(proof_of_work: Option<u64>) -> ClientToRelay {
-    ClientToRelay::Join(Join {
-        version: PROTOCOL_VERSION,
-        run_id: "digits".into(),
-        capabilities: Capabilities {
-            backend: "none".into(),
-            platform: "flood".into(),
-        },
-        proof_of_work,
-    })
+    digits_join("flood", proof_of_work)
 }
 
 /// A hostile identity and the frames it cycles through, made before the flood starts (so the
@@ -130,9 +112,8 @@ fn attacker(i: u8, generation: u32) -> Attacker {
         run_id: "digits".into(),
         after,
     };
-    let encode = |submission: Submission| {
-        protocol::encode(&Request::Submit(submission)).expect("encode")
-    };
+    let encode =
+        |submission: Submission| protocol::encode(&Request::Submit(submission)).expect("encode");
     let join = submission(join(Some(7)));
     let mut forged = join.clone();
     let last = forged.signed.body.len() - 1;
@@ -216,7 +197,10 @@ async fn main() {
     for repeat in 0..REPEATS {
         let relay = start_relay().await;
         let rounds = honest_rounds(&relay).await;
-        println!("quiet   #{repeat}: median round {:?}", median(rounds.clone()));
+        println!(
+            "quiet   #{repeat}: median round {:?}",
+            median(rounds.clone())
+        );
         quiet.extend(rounds);
         relay.shutdown().await;
 
@@ -242,7 +226,10 @@ async fn main() {
         for task in flooders {
             task.await.expect("a flooder");
         }
-        println!("flooded #{repeat}: median round {:?}", median(rounds.clone()));
+        println!(
+            "flooded #{repeat}: median round {:?}",
+            median(rounds.clone())
+        );
         flooded.extend(rounds);
         for (kind, n) in relay.coordinator.status().await.rejected {
             *refusals.entry(kind).or_insert(0) += n;
