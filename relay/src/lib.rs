@@ -303,7 +303,8 @@ impl Relay {
                     .with_context(|| format!("opening run {:?}", spec.run_id))?,
             ));
         }
-        let runs = Arc::new(Runs::new(coordinators));
+        let runs =
+            Arc::new(Runs::new(coordinators).context("starting the unjoined-checks thread")?);
         let coordinator = runs.default_run().clone();
 
         // The WebRTC certificate is kept beside the key, so the certhash survives restarts.

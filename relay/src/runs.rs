@@ -11,7 +11,10 @@ use std::time::Duration;
 use libp2p::PeerId;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::admission::ReplayGuard;
-use swarmtrain_shared::protocol::{self, ClientToRelay, Fetch, RelayToClient, Submission};
+use swarmtrain_shared::crypto::{CryptoError, Signed};
+use swarmtrain_shared::protocol::{
+    self, ClientToRelay, Envelope, Fetch, RelayToClient, Submission,
+};
 use swarmtrain_shared::seal::{self, SessionKeys};
 
 use crate::coordinator::{Coordinator, encode};
@@ -58,14 +61,62 @@ pub struct Runs {
     guard: Mutex<Guard>,
     /// Connections closed for their strikes (for `/metrics`).
     closed_for_strikes: std::sync::atomic::AtomicU64,
-    /// Signature checks for connections that have not joined a run wait for one of these, so
-    /// that a flood from unadmitted connections can keep at most this many of the relay's
-    /// cores busy; the messages of joined peers are checked at once.
-    unjoined_checks: tokio::sync::Semaphore,
+    /// Checks the signatures of connections that have not joined a run, on their own thread.
+    unjoined: UnjoinedChecks,
 }
 
-/// Signature checks at once for connections that have not joined a run.
-pub const UNJOINED_CHECKS: usize = 1;
+/// Messages from connections that have not joined a run that may wait for their signature
+/// check; more are refused as `relay_busy`.
+pub const UNJOINED_QUEUE: usize = 256;
+
+type Verified = Result<(PeerKey, Envelope), CryptoError>;
+
+/// One thread, at the lowest CPU priority the OS gives (nice 19 on Linux), checks the
+/// signatures of messages from connections that have not joined a run, one at a time and in
+/// arrival order, with at most [`UNJOINED_QUEUE`] waiting. A flood from unadmitted connections
+/// therefore keeps at most one core busy, and only with cycles that the relay's work for its
+/// joined peers (checked at once on the runtime's workers) and the rest of the machine leave
+/// idle: honest peers come first. This is the usual way servers keep unauthenticated work from
+/// starving authenticated work (a separate, bounded, low-priority queue).
+#[derive(Debug)]
+struct UnjoinedChecks {
+    queue: std::sync::mpsc::SyncSender<(Signed<Envelope>, tokio::sync::oneshot::Sender<Verified>)>,
+}
+
+impl UnjoinedChecks {
+    fn start() -> std::io::Result<Self> {
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<(
+            Signed<Envelope>,
+            tokio::sync::oneshot::Sender<Verified>,
+        )>(UNJOINED_QUEUE);
+        std::thread::Builder::new()
+            .name("unjoined-checks".into())
+            .spawn(move || {
+                lowest_priority();
+                // Ends when the relay's `Runs` (the only sender) is dropped.
+                for (signed, answer) in jobs {
+                    let _ = answer.send(signed.verify_and_decode());
+                }
+            })?;
+        Ok(Self { queue })
+    }
+
+    /// Checks `signed` on the thread; `None` when [`UNJOINED_QUEUE`] messages already wait.
+    async fn check(&self, signed: Signed<Envelope>) -> Option<Verified> {
+        let (answer, verified) = tokio::sync::oneshot::channel();
+        self.queue.try_send((signed, answer)).ok()?;
+        verified.await.ok()
+    }
+}
+
+/// Lowers the calling thread's CPU priority to nice 19 (on Linux a nice value is per thread);
+/// elsewhere the thread keeps the process's priority.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::warn!(error = %e, "could not lower the unjoined-checks thread's priority");
+    }
+}
 
 /// What the relay remembers about recent signers.
 #[derive(Debug)]
@@ -123,13 +174,14 @@ fn run_of(message: &ClientToRelay) -> &str {
 
 impl Runs {
     /// `coordinators` must be non-empty with distinct run ids; the first is the default run.
-    pub fn new(coordinators: Vec<Arc<Coordinator>>) -> Self {
+    /// Fails only if the thread that checks unjoined connections' signatures can't start.
+    pub fn new(coordinators: Vec<Arc<Coordinator>>) -> std::io::Result<Self> {
         let default = coordinators[0].clone();
         let by_id = coordinators
             .into_iter()
             .map(|c| (c.spec().run_id.clone(), c))
             .collect();
-        Self {
+        Ok(Self {
             by_id,
             default,
             guard: Mutex::new(Guard {
@@ -140,8 +192,8 @@ impl Runs {
                 verified: HashMap::new(),
             }),
             closed_for_strikes: Default::default(),
-            unjoined_checks: tokio::sync::Semaphore::new(UNJOINED_CHECKS),
-        }
+            unjoined: UnjoinedChecks::start()?,
+        })
     }
 
     /// Whether `peer`'s identity has joined a run on its open connection (it passed the run's
@@ -225,7 +277,8 @@ impl Runs {
     /// Verifies a submission that arrived on `from`'s connection and hands its message to its
     /// run's coordinator. An exact copy of a message verified before is refused (`replayed`)
     /// for the cost of a hash; a connection that has not joined a run waits its turn for a
-    /// signature check ([`UNJOINED_CHECKS`] at once). Refused, each with its reason: a bad signature (`bad_signature`), an
+    /// signature check on the idle-priority thread ([`UnjoinedChecks`]; `relay_busy` when
+    /// [`UNJOINED_QUEUE`] wait already). Refused, each with its reason: a bad signature (`bad_signature`), an
     /// envelope made for another connection (`wrong_connection`), an expired or overlong one
     /// (`expired`), one seen before (`replayed`), and a second identity on one connection
     /// (`identity_mismatch`). Messages that can't be attributed to a run are counted against
@@ -249,13 +302,20 @@ impl Runs {
             let reason = "this exact message was already received".to_owned();
             return self.default.reject(Some(peer), "replayed", reason).await;
         }
-        let permit = if self.has_joined(&from) {
-            None
+        let verified = if self.has_joined(&from) {
+            submission.signed.verify_and_decode()
         } else {
-            self.unjoined_checks.acquire().await.ok()
+            match self.unjoined.check(submission.signed.clone()).await {
+                Some(verified) => verified,
+                None => {
+                    let reason = format!(
+                        "{UNJOINED_QUEUE} messages from connections that have not joined a run \
+                         are waiting for their signature check; try again shortly"
+                    );
+                    return self.default.reject(None, "relay_busy", reason).await;
+                }
+            }
         };
-        let verified = submission.signed.verify_and_decode();
-        drop(permit);
         let (peer, envelope) = match verified {
             Ok(ok) => ok,
             Err(e) => {
@@ -472,5 +532,37 @@ impl Runs {
     /// Refuses a request because its connection, or the relay, has too many in flight.
     pub async fn reject_busy(&self, kind: &str, reason: String) -> Vec<u8> {
         self.default.reject(None, kind, reason).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarmtrain_shared::Identity;
+
+    #[tokio::test]
+    async fn the_idle_priority_thread_checks_signatures_like_the_workers() {
+        let checks = UnjoinedChecks::start().expect("the thread starts");
+        let identity = Identity::from_seed([3; 32]);
+        let envelope = Envelope {
+            peer_id: vec![1, 2, 3],
+            seq: 1,
+            expires_ms: 1,
+            message: ClientToRelay::AwaitRound {
+                run_id: "digits".into(),
+                after: None,
+            },
+        };
+        let signed = identity.sign(&envelope).expect("sign");
+        let (peer, checked) = checks
+            .check(signed.clone())
+            .await
+            .expect("queued")
+            .expect("a good signature");
+        assert_eq!(peer, identity.peer());
+        assert_eq!(checked.seq, 1);
+        let mut forged = signed;
+        forged.body[0] ^= 1;
+        assert!(checks.check(forged).await.expect("queued").is_err());
     }
 }
