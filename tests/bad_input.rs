@@ -460,3 +460,57 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
     );
     relay.shutdown().await;
 }
+
+/// A relay that requires sealing refuses θ and updates to a connection without session keys,
+/// with the reason, and serves the same connection once it agrees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_requires_sealing_refuses_plaintext() {
+    init_logging();
+    let mut run = default_run();
+    run.quorum = 2;
+    let relay = swarmtrain_relay::Relay::start(swarmtrain_relay::RelayConfig {
+        http: "127.0.0.1:0".parse().unwrap(),
+        web_dir: swarmtrain_tests::package_path("../web"),
+        runs: vec![run],
+        require_sealed: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (client, _, welcome, announcement) = join_raw(&relay, [93; 32]).await;
+    let error = client
+        .fetch_params("digits", announcement.params)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("sealed"), "{error}");
+    let payload = Codec::F32.encode(&vec![0.0; announcement.n_params as usize]);
+    let update = ClientToRelay::Update(Update {
+        run_id: "digits".into(),
+        round: announcement.round,
+        base: announcement.params,
+        n_samples: 32,
+        inner_steps: 1,
+        loss: 1.0,
+        codec: Codec::F32,
+        payload: PayloadRef::of(&payload),
+    });
+    let reason = rejection(client.send(update.clone(), payload.clone()).await.unwrap());
+    assert!(reason.contains("sealed"), "{reason}");
+    assert_eq!(
+        relay.coordinator.status().await.rejected.get("not_sealed"),
+        Some(&2)
+    );
+
+    client.agree_keys(welcome.relay_key()).await.expect("keys");
+    let theta = client
+        .fetch_params("digits", announcement.params)
+        .await
+        .expect("θ once sealed");
+    assert_eq!(theta.len(), 4 * announcement.n_params as usize);
+    let answer = client.send(update, payload).await.unwrap();
+    assert!(
+        matches!(answer, RelayToClient::Accepted { .. }),
+        "{answer:?}"
+    );
+    relay.shutdown().await;
+}

@@ -99,8 +99,9 @@ pub async fn start_relay(run: RunSpec) -> Relay {
     Relay::start(config).await.expect("relay starts")
 }
 
-/// A relay on loopback coordinating `run` (a digits run) with proof-of-work admission of 10
-/// bits: cheap for the honest peers, not free for minted identities.
+/// A relay on loopback coordinating `run` (a digits run) as one open to the internet would:
+/// proof-of-work admission of 10 bits (cheap for the honest peers, not free for minted
+/// identities) and sealing required.
 pub async fn start_pow_relay(run: RunSpec) -> Relay {
     let run_id = run.run_id.clone();
     Relay::start(RelayConfig {
@@ -112,6 +113,7 @@ pub async fn start_pow_relay(run: RunSpec) -> Relay {
             swarmtrain_shared::admission::Admission::ProofOfWork { bits: 10 },
         )]
         .into(),
+        require_sealed: true,
         ..RelayConfig::default()
     })
     .await

@@ -72,6 +72,9 @@ pub struct RelayConfig {
     pub retention: store::Retention,
     /// Each run's admission policy, by run id; a run missing here is open.
     pub admission: BTreeMap<String, Admission>,
+    /// Serve θ chunks and take update payloads only on connections that agreed session keys
+    /// ([`swarmtrain_shared::seal`]); others are refused (`not_sealed`).
+    pub require_sealed: bool,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -165,6 +168,7 @@ impl Default for RelayConfig {
             checkpoint_store: None,
             retention: store::Retention::default(),
             admission: BTreeMap::new(),
+            require_sealed: false,
         }
     }
 }
@@ -303,8 +307,10 @@ impl Relay {
                     .with_context(|| format!("opening run {:?}", spec.run_id))?,
             ));
         }
-        let runs =
-            Arc::new(Runs::new(coordinators).context("starting the unjoined-checks thread")?);
+        let runs = Arc::new(
+            Runs::new(coordinators, config.require_sealed)
+                .context("starting the unjoined-checks thread")?,
+        );
         let coordinator = runs.default_run().clone();
 
         // The WebRTC certificate is kept beside the key, so the certhash survives restarts.

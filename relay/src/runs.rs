@@ -63,7 +63,14 @@ pub struct Runs {
     closed_for_strikes: std::sync::atomic::AtomicU64,
     /// Checks the signatures of connections that have not joined a run, on their own thread.
     unjoined: UnjoinedChecks,
+    /// θ chunks and update payloads only on sealed connections (`not_sealed` otherwise).
+    require_sealed: bool,
 }
+
+/// Why a relay that requires sealing refuses an update or a fetch on a connection without
+/// session keys.
+const NOT_SEALED: &str =
+    "this relay sends θ and takes updates only on sealed connections: agree keys first (KeyOffer)";
 
 /// Messages from connections that have not joined a run that may wait for their signature
 /// check; more are refused as `relay_busy`.
@@ -175,7 +182,9 @@ fn run_of(message: &ClientToRelay) -> &str {
 impl Runs {
     /// `coordinators` must be non-empty with distinct run ids; the first is the default run.
     /// Fails only if the thread that checks unjoined connections' signatures can't start.
-    pub fn new(coordinators: Vec<Arc<Coordinator>>) -> std::io::Result<Self> {
+    /// With `require_sealed`, θ chunks and update payloads travel only on connections that
+    /// agreed session keys.
+    pub fn new(coordinators: Vec<Arc<Coordinator>>, require_sealed: bool) -> std::io::Result<Self> {
         let default = coordinators[0].clone();
         let by_id = coordinators
             .into_iter()
@@ -193,6 +202,7 @@ impl Runs {
             }),
             closed_for_strikes: Default::default(),
             unjoined: UnjoinedChecks::start()?,
+            require_sealed,
         })
     }
 
@@ -379,20 +389,25 @@ impl Runs {
             ClientToRelay::KeyConfirm { transcript } => {
                 return self.key_confirm(from, peer, transcript).await;
             }
-            ClientToRelay::Update(_) => {
-                if let Some(keys) = self.agreed(&from) {
-                    match keys.open(&seal::payload_context(seq), &payload) {
-                        Ok(opened) => payload = opened,
-                        Err(e) => {
-                            let reason = format!("the update's sealed payload: {e}");
-                            return self
-                                .default
-                                .reject(Some(peer), "undecryptable", reason)
-                                .await;
-                        }
+            ClientToRelay::Update(_) => match self.agreed(&from) {
+                Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
+                    Ok(opened) => payload = opened,
+                    Err(e) => {
+                        let reason = format!("the update's sealed payload: {e}");
+                        return self
+                            .default
+                            .reject(Some(peer), "undecryptable", reason)
+                            .await;
                     }
+                },
+                None if self.require_sealed => {
+                    return self
+                        .default
+                        .reject(Some(peer), "not_sealed", NOT_SEALED.into())
+                        .await;
                 }
-            }
+                None => {}
+            },
             _ => {}
         }
         match self.by_id.get(run_of(&message)) {
@@ -484,14 +499,21 @@ impl Runs {
     }
 
     /// Answers a fetch from its run's public data; a chunk of θ is sealed for a connection with
-    /// agreed keys.
+    /// agreed keys (and refused, `not_sealed`, to one without when the relay requires sealing).
     pub async fn fetch(&self, fetch: Fetch, from: PeerId) -> Vec<u8> {
         let Fetch::Params { run_id, hash, .. } = &fetch;
         let hash = hash.0;
         match self.by_id.get(run_id) {
             Some(run) => {
+                let keys = self.agreed(&from);
+                if keys.is_none() && self.require_sealed {
+                    return self
+                        .default
+                        .reject(None, "not_sealed", NOT_SEALED.into())
+                        .await;
+                }
                 let answer = run.fetch(fetch).await;
-                let Some(keys) = self.agreed(&from) else {
+                let Some(keys) = keys else {
                     return answer;
                 };
                 match protocol::decode::<RelayToClient>(&answer) {

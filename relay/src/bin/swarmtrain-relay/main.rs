@@ -269,6 +269,10 @@ struct Serve {
     /// Seed of every run's initial parameters.
     #[arg(long, env = "SWARMTRAIN_SEED", default_value_t = 0)]
     seed: u64,
+    /// Send θ and take updates only on connections that agreed post-quantum session keys
+    /// (every swarmtrain client does; others are refused with `not_sealed`).
+    #[arg(long, env = "SWARMTRAIN_REQUIRE_SEALED", default_value_t = false, action = clap::ArgAction::Set)]
+    require_sealed: bool,
     /// The default run's options; more runs come from `[[run]]` tables in the config file.
     #[command(flatten)]
     run: RunArgs,
@@ -837,6 +841,7 @@ async fn main() -> anyhow::Result<()> {
             ledger_rounds: args.ledger_retention_rounds,
         },
         admission: policies,
+        require_sealed: args.require_sealed,
     };
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());
