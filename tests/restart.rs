@@ -167,3 +167,71 @@ async fn a_round_is_announced_only_once_its_checkpoint_is_written() {
     assert!(!relay.coordinator.status().await.unannounced);
     relay.shutdown().await;
 }
+
+/// A peer whose relay goes away and comes back (same address and data directory) reports that
+/// it is reconnecting, joins again with the same identity, and goes on training: every round it
+/// was asked for is trained and its updates after the restart are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_rejoins_a_restarted_relay_and_keeps_training() {
+    use swarmtrain_client::PeerEvent;
+    use swarmtrain_relay::{Relay, RelayConfig, default_run};
+    use swarmtrain_tests::{init_logging, package_path, spawn_peer};
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = || {
+        let mut run = default_run();
+        run.quorum = 1;
+        run.inner.steps = 10;
+        RelayConfig {
+            http,
+            web_dir: package_path("../web"),
+            data_dir: Some(dir.path().to_owned()),
+            runs: vec![run],
+            seed: 7,
+            ..RelayConfig::default()
+        }
+    };
+    let relay = Relay::start(config()).await.expect("relay starts");
+    const ROUNDS: u64 = 5;
+    let peer = spawn_peer(&relay, 21, ROUNDS);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.coordinator.status().await.round < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the peer did not train two rounds"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let relay = Relay::start(config()).await.expect("relay starts again");
+
+    let (trained, events) = tokio::time::timeout(Duration::from_secs(120), peer.finish())
+        .await
+        .expect("the peer finishes after the restart");
+    assert_eq!(trained, ROUNDS, "every round asked for is trained");
+    let reconnecting = events
+        .iter()
+        .position(|e| matches!(e, PeerEvent::Reconnecting { .. }))
+        .expect("the peer said it was reconnecting");
+    let after: Vec<_> = events[reconnecting..].iter().collect();
+    assert!(
+        after.iter().any(|e| matches!(e, PeerEvent::Joined { .. })),
+        "joined again: {after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. })),
+        "an update after the restart was accepted: {after:?}"
+    );
+    // Each of the peer's updates closed a round (quorum 1); the last one closes shortly after
+    // its answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.coordinator.status().await.round < ROUNDS {
+        assert!(Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.shutdown().await;
+}

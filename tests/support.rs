@@ -233,6 +233,7 @@ pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str
         max_rounds: Some(max_rounds),
         sample_len: 0,
         stop: Arc::new(AtomicBool::new(false)),
+        max_retries: Some(10),
     };
     let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(
         Default::default(),

@@ -9,6 +9,7 @@ let runs = [];
 let selected = null; // the run id whose status the page shows
 let history = []; // that run's round history, oldest first
 let contributor = null;
+let accepted = 0; // updates of this tab the relay accepted since the page loaded
 const CHART_ROUNDS = 1000;
 
 function log(text, cls) {
@@ -31,6 +32,7 @@ function onEvent(ev) {
       $('peer').textContent = ev.peer.slice(0, 16);
       $('transport').textContent = ev.transport === 'webrtc-direct' ? 'WebRTC-direct' : ev.transport === 'ws' ? 'WebSocket' : ev.transport;
       $('state').textContent = 'Connected to the relay; waiting for a round.';
+      $('state').className = 'state';
       log(`joined run ${ev.run} as ${ev.peer.slice(0, 16)} over ${$('transport').textContent}`);
       break;
     case 'model':
@@ -50,14 +52,30 @@ function onEvent(ev) {
       log(`round ${ev.round}: ${ev.steps} steps in ${ev.train_ms < 10000 ? `${ev.train_ms} ms` : `${(ev.train_ms / 1000).toFixed(1)} s`}, loss ${ev.loss.toFixed(4)}`);
       break;
     case 'submitted':
+      if (ev.accepted) $('accepted').textContent = ++accepted;
       $('state').textContent = `Update for round ${ev.round} ${ev.accepted ? 'accepted' : 'rejected: ' + ev.reason}.`;
+      if (!ev.accepted) log(`update for round ${ev.round} rejected: ${ev.reason}`, 'warn');
       if (ev.relay_rtt_ms != null) $('rtt').textContent = `${ev.relay_rtt_ms.toFixed(1)} ms`;
       refreshStatus();
       break;
+    case 'reconnecting': {
+      const secs = (ev.delay_ms / 1000).toFixed(1);
+      $('state').textContent = `Lost the relay (${ev.error}). Trying again in ${secs} s (attempt ${ev.attempt}); your training state is kept.`;
+      $('state').className = 'state warn';
+      log(`connection failed: ${ev.error}; retrying in ${secs} s (attempt ${ev.attempt})`, 'warn');
+      break;
+    }
+    case 'stopped':
+      $('state').textContent = `Stopped after ${ev.rounds_trained} rounds. Press Contribute to start again.`;
+      $('state').className = 'state';
+      log('stopped');
+      stopped();
+      break;
     case 'error':
-      $('state').textContent = ev.message;
+      $('state').textContent = `Stopped: ${ev.message}`;
       $('state').className = 'state error';
       log(ev.message, 'error');
+      stopped();
       break;
     default:
       log(JSON.stringify(ev));
@@ -168,20 +186,36 @@ $('run-select').addEventListener('change', () => {
   refreshStatus();
 });
 
+// Back to the state before Contribute: the tab no longer trains.
+function stopped() {
+  contributor = null;
+  $('contribute').textContent = 'Contribute';
+  $('contribute').disabled = false;
+  $('run-select').disabled = false;
+}
+
+// One button: Contribute starts training in this tab, Stop ends it after the current step.
 $('contribute').addEventListener('click', async () => {
+  if (contributor) {
+    contributor.stop();
+    $('contribute').disabled = true;
+    $('state').textContent = 'Stopping after the current step…';
+    return;
+  }
   $('contribute').disabled = true;
   $('run-select').disabled = true;
   $('state').textContent = 'Starting…';
+  $('state').className = 'state';
   try {
     await init();
     // `?transport=ws` or `?transport=webrtc-direct` picks the connection; the default takes
     // WebRTC-direct when the relay offers it.
     const transport = params.get('transport') ?? 'auto';
     contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected);
+    $('contribute').textContent = 'Stop';
+    $('contribute').disabled = false;
   } catch (e) {
     onEvent({ kind: 'error', message: `could not start: ${e}` });
-    $('contribute').disabled = false;
-    $('run-select').disabled = false;
   }
 });
 

@@ -27,6 +27,12 @@ use crate::rpc::{RelayClient, RpcError};
 
 /// How long a peer waits for a gossiped announcement before it also long-polls the relay.
 pub const POLL_AFTER: Duration = Duration::from_secs(3);
+/// The wait before the first attempt to reach the relay again; each failed attempt doubles it,
+/// up to [`RETRY_MAX`], and each wait is drawn between half and all of that ("equal jitter"),
+/// so that the tabs a relay restart dropped do not all come back at once.
+pub const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// The longest wait between attempts to reach the relay.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How a peer finds and joins a relay. Its `Debug` leaves the identity seed out.
 #[derive(Clone)]
@@ -49,6 +55,10 @@ pub struct PeerConfig {
     pub sample_len: usize,
     /// Set to stop the peer after its current step.
     pub stop: Arc<AtomicBool>,
+    /// Failed attempts in a row (to reach, join or talk to the relay) after which the peer
+    /// gives up and returns the error (None: it keeps trying, [`RETRY_FIRST`] apart at first and
+    /// at most [`RETRY_MAX`]).
+    pub max_retries: Option<u32>,
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -61,6 +71,7 @@ impl std::fmt::Debug for PeerConfig {
             .field("backend", &self.backend)
             .field("max_rounds", &self.max_rounds)
             .field("sample_len", &self.sample_len)
+            .field("max_retries", &self.max_retries)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +121,19 @@ pub enum PeerEvent {
         reason: Option<String>,
         relay_rtt_ms: Option<f64>,
     },
+    /// The connection to the relay failed (`error`); the peer tries again in `delay_ms`, its
+    /// `attempt`-th try in a row. Its identity, AdamW moments and error-feedback residual are
+    /// kept.
+    Reconnecting {
+        attempt: u32,
+        delay_ms: u64,
+        error: String,
+    },
+    /// The peer stopped (`stop` was set or `max_rounds` reached) after training
+    /// `rounds_trained` rounds.
+    Stopped {
+        rounds_trained: u64,
+    },
     Error {
         message: String,
     },
@@ -123,6 +147,8 @@ pub enum PeerError {
     Rpc(#[from] RpcError),
     #[error("the relay refused to let us join: {0}")]
     Refused(String),
+    #[error("the relay is busy: {0}")]
+    Busy(String),
     #[error("the relay sent an unexpected answer to {0}")]
     Unexpected(&'static str),
     #[error("round announcement is not validly signed by the relay: {0}")]
@@ -133,6 +159,48 @@ pub enum PeerError {
     Train(String),
     #[error("the relay's run cannot work: {0}")]
     BadSpec(String),
+}
+
+impl PeerError {
+    /// Whether trying again later may succeed: the relay could not be reached or talked to, or
+    /// was busy. A refusal to join, a run that cannot work and a training failure are final.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Bootstrap(_)
+                | Self::Rpc(_)
+                | Self::Busy(_)
+                | Self::Unexpected(_)
+                | Self::Announcement(_)
+                | Self::Download(_)
+        )
+    }
+}
+
+/// The wait before attempt `attempt` (1, 2, …) to reach the relay again: [`RETRY_FIRST`]
+/// doubled per earlier attempt, at most [`RETRY_MAX`], times a random factor in [0.5, 1].
+pub fn retry_delay(attempt: u32) -> Duration {
+    let ceiling = RETRY_FIRST
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(RETRY_MAX);
+    let mut byte = [0u8; 1];
+    let jitter = match getrandom::fill(&mut byte) {
+        Ok(()) => f64::from(byte[0]) / 255.0,
+        Err(_) => 1.0,
+    };
+    ceiling.mul_f64(0.5 + 0.5 * jitter)
+}
+
+/// Sleeps for `delay`, waking early when `stop` is set.
+async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + delay;
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        platform::sleep(left.min(Duration::from_millis(200))).await;
+    }
 }
 
 /// The relay's `/api/bootstrap` answer: where to dial it.
@@ -217,7 +285,7 @@ struct Session {
 impl Session {
     async fn join(
         config: &PeerConfig,
-        identity: Identity,
+        identity: &Identity,
     ) -> Result<(Self, RoundAnnouncement), PeerError> {
         let raw = platform::http_get(&url(&config.relay_url, "api/bootstrap"))
             .await
@@ -243,12 +311,12 @@ impl Session {
         let address = address
             .parse()
             .map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
-        let client = RelayClient::connect(address, &identity)?;
+        let client = RelayClient::connect(address, identity)?;
         if bootstrap.time_ms > 0 {
             client.set_relay_clock(bootstrap.time_ms);
         }
         let run_id = config.run_id.clone().unwrap_or(bootstrap.run_id);
-        let proof_of_work = proof_of_work(bootstrap.admission.get(&run_id), &identity).await?;
+        let proof_of_work = proof_of_work(bootstrap.admission.get(&run_id), identity).await?;
         let join = ClientToRelay::Join(Join {
             version: PROTOCOL_VERSION,
             run_id,
@@ -260,6 +328,9 @@ impl Session {
         });
         let welcome = match client.send(join.clone(), Vec::new()).await? {
             RelayToClient::Welcome(welcome) => *welcome,
+            RelayToClient::Rejected { kind, reason } if kind.ends_with("busy") => {
+                return Err(PeerError::Busy(reason));
+            }
             RelayToClient::Rejected { reason, .. } => return Err(PeerError::Refused(reason)),
             _ => return Err(PeerError::Unexpected("join")),
         };
@@ -325,6 +396,38 @@ impl Session {
             }
             answer => Ok(answer),
         }
+    }
+
+    /// Sends the `unsent` update, if any, and reports the relay's answer; `unsent` is cleared
+    /// once the relay has answered.
+    async fn send_update(
+        &self,
+        unsent: &mut Option<(Update, Vec<u8>)>,
+        emit: &mut impl FnMut(PeerEvent),
+    ) -> Result<(), PeerError> {
+        let Some((update, payload)) = unsent.clone() else {
+            return Ok(());
+        };
+        let round = update.round;
+        let answer = self.submit(update, payload).await?;
+        *unsent = None;
+        let relay_rtt_ms = self
+            .client
+            .relay_info()
+            .rtt
+            .map(|rtt| rtt.as_secs_f64() * 1e3);
+        let (accepted, reason) = match answer {
+            RelayToClient::Accepted { .. } => (true, None),
+            RelayToClient::Rejected { reason, .. } => (false, Some(reason)),
+            _ => return Err(PeerError::Unexpected("update")),
+        };
+        emit(PeerEvent::Submitted {
+            round,
+            accepted,
+            reason,
+            relay_rtt_ms,
+        });
+        Ok(())
     }
 
     /// Waits for the first round after `after`: announced by gossip, or, should gossip be slow
@@ -418,16 +521,92 @@ impl Session {
     }
 }
 
-/// Joins the relay and trains round after round on `B` until stopped, `max_rounds` is reached,
-/// or the relay can't be reached.
+/// What a peer keeps across connections to the relay.
+struct Progress<B: AutodiffBackend> {
+    /// The replica and its AdamW moments (None until the first θ, or after the run started
+    /// over).
+    local: Option<Replica<B>>,
+    /// What lossy compression left out of earlier updates; it rides along with the next one.
+    feedback: ErrorFeedback,
+    /// The last round trained, and the θ it started from.
+    last_trained: Option<(u64, ParamsHash)>,
+    /// An update the relay has not answered (the connection failed first): sent again after
+    /// joining again if its round is still open, so that a restart does not cost the work.
+    unsent: Option<(Update, Vec<u8>)>,
+    rounds_trained: u64,
+}
+
+/// Joins the relay and trains round after round on `B` until stopped or `max_rounds` is
+/// reached. When the relay can't be reached or the connection fails (a relay restart, a
+/// network change), the peer reports [`PeerEvent::Reconnecting`], waits ([`retry_delay`]) and
+/// joins again with the same identity, keeping its AdamW moments and error-feedback residual;
+/// it gives up after `max_retries` failures in a row, and at once on an error that retrying
+/// can't fix ([`PeerError::is_transient`]).
 pub async fn run<B: AutodiffBackend>(
     device: B::Device,
     config: PeerConfig,
     mut emit: impl FnMut(PeerEvent),
 ) -> Result<u64, PeerError> {
     let identity = Identity::from_seed(*config.identity_seed);
+    let mut progress = Progress::<B> {
+        local: None,
+        feedback: ErrorFeedback::default(),
+        last_trained: None,
+        unsent: None,
+        rounds_trained: 0,
+    };
+    let mut failures = 0u32;
+    loop {
+        let error = match train_session(
+            &device,
+            &config,
+            &identity,
+            &mut progress,
+            &mut failures,
+            &mut emit,
+        )
+        .await
+        {
+            Ok(()) => return Ok(progress.rounds_trained),
+            Err(e) => e,
+        };
+        failures += 1;
+        if config.stop.load(Ordering::Relaxed)
+            || !error.is_transient()
+            || config.max_retries.is_some_and(|max| failures > max)
+        {
+            return Err(error);
+        }
+        let delay = retry_delay(failures);
+        emit(PeerEvent::Reconnecting {
+            attempt: failures,
+            delay_ms: delay.as_millis() as u64,
+            error: error.to_string(),
+        });
+        sleep_unless_stopped(delay, &config.stop).await;
+        if config.stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    emit(PeerEvent::Stopped {
+        rounds_trained: progress.rounds_trained,
+    });
+    Ok(progress.rounds_trained)
+}
+
+/// One connection's worth of [`run`]: joins (then sets `failures` back to 0) and trains until
+/// stopped, `max_rounds` is reached (Ok), or an error.
+async fn train_session<B: AutodiffBackend>(
+    device: &B::Device,
+    config: &PeerConfig,
+    identity: &Identity,
+    progress: &mut Progress<B>,
+    failures: &mut u32,
+    emit: &mut impl FnMut(PeerEvent),
+) -> Result<(), PeerError> {
     let peer = identity.peer();
-    let (session, mut announcement) = Session::join(&config, identity).await?;
+    let (session, mut announcement) = Session::join(config, identity).await?;
+    *failures = 0;
     emit(PeerEvent::Joined {
         run: session.spec.run_id.clone(),
         peer: peer.to_hex(),
@@ -438,14 +617,27 @@ pub async fn run<B: AutodiffBackend>(
         n_params: session.spec.model.num_params(),
     });
     let spec = session.spec.clone();
-    let mut local: Option<Replica<B>> = None;
-    let mut last_trained: Option<u64> = None;
-    let mut rounds_trained = 0u64;
-    // What lossy compression left out of earlier updates rides along with the next one.
-    let mut feedback = ErrorFeedback::default();
+    let Progress {
+        local,
+        feedback,
+        last_trained,
+        unsent,
+        rounds_trained,
+    } = progress;
+    // Back after a reconnect in the round already trained (a relay that resumed it): send its
+    // update again if it went unanswered (the relay refuses a second copy as a duplicate), then
+    // wait for the next round.
+    if *last_trained == Some((announcement.round, announcement.params)) {
+        session.send_update(unsent, emit).await?;
+        if config.max_rounds.is_some_and(|max| *rounds_trained >= max) {
+            return Ok(());
+        }
+        announcement = session.next_round(announcement.round).await?;
+    }
+    *unsent = None;
 
     while !config.stop.load(Ordering::Relaxed)
-        && config.max_rounds.is_none_or(|max| rounds_trained < max)
+        && config.max_rounds.is_none_or(|max| *rounds_trained < max)
     {
         let round = announcement.round;
         emit(PeerEvent::Round {
@@ -464,20 +656,20 @@ pub async fn run<B: AutodiffBackend>(
         }
         // A round at or before one already trained means the run started over (a relay that
         // lost its state): that θ is another lineage, and the old moments do not apply to it.
-        if last_trained.is_some_and(|last| round <= last) {
-            local = None;
-            feedback = ErrorFeedback::default();
+        if last_trained.is_some_and(|(last, _)| round <= last) {
+            *local = None;
+            *feedback = ErrorFeedback::default();
         }
-        let replica = match &mut local {
+        let replica = match local {
             Some(replica) => replica,
             None => local.insert(
-                Replica::new(&device, &spec.model, &spec.inner.optimizer, &start)
+                Replica::new(device, &spec.model, &spec.inner.optimizer, &start)
                     .map_err(PeerError::BadSpec)?,
             ),
         };
         if let (Some(lm_config), true) = (replica.lm_config(), config.sample_len > 0) {
             let sampled = lm::sample::<B::InnerBackend>(
-                &device,
+                device,
                 lm_config,
                 &start,
                 &SampleConfig {
@@ -532,14 +724,14 @@ pub async fn run<B: AutodiffBackend>(
         if config.stop.load(Ordering::Relaxed) {
             break;
         }
-        rounds_trained += 1;
-        last_trained = Some(round);
+        *rounds_trained += 1;
+        *last_trained = Some((round, announcement.params));
         emit(PeerEvent::Trained {
             round,
             steps,
             loss,
             train_ms,
-            rounds_trained,
+            rounds_trained: *rounds_trained,
         });
 
         // Δ = θ_t − θ_local, clipped to the run's norm when it uses differential privacy (the
@@ -563,32 +755,12 @@ pub async fn run<B: AutodiffBackend>(
             codec: session.spec.codec,
             payload: PayloadRef::of(&payload),
         };
-        let answer = session.submit(update, payload).await?;
-        let relay_rtt_ms = session
-            .client
-            .relay_info()
-            .rtt
-            .map(|rtt| rtt.as_secs_f64() * 1e3);
-        let event = match answer {
-            RelayToClient::Accepted { .. } => PeerEvent::Submitted {
-                round,
-                accepted: true,
-                reason: None,
-                relay_rtt_ms,
-            },
-            RelayToClient::Rejected { reason, .. } => PeerEvent::Submitted {
-                round,
-                accepted: false,
-                reason: Some(reason),
-                relay_rtt_ms,
-            },
-            _ => return Err(PeerError::Unexpected("update")),
-        };
-        emit(event);
-        if config.max_rounds.is_some_and(|max| rounds_trained >= max) {
+        *unsent = Some((update, payload));
+        session.send_update(unsent, emit).await?;
+        if config.max_rounds.is_some_and(|max| *rounds_trained >= max) {
             break;
         }
         announcement = session.next_round(round).await?;
     }
-    Ok(rounds_trained)
+    Ok(())
 }

@@ -160,7 +160,11 @@ impl Behaviour {
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
                     .with_agent_version(agent.into()),
             ),
-            ping: ping::Behaviour::new(ping::Config::new()),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(PING_INTERVAL)
+                    .with_timeout(PING_TIMEOUT),
+            ),
         })
     }
 }
@@ -194,6 +198,13 @@ enum Command {
 
 /// Announcements received by gossip, kept until read; older ones are dropped when it is full.
 const GOSSIP_QUEUE: usize = 8;
+
+/// How often each side pings the other.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// A ping unanswered for this long means the connection is dead: the client fails its
+/// requests at once instead of waiting [`REQUEST_TIMEOUT`] (a relay that died without closing
+/// its connections, as WebRTC after a SIGKILL or a half-open TCP connection leave it).
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A handle to the connection to one relay. Dropping every clone ends the connection.
 #[derive(Clone, Debug)]
@@ -547,6 +558,15 @@ async fn event_loop(
                     if let Ok(mut info) = info.lock() {
                         info.rtt = Some(rtt);
                     }
+                }
+                // The relay stopped answering: fail every request now and end this connection
+                // (later requests fail as `Closed`); the peer connects again.
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. })) if peer == relay => {
+                    tracing::warn!(error = %e, "the relay stopped answering pings");
+                    for (_, reply) in pending.drain() {
+                        let _ = reply.send(Err(RpcError::Network(format!("the relay stopped answering pings ({e})"))));
+                    }
+                    break;
                 }
                 SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == relay => {
                     tracing::debug!(?cause, "connection to the relay closed");

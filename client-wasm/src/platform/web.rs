@@ -261,7 +261,9 @@ impl Contributor {
     ///
     /// `on_event` receives plain objects with a `kind` field: `backend`, `joined`, `model`,
     /// `round`, `sample` (text generated from the global model, language-model runs),
-    /// `trained`, `submitted` or `error`. `backend` may be `"webgpu"`, `"cpu"` or `"auto"`
+    /// `trained`, `submitted`, `reconnecting` (the connection to the relay failed; the tab
+    /// tries again after `delay_ms`, keeping its identity and training state), `stopped`
+    /// (after `stop()`) or `error` (the tab has given up). `backend` may be `"webgpu"`, `"cpu"` or `"auto"`
     /// (the default: WebGPU when the browser offers an adapter, else the CPU). `transport` may
     /// be `"webrtc-direct"`, `"ws"` or `"auto"` (the default: WebRTC-direct when the relay
     /// offers it, else WebSocket). `run` names the run to join (default: the relay's default
@@ -307,6 +309,7 @@ impl Contributor {
             backend: backend.into(),
             max_rounds: None,
             stop: stop.clone(),
+            max_retries: None,
         };
         let report = move |result: Result<u64, peer::PeerError>| {
             if let Err(e) = result {

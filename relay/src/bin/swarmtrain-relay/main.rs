@@ -213,6 +213,7 @@ async fn worker(args: Worker) -> anyhow::Result<()> {
         max_rounds: args.rounds,
         sample_len: 0,
         stop: stop.clone(),
+        max_retries: None,
     };
     let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
         tracing::info!(?event, "worker");
