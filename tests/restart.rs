@@ -211,6 +211,13 @@ async fn a_peer_rejoins_a_restarted_relay_and_keeps_training() {
         .await
         .expect("the peer finishes after the restart");
     assert_eq!(trained, ROUNDS, "every round asked for is trained");
+    assert_eq!(
+        events.last(),
+        Some(&PeerEvent::Stopped {
+            rounds_trained: ROUNDS
+        }),
+        "the last event says the peer stopped"
+    );
     let reconnecting = events
         .iter()
         .position(|e| matches!(e, PeerEvent::Reconnecting { .. }))

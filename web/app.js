@@ -23,6 +23,7 @@ function log(text, cls) {
 const isLm = (status) => status?.spec?.model?.ByteLm !== undefined;
 
 function onEvent(ev) {
+  console.debug('swarmtrain event', JSON.stringify(ev).slice(0, 200));
   switch (ev.kind) {
     case 'backend':
       $('backend').textContent = ev.backend;

@@ -567,7 +567,7 @@ pub async fn run<B: AutodiffBackend>(
         )
         .await
         {
-            Ok(()) => return Ok(progress.rounds_trained),
+            Ok(()) => break,
             Err(e) => e,
         };
         failures += 1;
