@@ -233,6 +233,32 @@ async fn a_peer_rejoins_a_restarted_relay_and_keeps_training() {
             .any(|e| matches!(e, PeerEvent::Submitted { accepted: true, .. })),
         "an update after the restart was accepted: {after:?}"
     );
+    // The peer's credit counts every accepted update, before the restart and after.
+    let me = swarmtrain_shared::Identity::from_seed([21; 32])
+        .peer()
+        .to_hex();
+    let batch = u64::from(default_run().inner.batch_size);
+    let get = |path: String| {
+        let url = format!("{}{path}", relay.url());
+        async move {
+            let body = reqwest::get(url).await.expect("answer").text().await;
+            serde_json::from_str::<serde_json::Value>(&body.expect("body")).expect("json")
+        }
+    };
+    let credit = get(format!("api/runs/digits/peers/{me}")).await;
+    assert_eq!(credit["peer"], me);
+    assert_eq!(credit["accepted_updates"], ROUNDS, "{credit}");
+    assert_eq!(credit["samples"], ROUNDS * 10 * batch, "{credit}");
+    let board = get("api/runs/digits/leaderboard".into()).await;
+    assert_eq!(board["peers"], 1);
+    assert_eq!(board["top"][0], credit);
+    let stranger = get(format!("api/runs/digits/peers/{}", "ab".repeat(32))).await;
+    assert_eq!(stranger["accepted_updates"], 0, "no credit yet: {stranger}");
+    let malformed = reqwest::get(format!("{}api/runs/digits/peers/nope", relay.url()))
+        .await
+        .expect("answer");
+    assert_eq!(malformed.status(), 404);
+
     // Each of the peer's updates closed a round (quorum 1); the last one closes shortly after
     // its answer.
     let deadline = Instant::now() + Duration::from_secs(30);

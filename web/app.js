@@ -10,6 +10,7 @@ let selected = null; // the run id whose status the page shows
 let history = []; // that run's round history, oldest first
 let contributor = null;
 let accepted = 0; // updates of this tab the relay accepted since the page loaded
+let me = null; // { run, peer }: whose credit the page shows
 const CHART_ROUNDS = 1000;
 
 function log(text, cls) {
@@ -30,6 +31,8 @@ function onEvent(ev) {
       log(`training backend: ${ev.backend}${ev.detail ? ` (${ev.detail})` : ''}`);
       break;
     case 'joined':
+      me = { run: ev.run, peer: ev.peer };
+      refreshCredit();
       $('peer').textContent = ev.peer.slice(0, 16);
       $('transport').textContent = ev.transport === 'webrtc-direct' ? 'WebRTC-direct' : ev.transport === 'ws' ? 'WebSocket' : ev.transport;
       $('state').textContent = 'Connected to the relay; waiting for a round.';
@@ -53,7 +56,10 @@ function onEvent(ev) {
       log(`round ${ev.round}: ${ev.steps} steps in ${ev.train_ms < 10000 ? `${ev.train_ms} ms` : `${(ev.train_ms / 1000).toFixed(1)} s`}, loss ${ev.loss.toFixed(4)}`);
       break;
     case 'submitted':
-      if (ev.accepted) $('accepted').textContent = ++accepted;
+      if (ev.accepted) {
+        $('accepted').textContent = ++accepted;
+        refreshCredit();
+      }
       $('state').textContent = `Update for round ${ev.round} ${ev.accepted ? 'accepted' : 'rejected: ' + ev.reason}.`;
       if (!ev.accepted) log(`update for round ${ev.round} rejected: ${ev.reason}`, 'warn');
       if (ev.relay_rtt_ms != null) $('rtt').textContent = `${ev.relay_rtt_ms.toFixed(1)} ms`;
@@ -80,6 +86,22 @@ function onEvent(ev) {
       break;
     default:
       log(JSON.stringify(ev));
+  }
+}
+
+// This identity's credit in its run, from the relay's ledger (every update it ever had
+// accepted, from any tab or session with this identity).
+async function refreshCredit() {
+  if (!me) return;
+  try {
+    const res = await fetch(`api/runs/${encodeURIComponent(me.run)}/peers/${me.peer}`, { cache: 'no-store' });
+    if (res.ok) {
+      const c = await res.json();
+      $('credit').textContent = c.accepted_updates === 0 ? 'none yet'
+        : `${c.samples.toLocaleString()} samples in ${c.accepted_updates} updates`;
+    }
+  } catch (e) {
+    // The relay may be restarting; the next accepted update asks again.
   }
 }
 

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::backend::AggregationBackend;
 use crate::dataset::TaskData;
-use crate::store::{LedgerEntry, RunRecord, Store};
+use crate::store::{Credit, LedgerEntry, RunRecord, Store};
 
 /// Parameter versions kept for download (a late peer may still fetch the previous round's).
 const KEEP_PARAMS: usize = 4;
@@ -120,6 +120,8 @@ struct State {
     slots: BTreeMap<PeerKey, u32>,
     rejected: BTreeMap<String, u64>,
     accepted: u64,
+    /// Each contributor's credit (loaded from the store on resume, which also keeps it).
+    credits: BTreeMap<PeerKey, Credit>,
     /// The open round could not be checkpointed yet: it is not announced (peers keep hearing
     /// the previous round) until a later tick writes it.
     unannounced: bool,
@@ -263,6 +265,7 @@ impl Coordinator {
                     slots: BTreeMap::new(),
                     rejected: record.rejected,
                     accepted,
+                    credits: store.credits(&spec.run_id)?.into_iter().collect(),
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -292,6 +295,7 @@ impl Coordinator {
                     slots: BTreeMap::new(),
                     rejected: BTreeMap::new(),
                     accepted: 0,
+                    credits: BTreeMap::new(),
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -574,6 +578,7 @@ impl Coordinator {
                     }
                 }
                 state.accepted += 1;
+                state.credits.entry(peer).or_default().add(&update);
                 drop(state);
                 tracing::info!(
                     peer = peer.short(),
@@ -718,6 +723,24 @@ impl Coordinator {
     /// Up to `limit` rows of the round history from round `from` on (at most
     /// [`STATUS_HISTORY`] at once), oldest first: from the store when the relay has one, else
     /// from the newest rows kept in memory.
+    /// `peer`'s credit in this run, if it ever had an update accepted.
+    pub async fn credit(&self, peer: &PeerKey) -> Option<Credit> {
+        self.state.lock().await.credits.get(peer).cloned()
+    }
+
+    /// The `limit` peers with the most samples in accepted updates (then the most updates),
+    /// and how many peers have any credit.
+    pub async fn leaderboard(&self, limit: usize) -> (Vec<(PeerKey, Credit)>, usize) {
+        let state = self.state.lock().await;
+        let mut all: Vec<_> = state.credits.iter().map(|(p, c)| (*p, c.clone())).collect();
+        all.sort_by(|(pa, a), (pb, b)| {
+            (b.samples, b.accepted_updates, pa).cmp(&(a.samples, a.accepted_updates, pb))
+        });
+        let peers = all.len();
+        all.truncate(limit);
+        (all, peers)
+    }
+
     pub async fn history(&self, from: u64, limit: usize) -> anyhow::Result<Vec<RoundRecord>> {
         let limit = limit.min(STATUS_HISTORY);
         if let Some(store) = &self.store {

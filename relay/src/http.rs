@@ -55,6 +55,8 @@ pub fn app(state: AppState, web_dir: PathBuf) -> Router {
         .route("/api/runs/{run}/shards/{index}", get(shard))
         .route("/api/runs/{run}/text/{round}/{slot}", get(text))
         .route("/api/runs/{run}/history", get(history))
+        .route("/api/runs/{run}/peers/{peer}", get(peer_credit))
+        .route("/api/runs/{run}/leaderboard", get(leaderboard))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -194,6 +196,67 @@ async fn history(
             ApiError::Internal
         })?;
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(rows)).into_response())
+}
+
+/// A peer's credit as the API serves it: its key (hex) and what its accepted updates add up to.
+#[derive(serde::Serialize)]
+struct PeerCredit {
+    peer: String,
+    #[serde(flatten)]
+    credit: crate::store::Credit,
+}
+
+/// `GET /api/runs/{run}/peers/{peer}`: the credit of the peer whose key is `peer` (64 hex
+/// digits, as `Joined` and `keygen` print it); zero for a peer that never had an update
+/// accepted, 404 for a key that is not 64 hex digits.
+async fn peer_credit(
+    State(state): State<AppState>,
+    Path((run, peer)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let run = find_run(&state, &run)?;
+    let key = swarmtrain_shared::crypto::seed_from_hex(&peer)
+        .map(|bytes| swarmtrain_shared::PeerKey(*bytes))
+        .ok_or(ApiError::NotFound("peer"))?;
+    let credit = run.credit(&key).await.unwrap_or_default();
+    let body = PeerCredit {
+        peer: key.to_hex(),
+        credit,
+    };
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct LeaderboardQuery {
+    #[serde(default = "leaderboard_page")]
+    limit: usize,
+}
+
+fn leaderboard_page() -> usize {
+    20
+}
+
+/// Most peers one leaderboard answer lists.
+const LEADERBOARD_MAX: usize = 100;
+
+/// `GET /api/runs/{run}/leaderboard?limit=N`: the N (default 20, at most 100) peers with the
+/// most training samples in accepted updates, and how many peers have credit at all.
+async fn leaderboard(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+    Query(query): Query<LeaderboardQuery>,
+) -> Result<Response, ApiError> {
+    let (top, peers) = find_run(&state, &run)?
+        .leaderboard(query.limit.min(LEADERBOARD_MAX))
+        .await;
+    let top: Vec<PeerCredit> = top
+        .into_iter()
+        .map(|(peer, credit)| PeerCredit {
+            peer: peer.to_hex(),
+            credit,
+        })
+        .collect();
+    let body = serde_json::json!({ "peers": peers, "top": top });
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

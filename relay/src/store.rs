@@ -28,7 +28,7 @@ use anyhow::Context;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::checkpoint::{self, TensorInfo};
 use swarmtrain_shared::protocol::{ClientToRelay, Envelope, Update};
@@ -41,6 +41,9 @@ const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 /// (run id, round, peer key) → postcard [`LedgerEntry`]: every accepted update, kept for the
 /// ledger; the open round's are replayed on restart.
 const LEDGER: TableDefinition<(&str, u64, &[u8]), &[u8]> = TableDefinition::new("ledger");
+/// (run id, peer key) → postcard [`Credit`]: what each peer's accepted updates to the run add
+/// up to, written with each ledger entry and kept when retention deletes the entries.
+const CREDITS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("credits");
 /// run id → the first round whose ledger entries still hold their payloads.
 const COMPACTED: TableDefinition<&str, u64> = TableDefinition::new("ledger_compacted");
 /// (run id, round) → postcard [`RoundRecord`]: one row per round.
@@ -106,6 +109,81 @@ impl LedgerEntry {
         );
         Ok((peer, update))
     }
+}
+
+/// What one peer's accepted updates to a run add up to: its credit. Each accepted update is in
+/// the ledger as the envelope the peer signed ([`LedgerEntry::verify`]), until retention
+/// deletes it; the credit stays.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    /// Updates the relay accepted into a round.
+    pub accepted_updates: u64,
+    /// Training samples those updates report (steps × batch each).
+    pub samples: u64,
+    /// Inner steps those updates report.
+    pub inner_steps: u64,
+    pub first_round: u64,
+    pub last_round: u64,
+}
+
+impl Credit {
+    /// Counts `update`, accepted into its round.
+    pub fn add(&mut self, update: &Update) {
+        if self.accepted_updates == 0 {
+            self.first_round = update.round;
+        }
+        self.accepted_updates += 1;
+        self.samples += u64::from(update.n_samples);
+        self.inner_steps += u64::from(update.inner_steps);
+        self.first_round = self.first_round.min(update.round);
+        self.last_round = self.last_round.max(update.round);
+    }
+}
+
+/// The update inside a ledger entry's envelope (its signature was checked when it arrived).
+fn signed_update(entry: &LedgerEntry) -> anyhow::Result<Update> {
+    let envelope: Envelope =
+        postcard::from_bytes(&entry.signed.body).context("a ledger entry's envelope")?;
+    match envelope.message {
+        ClientToRelay::Update(update) => Ok(update),
+        _ => anyhow::bail!("a ledger entry holds a message that is not an update"),
+    }
+}
+
+/// Fills the credits table from the ledger: a data directory written before credits existed.
+fn backfill_credits(db: &Database) -> anyhow::Result<()> {
+    let mut credits: BTreeMap<(String, [u8; 32]), Credit> = BTreeMap::new();
+    {
+        let tx = db.begin_read()?;
+        for item in tx.open_table(LEDGER)?.iter()? {
+            let (key, value) = item?;
+            let (run, _, peer) = key.value();
+            let Ok(peer) = <[u8; 32]>::try_from(peer) else {
+                continue;
+            };
+            let entry: LedgerEntry = postcard::from_bytes(value.value())?;
+            credits
+                .entry((run.to_owned(), peer))
+                .or_default()
+                .add(&signed_update(&entry)?);
+        }
+    }
+    if credits.is_empty() {
+        return Ok(());
+    }
+    let tx = db.begin_write()?;
+    {
+        let mut table = tx.open_table(CREDITS)?;
+        for ((run, peer), credit) in &credits {
+            table.insert(
+                (run.as_str(), peer.as_slice()),
+                postcard::to_allocvec(credit)?.as_slice(),
+            )?;
+        }
+    }
+    tx.commit()?;
+    tracing::info!(peers = credits.len(), "credits rebuilt from the ledger");
+    Ok(())
 }
 
 /// The relay's durable storage for its runs.
@@ -181,7 +259,11 @@ impl Store {
         tx.open_table(LEDGER)?;
         tx.open_table(COMPACTED)?;
         tx.open_table(HISTORY)?;
+        let credits_missing = tx.open_table(CREDITS)?.is_empty()?;
         tx.commit()?;
+        if credits_missing {
+            backfill_credits(&db)?;
+        }
         Ok(Self {
             db,
             objects,
@@ -339,11 +421,43 @@ impl Store {
         entry: &LedgerEntry,
     ) -> anyhow::Result<()> {
         let bytes = postcard::to_allocvec(entry)?;
+        let update = signed_update(entry)?;
         let tx = self.db.begin_write()?;
         tx.open_table(LEDGER)?
             .insert((run_id, entry.round, peer.0.as_slice()), bytes.as_slice())?;
+        {
+            let mut credits = tx.open_table(CREDITS)?;
+            let key = (run_id, peer.0.as_slice());
+            let mut credit: Credit = match credits.get(key)? {
+                Some(row) => {
+                    postcard::from_bytes(row.value()).context("a credit row is corrupt")?
+                }
+                None => Credit::default(),
+            };
+            credit.add(&update);
+            credits.insert(key, postcard::to_allocvec(&credit)?.as_slice())?;
+        }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Every peer's credit in `run_id`, in peer order.
+    pub fn credits(&self, run_id: &str) -> anyhow::Result<Vec<(PeerKey, Credit)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(CREDITS)?;
+        let low: (&str, &[u8]) = (run_id, &[]);
+        let high: (&str, &[u8]) = (run_id, &[0xff; 33]);
+        let mut out = Vec::new();
+        for item in table.range(low..high)? {
+            let (key, value) = item?;
+            let (_, peer) = key.value();
+            let peer: [u8; 32] = peer.try_into().context("a credit key has a bad peer key")?;
+            out.push((
+                PeerKey(peer),
+                postcard::from_bytes(value.value()).context("a credit row is corrupt")?,
+            ));
+        }
+        Ok(out)
     }
 
     /// The ledger's updates for `round`, in peer order.
@@ -563,7 +677,7 @@ mod tests {
         });
     }
 
-    fn entry(round: u64, payload: Vec<u8>) -> LedgerEntry {
+    pub(super) fn entry(round: u64, payload: Vec<u8>) -> LedgerEntry {
         let update = Update {
             run_id: "run".into(),
             round,
@@ -716,6 +830,53 @@ mod tests {
         assert_eq!(
             store.updates("run", 4).expect("updates")[0].1.payload.len(),
             100
+        );
+    }
+}
+
+#[cfg(test)]
+mod credit_tests {
+    use super::*;
+
+    #[test]
+    fn credits_add_up_accepted_updates_survive_reopening_and_are_rebuilt_from_the_ledger() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let peer = PeerKey([1; 32]);
+        let expected = Credit {
+            accepted_updates: 3,
+            samples: 3 * 64,
+            inner_steps: 3 * 2,
+            first_round: 4,
+            last_round: 6,
+        };
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for round in [5, 4, 6] {
+                store
+                    .record_update("run", &peer, &tests::entry(round, vec![1; 10]))
+                    .expect("record");
+            }
+            assert_eq!(
+                store.credits("run").expect("credits"),
+                vec![(peer, expected.clone())]
+            );
+            assert!(store.credits("other").expect("credits").is_empty());
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.credits("run").expect("credits"),
+            vec![(peer, expected.clone())]
+        );
+
+        // A data directory from before credits existed: the table is rebuilt from the ledger.
+        let tx = store.db.begin_write().expect("tx");
+        tx.delete_table(CREDITS).expect("drop the credits");
+        tx.commit().expect("commit");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.credits("run").expect("credits"),
+            vec![(peer, expected)]
         );
     }
 }

@@ -112,6 +112,9 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
 
     // The page itself shows what happened.
     await page.waitForFunction(() => Number(document.getElementById('trained').textContent) >= 3, null, { timeout: 30_000 });
+    // Its credit, from the relay's ledger.
+    await page.waitForFunction(() => /^[\d,]+ samples in [1-9]\d* updates$/.test(document.getElementById('credit').textContent), null, { timeout: 30_000 });
+    console.log(`credit shown: ${await page.textContent('#credit')}`);
     await page.waitForFunction(() => /nats\/byte/.test(document.getElementById('metric').textContent), null, { timeout: 10_000 });
     // Text sampled from the global model on the tab's own backend.
     await page.waitForFunction(() => !document.getElementById('sample-card').hidden
