@@ -21,6 +21,25 @@ async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
         status.round
     );
 
+    // `swarmtrain-relay credits` reads the leaderboard: both peers, each with its updates.
+    let (run, board) = swarmtrain_relay::ops::leaderboard(&relay.url(), None, 10)
+        .await
+        .expect("leaderboard");
+    assert_eq!(run, "digits");
+    assert_eq!(board["peers"], 2, "{board}");
+    let top = board["top"].as_array().expect("rows");
+    assert_eq!(top.len(), 2, "{board}");
+    for row in top {
+        assert!(row["accepted_updates"].as_u64() >= Some(2), "{board}");
+        assert_eq!(
+            row["samples"].as_u64(),
+            row["accepted_updates"]
+                .as_u64()
+                .map(|n| n * 20 * u64::from(default_run().inner.batch_size)),
+            "{board}"
+        );
+    }
+
     let (file, exported) = swarmtrain_relay::ops::export(&relay.url())
         .await
         .expect("export");

@@ -1,4 +1,4 @@
-//! Operator commands that talk to a running relay over HTTP: `status` and `export`.
+//! Operator commands that talk to a running relay over HTTP: `status`, `credits` and `export`.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +22,31 @@ pub async fn status(relay: &str) -> anyhow::Result<serde_json::Value> {
         .await
         .map_err(anyhow::Error::msg)?;
     serde_json::from_slice(&bytes).context("the relay's /api/status is not JSON")
+}
+
+/// A run's leaderboard (`/api/runs/{run}/leaderboard`), the default run's when `run` is None.
+pub async fn leaderboard(
+    relay: &str,
+    run: Option<&str>,
+    limit: usize,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let run = match run {
+        Some(run) => run.to_owned(),
+        None => status(relay)
+            .await?
+            .get("run_id")
+            .and_then(|r| r.as_str())
+            .context("/api/status names no run")?
+            .to_owned(),
+    };
+    let bytes = http_get(&url(
+        relay,
+        &format!("api/runs/{run}/leaderboard?limit={limit}"),
+    ))
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let board = serde_json::from_slice(&bytes).context("the relay's leaderboard is not JSON")?;
+    Ok((run, board))
 }
 
 /// Names and shapes of a model's tensors, in flat-vector order.

@@ -40,6 +40,8 @@ enum Command {
     Keygen(Keygen),
     /// Print a running relay's status: run, round, held-out loss or accuracy, peers, rejections.
     Status(StatusArgs),
+    /// Print a run's leaderboard: the peers with the most training samples in accepted updates.
+    Credits(CreditsArgs),
     /// Download a relay's current global parameters as a safetensors checkpoint.
     Export(Export),
     /// Join a relay as a native training peer (ndarray CPU backend), with the browser's code.
@@ -66,6 +68,52 @@ struct Keygen {
         default_value = "swarmtrain-data/worker.key"
     )]
     key_file: PathBuf,
+}
+
+#[derive(Parser, Debug)]
+struct CreditsArgs {
+    /// The relay's HTTP URL.
+    #[arg(
+        long,
+        env = "SWARMTRAIN_RELAY",
+        default_value = "http://127.0.0.1:8080/"
+    )]
+    relay: String,
+    /// The run (default: the relay's default run).
+    #[arg(long, env = "SWARMTRAIN_RUN")]
+    run: Option<String>,
+    /// Peers to list (the relay gives at most 100).
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+}
+
+async fn credits(args: CreditsArgs) -> anyhow::Result<()> {
+    let (run, board) =
+        swarmtrain_relay::ops::leaderboard(&args.relay, args.run.as_deref(), args.limit).await?;
+    println!(
+        "run {run}: {} peers with credit",
+        board.get("peers").cloned().unwrap_or_default()
+    );
+    println!(
+        "{:<66} {:>12} {:>8} {:>12}",
+        "peer", "samples", "updates", "rounds"
+    );
+    for row in board
+        .get("top")
+        .and_then(|t| t.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let field = |k: &str| row.get(k).cloned().unwrap_or_default();
+        println!(
+            "{:<66} {:>12} {:>8} {:>12}",
+            field("peer").as_str().unwrap_or("?"),
+            field("samples"),
+            field("accepted_updates"),
+            format!("{}–{}", field("first_round"), field("last_round")),
+        );
+    }
+    Ok(())
 }
 
 #[derive(Parser, Debug)]
@@ -795,6 +843,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker(args) => return worker(args).await,
         Command::Keygen(args) => return keygen(args),
         Command::Status(args) => return status(args).await,
+        Command::Credits(args) => return credits(args).await,
         Command::Export(args) => return export(args).await,
         Command::Loadtest(args) => return loadtest(args).await,
         Command::Soak(args) => return soak(args).await,
