@@ -29,6 +29,25 @@ fn rejection(answer: RelayToClient) -> String {
 }
 
 /// `message` in a fresh envelope of `client`'s connection, signed by `identity`.
+/// An update to round `round` of the digits run, trained from `base`, with `payload` (f32): one
+/// step of 32 samples.
+fn digits_update(
+    base: swarmtrain_shared::protocol::ParamsHash,
+    round: u64,
+    payload: &[u8],
+) -> ClientToRelay {
+    ClientToRelay::Update(Update {
+        run_id: "digits".into(),
+        round,
+        base,
+        n_samples: 32,
+        inner_steps: 1,
+        loss: 1.0,
+        codec: Codec::F32,
+        payload: PayloadRef::of(payload),
+    })
+}
+
 fn sign(
     client: &RelayClient,
     identity: &Identity,
@@ -50,18 +69,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
     let relay = start_relay(run).await;
     let (client, attacker, _, announcement) = join_raw(&relay, [99; 32]).await;
     let n = announcement.n_params as usize;
-    let unsigned = |round: u64, payload: &[u8]| {
-        ClientToRelay::Update(Update {
-            run_id: "digits".into(),
-            round,
-            base: announcement.params,
-            n_samples: 32,
-            inner_steps: 1,
-            loss: 1.0,
-            codec: Codec::F32,
-            payload: PayloadRef::of(payload),
-        })
-    };
+    let unsigned = |round: u64, payload: &[u8]| digits_update(announcement.params, round, payload);
     let update = |round: u64, values: Vec<f32>| {
         let payload = protocol::params_to_bytes(&values);
         sign(&client, &attacker, unsigned(round, &payload), payload)
@@ -386,18 +394,7 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
     assert_eq!(opened, plain);
 
     // A sealed update is opened and accepted; a plaintext one on this connection is refused.
-    let update = |payload: &[u8]| {
-        ClientToRelay::Update(Update {
-            run_id: "digits".into(),
-            round: announcement.round,
-            base: announcement.params,
-            n_samples: 32,
-            inner_steps: 1,
-            loss: 1.0,
-            codec: Codec::F32,
-            payload: PayloadRef::of(payload),
-        })
-    };
+    let update = |payload: &[u8]| digits_update(announcement.params, announcement.round, payload);
     let payload = Codec::F32.encode(&vec![0.0; n]);
     let answer = client
         .send(update(&payload), payload.clone())
@@ -484,16 +481,7 @@ async fn a_relay_that_requires_sealing_refuses_plaintext() {
         .unwrap_err();
     assert!(error.to_string().contains("sealed"), "{error}");
     let payload = Codec::F32.encode(&vec![0.0; announcement.n_params as usize]);
-    let update = ClientToRelay::Update(Update {
-        run_id: "digits".into(),
-        round: announcement.round,
-        base: announcement.params,
-        n_samples: 32,
-        inner_steps: 1,
-        loss: 1.0,
-        codec: Codec::F32,
-        payload: PayloadRef::of(&payload),
-    });
+    let update = digits_update(announcement.params, announcement.round, &payload);
     let reason = rejection(client.send(update.clone(), payload.clone()).await.unwrap());
     assert!(reason.contains("sealed"), "{reason}");
     assert_eq!(

@@ -59,6 +59,18 @@ enum Command {
     AttackGrid(AttackGrid),
 }
 
+/// The `--relay` option of the commands that talk to a running relay.
+#[derive(clap::Args, Debug)]
+struct RelayUrl {
+    /// The relay's HTTP URL.
+    #[arg(
+        long,
+        env = "SWARMTRAIN_RELAY",
+        default_value = "http://127.0.0.1:8080/"
+    )]
+    relay: String,
+}
+
 #[derive(Parser, Debug)]
 struct Keygen {
     /// Where to write the key (hex seed, mode 0600).
@@ -72,13 +84,8 @@ struct Keygen {
 
 #[derive(Parser, Debug)]
 struct CreditsArgs {
-    /// The relay's HTTP URL.
-    #[arg(
-        long,
-        env = "SWARMTRAIN_RELAY",
-        default_value = "http://127.0.0.1:8080/"
-    )]
-    relay: String,
+    #[command(flatten)]
+    relay: RelayUrl,
     /// The run (default: the relay's default run).
     #[arg(long, env = "SWARMTRAIN_RUN")]
     run: Option<String>,
@@ -89,7 +96,8 @@ struct CreditsArgs {
 
 async fn credits(args: CreditsArgs) -> anyhow::Result<()> {
     let (run, board) =
-        swarmtrain_relay::ops::leaderboard(&args.relay, args.run.as_deref(), args.limit).await?;
+        swarmtrain_relay::ops::leaderboard(&args.relay.relay, args.run.as_deref(), args.limit)
+            .await?;
     println!(
         "run {run}: {} peers with credit",
         board.get("peers").cloned().unwrap_or_default()
@@ -118,13 +126,8 @@ async fn credits(args: CreditsArgs) -> anyhow::Result<()> {
 
 #[derive(Parser, Debug)]
 struct StatusArgs {
-    /// The relay's HTTP URL.
-    #[arg(
-        long,
-        env = "SWARMTRAIN_RELAY",
-        default_value = "http://127.0.0.1:8080/"
-    )]
-    relay: String,
+    #[command(flatten)]
+    relay: RelayUrl,
     /// Print the whole /api/status JSON instead of a summary.
     #[arg(long)]
     json: bool,
@@ -132,13 +135,8 @@ struct StatusArgs {
 
 #[derive(Parser, Debug)]
 struct Export {
-    /// The relay's HTTP URL.
-    #[arg(
-        long,
-        env = "SWARMTRAIN_RELAY",
-        default_value = "http://127.0.0.1:8080/"
-    )]
-    relay: String,
+    #[command(flatten)]
+    relay: RelayUrl,
     /// The safetensors file to write (replaced atomically).
     #[arg(long, default_value = "swarmtrain.safetensors")]
     out: PathBuf,
@@ -158,7 +156,7 @@ fn keygen(args: Keygen) -> anyhow::Result<()> {
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let status = swarmtrain_relay::ops::status(&args.relay).await?;
+    let status = swarmtrain_relay::ops::status(&args.relay.relay).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -205,7 +203,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn export(args: Export) -> anyhow::Result<()> {
-    let (file, status) = swarmtrain_relay::ops::export(&args.relay).await?;
+    let (file, status) = swarmtrain_relay::ops::export(&args.relay.relay).await?;
     let tmp = args.out.with_extension("safetensors.tmp");
     std::fs::write(&tmp, &file)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
@@ -223,13 +221,8 @@ async fn export(args: Export) -> anyhow::Result<()> {
 
 #[derive(Parser, Debug)]
 struct Worker {
-    /// The relay's HTTP URL.
-    #[arg(
-        long,
-        env = "SWARMTRAIN_RELAY",
-        default_value = "http://127.0.0.1:8080/"
-    )]
-    relay: String,
+    #[command(flatten)]
+    relay: RelayUrl,
     /// File holding this worker's identity seed (hex; created with mode 0600 if missing).
     #[arg(
         long,
@@ -253,7 +246,7 @@ async fn worker(args: Worker) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let config = PeerConfig {
-        relay_url: args.relay,
+        relay_url: args.relay.relay,
         run_id: args.run,
         transport: None,
         identity_seed: swarmtrain_relay::load_or_create_key(&args.key_file)?,
