@@ -209,8 +209,28 @@ $('run-select').addEventListener('change', () => {
   refreshStatus();
 });
 
+// One tab per identity contributes at a time: two would send two updates a round under one
+// peer key (the relay takes one) and interleave their sequence numbers. The Web Lock is held
+// while this tab contributes and released when it stops or closes.
+let releaseIdentity = null;
+function lockIdentity() {
+  if (!navigator.locks) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    navigator.locks.request('swarmtrain-identity', { ifAvailable: true }, (lock) => {
+      if (!lock) {
+        resolve(false);
+        return undefined;
+      }
+      resolve(true);
+      return new Promise((release) => { releaseIdentity = release; });
+    });
+  });
+}
+
 // Back to the state before Contribute: the tab no longer trains.
 function stopped() {
+  releaseIdentity?.();
+  releaseIdentity = null;
   contributor = null;
   $('contribute').textContent = 'Contribute';
   $('contribute').disabled = false;
@@ -223,6 +243,11 @@ $('contribute').addEventListener('click', async () => {
     contributor.stop();
     $('contribute').disabled = true;
     $('state').textContent = 'Stopping after the current step…';
+    return;
+  }
+  if (!(await lockIdentity())) {
+    $('state').textContent = 'Another tab of this browser is already contributing with your identity; one tab at a time trains.';
+    $('state').className = 'state warn';
     return;
   }
   $('contribute').disabled = true;

@@ -112,6 +112,14 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
 
     // The page itself shows what happened.
     await page.waitForFunction(() => Number(document.getElementById('trained').textContent) >= 3, null, { timeout: 30_000 });
+    // A second tab of the same browser (same identity) does not train alongside the first.
+    const second = await browser.newPage();
+    await second.goto(url + query);
+    await second.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+    await second.click('#contribute');
+    await second.waitForFunction(() => /Another tab of this browser/.test(document.getElementById('state').textContent), null, { timeout: 10_000 });
+    assert.equal(await second.textContent('#backend'), 'not started');
+    await second.close();
     // Its credit, from the relay's ledger.
     await page.waitForFunction(() => /^[\d,]+ samples in [1-9]\d* updates$/.test(document.getElementById('credit').textContent), null, { timeout: 30_000 });
     console.log(`credit shown: ${await page.textContent('#credit')}`);
