@@ -118,3 +118,37 @@ async fn differentially_private_run_reports_epsilon_and_learns() {
     assert!(*accuracy.last().expect("history") > 0.8, "{accuracy:?}");
     relay.shutdown().await;
 }
+
+/// A peer that cannot finish the round's steps before its deadline sends the steps it managed
+/// (with their samples) and the relay takes them: a slow device's work is not thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_sends_the_steps_it_managed_before_the_deadline() {
+    init_logging();
+    let mut run = default_run();
+    let planned = 1_000_000;
+    run.inner.steps = planned;
+    // Two would close a round by quorum; with one peer, the deadline closes it.
+    run.quorum = 2;
+    run.round_deadline_ms = 2_000;
+    let relay = start_relay(run).await;
+    let peer = swarmtrain_tests::spawn_peer(&relay, 31, 2);
+    let (trained, events) = peer.finish().await;
+    assert_eq!(trained, 2);
+    let partial: Vec<(u32, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            PeerEvent::Trained {
+                steps,
+                planned_steps,
+                ..
+            } => Some((*steps, *planned_steps)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(partial.len(), 2, "{events:?}");
+    for (steps, of) in partial {
+        assert_eq!(of, planned);
+        assert!(steps > 0 && steps < planned, "cut short: {steps} of {of}");
+    }
+    assert_eq!(accepted_updates(&events), 2, "both accepted: {events:?}");
+}

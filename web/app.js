@@ -53,7 +53,7 @@ function onEvent(ev) {
     case 'trained':
       $('trained').textContent = ev.rounds_trained;
       $('loss').textContent = ev.loss.toFixed(4);
-      log(`round ${ev.round}: ${ev.steps} steps in ${ev.train_ms < 10000 ? `${ev.train_ms} ms` : `${(ev.train_ms / 1000).toFixed(1)} s`}, loss ${ev.loss.toFixed(4)}`);
+      log(`round ${ev.round}: ${ev.steps} steps in ${ev.train_ms < 10000 ? `${ev.train_ms} ms` : `${(ev.train_ms / 1000).toFixed(1)} s`}, loss ${ev.loss.toFixed(4)}${ev.steps < ev.planned_steps ? ` (of ${ev.planned_steps}: the round's deadline came first, so this update carries the steps done)` : ''}`);
       break;
     case 'submitted':
       if (ev.accepted) {

@@ -78,6 +78,7 @@ impl<B: AutodiffBackend> TrainingBench<B> {
                 steps,
                 self.batch,
                 &AtomicBool::new(false),
+                None,
             )
             .await?;
         self.step += u64::from(round.steps);

@@ -107,9 +107,12 @@ pub enum PeerEvent {
         round: u64,
         text: String,
     },
+    /// Trained `steps` of the round's `planned_steps` (fewer when the round's deadline came
+    /// first).
     Trained {
         round: u64,
         steps: u32,
+        planned_steps: u32,
         loss: f32,
         train_ms: u64,
         rounds_trained: u64,
@@ -606,6 +609,8 @@ async fn train_session<B: AutodiffBackend>(
 ) -> Result<(), PeerError> {
     let peer = identity.peer();
     let (session, mut announcement) = Session::join(config, identity).await?;
+    // When the announcement arrived: its deadline counts from about then.
+    let mut announced_at = Instant::now();
     *failures = 0;
     emit(PeerEvent::Joined {
         run: session.spec.run_id.clone(),
@@ -633,6 +638,7 @@ async fn train_session<B: AutodiffBackend>(
             return Ok(());
         }
         announcement = session.next_round(announcement.round).await?;
+        announced_at = Instant::now();
     }
     *unsent = None;
 
@@ -692,6 +698,12 @@ async fn train_session<B: AutodiffBackend>(
 
         let started = Instant::now();
         let h = spec.inner.steps;
+        // A device too slow for H steps before the round's deadline sends the steps it managed
+        // (with their sample count) instead of missing the round: it stops stepping with a
+        // fifth of the time left (at most 10 s) for encoding and sending.
+        let deadline = Duration::from_millis(announcement.deadline_ms);
+        let until =
+            announced_at + deadline.saturating_sub((deadline / 5).min(Duration::from_secs(10)));
         let data = match replica {
             Replica::Digits { .. } => RoundData::Digits {
                 shard: session.fetch_shard(round).await?,
@@ -717,6 +729,7 @@ async fn train_session<B: AutodiffBackend>(
                 h,
                 spec.inner.batch_size,
                 &config.stop,
+                Some(until),
             )
             .await
             .map_err(PeerError::Train)?;
@@ -729,6 +742,7 @@ async fn train_session<B: AutodiffBackend>(
         emit(PeerEvent::Trained {
             round,
             steps,
+            planned_steps: h,
             loss,
             train_ms,
             rounds_trained: *rounds_trained,
@@ -761,6 +775,7 @@ async fn train_session<B: AutodiffBackend>(
             break;
         }
         announcement = session.next_round(round).await?;
+        announced_at = Instant::now();
     }
     Ok(())
 }

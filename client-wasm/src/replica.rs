@@ -20,6 +20,7 @@ use swarmtrain_shared::protocol::{ModelConfig, ModelSpec};
 use swarmtrain_shared::train::DigitsBatch;
 
 use crate::platform;
+use web_time::Instant;
 
 /// A replica of a run's model with its optimizer state, kept across rounds. One per peer, so
 /// the variants' sizes do not matter.
@@ -105,7 +106,9 @@ impl<B: AutodiffBackend> Replica<B> {
 
     /// Trains one round from `start` (the round's global θ) at global step `first_step`: at
     /// most `steps` steps of `batch` examples for the digits, one step per `batch` windows of
-    /// `data` for the language model. Stops early when `stop` is set.
+    /// `data` for the language model. Stops early when `stop` is set, and once `until` has
+    /// passed (after at least one step; on WebGPU the check sees when a step was queued, not
+    /// when the device finished it).
     #[allow(clippy::too_many_arguments)]
     pub async fn train_round(
         &mut self,
@@ -115,8 +118,12 @@ impl<B: AutodiffBackend> Replica<B> {
         steps: u32,
         batch: u32,
         stop: &AtomicBool,
+        until: Option<Instant>,
     ) -> Result<LocalRound, String> {
         let load = |e: ParamsError| e.to_string();
+        // After at least one step, passing `until` ends the round early: the steps taken so far
+        // are the update.
+        let out_of_time = |taken: u32| taken > 0 && until.is_some_and(|u| Instant::now() >= u);
         let mut taken = 0u32;
         let mut samples = 0u32;
         let mut sum = None;
@@ -131,7 +138,7 @@ impl<B: AutodiffBackend> Replica<B> {
                 trainer.load(start).map_err(load)?;
                 trainer.seek(first_step);
                 let mut sampler = BatchSampler::new(shard.len(), batch as usize, *sampler_seed);
-                while taken < steps && !stop.load(Ordering::Relaxed) {
+                while taken < steps && !stop.load(Ordering::Relaxed) && !out_of_time(taken) {
                     let batch = DigitsBatch::draw(shard, &mut sampler);
                     samples += batch.targets.len() as u32;
                     accumulate(&mut sum, trainer.step(&batch));
@@ -149,7 +156,7 @@ impl<B: AutodiffBackend> Replica<B> {
                 trainer.seek(first_step);
                 let per_step = batch as usize * window;
                 for chunk in text.chunks_exact(per_step.max(1)).take(steps as usize) {
-                    if stop.load(Ordering::Relaxed) {
+                    if stop.load(Ordering::Relaxed) || out_of_time(taken) {
                         break;
                     }
                     let batch = TextBatch {
