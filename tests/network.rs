@@ -337,6 +337,15 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
         _ => None,
     })
     .await;
+    // The relay lists A as reachable, for browsers to dial browser-to-browser.
+    let body = reqwest::get(format!("{}api/reachable", relay.url()))
+        .await
+        .expect("GET /api/reachable")
+        .bytes()
+        .await
+        .expect("body");
+    let listed: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(listed["peers"][0], a_id.to_string(), "{listed}");
 
     let mut b = probe();
     let via_relay = relay_tcp

@@ -72,6 +72,15 @@ function onEvent(ev) {
       log(`connection failed: ${ev.error}; retrying in ${secs} s (attempt ${ev.attempt})`, 'warn');
       break;
     }
+    case 'direct':
+      {
+        const rtts = ev.peers.map((p) => p.rtt_ms).filter((r) => r != null);
+        $('direct').textContent = ev.peers.length === 0 ? 'none'
+          : `${ev.peers.length} (WebRTC${rtts.length ? `, ping ${Math.min(...rtts).toFixed(1)} ms` : ''})`;
+        $('direct').title = ev.peers.map((p) => p.peer).join('\n');
+      }
+      log(`direct WebRTC links to other browsers: ${ev.peers.length}${ev.error ? ` (last failure: ${ev.error})` : ''}`, ev.error && ev.peers.length === 0 ? 'warn' : undefined);
+      break;
     case 'stopped':
       $('state').textContent = `Stopped after ${ev.rounds_trained} rounds. Press Contribute to start again.`;
       $('state').className = 'state';
@@ -259,7 +268,10 @@ $('contribute').addEventListener('click', async () => {
     // `?transport=ws` or `?transport=webrtc-direct` picks the connection; the default takes
     // WebRTC-direct when the relay offers it.
     const transport = params.get('transport') ?? 'auto';
-    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected);
+    // `?direct=N` also links this tab to up to N other browsers of the relay over WebRTC
+    // (signaling through the relay); `?ice=<JSON array of RTCIceServer>` adds STUN/TURN servers.
+    const direct = Number(params.get('direct') ?? 0);
+    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected, direct, params.get('ice') ?? undefined);
     $('contribute').textContent = 'Stop';
     $('contribute').disabled = false;
   } catch (e) {

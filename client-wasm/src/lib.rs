@@ -12,5 +12,6 @@ pub mod peer;
 pub mod platform;
 pub mod replica;
 pub mod rpc;
+pub mod webrtc;
 
 pub use peer::{PeerConfig, PeerError, PeerEvent};

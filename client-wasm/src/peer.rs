@@ -59,6 +59,12 @@ pub struct PeerConfig {
     /// gives up and returns the error (None: it keeps trying, [`RETRY_FIRST`] apart at first and
     /// at most [`RETRY_MAX`]).
     pub max_retries: Option<u32>,
+    /// Browsers: how many other browsers of the relay to connect to directly over WebRTC
+    /// (signaling through the relay), and to take connections from (0: none).
+    pub direct_peers: usize,
+    /// STUN/TURN servers for those connections (none: host candidates only, which connect
+    /// peers on one network).
+    pub ice_servers: Vec<crate::webrtc::IceServer>,
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -72,8 +78,19 @@ impl std::fmt::Debug for PeerConfig {
             .field("max_rounds", &self.max_rounds)
             .field("sample_len", &self.sample_len)
             .field("max_retries", &self.max_retries)
+            .field("direct_peers", &self.direct_peers)
+            .field("ice_servers", &self.ice_servers.len())
             .finish_non_exhaustive()
     }
+}
+
+/// A browser this peer holds a direct WebRTC connection to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DirectPeer {
+    /// Its libp2p peer ID.
+    pub peer: String,
+    /// The last ping round trip over the direct connection (None before the first).
+    pub rtt_ms: Option<f64>,
 }
 
 /// What a peer reports as it works (the browser page shows these).
@@ -106,6 +123,12 @@ pub enum PeerEvent {
     Sample {
         round: u64,
         text: String,
+    },
+    /// The browsers this peer holds direct WebRTC connections to changed (`error`: why the
+    /// last attempt to listen or dial failed, if one did).
+    Direct {
+        peers: Vec<DirectPeer>,
+        error: Option<String>,
     },
     /// Trained `steps` of the round's `planned_steps` (fewer when the round's deadline came
     /// first).
@@ -314,7 +337,7 @@ impl Session {
         let address = address
             .parse()
             .map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
-        let client = RelayClient::connect(address, identity)?;
+        let client = RelayClient::connect_with(address, identity, config.ice_servers.clone())?;
         if bootstrap.time_ms > 0 {
             client.set_relay_clock(bootstrap.time_ms);
         }
@@ -366,6 +389,70 @@ impl Session {
             .subscribe(protocol::rounds_topic(&session.spec.run_id))
             .await?;
         Ok((session, announcement))
+    }
+
+    /// Browsers: takes WebRTC connections from other browsers through the relay, and dials up
+    /// to `direct_peers` of those the relay lists as reachable (`/api/reachable`). Failures
+    /// only cost the direct links: training goes on through the relay.
+    async fn link_browsers(&self, config: &PeerConfig) {
+        if config.direct_peers == 0 {
+            return;
+        }
+        if self.client.listen_direct().await.is_err() {
+            return;
+        }
+        #[derive(Deserialize)]
+        struct Reachable {
+            peers: Vec<String>,
+        }
+        let path = format!("api/reachable?limit={}", config.direct_peers + 1);
+        let listed = match platform::http_get(&url(&self.relay_url, &path)).await {
+            Ok(body) => serde_json::from_slice::<Reachable>(&body).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let listed = match listed {
+            Ok(listed) => listed.peers,
+            Err(e) => {
+                tracing::info!("could not list reachable browsers: {e}");
+                return;
+            }
+        };
+        let me = self.client.peer_id();
+        let peers: Vec<libp2p::PeerId> = listed
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| *p != me)
+            .take(config.direct_peers)
+            .collect();
+        if !peers.is_empty() {
+            let _ = self.client.dial_direct(peers).await;
+        }
+    }
+
+    /// The direct links as an event, when they changed since `last`.
+    fn direct_event(
+        &self,
+        last: &mut Option<(Vec<DirectPeer>, Option<String>)>,
+    ) -> Option<PeerEvent> {
+        let info = self.client.relay_info();
+        let mut peers: Vec<DirectPeer> = info
+            .direct_peers
+            .iter()
+            .map(|p| DirectPeer {
+                peer: p.to_string(),
+                rtt_ms: info.direct_rtt.get(p).map(|d| d.as_secs_f64() * 1e3),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+        let now = (peers, info.direct_error);
+        if last.as_ref() == Some(&now) || (last.is_none() && now.0.is_empty() && now.1.is_none()) {
+            return None;
+        }
+        *last = Some(now.clone());
+        Some(PeerEvent::Direct {
+            peers: now.0,
+            error: now.1,
+        })
     }
 
     fn verify(&self, signed: &Signed<RoundAnnouncement>) -> Result<RoundAnnouncement, PeerError> {
@@ -621,6 +708,8 @@ async fn train_session<B: AutodiffBackend>(
         model: session.spec.model.describe(),
         n_params: session.spec.model.num_params(),
     });
+    session.link_browsers(config).await;
+    let mut direct = None;
     let spec = session.spec.clone();
     let Progress {
         local,
@@ -773,6 +862,9 @@ async fn train_session<B: AutodiffBackend>(
         session.send_update(unsent, emit).await?;
         if config.max_rounds.is_some_and(|max| *rounds_trained >= max) {
             break;
+        }
+        if let Some(event) = session.direct_event(&mut direct) {
+            emit(event);
         }
         announcement = session.next_round(round).await?;
         announced_at = Instant::now();

@@ -20,9 +20,11 @@ use std::time::Duration;
 use futures::channel::{mpsc, oneshot};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt, StreamExt};
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping, relay};
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES,
@@ -122,6 +124,10 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
+    /// Browsers: a circuit relay reservation on the relay, and dials through it.
+    pub relay_client: Toggle<relay::client::Behaviour>,
+    /// Browsers: the WebRTC signaling with other browsers over relayed connections.
+    pub webrtc: Toggle<crate::webrtc::signaling::Behaviour>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -165,6 +171,8 @@ impl Behaviour {
                     .with_interval(PING_INTERVAL)
                     .with_timeout(PING_TIMEOUT),
             ),
+            relay_client: None.into(),
+            webrtc: None.into(),
         })
     }
 }
@@ -193,6 +201,13 @@ enum Command {
     },
     Subscribe {
         topic: String,
+    },
+    /// Take WebRTC connections from other browsers through the relay (a circuit reservation
+    /// and a `/p2p-circuit/webrtc` listener).
+    ListenDirect,
+    /// Connect to these browsers over WebRTC, signaling through the relay.
+    DialDirect {
+        peers: Vec<PeerId>,
     },
 }
 
@@ -246,6 +261,12 @@ pub struct RelayInfo {
     pub protocols: Vec<String>,
     /// The last measured round-trip time.
     pub rtt: Option<Duration>,
+    /// Browsers this node holds a direct WebRTC connection to.
+    pub direct_peers: Vec<PeerId>,
+    /// The last ping round trip over each direct connection.
+    pub direct_rtt: HashMap<PeerId, Duration>,
+    /// Why listening for or dialing other browsers failed, the latest first.
+    pub direct_error: Option<String>,
 }
 
 impl std::fmt::Debug for Command {
@@ -253,6 +274,8 @@ impl std::fmt::Debug for Command {
         match self {
             Command::Request { .. } => f.write_str("Command::Request"),
             Command::Subscribe { topic } => write!(f, "Command::Subscribe({topic})"),
+            Command::ListenDirect => f.write_str("Command::ListenDirect"),
+            Command::DialDirect { peers } => write!(f, "Command::DialDirect({peers:?})"),
         }
     }
 }
@@ -261,6 +284,16 @@ impl RelayClient {
     /// Dials the relay at `address` (which must end in `/p2p/<relay peer id>`) as `identity`,
     /// whose seed gives the connection's libp2p key.
     pub fn connect(address: Multiaddr, identity: &Identity) -> Result<Self, RpcError> {
+        Self::connect_with(address, identity, Vec::new())
+    }
+
+    /// [`connect`](Self::connect), with the STUN/TURN servers that browser-to-browser WebRTC
+    /// connections use (browsers only).
+    pub fn connect_with(
+        address: Multiaddr,
+        identity: &Identity,
+        ice_servers: Vec<crate::webrtc::IceServer>,
+    ) -> Result<Self, RpcError> {
         let relay = address
             .iter()
             .find_map(|p| match p {
@@ -274,16 +307,23 @@ impl RelayClient {
         let agent = format!("swarmtrain-peer/{}", env!("CARGO_PKG_VERSION"));
         let behaviour = Behaviour::new(ProtocolSupport::Outbound, &keypair, &agent)
             .map_err(RpcError::Network)?;
-        let mut swarm = platform::build_swarm(keypair, behaviour, Duration::from_secs(300))
-            .map_err(RpcError::Network)?;
+        let mut swarm =
+            platform::build_swarm(keypair, behaviour, Duration::from_secs(300), ice_servers)
+                .map_err(RpcError::Network)?;
         swarm.add_peer_address(relay, address.clone());
         swarm
-            .dial(address)
+            .dial(address.clone())
             .map_err(|e| RpcError::Network(e.to_string()))?;
         let (commands, receiver) = mpsc::channel(16);
         let info = Arc::new(Mutex::new(RelayInfo::default()));
         let (gossip_tx, gossip) = mpsc::channel(GOSSIP_QUEUE);
-        platform::spawn(event_loop(swarm, relay, receiver, info.clone(), gossip_tx));
+        platform::spawn(event_loop(
+            swarm,
+            (relay, address),
+            receiver,
+            info.clone(),
+            gossip_tx,
+        ));
         let micros = web_time::SystemTime::now()
             .duration_since(web_time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
@@ -409,6 +449,25 @@ impl RelayClient {
     }
 
     /// What identify and ping have told about the relay so far.
+    /// Takes WebRTC connections from other browsers through the relay (browsers only; a
+    /// native node cannot and records why in [`RelayInfo::direct_error`]).
+    pub async fn listen_direct(&self) -> Result<(), RpcError> {
+        self.commands
+            .clone()
+            .send(Command::ListenDirect)
+            .await
+            .map_err(|_| RpcError::Closed)
+    }
+
+    /// Connects to `peers` over WebRTC, signaling through the relay.
+    pub async fn dial_direct(&self, peers: Vec<PeerId>) -> Result<(), RpcError> {
+        self.commands
+            .clone()
+            .send(Command::DialDirect { peers })
+            .await
+            .map_err(|_| RpcError::Closed)
+    }
+
     pub fn relay_info(&self) -> RelayInfo {
         self.info.lock().map(|i| i.clone()).unwrap_or_default()
     }
@@ -495,13 +554,32 @@ impl RelayClient {
     }
 }
 
+fn set_direct_error(info: &Mutex<RelayInfo>, error: String) {
+    if let Ok(mut info) = info.lock() {
+        info.direct_error = Some(error);
+    }
+}
+
+fn update_direct(swarm: &Swarm<Behaviour>, info: &Mutex<RelayInfo>) {
+    let peers = swarm
+        .behaviour()
+        .webrtc
+        .as_ref()
+        .map(|w| w.direct_peers())
+        .unwrap_or_default();
+    if let Ok(mut info) = info.lock() {
+        info.direct_rtt.retain(|p, _| peers.contains(p));
+        info.direct_peers = peers;
+    }
+}
+
 fn unexpected(what: &str) -> RpcError {
     RpcError::Wire(WireError::Malformed(format!("expected {what}")))
 }
 
 async fn event_loop(
     mut swarm: Swarm<Behaviour>,
-    relay: PeerId,
+    (relay, relay_address): (PeerId, Multiaddr),
     mut commands: mpsc::Receiver<Command>,
     info: Arc<Mutex<RelayInfo>>,
     mut gossip: mpsc::Sender<Vec<u8>>,
@@ -518,6 +596,28 @@ async fn event_loop(
                 Some(Command::Subscribe { topic }) => {
                     if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(topic)) {
                         tracing::warn!(error = %e, "could not subscribe");
+                    }
+                }
+                Some(Command::ListenDirect) => {
+                    let circuit = relay_address.clone().with(Protocol::P2pCircuit);
+                    for addr in [circuit.clone(), circuit.with(Protocol::WebRTC)] {
+                        if let Err(e) = swarm.listen_on(addr.clone()) {
+                            tracing::info!(%addr, error = %e, "cannot listen for other browsers");
+                            set_direct_error(&info, format!("listening on {addr}: {e}"));
+                        }
+                    }
+                }
+                Some(Command::DialDirect { peers }) => {
+                    for peer in peers {
+                        let addr = relay_address
+                            .clone()
+                            .with(Protocol::P2pCircuit)
+                            .with(Protocol::WebRTC)
+                            .with(Protocol::P2p(peer));
+                        if let Err(e) = swarm.dial(addr.clone()) {
+                            tracing::info!(%addr, error = %e, "cannot dial another browser");
+                            set_direct_error(&info, format!("dialing {peer}: {e}"));
+                        }
                     }
                 }
                 // Every handle is gone: close the connection.
@@ -554,6 +654,13 @@ async fn event_loop(
                         info.protocols = received.protocols.iter().map(ToString::to_string).collect();
                     }
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Ok(rtt) }))
+                    if swarm.behaviour().webrtc.as_ref().is_some_and(|w| w.is_direct(connection)) =>
+                {
+                    if let Ok(mut info) = info.lock() {
+                        info.direct_rtt.insert(peer, rtt);
+                    }
+                }
                 SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) if peer == relay => {
                     if let Ok(mut info) = info.lock() {
                         info.rtt = Some(rtt);
@@ -570,6 +677,18 @@ async fn event_loop(
                 }
                 SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == relay => {
                     tracing::debug!(?cause, "connection to the relay closed");
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if peer_id != relay => {
+                    tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected to another peer");
+                    update_direct(&swarm, &info);
+                }
+                SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                    tracing::info!(%peer_id, ?cause, "connection to another peer closed");
+                    update_direct(&swarm, &info);
+                }
+                SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } if peer != relay => {
+                    tracing::info!(%peer, %error, "could not connect to another peer");
+                    set_direct_error(&info, format!("connecting to {peer}: {error}"));
                 }
                 _ => {}
             },

@@ -21,6 +21,7 @@ use crate::coordinator::{Coordinator, Status};
 pub struct AppState {
     pub runs: Arc<Runs>,
     pub bootstrap: Arc<Bootstrap>,
+    pub reachable: Arc<crate::p2p::Reachable>,
 }
 
 /// An error with a safe public message; details go to the log.
@@ -57,6 +58,7 @@ pub fn app(state: AppState, web_dir: PathBuf) -> Router {
         .route("/api/runs/{run}/history", get(history))
         .route("/api/runs/{run}/peers/{peer}", get(peer_credit))
         .route("/api/runs/{run}/leaderboard", get(leaderboard))
+        .route("/api/reachable", get(reachable))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -259,6 +261,35 @@ async fn leaderboard(
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct ReachableQuery {
+    #[serde(default = "reachable_page")]
+    limit: usize,
+}
+
+fn reachable_page() -> usize {
+    8
+}
+
+/// `GET /api/reachable?limit=N`: up to N (default 8, at most 32) libp2p peer IDs of peers that
+/// hold a circuit relay reservation here, the most recent first, so a browser can dial them
+/// browser-to-browser (`<relay>/p2p-circuit/webrtc/p2p/<peer>`).
+async fn reachable(
+    State(state): State<AppState>,
+    Query(query): Query<ReachableQuery>,
+) -> impl IntoResponse {
+    let peers: Vec<String> = state
+        .reachable
+        .newest(query.limit.min(32))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(serde_json::json!({ "peers": peers })),
+    )
+}
+
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut all = Vec::new();
     for run in state.runs.iter() {
@@ -372,6 +403,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
          swarmtrain_closed_for_strikes_total {}",
         crate::runs::MAX_STRIKES,
         state.runs.closed_for_strikes()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_circuit_reservations Peers holding a circuit relay reservation (reachable \
+         browser-to-browser).\n# TYPE swarmtrain_circuit_reservations gauge\n\
+         swarmtrain_circuit_reservations {}",
+        state.reachable.len()
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

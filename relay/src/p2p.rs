@@ -102,6 +102,45 @@ pub async fn build_swarm(
         .build())
 }
 
+/// Peers that hold a circuit relay reservation here, newest last: browsers that take WebRTC
+/// connections from other browsers through this relay (`GET /api/reachable`). Bounded by the
+/// circuit relay's own reservation limit.
+#[derive(Debug, Default)]
+pub struct Reachable {
+    peers: std::sync::Mutex<Vec<PeerId>>,
+}
+
+impl Reachable {
+    fn add(&self, peer: PeerId) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|p| *p != peer);
+            peers.push(peer);
+        }
+    }
+
+    fn remove(&self, peer: &PeerId) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.retain(|p| p != peer);
+        }
+    }
+
+    /// At most `limit` of them, the most recent first.
+    pub fn newest(&self, limit: usize) -> Vec<PeerId> {
+        self.peers
+            .lock()
+            .map(|p| p.iter().rev().take(limit).copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.lock().map_or(0, |p| p.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A request being answered: whether it counts against its peer's requests in flight, the
 /// peer, where to answer, and the answer.
 type Pending =
@@ -140,6 +179,7 @@ pub async fn run(
     mut swarm: Swarm<Boxed<RelayBehaviour>>,
     runs: Arc<Runs>,
     mut announcements: broadcast::Receiver<(String, Vec<u8>)>,
+    reachable: Arc<Reachable>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
@@ -253,7 +293,15 @@ pub async fn run(
                 SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. }))) => {
                     tracing::debug!(%peer, %error, "inbound request failed");
                 }
-                SwarmEvent::Behaviour(RelayBehaviourEvent::Circuit(event)) => tracing::debug!(?event, "circuit relay"),
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Circuit(event)) => {
+                    tracing::debug!(?event, "circuit relay");
+                    match event {
+                        relay::Event::ReservationReqAccepted { src_peer_id, .. } => reachable.add(src_peer_id),
+                        relay::Event::ReservationClosed { src_peer_id }
+                        | relay::Event::ReservationTimedOut { src_peer_id } => reachable.remove(&src_peer_id),
+                        _ => {}
+                    }
+                }
                 SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connection established");

@@ -5,42 +5,11 @@
 // started again: the tab reconnects and trains on, and Stop stops it.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-
-const root = process.env.SWARMTRAIN_ROOT ?? join(import.meta.dirname, '..', '..');
-const relayBin = process.env.SWARMTRAIN_RELAY_BIN ?? join(root, 'target', 'debug', 'swarmtrain-relay');
-const outDir = join(import.meta.dirname, 'out');
-
-function startRelay(dataDir, http = '127.0.0.1:0') {
-  const relay = spawn(relayBin, [
-    'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', join(root, 'web'),
-    '--data-dir', dataDir,
-    // A tiny language model keeps the browser rounds short: 1 layer × 32 wide, context 32.
-    '--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',
-    '--lr', '0.01', '--warmup-steps', '5',
-    '--inner-steps', process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', '--quorum', '1', '--round-deadline-secs', '60',
-  ], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const url = new Promise((resolve, reject) => {
-    let buffered = '';
-    relay.stdout.on('data', (chunk) => {
-      buffered += chunk;
-      const m = buffered.match(/listening on (http:\/\/\S+)/);
-      if (m) resolve(m[1]);
-    });
-    relay.on('exit', (code) => reject(new Error(`relay exited with ${code}`)));
-    setTimeout(() => reject(new Error('relay did not start in 60 s')), 60_000).unref();
-  });
-  return { relay, url };
-}
-
-async function status(url) {
-  const res = await fetch(new URL('api/status', url));
-  return res.json();
-}
+import { CHROMIUM_ARGS, outDir, startRelay, status } from './support.mjs';
 
 const lastLoss = (s) => s.history.at(-1)?.val_loss ?? NaN;
 
@@ -72,11 +41,7 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
       executablePath: '/usr/bin/chromium',
       headless: true,
       viewport: { width: 720, height: 1000 },
-      args: [
-        '--headless', '--no-sandbox', '--disable-quic', '--no-first-run',
-        '--disable-background-networking', '--disable-component-update', '--disable-sync',
-        '--disable-dev-shm-usage', ...flags,
-      ],
+      args: [...CHROMIUM_ARGS, ...flags],
     });
     const page = browser.pages()[0] ?? await browser.newPage();
     const logs = [];

@@ -159,15 +159,15 @@ fn parse(target: &'static str, log: &str, corpus: &std::path::Path) -> Result<Ou
 }
 
 fn write_report(outcomes: &[Outcome], seconds: u64) -> Result {
-    let mut md = format!(
-        "# Fuzzing\n\n`cargo xtask fuzz --seconds {seconds}`: each `cargo fuzz` target of `fuzz/` ran \
-         for {seconds} s on one core (a target not named in a later run keeps its row from the run \
-         that measured it) (libFuzzer, no sanitizer: the code under test is safe Rust, \
+    let mut md = String::from(
+        "# Fuzzing\n\n`cargo xtask fuzz --seconds N [TARGET…]`: each `cargo fuzz` target of `fuzz/` ran \
+         for the seconds in its row on one core (a target not named in a later run keeps its row \
+         from the run that measured it) (libFuzzer, no sanitizer: the code under test is safe Rust, \
          so a crash is a panic, an overflow or a failed assertion), from the corpus kept in \
          `fuzz/corpus/` (not in git). Coverage is libFuzzer's count of covered edges (`cov`) and \
          features (`ft`) in the whole binary, the Burn and postcard code linked in included.\n\n\
-         | target | what it feeds | executions | exec/s | cov | ft | corpus |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: |\n"
+         | target | what it feeds | seconds | executions | exec/s | cov | ft | corpus |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     // Targets not run this time keep their row from the last report (marked with its time).
     let path = root().join("docs/benchmarks/fuzz.md");
@@ -175,7 +175,7 @@ fn write_report(outcomes: &[Outcome], seconds: u64) -> Result {
     for (target, what) in TARGETS {
         match outcomes.iter().find(|o| o.target == *target) {
             Some(o) => md.push_str(&format!(
-                "| `{}` | {what} | {} | {} | {} | {} | {} |\n",
+                "| `{}` | {what} | {seconds} | {} | {} | {} | {} | {} |\n",
                 o.target, o.runs, o.exec_per_s, o.cov, o.features, o.corpus
             )),
             None => {

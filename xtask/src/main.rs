@@ -309,7 +309,12 @@ fn test(args: &[String]) -> Result {
     let relay = build_relay()?;
     status(
         Command::new("node")
-            .args(["--test", "e2e.test.mjs"])
+            .args([
+                "--test",
+                "--test-concurrency=1",
+                "e2e.test.mjs",
+                "webrtc.test.mjs",
+            ])
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)
             .env("SWARMTRAIN_ROOT", root()),

@@ -27,10 +27,13 @@ pub fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
     tokio::spawn(future);
 }
 
+/// TCP to the relay, and circuits through it (so a native peer can hold a reservation, as a
+/// browser does; `_ice_servers` are for browser-to-browser WebRTC, which native peers lack).
 pub fn build_swarm(
     keypair: Keypair,
-    behaviour: Behaviour,
+    mut behaviour: Behaviour,
     idle: Duration,
+    _ice_servers: Vec<crate::webrtc::IceServer>,
 ) -> Result<Swarm<Behaviour>, String> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -40,7 +43,12 @@ pub fn build_swarm(
             yamux::Config::default,
         )
         .map_err(|e| e.to_string())?
-        .with_behaviour(|_| behaviour)
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| e.to_string())?
+        .with_behaviour(|_, relay_client| {
+            behaviour.relay_client = Some(relay_client).into();
+            behaviour
+        })
         .map_err(|e| e.to_string())?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build())

@@ -60,13 +60,33 @@ pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
     spawn_local(future);
 }
 
+/// The swarm of a browser peer: browser-to-browser WebRTC (through a circuit relay
+/// reservation) first, then circuits themselves, WebSocket and WebRTC-direct to the relay.
 pub fn build_swarm(
     keypair: Keypair,
-    behaviour: Behaviour,
+    mut behaviour: Behaviour,
     idle: Duration,
+    ice_servers: Vec<crate::webrtc::IceServer>,
 ) -> Result<Swarm<Behaviour>, String> {
+    let (circuits, relay_client) = libp2p::relay::client::new(keypair.public().to_peer_id());
+    let (browsers, signaling) = crate::webrtc::transport::new(ice_servers);
+    behaviour.relay_client = Some(relay_client).into();
+    behaviour.webrtc = Some(signaling).into();
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_wasm_bindgen()
+        // Browser-to-browser WebRTC has no Noise: the DTLS fingerprints came over the relayed
+        // connection, which Noise authenticated.
+        .with_other_transport(|_| browsers)
+        .map_err(|e| e.to_string())?
+        .with_other_transport(|key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                circuits
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()),
+            )
+        })
+        .map_err(|e| e.to_string())?
         .with_other_transport(|key| {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                 websocket_websys::Transport::default()
@@ -267,13 +287,19 @@ impl Contributor {
     /// (the default: WebGPU when the browser offers an adapter, else the CPU). `transport` may
     /// be `"webrtc-direct"`, `"ws"` or `"auto"` (the default: WebRTC-direct when the relay
     /// offers it, else WebSocket). `run` names the run to join (default: the relay's default
-    /// run).
+    /// run). `direct` is how many other browsers of the relay to connect to over WebRTC,
+    /// signaling through the relay, and whether to take such connections (default 0: none;
+    /// `direct` events report them). `ice_servers` is a JSON array of `RTCIceServer`s (`urls`,
+    /// optional `username` and `credential`) for those connections; without it only host
+    /// candidates are offered, which connect browsers on one network.
     pub async fn start(
         relay_url: String,
         on_event: Function,
         backend: Option<String>,
         transport: Option<String>,
         run: Option<String>,
+        direct: Option<u32>,
+        ice_servers: Option<String>,
     ) -> Result<Contributor, JsError> {
         report_panics();
         let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
@@ -300,6 +326,13 @@ impl Contributor {
             )));
         }
         let run = run.filter(|r| !r.is_empty());
+        let ice_servers: Vec<crate::webrtc::IceServer> = match ice_servers.filter(|s| !s.is_empty())
+        {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| JsError::new(&format!("ice_servers: {e}")))?,
+            None => Vec::new(),
+        };
+        let direct_peers = direct.unwrap_or(0) as usize;
         let config = |backend: &str| PeerConfig {
             run_id: run.clone(),
             sample_len: SAMPLE_LEN,
@@ -310,6 +343,8 @@ impl Contributor {
             max_rounds: None,
             stop: stop.clone(),
             max_retries: None,
+            direct_peers,
+            ice_servers: ice_servers.clone(),
         };
         let report = move |result: Result<u64, peer::PeerError>| {
             if let Err(e) = result {

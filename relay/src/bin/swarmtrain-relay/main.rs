@@ -255,6 +255,8 @@ async fn worker(args: Worker) -> anyhow::Result<()> {
         sample_len: 0,
         stop: stop.clone(),
         max_retries: None,
+        direct_peers: 0,
+        ice_servers: Vec::new(),
     };
     let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
         tracing::info!(?event, "worker");

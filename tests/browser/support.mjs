@@ -1,0 +1,41 @@
+// What the browser tests share: the relay they start and the flags Chromium runs with here.
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+
+export const root = process.env.SWARMTRAIN_ROOT ?? join(import.meta.dirname, '..', '..');
+export const relayBin = process.env.SWARMTRAIN_RELAY_BIN ?? join(root, 'target', 'debug', 'swarmtrain-relay');
+export const outDir = join(import.meta.dirname, 'out');
+
+export function startRelay(dataDir, http = '127.0.0.1:0') {
+  const relay = spawn(relayBin, [
+    'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', join(root, 'web'),
+    '--data-dir', dataDir,
+    // A tiny language model keeps the browser rounds short: 1 layer × 32 wide, context 32.
+    '--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',
+    '--lr', '0.01', '--warmup-steps', '5',
+    '--inner-steps', process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', '--quorum', '1', '--round-deadline-secs', '60',
+  ], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const url = new Promise((resolve, reject) => {
+    let buffered = '';
+    relay.stdout.on('data', (chunk) => {
+      buffered += chunk;
+      const m = buffered.match(/listening on (http:\/\/\S+)/);
+      if (m) resolve(m[1]);
+    });
+    relay.on('exit', (code) => reject(new Error(`relay exited with ${code}`)));
+    setTimeout(() => reject(new Error('relay did not start in 60 s')), 60_000).unref();
+  });
+  return { relay, url };
+}
+
+export async function status(url) {
+  const res = await fetch(new URL('api/status', url));
+  return res.json();
+}
+
+// Debian's Chromium, headless, on a machine without a sandbox or a GPU.
+export const CHROMIUM_ARGS = [
+  '--headless', '--no-sandbox', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  '--disable-dev-shm-usage',
+];

@@ -1,0 +1,74 @@
+// Browser-to-browser WebRTC: two tabs in separate browser profiles (two identities) contribute
+// to the language model over WebSocket with `?direct=2`. Each holds a circuit relay
+// reservation on the relay; the second lists the first in /api/reachable and connects to it
+// over WebRTC, signaling through the relay (libp2p's /webrtc-signaling/0.0.1). Both pages
+// then show one direct link, the relayed connection between them is closed once the direct
+// one exists, and both keep training.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { CHROMIUM_ARGS, outDir, startRelay } from './support.mjs';
+
+async function metric(url, name) {
+  const text = await (await fetch(new URL('metrics', url))).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `) || l.startsWith(`${name}{`));
+  return line ? Number(line.split(' ').at(-1)) : NaN;
+}
+
+test('two browsers link directly over WebRTC, signaling through the relay', { timeout: 300_000 }, async () => {
+  mkdirSync(outDir, { recursive: true });
+  const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-webrtc-'));
+  const { relay, url: urlPromise } = startRelay(dataDir);
+  let browser;
+  const logs = { a: [], b: [] };
+  try {
+    const url = await urlPromise;
+    browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+    const open = async (name) => {
+      // A context of its own: its own IndexedDB, so its own identity.
+      const context = await browser.newContext({ viewport: { width: 720, height: 1000 } });
+      const page = await context.newPage();
+      page.on('console', (m) => logs[name].push(`[${m.type()}] ${m.text()}`));
+      page.on('pageerror', (e) => logs[name].push(`[pageerror] ${e.message}`));
+      await page.goto(`${url}?transport=ws&direct=2`);
+      await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+      await page.click('#contribute');
+      return page;
+    };
+    const a = await open('a');
+    // A trains a round first, so its reservation is in place before B asks who is reachable.
+    await a.waitForFunction(() => Number(document.getElementById('trained').textContent) >= 1, null, { timeout: 120_000 });
+    assert.ok(await metric(url, 'swarmtrain_circuit_reservations') >= 1, 'A holds a reservation');
+    const started = Date.now();
+    const b = await open('b');
+    // A ping answered over the direct connection shows that libp2p streams (multistream-select,
+    // then ping's payload both ways) run over its data channels.
+    const linked = (page) => page.waitForFunction(() => /^1 \(WebRTC, ping \d+\.\d ms\)$/.test(document.getElementById('direct').textContent), null, { timeout: 180_000 });
+    try {
+      await Promise.all([linked(a), linked(b)]);
+    } catch (e) {
+      await a.screenshot({ path: join(outDir, 'webrtc-a.png'), fullPage: true });
+      await b.screenshot({ path: join(outDir, 'webrtc-b.png'), fullPage: true });
+      throw new Error(`${e.message}\nA:\n${logs.a.slice(-40).join('\n')}\nB:\n${logs.b.slice(-40).join('\n')}`);
+    }
+    console.log(`both tabs show a direct WebRTC link with a ping answered over it ${((Date.now() - started) / 1000).toFixed(1)} s after B opened: ${await a.textContent('#direct')}, ${await b.textContent('#direct')}`);
+    const peerA = await a.textContent('#peer');
+    const peerB = await b.textContent('#peer');
+    assert.notEqual(peerA, peerB, 'two identities');
+    // Both keep training with the link up.
+    const trained = Number(await b.textContent('#trained'));
+    await b.waitForFunction((n) => Number(document.getElementById('trained').textContent) > n, trained, { timeout: 120_000 });
+    await a.screenshot({ path: join(outDir, 'webrtc-a.png'), fullPage: true });
+    await b.screenshot({ path: join(outDir, 'webrtc-b.png'), fullPage: true });
+    assert.ok(await metric(url, 'swarmtrain_circuit_reservations') >= 2, 'both hold reservations');
+    const errors = [...logs.a, ...logs.b].filter((l) => l.startsWith('[pageerror]'));
+    if (errors.length) console.log(`page errors (not failing the test):\n${errors.join('\n')}`);
+  } finally {
+    if (browser) await browser.close();
+    relay.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+});
