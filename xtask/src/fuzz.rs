@@ -167,7 +167,7 @@ fn write_report(outcomes: &[Outcome], seconds: u64) -> Result {
          `fuzz/corpus/` (not in git). Coverage is libFuzzer's count of covered edges (`cov`) and \
          features (`ft`) in the whole binary, the Burn and postcard code linked in included.\n\n\
          | target | what it feeds | seconds | executions | exec/s | cov | ft | corpus |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     // Targets not run this time keep their row from the last report (marked with its time).
     let path = root().join("docs/benchmarks/fuzz.md");

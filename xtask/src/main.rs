@@ -168,7 +168,16 @@ fn apt_install(packages: &[&str]) -> Result {
 
 fn setup_browser() -> Result {
     apt_install(APT_PACKAGES)?;
-    npm_ci(&root().join("tests/browser"), "playwright-core")
+    npm_ci(&root().join("tests/browser"), "playwright-core")?;
+    // The js-libp2p node of the interop test, bundled by Vite (versions locked in its
+    // package-lock.json).
+    let interop = root().join("tests/browser/interop");
+    npm_ci(&interop, "libp2p")?;
+    status(
+        Command::new("npx")
+            .args(["vite", "build"])
+            .current_dir(interop),
+    )
 }
 
 /// `npm ci` in `dir` unless its `node_modules` already holds `package`.
@@ -305,7 +314,8 @@ fn test(args: &[String]) -> Result {
         .env("CARGO_TARGET_DIR", target_dir());
     status(&mut wasm)?;
 
-    // 3. The browser end-to-end test: a real relay, real Chromium, the Contribute button.
+    // 3. The browser end-to-end tests: a real relay, real Chromium, the Contribute button;
+    //    two tabs linked browser-to-browser; the same links with a js-libp2p node.
     let relay = build_relay()?;
     status(
         Command::new("node")
@@ -314,6 +324,7 @@ fn test(args: &[String]) -> Result {
                 "--test-concurrency=1",
                 "e2e.test.mjs",
                 "webrtc.test.mjs",
+                "interop.test.mjs",
             ])
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)
