@@ -23,7 +23,7 @@ use web_time::Instant;
 
 use crate::platform;
 use crate::replica::{LocalRound, Replica, RoundData};
-use crate::rpc::{RelayClient, RpcError};
+use crate::rpc::{ParamsSource, RelayClient, RpcError};
 
 /// How long a peer waits for a gossiped announcement before it also long-polls the relay.
 pub const POLL_AFTER: Duration = Duration::from_secs(3);
@@ -84,6 +84,9 @@ impl std::fmt::Debug for PeerConfig {
     }
 }
 
+/// How long a browser waits for its first direct link after joining before it fetches θ.
+const DIRECT_WAIT: Duration = Duration::from_secs(3);
+
 /// A browser this peer holds a direct WebRTC connection to.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DirectPeer {
@@ -118,6 +121,15 @@ pub enum PeerEvent {
         accuracy: Option<f32>,
         /// Held-out loss of the round's θ (language-model runs).
         val_loss: Option<f32>,
+    },
+    /// The round's θ arrived: `bytes` in `ms`, from the linked browser `from_peer` (None: from
+    /// the relay), and why the linked browsers tried before did not give it.
+    Params {
+        round: u64,
+        bytes: u64,
+        from_peer: Option<String>,
+        ms: f64,
+        peer_failures: Vec<String>,
     },
     /// Text sampled on this peer's backend from the global model of `round`.
     Sample {
@@ -424,8 +436,13 @@ impl Session {
             .filter(|p| *p != me)
             .take(config.direct_peers)
             .collect();
-        if !peers.is_empty() {
-            let _ = self.client.dial_direct(peers).await;
+        if peers.is_empty() || self.client.dial_direct(peers).await.is_err() {
+            return;
+        }
+        // Give the first link a moment, so that this round's θ can come from it.
+        let waited = Instant::now();
+        while self.client.relay_info().direct_peers.is_empty() && waited.elapsed() < DIRECT_WAIT {
+            platform::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -567,15 +584,32 @@ impl Session {
         }
     }
 
-    /// θ_t from the relay, in chunks over the peer connection, checked against its hash.
-    async fn fetch_params(&self, hash: ParamsHash) -> Result<Vec<f32>, PeerError> {
-        let bytes = self
+    /// θ_t in chunks from a linked browser or the relay, checked against its hash, and the
+    /// event that says where it came from.
+    async fn fetch_params(
+        &self,
+        round: u64,
+        hash: ParamsHash,
+    ) -> Result<(Vec<f32>, PeerEvent), PeerError> {
+        let started = Instant::now();
+        let (bytes, source, peer_failures) = self
             .client
-            .fetch_params(&self.spec.run_id, hash)
+            .fetch_params_anywhere(&self.spec.run_id, hash)
             .await
             .map_err(|e| PeerError::Download(e.to_string()))?;
-        protocol::params_from_bytes(&bytes)
-            .ok_or_else(|| PeerError::Download("parameters are malformed".into()))
+        let event = PeerEvent::Params {
+            round,
+            bytes: bytes.len() as u64,
+            from_peer: match source {
+                ParamsSource::Peer(peer) => Some(peer.to_string()),
+                ParamsSource::Relay => None,
+            },
+            ms: started.elapsed().as_secs_f64() * 1e3,
+            peer_failures,
+        };
+        let params = protocol::params_from_bytes(&bytes)
+            .ok_or_else(|| PeerError::Download("parameters are malformed".into()))?;
+        Ok((params, event))
     }
 
     async fn fetch_shard(&self, round: u64) -> Result<DigitsSet, PeerError> {
@@ -741,7 +775,8 @@ async fn train_session<B: AutodiffBackend>(
             accuracy: announcement.accuracy,
             val_loss: announcement.loss,
         });
-        let start = session.fetch_params(announcement.params).await?;
+        let (start, fetched) = session.fetch_params(round, announcement.params).await?;
+        emit(fetched);
         if start.len() != spec.model.num_params() {
             return Err(PeerError::Download(format!(
                 "θ has {} values, the model {}",

@@ -38,6 +38,64 @@ use crate::platform;
 /// deadline, so this is generous.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Browsers serve the θ they hold to the browsers linked to them over this protocol.
+pub const THETA_PROTOCOL: &str = "/swarmtrain/theta/1";
+/// How long a linked browser may take to answer one θ request before the next source is tried.
+const THETA_TIMEOUT: Duration = Duration::from_secs(10);
+/// θ versions a browser keeps to serve: the open round's and the one before.
+const THETA_KEPT: usize = 2;
+/// θ bytes in one answer (a frame is at most 16 KiB).
+const THETA_CHUNK: usize = 15 * 1024;
+
+/// A request for θ (by BLAKE3 hash) from `offset` on.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ThetaRequest {
+    hash: [u8; 32],
+    offset: u32,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum ThetaAnswer {
+    Chunk {
+        total: u32,
+        offset: u32,
+        bytes: Vec<u8>,
+    },
+    NotHere,
+}
+
+/// The θ versions this node serves, newest last.
+type Served = Arc<Mutex<std::collections::VecDeque<(ParamsHash, Arc<Vec<u8>>)>>>;
+
+/// Where a θ came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamsSource {
+    Relay,
+    /// A browser linked directly.
+    Peer(PeerId),
+}
+
+/// Appends `chunk` (at `offset` of `total`) to `bytes`; true once all `total` bytes are there.
+fn append_chunk(
+    bytes: &mut Vec<u8>,
+    total: usize,
+    offset: usize,
+    chunk: &[u8],
+) -> Result<bool, RpcError> {
+    if total > MAX_MESSAGE_BYTES
+        || offset != bytes.len()
+        || chunk.is_empty()
+        || offset + chunk.len() > total
+    {
+        return Err(RpcError::Wire(WireError::Malformed(format!(
+            "chunk {offset}+{} of {total}",
+            chunk.len()
+        ))));
+    }
+    bytes.extend_from_slice(chunk);
+    Ok(bytes.len() == total)
+}
+
 /// Length-delimited by the stream itself: a frame is everything up to EOF, at most
 /// `MAX_FRAME_BYTES`.
 #[derive(Clone, Debug, Default)]
@@ -128,6 +186,8 @@ pub struct Behaviour {
     pub relay_client: Toggle<relay::client::Behaviour>,
     /// Browsers: the WebRTC signaling with other browsers over relayed connections.
     pub webrtc: Toggle<crate::webrtc::signaling::Behaviour>,
+    /// Browsers: θ served to and fetched from linked browsers ([`THETA_PROTOCOL`]).
+    pub theta: Toggle<request_response::Behaviour<FrameCodec>>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -173,7 +233,20 @@ impl Behaviour {
             ),
             relay_client: None.into(),
             webrtc: None.into(),
+            theta: None.into(),
         })
+    }
+
+    /// Serves θ to linked browsers and fetches it from them (browsers).
+    pub fn with_theta(mut self) -> Self {
+        self.theta = Some(request_response::Behaviour::new(
+            [(StreamProtocol::new(THETA_PROTOCOL), ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(THETA_TIMEOUT)
+                .with_max_concurrent_streams(16),
+        ))
+        .into();
+        self
     }
 }
 
@@ -192,6 +265,10 @@ pub enum RpcError {
     Sign(String),
     #[error("the key exchange with the relay failed: {0}")]
     Seal(#[from] seal::SealError),
+    /// A linked browser did not give what was asked (θ it does not hold, a bad answer, a
+    /// closed link).
+    #[error("{0}")]
+    Peer(String),
 }
 
 enum Command {
@@ -208,6 +285,12 @@ enum Command {
     /// Connect to these browsers over WebRTC, signaling through the relay.
     DialDirect {
         peers: Vec<PeerId>,
+    },
+    /// A θ request to a linked browser.
+    Theta {
+        peer: PeerId,
+        frame: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, RpcError>>,
     },
 }
 
@@ -228,6 +311,7 @@ pub struct RelayClient {
     info: Arc<Mutex<RelayInfo>>,
     gossip: Arc<futures::lock::Mutex<mpsc::Receiver<Vec<u8>>>>,
     signer: Arc<Signer>,
+    served: Served,
 }
 
 /// Signs this connection's envelopes.
@@ -276,6 +360,7 @@ impl std::fmt::Debug for Command {
             Command::Subscribe { topic } => write!(f, "Command::Subscribe({topic})"),
             Command::ListenDirect => f.write_str("Command::ListenDirect"),
             Command::DialDirect { peers } => write!(f, "Command::DialDirect({peers:?})"),
+            Command::Theta { peer, .. } => write!(f, "Command::Theta({peer})"),
         }
     }
 }
@@ -317,11 +402,12 @@ impl RelayClient {
         let (commands, receiver) = mpsc::channel(16);
         let info = Arc::new(Mutex::new(RelayInfo::default()));
         let (gossip_tx, gossip) = mpsc::channel(GOSSIP_QUEUE);
+        let served = Served::default();
         platform::spawn(event_loop(
             swarm,
             (relay, address),
             receiver,
-            info.clone(),
+            (info.clone(), served.clone()),
             gossip_tx,
         ));
         let micros = web_time::SystemTime::now()
@@ -331,6 +417,7 @@ impl RelayClient {
             commands,
             info,
             gossip: Arc::new(futures::lock::Mutex::new(gossip)),
+            served,
             signer: Arc::new(Signer {
                 identity: Identity::from_seed(*identity.seed()),
                 peer_id,
@@ -502,35 +589,24 @@ impl RelayClient {
                     .request_frame(protocol::encode(&Request::Fetch(fetch))?)
                     .await?,
             )?;
-            let (total, offset, chunk) = match answer {
+            let done = match answer {
                 RelayToClient::Chunk {
                     total,
                     offset,
-                    bytes,
+                    bytes: chunk,
                 } => {
-                    let bytes = match self.keys() {
+                    let chunk = match self.keys() {
                         Some(keys) => {
-                            keys.open(&seal::chunk_context(&hash.0, offset, total), &bytes)?
+                            keys.open(&seal::chunk_context(&hash.0, offset, total), &chunk)?
                         }
-                        None => bytes,
+                        None => chunk,
                     };
-                    (total as usize, offset as usize, bytes)
+                    append_chunk(&mut bytes, total as usize, offset as usize, &chunk)?
                 }
                 RelayToClient::Rejected { reason, .. } => return Err(RpcError::Refused(reason)),
                 _ => return Err(unexpected("a chunk")),
             };
-            if total > MAX_MESSAGE_BYTES
-                || offset != bytes.len()
-                || chunk.is_empty()
-                || offset + chunk.len() > total
-            {
-                return Err(RpcError::Wire(WireError::Malformed(format!(
-                    "chunk {offset}+{} of {total}",
-                    chunk.len()
-                ))));
-            }
-            bytes.extend_from_slice(&chunk);
-            if bytes.len() == total {
+            if done {
                 break;
             }
         }
@@ -540,6 +616,80 @@ impl RelayClient {
             )));
         }
         Ok(bytes)
+    }
+
+    /// θ by its hash from the browsers linked to this one, each in turn, then from the relay;
+    /// whatever comes from a peer is checked against the hash (a wrong answer costs a retry
+    /// elsewhere, never a wrong θ). The θ is then served to linked browsers. Also returns why
+    /// each linked browser tried did not give it.
+    pub async fn fetch_params_anywhere(
+        &self,
+        run_id: &str,
+        hash: ParamsHash,
+    ) -> Result<(Vec<u8>, ParamsSource, Vec<String>), RpcError> {
+        let mut failures = Vec::new();
+        for peer in self.relay_info().direct_peers {
+            match self.fetch_from_peer(peer, hash).await {
+                Ok(bytes) => {
+                    self.serve(hash, &bytes);
+                    return Ok((bytes, ParamsSource::Peer(peer), failures));
+                }
+                Err(e) => failures.push(format!("{peer} {e}")),
+            }
+        }
+        let bytes = self.fetch_params(run_id, hash).await?;
+        self.serve(hash, &bytes);
+        Ok((bytes, ParamsSource::Relay, failures))
+    }
+
+    /// θ from one linked browser, checked against its hash.
+    async fn fetch_from_peer(&self, peer: PeerId, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
+        let mut bytes = Vec::new();
+        loop {
+            let frame = protocol::encode(&ThetaRequest {
+                hash: hash.0,
+                offset: bytes.len() as u32,
+            })?;
+            let (reply, answer) = oneshot::channel();
+            self.commands
+                .clone()
+                .send(Command::Theta { peer, frame, reply })
+                .await
+                .map_err(|_| RpcError::Closed)?;
+            let answer = answer.await.map_err(|_| RpcError::Closed)??;
+            match protocol::decode::<ThetaAnswer>(&answer)? {
+                ThetaAnswer::Chunk {
+                    total,
+                    offset,
+                    bytes: chunk,
+                } => {
+                    if append_chunk(&mut bytes, total as usize, offset as usize, &chunk)? {
+                        break;
+                    }
+                }
+                ThetaAnswer::NotHere => {
+                    return Err(RpcError::Peer("does not hold this θ yet".into()));
+                }
+            }
+        }
+        if ParamsHash::of(&bytes) != hash {
+            return Err(RpcError::Peer(
+                "sent parameters that do not match their hash".into(),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Keeps `bytes` (whose hash is `hash`) to serve to linked browsers.
+    fn serve(&self, hash: ParamsHash, bytes: &[u8]) {
+        if let Ok(mut served) = self.served.lock()
+            && !served.iter().any(|(h, _)| *h == hash)
+        {
+            if served.len() == THETA_KEPT {
+                served.pop_front();
+            }
+            served.push_back((hash, Arc::new(bytes.to_vec())));
+        }
     }
 
     /// Sends raw request bytes and returns the raw answer (tests use it to send bad input).
@@ -552,6 +702,25 @@ impl RelayClient {
             .map_err(|_| RpcError::Closed)?;
         answer.await.map_err(|_| RpcError::Closed)?
     }
+}
+
+/// The answer to a linked browser's θ request: a chunk of a θ this node holds, or `NotHere`.
+fn serve_theta(served: &Served, request: &[u8]) -> Vec<u8> {
+    let answer = protocol::decode::<ThetaRequest>(request)
+        .ok()
+        .and_then(|request| {
+            let served = served.lock().ok()?;
+            let (_, bytes) = served.iter().find(|(h, _)| h.0 == request.hash)?;
+            let offset = request.offset as usize;
+            let end = bytes.len().min(offset.checked_add(THETA_CHUNK)?);
+            (offset < end).then(|| ThetaAnswer::Chunk {
+                total: bytes.len() as u32,
+                offset: request.offset,
+                bytes: bytes[offset..end].to_vec(),
+            })
+        })
+        .unwrap_or(ThetaAnswer::NotHere);
+    protocol::encode(&answer).unwrap_or_default()
 }
 
 fn set_direct_error(info: &Mutex<RelayInfo>, error: String) {
@@ -581,10 +750,12 @@ async fn event_loop(
     mut swarm: Swarm<Behaviour>,
     (relay, relay_address): (PeerId, Multiaddr),
     mut commands: mpsc::Receiver<Command>,
-    info: Arc<Mutex<RelayInfo>>,
+    (info, served): (Arc<Mutex<RelayInfo>>, Served),
     mut gossip: mpsc::Sender<Vec<u8>>,
 ) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> =
+        HashMap::new();
+    let mut pending_theta: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> =
         HashMap::new();
     loop {
         futures::select! {
@@ -620,6 +791,14 @@ async fn event_loop(
                         }
                     }
                 }
+                Some(Command::Theta { peer, frame, reply }) => match swarm.behaviour_mut().theta.as_mut() {
+                    Some(theta) => {
+                        pending_theta.insert(theta.send_request(&peer, frame), reply);
+                    }
+                    None => {
+                        let _ = reply.send(Err(RpcError::Network("this node does not fetch θ from peers".into())));
+                    }
+                },
                 // Every handle is gone: close the connection.
                 None => return,
             },
@@ -637,6 +816,30 @@ async fn event_loop(
                 })) => {
                     if let Some(reply) = pending.remove(&request_id) {
                         let _ = reply.send(Err(RpcError::Network(error.to_string())));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Theta(request_response::Event::Message {
+                    message: request_response::Message::Request { request, channel, .. },
+                    ..
+                })) => {
+                    let answer = serve_theta(&served, &request);
+                    if let Some(theta) = swarm.behaviour_mut().theta.as_mut() {
+                        let _ = theta.send_response(channel, answer);
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Theta(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) => {
+                    if let Some(reply) = pending_theta.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Theta(request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                })) => {
+                    if let Some(reply) = pending_theta.remove(&request_id) {
+                        let _ = reply.send(Err(RpcError::Peer(format!("did not answer: {error}"))));
                     }
                 }
                 // Only the relay's messages count; a full queue drops the newest (the long poll

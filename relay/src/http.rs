@@ -406,6 +406,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     );
     let _ = writeln!(
         out,
+        "# HELP swarmtrain_params_bytes_served_total Bytes of parameters served in chunks over \
+         libp2p (not over HTTP).\n# TYPE swarmtrain_params_bytes_served_total counter\n\
+         swarmtrain_params_bytes_served_total {}",
+        state.runs.params_bytes_served()
+    );
+    let _ = writeln!(
+        out,
         "# HELP swarmtrain_circuit_reservations Peers holding a circuit relay reservation (reachable \
          browser-to-browser).\n# TYPE swarmtrain_circuit_reservations gauge\n\
          swarmtrain_circuit_reservations {}",

@@ -61,6 +61,8 @@ pub struct Runs {
     guard: Mutex<Guard>,
     /// Connections closed for their strikes (for `/metrics`).
     closed_for_strikes: std::sync::atomic::AtomicU64,
+    /// Bytes of θ served in chunks over libp2p (for `/metrics`).
+    params_bytes_served: std::sync::atomic::AtomicU64,
     /// Checks the signatures of connections that have not joined a run, on their own thread.
     unjoined: UnjoinedChecks,
     /// θ chunks and update payloads only on sealed connections (`not_sealed` otherwise).
@@ -201,6 +203,7 @@ impl Runs {
                 verified: HashMap::new(),
             }),
             closed_for_strikes: Default::default(),
+            params_bytes_served: Default::default(),
             unjoined: UnjoinedChecks::start()?,
             require_sealed,
         })
@@ -237,6 +240,12 @@ impl Runs {
     /// Connections closed for their strikes since the relay started (for `/metrics`).
     pub fn closed_for_strikes(&self) -> u64 {
         self.closed_for_strikes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of θ served in chunks over libp2p since the relay started (for `/metrics`).
+    pub fn params_bytes_served(&self) -> u64 {
+        self.params_bytes_served
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -513,19 +522,24 @@ impl Runs {
                         .await;
                 }
                 let answer = run.fetch(fetch).await;
-                let Some(keys) = keys else {
-                    return answer;
-                };
                 match protocol::decode::<RelayToClient>(&answer) {
                     Ok(RelayToClient::Chunk {
                         total,
                         offset,
                         bytes,
-                    }) => encode(&RelayToClient::Chunk {
-                        total,
-                        offset,
-                        bytes: keys.seal(&seal::chunk_context(&hash, offset, total), &bytes),
-                    }),
+                    }) => {
+                        self.params_bytes_served
+                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        match keys {
+                            Some(keys) => encode(&RelayToClient::Chunk {
+                                total,
+                                offset,
+                                bytes: keys
+                                    .seal(&seal::chunk_context(&hash, offset, total), &bytes),
+                            }),
+                            None => answer,
+                        }
+                    }
                     _ => answer,
                 }
             }

@@ -2,8 +2,9 @@
 // to the language model over WebSocket with `?direct=2`. Each holds a circuit relay
 // reservation on the relay; the second lists the first in /api/reachable and connects to it
 // over WebRTC, signaling through the relay (libp2p's /webrtc-signaling/0.0.1). Both pages
-// then show one direct link, the relayed connection between them is closed once the direct
-// one exists, and both keep training.
+// then show one direct link, and both keep training. Once the second tab is active a round
+// needs both tabs' updates, so the first tab holds the open round's θ while the second has
+// yet to fetch it: the second takes it from the first over the link, not from the relay.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
@@ -21,7 +22,7 @@ async function metric(url, name) {
 test('two browsers link directly over WebRTC, signaling through the relay', { timeout: 300_000 }, async () => {
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-webrtc-'));
-  const { relay, url: urlPromise } = startRelay(dataDir);
+  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { quorum: 2 });
   let browser;
   const logs = { a: [], b: [] };
   try {
@@ -55,6 +56,13 @@ test('two browsers link directly over WebRTC, signaling through the relay', { ti
       throw new Error(`${e.message}\nA:\n${logs.a.slice(-40).join('\n')}\nB:\n${logs.b.slice(-40).join('\n')}`);
     }
     console.log(`both tabs show a direct WebRTC link with a ping answered over it ${((Date.now() - started) / 1000).toFixed(1)} s after B opened: ${await a.textContent('#direct')}, ${await b.textContent('#direct')}`);
+    const fromPeer = await b.waitForFunction(() => [...document.querySelectorAll('#log li')]
+      .map((li) => li.textContent).find((t) => /round \d+: θ \(\d+ KiB\) from a linked browser in \d+ ms/.test(t)), null, { timeout: 60_000 })
+      .catch(async (e) => {
+        const shown = await b.$$eval('#log li', (lis) => lis.map((li) => li.textContent));
+        throw new Error(`${e.message}\nB's log:\n${shown.join('\n')}\nB's console:\n${logs.b.slice(-40).join('\n')}`);
+      });
+    console.log(`the second tab: ${await fromPeer.jsonValue()}`);
     const peerA = await a.textContent('#peer');
     const peerB = await b.textContent('#peer');
     assert.notEqual(peerA, peerB, 'two identities');

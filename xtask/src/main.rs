@@ -45,6 +45,7 @@ fn main() -> ExitCode {
                  bench load   1,000 simulated peers on one relay; writes docs/benchmarks/load.md\n  \
                  bench soak   100,000 fast rounds on one relay: round time, memory, disk; writes docs/benchmarks/soak.md\n  \
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
+                 bench joiners the relay's θ bytes out for 8 browsers joining a round, without and with browser links; writes docs/benchmarks/joiners.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
                  fuzz [--seconds N] [TARGET…]  run the cargo fuzz targets N s each (default 60); writes docs/benchmarks/fuzz.md\n  \
                  setup        install the toolchain pieces and browser packages only"
@@ -340,7 +341,8 @@ fn bench(args: &[String]) -> Result {
         Some("soak") => bench_soak(&args[1..]),
         Some("browser") => bench_browser::run(args.get(1).is_some_and(|a| a == "--report-only")),
         Some("flood") => bench_flood(),
-        _ => Err("usage: cargo xtask bench robust|diloco|load|soak|browser|flood".into()),
+        Some("joiners") => bench_joiners(),
+        _ => Err("usage: cargo xtask bench robust|diloco|load|soak|browser|flood|joiners".into()),
     }
 }
 
@@ -950,6 +952,22 @@ fn memory_kb(pid: u32) -> Result<(f64, f64)> {
 /// `swarmtrain-relay soak` on a release build (extra arguments go to it, e.g. `--rounds 20000`).
 /// The honest round time with and without a hostile flood (`tests/benches/flood.rs`), written
 /// to docs/benchmarks/flood.md.
+/// The relay's θ bytes out for browsers joining one round, without and with browser-to-browser
+/// links (`tests/browser/joiners.mjs` writes docs/benchmarks/joiners.md).
+fn bench_joiners() -> Result {
+    setup_wasm()?;
+    build_wasm()?;
+    setup_browser()?;
+    let relay = build_relay()?;
+    status(
+        Command::new("node")
+            .arg("joiners.mjs")
+            .current_dir(root().join("tests/browser"))
+            .env("SWARMTRAIN_RELAY_BIN", relay)
+            .env("SWARMTRAIN_ROOT", root()),
+    )
+}
+
 fn bench_flood() -> Result {
     let report = root().join("docs/benchmarks/flood.md");
     status(

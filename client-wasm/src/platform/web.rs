@@ -72,6 +72,7 @@ pub fn build_swarm(
     let (browsers, signaling) = crate::webrtc::transport::new(ice_servers);
     behaviour.relay_client = Some(relay_client).into();
     behaviour.webrtc = Some(signaling).into();
+    let behaviour = behaviour.with_theta();
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_wasm_bindgen()
         // Browser-to-browser WebRTC has no Noise: the DTLS fingerprints came over the relayed

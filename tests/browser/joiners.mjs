@@ -1,0 +1,70 @@
+// `cargo xtask bench joiners`: the relay's θ bytes out when N browsers join the same round,
+// without and with browser-to-browser links. A relay whose rounds need all N updates (so the
+// round stays open while they join); N Chromium contexts (N identities, CPU backend, WebSocket)
+// open a second apart and contribute, first with `?direct=0`, then, on a fresh relay, with
+// `?direct=3`. Reported: the relay's `swarmtrain_params_bytes_served_total` once every tab has
+// fetched round 0's θ, and how each tab got it. Writes docs/benchmarks/joiners.md.
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { CHROMIUM_ARGS, root, startRelay } from './support.mjs';
+
+const N = Number(process.env.JOINERS ?? 8);
+
+async function metric(url, name) {
+  const text = await (await fetch(new URL('metrics', url))).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  return line ? Number(line.split(' ').at(-1)) : NaN;
+}
+
+async function once(direct) {
+  const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-joiners-'));
+  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { quorum: N });
+  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+  try {
+    const url = await urlPromise;
+    const fetched = [];
+    const pages = [];
+    for (let i = 0; i < N; i++) {
+      const context = await browser.newContext();
+      const page = await context.newPage();
+      page.on('console', (m) => {
+        const t = m.text();
+        const at = t.indexOf('swarmtrain event ');
+        if (at < 0) return;
+        try {
+          const ev = JSON.parse(t.slice(at + 'swarmtrain event '.length));
+          if (ev.kind === 'params' && ev.round === 0) fetched.push({ tab: i, ...ev });
+        } catch { /* a truncated event line */ }
+      });
+      await page.goto(`${url}?transport=ws&direct=${direct}&run=lm`);
+      await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+      await page.click('#contribute');
+      pages.push(page);
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    const deadline = Date.now() + 180_000;
+    while (fetched.length < N && Date.now() < deadline) await new Promise((r) => setTimeout(r, 250));
+    const bytes = await metric(url, 'swarmtrain_params_bytes_served_total');
+    return { direct, bytes, fetched };
+  } finally {
+    await browser.close();
+    relay.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+const runs = [await once(0), await once(3)];
+const theta = runs[0].fetched[0]?.bytes ?? NaN;
+let md = `# θ for ${N} browsers joining one round\n\n\`cargo xtask bench joiners\` (\`tests/browser/joiners.mjs\`): a relay whose rounds close on ${N} updates, ${N} headless Chromium tabs (separate identities, CPU, WebSocket) opened a second apart; each fetches round 0's θ (${(theta / 1024).toFixed(1)} KiB, the end-to-end tests' tiny language model) when it joins. The relay's θ bytes out (\`swarmtrain_params_bytes_served_total\`) once all ${N} have it:\n\n| links | relay θ bytes out | × one θ | tabs served by a linked browser | median fetch from a browser | median fetch from the relay |\n| --- | ---: | ---: | ---: | ---: | ---: |\n`;
+const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.floor(s.length / 2)] : NaN; };
+for (const r of runs) {
+  const peer = r.fetched.filter((f) => f.from_peer);
+  const relayed = r.fetched.filter((f) => !f.from_peer);
+  md += `| ${r.direct === 0 ? 'none' : `up to ${r.direct} per tab`} | ${r.bytes} | ${(r.bytes / theta).toFixed(2)} | ${peer.length} of ${r.fetched.length} | ${peer.length ? `${median(peer.map((f) => f.ms)).toFixed(0)} ms` : '—'} | ${relayed.length ? `${median(relayed.map((f) => f.ms)).toFixed(0)} ms` : '—'} |\n`;
+}
+const saved = 1 - runs[1].bytes / runs[0].bytes;
+md += `\nWith links the relay sent ${(saved * 100).toFixed(0)}% fewer θ bytes. A tab fetches from its linked browsers in turn (15 KiB per request, a data channel per request) and checks the whole against the announced hash; a browser that does not hold the θ yet answers \`NotHere\` and the tab goes on to the next source, the relay last.\n`;
+writeFileSync(join(root, 'docs', 'benchmarks', 'joiners.md'), md);
+console.log(md);
