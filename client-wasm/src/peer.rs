@@ -84,7 +84,7 @@ impl std::fmt::Debug for PeerConfig {
     }
 }
 
-/// How long a browser waits for its first direct link after joining before it fetches θ.
+/// How long a browser waits for the links it dialed after joining before it fetches θ.
 const DIRECT_WAIT: Duration = Duration::from_secs(3);
 
 /// A browser this peer holds a direct WebRTC connection to.
@@ -212,6 +212,18 @@ impl PeerError {
                 | Self::Announcement(_)
                 | Self::Download(_)
         )
+    }
+}
+
+/// Shuffles `items` (Fisher–Yates with the platform's random source; left as is without one).
+fn shuffle<T>(items: &mut [T]) {
+    let mut random = vec![0u8; items.len() * 4];
+    if getrandom::fill(&mut random).is_err() {
+        return;
+    }
+    for i in (1..items.len()).rev() {
+        let r = u32::from_le_bytes(random[i * 4..i * 4 + 4].try_into().unwrap_or_default());
+        items.swap(i, r as usize % (i + 1));
     }
 }
 
@@ -417,8 +429,10 @@ impl Session {
         struct Reachable {
             peers: Vec<String>,
         }
-        let path = format!("api/reachable?limit={}", config.direct_peers + 1);
-        let listed = match platform::http_get(&url(&self.relay_url, &path)).await {
+        // Up to `direct_peers` of the 32 newest, at random: not only the newest, which have
+        // often not fetched the round's θ yet, and no browser linked to by every joiner.
+        let listed = match platform::http_get(&url(&self.relay_url, "api/reachable?limit=32")).await
+        {
             Ok(body) => serde_json::from_slice::<Reachable>(&body).map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
@@ -430,12 +444,13 @@ impl Session {
             }
         };
         let me = self.client.peer_id();
-        let peers: Vec<libp2p::PeerId> = listed
+        let mut peers: Vec<libp2p::PeerId> = listed
             .iter()
             .filter_map(|p| p.parse().ok())
             .filter(|p| *p != me)
-            .take(config.direct_peers)
             .collect();
+        shuffle(&mut peers);
+        peers.truncate(config.direct_peers);
         if peers.is_empty() || self.client.dial_direct(peers).await.is_err() {
             return;
         }

@@ -1,9 +1,9 @@
 // `cargo xtask bench joiners`: the relay's θ bytes out when N browsers join the same round,
-// without and with browser-to-browser links. A relay whose rounds need all N updates (so the
-// round stays open while they join); N Chromium contexts (N identities, CPU backend, WebSocket)
-// open a second apart and contribute, first with `?direct=0`, then, on a fresh relay, with
-// `?direct=3`. Reported: the relay's `swarmtrain_params_bytes_served_total` once every tab has
-// fetched round 0's θ, and how each tab got it. Writes docs/benchmarks/joiners.md.
+// without and with browser-to-browser links. Rounds of 1,500 inner steps keep round 0 open
+// while N Chromium contexts (N identities, CPU backend, WebSocket) open a second apart and
+// contribute, first with `?direct=0`, then, on a fresh relay, with `?direct=3`. Reported: the
+// relay's `swarmtrain_params_bytes_served_total` once every tab has fetched its first θ, and
+// how each tab got it. Writes docs/benchmarks/joiners.md.
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,6 +11,7 @@ import { chromium } from 'playwright-core';
 import { CHROMIUM_ARGS, root, startRelay } from './support.mjs';
 
 const N = Number(process.env.JOINERS ?? 8);
+process.env.SWARMTRAIN_E2E_INNER_STEPS = '1500';
 
 async function metric(url, name) {
   const text = await (await fetch(new URL('metrics', url))).text();
@@ -35,7 +36,7 @@ async function once(direct) {
         if (at < 0) return;
         try {
           const ev = JSON.parse(t.slice(at + 'swarmtrain event '.length));
-          if (ev.kind === 'params' && ev.round === 0) fetched.push({ tab: i, ...ev });
+          if (ev.kind === 'params' && !fetched.some((f) => f.tab === i)) fetched.push({ tab: i, ...ev });
         } catch { /* a truncated event line */ }
       });
       await page.goto(`${url}?transport=ws&direct=${direct}&run=lm`);
@@ -47,7 +48,8 @@ async function once(direct) {
     const deadline = Date.now() + 180_000;
     while (fetched.length < N && Date.now() < deadline) await new Promise((r) => setTimeout(r, 250));
     const bytes = await metric(url, 'swarmtrain_params_bytes_served_total');
-    return { direct, bytes, fetched };
+    const rounds = [...new Set(fetched.map((f) => f.round))];
+    return { direct, bytes, fetched, rounds };
   } finally {
     await browser.close();
     relay.kill('SIGTERM');
@@ -57,7 +59,7 @@ async function once(direct) {
 
 const runs = [await once(0), await once(3)];
 const theta = runs[0].fetched[0]?.bytes ?? NaN;
-let md = `# θ for ${N} browsers joining one round\n\n\`cargo xtask bench joiners\` (\`tests/browser/joiners.mjs\`): a relay whose rounds close on ${N} updates, ${N} headless Chromium tabs (separate identities, CPU, WebSocket) opened a second apart; each fetches round 0's θ (${(theta / 1024).toFixed(1)} KiB, the end-to-end tests' tiny language model) when it joins. The relay's θ bytes out (\`swarmtrain_params_bytes_served_total\`) once all ${N} have it:\n\n| links | relay θ bytes out | × one θ | tabs served by a linked browser | median fetch from a browser | median fetch from the relay |\n| --- | ---: | ---: | ---: | ---: | ---: |\n`;
+let md = `# θ for ${N} browsers joining one round\n\n\`cargo xtask bench joiners\` (\`tests/browser/joiners.mjs\`): ${N} headless Chromium tabs (separate identities, CPU, WebSocket) opened a second apart; rounds of 1,500 inner steps keep the first round open while they join; each fetches that round's θ (${(theta / 1024).toFixed(1)} KiB, the end-to-end tests' tiny language model) when it joins. The relay's θ bytes out (\`swarmtrain_params_bytes_served_total\`) once all ${N} have it (rounds fetched: ${runs.map((r) => r.rounds.join(', ')).join(' and ')}):\n\n| links | relay θ bytes out | × one θ | tabs served by a linked browser | median fetch from a browser | median fetch from the relay |\n| --- | ---: | ---: | ---: | ---: | ---: |\n`;
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.floor(s.length / 2)] : NaN; };
 for (const r of runs) {
   const peer = r.fetched.filter((f) => f.from_peer);
