@@ -4,7 +4,8 @@
 // over WebRTC, signaling through the relay (libp2p's /webrtc-signaling/0.0.1). Both pages
 // then show one direct link, and both keep training. Once the second tab is active a round
 // needs both tabs' updates, so the first tab holds the open round's θ while the second has
-// yet to fetch it: the second takes it from the first over the link, not from the relay.
+// yet to fetch it: the second takes it from the first over the link, not from the relay. Then
+// the first tab is closed: the second trains on with θ from the relay.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
@@ -19,7 +20,7 @@ async function metric(url, name) {
   return line ? Number(line.split(' ').at(-1)) : NaN;
 }
 
-test('two browsers link directly over WebRTC, signaling through the relay', { timeout: 300_000 }, async () => {
+test('two browsers link directly over WebRTC, signaling through the relay', { timeout: 400_000 }, async () => {
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-webrtc-'));
   const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { quorum: 2 });
@@ -72,6 +73,13 @@ test('two browsers link directly over WebRTC, signaling through the relay', { ti
     await a.screenshot({ path: join(outDir, 'webrtc-a.png'), fullPage: true });
     await b.screenshot({ path: join(outDir, 'webrtc-b.png'), fullPage: true });
     assert.ok(await metric(url, 'swarmtrain_circuit_reservations') >= 2, 'both hold reservations');
+    // The first tab goes away: the second keeps training, θ now from the relay, the round it
+    // was waiting in closing by its deadline at the latest.
+    const before = Number(await b.textContent('#trained'));
+    await a.context().close();
+    const closed = Date.now();
+    await b.waitForFunction((n) => Number(document.getElementById('trained').textContent) >= n + 2, before, { timeout: 150_000 });
+    console.log(`with the first tab closed, the second trained 2 more rounds in ${((Date.now() - closed) / 1000).toFixed(1)} s`);
     const errors = [...logs.a, ...logs.b].filter((l) => l.startsWith('[pageerror]'));
     if (errors.length) console.log(`page errors (not failing the test):\n${errors.join('\n')}`);
   } finally {
