@@ -84,7 +84,7 @@ impl std::fmt::Debug for PeerConfig {
     }
 }
 
-/// How long a browser waits for the links it dialed after joining before it fetches θ.
+/// How long a browser waits for its first link after joining before it fetches θ.
 const DIRECT_WAIT: Duration = Duration::from_secs(3);
 
 /// A browser this peer holds a direct WebRTC connection to.

@@ -46,6 +46,8 @@ const THETA_TIMEOUT: Duration = Duration::from_secs(10);
 const THETA_KEPT: usize = 2;
 /// θ bytes in one answer (a frame is at most 16 KiB).
 const THETA_CHUNK: usize = 15 * 1024;
+/// How long one linked browser may take for a whole θ before the next source is tried.
+const THETA_PEER_BUDGET: Duration = Duration::from_secs(20);
 
 /// A request for θ (by BLAKE3 hash) from `offset` on.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -644,8 +646,14 @@ impl RelayClient {
 
     /// θ from one linked browser, checked against its hash.
     async fn fetch_from_peer(&self, peer: PeerId, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
+        let started = web_time::Instant::now();
         let mut bytes = Vec::new();
         loop {
+            if started.elapsed() > THETA_PEER_BUDGET {
+                return Err(RpcError::Peer(format!(
+                    "took over {THETA_PEER_BUDGET:?} for one θ"
+                )));
+            }
             let frame = protocol::encode(&ThetaRequest {
                 hash: hash.0,
                 offset: bytes.len() as u32,
@@ -663,6 +671,14 @@ impl RelayClient {
                     offset,
                     bytes: chunk,
                 } => {
+                    // Full chunks only: a peer cannot drip θ a byte per request.
+                    let full = THETA_CHUNK.min((total as usize).saturating_sub(offset as usize));
+                    if chunk.len() < full {
+                        return Err(RpcError::Peer(format!(
+                            "sent a {}-byte chunk where {full} were due",
+                            chunk.len()
+                        )));
+                    }
                     if append_chunk(&mut bytes, total as usize, offset as usize, &chunk)? {
                         break;
                     }

@@ -114,6 +114,17 @@ impl Reader {
             self.buffer.extend_from_slice(&chunk[..n]);
         }
     }
+
+    /// The data of the next message, which must be of `kind`.
+    async fn expect(&mut self, kind: SignalType) -> Result<String, String> {
+        match self.next().await? {
+            Some(Signal {
+                kind: Some(k),
+                data,
+            }) if k == kind => Ok(data),
+            other => Err(format!("expected {kind:?}, got {other:?}")),
+        }
+    }
 }
 
 /// Callbacks of one peer connection, as channels.
@@ -266,7 +277,7 @@ fn sdp_of(value: &JsValue) -> Result<String, String> {
 /// The dialer's side: returns the connected peer connection.
 pub async fn dial(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnection, String> {
     let pc = peer_connection(ice)?;
-    let result = async {
+    let steps = async {
         let mut watch = Watch::new(&pc);
         let (mut reader, mut writer) = signals(stream);
         let init = pc.create_data_channel("init");
@@ -276,42 +287,24 @@ pub async fn dial(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnection
         let sdp = sdp_of(&offer)?;
         writer.send(SignalType::SdpOffer, &sdp).await?;
         description(&pc, RtcSdpType::Offer, &sdp, true).await?;
-        let answer = match reader.next().await? {
-            Some(Signal {
-                kind: Some(SignalType::SdpAnswer),
-                data,
-            }) => data,
-            other => return Err(format!("expected an SDP answer, got {other:?}")),
-        };
+        let answer = reader.expect(SignalType::SdpAnswer).await?;
         description(&pc, RtcSdpType::Answer, &answer, false).await?;
         trickle(&pc, &mut reader, &mut writer, &mut watch).await?;
         init.close();
         let _ = writer.write.close().await;
         Ok(())
-    }
-    .await;
-    match result {
-        Ok(()) => Ok(pc),
-        Err(e) => {
-            pc.close();
-            Err(e)
-        }
-    }
+    };
+    or_close(&pc, steps).await?;
+    Ok(pc)
 }
 
 /// The listener's side: returns the connected peer connection.
 pub async fn answer(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnection, String> {
     let pc = peer_connection(ice)?;
-    let result = async {
+    let steps = async {
         let mut watch = Watch::new(&pc);
         let (mut reader, mut writer) = signals(stream);
-        let offer = match reader.next().await? {
-            Some(Signal {
-                kind: Some(SignalType::SdpOffer),
-                data,
-            }) => data,
-            other => return Err(format!("expected an SDP offer, got {other:?}")),
-        };
+        let offer = reader.expect(SignalType::SdpOffer).await?;
         description(&pc, RtcSdpType::Offer, &offer, false).await?;
         let answer = JsFuture::from(pc.create_answer())
             .await
@@ -322,13 +315,19 @@ pub async fn answer(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnecti
         trickle(&pc, &mut reader, &mut writer, &mut watch).await?;
         let _ = writer.write.close().await;
         Ok(())
+    };
+    or_close(&pc, steps).await?;
+    Ok(pc)
+}
+
+/// Runs a handshake's `steps` on `pc`, closing it if they fail.
+async fn or_close(
+    pc: &RtcPeerConnection,
+    steps: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    let result = steps.await;
+    if result.is_err() {
+        pc.close();
     }
-    .await;
-    match result {
-        Ok(()) => Ok(pc),
-        Err(e) => {
-            pc.close();
-            Err(e)
-        }
-    }
+    result
 }
