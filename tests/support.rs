@@ -235,6 +235,7 @@ pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str
         stop: Arc::new(AtomicBool::new(false)),
         max_retries: Some(10),
         direct_peers: 0,
+        pause: Default::default(),
         ice_servers: Vec::new(),
     };
     let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(

@@ -43,7 +43,7 @@ function onEvent(ev) {
       log(`model: ${ev.model} (${ev.n_params.toLocaleString()} parameters)`);
       break;
     case 'round':
-      $('state').textContent = `Training round ${ev.round} (${ev.inner_steps} local steps)…`;
+      if (!paused) $('state').textContent = `Training round ${ev.round} (${ev.inner_steps} local steps)…`;
       break;
     case 'sample':
       $('sample-card').hidden = false;
@@ -250,6 +250,45 @@ function stopped() {
   $('run-select').disabled = false;
 }
 
+// The tab pauses between training steps while it is hidden (unless "keep training while this
+// tab is hidden" is ticked) and while the battery is below 20% and not charging (where the
+// browser has the Battery Status API), and says so; it resumes by itself.
+const pauseReasons = { hidden: document.visibilityState === 'hidden', battery: false };
+let paused = false;
+function applyPause() {
+  if (!contributor) return;
+  const why = [];
+  if (pauseReasons.hidden && !$('background').checked) why.push('this tab is hidden');
+  if (pauseReasons.battery) why.push('the battery is below 20% and not charging');
+  const now = why.length > 0;
+  contributor.setPaused(now);
+  if (now === paused) return;
+  paused = now;
+  if (now) {
+    $('state').textContent = `Paused: ${why.join(' and ')}. Training resumes by itself.`;
+    $('state').className = 'state warn';
+    log(`paused: ${why.join(' and ')}`, 'warn');
+  } else {
+    $('state').textContent = 'Resumed.';
+    $('state').className = 'state';
+    log('resumed');
+  }
+}
+document.addEventListener('visibilitychange', () => {
+  pauseReasons.hidden = document.visibilityState === 'hidden';
+  applyPause();
+});
+$('background').addEventListener('change', applyPause);
+navigator.getBattery?.().then((battery) => {
+  const check = () => {
+    pauseReasons.battery = !battery.charging && battery.level < 0.2;
+    applyPause();
+  };
+  battery.addEventListener('levelchange', check);
+  battery.addEventListener('chargingchange', check);
+  check();
+}).catch(() => {});
+
 // One button: Contribute starts training in this tab, Stop ends it after the current step.
 $('contribute').addEventListener('click', async () => {
   if (contributor) {
@@ -278,6 +317,8 @@ $('contribute').addEventListener('click', async () => {
     contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected, direct, params.get('ice') ?? undefined);
     $('contribute').textContent = 'Stop';
     $('contribute').disabled = false;
+    paused = false;
+    applyPause();
   } catch (e) {
     onEvent({ kind: 'error', message: `could not start: ${e}` });
   }

@@ -78,6 +78,7 @@ impl<B: AutodiffBackend> TrainingBench<B> {
                 steps,
                 self.batch,
                 &AtomicBool::new(false),
+                &AtomicBool::new(false),
                 None,
             )
             .await?;

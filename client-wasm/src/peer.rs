@@ -55,6 +55,9 @@ pub struct PeerConfig {
     pub sample_len: usize,
     /// Set to stop the peer after its current step.
     pub stop: Arc<AtomicBool>,
+    /// While set, the peer waits between training steps (the page sets it for a hidden tab
+    /// or a low battery); the round's deadline still cuts the round short.
+    pub pause: Arc<AtomicBool>,
     /// Failed attempts in a row (to reach, join or talk to the relay) after which the peer
     /// gives up and returns the error (None: it keeps trying, [`RETRY_FIRST`] apart at first and
     /// at most [`RETRY_MAX`]).
@@ -868,6 +871,7 @@ async fn train_session<B: AutodiffBackend>(
                 h,
                 spec.inner.batch_size,
                 &config.stop,
+                &config.pause,
                 Some(until),
             )
             .await

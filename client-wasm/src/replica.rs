@@ -22,6 +22,15 @@ use swarmtrain_shared::train::DigitsBatch;
 use crate::platform;
 use web_time::Instant;
 
+/// While `pause` is set (and `stop` is not), waits a quarter second and returns true.
+async fn paused(pause: &AtomicBool, stop: &AtomicBool) -> bool {
+    if pause.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+        platform::sleep(std::time::Duration::from_millis(250)).await;
+        return true;
+    }
+    false
+}
+
 /// A replica of a run's model with its optimizer state, kept across rounds. One per peer, so
 /// the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -106,8 +115,8 @@ impl<B: AutodiffBackend> Replica<B> {
 
     /// Trains one round from `start` (the round's global θ) at global step `first_step`: at
     /// most `steps` steps of `batch` examples for the digits, one step per `batch` windows of
-    /// `data` for the language model. Stops early when `stop` is set, and once `until` has
-    /// passed (after at least one step; on WebGPU the check sees when a step was queued, not
+    /// `data` for the language model. Waits between steps while `pause` is set (a hidden tab, a
+    /// low battery). Stops early when `stop` is set, and once `until` has passed (after at least one step; on WebGPU the check sees when a step was queued, not
     /// when the device finished it).
     #[allow(clippy::too_many_arguments)]
     pub async fn train_round(
@@ -118,6 +127,7 @@ impl<B: AutodiffBackend> Replica<B> {
         steps: u32,
         batch: u32,
         stop: &AtomicBool,
+        pause: &AtomicBool,
         until: Option<Instant>,
     ) -> Result<LocalRound, String> {
         let load = |e: ParamsError| e.to_string();
@@ -139,6 +149,9 @@ impl<B: AutodiffBackend> Replica<B> {
                 trainer.seek(first_step);
                 let mut sampler = BatchSampler::new(shard.len(), batch as usize, *sampler_seed);
                 while taken < steps && !stop.load(Ordering::Relaxed) && !out_of_time(taken) {
+                    if paused(pause, stop).await {
+                        continue;
+                    }
                     let batch = DigitsBatch::draw(shard, &mut sampler);
                     samples += batch.targets.len() as u32;
                     accumulate(&mut sum, trainer.step(&batch));
@@ -156,6 +169,10 @@ impl<B: AutodiffBackend> Replica<B> {
                 trainer.seek(first_step);
                 let per_step = batch as usize * window;
                 for chunk in text.chunks_exact(per_step.max(1)).take(steps as usize) {
+                    while !stop.load(Ordering::Relaxed)
+                        && !out_of_time(taken)
+                        && paused(pause, stop).await
+                    {}
                     if stop.load(Ordering::Relaxed) || out_of_time(taken) {
                         break;
                     }

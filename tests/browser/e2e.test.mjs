@@ -2,7 +2,8 @@
 // the digits, from relay.toml); headless Chromium (Debian's, WebGPU through SwiftShader) presses
 // Contribute; the language model trains, the round counter advances, the relay's held-out loss
 // falls and the page shows text sampled from the global model. The relay is then killed and
-// started again: the tab reconnects and trains on, and Stop stops it.
+// started again: the tab reconnects and trains on, and Stop stops it. The CPU tab also pauses
+// while hidden.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
@@ -85,6 +86,23 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     await second.waitForFunction(() => /Another tab of this browser/.test(document.getElementById('state').textContent), null, { timeout: 10_000 });
     assert.equal(await second.textContent('#backend'), 'not started');
     await second.close();
+    if (expected === 'cpu') {
+      // Hidden, the tab pauses between steps and says why; visible again, it trains on.
+      const setHidden = (hidden) => page.evaluate((h) => {
+        Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (h ? 'hidden' : 'visible') });
+        document.dispatchEvent(new Event('visibilitychange'));
+      }, hidden);
+      await setHidden(true);
+      await page.waitForFunction(() => /^Paused: this tab is hidden/.test(document.getElementById('state').textContent), null, { timeout: 10_000 });
+      // A step under way finishes, and its round may still be sent: after that, nothing.
+      await new Promise((r) => setTimeout(r, 2000));
+      const pausedAt = Number(await page.textContent('#trained'));
+      await new Promise((r) => setTimeout(r, 4000));
+      assert.equal(Number(await page.textContent('#trained')), pausedAt, 'no rounds trained while hidden');
+      await setHidden(false);
+      await page.waitForFunction((n) => Number(document.getElementById('trained').textContent) > n, pausedAt, { timeout: 60_000 });
+      console.log(`hidden: paused at ${pausedAt} rounds; visible again: training went on`);
+    }
     // Its credit, from the relay's ledger.
     await page.waitForFunction(() => /^[\d,]+ samples in [1-9]\d* updates$/.test(document.getElementById('credit').textContent), null, { timeout: 30_000 });
     console.log(`credit shown: ${await page.textContent('#credit')}`);

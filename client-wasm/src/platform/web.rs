@@ -272,6 +272,7 @@ const SAMPLE_LEN: usize = 120;
 #[derive(Debug)]
 pub struct Contributor {
     stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
     peer: String,
     backend: String,
 }
@@ -305,6 +306,7 @@ impl Contributor {
         report_panics();
         let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(false));
         let want = backend.unwrap_or_else(|| "auto".into());
         let adapter = if want == "cpu" {
             None
@@ -343,6 +345,7 @@ impl Contributor {
             backend: backend.into(),
             max_rounds: None,
             stop: stop.clone(),
+            pause: pause.clone(),
             max_retries: None,
             direct_peers,
             ice_servers: ice_servers.clone(),
@@ -381,6 +384,7 @@ impl Contributor {
         };
         Ok(Contributor {
             stop,
+            pause,
             peer: peer_key,
             backend: backend.into(),
         })
@@ -389,6 +393,14 @@ impl Contributor {
     /// Stops training after the current step.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Pauses training between steps (`true`) or resumes it (`false`): for a hidden tab or a
+    /// low battery. The connection stays up; a round whose deadline comes while paused is
+    /// sent with the steps done (none: the round is missed).
+    #[wasm_bindgen(js_name = setPaused)]
+    pub fn set_paused(&self, paused: bool) {
+        self.pause.store(paused, Ordering::Relaxed);
     }
 
     /// This tab's peer key (hex BLAKE3 of its ML-DSA-65 public key).

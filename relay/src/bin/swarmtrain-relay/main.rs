@@ -256,6 +256,7 @@ async fn worker(args: Worker) -> anyhow::Result<()> {
         stop: stop.clone(),
         max_retries: None,
         direct_peers: 0,
+        pause: Default::default(),
         ice_servers: Vec::new(),
     };
     let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
