@@ -178,6 +178,16 @@ async fn rpc_call(swarm: &mut Swarm<Behaviour>, relay: PeerId, frame: Vec<u8>) -
         .expect("an answer over WebRTC in time")
 }
 
+async fn get_json(url: String) -> serde_json::Value {
+    let body = reqwest::get(&url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .bytes()
+        .await
+        .expect("body");
+    serde_json::from_slice(&body).expect("json")
+}
+
 fn certhash(address: &str) -> String {
     let address: Multiaddr = address.parse().expect("multiaddr");
     address
@@ -338,13 +348,7 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
     })
     .await;
     // The relay lists A as reachable, for browsers to dial browser-to-browser.
-    let body = reqwest::get(format!("{}api/reachable", relay.url()))
-        .await
-        .expect("GET /api/reachable")
-        .bytes()
-        .await
-        .expect("body");
-    let listed: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let listed = get_json(format!("{}api/reachable", relay.url())).await;
     assert_eq!(listed["peers"][0], a_id.to_string(), "{listed}");
 
     let mut b = probe();
@@ -430,13 +434,7 @@ async fn one_relay_coordinates_two_runs_with_their_own_specs() {
     );
 
     // The HTTP side lists both; an unknown run is refused.
-    let listed = reqwest::get(format!("{}api/runs", relay.url()))
-        .await
-        .expect("GET")
-        .bytes()
-        .await
-        .expect("body");
-    let listed: serde_json::Value = serde_json::from_slice(&listed).expect("json");
+    let listed = get_json(format!("{}api/runs", relay.url())).await;
     assert_eq!(listed.as_array().map(Vec::len), Some(2));
     let missing = reqwest::get(format!("{}api/runs/nope/status", relay.url()))
         .await
