@@ -53,7 +53,9 @@ test('js-libp2p and the wasm peer connect browser-to-browser through our relay, 
       await page.waitForFunction(() => Number(document.getElementById('trained').textContent) >= 1, null, { timeout: 120_000 });
       return page;
     };
-    const fail = (e) => new Error(`${e.message}\n${logs.slice(-60).join('\n')}`);
+    // On failure: the js node's last lines (its identify and WebRTC debug log) and the tabs'.
+    const fail = (e) => new Error([e.message, ...logs.filter((l) => l.startsWith('[js')).slice(-60),
+      ...logs.filter((l) => !l.startsWith('[js')).slice(-30)].join('\n'));
 
     // A wasm tab that listens (its reservation is the only one).
     const w1 = await contribute('wasm-1', 1);
@@ -65,6 +67,7 @@ test('js-libp2p and the wasm peer connect browser-to-browser through our relay, 
     // The js-libp2p node: WebSocket to the relay, a reservation, WebRTC listening.
     const jsPage = await newPage('js');
     await jsPage.goto(new URL('healthz', url).href);
+    await jsPage.evaluate(() => localStorage.setItem('debug', 'libp2p:identify*,libp2p:webrtc*,libp2p:connection-manager*'));
     await jsPage.addScriptTag({ path: bundle, type: 'module' });
     await jsPage.waitForFunction(() => window.js !== undefined);
     const jsId = await jsPage.evaluate((addr) => window.js.start(addr), ws);
@@ -82,7 +85,10 @@ test('js-libp2p and the wasm peer connect browser-to-browser through our relay, 
     const jsConnections = await jsPage.evaluate(() => window.js.connections());
     const direct = jsConnections.find((c) => c.peer === w1Id && c.addr.includes('/webrtc'));
     assert.ok(direct && !direct.limited, `a direct, unlimited connection: ${JSON.stringify(jsConnections)}`);
-    const agent = await until('identify from the wasm tab', () => jsPage.evaluate((p) => window.js.agent(p), w1Id));
+    let agent;
+    try {
+      agent = await until('identify from the wasm tab', () => jsPage.evaluate((p) => window.js.agent(p), w1Id));
+    } catch (e) { throw fail(e); }
     assert.match(agent, /^swarmtrain-peer\//);
     try {
       await w1.waitForFunction(() => /^1 \(WebRTC, ping \d+\.\d ms\)$/.test(document.getElementById('direct').textContent), null, { timeout: 60_000 });

@@ -38,7 +38,7 @@ struct Inner {
     pc: RtcPeerConnection,
     shared: Rc<RefCell<Shared>>,
     _on_channel: Closure<dyn FnMut(RtcDataChannelEvent)>,
-    _on_state: Closure<dyn FnMut(web_sys::Event)>,
+    on_state: Option<Closure<dyn FnMut(web_sys::Event)>>,
     closed: bool,
 }
 
@@ -66,6 +66,10 @@ impl std::fmt::Debug for Substream {
 }
 
 impl Connection {
+    /// Takes over `pc` before its handshake starts: the remote may open its first stream the
+    /// moment its side is `connected`, before ours is, and a `datachannel` event with no
+    /// handler is lost (a js-libp2p dialer's identify then times out). Channels wait here
+    /// until the swarm accepts them; call [`Connection::established`] once connected.
     pub fn new(pc: RtcPeerConnection) -> Self {
         let shared = Rc::new(RefCell::new(Shared::default()));
         let on_channel = {
@@ -87,36 +91,47 @@ impl Connection {
                 }
             })
         };
-        let on_state = {
-            let shared = shared.clone();
-            let pc = pc.clone();
-            Closure::new(move |_: web_sys::Event| {
-                let failed = match pc.connection_state() {
-                    RtcPeerConnectionState::Failed => Some("failed"),
-                    RtcPeerConnectionState::Closed => Some("closed"),
-                    RtcPeerConnectionState::Disconnected => Some("disconnected"),
-                    _ => None,
-                };
-                if let Some(state) = failed {
-                    let mut s = shared.borrow_mut();
-                    s.failed = Some(state);
-                    if let Some(w) = s.waker.take() {
-                        w.wake();
-                    }
-                }
-            })
-        };
         pc.set_ondatachannel(Some(on_channel.as_ref().unchecked_ref()));
-        pc.set_onconnectionstatechange(Some(on_state.as_ref().unchecked_ref()));
         Self {
             inner: SendWrapper::new(Inner {
                 pc,
                 shared,
                 _on_channel: on_channel,
-                _on_state: on_state,
+                on_state: None,
                 closed: false,
             }),
         }
+    }
+
+    /// The handshake is done (and its own state handler gone): from now on a failed, closed
+    /// or disconnected peer connection ends this connection.
+    pub fn established(mut self) -> Self {
+        let inner = &mut *self.inner;
+        let shared = inner.shared.clone();
+        let pc = inner.pc.clone();
+        let check = move || {
+            let failed = match pc.connection_state() {
+                RtcPeerConnectionState::Failed => Some("failed"),
+                RtcPeerConnectionState::Closed => Some("closed"),
+                RtcPeerConnectionState::Disconnected => Some("disconnected"),
+                _ => None,
+            };
+            if let Some(state) = failed {
+                let mut s = shared.borrow_mut();
+                s.failed = Some(state);
+                if let Some(w) = s.waker.take() {
+                    w.wake();
+                }
+            }
+        };
+        // The state may have changed between the handshake's end and now.
+        check();
+        let on_state: Closure<dyn FnMut(web_sys::Event)> = Closure::new(move |_| check());
+        inner
+            .pc
+            .set_onconnectionstatechange(Some(on_state.as_ref().unchecked_ref()));
+        inner.on_state = Some(on_state);
+        self
     }
 }
 

@@ -22,6 +22,7 @@ use web_sys::{
 };
 
 use super::IceServer;
+use super::connection::Connection;
 use super::message::{MAX_SIGNALING, Signal, SignalType, take_prefixed};
 
 /// How long a connection may take from the first signaling message to `connected`.
@@ -274,9 +275,10 @@ fn sdp_of(value: &JsValue) -> Result<String, String> {
         .ok_or_else(|| "a session description without SDP".to_owned())
 }
 
-/// The dialer's side: returns the connected peer connection.
-pub async fn dial(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnection, String> {
+/// The dialer's side: returns the connection once connected.
+pub async fn dial(stream: Stream, ice: &[IceServer]) -> Result<Connection, String> {
     let pc = peer_connection(ice)?;
+    let connection = Connection::new(pc.clone());
     let steps = async {
         let mut watch = Watch::new(&pc);
         let (mut reader, mut writer) = signals(stream);
@@ -295,12 +297,13 @@ pub async fn dial(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnection
         Ok(())
     };
     or_close(&pc, steps).await?;
-    Ok(pc)
+    Ok(connection.established())
 }
 
-/// The listener's side: returns the connected peer connection.
-pub async fn answer(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnection, String> {
+/// The listener's side: returns the connection once connected.
+pub async fn answer(stream: Stream, ice: &[IceServer]) -> Result<Connection, String> {
     let pc = peer_connection(ice)?;
+    let connection = Connection::new(pc.clone());
     let steps = async {
         let mut watch = Watch::new(&pc);
         let (mut reader, mut writer) = signals(stream);
@@ -317,7 +320,7 @@ pub async fn answer(stream: Stream, ice: &[IceServer]) -> Result<RtcPeerConnecti
         Ok(())
     };
     or_close(&pc, steps).await?;
-    Ok(pc)
+    Ok(connection.established())
 }
 
 /// Runs a handshake's `steps` on `pc`, closing it if they fail.

@@ -108,9 +108,7 @@ impl Transport {
                     let result = handshake::dial(stream, &ice).await;
                     if let Some((peer, reply)) = dials.lock().expect("dials").remove(&id) {
                         let _ = reply.send(
-                            result
-                                .map(Connection::new)
-                                .map_err(|reason| Error::Handshake { peer, reason }),
+                            result.map_err(|reason| Error::Handshake { peer, reason }),
                         );
                     }
                 });
@@ -124,13 +122,13 @@ impl Transport {
                 let mut accepted = self.accepted_tx.clone();
                 spawn_local(async move {
                     match handshake::answer(stream, &ice).await {
-                        Ok(pc) => {
+                        Ok(connection) => {
                             let send_back =
                                 relayed.with(Protocol::WebRTC).with(Protocol::P2p(peer));
                             let _ = accepted
                                 .send(Accepted {
                                     peer,
-                                    connection: Connection::new(pc),
+                                    connection,
                                     send_back,
                                 })
                                 .await;
