@@ -72,10 +72,13 @@ function onEvent(ev) {
       log(`connection failed: ${ev.error}; retrying in ${secs} s (attempt ${ev.attempt})`, 'warn');
       break;
     }
-    case 'params':
-      if (ev.from_peer) log(`round ${ev.round}: θ (${(ev.bytes / 1024).toFixed(0)} KiB) from a linked browser in ${ev.ms.toFixed(0)} ms`);
-      else if (ev.peer_failures.length) log(`round ${ev.round}: θ from the relay; linked browsers did not have it (${ev.peer_failures.join('; ')})`);
+    case 'params': {
+      const kib = (b) => `${(b / 1024).toFixed(0)} KiB`;
+      const n = ev.from_peers.length;
+      if (n) log(`round ${ev.round}: θ (${kib(ev.bytes)}) from ${n} linked browser${n > 1 ? 's' : ''}${ev.relay_bytes ? ` and the relay (${kib(ev.relay_bytes)})` : ''} in ${ev.ms.toFixed(0)} ms`);
+      if (ev.peer_failures.length) log(`round ${ev.round}: ${n ? '' : 'θ from the relay; '}linked browsers given up: ${ev.peer_failures.join('; ')}`);
       break;
+    }
     case 'direct':
       {
         const rtts = ev.peers.map((p) => p.rtt_ms).filter((r) => r != null);

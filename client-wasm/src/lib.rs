@@ -12,6 +12,7 @@ pub mod peer;
 pub mod platform;
 pub mod replica;
 pub mod rpc;
+pub mod theta;
 pub mod webrtc;
 
 pub use peer::{PeerConfig, PeerError, PeerEvent};

@@ -23,7 +23,7 @@ use web_time::Instant;
 
 use crate::platform;
 use crate::replica::{LocalRound, Replica, RoundData};
-use crate::rpc::{ParamsSource, RelayClient, RpcError};
+use crate::rpc::{RelayClient, RpcError};
 
 /// How long a peer waits for a gossiped announcement before it also long-polls the relay.
 pub const POLL_AFTER: Duration = Duration::from_secs(3);
@@ -99,6 +99,15 @@ pub struct DirectPeer {
     pub rtt_ms: Option<f64>,
 }
 
+/// A linked browser that sent part of a θ.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThetaPeer {
+    /// Its libp2p peer ID.
+    pub peer: String,
+    /// θ bytes it sent.
+    pub bytes: u64,
+}
+
 /// What a peer reports as it works (the browser page shows these).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -125,12 +134,13 @@ pub enum PeerEvent {
         /// Held-out loss of the round's θ (language-model runs).
         val_loss: Option<f32>,
     },
-    /// The round's θ arrived: `bytes` in `ms`, from the linked browser `from_peer` (None: from
-    /// the relay), and why the linked browsers tried before did not give it.
+    /// The round's θ arrived: `bytes` in `ms`, `relay_bytes` of them from the relay and the
+    /// rest from the linked browsers `from_peers`, and why linked browsers stopped being asked.
     Params {
         round: u64,
         bytes: u64,
-        from_peer: Option<String>,
+        relay_bytes: u64,
+        from_peers: Vec<ThetaPeer>,
         ms: f64,
         peer_failures: Vec<String>,
     },
@@ -602,28 +612,34 @@ impl Session {
         }
     }
 
-    /// θ_t in chunks from a linked browser or the relay, checked against its hash, and the
-    /// event that says where it came from.
+    /// θ_t from the linked browsers and the relay, checked against its hash, and the event that
+    /// says where it came from.
     async fn fetch_params(
         &self,
         round: u64,
         hash: ParamsHash,
     ) -> Result<(Vec<f32>, PeerEvent), PeerError> {
         let started = Instant::now();
-        let (bytes, source, peer_failures) = self
+        let total = 4 * self.spec.model.num_params();
+        let (bytes, sources) = self
             .client
-            .fetch_params_anywhere(&self.spec.run_id, hash)
+            .fetch_params_anywhere(&self.spec.run_id, hash, total)
             .await
             .map_err(|e| PeerError::Download(e.to_string()))?;
         let event = PeerEvent::Params {
             round,
             bytes: bytes.len() as u64,
-            from_peer: match source {
-                ParamsSource::Peer(peer) => Some(peer.to_string()),
-                ParamsSource::Relay => None,
-            },
+            relay_bytes: sources.relay_bytes,
+            from_peers: sources
+                .peers
+                .into_iter()
+                .map(|(peer, bytes)| ThetaPeer {
+                    peer: peer.to_string(),
+                    bytes,
+                })
+                .collect(),
             ms: started.elapsed().as_secs_f64() * 1e3,
-            peer_failures,
+            peer_failures: sources.failures,
         };
         let params = protocol::params_from_bytes(&bytes)
             .ok_or_else(|| PeerError::Download("parameters are malformed".into()))?;

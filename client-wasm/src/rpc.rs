@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +27,7 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping, relay};
 use swarmtrain_shared::Identity;
+use swarmtrain_shared::leaves::{Manifest, leaf_range};
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES,
     ParamsHash, RPC_PROTOCOL, RelayToClient, Request, Submission, WireError,
@@ -33,49 +35,14 @@ use swarmtrain_shared::protocol::{
 use swarmtrain_shared::seal::{self, Offerer, SessionKeys};
 
 use crate::platform;
+use crate::theta::{
+    self, Assembly, Served, Source, THETA_PROTOCOL, THETA_TIMEOUT, ThetaAnswer, ThetaRequest,
+    ThetaSources,
+};
 
 /// How long a request may wait for its answer. Long polls for the next round wait up to a round
 /// deadline, so this is generous.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// Browsers serve the θ they hold to the browsers linked to them over this protocol.
-pub const THETA_PROTOCOL: &str = "/swarmtrain/theta/1";
-/// How long a linked browser may take to answer one θ request before the next source is tried.
-const THETA_TIMEOUT: Duration = Duration::from_secs(10);
-/// θ versions a browser keeps to serve: the open round's and the one before.
-const THETA_KEPT: usize = 2;
-/// θ bytes in one answer (a frame is at most 16 KiB).
-const THETA_CHUNK: usize = 15 * 1024;
-/// How long one linked browser may take for a whole θ before the next source is tried.
-const THETA_PEER_BUDGET: Duration = Duration::from_secs(20);
-
-/// A request for θ (by BLAKE3 hash) from `offset` on.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct ThetaRequest {
-    hash: [u8; 32],
-    offset: u32,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-enum ThetaAnswer {
-    Chunk {
-        total: u32,
-        offset: u32,
-        bytes: Vec<u8>,
-    },
-    NotHere,
-}
-
-/// The θ versions this node serves, newest last.
-type Served = Arc<Mutex<std::collections::VecDeque<(ParamsHash, Arc<Vec<u8>>)>>>;
-
-/// Where a θ came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ParamsSource {
-    Relay,
-    /// A browser linked directly.
-    Peer(PeerId),
-}
 
 /// Appends `chunk` (at `offset` of `total`) to `bytes`; true once all `total` bytes are there.
 fn append_chunk(
@@ -576,39 +543,13 @@ impl RelayClient {
         Err(RpcError::Closed)
     }
 
-    /// Downloads θ with `hash` from the relay in chunks (sealed once keys are agreed) and
-    /// checks the hash.
+    /// θ by its hash from the relay, whole.
     pub async fn fetch_params(&self, run_id: &str, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
         let mut bytes = Vec::new();
         loop {
-            let fetch = Fetch::Params {
-                run_id: run_id.to_owned(),
-                hash,
-                offset: bytes.len() as u32,
-            };
-            let answer: RelayToClient = protocol::decode(
-                &self
-                    .request_frame(protocol::encode(&Request::Fetch(fetch))?)
-                    .await?,
-            )?;
-            let done = match answer {
-                RelayToClient::Chunk {
-                    total,
-                    offset,
-                    bytes: chunk,
-                } => {
-                    let chunk = match self.keys() {
-                        Some(keys) => {
-                            keys.open(&seal::chunk_context(&hash.0, offset, total), &chunk)?
-                        }
-                        None => chunk,
-                    };
-                    append_chunk(&mut bytes, total as usize, offset as usize, &chunk)?
-                }
-                RelayToClient::Rejected { reason, .. } => return Err(RpcError::Refused(reason)),
-                _ => return Err(unexpected("a chunk")),
-            };
-            if done {
+            let (total, chunk) = self.relay_chunk(run_id, hash, bytes.len()).await?;
+            let offset = bytes.len();
+            if append_chunk(&mut bytes, total, offset, &chunk)? {
                 break;
             }
         }
@@ -620,92 +561,228 @@ impl RelayClient {
         Ok(bytes)
     }
 
-    /// θ by its hash from the browsers linked to this one, each in turn, then from the relay;
-    /// whatever comes from a peer is checked against the hash (a wrong answer costs a retry
-    /// elsewhere, never a wrong θ). The θ is then served to linked browsers. Also returns why
-    /// each linked browser tried did not give it.
-    pub async fn fetch_params_anywhere(
+    /// One chunk of θ from the relay, from `offset` on: (θ's length, the bytes).
+    async fn relay_chunk(
         &self,
         run_id: &str,
         hash: ParamsHash,
-    ) -> Result<(Vec<u8>, ParamsSource, Vec<String>), RpcError> {
-        let mut failures = Vec::new();
-        for peer in self.relay_info().direct_peers {
-            match self.fetch_from_peer(peer, hash).await {
-                Ok(bytes) => {
-                    self.serve(hash, &bytes);
-                    return Ok((bytes, ParamsSource::Peer(peer), failures));
-                }
-                Err(e) => failures.push(format!("{peer} {e}")),
+        offset: usize,
+    ) -> Result<(usize, Vec<u8>), RpcError> {
+        let fetch = Fetch::Params {
+            run_id: run_id.to_owned(),
+            hash,
+            offset: offset as u32,
+        };
+        let answer: RelayToClient = protocol::decode(
+            &self
+                .request_frame(protocol::encode(&Request::Fetch(fetch))?)
+                .await?,
+        )?;
+        match answer {
+            RelayToClient::Chunk {
+                total,
+                offset: at,
+                bytes,
+            } if at as usize == offset => {
+                let bytes = match self.keys() {
+                    Some(keys) => keys.open(&seal::chunk_context(&hash.0, at, total), &bytes)?,
+                    None => bytes,
+                };
+                Ok((total as usize, bytes))
             }
+            RelayToClient::Rejected { reason, .. } => Err(RpcError::Refused(reason)),
+            _ => Err(unexpected("a chunk")),
         }
-        let bytes = self.fetch_params(run_id, hash).await?;
-        self.serve(hash, &bytes);
-        Ok((bytes, ParamsSource::Relay, failures))
     }
 
-    /// θ from one linked browser, checked against its hash.
-    async fn fetch_from_peer(&self, peer: PeerId, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
-        let started = web_time::Instant::now();
-        let mut bytes = Vec::new();
-        loop {
-            if started.elapsed() > THETA_PEER_BUDGET {
-                return Err(RpcError::Peer(format!(
-                    "took over {THETA_PEER_BUDGET:?} for one θ"
-                )));
+    /// Bytes `range` of a θ of `total` bytes from the relay.
+    async fn relay_range(
+        &self,
+        run_id: &str,
+        hash: ParamsHash,
+        total: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let mut bytes = Vec::with_capacity(range.len());
+        while bytes.len() < range.len() {
+            let offset = range.start + bytes.len();
+            let (length, chunk) = self.relay_chunk(run_id, hash, offset).await?;
+            if length != total || chunk.is_empty() || offset + chunk.len() > total {
+                return Err(unexpected("a chunk of the announced θ"));
             }
-            let frame = protocol::encode(&ThetaRequest {
-                hash: hash.0,
-                offset: bytes.len() as u32,
-            })?;
-            let (reply, answer) = oneshot::channel();
-            self.commands
-                .clone()
-                .send(Command::Theta { peer, frame, reply })
-                .await
-                .map_err(|_| RpcError::Closed)?;
-            let answer = answer.await.map_err(|_| RpcError::Closed)??;
-            match protocol::decode::<ThetaAnswer>(&answer)? {
-                ThetaAnswer::Chunk {
-                    total,
-                    offset,
-                    bytes: chunk,
-                } => {
-                    // Full chunks only: a peer cannot drip θ a byte per request.
-                    let full = THETA_CHUNK.min((total as usize).saturating_sub(offset as usize));
-                    if chunk.len() < full {
-                        return Err(RpcError::Peer(format!(
-                            "sent a {}-byte chunk where {full} were due",
-                            chunk.len()
-                        )));
-                    }
-                    if append_chunk(&mut bytes, total as usize, offset as usize, &chunk)? {
-                        break;
-                    }
-                }
-                ThetaAnswer::NotHere => {
-                    return Err(RpcError::Peer("does not hold this θ yet".into()));
-                }
-            }
-        }
-        if ParamsHash::of(&bytes) != hash {
-            return Err(RpcError::Peer(
-                "sent parameters that do not match their hash".into(),
-            ));
+            let want = (range.len() - bytes.len()).min(chunk.len());
+            bytes.extend_from_slice(&chunk[..want]);
         }
         Ok(bytes)
     }
 
-    /// Keeps `bytes` (whose hash is `hash`) to serve to linked browsers.
-    fn serve(&self, hash: ParamsHash, bytes: &[u8]) {
-        if let Ok(mut served) = self.served.lock()
-            && !served.iter().any(|(h, _)| *h == hash)
-        {
-            if served.len() == THETA_KEPT {
-                served.pop_front();
+    /// θ (`total` bytes, by its hash, both from the signed announcement) from every browser
+    /// linked to this one at once and, when they cannot finish it, from the relay (see
+    /// [`crate::theta`]); then served to linked browsers. Every byte from a peer is checked
+    /// against the hash before it is used.
+    pub async fn fetch_params_anywhere(
+        &self,
+        run_id: &str,
+        hash: ParamsHash,
+        total: usize,
+    ) -> Result<(Vec<u8>, ThetaSources), RpcError> {
+        let peers = self.relay_info().direct_peers;
+        let mut sources = ThetaSources::default();
+        let bytes = match self.manifest_from(&peers, hash, total, &mut sources).await {
+            Some(manifest) => {
+                let (bytes, found) = self.fetch_leaves(run_id, hash, manifest, &peers).await?;
+                sources.relay_bytes = found.relay_bytes;
+                sources.peers = found.peers;
+                sources.failures.extend(found.failures);
+                bytes
             }
-            served.push_back((hash, Arc::new(bytes.to_vec())));
+            None => {
+                let bytes = self.fetch_params(run_id, hash).await?;
+                sources.relay_bytes = bytes.len() as u64;
+                bytes
+            }
+        };
+        self.served.keep(hash, &bytes);
+        Ok((bytes, sources))
+    }
+
+    /// The θ's manifest from the first linked browser that gives a right one.
+    async fn manifest_from(
+        &self,
+        peers: &[PeerId],
+        hash: ParamsHash,
+        total: usize,
+        sources: &mut ThetaSources,
+    ) -> Option<Manifest> {
+        if !theta::by_leaves(total) {
+            return None;
         }
+        for &peer in peers {
+            let mut cvs = Vec::new();
+            let result = loop {
+                let request = ThetaRequest::Manifest {
+                    hash: hash.0,
+                    from: cvs.len() as u32,
+                };
+                match self.ask_peer(peer, &request).await {
+                    Ok(answer) => match theta::manifest_page(&mut cvs, total, answer) {
+                        Ok(true) => break Ok(()),
+                        Ok(false) => {}
+                        Err(e) => break Err(e),
+                    },
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
+            match result.and_then(|()| {
+                Manifest::verify(hash, total, std::mem::take(&mut cvs))
+                    .ok_or_else(|| "sent a manifest that does not match the θ's hash".into())
+            }) {
+                Ok(manifest) => return Some(manifest),
+                Err(e) => sources.failures.push(format!("{peer} {e}")),
+            }
+        }
+        None
+    }
+
+    /// The leaves of `manifest` from `peers` ([`theta::PIPELINE`] requests in flight each) and
+    /// the relay.
+    async fn fetch_leaves(
+        &self,
+        run_id: &str,
+        hash: ParamsHash,
+        manifest: Manifest,
+        peers: &[PeerId],
+    ) -> Result<(Vec<u8>, ThetaSources), RpcError> {
+        let total = manifest.total();
+        let workers = peers.len() * theta::PIPELINE;
+        let state = Mutex::new(Assembly::new(manifest, workers));
+        let lock = || state.lock().expect("θ assembly");
+        let started = web_time::Instant::now();
+        let peer_worker = |peer: PeerId| {
+            let lock = &lock;
+            async move {
+                loop {
+                    // (Not `while let`: its guard would live across the await.)
+                    let next = lock().next_for(peer);
+                    let Some(index) = next else { break };
+                    let request = ThetaRequest::Leaf {
+                        hash: hash.0,
+                        index: index as u32,
+                    };
+                    let why = match self.ask_peer(peer, &request).await {
+                        Ok(ThetaAnswer::Leaf { index: i, bytes }) if i as usize == index => {
+                            if lock().put(index, &bytes, Source::Peer(peer)) {
+                                continue;
+                            }
+                            "sent a leaf that does not match the manifest".to_owned()
+                        }
+                        Ok(ThetaAnswer::NotHere) => "no longer holds this θ".to_owned(),
+                        Ok(_) => "answered another question".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    lock().give_up(peer, index, why);
+                }
+                lock().done();
+            }
+        };
+        let relay = async {
+            loop {
+                if lock().complete() {
+                    return Ok(());
+                }
+                let next = lock().next_for_relay(started.elapsed() >= theta::RELAY_PATIENCE);
+                let Some(run) = next else {
+                    platform::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let span = leaf_range(total, run.start).start..leaf_range(total, run.end - 1).end;
+                match self.relay_range(run_id, hash, total, span.clone()).await {
+                    Ok(bytes) => {
+                        let mut state = lock();
+                        for index in run {
+                            let leaf = leaf_range(total, index);
+                            let leaf = &bytes[leaf.start - span.start..leaf.end - span.start];
+                            if !state.put(index, leaf, Source::Relay) {
+                                return Err(RpcError::Wire(WireError::Malformed(
+                                    "the relay sent θ that does not match its hash".into(),
+                                )));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        lock().release(run);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let workers = peers
+            .iter()
+            .flat_map(|&peer| std::iter::repeat_n(peer, theta::PIPELINE))
+            .map(peer_worker);
+        let (_, relay) = futures::future::join(futures::future::join_all(workers), relay).await;
+        relay?;
+        Ok(state.into_inner().expect("θ assembly").into_bytes())
+    }
+
+    /// One θ request to a linked browser.
+    async fn ask_peer(
+        &self,
+        peer: PeerId,
+        request: &ThetaRequest,
+    ) -> Result<ThetaAnswer, RpcError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .clone()
+            .send(Command::Theta {
+                peer,
+                frame: protocol::encode(request)?,
+                reply,
+            })
+            .await
+            .map_err(|_| RpcError::Closed)?;
+        let answer = answer.await.map_err(|_| RpcError::Closed)??;
+        Ok(protocol::decode(&answer)?)
     }
 
     /// Sends raw request bytes and returns the raw answer (tests use it to send bad input).
@@ -718,25 +795,6 @@ impl RelayClient {
             .map_err(|_| RpcError::Closed)?;
         answer.await.map_err(|_| RpcError::Closed)?
     }
-}
-
-/// The answer to a linked browser's θ request: a chunk of a θ this node holds, or `NotHere`.
-fn serve_theta(served: &Served, request: &[u8]) -> Vec<u8> {
-    let answer = protocol::decode::<ThetaRequest>(request)
-        .ok()
-        .and_then(|request| {
-            let served = served.lock().ok()?;
-            let (_, bytes) = served.iter().find(|(h, _)| h.0 == request.hash)?;
-            let offset = request.offset as usize;
-            let end = bytes.len().min(offset.checked_add(THETA_CHUNK)?);
-            (offset < end).then(|| ThetaAnswer::Chunk {
-                total: bytes.len() as u32,
-                offset: request.offset,
-                bytes: bytes[offset..end].to_vec(),
-            })
-        })
-        .unwrap_or(ThetaAnswer::NotHere);
-    protocol::encode(&answer).unwrap_or_default()
 }
 
 fn set_direct_error(info: &Mutex<RelayInfo>, error: String) {
@@ -838,7 +896,7 @@ async fn event_loop(
                     message: request_response::Message::Request { request, channel, .. },
                     ..
                 })) => {
-                    let answer = serve_theta(&served, &request);
+                    let answer = served.answer(&request);
                     if let Some(theta) = swarm.behaviour_mut().theta.as_mut() {
                         let _ = theta.send_response(channel, answer);
                     }

@@ -107,9 +107,8 @@ impl Transport {
                 spawn_local(async move {
                     let result = handshake::dial(stream, &ice).await;
                     if let Some((peer, reply)) = dials.lock().expect("dials").remove(&id) {
-                        let _ = reply.send(
-                            result.map_err(|reason| Error::Handshake { peer, reason }),
-                        );
+                        let _ =
+                            reply.send(result.map_err(|reason| Error::Handshake { peer, reason }));
                     }
                 });
             }
