@@ -450,5 +450,9 @@ async fn one_relay_coordinates_two_runs_with_their_own_specs() {
         metrics.contains("swarmtrain_round{run=\"digits-robust\"}"),
         "{metrics}"
     );
+    // The relay's own load, for the operator view.
+    for gauge in ["swarmtrain_connections ", "process_resident_memory_bytes "] {
+        assert!(metrics.contains(gauge), "{gauge} in {metrics}");
+    }
     relay.shutdown().await;
 }

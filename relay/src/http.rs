@@ -21,7 +21,7 @@ use crate::coordinator::{Coordinator, Status};
 pub struct AppState {
     pub runs: Arc<Runs>,
     pub bootstrap: Arc<Bootstrap>,
-    pub reachable: Arc<crate::p2p::Reachable>,
+    pub network: Arc<crate::p2p::Network>,
 }
 
 /// An error with a safe public message; details go to the log.
@@ -271,6 +271,20 @@ fn reachable_page() -> usize {
     8
 }
 
+/// The relay's resident memory, where the OS says (Linux: `VmRSS` in `/proc/self/status`).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// `GET /api/reachable?limit=N`: up to N (default 8, at most 32) libp2p peer IDs of peers that
 /// hold a circuit relay reservation here, the most recent first, so a browser can dial them
 /// browser-to-browser (`<relay>/p2p-circuit/webrtc/p2p/<peer>`).
@@ -279,8 +293,8 @@ async fn reachable(
     Query(query): Query<ReachableQuery>,
 ) -> impl IntoResponse {
     let peers: Vec<String> = state
-        .reachable
-        .newest(query.limit.min(32))
+        .network
+        .newest_reachable(query.limit.min(32))
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -416,7 +430,20 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "# HELP swarmtrain_circuit_reservations Peers holding a circuit relay reservation (reachable \
          browser-to-browser).\n# TYPE swarmtrain_circuit_reservations gauge\n\
          swarmtrain_circuit_reservations {}",
-        state.reachable.len()
+        state.network.reachable()
     );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_connections Open libp2p connections.\n\
+         # TYPE swarmtrain_connections gauge\nswarmtrain_connections {}",
+        state.network.connections()
+    );
+    if let Some(bytes) = resident_bytes() {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {bytes}"
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -359,11 +359,11 @@ impl Relay {
             .with_context(|| format!("binding {}", config.http))?;
         let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let reachable = Arc::new(p2p::Reachable::default());
+        let network = Arc::new(p2p::Network::default());
         let state = http::AppState {
             runs: runs.clone(),
             bootstrap: Arc::new(bootstrap.clone()),
-            reachable: reachable.clone(),
+            network: network.clone(),
         };
         let router = http::app(state, config.web_dir.clone());
         let mut http_shutdown = shutdown_rx.clone();
@@ -379,7 +379,7 @@ impl Relay {
             swarm,
             runs.clone(),
             announcements,
-            reachable,
+            network,
             shutdown_rx.clone(),
         )));
         // The round timer: closes due rounds (every 100 ms, and at once when an accepted update

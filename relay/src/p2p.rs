@@ -102,42 +102,46 @@ pub async fn build_swarm(
         .build())
 }
 
-/// Peers that hold a circuit relay reservation here, newest last: browsers that take WebRTC
-/// connections from other browsers through this relay (`GET /api/reachable`). Bounded by the
-/// circuit relay's own reservation limit.
+/// What the libp2p node shows the HTTP side: the peers that hold a circuit relay reservation
+/// here, newest last (browsers that take WebRTC connections from other browsers through this
+/// relay, `GET /api/reachable`; bounded by the circuit relay's own reservation limit), and the
+/// libp2p connections open (`/metrics`).
 #[derive(Debug, Default)]
-pub struct Reachable {
-    peers: std::sync::Mutex<Vec<PeerId>>,
+pub struct Network {
+    reachable: std::sync::Mutex<Vec<PeerId>>,
+    connections: std::sync::atomic::AtomicUsize,
 }
 
-impl Reachable {
-    fn add(&self, peer: PeerId) {
-        if let Ok(mut peers) = self.peers.lock() {
+impl Network {
+    fn add_reachable(&self, peer: PeerId) {
+        if let Ok(mut peers) = self.reachable.lock() {
             peers.retain(|p| *p != peer);
             peers.push(peer);
         }
     }
 
-    fn remove(&self, peer: &PeerId) {
-        if let Ok(mut peers) = self.peers.lock() {
+    fn remove_reachable(&self, peer: &PeerId) {
+        if let Ok(mut peers) = self.reachable.lock() {
             peers.retain(|p| p != peer);
         }
     }
 
-    /// At most `limit` of them, the most recent first.
-    pub fn newest(&self, limit: usize) -> Vec<PeerId> {
-        self.peers
+    /// At most `limit` reachable peers, the most recent first.
+    pub fn newest_reachable(&self, limit: usize) -> Vec<PeerId> {
+        self.reachable
             .lock()
             .map(|p| p.iter().rev().take(limit).copied().collect())
             .unwrap_or_default()
     }
 
-    pub fn len(&self) -> usize {
-        self.peers.lock().map_or(0, |p| p.len())
+    /// Peers holding a reservation.
+    pub fn reachable(&self) -> usize {
+        self.reachable.lock().map_or(0, |p| p.len())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Open libp2p connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -179,7 +183,7 @@ pub async fn run(
     mut swarm: Swarm<Boxed<RelayBehaviour>>,
     runs: Arc<Runs>,
     mut announcements: broadcast::Receiver<(String, Vec<u8>)>,
-    reachable: Arc<Reachable>,
+    network: Arc<Network>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
@@ -296,24 +300,28 @@ pub async fn run(
                 SwarmEvent::Behaviour(RelayBehaviourEvent::Circuit(event)) => {
                     tracing::debug!(?event, "circuit relay");
                     match event {
-                        relay::Event::ReservationReqAccepted { src_peer_id, .. } => reachable.add(src_peer_id),
+                        relay::Event::ReservationReqAccepted { src_peer_id, .. } => network.add_reachable(src_peer_id),
                         relay::Event::ReservationClosed { src_peer_id }
-                        | relay::Event::ReservationTimedOut { src_peer_id } => reachable.remove(&src_peer_id),
+                        | relay::Event::ReservationTimedOut { src_peer_id } => network.remove_reachable(&src_peer_id),
                         _ => {}
                     }
                 }
                 SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    network.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connection established");
                     if banned.get(&peer_id).is_some_and(|until| *until > tokio::time::Instant::now()) {
                         tracing::debug!(%peer_id, "refusing a banned peer ID");
                         let _ = swarm.disconnect_peer_id(peer_id);
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                    parts.drop_sender(&peer_id);
-                    runs.unbind(&peer_id);
-                    strikes.remove(&peer_id);
+                SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                    network.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    if num_established == 0 {
+                        parts.drop_sender(&peer_id);
+                        runs.unbind(&peer_id);
+                        strikes.remove(&peer_id);
+                    }
                 }
                 _ => {}
             },

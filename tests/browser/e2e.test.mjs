@@ -124,6 +124,25 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     const metrics = await (await fetch(new URL('metrics', url))).text();
     assert.match(metrics, /^swarmtrain_sealed_connections [1-9]/m, 'the browser connection is sealed');
     {
+      // The operator view the relay serves: this run's rounds, the tab's credit, the relay's load.
+      const operator = await page.context().newPage();
+      await operator.goto(new URL('operator.html', url).href);
+      await operator.waitForFunction(() => {
+        const card = document.querySelector('.run[data-run="lm"]');
+        return card && Number(card.querySelector('.round').textContent) >= 1
+          && card.querySelectorAll('.credits tbody tr').length >= 1
+          && /^\d/.test(card.querySelector('.credits tbody td:nth-child(2)').textContent)
+          && Number(document.getElementById('connections').textContent) >= 1
+          && /MiB|GiB/.test(document.getElementById('memory').textContent);
+      }, null, { timeout: 20_000 }).catch(async (e) => {
+        await operator.screenshot({ path: join(outDir, `operator-${expected}.png`), fullPage: true });
+        throw new Error(`${e.message}\n${(await operator.textContent('main')).replace(/\s+/g, ' ')}`);
+      });
+      console.log(`operator view: ${await operator.textContent('#load')}`.replace(/\s+/g, ' '));
+      await operator.screenshot({ path: join(outDir, `operator-${expected}.png`), fullPage: true });
+      await operator.close();
+    }
+    {
       // The relay dies without a word and comes back on the same address and data directory:
       // the tab says it is reconnecting, joins again with its identity and trains on.
       const trainedBefore = Number(await page.textContent('#trained'));

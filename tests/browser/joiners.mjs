@@ -59,14 +59,17 @@ async function once(direct) {
 
 const runs = [await once(0), await once(3)];
 const theta = runs[0].fetched[0]?.bytes ?? NaN;
-let md = `# θ for ${N} browsers joining one round\n\n\`cargo xtask bench joiners\` (\`tests/browser/joiners.mjs\`): ${N} headless Chromium tabs (separate identities, CPU, WebSocket) opened a second apart; rounds of 1,500 inner steps keep the first round open while they join; each fetches that round's θ (${(theta / 1024).toFixed(1)} KiB, the end-to-end tests' tiny language model) when it joins. The relay's θ bytes out (\`swarmtrain_params_bytes_served_total\`) once all ${N} have it (rounds fetched: ${runs.map((r) => r.rounds.join(', ')).join(' and ')}):\n\n| links | relay θ bytes out | × one θ | tabs served by a linked browser | median fetch from a browser | median fetch from the relay |\n| --- | ---: | ---: | ---: | ---: | ---: |\n`;
+const kib = (b) => `${(b / 1024).toFixed(0)} KiB`;
+let md = `# θ for ${N} browsers joining one round\n\n\`cargo xtask bench joiners\` (\`tests/browser/joiners.mjs\`): ${N} headless Chromium tabs (separate identities, CPU, WebSocket) opened a second apart; rounds of 1,500 inner steps keep the first round open while they join; each fetches that round's θ (${kib(theta)}, the end-to-end tests' tiny language model) when it joins. The relay's θ bytes out (\`swarmtrain_params_bytes_served_total\`) once all ${N} have it (rounds fetched: ${runs.map((r) => r.rounds.join(', ')).join(' and ')}):\n\n| links | relay θ bytes out | × one θ | tabs that took leaves from linked browsers | θ bytes from browsers | median fetch with browsers | median fetch from the relay alone |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n`;
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.floor(s.length / 2)] : NaN; };
 for (const r of runs) {
-  const peer = r.fetched.filter((f) => f.from_peer);
-  const relayed = r.fetched.filter((f) => !f.from_peer);
-  md += `| ${r.direct === 0 ? 'none' : `up to ${r.direct} per tab`} | ${r.bytes} | ${(r.bytes / theta).toFixed(2)} | ${peer.length} of ${r.fetched.length} | ${peer.length ? `${median(peer.map((f) => f.ms)).toFixed(0)} ms` : '—'} | ${relayed.length ? `${median(relayed.map((f) => f.ms)).toFixed(0)} ms` : '—'} |\n`;
+  const peer = r.fetched.filter((f) => f.from_peers.length > 0);
+  const relayed = r.fetched.filter((f) => f.from_peers.length === 0);
+  const fromBrowsers = r.fetched.reduce((n, f) => n + f.bytes - f.relay_bytes, 0);
+  md += `| ${r.direct === 0 ? 'none' : `up to ${r.direct} per tab`} | ${r.bytes} | ${(r.bytes / theta).toFixed(2)} | ${peer.length} of ${r.fetched.length} | ${kib(fromBrowsers)} | ${peer.length ? `${median(peer.map((f) => f.ms)).toFixed(0)} ms` : '—'} | ${relayed.length ? `${median(relayed.map((f) => f.ms)).toFixed(0)} ms` : '—'} |\n`;
 }
 const saved = 1 - runs[1].bytes / runs[0].bytes;
-md += `\nWith links the relay sent ${(saved * 100).toFixed(0)}% fewer θ bytes. A tab fetches from its linked browsers in turn (15 KiB per request, a data channel per request) and checks the whole against the announced hash; a browser that does not hold the θ yet answers \`NotHere\` and the tab goes on to the next source, the relay last.\n`;
+const withPeers = runs[1].fetched.filter((f) => f.from_peers.length > 0);
+md += `\nWith links the relay sent ${(saved * 100).toFixed(0)}% fewer θ bytes. Each fetch with browsers, in order of joining: ${withPeers.map((f) => `${f.from_peers.length} browser${f.from_peers.length > 1 ? 's' : ''}${f.relay_bytes ? ` + relay ${kib(f.relay_bytes)}` : ''}, ${f.ms.toFixed(0)} ms`).join('; ') || 'none'}. A tab takes the θ's manifest from a linked browser, then 8 KiB leaves from all its linked browsers at once (4 requests in flight each, each leaf checked against the manifest, which hashes to the announced θ); a browser that does not hold the θ yet answers \`NotHere\` and is passed over; the relay takes leaves when no browser is left or after 2 s.\n`;
 writeFileSync(join(root, 'docs', 'benchmarks', 'joiners.md'), md);
 console.log(md);
