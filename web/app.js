@@ -317,7 +317,10 @@ $('contribute').addEventListener('click', async () => {
     // `?direct=N` also links this tab to up to N other browsers of the relay over WebRTC
     // (signaling through the relay); `?ice=<JSON array of RTCIceServer>` adds STUN/TURN servers.
     const direct = Number(params.get('direct') ?? 0);
-    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected, direct, params.get('ice') ?? undefined);
+    // Training runs in a dedicated worker (`trainer-worker.js`) so that this page stays
+    // responsive; `?worker=0` trains on the page's own thread instead.
+    const worker = params.get('worker') === '0' ? undefined : new URL('trainer-worker.js', import.meta.url).href;
+    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected, direct, params.get('ice') ?? undefined, worker);
     $('contribute').textContent = 'Stop';
     $('contribute').disabled = false;
     paused = false;

@@ -8,6 +8,7 @@
 //! [`platform`] is the only module that knows which target it is compiled for.
 
 pub mod bench;
+pub mod local;
 pub mod peer;
 pub mod platform;
 pub mod replica;

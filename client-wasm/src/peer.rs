@@ -1,8 +1,10 @@
-//! The contributor loop, generic over the Burn backend: join, then for every round fetch θ_t
-//! and the round's data, train H local steps, and send the signed pseudo-gradient.
+//! The contributor loop: join, then for every round fetch θ_t and the round's data, train H
+//! local steps, and send the signed pseudo-gradient.
 //!
-//! The inner loop is [`Replica::train_round`], the simulator's trainer: one replica per run
-//! whose AdamW moments persist across rounds (reset when the run's θ lineage restarts).
+//! The inner loop is [`crate::replica::Replica::train_round`], the simulator's trainer: one
+//! replica per run whose AdamW moments persist across rounds (reset when the run's θ lineage
+//! restarts). It runs behind [`Local`]: on this thread over any Burn backend ([`run`]), or in a
+//! browser's Web Worker ([`run_with`] and `platform::TrainerWorker`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use swarmtrain_shared::admission::{Admission, AdmissionTerms, search_proof_of_work};
 use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::data::{self, DigitsSet};
-use swarmtrain_shared::lm::{self, SampleConfig};
 use swarmtrain_shared::protocol::{
     self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, ParamsHash, PayloadRef,
     RelayToClient, RoundAnnouncement, RunSpec, Update,
@@ -21,8 +22,9 @@ use swarmtrain_shared::protocol::{
 use swarmtrain_shared::{Identity, Signed};
 use web_time::Instant;
 
+use crate::local::{InProcess, Local, SampleJob, TrainJob};
 use crate::platform;
-use crate::replica::{LocalRound, Replica, RoundData};
+use crate::replica::{LocalRound, RoundData};
 use crate::rpc::{RelayClient, RpcError};
 
 /// How long a peer waits for a gossiped announcement before it also long-polls the relay.
@@ -679,11 +681,9 @@ impl Session {
     }
 }
 
-/// What a peer keeps across connections to the relay.
-struct Progress<B: AutodiffBackend> {
-    /// The replica and its AdamW moments (None until the first θ, or after the run started
-    /// over).
-    local: Option<Replica<B>>,
+/// What a peer keeps across connections to the relay (and its local trainer, which keeps its
+/// replica and AdamW moments).
+struct Progress {
     /// What lossy compression left out of earlier updates; it rides along with the next one.
     feedback: ErrorFeedback,
     /// The last round trained, and the θ it started from.
@@ -703,11 +703,19 @@ struct Progress<B: AutodiffBackend> {
 pub async fn run<B: AutodiffBackend>(
     device: B::Device,
     config: PeerConfig,
+    emit: impl FnMut(PeerEvent),
+) -> Result<u64, PeerError> {
+    run_with(InProcess::<B>::new(device), config, emit).await
+}
+
+/// [`run`] with its local training done by `local`.
+pub async fn run_with<L: Local>(
+    mut local: L,
+    config: PeerConfig,
     mut emit: impl FnMut(PeerEvent),
 ) -> Result<u64, PeerError> {
     let identity = Identity::from_seed(*config.identity_seed);
-    let mut progress = Progress::<B> {
-        local: None,
+    let mut progress = Progress {
         feedback: ErrorFeedback::default(),
         last_trained: None,
         unsent: None,
@@ -716,7 +724,7 @@ pub async fn run<B: AutodiffBackend>(
     let mut failures = 0u32;
     loop {
         let error = match train_session(
-            &device,
+            &mut local,
             &config,
             &identity,
             &mut progress,
@@ -754,11 +762,11 @@ pub async fn run<B: AutodiffBackend>(
 
 /// One connection's worth of [`run`]: joins (then sets `failures` back to 0) and trains until
 /// stopped, `max_rounds` is reached (Ok), or an error.
-async fn train_session<B: AutodiffBackend>(
-    device: &B::Device,
+async fn train_session<L: Local>(
+    local: &mut L,
     config: &PeerConfig,
     identity: &Identity,
-    progress: &mut Progress<B>,
+    progress: &mut Progress,
     failures: &mut u32,
     emit: &mut impl FnMut(PeerEvent),
 ) -> Result<(), PeerError> {
@@ -780,7 +788,6 @@ async fn train_session<B: AutodiffBackend>(
     let mut direct = None;
     let spec = session.spec.clone();
     let Progress {
-        local,
         feedback,
         last_trained,
         unsent,
@@ -821,33 +828,33 @@ async fn train_session<B: AutodiffBackend>(
         // A round at or before one already trained means the run started over (a relay that
         // lost its state): that θ is another lineage, and the old moments do not apply to it.
         if last_trained.is_some_and(|(last, _)| round <= last) {
-            *local = None;
+            local.forget();
             *feedback = ErrorFeedback::default();
         }
-        let replica = match local {
-            Some(replica) => replica,
-            None => local.insert(
-                Replica::new(device, &spec.model, &spec.inner.optimizer, &start)
-                    .map_err(PeerError::BadSpec)?,
-            ),
+        if !local.has_replica() {
+            local
+                .reset(&spec.model, &spec.inner.optimizer, &start)
+                .await
+                .map_err(PeerError::BadSpec)?;
+        }
+        let lm_config = match spec.model.config() {
+            protocol::ModelConfig::Lm(lm_config) => Some(lm_config),
+            protocol::ModelConfig::Digits(_) => None,
         };
-        if let (Some(lm_config), true) = (replica.lm_config(), config.sample_len > 0) {
-            let sampled = lm::sample::<B::InnerBackend>(
-                device,
-                lm_config,
-                &start,
-                &SampleConfig {
-                    prompt: Vec::new(),
+        if let (Some(lm_config), true) = (&lm_config, config.sample_len > 0) {
+            let sampled = local
+                .sample(SampleJob {
+                    config: lm_config.clone(),
+                    params: start.clone(),
                     len: config.sample_len,
                     temperature: 0.8,
                     seed: data::derive_seed(
                         "sample",
                         &[spec.run_id.as_bytes(), &round.to_le_bytes()],
                     ),
-                },
-            )
-            .await
-            .map_err(|e| PeerError::Train(e.to_string()))?;
+                })
+                .await
+                .map_err(PeerError::Train)?;
             emit(PeerEvent::Sample {
                 round,
                 text: String::from_utf8_lossy(&sampled).into_owned(),
@@ -862,34 +869,33 @@ async fn train_session<B: AutodiffBackend>(
         let deadline = Duration::from_millis(announcement.deadline_ms);
         let until =
             announced_at + deadline.saturating_sub((deadline / 5).min(Duration::from_secs(10)));
-        let data = match replica {
-            Replica::Digits { .. } => RoundData::Digits {
+        let data = match &lm_config {
+            None => RoundData::Digits {
                 shard: session.fetch_shard(round).await?,
                 sampler_seed: data::derive_seed(
                     "inner",
                     &[spec.run_id.as_bytes(), &round.to_le_bytes(), &peer.0],
                 ),
             },
-            Replica::Lm {
-                config: lm_config, ..
-            } => RoundData::Text(session.fetch_text(round, lm_config.context + 1).await?),
+            Some(lm_config) => {
+                RoundData::Text(session.fetch_text(round, lm_config.context + 1).await?)
+            }
+        };
+        let job = TrainJob {
+            start: start.clone(),
+            first_step: round * u64::from(h),
+            data,
+            steps: h,
+            batch: spec.inner.batch_size,
+            budget_ms: Some(until.saturating_duration_since(Instant::now()).as_millis() as u64),
         };
         let LocalRound {
             steps,
             samples,
             loss,
             params: local_params,
-        } = replica
-            .train_round(
-                &start,
-                round * u64::from(h),
-                &data,
-                h,
-                spec.inner.batch_size,
-                &config.stop,
-                &config.pause,
-                Some(until),
-            )
+        } = local
+            .train_round(job, &config.stop, &config.pause)
             .await
             .map_err(PeerError::Train)?;
         let train_ms = started.elapsed().as_millis() as u64;

@@ -46,7 +46,7 @@ pub enum Replica<B: AutodiffBackend> {
 
 /// What a round trains on: the peer's digits shard, or its text windows (`context + 1` bytes
 /// each, `batch` windows a step).
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum RoundData {
     Digits {
         shard: DigitsSet,
@@ -57,7 +57,7 @@ pub enum RoundData {
 }
 
 /// What a round of local training produced.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct LocalRound {
     pub steps: u32,
     pub samples: u32,

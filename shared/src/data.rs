@@ -22,7 +22,7 @@ pub enum DataError {
 }
 
 /// A set of digits examples, row-major: `pixels[i * 64 .. (i + 1) * 64]` is example `i`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DigitsSet {
     pub pixels: Vec<u8>,
     pub labels: Vec<u8>,

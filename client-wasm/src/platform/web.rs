@@ -19,7 +19,11 @@ use wasm_bindgen_futures::{JsFuture, spawn_local};
 use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
 
 use crate::peer::{self, PeerConfig, PeerEvent};
+
+#[path = "trainer_worker.rs"]
+mod trainer_worker;
 use crate::rpc::Behaviour;
+pub use trainer_worker::{TrainerWorker, run_trainer};
 
 /// The relay's advertised transports this platform can dial, in order of preference.
 pub const TRANSPORTS: &[&str] = &["webrtc-direct", "ws"];
@@ -293,7 +297,11 @@ impl Contributor {
     /// signaling through the relay, and whether to take such connections (default 0: none;
     /// `direct` events report them). `ice_servers` is a JSON array of `RTCIceServer`s (`urls`,
     /// optional `username` and `credential`) for those connections; without it only host
-    /// candidates are offered, which connect browsers on one network.
+    /// candidates are offered, which connect browsers on one network. `worker` is the URL of a
+    /// module script that loads this package and calls `runTrainer()`: given, training runs in
+    /// that dedicated worker and this thread keeps only the network; without it, training runs
+    /// on this thread between the page's other tasks.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         relay_url: String,
         on_event: Function,
@@ -302,6 +310,7 @@ impl Contributor {
         run: Option<String>,
         direct: Option<u32>,
         ice_servers: Option<String>,
+        worker: Option<String>,
     ) -> Result<Contributor, JsError> {
         report_panics();
         let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
@@ -357,31 +366,46 @@ impl Contributor {
                 });
             }
         };
-        let backend = match adapter {
-            Some(detail) => {
+        let (backend, detail) = match adapter {
+            Some(detail) => ("webgpu", detail),
+            None => ("cpu", "ndarray (no WebGPU adapter)".to_owned()),
+        };
+        let config = config(if backend == "webgpu" {
+            "wgpu"
+        } else {
+            "ndarray"
+        });
+        match worker.filter(|w| !w.is_empty()) {
+            Some(url) => {
+                let trainer = TrainerWorker::spawn(&url, backend)
+                    .await
+                    .map_err(|e| JsError::new(&e))?;
+                emit(PeerEvent::Backend {
+                    backend: backend.into(),
+                    detail: format!("{detail}, in a worker"),
+                });
+                spawn_local(async move { report(peer::run_with(trainer, config, emit).await) });
+            }
+            None if backend == "webgpu" => {
                 let device = wgpu_device().await;
                 emit(PeerEvent::Backend {
-                    backend: "webgpu".into(),
+                    backend: backend.into(),
                     detail,
                 });
-                let config = config("wgpu");
                 spawn_local(async move {
                     report(peer::run::<Autodiff<Wgpu>>(device, config, emit).await)
                 });
-                "webgpu"
             }
             None => {
                 emit(PeerEvent::Backend {
-                    backend: "cpu".into(),
-                    detail: "ndarray (no WebGPU adapter)".into(),
+                    backend: backend.into(),
+                    detail,
                 });
-                let config = config("ndarray");
                 spawn_local(async move {
                     report(peer::run::<Autodiff<NdArray>>(Default::default(), config, emit).await)
                 });
-                "cpu"
             }
-        };
+        }
         Ok(Contributor {
             stop,
             pause,
