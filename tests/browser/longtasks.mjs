@@ -1,8 +1,8 @@
 // The page's main thread while a tab trains, with training on that thread (`?worker=0`) and in
 // its dedicated worker (the default), one after the other in one run: long tasks (over 50 ms,
 // PerformanceObserver 'longtask') and the worst lateness of a 100 ms timer over 20 s of
-// training, CPU backend over WebSocket, the end-to-end tests' tiny language model with 200 inner
-// steps a round. By hand: `node longtasks.mjs` after `cargo xtask build-wasm` and a debug build
+// training, CPU backend over WebSocket, relay.toml's language model (what `cargo xtask run`
+// trains) with 50 inner steps a round. By hand: `node longtasks.mjs` after `cargo xtask build-wasm` and a debug build
 // of the relay; prints a Markdown table.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -10,12 +10,12 @@ import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 import { CHROMIUM_ARGS, startRelay } from './support.mjs';
 
-process.env.SWARMTRAIN_E2E_INNER_STEPS ??= '200';
+process.env.SWARMTRAIN_E2E_INNER_STEPS ??= '50';
 const WINDOW_MS = 20_000;
 
 async function once(worker) {
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-longtasks-'));
-  const { relay, url: urlPromise } = startRelay(dataDir);
+  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { tiny: false });
   const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
   try {
     const url = await urlPromise;

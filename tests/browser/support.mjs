@@ -6,13 +6,14 @@ export const root = process.env.SWARMTRAIN_ROOT ?? join(import.meta.dirname, '..
 export const relayBin = process.env.SWARMTRAIN_RELAY_BIN ?? join(root, 'target', 'debug', 'swarmtrain-relay');
 export const outDir = join(import.meta.dirname, 'out');
 
-export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1 } = {}) {
+// `tiny: false` keeps relay.toml's language model (what `cargo xtask run` trains).
+export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true } = {}) {
   const relay = spawn(relayBin, [
     'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', join(root, 'web'),
     '--data-dir', dataDir,
     // A tiny language model keeps the browser rounds short: 1 layer × 32 wide, context 32.
-    '--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',
-    '--lr', '0.01', '--warmup-steps', '5',
+    ...(tiny ? ['--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',
+      '--lr', '0.01', '--warmup-steps', '5'] : []),
     '--inner-steps', process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', '--quorum', String(quorum), '--round-deadline-secs', '60',
   ], { stdio: ['ignore', 'pipe', 'inherit'] });
   const url = new Promise((resolve, reject) => {
