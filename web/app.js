@@ -1,14 +1,14 @@
 // The contributor page. Everything it shows comes from the npm package's events and from the
 // relay's public API: /api/runs once (the run list), then every second the chosen run's status
 // without history (?history=0) and only the history rows it does not have yet (/history?from=).
-import init, { Contributor, exportIdentity, importIdentity, identityPeerKey } from './pkg/swarmtrain.js';
+import init, { Trainer, exportIdentity, importIdentity, identityPeerKey } from './pkg/swarmtrain.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 let runs = [];
 let selected = null; // the run id whose status the page shows
 let history = []; // that run's round history, oldest first
-let contributor = null;
+let trainer = null;
 let accepted = 0; // updates of this tab the relay accepted since the page loaded
 let me = null; // { run, peer }: whose credit the page shows
 const CHART_ROUNDS = 1000;
@@ -50,15 +50,31 @@ function onEvent(ev) {
       $('sample').textContent = ev.text;
       $('sample-round').textContent = `(global model of round ${ev.round})`;
       break;
+    case 'progress': {
+      const secs = (ms) => (ms / 1000).toFixed(1);
+      $('progress').textContent = `${ev.steps} of ${ev.planned_steps} steps, ${secs(ev.elapsed_ms)} s of the round's ${secs(ev.deadline_ms)} s`;
+      break;
+    }
+    case 'credits':
+      $('credit').textContent = `${ev.samples.toLocaleString()} samples in ${ev.accepted_updates} updates`;
+      break;
+    case 'params':
+      ownRound(ev.round).received = ev.bytes;
+      logParams(ev);
+      break;
     case 'trained':
+      ownRound(ev.round).loss = ev.loss;
+      $('progress').textContent = `trained ${ev.steps} of ${ev.planned_steps} steps; sending`;
       $('trained').textContent = ev.rounds_trained;
       $('loss').textContent = ev.loss.toFixed(4);
       log(`round ${ev.round}: ${ev.steps} steps in ${ev.train_ms < 10000 ? `${ev.train_ms} ms` : `${(ev.train_ms / 1000).toFixed(1)} s`}, loss ${ev.loss.toFixed(4)}${ev.steps < ev.planned_steps ? ` (of ${ev.planned_steps}: the round's deadline came first, so this update carries the steps done)` : ''}`);
       break;
     case 'submitted':
+      ownRound(ev.round).sent = ev.bytes;
+      drawOwnChart();
+      $('progress').textContent = 'update sent; waiting for the next round';
       if (ev.accepted) {
         $('accepted').textContent = ++accepted;
-        refreshCredit();
       }
       $('state').textContent = `Update for round ${ev.round} ${ev.accepted ? 'accepted' : 'rejected: ' + ev.reason}.`;
       if (!ev.accepted) log(`update for round ${ev.round} rejected: ${ev.reason}`, 'warn');
@@ -70,13 +86,6 @@ function onEvent(ev) {
       $('state').textContent = `Lost the relay (${ev.error}). Trying again in ${secs} s (attempt ${ev.attempt}); your training state is kept.`;
       $('state').className = 'state warn';
       log(`connection failed: ${ev.error}; retrying in ${secs} s (attempt ${ev.attempt})`, 'warn');
-      break;
-    }
-    case 'params': {
-      const kib = (b) => `${(b / 1024).toFixed(0)} KiB`;
-      const n = ev.from_peers.length;
-      if (n) log(`round ${ev.round}: θ (${kib(ev.bytes)}) from ${n} linked browser${n > 1 ? 's' : ''}${ev.relay_bytes ? ` and the relay (${kib(ev.relay_bytes)})` : ''} in ${ev.ms.toFixed(0)} ms`);
-      if (ev.peer_failures.length) log(`round ${ev.round}: ${n ? '' : 'θ from the relay; '}linked browsers given up: ${ev.peer_failures.join('; ')}`);
       break;
     }
     case 'direct':
@@ -103,6 +112,62 @@ function onEvent(ev) {
     default:
       log(JSON.stringify(ev));
   }
+}
+
+function logParams(ev) {
+  const kib = (b) => `${(b / 1024).toFixed(0)} KiB`;
+  const n = ev.from_peers.length;
+  if (n) log(`round ${ev.round}: θ (${kib(ev.bytes)}) from ${n} linked browser${n > 1 ? 's' : ''}${ev.relay_bytes ? ` and the relay (${kib(ev.relay_bytes)})` : ''} in ${ev.ms.toFixed(0)} ms`);
+  if (ev.peer_failures.length) log(`round ${ev.round}: ${n ? '' : 'θ from the relay; '}linked browsers given up: ${ev.peer_failures.join('; ')}`);
+}
+
+// This tab's own rounds, for its chart: local loss, θ bytes received, update bytes sent.
+const own = [];
+function ownRound(round) {
+  let r = own.find((o) => o.round === round);
+  if (!r) {
+    r = { round };
+    own.push(r);
+    if (own.length > 100) own.shift();
+  }
+  return r;
+}
+
+// Local loss (line, left axis) and KiB received and sent (bars, right axis) per round trained.
+function drawOwnChart() {
+  const c = $('own-chart');
+  const g = c.getContext('2d');
+  g.clearRect(0, 0, c.width, c.height);
+  g.font = '11px sans-serif';
+  g.fillStyle = '#64748b';
+  g.fillText('your rounds: local loss (line); KiB received ▮ and sent ▮', 40, 10);
+  const rows = own.filter((o) => o.loss != null);
+  if (!rows.length) return;
+  const h = c.height - 26;
+  const base = c.height - 16;
+  const topLoss = Math.max(...rows.map((o) => o.loss));
+  const topKib = Math.max(1, ...rows.map((o) => Math.max(o.received ?? 0, o.sent ?? 0) / 1024));
+  g.fillText(topLoss.toFixed(2), 0, base - h + 4);
+  g.fillText(`${topKib.toFixed(0)} KiB`, c.width - 52, base - h + 4);
+  const w = (c.width - 44) / rows.length;
+  rows.forEach((o, i) => {
+    const x = 34 + i * w;
+    g.fillStyle = '#cbd5e1';
+    g.fillRect(x, base - ((o.received ?? 0) / 1024 / topKib) * h, Math.max(1, w / 2 - 1), ((o.received ?? 0) / 1024 / topKib) * h);
+    g.fillStyle = '#fbbf24';
+    g.fillRect(x + w / 2, base - ((o.sent ?? 0) / 1024 / topKib) * h, Math.max(1, w / 2 - 1), ((o.sent ?? 0) / 1024 / topKib) * h);
+  });
+  g.strokeStyle = '#16a34a';
+  g.lineWidth = 2;
+  g.beginPath();
+  rows.forEach((o, i) => {
+    const x = 34 + i * w + w / 2;
+    const y = base - (o.loss / topLoss) * h;
+    if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
+  });
+  g.stroke();
+  g.fillStyle = '#64748b';
+  g.fillText(`round ${rows.at(-1).round}`, c.width - 60, c.height - 2);
 }
 
 // This identity's credit in its run, from the relay's ledger (every update it ever had
@@ -247,7 +312,8 @@ function lockIdentity() {
 function stopped() {
   releaseIdentity?.();
   releaseIdentity = null;
-  contributor = null;
+  trainer = null;
+  $('progress').textContent = '—';
   $('contribute').textContent = 'Contribute';
   $('contribute').disabled = false;
   $('run-select').disabled = false;
@@ -259,12 +325,12 @@ function stopped() {
 const pauseReasons = { hidden: document.visibilityState === 'hidden', battery: false };
 let paused = false;
 function applyPause() {
-  if (!contributor) return;
+  if (!trainer) return;
   const why = [];
   if (pauseReasons.hidden && !$('background').checked) why.push('this tab is hidden');
   if (pauseReasons.battery) why.push('the battery is below 20% and not charging');
   const now = why.length > 0;
-  contributor.setPaused(now);
+  trainer.setPaused(now);
   if (now === paused) return;
   paused = now;
   if (now) {
@@ -294,8 +360,8 @@ navigator.getBattery?.().then((battery) => {
 
 // One button: Contribute starts training in this tab, Stop ends it after the current step.
 $('contribute').addEventListener('click', async () => {
-  if (contributor) {
-    contributor.stop();
+  if (trainer) {
+    trainer.stop();
     $('contribute').disabled = true;
     $('state').textContent = 'Stopping after the current step…';
     return;
@@ -320,7 +386,17 @@ $('contribute').addEventListener('click', async () => {
     // Training runs in a dedicated worker (`trainer-worker.js`) so that this page stays
     // responsive; `?worker=0` trains on the page's own thread instead.
     const worker = params.get('worker') === '0' ? undefined : new URL('trainer-worker.js', import.meta.url).href;
-    contributor = await Contributor.start(new URL('.', location.href).href, onEvent, undefined, transport, selected, direct, params.get('ice') ?? undefined, worker);
+    const ice = params.get('ice');
+    trainer = await Trainer.connect({
+      relay: new URL('.', location.href).href,
+      run: selected,
+      transport,
+      direct,
+      iceServers: ice ? JSON.parse(ice) : undefined,
+      worker,
+    });
+    trainer.on('*', onEvent);
+    trainer.start();
     $('contribute').textContent = 'Stop';
     $('contribute').disabled = false;
     paused = false;
@@ -355,7 +431,7 @@ $('identity-import').addEventListener('change', async (event) => {
   try {
     const peer = await importIdentity(await file.text());
     $('identity-key').textContent = peer.slice(0, 16);
-    log(`identity imported: peer ${peer.slice(0, 16)}${contributor ? ' (used from the next start)' : ''}`);
+    log(`identity imported: peer ${peer.slice(0, 16)}${trainer ? ' (used from the next start)' : ''}`);
   } catch (e) {
     log(`could not import the identity: ${e}`, 'error');
   }

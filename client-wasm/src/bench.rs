@@ -80,6 +80,7 @@ impl<B: AutodiffBackend> TrainingBench<B> {
                 &AtomicBool::new(false),
                 &AtomicBool::new(false),
                 None,
+                &mut |_| {},
             )
             .await?;
         self.step += u64::from(round.steps);

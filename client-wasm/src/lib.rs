@@ -1,7 +1,8 @@
 //! The swarmtrain training peer.
 //!
-//! In a browser this is the npm package `swarmtrain`: `Contributor.start(relayUrl, onEvent)`
-//! joins the relay's run and trains on WebGPU (or on the CPU where WebGPU is missing).
+//! In a browser this is the npm package `swarmtrain`: `Trainer.connect({ relay })`, then
+//! `start()`, joins the relay's run and trains on WebGPU (or on the CPU where WebGPU is
+//! missing), in a Web Worker when given one ([`local`]).
 //! Natively the same code is a volunteer worker and the peer of the in-process tests:
 //! [`peer::run`] over any Burn autodiff backend.
 //!

@@ -15,6 +15,9 @@ use web_time::Instant;
 
 use crate::replica::{LocalRound, Replica, RoundData};
 
+/// How often a round in training reports its steps.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
 /// One round of local training, as it crosses to a worker.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TrainJob {
@@ -57,12 +60,14 @@ pub trait Local {
     /// Text generated from θ (language-model runs).
     async fn sample(&mut self, job: SampleJob) -> Result<Vec<u8>, String>;
     /// One round on the replica ([`Replica::train_round`]); `stop` and `pause` are read
-    /// between steps.
+    /// between steps, and `progress` hears the steps taken at most every
+    /// [`PROGRESS_EVERY`].
     async fn train_round(
         &mut self,
         job: TrainJob,
         stop: &AtomicBool,
         pause: &AtomicBool,
+        progress: &mut impl FnMut(u32),
     ) -> Result<LocalRound, String>;
 }
 
@@ -122,7 +127,15 @@ impl<B: AutodiffBackend> Local for InProcess<B> {
         job: TrainJob,
         stop: &AtomicBool,
         pause: &AtomicBool,
+        progress: &mut impl FnMut(u32),
     ) -> Result<LocalRound, String> {
+        let mut reported = Instant::now();
+        let mut on_step = |steps: u32| {
+            if reported.elapsed() >= PROGRESS_EVERY {
+                reported = Instant::now();
+                progress(steps);
+            }
+        };
         let replica = self
             .replica
             .as_mut()
@@ -140,6 +153,7 @@ impl<B: AutodiffBackend> Local for InProcess<B> {
                 stop,
                 pause,
                 until,
+                &mut on_step,
             )
             .await
     }

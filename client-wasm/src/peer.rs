@@ -94,6 +94,7 @@ const DIRECT_WAIT: Duration = Duration::from_secs(3);
 
 /// A browser this peer holds a direct WebRTC connection to.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify_next::Tsify))]
 pub struct DirectPeer {
     /// Its libp2p peer ID.
     pub peer: String,
@@ -103,6 +104,7 @@ pub struct DirectPeer {
 
 /// A linked browser that sent part of a θ.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify_next::Tsify))]
 pub struct ThetaPeer {
     /// Its libp2p peer ID.
     pub peer: String,
@@ -112,6 +114,7 @@ pub struct ThetaPeer {
 
 /// What a peer reports as it works (the browser page shows these).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify_next::Tsify))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PeerEvent {
     Backend {
@@ -167,9 +170,29 @@ pub enum PeerEvent {
         train_ms: u64,
         rounds_trained: u64,
     },
-    /// The relay's answer to the update; `relay_rtt_ms` is the last ping round trip to it.
+    /// The round in training: `steps` of `planned_steps` taken, `elapsed_ms` after the round
+    /// was announced, whose deadline is `deadline_ms` after that (about every half second).
+    Progress {
+        round: u64,
+        steps: u32,
+        planned_steps: u32,
+        elapsed_ms: u64,
+        deadline_ms: u64,
+    },
+    /// What the relay's ledger credits this peer with in `run` (every session of its
+    /// identity), after an accepted update.
+    Credits {
+        run: String,
+        samples: u64,
+        accepted_updates: u64,
+        first_round: u64,
+        last_round: u64,
+    },
+    /// The relay's answer to the update (`bytes`: its encoded payload); `relay_rtt_ms` is the
+    /// last ping round trip to it.
     Submitted {
         round: u64,
+        bytes: u64,
         accepted: bool,
         reason: Option<String>,
         relay_rtt_ms: Option<f64>,
@@ -546,6 +569,7 @@ impl Session {
             return Ok(());
         };
         let round = update.round;
+        let bytes = payload.len() as u64;
         let answer = self.submit(update, payload).await?;
         *unsent = None;
         let relay_rtt_ms = self
@@ -560,11 +584,44 @@ impl Session {
         };
         emit(PeerEvent::Submitted {
             round,
+            bytes,
             accepted,
             reason,
             relay_rtt_ms,
         });
+        if accepted {
+            // Only for the page: a relay that cannot say now says it after the next update.
+            match self.fetch_credits().await {
+                Ok(credits) => emit(credits),
+                Err(e) => tracing::info!(error = %e, "could not read this peer's credit"),
+            }
+        }
         Ok(())
+    }
+
+    /// This peer's credit in the run's ledger (`GET /api/runs/{run}/peers/{peer}`).
+    async fn fetch_credits(&self) -> Result<PeerEvent, String> {
+        #[derive(Deserialize)]
+        struct Credit {
+            samples: u64,
+            accepted_updates: u64,
+            first_round: u64,
+            last_round: u64,
+        }
+        let path = format!(
+            "api/runs/{}/peers/{}",
+            self.spec.run_id,
+            self.client.identity().peer().to_hex()
+        );
+        let body = platform::http_get(&url(&self.relay_url, &path)).await?;
+        let credit: Credit = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        Ok(PeerEvent::Credits {
+            run: self.spec.run_id.clone(),
+            samples: credit.samples,
+            accepted_updates: credit.accepted_updates,
+            first_round: credit.first_round,
+            last_round: credit.last_round,
+        })
     }
 
     /// Waits for the first round after `after`: announced by gossip, or, should gossip be slow
@@ -895,7 +952,15 @@ async fn train_session<L: Local>(
             loss,
             params: local_params,
         } = local
-            .train_round(job, &config.stop, &config.pause)
+            .train_round(job, &config.stop, &config.pause, &mut |steps| {
+                emit(PeerEvent::Progress {
+                    round,
+                    steps,
+                    planned_steps: h,
+                    elapsed_ms: announced_at.elapsed().as_millis() as u64,
+                    deadline_ms: announcement.deadline_ms,
+                })
+            })
             .await
             .map_err(PeerError::Train)?;
         let train_ms = started.elapsed().as_millis() as u64;

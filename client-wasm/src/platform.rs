@@ -2,7 +2,7 @@
 //!
 //! `native` and `web` export the same names: `sleep`, `yield_now`, `spawn`, `build_swarm`,
 //! `http_get`, `TRANSPORT` (which of the relay's addresses to dial) and `PLATFORM`. The browser facade
-//! (`Contributor`, exported to JavaScript) lives in `web`.
+//! (`Trainer`, its training worker and `TrainingBench`, exported to JavaScript) lives in `web`.
 
 #[cfg(not(target_arch = "wasm32"))]
 #[path = "platform/native.rs"]

@@ -117,7 +117,7 @@ impl<B: AutodiffBackend> Replica<B> {
     /// most `steps` steps of `batch` examples for the digits, one step per `batch` windows of
     /// `data` for the language model. Waits between steps while `pause` is set (a hidden tab, a
     /// low battery). Stops early when `stop` is set, and once `until` has passed (after at least one step; on WebGPU the check sees when a step was queued, not
-    /// when the device finished it).
+    /// when the device finished it). `on_step` hears the number of steps taken after each.
     #[allow(clippy::too_many_arguments)]
     pub async fn train_round(
         &mut self,
@@ -129,6 +129,7 @@ impl<B: AutodiffBackend> Replica<B> {
         stop: &AtomicBool,
         pause: &AtomicBool,
         until: Option<Instant>,
+        on_step: &mut impl FnMut(u32),
     ) -> Result<LocalRound, String> {
         let load = |e: ParamsError| e.to_string();
         // After at least one step, passing `until` ends the round early: the steps taken so far
@@ -156,6 +157,7 @@ impl<B: AutodiffBackend> Replica<B> {
                     samples += batch.targets.len() as u32;
                     accumulate(&mut sum, trainer.step(&batch));
                     taken += 1;
+                    on_step(taken);
                     if taken.is_multiple_of(8) {
                         // Let the browser breathe (and the relay connection make progress).
                         platform::yield_now().await;
@@ -183,6 +185,7 @@ impl<B: AutodiffBackend> Replica<B> {
                     accumulate(&mut sum, trainer.step(&batch));
                     samples += (chunk.len() / window) as u32;
                     taken += 1;
+                    on_step(taken);
                     platform::yield_now().await;
                 }
                 trainer.params().await.map_err(load)?

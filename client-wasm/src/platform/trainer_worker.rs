@@ -55,6 +55,8 @@ enum FromTrainer {
     Sampled(Vec<u8>),
     Trained(LocalRound),
     Failed(String),
+    /// Steps taken so far in the round training now (not an answer).
+    Progress(u32),
 }
 
 fn encode<T: Serialize>(message: &T) -> Uint8Array {
@@ -84,7 +86,9 @@ impl Backend {
         request: ToTrainer,
         stop: &AtomicBool,
         pause: &AtomicBool,
+        post: &dyn Fn(FromTrainer),
     ) -> FromTrainer {
+        let mut progress = |steps| post(FromTrainer::Progress(steps));
         let result = match request {
             ToTrainer::Reset {
                 model,
@@ -101,8 +105,8 @@ impl Backend {
             }
             .map(FromTrainer::Sampled),
             ToTrainer::Train(job) => match self {
-                Self::WebGpu(t) => t.train_round(job, stop, pause).await,
-                Self::Cpu(t) => t.train_round(job, stop, pause).await,
+                Self::WebGpu(t) => t.train_round(job, stop, pause, &mut progress).await,
+                Self::Cpu(t) => t.train_round(job, stop, pause, &mut progress).await,
             }
             .map(FromTrainer::Trained),
             ToTrainer::Init { .. } => Err("the worker is already set up".into()),
@@ -166,7 +170,7 @@ pub fn run_trainer() -> Result<(), JsError> {
                     }
                     other => FromTrainer::Failed(format!("unknown backend {other:?}")),
                 },
-                (request, Some(b)) => b.handle(request, &stop, &pause).await,
+                (request, Some(b)) => b.handle(request, &stop, &pause, &post).await,
                 (_, None) => FromTrainer::Failed("the worker is not set up yet".into()),
             };
             post(answer);
@@ -250,10 +254,13 @@ impl TrainerWorker {
     }
 
     async fn next_answer(&mut self) -> Result<FromTrainer, String> {
-        match self.answers.next().await {
-            Some(FromTrainer::Failed(e)) => Err(e),
-            Some(answer) => Ok(answer),
-            None => Err("the training worker is gone".into()),
+        loop {
+            return match self.answers.next().await {
+                Some(FromTrainer::Progress(_)) => continue,
+                Some(FromTrainer::Failed(e)) => Err(e),
+                Some(answer) => Ok(answer),
+                None => Err("the training worker is gone".into()),
+            };
         }
     }
 
@@ -317,6 +324,7 @@ impl Local for TrainerWorker {
         job: TrainJob,
         stop: &AtomicBool,
         pause: &AtomicBool,
+        progress: &mut impl FnMut(u32),
     ) -> Result<LocalRound, String> {
         let mut sent = (stop.load(Ordering::Relaxed), pause.load(Ordering::Relaxed));
         self.post(&ToTrainer::Stop(sent.0))?;
@@ -327,7 +335,10 @@ impl Local for TrainerWorker {
             let tick = super::sleep(Duration::from_millis(100)).fuse();
             futures::pin_mut!(tick);
             futures::select! {
-                answer = self.answers.next() => break answer,
+                answer = self.answers.next() => match answer {
+                    Some(FromTrainer::Progress(steps)) => progress(steps),
+                    answer => break answer,
+                },
                 () = tick => {
                     let now = (stop.load(Ordering::Relaxed), pause.load(Ordering::Relaxed));
                     if now.0 != sent.0 {

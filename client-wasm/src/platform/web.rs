@@ -2,13 +2,11 @@
 //! JavaScript API.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use burn::backend::wgpu::{WgpuDevice, graphics::AutoGraphicsApi, init_setup_async};
 use burn::backend::{Autodiff, NdArray, Wgpu};
-use js_sys::{Function, JSON, Promise, Reflect, Uint8Array};
+use js_sys::{Function, Promise, Reflect, Uint8Array};
 use libp2p::core::upgrade::Version;
 use libp2p::{
     Swarm, Transport as _, identity::Keypair, noise, webrtc_websys, websocket_websys, yamux,
@@ -18,11 +16,13 @@ use wasm_bindgen_futures::{JsFuture, spawn_local};
 
 use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
 
-use crate::peer::{self, PeerConfig, PeerEvent};
+use crate::rpc::Behaviour;
 
+#[path = "trainer.rs"]
+mod trainer;
 #[path = "trainer_worker.rs"]
 mod trainer_worker;
-use crate::rpc::Behaviour;
+pub use trainer::{BackendChoice, Trainer, TrainerOptions, TransportChoice};
 pub use trainer_worker::{TrainerWorker, run_trainer};
 
 /// The relay's advertised transports this platform can dial, in order of preference.
@@ -255,189 +255,6 @@ fn report_panics() {
     std::panic::set_hook(Box::new(|info| {
         web_sys::console::error_1(&info.to_string().into())
     }));
-}
-
-fn emitter(on_event: Function) -> impl FnMut(PeerEvent) {
-    move |event| {
-        let value = serde_json::to_string(&event)
-            .ok()
-            .and_then(|json| JSON::parse(&json).ok());
-        if let Some(value) = value {
-            let _ = on_event.call1(&JsValue::NULL, &value);
-        }
-    }
-}
-
-/// Bytes of text a tab samples from each new global model of a language-model run.
-const SAMPLE_LEN: usize = 120;
-
-/// A browser tab taking part in training. Created with `Contributor.start`.
-#[wasm_bindgen]
-#[derive(Debug)]
-pub struct Contributor {
-    stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
-    peer: String,
-    backend: String,
-}
-
-#[wasm_bindgen]
-impl Contributor {
-    /// Joins the run of the relay at `relay_url` and trains until `stop()`.
-    ///
-    /// `on_event` receives plain objects with a `kind` field: `backend`, `joined`, `model`,
-    /// `round`, `sample` (text generated from the global model, language-model runs),
-    /// `trained`, `submitted`, `reconnecting` (the connection to the relay failed; the tab
-    /// tries again after `delay_ms`, keeping its identity and training state), `stopped`
-    /// (after `stop()`) or `error` (the tab has given up). `backend` may be `"webgpu"`, `"cpu"` or `"auto"`
-    /// (the default: WebGPU when the browser offers an adapter, else the CPU). `transport` may
-    /// be `"webrtc-direct"`, `"ws"` or `"auto"` (the default: WebRTC-direct when the relay
-    /// offers it, else WebSocket). `run` names the run to join (default: the relay's default
-    /// run). `direct` is how many other browsers of the relay to connect to over WebRTC,
-    /// signaling through the relay, and whether to take such connections (default 0: none;
-    /// `direct` events report them). `ice_servers` is a JSON array of `RTCIceServer`s (`urls`,
-    /// optional `username` and `credential`) for those connections; without it only host
-    /// candidates are offered, which connect browsers on one network. `worker` is the URL of a
-    /// module script that loads this package and calls `runTrainer()`: given, training runs in
-    /// that dedicated worker and this thread keeps only the network; without it, training runs
-    /// on this thread between the page's other tasks.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start(
-        relay_url: String,
-        on_event: Function,
-        backend: Option<String>,
-        transport: Option<String>,
-        run: Option<String>,
-        direct: Option<u32>,
-        ice_servers: Option<String>,
-        worker: Option<String>,
-    ) -> Result<Contributor, JsError> {
-        report_panics();
-        let seed = stored_identity_seed().await.map_err(|e| JsError::new(&e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let pause = Arc::new(AtomicBool::new(false));
-        let want = backend.unwrap_or_else(|| "auto".into());
-        let adapter = if want == "cpu" {
-            None
-        } else {
-            webgpu_adapter().await
-        };
-        if want == "webgpu" && adapter.is_none() {
-            return Err(JsError::new("this browser offers no WebGPU adapter"));
-        }
-        let peer_key = swarmtrain_shared::Identity::from_seed(*seed)
-            .peer()
-            .to_hex();
-        let mut emit = emitter(on_event.clone());
-        let transport = transport.filter(|t| t != "auto");
-        if let Some(t) = &transport
-            && !TRANSPORTS.contains(&t.as_str())
-        {
-            return Err(JsError::new(&format!(
-                "unknown transport {t:?}: use webrtc-direct, ws or auto"
-            )));
-        }
-        let run = run.filter(|r| !r.is_empty());
-        let ice_servers: Vec<crate::webrtc::IceServer> = match ice_servers.filter(|s| !s.is_empty())
-        {
-            Some(json) => serde_json::from_str(&json)
-                .map_err(|e| JsError::new(&format!("ice_servers: {e}")))?,
-            None => Vec::new(),
-        };
-        let direct_peers = direct.unwrap_or(0) as usize;
-        let config = |backend: &str| PeerConfig {
-            run_id: run.clone(),
-            sample_len: SAMPLE_LEN,
-            transport: transport.clone(),
-            relay_url: relay_url.clone(),
-            identity_seed: seed,
-            backend: backend.into(),
-            max_rounds: None,
-            stop: stop.clone(),
-            pause: pause.clone(),
-            max_retries: None,
-            direct_peers,
-            ice_servers: ice_servers.clone(),
-        };
-        let report = move |result: Result<u64, peer::PeerError>| {
-            if let Err(e) = result {
-                emitter(on_event.clone())(PeerEvent::Error {
-                    message: e.to_string(),
-                });
-            }
-        };
-        let (backend, detail) = match adapter {
-            Some(detail) => ("webgpu", detail),
-            None => ("cpu", "ndarray (no WebGPU adapter)".to_owned()),
-        };
-        let config = config(if backend == "webgpu" {
-            "wgpu"
-        } else {
-            "ndarray"
-        });
-        match worker.filter(|w| !w.is_empty()) {
-            Some(url) => {
-                let trainer = TrainerWorker::spawn(&url, backend)
-                    .await
-                    .map_err(|e| JsError::new(&e))?;
-                emit(PeerEvent::Backend {
-                    backend: backend.into(),
-                    detail: format!("{detail}, in a worker"),
-                });
-                spawn_local(async move { report(peer::run_with(trainer, config, emit).await) });
-            }
-            None if backend == "webgpu" => {
-                let device = wgpu_device().await;
-                emit(PeerEvent::Backend {
-                    backend: backend.into(),
-                    detail,
-                });
-                spawn_local(async move {
-                    report(peer::run::<Autodiff<Wgpu>>(device, config, emit).await)
-                });
-            }
-            None => {
-                emit(PeerEvent::Backend {
-                    backend: backend.into(),
-                    detail,
-                });
-                spawn_local(async move {
-                    report(peer::run::<Autodiff<NdArray>>(Default::default(), config, emit).await)
-                });
-            }
-        }
-        Ok(Contributor {
-            stop,
-            pause,
-            peer: peer_key,
-            backend: backend.into(),
-        })
-    }
-
-    /// Stops training after the current step.
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-
-    /// Pauses training between steps (`true`) or resumes it (`false`): for a hidden tab or a
-    /// low battery. The connection stays up; a round whose deadline comes while paused is
-    /// sent with the steps done (none: the round is missed).
-    #[wasm_bindgen(js_name = setPaused)]
-    pub fn set_paused(&self, paused: bool) {
-        self.pause.store(paused, Ordering::Relaxed);
-    }
-
-    /// This tab's peer key (hex BLAKE3 of its ML-DSA-65 public key).
-    #[wasm_bindgen(getter)]
-    pub fn peer(&self) -> String {
-        self.peer.clone()
-    }
-
-    /// The training backend in use: "webgpu" or "cpu".
-    #[wasm_bindgen(getter)]
-    pub fn backend(&self) -> String {
-        self.backend.clone()
-    }
 }
 
 /// One per bench, so the variants' sizes do not matter.
