@@ -7,9 +7,10 @@ export const relayBin = process.env.SWARMTRAIN_RELAY_BIN ?? join(root, 'target',
 export const outDir = join(import.meta.dirname, 'out');
 
 // `tiny: false` keeps relay.toml's language model (what `cargo xtask run` trains).
-export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true } = {}) {
+// `webDir` is the folder the relay serves (default: the contributor page).
+export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true, webDir = join(root, 'web') } = {}) {
   const relay = spawn(relayBin, [
-    'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', join(root, 'web'),
+    'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', webDir,
     '--data-dir', dataDir,
     // A tiny language model keeps the browser rounds short: 1 layer × 32 wide, context 32.
     ...(tiny ? ['--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',

@@ -178,6 +178,24 @@ fn setup_browser() -> Result {
         Command::new("npx")
             .args(["vite", "build"])
             .current_dir(interop),
+    )?;
+    // The Vite + TypeScript page that embeds the package (it links `web/pkg`).
+    npm_ci(&root().join("examples/vite"), "typescript")
+}
+
+/// Type-checks the embedding example against the package's generated declarations and
+/// bundles it with Vite (into `examples/vite/dist`, which `embed.test.mjs` serves).
+fn build_example() -> Result {
+    let example = root().join("examples/vite");
+    status(
+        Command::new("npx")
+            .args(["tsc", "--noEmit"])
+            .current_dir(&example),
+    )?;
+    status(
+        Command::new("npx")
+            .args(["vite", "build"])
+            .current_dir(&example),
     )
 }
 
@@ -235,13 +253,15 @@ fn build_wasm() -> Result {
   "type": "module",
   "main": "swarmtrain.js",
   "types": "swarmtrain.d.ts",
-  "files": ["swarmtrain_bg.wasm", "swarmtrain.js", "swarmtrain.d.ts", "swarmtrain_bg.wasm.d.ts", "snippets"],
+  "files": ["swarmtrain_bg.wasm", "swarmtrain.js", "swarmtrain.d.ts", "swarmtrain_bg.wasm.d.ts", "snippets", "README.md"],
   "sideEffects": ["./snippets/*"]
 }}
 "#
     );
     fs::write(out.join("package.json"), package)
         .map_err(|e| format!("writing package.json: {e}"))?;
+    fs::copy(root().join("client-wasm/README.md"), out.join("README.md"))
+        .map_err(|e| format!("copying the package README: {e}"))?;
     let size = fs::metadata(out.join("swarmtrain_bg.wasm"))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -316,7 +336,9 @@ fn test(args: &[String]) -> Result {
     status(&mut wasm)?;
 
     // 3. The browser end-to-end tests: a real relay, real Chromium, the Contribute button;
-    //    two tabs linked browser-to-browser; the same links with a js-libp2p node.
+    //    two tabs linked browser-to-browser; the same links with a js-libp2p node; the package
+    //    embedded in a Vite + TypeScript page.
+    build_example()?;
     let relay = build_relay()?;
     status(
         Command::new("node")
@@ -326,6 +348,7 @@ fn test(args: &[String]) -> Result {
                 "e2e.test.mjs",
                 "webrtc.test.mjs",
                 "interop.test.mjs",
+                "embed.test.mjs",
             ])
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)

@@ -1,0 +1,48 @@
+// The npm package embedded as a developer would: examples/vite, a Vite + TypeScript page
+// (type-checked against the package's generated declarations and bundled by `cargo xtask
+// test`), served by the relay from examples/vite/dist. It connects with `Trainer.connect`,
+// trains in its own Vite-bundled worker and shows typed events: an accepted update and the
+// credit the relay's ledger gives it.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { CHROMIUM_ARGS, outDir, root, startRelay } from './support.mjs';
+
+const dist = join(root, 'examples', 'vite', 'dist');
+
+test('a Vite + TypeScript page embeds the package and trains in its worker', { timeout: 300_000 }, async () => {
+  assert.ok(existsSync(join(dist, 'index.html')), 'examples/vite is built (cargo xtask test builds it)');
+  mkdirSync(outDir, { recursive: true });
+  const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-embed-'));
+  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { webDir: dist });
+  let browser;
+  const logs = [];
+  try {
+    const url = await urlPromise;
+    browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+    const page = await (await browser.newContext()).newPage();
+    page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+    page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
+    await page.goto(url);
+    await page.click('#start');
+    try {
+      await page.waitForFunction(() => /^[1-9]\d* samples in [1-9]\d* updates$/.test(document.getElementById('credit').textContent), null, { timeout: 120_000 });
+    } catch (e) {
+      await page.screenshot({ path: join(outDir, 'embed.png'), fullPage: true });
+      throw new Error(`${e.message}\n${await page.textContent('body')}\n${logs.join('\n')}`);
+    }
+    const log = await page.textContent('#log');
+    assert.match(log, /update of \d+ bytes accepted/);
+    assert.match(log, /backend: cpu \(.*, in a worker\)/);
+    assert.match(await page.textContent('#status'), /^(Connected to run lm|Round \d+: \d+ of 20 steps)/);
+    console.log(`embedded page: ${await page.textContent('#credit')}; ${log.trim().split('\n').at(-1)}`);
+    await page.screenshot({ path: join(outDir, 'embed.png'), fullPage: true });
+  } finally {
+    if (browser) await browser.close();
+    relay.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+});
