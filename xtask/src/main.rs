@@ -178,15 +178,15 @@ fn setup_browser() -> Result {
         Command::new("npx")
             .args(["vite", "build"])
             .current_dir(interop),
-    )?;
-    // The Vite + TypeScript page that embeds the package (it links `web/pkg`).
-    npm_ci(&root().join("examples/vite"), "typescript")
+    )
 }
 
-/// Type-checks the embedding example against the package's generated declarations and
-/// bundles it with Vite (into `examples/vite/dist`, which `embed.test.mjs` serves).
+/// Installs the embedding example's locked dependencies, type-checks it against the package's
+/// generated declarations and bundles it with Vite (into `examples/vite/dist`, which `embed.test.mjs` serves).
 fn build_example() -> Result {
     let example = root().join("examples/vite");
+    // After `build_wasm`: the example links `web/pkg`.
+    npm_ci(&example, "typescript")?;
     status(
         Command::new("npx")
             .args(["tsc", "--noEmit"])
