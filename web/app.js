@@ -136,6 +136,7 @@ function ownRound(round) {
 // Local loss (line, left axis) and KiB received and sent (bars, right axis) per round trained.
 function drawOwnChart() {
   const c = $('own-chart');
+  c.hidden = false;
   const g = c.getContext('2d');
   g.clearRect(0, 0, c.width, c.height);
   g.font = '11px sans-serif';

@@ -434,6 +434,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     );
     let _ = writeln!(
         out,
+        "# HELP swarmtrain_circuits_cut_total Circuits that ended in an error (over their {} \
+         bytes or time limit, or a side gone).\n# TYPE swarmtrain_circuits_cut_total counter\n\
+         swarmtrain_circuits_cut_total {}",
+        crate::p2p::CIRCUIT_BYTES,
+        state.network.circuits_cut()
+    );
+    let _ = writeln!(
+        out,
         "# HELP swarmtrain_connections Open libp2p connections.\n\
          # TYPE swarmtrain_connections gauge\nswarmtrain_connections {}",
         state.network.connections()

@@ -95,12 +95,24 @@ pub async fn build_swarm(
         .with_behaviour(|key| {
             Ok(Boxed(RelayBehaviour {
                 node: Behaviour::new(ProtocolSupport::Inbound, key, &agent)?,
-                circuit: relay::Behaviour::new(key.public().to_peer_id(), relay::Config::default()),
+                circuit: relay::Behaviour::new(
+                    key.public().to_peer_id(),
+                    relay::Config {
+                        max_circuit_bytes: CIRCUIT_BYTES,
+                        ..relay::Config::default()
+                    },
+                ),
             }))
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build())
 }
+
+/// Bytes a circuit relays (each way) before the relay cuts it: WebRTC signaling between two
+/// browsers (Noise, identify, the SDP offer and answer, a few ICE candidates) takes a few KiB,
+/// and once their direct connection is up they close the circuit. So θ, updates and gossip
+/// between linked browsers never cost the relay bandwidth (libp2p's default is 128 KiB).
+pub const CIRCUIT_BYTES: u64 = 64 * 1024;
 
 /// What the libp2p node shows the HTTP side: the peers that hold a circuit relay reservation
 /// here, newest last (browsers that take WebRTC connections from other browsers through this
@@ -110,6 +122,7 @@ pub async fn build_swarm(
 pub struct Network {
     reachable: std::sync::Mutex<Vec<PeerId>>,
     connections: std::sync::atomic::AtomicUsize,
+    circuits_cut: std::sync::atomic::AtomicU64,
 }
 
 impl Network {
@@ -142,6 +155,11 @@ impl Network {
     /// Open libp2p connections.
     pub fn connections(&self) -> usize {
         self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Circuits that ended in an error: over [`CIRCUIT_BYTES`] or its time limit, or a side gone.
+    pub fn circuits_cut(&self) -> u64 {
+        self.circuits_cut.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -303,6 +321,10 @@ pub async fn run(
                         relay::Event::ReservationReqAccepted { src_peer_id, .. } => network.add_reachable(src_peer_id),
                         relay::Event::ReservationClosed { src_peer_id }
                         | relay::Event::ReservationTimedOut { src_peer_id } => network.remove_reachable(&src_peer_id),
+                        relay::Event::CircuitClosed { src_peer_id, dst_peer_id, error: Some(error) } => {
+                            network.circuits_cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!(%src_peer_id, %dst_peer_id, %error, "circuit cut");
+                        }
                         _ => {}
                     }
                 }

@@ -146,6 +146,17 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
       await operator.close();
     }
     {
+      // A phone-sized screen (390 × 844 CSS pixels): nothing wider than the screen.
+      const phone = await page.context().newPage();
+      await phone.setViewportSize({ width: 390, height: 844 });
+      await phone.goto(url + query);
+      await phone.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+      const widths = await phone.evaluate(() => ({ page: document.documentElement.scrollWidth, screen: window.innerWidth }));
+      assert.ok(widths.page <= widths.screen, `the page fits a phone: ${JSON.stringify(widths)}`);
+      await phone.screenshot({ path: join(outDir, `phone-${expected}.png`), fullPage: true });
+      await phone.close();
+    }
+    {
       // The relay dies without a word and comes back on the same address and data directory:
       // the tab says it is reconnecting, joins again with its identity and trains on.
       const trainedBefore = Number(await page.textContent('#trained'));

@@ -64,6 +64,10 @@ test('two browsers link directly over WebRTC, signaling through the relay', { ti
         throw new Error(`${e.message}\nB's log:\n${shown.join('\n')}\nB's console:\n${logs.b.slice(-40).join('\n')}`);
       });
     console.log(`the second tab: ${await fromPeer.jsonValue()}`);
+    // The relay cuts a circuit after 64 KiB each way (CIRCUIT_BYTES): the 117 KiB θ can only
+    // have crossed the direct link, and no circuit was cut, so the circuits carried only the
+    // signaling.
+    assert.equal(await metric(url, 'swarmtrain_circuits_cut_total'), 0, 'no circuit was cut');
     const peerA = await a.textContent('#peer');
     const peerB = await b.textContent('#peer');
     assert.notEqual(peerA, peerB, 'two identities');
