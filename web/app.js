@@ -27,7 +27,9 @@ function onEvent(ev) {
   console.debug('swarmtrain event', JSON.stringify(ev).slice(0, 200));
   switch (ev.kind) {
     case 'backend':
-      $('backend').textContent = ev.backend;
+      // "WebGPU (adapter)" or "CPU fallback"; the machine-readable name in data-backend.
+      $('backend').dataset.backend = ev.backend;
+      $('backend').textContent = ev.backend === 'webgpu' ? `WebGPU (${ev.detail.replace(/, in a worker$/, '')})` : 'CPU fallback';
       log(`training backend: ${ev.backend}${ev.detail ? ` (${ev.detail})` : ''}`);
       break;
     case 'joined':
@@ -55,6 +57,11 @@ function onEvent(ev) {
       $('progress').textContent = `${ev.steps} of ${ev.planned_steps} steps, ${secs(ev.elapsed_ms)} s of the round's ${secs(ev.deadline_ms)} s`;
       break;
     }
+    case 'plan':
+      if (ev.planned_steps < ev.run_steps) {
+        log(`round ${ev.round}: planning ${ev.planned_steps} of ${ev.run_steps} steps (${ev.step_ms.toFixed(0)} ms a step here, ${(ev.budget_ms / 1000).toFixed(1)} s before the deadline)`);
+      }
+      break;
     case 'credits':
       $('credit').textContent = `${ev.samples.toLocaleString()} samples in ${ev.accepted_updates} updates`;
       break;

@@ -160,6 +160,17 @@ pub enum PeerEvent {
         peers: Vec<DirectPeer>,
         error: Option<String>,
     },
+    /// How many of the run's `run_steps` inner steps this peer plans for `round`: as many as
+    /// fit in `budget_ms` (the time to the round's deadline, less a fifth for sending) at
+    /// `step_ms` a step, measured on the rounds before (None: the first round, which plans
+    /// them all).
+    Plan {
+        round: u64,
+        planned_steps: u32,
+        run_steps: u32,
+        step_ms: Option<f64>,
+        budget_ms: u64,
+    },
     /// Trained `steps` of the round's `planned_steps` (fewer when the round's deadline came
     /// first).
     Trained {
@@ -738,9 +749,24 @@ impl Session {
     }
 }
 
+/// Inner steps to plan for a round: all `h` until the device's speed is known, then as many as
+/// `budget` holds at `step_ms` a step with a tenth to spare (at least one: a round whose
+/// deadline comes first is still cut there, with the steps done).
+pub fn plan_steps(h: u32, step_ms: Option<f64>, budget: Duration) -> u32 {
+    match step_ms {
+        Some(ms) if ms > 0.0 => {
+            let fit = 0.9 * budget.as_secs_f64() * 1e3 / ms;
+            (fit.floor() as u32).clamp(1, h.max(1))
+        }
+        _ => h,
+    }
+}
+
 /// What a peer keeps across connections to the relay (and its local trainer, which keeps its
 /// replica and AdamW moments).
 struct Progress {
+    /// This device's time per inner step, measured on its last rounds (None before the first).
+    step_ms: Option<f64>,
     /// What lossy compression left out of earlier updates; it rides along with the next one.
     feedback: ErrorFeedback,
     /// The last round trained, and the θ it started from.
@@ -773,6 +799,7 @@ pub async fn run_with<L: Local>(
 ) -> Result<u64, PeerError> {
     let identity = Identity::from_seed(*config.identity_seed);
     let mut progress = Progress {
+        step_ms: None,
         feedback: ErrorFeedback::default(),
         last_trained: None,
         unsent: None,
@@ -845,6 +872,7 @@ async fn train_session<L: Local>(
     let mut direct = None;
     let spec = session.spec.clone();
     let Progress {
+        step_ms,
         feedback,
         last_trained,
         unsent,
@@ -938,14 +966,25 @@ async fn train_session<L: Local>(
                 RoundData::Text(session.fetch_text(round, lm_config.context + 1).await?)
             }
         };
+        let budget = until.saturating_duration_since(Instant::now());
+        let planned = plan_steps(h, *step_ms, budget);
+        emit(PeerEvent::Plan {
+            round,
+            planned_steps: planned,
+            run_steps: h,
+            step_ms: *step_ms,
+            budget_ms: budget.as_millis() as u64,
+        });
         let job = TrainJob {
             start: start.clone(),
             first_step: round * u64::from(h),
             data,
-            steps: h,
+            steps: planned,
             batch: spec.inner.batch_size,
-            budget_ms: Some(until.saturating_duration_since(Instant::now()).as_millis() as u64),
+            budget_ms: Some(budget.as_millis() as u64),
         };
+        let paused_before = config.pause.load(Ordering::Relaxed);
+        let training = Instant::now();
         let LocalRound {
             steps,
             samples,
@@ -956,7 +995,7 @@ async fn train_session<L: Local>(
                 emit(PeerEvent::Progress {
                     round,
                     steps,
-                    planned_steps: h,
+                    planned_steps: planned,
                     elapsed_ms: announced_at.elapsed().as_millis() as u64,
                     deadline_ms: announcement.deadline_ms,
                 })
@@ -964,6 +1003,11 @@ async fn train_session<L: Local>(
             .await
             .map_err(PeerError::Train)?;
         let train_ms = started.elapsed().as_millis() as u64;
+        // A round that was paused says nothing about the device's speed.
+        if steps > 0 && !paused_before && !config.pause.load(Ordering::Relaxed) {
+            let measured = training.elapsed().as_secs_f64() * 1e3 / f64::from(steps);
+            *step_ms = Some(step_ms.map_or(measured, |old| 0.5 * old + 0.5 * measured));
+        }
         if config.stop.load(Ordering::Relaxed) {
             break;
         }
@@ -972,7 +1016,7 @@ async fn train_session<L: Local>(
         emit(PeerEvent::Trained {
             round,
             steps,
-            planned_steps: h,
+            planned_steps: planned,
             loss,
             train_ms,
             rounds_trained: *rounds_trained,
@@ -1011,4 +1055,23 @@ async fn train_session<L: Local>(
         announced_at = Instant::now();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_plans_the_steps_its_speed_fits_before_the_deadline() {
+        let s = Duration::from_secs;
+        // Unknown speed: the run's H.
+        assert_eq!(plan_steps(200, None, s(1)), 200);
+        // 50 ms a step, 10 s: 180 fit with a tenth to spare.
+        assert_eq!(plan_steps(200, Some(50.0), s(10)), 180);
+        // Fast enough for all of them: H, never more.
+        assert_eq!(plan_steps(200, Some(1.0), s(10)), 200);
+        // Too slow for one: still one (the deadline then cuts the round with what was done).
+        assert_eq!(plan_steps(200, Some(5_000.0), s(1)), 1);
+        assert_eq!(plan_steps(200, Some(50.0), Duration::ZERO), 1);
+    }
 }

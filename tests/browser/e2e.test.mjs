@@ -56,8 +56,9 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     assert.equal(await page.inputValue('#run-select'), 'lm');
     await page.click('#contribute');
 
-    await page.waitForFunction(() => document.getElementById('backend').textContent !== 'not started', null, { timeout: 120_000 });
-    const backend = await page.textContent('#backend');
+    await page.waitForFunction(() => document.getElementById('backend').dataset.backend, null, { timeout: 120_000 });
+    const backend = await page.getAttribute('#backend', 'data-backend');
+    console.log(`backend shown: ${await page.textContent('#backend')}`);
     assert.equal(backend, expected, `expected ${expected} in headless Chromium; logs:\n${logs.join('\n')}`);
     // Training runs in the page's dedicated worker (web/trainer-worker.js).
     const backendLine = await page.$$eval('#log li', (lis) => lis.map((li) => li.textContent).find((t) => t.includes('training backend')));
