@@ -24,7 +24,7 @@ function log(text, cls) {
 const isLm = (status) => status?.spec?.model?.ByteLm !== undefined;
 
 function onEvent(ev) {
-  console.debug('swarmtrain event', JSON.stringify(ev).slice(0, 200));
+  console.debug('swarmtrain event', JSON.stringify(ev).slice(0, 2000));
   switch (ev.kind) {
     case 'backend':
       // "WebGPU (adapter)" or "CPU fallback"; the machine-readable name in data-backend.
@@ -64,6 +64,9 @@ function onEvent(ev) {
       break;
     case 'credits':
       $('credit').textContent = `${ev.samples.toLocaleString()} samples in ${ev.accepted_updates} updates`;
+      break;
+    case 'fetching':
+      $('progress').textContent = `fetching the round's θ (${(ev.bytes / 1024).toFixed(0)} KiB)${ev.linked ? ` from ${ev.linked} linked browser${ev.linked > 1 ? 's' : ''} and the relay` : ''}`;
       break;
     case 'params':
       ownRound(ev.round).received = ev.bytes;

@@ -89,8 +89,10 @@ impl std::fmt::Debug for PeerConfig {
     }
 }
 
-/// How long a browser waits for its first link after joining before it fetches θ.
+/// How long a browser waits for its links after joining before it fetches θ…
 const DIRECT_WAIT: Duration = Duration::from_secs(3);
+/// …and how long for the rest once the first is up.
+const LINK_STRAGGLER: Duration = Duration::from_secs(1);
 
 /// A browser this peer holds a direct WebRTC connection to.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,6 +140,12 @@ pub enum PeerEvent {
         accuracy: Option<f32>,
         /// Held-out loss of the round's θ (language-model runs).
         val_loss: Option<f32>,
+    },
+    /// The round's θ (`bytes`) is being fetched, from the `linked` browsers and the relay.
+    Fetching {
+        round: u64,
+        bytes: u64,
+        linked: u32,
     },
     /// The round's θ arrived: `bytes` in `ms`, `relay_bytes` of them from the relay and the
     /// rest from the linked browsers `from_peers`, and why linked browsers stopped being asked.
@@ -500,12 +508,22 @@ impl Session {
             .collect();
         shuffle(&mut peers);
         peers.truncate(config.direct_peers);
-        if peers.is_empty() || self.client.dial_direct(peers).await.is_err() {
+        if peers.is_empty() || self.client.dial_direct(peers.clone()).await.is_err() {
             return;
         }
-        // Give the first link a moment, so that this round's θ can come from it.
+        // Give the links a moment, so that this round's θ can come from them: until all are up,
+        // at most DIRECT_WAIT, and at most LINK_STRAGGLER after the first.
+        let dialed = peers.len();
         let waited = Instant::now();
-        while self.client.relay_info().direct_peers.is_empty() && waited.elapsed() < DIRECT_WAIT {
+        let mut first = None;
+        loop {
+            let linked = self.client.relay_info().direct_peers.len();
+            if linked >= dialed || waited.elapsed() >= DIRECT_WAIT {
+                break;
+            }
+            if linked > 0 && first.get_or_insert_with(Instant::now).elapsed() >= LINK_STRAGGLER {
+                break;
+            }
             platform::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -900,6 +918,11 @@ async fn train_session<L: Local>(
             inner_steps: spec.inner.steps,
             accuracy: announcement.accuracy,
             val_loss: announcement.loss,
+        });
+        emit(PeerEvent::Fetching {
+            round,
+            bytes: 4 * spec.model.num_params() as u64,
+            linked: session.client.relay_info().direct_peers.len() as u32,
         });
         let (start, fetched) = session.fetch_params(round, announcement.params).await?;
         emit(fetched);

@@ -626,9 +626,12 @@ impl RelayClient {
         hash: ParamsHash,
         total: usize,
     ) -> Result<(Vec<u8>, ThetaSources), RpcError> {
-        let peers = self.relay_info().direct_peers;
+        let mut peers = self.relay_info().direct_peers;
         let mut sources = ThetaSources::default();
-        let bytes = match self.manifest_from(&peers, hash, total, &mut sources).await {
+        let bytes = match self
+            .manifest_from(&mut peers, hash, total, &mut sources)
+            .await
+        {
             Some(manifest) => {
                 let (bytes, found) = self.fetch_leaves(run_id, hash, manifest, &peers).await?;
                 sources.relay_bytes = found.relay_bytes;
@@ -646,10 +649,11 @@ impl RelayClient {
         Ok((bytes, sources))
     }
 
-    /// The θ's manifest from the first linked browser that gives a right one.
+    /// The θ's manifest from the first linked browser that gives a right one, all asked at
+    /// once; those that fail are recorded in `sources` and left out of `peers`.
     async fn manifest_from(
         &self,
-        peers: &[PeerId],
+        peers: &mut Vec<PeerId>,
         hash: ParamsHash,
         total: usize,
         sources: &mut ThetaSources,
@@ -657,28 +661,37 @@ impl RelayClient {
         if !theta::by_leaves(total) {
             return None;
         }
-        for &peer in peers {
+        let one = |peer: PeerId| async move {
             let mut cvs = Vec::new();
-            let result = loop {
+            loop {
                 let request = ThetaRequest::Manifest {
                     hash: hash.0,
                     from: cvs.len() as u32,
                 };
-                match self.ask_peer(peer, &request).await {
-                    Ok(answer) => match theta::manifest_page(&mut cvs, total, answer) {
-                        Ok(true) => break Ok(()),
-                        Ok(false) => {}
-                        Err(e) => break Err(e),
-                    },
-                    Err(e) => break Err(e.to_string()),
+                let answer = self
+                    .ask_peer(peer, &request)
+                    .await
+                    .map_err(|e| (peer, e.to_string()))?;
+                if theta::manifest_page(&mut cvs, total, answer).map_err(|e| (peer, e))? {
+                    break;
                 }
-            };
-            match result.and_then(|()| {
-                Manifest::verify(hash, total, std::mem::take(&mut cvs))
-                    .ok_or_else(|| "sent a manifest that does not match the θ's hash".into())
-            }) {
+            }
+            Manifest::verify(hash, total, cvs).ok_or_else(|| {
+                (
+                    peer,
+                    "sent a manifest that does not match the θ's hash".into(),
+                )
+            })
+        };
+        let mut asked: futures::stream::FuturesUnordered<_> =
+            peers.iter().map(|&p| one(p)).collect();
+        while let Some(result) = asked.next().await {
+            match result {
                 Ok(manifest) => return Some(manifest),
-                Err(e) => sources.failures.push(format!("{peer} {e}")),
+                Err((peer, e)) => {
+                    peers.retain(|p| *p != peer);
+                    sources.failures.push(format!("{peer} {e}"));
+                }
             }
         }
         None

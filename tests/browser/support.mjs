@@ -8,14 +8,14 @@ export const outDir = join(import.meta.dirname, 'out');
 
 // `tiny: false` keeps relay.toml's language model (what `cargo xtask run` trains).
 // `webDir` is the folder the relay serves (default: the contributor page).
-export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true, webDir = join(root, 'web') } = {}) {
+export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true, webDir = join(root, 'web'), innerSteps = process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', deadlineSecs = 60 } = {}) {
   const relay = spawn(relayBin, [
     'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', webDir,
     '--data-dir', dataDir,
     // A tiny language model keeps the browser rounds short: 1 layer × 32 wide, context 32.
     ...(tiny ? ['--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',
       '--lr', '0.01', '--warmup-steps', '5'] : []),
-    '--inner-steps', process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', '--quorum', String(quorum), '--round-deadline-secs', '60',
+    '--inner-steps', String(innerSteps), '--quorum', String(quorum), '--round-deadline-secs', String(deadlineSecs),
   ], { stdio: ['ignore', 'pipe', 'inherit'] });
   const url = new Promise((resolve, reject) => {
     let buffered = '';

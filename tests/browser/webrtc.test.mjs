@@ -92,3 +92,90 @@ test('two browsers link directly over WebRTC, signaling through the relay', { ti
     rmSync(dataDir, { recursive: true, force: true });
   }
 });
+
+// Faults: one long round (relay.toml's language model, θ 532 KiB; 2,000 inner steps, so every
+// tab trains until the 40 s deadline cuts it short; quorum 3). Two tabs fetch the round's θ and
+// train; a third joins, links to both and takes θ from both at once. The moment it starts
+// fetching, the first tab is closed: the third finishes from the second tab and the relay,
+// trains, and its update is accepted in that round, which closes by its deadline. (θ takes
+// about half a second here, with three tabs training on two cores; the tab is closed within
+// milliseconds of the `fetching` event.)
+test('a serving tab closed mid-transfer: the joiner completes from the others and the round closes on time', { timeout: 400_000 }, async () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-fault-'));
+  const deadlineSecs = 40;
+  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { quorum: 3, tiny: false, innerSteps: 2000, deadlineSecs });
+  let browser;
+  const logs = { a: [], b: [], c: [] };
+  const events = { a: [], b: [], c: [] };
+  try {
+    const url = await urlPromise;
+    browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+    const open = async (name) => {
+      const context = await browser.newContext({ viewport: { width: 720, height: 1000 } });
+      const page = await context.newPage();
+      page.on('console', (m) => {
+        const t = m.text();
+        logs[name].push(`[${m.type()}] ${t}`);
+        const at = t.indexOf('swarmtrain event ');
+        if (at >= 0) {
+          try { events[name].push(JSON.parse(t.slice(at + 'swarmtrain event '.length))); } catch { /* cut at 2,000 characters */ }
+        }
+      });
+      await page.goto(`${url}?transport=ws&direct=2`);
+      await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+      return page;
+    };
+    const until = async (what, f, ms = 60_000) => {
+      const deadline = Date.now() + ms;
+      while (!f()) {
+        if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}\nA:\n${logs.a.slice(-20).join('\n')}\nB:\n${logs.b.slice(-20).join('\n')}\nC:\n${logs.c.slice(-30).join('\n')}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    const has = (name, kind) => () => events[name].find((e) => e.kind === kind);
+    const a = await open('a');
+    await a.click('#contribute');
+    await until("A's θ", has('a', 'params'));
+    const [aId] = (await (await fetch(new URL('api/reachable', url))).json()).peers;
+    const b = await open('b');
+    await b.click('#contribute');
+    await until("B's θ", has('b', 'params'));
+    const c = await open('c');
+    let closing = null;
+    c.on('console', (m) => {
+      if (closing === null && m.text().includes('swarmtrain event {"kind":"fetching"')) closing = a.context().close();
+    });
+    await c.click('#contribute');
+    await until("C's θ", has('c', 'params'));
+    await closing;
+    await until("C's update", has('c', 'submitted'), 90_000);
+    const fetching = has('c', 'fetching')();
+    const params = has('c', 'params')();
+    const submitted = has('c', 'submitted')();
+    assert.equal(fetching.linked, 2, `C fetched with both tabs linked: ${JSON.stringify(fetching)}`);
+    assert.equal(params.round, 0, 'C took the open round');
+    assert.equal(params.bytes, fetching.bytes, 'the whole θ');
+    const gaveUp = params.peer_failures.find((f) => f.startsWith(aId));
+    assert.ok(gaveUp, `the closed tab was given up: ${JSON.stringify(params)}`);
+    assert.ok(submitted.accepted && submitted.round === 0, `C's update counts in round 0: ${JSON.stringify(submitted)}`);
+    let status;
+    for (let i = 0; i < 100; i++) {
+      status = await (await fetch(new URL('api/status', url))).json();
+      if (status.round > 0) break;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    // The history row of θ_1 is round 0's close.
+    const row = status.history.find((h) => h.round === 1);
+    assert.ok(row, 'round 0 closed');
+    assert.ok(row.contributors >= 2, `round 0 took the joiner's and the other tab's updates: ${JSON.stringify(row)}`);
+    // Round 0 opens as the relay starts (it loads the corpus and evaluates θ_0 first, a few
+    // seconds here): closed by its deadline, not by a straggler's timeout.
+    assert.ok(row.closed_at_ms <= (deadlineSecs + 8) * 1000, `round 0 closed by its deadline: ${row.closed_at_ms} ms after the relay started`);
+    const from = params.from_peers.map((p) => `${(p.bytes / 1024).toFixed(0)} KiB from ${p.peer === aId ? 'the closed tab' : 'the other tab'}`);
+    console.log(`the joiner's θ (${(params.bytes / 1024).toFixed(0)} KiB) in ${params.ms.toFixed(0)} ms: ${[...from, `${(params.relay_bytes / 1024).toFixed(0)} KiB from the relay`].join(', ')}; the closed tab: ${gaveUp.slice(aId.length + 1)}; round 0 closed with ${row.contributors} updates ${(row.closed_at_ms / 1000).toFixed(1)} s after the relay started (deadline ${deadlineSecs} s)`);
+  } finally {
+    if (browser) await browser.close();
+    relay.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+});
