@@ -1,11 +1,13 @@
-// The npm package embedded as a developer would: examples/vite, a Vite + TypeScript page
+// The npm package embedded as a developer would. examples/vite: a Vite + TypeScript page
 // (type-checked against the package's generated declarations and bundled by `cargo xtask
 // test`), served by the relay from examples/vite/dist. It connects with `Trainer.connect`,
 // trains in its own Vite-bundled worker and shows typed events: an accepted update and the
-// credit the relay's ledger gives it.
+// credit the relay's ledger gives it. examples/plain: one HTML file with a module script and
+// no build step, served beside the package; it says why it cannot start when asked for
+// WebGPU where there is none, then trains on the CPU.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, mkdirSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -44,5 +46,37 @@ test('a Vite + TypeScript page embeds the package and trains in its worker', { t
     if (browser) await browser.close();
     relay.kill('SIGTERM');
     rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+test('a plain module page embeds the package: a clear error without WebGPU, then training on the CPU', { timeout: 300_000 }, async () => {
+  mkdirSync(outDir, { recursive: true });
+  const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-plain-'));
+  // The page and the package, as a site would serve them.
+  const site = mkdtempSync(join(tmpdir(), 'swarmtrain-plain-site-'));
+  copyFileSync(join(root, 'examples', 'plain', 'index.html'), join(site, 'index.html'));
+  symlinkSync(join(root, 'web', 'pkg'), join(site, 'pkg'));
+  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { webDir: site });
+  let browser;
+  try {
+    const url = await urlPromise;
+    // Without --enable-unsafe-webgpu: no adapter.
+    browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+    const page = await (await browser.newContext()).newPage();
+    await page.goto(`${url}?backend=webgpu`);
+    await page.click('#start');
+    await page.waitForFunction(() => /^Could not start: /.test(document.getElementById('status').textContent), null, { timeout: 60_000 });
+    assert.equal(await page.textContent('#status'), 'Could not start: this browser offers no WebGPU adapter');
+    await page.goto(`${url}?backend=auto`);
+    await page.click('#start');
+    await page.waitForFunction(() => /round \d+: accepted/.test(document.getElementById('log').textContent), null, { timeout: 120_000 });
+    assert.match(await page.textContent('#status'), /^Connected to run lm on cpu\.$/);
+    console.log(`plain page: ${(await page.textContent('#log')).trim().split('\n').reverse().join('; ')}`);
+    await page.screenshot({ path: join(outDir, 'plain.png'), fullPage: true });
+  } finally {
+    if (browser) await browser.close();
+    relay.kill('SIGTERM');
+    rmSync(dataDir, { recursive: true, force: true });
+    rmSync(site, { recursive: true, force: true });
   }
 });
