@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { CHROMIUM_ARGS, root, startRelay } from './support.mjs';
+import { CHROMIUM_ARGS, openTab, root, startRelay } from './support.mjs';
 
 const N = Number(process.env.JOINERS ?? 8);
 process.env.SWARMTRAIN_E2E_INNER_STEPS = '1500';
@@ -25,28 +25,18 @@ async function once(direct) {
   const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
   try {
     const url = await urlPromise;
-    const fetched = [];
-    const pages = [];
+    const events = [];
     for (let i = 0; i < N; i++) {
-      const context = await browser.newContext();
-      const page = await context.newPage();
-      page.on('console', (m) => {
-        const t = m.text();
-        const at = t.indexOf('swarmtrain event ');
-        if (at < 0) return;
-        try {
-          const ev = JSON.parse(t.slice(at + 'swarmtrain event '.length));
-          if (ev.kind === 'params' && !fetched.some((f) => f.tab === i)) fetched.push({ tab: i, ...ev });
-        } catch { /* a truncated event line */ }
-      });
-      await page.goto(`${url}?transport=ws&direct=${direct}&run=lm`);
-      await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+      events.push([]);
+      const page = await openTab(browser, url, `?transport=ws&direct=${direct}&run=lm`, { events: events[i] });
       await page.click('#contribute');
-      pages.push(page);
       await new Promise((r) => setTimeout(r, 1000));
     }
+    // Each tab's first θ.
+    const firsts = () => events.map((evs, tab) => ({ tab, ev: evs.find((e) => e.kind === 'params') })).filter((f) => f.ev);
     const deadline = Date.now() + 180_000;
-    while (fetched.length < N && Date.now() < deadline) await new Promise((r) => setTimeout(r, 250));
+    while (firsts().length < N && Date.now() < deadline) await new Promise((r) => setTimeout(r, 250));
+    const fetched = firsts().map(({ tab, ev }) => ({ tab, ...ev }));
     const bytes = await metric(url, 'swarmtrain_params_bytes_served_total');
     const rounds = [...new Set(fetched.map((f) => f.round))];
     return { direct, bytes, fetched, rounds };

@@ -41,3 +41,23 @@ export const CHROMIUM_ARGS = [
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
   '--disable-dev-shm-usage',
 ];
+
+// Opens the contributor page at `url` + `query` in a browser context of its own (its own
+// IndexedDB, so its own identity) and waits for its run list. Console lines go to `logs`, the
+// page's events (its `swarmtrain event {json}` debug lines) to `events`.
+export async function openTab(browser, url, query, { logs = [], events = [] } = {}) {
+  const context = await browser.newContext({ viewport: { width: 720, height: 1000 } });
+  const page = await context.newPage();
+  page.on('console', (m) => {
+    const t = m.text();
+    logs.push(`[${m.type()}] ${t}`);
+    const at = t.indexOf('swarmtrain event ');
+    if (at >= 0) {
+      try { events.push(JSON.parse(t.slice(at + 'swarmtrain event '.length))); } catch { /* cut at 2,000 characters */ }
+    }
+  });
+  page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
+  await page.goto(url + query);
+  await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+  return page;
+}

@@ -12,7 +12,7 @@ import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { CHROMIUM_ARGS, outDir, startRelay } from './support.mjs';
+import { CHROMIUM_ARGS, openTab, outDir, startRelay } from './support.mjs';
 
 async function metric(url, name) {
   const text = await (await fetch(new URL('metrics', url))).text();
@@ -30,13 +30,7 @@ test('two browsers link directly over WebRTC, signaling through the relay', { ti
     const url = await urlPromise;
     browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
     const open = async (name) => {
-      // A context of its own: its own IndexedDB, so its own identity.
-      const context = await browser.newContext({ viewport: { width: 720, height: 1000 } });
-      const page = await context.newPage();
-      page.on('console', (m) => logs[name].push(`[${m.type()}] ${m.text()}`));
-      page.on('pageerror', (e) => logs[name].push(`[pageerror] ${e.message}`));
-      await page.goto(`${url}?transport=ws&direct=2`);
-      await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
+      const page = await openTab(browser, url, '?transport=ws&direct=2', { logs: logs[name] });
       await page.click('#contribute');
       return page;
     };
@@ -110,21 +104,7 @@ test('a serving tab closed mid-transfer: the joiner completes from the others an
   try {
     const url = await urlPromise;
     browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
-    const open = async (name) => {
-      const context = await browser.newContext({ viewport: { width: 720, height: 1000 } });
-      const page = await context.newPage();
-      page.on('console', (m) => {
-        const t = m.text();
-        logs[name].push(`[${m.type()}] ${t}`);
-        const at = t.indexOf('swarmtrain event ');
-        if (at >= 0) {
-          try { events[name].push(JSON.parse(t.slice(at + 'swarmtrain event '.length))); } catch { /* cut at 2,000 characters */ }
-        }
-      });
-      await page.goto(`${url}?transport=ws&direct=2`);
-      await page.waitForFunction(() => document.querySelectorAll('#run-select option').length === 2, null, { timeout: 30_000 });
-      return page;
-    };
+    const open = (name) => openTab(browser, url, '?transport=ws&direct=2', { logs: logs[name], events: events[name] });
     const until = async (what, f, ms = 60_000) => {
       const deadline = Date.now() + ms;
       while (!f()) {

@@ -125,7 +125,7 @@ fn goal(name: &str, value: Option<f64>, target: f64, higher_is_better: bool) -> 
     }
 }
 
-fn gzip_size(path: &std::path::Path) -> Result<u64> {
+pub fn gzip_size(path: &std::path::Path) -> Result<u64> {
     let out = Command::new("gzip")
         .args(["-9", "-c"])
         .arg(path)

@@ -213,9 +213,11 @@ fn npm_ci(dir: &Path, package: &str) -> Result {
 
 /// Builds the client for wasm32 and runs wasm-bindgen into `web/pkg` (the npm package).
 fn build_wasm() -> Result {
+    // The `wasm` profile (Cargo.toml): optimized for size.
     status(cargo().args([
         "build",
-        "--release",
+        "--profile",
+        "wasm",
         "-p",
         "swarmtrain-client",
         "--lib",
@@ -224,7 +226,7 @@ fn build_wasm() -> Result {
     ]))?;
     let wasm = target_dir()
         .join(WASM_TARGET)
-        .join("release/swarmtrain_client.wasm");
+        .join("wasm/swarmtrain_client.wasm");
     let out = root().join("web/pkg");
     status(
         // Without the name section (2.4 MB raw, 0.4 MB gzip): panics still report their
@@ -265,10 +267,12 @@ fn build_wasm() -> Result {
     let size = fs::metadata(out.join("swarmtrain_bg.wasm"))
         .map(|m| m.len())
         .unwrap_or(0);
+    let gzip = bench_browser::gzip_size(&out.join("swarmtrain_bg.wasm"))?;
     eprintln!(
-        "xtask: npm package in {} (wasm {:.2} MB)",
+        "xtask: npm package in {} (wasm {:.2} MB, {} KiB gzip -9)",
         out.display(),
-        size as f64 / 1e6
+        size as f64 / 1e6,
+        gzip / 1024
     );
     Ok(())
 }
@@ -324,7 +328,8 @@ fn test(args: &[String]) -> Result {
     //    wasm-bindgen-test-runner reads webdriver.json (the Chromium flags) from the crate dir.
     let mut wasm = cargo();
     wasm.current_dir(root().join("wasm-pack-tests"))
-        .args(["test", "--release", "--target", WASM_TARGET])
+        // The package's profile, so the dependencies are built once for both.
+        .args(["test", "--profile", "wasm", "--target", WASM_TARGET])
         .env(
             "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
             "wasm-bindgen-test-runner",
