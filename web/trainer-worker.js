@@ -1,5 +1,5 @@
 // The page's training worker: the same package, training the rounds the page hands it
-// (`Contributor.start`'s `worker` argument), so that the page's main thread keeps only the
+// (`Trainer.connect`'s `worker` option), so that the page's main thread keeps only the
 // network and the UI.
 import init, { runTrainer } from './pkg/swarmtrain.js';
 
