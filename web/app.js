@@ -154,12 +154,15 @@ function drawOwnChart() {
   g.fillText('your rounds: local loss (line); KiB received ▮ and sent ▮', 40, 10);
   const rows = own.filter((o) => o.loss != null);
   if (!rows.length) return;
-  const h = c.height - 26;
+  // Bars and line below the title: from y = 20 down to 16 px above the bottom.
+  const h = c.height - 36;
   const base = c.height - 16;
   const topLoss = Math.max(...rows.map((o) => o.loss));
   const topKib = Math.max(1, ...rows.map((o) => Math.max(o.received ?? 0, o.sent ?? 0) / 1024));
   g.fillText(topLoss.toFixed(2), 0, base - h + 4);
-  g.fillText(`${topKib.toFixed(0)} KiB`, c.width - 52, base - h + 4);
+  g.textAlign = 'right';
+  g.fillText(`${topKib.toFixed(0)} KiB`, c.width, base - h - 4);
+  g.textAlign = 'left';
   const w = (c.width - 44) / rows.length;
   rows.forEach((o, i) => {
     const x = 34 + i * w;
