@@ -330,6 +330,16 @@ pub struct Bootstrap {
     pub admission: std::collections::BTreeMap<String, AdmissionTerms>,
 }
 
+impl Bootstrap {
+    /// `GET {relay_url}api/bootstrap`.
+    pub async fn fetch(relay_url: &str) -> Result<Self, PeerError> {
+        let raw = platform::http_get(&url(relay_url, "api/bootstrap"))
+            .await
+            .map_err(PeerError::Bootstrap)?;
+        serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))
+    }
+}
+
 /// Solves the run's proof-of-work puzzle for `identity` when its terms ask for one, yielding
 /// to the page between batches of hashes.
 async fn proof_of_work(
@@ -394,11 +404,7 @@ impl Session {
         config: &PeerConfig,
         identity: &Identity,
     ) -> Result<(Self, RoundAnnouncement), PeerError> {
-        let raw = platform::http_get(&url(&config.relay_url, "api/bootstrap"))
-            .await
-            .map_err(PeerError::Bootstrap)?;
-        let bootstrap: Bootstrap =
-            serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))?;
+        let bootstrap = Bootstrap::fetch(&config.relay_url).await?;
         let wanted: Vec<&str> = match &config.transport {
             Some(t) => vec![t.as_str()],
             None => platform::TRANSPORTS.to_vec(),

@@ -119,13 +119,6 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
-#[derive(Deserialize)]
-struct Bootstrap {
-    run_id: String,
-    #[serde(default)]
-    runs: Vec<String>,
-}
-
 #[wasm_bindgen]
 impl Trainer {
     /// Checks `options`, picks the backend, reads this browser's identity (IndexedDB) and asks
@@ -153,11 +146,9 @@ impl Trainer {
             }
             None => ("cpu", "ndarray (no WebGPU adapter)".to_owned()),
         };
-        let bootstrap = super::http_get(&format!("{}api/bootstrap", options.relay))
+        let bootstrap = peer::Bootstrap::fetch(&options.relay)
             .await
-            .map_err(|e| JsError::new(&format!("could not reach the relay: {e}")))?;
-        let bootstrap: Bootstrap = serde_json::from_slice(&bootstrap)
-            .map_err(|e| JsError::new(&format!("the relay's bootstrap is not valid: {e}")))?;
+            .map_err(|e| JsError::new(&e.to_string()))?;
         let run = match options.run.clone().filter(|r| !r.is_empty()) {
             Some(run) if bootstrap.runs.is_empty() || bootstrap.runs.contains(&run) => run,
             Some(run) => {
