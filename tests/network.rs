@@ -19,13 +19,35 @@ use swarmtrain_tests::{accepted_updates, init_logging, join_raw, spawn_peer_in, 
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Three subscribers on a relay whose fanout is 1: one without direct links, two that say they
+/// hold links (subscribed to `LINKED_TOPIC`, as a browser with a WebRTC link is). The relay
+/// sends the announcement itself to the first and to one of the others; the third is left to
+/// the mesh (here, with no real links, gossipsub's IHAVE at the next heartbeat repairs it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_announcements_arrive_by_gossip() {
     init_logging();
     let mut run = default_run();
     run.quorum = 1;
-    let relay = start_relay(run).await;
+    let relay = Relay::start(RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        runs: vec![run],
+        gossip_fanout: 1,
+        ..RelayConfig::default()
+    })
+    .await
+    .expect("relay starts");
     let (client, _, welcome, round0) = join_raw(&relay, [11; 32]).await;
+    let mut linked = Vec::new();
+    for seed in [12, 13] {
+        let (peer, ..) = join_raw(&relay, [seed; 32]).await;
+        for topic in [
+            protocol::rounds_topic("digits"),
+            protocol::LINKED_TOPIC.into(),
+        ] {
+            peer.subscribe(topic).await.expect("subscribe");
+        }
+        linked.push(peer);
+    }
     // The longest answer the relay gives fits the frame size every WebRTC stack reads.
     let welcome_frame =
         protocol::encode(&RelayToClient::Welcome(Box::new(welcome.clone()))).expect("encode");
@@ -57,10 +79,12 @@ async fn round_announcements_arrive_by_gossip() {
         matches!(answer, RelayToClient::Accepted { round: 0 }),
         "{answer:?}"
     );
-    let frame = tokio::time::timeout(WAIT, client.next_gossip())
+    let gossiped = tokio::time::timeout(WAIT, client.next_gossip())
         .await
         .expect("gossip in time")
         .expect("gossip");
+    assert_eq!(gossiped.forwarded_by, None, "from the relay itself");
+    let frame = gossiped.data;
     // Gossiped without the relay's 1,952-byte key: the signature (3,309 bytes) and a short body.
     assert!(frame.len() < 3500, "{} bytes", frame.len());
     let announcement =
@@ -69,6 +93,26 @@ async fn round_announcements_arrive_by_gossip() {
         (announcement.run_id.as_str(), announcement.round),
         ("digits", 1)
     );
+    for peer in &linked {
+        let gossiped = tokio::time::timeout(WAIT, peer.next_gossip())
+            .await
+            .expect("gossip in time")
+            .expect("gossip");
+        assert_eq!(gossiped.data, frame);
+    }
+    let metrics = reqwest::get(format!("{}metrics", relay.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    for line in [
+        "swarmtrain_linked_peers 2",
+        "swarmtrain_announcements_sent_total 2",
+        "swarmtrain_announcements_to_mesh_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     relay.shutdown().await;
 }
 
@@ -141,7 +185,13 @@ fn rpc_over_webrtc() -> Swarm<Behaviour> {
         })
         .expect("webrtc")
         .with_behaviour(|key| {
-            Behaviour::new(ProtocolSupport::Outbound, key, "swarmtrain-test/0").expect("behaviour")
+            Behaviour::new(
+                ProtocolSupport::Outbound,
+                key,
+                "swarmtrain-test/0",
+                swarmtrain_client::rpc::DEFAULT_GOSSIP_FANOUT,
+            )
+            .expect("behaviour")
         })
         .expect("behaviour")
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))

@@ -46,6 +46,7 @@ function onEvent(ev) {
       break;
     case 'round':
       if (!paused) $('state').textContent = `Training round ${ev.round} (${ev.inner_steps} local steps)…`;
+      if (ev.forwarded_by) log(`round ${ev.round} announced by a linked browser (${ev.forwarded_by.slice(-8)})`);
       break;
     case 'sample':
       $('sample-card').hidden = false;

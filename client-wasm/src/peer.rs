@@ -114,6 +114,27 @@ pub struct ThetaPeer {
     pub bytes: u64,
 }
 
+/// How a round's announcement reached a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Announced {
+    /// In the relay's answer to joining.
+    Welcome,
+    /// By gossip: from the relay itself (None) or forwarded by this linked browser.
+    Gossip(Option<libp2p::PeerId>),
+    /// By the long poll.
+    Poll,
+}
+
+impl Announced {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Welcome => "welcome",
+            Self::Gossip(_) => "gossip",
+            Self::Poll => "poll",
+        }
+    }
+}
+
 /// What a peer reports as it works (the browser page shows these).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(target_arch = "wasm32", derive(tsify_next::Tsify))]
@@ -140,6 +161,12 @@ pub enum PeerEvent {
         accuracy: Option<f32>,
         /// Held-out loss of the round's θ (language-model runs).
         val_loss: Option<f32>,
+        /// How the announcement arrived: "welcome" (the round current at joining), "gossip"
+        /// or "poll" (the long poll, when gossip was slow or lost).
+        via: String,
+        /// The linked browser that forwarded the gossiped announcement over its direct link
+        /// (None: the relay sent it itself).
+        forwarded_by: Option<String>,
     },
     /// The round's θ (`bytes`) is being fetched, from the `linked` browsers and the relay.
     Fetching {
@@ -661,14 +688,16 @@ impl Session {
 
     /// Waits for the first round after `after`: announced by gossip, or, should gossip be slow
     /// or lost, found by a long poll that starts [`POLL_AFTER`] later.
-    async fn next_round(&self, after: u64) -> Result<RoundAnnouncement, PeerError> {
+    async fn next_round(&self, after: u64) -> Result<(RoundAnnouncement, Announced), PeerError> {
         let gossip = async {
-            while let Some(frame) = self.client.next_gossip().await {
-                let verified = protocol::decode::<Signed<RoundAnnouncement>>(&frame)
+            while let Some(gossiped) = self.client.next_gossip().await {
+                let verified = protocol::decode::<Signed<RoundAnnouncement>>(&gossiped.data)
                     .map_err(|e| PeerError::Announcement(e.to_string()))
                     .and_then(|signed| self.verify(&signed));
                 match verified {
-                    Ok(announcement) if announcement.round > after => return announcement,
+                    Ok(announcement) if announcement.round > after => {
+                        return (announcement, Announced::Gossip(gossiped.forwarded_by));
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "ignoring a gossiped announcement"),
                 }
@@ -681,8 +710,8 @@ impl Session {
         };
         futures::pin_mut!(gossip, poll);
         match futures::future::select(gossip, poll).await {
-            futures::future::Either::Left((announcement, _)) => Ok(announcement),
-            futures::future::Either::Right((polled, _)) => polled,
+            futures::future::Either::Left((announced, _)) => Ok(announced),
+            futures::future::Either::Right((polled, _)) => Ok((polled?, Announced::Poll)),
         }
     }
 
@@ -882,6 +911,7 @@ async fn train_session<L: Local>(
     let (session, mut announcement) = Session::join(config, identity).await?;
     // When the announcement arrived: its deadline counts from about then.
     let mut announced_at = Instant::now();
+    let mut via = Announced::Welcome;
     *failures = 0;
     emit(PeerEvent::Joined {
         run: session.spec.run_id.clone(),
@@ -910,7 +940,7 @@ async fn train_session<L: Local>(
         if config.max_rounds.is_some_and(|max| *rounds_trained >= max) {
             return Ok(());
         }
-        announcement = session.next_round(announcement.round).await?;
+        (announcement, via) = session.next_round(announcement.round).await?;
         announced_at = Instant::now();
     }
     *unsent = None;
@@ -924,6 +954,11 @@ async fn train_session<L: Local>(
             inner_steps: spec.inner.steps,
             accuracy: announcement.accuracy,
             val_loss: announcement.loss,
+            via: via.name().into(),
+            forwarded_by: match via {
+                Announced::Gossip(Some(peer)) => Some(peer.to_string()),
+                _ => None,
+            },
         });
         emit(PeerEvent::Fetching {
             round,
@@ -1080,7 +1115,7 @@ async fn train_session<L: Local>(
         if let Some(event) = session.direct_event(&mut direct) {
             emit(event);
         }
-        announcement = session.next_round(round).await?;
+        (announcement, via) = session.next_round(round).await?;
         announced_at = Instant::now();
     }
     Ok(())

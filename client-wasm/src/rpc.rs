@@ -29,8 +29,8 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::leaves::{Manifest, leaf_range};
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES,
-    ParamsHash, RPC_PROTOCOL, RelayToClient, Request, Submission, WireError,
+    self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, LINKED_TOPIC, MAX_FRAME_BYTES,
+    MAX_MESSAGE_BYTES, ParamsHash, RPC_PROTOCOL, RelayToClient, Request, Submission, WireError,
 };
 use swarmtrain_shared::seal::{self, Offerer, SessionKeys};
 
@@ -167,18 +167,33 @@ impl std::fmt::Debug for Behaviour {
 
 impl Behaviour {
     /// `support`: peers only send requests; the relay only answers them. `agent` names this
-    /// node in identify (`swarmtrain-relay/0.1.0`, `swarmtrain-peer/0.1.0`).
-    pub fn new(support: ProtocolSupport, key: &Keypair, agent: &str) -> Result<Self, String> {
+    /// node in identify (`swarmtrain-relay/0.1.0`, `swarmtrain-peer/0.1.0`). `fanout`: how
+    /// many linked browsers the relay sends each announcement to itself
+    /// ([`DEFAULT_GOSSIP_FANOUT`]; on browsers, the mesh degree among their links).
+    pub fn new(
+        support: ProtocolSupport,
+        key: &Keypair,
+        agent: &str,
+        fanout: usize,
+    ) -> Result<Self, String> {
         let config = request_response::Config::default()
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_max_concurrent_streams(64);
         // Gossip messages are libp2p-signed; the announcement inside is ML-DSA-signed as well.
-        // The relay publishes to every subscribed peer (flood publishing): peers connect to
-        // the relay only, so there is no mesh to rely on.
+        // The relay does not flood: it marks every peer that is not subscribed to
+        // `LINKED_TOPIC` as an explicit peer (which gets every message the relay publishes)
+        // and sends to `fanout` of the linked browsers, which forward it over their mesh.
+        // Browsers validate by hand: only the relay's messages are accepted and forwarded.
+        let fanout = fanout.max(1);
         let gossip = gossipsub::ConfigBuilder::default()
             .max_transmit_size(MAX_FRAME_BYTES)
             .validation_mode(gossipsub::ValidationMode::Strict)
-            .flood_publish(true)
+            .validate_messages()
+            .flood_publish(false)
+            .mesh_n(fanout)
+            .mesh_n_low(fanout.min(5))
+            .mesh_n_high(fanout.max(12))
+            .mesh_outbound_min((fanout / 2).min(2))
             .heartbeat_interval(Duration::from_secs(1))
             .build()
             .map_err(|e| e.to_string())?;
@@ -266,6 +281,18 @@ enum Command {
 /// Announcements received by gossip, kept until read; older ones are dropped when it is full.
 const GOSSIP_QUEUE: usize = 8;
 
+/// How many linked browsers the relay sends each announcement to (gossipsub's default mesh
+/// degree); the others receive it over their links.
+pub const DEFAULT_GOSSIP_FANOUT: usize = 6;
+
+/// A message from the relay on a subscribed topic (as sent: its content is not yet verified).
+#[derive(Clone, Debug)]
+pub struct Gossiped {
+    pub data: Vec<u8>,
+    /// The linked browser that forwarded it; None: it came from the relay itself.
+    pub forwarded_by: Option<PeerId>,
+}
+
 /// How often each side pings the other.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// A ping unanswered for this long means the connection is dead: the client fails its
@@ -278,7 +305,7 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RelayClient {
     commands: mpsc::Sender<Command>,
     info: Arc<Mutex<RelayInfo>>,
-    gossip: Arc<futures::lock::Mutex<mpsc::Receiver<Vec<u8>>>>,
+    gossip: Arc<futures::lock::Mutex<mpsc::Receiver<Gossiped>>>,
     signer: Arc<Signer>,
     served: Served,
 }
@@ -359,8 +386,13 @@ impl RelayClient {
             .map_err(|e| RpcError::Network(format!("deriving the libp2p key: {e}")))?;
         let peer_id = keypair.public().to_peer_id();
         let agent = format!("swarmtrain-peer/{}", env!("CARGO_PKG_VERSION"));
-        let behaviour = Behaviour::new(ProtocolSupport::Outbound, &keypair, &agent)
-            .map_err(RpcError::Network)?;
+        let behaviour = Behaviour::new(
+            ProtocolSupport::Outbound,
+            &keypair,
+            &agent,
+            DEFAULT_GOSSIP_FANOUT,
+        )
+        .map_err(RpcError::Network)?;
         let mut swarm =
             platform::build_swarm(keypair, behaviour, Duration::from_secs(300), ice_servers)
                 .map_err(RpcError::Network)?;
@@ -499,8 +531,8 @@ impl RelayClient {
             .map_err(|_| RpcError::Closed)
     }
 
-    /// The next message from a subscribed topic (as sent: its content is not yet verified).
-    pub async fn next_gossip(&self) -> Option<Vec<u8>> {
+    /// The relay's next message on a subscribed topic.
+    pub async fn next_gossip(&self) -> Option<Gossiped> {
         self.gossip.lock().await.next().await
     }
 
@@ -816,13 +848,22 @@ fn set_direct_error(info: &Mutex<RelayInfo>, error: String) {
     }
 }
 
-fn update_direct(swarm: &Swarm<Behaviour>, info: &Mutex<RelayInfo>) {
+/// Records the browsers this one is linked to, and subscribes to [`LINKED_TOPIC`] while there
+/// is at least one (so that the relay leaves this peer's announcements to the mesh).
+fn update_direct(swarm: &mut Swarm<Behaviour>, info: &Mutex<RelayInfo>) {
     let peers = swarm
         .behaviour()
         .webrtc
         .as_ref()
         .map(|w| w.direct_peers())
         .unwrap_or_default();
+    let linked = gossipsub::IdentTopic::new(LINKED_TOPIC);
+    let gossipsub = &mut swarm.behaviour_mut().gossipsub;
+    if peers.is_empty() {
+        gossipsub.unsubscribe(&linked);
+    } else if let Err(e) = gossipsub.subscribe(&linked) {
+        tracing::warn!(error = %e, "could not subscribe to the linked topic");
+    }
     if let Ok(mut info) = info.lock() {
         info.direct_rtt.retain(|p, _| peers.contains(p));
         info.direct_peers = peers;
@@ -838,7 +879,7 @@ async fn event_loop(
     (relay, relay_address): (PeerId, Multiaddr),
     mut commands: mpsc::Receiver<Command>,
     (info, served): (Arc<Mutex<RelayInfo>>, Served),
-    mut gossip: mpsc::Sender<Vec<u8>>,
+    mut gossip: mpsc::Sender<Gossiped>,
 ) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> =
         HashMap::new();
@@ -929,12 +970,24 @@ async fn event_loop(
                         let _ = reply.send(Err(RpcError::Peer(format!("did not answer: {error}"))));
                     }
                 }
-                // Only the relay's messages count; a full queue drops the newest (the long poll
-                // still finds the round).
-                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }))
-                    if message.source == Some(relay) =>
-                {
-                    let _ = gossip.try_send(message.data).inspect_err(|_| tracing::debug!("gossip queue full; announcement dropped"));
+                // Only the relay's messages are accepted, and so forwarded to linked browsers;
+                // others are dropped. A full queue drops the newest (the long poll still finds
+                // the round).
+                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message })) => {
+                    let from_relay = message.source == Some(relay);
+                    let verdict = if from_relay {
+                        gossipsub::MessageAcceptance::Accept
+                    } else {
+                        tracing::debug!(%propagation_source, source = ?message.source, "gossip not from the relay dropped");
+                        gossipsub::MessageAcceptance::Reject
+                    };
+                    swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, verdict);
+                    if from_relay {
+                        let forwarded_by = (propagation_source != relay).then_some(propagation_source);
+                        let _ = gossip
+                            .try_send(Gossiped { data: message.data, forwarded_by })
+                            .inspect_err(|_| tracing::debug!("gossip queue full; announcement dropped"));
+                    }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info: received, .. }))
                     if peer_id == relay =>
@@ -970,11 +1023,11 @@ async fn event_loop(
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if peer_id != relay => {
                     tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected to another peer");
-                    update_direct(&swarm, &info);
+                    update_direct(&mut swarm, &info);
                 }
                 SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
                     tracing::info!(%peer_id, ?cause, "connection to another peer closed");
-                    update_direct(&swarm, &info);
+                    update_direct(&mut swarm, &info);
                 }
                 SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } if peer != relay => {
                     tracing::info!(%peer, %error, "could not connect to another peer");

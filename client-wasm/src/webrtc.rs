@@ -15,7 +15,7 @@ pub mod signaling;
 pub mod stream;
 
 #[cfg(target_arch = "wasm32")]
-mod channel;
+pub mod channel;
 #[cfg(target_arch = "wasm32")]
 mod connection;
 #[cfg(target_arch = "wasm32")]

@@ -440,6 +440,20 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         crate::p2p::CIRCUIT_BYTES,
         state.network.circuits_cut()
     );
+    let (gossip_sent, gossip_to_mesh) = state.network.gossip_copies();
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_linked_peers Peers holding direct links to other browsers (their \
+         announcements travel over the links).\n# TYPE swarmtrain_linked_peers gauge\n\
+         swarmtrain_linked_peers {}\n\
+         # HELP swarmtrain_announcements_sent_total Announcement copies the relay sent itself.\n\
+         # TYPE swarmtrain_announcements_sent_total counter\n\
+         swarmtrain_announcements_sent_total {gossip_sent}\n\
+         # HELP swarmtrain_announcements_to_mesh_total Announcement copies left to linked \
+         browsers to forward.\n# TYPE swarmtrain_announcements_to_mesh_total counter\n\
+         swarmtrain_announcements_to_mesh_total {gossip_to_mesh}",
+        state.network.linked()
+    );
     let _ = writeln!(
         out,
         "# HELP swarmtrain_connections Open libp2p connections.\n\

@@ -75,6 +75,10 @@ pub struct RelayConfig {
     /// Serve θ chunks and take update payloads only on connections that agreed session keys
     /// ([`swarmtrain_shared::seal`]); others are refused (`not_sealed`).
     pub require_sealed: bool,
+    /// How many browsers linked to other browsers get each announcement from the relay itself;
+    /// the rest receive it over their direct links. Peers without links always get it from
+    /// the relay.
+    pub gossip_fanout: usize,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -169,6 +173,7 @@ impl Default for RelayConfig {
             retention: store::Retention::default(),
             admission: BTreeMap::new(),
             require_sealed: false,
+            gossip_fanout: swarmtrain_client::rpc::DEFAULT_GOSSIP_FANOUT,
         }
     }
 }
@@ -318,7 +323,7 @@ impl Relay {
             Some(dir) => p2p::load_or_create_certificate(&dir.join("webrtc.pem"))?,
             None => libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng())?,
         };
-        let mut swarm = p2p::build_swarm(keypair, certificate).await?;
+        let mut swarm = p2p::build_swarm(keypair, certificate, config.gossip_fanout).await?;
         let ip = ip_protocol(config.http.ip());
         let tcp = Multiaddr::empty()
             .with(ip.clone())
@@ -380,6 +385,7 @@ impl Relay {
             runs.clone(),
             announcements,
             network,
+            config.gossip_fanout,
             shutdown_rx.clone(),
         )));
         // The round timer: closes due rounds (every 100 ms, and at once when an accepted update

@@ -12,7 +12,7 @@
 //! identity has joined a run (passed its admission policy), and no longer than the longest
 //! update the relay's runs use.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -79,6 +79,7 @@ pub fn load_or_create_certificate(path: &Path) -> anyhow::Result<Certificate> {
 pub async fn build_swarm(
     keypair: Keypair,
     certificate: Certificate,
+    gossip_fanout: usize,
 ) -> anyhow::Result<Swarm<Boxed<RelayBehaviour>>> {
     let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -94,7 +95,7 @@ pub async fn build_swarm(
         .await?
         .with_behaviour(|key| {
             Ok(Boxed(RelayBehaviour {
-                node: Behaviour::new(ProtocolSupport::Inbound, key, &agent)?,
+                node: Behaviour::new(ProtocolSupport::Inbound, key, &agent, gossip_fanout)?,
                 circuit: relay::Behaviour::new(
                     key.public().to_peer_id(),
                     relay::Config {
@@ -123,6 +124,9 @@ pub struct Network {
     reachable: std::sync::Mutex<Vec<PeerId>>,
     connections: std::sync::atomic::AtomicUsize,
     circuits_cut: std::sync::atomic::AtomicU64,
+    linked: std::sync::atomic::AtomicUsize,
+    gossip_sent: std::sync::atomic::AtomicU64,
+    gossip_to_mesh: std::sync::atomic::AtomicU64,
 }
 
 impl Network {
@@ -155,6 +159,20 @@ impl Network {
     /// Open libp2p connections.
     pub fn connections(&self) -> usize {
         self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Peers subscribed to [`LINKED_TOPIC`]: browsers holding direct links.
+    pub fn linked(&self) -> usize {
+        self.linked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Announcement copies the relay sent itself, and those it left to the browsers' mesh.
+    pub fn gossip_copies(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.gossip_sent.load(Relaxed),
+            self.gossip_to_mesh.load(Relaxed),
+        )
     }
 
     /// Circuits that ended in an error: over [`CIRCUIT_BYTES`] or its time limit, or a side gone.
@@ -196,12 +214,36 @@ fn ban(banned: &mut HashMap<PeerId, tokio::time::Instant>, peer: PeerId) {
     }
 }
 
-/// Runs the node until `shutdown` flips to true.
+/// How many copies of an announcement on `topic` gossipsub sends: one to each subscriber
+/// without links (an explicit peer), and `fanout` to those with links; the remaining linked
+/// subscribers (the second number) receive it over their links.
+fn recipients(
+    gossipsub: &gossipsub::Behaviour,
+    topic: &gossipsub::TopicHash,
+    linked: &HashSet<PeerId>,
+    fanout: usize,
+) -> (u64, u64) {
+    let (mut direct, mut covered) = (0u64, 0u64);
+    for (peer, topics) in gossipsub.all_peers() {
+        if topics.contains(&topic) {
+            if linked.contains(peer) {
+                covered += 1;
+            } else {
+                direct += 1;
+            }
+        }
+    }
+    let to_fanout = covered.min(fanout as u64);
+    (direct + to_fanout, covered - to_fanout)
+}
+
+/// Runs the node until `shutdown` flips to true (`fanout`: as in [`build_swarm`]).
 pub async fn run(
     mut swarm: Swarm<Boxed<RelayBehaviour>>,
     runs: Arc<Runs>,
     mut announcements: broadcast::Receiver<(String, Vec<u8>)>,
     network: Arc<Network>,
+    fanout: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
@@ -215,14 +257,24 @@ pub async fn run(
         Reassembly::with_limits(transfer::DEFAULT_BUDGET, runs.max_submission_bytes());
     let started = tokio::time::Instant::now();
     let max_wait = Duration::from_secs(60);
+    // Peers that said they hold direct links (bounded by the open connections).
+    let mut linked: HashSet<PeerId> = HashSet::new();
+    let linked_topic = gossipsub::IdentTopic::new(protocol::LINKED_TOPIC).hash();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             announcement = announcements.recv() => match announcement {
                 Ok((run_id, frame)) => {
                     let topic = gossipsub::IdentTopic::new(protocol::rounds_topic(&run_id));
+                    let (sent, to_mesh) = recipients(&swarm.behaviour().node.gossipsub, &topic.hash(), &linked, fanout);
                     match swarm.behaviour_mut().node.gossipsub.publish(topic, frame) {
-                        Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                        Ok(_) => {
+                            use std::sync::atomic::Ordering::Relaxed;
+                            network.gossip_sent.fetch_add(sent, Relaxed);
+                            network.gossip_to_mesh.fetch_add(to_mesh, Relaxed);
+                            tracing::debug!(run = run_id, sent, to_mesh, "announcement gossiped");
+                        }
+                        Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
                         Err(e) => tracing::warn!(error = %e, run = run_id, "could not gossip the announcement"),
                     }
                 }
@@ -328,6 +380,23 @@ pub async fn run(
                         _ => {}
                     }
                 }
+                // A peer without direct links is an explicit peer, which gossipsub sends every
+                // announcement; one subscribed to LINKED_TOPIC is left to the fanout and the mesh.
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))) => {
+                    let gossipsub = &mut swarm.behaviour_mut().node.gossipsub;
+                    if topic == linked_topic {
+                        linked.insert(peer_id);
+                        gossipsub.remove_explicit_peer(&peer_id);
+                    } else if !linked.contains(&peer_id) {
+                        gossipsub.add_explicit_peer(&peer_id);
+                    }
+                    network.linked.store(linked.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic }))) if topic == linked_topic => {
+                    linked.remove(&peer_id);
+                    swarm.behaviour_mut().node.gossipsub.add_explicit_peer(&peer_id);
+                    network.linked.store(linked.len(), std::sync::atomic::Ordering::Relaxed);
+                }
                 SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     network.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -340,6 +409,11 @@ pub async fn run(
                 SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
                     network.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     if num_established == 0 {
+                        // Explicit peers that are gone would be dialled again by gossipsub.
+                        swarm.behaviour_mut().node.gossipsub.remove_explicit_peer(&peer_id);
+                        if linked.remove(&peer_id) {
+                            network.linked.store(linked.len(), std::sync::atomic::Ordering::Relaxed);
+                        }
                         parts.drop_sender(&peer_id);
                         runs.unbind(&peer_id);
                         strikes.remove(&peer_id);

@@ -55,6 +55,13 @@ pub fn rounds_topic(run_id: &str) -> String {
     format!("/swarmtrain/{run_id}/rounds/2")
 }
 
+/// The gossipsub topic a browser subscribes to while it holds at least one direct WebRTC link.
+/// Nothing is published on it: the subscription tells the relay that announcements reach this
+/// peer through the run's mesh of linked browsers, so the relay sends its own copy only to a few
+/// of them (its fanout) and to every peer not subscribed here. A peer that claims links it does
+/// not have only delays its own announcements (the long poll still finds each round).
+pub const LINKED_TOPIC: &str = "/swarmtrain/linked/1";
+
 /// A signed announcement as the relay gossips it: without the relay's public key, which every
 /// subscriber holds from its [`Welcome`]. That is 1,952 bytes less for each subscriber and round.
 pub fn gossip_announcement(signed: &Signed<RoundAnnouncement>) -> Result<Vec<u8>, WireError> {

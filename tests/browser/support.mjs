@@ -7,8 +7,9 @@ export const relayBin = process.env.SWARMTRAIN_RELAY_BIN ?? join(root, 'target',
 export const outDir = join(import.meta.dirname, 'out');
 
 // `tiny: false` keeps relay.toml's language model (what `cargo xtask run` trains).
-// `webDir` is the folder the relay serves (default: the contributor page).
-export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true, webDir = join(root, 'web'), innerSteps = process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', deadlineSecs = 60 } = {}) {
+// `webDir` is the folder the relay serves (default: the contributor page); `extra`: more
+// `serve` options.
+export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true, webDir = join(root, 'web'), innerSteps = process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', deadlineSecs = 60, extra = [] } = {}) {
   const relay = spawn(relayBin, [
     'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', webDir,
     '--data-dir', dataDir,
@@ -16,6 +17,7 @@ export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = t
     ...(tiny ? ['--context', '32', '--d-model', '32', '--heads', '2', '--layers', '1', '--batch-size', '8',
       '--lr', '0.01', '--warmup-steps', '5'] : []),
     '--inner-steps', String(innerSteps), '--quorum', String(quorum), '--round-deadline-secs', String(deadlineSecs),
+    ...extra,
   ], { stdio: ['ignore', 'pipe', 'inherit'] });
   const url = new Promise((resolve, reject) => {
     let buffered = '';

@@ -4,8 +4,10 @@
 // over WebRTC, signaling through the relay (libp2p's /webrtc-signaling/0.0.1). Both pages
 // then show one direct link, and both keep training. Once the second tab is active a round
 // needs both tabs' updates, so the first tab holds the open round's θ while the second has
-// yet to fetch it: the second takes it from the first over the link, not from the relay. Then
-// the first tab is closed: the second trains on with θ from the relay.
+// yet to fetch it: the second takes it from the first over the link, not from the relay. The
+// relay's gossip fanout is 1, so of the two linked tabs it sends each round announcement to
+// one; the other receives it over the link (gossipsub). Then the first tab is closed: the
+// second trains on with θ from the relay.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
@@ -23,14 +25,15 @@ async function metric(url, name) {
 test('two browsers link directly over WebRTC, signaling through the relay', { timeout: 400_000 }, async () => {
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-webrtc-'));
-  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { quorum: 2 });
+  const { relay, url: urlPromise } = startRelay(dataDir, '127.0.0.1:0', { quorum: 2, extra: ['--gossip-fanout', '1'] });
   let browser;
   const logs = { a: [], b: [] };
+  const events = { a: [], b: [] };
   try {
     const url = await urlPromise;
     browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
     const open = async (name) => {
-      const page = await openTab(browser, url, '?transport=ws&direct=2', { logs: logs[name] });
+      const page = await openTab(browser, url, '?transport=ws&direct=2', { logs: logs[name], events: events[name] });
       await page.click('#contribute');
       return page;
     };
@@ -71,6 +74,16 @@ test('two browsers link directly over WebRTC, signaling through the relay', { ti
     await a.screenshot({ path: join(outDir, 'webrtc-a.png'), fullPage: true });
     await b.screenshot({ path: join(outDir, 'webrtc-b.png'), fullPage: true });
     assert.ok(await metric(url, 'swarmtrain_circuit_reservations') >= 2, 'both hold reservations');
+    // A round announcement crossed the link: one tab's `round` event names the other (its
+    // libp2p peer ID, as its `direct` events list it) as the browser that forwarded it.
+    assert.equal(await metric(url, 'swarmtrain_linked_peers'), 2, 'both tabs told the relay they are linked');
+    const linkedTo = (name) => new Set(events[name].filter((e) => e.kind === 'direct').flatMap((e) => e.peers.map((p) => p.peer)));
+    const forwarded = ['a', 'b'].flatMap((name) => events[name]
+      .filter((e) => e.kind === 'round' && e.via === 'gossip' && e.forwarded_by && linkedTo(name).has(e.forwarded_by))
+      .map((e) => `${name}: round ${e.round} from ${e.forwarded_by}`));
+    assert.ok(forwarded.length > 0, `an announcement forwarded over the link: ${JSON.stringify(['a', 'b'].map((n) => events[n].filter((e) => e.kind === 'round')))}`);
+    assert.ok(await metric(url, 'swarmtrain_announcements_to_mesh_total') >= 1, 'the relay left copies to the mesh');
+    console.log(`announcements forwarded over the link: ${forwarded.join('; ')}; the relay sent ${await metric(url, 'swarmtrain_announcements_sent_total')} copies itself and left ${await metric(url, 'swarmtrain_announcements_to_mesh_total')} to the link`);
     // The first tab goes away: the second keeps training, θ now from the relay, the round it
     // was waiting in closing by its deadline at the latest.
     const before = Number(await b.textContent('#trained'));

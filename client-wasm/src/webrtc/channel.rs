@@ -53,6 +53,14 @@ pub struct DataChannel {
     _on_low: Callback<web_sys::Event>,
 }
 
+impl std::fmt::Debug for DataChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataChannel")
+            .field("label", &self.inner.label())
+            .finish_non_exhaustive()
+    }
+}
+
 impl DataChannel {
     pub fn new(inner: RtcDataChannel) -> Self {
         inner.set_binary_type(RtcDataChannelType::Arraybuffer);

@@ -118,10 +118,10 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
         let mut current = round.round;
         tokio::spawn(async move {
             while current < last_round && args.delivery == Delivery::Gossip {
-                let Some(frame) = client.next_gossip().await else {
+                let Some(gossiped) = client.next_gossip().await else {
                     return;
                 };
-                if let Ok(r) = protocol::verify_gossiped(&frame, &relay_key)
+                if let Ok(r) = protocol::verify_gossiped(&gossiped.data, &relay_key)
                     && r.round > current
                 {
                     current = r.round;

@@ -318,6 +318,11 @@ struct Serve {
     /// (every swarmtrain client does; others are refused with `not_sealed`).
     #[arg(long, env = "SWARMTRAIN_REQUIRE_SEALED", default_value_t = false, action = clap::ArgAction::Set)]
     require_sealed: bool,
+    /// How many browsers with direct links to other browsers get each round announcement from
+    /// the relay itself; the others receive it over their links (peers without links always
+    /// get it from the relay).
+    #[arg(long, env = "SWARMTRAIN_GOSSIP_FANOUT", default_value_t = swarmtrain_client::rpc::DEFAULT_GOSSIP_FANOUT as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    gossip_fanout: u16,
     /// The default run's options; more runs come from `[[run]]` tables in the config file.
     #[command(flatten)]
     run: RunArgs,
@@ -888,6 +893,7 @@ async fn main() -> anyhow::Result<()> {
         },
         admission: policies,
         require_sealed: args.require_sealed,
+        gossip_fanout: usize::from(args.gossip_fanout),
     };
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());
