@@ -189,7 +189,7 @@ fn rpc_over_webrtc() -> Swarm<Behaviour> {
                 ProtocolSupport::Outbound,
                 key,
                 "swarmtrain-test/0",
-                swarmtrain_client::rpc::DEFAULT_GOSSIP_FANOUT,
+                swarmtrain_net::DEFAULT_GOSSIP_FANOUT,
             )
             .expect("behaviour")
         })

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
+use swarmtrain_net::http::{Bootstrap, url};
 use swarmtrain_shared::admission::{Admission, AdmissionTerms, search_proof_of_work};
 use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::data::{self, DigitsSet};
@@ -337,34 +338,12 @@ async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
     }
 }
 
-/// The relay's `/api/bootstrap` answer: where to dial it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Bootstrap {
-    pub peer_id: String,
-    /// The default run.
-    pub run_id: String,
-    /// Every run on the relay.
-    #[serde(default)]
-    pub runs: Vec<String>,
-    /// Dialable multiaddrs (ending in `/p2p/<peer_id>`), keyed by transport: "tcp", "ws",
-    /// "webrtc-direct".
-    pub addresses: std::collections::BTreeMap<String, Vec<String>>,
-    /// The relay's clock (Unix ms) when it answered: envelopes expire on this clock.
-    #[serde(default)]
-    pub time_ms: u64,
-    /// Each run's admission terms (a run missing here is open).
-    #[serde(default)]
-    pub admission: std::collections::BTreeMap<String, AdmissionTerms>,
-}
-
-impl Bootstrap {
-    /// `GET {relay_url}api/bootstrap`.
-    pub async fn fetch(relay_url: &str) -> Result<Self, PeerError> {
-        let raw = platform::http_get(&url(relay_url, "api/bootstrap"))
-            .await
-            .map_err(PeerError::Bootstrap)?;
-        serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))
-    }
+/// `GET {relay_url}api/bootstrap`.
+pub async fn fetch_bootstrap(relay_url: &str) -> Result<Bootstrap, PeerError> {
+    let raw = platform::http_get(&url(relay_url, "api/bootstrap"))
+        .await
+        .map_err(PeerError::Bootstrap)?;
+    serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))
 }
 
 /// Solves the run's proof-of-work puzzle for `identity` when its terms ask for one, yielding
@@ -404,14 +383,6 @@ async fn proof_of_work(
     }
 }
 
-fn url(base: &str, path: &str) -> String {
-    format!(
-        "{}/{}",
-        base.trim_end_matches('/'),
-        path.trim_start_matches('/')
-    )
-}
-
 /// A joined session with the relay.
 struct Session {
     client: RelayClient,
@@ -431,7 +402,7 @@ impl Session {
         config: &PeerConfig,
         identity: &Identity,
     ) -> Result<(Self, RoundAnnouncement), PeerError> {
-        let bootstrap = Bootstrap::fetch(&config.relay_url).await?;
+        let bootstrap = fetch_bootstrap(&config.relay_url).await?;
         let wanted: Vec<&str> = match &config.transport {
             Some(t) => vec![t.as_str()],
             None => platform::TRANSPORTS.to_vec(),

@@ -12,14 +12,13 @@
 //! clock).
 
 use std::collections::HashMap;
-use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::channel::{mpsc, oneshot};
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, SinkExt, StreamExt};
+use futures::{SinkExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
@@ -29,20 +28,19 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, ping
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::leaves::{Manifest, leaf_range};
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, LINKED_TOPIC, MAX_FRAME_BYTES,
-    MAX_MESSAGE_BYTES, ParamsHash, RPC_PROTOCOL, RelayToClient, Request, Submission, WireError,
+    self, ClientToRelay, ENVELOPE_VALIDITY_MS, Envelope, Fetch, LINKED_TOPIC, MAX_MESSAGE_BYTES,
+    ParamsHash, RelayToClient, Request, Submission, WireError,
 };
 use swarmtrain_shared::seal::{self, Offerer, SessionKeys};
+
+use swarmtrain_net::codec::FrameCodec;
+use swarmtrain_net::node::{DEFAULT_GOSSIP_FANOUT, Node, NodeEvent};
 
 use crate::platform;
 use crate::theta::{
     self, Assembly, Served, Source, THETA_PROTOCOL, THETA_TIMEOUT, ThetaAnswer, ThetaRequest,
     ThetaSources,
 };
-
-/// How long a request may wait for its answer. Long polls for the next round wait up to a round
-/// deadline, so this is generous.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Appends `chunk` (at `offset` of `total`) to `bytes`; true once all `total` bytes are there.
 fn append_chunk(
@@ -65,92 +63,10 @@ fn append_chunk(
     Ok(bytes.len() == total)
 }
 
-/// Length-delimited by the stream itself: a frame is everything up to EOF, at most
-/// `MAX_FRAME_BYTES`.
-#[derive(Clone, Debug, Default)]
-pub struct FrameCodec;
-
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
-    let mut frame = Vec::new();
-    io.take(MAX_FRAME_BYTES as u64 + 1)
-        .read_to_end(&mut frame)
-        .await?;
-    if frame.len() > MAX_FRAME_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            WireError::TooLarge(frame.len()),
-        ));
-    }
-    Ok(frame)
-}
-
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: Vec<u8>) -> io::Result<()> {
-    if frame.len() > MAX_FRAME_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            WireError::TooLarge(frame.len()),
-        ));
-    }
-    io.write_all(&frame).await?;
-    io.close().await
-}
-
-impl request_response::Codec for FrameCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, req).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, res).await
-    }
-}
-
-/// The protocol version swarmtrain nodes announce in identify.
-pub const IDENTIFY_PROTOCOL_VERSION: &str = "/swarmtrain/id/1";
-
-/// The swarmtrain behaviour, shared by peers and the relay: the request-response protocol,
-/// gossipsub (the relay publishes signed round announcements), identify (agent and protocols,
-/// so either side knows what it talks to) and ping (liveness and round-trip time).
+/// The peer's behaviour: the [`Node`] the relay runs too, and what only browsers use.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
-    pub rpc: request_response::Behaviour<FrameCodec>,
-    pub gossipsub: gossipsub::Behaviour,
-    pub identify: identify::Behaviour,
-    pub ping: ping::Behaviour,
+    pub node: Node,
     /// Browsers: a circuit relay reservation on the relay, and dials through it.
     pub relay_client: Toggle<relay::client::Behaviour>,
     /// Browsers: the WebRTC signaling with other browsers over relayed connections.
@@ -166,55 +82,10 @@ impl std::fmt::Debug for Behaviour {
 }
 
 impl Behaviour {
-    /// `support`: peers only send requests; the relay only answers them. `agent` names this
-    /// node in identify (`swarmtrain-relay/0.1.0`, `swarmtrain-peer/0.1.0`). `fanout`: how
-    /// many linked browsers the relay sends each announcement to itself
-    /// ([`DEFAULT_GOSSIP_FANOUT`]; on browsers, the mesh degree among their links).
-    pub fn new(
-        support: ProtocolSupport,
-        key: &Keypair,
-        agent: &str,
-        fanout: usize,
-    ) -> Result<Self, String> {
-        let config = request_response::Config::default()
-            .with_request_timeout(REQUEST_TIMEOUT)
-            .with_max_concurrent_streams(64);
-        // Gossip messages are libp2p-signed; the announcement inside is ML-DSA-signed as well.
-        // The relay does not flood: it marks every peer that is not subscribed to
-        // `LINKED_TOPIC` as an explicit peer (which gets every message the relay publishes)
-        // and sends to `fanout` of the linked browsers, which forward it over their mesh.
-        // Browsers validate by hand: only the relay's messages are accepted and forwarded.
-        let fanout = fanout.max(1);
-        let gossip = gossipsub::ConfigBuilder::default()
-            .max_transmit_size(MAX_FRAME_BYTES)
-            .validation_mode(gossipsub::ValidationMode::Strict)
-            .validate_messages()
-            .flood_publish(false)
-            .mesh_n(fanout)
-            .mesh_n_low(fanout.min(5))
-            .mesh_n_high(fanout.max(12))
-            .mesh_outbound_min((fanout / 2).min(2))
-            .heartbeat_interval(Duration::from_secs(1))
-            .build()
-            .map_err(|e| e.to_string())?;
+    /// A peer's node: it sends requests and answers none.
+    pub fn new(key: &Keypair, agent: &str) -> Result<Self, String> {
         Ok(Self {
-            rpc: request_response::Behaviour::new(
-                [(StreamProtocol::new(RPC_PROTOCOL), support)],
-                config,
-            ),
-            gossipsub: gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gossip,
-            )?,
-            identify: identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
-                    .with_agent_version(agent.into()),
-            ),
-            ping: ping::Behaviour::new(
-                ping::Config::new()
-                    .with_interval(PING_INTERVAL)
-                    .with_timeout(PING_TIMEOUT),
-            ),
+            node: Node::new(ProtocolSupport::Outbound, key, agent, DEFAULT_GOSSIP_FANOUT)?,
             relay_client: None.into(),
             webrtc: None.into(),
             theta: None.into(),
@@ -281,10 +152,6 @@ enum Command {
 /// Announcements received by gossip, kept until read; older ones are dropped when it is full.
 const GOSSIP_QUEUE: usize = 8;
 
-/// How many linked browsers the relay sends each announcement to (gossipsub's default mesh
-/// degree); the others receive it over their links.
-pub const DEFAULT_GOSSIP_FANOUT: usize = 6;
-
 /// A message from the relay on a subscribed topic (as sent: its content is not yet verified).
 #[derive(Clone, Debug)]
 pub struct Gossiped {
@@ -292,13 +159,6 @@ pub struct Gossiped {
     /// The linked browser that forwarded it; None: it came from the relay itself.
     pub forwarded_by: Option<PeerId>,
 }
-
-/// How often each side pings the other.
-pub const PING_INTERVAL: Duration = Duration::from_secs(5);
-/// A ping unanswered for this long means the connection is dead: the client fails its
-/// requests at once instead of waiting [`REQUEST_TIMEOUT`] (a relay that died without closing
-/// its connections, as WebRTC after a SIGKILL or a half-open TCP connection leave it).
-pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A handle to the connection to one relay. Dropping every clone ends the connection.
 #[derive(Clone, Debug)]
@@ -386,13 +246,7 @@ impl RelayClient {
             .map_err(|e| RpcError::Network(format!("deriving the libp2p key: {e}")))?;
         let peer_id = keypair.public().to_peer_id();
         let agent = format!("swarmtrain-peer/{}", env!("CARGO_PKG_VERSION"));
-        let behaviour = Behaviour::new(
-            ProtocolSupport::Outbound,
-            &keypair,
-            &agent,
-            DEFAULT_GOSSIP_FANOUT,
-        )
-        .map_err(RpcError::Network)?;
+        let behaviour = Behaviour::new(&keypair, &agent).map_err(RpcError::Network)?;
         let mut swarm =
             platform::build_swarm(keypair, behaviour, Duration::from_secs(300), ice_servers)
                 .map_err(RpcError::Network)?;
@@ -858,7 +712,7 @@ fn update_direct(swarm: &mut Swarm<Behaviour>, info: &Mutex<RelayInfo>) {
         .map(|w| w.direct_peers())
         .unwrap_or_default();
     let linked = gossipsub::IdentTopic::new(LINKED_TOPIC);
-    let gossipsub = &mut swarm.behaviour_mut().gossipsub;
+    let gossipsub = &mut swarm.behaviour_mut().node.gossipsub;
     if peers.is_empty() {
         gossipsub.unsubscribe(&linked);
     } else if let Err(e) = gossipsub.subscribe(&linked) {
@@ -889,11 +743,11 @@ async fn event_loop(
         futures::select! {
             command = commands.next() => match command {
                 Some(Command::Request { frame, reply }) => {
-                    let id = swarm.behaviour_mut().rpc.send_request(&relay, frame);
+                    let id = swarm.behaviour_mut().node.rpc.send_request(&relay, frame);
                     pending.insert(id, reply);
                 }
                 Some(Command::Subscribe { topic }) => {
-                    if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(topic)) {
+                    if let Err(e) = swarm.behaviour_mut().node.gossipsub.subscribe(&gossipsub::IdentTopic::new(topic)) {
                         tracing::warn!(error = %e, "could not subscribe");
                     }
                 }
@@ -931,17 +785,17 @@ async fn event_loop(
                 None => return,
             },
             event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+                SwarmEvent::Behaviour(BehaviourEvent::Node(NodeEvent::Rpc(request_response::Event::Message {
                     message: request_response::Message::Response { request_id, response },
                     ..
-                })) => {
+                }))) => {
                     if let Some(reply) = pending.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::OutboundFailure {
+                SwarmEvent::Behaviour(BehaviourEvent::Node(NodeEvent::Rpc(request_response::Event::OutboundFailure {
                     request_id, error, ..
-                })) => {
+                }))) => {
                     if let Some(reply) = pending.remove(&request_id) {
                         let _ = reply.send(Err(RpcError::Network(error.to_string())));
                     }
@@ -973,7 +827,7 @@ async fn event_loop(
                 // Only the relay's messages are accepted, and so forwarded to linked browsers;
                 // others are dropped. A full queue drops the newest (the long poll still finds
                 // the round).
-                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message })) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Node(NodeEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }))) => {
                     let from_relay = message.source == Some(relay);
                     let verdict = if from_relay {
                         gossipsub::MessageAcceptance::Accept
@@ -981,7 +835,7 @@ async fn event_loop(
                         tracing::debug!(%propagation_source, source = ?message.source, "gossip not from the relay dropped");
                         gossipsub::MessageAcceptance::Reject
                     };
-                    swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, verdict);
+                    swarm.behaviour_mut().node.gossipsub.report_message_validation_result(&message_id, &propagation_source, verdict);
                     if from_relay {
                         let forwarded_by = (propagation_source != relay).then_some(propagation_source);
                         let _ = gossip
@@ -989,7 +843,7 @@ async fn event_loop(
                             .inspect_err(|_| tracing::debug!("gossip queue full; announcement dropped"));
                     }
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info: received, .. }))
+                SwarmEvent::Behaviour(BehaviourEvent::Node(NodeEvent::Identify(identify::Event::Received { peer_id, info: received, .. })))
                     if peer_id == relay =>
                 {
                     if let Ok(mut info) = info.lock() {
@@ -997,21 +851,21 @@ async fn event_loop(
                         info.protocols = received.protocols.iter().map(ToString::to_string).collect();
                     }
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Ok(rtt) }))
+                SwarmEvent::Behaviour(BehaviourEvent::Node(NodeEvent::Ping(ping::Event { peer, connection, result: Ok(rtt) })))
                     if swarm.behaviour().webrtc.as_ref().is_some_and(|w| w.is_direct(connection)) =>
                 {
                     if let Ok(mut info) = info.lock() {
                         info.direct_rtt.insert(peer, rtt);
                     }
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) if peer == relay => {
+                SwarmEvent::Behaviour(BehaviourEvent::Node(NodeEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }))) if peer == relay => {
                     if let Ok(mut info) = info.lock() {
                         info.rtt = Some(rtt);
                     }
                 }
                 // The relay stopped answering: fail every request now and end this connection
                 // (later requests fail as `Closed`); the peer connects again.
-                SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. })) if peer == relay => {
+                SwarmEvent::Behaviour(BehaviourEvent::Node(NodeEvent::Ping(ping::Event { peer, result: Err(e), .. }))) if peer == relay => {
                     tracing::warn!(error = %e, "the relay stopped answering pings");
                     for (_, reply) in pending.drain() {
                         let _ = reply.send(Err(RpcError::Network(format!("the relay stopped answering pings ({e})"))));

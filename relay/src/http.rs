@@ -10,7 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use swarmtrain_client::peer::Bootstrap;
+use swarmtrain_net::Bootstrap;
 use swarmtrain_shared::protocol::ParamsHash;
 use tower_http::services::ServeDir;
 

@@ -24,10 +24,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
-use swarmtrain_client::peer::Bootstrap;
+use swarmtrain_net::Bootstrap;
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::admission::Admission;
-use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
 use swarmtrain_shared::lm::LmConfig;
 use swarmtrain_shared::lm_train::{LmInnerSpec, LrSchedule};
 use swarmtrain_shared::protocol::{
@@ -173,7 +172,7 @@ impl Default for RelayConfig {
             retention: store::Retention::default(),
             admission: BTreeMap::new(),
             require_sealed: false,
-            gossip_fanout: swarmtrain_client::rpc::DEFAULT_GOSSIP_FANOUT,
+            gossip_fanout: swarmtrain_net::DEFAULT_GOSSIP_FANOUT,
         }
     }
 }
@@ -191,43 +190,11 @@ pub struct Relay {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Loads a 32-byte identity seed kept as hex in `path`, creating it (mode 0600) if missing.
-pub fn load_or_create_key(path: &Path) -> anyhow::Result<Zeroizing<[u8; 32]>> {
-    match std::fs::read_to_string(path).map(Zeroizing::new) {
-        Ok(hex) => seed_from_hex(&hex)
-            .with_context(|| format!("{} does not hold a 32-byte hex key", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let seed = random_seed()?;
-            let hex = seed_to_hex(&seed);
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            std::io::Write::write_all(&mut file, hex.as_bytes())?;
-            Ok(seed)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 /// Chooses ring as the process's rustls crypto provider (once; later calls do nothing). WebRTC's
 /// DTLS needs one, and with more than one compiled in (the `s3` feature adds aws-lc-rs) rustls
 /// cannot pick by itself. [`Relay::start`] calls it.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-fn random_seed() -> anyhow::Result<Zeroizing<[u8; 32]>> {
-    let mut seed = Zeroizing::new([0u8; 32]);
-    getrandom::fill(seed.as_mut_slice()).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    Ok(seed)
 }
 
 fn ip_protocol(ip: IpAddr) -> Protocol<'static> {
@@ -242,8 +209,8 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> anyhow::Result<Self> {
         install_crypto_provider();
         let seed = match &config.data_dir {
-            Some(dir) => load_or_create_key(&dir.join("relay.key"))?,
-            None => random_seed()?,
+            Some(dir) => swarmtrain_net::keyfile::load_or_create(&dir.join("relay.key"))?,
+            None => swarmtrain_net::keyfile::random_seed()?,
         };
         let libp2p_secret = Zeroizing::new(blake3::derive_key(
             "swarmtrain relay libp2p key v1",

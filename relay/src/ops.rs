@@ -4,17 +4,9 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use burn::backend::NdArray;
-use swarmtrain_client::platform::http_get;
+use swarmtrain_net::http::{get as http_get, url};
 use swarmtrain_shared::checkpoint::{self, TensorInfo};
 use swarmtrain_shared::protocol::{ModelConfig, ModelSpec, params_from_bytes};
-
-fn url(base: &str, path: &str) -> String {
-    format!(
-        "{}/{}",
-        base.trim_end_matches('/'),
-        path.trim_start_matches('/')
-    )
-}
 
 /// The relay's `/api/status` document.
 pub async fn status(relay: &str) -> anyhow::Result<serde_json::Value> {

@@ -25,7 +25,7 @@ use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identity::Keypair, noise, relay, tcp, yamux};
 use libp2p_webrtc::tokio::Certificate;
-use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
+use swarmtrain_net::{Node, NodeEvent};
 use swarmtrain_shared::protocol::{self, RelayToClient, Request};
 use swarmtrain_shared::transfer::{self, Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
@@ -44,7 +44,7 @@ pub const MAX_IN_FLIGHT_PER_PEER: usize = 8;
 /// [`Boxed`], so that each connection's handler lives on the heap.
 #[derive(NetworkBehaviour)]
 pub struct RelayBehaviour {
-    pub node: Behaviour,
+    pub node: Node,
     pub circuit: relay::Behaviour,
 }
 
@@ -95,7 +95,7 @@ pub async fn build_swarm(
         .await?
         .with_behaviour(|key| {
             Ok(Boxed(RelayBehaviour {
-                node: Behaviour::new(ProtocolSupport::Inbound, key, &agent, gossip_fanout)?,
+                node: Node::new(ProtocolSupport::Inbound, key, &agent, gossip_fanout)?,
                 circuit: relay::Behaviour::new(
                     key.public().to_peer_id(),
                     relay::Config {
@@ -303,7 +303,7 @@ pub async fn run(
                 }
             }
             event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Rpc(request_response::Event::Message {
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(NodeEvent::Rpc(request_response::Event::Message {
                     peer,
                     message: request_response::Message::Request { request, channel, .. },
                     ..
@@ -364,7 +364,7 @@ pub async fn run(
                     });
                     pending.push(answer);
                 }
-                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. }))) => {
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(NodeEvent::Rpc(request_response::Event::InboundFailure { peer, error, .. }))) => {
                     tracing::debug!(%peer, %error, "inbound request failed");
                 }
                 SwarmEvent::Behaviour(RelayBehaviourEvent::Circuit(event)) => {
@@ -382,7 +382,7 @@ pub async fn run(
                 }
                 // A peer without direct links is an explicit peer, which gossipsub sends every
                 // announcement; one subscribed to LINKED_TOPIC is left to the fanout and the mesh.
-                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))) => {
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(NodeEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))) => {
                     let gossipsub = &mut swarm.behaviour_mut().node.gossipsub;
                     if topic == linked_topic {
                         linked.insert(peer_id);
@@ -392,7 +392,7 @@ pub async fn run(
                     }
                     network.linked.store(linked.len(), std::sync::atomic::Ordering::Relaxed);
                 }
-                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic }))) if topic == linked_topic => {
+                SwarmEvent::Behaviour(RelayBehaviourEvent::Node(NodeEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic }))) if topic == linked_topic => {
                     linked.remove(&peer_id);
                     swarm.behaviour_mut().node.gossipsub.add_explicit_peer(&peer_id);
                     network.linked.store(linked.len(), std::sync::atomic::Ordering::Relaxed);

@@ -977,7 +977,7 @@ fn memory_kb(pid: u32) -> Result<(f64, f64)> {
 
 /// 1,000 simulated peers on one relay process over loopback TCP (noise, yamux, ML-DSA-signed
 /// requests): memory per peer and the time from round close to announcement received.
-/// `swarmtrain-relay soak` on a release build (extra arguments go to it, e.g. `--rounds 20000`).
+/// `swarmtrain-peer soak` on a release build (extra arguments go to it, e.g. `--rounds 20000`).
 /// The honest round time with and without a hostile flood (`tests/benches/flood.rs`), written
 /// to docs/benchmarks/flood.md.
 /// The relay's θ bytes out for browsers joining one round, without and with browser-to-browser
@@ -1006,12 +1006,28 @@ fn bench_flood() -> Result {
     )
 }
 
+/// The release relay and the release `swarmtrain-peer` (the load generators).
+fn build_release_relay_and_peer() -> Result {
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "swarmtrain-relay",
+        "-p",
+        "swarmtrain-client",
+        "--bin",
+        "swarmtrain-relay",
+        "--bin",
+        "swarmtrain-peer",
+    ]))
+}
+
 fn bench_soak(args: &[String]) -> Result {
-    status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
+    build_release_relay_and_peer()?;
     let dir = root().join("docs/benchmarks");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     status(
-        Command::new(target_dir().join("release/swarmtrain-relay"))
+        Command::new(target_dir().join("release/swarmtrain-peer"))
             .current_dir(root())
             .arg("soak")
             .arg("--out")
@@ -1023,7 +1039,7 @@ fn bench_soak(args: &[String]) -> Result {
 fn bench_load() -> Result {
     use std::io::{BufRead, BufReader};
     let (peers, rounds, senders) = (1000, 5, 20);
-    status(cargo().args(["build", "--release", "-p", "swarmtrain-relay"]))?;
+    build_release_relay_and_peer()?;
     let relay_bin = target_dir().join("release/swarmtrain-relay");
     let data = target_dir().join("bench-load-data");
     let _ = fs::remove_dir_all(&data);
@@ -1064,7 +1080,7 @@ fn bench_load() -> Result {
     std::thread::spawn(move || lines.for_each(drop));
     let pid = relay.id();
     let (idle_kb, _) = memory_kb(pid)?;
-    let out = Command::new(&relay_bin)
+    let out = Command::new(target_dir().join("release/swarmtrain-peer"))
         .args(["loadtest", "--relay", &url])
         .args([
             "--peers",
@@ -1090,7 +1106,7 @@ fn bench_load() -> Result {
     let report = format!(
         "# Load: {peers} simulated peers on one relay\n\n\
          Produced by `cargo xtask bench load` on {} cores: a release relay process (persistence on: \
-         every update is committed to redb, every round checkpointed) and one `swarmtrain-relay \
+         every update is committed to redb, every round checkpointed) and one `swarmtrain-peer \
          loadtest` process holding {peers} libp2p connections over loopback TCP (noise, yamux; \
          request-response, gossipsub, identify, ping), each peer ML-DSA-signing its join, \
          subscribing to the run's gossipsub topic and verifying every announcement it gets there. \

@@ -1,4 +1,4 @@
-//! Native platform: tokio, TCP to the relay, reqwest for HTTP.
+//! Native platform: tokio, TCP to the relay, reqwest for HTTP (`swarmtrain_net::http::get`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -55,16 +55,5 @@ pub fn build_swarm(
 }
 
 pub async fn http_get(url: &str) -> Result<Vec<u8>, String> {
-    let response = reqwest::get(url)
-        .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(format!("GET {url}: HTTP {status}"));
-    }
-    Ok(response
-        .bytes()
-        .await
-        .map_err(|e| format!("GET {url}: {e}"))?
-        .to_vec())
+    swarmtrain_net::http::get(url).await
 }

@@ -6,14 +6,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod attack_grid;
-mod loadtest;
 mod simulate;
-mod soak;
 
 use attack_grid::{AttackGrid, attack_grid};
-use loadtest::{Loadtest, loadtest};
 use simulate::{Simulate, simulate};
-use soak::{Soak, soak};
 use swarmtrain_relay::{AggregationBackend, Relay, RelayConfig, default_run};
 use swarmtrain_shared::protocol::Codec;
 use swarmtrain_shared::robust::Rule;
@@ -44,16 +40,9 @@ enum Command {
     Credits(CreditsArgs),
     /// Download a relay's current global parameters as a safetensors checkpoint.
     Export(Export),
-    /// Join a relay as a native training peer (ndarray CPU backend), with the browser's code.
-    Worker(Worker),
     /// Simulate N peers training the language model in this process (DiLoCo or data-parallel),
     /// with the real shared code, counting every byte; prints the loss curve, writes JSON.
     Simulate(Simulate),
-    /// Load-test a running relay: connect many simulated peers over TCP, keep them waiting for
-    /// rounds, close rounds with synthetic updates, and report announcement latencies as JSON.
-    Loadtest(Loadtest),
-    /// Drive a relay process through many fast rounds and report round time, memory and disk.
-    Soak(Soak),
     /// Run the Byzantine attack grid on the digits: every standard attack × every aggregation
     /// rule × attacker fraction, with simulated peers and the shared code; writes a Markdown table.
     AttackGrid(AttackGrid),
@@ -148,7 +137,7 @@ fn keygen(args: Keygen) -> anyhow::Result<()> {
         "{} exists; refusing to overwrite an identity",
         args.key_file.display()
     );
-    let seed = swarmtrain_relay::load_or_create_key(&args.key_file)?;
+    let seed = swarmtrain_net::keyfile::load_or_create(&args.key_file)?;
     let identity = swarmtrain_shared::Identity::from_seed(*seed);
     println!("wrote {}", args.key_file.display());
     println!("peer key {}", identity.peer());
@@ -220,61 +209,6 @@ async fn export(args: Export) -> anyhow::Result<()> {
 }
 
 #[derive(Parser, Debug)]
-struct Worker {
-    #[command(flatten)]
-    relay: RelayUrl,
-    /// File holding this worker's identity seed (hex; created with mode 0600 if missing).
-    #[arg(
-        long,
-        env = "SWARMTRAIN_KEY_FILE",
-        default_value = "swarmtrain-data/worker.key"
-    )]
-    key_file: PathBuf,
-    /// Stop after this many rounds (default: until SIGINT or SIGTERM).
-    #[arg(long)]
-    rounds: Option<u64>,
-    /// The run to join (default: the relay's default run).
-    #[arg(long, env = "SWARMTRAIN_RUN")]
-    run: Option<String>,
-}
-
-async fn worker(args: Worker) -> anyhow::Result<()> {
-    use burn::backend::{Autodiff, NdArray};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use swarmtrain_client::peer::{self, PeerConfig};
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let config = PeerConfig {
-        relay_url: args.relay.relay,
-        run_id: args.run,
-        transport: None,
-        identity_seed: swarmtrain_relay::load_or_create_key(&args.key_file)?,
-        backend: "ndarray".into(),
-        max_rounds: args.rounds,
-        sample_len: 0,
-        stop: stop.clone(),
-        max_retries: None,
-        direct_peers: 0,
-        pause: Default::default(),
-        ice_servers: Vec::new(),
-    };
-    let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
-        tracing::info!(?event, "worker");
-    });
-    tokio::pin!(run);
-    let rounds = tokio::select! {
-        result = &mut run => result?,
-        _ = shutdown_signal() => {
-            stop.store(true, Ordering::Relaxed);
-            run.await?
-        }
-    };
-    println!("trained {rounds} rounds");
-    Ok(())
-}
-
-#[derive(Parser, Debug)]
 struct Serve {
     /// HTTP address for the page, data and checkpoints; its IP is used for libp2p too.
     #[arg(long, env = "SWARMTRAIN_HTTP", default_value = "127.0.0.1:8080")]
@@ -321,7 +255,7 @@ struct Serve {
     /// How many browsers with direct links to other browsers get each round announcement from
     /// the relay itself; the others receive it over their links (peers without links always
     /// get it from the relay).
-    #[arg(long, env = "SWARMTRAIN_GOSSIP_FANOUT", default_value_t = swarmtrain_client::rpc::DEFAULT_GOSSIP_FANOUT as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "SWARMTRAIN_GOSSIP_FANOUT", default_value_t = swarmtrain_net::DEFAULT_GOSSIP_FANOUT as u16, value_parser = clap::value_parser!(u16).range(1..))]
     gossip_fanout: u16,
     /// The default run's options; more runs come from `[[run]]` tables in the config file.
     #[command(flatten)]
@@ -841,13 +775,10 @@ async fn main() -> anyhow::Result<()> {
     let (argv, extra_runs) = with_config_file(std::env::args().collect())?;
     let args = match Cli::parse_from(argv).command {
         Command::Serve(args) => args,
-        Command::Worker(args) => return worker(args).await,
         Command::Keygen(args) => return keygen(args),
         Command::Status(args) => return status(args).await,
         Command::Credits(args) => return credits(args).await,
         Command::Export(args) => return export(args).await,
-        Command::Loadtest(args) => return loadtest(args).await,
-        Command::Soak(args) => return soak(args).await,
         Command::AttackGrid(args) => {
             return tokio::task::spawn_blocking(move || attack_grid(args)).await?;
         }

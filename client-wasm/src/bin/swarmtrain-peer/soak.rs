@@ -1,4 +1,4 @@
-//! `swarmtrain-relay soak`: a relay process driven through many fast rounds by one peer, to show
+//! `swarmtrain-peer soak`: a relay process driven through many fast rounds by one peer, to show
 //! that a run that lasts weeks keeps a flat cost per round, bounded memory, and disk bounded by
 //! the retention policy.
 //!
@@ -35,6 +35,9 @@ pub(crate) struct Soak {
     /// Write the Markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The relay binary to start (default: `swarmtrain-relay` beside this one).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
 }
 
 /// One sample of the run.
@@ -135,7 +138,11 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut child = Command::new(std::env::current_exe()?);
+    let relay_bin = match args.relay_bin.clone() {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("swarmtrain-relay"),
+    };
+    let mut child = Command::new(&relay_bin);
     child
         .args([
             "serve", "--model", "digits", "--hidden", "4", "--quorum", "1",
@@ -164,14 +171,18 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    let relay = RelayChild(child.spawn()?);
+    let relay = RelayChild(
+        child
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", relay_bin.display()))?,
+    );
     let pid = relay.0.id();
     let base = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     let boot = loop {
         match http_get(&format!("{base}/api/bootstrap")).await {
             Ok(bytes) => {
-                break serde_json::from_slice::<swarmtrain_client::peer::Bootstrap>(&bytes)?;
+                break serde_json::from_slice::<swarmtrain_net::Bootstrap>(&bytes)?;
             }
             Err(_) if started.elapsed() < Duration::from_secs(60) => {
                 tokio::time::sleep(Duration::from_millis(100)).await
@@ -281,7 +292,7 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
 fn report(args: &Soak, samples: &[Sample], elapsed: f64) -> String {
     let mut out = format!(
         "# Soak: {} rounds on one relay\n\n\
-         `cargo xtask bench soak` (`swarmtrain-relay soak --rounds {} --every {}`): a release relay \
+         `cargo xtask bench soak` (`swarmtrain-peer soak --rounds {} --every {}`): a release relay \
          process (digits MLP with 4 hidden units, quorum 1, a fresh data directory, history \
          retention {} rounds, ledger retention {} rounds, 10 checkpoints) and one peer over TCP \
          that sends a constant update and long-polls the next round, {:.0} s in all ({:.0} rounds/s). \

@@ -1,4 +1,4 @@
-//! `swarmtrain-relay loadtest`: many simulated peers against one running relay.
+//! `swarmtrain-peer loadtest`: many simulated peers against one running relay.
 
 use clap::Parser;
 
@@ -45,7 +45,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
         args.senders >= 1 && args.senders <= args.peers,
         "--senders must be in 1..=--peers"
     );
-    let boot: swarmtrain_client::peer::Bootstrap = serde_json::from_slice(
+    let boot: swarmtrain_net::Bootstrap = serde_json::from_slice(
         &swarmtrain_client::platform::http_get(&format!(
             "{}/api/bootstrap",
             args.relay.trim_end_matches('/')

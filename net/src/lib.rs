@@ -1,0 +1,18 @@
+//! The libp2p and HTTP pieces that the relay and the peers (native and in the browser) share,
+//! above the core and the wire format of `swarmtrain-shared`:
+//!
+//! - [`codec`]: the request-response frame codec;
+//! - [`node`]: the behaviour every node runs (request-response, gossipsub, identify, ping) and
+//!   its settings;
+//! - [`http`]: the relay's `/api/bootstrap` document, its URLs and (natively) `GET`;
+//! - `keyfile` (native): a node's identity seed in a file.
+
+pub mod codec;
+pub mod http;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod keyfile;
+pub mod node;
+
+pub use codec::FrameCodec;
+pub use http::Bootstrap;
+pub use node::{DEFAULT_GOSSIP_FANOUT, Node, NodeEvent};
