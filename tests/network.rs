@@ -8,7 +8,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, identify, noise, ping, relay, tcp, yamux};
-use swarmtrain_client::rpc::{Behaviour, BehaviourEvent};
+use swarmtrain_net::{Node, NodeEvent};
 use swarmtrain_relay::{Relay, RelayConfig, default_run};
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::protocol::{
@@ -175,7 +175,7 @@ async fn until<T>(
 }
 
 /// A node with the swarmtrain behaviour over WebRTC-direct only.
-fn rpc_over_webrtc() -> Swarm<Behaviour> {
+fn rpc_over_webrtc() -> Swarm<Node> {
     SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_other_transport(|key| {
@@ -185,7 +185,7 @@ fn rpc_over_webrtc() -> Swarm<Behaviour> {
         })
         .expect("webrtc")
         .with_behaviour(|key| {
-            Behaviour::new(
+            Node::new(
                 ProtocolSupport::Outbound,
                 key,
                 "swarmtrain-test/0",
@@ -199,12 +199,12 @@ fn rpc_over_webrtc() -> Swarm<Behaviour> {
 }
 
 /// Sends one request frame and waits for the decoded answer.
-async fn rpc_call(swarm: &mut Swarm<Behaviour>, relay: PeerId, frame: Vec<u8>) -> RelayToClient {
+async fn rpc_call(swarm: &mut Swarm<Node>, relay: PeerId, frame: Vec<u8>) -> RelayToClient {
     let id = swarm.behaviour_mut().rpc.send_request(&relay, frame);
     let wait = async {
         loop {
             match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+                SwarmEvent::Behaviour(NodeEvent::Rpc(request_response::Event::Message {
                     message:
                         request_response::Message::Response {
                             request_id,
@@ -212,7 +212,7 @@ async fn rpc_call(swarm: &mut Swarm<Behaviour>, relay: PeerId, frame: Vec<u8>) -
                         },
                     ..
                 })) if request_id == id => return protocol::decode(&response).expect("an answer"),
-                SwarmEvent::Behaviour(BehaviourEvent::Rpc(
+                SwarmEvent::Behaviour(NodeEvent::Rpc(
                     request_response::Event::OutboundFailure {
                         request_id, error, ..
                     },
