@@ -957,10 +957,7 @@ async fn train_session<L: Local>(
                 .await
                 .map_err(PeerError::BadSpec)?;
         }
-        let lm_config = match spec.model.config() {
-            protocol::ModelConfig::Lm(lm_config) => Some(lm_config),
-            protocol::ModelConfig::Digits(_) => None,
-        };
+        let lm_config = spec.model.lm_config();
         if let (Some(lm_config), true) = (&lm_config, config.sample_len > 0) {
             let sampled = local
                 .sample(SampleJob {
@@ -1057,17 +1054,12 @@ async fn train_session<L: Local>(
             rounds_trained: *rounds_trained,
         });
 
-        // Δ = θ_t − θ_local, clipped to the run's norm when it uses differential privacy (the
-        // relay clips again, and noises the round's sum).
-        let mut delta: Vec<f32> = start
-            .iter()
-            .zip(&local_params)
-            .map(|(t, l)| t - l)
-            .collect();
-        if let Some(privacy) = &session.spec.privacy {
-            swarmtrain_shared::privacy::clip_l2(&mut delta, privacy.clip_norm);
-        }
-        let payload = feedback.encode(session.spec.codec, &delta);
+        let payload = swarmtrain_shared::round::update_payload(
+            swarmtrain_shared::round::pseudo_gradient(&start, &local_params),
+            session.spec.privacy.as_ref(),
+            session.spec.codec,
+            feedback,
+        );
         let update = Update {
             run_id: session.spec.run_id.clone(),
             round,

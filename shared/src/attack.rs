@@ -226,13 +226,7 @@ pub async fn run_attack<B: AutodiffBackend>(
                 trainer.step(&DigitsBatch::draw(&data, &mut sampler));
             }
             let local = trainer.params().await?;
-            updates.push(
-                theta
-                    .iter()
-                    .zip(&local)
-                    .map(|(t, l)| t - l)
-                    .collect::<Vec<f32>>(),
-            );
+            updates.push(crate::round::pseudo_gradient(&theta, &local));
         }
         let honest: Vec<Vec<f32>> = updates[run.attackers as usize..].to_vec();
         for (peer, delta) in updates.into_iter().enumerate() {

@@ -500,6 +500,27 @@ pub struct Evaluation {
     pub loss: Option<f32>,
 }
 
+/// Δ = θ_t − θ_local: a peer's pseudo-gradient after its inner steps from `start`.
+pub fn pseudo_gradient(start: &[f32], local: &[f32]) -> Vec<f32> {
+    start.iter().zip(local).map(|(t, l)| t - l).collect()
+}
+
+/// What a peer sends for its pseudo-gradient: `delta` clipped to the run's L2 norm when the run
+/// uses differential privacy (the relay clips again and noises the round's sum), then encoded
+/// with `codec` through the peer's error feedback. The browser, the native peer and the
+/// simulator build their updates with this.
+pub fn update_payload(
+    mut delta: Vec<f32>,
+    privacy: Option<&crate::privacy::PrivacySpec>,
+    codec: Codec,
+    feedback: &mut crate::compress::ErrorFeedback,
+) -> Vec<u8> {
+    if let Some(privacy) = privacy {
+        privacy::clip_l2(&mut delta, privacy.clip_norm);
+    }
+    feedback.encode(codec, &delta)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

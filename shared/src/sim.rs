@@ -273,8 +273,12 @@ pub async fn simulate<B: AutodiffBackend>(
                         trainer.step(&TextBatch { windows, window });
                     }
                     let local = trainer.params().await?;
-                    let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
-                    let payload = feedback[p].encode(config.codec, &delta);
+                    let payload = crate::round::update_payload(
+                        crate::round::pseudo_gradient(&theta, &local),
+                        state.spec.privacy.as_ref(),
+                        config.codec,
+                        &mut feedback[p],
+                    );
                     bytes += 2 * payload.len() as u64;
                     let update = Update {
                         run_id: state.spec.run_id.clone(),
