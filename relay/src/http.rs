@@ -469,3 +469,158 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
+
+/// The router alone, through `oneshot` (no sockets, no libp2p): one digits run, no store.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
+    use swarmtrain_net::Bootstrap;
+    use swarmtrain_shared::Identity;
+    use tower::ServiceExt;
+
+    use super::{AppState, app};
+    use crate::coordinator::Coordinator;
+    use crate::{Runs, default_run};
+
+    async fn router(web_dir: &std::path::Path) -> axum::Router {
+        let spec = default_run();
+        let data = crate::load_data(&spec, 0).expect("digits");
+        let (announce, _) = tokio::sync::broadcast::channel(4);
+        let coordinator = Coordinator::new(
+            Identity::from_seed([5; 32]),
+            spec,
+            data,
+            0,
+            Default::default(),
+            None,
+            announce,
+            Arc::new(tokio::sync::Notify::new()),
+            Default::default(),
+        )
+        .await
+        .expect("the run opens");
+        let runs = Arc::new(Runs::new(vec![Arc::new(coordinator)], false).expect("runs"));
+        let bootstrap = Bootstrap {
+            peer_id: "12D3KooWRelay".into(),
+            run_id: "digits".into(),
+            runs: runs.ids(),
+            addresses: Default::default(),
+            time_ms: 0,
+            admission: Default::default(),
+        };
+        app(
+            AppState {
+                runs,
+                bootstrap: Arc::new(bootstrap),
+                network: Default::default(),
+            },
+            web_dir.to_owned(),
+        )
+    }
+
+    async fn get(router: &axum::Router, uri: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let response = router
+            .clone()
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 << 20).await.expect("body");
+        (parts.status, parts.headers, bytes.to_vec())
+    }
+
+    fn json(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn the_api_answers_what_pages_and_peers_ask() {
+        let web = tempfile::tempdir().expect("dir");
+        std::fs::write(web.path().join("index.html"), "<h1>swarmtrain</h1>").expect("write");
+        let router = router(web.path()).await;
+
+        let (status, _, body) = get(&router, "/healthz").await;
+        assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"ok\n"[..]));
+
+        // The bootstrap carries the relay's clock, for envelope expiry.
+        let (status, _, body) = get(&router, "/api/bootstrap").await;
+        assert_eq!(status, StatusCode::OK);
+        let boot: Bootstrap = serde_json::from_slice(&body).expect("a Bootstrap");
+        assert_eq!(
+            (boot.run_id.as_str(), boot.runs.as_slice()),
+            ("digits", &["digits".to_owned()][..])
+        );
+        assert!(boot.time_ms > 1_700_000_000_000, "{}", boot.time_ms);
+
+        let (status, headers, body) = get(&router, "/api/status?history=0").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        let run = json(&body);
+        assert_eq!(
+            (run["run_id"].as_str(), run["round"].as_u64()),
+            (Some("digits"), Some(0))
+        );
+        assert_eq!(
+            json(&get(&router, "/api/runs").await.2)[0]["run_id"],
+            "digits"
+        );
+
+        // θ by its hash, immutable; an unknown hash or run is a 404 with a reason.
+        let hash = run["params_hash"].as_str().expect("hash").to_owned();
+        let (status, headers, body) =
+            get(&router, &format!("/api/runs/digits/params/{hash}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            headers[header::CACHE_CONTROL]
+                .to_str()
+                .expect("ascii")
+                .contains("immutable")
+        );
+        assert_eq!(
+            body.len(),
+            4 * run["n_params"].as_u64().expect("n") as usize
+        );
+        let (status, _, body) = get(
+            &router,
+            &format!("/api/runs/digits/params/{}", "0".repeat(64)),
+        )
+        .await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (StatusCode::NOT_FOUND, &b"parameters not found\n"[..])
+        );
+        assert_eq!(
+            get(&router, "/api/runs/nope/status").await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            get(&router, "/api/runs/digits/params/not-hex").await.0,
+            StatusCode::NOT_FOUND
+        );
+
+        // Nobody holds a reservation or a link yet; the gauges say so.
+        assert_eq!(
+            json(&get(&router, "/api/reachable").await.2)["peers"],
+            serde_json::json!([])
+        );
+        let metrics = String::from_utf8(get(&router, "/metrics").await.2).expect("text");
+        for line in [
+            "swarmtrain_circuit_reservations 0",
+            "swarmtrain_linked_peers 0",
+            "swarmtrain_announcements_sent_total 0",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+
+        // Anything else is the page.
+        let (status, _, body) = get(&router, "/").await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (StatusCode::OK, &b"<h1>swarmtrain</h1>"[..])
+        );
+        assert_eq!(get(&router, "/missing.js").await.0, StatusCode::NOT_FOUND);
+    }
+}
