@@ -922,3 +922,125 @@ pub(crate) fn encode<T: Serialize>(message: &T) -> Vec<u8> {
         Vec::new()
     })
 }
+
+/// One run's coordinator, driven as the node drives it (`Runs::handle` with signed envelopes,
+/// `tick` as the round timer), without a network.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use libp2p::PeerId;
+    use swarmtrain_shared::protocol::{
+        self, Capabilities, ClientToRelay, Envelope, Join, PROTOCOL_VERSION, PayloadRef,
+        RelayToClient, Submission, Update, params_to_bytes,
+    };
+    use swarmtrain_shared::{Identity, Signed};
+
+    use crate::default_run;
+
+    struct Peer {
+        identity: Identity,
+        id: PeerId,
+        seq: u64,
+    }
+
+    impl Peer {
+        fn new(seed: u8) -> Self {
+            Self {
+                identity: Identity::from_seed([seed; 32]),
+                id: PeerId::random(),
+                seq: 1,
+            }
+        }
+
+        fn submission(&mut self, message: ClientToRelay, payload: Vec<u8>) -> Submission {
+            self.seq += 1;
+            let envelope = Envelope {
+                peer_id: self.id.to_bytes(),
+                seq: self.seq,
+                expires_ms: crate::runs::unix_ms() + 60_000,
+                message,
+            };
+            let signed: Signed<Envelope> = self.identity.sign(&envelope).expect("sign");
+            Submission { signed, payload }
+        }
+    }
+
+    fn answer(frame: Vec<u8>) -> RelayToClient {
+        protocol::decode(&frame).expect("an answer the wire decodes")
+    }
+
+    #[tokio::test]
+    async fn a_quorum_of_updates_closes_the_round_and_announces_the_next() {
+        let mut spec = default_run();
+        spec.quorum = 2;
+        let (runs, announce) = crate::testing::runs(Some(spec)).await;
+        let mut announced = announce.subscribe();
+        let run = runs.default_run().clone();
+        let wait = Duration::from_secs(1);
+        let mut peers = [Peer::new(1), Peer::new(2)];
+        let mut round0 = None;
+        for peer in &mut peers {
+            let join = peer.submission(
+                ClientToRelay::Join(Join {
+                    version: PROTOCOL_VERSION,
+                    run_id: "digits".into(),
+                    capabilities: Capabilities {
+                        backend: "test".into(),
+                        platform: "test".into(),
+                    },
+                    proof_of_work: None,
+                }),
+                Vec::new(),
+            );
+            match answer(runs.handle(join, peer.id, wait).await) {
+                RelayToClient::Welcome(welcome) => round0 = Some(welcome.round),
+                other => panic!("expected a welcome, got {other:?}"),
+            }
+        }
+        let round0 = round0
+            .expect("welcomed")
+            .verify_from(&run.identity().peer())
+            .expect("signed by the relay");
+        assert_eq!(round0.round, 0);
+
+        // A late or wrong update is refused with its reason and counts nowhere.
+        let payload = params_to_bytes(&vec![0.01; round0.n_params as usize]);
+        let update = |round| {
+            ClientToRelay::Update(Update {
+                run_id: "digits".into(),
+                round,
+                base: round0.params,
+                n_samples: 32,
+                inner_steps: 1,
+                loss: 1.0,
+                codec: protocol::Codec::F32,
+                payload: PayloadRef::of(&payload),
+            })
+        };
+        let wrong = peers[0].submission(update(7), payload.clone());
+        match answer(runs.handle(wrong, peers[0].id, wait).await) {
+            RelayToClient::Rejected { kind, .. } => assert_eq!(kind, "wrong_round"),
+            other => panic!("{other:?}"),
+        }
+        for peer in &mut peers {
+            let submission = peer.submission(update(0), payload.clone());
+            match answer(runs.handle(submission, peer.id, wait).await) {
+                RelayToClient::Accepted { round: 0 } => {}
+                other => panic!("expected Accepted, got {other:?}"),
+            }
+        }
+        assert_eq!(run.status().await.updates_this_round, 2);
+        // The round timer closes the round: θ moves, round 1 is announced, signed.
+        run.tick().await;
+        let (run_id, frame) = announced.try_recv().expect("round 1 announced");
+        assert_eq!(run_id, "digits");
+        let round1 =
+            protocol::verify_gossiped(&frame, run.identity().public_key()).expect("signed");
+        assert_eq!(round1.round, 1);
+        assert_ne!(round1.params, round0.params);
+        let status = run.status().await;
+        assert_eq!((status.round, status.accepted_updates), (1, 2));
+        assert_eq!(status.rejected.get("wrong_round"), Some(&1));
+    }
+}

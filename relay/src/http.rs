@@ -478,31 +478,12 @@ mod tests {
     use axum::body::Body;
     use axum::http::{Request, StatusCode, header};
     use swarmtrain_net::Bootstrap;
-    use swarmtrain_shared::Identity;
     use tower::ServiceExt;
 
     use super::{AppState, app};
-    use crate::coordinator::Coordinator;
-    use crate::{Runs, default_run};
 
     async fn router(web_dir: &std::path::Path) -> axum::Router {
-        let spec = default_run();
-        let data = crate::load_data(&spec, 0).expect("digits");
-        let (announce, _) = tokio::sync::broadcast::channel(4);
-        let coordinator = Coordinator::new(
-            Identity::from_seed([5; 32]),
-            spec,
-            data,
-            0,
-            Default::default(),
-            None,
-            announce,
-            Arc::new(tokio::sync::Notify::new()),
-            Default::default(),
-        )
-        .await
-        .expect("the run opens");
-        let runs = Arc::new(Runs::new(vec![Arc::new(coordinator)], false).expect("runs"));
+        let (runs, _) = crate::testing::runs(None).await;
         let bootstrap = Bootstrap {
             peer_id: "12D3KooWRelay".into(),
             run_id: "digits".into(),

@@ -14,6 +14,8 @@ pub mod ops;
 pub mod p2p;
 pub mod runs;
 pub mod store;
+#[cfg(test)]
+mod testing;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -3,8 +3,10 @@
 //! Transports: TCP for native peers, WebSocket and WebRTC-direct for browsers, each with its own
 //! security (noise for TCP and WebSocket, DTLS for WebRTC) and multiplexing. Behaviours: the
 //! swarmtrain request-response protocol, gossipsub (the relay publishes each run's signed round
-//! announcements), identify, ping, and a circuit relay v2 server so that peers which cannot be
-//! dialled directly (browsers) can reach each other through the relay.
+//! announcements: to every peer without direct links, and to a fanout of the browsers linked
+//! to each other, which forward them), identify, ping, and a circuit relay v2 server that
+//! carries the WebRTC signaling between browsers (at most [`CIRCUIT_BYTES`] a circuit; their
+//! traffic then goes over their direct links).
 //!
 //! Each inbound request is handled by the coordinator concurrently; the event loop sends the
 //! answers back as they complete. Messages longer than a frame arrive in parts and are
@@ -454,4 +456,217 @@ pub async fn listen(
         }
     }
     Ok(bound.into_iter().flatten().collect())
+}
+
+/// The node's event loop on in-memory transports (no sockets): a relay swarm running [`run`]
+/// and a peer's [`Node`], both with noise and yamux as on TCP.
+#[cfg(test)]
+mod tests {
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    use libp2p::{Transport as _, request_response};
+
+    use super::*;
+
+    fn memory_swarm<B: NetworkBehaviour>(
+        key: Keypair,
+        behaviour: impl FnOnce(&Keypair) -> B,
+    ) -> Swarm<B> {
+        libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|key| {
+                Ok(MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default())
+                    .boxed())
+            })
+            .expect("transport")
+            .with_behaviour(|key| behaviour(key))
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+            .build()
+    }
+
+    struct Relay {
+        address: Multiaddr,
+        peer_id: PeerId,
+        announce: crate::coordinator::Announcements,
+        network: Arc<Network>,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    /// A relay node on `/memory/N` with a fanout of 1, running [`run`] for one digits run.
+    async fn relay(port: u64) -> Relay {
+        let (runs, announce) = crate::testing::runs(None).await;
+        let key = Keypair::generate_ed25519();
+        let peer_id = key.public().to_peer_id();
+        let mut swarm = memory_swarm(key, |key| {
+            Boxed(RelayBehaviour {
+                node: Node::new(ProtocolSupport::Inbound, key, "relay-test", 1).expect("node"),
+                circuit: relay::Behaviour::new(key.public().to_peer_id(), relay::Config::default()),
+            })
+        });
+        let address: Multiaddr = format!("/memory/{port}").parse().expect("addr");
+        swarm.listen_on(address.clone()).expect("listen");
+        let network = Arc::new(Network::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        tokio::spawn(run(
+            swarm,
+            runs,
+            announce.subscribe(),
+            network.clone(),
+            1,
+            shutdown_rx,
+        ));
+        Relay {
+            address,
+            peer_id,
+            announce,
+            network,
+            _shutdown: shutdown,
+        }
+    }
+
+    fn peer(relay: &Relay) -> Swarm<Node> {
+        let mut swarm = memory_swarm(Keypair::generate_ed25519(), |key| {
+            Node::new(ProtocolSupport::Outbound, key, "peer-test", 6).expect("node")
+        });
+        swarm
+            .dial(
+                relay
+                    .address
+                    .clone()
+                    .with(libp2p::multiaddr::Protocol::P2p(relay.peer_id)),
+            )
+            .expect("dial");
+        swarm
+    }
+
+    /// Drives `swarm` until `f` picks something out of an event.
+    async fn until<T>(
+        swarm: &mut Swarm<Node>,
+        mut f: impl FnMut(SwarmEvent<NodeEvent>) -> Option<T>,
+    ) -> T {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(t) = f(swarm.select_next_some().await) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .expect("in time")
+    }
+
+    async fn ask(swarm: &mut Swarm<Node>, relay: PeerId, frame: Vec<u8>) -> RelayToClient {
+        let id = swarm.behaviour_mut().rpc.send_request(&relay, frame);
+        let answer = until(swarm, |event| match event {
+            SwarmEvent::Behaviour(NodeEvent::Rpc(request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            })) if request_id == id => Some(response),
+            _ => None,
+        })
+        .await;
+        protocol::decode(&answer).expect("an answer the wire decodes")
+    }
+
+    #[tokio::test]
+    async fn garbage_is_refused_with_a_reason_and_a_flood_of_it_closes_and_bans_the_peer() {
+        let relay = relay(rand::random::<u64>() | 1).await;
+        let mut peer = peer(&relay);
+        for i in 1..MAX_STRIKES {
+            match ask(&mut peer, relay.peer_id, vec![0xff; 40]).await {
+                RelayToClient::Rejected { kind, .. } => {
+                    assert_eq!(kind, "malformed", "request {i}")
+                }
+                other => panic!("request {i}: {other:?}"),
+            }
+        }
+        // The last strike closes the connection (its refusal goes down with it).
+        peer.behaviour_mut()
+            .rpc
+            .send_request(&relay.peer_id, vec![0xff; 40]);
+        until(&mut peer, |event| {
+            matches!(event, SwarmEvent::ConnectionClosed { .. }).then_some(())
+        })
+        .await;
+        // Dialling again, the same peer ID is let in and closed at once.
+        peer.dial(
+            relay
+                .address
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(relay.peer_id)),
+        )
+        .expect("dial");
+        until(&mut peer, |event| {
+            matches!(
+                event,
+                SwarmEvent::ConnectionClosed { .. } | SwarmEvent::OutgoingConnectionError { .. }
+            )
+            .then_some(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn announcements_go_to_unlinked_peers_and_a_fanout_of_linked_ones() {
+        let relay = relay(rand::random::<u64>() | 1).await;
+        let topic = gossipsub::IdentTopic::new(protocol::rounds_topic("digits"));
+        let linked = gossipsub::IdentTopic::new(protocol::LINKED_TOPIC);
+        let mut unlinked = peer(&relay);
+        let mut a = peer(&relay);
+        let mut b = peer(&relay);
+        for swarm in [&mut unlinked, &mut a, &mut b] {
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(&topic)
+                .expect("subscribe");
+        }
+        for swarm in [&mut a, &mut b] {
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(&linked)
+                .expect("subscribe");
+        }
+        // Until the relay has seen both linked subscriptions, drive the three peers.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while relay.network.linked() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay saw {} linked peers",
+                relay.network.linked()
+            );
+            for swarm in [&mut unlinked, &mut a, &mut b] {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(20), swarm.select_next_some()).await;
+            }
+        }
+        relay
+            .announce
+            .send(("digits".into(), b"round 1".to_vec()))
+            .expect("the node listens");
+        // The unlinked peer gets it from the relay and so does one of the linked ones (the
+        // fanout); the other would hear it over its links, which these peers do not have, so
+        // gossipsub's IHAVE at a later heartbeat brings it.
+        for swarm in [&mut unlinked, &mut a, &mut b] {
+            let data = until(swarm, |event| match event {
+                SwarmEvent::Behaviour(NodeEvent::Gossipsub(gossipsub::Event::Message {
+                    message,
+                    ..
+                })) => Some(message.data),
+                _ => None,
+            })
+            .await;
+            assert_eq!(data, b"round 1");
+        }
+        assert_eq!(relay.network.gossip_copies(), (2, 1));
+    }
 }

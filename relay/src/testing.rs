@@ -1,0 +1,32 @@
+//! What the relay's unit tests share: one digits run, no store, with the sender its
+//! announcements go out on.
+
+use std::sync::Arc;
+
+use swarmtrain_shared::Identity;
+use swarmtrain_shared::protocol::RunSpec;
+
+use crate::coordinator::{Announcements, Coordinator};
+use crate::{Runs, default_run};
+
+/// `spec` (the digits run when None) as the relay's only run.
+pub async fn runs(spec: Option<RunSpec>) -> (Arc<Runs>, Announcements) {
+    let spec = spec.unwrap_or_else(default_run);
+    let data = crate::load_data(&spec, 0).expect("the run's data");
+    let (announce, _) = tokio::sync::broadcast::channel(16);
+    let coordinator = Coordinator::new(
+        Identity::from_seed([5; 32]),
+        spec,
+        data,
+        0,
+        Default::default(),
+        None,
+        announce.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+        Default::default(),
+    )
+    .await
+    .expect("the run opens");
+    let runs = Runs::new(vec![Arc::new(coordinator)], false).expect("runs");
+    (Arc::new(runs), announce)
+}
