@@ -149,7 +149,8 @@ enum Command {
     },
 }
 
-/// Announcements received by gossip, kept until read; older ones are dropped when it is full.
+/// Announcements received by gossip, kept until read; when it is full, new ones are dropped
+/// (the long poll still finds their round).
 const GOSSIP_QUEUE: usize = 8;
 
 /// A message from the relay on a subscribed topic (as sent: its content is not yet verified).
