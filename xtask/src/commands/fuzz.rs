@@ -8,7 +8,8 @@
 use std::fs;
 use std::process::Command;
 
-use crate::{Result, cargo, describe, output, root, status, target_dir};
+use crate::Result;
+use crate::utils::{cargo, describe, output, root, status, target_dir};
 
 /// The targets, as `fuzz/Cargo.toml` names them.
 const TARGETS: &[(&str, &str)] = &[

@@ -9,9 +9,10 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::{
-    Result, build_wasm, cargo, criterion_median, npm_ci, root, setup_browser, setup_wasm, status,
-    target_dir,
+use crate::Result;
+use crate::commands::build::build_wasm;
+use crate::utils::{
+    cargo, criterion_median, npm_ci, root, setup_browser, setup_wasm, status, target_dir,
 };
 
 /// The browser cells, in the page's order: (engine, backend, column heading).
@@ -125,15 +126,6 @@ fn goal(name: &str, value: Option<f64>, target: f64, higher_is_better: bool) -> 
     }
 }
 
-pub fn gzip_size(path: &std::path::Path) -> Result<u64> {
-    let out = Command::new("gzip")
-        .args(["-9", "-c"])
-        .arg(path)
-        .output()
-        .map_err(|e| format!("gzip: {e}"))?;
-    Ok(out.stdout.len() as u64)
-}
-
 fn report(plan: &Value, results: &Value) -> Result<String> {
     let models = plan["models"].as_array().ok_or("plan.json has no models")?;
     let mut table = String::from("| model | ");
@@ -226,11 +218,11 @@ fn report(plan: &Value, results: &Value) -> Result<String> {
     }
     let wasm = root().join("web/pkg/swarmtrain_bg.wasm");
     let raw = fs::metadata(&wasm).map_err(|e| e.to_string())?.len();
-    let gz = gzip_size(&wasm)?;
+    let gz = crate::utils::gzip_size(&wasm)?;
     let js = fs::metadata(root().join("web/pkg/swarmtrain.js"))
         .map_err(|e| e.to_string())?
         .len();
-    let package = gz + gzip_size(&root().join("web/pkg/swarmtrain.js"))?;
+    let package = gz + crate::utils::gzip_size(&root().join("web/pkg/swarmtrain.js"))?;
     goals.push_str(&format!(
         "- The npm package ≤ 3 MB gzip: {:.2} MB: {}\n",
         package as f64 / 1e6,

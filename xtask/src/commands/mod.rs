@@ -1,0 +1,7 @@
+//! One module per `cargo xtask` command.
+
+pub mod bench;
+pub mod build;
+pub mod fuzz;
+pub mod run;
+pub mod test;
