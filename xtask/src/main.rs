@@ -2,7 +2,8 @@
 //!
 //! Every step installs what it needs first, idempotently: the wasm32 rustup target, the pinned
 //! `wasm-bindgen` CLI, Debian packages for the browser tests and npm packages for the browser
-//! driver. The only dependency is `serde_json`, so the task runner builds in seconds.
+//! driver. Its dependencies are `serde_json` and `plotters` (SVG only), so the task runner
+//! builds in seconds.
 //!
 //! One file per command under `commands/` (`bench/` one per benchmark), what they share under
 //! `utils/` (processes, installs, JSON).

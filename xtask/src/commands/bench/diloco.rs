@@ -310,18 +310,18 @@ pub(crate) fn bench_diloco(report_only: bool) -> Result {
             &curves,
             |p| p.0 / 1e6,
             false,
-        ),
+        )?,
     )
     .map_err(|e| e.to_string())?;
     fs::write(
         dir.join("diloco-loss-vs-bytes.svg"),
         svg_plot(
             "validation loss vs bytes sent",
-            "bytes (log10)",
+            "bytes sent",
             &curves,
             |p| p.1,
             true,
-        ),
+        )?,
     )
     .map_err(|e| e.to_string())?;
     let report = format!(
@@ -351,86 +351,125 @@ pub(crate) fn human_bytes(b: f64) -> String {
     }
 }
 
-/// A small line plot as SVG: one polyline per run, y = validation loss.
+/// The curves' held-out loss against `x_of` (bytes on a log scale when `log_x`) as an SVG
+/// chart, drawn with plotters (SVG backend only: five small crates, about 2 s to build).
 pub(crate) fn svg_plot(
     title: &str,
     x_label: &str,
     curves: &[Curve],
     x_of: impl Fn(&CurvePoint) -> f64,
     log_x: bool,
-) -> String {
-    const COLORS: [&str; 16] = [
-        "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-        "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#e7ba52", "#ad494a", "#637939", "#7b4173",
-    ];
-    let (w, h, left, right, top, bottom) = (990.0, 460.0, 60.0, 360.0, 30.0, 45.0);
-    let fx = |p: &CurvePoint| {
-        let x = x_of(p);
-        if log_x { x.max(1.0).log10() } else { x }
-    };
-    let points: Vec<&CurvePoint> = curves
+) -> Result<String> {
+    use plotters::prelude::*;
+    let error = |e: &dyn std::fmt::Display| format!("plotting {title}: {e}");
+    let points: Vec<(f64, f64)> = curves
         .iter()
         .flat_map(|(_, c)| c.iter())
-        .filter(|p| !log_x || x_of(p) > 0.0)
+        .map(|p| (x_of(p), p.2))
+        .filter(|(x, _)| !log_x || *x > 0.0)
         .collect();
-    let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
-        (a.min(fx(p)), b.max(fx(p)))
-    });
-    let (y0, y1) = points
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2), b.max(p.2)));
-    let sx = |x: f64| left + (x - x0) / (x1 - x0).max(1e-9) * (w - left - right);
-    let sy = |y: f64| top + (y1 - y) / (y1 - y0).max(1e-9) * (h - top - bottom);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"18\" font-size=\"14\">{title}</text>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#444\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#444\"/>\n",
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom
+    let (x0, x1, y0, y1) = points.iter().fold(
+        (f64::MAX, f64::MIN, f64::MAX, f64::MIN),
+        |(x0, x1, y0, y1), (x, y)| (x0.min(*x), x1.max(*x), y0.min(*y), y1.max(*y)),
     );
-    for i in 0..=4 {
-        let (x, y) = (
-            x0 + (x1 - x0) * f64::from(i) / 4.0,
-            y0 + (y1 - y0) * f64::from(i) / 4.0,
-        );
-        svg.push_str(&format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x:.1}</text>\n",
-            sx(x),
-            h - bottom + 16.0
-        ));
-        svg.push_str(&format!(
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.2}</text>\n",
-            left - 6.0,
-            sy(y) + 4.0
-        ));
+    if points.is_empty() {
+        return Err(format!("plotting {title}: no points"));
     }
-    svg.push_str(&format!(
-        "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\n",
-        (left + w - right) / 2.0,
-        h - 8.0
-    ));
-    for (i, (label, curve)) in curves.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let path: Vec<String> = curve
-            .iter()
-            .filter(|p| !log_x || x_of(p) > 0.0)
-            .map(|p| format!("{:.1},{:.1}", sx(fx(p)), sy(p.2)))
-            .collect();
-        svg.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-            path.join(" ")
-        ));
-        let ly = top + 16.0 * i as f64;
-        svg.push_str(&format!(
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{:.1}\">{label}</text>\n",
-            w - right + 10.0,
-            w - right + 30.0,
-            w - right + 35.0,
-            ly + 4.0
-        ));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (990, 460)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| error(&e))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50);
+        let series = |i: usize| Palette99::pick(i).stroke_width(2);
+        macro_rules! draw {
+            ($chart:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .x_desc(x_label)
+                    .x_label_formatter(&|x| {
+                        if log_x {
+                            human_bytes(*x)
+                        } else {
+                            format!("{x:.1}")
+                        }
+                    })
+                    .y_desc("held-out loss (nats)")
+                    .draw()
+                    .map_err(|e| error(&e))?;
+                for (i, (label, curve)) in curves.iter().enumerate() {
+                    chart
+                        .draw_series(LineSeries::new(
+                            curve
+                                .iter()
+                                .map(|p| (x_of(p), p.2))
+                                .filter(|(x, _)| !log_x || *x > 0.0),
+                            series(i),
+                        ))
+                        .map_err(|e| error(&e))?
+                        .label(*label)
+                        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], series(i)));
+                }
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE)
+                    .border_style(BLACK)
+                    .position(SeriesLabelPosition::UpperRight)
+                    .draw()
+                    .map_err(|e| error(&e))?;
+            }};
+        }
+        let y = y0..y1.max(y0 + 1e-6);
+        if log_x {
+            draw!(
+                builder
+                    .build_cartesian_2d((x0..x1.max(x0 * 1.01)).log_scale(), y)
+                    .map_err(|e| error(&e))?
+            );
+        } else {
+            draw!(
+                builder
+                    .build_cartesian_2d(x0..x1.max(x0 + 1e-6), y)
+                    .map_err(|e| error(&e))?
+            );
+        }
+        root.present().map_err(|e| error(&e))?;
     }
-    svg.push_str("</svg>\n");
-    svg
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_loss_plot_is_an_svg_with_every_curve_labelled() {
+        let a = [(1e5, 1e3, 5.0), (2e5, 2e6, 4.0), (3e5, 3e9, 3.5)];
+        let b = [(1e5, 1e3, 5.2), (2e5, 2e6, 4.5), (3e5, 3e9, 4.0)];
+        let curves = [("data-parallel", &a[..]), ("DiLoCo H=100", &b[..])];
+        for log_x in [false, true] {
+            let svg = super::svg_plot(
+                "loss",
+                "x",
+                &curves,
+                |p| if log_x { p.1 } else { p.0 },
+                log_x,
+            )
+            .expect("drawn");
+            assert!(svg.starts_with("<svg"), "{}", &svg[..80]);
+            // To look at: target/xtask-plot-{linear,log}.svg.
+            let name = if log_x { "log" } else { "linear" };
+            std::fs::write(
+                crate::utils::target_dir().join(format!("xtask-plot-{name}.svg")),
+                &svg,
+            )
+            .expect("write");
+            for label in ["data-parallel", "DiLoCo H=100", "held-out loss"] {
+                assert!(svg.contains(label), "{label}");
+            }
+        }
+    }
 }
