@@ -58,6 +58,11 @@ pub enum CheckpointError {
 }
 
 /// Encodes `values` (flat, in `layout` order) as safetensors, with string `metadata`.
+///
+/// Written here rather than with `safetensors::serialize`, which orders the tensors' data by
+/// dtype and then by name: this writer keeps the data in layout order, so that the file's data
+/// is the flat parameter vector of the wire (the export test and `from_safetensors(..).flat()`
+/// rely on it, and checkpoints written before read back the same). The crate reads it.
 pub fn to_safetensors(
     layout: &[TensorInfo],
     values: &[f32],
@@ -120,65 +125,43 @@ impl Checkpoint {
     }
 }
 
-/// Decodes safetensors bytes holding F32 tensors. Every offset and size is checked; a bad file
-/// is an error, never a panic.
+/// Decodes safetensors bytes holding F32 tensors, with the `safetensors` crate (which checks
+/// the header, every offset and size: a bad file is an error, never a panic); tensors come in
+/// data order.
 pub fn from_safetensors(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
-    let bad = |m: &str| CheckpointError::Malformed(m.to_owned());
-    let len = bytes
-        .get(..8)
-        .ok_or_else(|| bad("shorter than its 8-byte header length"))?;
-    let len = u64::from_le_bytes(len.try_into().map_err(|_| bad("header length"))?);
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|l| l.checked_add(8))
-        .filter(|e| *e <= bytes.len())
-        .ok_or_else(|| bad("header runs past the end"))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..end])
-        .map_err(|e| CheckpointError::Malformed(format!("header: {e}")))?;
-    let data = &bytes[end..];
-    let mut metadata = BTreeMap::new();
+    let malformed = |e: safetensors::SafeTensorError| CheckpointError::Malformed(e.to_string());
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(malformed)?;
+    // `read_metadata` checked that the header and the data it describes lie within `bytes`.
+    let data = &bytes[8 + header_len..];
     let mut tensors = Vec::new();
-    for (name, entry) in header {
-        if name == "__metadata__" {
-            metadata = serde_json::from_value(entry)
-                .map_err(|e| CheckpointError::Malformed(format!("metadata: {e}")))?;
+    for name in header.offset_keys() {
+        let Some(info) = header.info(&name) else {
             continue;
-        }
-        if entry.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
+        };
+        if info.dtype != safetensors::Dtype::F32 {
             return Err(CheckpointError::Dtype(name));
         }
-        let shape: Vec<usize> =
-            serde_json::from_value(entry.get("shape").cloned().unwrap_or_default())
-                .map_err(|e| CheckpointError::Malformed(format!("{name} shape: {e}")))?;
-        let [begin, stop]: [usize; 2] =
-            serde_json::from_value(entry.get("data_offsets").cloned().unwrap_or_default())
-                .map_err(|e| CheckpointError::Malformed(format!("{name} offsets: {e}")))?;
-        let count = shape
-            .iter()
-            .try_fold(1usize, |a, d| a.checked_mul(*d))
-            .ok_or_else(|| bad("shape overflows"))?;
-        if begin > stop
-            || stop > data.len()
-            || stop - begin != count.checked_mul(4).ok_or_else(|| bad("size overflows"))?
-        {
-            return Err(CheckpointError::Malformed(format!(
-                "{name}: offsets {begin}..{stop} do not match shape {shape:?}"
-            )));
-        }
-        let values = data[begin..stop]
+        let (begin, end) = info.data_offsets;
+        let values = data
+            .get(begin..end)
+            .ok_or_else(|| CheckpointError::Malformed(format!("{name}: offsets {begin}..{end}")))?
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        tensors.push((begin, TensorInfo { name, shape }, values));
+        tensors.push((
+            TensorInfo {
+                name,
+                shape: info.shape.clone(),
+            },
+            values,
+        ));
     }
-    tensors.sort_by_key(|(begin, ..)| *begin);
-    Ok(Checkpoint {
-        tensors: tensors
-            .into_iter()
-            .map(|(_, info, values)| (info, values))
-            .collect(),
-        metadata,
-    })
+    let metadata = header
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    Ok(Checkpoint { tensors, metadata })
 }
 
 #[cfg(test)]
