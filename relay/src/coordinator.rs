@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burn::backend::NdArray;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use swarmtrain_shared::admission::{self, Admission, AdmissionTerms};
 use swarmtrain_shared::aggregate::AggregateError;
 use swarmtrain_shared::checkpoint::TensorInfo;
@@ -38,21 +38,7 @@ const KEEP_PARAMS: usize = 4;
 /// `/api/runs/{run}/history`.
 pub const STATUS_HISTORY: usize = 200;
 
-/// One row of the run's history.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RoundRecord {
-    pub round: u64,
-    /// Held-out accuracy of the round's θ (classifier runs).
-    pub accuracy: Option<f32>,
-    /// Held-out loss of the round's θ in nats per byte (language-model runs).
-    pub val_loss: Option<f32>,
-    pub contributors: usize,
-    pub samples: u64,
-    pub mean_loss: Option<f32>,
-    pub closed_at_ms: u64,
-    /// Time the aggregation backend took for the mean and the outer step.
-    pub aggregation_ms: f64,
-}
+pub use crate::store::RoundRecord;
 
 /// A snapshot for `/api/status` and the page.
 #[derive(Clone, Debug, Serialize)]
@@ -958,7 +944,11 @@ mod tests {
             let envelope = Envelope {
                 peer_id: self.id.to_bytes(),
                 seq: self.seq,
-                expires_ms: crate::runs::unix_ms() + 60_000,
+                expires_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_millis() as u64
+                    + 60_000,
                 message,
             };
             let signed: Signed<Envelope> = self.identity.sign(&envelope).expect("sign");

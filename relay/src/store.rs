@@ -34,8 +34,6 @@ use swarmtrain_shared::checkpoint::{self, TensorInfo};
 use swarmtrain_shared::protocol::{ClientToRelay, Envelope, Update};
 use swarmtrain_shared::{PeerKey, Signed};
 
-use crate::coordinator::RoundRecord;
-
 /// run id → postcard [`RunRecord`].
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 /// (run id, round, peer key) → postcard [`LedgerEntry`]: every accepted update, kept for the
@@ -57,6 +55,22 @@ pub struct Retention {
     /// Rounds of ledger entries kept (the newest); never fewer than the checkpoints kept, whose
     /// rounds' entries keep their payloads.
     pub ledger_rounds: Option<u64>,
+}
+
+/// One row of the run's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    /// Held-out accuracy of the round's θ (classifier runs).
+    pub accuracy: Option<f32>,
+    /// Held-out loss of the round's θ in nats per byte (language-model runs).
+    pub val_loss: Option<f32>,
+    pub contributors: usize,
+    pub samples: u64,
+    pub mean_loss: Option<f32>,
+    pub closed_at_ms: u64,
+    /// Time the aggregation backend took for the mean and the outer step.
+    pub aggregation_ms: f64,
 }
 
 /// What a run's record says: enough to resume at the last announced round.

@@ -3,8 +3,7 @@
 
 use burn::prelude::*;
 
-use crate::crypto::PeerKey;
-use crate::protocol::OuterSpec;
+use crate::outer::OuterSpec;
 use crate::robust::{self, RobustError, Rule};
 
 /// Why a backend aggregation failed.
@@ -20,25 +19,7 @@ pub enum AggregateError {
     Rule(String),
 }
 
-/// One accepted, decoded pseudo-gradient.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Contribution {
-    pub peer: PeerKey,
-    pub n_samples: u32,
-    pub delta: Vec<f32>,
-}
-
-/// The contributions in peer order and their common length; `None` for none or mismatched
-/// lengths. Summing in this order makes a result bitwise independent of arrival order.
-pub fn in_peer_order(contributions: &[Contribution]) -> Option<(Vec<&Contribution>, usize)> {
-    let mut sorted: Vec<&Contribution> = contributions.iter().collect();
-    sorted.sort_by_key(|c| c.peer);
-    let n = sorted.first()?.delta.len();
-    sorted
-        .iter()
-        .all(|c| c.delta.len() == n)
-        .then_some((sorted, n))
-}
+pub use crate::robust::{Contribution, in_peer_order};
 
 /// The coordinate-wise mean, summed in peer order (bitwise independent of arrival order).
 /// Returns `None` for no contributions or mismatched lengths.
@@ -210,6 +191,7 @@ pub async fn outer_step_with<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::PeerKey;
     use crate::outer::OuterOptimizer;
 
     fn c(id: u8, delta: Vec<f32>) -> Contribution {

@@ -11,13 +11,27 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::OuterSpec;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("pseudo-gradient has {got} values, parameters have {expected}")]
 pub struct ShapeMismatch {
     pub expected: usize,
     pub got: usize,
+}
+
+/// Outer optimizer: SGD with Nesterov momentum on the averaged pseudo-gradient.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OuterSpec {
+    pub lr: f32,
+    pub momentum: f32,
+}
+
+impl Default for OuterSpec {
+    fn default() -> Self {
+        Self {
+            lr: 0.7,
+            momentum: 0.9,
+        }
+    }
 }
 
 /// Outer optimizer state: the momentum buffer.

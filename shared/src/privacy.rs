@@ -25,8 +25,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::Contribution;
 use crate::data::SplitMix64;
+use crate::robust::Contribution;
 
 /// A run's privacy settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,7 +83,7 @@ pub fn noised_mean(
     denominator: usize,
     noise: &mut NoiseStream,
 ) -> Option<Vec<f32>> {
-    let (sorted, n) = crate::aggregate::in_peer_order(contributions)?;
+    let (sorted, n) = crate::robust::in_peer_order(contributions)?;
     let mut sum = vec![0.0f64; n];
     for c in &sorted {
         for (s, d) in sum.iter_mut().zip(&c.delta) {

@@ -453,21 +453,7 @@ pub struct InnerSpec {
     pub optimizer: LmInnerSpec,
 }
 
-/// Outer optimizer: SGD with Nesterov momentum on the averaged pseudo-gradient.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OuterSpec {
-    pub lr: f32,
-    pub momentum: f32,
-}
-
-impl Default for OuterSpec {
-    fn default() -> Self {
-        Self {
-            lr: 0.7,
-            momentum: 0.9,
-        }
-    }
-}
+pub use crate::outer::OuterSpec;
 
 /// Why a run's spec cannot work. A relay refuses to start such a run; a peer refuses to join it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -4,7 +4,27 @@
 //! order in which updates arrived. Wrongly sized or non-finite input is an error, never a
 //! panic. Coordinate-wise rules split the coordinates across threads.
 
-use crate::aggregate::Contribution;
+use crate::crypto::PeerKey;
+
+/// One accepted, decoded pseudo-gradient.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contribution {
+    pub peer: PeerKey,
+    pub n_samples: u32,
+    pub delta: Vec<f32>,
+}
+
+/// The contributions in peer order and their common length; `None` for none or mismatched
+/// lengths. Summing in this order makes a result bitwise independent of arrival order.
+pub fn in_peer_order(contributions: &[Contribution]) -> Option<(Vec<&Contribution>, usize)> {
+    let mut sorted: Vec<&Contribution> = contributions.iter().collect();
+    sorted.sort_by_key(|c| c.peer);
+    let n = sorted.first()?.delta.len();
+    sorted
+        .iter()
+        .all(|c| c.delta.len() == n)
+        .then_some((sorted, n))
+}
 
 /// An aggregation rule and its parameters.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
