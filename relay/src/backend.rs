@@ -11,7 +11,8 @@ use std::fmt;
 use swarmtrain_shared::aggregate::outer_step_with;
 use swarmtrain_shared::aggregate::{AggregateError, RoundInputs, Stepped, step_cpu};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum AggregationBackend {
     /// The CPU, always available: the shared multi-threaded kernels.
     #[default]

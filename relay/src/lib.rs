@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod boxed;
+pub mod config;
 pub mod coordinator;
 pub mod corpus;
 pub mod dataset;

@@ -501,6 +501,19 @@ impl RunSpec {
                 return fail(format!("model {model:?} cannot train on data {data:?}"));
             }
         }
+        if let Err(e) = self.codec.check() {
+            return fail(format!("codec {:?}: {e}", self.codec));
+        }
+        if let Codec::TopK { per_million } | Codec::TopKQuant { per_million, .. } = self.codec
+            && !(1..=1_000_000).contains(&per_million)
+        {
+            return fail(format!(
+                "top-k keeps 1 to 1,000,000 values per million, not {per_million}"
+            ));
+        }
+        if let Err(reason) = self.aggregator.check() {
+            return fail(format!("{:?}: {reason}", self.aggregator));
+        }
         let n = self.model.num_params();
         if 4 * n > MAX_MESSAGE_BYTES {
             return fail(format!(

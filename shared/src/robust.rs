@@ -46,6 +46,21 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// Why the rule's parameters cannot work, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            Self::MultiKrum { select: 0, .. } => Err("multi-Krum must select at least 1".into()),
+            Self::CenteredClipping { tau, .. } if !(tau.is_finite() && tau > 0.0) => {
+                Err(format!("the clipping radius must be positive, not {tau}"))
+            }
+            Self::CenteredClipping { iterations: 0, .. }
+            | Self::GeometricMedian { iterations: 0 } => {
+                Err("the rule needs at least one iteration".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The fewest updates the rule can aggregate: a round never closes with fewer.
     pub fn min_updates(&self) -> usize {
         match *self {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use swarmtrain_shared::robust::Rule;
 
-use crate::CodecArg;
+use swarmtrain_relay::config::CodecChoice as CodecArg;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum SyncArg {

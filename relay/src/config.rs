@@ -1,0 +1,561 @@
+//! The relay's settings as an operator gives them: `serve`'s options from the command line and
+//! environment variables (clap) and from a TOML file (serde), merged field by field with one
+//! precedence: **flags, then environment variables, then the file, then the defaults**. Every
+//! option is an `Option` in [`ServeOptions`] and [`RunOptions`]; clap fills what the command
+//! line or the environment says, serde what the file says, [`ServeOptions::merge`] keeps the
+//! first one given, and [`ServeOptions::relay_config`] applies the defaults and builds the
+//! [`RelayConfig`], each run's spec checked by [`RunSpec::validate`] (where the checks live).
+//!
+//! The file's keys are the options' names with underscores (`inner_steps = 100`,
+//! `aggregator = "median"`); each `[[run]]` table adds a run with the run options. An unknown
+//! key is an error that lists the known ones.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use swarmtrain_shared::admission::Admission;
+use swarmtrain_shared::privacy::PrivacySpec;
+use swarmtrain_shared::protocol::{Codec, ModelSpec, RunSpec};
+use swarmtrain_shared::robust::Rule;
+
+use crate::backend::AggregationBackend;
+use crate::corpus::DEFAULT_CORPUS;
+use crate::{RelayConfig, store};
+
+/// `serve`'s options: every one from the command line, an environment variable or the config
+/// file, in that order of precedence; what none of them gives takes its default (below, in
+/// [`ServeOptions::relay_config`]).
+#[derive(clap::Args, Deserialize, Debug, Clone, Default)]
+#[serde(default)]
+pub struct ServeOptions {
+    /// A TOML file of these options (keys with underscores: `inner_steps = 100`) and `[[run]]`
+    /// tables, each adding a run with the run options.
+    #[arg(long, env = "SWARMTRAIN_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// HTTP address for the page, data and checkpoints; its IP is used for libp2p too. Default: 127.0.0.1:8080.
+    #[arg(long, env = "SWARMTRAIN_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// libp2p TCP port for native peers (0 picks a free port). Default: 0.
+    #[arg(long, env = "SWARMTRAIN_TCP_PORT")]
+    pub tcp_port: Option<u16>,
+    /// libp2p WebSocket port for browsers (0 picks a free port). Default: 0.
+    #[arg(long, env = "SWARMTRAIN_WS_PORT")]
+    pub ws_port: Option<u16>,
+    /// libp2p WebRTC-direct UDP port for browsers (0 picks a free port). The certificate is
+    /// kept in the data directory, so the address's certhash survives restarts. Default: 0.
+    #[arg(long, env = "SWARMTRAIN_WEBRTC_PORT")]
+    pub webrtc_port: Option<u16>,
+    /// Directory with the contributor page (index.html) and the npm package under pkg/. Default: `web`.
+    #[arg(long, env = "SWARMTRAIN_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
+    /// Directory for the identity key (mode 0600), the run database and the checkpoints; a
+    /// relay started again on the same directory resumes its run. Default: `swarmtrain-data`.
+    #[arg(long, env = "SWARMTRAIN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where checkpoints are written, as a URL: `s3://bucket/prefix` (relays built with the `s3`
+    /// feature; credentials and endpoint from AWS_* variables) or `file:///path`. Default: the
+    /// data directory's checkpoints/.
+    #[arg(long, env = "SWARMTRAIN_CHECKPOINT_STORE")]
+    pub checkpoint_store: Option<String>,
+    /// Checkpoints kept per run in the data directory (older ones are deleted). Default: 10.
+    #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS")]
+    pub keep_checkpoints: Option<usize>,
+    /// Rounds of round history kept in the data directory (the newest; default: all).
+    #[arg(long, env = "SWARMTRAIN_HISTORY_RETENTION_ROUNDS")]
+    pub history_retention_rounds: Option<u64>,
+    /// Rounds of the contribution ledger kept in the data directory (the newest, and never fewer
+    /// than --keep-checkpoints; default: all).
+    #[arg(long, env = "SWARMTRAIN_LEDGER_RETENTION_ROUNDS")]
+    pub ledger_retention_rounds: Option<u64>,
+    /// Seed of every run's initial parameters. Default: 0.
+    #[arg(long, env = "SWARMTRAIN_SEED")]
+    pub seed: Option<u64>,
+    /// Send θ and take updates only on connections that agreed post-quantum session keys
+    /// (every swarmtrain client does; others are refused with `not_sealed`). Default: false.
+    #[arg(long, env = "SWARMTRAIN_REQUIRE_SEALED", action = clap::ArgAction::Set)]
+    pub require_sealed: Option<bool>,
+    /// How many browsers with direct links to other browsers get each round announcement from
+    /// the relay itself; the others receive it over their links (peers without links always
+    /// get it from the relay). Default: 6.
+    #[arg(long, env = "SWARMTRAIN_GOSSIP_FANOUT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub gossip_fanout: Option<u16>,
+    /// The default run's options; more runs come from `[[run]]` tables in the config file.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunOptions,
+    /// Burn backend that aggregates updates (from those compiled in). Default: ndarray.
+    #[arg(long, env = "SWARMTRAIN_AGGREGATION_BACKEND", value_enum)]
+    pub aggregation_backend: Option<AggregationBackend>,
+}
+
+/// One run's options: on the command line for the default run, or in a `[[run]]` table.
+/// Options left out take the model's defaults (`default_lm_run` or `default_run`).
+#[derive(clap::Args, Deserialize, Debug, Clone, Default)]
+#[serde(default)]
+pub struct RunOptions {
+    /// The model: the byte-level transformer language model (`lm`) or the digits MLP. Default: lm.
+    #[arg(long, env = "SWARMTRAIN_MODEL", value_enum)]
+    pub model: Option<ModelChoice>,
+    /// The run's name, unique on this relay (letters, digits, '-' and '_'); default: the
+    /// model's name, "lm" or "digits".
+    #[arg(long, env = "SWARMTRAIN_RUN_ID")]
+    pub run_id: Option<String>,
+    /// Language model: the training text, a UTF-8 file or a folder of them. Default: `/usr/share/games/fortunes`.
+    #[arg(long, env = "SWARMTRAIN_CORPUS")]
+    pub corpus: Option<String>,
+    /// Language model: context length in bytes.
+    #[arg(long, env = "SWARMTRAIN_CONTEXT")]
+    pub context: Option<u32>,
+    /// Language model: embedding width.
+    #[arg(long, env = "SWARMTRAIN_D_MODEL")]
+    pub d_model: Option<u32>,
+    /// Language model: attention heads (must divide --d-model).
+    #[arg(long, env = "SWARMTRAIN_HEADS")]
+    pub heads: Option<u32>,
+    /// Language model: transformer blocks.
+    #[arg(long, env = "SWARMTRAIN_LAYERS")]
+    pub layers: Option<u32>,
+    /// Language model: MLP width as a multiple of --d-model.
+    #[arg(long, env = "SWARMTRAIN_MLP_RATIO")]
+    pub mlp_ratio: Option<u32>,
+    /// Hidden units of the digits MLP.
+    #[arg(long, env = "SWARMTRAIN_HIDDEN")]
+    pub hidden: Option<u32>,
+    /// Data slots (text) or shards (digits) the training data is cut into per round.
+    #[arg(long, env = "SWARMTRAIN_SHARDS")]
+    pub shards: Option<u32>,
+    /// Local AdamW steps per round (DiLoCo's H).
+    #[arg(long, env = "SWARMTRAIN_INNER_STEPS")]
+    pub inner_steps: Option<u32>,
+    /// Examples (windows of text) per inner step.
+    #[arg(long, env = "SWARMTRAIN_BATCH_SIZE")]
+    pub batch_size: Option<u32>,
+    /// Inner AdamW peak learning rate.
+    #[arg(long, env = "SWARMTRAIN_LR")]
+    pub lr: Option<f64>,
+    /// Inner steps of linear warm-up (counted over the whole run: round · H + step).
+    #[arg(long, env = "SWARMTRAIN_WARMUP_STEPS")]
+    pub warmup_steps: Option<u64>,
+    /// Inner step at which the cosine decay reaches --min-lr-ratio × the peak.
+    #[arg(long, env = "SWARMTRAIN_DECAY_STEPS")]
+    pub decay_steps: Option<u64>,
+    /// The learning rate's floor as a share of the peak (1: a constant rate).
+    #[arg(long, env = "SWARMTRAIN_MIN_LR_RATIO")]
+    pub min_lr_ratio: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, env = "SWARMTRAIN_CLIP_NORM")]
+    pub clip_norm: Option<f32>,
+    /// AdamW weight decay.
+    #[arg(long, env = "SWARMTRAIN_WEIGHT_DECAY")]
+    pub weight_decay: Option<f32>,
+    /// Outer Nesterov learning rate.
+    #[arg(long, env = "SWARMTRAIN_OUTER_LR")]
+    pub outer_lr: Option<f32>,
+    /// Outer Nesterov momentum.
+    #[arg(long, env = "SWARMTRAIN_OUTER_MOMENTUM")]
+    pub outer_momentum: Option<f32>,
+    /// Updates that close a round early (capped at the number of active peers, never below
+    /// what the aggregator needs).
+    #[arg(long, env = "SWARMTRAIN_QUORUM")]
+    pub quorum: Option<u32>,
+    /// Seconds after which a round closes with the updates it has.
+    #[arg(long, env = "SWARMTRAIN_ROUND_DEADLINE_SECS")]
+    pub round_deadline_secs: Option<u64>,
+    /// How peers encode their updates: f32, f16, int8 / int4 / int2 (blockwise, 64 per block),
+    /// topk, top-k with 4- or 2-bit values (topk4, topk2), or top-k within blocks of 256 with
+    /// one-byte offsets and 4- or 2-bit values (block-topk4, block-topk2; SparseLoCo's layout). Default: f32.
+    #[arg(long, env = "SWARMTRAIN_CODEC", value_enum)]
+    pub codec: Option<CodecChoice>,
+    /// With the top-k codecs: how many values per million to send (10000 = 1%). Default: 20000.
+    #[arg(long, env = "SWARMTRAIN_TOPK_PER_MILLION")]
+    pub topk_per_million: Option<u32>,
+    /// Differential privacy: clip every update to this L2 norm (enables DP with --dp-noise).
+    #[arg(long, env = "SWARMTRAIN_DP_CLIP")]
+    pub dp_clip: Option<f32>,
+    /// Differential privacy: noise standard deviation in units of the clip norm. Default: 1.
+    #[arg(long, env = "SWARMTRAIN_DP_NOISE", requires = "dp_clip")]
+    pub dp_noise: Option<f32>,
+    /// Differential privacy: the δ that ε is reported for. Default: 1e-5.
+    #[arg(long, env = "SWARMTRAIN_DP_DELTA", requires = "dp_clip")]
+    pub dp_delta: Option<f64>,
+    /// How a round's updates are combined: mean, median, trimmed-mean (drops --trim from each
+    /// side), krum (multi-Krum: averages the --krum-select best-scored updates, tolerating
+    /// --byzantine attackers), geometric-median or centered-clipping (radius --clip-radius
+    /// around the previous aggregate). The quorum must be at least what the rule needs. Default: mean.
+    #[arg(long, env = "SWARMTRAIN_AGGREGATOR", value_enum)]
+    pub aggregator: Option<AggregatorChoice>,
+    /// With --aggregator trimmed-mean: updates dropped from each side per coordinate (needs a
+    /// quorum of at least 2·trim + 1). Default: 1.
+    #[arg(long, env = "SWARMTRAIN_TRIM")]
+    pub trim: Option<u32>,
+    /// With --aggregator krum: attackers to tolerate (needs a quorum of at least 2·f + 3). Default: 1.
+    #[arg(long, env = "SWARMTRAIN_BYZANTINE")]
+    pub byzantine: Option<u32>,
+    /// With --aggregator krum: how many of the best-scored updates are averaged (1 is Krum). Default: 1.
+    #[arg(long, env = "SWARMTRAIN_KRUM_SELECT")]
+    pub krum_select: Option<u32>,
+    /// With --aggregator centered-clipping: the clipping radius. Default: 1.
+    #[arg(long, env = "SWARMTRAIN_CLIP_RADIUS")]
+    pub clip_radius: Option<f32>,
+    /// Who may join: anyone (open); anyone whose new identity solves a proof-of-work puzzle of
+    /// --pow-bits (proof-of-work: about 2^bits hashes per identity, so minting many costs CPU);
+    /// or only the peer keys listed in --allow-list (allow-list). Default: open.
+    #[arg(long, env = "SWARMTRAIN_ADMISSION", value_enum)]
+    pub admission: Option<AdmissionChoice>,
+    /// With --admission proof-of-work: leading zero bits asked for (at most 32; 20 takes a
+    /// browser about a second). Default: 20.
+    #[arg(long, env = "SWARMTRAIN_POW_BITS")]
+    pub pow_bits: Option<u8>,
+    /// With --admission allow-list: a file of peer keys (64 hex digits each, one per line, as
+    /// `keygen` prints them; `#` starts a comment).
+    #[arg(long, env = "SWARMTRAIN_ALLOW_LIST")]
+    pub allow_list: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdmissionChoice {
+    Open,
+    ProofOfWork,
+    AllowList,
+}
+
+/// The run's admission policy from its options.
+fn admission_of(a: &RunOptions) -> anyhow::Result<Admission> {
+    Ok(match a.admission.unwrap_or(AdmissionChoice::Open) {
+        AdmissionChoice::Open => Admission::Open,
+        AdmissionChoice::ProofOfWork => Admission::ProofOfWork {
+            bits: a.pow_bits.unwrap_or(20),
+        },
+        AdmissionChoice::AllowList => {
+            let path = a
+                .allow_list
+                .as_ref()
+                .context("--admission allow-list needs --allow-list FILE")?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut keys = std::collections::BTreeSet::new();
+            for (i, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let hash = blake3::Hash::from_hex(line).with_context(|| {
+                    format!(
+                        "{} line {}: not a 64-hex-digit peer key",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+                keys.insert(swarmtrain_shared::PeerKey(*hash.as_bytes()));
+            }
+            Admission::AllowList { keys }
+        }
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelChoice {
+    /// The byte-level transformer language model.
+    Lm,
+    /// The digits MLP.
+    Digits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AggregatorChoice {
+    Mean,
+    Median,
+    TrimmedMean,
+    Krum,
+    GeometricMedian,
+    CenteredClipping,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CodecChoice {
+    F32,
+    F16,
+    Int8,
+    Topk,
+    /// Top-k with 4-bit values.
+    Topk4,
+    /// Top-k with 2-bit values.
+    Topk2,
+    /// Blocks of 64 at 4 bits.
+    Int4,
+    /// Blocks of 64 at 2 bits.
+    Int2,
+    /// Top-k within blocks of 256, 4-bit values.
+    BlockTopk4,
+    /// Top-k within blocks of 256, 2-bit values.
+    BlockTopk2,
+}
+
+impl CodecChoice {
+    pub fn codec(self, per_million: u32) -> Codec {
+        match self {
+            Self::F32 => Codec::F32,
+            Self::F16 => Codec::F16,
+            Self::Int8 => Codec::Int8Block { block: 64 },
+            Self::Topk => Codec::TopK { per_million },
+            Self::Topk4 => Codec::TopKQuant {
+                per_million,
+                bits: 4,
+            },
+            Self::Topk2 => Codec::TopKQuant {
+                per_million,
+                bits: 2,
+            },
+            Self::Int4 => Codec::LowBitBlock { block: 64, bits: 4 },
+            Self::Int2 => Codec::LowBitBlock { block: 64, bits: 2 },
+            Self::BlockTopk4 => Codec::TopKBlock {
+                block: 256,
+                keep: Self::keep_of_256(per_million),
+                bits: 4,
+            },
+            Self::BlockTopk2 => Codec::TopKBlock {
+                block: 256,
+                keep: Self::keep_of_256(per_million),
+                bits: 2,
+            },
+        }
+    }
+
+    /// Values kept per block of 256 at `per_million` (rounded, at least one).
+    fn keep_of_256(per_million: u32) -> u16 {
+        ((u64::from(per_million) * 256 + 500_000) / 1_000_000).clamp(1, 256) as u16
+    }
+}
+
+/// A run's spec from its options, the model's defaults for the rest, checked
+/// ([`RunSpec::validate`]: a run that cannot work is refused here, with the reason).
+pub fn run_spec(a: &RunOptions) -> anyhow::Result<RunSpec> {
+    let mut run = match a.model.unwrap_or(ModelChoice::Lm) {
+        ModelChoice::Lm => crate::default_lm_run(a.corpus.as_deref().unwrap_or(DEFAULT_CORPUS)),
+        ModelChoice::Digits => crate::default_run(),
+    };
+    if let Some(id) = &a.run_id {
+        run.run_id = id.clone();
+    }
+    match &mut run.model {
+        ModelSpec::ByteLm {
+            context,
+            d_model,
+            heads,
+            layers,
+            mlp_ratio,
+        } => {
+            anyhow::ensure!(
+                a.hidden.is_none(),
+                "--hidden is an option of the digits model"
+            );
+            *context = a.context.unwrap_or(*context);
+            *d_model = a.d_model.unwrap_or(*d_model);
+            *heads = a.heads.unwrap_or(*heads);
+            *layers = a.layers.unwrap_or(*layers);
+            *mlp_ratio = a.mlp_ratio.unwrap_or(*mlp_ratio);
+        }
+        ModelSpec::DigitsMlp { hidden } => {
+            anyhow::ensure!(
+                a.context.is_none()
+                    && a.d_model.is_none()
+                    && a.heads.is_none()
+                    && a.layers.is_none()
+                    && a.mlp_ratio.is_none(),
+                "--context, --d-model, --heads, --layers and --mlp-ratio are options of the language model"
+            );
+            *hidden = a.hidden.unwrap_or(*hidden);
+        }
+    }
+    run.data.n_shards = a.shards.unwrap_or(run.data.n_shards);
+    run.inner.steps = a.inner_steps.unwrap_or(run.inner.steps);
+    run.inner.batch_size = a.batch_size.unwrap_or(run.inner.batch_size);
+    let o = &mut run.inner.optimizer;
+    o.schedule.peak = a.lr.unwrap_or(o.schedule.peak);
+    o.schedule.warmup = a.warmup_steps.unwrap_or(o.schedule.warmup);
+    o.schedule.total = a.decay_steps.unwrap_or(o.schedule.total);
+    o.schedule.min_ratio = a.min_lr_ratio.unwrap_or(o.schedule.min_ratio);
+    o.weight_decay = a.weight_decay.unwrap_or(o.weight_decay);
+    if let Some(clip) = a.clip_norm {
+        o.clip_norm = (clip > 0.0).then_some(clip);
+    }
+    run.outer.lr = a.outer_lr.unwrap_or(run.outer.lr);
+    run.outer.momentum = a.outer_momentum.unwrap_or(run.outer.momentum);
+    run.quorum = a.quorum.unwrap_or(run.quorum).max(1);
+    if let Some(secs) = a.round_deadline_secs {
+        run.round_deadline_ms = secs.saturating_mul(1000);
+    }
+    let per_million = a.topk_per_million.unwrap_or(20_000);
+    run.codec = a.codec.unwrap_or(CodecChoice::F32).codec(per_million);
+    run.aggregator = match a.aggregator.unwrap_or(AggregatorChoice::Mean) {
+        AggregatorChoice::Mean => Rule::Mean,
+        AggregatorChoice::Median => Rule::Median,
+        AggregatorChoice::TrimmedMean => Rule::TrimmedMean {
+            trim: a.trim.unwrap_or(1),
+        },
+        AggregatorChoice::Krum => Rule::MultiKrum {
+            byzantine: a.byzantine.unwrap_or(1),
+            select: a.krum_select.unwrap_or(1),
+        },
+        AggregatorChoice::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
+        AggregatorChoice::CenteredClipping => Rule::CenteredClipping {
+            tau: a.clip_radius.unwrap_or(1.0),
+            iterations: 3,
+        },
+    };
+    run.privacy = a.dp_clip.map(|clip| PrivacySpec {
+        clip_norm: clip,
+        noise_multiplier: a.dp_noise.unwrap_or(1.0),
+        delta: a.dp_delta.unwrap_or(1e-5),
+    });
+    run.validate()?;
+    Ok(run)
+}
+
+/// Keeps `self`'s value of each field, and `other`'s where `self` has none.
+macro_rules! merge_fields {
+    ($self:ident, $other:ident; $($field:ident),* $(,)?) => {
+        $( $self.$field = $self.$field.or($other.$field); )*
+    };
+}
+
+impl RunOptions {
+    /// These options over `file`'s (each option this one gives wins).
+    pub fn merge(mut self, file: Self) -> Self {
+        merge_fields!(self, file; model, run_id, corpus, context, d_model, heads, layers,
+            mlp_ratio, hidden, shards, inner_steps, batch_size, lr, warmup_steps, decay_steps,
+            min_lr_ratio, clip_norm, weight_decay, outer_lr, outer_momentum, quorum,
+            round_deadline_secs, codec, topk_per_million, dp_clip, dp_noise, dp_delta, aggregator,
+            trim, byzantine, krum_select, clip_radius, admission, pow_bits, allow_list);
+        self
+    }
+}
+
+/// The config file: `serve`'s options at the top level and `[[run]]` tables.
+#[derive(Deserialize, Debug, Default)]
+struct ConfigFile {
+    #[serde(flatten)]
+    serve: ServeOptions,
+    #[serde(default)]
+    run: Vec<RunOptions>,
+}
+
+/// The long names of `A`'s options, with underscores: the keys a config table may hold.
+fn keys<A: clap::Args>() -> Vec<String> {
+    A::augment_args(clap::Command::new("keys"))
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .map(|l| l.replace('-', "_"))
+        .collect()
+}
+
+/// An error naming the first key of `table` that is not one of `known`.
+fn check_keys(
+    path: &Path,
+    what: &str,
+    table: &toml::Table,
+    known: &[String],
+) -> anyhow::Result<()> {
+    match table.keys().find(|k| !known.contains(k)) {
+        Some(key) => anyhow::bail!(
+            "config {}: {what}unknown key {key:?}; known keys: {}",
+            path.display(),
+            known.join(", ")
+        ),
+        None => Ok(()),
+    }
+}
+
+impl ServeOptions {
+    /// These options over `file`'s (each option this one gives wins), run options included.
+    pub fn merge(mut self, file: Self) -> Self {
+        merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
+            checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
+            seed, require_sealed, gossip_fanout, aggregation_backend);
+        self.run = self.run.merge(file.run);
+        self
+    }
+
+    /// Reads `--config` (if given) and merges it under these options: returns the merged
+    /// options and the file's `[[run]]` tables.
+    pub fn with_file(self) -> anyhow::Result<(Self, Vec<RunOptions>)> {
+        let Some(path) = self.config.clone() else {
+            return Ok((self, Vec::new()));
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("config {} is not valid TOML", path.display()))?;
+        let mut top = keys::<ServeOptions>();
+        top.push("run".into());
+        top.retain(|k| k != "config");
+        check_keys(&path, "", &table, &top)?;
+        let run_keys = keys::<RunOptions>();
+        if let Some(runs) = table.get("run") {
+            let tables = runs.as_array().with_context(|| {
+                format!(
+                    "config {}: `run` must be an array of tables ([[run]])",
+                    path.display()
+                )
+            })?;
+            for (i, run) in tables.iter().enumerate() {
+                let run = run.as_table().with_context(|| {
+                    format!("config {}: run {i} is not a table", path.display())
+                })?;
+                check_keys(&path, &format!("run {i}: "), run, &run_keys)?;
+            }
+        }
+        let file: ConfigFile = table
+            .try_into()
+            .with_context(|| format!("config {}", path.display()))?;
+        Ok((self.merge(file.serve), file.run))
+    }
+
+    /// The relay's configuration: these options (already merged with the file) and the file's
+    /// `runs`, with the defaults for what none of them gives.
+    pub fn relay_config(self, runs: &[RunOptions]) -> anyhow::Result<RelayConfig> {
+        let mut specs = vec![run_spec(&self.run)?];
+        let mut admission = BTreeMap::new();
+        admission.insert(specs[0].run_id.clone(), admission_of(&self.run)?);
+        for run in runs {
+            let spec = run_spec(run)?;
+            admission.insert(spec.run_id.clone(), admission_of(run)?);
+            specs.push(spec);
+        }
+        let defaults = RelayConfig::default();
+        Ok(RelayConfig {
+            http: self.http.unwrap_or(defaults.http),
+            tcp_port: self.tcp_port.unwrap_or(0),
+            ws_port: self.ws_port.unwrap_or(0),
+            webrtc_port: self.webrtc_port.unwrap_or(0),
+            web_dir: self.web_dir.unwrap_or(defaults.web_dir),
+            data_dir: Some(
+                self.data_dir
+                    .unwrap_or_else(|| PathBuf::from("swarmtrain-data")),
+            ),
+            runs: specs,
+            seed: self.seed.unwrap_or(0),
+            aggregation: self.aggregation_backend.unwrap_or_default(),
+            keep_checkpoints: self.keep_checkpoints.unwrap_or(store::KEEP_CHECKPOINTS),
+            checkpoint_store: self.checkpoint_store,
+            retention: store::Retention {
+                history_rounds: self.history_retention_rounds,
+                ledger_rounds: self.ledger_retention_rounds,
+            },
+            admission,
+            require_sealed: self.require_sealed.unwrap_or(false),
+            gossip_fanout: self
+                .gossip_fanout
+                .map_or(defaults.gossip_fanout, usize::from),
+        })
+    }
+}
