@@ -5,13 +5,15 @@
 //! - [`node`]: the behaviour every node runs (request-response, gossipsub, identify, ping) and
 //!   its settings;
 //! - [`http`]: the relay's `/api/bootstrap` document, its URLs and (natively) `GET`;
-//! - `keyfile` (native): a node's identity seed in a file.
+//! - `keyfile` (native): a node's identity seed in a file; `signal` (native): SIGINT or SIGTERM.
 
 pub mod codec;
 pub mod http;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod keyfile;
 pub mod node;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod signal;
 
 pub use codec::FrameCodec;
 pub use http::Bootstrap;

@@ -81,32 +81,13 @@ async fn train(args: Train) -> anyhow::Result<()> {
     tokio::pin!(run);
     let rounds = tokio::select! {
         result = &mut run => result?,
-        _ = shutdown_signal() => {
+        _ = swarmtrain_net::signal::shutdown() => {
             stop.store(true, Ordering::Relaxed);
             run.await?
         }
     };
     println!("trained {rounds} rounds");
     Ok(())
-}
-
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return ctrl_c.await.unwrap_or_default(),
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await.unwrap_or_default();
 }
 
 #[tokio::main]

@@ -206,24 +206,6 @@ async fn export(args: Export) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return ctrl_c.await.unwrap_or_default(),
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await.unwrap_or_default();
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Logs go to stderr; stdout carries what the commands print (the listening banner, JSON).
@@ -265,7 +247,7 @@ async fn main() -> anyhow::Result<()> {
     let relay = Relay::start(config).await?;
     println!("swarmtrain relay listening on {}", relay.url());
     println!("open it in a browser and press Contribute");
-    shutdown_signal().await;
+    swarmtrain_net::signal::shutdown().await;
     tracing::info!("shutting down");
     relay.shutdown().await;
     Ok(())
