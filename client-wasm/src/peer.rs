@@ -103,6 +103,10 @@ pub struct DirectPeer {
     pub peer: String,
     /// The last ping round trip over the direct connection (None before the first).
     pub rtt_ms: Option<f64>,
+    /// The ICE candidate pair the link uses (None natively, or when the browser's stats do not
+    /// say).
+    #[cfg_attr(target_arch = "wasm32", tsify(optional))]
+    pub path: Option<crate::webrtc::LinkPath>,
 }
 
 /// A linked browser that sent part of a θ.
@@ -338,9 +342,14 @@ async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
     }
 }
 
-/// `GET {relay_url}api/bootstrap`.
-pub async fn fetch_bootstrap(relay_url: &str) -> Result<Bootstrap, PeerError> {
-    let raw = platform::http_get(&url(relay_url, "api/bootstrap"))
+/// `GET {relay_url}api/bootstrap`, for `peer` (its peer key: the relay mints TURN credentials
+/// for it).
+pub async fn fetch_bootstrap(relay_url: &str, peer: Option<&str>) -> Result<Bootstrap, PeerError> {
+    let path = match peer {
+        Some(peer) => format!("api/bootstrap?peer={peer}"),
+        None => "api/bootstrap".to_owned(),
+    };
+    let raw = platform::http_get(&url(relay_url, &path))
         .await
         .map_err(PeerError::Bootstrap)?;
     serde_json::from_slice(&raw).map_err(|e| PeerError::Bootstrap(e.to_string()))
@@ -402,7 +411,7 @@ impl Session {
         config: &PeerConfig,
         identity: &Identity,
     ) -> Result<(Self, RoundAnnouncement), PeerError> {
-        let bootstrap = fetch_bootstrap(&config.relay_url).await?;
+        let bootstrap = fetch_bootstrap(&config.relay_url, Some(&identity.peer().to_hex())).await?;
         let wanted: Vec<&str> = match &config.transport {
             Some(t) => vec![t.as_str()],
             None => platform::TRANSPORTS.to_vec(),
@@ -413,7 +422,7 @@ impl Session {
                 bootstrap
                     .addresses
                     .get(*t)
-                    .and_then(|a| a.first())
+                    .and_then(|a| a.iter().find(|a| platform::can_dial(a)))
                     .map(|a| ((*t).to_owned(), a))
             })
             .ok_or_else(|| {
@@ -422,7 +431,14 @@ impl Session {
         let address = address
             .parse()
             .map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
-        let client = RelayClient::connect_with(address, identity, config.ice_servers.clone())?;
+        // The embedder's ICE servers, else the relay operator's (with fresh TURN credentials
+        // on every join).
+        let ice_servers = if config.ice_servers.is_empty() {
+            bootstrap.ice_servers.clone()
+        } else {
+            config.ice_servers.clone()
+        };
+        let client = RelayClient::connect_with(address, identity, ice_servers)?;
         if bootstrap.time_ms > 0 {
             client.set_relay_clock(bootstrap.time_ms);
         }
@@ -544,6 +560,7 @@ impl Session {
             .map(|p| DirectPeer {
                 peer: p.to_string(),
                 rtt_ms: info.direct_rtt.get(p).map(|d| d.as_secs_f64() * 1e3),
+                path: crate::webrtc::path_of(p),
             })
             .collect();
         peers.sort_by(|a, b| a.peer.cmp(&b.peer));

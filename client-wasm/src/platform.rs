@@ -1,7 +1,7 @@
 //! The platform shim: the only place in the client that names a target.
 //!
 //! `native` and `web` export the same names: `sleep`, `yield_now`, `spawn`, `build_swarm`,
-//! `http_get`, `TRANSPORT` (which of the relay's addresses to dial) and `PLATFORM`. The browser facade
+//! `http_get`, `TRANSPORTS` (which of the relay's addresses to dial), `can_dial` and `platform`. The browser facade
 //! (`Trainer`, its training worker and `TrainingBench`, exported to JavaScript) lives in `web`.
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -23,17 +23,63 @@ mod handshake;
 #[cfg(target_arch = "wasm32")]
 pub mod transport;
 
-/// A STUN or TURN server for ICE (`RTCIceServer`). Without any, peers offer host candidates
-/// only, which connect on one network; across NATs a deployment needs STUN, and TURN where
-/// STUN cannot punch through.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A STUN or TURN server for ICE (`RTCIceServer`); the relay's bootstrap document carries the
+/// operator's.
+pub use swarmtrain_net::IceServer;
+
+/// How a direct link reaches the other browser: the ICE candidate pair its peer connection
+/// selected (`getStats`), so a page, a test or an operator sees whether it went straight
+/// (`host`), through the NATs' mappings (`srflx`, `prflx`) or through a TURN server (`relay`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(target_arch = "wasm32", derive(tsify_next::Tsify))]
-pub struct IceServer {
-    pub urls: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(target_arch = "wasm32", tsify(optional))]
-    pub username: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(target_arch = "wasm32", tsify(optional))]
-    pub credential: Option<String>,
+pub struct LinkPath {
+    /// This side's candidate type: `host`, `srflx`, `prflx` or `relay`.
+    pub local: String,
+    /// The other side's candidate type.
+    pub remote: String,
+    /// This side's candidate address (`ip:port`; the TURN server's relayed address for `relay`).
+    pub local_address: String,
+    /// The other side's candidate address.
+    pub remote_address: String,
+    /// `udp` or `tcp`.
+    pub protocol: String,
+}
+
+impl LinkPath {
+    /// `relay` when either side relays through TURN, else `direct`.
+    pub fn kind(&self) -> &'static str {
+        if self.local == "relay" || self.remote == "relay" {
+            "relay"
+        } else {
+            "direct"
+        }
+    }
+}
+
+/// The paths of the links this node set up, by the other browser's peer ID (newest kept; the
+/// transport records them, the peer's `direct` event reads them).
+static PATHS: std::sync::Mutex<Vec<(libp2p::PeerId, LinkPath)>> = std::sync::Mutex::new(Vec::new());
+
+/// At most this many paths are remembered.
+const MAX_PATHS: usize = 64;
+
+/// Records the path of a new link to `peer`.
+pub fn record_path(peer: libp2p::PeerId, path: LinkPath) {
+    if let Ok(mut paths) = PATHS.lock() {
+        paths.retain(|(p, _)| *p != peer);
+        if paths.len() >= MAX_PATHS {
+            paths.remove(0);
+        }
+        paths.push((peer, path));
+    }
+}
+
+/// The path of the newest link to `peer`, if this node set one up.
+pub fn path_of(peer: &libp2p::PeerId) -> Option<LinkPath> {
+    PATHS
+        .lock()
+        .ok()?
+        .iter()
+        .find(|(p, _)| p == peer)
+        .map(|(_, path)| path.clone())
 }

@@ -24,6 +24,25 @@ pub struct Bootstrap {
     /// Each run's admission terms (a run missing here is open).
     #[serde(default)]
     pub admission: BTreeMap<String, AdmissionTerms>,
+    /// The operator's STUN and TURN servers for browser-to-browser links, TURN with
+    /// credentials minted for the peer that asked (`?peer=`) and valid for a limited time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<IceServer>,
+}
+
+/// A STUN or TURN server for ICE (`RTCIceServer`, with `urls` always an array). Without any,
+/// browsers offer host candidates only, which connect on one network; across NATs a
+/// deployment needs STUN, and TURN where STUN cannot punch through (a symmetric NAT).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(target_arch = "wasm32", derive(tsify_next::Tsify))]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(target_arch = "wasm32", tsify(optional))]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(target_arch = "wasm32", tsify(optional))]
+    pub credential: Option<String>,
 }
 /// `base` (the relay's URL, with or without a trailing slash) joined with `path`.
 pub fn url(base: &str, path: &str) -> String {

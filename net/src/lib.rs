@@ -16,5 +16,5 @@ pub mod node;
 pub mod signal;
 
 pub use codec::FrameCodec;
-pub use http::Bootstrap;
+pub use http::{Bootstrap, IceServer};
 pub use node::{DEFAULT_GOSSIP_FANOUT, Node, NodeEvent};

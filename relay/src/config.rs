@@ -23,6 +23,8 @@ use swarmtrain_shared::robust::Rule;
 
 use crate::backend::AggregationBackend;
 use crate::corpus::DEFAULT_CORPUS;
+use crate::public::{PublicConfig, Secret};
+use crate::tls::TlsFiles;
 use crate::{RelayConfig, store};
 
 /// `serve`'s options: every one from the command line, an environment variable or the config
@@ -83,6 +85,39 @@ pub struct ServeOptions {
     /// get it from the relay). Default: 6.
     #[arg(long, env = "SWARMTRAIN_GOSSIP_FANOUT", value_parser = clap::value_parser!(u16).range(1..))]
     pub gossip_fanout: Option<u16>,
+    /// Where the world reaches this relay (repeatable, or comma-separated in the variable): an
+    /// IP, a host name (dialed by name over TCP and WebSocket, resolved at start for
+    /// WebRTC-direct), or a full multiaddr (a reverse proxy's `/dns4/relay.example/tcp/443/tls/ws`).
+    /// Default: the interface addresses when bound to 0.0.0.0 or ::, else the bound address.
+    /// Loopback addresses are only ever told to clients on loopback.
+    #[arg(long, env = "SWARMTRAIN_EXTERNAL_ADDRESS", value_delimiter = ',')]
+    pub external_address: Option<Vec<String>>,
+    /// PEM certificate chain: serve the page and API over HTTPS and the libp2p WebSocket as
+    /// `wss`, with this certificate (needs --tls-key).
+    #[arg(long, env = "SWARMTRAIN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (not readable by every user).
+    #[arg(long, env = "SWARMTRAIN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Origins whose pages may call the API (repeatable): `https://site.example`, or `*` for
+    /// any. `none` allows no other origin. Default: `*` (see docs/security.md).
+    #[arg(long, env = "SWARMTRAIN_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub allow_origin: Option<Vec<String>>,
+    /// A reverse proxy in front of the relay (repeatable IP): its `X-Forwarded-Host` and
+    /// `X-Forwarded-For` headers are believed. Default: none.
+    #[arg(long, env = "SWARMTRAIN_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxy: Option<Vec<std::net::IpAddr>>,
+    /// A STUN or TURN server for browser-to-browser links (repeatable): `stun:host:3478`,
+    /// `turn:host:3478?transport=udp`, `turns:host:5349`. Handed to browsers in /api/bootstrap.
+    #[arg(long, env = "SWARMTRAIN_ICE_SERVER", value_delimiter = ',')]
+    pub ice_server: Option<Vec<String>>,
+    /// coturn's `static-auth-secret` (`use-auth-secret`): TURN credentials are minted from it
+    /// per peer and expire; the secret itself never leaves the relay. Prefer the variable.
+    #[arg(long, env = "SWARMTRAIN_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<Secret>,
+    /// How long a minted TURN credential is valid, in seconds. Default: 86400.
+    #[arg(long, env = "SWARMTRAIN_TURN_TTL_SECS")]
+    pub turn_ttl_secs: Option<u64>,
     /// The default run's options; more runs come from `[[run]]` tables in the config file.
     #[command(flatten)]
     #[serde(flatten)]
@@ -479,7 +514,8 @@ impl ServeOptions {
     pub fn merge(mut self, file: Self) -> Self {
         merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
             checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
-            seed, require_sealed, gossip_fanout, aggregation_backend);
+            seed, require_sealed, gossip_fanout, aggregation_backend, external_address, tls_cert,
+            tls_key, allow_origin, trusted_proxy, ice_server, turn_secret, turn_ttl_secs);
         self.run = self.run.merge(file.run);
         self
     }
@@ -556,6 +592,22 @@ impl ServeOptions {
             gossip_fanout: self
                 .gossip_fanout
                 .map_or(defaults.gossip_fanout, usize::from),
+            public: PublicConfig {
+                external_addresses: self.external_address.unwrap_or_default(),
+                allow_origins: match self.allow_origin {
+                    Some(list) => list.into_iter().filter(|o| o != "none").collect(),
+                    None => defaults.public.allow_origins,
+                },
+                trusted_proxies: self.trusted_proxy.unwrap_or_default(),
+                ice_servers: self.ice_server.unwrap_or_default(),
+                turn_secret: self.turn_secret,
+                turn_ttl_secs: self.turn_ttl_secs.unwrap_or(defaults.public.turn_ttl_secs),
+                tls: match (self.tls_cert, self.tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                    (None, None) => None,
+                    _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+                },
+            },
         })
     }
 }

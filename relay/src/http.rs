@@ -12,6 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use swarmtrain_net::Bootstrap;
 use swarmtrain_shared::protocol::ParamsHash;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 
 use crate::Runs;
@@ -20,8 +21,65 @@ use crate::coordinator::{Coordinator, Status};
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub runs: Arc<Runs>,
+    /// The bootstrap document with every address; each client is told its share.
     pub bootstrap: Arc<Bootstrap>,
     pub network: Arc<crate::p2p::Network>,
+    pub public: Arc<Public>,
+}
+
+/// What the relay tells clients on the internet: its addresses, its ICE servers, and whom it
+/// lets in (CORS) or believes (proxies).
+#[derive(Debug, Default)]
+pub struct Public {
+    pub addresses: crate::public::Addresses,
+    pub ice: crate::public::Ice,
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `*` or origins (`https://site.example`); empty: no cross-origin access.
+    pub allow_origins: Vec<String>,
+}
+
+/// Who is asking, as far as the relay can tell: the client's IP (from the connection, or the
+/// last `X-Forwarded-For` hop when the connection is a trusted proxy's) and the host it asked
+/// for (`Host`, or `X-Forwarded-Host` from a trusted proxy). None in tests without sockets.
+#[derive(Debug)]
+pub struct Asker {
+    pub ip: Option<std::net::IpAddr>,
+    pub host: Option<String>,
+}
+
+impl axum::extract::FromRequestParts<AppState> for Asker {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<crate::tls::Client>>()
+            .map(|c| c.0.0.ip());
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let proxied = peer.is_some_and(|ip| state.public.trusted_proxies.contains(&ip));
+        let forwarded_for = proxied
+            .then(|| header("x-forwarded-for"))
+            .flatten()
+            .and_then(|v| v.rsplit(',').next().and_then(|ip| ip.trim().parse().ok()));
+        let host = proxied
+            .then(|| header("x-forwarded-host"))
+            .flatten()
+            .or_else(|| header("host"))
+            .map(|h| crate::public::host_without_port(&h).to_owned());
+        Ok(Self {
+            ip: forwarded_for.or(peer),
+            host,
+        })
+    }
 }
 
 /// An error with a safe public message; details go to the log.
@@ -45,9 +103,36 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The relay's router. `web_dir` holds the page and, under `pkg/`, the npm package.
-pub fn app(state: AppState, web_dir: PathBuf) -> Router {
-    Router::new()
+/// CORS for the API: the origins the operator allows (`*`: any), `GET` and `HEAD` only, no
+/// credentials (the API has no cookies; peers sign what they send). Preflights are answered
+/// and cached for a day.
+fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
+    let layer = CorsLayer::new()
+        .allow_methods([axum::http::Method::GET, axum::http::Method::HEAD])
+        .max_age(std::time::Duration::from_secs(24 * 3600));
+    Ok(if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(AllowOrigin::any())
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| {
+                let o = o.trim_end_matches('/');
+                anyhow::ensure!(
+                    o.starts_with("http://") || o.starts_with("https://"),
+                    "--allow-origin {o:?}: an origin is scheme://host[:port], or *"
+                );
+                Ok(axum::http::HeaderValue::from_str(o)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        layer.allow_origin(AllowOrigin::list(list))
+    })
+}
+
+/// The relay's router. `web_dir` holds the page and, under `pkg/`, the npm package. The API
+/// (`/api/…`, what the npm package calls) answers CORS for the allowed origins.
+pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
+    let cors = cors(&state.public.allow_origins)?;
+    let api = Router::new()
         .route("/api/bootstrap", get(bootstrap))
         .route("/api/status", get(status))
         .route("/api/runs", get(runs))
@@ -59,19 +144,42 @@ pub fn app(state: AppState, web_dir: PathBuf) -> Router {
         .route("/api/runs/{run}/peers/{peer}", get(peer_credit))
         .route("/api/runs/{run}/leaderboard", get(leaderboard))
         .route("/api/reachable", get(reachable))
+        .layer(cors);
+    Ok(Router::new()
+        .merge(api)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(state)
-        .fallback_service(ServeDir::new(web_dir))
+        .fallback_service(ServeDir::new(web_dir)))
 }
 
-/// Where to dial the relay, each run's admission terms, and the relay's clock (peers make
-/// their envelopes expire on it).
-async fn bootstrap(State(state): State<AppState>) -> Json<Bootstrap> {
-    Json(Bootstrap {
-        time_ms: crate::runs::unix_ms(),
+#[derive(Debug, serde::Deserialize)]
+struct BootstrapQuery {
+    /// The asking peer's ID: the tag in its TURN username.
+    #[serde(default)]
+    peer: String,
+}
+
+/// Where to dial the relay (the addresses for the host the client asked for, never loopback to
+/// a client elsewhere), each run's admission terms, the ICE servers with TURN credentials for
+/// `?peer=`, and the relay's clock (peers make their envelopes expire on it).
+async fn bootstrap(
+    State(state): State<AppState>,
+    asker: Asker,
+    Query(query): Query<BootstrapQuery>,
+) -> impl IntoResponse {
+    let now = crate::runs::unix_ms();
+    let doc = Bootstrap {
+        time_ms: now,
+        addresses: state
+            .public
+            .addresses
+            .for_client(asker.host.as_deref(), asker.ip),
+        ice_servers: state.public.ice.for_peer(&query.peer, now / 1000),
         ..(*state.bootstrap).clone()
-    })
+    };
+    // Minted credentials and the clock are for this answer only.
+    ([(header::CACHE_CONTROL, "no-store")], Json(doc))
 }
 
 /// `?history=N`: how many of the newest history rows a status carries (default and most: 200).
@@ -460,6 +568,29 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
          # TYPE swarmtrain_connections gauge\nswarmtrain_connections {}",
         state.network.connections()
     );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_connections_by_transport Open libp2p connections by the transport \
+         they came over (tcp, ws, wss, webrtc-direct).\n\
+         # TYPE swarmtrain_connections_by_transport gauge"
+    );
+    for (transport, n) in state.network.connections_by_transport() {
+        let _ = writeln!(
+            out,
+            "swarmtrain_connections_by_transport{{transport=\"{transport}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_advertised_address An address /api/bootstrap tells clients (loopback \
+         ones only to clients on loopback).\n# TYPE swarmtrain_advertised_address gauge"
+    );
+    for (transport, address, loopback) in state.public.addresses.describe() {
+        let _ = writeln!(
+            out,
+            "swarmtrain_advertised_address{{transport=\"{transport}\",address=\"{address}\",loopback=\"{loopback}\"}} 1"
+        );
+    }
     if let Some(bytes) = resident_bytes() {
         let _ = writeln!(
             out,
@@ -480,9 +611,20 @@ mod tests {
     use swarmtrain_net::Bootstrap;
     use tower::ServiceExt;
 
-    use super::{AppState, app};
+    use super::{AppState, Public, app};
 
     async fn router(web_dir: &std::path::Path) -> axum::Router {
+        router_with(
+            web_dir,
+            Public {
+                allow_origins: vec!["*".into()],
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn router_with(web_dir: &std::path::Path, public: Public) -> axum::Router {
         let (runs, _) = crate::testing::runs(None).await;
         let bootstrap = Bootstrap {
             peer_id: "12D3KooWRelay".into(),
@@ -491,15 +633,36 @@ mod tests {
             addresses: Default::default(),
             time_ms: 0,
             admission: Default::default(),
+            ice_servers: Vec::new(),
         };
         app(
             AppState {
                 runs,
                 bootstrap: Arc::new(bootstrap),
                 network: Default::default(),
+                public: Arc::new(public),
             },
             web_dir.to_owned(),
         )
+        .expect("router")
+    }
+
+    /// `request` through the router as if it came from `client` over a socket.
+    async fn send(
+        router: &axum::Router,
+        request: Request<Body>,
+        client: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let mut request = request;
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(crate::tls::Client(
+                client.parse().expect("socket address"),
+            )));
+        let response = router.clone().oneshot(request).await.expect("infallible");
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 << 20).await.expect("body");
+        (parts.status, parts.headers, bytes.to_vec())
     }
 
     async fn get(router: &axum::Router, uri: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
@@ -603,5 +766,184 @@ mod tests {
             (StatusCode::OK, &b"<h1>swarmtrain</h1>"[..])
         );
         assert_eq!(get(&router, "/missing.js").await.0, StatusCode::NOT_FOUND);
+    }
+
+    /// A relay bound to 0.0.0.0 with interfaces 127.0.0.1 and 203.0.113.10, behind a trusted
+    /// proxy at 198.51.100.1 that also serves it as relay.example.
+    fn internet() -> Public {
+        let bound: Vec<libp2p::Multiaddr> =
+            ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/tcp/4002/tls/ws"]
+                .iter()
+                .map(|a| a.parse().expect("multiaddr"))
+                .collect();
+        let external: Vec<crate::public::External> =
+            ["203.0.113.10", "/dns4/relay.example/tcp/443/tls/ws"]
+                .iter()
+                .map(|a| a.parse().expect("external"))
+                .collect();
+        Public {
+            addresses: crate::public::Addresses::new(
+                libp2p::PeerId::random(),
+                "0.0.0.0".parse().expect("ip"),
+                &bound,
+                &external,
+                &Default::default(),
+                &[
+                    "127.0.0.1".parse().expect("ip"),
+                    "203.0.113.10".parse().expect("ip"),
+                ],
+            ),
+            ice: crate::public::Ice::new(
+                &[
+                    "stun:203.0.113.10:3478".into(),
+                    "turn:203.0.113.10:3478".into(),
+                ],
+                Some("s3cret".parse().expect("secret")),
+                3600,
+            )
+            .expect("ice"),
+            trusted_proxies: vec!["198.51.100.1".parse().expect("ip")],
+            allow_origins: vec!["https://embed.example".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn bootstrap_tells_each_client_the_addresses_it_can_reach() {
+        let web = tempfile::tempdir().expect("dir");
+        let app = router_with(web.path(), internet()).await;
+        let ask = |host: &'static str,
+                   client: &'static str,
+                   extra: Option<(&'static str, &'static str)>| {
+            let router = app.clone();
+            async move {
+                let mut request =
+                    Request::get("/api/bootstrap?peer=12D3KooWTab").header("host", host);
+                if let Some((name, value)) = extra {
+                    request = request.header(name, value);
+                }
+                let (status, headers, body) = send(
+                    &router,
+                    request.body(Body::empty()).expect("request"),
+                    client,
+                )
+                .await;
+                assert_eq!(status, StatusCode::OK);
+                assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+                serde_json::from_slice::<Bootstrap>(&body).expect("bootstrap")
+            }
+        };
+        // A browser on the internet that opened https://203.0.113.10:8443/.
+        let boot = ask("203.0.113.10:8443", "198.51.100.7:50000", None).await;
+        let all: Vec<&String> = boot.addresses.values().flatten().collect();
+        assert!(
+            !all.is_empty() && all.iter().all(|a| a.starts_with("/ip4/203.0.113.10/")),
+            "{all:?}"
+        );
+        // An unknown host name: every public address, still no loopback.
+        let boot = ask("other.example", "198.51.100.7:50000", None).await;
+        let all: Vec<&String> = boot.addresses.values().flatten().collect();
+        assert!(all.iter().all(|a| !a.contains("127.0.0.1")), "{all:?}");
+        assert!(
+            all.iter()
+                .any(|a| a.starts_with("/dns4/relay.example/tcp/443/tls/ws/p2p/"))
+        );
+        // A client claiming a forwarded host without being the proxy is not believed...
+        let boot = ask(
+            "203.0.113.10",
+            "198.51.100.7:50000",
+            Some(("x-forwarded-host", "relay.example")),
+        )
+        .await;
+        assert!(
+            boot.addresses["ws"]
+                .iter()
+                .all(|a| a.starts_with("/ip4/203.0.113.10/"))
+        );
+        // ...the proxy is, and its client on the internet never hears of loopback.
+        let boot = ask(
+            "127.0.0.1:8080",
+            "198.51.100.1:40000",
+            Some(("x-forwarded-host", "relay.example")),
+        )
+        .await;
+        assert_eq!(boot.addresses.keys().collect::<Vec<_>>(), ["ws"]);
+        assert!(boot.addresses["ws"][0].starts_with("/dns4/relay.example/tcp/443/tls/ws/p2p/"));
+        // The machine itself may use loopback.
+        let boot = ask("127.0.0.1:8080", "127.0.0.1:40000", None).await;
+        assert!(
+            boot.addresses["tcp"]
+                .iter()
+                .all(|a| a.starts_with("/ip4/127.0.0.1/tcp/4001/"))
+        );
+        // ICE: STUN as given, TURN with a credential minted for this peer.
+        assert_eq!(boot.ice_servers.len(), 2);
+        assert_eq!(boot.ice_servers[0].urls, ["stun:203.0.113.10:3478"]);
+        let user = boot.ice_servers[1].username.clone().expect("username");
+        assert!(user.ends_with(":12D3KooWTab"), "{user}");
+        let expiry: u64 = user
+            .split(':')
+            .next()
+            .expect("expiry")
+            .parse()
+            .expect("number");
+        assert!(expiry > boot.time_ms / 1000 + 3500 && expiry <= boot.time_ms / 1000 + 3600);
+        assert_eq!(
+            boot.ice_servers[1].credential.as_deref(),
+            Some(crate::public::turn_password(b"s3cret", &user).as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn cors_lets_allowed_origins_call_the_api() {
+        let web = tempfile::tempdir().expect("dir");
+        let app = router_with(web.path(), internet()).await;
+        let origin = "https://embed.example";
+        // A preflight is answered (not 405), for the allowed origin only.
+        let preflight = |origin: &'static str| {
+            Request::builder()
+                .method("OPTIONS")
+                .uri("/api/bootstrap")
+                .header("origin", origin)
+                .header("access-control-request-method", "GET")
+                .body(Body::empty())
+                .expect("request")
+        };
+        let (status, headers, _) = send(&app, preflight(origin), "198.51.100.7:1").await;
+        assert!(status.is_success(), "{status}");
+        assert_eq!(headers["access-control-allow-origin"], origin);
+        assert!(
+            headers["access-control-allow-methods"]
+                .to_str()
+                .expect("ascii")
+                .contains("GET")
+        );
+        let (_, headers, _) = send(&app, preflight("https://evil.example"), "198.51.100.7:1").await;
+        assert!(headers.get("access-control-allow-origin").is_none());
+        // A cross-origin GET of the API carries the header; the page and metrics do not.
+        for (uri, cors) in [
+            ("/api/status", true),
+            ("/api/runs/digits/leaderboard", true),
+            ("/metrics", false),
+        ] {
+            let request = Request::get(uri)
+                .header("origin", origin)
+                .body(Body::empty())
+                .expect("request");
+            let (status, headers, _) = send(&app, request, "198.51.100.7:1").await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            assert_eq!(
+                headers.contains_key("access-control-allow-origin"),
+                cors,
+                "{uri}"
+            );
+        }
+        // The default, `*`, allows any origin.
+        let any = router(web.path()).await;
+        let request = Request::get("/api/bootstrap")
+            .header("origin", "https://anyone.example")
+            .body(Body::empty())
+            .expect("request");
+        let (_, headers, _) = send(&any, request, "198.51.100.7:1").await;
+        assert_eq!(headers["access-control-allow-origin"], "*");
     }
 }

@@ -13,10 +13,12 @@ pub mod dataset;
 pub mod http;
 pub mod ops;
 pub mod p2p;
+pub mod public;
 pub mod runs;
 pub mod store;
 #[cfg(test)]
 mod testing;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -46,7 +48,8 @@ pub use crate::runs::Runs;
 /// Everything a relay needs to start.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// HTTP listen address; its IP is also used for the libp2p listeners.
+    /// HTTP listen address (HTTPS with [`public::PublicConfig::tls`]); its IP is also used for
+    /// the libp2p listeners.
     pub http: SocketAddr,
     /// libp2p TCP port for native peers (0: any).
     pub tcp_port: u16,
@@ -81,6 +84,8 @@ pub struct RelayConfig {
     /// the rest receive it over their direct links. Peers without links always get it from
     /// the relay.
     pub gossip_fanout: usize,
+    /// Public addresses, TLS, CORS and ICE servers: the relay on the internet.
+    pub public: public::PublicConfig,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -176,6 +181,11 @@ impl Default for RelayConfig {
             admission: BTreeMap::new(),
             require_sealed: false,
             gossip_fanout: swarmtrain_net::DEFAULT_GOSSIP_FANOUT,
+            public: public::PublicConfig {
+                allow_origins: vec!["*".into()],
+                turn_ttl_secs: public::TURN_TTL_SECS,
+                ..Default::default()
+            },
         }
     }
 }
@@ -184,6 +194,8 @@ impl Default for RelayConfig {
 #[derive(Debug)]
 pub struct Relay {
     pub http_addr: SocketAddr,
+    /// Whether the page and API are served over HTTPS.
+    pub https: bool,
     pub bootstrap: Bootstrap,
     /// The default (first) run's coordinator.
     pub coordinator: Arc<Coordinator>,
@@ -293,40 +305,74 @@ impl Relay {
             Some(dir) => p2p::load_or_create_certificate(&dir.join("webrtc.pem"))?,
             None => libp2p_webrtc::tokio::Certificate::generate(&mut rand::rng())?,
         };
-        let mut swarm = p2p::build_swarm(keypair, certificate, config.gossip_fanout).await?;
+        let public = &config.public;
+        let tls = match &public.tls {
+            Some(files) => {
+                tls::check_key_mode(&files.key)?;
+                Some(files.load()?)
+            }
+            None => None,
+        };
+        let external = public
+            .external_addresses
+            .iter()
+            .map(|a| a.parse::<public::External>())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ice = public::Ice::new(
+            &public.ice_servers,
+            public.turn_secret.clone(),
+            public.turn_ttl_secs,
+        )?;
+        let mut swarm =
+            p2p::build_swarm(keypair, certificate, config.gossip_fanout, tls.as_ref()).await?;
         let ip = ip_protocol(config.http.ip());
         let tcp = Multiaddr::empty()
             .with(ip.clone())
             .with(Protocol::Tcp(config.tcp_port));
-        let ws = Multiaddr::empty()
+        let mut ws = Multiaddr::empty()
             .with(ip.clone())
-            .with(Protocol::Tcp(config.ws_port))
-            .with(Protocol::Ws("/".into()));
+            .with(Protocol::Tcp(config.ws_port));
+        if tls.is_some() {
+            ws.push(Protocol::Tls);
+        }
+        ws.push(Protocol::Ws("/".into()));
         let webrtc = Multiaddr::empty()
             .with(ip)
             .with(Protocol::Udp(config.webrtc_port))
             .with(Protocol::WebRTCDirect);
         let bound = p2p::listen(&mut swarm, &[tcp, ws, webrtc]).await?;
-        let mut addresses: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (kind, addr) in ["tcp", "ws", "webrtc-direct"].into_iter().zip(bound) {
-            // The relay is reachable where it listens: the circuit relay server only serves
-            // reservations once it has a confirmed external address.
-            swarm.add_external_address(addr.clone());
-            addresses
-                .entry(kind.into())
-                .or_default()
-                .push(addr.with(Protocol::P2p(peer_id)).to_string());
+        let interfaces = if config.http.ip().is_unspecified() {
+            public::interface_ips()
+        } else {
+            Vec::new()
+        };
+        let addresses = public::Addresses::new(
+            peer_id,
+            config.http.ip(),
+            &bound,
+            &external,
+            &public::resolve(&external).await,
+            &interfaces,
+        );
+        // The relay is reachable where it advertises: the circuit relay server only serves
+        // reservations once it has a confirmed external address, and identify tells peers.
+        for addr in addresses.external() {
+            swarm.add_external_address(addr);
+        }
+        for (transport, addr, loopback) in addresses.describe() {
+            tracing::info!(%transport, %addr, loopback, "advertised address");
         }
         let bootstrap = Bootstrap {
             peer_id: peer_id.to_string(),
             run_id: coordinator.spec().run_id.clone(),
             runs: runs.ids(),
-            addresses,
+            addresses: addresses.all(),
             time_ms: 0,
             admission: runs
                 .iter()
                 .map(|run| (run.spec().run_id.clone(), run.admission_terms()))
                 .collect(),
+            ice_servers: Vec::new(),
         };
 
         let listener = tokio::net::TcpListener::bind(config.http)
@@ -339,15 +385,40 @@ impl Relay {
             runs: runs.clone(),
             bootstrap: Arc::new(bootstrap.clone()),
             network: network.clone(),
+            public: Arc::new(http::Public {
+                addresses,
+                ice,
+                trusted_proxies: public.trusted_proxies.clone(),
+                allow_origins: public.allow_origins.clone(),
+            }),
         };
-        let router = http::app(state, config.web_dir.clone());
+        let router = http::app(state, config.web_dir.clone())?;
         let mut http_shutdown = shutdown_rx.clone();
+        let stopped = async move {
+            let _ = http_shutdown.changed().await;
+        };
+        let serve = match &tls {
+            None => tokio::spawn(async move {
+                let app = router.into_make_service_with_connect_info::<tls::Client>();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }),
+            Some(certified) => {
+                let listener = tls::TlsListener::new(listener, tls::server_config(certified)?)?;
+                tokio::spawn(async move {
+                    let app = router.into_make_service_with_connect_info::<tls::Client>();
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                })
+            }
+        };
         let mut tasks = vec![tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                let _ = http_shutdown.changed().await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
+            match serve.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
+                Err(e) => tracing::error!(error = %e, "HTTP server task failed"),
+                Ok(Ok(())) => {}
             }
         })];
         tasks.push(tokio::spawn(p2p::run(
@@ -375,9 +446,10 @@ impl Relay {
                 }
             }
         }));
-        tracing::info!(%http_addr, %peer_id, "relay started");
+        tracing::info!(%http_addr, %peer_id, tls = tls.is_some(), "relay started");
         Ok(Self {
             http_addr,
+            https: tls.is_some(),
             bootstrap,
             coordinator,
             runs,
@@ -386,8 +458,10 @@ impl Relay {
         })
     }
 
+    /// The relay's URL on its bound address (`https` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}/", self.http_addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/", self.http_addr)
     }
 
     /// Stops accepting work and waits for the tasks to finish.

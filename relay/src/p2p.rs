@@ -25,7 +25,10 @@ use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identity::Keypair, noise, relay, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, Transport as _, gossipsub, identity::Keypair, noise, relay, tcp,
+    websocket, yamux,
+};
 use libp2p_webrtc::tokio::Certificate;
 use swarmtrain_net::{Node, NodeEvent};
 use swarmtrain_shared::protocol::{self, RelayToClient, Request};
@@ -82,8 +85,26 @@ pub async fn build_swarm(
     keypair: Keypair,
     certificate: Certificate,
     gossip_fanout: usize,
+    wss: Option<&crate::tls::Certified>,
 ) -> anyhow::Result<Swarm<Boxed<RelayBehaviour>>> {
     let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
+    // The WebSocket listener, with the operator's certificate when there is one (then it
+    // listens as `/tls/ws`, which browsers dial as `wss://`).
+    let mut ws = websocket::Config::new(tcp::tokio::Transport::new(
+        tcp::Config::default().nodelay(true),
+    ));
+    if let Some(certified) = wss {
+        ws.set_tls_config(
+            websocket::tls::Config::new(
+                websocket::tls::PrivateKey::new(certified.key.secret_der().to_vec()),
+                certified
+                    .chain
+                    .iter()
+                    .map(|c| websocket::tls::Certificate::new(c.to_vec())),
+            )
+            .context("the TLS certificate for wss")?,
+        );
+    }
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -92,9 +113,14 @@ pub async fn build_swarm(
             yamux::Config::default,
         )?
         .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))?
+        .with_other_transport(|key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                ws.upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()),
+            )
+        })?
         .with_dns()?
-        .with_websocket(noise::Config::new, yamux::Config::default)
-        .await?
         .with_behaviour(|key| {
             Ok(Boxed(RelayBehaviour {
                 node: Node::new(ProtocolSupport::Inbound, key, &agent, gossip_fanout)?,
@@ -129,9 +155,49 @@ pub struct Network {
     linked: std::sync::atomic::AtomicUsize,
     gossip_sent: std::sync::atomic::AtomicU64,
     gossip_to_mesh: std::sync::atomic::AtomicU64,
+    /// Open connections by the transport they came over.
+    by_transport: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
+}
+
+/// The transport a connection came over, from the address it came from: `tcp`, `ws`, `wss`,
+/// `webrtc-direct`, or `other`.
+pub fn transport_of(remote: &Multiaddr) -> &'static str {
+    use libp2p::multiaddr::Protocol;
+    let mut kind = "other";
+    let mut tls = false;
+    for p in remote.iter() {
+        kind = match p {
+            Protocol::Tcp(_) => "tcp",
+            Protocol::Tls => {
+                tls = true;
+                kind
+            }
+            Protocol::Wss(_) => "wss",
+            Protocol::Ws(_) if tls => "wss",
+            Protocol::Ws(_) => "ws",
+            Protocol::WebRTCDirect => "webrtc-direct",
+            _ => kind,
+        };
+    }
+    kind
 }
 
 impl Network {
+    fn connected(&self, remote: &Multiaddr, delta: isize) {
+        if let Ok(mut counts) = self.by_transport.lock() {
+            let n = counts.entry(transport_of(remote)).or_default();
+            *n = n.saturating_add_signed(delta);
+        }
+    }
+
+    /// Open libp2p connections by transport (`/metrics`, the operator view).
+    pub fn connections_by_transport(&self) -> Vec<(&'static str, usize)> {
+        self.by_transport
+            .lock()
+            .map(|c| c.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+
     fn add_reachable(&self, peer: PeerId) {
         if let Ok(mut peers) = self.reachable.lock() {
             peers.retain(|p| *p != peer);
@@ -402,14 +468,16 @@ pub async fn run(
                 SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     network.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    network.connected(endpoint.get_remote_address(), 1);
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connection established");
                     if banned.get(&peer_id).is_some_and(|until| *until > tokio::time::Instant::now()) {
                         tracing::debug!(%peer_id, "refusing a banned peer ID");
                         let _ = swarm.disconnect_peer_id(peer_id);
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                SwarmEvent::ConnectionClosed { peer_id, num_established, endpoint, .. } => {
                     network.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    network.connected(endpoint.get_remote_address(), -1);
                     if num_established == 0 {
                         // Explicit peers that are gone would be dialled again by gossipsub.
                         swarm.behaviour_mut().node.gossipsub.remove_explicit_peer(&peer_id);

@@ -9,6 +9,11 @@ use crate::rpc::Behaviour;
 
 /// The relay's advertised transports this platform can dial, in order of preference.
 pub const TRANSPORTS: &[&str] = &["tcp"];
+/// Whether this platform may dial `address` (natively: any address of its transports).
+pub fn can_dial(_address: &str) -> bool {
+    true
+}
+
 /// Platform description reported in `Join`.
 pub fn platform() -> String {
     format!("native {} {}", std::env::consts::OS, std::env::consts::ARCH)

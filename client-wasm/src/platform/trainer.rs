@@ -146,7 +146,7 @@ impl Trainer {
             }
             None => ("cpu", "ndarray (no WebGPU adapter)".to_owned()),
         };
-        let bootstrap = peer::fetch_bootstrap(&options.relay)
+        let bootstrap = peer::fetch_bootstrap(&options.relay, None)
             .await
             .map_err(|e| JsError::new(&e.to_string()))?;
         let run = match options.run.clone().filter(|r| !r.is_empty()) {

@@ -28,6 +28,18 @@ pub use trainer_worker::{TrainerWorker, run_trainer};
 /// The relay's advertised transports this platform can dial, in order of preference.
 pub const TRANSPORTS: &[&str] = &["webrtc-direct", "ws"];
 
+/// Whether this page may dial `address`: a page served over HTTPS may not open a plain `ws://`
+/// WebSocket (mixed content), only `wss` (`/tls/ws`, `/wss`) and WebRTC-direct.
+pub fn can_dial(address: &str) -> bool {
+    let secure = Reflect::get(&js_sys::global(), &"location".into())
+        .and_then(|l| Reflect::get(&l, &"protocol".into()))
+        .ok()
+        .and_then(|p| p.as_string())
+        .is_some_and(|p| p == "https:");
+    let plain_ws = address.contains("/ws") && !address.contains("/tls/ws");
+    !(secure && plain_ws)
+}
+
 /// Platform description reported in `Join`.
 pub fn platform() -> String {
     let agent = web_sys::window()

@@ -66,6 +66,11 @@ impl std::fmt::Debug for Substream {
 }
 
 impl Connection {
+    /// The browser's peer connection (for its stats).
+    pub fn peer_connection(&self) -> &RtcPeerConnection {
+        &self.inner.pc
+    }
+
     /// Takes over `pc` before its handshake starts: the remote may open its first stream the
     /// moment its side is `connected`, before ours is, and a `datachannel` event with no
     /// handler is lost (a js-libp2p dialer's identify then times out). Channels wait here

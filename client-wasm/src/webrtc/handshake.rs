@@ -21,9 +21,9 @@ use web_sys::{
     RtcPeerConnectionIceEvent, RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit,
 };
 
-use super::IceServer;
 use super::connection::Connection;
 use super::message::{MAX_SIGNALING, Signal, SignalType, take_prefixed};
+use super::{IceServer, LinkPath};
 
 /// How long a connection may take from the first signaling message to `connected`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -273,6 +273,59 @@ fn sdp_of(value: &JsValue) -> Result<String, String> {
         .ok()
         .and_then(|v| v.as_string())
         .ok_or_else(|| "a session description without SDP".to_owned())
+}
+
+/// The candidate pair `pc` selected, from `getStats`: the transport's `selectedCandidatePairId`
+/// (Chromium), else the nominated pair that succeeded. None when the stats do not say.
+pub async fn selected_path(pc: &RtcPeerConnection) -> Option<LinkPath> {
+    let report = JsFuture::from(pc.get_stats()).await.ok()?;
+    let values = Reflect::get(&report, &"values".into())
+        .ok()?
+        .dyn_into::<js_sys::Function>()
+        .ok()?
+        .call0(&report)
+        .ok()?;
+    let field = |v: &JsValue, name: &str| Reflect::get(v, &name.into()).ok();
+    let text = |v: &JsValue, name: &str| field(v, name).and_then(|f| f.as_string());
+    let mut stats = std::collections::HashMap::new();
+    let mut selected = None;
+    let mut nominated = None;
+    for value in js_sys::try_iter(&values).ok()??.flatten() {
+        let (Some(id), Some(kind)) = (text(&value, "id"), text(&value, "type")) else {
+            continue;
+        };
+        match kind.as_str() {
+            "transport" => selected = selected.or_else(|| text(&value, "selectedCandidatePairId")),
+            "candidate-pair"
+                if field(&value, "nominated").and_then(|v| v.as_bool()) == Some(true)
+                    && text(&value, "state").as_deref() == Some("succeeded") =>
+            {
+                nominated = nominated.or(Some(id.clone()));
+            }
+            _ => {}
+        }
+        stats.insert(id, value);
+    }
+    let pair = stats.get(&selected.or(nominated)?)?;
+    let candidate = |key: &str| stats.get(&text(pair, key)?);
+    let (local, remote) = (
+        candidate("localCandidateId")?,
+        candidate("remoteCandidateId")?,
+    );
+    let address = |c: &JsValue| {
+        let ip = text(c, "address")
+            .or_else(|| text(c, "ip"))
+            .unwrap_or_default();
+        let port = field(c, "port").and_then(|p| p.as_f64()).unwrap_or(0.0);
+        format!("{ip}:{port}")
+    };
+    Some(LinkPath {
+        local: text(local, "candidateType")?,
+        remote: text(remote, "candidateType")?,
+        local_address: address(local),
+        remote_address: address(remote),
+        protocol: text(local, "protocol").unwrap_or_default(),
+    })
 }
 
 /// The dialer's side: returns the connection once connected.

@@ -106,7 +106,11 @@ impl Transport {
                 let ice = self.ice.clone();
                 spawn_local(async move {
                     let result = handshake::dial(stream, &ice).await;
-                    if let Some((peer, reply)) = dials.lock().expect("dials").remove(&id) {
+                    let dial = dials.lock().expect("dials").remove(&id);
+                    if let (Ok(connection), Some((peer, _))) = (&result, &dial) {
+                        record(*peer, connection).await;
+                    }
+                    if let Some((peer, reply)) = dial {
                         let _ =
                             reply.send(result.map_err(|reason| Error::Handshake { peer, reason }));
                     }
@@ -122,6 +126,7 @@ impl Transport {
                 spawn_local(async move {
                     match handshake::answer(stream, &ice).await {
                         Ok(connection) => {
+                            record(peer, &connection).await;
                             let send_back =
                                 relayed.with(Protocol::WebRTC).with(Protocol::P2p(peer));
                             let _ = accepted
@@ -136,6 +141,24 @@ impl Transport {
                     }
                 });
             }
+        }
+    }
+}
+
+/// Records which candidate pair the new link to `peer` uses, and logs it.
+async fn record(peer: PeerId, connection: &Connection) {
+    match handshake::selected_path(connection.peer_connection()).await {
+        Some(path) => {
+            tracing::info!(
+                %peer,
+                local = %path.local, remote = %path.remote,
+                local_address = %path.local_address, remote_address = %path.remote_address,
+                "direct WebRTC link up"
+            );
+            super::record_path(peer, path);
+        }
+        None => {
+            tracing::info!(%peer, "direct WebRTC link up; no selected candidate pair in its stats")
         }
     }
 }
