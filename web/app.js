@@ -36,7 +36,8 @@ function onEvent(ev) {
       me = { run: ev.run, peer: ev.peer };
       refreshCredit();
       $('peer').textContent = ev.peer.slice(0, 16);
-      $('transport').textContent = ev.transport === 'webrtc-direct' ? 'WebRTC-direct' : ev.transport === 'ws' ? 'WebSocket' : ev.transport;
+      $('transport').textContent = ev.transport === 'webrtc-direct' ? 'WebRTC-direct' : ev.transport === 'ws' ? (/\/(tls\/ws|wss)\b/.test(ev.address) ? 'WebSocket (TLS)' : 'WebSocket') : ev.transport;
+      $('transport').title = ev.address;
       $('state').textContent = 'Connected to the relay; waiting for a round.';
       $('state').className = 'state';
       log(`joined run ${ev.run} as ${ev.peer.slice(0, 16)} over ${$('transport').textContent}`);
@@ -104,9 +105,12 @@ function onEvent(ev) {
         const rtts = ev.peers.map((p) => p.rtt_ms).filter((r) => r != null);
         $('direct').textContent = ev.peers.length === 0 ? 'none'
           : `${ev.peers.length} (WebRTC${rtts.length ? `, ping ${Math.min(...rtts).toFixed(1)} ms` : ''})`;
-        $('direct').title = ev.peers.map((p) => p.peer).join('\n');
+        // How each link goes: `srflx ↔ srflx` through the NATs' mappings, `relay` through TURN.
+        const path = (p) => (p.path ? `${p.path.local} ↔ ${p.path.remote}` : 'path unknown');
+        $('direct').title = ev.peers.map((p) => `${p.peer}: ${path(p)}`).join('\n');
+        const paths = ev.peers.length ? ` (${ev.peers.map(path).join(', ')})` : '';
+        log(`direct WebRTC links to other browsers: ${ev.peers.length}${paths}${ev.error ? ` (last failure: ${ev.error})` : ''}`, ev.error && ev.peers.length === 0 ? 'warn' : undefined);
       }
-      log(`direct WebRTC links to other browsers: ${ev.peers.length}${ev.error ? ` (last failure: ${ev.error})` : ''}`, ev.error && ev.peers.length === 0 ? 'warn' : undefined);
       break;
     case 'stopped':
       $('state').textContent = `Stopped after ${ev.rounds_trained} rounds. Press Contribute to start again.`;

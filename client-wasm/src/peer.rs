@@ -154,6 +154,8 @@ pub enum PeerEvent {
         run: String,
         peer: String,
         transport: String,
+        /// The relay address dialed (from the bootstrap document).
+        address: String,
     },
     /// Joined a run of this model (`ModelSpec::describe`).
     Model {
@@ -396,6 +398,8 @@ async fn proof_of_work(
 struct Session {
     client: RelayClient,
     transport: String,
+    /// The relay address this session dialed.
+    address: String,
     /// The `Join` this session sent, to send again should the relay have forgotten us.
     join: ClientToRelay,
     /// The relay's ML-DSA-65 public key, which signs every announcement.
@@ -428,6 +432,7 @@ impl Session {
             .ok_or_else(|| {
                 PeerError::Bootstrap(format!("relay offers no {} address", wanted.join(" or ")))
             })?;
+        let dialed = address.clone();
         let address = address
             .parse()
             .map_err(|e| PeerError::Bootstrap(format!("{address}: {e}")))?;
@@ -478,6 +483,7 @@ impl Session {
             slot: welcome.slot,
             client,
             transport,
+            address: dialed,
             join,
             relay_key,
             relay_url: config.relay_url.clone(),
@@ -905,6 +911,7 @@ async fn train_session<L: Local>(
         run: session.spec.run_id.clone(),
         peer: peer.to_hex(),
         transport: session.transport.clone(),
+        address: session.address.clone(),
     });
     emit(PeerEvent::Model {
         model: session.spec.model.describe(),

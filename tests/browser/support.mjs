@@ -9,8 +9,10 @@ export const outDir = join(import.meta.dirname, 'out');
 // `tiny: false` keeps relay.toml's language model (what `cargo xtask run` trains).
 // `webDir` is the folder the relay serves (default: the contributor page); `extra`: more
 // `serve` options.
-export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true, webDir = join(root, 'web'), innerSteps = process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', deadlineSecs = 60, extra = [] } = {}) {
-  const relay = spawn(relayBin, [
+// `spawnWith(cmd, args, options)` starts the process (default: here; the internet test runs it
+// inside a network namespace).
+export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = true, webDir = join(root, 'web'), innerSteps = process.env.SWARMTRAIN_E2E_INNER_STEPS ?? '20', deadlineSecs = 60, extra = [], spawnWith = spawn, env = process.env } = {}) {
+  const relay = spawnWith(relayBin, [
     'serve', '--config', join(root, 'relay.toml'), '--http', http, '--web-dir', webDir,
     '--data-dir', dataDir,
     // A tiny language model keeps the browser rounds short: 1 layer × 32 wide, context 32.
@@ -18,12 +20,12 @@ export function startRelay(dataDir, http = '127.0.0.1:0', { quorum = 1, tiny = t
       '--lr', '0.01', '--warmup-steps', '5'] : []),
     '--inner-steps', String(innerSteps), '--quorum', String(quorum), '--round-deadline-secs', String(deadlineSecs),
     ...extra,
-  ], { stdio: ['ignore', 'pipe', 'inherit'] });
+  ], { stdio: ['ignore', 'pipe', 'inherit'], env });
   const url = new Promise((resolve, reject) => {
     let buffered = '';
     relay.stdout.on('data', (chunk) => {
       buffered += chunk;
-      const m = buffered.match(/listening on (http:\/\/\S+)/);
+      const m = buffered.match(/listening on (https?:\/\/\S+)/);
       if (m) resolve(m[1]);
     });
     relay.on('exit', (code) => reject(new Error(`relay exited with ${code}`)));
@@ -46,7 +48,8 @@ export const CHROMIUM_ARGS = [
 
 // Opens the contributor page at `url` + `query` in a browser context of its own (its own
 // IndexedDB, so its own identity) and waits for its run list. Console lines go to `logs`, the
-// page's events (its `swarmtrain event {json}` debug lines) to `events`.
+// page's events (its `swarmtrain event {json}` debug lines, with `at`: when they arrived, in
+// Date.now() ms) to `events`.
 export async function openTab(browser, url, query, { logs = [], events = [] } = {}) {
   const context = await browser.newContext({ viewport: { width: 720, height: 1000 } });
   const page = await context.newPage();
@@ -55,7 +58,7 @@ export async function openTab(browser, url, query, { logs = [], events = [] } = 
     logs.push(`[${m.type()}] ${t}`);
     const at = t.indexOf('swarmtrain event ');
     if (at >= 0) {
-      try { events.push(JSON.parse(t.slice(at + 'swarmtrain event '.length))); } catch { /* cut at 2,000 characters */ }
+      try { events.push({ ...JSON.parse(t.slice(at + 'swarmtrain event '.length)), at: Date.now() }); } catch { /* cut at 2,000 characters */ }
     }
   });
   page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));

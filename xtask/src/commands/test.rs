@@ -47,7 +47,8 @@ pub(crate) fn test(args: &[String]) -> Result {
 
     // 3. The browser end-to-end tests: a real relay, real Chromium, the Contribute button;
     //    two tabs linked browser-to-browser; the same links with a js-libp2p node; the package
-    //    embedded in a Vite + TypeScript page.
+    //    embedded in a Vite + TypeScript page; and the relay on a simulated internet (network
+    //    namespaces, NAT routers, coturn, a Chromium in each home; needs root).
     build_example()?;
     let relay = build_relay()?;
     status(
@@ -59,6 +60,7 @@ pub(crate) fn test(args: &[String]) -> Result {
                 "webrtc.test.mjs",
                 "interop.test.mjs",
                 "embed.test.mjs",
+                "internet.test.mjs",
             ])
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)

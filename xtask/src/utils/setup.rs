@@ -1,5 +1,6 @@
 //! What the commands install first, idempotently: the wasm32 target and the pinned wasm-bindgen
-//! CLI, Debian packages (Chromium, its driver, Mesa's Vulkan, fortunes, python3-venv), npm
+//! CLI, Debian packages (Chromium, its driver, Mesa's Vulkan, fortunes, python3-venv, and for the
+//! simulated internet iproute2, iptables, coturn and openssl), npm
 //! packages from lock files, and a Python virtual environment for the comparisons.
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,13 @@ pub(crate) const APT_PACKAGES: &[&str] = &[
     "mesa-vulkan-drivers",
     "fortunes",
     "python3-venv",
+    // The simulated internet of tests/browser/internet.test.mjs: network namespaces and NAT
+    // routers (iproute2, iptables), a TURN server (coturn), the relay's test certificate
+    // (openssl).
+    "iproute2",
+    "iptables",
+    "coturn",
+    "openssl",
 ];
 
 /// Adds the wasm32 target and installs the pinned wasm-bindgen CLI when missing.
