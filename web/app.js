@@ -399,9 +399,10 @@ $('contribute').addEventListener('click', async () => {
     // `?transport=ws` or `?transport=webrtc-direct` picks the connection; the default takes
     // WebRTC-direct when the relay offers it.
     const transport = params.get('transport') ?? 'auto';
-    // `?direct=N` also links this tab to up to N other browsers of the relay over WebRTC
-    // (signaling through the relay); `?ice=<JSON array of RTCIceServer>` adds STUN/TURN servers.
-    const direct = Number(params.get('direct') ?? 0);
+    // The tab also links to up to 3 other browsers of the relay over WebRTC (signaling through
+    // the relay, STUN/TURN from the relay's operator); `?direct=N` changes how many, `?direct=0`
+    // turns links off, `?ice=<JSON array of RTCIceServer>` replaces the relay's ICE servers.
+    const direct = params.has('direct') ? Number(params.get('direct')) : undefined;
     // Training runs in a dedicated worker (`trainer-worker.js`) so that this page stays
     // responsive; `?worker=0` trains on the page's own thread instead.
     const worker = params.get('worker') === '0' ? undefined : new URL('trainer-worker.js', import.meta.url).href;

@@ -122,6 +122,11 @@ async function refresh() {
     ]);
     const metrics = parseMetrics(metricsText);
     $('connections').textContent = count(metricValue(metrics, 'swarmtrain_connections'));
+    // How peers came (tcp, ws, wss, webrtc-direct) and where the relay tells them to dial.
+    const transports = metrics.filter((m) => m.name === 'swarmtrain_connections_by_transport' && m.value > 0);
+    $('transports').textContent = transports.length ? transports.map((m) => `${m.labels.transport} ${count(m.value)}`).join(', ') : 'none';
+    const advertised = metrics.filter((m) => m.name === 'swarmtrain_advertised_address');
+    $('advertised').textContent = advertised.map((m) => `${m.labels.address}${m.labels.loopback === 'true' ? ' (loopback clients only)' : ''}`).join('\n') || '—';
     $('sealed').textContent = count(metricValue(metrics, 'swarmtrain_sealed_connections'));
     $('reservations').textContent = count(metricValue(metrics, 'swarmtrain_circuit_reservations'));
     $('memory').textContent = bytes(metricValue(metrics, 'process_resident_memory_bytes'));

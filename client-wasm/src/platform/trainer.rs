@@ -46,6 +46,11 @@ pub enum TransportChoice {
     Ws,
 }
 
+/// Other browsers a trainer links to over WebRTC unless told otherwise: on by default since
+/// `tests/browser/internet.test.mjs` showed links through cone NATs (STUN) and a symmetric one
+/// (TURN).
+pub const DEFAULT_DIRECT: u32 = 3;
+
 /// The options of `Trainer.connect`.
 #[derive(Clone, Debug, Default, Deserialize, Tsify)]
 #[tsify(from_wasm_abi)]
@@ -64,11 +69,13 @@ pub struct TrainerOptions {
     #[serde(default)]
     pub transport: Option<TransportChoice>,
     /// How many other browsers of the relay to link to over WebRTC, signaling through the
-    /// relay, and whether to take such links (default 0: none).
+    /// relay, and whether to take such links (default 3; 0: none). Across NATs the links use
+    /// the relay operator's STUN/TURN servers.
     #[tsify(optional)]
     #[serde(default)]
     pub direct: Option<u32>,
-    /// STUN/TURN servers for those links (default: host candidates only, one network).
+    /// STUN/TURN servers for those links (default: the relay's, from its bootstrap document, with
+    /// TURN credentials minted for this peer; without any, host candidates only: one network).
     #[tsify(optional)]
     #[serde(default)]
     pub ice_servers: Option<Vec<IceServer>>,
@@ -217,7 +224,7 @@ impl Trainer {
                     stop,
                     pause,
                     max_retries: None,
-                    direct_peers: options.direct.unwrap_or(0) as usize,
+                    direct_peers: options.direct.unwrap_or(DEFAULT_DIRECT) as usize,
                     ice_servers: options.ice_servers.clone().unwrap_or_default(),
                 };
                 match options.worker.filter(|w| !w.is_empty()) {
