@@ -389,4 +389,65 @@ mod tests {
         let trimmed = run(&["--aggregator=trimmed-mean", "--trim=2", "--quorum=4"]);
         assert!(run_spec(&trimmed).is_err(), "trim 2 needs 5 updates");
     }
+
+    /// deploy/swarmtrain-relay.service is a valid unit (`systemd-analyze verify`, where systemd
+    /// is installed) and its ExecStart is a command line this relay accepts.
+    #[test]
+    fn the_systemd_unit_verifies() {
+        let unit_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/swarmtrain-relay.service");
+        let unit = std::fs::read_to_string(&unit_path).expect("the unit file");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("an ExecStart line");
+        let argv: Vec<&str> = exec.split_whitespace().collect();
+        assert_eq!(argv[0], "/usr/local/bin/swarmtrain-relay");
+        let Command::Serve(options) =
+            Cli::try_parse_from(std::iter::once("swarmtrain-relay").chain(argv[1..].iter().copied()))
+                .expect("ExecStart parses")
+                .command
+        else {
+            panic!("ExecStart runs serve")
+        };
+        assert_eq!(options.data_dir.as_deref(), Some(std::path::Path::new("/var/lib/swarmtrain")));
+        for line in ["StateDirectoryMode=0700", "UMask=0077", "DynamicUser=yes"] {
+            assert!(unit.lines().any(|l| l == line), "{line}");
+        }
+        let Ok(analyze) = which("systemd-analyze") else {
+            eprintln!("systemd-analyze is not installed: only the command line was checked");
+            return;
+        };
+        // The unit with this test's own executable in place of the installed binary (verify
+        // checks that it exists), in a directory of its own.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = std::env::current_exe().expect("this test's path");
+        let copy = dir.path().join("swarmtrain-relay.service");
+        std::fs::write(
+            &copy,
+            unit.replace("/usr/local/bin/swarmtrain-relay", &exe.to_string_lossy()),
+        )
+        .expect("write the unit");
+        let out = std::process::Command::new(analyze)
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Lines about the machine's own units (none running in a container) are not ours.
+        let ours: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("swarmtrain-relay.service"))
+            .collect();
+        assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify:\n{stderr}");
+    }
+
+    fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+            .ok_or(())
+    }
 }
