@@ -207,8 +207,9 @@ async function scenario(run) {
       firstAcceptedMs: Object.fromEntries(['a', 'b', 'c'].map((n) => [n, tabs[n].firstAcceptedMs])),
       linkMs,
       thetaKiBs,
+      pairs: printed,
     };
-    console.log(`run ${run}: ${JSON.stringify(figures)}`);
+    console.log(`run ${run}: ${JSON.stringify({ ...figures, pairs: undefined })}`);
     mkdirSync(outDir, { recursive: true });
     for (const name of ['a', 'b', 'c']) {
       await tabs[name].page.screenshot({ path: join(outDir, `internet-${name}.png`), fullPage: true });
@@ -228,11 +229,46 @@ test('on a simulated internet: HTTPS by public address, direct links through con
   const runs = Number(process.env.SWARMTRAIN_INTERNET_RUNS ?? 1);
   const all = [];
   for (let run = 1; run <= runs; run++) all.push(await scenario(run));
-  if (runs > 1) {
-    const flat = (f) => all.flatMap(f);
-    console.log(`medians of ${runs} runs: page load to first accepted update ${median(flat((f) => Object.values(f.firstAcceptedMs)))} ms; `
-      + `link set-up direct ${median(flat((f) => f.linkMs.direct))} ms, TURN ${median(flat((f) => f.linkMs.relay))} ms; `
-      + `θ over a direct link ${median(flat((f) => f.thetaKiBs.direct)).toFixed(0)} KiB/s (${flat((f) => f.thetaKiBs.direct).length} transfers), `
-      + `over TURN ${median(flat((f) => f.thetaKiBs.relay)).toFixed(0)} KiB/s (${flat((f) => f.thetaKiBs.relay).length} transfers)`);
+  const flat = (f) => all.flatMap(f);
+  const fmt = (xs, unit, digits = 0) => (xs.length ? `${median(xs).toFixed(digits)} ${unit} (${xs.length}: ${Math.min(...xs).toFixed(digits)}–${Math.max(...xs).toFixed(digits)})` : 'none measured');
+  const rows = [
+    ['page load to first accepted update', fmt(flat((f) => Object.values(f.firstAcceptedMs)), 'ms')],
+    ['link set-up, direct (srflx) link', fmt(flat((f) => f.linkMs.direct), 'ms')],
+    ['link set-up, TURN link', fmt(flat((f) => f.linkMs.relay), 'ms')],
+    ['θ over a direct link', fmt(flat((f) => f.thetaKiBs.direct), 'KiB/s')],
+    ['θ over a TURN link', fmt(flat((f) => f.thetaKiBs.relay), 'KiB/s')],
+  ];
+  console.log(`medians of ${runs} run(s):\n${rows.map(([k, v]) => `  ${k}: ${v}`).join('\n')}`);
+  const report = process.env.SWARMTRAIN_INTERNET_REPORT;
+  if (report) {
+    writeFileSync(report, `# The relay on a simulated internet
+
+\`cargo xtask bench internet\` runs \`tests/browser/internet.test.mjs\` ${runs} times and writes this page.
+Each run builds the network anew: the relay (bound to 0.0.0.0 with TLS and its public address)
+and coturn on a public segment, three homes behind NAT routers (A and B: cone, C: symmetric),
+one headless Chromium in each, training the tiny language model (quorum 2, 20 inner steps) on
+the CPU backend; 2 cores, one machine, so every path is a veth pair: the figures are the
+protocol's and the browsers' costs, not a real network's latency.
+
+Medians over all runs (count: range):
+
+| what | median |
+| --- | --- |
+${rows.map(([k, v]) => `| ${k} | ${v} |`).join('\n')}
+
+- *Page load to first accepted update*: from opening the page (HTTPS, by the relay's public
+  address) to the \`submitted\` event of its first accepted update; the tabs open one after
+  another, each once the one before has an update accepted.
+- *Link set-up*: from the later of the two tabs joining to the first \`direct\` event naming the
+  link (reservation, \`/api/reachable\`, signaling through the relay, ICE, the first ping).
+- *θ over a link*: θ's bytes over the time of \`params\` events that took the whole θ from one
+  linked browser (the tiny model's θ is 117 KiB; the leaf protocol asks 4 leaves of 8 KiB at a
+  time).
+
+The selected candidate pairs of the last run (\`getStats\`; Chromium does not show the address
+of a peer-reflexive remote candidate):
+
+${all.at(-1).pairs.map((p) => `- ${p}`).join('\n')}
+`);
   }
 });

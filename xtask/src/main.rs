@@ -38,7 +38,10 @@ fn main() -> ExitCode {
                  bench load   1,000 simulated peers on one relay; writes docs/benchmarks/load.md\n  \
                  bench soak   100,000 fast rounds on one relay: round time, memory, disk; writes docs/benchmarks/soak.md\n  \
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
+                 bench browser training steps per second in Chromium (WebGPU, CPU), natively and in TF.js; writes docs/benchmarks/browser.md\n  \
+                 bench flood  honest round time under a hostile flood; writes docs/benchmarks/flood.md\n  \
                  bench joiners the relay's θ bytes out for 8 browsers joining a round, without and with browser links; writes docs/benchmarks/joiners.md\n  \
+                 bench internet the relay on a simulated internet (root): first update, link set-up, θ over direct and TURN links; writes docs/benchmarks/internet.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
                  fuzz [--seconds N] [TARGET…]  run the cargo fuzz targets N s each (default 60); writes docs/benchmarks/fuzz.md\n  \
                  setup        install the toolchain pieces and browser packages only"

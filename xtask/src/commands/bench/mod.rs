@@ -22,7 +22,10 @@ pub(crate) fn bench(args: &[String]) -> Result {
         Some("browser") => browser::run(args.get(1).is_some_and(|a| a == "--report-only")),
         Some("flood") => bench_flood(),
         Some("joiners") => bench_joiners(),
-        _ => Err("usage: cargo xtask bench robust|diloco|load|soak|browser|flood|joiners".into()),
+        Some("internet") => bench_internet(),
+        _ => Err(
+            "usage: cargo xtask bench robust|diloco|load|soak|browser|flood|joiners|internet".into(),
+        ),
     }
 }
 
@@ -39,6 +42,25 @@ pub(crate) fn bench_joiners() -> Result {
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)
             .env("SWARMTRAIN_ROOT", root()),
+    )
+}
+
+/// The relay on a simulated internet, five times (`tests/browser/internet.test.mjs`, as root):
+/// page load to first accepted update, link set-up and θ's rate over direct and TURN links,
+/// written to docs/benchmarks/internet.md.
+pub(crate) fn bench_internet() -> Result {
+    setup_wasm()?;
+    build_wasm()?;
+    setup_browser()?;
+    let relay = build_relay()?;
+    status(
+        Command::new("node")
+            .args(["--test", "internet.test.mjs"])
+            .current_dir(root().join("tests/browser"))
+            .env("SWARMTRAIN_RELAY_BIN", relay)
+            .env("SWARMTRAIN_ROOT", root())
+            .env("SWARMTRAIN_INTERNET_RUNS", "5")
+            .env("SWARMTRAIN_INTERNET_REPORT", root().join("docs/benchmarks/internet.md")),
     )
 }
 
