@@ -190,7 +190,8 @@ async function scenario(run) {
     for (const name of ['a', 'b', 'c']) {
       for (const p of links(name)) {
         const other = nameOf[p.peer];
-        if (other < name) continue;
+        // Links to the embedding page (another identity in C's browser) are not counted.
+        if (!other || other < name) continue;
         const up = Math.min(...[name, other].map((n) => events[n].find((e) => e.kind === 'direct' && e.peers.some((q) => nameOf[q.peer] === (n === name ? other : name)))?.at ?? Infinity));
         linkMs[kindOf(p.path)].push(up - Math.max(joinedAt[name], joinedAt[other]));
       }
