@@ -598,8 +598,8 @@ mod tests {
                 .all(|a| a.starts_with("/ip4/203.0.113.10/")),
             "{by_ip:?}"
         );
-        assert!(matches!("/ip4/1.2.3.4/udp/1".parse::<External>(), Err(_)));
-        assert!(matches!("not a host!".parse::<External>(), Err(_)));
+        assert!("/ip4/1.2.3.4/udp/1".parse::<External>().is_err());
+        assert!("not a host!".parse::<External>().is_err());
     }
 
     fn peer_of(addr: &str) -> &str {

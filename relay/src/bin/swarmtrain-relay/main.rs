@@ -403,14 +403,18 @@ mod tests {
             .expect("an ExecStart line");
         let argv: Vec<&str> = exec.split_whitespace().collect();
         assert_eq!(argv[0], "/usr/local/bin/swarmtrain-relay");
-        let Command::Serve(options) =
-            Cli::try_parse_from(std::iter::once("swarmtrain-relay").chain(argv[1..].iter().copied()))
-                .expect("ExecStart parses")
-                .command
+        let Command::Serve(options) = Cli::try_parse_from(
+            std::iter::once("swarmtrain-relay").chain(argv[1..].iter().copied()),
+        )
+        .expect("ExecStart parses")
+        .command
         else {
             panic!("ExecStart runs serve")
         };
-        assert_eq!(options.data_dir.as_deref(), Some(std::path::Path::new("/var/lib/swarmtrain")));
+        assert_eq!(
+            options.data_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/swarmtrain"))
+        );
         for line in ["StateDirectoryMode=0700", "UMask=0077", "DynamicUser=yes"] {
             assert!(unit.lines().any(|l| l == line), "{line}");
         }
@@ -439,7 +443,10 @@ mod tests {
             .lines()
             .filter(|l| l.contains("swarmtrain-relay.service"))
             .collect();
-        assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify:\n{stderr}");
+        assert!(
+            out.status.success() && ours.is_empty(),
+            "systemd-analyze verify:\n{stderr}"
+        );
     }
 
     fn which(program: &str) -> Result<std::path::PathBuf, ()> {

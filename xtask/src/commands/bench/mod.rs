@@ -24,7 +24,8 @@ pub(crate) fn bench(args: &[String]) -> Result {
         Some("joiners") => bench_joiners(),
         Some("internet") => bench_internet(),
         _ => Err(
-            "usage: cargo xtask bench robust|diloco|load|soak|browser|flood|joiners|internet".into(),
+            "usage: cargo xtask bench robust|diloco|load|soak|browser|flood|joiners|internet"
+                .into(),
         ),
     }
 }
@@ -60,7 +61,10 @@ pub(crate) fn bench_internet() -> Result {
             .env("SWARMTRAIN_RELAY_BIN", relay)
             .env("SWARMTRAIN_ROOT", root())
             .env("SWARMTRAIN_INTERNET_RUNS", "5")
-            .env("SWARMTRAIN_INTERNET_REPORT", root().join("docs/benchmarks/internet.md")),
+            .env(
+                "SWARMTRAIN_INTERNET_REPORT",
+                root().join("docs/benchmarks/internet.md"),
+            ),
     )
 }
 
