@@ -33,16 +33,22 @@ pub(crate) fn bench(args: &[String]) -> Result {
 /// The relay's θ bytes out for browsers joining one round, without and with browser-to-browser
 /// links (`tests/browser/joiners.mjs` writes docs/benchmarks/joiners.md).
 pub(crate) fn bench_joiners() -> Result {
+    browser_script(&["joiners.mjs"], &[])
+}
+
+/// Builds the package and the relay, then runs `node ARGS` in tests/browser with `envs`.
+fn browser_script(args: &[&str], envs: &[(&str, std::path::PathBuf)]) -> Result {
     setup_wasm()?;
     build_wasm()?;
     setup_browser()?;
     let relay = build_relay()?;
     status(
         Command::new("node")
-            .arg("joiners.mjs")
+            .args(args)
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)
-            .env("SWARMTRAIN_ROOT", root()),
+            .env("SWARMTRAIN_ROOT", root())
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_os_str()))),
     )
 }
 
@@ -50,21 +56,15 @@ pub(crate) fn bench_joiners() -> Result {
 /// page load to first accepted update, link set-up and θ's rate over direct and TURN links,
 /// written to docs/benchmarks/internet.md.
 pub(crate) fn bench_internet() -> Result {
-    setup_wasm()?;
-    build_wasm()?;
-    setup_browser()?;
-    let relay = build_relay()?;
-    status(
-        Command::new("node")
-            .args(["--test", "internet.test.mjs"])
-            .current_dir(root().join("tests/browser"))
-            .env("SWARMTRAIN_RELAY_BIN", relay)
-            .env("SWARMTRAIN_ROOT", root())
-            .env("SWARMTRAIN_INTERNET_RUNS", "5")
-            .env(
+    browser_script(
+        &["--test", "internet.test.mjs"],
+        &[
+            ("SWARMTRAIN_INTERNET_RUNS", "5".into()),
+            (
                 "SWARMTRAIN_INTERNET_REPORT",
                 root().join("docs/benchmarks/internet.md"),
             ),
+        ],
     )
 }
 
