@@ -51,7 +51,8 @@ pub struct PublicConfig {
     pub trusted_proxies: Vec<IpAddr>,
     /// STUN and TURN URLs handed to browsers for browser-to-browser links.
     pub ice_servers: Vec<String>,
-    /// coturn's `static-auth-secret`: TURN credentials are minted from it per peer.
+    /// coturn's `static-auth-secret`: TURN credentials are minted from it per peer (`Secret`
+    /// redacts itself in `Debug`).
     pub turn_secret: Option<Secret>,
     /// How long a minted TURN credential is valid.
     pub turn_ttl_secs: u64,
@@ -399,12 +400,23 @@ pub async fn resolve(external: &[External]) -> BTreeMap<String, Vec<IpAddr>> {
 }
 
 /// The STUN/TURN servers handed to browsers, with TURN credentials minted per peer.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Ice {
     stun: Vec<String>,
     turn: Vec<String>,
     secret: Option<Secret>,
     ttl_secs: u64,
+}
+
+impl std::fmt::Debug for Ice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ice")
+            .field("stun", &self.stun)
+            .field("turn", &self.turn)
+            .field("has_secret", &self.secret.is_some())
+            .field("ttl_secs", &self.ttl_secs)
+            .finish()
+    }
 }
 
 impl Ice {
