@@ -36,6 +36,8 @@ pub const POLL_AFTER: Duration = Duration::from_secs(3);
 pub const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// The longest wait between attempts to reach the relay.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Sends of one message to a relay that answers it can be mended (busy, keys, join), at most.
+pub const MAX_TRIES: u32 = 6;
 
 /// How a peer finds and joins a relay. Its `Debug` leaves the identity seed out.
 #[derive(Clone)]
@@ -594,24 +596,56 @@ impl Session {
         Ok(announcement)
     }
 
-    async fn request(&self, message: ClientToRelay) -> Result<RelayToClient, PeerError> {
-        Ok(self.client.send(message, Vec::new()).await?)
+    /// Sends `message` (with `payload`, for an update) and returns the relay's answer, mending
+    /// what the relay's answer says can be mended, up to [`MAX_TRIES`] sends: a relay that no
+    /// longer knows this peer (it restarted: `not_joined`) gets the `Join` again; a connection
+    /// without session keys (a redial: `not_sealed`, `unknown_session`) agrees them again; a
+    /// busy relay (`*_busy`) is asked again after [`retry_delay`]. Busy is never final.
+    async fn send_mending(
+        &self,
+        message: ClientToRelay,
+        payload: Vec<u8>,
+    ) -> Result<RelayToClient, PeerError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let answer = self.client.send(message.clone(), payload.clone()).await?;
+            let RelayToClient::Rejected { kind, reason } = &answer else {
+                return Ok(answer);
+            };
+            if tries >= MAX_TRIES {
+                return Ok(answer);
+            }
+            match kind.as_str() {
+                "not_joined" => match self.client.send(self.join.clone(), Vec::new()).await? {
+                    RelayToClient::Welcome(_) => self.client.agree_keys(&self.relay_key).await?,
+                    RelayToClient::Rejected { kind, reason } if kind.ends_with("busy") => {
+                        tracing::info!(%reason, "the relay is busy; joining again later");
+                        platform::sleep(retry_delay(tries)).await;
+                    }
+                    RelayToClient::Rejected { reason, .. } => {
+                        return Err(PeerError::Refused(reason));
+                    }
+                    _ => return Err(PeerError::Unexpected("join")),
+                },
+                "not_sealed" | "unknown_session" => self.client.agree_keys(&self.relay_key).await?,
+                busy if busy.ends_with("busy") => {
+                    tracing::info!(kind = busy, %reason, "the relay is busy; asking again");
+                    platform::sleep(retry_delay(tries)).await;
+                }
+                _ => return Ok(answer),
+            }
+        }
     }
 
-    /// Sends an update with its payload. A relay that no longer knows this peer (it restarted)
-    /// answers `not_joined`: the peer joins again and sends the update once more.
+    async fn request(&self, message: ClientToRelay) -> Result<RelayToClient, PeerError> {
+        self.send_mending(message, Vec::new()).await
+    }
+
+    /// Sends an update with its payload ([`Self::send_mending`]).
     async fn submit(&self, update: Update, payload: Vec<u8>) -> Result<RelayToClient, PeerError> {
-        let message = ClientToRelay::Update(update);
-        match self.client.send(message.clone(), payload.clone()).await? {
-            RelayToClient::Rejected { kind, .. } if kind == "not_joined" => {
-                match self.client.send(self.join.clone(), Vec::new()).await? {
-                    RelayToClient::Welcome(_) => Ok(self.client.send(message, payload).await?),
-                    RelayToClient::Rejected { reason, .. } => Err(PeerError::Refused(reason)),
-                    _ => Err(PeerError::Unexpected("join")),
-                }
-            }
-            answer => Ok(answer),
-        }
+        self.send_mending(ClientToRelay::Update(update), payload)
+            .await
     }
 
     /// Sends the `unsent` update, if any, and reports the relay's answer; `unsent` is cleared
@@ -722,6 +756,10 @@ impl Session {
                     if announcement.round > after {
                         return Ok(announcement);
                     }
+                }
+                // Still busy after every try: transient, the peer reconnects and goes on.
+                RelayToClient::Rejected { kind, reason } if kind.ends_with("busy") => {
+                    return Err(PeerError::Busy(reason));
                 }
                 RelayToClient::Rejected { reason, .. } => return Err(PeerError::Refused(reason)),
                 _ => return Err(PeerError::Unexpected("await round")),

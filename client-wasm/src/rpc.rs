@@ -182,8 +182,9 @@ struct Signer {
     /// The relay's clock minus ours, in ms.
     clock_offset_ms: AtomicI64,
     /// The session keys agreed with the relay ([`RelayClient::agree_keys`]), which seal update
-    /// payloads and open θ chunks.
-    keys: Mutex<Option<Arc<SessionKeys>>>,
+    /// payloads and open θ chunks. They belong to one libp2p connection: the event loop forgets
+    /// them when that connection closes (a later request redials, and keys are agreed again).
+    keys: Arc<Mutex<Option<Arc<SessionKeys>>>>,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -259,11 +260,12 @@ impl RelayClient {
         let info = Arc::new(Mutex::new(RelayInfo::default()));
         let (gossip_tx, gossip) = mpsc::channel(GOSSIP_QUEUE);
         let served = Served::default();
+        let keys = Arc::new(Mutex::new(None));
         platform::spawn(event_loop(
             swarm,
             (relay, address),
             receiver,
-            (info.clone(), served.clone()),
+            (info.clone(), served.clone(), keys.clone()),
             gossip_tx,
         ));
         let micros = web_time::SystemTime::now()
@@ -279,7 +281,7 @@ impl RelayClient {
                 peer_id,
                 seq: AtomicU64::new(micros),
                 clock_offset_ms: AtomicI64::new(0),
-                keys: Mutex::new(None),
+                keys,
             }),
         })
     }
@@ -733,7 +735,11 @@ async fn event_loop(
     mut swarm: Swarm<Behaviour>,
     (relay, relay_address): (PeerId, Multiaddr),
     mut commands: mpsc::Receiver<Command>,
-    (info, served): (Arc<Mutex<RelayInfo>>, Served),
+    (info, served, keys): (
+        Arc<Mutex<RelayInfo>>,
+        Served,
+        Arc<Mutex<Option<Arc<SessionKeys>>>>,
+    ),
     mut gossip: mpsc::Sender<Gossiped>,
 ) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> =
@@ -873,8 +879,14 @@ async fn event_loop(
                     }
                     break;
                 }
-                SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == relay => {
+                SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } if peer_id == relay => {
                     tracing::debug!(?cause, "connection to the relay closed");
+                    // The relay keeps session keys per connection: a redial needs new ones.
+                    if num_established == 0
+                        && let Ok(mut keys) = keys.lock()
+                    {
+                        *keys = None;
+                    }
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if peer_id != relay => {
                     tracing::info!(%peer_id, addr = %endpoint.get_remote_address(), "connected to another peer");

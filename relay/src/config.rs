@@ -85,6 +85,9 @@ pub struct ServeOptions {
     /// get it from the relay). Default: 6.
     #[arg(long, env = "SWARMTRAIN_GOSSIP_FANOUT", value_parser = clap::value_parser!(u16).range(1..))]
     pub gossip_fanout: Option<u16>,
+    /// At most this many libp2p connections from one IP address. Default: 256.
+    #[arg(long, env = "SWARMTRAIN_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections_per_ip: Option<u32>,
     /// Where the world reaches this relay (repeatable, or comma-separated in the variable): an
     /// IP, a host name (dialed by name over TCP and WebSocket, resolved at start for
     /// WebRTC-direct), or a full multiaddr (a reverse proxy's `/dns4/relay.example/tcp/443/tls/ws`).
@@ -514,7 +517,8 @@ impl ServeOptions {
     pub fn merge(mut self, file: Self) -> Self {
         merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
             checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
-            seed, require_sealed, gossip_fanout, aggregation_backend, external_address, tls_cert,
+            seed, require_sealed, gossip_fanout, connections_per_ip, aggregation_backend,
+            external_address, tls_cert,
             tls_key, allow_origin, trusted_proxy, ice_server, turn_secret, turn_ttl_secs);
         self.run = self.run.merge(file.run);
         self
@@ -592,6 +596,10 @@ impl ServeOptions {
             gossip_fanout: self
                 .gossip_fanout
                 .map_or(defaults.gossip_fanout, usize::from),
+            connections_per_ip: self
+                .connections_per_ip
+                .map_or(defaults.connections_per_ip, |n| n as usize),
+            reassembly_budget: defaults.reassembly_budget,
             public: PublicConfig {
                 external_addresses: self.external_address.unwrap_or_default(),
                 allow_origins: match self.allow_origin {

@@ -20,8 +20,8 @@ use swarmtrain_shared::data::derive_seed;
 use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
-    self, CHUNK_BYTES, ClientToRelay, Envelope, Fetch, ModelConfig, PROTOCOL_VERSION, ParamsHash,
-    RelayToClient, RoundAnnouncement, RunSpec, Welcome,
+    self, CHUNK_BYTES, ClientToRelay, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
+    ParamsHash, RelayToClient, RoundAnnouncement, RunSpec, Welcome,
 };
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
@@ -100,7 +100,9 @@ struct State {
     params: HashMap<ParamsHash, Arc<Vec<u8>>>,
     params_order: VecDeque<ParamsHash>,
     announcement: Signed<RoundAnnouncement>,
-    waiters: Vec<(u64, oneshot::Sender<Signed<RoundAnnouncement>>)>,
+    /// The parked long polls, one per joined identity: the round it has, and where to send
+    /// the next (`None`: a newer poll from the same identity replaced this one).
+    waiters: HashMap<PeerKey, (u64, oneshot::Sender<Option<Signed<RoundAnnouncement>>>)>,
     joined: BTreeMap<PeerKey, String>,
     /// Data slots by peer, given out in order of first join (modulo the run's slots).
     slots: BTreeMap<PeerKey, u32>,
@@ -189,7 +191,8 @@ impl Coordinator {
                 Admission::MAX_BITS
             );
         }
-        let challenge = admission::challenge(identity.public_key(), &spec.run_id);
+        let epoch: [u8; 16] = rand::random();
+        let challenge = admission::challenge(identity.public_key(), &spec.run_id, &epoch);
         let run_spec = spec.clone();
         let layout = crate::ops::model_layout(&spec.model);
         let resumed = match &store {
@@ -246,7 +249,7 @@ impl Coordinator {
                     params: HashMap::new(),
                     params_order: VecDeque::new(),
                     announcement,
-                    waiters: Vec::new(),
+                    waiters: HashMap::new(),
                     joined: BTreeMap::new(),
                     slots: BTreeMap::new(),
                     rejected: record.rejected,
@@ -276,7 +279,7 @@ impl Coordinator {
                     params: HashMap::new(),
                     params_order: VecDeque::new(),
                     announcement,
-                    waiters: Vec::new(),
+                    waiters: HashMap::new(),
                     joined: BTreeMap::new(),
                     slots: BTreeMap::new(),
                     rejected: BTreeMap::new(),
@@ -322,6 +325,23 @@ impl Coordinator {
     /// What a peer must know of this run's admission policy before it joins.
     pub fn admission_terms(&self) -> AdmissionTerms {
         self.admission.terms(&self.challenge)
+    }
+
+    /// What can be checked of a `Join` from the identity it claims before its signature is:
+    /// the version and run, and the run's admission for that key (a proof of work is a hash
+    /// away). A flood of joins without a valid proof then costs no signature checks.
+    pub fn precheck_join(
+        &self,
+        claimed: &PeerKey,
+        join: &Join,
+    ) -> Result<(), (&'static str, String)> {
+        if join.version != PROTOCOL_VERSION || join.run_id != self.spec.run_id {
+            let reason = format!("join for run {:?} version {}", join.run_id, join.version);
+            return Err(("bad_join", reason));
+        }
+        self.admission
+            .admit(&self.challenge, claimed, join.proof_of_work)
+            .map_err(|e| ("not_admitted", e.to_string()))
     }
 
     pub fn identity(&self) -> &Identity {
@@ -499,26 +519,51 @@ impl Coordinator {
                             .reject(Some(peer), "wrong_run", format!("no run {run_id:?}"))
                             .await;
                     }
+                    // Only joined identities wait for rounds, and count as active: a poll from
+                    // an identity that never joined would otherwise park for free and raise the
+                    // quorum.
+                    if !state.joined.contains_key(&peer) {
+                        drop(state);
+                        let reason = "send a Join for this run before waiting for rounds".into();
+                        return self.reject(Some(peer), "not_joined", reason).await;
+                    }
                     state.round.seen(peer, now);
                     match after {
                         // Only a peer that has the current round waits for the next one. One
                         // that names a later round (a relay that lost its state, or a hostile
                         // `u64::MAX`) hears the current round at once and leaves no waiter behind.
                         Some(after) if after == state.round.round => {
-                            // Polls that timed out left their senders: drop them here, so the
-                            // list never outgrows the polls in flight.
-                            state.waiters.retain(|(_, tx)| !tx.is_closed());
+                            // One parked poll per identity: a newer one replaces it, and the
+                            // older is told so (`poll_busy`) rather than answered with the
+                            // round it has, which its sender would ask about again at once.
                             let (tx, rx) = oneshot::channel();
-                            state.waiters.push((after, tx));
+                            if let Some((_, older)) = state.waiters.insert(peer, (after, tx)) {
+                                let _ = older.send(None);
+                            }
                             rx
                         }
                         _ => return encode(&RelayToClient::Round(state.announcement.clone())),
                     }
                 };
                 let announcement = match tokio::time::timeout(max_wait, waiter).await {
-                    Ok(Ok(announcement)) => announcement,
+                    Ok(Ok(Some(announcement))) => announcement,
+                    Ok(Ok(None)) => {
+                        let reason =
+                            "a newer long poll from this identity replaced this one".into();
+                        return self.reject(Some(peer), "poll_busy", reason).await;
+                    }
                     // Timed out (or shutting down): answer with the current round; the peer asks again.
-                    _ => self.state.lock().await.announcement.clone(),
+                    _ => {
+                        let mut state = self.state.lock().await;
+                        if state
+                            .waiters
+                            .get(&peer)
+                            .is_some_and(|(_, tx)| tx.is_closed())
+                        {
+                            state.waiters.remove(&peer);
+                        }
+                        state.announcement.clone()
+                    }
                 };
                 encode(&RelayToClient::Round(announcement))
             }
@@ -693,13 +738,16 @@ impl Coordinator {
                     }
                 }
                 let round = state.round.round;
-                let (ready, waiting): (Vec<_>, Vec<_>) = state
+                let ready: Vec<PeerKey> = state
                     .waiters
-                    .drain(..)
-                    .partition(|(after, _)| *after < round);
-                state.waiters = waiting;
-                for (_, waiter) in ready {
-                    let _ = waiter.send(announcement.clone());
+                    .iter()
+                    .filter(|(_, (after, _))| *after < round)
+                    .map(|(peer, _)| *peer)
+                    .collect();
+                for peer in ready {
+                    if let Some((_, waiter)) = state.waiters.remove(&peer) {
+                        let _ = waiter.send(Some(announcement.clone()));
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "could not sign the announcement"),
@@ -939,6 +987,13 @@ mod tests {
             }
         }
 
+        fn conn(&self) -> crate::runs::Conn {
+            crate::runs::Conn {
+                peer: self.id,
+                id: libp2p::swarm::ConnectionId::new_unchecked(0),
+            }
+        }
+
         fn submission(&mut self, message: ClientToRelay, payload: Vec<u8>) -> Submission {
             self.seq += 1;
             let envelope = Envelope {
@@ -983,7 +1038,7 @@ mod tests {
                 }),
                 Vec::new(),
             );
-            match answer(runs.handle(join, peer.id, wait).await) {
+            match answer(runs.handle(join, peer.conn(), wait).await) {
                 RelayToClient::Welcome(welcome) => round0 = Some(welcome.round),
                 other => panic!("expected a welcome, got {other:?}"),
             }
@@ -1009,13 +1064,13 @@ mod tests {
             })
         };
         let wrong = peers[0].submission(update(7), payload.clone());
-        match answer(runs.handle(wrong, peers[0].id, wait).await) {
+        match answer(runs.handle(wrong, peers[0].conn(), wait).await) {
             RelayToClient::Rejected { kind, .. } => assert_eq!(kind, "wrong_round"),
             other => panic!("{other:?}"),
         }
         for peer in &mut peers {
             let submission = peer.submission(update(0), payload.clone());
-            match answer(runs.handle(submission, peer.id, wait).await) {
+            match answer(runs.handle(submission, peer.conn(), wait).await) {
                 RelayToClient::Accepted { round: 0 } => {}
                 other => panic!("expected Accepted, got {other:?}"),
             }

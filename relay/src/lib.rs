@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod corpus;
 pub mod dataset;
 pub mod http;
+pub mod limits;
 pub mod ops;
 pub mod p2p;
 pub mod public;
@@ -84,6 +85,11 @@ pub struct RelayConfig {
     /// the rest receive it over their direct links. Peers without links always get it from
     /// the relay.
     pub gossip_fanout: usize,
+    /// At most this many libp2p connections from one IP address (a per-address limit, as
+    /// HTTP servers keep per client).
+    pub connections_per_ip: usize,
+    /// Bytes of long messages (updates) buffered for all connections together.
+    pub reassembly_budget: usize,
     /// Public addresses, TLS, CORS and ICE servers: the relay on the internet.
     pub public: public::PublicConfig,
 }
@@ -163,6 +169,10 @@ pub fn load_data(spec: &RunSpec, seed: u64) -> anyhow::Result<dataset::TaskData>
     })
 }
 
+/// Connections from one IP address, by default: enough for a household or a small office
+/// behind one NAT; a campus behind one address needs more (`--connections-per-ip`).
+pub const DEFAULT_CONNECTIONS_PER_IP: usize = 256;
+
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
@@ -181,6 +191,8 @@ impl Default for RelayConfig {
             admission: BTreeMap::new(),
             require_sealed: false,
             gossip_fanout: swarmtrain_net::DEFAULT_GOSSIP_FANOUT,
+            connections_per_ip: DEFAULT_CONNECTIONS_PER_IP,
+            reassembly_budget: swarmtrain_shared::transfer::DEFAULT_BUDGET,
             public: public::PublicConfig {
                 allow_origins: vec!["*".into()],
                 turn_ttl_secs: public::TURN_TTL_SECS,
@@ -219,10 +231,68 @@ fn ip_protocol(ip: IpAddr) -> Protocol<'static> {
     }
 }
 
+/// The key files a data directory holds, which nobody but the relay's user may read.
+const KEY_FILES: &[&str] = &["relay.key", "webrtc.pem"];
+
+/// Makes the data directory private before anything is written to it: files the relay creates
+/// from now on are its user's alone (umask 077: the run database holds decrypted updates, the
+/// key files the relay's identity); a missing directory is created 0700, and an existing one
+/// open to others is closed to them (0700, with a warning). A key file that others may read is
+/// refused, as ssh refuses such a key: the key may have leaked, and the operator must decide.
+pub fn secure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        let mode = std::fs::metadata(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the data directory was open to other users; making it 0700"
+            );
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("chmod 700 {}", dir.display()))?;
+        }
+        for name in KEY_FILES {
+            let path = dir.join(name);
+            match std::fs::metadata(&path) {
+                Ok(meta) => {
+                    let mode = meta.permissions().mode();
+                    anyhow::ensure!(
+                        mode & 0o077 == 0,
+                        "{} may be read by other users (mode {:o}): check that the key has not \
+                         leaked, then chmod 600 it",
+                        path.display(),
+                        mode & 0o777
+                    );
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    Ok(())
+}
+
 impl Relay {
     /// Starts the HTTP server, the libp2p node and the round timer.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Self> {
         install_crypto_provider();
+        if let Some(dir) = &config.data_dir {
+            secure_data_dir(dir)?;
+        }
         let seed = match &config.data_dir {
             Some(dir) => swarmtrain_net::keyfile::load_or_create(&dir.join("relay.key"))?,
             None => swarmtrain_net::keyfile::random_seed()?,
@@ -323,8 +393,14 @@ impl Relay {
             public.turn_secret.clone(),
             public.turn_ttl_secs,
         )?;
-        let mut swarm =
-            p2p::build_swarm(keypair, certificate, config.gossip_fanout, tls.as_ref()).await?;
+        let mut swarm = p2p::build_swarm(
+            keypair,
+            certificate,
+            config.gossip_fanout,
+            tls.as_ref(),
+            config.connections_per_ip,
+        )
+        .await?;
         let ip = ip_protocol(config.http.ip());
         let tcp = Multiaddr::empty()
             .with(ip.clone())
@@ -427,6 +503,7 @@ impl Relay {
             announcements,
             network,
             config.gossip_fanout,
+            config.reassembly_budget,
             shutdown_rx.clone(),
         )));
         // The round timer: closes due rounds (every 100 ms, and at once when an accepted update
@@ -470,5 +547,41 @@ impl Relay {
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod data_dir_tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn the_data_directory_is_made_private_and_a_readable_key_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let fresh = root.path().join("new/data");
+        secure_data_dir(&fresh).expect("created");
+        assert_eq!(mode(&fresh), 0o700);
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        secure_data_dir(&open).expect("tightened");
+        assert_eq!(mode(&open), 0o700);
+        // Files created from now on are the relay's user's alone.
+        std::fs::write(open.join("state"), b"x").expect("write");
+        assert_eq!(mode(&open.join("state")), 0o600);
+        let key = open.join("relay.key");
+        std::fs::write(&key, b"secret").expect("write");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let refused = secure_data_dir(&open).expect_err("a group-readable key");
+        assert!(refused.to_string().contains("chmod 600"), "{refused}");
     }
 }

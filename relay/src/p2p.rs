@@ -32,23 +32,50 @@ use libp2p::{
 use libp2p_webrtc::tokio::Certificate;
 use swarmtrain_net::{Node, NodeEvent};
 use swarmtrain_shared::protocol::{self, RelayToClient, Request};
-use swarmtrain_shared::transfer::{self, Progress, Reassembly};
+use swarmtrain_shared::transfer::{Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
 
 use crate::Runs;
 use crate::boxed::Boxed;
+use crate::runs::Conn;
 use crate::runs::{BAN_SECS, HOSTILE_KINDS, MAX_STRIKES};
 
 /// At most this many requests are handled (or parked as long polls) at once.
 const MAX_IN_FLIGHT: usize = 4096;
-/// At most this many from one connection's peer ID: an honest peer has one long poll and one
-/// other request out at a time, so a few connections can no longer take every slot.
+/// At most this many from one identity (or, before its peer ID has signed as one, from one
+/// peer ID): an honest peer has one long poll and one other request out at a time, so neither
+/// a few connections nor many peer IDs of one identity can take every slot.
 pub const MAX_IN_FLIGHT_PER_PEER: usize = 8;
+/// libp2p connections the relay keeps open at once ([`libp2p::connection_limits`]).
+pub const MAX_CONNECTIONS: u32 = 20_000;
+/// Incoming connections still in their handshake at once.
+pub const MAX_PENDING_INCOMING: u32 = 512;
+/// Connections of one peer ID at once (tabs sharing an identity share its peer ID).
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+
+/// Whom quotas, strikes and bans are kept for: the identity a peer ID has signed as, once it
+/// has; before that, the peer ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Account {
+    Identity(swarmtrain_shared::PeerKey),
+    Peer(PeerId),
+}
+
+impl Account {
+    fn of(runs: &Runs, peer: PeerId) -> Self {
+        runs.identity_of(&peer)
+            .map_or(Self::Peer(peer), Self::Identity)
+    }
+}
 
 /// The relay's behaviour: the swarmtrain node plus a circuit relay v2 server. The swarm holds it
 /// [`Boxed`], so that each connection's handler lives on the heap.
 #[derive(NetworkBehaviour)]
 pub struct RelayBehaviour {
+    /// libp2p's connection limits: in total, pending and per peer ID.
+    pub limits: libp2p::connection_limits::Behaviour,
+    /// At most so many connections from one IP address.
+    pub per_ip: crate::limits::PerIp,
     pub node: Node,
     pub circuit: relay::Behaviour,
 }
@@ -86,6 +113,7 @@ pub async fn build_swarm(
     certificate: Certificate,
     gossip_fanout: usize,
     wss: Option<&crate::tls::Certified>,
+    connections_per_ip: usize,
 ) -> anyhow::Result<Swarm<Boxed<RelayBehaviour>>> {
     let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
     // The WebSocket listener, with the operator's certificate when there is one (then it
@@ -123,11 +151,22 @@ pub async fn build_swarm(
         .with_dns()?
         .with_behaviour(|key| {
             Ok(Boxed(RelayBehaviour {
+                limits: libp2p::connection_limits::Behaviour::new(
+                    libp2p::connection_limits::ConnectionLimits::default()
+                        .with_max_established(Some(MAX_CONNECTIONS))
+                        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+                        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER)),
+                ),
+                per_ip: crate::limits::PerIp::new(connections_per_ip),
                 node: Node::new(ProtocolSupport::Inbound, key, &agent, gossip_fanout)?,
                 circuit: relay::Behaviour::new(
                     key.public().to_peer_id(),
                     relay::Config {
                         max_circuit_bytes: CIRCUIT_BYTES,
+                        max_reservations: MAX_RESERVATIONS,
+                        max_reservations_per_peer: 1,
+                        max_circuits: MAX_CIRCUITS,
+                        max_circuits_per_peer: 4,
                         ..relay::Config::default()
                     },
                 ),
@@ -142,6 +181,11 @@ pub async fn build_swarm(
 /// and once their direct connection is up they close the circuit. So θ, updates and gossip
 /// between linked browsers never cost the relay bandwidth (libp2p's default is 128 KiB).
 pub const CIRCUIT_BYTES: u64 = 64 * 1024;
+/// Circuit relay reservations at once (libp2p's default is 128); one per peer ID. A browser
+/// needs one to take links from other browsers.
+pub const MAX_RESERVATIONS: usize = 2048;
+/// Circuits (WebRTC signaling in progress) at once (libp2p's default is 16), four per peer ID.
+pub const MAX_CIRCUITS: usize = 512;
 
 /// What the libp2p node shows the HTTP side: the peers that hold a circuit relay reservation
 /// here, newest last (browsers that take WebRTC connections from other browsers through this
@@ -153,6 +197,8 @@ pub struct Network {
     connections: std::sync::atomic::AtomicUsize,
     circuits_cut: std::sync::atomic::AtomicU64,
     linked: std::sync::atomic::AtomicUsize,
+    /// Incoming connections refused by a connection limit (in total, per peer ID, per IP).
+    pub refused_connections: std::sync::atomic::AtomicU64,
     gossip_sent: std::sync::atomic::AtomicU64,
     gossip_to_mesh: std::sync::atomic::AtomicU64,
     /// Open connections by the transport they came over.
@@ -251,12 +297,17 @@ impl Network {
 
 /// A request being answered: whether it counts against its peer's requests in flight, the
 /// peer, where to answer, and the answer.
-type Pending =
-    Pin<Box<dyn Future<Output = (bool, PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>>;
+type Pending = Pin<
+    Box<dyn Future<Output = (Option<Account>, PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>,
+>;
 /// The work that produces an answer.
 type Work = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
 
-/// At most this many banned peer IDs are remembered (about 60 bytes each).
+/// Accounts with strikes remembered beyond which those with a single strike are forgotten.
+const MAX_STRUCK: usize = 100_000;
+
+/// At most this many banned peer IDs are remembered (about 60 bytes each); banned identities
+/// are kept by [`Runs`].
 const MAX_BANNED: usize = 10_000;
 
 /// Whether `frame` refuses a message for a reason an honest peer never earns
@@ -312,17 +363,19 @@ pub async fn run(
     mut announcements: broadcast::Receiver<(String, Vec<u8>)>,
     network: Arc<Network>,
     fanout: usize,
+    reassembly_budget: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
-    // Requests in `pending` per peer ID; refusals are answered at once and not counted.
-    let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
-    // Strikes per connected peer ID (refusals an honest peer never earns) and the peer IDs
-    // closed for them, with when their ban ends.
-    let mut strikes: HashMap<PeerId, u32> = HashMap::new();
+    // Requests in `pending` per account; refusals are answered at once and not counted.
+    let mut in_flight: HashMap<Account, usize> = HashMap::new();
+    // Strikes per account (refusals an honest peer never earns) and the peer IDs closed for
+    // them, with when their ban ends (banned identities are kept by `Runs`).
+    let mut strikes: HashMap<Account, u32> = HashMap::new();
     let mut banned: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
-    let mut parts: Reassembly<PeerId> =
-        Reassembly::with_limits(transfer::DEFAULT_BUDGET, runs.max_submission_bytes());
+    // One long message in progress per connection, each owed a fair share of the budget.
+    let mut parts: Reassembly<libp2p::swarm::ConnectionId> =
+        Reassembly::with_limits(reassembly_budget, runs.max_submission_bytes());
     let started = tokio::time::Instant::now();
     let max_wait = Duration::from_secs(60);
     // Peers that said they hold direct links (bounded by the open connections).
@@ -350,20 +403,31 @@ pub async fn run(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             Some((counted, peer, channel, frame)) = pending.next(), if !pending.is_empty() => {
-                if counted && let Some(n) = in_flight.get_mut(&peer) {
+                if let Some(account) = counted && let Some(n) = in_flight.get_mut(&account) {
                     *n -= 1;
                     if *n == 0 {
-                        in_flight.remove(&peer);
+                        in_flight.remove(&account);
                     }
                 }
                 if is_strike(&frame) {
-                    let n = strikes.entry(peer).or_default();
+                    // Against the identity once the peer ID has signed as one: a new peer ID
+                    // brings no new strikes, and the ban reaches every peer ID of the identity.
+                    let account = Account::of(&runs, peer);
+                    let n = strikes.entry(account).or_default();
                     *n += 1;
                     if *n == MAX_STRIKES {
-                        tracing::warn!(%peer, strikes = MAX_STRIKES, ban_secs = BAN_SECS, "closing a connection for its refused messages");
+                        strikes.remove(&account);
+                        tracing::warn!(%peer, ?account, strikes = MAX_STRIKES, ban_secs = BAN_SECS, "closing connections for their refused messages");
                         runs.note_closed_for_strikes();
-                        ban(&mut banned, peer);
-                        let _ = swarm.disconnect_peer_id(peer);
+                        let mut peers = vec![peer];
+                        if let Account::Identity(identity) = account {
+                            runs.ban_identity(identity);
+                            peers.extend(runs.peer_ids_of(&identity));
+                        }
+                        for peer in peers {
+                            ban(&mut banned, peer);
+                            let _ = swarm.disconnect_peer_id(peer);
+                        }
                     }
                 }
                 if swarm.behaviour_mut().node.rpc.send_response(channel, frame).is_err() {
@@ -373,13 +437,15 @@ pub async fn run(
             event = swarm.select_next_some() => match event {
                 SwarmEvent::Behaviour(RelayBehaviourEvent::Node(NodeEvent::Rpc(request_response::Event::Message {
                     peer,
+                    connection_id,
                     message: request_response::Message::Request { request, channel, .. },
-                    ..
                 }))) => {
                     let runs = runs.clone();
-                    let mine = in_flight.get(&peer).copied().unwrap_or(0);
+                    let conn = Conn { peer, id: connection_id };
+                    let account = Account::of(&runs, peer);
+                    let mine = in_flight.get(&account).copied().unwrap_or(0);
                     let busy = if mine >= MAX_IN_FLIGHT_PER_PEER {
-                        Some(("peer_busy", format!("{mine} requests from this connection are in flight; wait for an answer")))
+                        Some(("peer_busy", format!("{mine} requests from this identity are in flight; wait for an answer")))
                     } else if pending.len() >= MAX_IN_FLIGHT {
                         Some(("relay_busy", format!("the relay has {MAX_IN_FLIGHT} requests in flight; try again shortly")))
                     } else {
@@ -388,33 +454,35 @@ pub async fn run(
                     if let Some((kind, reason)) = busy {
                         // Refused with a reason, logged and counted; outside the quota (it
                         // resolves as soon as the count is taken).
-                        pending.push(Box::pin(async move { (false, peer, channel, runs.reject_busy(kind, reason).await) }));
+                        pending.push(Box::pin(async move { (None, peer, channel, runs.reject_busy(kind, reason).await) }));
                         continue;
                     }
-                    *in_flight.entry(peer).or_default() += 1;
+                    *in_flight.entry(account).or_default() += 1;
                     let now_ms = started.elapsed().as_millis() as u64;
                     // Checking signatures and handling messages runs on the runtime's workers, not
                     // on this loop, so that a flood of messages to check does not hold up the network.
                     let work: Work = match protocol::decode::<Request>(&request) {
                         Err(e) => Box::pin(async move { runs.reject_malformed(e.to_string()).await }),
-                        Ok(Request::Submit(submission)) => Box::pin(async move { runs.handle(submission, peer, max_wait).await }),
-                        Ok(Request::Fetch(fetch)) => Box::pin(async move { runs.fetch(fetch, peer).await }),
+                        Ok(Request::Submit(submission)) => Box::pin(async move { runs.handle(submission, conn, max_wait).await }),
+                        Ok(Request::Fetch(fetch)) => Box::pin(async move { runs.fetch(fetch, conn).await }),
                         // Buffer space is for connections whose identity has joined a run.
                         Ok(Request::Part(_)) if !runs.has_joined(&peer) => Box::pin(async move {
                             let reason = "join a run before sending a long message".to_owned();
                             runs.reject_part("unbound_part", reason).await
                         }),
-                        Ok(Request::Part(part)) => match parts.accept(peer, part, now_ms) {
+                        Ok(Request::Part(part)) => match parts.accept(connection_id, part, now_ms) {
                             Ok(Progress::More { received }) => {
                                 let frame = protocol::encode(&RelayToClient::PartReceived { received }).unwrap_or_default();
                                 Box::pin(async move { frame })
                             }
                             Ok(Progress::Complete(bytes)) => Box::pin(async move {
                                 match postcard::from_bytes(&bytes) {
-                                    Ok(submission) => runs.handle(submission, peer, max_wait).await,
+                                    Ok(submission) => runs.handle(submission, conn, max_wait).await,
                                     Err(e) => runs.reject_malformed(format!("malformed frame: {e}")).await,
                                 }
                             }),
+                            // A full buffer is the relay's state, not the sender's fault.
+                            Err(e) if e.is_busy() => Box::pin(async move { runs.reject_busy("relay_busy", e.to_string()).await }),
                             Err(e) => Box::pin(async move { runs.reject_part("bad_part", e.to_string()).await }),
                         },
                     };
@@ -428,7 +496,7 @@ pub async fn run(
                             })
                             .unwrap_or_default()
                         });
-                        (true, peer, channel, frame)
+                        (Some(account), peer, channel, frame)
                     });
                     pending.push(answer);
                 }
@@ -475,18 +543,30 @@ pub async fn run(
                         let _ = swarm.disconnect_peer_id(peer_id);
                     }
                 }
-                SwarmEvent::ConnectionClosed { peer_id, num_established, endpoint, .. } => {
+                SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                    if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                        network.refused_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(addr = %send_back_addr, %error, "connection refused by a limit");
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, endpoint, .. } => {
                     network.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     network.connected(endpoint.get_remote_address(), -1);
+                    parts.drop_sender(&connection_id);
+                    runs.connection_closed(connection_id);
                     if num_established == 0 {
                         // Explicit peers that are gone would be dialled again by gossipsub.
                         swarm.behaviour_mut().node.gossipsub.remove_explicit_peer(&peer_id);
                         if linked.remove(&peer_id) {
                             network.linked.store(linked.len(), std::sync::atomic::Ordering::Relaxed);
                         }
-                        parts.drop_sender(&peer_id);
+                        // An identity's strikes outlive its connections (reconnecting does not
+                        // clear them), up to a bound.
+                        if strikes.len() > MAX_STRUCK {
+                            strikes.retain(|_, n| *n > 1);
+                        }
                         runs.unbind(&peer_id);
-                        strikes.remove(&peer_id);
+                        strikes.remove(&Account::Peer(peer_id));
                     }
                 }
                 _ => {}
@@ -571,6 +651,8 @@ mod tests {
         let peer_id = key.public().to_peer_id();
         let mut swarm = memory_swarm(key, |key| {
             Boxed(RelayBehaviour {
+                limits: libp2p::connection_limits::Behaviour::new(Default::default()),
+                per_ip: crate::limits::PerIp::new(1),
                 node: Node::new(ProtocolSupport::Inbound, key, "relay-test", 1).expect("node"),
                 circuit: relay::Behaviour::new(key.public().to_peer_id(), relay::Config::default()),
             })
@@ -585,6 +667,7 @@ mod tests {
             announce.subscribe(),
             network.clone(),
             1,
+            swarmtrain_shared::transfer::DEFAULT_BUDGET,
             shutdown_rx,
         ));
         Relay {

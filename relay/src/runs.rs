@@ -4,13 +4,14 @@
 //! also keeps each connection's agreed session keys ([`swarmtrain_shared::seal`]): it opens the
 //! sealed payloads of updates and seals the θ chunks it serves.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
+use libp2p::swarm::ConnectionId;
 use swarmtrain_shared::PeerKey;
-use swarmtrain_shared::admission::ReplayGuard;
+use swarmtrain_shared::admission::{ExpiringMap, ReplayGuard};
 use swarmtrain_shared::crypto::{CryptoError, Signed};
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, Envelope, Fetch, RelayToClient, Submission,
@@ -26,6 +27,21 @@ pub const MAX_ACTIVE_IDENTITIES: usize = 100_000;
 /// At most this many verified messages are remembered by digest, so that an exact replay is
 /// refused for the cost of a hash instead of a signature check (about 50 bytes each).
 pub const MAX_REMEMBERED: usize = 200_000;
+
+/// One identity may sign on at most this many libp2p peer IDs at once (a browser derives its
+/// peer ID from its identity, so honest peers use one); more are refused as `identity_busy`.
+pub const MAX_PEER_IDS_PER_IDENTITY: usize = 4;
+
+/// At most this many banned identities are remembered (then the oldest ban is forgotten).
+pub const MAX_BANNED_IDENTITIES: usize = 100_000;
+
+/// One libp2p connection: the peer ID it authenticated and the swarm's id for it. Session keys
+/// belong to a connection; quotas, strikes and bans to the identity bound to its peer ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conn {
+    pub peer: PeerId,
+    pub id: ConnectionId,
+}
 
 /// Refusals an honest peer never earns: each is a strike against the connection that sent the
 /// message, and a connection with [`MAX_STRIKES`] is closed (see `p2p::run`). Honest mishaps
@@ -45,7 +61,7 @@ pub const HOSTILE_KINDS: &[&str] = &[
     "undecryptable",
     "unknown_session",
     "bad_key_offer",
-    "peer_busy",
+    "banned",
 ];
 /// Strikes after which the relay closes a connection and refuses its peer ID for
 /// [`BAN_SECS`].
@@ -131,30 +147,35 @@ fn lowest_priority() {
 #[derive(Debug)]
 struct Guard {
     replays: ReplayGuard,
-    /// The identity each connection's peer ID has signed as (one each), for as long as the
-    /// connection is open.
+    /// The identity each peer ID has signed as (one each), for as long as a connection of it
+    /// is open.
     bound: HashMap<PeerId, PeerKey>,
-    /// Connections whose identity has joined a run (was admitted): only they may send parts
-    /// and offer keys.
-    joined: HashSet<PeerId>,
+    /// The peer IDs bound to each identity (at most [`MAX_PEER_IDS_PER_IDENTITY`]).
+    peer_ids: HashMap<PeerKey, HashSet<PeerId>>,
+    /// The runs each bound identity has joined (passed their admission): only such identities
+    /// may send parts and offer keys, and only their messages to those runs skip the queue of
+    /// unjoined signature checks.
+    joined: HashMap<PeerKey, BTreeSet<String>>,
     /// Each connection's session keys: one pending exchange and the agreed keys, at most.
-    keys: HashMap<PeerId, ConnectionKeys>,
-    /// Digests ([`seal::digest_signed`]) of messages whose signature checked out, with their
-    /// expiry: a second copy is refused as `replayed` without checking it again.
-    verified: HashMap<[u8; 32], u64>,
+    keys: HashMap<ConnectionId, ConnectionKeys>,
+    /// Digests ([`seal::digest_signed`]) of messages whose signature checked out, until they
+    /// expire: a second copy is refused as `replayed` without checking it again.
+    verified: ExpiringMap<[u8; 32], ()>,
+    /// Identities banned for their strikes, until the ban ends.
+    banned: ExpiringMap<PeerKey, ()>,
 }
 
 impl Guard {
-    /// Remembers a verified message until `expires_ms`; when [`MAX_REMEMBERED`] are kept, the
-    /// expired ones are dropped first, and if none has expired this one is not kept (its replay
-    /// is then refused by the replay window, after a signature check).
+    /// Remembers a verified message until `expires_ms`, in amortized O(1): expired digests
+    /// are swept from the front of an insertion-order queue, and when [`MAX_REMEMBERED`] are
+    /// kept the oldest goes (its replay is then refused by the replay window, after a
+    /// signature check).
     fn remember(&mut self, digest: [u8; 32], expires_ms: u64, now_ms: u64) {
+        self.verified.sweep(now_ms, 4);
         if self.verified.len() >= MAX_REMEMBERED {
-            self.verified.retain(|_, expires| *expires > now_ms);
+            self.verified.evict_oldest();
         }
-        if self.verified.len() < MAX_REMEMBERED {
-            self.verified.insert(digest, expires_ms);
-        }
+        self.verified.insert(digest, (), expires_ms);
     }
 }
 
@@ -198,9 +219,11 @@ impl Runs {
             guard: Mutex::new(Guard {
                 replays: ReplayGuard::new(MAX_ACTIVE_IDENTITIES),
                 bound: HashMap::new(),
-                joined: HashSet::new(),
+                peer_ids: HashMap::new(),
+                joined: HashMap::new(),
                 keys: HashMap::new(),
-                verified: HashMap::new(),
+                verified: ExpiringMap::default(),
+                banned: ExpiringMap::default(),
             }),
             closed_for_strikes: Default::default(),
             params_bytes_served: Default::default(),
@@ -209,20 +232,72 @@ impl Runs {
         })
     }
 
-    /// Whether `peer`'s identity has joined a run on its open connection (it passed the run's
-    /// admission policy): only such connections may buffer a long message.
+    /// Whether the identity bound to `peer` has joined a run (it passed the run's admission
+    /// policy): only such connections may buffer a long message.
     pub fn has_joined(&self, peer: &PeerId) -> bool {
-        self.guard
-            .lock()
-            .is_ok_and(|guard| guard.joined.contains(peer))
+        self.guard.lock().is_ok_and(|guard| {
+            guard
+                .bound
+                .get(peer)
+                .is_some_and(|identity| guard.joined.contains_key(identity))
+        })
     }
 
-    /// Forgets `peer`'s binding: its last connection closed.
-    pub fn unbind(&self, peer: &PeerId) {
+    /// The identity `peer` signs as, once it has sent a valid envelope.
+    pub fn identity_of(&self, peer: &PeerId) -> Option<PeerKey> {
+        self.guard
+            .lock()
+            .ok()
+            .and_then(|guard| guard.bound.get(peer).copied())
+    }
+
+    /// The peer IDs bound to `identity` now.
+    pub fn peer_ids_of(&self, identity: &PeerKey) -> Vec<PeerId> {
+        self.guard.lock().map_or_else(
+            |_| Vec::new(),
+            |guard| {
+                guard
+                    .peer_ids
+                    .get(identity)
+                    .map(|ids| ids.iter().copied().collect())
+                    .unwrap_or_default()
+            },
+        )
+    }
+
+    /// Refuses every message signed by `identity` for [`BAN_SECS`], on any peer ID.
+    pub fn ban_identity(&self, identity: PeerKey) {
         if let Ok(mut guard) = self.guard.lock() {
-            guard.bound.remove(peer);
-            guard.joined.remove(peer);
-            guard.keys.remove(peer);
+            let now = unix_ms();
+            guard.banned.sweep(now, 4);
+            if guard.banned.len() >= MAX_BANNED_IDENTITIES {
+                guard.banned.evict_oldest();
+            }
+            guard.banned.insert(identity, (), now + BAN_SECS * 1000);
+        }
+    }
+
+    /// Forgets `peer`'s binding: its last connection closed. An identity with no peer ID left
+    /// is forgotten too (it joins again when it comes back).
+    pub fn unbind(&self, peer: &PeerId) {
+        if let Ok(mut guard) = self.guard.lock()
+            && let Some(identity) = guard.bound.remove(peer)
+        {
+            let empty = guard.peer_ids.get_mut(&identity).is_none_or(|ids| {
+                ids.remove(peer);
+                ids.is_empty()
+            });
+            if empty {
+                guard.peer_ids.remove(&identity);
+                guard.joined.remove(&identity);
+            }
+        }
+    }
+
+    /// Forgets a closed connection's session keys.
+    pub fn connection_closed(&self, id: ConnectionId) {
+        if let Ok(mut guard) = self.guard.lock() {
+            guard.keys.remove(&id);
         }
     }
 
@@ -256,12 +331,12 @@ impl Runs {
         })
     }
 
-    /// `peer`'s agreed session keys, if its connection has them.
-    fn agreed(&self, peer: &PeerId) -> Option<Arc<SessionKeys>> {
+    /// The connection's agreed session keys, if it has them.
+    fn agreed(&self, conn: &Conn) -> Option<Arc<SessionKeys>> {
         self.guard
             .lock()
             .ok()
-            .and_then(|guard| guard.keys.get(peer).and_then(|k| k.agreed.clone()))
+            .and_then(|guard| guard.keys.get(&conn.id).and_then(|k| k.agreed.clone()))
     }
 
     /// The longest message any run can use: its largest update and the envelope around it.
@@ -293,37 +368,78 @@ impl Runs {
         self.by_id.values()
     }
 
-    /// Verifies a submission that arrived on `from`'s connection and hands its message to its
+    /// Verifies a submission that arrived on connection `from` and hands its message to its
     /// run's coordinator. An exact copy of a message verified before is refused (`replayed`)
-    /// for the cost of a hash; a connection that has not joined a run waits its turn for a
-    /// signature check on the idle-priority thread ([`UnjoinedChecks`]; `relay_busy` when
-    /// [`UNJOINED_QUEUE`] wait already). Refused, each with its reason: a bad signature (`bad_signature`), an
-    /// envelope made for another connection (`wrong_connection`), an expired or overlong one
-    /// (`expired`), one seen before (`replayed`), and a second identity on one connection
-    /// (`identity_mismatch`). Messages that can't be attributed to a run are counted against
-    /// the default run.
-    pub async fn handle(
-        &self,
-        submission: Submission,
-        from: PeerId,
-        max_wait: Duration,
-    ) -> Vec<u8> {
+    /// for the cost of a hash. Before any signature check, the body is read as the identity it
+    /// claims: a banned identity is refused (`banned`); only a message to a run its bound
+    /// identity has joined is checked at once on the runtime's workers. Anything else must be
+    /// a `Join` (else `not_joined`) that passes its run's admission for the claimed key (proof
+    /// of work, allow list: `not_admitted`), and then waits its turn for a signature check on
+    /// the idle-priority thread ([`UnjoinedChecks`]; `relay_busy` when [`UNJOINED_QUEUE`] wait
+    /// already). Refused after the check, each with its reason: a bad signature
+    /// (`bad_signature`), an envelope made for another connection (`wrong_connection`), an
+    /// expired or overlong one (`expired`), one seen before (`replayed`), a second identity on
+    /// one peer ID (`identity_mismatch`) and an identity on too many peer IDs
+    /// (`identity_busy`). Messages that can't be attributed to a run are counted against the
+    /// default run.
+    pub async fn handle(&self, submission: Submission, from: Conn, max_wait: Duration) -> Vec<u8> {
         let digest = seal::digest_signed(&submission.signed);
         let now = unix_ms();
-        let seen = self.guard.lock().is_ok_and(|guard| {
-            guard
-                .verified
-                .get(&digest)
-                .is_some_and(|expires| *expires > now)
+        let claimed = PeerKey::from_public_key(&submission.signed.public_key);
+        let (seen, banned, bound) = self.guard.lock().map_or((false, false, None), |guard| {
+            (
+                guard.verified.get(&digest, now).is_some(),
+                guard.banned.get(&claimed, now).is_some(),
+                guard.bound.get(&from.peer).copied(),
+            )
         });
         if seen {
-            let peer = PeerKey::from_public_key(&submission.signed.public_key);
             let reason = "this exact message was already received".to_owned();
-            return self.default.reject(Some(peer), "replayed", reason).await;
+            return self.default.reject(Some(claimed), "replayed", reason).await;
         }
-        let verified = if self.has_joined(&from) {
+        if banned {
+            let reason = format!("{} is banned for its refused messages", claimed.short());
+            return self.default.reject(Some(claimed), "banned", reason).await;
+        }
+        // Unverified: only used to decide how (and whether) to check the signature.
+        let Ok(unverified) = postcard::from_bytes::<Envelope>(&submission.signed.body) else {
+            let reason = "the envelope does not decode".to_owned();
+            return self.default.reject(None, "malformed", reason).await;
+        };
+        let fast = bound == Some(claimed)
+            && self.guard.lock().is_ok_and(|guard| {
+                guard.joined.get(&claimed).is_some_and(|runs| {
+                    let run = run_of(&unverified.message);
+                    run.is_empty() || runs.contains(run)
+                })
+            });
+        let verified = if fast {
             submission.signed.verify_and_decode()
         } else {
+            let ClientToRelay::Join(join) = &unverified.message else {
+                let reason = format!(
+                    "join run {:?} before sending anything else to it",
+                    run_of(&unverified.message)
+                );
+                return self
+                    .default
+                    .reject(Some(claimed), "not_joined", reason)
+                    .await;
+            };
+            let Some(run) = self.by_id.get(&join.run_id) else {
+                let reason = format!(
+                    "no run {:?} on this relay (it has {})",
+                    join.run_id,
+                    self.ids().join(", ")
+                );
+                return self
+                    .default
+                    .reject(Some(claimed), "wrong_run", reason)
+                    .await;
+            };
+            if let Err((kind, reason)) = run.precheck_join(&claimed, join) {
+                return self.default.reject(Some(claimed), kind, reason).await;
+            }
             match self.unjoined.check(submission.signed.clone()).await {
                 Some(verified) => verified,
                 None => {
@@ -344,11 +460,12 @@ impl Runs {
                     .await;
             }
         };
-        if envelope.peer_id != from.to_bytes() {
+        if envelope.peer_id != from.peer.to_bytes() {
             let reason = format!(
-                "the message was signed for connection {}, not this one ({from})",
+                "the message was signed for connection {}, not this one ({})",
                 PeerId::from_bytes(&envelope.peer_id)
-                    .map_or_else(|_| "(malformed)".to_owned(), |p| p.to_string())
+                    .map_or_else(|_| "(malformed)".to_owned(), |p| p.to_string()),
+                from.peer
             );
             return self
                 .default
@@ -356,7 +473,7 @@ impl Runs {
                 .await;
         }
         let refused = match self.guard.lock() {
-            Ok(mut guard) => match guard.bound.get(&from) {
+            Ok(mut guard) => match guard.bound.get(&from.peer) {
                 Some(bound) if *bound != peer => Some((
                     "identity_mismatch",
                     format!(
@@ -364,6 +481,20 @@ impl Runs {
                         bound.short()
                     ),
                 )),
+                None if guard
+                    .peer_ids
+                    .get(&peer)
+                    .is_some_and(|ids| ids.len() >= MAX_PEER_IDS_PER_IDENTITY) =>
+                {
+                    Some((
+                        "identity_busy",
+                        format!(
+                            "{} is connected on {MAX_PEER_IDS_PER_IDENTITY} peer IDs already; \
+                             close one first",
+                            peer.short()
+                        ),
+                    ))
+                }
                 _ => {
                     let until = envelope
                         .expires_ms
@@ -374,7 +505,8 @@ impl Runs {
                         .check(peer, envelope.seq, envelope.expires_ms, now)
                     {
                         Ok(()) => {
-                            guard.bound.insert(from, peer);
+                            guard.bound.insert(from.peer, peer);
+                            guard.peer_ids.entry(peer).or_default().insert(from.peer);
                             None
                         }
                         Err(e) => Some((e.kind(), e.to_string())),
@@ -421,18 +553,21 @@ impl Runs {
         }
         match self.by_id.get(run_of(&message)) {
             Some(run) => {
-                let is_join = matches!(message, ClientToRelay::Join(_));
+                let joining = match &message {
+                    ClientToRelay::Join(join) => Some(join.run_id.clone()),
+                    _ => None,
+                };
                 let answer = run
                     .handle(peer, message, submission.signed, payload, max_wait)
                     .await;
-                if is_join
+                if let Some(run_id) = joining
                     && matches!(
                         protocol::decode::<RelayToClient>(&answer),
                         Ok(RelayToClient::Welcome(_))
                     )
                     && let Ok(mut guard) = self.guard.lock()
                 {
-                    guard.joined.insert(from);
+                    guard.joined.entry(peer).or_default().insert(run_id);
                 }
                 answer
             }
@@ -453,12 +588,12 @@ impl Runs {
     /// relay's ML-KEM and ML-DSA work is priced like everything else.
     async fn key_offer(
         &self,
-        from: PeerId,
+        from: Conn,
         peer: PeerKey,
         signed: &swarmtrain_shared::Signed<protocol::Envelope>,
         offer: &seal::KeyOffer,
     ) -> Vec<u8> {
-        if !self.has_joined(&from) {
+        if !self.has_joined(&from.peer) {
             let reason = "join a run before offering keys".to_owned();
             return self.default.reject(Some(peer), "not_joined", reason).await;
         }
@@ -466,7 +601,7 @@ impl Runs {
         match seal::accept(identity, seal::digest_signed(signed), offer) {
             Ok((accept, keys)) => {
                 if let Ok(mut guard) = self.guard.lock() {
-                    guard.keys.entry(from).or_default().pending = Some(keys);
+                    guard.keys.entry(from.id).or_default().pending = Some(keys);
                 }
                 encode(&RelayToClient::KeyAccept(accept))
             }
@@ -480,9 +615,9 @@ impl Runs {
 
     /// A `KeyConfirm`: the peer signed `transcript`; if it is the pending exchange's, its keys
     /// seal this connection's payloads and chunks from now on.
-    async fn key_confirm(&self, from: PeerId, peer: PeerKey, transcript: [u8; 32]) -> Vec<u8> {
+    async fn key_confirm(&self, from: Conn, peer: PeerKey, transcript: [u8; 32]) -> Vec<u8> {
         let agreed = self.guard.lock().ok().is_some_and(|mut guard| {
-            let Some(keys) = guard.keys.get_mut(&from) else {
+            let Some(keys) = guard.keys.get_mut(&from.id) else {
                 return false;
             };
             match keys.pending.take() {
@@ -509,7 +644,7 @@ impl Runs {
 
     /// Answers a fetch from its run's public data; a chunk of θ is sealed for a connection with
     /// agreed keys (and refused, `not_sealed`, to one without when the relay requires sealing).
-    pub async fn fetch(&self, fetch: Fetch, from: PeerId) -> Vec<u8> {
+    pub async fn fetch(&self, fetch: Fetch, from: Conn) -> Vec<u8> {
         let Fetch::Params { run_id, hash, .. } = &fetch;
         let hash = hash.0;
         match self.by_id.get(run_id) {

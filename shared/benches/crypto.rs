@@ -72,7 +72,7 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
-    let challenge = challenge(id.public_key(), "lm");
+    let challenge = challenge(id.public_key(), "lm", &[7; 16]);
     let peer = PeerKey([4; 32]);
     let nonce = solve_proof_of_work(&challenge, &peer, 16).expect("solvable");
     let policy = Admission::ProofOfWork { bits: 16 };

@@ -14,7 +14,8 @@
 //!   envelope it accepted has expired: memory follows the identities active in the last
 //!   [`MAX_ENVELOPE_VALIDITY_MS`], not all identities ever seen.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 
@@ -114,12 +115,16 @@ impl Admission {
     }
 }
 
-/// A run's puzzle challenge: fixed by the relay's signing key and the run, so that a solution
-/// stays valid across restarts and is worth nothing on another relay or run.
-pub fn challenge(relay_public_key: &[u8], run_id: &str) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new_derive_key("swarmtrain admission challenge v1");
+/// A run's puzzle challenge: fixed by the relay's signing key, the run and an `epoch` the
+/// relay draws at random when it starts, so that a solution is worth nothing on another relay
+/// or run and can't be computed before the relay announces the challenge (stockpiled before a
+/// launch). A relay that restarts draws a new epoch: peers solve again when they join again.
+pub fn challenge(relay_public_key: &[u8], run_id: &str, epoch: &[u8; 16]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key("swarmtrain admission challenge v2");
     hasher.update(relay_public_key);
+    hasher.update(&(run_id.len() as u64).to_le_bytes());
     hasher.update(run_id.as_bytes());
+    hasher.update(epoch);
     *hasher.finalize().as_bytes()
 }
 
@@ -232,19 +237,113 @@ impl ReplayWindow {
     }
 }
 
+/// Entries that expire, with expired ones dropped in amortized O(1) per insertion: a queue in
+/// insertion order is swept from its front, so nothing ever scans the whole map (a full
+/// `retain` under a lock on every message is what a flood would otherwise buy). An entry whose
+/// expiry was pushed back since it was queued goes to the back of the queue again.
+#[derive(Debug)]
+pub struct ExpiringMap<K, V> {
+    map: HashMap<K, (V, u64)>,
+    /// Keys in the order they were queued, with the expiry they had then.
+    order: VecDeque<(K, u64)>,
+}
+
+impl<K: Eq + Hash + Clone, V> Default for ExpiringMap<K, V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V> ExpiringMap<K, V> {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The live entry for `key` at `now_ms`.
+    pub fn get(&self, key: &K, now_ms: u64) -> Option<&V> {
+        self.map
+            .get(key)
+            .filter(|(_, expires)| *expires > now_ms)
+            .map(|(v, _)| v)
+    }
+
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Drops expired entries from the front of the queue, at most `limit` of them, and stops at
+    /// the first live one.
+    pub fn sweep(&mut self, now_ms: u64, limit: usize) {
+        for _ in 0..limit {
+            let Some((key, queued)) = self.order.pop_front() else {
+                return;
+            };
+            match self.map.get(&key).map(|(_, expires)| *expires) {
+                // Dropped already (evicted or replaced).
+                None => {}
+                Some(expires) if expires <= now_ms => {
+                    self.map.remove(&key);
+                }
+                // Its expiry moved later since it was queued: queue it again.
+                Some(expires) if expires != queued => self.order.push_back((key, expires)),
+                Some(_) => {
+                    self.order.push_front((key, queued));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops the oldest queued entry, live or not.
+    pub fn evict_oldest(&mut self) {
+        while let Some((key, queued)) = self.order.pop_front() {
+            if self.map.get(&key).is_some_and(|(_, e)| *e == queued) {
+                self.map.remove(&key);
+                return;
+            }
+        }
+    }
+
+    /// Inserts or replaces `key`'s entry, live until `expires_ms`.
+    pub fn insert(&mut self, key: K, value: V, expires_ms: u64) {
+        self.order.push_back((key.clone(), expires_ms));
+        self.map.insert(key, (value, expires_ms));
+    }
+
+    /// `key`'s entry and expiry, to change in place (a later expiry must be set with
+    /// [`Self::extend`]).
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.map.get_mut(key).map(|(v, _)| v)
+    }
+
+    /// Moves `key`'s expiry to `expires_ms` if that is later.
+    pub fn extend(&mut self, key: &K, expires_ms: u64) {
+        if let Some((_, expires)) = self.map.get_mut(key) {
+            *expires = (*expires).max(expires_ms);
+        }
+    }
+}
+
 /// Replay windows of the identities active within the envelope lifetime, up to a bound.
 #[derive(Debug)]
 pub struct ReplayGuard {
-    windows: HashMap<PeerKey, ReplayWindow>,
+    windows: ExpiringMap<PeerKey, ReplayWindow>,
     capacity: usize,
 }
 
 impl ReplayGuard {
-    /// Tracks at most `capacity` identities with unexpired envelopes at once (about 80 bytes
+    /// Tracks at most `capacity` identities with unexpired envelopes at once (about 120 bytes
     /// each).
     pub fn new(capacity: usize) -> Self {
         Self {
-            windows: HashMap::new(),
+            windows: ExpiringMap::default(),
             capacity,
         }
     }
@@ -272,17 +371,21 @@ impl ReplayGuard {
         if expires_ms - now_ms > MAX_ENVELOPE_VALIDITY_MS {
             return Err(ReplayError::TooLong(expires_ms - now_ms));
         }
-        if !self.windows.contains_key(&peer) && self.windows.len() >= self.capacity {
-            // Every envelope a stale window accepted has expired: it can no longer be replayed.
-            self.windows.retain(|_, w| w.expires_ms > now_ms);
+        // Every envelope a stale window accepted has expired: it can no longer be replayed.
+        self.windows.sweep(now_ms, 4);
+        if !self.windows.contains_key(&peer) {
             if self.windows.len() >= self.capacity {
                 return Err(ReplayError::Full(self.capacity));
             }
+            self.windows
+                .insert(peer, ReplayWindow::default(), expires_ms);
         }
-        self.windows
-            .entry(peer)
-            .or_default()
-            .accept(seq, expires_ms)
+        let Some(window) = self.windows.get_mut(&peer) else {
+            return Err(ReplayError::Full(self.capacity));
+        };
+        window.accept(seq, expires_ms)?;
+        self.windows.extend(&peer, expires_ms);
+        Ok(())
     }
 }
 
@@ -333,7 +436,7 @@ mod tests {
 
     #[test]
     fn proof_of_work_admits_the_solver_only() {
-        let challenge = challenge(b"relay key", "lm");
+        let challenge = challenge(b"relay key", "lm", &[0; 16]);
         let (peer, other) = (PeerKey([5; 32]), PeerKey([6; 32]));
         let policy = Admission::ProofOfWork { bits: 12 };
         let nonce = solve_proof_of_work(&challenge, &peer, 12).expect("solvable");
@@ -343,7 +446,9 @@ mod tests {
             Err(AdmissionError::NoProofOfWork(12))
         );
         // The same nonce is (almost surely) worthless for another key, run or relay.
-        let elsewhere = super::challenge(b"relay key", "digits");
+        let elsewhere = super::challenge(b"relay key", "digits", &[0; 16]);
+        let later = super::challenge(b"relay key", "lm", &[1; 16]);
+        assert_ne!(challenge, later, "another epoch, another challenge");
         assert!(
             policy.admit(&challenge, &other, Some(nonce)).is_err()
                 || policy.admit(&elsewhere, &peer, Some(nonce)).is_err()

@@ -10,16 +10,16 @@
 use core::fmt;
 use core::marker::PhantomData;
 
-use ml_dsa::{
-    EncodedVerifyingKey, Keypair, MlDsa65, Seed, Signature, Signer, SigningKey, Verifier,
-    VerifyingKey,
-};
+use ml_dsa::{EncodedVerifyingKey, Keypair, MlDsa65, Seed, Signature, SigningKey, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-/// Domain separation: signatures made for swarmtrain messages can't be replayed elsewhere.
-const DOMAIN: &[u8] = b"swarmtrain/signed/v1\0";
+/// The FIPS 204 context string each signed type is signed under (at most 255 bytes): a
+/// signature made for one type never verifies as another, nor outside swarmtrain.
+pub trait SigningContext {
+    const CONTEXT: &'static [u8];
+}
 
 /// Encoded ML-DSA-65 verifying key length in bytes.
 pub const PUBLIC_KEY_BYTES: usize = 1952;
@@ -129,11 +129,19 @@ impl Identity {
         &self.public_key
     }
 
-    /// Serializes `message` with postcard and signs the bytes.
-    pub fn sign<T: Serialize>(&self, message: &T) -> Result<Signed<T>, CryptoError> {
+    /// Serializes `message` with postcard and signs the bytes under `T`'s context
+    /// ([`SigningContext`]; FIPS 204's deterministic ML-DSA.Sign with a context string).
+    pub fn sign<T: Serialize + SigningContext>(
+        &self,
+        message: &T,
+    ) -> Result<Signed<T>, CryptoError> {
         let body =
             postcard::to_allocvec(message).map_err(|e| CryptoError::Encode(e.to_string()))?;
-        let signature: Signature<MlDsa65> = self.signing.sign(&signed_bytes(&body));
+        let signature: Signature<MlDsa65> = self
+            .signing
+            .expanded_key()
+            .sign_deterministic(&body, T::CONTEXT)
+            .map_err(|_| CryptoError::Encode("the signing context is too long".into()))?;
         Ok(Signed {
             public_key: self.public_key.clone(),
             body,
@@ -159,13 +167,6 @@ pub fn seed_from_hex(hex: &str) -> Option<Zeroizing<[u8; 32]>> {
         *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
     }
     Some(seed)
-}
-
-fn signed_bytes(body: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(DOMAIN.len() + body.len());
-    bytes.extend_from_slice(DOMAIN);
-    bytes.extend_from_slice(body);
-    bytes
 }
 
 /// A postcard-encoded `T` with the signer's public key and an ML-DSA-65 signature over it.
@@ -221,8 +222,8 @@ impl<T> Signed<T> {
     }
 }
 
-impl<T: DeserializeOwned> Signed<T> {
-    /// Checks the signature, then decodes the body. Returns the signer and the message.
+impl<T: DeserializeOwned + SigningContext> Signed<T> {
+    /// Checks the signature (under `T`'s context), then decodes the body. Returns the signer and the message.
     pub fn verify_and_decode(&self) -> Result<(PeerKey, T), CryptoError> {
         let message = verify_body(&self.public_key, &self.body, &self.signature)?;
         Ok((PeerKey::from_public_key(&self.public_key), message))
@@ -253,8 +254,9 @@ impl<T: DeserializeOwned> Signed<T> {
     }
 }
 
-/// Checks an ML-DSA-65 signature by `public_key` over `body`, then decodes `body`.
-fn verify_body<T: DeserializeOwned>(
+/// Checks an ML-DSA-65 signature by `public_key` over `body` under `T`'s context, then
+/// decodes `body`.
+fn verify_body<T: DeserializeOwned + SigningContext>(
     public_key: &[u8],
     body: &[u8],
     signature: &[u8],
@@ -264,8 +266,9 @@ fn verify_body<T: DeserializeOwned>(
     let key = VerifyingKey::<MlDsa65>::decode(&encoded);
     let signature =
         Signature::<MlDsa65>::try_from(signature).map_err(|_| CryptoError::MalformedSignature)?;
-    key.verify(&signed_bytes(body), &signature)
-        .map_err(|_| CryptoError::BadSignature)?;
+    if !key.verify_with_context(body, T::CONTEXT, &signature) {
+        return Err(CryptoError::BadSignature);
+    }
     postcard::from_bytes(body).map_err(|e| CryptoError::Decode(e.to_string()))
 }
 
@@ -277,6 +280,37 @@ mod tests {
     struct Msg {
         round: u64,
         payload: Vec<u8>,
+    }
+
+    impl SigningContext for Msg {
+        const CONTEXT: &'static [u8] = b"swarmtrain/test-msg";
+    }
+
+    /// The same fields as `Msg`, so the same body bytes, under another context.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Other {
+        round: u64,
+        payload: Vec<u8>,
+    }
+
+    impl SigningContext for Other {
+        const CONTEXT: &'static [u8] = b"swarmtrain/test-other";
+    }
+
+    #[test]
+    fn a_signature_for_one_type_never_verifies_as_another_with_the_same_bytes() {
+        let (_, msg) = signed();
+        let as_other: Signed<Other> = Signed {
+            public_key: msg.public_key.clone(),
+            body: msg.body.clone(),
+            signature: msg.signature.clone(),
+            _message: PhantomData,
+        };
+        assert_eq!(
+            as_other.verify_and_decode().map(|_| ()),
+            Err(CryptoError::BadSignature)
+        );
+        assert!(msg.verify_and_decode().is_ok());
     }
 
     fn signed() -> (Identity, Signed<Msg>) {

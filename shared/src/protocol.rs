@@ -29,7 +29,9 @@ use crate::seal::{KeyAccept, KeyOffer};
 /// proof of work.
 /// 5: the peer and the relay agree an ML-KEM-768 + X25519 session key (`KeyOffer`, `KeyAccept`,
 /// `KeyConfirm`; [`crate::seal`]) that seals update payloads and θ chunks.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: each signed type is signed under its own FIPS 204 context string
+/// ([`crate::crypto::SigningContext`]); the proof-of-work challenge names an epoch.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// How long a peer makes its envelopes valid for (10 minutes: long enough for a large update
 /// to upload in parts on a slow link).
 pub const ENVELOPE_VALIDITY_MS: u64 = 10 * 60_000;
@@ -170,6 +172,10 @@ pub struct Envelope {
     /// Unix time in ms, on the relay's clock, after which the envelope is refused.
     pub expires_ms: u64,
     pub message: ClientToRelay,
+}
+
+impl crate::crypto::SigningContext for Envelope {
+    const CONTEXT: &'static [u8] = b"swarmtrain/envelope/v6";
 }
 
 /// What a peer sends to the relay, inside a signed [`Envelope`].
@@ -313,6 +319,10 @@ pub struct RoundAnnouncement {
     pub accuracy: Option<f32>,
     /// Held-out loss of θ_t in nats per token (language-model runs), when it was evaluated.
     pub loss: Option<f32>,
+}
+
+impl crate::crypto::SigningContext for RoundAnnouncement {
+    const CONTEXT: &'static [u8] = b"swarmtrain/round-announcement/v6";
 }
 
 /// Everything a peer needs to take part in a run.

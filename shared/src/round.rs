@@ -55,6 +55,18 @@ pub enum Rejection {
     Closing(u64),
     #[error("the payload does not match the digest the update signed")]
     PayloadMismatch,
+    #[error(
+        "update claims {samples} samples from {steps} inner steps; the run allows at most \
+         {max_steps} steps of {batch}"
+    )]
+    BadClaim {
+        samples: u32,
+        steps: u32,
+        max_steps: u32,
+        batch: u32,
+    },
+    #[error("update is all zeros: it carries no work")]
+    Empty,
 }
 
 impl Rejection {
@@ -72,6 +84,8 @@ impl Rejection {
             Self::NoSamples => "no_samples",
             Self::Closing(_) => "closing",
             Self::PayloadMismatch => "payload_mismatch",
+            Self::BadClaim { .. } => "bad_claim",
+            Self::Empty => "empty_update",
         }
     }
 }
@@ -322,6 +336,20 @@ impl RoundState {
         if update.n_samples == 0 {
             return Err(Rejection::NoSamples);
         }
+        // What the spec defines is all a peer can claim: at most the run's inner steps, each
+        // of one batch (credit and weights never follow a larger number).
+        let (max_steps, batch) = (self.spec.inner.steps, self.spec.inner.batch_size);
+        if update.inner_steps == 0
+            || update.inner_steps > max_steps
+            || u64::from(update.n_samples) > u64::from(update.inner_steps) * u64::from(batch)
+        {
+            return Err(Rejection::BadClaim {
+                samples: update.n_samples,
+                steps: update.inner_steps,
+                max_steps,
+                batch,
+            });
+        }
         if !update.loss.is_finite() {
             return Err(Rejection::NonFinite);
         }
@@ -339,6 +367,9 @@ impl RoundState {
                 | CodecError::BadBits(_)
                 | CodecError::BadKeep { .. } => Rejection::Malformed(e),
             })?;
+        if delta.iter().all(|x| *x == 0.0) {
+            return Err(Rejection::Empty);
+        }
         if let Some(dp) = &self.spec.privacy {
             privacy::clip_l2(&mut delta, dp.clip_norm);
         }
@@ -415,7 +446,9 @@ impl RoundState {
             contributions = noised
                 .map(|delta| Contribution {
                     peer: PeerKey([0; 32]),
-                    n_samples: contributions.iter().map(|c| c.n_samples).sum(),
+                    n_samples: contributions
+                        .iter()
+                        .fold(0u32, |sum, c| sum.saturating_add(c.n_samples)),
                     delta,
                 })
                 .into_iter()
@@ -571,13 +604,48 @@ mod tests {
             run_id: "t".into(),
             round: state.round,
             base: state.params_hash(),
-            n_samples: 4,
+            n_samples: 1,
             inner_steps: 1,
             loss: 0.5,
             codec: Codec::F32,
             payload: PayloadRef::of(&payload),
         };
         (update, payload)
+    }
+
+    #[test]
+    fn claims_beyond_the_spec_and_empty_updates_are_refused_and_dp_sums_cannot_overflow() {
+        let mut s = RoundState::new(spec(), vec![1.0, 1.0], 0);
+        let peer = PeerKey([1; 32]);
+        for (samples, steps) in [(u32::MAX, 1), (2, 1), (1, 2), (1, 0)] {
+            let (mut claim, payload) = update(&s, &[0.1, 0.1]);
+            (claim.n_samples, claim.inner_steps) = (samples, steps);
+            assert_eq!(
+                s.submit(peer, &claim, &payload, 10).map_err(|e| e.kind()),
+                Err("bad_claim"),
+                "{samples} samples in {steps} steps"
+            );
+        }
+        assert_eq!(s.put(peer, &[0.0, 0.0], 10), Err(Rejection::Empty));
+        s.put(peer, &[0.1, 0.0], 10)
+            .expect("a claim within the spec");
+        // A DP round sums the samples of its contributors without overflowing.
+        let mut dp = spec();
+        dp.inner.batch_size = u32::MAX;
+        dp.privacy = Some(crate::privacy::PrivacySpec {
+            clip_norm: 1.0,
+            noise_multiplier: 0.0,
+            delta: 1e-5,
+        });
+        let mut s = RoundState::new(dp, vec![1.0, 1.0], 0);
+        for i in 1..=2u8 {
+            let (mut claim, payload) = update(&s, &[0.1, 0.1]);
+            claim.n_samples = u32::MAX;
+            s.seen(PeerKey([i; 32]), 0);
+            s.submit(PeerKey([i; 32]), &claim, &payload, 10)
+                .expect("within the spec");
+        }
+        let _ = s.begin_close(20);
     }
 
     #[test]

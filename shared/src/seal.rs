@@ -69,6 +69,10 @@ pub struct KeyAccept {
     pub x25519: [u8; 32],
 }
 
+impl crate::crypto::SigningContext for KeyAccept {
+    const CONTEXT: &'static [u8] = b"swarmtrain/key-accept/v6";
+}
+
 /// Why a key exchange or a sealed message failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SealError {
@@ -342,7 +346,14 @@ mod tests {
         let relay = Identity::from_seed([7; 32]);
         let peer = Identity::from_seed([8; 32]);
         let (offerer, offer) = Offerer::new().unwrap();
-        let signed_offer = peer.sign(&offer).unwrap();
+        let signed_offer = peer
+            .sign(&crate::protocol::Envelope {
+                peer_id: vec![1],
+                seq: 1,
+                expires_ms: 1,
+                message: crate::protocol::ClientToRelay::KeyOffer(offer.clone()),
+            })
+            .unwrap();
         let digest = digest_signed(&signed_offer);
         let (signed, relay_keys) = accept(&relay, digest, &offer).unwrap();
         let peer_keys = offerer

@@ -7,8 +7,13 @@
 //! runs' largest update), bounds the bytes buffered for all senders together, forgets a message
 //! that stalls or that arrives slower than [`MIN_BYTES_PER_SEC`], and checks the BLAKE3 digest
 //! before handing the bytes on. The signature inside is checked afterwards, as for any message.
-//! So a sender can hold buffer space only while it keeps sending: holding `b` bytes for long
-//! costs it `b` bytes of upload every `b /`[`MIN_BYTES_PER_SEC`] seconds.
+//! So a sender can hold buffer space only while it keeps sending: a message's time is charged on
+//! the bytes it has delivered (not the size it declares), and starting a message over does not
+//! restart its clock. When the budget is full, a new part takes the place of a sender that has
+//! been idle for [`IDLE_MS`] or (for a sender within its equal share of the budget) of one that
+//! holds more than that share, the one idle longest first; that sender is told
+//! [`PartError::Evicted`] and starts over later. A full relay is therefore never
+//! a fault of the sender: [`PartError::Busy`] and [`PartError::Evicted`] mean "try again".
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -18,9 +23,18 @@ use crate::protocol::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, Part};
 /// Bytes buffered for all senders together, by default.
 pub const DEFAULT_BUDGET: usize = 256 << 20;
 /// A message whose next part does not arrive within this time is dropped.
-pub const STALL_MS: u64 = 60_000;
-/// A message must arrive at this rate on average, after [`STALL_MS`] of grace, or it is dropped.
+pub const STALL_MS: u64 = 15_000;
+/// A message must arrive at this rate on average, counted on the bytes delivered after
+/// [`GRACE_MS`], or it is dropped.
 pub const MIN_BYTES_PER_SEC: u64 = 16 * 1024;
+/// The time a message may take before [`MIN_BYTES_PER_SEC`] applies.
+pub const GRACE_MS: u64 = 5_000;
+/// A sender that has sent nothing for this long gives its place up to a new part when the
+/// budget is full.
+pub const IDLE_MS: u64 = 1_000;
+/// Senders whose message was evicted are remembered, so that their next part is told so, up
+/// to this many (then the oldest are forgotten, and their next part is out of order).
+const MAX_EVICTED: usize = 4096;
 
 /// Why a part was refused. The sender must start its message again from offset 0.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,6 +51,16 @@ pub enum PartError {
     DigestMismatch,
     #[error("the relay is buffering too many long messages; try again shortly")]
     Busy,
+    #[error("the relay dropped this message to make room for others; send it again shortly")]
+    Evicted,
+}
+
+impl PartError {
+    /// Whether the refusal is the receiver's doing (full), not the sender's: it must not count
+    /// against the sender.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy | Self::Evicted)
+    }
 }
 
 /// What one accepted part leads to.
@@ -58,11 +82,14 @@ struct Partial {
 }
 
 impl Partial {
-    /// Whether the message has stalled or is arriving too slowly at `now_ms`.
+    /// Whether the message has stalled or is arriving too slowly at `now_ms`: after
+    /// [`GRACE_MS`], the bytes delivered must keep up with [`MIN_BYTES_PER_SEC`].
     fn too_slow(&self, now_ms: u64) -> bool {
-        let allowed = STALL_MS + u64::from(self.total) * 1000 / MIN_BYTES_PER_SEC;
+        let charged = now_ms
+            .saturating_sub(self.started_ms)
+            .saturating_sub(GRACE_MS);
         now_ms.saturating_sub(self.touched_ms) >= STALL_MS
-            || now_ms.saturating_sub(self.started_ms) >= allowed
+            || (self.bytes.len() as u64) * 1000 < charged * MIN_BYTES_PER_SEC
     }
 }
 
@@ -73,6 +100,10 @@ pub struct Reassembly<K> {
     buffered: usize,
     budget: usize,
     max_message: usize,
+    /// Senders whose message was evicted, oldest first (at most [`MAX_EVICTED`]).
+    evicted: std::collections::VecDeque<K>,
+    /// Messages evicted to make room, since the start.
+    evictions: u64,
 }
 
 impl<K: Eq + Hash + Clone> Default for Reassembly<K> {
@@ -94,7 +125,48 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
             buffered: 0,
             budget,
             max_message: max_message.min(MAX_MESSAGE_BYTES),
+            evicted: std::collections::VecDeque::new(),
+            evictions: 0,
         }
+    }
+
+    /// Messages evicted to make room for others since the start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Makes room for `need` more bytes for `from`, evicting other senders one at a time, the
+    /// one that has gone longest without sending first: any sender idle for [`IDLE_MS`] (an
+    /// honest sender sends its parts back to back), and, while `from` stays within an equal
+    /// share of the budget (the budget over the senders with a message in progress), any
+    /// sender holding more than that share. Otherwise `from` waits (`Busy`).
+    fn make_room(&mut self, from: &K, need: usize, now_ms: u64) -> Result<(), PartError> {
+        while self.buffered + need > self.budget {
+            let senders = self.partial.len() + usize::from(!self.partial.contains_key(from));
+            let share = self.budget / senders.max(1);
+            let holding = self.partial.get(from).map_or(0, |p| p.bytes.len());
+            let within_share = holding + need <= share;
+            let victim = self
+                .partial
+                .iter()
+                .filter(|(k, p)| {
+                    *k != from
+                        && (now_ms.saturating_sub(p.touched_ms) >= IDLE_MS
+                            || (within_share && p.bytes.len() > share))
+                })
+                .min_by_key(|(_, p)| p.touched_ms)
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                return Err(PartError::Busy);
+            };
+            self.drop_sender(&victim);
+            self.evictions += 1;
+            if self.evicted.len() >= MAX_EVICTED {
+                self.evicted.pop_front();
+            }
+            self.evicted.push_back(victim);
+        }
+        Ok(())
     }
 
     /// Bytes buffered now, over all senders.
@@ -128,7 +200,15 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
         if part.bytes.is_empty() || part.bytes.len() > MAX_FRAME_BYTES {
             return Err(PartError::BadLength(part.bytes.len()));
         }
+        if let Some(i) = self.evicted.iter().position(|k| k == from) {
+            self.evicted.remove(i);
+            if part.offset != 0 {
+                return Err(PartError::Evicted);
+            }
+        }
         if part.offset == 0 {
+            // Starting over does not restart the clock of an unfinished message.
+            let started_ms = self.partial.get(from).map_or(now_ms, |p| p.started_ms);
             self.drop_sender(from);
             self.partial.insert(
                 from.clone(),
@@ -136,7 +216,7 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
                     digest: part.digest,
                     total: part.total,
                     bytes: Vec::new(),
-                    started_ms: now_ms,
+                    started_ms,
                     touched_ms: now_ms,
                 },
             );
@@ -158,8 +238,11 @@ impl<K: Eq + Hash + Clone> Reassembly<K> {
             return Err(PartError::Overrun);
         }
         if self.buffered + part.bytes.len() > self.budget {
-            return Err(PartError::Busy);
+            self.make_room(from, part.bytes.len(), now_ms)?;
         }
+        let Some(partial) = self.partial.get_mut(from) else {
+            return Err(PartError::Busy);
+        };
         partial.bytes.extend_from_slice(&part.bytes);
         partial.touched_ms = now_ms;
         self.buffered += part.bytes.len();
@@ -318,18 +401,44 @@ mod tests {
         let m = message(30_000, 4);
         let ps = parts(&m, 10_000);
         let mut r = Reassembly::with_budget(25_000);
-        r.accept("a", ps[0].clone(), 0).expect("a0");
-        r.accept("b", ps[0].clone(), STALL_MS / 2).expect("b0");
-        assert_eq!(
-            r.accept("c", ps[0].clone(), STALL_MS / 2),
-            Err(PartError::Busy)
-        );
+        r.accept("a", ps[0].clone(), 500).expect("a0");
+        r.accept("b", ps[0].clone(), 1_000).expect("b0");
+        // `c` is owed a third of the budget (8,333 bytes): a part of 10,000 must wait while
+        // `a` and `b` are sending.
+        assert_eq!(r.accept("c", ps[0].clone(), 1_000), Err(PartError::Busy));
+        assert!(PartError::Busy.is_busy());
         assert_eq!(r.buffered(), 20_000);
-        // `a` stalls; after STALL_MS its buffer is freed and `c` fits beside `b`.
-        r.accept("c", ps[0].clone(), STALL_MS + 1)
-            .expect("c0 after a expired");
-        assert_eq!(r.in_progress(), 2);
-        assert_eq!(r.buffered(), 20_000);
+        // `a` has been idle for IDLE_MS: `c` takes its place.
+        r.accept("c", ps[0].clone(), 500 + IDLE_MS)
+            .expect("c0 in idle a's place");
+        assert_eq!(r.accept("a", ps[1].clone(), 2_000), Err(PartError::Evicted));
+        // `b` and `c` stall; after STALL_MS their buffers are freed.
+        r.accept("d", ps[0].clone(), STALL_MS + 2_000)
+            .expect("d0 after b and c expired");
+        assert_eq!((r.in_progress(), r.buffered()), (1, 10_000));
+    }
+
+    #[test]
+    fn a_sender_within_its_share_takes_the_place_of_the_idlest_one_beyond_it() {
+        let m = message(40_000, 6);
+        let ps = parts(&m, 5_000);
+        let mut r = Reassembly::with_budget(30_000);
+        // `hog` holds 25,000 bytes and then idles; `a` holds 5,000.
+        for (i, p) in ps[..5].iter().enumerate() {
+            r.accept("hog", p.clone(), i as u64).expect("hog");
+        }
+        r.accept("a", ps[0].clone(), 10).expect("a0");
+        // `b` is owed 10,000 (a third): its first part evicts `hog`, not `a`.
+        r.accept("b", ps[0].clone(), 20)
+            .expect("b0 takes the hog's place");
+        assert_eq!(r.evictions(), 1);
+        assert_eq!(r.buffered(), 10_000);
+        // The evicted sender is told so, once (not a fault of its own), and may start over.
+        let refused = r.accept("hog", ps[5].clone(), 30);
+        assert_eq!(refused, Err(PartError::Evicted));
+        assert!(PartError::Evicted.is_busy());
+        r.accept("hog", ps[0].clone(), 40).expect("starting over");
+        r.accept("a", ps[1].clone(), 50).expect("a1");
     }
 
     #[test]
@@ -345,9 +454,8 @@ mod tests {
             })
         );
         let mut r = Reassembly::with_limits(1 << 20, 100_000);
-        // One part just inside every stall window: the message is still dropped once it has
-        // taken longer than its size allows at the minimum rate.
-        let allowed = STALL_MS + 100_000 * 1000 / MIN_BYTES_PER_SEC;
+        // One part just inside every stall window: time is charged on the bytes delivered,
+        // whatever size the message declares, so the trickle is dropped at its second part.
         let mut now = 0;
         let mut sent = 0;
         for part in &ps {
@@ -360,7 +468,21 @@ mod tests {
             }
             now += STALL_MS - 1;
         }
-        assert!(now > allowed && sent < ps.len(), "{sent} parts by {now} ms");
+        assert_eq!(sent, 1, "{sent} parts by {now} ms");
+        // Starting over does not restart the clock: 10,000 bytes by 6 s is too slow.
+        r.accept("b", ps[0].clone(), 0).expect("b0");
+        r.accept("b", ps[0].clone(), 4_000).expect("b starts over");
+        assert!(matches!(
+            r.accept("b", ps[1].clone(), 6_000),
+            Err(PartError::OutOfOrder { .. })
+        ));
+        // At the minimum rate a message goes through.
+        let mut r = Reassembly::with_limits(1 << 20, 100_000);
+        let step = 5_000 * 1000 / MIN_BYTES_PER_SEC;
+        for (i, part) in ps.iter().enumerate() {
+            r.accept("c", part.clone(), GRACE_MS + i as u64 * step)
+                .expect("fast enough");
+        }
         assert_eq!(r.buffered(), 0);
     }
 }

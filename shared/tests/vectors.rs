@@ -179,7 +179,7 @@ fn derivations_keep_their_values() {
     let id = Identity::from_seed([1; 32]);
     check("peer_key", &id.peer().0);
     check("network_secret", id.network_secret().as_slice());
-    let challenge = challenge(id.public_key(), "lm");
+    let challenge = challenge(id.public_key(), "lm", &[7; 16]);
     check("admission_challenge", &challenge);
     check(
         "proof_of_work_digest",
