@@ -418,7 +418,8 @@ impl Runs {
         } else {
             let ClientToRelay::Join(join) = &unverified.message else {
                 let reason = format!(
-                    "join run {:?} before sending anything else to it",
+                    "send a Join first: nothing else is taken from an identity that has not \
+                     joined run {:?}",
                     run_of(&unverified.message)
                 );
                 return self
