@@ -17,10 +17,10 @@ pub(crate) struct AttackGrid {
     /// Simulated peers per round (default: 20 on the digits, 10 on the language model).
     #[arg(long)]
     peers: Option<u32>,
-    /// Rounds per run (default: 8 on the digits, 6 on the language model).
+    /// Rounds per run (default: 8 on the digits, 15 on the language model).
     #[arg(long)]
     rounds: Option<u32>,
-    /// Inner AdamW steps per round (default: 20 on the digits, 12 on the language model).
+    /// Inner AdamW steps per round (default: 20 on the digits and the language model).
     #[arg(long)]
     inner_steps: Option<u32>,
     /// Attacker fractions in percent (the language-model grid uses the largest).
@@ -59,7 +59,8 @@ pub(crate) struct AttackGrid {
     /// training set, about as many classes (McMahan et al.'s split). IID shards without it.
     #[arg(long)]
     classes_per_peer: Option<usize>,
-    /// Radius of centered clipping (default: 0.5 on the digits, 1 on the language model).
+    /// Radius of centered clipping (default: 0.5 on the digits, 3 on the language model, where honest
+    /// updates are larger).
     #[arg(long)]
     clip_radius: Option<f32>,
     /// Threads running cells side by side (default: all cores).
@@ -262,7 +263,9 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
          momentum 0.9, the shared digits MLP, {} shards over the honest peers and aggregation rules. Held-out accuracy (%) \
          after the last round; every rule is configured for {f} attackers (trim {}, Krum f = {f}, \
          centered clipping τ = {}). NaN/Inf and replayed updates are dropped by the relay's checks \
-         before aggregation, as `tests/bad_input.rs` shows the real relay does.\n\n{table}\n\
+         before aggregation, as `tests/bad_input.rs` shows the real relay does. Min-max and \
+         min-sum (Shejwalkar & Houmansadr 2021) push the honest mean along −std; ROP \
+         (Özfatura et al. 2022) sits around the previous aggregate, orthogonal to it.\n\n{table}\n\
          ## With {top}% attackers\n\n{summary}",
         started.elapsed().as_secs_f64(),
         peers,
@@ -322,9 +325,9 @@ fn lm_grid(args: AttackGrid) -> anyhow::Result<()> {
     use swarmtrain_shared::text::TextCorpus;
 
     let peers = args.peers.unwrap_or(10);
-    let rounds = args.rounds.unwrap_or(6);
-    let inner_steps = args.inner_steps.unwrap_or(12);
-    let clip_radius = args.clip_radius.unwrap_or(1.0);
+    let rounds = args.rounds.unwrap_or(15);
+    let inner_steps = args.inner_steps.unwrap_or(20);
+    let clip_radius = args.clip_radius.unwrap_or(3.0);
     let percent = args.percent.iter().copied().max().unwrap_or(0);
     anyhow::ensure!(percent < 50, "--percent values must be below 50");
     let attackers = peers * percent / 100;
