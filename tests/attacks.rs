@@ -1,13 +1,13 @@
 //! Malicious peers in a real run. One joins like anyone else and sends a huge sign-flipped
 //! update every round: with the plain mean the model is wrecked; with a robust aggregator the
-//! three honest peers still train it. Then 30% of the peers collude in the strongest attack of
-//! the attack grid (docs/benchmarks/attacks.md) against a robust rule.
+//! three honest peers still train it. Then 30% of the peers collude in the attack of the
+//! attack grids that hurts the median most (ROP) against the median.
 
 use std::time::Duration;
 
 use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::PeerKey;
-use swarmtrain_shared::attack::{self, Attack, Perturbation};
+use swarmtrain_shared::attack::{self, Attack};
 use swarmtrain_shared::protocol::{ClientToRelay, Codec, PayloadRef, RelayToClient, Update};
 use swarmtrain_shared::robust::Rule;
 use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
@@ -99,11 +99,10 @@ async fn a_sign_flip_attacker_wrecks_the_mean_but_not_robust_rules() {
     }
 }
 
-/// The attack the colluders run, and the rule they run it against: the strongest in the grid
-/// against the median (docs/benchmarks/attacks.md).
-const COLLUDING_ATTACK: Attack = Attack::MinMax {
-    perturbation: Perturbation::Std,
-};
+/// The attack the colluders run against the median: the strongest against the median with 30%
+/// attackers in both grids (docs/benchmarks/attacks.md: 92.6% against 94.9% without attack;
+/// attacks-lm.md: held-out loss 2.835 against 2.815).
+const COLLUDING_ATTACK: Attack = Attack::Rop { z: 1.0 };
 
 /// `count` colluding attackers, driven together: each round they fetch θ_t from the relay as any
 /// peer does, each trains honestly on its own data slot with the run's inner loop, and each sends

@@ -167,11 +167,11 @@ pub(crate) fn attack_grid(args: AttackGrid) -> anyhow::Result<()> {
                     };
                     let run = AttackRun {
                         model: model.clone(),
-                        peers: peers,
+                        peers,
                         attackers: peers * percent / 100,
                         attack: *attack,
                         rule: rule.clone(),
-                        rounds: rounds,
+                        rounds,
                         inner: inner.clone(),
                         outer: OuterSpec::default(),
                         seed: 1,
