@@ -796,6 +796,12 @@ mod tests {
         .expect("aggregate");
         let stepped = aggregate::step_cpu(&job.inputs()).expect("step");
         assert_eq!(stepped.aggregate, expected);
+        // A Burn backend gets the same job: the same buckets, the same median.
+        let tensor = futures::executor::block_on(aggregate::outer_step_with::<
+            burn::backend::NdArray,
+        >(&Default::default(), &job.inputs()))
+        .expect("step");
+        assert_eq!(tensor.aggregate, expected);
     }
 
     #[test]
