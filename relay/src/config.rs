@@ -239,6 +239,12 @@ pub struct RunOptions {
     /// With --aggregator centered-clipping: the clipping radius. Default: 1.
     #[arg(long, env = "SWARMTRAIN_CLIP_RADIUS")]
     pub clip_radius: Option<f32>,
+    /// Bucketing (Karimireddy, He & Jaggi, ICLR 2022) before any --aggregator: each round's
+    /// updates, shuffled by a seed of the run and round, are averaged in buckets of this many and
+    /// the rule combines the bucket means (the quorum must give the rule enough buckets).
+    /// Default: 1 (off).
+    #[arg(long, env = "SWARMTRAIN_BUCKET")]
+    pub bucket: Option<u32>,
     /// Who may join: anyone (open); anyone whose new identity solves a proof-of-work puzzle of
     /// --pow-bits (proof-of-work: about 2^bits hashes per identity, so minting many costs CPU);
     /// or only the peer keys listed in --allow-list (allow-list). Default: open.
@@ -449,6 +455,7 @@ pub fn run_spec(a: &RunOptions) -> anyhow::Result<RunSpec> {
             iterations: 3,
         },
     };
+    run.aggregator = Rule::with_buckets(run.aggregator, a.bucket.unwrap_or(1));
     run.privacy = a.dp_clip.map(|clip| PrivacySpec {
         clip_norm: clip,
         noise_multiplier: a.dp_noise.unwrap_or(1.0),
@@ -472,7 +479,7 @@ impl RunOptions {
             mlp_ratio, hidden, shards, inner_steps, batch_size, lr, warmup_steps, decay_steps,
             min_lr_ratio, clip_norm, weight_decay, outer_lr, outer_momentum, quorum,
             round_deadline_secs, codec, topk_per_million, dp_clip, dp_noise, dp_delta, aggregator,
-            trim, byzantine, krum_select, clip_radius, admission, pow_bits, allow_list);
+            trim, byzantine, krum_select, clip_radius, bucket, admission, pow_bits, allow_list);
         self
     }
 }

@@ -28,7 +28,7 @@ use crate::privacy::{self, NoiseStream};
 use crate::protocol::{
     Codec, OuterSpec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes,
 };
-use crate::robust::Rule;
+use crate::robust::{self, Rule};
 
 /// Why an update was refused. The run goes on either way.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -454,12 +454,25 @@ impl RoundState {
                 .into_iter()
                 .collect();
         }
+        // Bucketing runs here, before any backend sees the round: every path aggregates the
+        // bucket means with the inner rule. (Contributions were checked when submitted; if
+        // bucketing still refuses them, the rule gets them as they are and refuses them too.)
+        let mut rule = self.spec.aggregator.clone();
+        if let (size, inner) = self.spec.aggregator.bucketing()
+            && size > 1
+        {
+            let seed = robust::bucket_seed(&self.spec.run_id, self.round);
+            if let Ok(buckets) = robust::bucket(&contributions, self.params.len(), size, seed) {
+                contributions = buckets;
+                rule = inner.clone();
+            }
+        }
         Some(CloseJob {
             round: self.round,
             params: self.params.clone(),
             velocity: self.outer.velocity.clone(),
             contributions,
-            rule: self.spec.aggregator.clone(),
+            rule,
             center: self.last_aggregate.clone(),
             outer: self.spec.outer.clone(),
         })
@@ -816,6 +829,47 @@ mod tests {
             Err(Rejection::Duplicate(0)),
             "a replay is refused"
         );
+    }
+
+    #[test]
+    fn bucketing_runs_in_the_engine_before_any_backend() {
+        let bucketed = RunSpec {
+            aggregator: Rule::with_buckets(Rule::Median, 2),
+            quorum: 5,
+            ..spec()
+        };
+        assert!(bucketed.validate().is_ok());
+        let mut s = RoundState::new(bucketed, vec![0.0], 0);
+        let mut contributions = Vec::new();
+        for i in 1..=5u8 {
+            let delta = [f32::from(i) * 0.1];
+            s.put(PeerKey([i; 32]), &delta, 10).expect("ok");
+            contributions.push(Contribution {
+                peer: PeerKey([i; 32]),
+                n_samples: 1,
+                delta: delta.to_vec(),
+            });
+        }
+        let job = s.begin_close(10).expect("due");
+        // The backends get three bucket means and the inner rule.
+        assert_eq!(job.contributions.len(), 3);
+        assert_eq!(job.rule, Rule::Median);
+        let expected = robust::aggregate_with_buckets(
+            &Rule::with_buckets(Rule::Median, 2),
+            &contributions,
+            1,
+            None,
+            robust::bucket_seed("t", 0),
+        )
+        .expect("aggregate");
+        let stepped = aggregate::step_cpu(&job.inputs()).expect("step");
+        assert_eq!(stepped.aggregate, expected);
+        // A Burn backend gets the same job: the same buckets, the same median.
+        let tensor = futures::executor::block_on(aggregate::outer_step_with::<
+            burn::backend::NdArray,
+        >(&Default::default(), &job.inputs()))
+        .expect("step");
+        assert_eq!(tensor.aggregate, expected);
     }
 
     #[test]

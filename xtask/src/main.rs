@@ -34,7 +34,7 @@ fn main() -> ExitCode {
                  commands:\n  \
                  run          build the browser package and start the relay on http://127.0.0.1:8080 with the runs of relay.toml\n  \
                  test         install test dependencies and run every test (cargo, wasm in Chromium, end-to-end)\n  \
-                 bench robust aggregator throughput beside numpy and the attack grid; writes docs/benchmarks/robust.md and attacks.md\n  \
+                 bench robust aggregator throughput beside numpy and the attack grid; writes docs/benchmarks/robust.md, attacks.md and attacks-lm.md\n  \
                  bench load   1,000 simulated peers on one relay; writes docs/benchmarks/load.md\n  \
                  bench soak   100,000 fast rounds on one relay: round time, memory, disk; writes docs/benchmarks/soak.md\n  \
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \

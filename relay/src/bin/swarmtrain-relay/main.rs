@@ -388,6 +388,26 @@ mod tests {
         );
         let trimmed = run(&["--aggregator=trimmed-mean", "--trim=2", "--quorum=4"]);
         assert!(run_spec(&trimmed).is_err(), "trim 2 needs 5 updates");
+        // Bucketing wraps the rule; the quorum must give the rule enough buckets.
+        let bucketed = run(&["--aggregator=median", "--bucket=2", "--quorum=4"]);
+        assert_eq!(
+            run_spec(&bucketed).expect("works").aggregator,
+            Rule::with_buckets(Rule::Median, 2)
+        );
+        let unbucketed = run(&["--aggregator=median", "--bucket=1"]);
+        assert_eq!(
+            run_spec(&unbucketed).expect("works").aggregator,
+            Rule::Median
+        );
+        let starved = run(&[
+            "--model=digits",
+            "--aggregator=krum",
+            "--byzantine=1",
+            "--bucket=2",
+            "--quorum=5",
+        ]);
+        let err = run_spec(&starved).unwrap_err().to_string();
+        assert!(err.contains("needs at least 9 updates"), "{err}");
     }
 
     /// deploy/swarmtrain-relay.service is a valid unit (`systemd-analyze verify`, where systemd

@@ -1,5 +1,5 @@
 //! `cargo xtask bench robust`: the aggregation rules on 16 × 1M f32 beside numpy, in one run,
-//! and the attack grid.
+//! and the attack grids (digits, and the language model).
 
 use std::fs;
 use std::process::Command;
@@ -91,5 +91,11 @@ pub(crate) fn bench_robust() -> Result {
         Command::new(&relay)
             .args(["attack-grid", "--out"])
             .arg(dir.join("attacks.md")),
+    )?;
+    // The strongest attacks × the rules, with and without bucketing, on the language model.
+    status(
+        Command::new(&relay)
+            .args(["attack-grid", "--lm", "--percent", "30", "--out"])
+            .arg(dir.join("attacks-lm.md")),
     )
 }
