@@ -184,7 +184,7 @@ struct Signer {
     /// The session keys agreed with the relay ([`RelayClient::agree_keys`]), which seal update
     /// payloads and open θ chunks. They belong to one libp2p connection: the event loop forgets
     /// them when that connection closes (a later request redials, and keys are agreed again).
-    keys: Arc<Mutex<Option<Arc<SessionKeys>>>>,
+    keys: SharedKeys,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -731,15 +731,14 @@ fn unexpected(what: &str) -> RpcError {
     RpcError::Wire(WireError::Malformed(format!("expected {what}")))
 }
 
+/// The session keys of the connection to the relay, shared with its event loop.
+type SharedKeys = Arc<Mutex<Option<Arc<SessionKeys>>>>;
+
 async fn event_loop(
     mut swarm: Swarm<Behaviour>,
     (relay, relay_address): (PeerId, Multiaddr),
     mut commands: mpsc::Receiver<Command>,
-    (info, served, keys): (
-        Arc<Mutex<RelayInfo>>,
-        Served,
-        Arc<Mutex<Option<Arc<SessionKeys>>>>,
-    ),
+    (info, served, keys): (Arc<Mutex<RelayInfo>>, Served, SharedKeys),
     mut gossip: mpsc::Sender<Gossiped>,
 ) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, RpcError>>> =

@@ -102,7 +102,7 @@ struct State {
     announcement: Signed<RoundAnnouncement>,
     /// The parked long polls, one per joined identity: the round it has, and where to send
     /// the next (`None`: a newer poll from the same identity replaced this one).
-    waiters: HashMap<PeerKey, (u64, oneshot::Sender<Option<Signed<RoundAnnouncement>>>)>,
+    waiters: HashMap<PeerKey, (u64, Waiter)>,
     joined: BTreeMap<PeerKey, String>,
     /// Data slots by peer, given out in order of first join (modulo the run's slots).
     slots: BTreeMap<PeerKey, u32>,
@@ -117,6 +117,9 @@ struct State {
     checkpoint_failures: u64,
     retry_at_ms: u64,
 }
+
+/// Where a parked long poll hears the next round (`None`: a newer poll replaced it).
+type Waiter = oneshot::Sender<Option<Signed<RoundAnnouncement>>>;
 
 /// Shared by the HTTP server, the libp2p event loop and the round timer.
 pub struct Coordinator {
