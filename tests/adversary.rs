@@ -190,14 +190,7 @@ async fn honest_peers_finish_their_rounds_while_hostile_connections_attack() {
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
     for (trained, events) in &finished {
         assert_eq!(*trained, ROUNDS);
-        let submitted: Vec<bool> = events
-            .iter()
-            .filter_map(|e| match e {
-                PeerEvent::Submitted { accepted, .. } => Some(*accepted),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(submitted, vec![true; ROUNDS as usize], "{events:?}");
+        assert_all_accepted(events);
     }
     let status = relay.coordinator.status().await;
     println!(
@@ -219,6 +212,18 @@ async fn honest_peers_finish_their_rounds_while_hostile_connections_attack() {
     // no connection here could even start a message.
     assert!(grown_mib < 256, "memory grew {grown_mib} MiB");
     relay.shutdown().await;
+}
+
+/// Every update the peer sent, one a round, was accepted.
+fn assert_all_accepted(events: &[PeerEvent]) {
+    let submitted: Vec<bool> = events
+        .iter()
+        .filter_map(|e| match e {
+            PeerEvent::Submitted { accepted, .. } => Some(*accepted),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(submitted, vec![true; ROUNDS as usize], "{events:?}");
 }
 
 /// Throwaway identities: every one a fresh key, so a fresh libp2p peer ID.
@@ -353,14 +358,7 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
     finished.push((trained, newcomer_events));
     for (trained, events) in &finished {
         assert_eq!(*trained, ROUNDS, "{events:?}");
-        let submitted: Vec<bool> = events
-            .iter()
-            .filter_map(|e| match e {
-                PeerEvent::Submitted { accepted, .. } => Some(*accepted),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(submitted, vec![true; ROUNDS as usize], "{events:?}");
+        assert_all_accepted(events);
     }
     let status = relay.coordinator.status().await;
     println!(

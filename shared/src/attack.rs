@@ -435,13 +435,7 @@ pub async fn run_attack<B: AutodiffBackend>(
         privacy: None,
         aggregator: run.rule.clone(),
     };
-    let keys: Vec<PeerKey> = (0..run.peers)
-        .map(|peer| {
-            let mut key = [0u8; 32];
-            key[..4].copy_from_slice(&peer.to_be_bytes());
-            PeerKey(key)
-        })
-        .collect();
+    let keys = peer_keys(run.peers);
     let mut state = RoundState::new(spec, theta0.to_vec(), 0);
     let mut trainers = (0..run.peers)
         .map(|_| {
@@ -567,13 +561,7 @@ pub async fn run_attack_lm<B: AutodiffBackend>(
         privacy: None,
         aggregator: run.rule.clone(),
     };
-    let keys: Vec<PeerKey> = (0..run.peers)
-        .map(|peer| {
-            let mut key = [0u8; 32];
-            key[..4].copy_from_slice(&peer.to_be_bytes());
-            PeerKey(key)
-        })
-        .collect();
+    let keys = peer_keys(run.peers);
     let mut state = RoundState::new(spec, theta0.to_vec(), 0);
     let mut trainers = (0..run.peers)
         .map(|_| LmTrainer::<B>::new(device, &run.model, theta0, &run.inner))
@@ -616,6 +604,17 @@ pub async fn run_attack_lm<B: AutodiffBackend>(
         loss.push(eval(state.params().to_vec()).await?);
     }
     Ok(loss)
+}
+
+/// The simulated peers' keys: peer `i`'s is `i` big-endian in its first 4 bytes.
+fn peer_keys(peers: u32) -> Vec<PeerKey> {
+    (0..peers)
+        .map(|peer| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&peer.to_be_bytes());
+            PeerKey(key)
+        })
+        .collect()
 }
 
 #[cfg(test)]
