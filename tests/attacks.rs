@@ -10,11 +10,12 @@ use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::attack::{self, Attack};
 use swarmtrain_shared::protocol::{ClientToRelay, Codec, PayloadRef, RelayToClient, Update};
 use swarmtrain_shared::robust::Rule;
-use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
+use swarmtrain_tests::{init_logging, join_raw, spawn_peers_together, start_relay};
 
 /// Joins and, every round, sends Δ = −10 in every coordinate (about −1000× an honest Δ).
 async fn attacker(relay: &Relay) {
     let (client, _, welcome, mut round) = join_raw(relay, [200; 32]).await;
+    all_joined(relay, 4).await;
     let relay_key = PeerKey::from_public_key(welcome.relay_key());
     loop {
         let payload = Codec::F32.encode(&vec![-10.0; round.n_params as usize]);
@@ -44,13 +45,25 @@ async fn attacker(relay: &Relay) {
     }
 }
 
+/// Waits until `n` peers have joined, so that none of them (and no round's quorum) misses the
+/// attack's first round: a round with fewer active peers closes on fewer updates.
+async fn all_joined(relay: &Relay, n: usize) {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while relay.coordinator.status().await.joined_peers < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("everyone joined");
+}
+
 async fn run_with(aggregator: Rule) -> Vec<f32> {
     let mut run = default_run();
     run.inner.steps = 40;
     run.quorum = 4;
     run.aggregator = aggregator;
     let relay = start_relay(run).await;
-    let honest: Vec<_> = (1..=3).map(|id| spawn_peer(&relay, id, 6)).collect();
+    let honest = spawn_peers_together(&relay, 1..=3, 6, 4);
     let attacker_task = {
         // The attacker shares the relay by reference for the life of this function.
         let relay = &relay;
@@ -74,7 +87,9 @@ async fn run_with(aggregator: Rule) -> Vec<f32> {
     let status = relay.coordinator.status().await;
     assert!(
         status.history.iter().skip(1).all(|r| r.contributors == 4),
-        "the attacker was in every round"
+        "the attacker was in every round: contributors {:?}, refused {:?}",
+        status.history.iter().map(|r| r.contributors).collect::<Vec<_>>(),
+        status.rejected
     );
     relay.shutdown().await;
     status.history.iter().filter_map(|r| r.accuracy).collect()
@@ -123,6 +138,7 @@ async fn colluders(relay: &Relay, count: u8, attack: Attack, rounds: u64) {
         let (client, _, welcome, round) = join_raw(relay, [200 + i; 32]).await;
         peers.push((client, welcome, round));
     }
+    all_joined(relay, 10).await;
     let spec = peers[0].1.spec.clone();
     let relay_key = PeerKey::from_public_key(peers[0].1.relay_key());
     let ModelSpec::DigitsMlp { hidden } = spec.model else {
@@ -222,9 +238,7 @@ async fn colluding_run(rule: Rule, attack: Option<Attack>, rounds: u64) -> Vec<f
     run.aggregator = rule;
     let relay = start_relay(run).await;
     let (honest_count, attackers) = if attack.is_some() { (7, 3) } else { (10, 0) };
-    let honest: Vec<_> = (1..=honest_count)
-        .map(|id| spawn_peer(&relay, id, rounds))
-        .collect();
+    let honest = spawn_peers_together(&relay, 1..=honest_count, rounds, 10);
     let honest_done = async {
         for peer in honest {
             let (trained, _) = peer.finish().await;

@@ -223,6 +223,41 @@ pub fn spawn_peer(relay: &Relay, id: u8, max_rounds: u64) -> TestPeer {
 
 /// [`spawn_peer`] for the run `run_id` (None: the relay's default run).
 pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str>) -> TestPeer {
+    spawn_peer_with(relay, id, max_rounds, run_id, Default::default())
+}
+
+/// Native peers `ids` that join at once but hold their first training step until `joined`
+/// peers in all (these and any others) have joined the relay's default run. A round's quorum
+/// counts only the peers that have joined, so without this the first peer to finish can close
+/// round 0 alone; tests that assert who took part in every round start their peers this way.
+pub fn spawn_peers_together(
+    relay: &Relay,
+    ids: impl IntoIterator<Item = u8>,
+    max_rounds: u64,
+    joined: usize,
+) -> Vec<TestPeer> {
+    let pause = Arc::new(AtomicBool::new(true));
+    let peers = ids
+        .into_iter()
+        .map(|id| spawn_peer_with(relay, id, max_rounds, None, pause.clone()))
+        .collect();
+    let coordinator = relay.coordinator.clone();
+    tokio::spawn(async move {
+        while coordinator.status().await.joined_peers < joined {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pause.store(false, std::sync::atomic::Ordering::Relaxed);
+    });
+    peers
+}
+
+fn spawn_peer_with(
+    relay: &Relay,
+    id: u8,
+    max_rounds: u64,
+    run_id: Option<&str>,
+    pause: Arc<AtomicBool>,
+) -> TestPeer {
     let (tx, events) = mpsc::channel(1024);
     let config = PeerConfig {
         run_id: run_id.map(str::to_owned),
@@ -235,7 +270,7 @@ pub fn spawn_peer_in(relay: &Relay, id: u8, max_rounds: u64, run_id: Option<&str
         stop: Arc::new(AtomicBool::new(false)),
         max_retries: Some(10),
         direct_peers: 0,
-        pause: Default::default(),
+        pause,
         ice_servers: Vec::new(),
     };
     let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(
