@@ -234,6 +234,20 @@ fn throwaway(i: u32) -> [u8; 32] {
     seed
 }
 
+/// A connection as `seed` on which the relay has answered `first` (whatever the answer): a
+/// dial the relay refuses (its limit on handshakes in progress) is made again, as an attacker
+/// would.
+async fn answered(relay: &Relay, seed: [u8; 32], first: ClientToRelay) -> RelayClient {
+    for _ in 0..20 {
+        let client = dial(relay, seed);
+        if client.send(first.clone(), Vec::new()).await.is_ok() {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the relay never answered {seed:?}");
+}
+
 /// Signs `message` as `client`'s identity and sends it, without waiting for the answer to
 /// come back before the next is sent (the caller keeps the futures).
 async fn send_unawaited(client: RelayClient, message: ClientToRelay) {
@@ -249,9 +263,6 @@ async fn send_unawaited(client: RelayClient, message: ClientToRelay) {
 /// fourth, brand new, joins: every honest update is accepted, the new peer's first one within
 /// the round deadline, and nothing is counted as a strike (a full relay is `relay_busy`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "unfinished: past about 600 clients in this process the later dials fail \
-            (\"Failed to dial the requested peer\"), so the joined half of the flood never takes \
-            hold; the honest half passes"]
 async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_peers() {
     init_logging();
     let mut run = default_run();
@@ -271,36 +282,33 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
     .await
     .expect("relay starts");
     let round = relay.coordinator.status().await.round;
+    let poll = move || ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after: Some(round),
+    };
     let mut flood = Vec::new();
-    // 600 identities that never join, 8 long polls each.
-    for i in 0..600 {
-        let client = dial(&relay, throwaway(i));
-        for _ in 0..8 {
-            let poll = ClientToRelay::AwaitRound {
-                run_id: "digits".into(),
-                after: Some(round),
-            };
-            flood.push(tokio::spawn(send_unawaited(client.clone(), poll)));
+    // 600 identities that never join, 8 long polls each; 50 dialing at once (the relay takes
+    // at most 512 handshakes at a time, and an attacker whose dials are refused dials again).
+    for batch in (0..600).collect::<Vec<u32>>().chunks(50) {
+        let clients =
+            futures::future::join_all(batch.iter().map(|&i| answered(&relay, throwaway(i), poll())))
+                .await;
+        for client in clients {
+            for _ in 0..7 {
+                flood.push(tokio::spawn(send_unawaited(client.clone(), poll())));
+            }
         }
     }
     // 400 that join, park two polls (one each stays) and keep a long message unfinished: its
     // first part again every 2 s, for as long as the test runs.
     let largest = relay.runs.max_submission_bytes();
-    for i in 600..1000u32 {
-        let client = dial(&relay, throwaway(i));
-        flood.push(tokio::spawn(async move {
-            for _ in 0..40 {
-                match client.send(join(None), Vec::new()).await {
-                    Ok(protocol::RelayToClient::Welcome(_)) => break,
-                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
-                }
-            }
+    for batch in (600..1000).collect::<Vec<u32>>().chunks(50) {
+        let clients =
+            futures::future::join_all(batch.iter().map(|&i| answered(&relay, throwaway(i), join(None))))
+                .await;
+        for (&i, client) in batch.iter().zip(clients) {
             for _ in 0..2 {
-                let poll = ClientToRelay::AwaitRound {
-                    run_id: "digits".into(),
-                    after: Some(round),
-                };
-                tokio::spawn(send_unawaited(client.clone(), poll));
+                flood.push(tokio::spawn(send_unawaited(client.clone(), poll())));
             }
             let part = Part {
                 digest: [i as u8; 32],
@@ -309,11 +317,13 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
                 bytes: vec![0; MAX_FRAME_BYTES - 256],
             };
             let frame = protocol::encode(&Request::Part(part)).expect("encode");
-            loop {
-                let _ = client.request_frame(frame.clone()).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }));
+            flood.push(tokio::spawn(async move {
+                loop {
+                    let _ = client.request_frame(frame.clone()).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }));
+        }
     }
     for _ in 0..240 {
         if relay.coordinator.status().await.joined_peers >= 400 {
@@ -385,5 +395,159 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
     for task in flood {
         task.abort();
     }
+    relay.shutdown().await;
+}
+
+/// One address holds at most `connections_per_ip` libp2p connections at once: the rest are
+/// refused at the handshake, counted in `/metrics`, and the connections it holds are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    init_logging();
+    let relay = Relay::start(swarmtrain_relay::RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        web_dir: swarmtrain_tests::package_path("../web"),
+        runs: vec![default_run()],
+        connections_per_ip: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("relay starts");
+    let mut clients = Vec::new();
+    let mut welcomed = 0;
+    for i in 0..5 {
+        let client = dial(&relay, throwaway(5000 + i));
+        let answer = tokio::time::timeout(Duration::from_secs(10), client.send(join(None), Vec::new()))
+            .await;
+        if let Ok(Ok(protocol::RelayToClient::Welcome(_))) = answer {
+            welcomed += 1;
+        }
+        // Kept open, so that each holds its connection.
+        clients.push(client);
+    }
+    assert_eq!(welcomed, 3, "three connections from 127.0.0.1, the rest refused");
+    let metrics = reqwest::get(format!("{}metrics", relay.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("swarmtrain_connections_refused_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("the refusal metric");
+    assert!(refused >= 2, "{metrics}");
+    relay.shutdown().await;
+}
+
+/// `message` signed by `identity` for the connection of `client` (whose own libp2p key may
+/// belong to another identity), with sequence number `seq`, as raw request bytes.
+fn signed_for(client: &RelayClient, identity: &Identity, seq: u64, message: ClientToRelay) -> Vec<u8> {
+    let envelope = protocol::Envelope {
+        peer_id: client.peer_id().to_bytes(),
+        seq,
+        expires_ms: swarmtrain_relay::runs::unix_ms() + protocol::ENVELOPE_VALIDITY_MS,
+        message,
+    };
+    let submission = protocol::Submission {
+        signed: identity.sign(&envelope).expect("sign"),
+        payload: Vec::new(),
+    };
+    protocol::encode(&Request::Submit(submission)).expect("encode")
+}
+
+/// The refusal kind of an answer (None: not a refusal).
+async fn refusal(client: &RelayClient, frame: Vec<u8>) -> Option<String> {
+    let answer = client.request_frame(frame).await.expect("an answer");
+    match protocol::decode(&answer).expect("decodes") {
+        protocol::RelayToClient::Rejected { kind, .. } => Some(kind),
+        _ => None,
+    }
+}
+
+/// One identity signs on at most four peer IDs at once (a fifth is `identity_busy`), and the
+/// strikes of any of them ban the identity on all: a new peer ID does not bring fresh strikes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_and_bans_follow_the_identity_not_the_peer_id() {
+    init_logging();
+    let relay = Relay::start(swarmtrain_relay::RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        web_dir: swarmtrain_tests::package_path("../web"),
+        runs: vec![default_run()],
+        ..Default::default()
+    })
+    .await
+    .expect("relay starts");
+    let identity = Identity::from_seed([70; 32]);
+    let clients: Vec<_> = (0..5).map(|k| dial(&relay, throwaway(6000 + k))).collect();
+    for (k, client) in clients.iter().enumerate() {
+        let kind = refusal(client, signed_for(client, &identity, 1, join(None))).await;
+        if k < swarmtrain_relay::runs::MAX_PEER_IDS_PER_IDENTITY {
+            assert_eq!(kind, None, "peer ID {k} joins as the identity");
+        } else {
+            assert_eq!(kind.as_deref(), Some("identity_busy"), "a fifth peer ID");
+        }
+    }
+    // Strikes on the first peer ID (the same verified message again: `replayed`) until the
+    // relay closes it and bans the identity.
+    let poll = ClientToRelay::AwaitRound {
+        run_id: "digits".into(),
+        after: Some(u64::MAX / 2),
+    };
+    let frame = signed_for(&clients[0], &identity, 2, poll.clone());
+    for _ in 0..=swarmtrain_relay::runs::MAX_STRIKES {
+        if clients[0].request_frame(frame.clone()).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(relay.runs.closed_for_strikes(), 1);
+    // Another of its peer IDs, with a fresh message, is refused: the ban is the identity's.
+    let kind = refusal(&clients[1], signed_for(&clients[1], &identity, 3, poll)).await;
+    assert_eq!(kind.as_deref(), Some("banned"));
+    relay.shutdown().await;
+}
+
+/// "Joined" is per run: an identity that joined an open run is not thereby let into a
+/// proof-of-work run on the same relay (`not_joined` there until it joins with a solution).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_an_open_run_does_not_admit_to_another() {
+    init_logging();
+    let open = default_run();
+    let mut guarded = open.clone();
+    guarded.run_id = "digits-pow".into();
+    let relay = Relay::start(swarmtrain_relay::RelayConfig {
+        http: "127.0.0.1:0".parse().expect("addr"),
+        web_dir: swarmtrain_tests::package_path("../web"),
+        runs: vec![open, guarded],
+        admission: [(
+            "digits-pow".to_owned(),
+            swarmtrain_shared::admission::Admission::ProofOfWork { bits: 20 },
+        )]
+        .into(),
+        ..Default::default()
+    })
+    .await
+    .expect("relay starts");
+    let identity = Identity::from_seed([71; 32]);
+    let client = dial(&relay, [71; 32]);
+    assert_eq!(refusal(&client, signed_for(&client, &identity, 1, join(None))).await, None);
+    let poll = |run: &str| ClientToRelay::AwaitRound {
+        run_id: run.into(),
+        after: Some(u64::MAX / 2),
+    };
+    assert_eq!(
+        refusal(&client, signed_for(&client, &identity, 2, poll("digits-pow"))).await.as_deref(),
+        Some("not_joined")
+    );
+    let mut pow_join = digits_join("adversary", None);
+    if let ClientToRelay::Join(join) = &mut pow_join {
+        join.run_id = "digits-pow".into();
+    }
+    assert_eq!(
+        refusal(&client, signed_for(&client, &identity, 3, pow_join)).await.as_deref(),
+        Some("not_admitted")
+    );
+    // The open run still answers it.
+    assert_eq!(refusal(&client, signed_for(&client, &identity, 4, poll("digits"))).await, None);
     relay.shutdown().await;
 }

@@ -123,9 +123,13 @@ struct Probe {
     relay: relay::client::Behaviour,
 }
 
-/// A bare libp2p node over TCP and WebRTC-direct with identify, ping and a circuit relay client.
-fn probe() -> Swarm<Probe> {
-    SwarmBuilder::with_new_identity()
+/// A bare libp2p node over TCP and WebRTC-direct with identify, ping and a circuit relay client,
+/// with the libp2p key of the identity `seed` (a browser's peer ID is derived the same way).
+fn probe(seed: [u8; 32]) -> Swarm<Probe> {
+    let identity = swarmtrain_shared::Identity::from_seed(seed);
+    let key = libp2p::identity::Keypair::ed25519_from_bytes(*identity.network_secret())
+        .expect("libp2p key");
+    SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -269,7 +273,7 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
     );
 
     // A node dials the relay over WebRTC-direct: identify and ping run over the data channels.
-    let mut node = probe();
+    let mut node = probe([63; 32]);
     // libp2p-webrtc dials from its listener's UDP socket.
     node.listen_on(
         "/ip4/127.0.0.1/udp/0/webrtc-direct"
@@ -382,9 +386,35 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
         .expect("multiaddr");
     let relay_id: PeerId = relay.bootstrap.peer_id.parse().expect("peer id");
 
-    // A listens through the relay (a reservation), B dials A's relayed address.
-    let mut a = probe();
+    // A peer ID whose identity has not joined a run may not reserve: throwaway peer IDs would
+    // otherwise hold every reservation and fill `/api/reachable`.
+    let mut a = probe([61; 32]);
     let a_id = *a.local_peer_id();
+    a.listen_on(relay_tcp.clone().with(Protocol::P2pCircuit))
+        .expect("listen via relay");
+    until(&mut a, "a refused reservation", |e| match e {
+        SwarmEvent::ListenerClosed { reason: Err(_), .. } => Some(()),
+        SwarmEvent::Behaviour(ProbeEvent::Relay(
+            relay::client::Event::ReservationReqAccepted { .. },
+        )) => panic!("a peer that never joined holds a reservation"),
+        _ => None,
+    })
+    .await;
+    let listed = get_json(format!("{}api/reachable", relay.url())).await;
+    assert_eq!(listed["peers"], serde_json::json!([]), "{listed}");
+    let metrics = reqwest::get(format!("{}metrics", relay.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let line = r#"swarmtrain_relaying_refused_total{kind="reservation"} 1"#;
+    assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+
+    // Once its identity has joined (here from another connection of the same peer ID), A
+    // listens through the relay (a reservation), and B, joined too, dials A's relayed address.
+    let _a_joined = join_raw(&relay, [61; 32]).await;
+    let _b_joined = join_raw(&relay, [62; 32]).await;
     a.listen_on(relay_tcp.clone().with(Protocol::P2pCircuit))
         .expect("listen via relay");
     until(&mut a, "a reservation", |e| match e {
@@ -401,7 +431,7 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
     let listed = get_json(format!("{}api/reachable", relay.url())).await;
     assert_eq!(listed["peers"][0], a_id.to_string(), "{listed}");
 
-    let mut b = probe();
+    let mut b = probe([62; 32]);
     let via_relay = relay_tcp
         .with(Protocol::P2pCircuit)
         .with(Protocol::P2p(a_id));

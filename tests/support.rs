@@ -103,8 +103,15 @@ pub async fn start_relay(run: RunSpec) -> Relay {
 /// proof-of-work admission of 10 bits (cheap for the honest peers, not free for minted
 /// identities) and sealing required.
 pub async fn start_pow_relay(run: RunSpec) -> Relay {
+    Relay::start(pow_relay_config(run))
+        .await
+        .expect("relay starts")
+}
+
+/// The configuration [`start_pow_relay`] starts.
+pub fn pow_relay_config(run: RunSpec) -> RelayConfig {
     let run_id = run.run_id.clone();
-    Relay::start(RelayConfig {
+    RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
         web_dir: package_path("../web"),
         runs: vec![run],
@@ -115,9 +122,7 @@ pub async fn start_pow_relay(run: RunSpec) -> Relay {
         .into(),
         require_sealed: true,
         ..RelayConfig::default()
-    })
-    .await
-    .expect("relay starts")
+    }
 }
 
 /// A `Join` of the digits run from `platform`, with `proof_of_work` as its puzzle's solution.

@@ -574,16 +574,35 @@ impl RelayClient {
         };
         let mut asked: futures::stream::FuturesUnordered<_> =
             peers.iter().map(|&p| one(p)).collect();
-        while let Some(result) = asked.next().await {
-            match result {
-                Ok(manifest) => return Some(manifest),
-                Err((peer, e)) => {
-                    peers.retain(|p| *p != peer);
-                    sources.failures.push(format!("{peer} {e}"));
+        let first = async {
+            while let Some(result) = asked.next().await {
+                match result {
+                    Ok(manifest) => return Some(manifest),
+                    Err((peer, e)) => {
+                        peers.retain(|p| *p != peer);
+                        sources.failures.push(format!("{peer} {e}"));
+                    }
                 }
             }
-        }
-        None
+            None
+        };
+        // One deadline for the whole manifest, every page and every peer: past it, the θ
+        // comes from the relay.
+        let found = {
+            let deadline = platform::sleep(theta::MANIFEST_DEADLINE);
+            futures::pin_mut!(first, deadline);
+            match futures::future::select(first, deadline).await {
+                futures::future::Either::Left((manifest, _)) => Ok(manifest),
+                futures::future::Either::Right(_) => Err(()),
+            }
+        };
+        found.unwrap_or_else(|()| {
+            sources.failures.push(format!(
+                "no manifest from the linked browsers within {:?}",
+                theta::MANIFEST_DEADLINE
+            ));
+            None
+        })
     }
 
     /// The leaves of `manifest` from `peers` ([`theta::PIPELINE`] requests in flight each) and
@@ -662,8 +681,16 @@ impl RelayClient {
             .iter()
             .flat_map(|&peer| std::iter::repeat_n(peer, theta::PIPELINE))
             .map(peer_worker);
-        let (_, relay) = futures::future::join(futures::future::join_all(workers), relay).await;
-        relay?;
+        // Once θ is whole (the relay's loop ends then), workers still waiting on a slow peer are
+        // dropped rather than waited for.
+        {
+            let peers_done = futures::future::join_all(workers);
+            futures::pin_mut!(relay, peers_done);
+            match futures::future::select(relay, peers_done).await {
+                futures::future::Either::Left((relay, _)) => relay?,
+                futures::future::Either::Right((_, relay)) => relay.await?,
+            }
+        }
         Ok(state.into_inner().expect("θ assembly").into_bytes())
     }
 

@@ -29,6 +29,10 @@ const THETA_KEPT: usize = 2;
 const MANIFEST_PAGE: usize = 256;
 /// Leaf requests in flight to one linked browser.
 pub const PIPELINE: usize = 4;
+/// How long the linked browsers have, all pages together, to give a θ's manifest before the
+/// θ is fetched from the relay instead (a linked browser may answer each page just inside
+/// [`THETA_TIMEOUT`]).
+pub const MANIFEST_DEADLINE: Duration = Duration::from_secs(4);
 /// How long the linked browsers have the θ to themselves before the relay helps.
 pub const RELAY_PATIENCE: Duration = Duration::from_secs(2);
 /// Leaves the relay is asked for at once: 56 KiB, exactly 8 of its 7 KiB chunks.

@@ -88,6 +88,11 @@ pub struct ServeOptions {
     /// At most this many libp2p connections from one IP address. Default: 256.
     #[arg(long, env = "SWARMTRAIN_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
     pub connections_per_ip: Option<u32>,
+    /// Let any libp2p peer reserve a circuit here and dial through it, as a public libp2p
+    /// relay does (js-libp2p nodes that never join a run, for instance). Default: false, only
+    /// peers whose identity has joined a run.
+    #[arg(long, env = "SWARMTRAIN_OPEN_CIRCUIT_RELAY", action = clap::ArgAction::Set)]
+    pub open_circuit_relay: Option<bool>,
     /// Where the world reaches this relay (repeatable, or comma-separated in the variable): an
     /// IP, a host name (dialed by name over TCP and WebSocket, resolved at start for
     /// WebRTC-direct), or a full multiaddr (a reverse proxy's `/dns4/relay.example/tcp/443/tls/ws`).
@@ -524,7 +529,8 @@ impl ServeOptions {
     pub fn merge(mut self, file: Self) -> Self {
         merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
             checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
-            seed, require_sealed, gossip_fanout, connections_per_ip, aggregation_backend,
+            seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
+            aggregation_backend,
             external_address, tls_cert,
             tls_key, allow_origin, trusted_proxy, ice_server, turn_secret, turn_ttl_secs);
         self.run = self.run.merge(file.run);
@@ -606,6 +612,7 @@ impl ServeOptions {
             connections_per_ip: self
                 .connections_per_ip
                 .map_or(defaults.connections_per_ip, |n| n as usize),
+            open_circuit_relay: self.open_circuit_relay.unwrap_or(false),
             reassembly_budget: defaults.reassembly_budget,
             public: PublicConfig {
                 external_addresses: self.external_address.unwrap_or_default(),

@@ -97,7 +97,7 @@ struct State {
     history: VecDeque<RoundRecord>,
     /// The oldest round with a history row.
     history_from: u64,
-    params: HashMap<ParamsHash, Arc<Vec<u8>>>,
+    params: HashMap<ParamsHash, bytes::Bytes>,
     params_order: VecDeque<ParamsHash>,
     announcement: Signed<RoundAnnouncement>,
     /// The parked long polls, one per joined identity: the round it has, and where to send
@@ -360,7 +360,9 @@ impl Coordinator {
         &self.spec
     }
 
-    pub async fn params(&self, hash: &ParamsHash) -> Option<Arc<Vec<u8>>> {
+    /// The parameters with `hash` (one of the newest [`KEEP_PARAMS`]), as shared bytes: a
+    /// download clones a reference, never θ.
+    pub async fn params(&self, hash: &ParamsHash) -> Option<bytes::Bytes> {
         self.state.lock().await.params.get(hash).cloned()
     }
 
@@ -941,7 +943,7 @@ fn store_params(state: &mut State) {
     }
     state.params.insert(
         hash,
-        Arc::new(protocol::params_to_bytes(state.round.params())),
+        bytes::Bytes::from(protocol::params_to_bytes(state.round.params())),
     );
     state.params_order.push_back(hash);
     while state.params_order.len() > KEEP_PARAMS {

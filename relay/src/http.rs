@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -36,6 +37,9 @@ pub struct Public {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// `*` or origins (`https://site.example`); empty: no cross-origin access.
     pub allow_origins: Vec<String>,
+    /// Whether any libp2p peer may hold a reservation (else `/api/reachable` lists only peers
+    /// whose identity has joined a run).
+    pub open_circuit_relay: bool,
 }
 
 /// Who is asking, as far as the relay can tell: the client's IP (from the connection, or the
@@ -128,10 +132,48 @@ fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
     })
 }
 
+/// API requests handled at once, all routes together; more are answered 503 at once (tower's
+/// `GlobalConcurrencyLimit` under `LoadShed`), with `Retry-After`.
+pub const MAX_API_REQUESTS: usize = 512;
+/// An API request that has no answer after this long is answered 408 (tower-http's `Timeout`).
+pub const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the API says when it sheds load (counted in `shed`).
+async fn overloaded(shed: Arc<crate::p2p::Network>, error: tower::BoxError) -> Response {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        tracing::info!("API request shed: {MAX_API_REQUESTS} in progress");
+        shed.api_shed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "the relay is busy: try again in a second\n",
+        )
+            .into_response()
+    } else {
+        tracing::warn!(%error, "API request failed");
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response()
+    }
+}
+
 /// The relay's router. `web_dir` holds the page and, under `pkg/`, the npm package. The API
-/// (`/api/…`, what the npm package calls) answers CORS for the allowed origins.
+/// (`/api/…`, what the npm package calls) answers CORS for the allowed origins, handles at
+/// most [`MAX_API_REQUESTS`] at once and answers each within [`API_TIMEOUT`].
 pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
     let cors = cors(&state.public.allow_origins)?;
+    let network = state.network.clone();
+    let limits = tower::ServiceBuilder::new()
+        .layer(axum::error_handling::HandleErrorLayer::new(
+            move |error: tower::BoxError| overloaded(network.clone(), error),
+        ))
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_API_REQUESTS,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            API_TIMEOUT,
+        ));
     let api = Router::new()
         .route("/api/bootstrap", get(bootstrap))
         .route("/api/status", get(status))
@@ -144,6 +186,7 @@ pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
         .route("/api/runs/{run}/peers/{peer}", get(peer_credit))
         .route("/api/runs/{run}/leaderboard", get(leaderboard))
         .route("/api/reachable", get(reachable))
+        .layer(limits)
         .layer(cors);
     Ok(Router::new()
         .merge(api)
@@ -245,7 +288,7 @@ async fn params(
             (header::CONTENT_TYPE, "application/octet-stream"),
             (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
         ],
-        (*bytes).clone(),
+        bytes,
     )
         .into_response())
 }
@@ -394,15 +437,18 @@ fn resident_bytes() -> Option<u64> {
 }
 
 /// `GET /api/reachable?limit=N`: up to N (default 8, at most 32) libp2p peer IDs of peers that
-/// hold a circuit relay reservation here, the most recent first, so a browser can dial them
-/// browser-to-browser (`<relay>/p2p-circuit/webrtc/p2p/<peer>`).
+/// hold a circuit relay reservation here and whose identity has joined a run (any, with
+/// `--open-circuit-relay`), the most recent first, so a browser can dial them browser-to-browser
+/// (`<relay>/p2p-circuit/webrtc/p2p/<peer>`).
 async fn reachable(
     State(state): State<AppState>,
     Query(query): Query<ReachableQuery>,
 ) -> impl IntoResponse {
     let peers: Vec<String> = state
         .network
-        .newest_reachable(query.limit.min(32))
+        .newest_reachable(query.limit.min(32), |peer| {
+            state.public.open_circuit_relay || state.runs.has_joined(peer)
+        })
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -539,6 +585,36 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
          browser-to-browser).\n# TYPE swarmtrain_circuit_reservations gauge\n\
          swarmtrain_circuit_reservations {}",
         state.network.reachable()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_api_shed_total API requests answered 503 because {MAX_API_REQUESTS} \
+         were in progress.\n# TYPE swarmtrain_api_shed_total counter\n\
+         swarmtrain_api_shed_total {}",
+        state
+            .network
+            .api_shed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_connections_refused_total Incoming libp2p connections refused by a \
+         limit (in total, per peer ID, per IP address, handshakes in progress).\n\
+         # TYPE swarmtrain_connections_refused_total counter\n\
+         swarmtrain_connections_refused_total {}",
+        state
+            .network
+            .refused_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let (reservations, circuits) = state.network.refused_relaying();
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_relaying_refused_total Circuit relay requests refused (from a peer \
+         whose identity has not joined a run, or over a limit).\n\
+         # TYPE swarmtrain_relaying_refused_total counter\n\
+         swarmtrain_relaying_refused_total{{kind=\"reservation\"}} {reservations}\n\
+         swarmtrain_relaying_refused_total{{kind=\"circuit\"}} {circuits}"
     );
     let _ = writeln!(
         out,
@@ -804,6 +880,7 @@ mod tests {
             .expect("ice"),
             trusted_proxies: vec!["198.51.100.1".parse().expect("ip")],
             allow_origins: vec!["https://embed.example".into()],
+            open_circuit_relay: false,
         }
     }
 

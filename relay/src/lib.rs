@@ -88,6 +88,9 @@ pub struct RelayConfig {
     /// At most this many libp2p connections from one IP address (a per-address limit, as
     /// HTTP servers keep per client).
     pub connections_per_ip: usize,
+    /// Whether any libp2p peer may reserve a circuit and dial through it (else only peers
+    /// whose identity has joined a run).
+    pub open_circuit_relay: bool,
     /// Bytes of long messages (updates) buffered for all connections together.
     pub reassembly_budget: usize,
     /// Public addresses, TLS, CORS and ICE servers: the relay on the internet.
@@ -192,6 +195,7 @@ impl Default for RelayConfig {
             require_sealed: false,
             gossip_fanout: swarmtrain_net::DEFAULT_GOSSIP_FANOUT,
             connections_per_ip: DEFAULT_CONNECTIONS_PER_IP,
+            open_circuit_relay: false,
             reassembly_budget: swarmtrain_shared::transfer::DEFAULT_BUDGET,
             public: public::PublicConfig {
                 allow_origins: vec!["*".into()],
@@ -399,6 +403,7 @@ impl Relay {
             config.gossip_fanout,
             tls.as_ref(),
             config.connections_per_ip,
+            (!config.open_circuit_relay).then(|| runs.clone()),
         )
         .await?;
         let ip = ip_protocol(config.http.ip());
@@ -466,6 +471,7 @@ impl Relay {
                 ice,
                 trusted_proxies: public.trusted_proxies.clone(),
                 allow_origins: public.allow_origins.clone(),
+                open_circuit_relay: config.open_circuit_relay,
             }),
         };
         let router = http::app(state, config.web_dir.clone())?;

@@ -114,6 +114,7 @@ pub async fn build_swarm(
     gossip_fanout: usize,
     wss: Option<&crate::tls::Certified>,
     connections_per_ip: usize,
+    joined_only: Option<Arc<Runs>>,
 ) -> anyhow::Result<Swarm<Boxed<RelayBehaviour>>> {
     let agent = format!("swarmtrain-relay/{}", env!("CARGO_PKG_VERSION"));
     // The WebSocket listener, with the operator's certificate when there is one (then it
@@ -150,6 +151,31 @@ pub async fn build_swarm(
         })?
         .with_dns()?
         .with_behaviour(|key| {
+            let mut circuit = relay::Config {
+                max_circuit_bytes: CIRCUIT_BYTES,
+                max_reservations: MAX_RESERVATIONS,
+                max_reservations_per_peer: 1,
+                max_circuits: MAX_CIRCUITS,
+                max_circuits_per_peer: 4,
+                ..relay::Config::default()
+            };
+            // Beside libp2p's default rate limiters (per peer ID and per IP): only a peer whose
+            // identity has joined a run may reserve (and so be listed by `/api/reachable`) or
+            // open a circuit, unless the operator opened the relay to every libp2p peer. A
+            // throwaway peer ID gets `RESOURCE_LIMIT_EXCEEDED`.
+            if let Some(runs) = joined_only {
+                let joined = runs.clone();
+                circuit.reservation_rate_limiters.push(Box::new(
+                    move |peer: PeerId, _: &Multiaddr, _: std::time::Instant| {
+                        joined.has_joined(&peer)
+                    },
+                ));
+                circuit.circuit_src_rate_limiters.push(Box::new(
+                    move |peer: PeerId, _: &Multiaddr, _: std::time::Instant| {
+                        runs.has_joined(&peer)
+                    },
+                ));
+            }
             Ok(Boxed(RelayBehaviour {
                 limits: libp2p::connection_limits::Behaviour::new(
                     libp2p::connection_limits::ConnectionLimits::default()
@@ -159,17 +185,7 @@ pub async fn build_swarm(
                 ),
                 per_ip: crate::limits::PerIp::new(connections_per_ip),
                 node: Node::new(ProtocolSupport::Inbound, key, &agent, gossip_fanout)?,
-                circuit: relay::Behaviour::new(
-                    key.public().to_peer_id(),
-                    relay::Config {
-                        max_circuit_bytes: CIRCUIT_BYTES,
-                        max_reservations: MAX_RESERVATIONS,
-                        max_reservations_per_peer: 1,
-                        max_circuits: MAX_CIRCUITS,
-                        max_circuits_per_peer: 4,
-                        ..relay::Config::default()
-                    },
-                ),
+                circuit: relay::Behaviour::new(key.public().to_peer_id(), circuit),
             }))
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -199,6 +215,12 @@ pub struct Network {
     linked: std::sync::atomic::AtomicUsize,
     /// Incoming connections refused by a connection limit (in total, per peer ID, per IP).
     pub refused_connections: std::sync::atomic::AtomicU64,
+    /// Circuit relay reservations and circuits refused (a peer that has not joined, a rate or
+    /// a limit).
+    refused_reservations: std::sync::atomic::AtomicU64,
+    refused_circuits: std::sync::atomic::AtomicU64,
+    /// HTTP API requests shed because too many were in progress (see `http::app`).
+    pub api_shed: std::sync::atomic::AtomicU64,
     gossip_sent: std::sync::atomic::AtomicU64,
     gossip_to_mesh: std::sync::atomic::AtomicU64,
     /// Open connections by the transport they came over.
@@ -257,12 +279,21 @@ impl Network {
         }
     }
 
-    /// At most `limit` reachable peers, the most recent first.
-    pub fn newest_reachable(&self, limit: usize) -> Vec<PeerId> {
+    /// At most `limit` reachable peers that pass `keep`, the most recent first.
+    pub fn newest_reachable(&self, limit: usize, keep: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
         self.reachable
             .lock()
-            .map(|p| p.iter().rev().take(limit).copied().collect())
+            .map(|p| p.iter().rev().filter(|p| keep(p)).take(limit).copied().collect())
             .unwrap_or_default()
+    }
+
+    /// Circuit relay reservations and circuits refused so far.
+    pub fn refused_relaying(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.refused_reservations.load(Relaxed),
+            self.refused_circuits.load(Relaxed),
+        )
     }
 
     /// Peers holding a reservation.
@@ -509,6 +540,14 @@ pub async fn run(
                         relay::Event::ReservationReqAccepted { src_peer_id, .. } => network.add_reachable(src_peer_id),
                         relay::Event::ReservationClosed { src_peer_id }
                         | relay::Event::ReservationTimedOut { src_peer_id } => network.remove_reachable(&src_peer_id),
+                        relay::Event::ReservationReqDenied { src_peer_id, status } => {
+                            network.refused_reservations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!(%src_peer_id, ?status, "reservation refused: the peer has not joined a run, or a limit");
+                        }
+                        relay::Event::CircuitReqDenied { src_peer_id, dst_peer_id, status } => {
+                            network.refused_circuits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!(%src_peer_id, %dst_peer_id, ?status, "circuit refused: the dialer has not joined a run, or a limit");
+                        }
                         relay::Event::CircuitClosed { src_peer_id, dst_peer_id, error: Some(error) } => {
                             network.circuits_cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tracing::info!(%src_peer_id, %dst_peer_id, %error, "circuit cut");

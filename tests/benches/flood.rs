@@ -3,7 +3,10 @@
 //! honest native peers train in this process; in the flood phase, hostile connections keep as
 //! many requests in flight as the relay allows them, cycling through forged signatures,
 //! replays, unadmitted joins, unbound parts, oversized frames and long polls: the attacks of
-//! `tests/adversary.rs`, made in advance.
+//! `tests/adversary.rs`, made in advance; and throwaway peer IDs from the same host keep long
+//! polls in flight without ever joining. After each phase's rounds a brand-new peer joins and
+//! its time to a first accepted update is measured, and the process's peak resident memory is
+//! sampled at each round.
 //!
 //! The attackers run in a second process of this binary at the lowest CPU priority
 //! (`nice -n 19`): a real flood comes from other machines, so what the benchmark charges to the
@@ -31,7 +34,7 @@ use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, Envelope, MAX_FRAME_BYTES, Part, Request, Submission,
 };
-use swarmtrain_tests::{digits_join, spawn_peer, start_pow_relay};
+use swarmtrain_tests::{digits_join, pow_relay_config, spawn_peer};
 
 /// Rounds each honest peer trains per phase; the first (joining, the first download) is not
 /// timed.
@@ -51,23 +54,70 @@ async fn start_relay() -> Relay {
     // The digits run as the relay ships it (50 inner steps), with a quorum of the three peers.
     let mut run = default_run();
     run.quorum = 3;
-    start_pow_relay(run).await
+    let mut config = pow_relay_config(run);
+    // The honest peers dial from the attackers' address (loopback): the per-address limit
+    // would shut them out with the flood, which on the internet comes from elsewhere.
+    config.connections_per_ip = 4096;
+    Relay::start(config).await.expect("relay starts")
 }
 
-/// The honest peers train [`ROUNDS`] rounds; returns the time each round after the first took
-/// (between the relay opening it and opening the next), every update having been accepted.
-async fn honest_rounds(relay: &Relay) -> Vec<Duration> {
+/// Resident memory of this process (the relay and the honest peers; the attackers have their
+/// own), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What one phase measured.
+struct Phase {
+    /// The time each round after the first took.
+    rounds: Vec<Duration>,
+    /// How long a brand-new peer (its proof of work included) took from starting to its first
+    /// accepted update, started once the others had trained [`ROUNDS`] rounds.
+    newcomer: Duration,
+    /// The highest resident memory sampled during the phase, in KiB.
+    peak_rss_kib: u64,
+}
+
+/// The honest peers train [`ROUNDS`] rounds, then a newcomer joins; returns the time
+/// each round after the first took (between the relay opening it and opening the next), every
+/// update having been accepted, and the newcomer's time to its first accepted update.
+async fn honest_rounds(relay: &Relay) -> Phase {
     let peers: Vec<_> = (1..=3).map(|id| spawn_peer(relay, id, ROUNDS)).collect();
     let mut opened = Vec::new();
     let mut last = relay.coordinator.status().await.round;
+    let mut peak_rss_kib = rss_kib();
     while last < ROUNDS {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let round = relay.coordinator.status().await.round;
         if round != last {
             opened.push(Instant::now());
             last = round;
+            peak_rss_kib = peak_rss_kib.max(rss_kib());
         }
     }
+    // Then a brand-new peer joins (while the others finish) and trains the open round; it is
+    // the fourth of a quorum of three, so the round waits for it.
+    let started = Instant::now();
+    let mut newcomer = spawn_peer(relay, 4, 1);
+    let newcomer = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(event) = newcomer.events.recv().await {
+            if matches!(event, PeerEvent::Submitted { accepted: true, .. }) {
+                let took = started.elapsed();
+                newcomer.task.abort();
+                return took;
+            }
+        }
+        panic!("the newcomer stopped without an accepted update");
+    })
+    .await
+    .expect("the newcomer's first update is accepted within 2 minutes");
     for peer in peers {
         let (trained, events) = peer.finish().await;
         assert_eq!(trained, ROUNDS);
@@ -77,7 +127,11 @@ async fn honest_rounds(relay: &Relay) -> Vec<Duration> {
             .count();
         assert_eq!(accepted as u64, ROUNDS, "every honest update accepted");
     }
-    opened.windows(2).map(|w| w[1] - w[0]).collect()
+    Phase {
+        rounds: opened.windows(2).map(|w| w[1] - w[0]).collect(),
+        newcomer,
+        peak_rss_kib: peak_rss_kib.max(rss_kib()),
+    }
 }
 
 fn join(proof_of_work: Option<u64>) -> ClientToRelay {
@@ -151,12 +205,97 @@ fn attacker(i: u8, generation: u32) -> Attacker {
     Attacker { identity, frames }
 }
 
+/// Throwaway peer IDs in the second flood, each with its own connection.
+const THROWAWAYS: u32 = 400;
+/// Throwaway connections dialing at once (the relay takes 512 handshakes at a time).
+const DIALING: usize = 50;
+
+/// A throwaway identity and its one frame: a long poll for the open round from an identity
+/// that never joined (before round two it parked for 60 s and counted as an active peer; now
+/// it is refused as `not_joined` before any signature check, so the same frame serves again).
+fn throwaway(i: u32) -> (Identity, Vec<u8>) {
+    let mut seed = [0; 32];
+    seed[0] = 251;
+    seed[1..5].copy_from_slice(&i.to_le_bytes());
+    let identity = Identity::from_seed(seed);
+    let peer_id = libp2p::identity::Keypair::ed25519_from_bytes(*identity.network_secret())
+        .expect("ed25519 key")
+        .public()
+        .to_peer_id()
+        .to_bytes();
+    let envelope = Envelope {
+        peer_id,
+        seq: 1,
+        expires_ms: swarmtrain_relay::runs::unix_ms() + protocol::ENVELOPE_VALIDITY_MS,
+        message: ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: Some(0),
+        },
+    };
+    let submission = Submission {
+        signed: identity.sign(&envelope).expect("sign"),
+        payload: Vec::new(),
+    };
+    let frame = protocol::encode(&Request::Submit(submission)).expect("encode");
+    (identity, frame)
+}
+
+/// Keeps [`MAX_IN_FLIGHT_PER_PEER`] polls in flight on `client` until `stop`; returns whether
+/// its connection still answered.
+async fn poll_flood(client: RelayClient, frame: Vec<u8>, stop: &AtomicBool, tally: &Tally) {
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        while in_flight.len() < MAX_IN_FLIGHT_PER_PEER && !stop.load(Ordering::Relaxed) {
+            let (client, frame) = (client.clone(), frame.clone());
+            in_flight.push(async move {
+                tokio::time::timeout(Duration::from_secs(2), client.request_frame(frame)).await
+            });
+            tally.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        match in_flight.next().await {
+            Some(Ok(Ok(_))) => {}
+            // Refused or cut: the connection is gone (or a dial was refused at the per-address
+            // limit); the identity stops here.
+            Some(_) | None => return,
+        }
+    }
+}
+
+/// [`THROWAWAYS`] peer IDs, [`DIALING`] dialing at once, each flooding long polls until `stop`.
+async fn throwaway_flood(address: libp2p::Multiaddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let made: Vec<_> = (0..THROWAWAYS).map(throwaway).collect();
+    let mut tasks = Vec::new();
+    for batch in made.chunks(DIALING) {
+        let mut dialed = Vec::new();
+        for (identity, frame) in batch {
+            let client = RelayClient::connect(address.clone(), identity).expect("dial");
+            let first = client.request_frame(frame.clone());
+            dialed.push(async move { first.await.map(|_| (client, frame.clone())) });
+        }
+        for (client, frame) in futures::future::join_all(dialed).await.into_iter().flatten() {
+            tally.throwaways.fetch_add(1, Ordering::Relaxed);
+            let (stop, tally) = (stop.clone(), tally.clone());
+            tasks.push(tokio::spawn(async move {
+                poll_flood(client, frame, &stop, &tally).await
+            }));
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
 /// What the flooders did.
 #[derive(Default)]
 struct Tally {
     sent: AtomicU64,
     /// New identities minted after the relay closed a connection.
     reconnects: AtomicU64,
+    /// Throwaway peer IDs whose connection the relay answered.
+    throwaways: AtomicU64,
 }
 
 /// Keeps [`MAX_IN_FLIGHT_PER_PEER`] requests in flight from hostile connection `i` until
@@ -210,10 +349,15 @@ async fn attack(address: libp2p::Multiaddr) {
     let armies: Vec<Vec<Attacker>> = (0..FLOODERS)
         .map(|i| (0..IDENTITIES).map(|g| attacker(i, g)).collect())
         .collect();
-    let flooders: Vec<_> = armies
+    let mut flooders: Vec<_> = armies
         .into_iter()
         .map(|army| tokio::spawn(flood(address.clone(), army, stop.clone(), tally.clone())))
         .collect();
+    flooders.push(tokio::spawn(throwaway_flood(
+        address.clone(),
+        stop.clone(),
+        tally.clone(),
+    )));
     println!("ready");
     tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new()))
         .await
@@ -224,9 +368,10 @@ async fn attack(address: libp2p::Multiaddr) {
         task.await.expect("a flooder");
     }
     println!(
-        "{} {}",
+        "{} {} {}",
         tally.sent.load(Ordering::Relaxed),
-        tally.reconnects.load(Ordering::Relaxed)
+        tally.reconnects.load(Ordering::Relaxed),
+        tally.throwaways.load(Ordering::Relaxed)
     );
 }
 
@@ -248,8 +393,9 @@ fn start_attackers(address: &str) -> (Child, BufReader<ChildStdout>) {
     (child, out)
 }
 
-/// Stops the attackers' process; returns the requests it sent and the identities it minted.
-fn stop_attackers((mut child, mut out): (Child, BufReader<ChildStdout>)) -> (u64, u64) {
+/// Stops the attackers' process; returns the requests it sent, the identities it minted and
+/// the throwaway peer IDs that got a connection.
+fn stop_attackers((mut child, mut out): (Child, BufReader<ChildStdout>)) -> (u64, u64, u64) {
     drop(child.stdin.take());
     let mut line = String::new();
     out.read_line(&mut line).expect("the attackers' tally");
@@ -261,6 +407,7 @@ fn stop_attackers((mut child, mut out): (Child, BufReader<ChildStdout>)) -> (u64
     (
         numbers.next().expect("sent"),
         numbers.next().expect("reconnects"),
+        numbers.next().expect("throwaways"),
     )
 }
 
@@ -270,33 +417,47 @@ async fn main() {
         return attack(address.parse().expect("multiaddr")).await;
     }
     let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
+    let (mut quiet_new, mut flooded_new) = (Vec::new(), Vec::new());
+    let (mut quiet_rss, mut flooded_rss) = (Vec::new(), Vec::new());
     let (mut hostile, mut hostile_secs, mut identities) = (0u64, 0f64, 0u64);
+    let mut throwaways = 0u64;
     let mut refusals = std::collections::BTreeMap::new();
     for repeat in 0..REPEATS {
         let relay = start_relay().await;
-        let rounds = honest_rounds(&relay).await;
+        let phase = honest_rounds(&relay).await;
         println!(
-            "quiet   #{repeat}: median round {:?}",
-            median(rounds.clone())
+            "quiet   #{repeat}: median round {:?}, newcomer {:?}, peak RSS {} MiB",
+            median(phase.rounds.clone()),
+            phase.newcomer,
+            phase.peak_rss_kib / 1024
         );
-        quiet.extend(rounds);
+        quiet.extend(phase.rounds);
+        quiet_new.push(phase.newcomer);
+        quiet_rss.push(phase.peak_rss_kib);
         relay.shutdown().await;
 
         let relay = start_relay().await;
         let attackers = start_attackers(&relay.bootstrap.addresses["tcp"][0]);
         let started = Instant::now();
-        let rounds = honest_rounds(&relay).await;
+        let phase = honest_rounds(&relay).await;
         hostile_secs += started.elapsed().as_secs_f64();
-        let (sent, minted) = tokio::task::spawn_blocking(move || stop_attackers(attackers))
-            .await
-            .expect("stop the attackers");
+        let (sent, minted, connected) =
+            tokio::task::spawn_blocking(move || stop_attackers(attackers))
+                .await
+                .expect("stop the attackers");
         hostile += sent;
         identities += minted;
+        throwaways += connected;
         println!(
-            "flooded #{repeat}: median round {:?}, {sent} hostile requests",
-            median(rounds.clone())
+            "flooded #{repeat}: median round {:?}, newcomer {:?}, peak RSS {} MiB, {sent} \
+             hostile requests, {connected} throwaway peer IDs connected",
+            median(phase.rounds.clone()),
+            phase.newcomer,
+            phase.peak_rss_kib / 1024
         );
-        flooded.extend(rounds);
+        flooded.extend(phase.rounds);
+        flooded_new.push(phase.newcomer);
+        flooded_rss.push(phase.peak_rss_kib);
         for (kind, n) in relay.coordinator.status().await.rejected {
             *refusals.entry(kind).or_insert(0) += n;
         }
@@ -304,26 +465,42 @@ async fn main() {
     }
     let (q, f) = (median(quiet), median(flooded));
     let ratio = f.as_secs_f64() / q.as_secs_f64();
+    let (qn, fn_) = (median(quiet_new), median(flooded_new));
+    let mib = |mut kib: Vec<u64>| {
+        kib.sort_unstable();
+        kib[kib.len() / 2] as f64 / 1024.0
+    };
+    let (qm, fm) = (mib(quiet_rss), mib(flooded_rss));
     let rate = hostile as f64 / hostile_secs;
     let refused: Vec<String> = refusals.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let report = format!(
         "# Honest rounds under a flood\n\n`cargo xtask bench flood` (`tests/benches/flood.rs`): a \
          relay with proof-of-work admission and three honest native peers training the digits \
-         run ({steps} inner steps, quorum 3) in one process, alone and while {FLOODERS} hostile \
-         connections keep 8 requests each in flight. The attackers run in a second process at \
-         the lowest CPU priority (`nice -n 19`), as if on other machines: they take the cycles \
-         of this machine's {cores} cores that the relay and the honest peers leave idle, and \
-         their identities and frames are made before the flood.\n\n\
-         | phase | honest round time (median of {n} rounds) |\n| --- | --- |\n\
-         | quiet | {q:.2?} |\n| flooded | {f:.2?} |\n\n\
-         Flooded / quiet: **{ratio:.2}×** (goal ≤ 2×). {FLOODERS} hostile connections at a \
-         time sent {rate:.0} requests/s ({hostile} in all); the relay closed them for their \
-         strikes and the attackers minted {identities} new identities to go on. Every honest \
-         update was accepted. Refusals by reason over the flooded phases: {}.\n",
+         run ({steps} inner steps, quorum 3) in one process, alone and under two floods at once: \
+         {FLOODERS} hostile connections keep 8 requests each in flight, and {THROWAWAYS} \
+         throwaway peer IDs from the same host (dialing {DIALING} at a time) keep 8 long polls \
+         each in flight without ever joining. After the honest rounds of each phase a brand-new \
+         peer starts (its proof of work included) and trains the open round. The attackers run in a second process at the \
+         lowest CPU priority (`nice -n 19`), as if on other machines: they take the cycles of \
+         this machine's {cores} cores that the relay and the honest peers leave idle, and their \
+         identities and frames are made before the flood. The relay's per-address connection \
+         limit is raised to 4,096 here, since the honest peers share the attackers' loopback \
+         address.\n\n\
+         | phase | honest round time (median of {n} rounds) | newcomer's first accepted update \
+         (median of {REPEATS}) | peak resident memory, relay and honest peers (median of \
+         {REPEATS}) |\n| --- | --- | --- | --- |\n\
+         | quiet | {q:.2?} | {qn:.2?} | {qm:.0} MiB |\n| flooded | {f:.2?} | {fn_:.2?} | {fm:.0} MiB |\n\n\
+         Flooded / quiet round time: **{ratio:.2}×** (goal ≤ 2×); newcomer: **{new_ratio:.2}×**. \
+         The attackers sent {rate:.0} requests/s ({hostile} in all); the relay closed the \
+         hostile connections for their strikes and the attackers minted {identities} new \
+         identities to go on; {throwaways} throwaway connections were answered over the \
+         phases. Every honest update was accepted. Refusals by reason over the flooded \
+         phases: {}.\n",
         refused.join(", "),
         n = (ROUNDS as usize - 1) * REPEATS,
         steps = default_run().inner.steps,
         cores = std::thread::available_parallelism().map_or(1, usize::from),
+        new_ratio = fn_.as_secs_f64() / qn.as_secs_f64(),
     );
     println!("\n{report}");
     if let Some(path) = std::env::var_os("SWARMTRAIN_FLOOD_REPORT") {

@@ -244,7 +244,16 @@ async fn webgpu() -> WgpuDevice {
 #[wasm_bindgen_test]
 fn ml_dsa_signatures_work_in_the_browser() {
     let id = Identity::from_seed([5; 32]);
-    let mut signed = id.sign(&(1u64, vec![1u8, 2, 3])).expect("sign");
+    let envelope = swarmtrain_shared::protocol::Envelope {
+        peer_id: vec![1, 2, 3],
+        seq: 1,
+        expires_ms: 1,
+        message: swarmtrain_shared::protocol::ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: None,
+        },
+    };
+    let mut signed = id.sign(&envelope).expect("sign");
     assert_eq!(signed.verify_and_decode().expect("verify").0, id.peer());
     signed.body[0] ^= 1;
     assert!(signed.verify_and_decode().is_err());
