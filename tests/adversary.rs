@@ -456,9 +456,11 @@ fn signed_for(client: &RelayClient, identity: &Identity, seq: u64, message: Clie
     protocol::encode(&Request::Submit(submission)).expect("encode")
 }
 
-/// The refusal kind of an answer (None: not a refusal).
+/// The refusal kind of an answer (None: not a refusal; "closed": the connection was closed).
 async fn refusal(client: &RelayClient, frame: Vec<u8>) -> Option<String> {
-    let answer = client.request_frame(frame).await.expect("an answer");
+    let Ok(answer) = client.request_frame(frame).await else {
+        return Some("closed".into());
+    };
     match protocol::decode(&answer).expect("decodes") {
         protocol::RelayToClient::Rejected { kind, .. } => Some(kind),
         _ => None,
@@ -481,7 +483,8 @@ async fn quotas_and_bans_follow_the_identity_not_the_peer_id() {
     let identity = Identity::from_seed([70; 32]);
     let clients: Vec<_> = (0..5).map(|k| dial(&relay, throwaway(6000 + k))).collect();
     for (k, client) in clients.iter().enumerate() {
-        let kind = refusal(client, signed_for(client, &identity, 1, join(None))).await;
+        // (The replay window is the identity's: each message its own sequence number.)
+        let kind = refusal(client, signed_for(client, &identity, k as u64 + 1, join(None))).await;
         if k < swarmtrain_relay::runs::MAX_PEER_IDS_PER_IDENTITY {
             assert_eq!(kind, None, "peer ID {k} joins as the identity");
         } else {
@@ -494,15 +497,19 @@ async fn quotas_and_bans_follow_the_identity_not_the_peer_id() {
         run_id: "digits".into(),
         after: Some(u64::MAX / 2),
     };
-    let frame = signed_for(&clients[0], &identity, 2, poll.clone());
+    let frame = signed_for(&clients[0], &identity, 10, poll.clone());
     for _ in 0..=swarmtrain_relay::runs::MAX_STRIKES {
         if clients[0].request_frame(frame.clone()).await.is_err() {
             break;
         }
     }
     assert_eq!(relay.runs.closed_for_strikes(), 1);
-    // Another of its peer IDs, with a fresh message, is refused: the ban is the identity's.
-    let kind = refusal(&clients[1], signed_for(&clients[1], &identity, 3, poll)).await;
+    // The ban is the identity's: its other connections are closed with it, and a new peer ID
+    // signing as it is refused.
+    let kind = refusal(&clients[1], signed_for(&clients[1], &identity, 11, poll.clone())).await;
+    assert_eq!(kind.as_deref(), Some("closed"));
+    let fresh = dial(&relay, throwaway(6100));
+    let kind = refusal(&fresh, signed_for(&fresh, &identity, 12, poll)).await;
     assert_eq!(kind.as_deref(), Some("banned"));
     relay.shutdown().await;
 }

@@ -269,8 +269,10 @@ async fn throwaway_flood(address: libp2p::Multiaddr, stop: Arc<AtomicBool>, tall
         let mut dialed = Vec::new();
         for (identity, frame) in batch {
             let client = RelayClient::connect(address.clone(), identity).expect("dial");
-            let first = client.request_frame(frame.clone());
-            dialed.push(async move { first.await.map(|_| (client, frame.clone())) });
+            dialed.push(async move {
+                let answered = client.request_frame(frame.clone()).await;
+                answered.map(|_| (client, frame.clone()))
+            });
         }
         for (client, frame) in futures::future::join_all(dialed).await.into_iter().flatten() {
             tally.throwaways.fetch_add(1, Ordering::Relaxed);
