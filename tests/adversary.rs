@@ -14,21 +14,12 @@ use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, Part, Request};
-use swarmtrain_tests::{digits_join, init_logging, spawn_peer, start_pow_relay};
+use swarmtrain_tests::{
+    digits_join, init_logging, metrics, relay_config, rss_kib, spawn_peer, start_pow_relay,
+    start_relay,
+};
 
 const ROUNDS: u64 = 4;
-
-/// Resident memory of this process, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn join(proof_of_work: Option<u64>) -> ClientToRelay {
     digits_join("adversary", proof_of_work)
@@ -270,14 +261,11 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
     run.inner.steps = 10;
     let deadline = Duration::from_millis(run.round_deadline_ms);
     let relay = Relay::start(swarmtrain_relay::RelayConfig {
-        http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: swarmtrain_tests::package_path("../web"),
-        runs: vec![run],
         // The flood comes from one address: the per-address limit is tested on its own.
         connections_per_ip: 4096,
         // Smaller than the 400 quiet messages (8 KiB each) take.
         reassembly_budget: 2 << 20,
-        ..Default::default()
+        ..relay_config(vec![run])
     })
     .await
     .expect("relay starts");
@@ -290,9 +278,12 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
     // 600 identities that never join, 8 long polls each; 50 dialing at once (the relay takes
     // at most 512 handshakes at a time, and an attacker whose dials are refused dials again).
     for batch in (0..600).collect::<Vec<u32>>().chunks(50) {
-        let clients =
-            futures::future::join_all(batch.iter().map(|&i| answered(&relay, throwaway(i), poll())))
-                .await;
+        let clients = futures::future::join_all(
+            batch
+                .iter()
+                .map(|&i| answered(&relay, throwaway(i), poll())),
+        )
+        .await;
         for client in clients {
             for _ in 0..7 {
                 flood.push(tokio::spawn(send_unawaited(client.clone(), poll())));
@@ -303,9 +294,12 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
     // first part again every 2 s, for as long as the test runs.
     let largest = relay.runs.max_submission_bytes();
     for batch in (600..1000).collect::<Vec<u32>>().chunks(50) {
-        let clients =
-            futures::future::join_all(batch.iter().map(|&i| answered(&relay, throwaway(i), join(None))))
-                .await;
+        let clients = futures::future::join_all(
+            batch
+                .iter()
+                .map(|&i| answered(&relay, throwaway(i), join(None))),
+        )
+        .await;
         for (&i, client) in batch.iter().zip(clients) {
             for _ in 0..2 {
                 flood.push(tokio::spawn(send_unawaited(client.clone(), poll())));
@@ -404,11 +398,8 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
 async fn one_address_holds_at_most_its_share_of_connections() {
     init_logging();
     let relay = Relay::start(swarmtrain_relay::RelayConfig {
-        http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: swarmtrain_tests::package_path("../web"),
-        runs: vec![default_run()],
         connections_per_ip: 3,
-        ..Default::default()
+        ..relay_config(vec![default_run()])
     })
     .await
     .expect("relay starts");
@@ -416,21 +407,20 @@ async fn one_address_holds_at_most_its_share_of_connections() {
     let mut welcomed = 0;
     for i in 0..5 {
         let client = dial(&relay, throwaway(5000 + i));
-        let answer = tokio::time::timeout(Duration::from_secs(10), client.send(join(None), Vec::new()))
-            .await;
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), client.send(join(None), Vec::new()))
+                .await;
         if let Ok(Ok(protocol::RelayToClient::Welcome(_))) = answer {
             welcomed += 1;
         }
         // Kept open, so that each holds its connection.
         clients.push(client);
     }
-    assert_eq!(welcomed, 3, "three connections from 127.0.0.1, the rest refused");
-    let metrics = reqwest::get(format!("{}metrics", relay.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    assert_eq!(
+        welcomed, 3,
+        "three connections from 127.0.0.1, the rest refused"
+    );
+    let metrics = metrics(&relay).await;
     let refused: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("swarmtrain_connections_refused_total "))
@@ -442,7 +432,12 @@ async fn one_address_holds_at_most_its_share_of_connections() {
 
 /// `message` signed by `identity` for the connection of `client` (whose own libp2p key may
 /// belong to another identity), with sequence number `seq`, as raw request bytes.
-fn signed_for(client: &RelayClient, identity: &Identity, seq: u64, message: ClientToRelay) -> Vec<u8> {
+fn signed_for(
+    client: &RelayClient,
+    identity: &Identity,
+    seq: u64,
+    message: ClientToRelay,
+) -> Vec<u8> {
     let envelope = protocol::Envelope {
         peer_id: client.peer_id().to_bytes(),
         seq,
@@ -472,19 +467,16 @@ async fn refusal(client: &RelayClient, frame: Vec<u8>) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_and_bans_follow_the_identity_not_the_peer_id() {
     init_logging();
-    let relay = Relay::start(swarmtrain_relay::RelayConfig {
-        http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: swarmtrain_tests::package_path("../web"),
-        runs: vec![default_run()],
-        ..Default::default()
-    })
-    .await
-    .expect("relay starts");
+    let relay = start_relay(default_run()).await;
     let identity = Identity::from_seed([70; 32]);
     let clients: Vec<_> = (0..5).map(|k| dial(&relay, throwaway(6000 + k))).collect();
     for (k, client) in clients.iter().enumerate() {
         // (The replay window is the identity's: each message its own sequence number.)
-        let kind = refusal(client, signed_for(client, &identity, k as u64 + 1, join(None))).await;
+        let kind = refusal(
+            client,
+            signed_for(client, &identity, k as u64 + 1, join(None)),
+        )
+        .await;
         if k < swarmtrain_relay::runs::MAX_PEER_IDS_PER_IDENTITY {
             assert_eq!(kind, None, "peer ID {k} joins as the identity");
         } else {
@@ -506,7 +498,11 @@ async fn quotas_and_bans_follow_the_identity_not_the_peer_id() {
     assert_eq!(relay.runs.closed_for_strikes(), 1);
     // The ban is the identity's: its other connections are closed with it, and a new peer ID
     // signing as it is refused.
-    let kind = refusal(&clients[1], signed_for(&clients[1], &identity, 11, poll.clone())).await;
+    let kind = refusal(
+        &clients[1],
+        signed_for(&clients[1], &identity, 11, poll.clone()),
+    )
+    .await;
     assert_eq!(kind.as_deref(), Some("closed"));
     let fresh = dial(&relay, throwaway(6100));
     let kind = refusal(&fresh, signed_for(&fresh, &identity, 12, poll)).await;
@@ -523,27 +519,32 @@ async fn joining_an_open_run_does_not_admit_to_another() {
     let mut guarded = open.clone();
     guarded.run_id = "digits-pow".into();
     let relay = Relay::start(swarmtrain_relay::RelayConfig {
-        http: "127.0.0.1:0".parse().expect("addr"),
-        web_dir: swarmtrain_tests::package_path("../web"),
-        runs: vec![open, guarded],
         admission: [(
             "digits-pow".to_owned(),
             swarmtrain_shared::admission::Admission::ProofOfWork { bits: 20 },
         )]
         .into(),
-        ..Default::default()
+        ..relay_config(vec![open, guarded])
     })
     .await
     .expect("relay starts");
     let identity = Identity::from_seed([71; 32]);
     let client = dial(&relay, [71; 32]);
-    assert_eq!(refusal(&client, signed_for(&client, &identity, 1, join(None))).await, None);
+    assert_eq!(
+        refusal(&client, signed_for(&client, &identity, 1, join(None))).await,
+        None
+    );
     let poll = |run: &str| ClientToRelay::AwaitRound {
         run_id: run.into(),
         after: Some(u64::MAX / 2),
     };
     assert_eq!(
-        refusal(&client, signed_for(&client, &identity, 2, poll("digits-pow"))).await.as_deref(),
+        refusal(
+            &client,
+            signed_for(&client, &identity, 2, poll("digits-pow"))
+        )
+        .await
+        .as_deref(),
         Some("not_joined")
     );
     let mut pow_join = digits_join("adversary", None);
@@ -551,10 +552,15 @@ async fn joining_an_open_run_does_not_admit_to_another() {
         join.run_id = "digits-pow".into();
     }
     assert_eq!(
-        refusal(&client, signed_for(&client, &identity, 3, pow_join)).await.as_deref(),
+        refusal(&client, signed_for(&client, &identity, 3, pow_join))
+            .await
+            .as_deref(),
         Some("not_admitted")
     );
     // The open run still answers it.
-    assert_eq!(refusal(&client, signed_for(&client, &identity, 4, poll("digits"))).await, None);
+    assert_eq!(
+        refusal(&client, signed_for(&client, &identity, 4, poll("digits"))).await,
+        None
+    );
     relay.shutdown().await;
 }

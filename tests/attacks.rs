@@ -88,7 +88,11 @@ async fn run_with(aggregator: Rule) -> Vec<f32> {
     assert!(
         status.history.iter().skip(1).all(|r| r.contributors == 4),
         "the attacker was in every round: contributors {:?}, refused {:?}",
-        status.history.iter().map(|r| r.contributors).collect::<Vec<_>>(),
+        status
+            .history
+            .iter()
+            .map(|r| r.contributors)
+            .collect::<Vec<_>>(),
         status.rejected
     );
     relay.shutdown().await;

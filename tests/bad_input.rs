@@ -19,7 +19,7 @@ use swarmtrain_shared::protocol::{
     self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, PayloadRef, RelayToClient, Request,
     Submission, Update,
 };
-use swarmtrain_tests::{init_logging, join_raw, spawn_peer, start_relay};
+use swarmtrain_tests::{init_logging, join_raw, metrics, spawn_peer, start_relay};
 
 fn rejection(answer: RelayToClient) -> String {
     match answer {
@@ -445,12 +445,7 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
             status.rejected
         );
     }
-    let metrics = reqwest::get(format!("{}metrics", relay.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&relay).await;
     assert!(
         metrics.contains("swarmtrain_sealed_connections 2"),
         "{metrics}"

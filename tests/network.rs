@@ -15,7 +15,9 @@ use swarmtrain_shared::protocol::{
     self, ClientToRelay, Codec, Fetch, RelayToClient, Request, Update,
 };
 use swarmtrain_shared::robust::Rule;
-use swarmtrain_tests::{accepted_updates, init_logging, join_raw, spawn_peer_in, start_relay};
+use swarmtrain_tests::{
+    accepted_updates, init_logging, join_raw, metrics, spawn_peer_in, start_relay,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -100,12 +102,7 @@ async fn round_announcements_arrive_by_gossip() {
             .expect("gossip");
         assert_eq!(gossiped.data, frame);
     }
-    let metrics = reqwest::get(format!("{}metrics", relay.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = metrics(&relay).await;
     for line in [
         "swarmtrain_linked_peers 2",
         "swarmtrain_announcements_sent_total 2",
@@ -402,12 +399,7 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
     .await;
     let listed = get_json(format!("{}api/reachable", relay.url())).await;
     assert_eq!(listed["peers"], serde_json::json!([]), "{listed}");
-    let metrics = reqwest::get(format!("{}metrics", relay.url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = metrics(&relay).await;
     let line = r#"swarmtrain_relaying_refused_total{kind="reservation"} 1"#;
     assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
 
@@ -520,12 +512,7 @@ async fn one_relay_coordinates_two_runs_with_their_own_specs() {
         .await
         .expect("GET");
     assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
-    let metrics = reqwest::get(format!("{}metrics", relay.url()))
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&relay).await;
     assert!(
         metrics.contains("swarmtrain_round{run=\"digits-robust\"}"),
         "{metrics}"

@@ -89,14 +89,43 @@ pub fn tiny_lm_run(dir: &Path, steps: u32) -> RunSpec {
 
 /// Starts a relay for `run` on loopback with free ports and an ephemeral identity.
 pub async fn start_relay(run: RunSpec) -> Relay {
-    let config = RelayConfig {
+    Relay::start(relay_config(vec![run]))
+        .await
+        .expect("relay starts")
+}
+
+/// The configuration of an open relay on loopback for `runs` (what [`start_relay`] starts), for
+/// tests that change a limit or add a run.
+pub fn relay_config(runs: Vec<RunSpec>) -> RelayConfig {
+    RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
         web_dir: package_path("../web"),
-        runs: vec![run],
+        runs,
         seed: 7,
         ..RelayConfig::default()
-    };
-    Relay::start(config).await.expect("relay starts")
+    }
+}
+
+/// Resident memory of this process, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `relay`'s `/metrics` text.
+pub async fn metrics(relay: &Relay) -> String {
+    reqwest::get(format!("{}metrics", relay.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body")
 }
 
 /// A relay on loopback coordinating `run` (a digits run) as one open to the internet would:

@@ -283,7 +283,14 @@ impl Network {
     pub fn newest_reachable(&self, limit: usize, keep: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
         self.reachable
             .lock()
-            .map(|p| p.iter().rev().filter(|p| keep(p)).take(limit).copied().collect())
+            .map(|p| {
+                p.iter()
+                    .rev()
+                    .filter(|p| keep(p))
+                    .take(limit)
+                    .copied()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -34,7 +34,7 @@ use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, Envelope, MAX_FRAME_BYTES, Part, Request, Submission,
 };
-use swarmtrain_tests::{digits_join, pow_relay_config, spawn_peer};
+use swarmtrain_tests::{digits_join, pow_relay_config, rss_kib, spawn_peer};
 
 /// Rounds each honest peer trains per phase; the first (joining, the first download) is not
 /// timed.
@@ -59,19 +59,6 @@ async fn start_relay() -> Relay {
     // would shut them out with the flood, which on the internet comes from elsewhere.
     config.connections_per_ip = 4096;
     Relay::start(config).await.expect("relay starts")
-}
-
-/// Resident memory of this process (the relay and the honest peers; the attackers have their
-/// own), in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// What one phase measured.
@@ -148,17 +135,22 @@ struct Attacker {
     frames: Vec<Vec<u8>>,
 }
 
+/// The libp2p peer ID (as bytes) that `identity`'s seed gives, which its envelopes name.
+fn peer_id_of(identity: &Identity) -> Vec<u8> {
+    libp2p::identity::Keypair::ed25519_from_bytes(*identity.network_secret())
+        .expect("ed25519 key")
+        .public()
+        .to_peer_id()
+        .to_bytes()
+}
+
 fn attacker(i: u8, generation: u32) -> Attacker {
     let mut seed = [0; 32];
     seed[0] = 250;
     seed[1] = i;
     seed[2..6].copy_from_slice(&generation.to_le_bytes());
     let identity = Identity::from_seed(seed);
-    let peer_id = libp2p::identity::Keypair::ed25519_from_bytes(*identity.network_secret())
-        .expect("ed25519 key")
-        .public()
-        .to_peer_id()
-        .to_bytes();
+    let peer_id = peer_id_of(&identity);
     let expires_ms = swarmtrain_relay::runs::unix_ms() + protocol::ENVELOPE_VALIDITY_MS;
     let mut seq = 0;
     let mut submission = |message: ClientToRelay| {
@@ -218,11 +210,7 @@ fn throwaway(i: u32) -> (Identity, Vec<u8>) {
     seed[0] = 251;
     seed[1..5].copy_from_slice(&i.to_le_bytes());
     let identity = Identity::from_seed(seed);
-    let peer_id = libp2p::identity::Keypair::ed25519_from_bytes(*identity.network_secret())
-        .expect("ed25519 key")
-        .public()
-        .to_peer_id()
-        .to_bytes();
+    let peer_id = peer_id_of(&identity);
     let envelope = Envelope {
         peer_id,
         seq: 1,
@@ -240,8 +228,8 @@ fn throwaway(i: u32) -> (Identity, Vec<u8>) {
     (identity, frame)
 }
 
-/// Keeps [`MAX_IN_FLIGHT_PER_PEER`] polls in flight on `client` until `stop`; returns whether
-/// its connection still answered.
+/// Keeps [`MAX_IN_FLIGHT_PER_PEER`] polls in flight on `client` until `stop` or until its
+/// connection is gone.
 async fn poll_flood(client: RelayClient, frame: Vec<u8>, stop: &AtomicBool, tally: &Tally) {
     let mut in_flight = FuturesUnordered::new();
     loop {
@@ -261,33 +249,33 @@ async fn poll_flood(client: RelayClient, frame: Vec<u8>, stop: &AtomicBool, tall
     }
 }
 
-/// [`THROWAWAYS`] peer IDs, [`DIALING`] dialing at once, each flooding long polls until `stop`.
-async fn throwaway_flood(address: libp2p::Multiaddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+/// [`THROWAWAYS`] peer IDs, [`DIALING`] dialing at once, each with the relay's answer to its
+/// first poll: the flood in place before the honest peers start.
+async fn connect_throwaways(
+    address: &libp2p::Multiaddr,
+    tally: &Tally,
+) -> Vec<(RelayClient, Vec<u8>)> {
     let made: Vec<_> = (0..THROWAWAYS).map(throwaway).collect();
-    let mut tasks = Vec::new();
+    let mut connected = Vec::new();
     for batch in made.chunks(DIALING) {
-        let mut dialed = Vec::new();
-        for (identity, frame) in batch {
+        let dialed = batch.iter().map(|(identity, frame)| {
             let client = RelayClient::connect(address.clone(), identity).expect("dial");
-            dialed.push(async move {
+            async move {
                 let answered = client.request_frame(frame.clone()).await;
                 answered.map(|_| (client, frame.clone()))
-            });
-        }
-        for (client, frame) in futures::future::join_all(dialed).await.into_iter().flatten() {
-            tally.throwaways.fetch_add(1, Ordering::Relaxed);
-            let (stop, tally) = (stop.clone(), tally.clone());
-            tasks.push(tokio::spawn(async move {
-                poll_flood(client, frame, &stop, &tally).await
-            }));
-        }
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
+            }
+        });
+        connected.extend(
+            futures::future::join_all(dialed)
+                .await
+                .into_iter()
+                .flatten(),
+        );
     }
-    for task in tasks {
-        let _ = task.await;
-    }
+    tally
+        .throwaways
+        .fetch_add(connected.len() as u64, Ordering::Relaxed);
+    connected
 }
 
 /// What the flooders did.
@@ -351,15 +339,15 @@ async fn attack(address: libp2p::Multiaddr) {
     let armies: Vec<Vec<Attacker>> = (0..FLOODERS)
         .map(|i| (0..IDENTITIES).map(|g| attacker(i, g)).collect())
         .collect();
+    let throwaways = connect_throwaways(&address, &tally).await;
     let mut flooders: Vec<_> = armies
         .into_iter()
         .map(|army| tokio::spawn(flood(address.clone(), army, stop.clone(), tally.clone())))
         .collect();
-    flooders.push(tokio::spawn(throwaway_flood(
-        address.clone(),
-        stop.clone(),
-        tally.clone(),
-    )));
+    flooders.extend(throwaways.into_iter().map(|(client, frame)| {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        tokio::spawn(async move { poll_flood(client, frame, &stop, &tally).await })
+    }));
     println!("ready");
     tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new()))
         .await
