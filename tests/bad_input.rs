@@ -497,3 +497,40 @@ async fn a_relay_that_requires_sealing_refuses_plaintext() {
     );
     relay.shutdown().await;
 }
+
+/// Session keys belong to a connection: two tabs sharing a seed (one identity, one peer ID,
+/// two connections) each agree their own keys, and each keeps fetching sealed θ and having its
+/// sealed updates opened; before, the second agreement replaced the first tab's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connections_of_one_identity_keep_their_own_session_keys() {
+    init_logging();
+    let mut run = default_run();
+    run.quorum = 3;
+    let relay = start_relay(run).await;
+    let (first, _, welcome, announcement) = join_raw(&relay, [91; 32]).await;
+    first.agree_keys(welcome.relay_key()).await.expect("keys");
+    let (second, _, _, _) = join_raw(&relay, [91; 32]).await;
+    second.agree_keys(welcome.relay_key()).await.expect("keys");
+    assert_eq!(
+        first.peer_id(),
+        second.peer_id(),
+        "one peer ID, two connections"
+    );
+    for client in [&first, &second] {
+        let theta = client
+            .fetch_params("digits", announcement.params)
+            .await
+            .expect("θ opens with this connection's keys");
+        assert_eq!(protocol::ParamsHash::of(&theta), announcement.params);
+    }
+    // The first tab's sealed update is opened with its own keys.
+    let n = announcement.n_params as usize;
+    let payload = Codec::F32.encode(&vec![1e-3; n]);
+    let update = digits_update(announcement.params, announcement.round, &payload);
+    let answer = first.send(update, payload).await.expect("answer");
+    assert!(
+        matches!(answer, RelayToClient::Accepted { .. }),
+        "{answer:?}"
+    );
+    relay.shutdown().await;
+}

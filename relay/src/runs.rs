@@ -146,7 +146,9 @@ fn lowest_priority() {
 /// What the relay remembers about recent signers.
 #[derive(Debug)]
 struct Guard {
-    replays: ReplayGuard,
+    /// Replay windows per identity and connection: two tabs sharing a seed each number their
+    /// messages from their own start (exact copies across connections are caught by digest).
+    replays: ReplayGuard<(PeerKey, ConnectionId)>,
     /// The identity each peer ID has signed as (one each), for as long as a connection of it
     /// is open.
     bound: HashMap<PeerId, PeerKey>,
@@ -501,10 +503,12 @@ impl Runs {
                         .expires_ms
                         .min(now + protocol::MAX_ENVELOPE_VALIDITY_MS);
                     guard.remember(digest, until, now);
-                    match guard
-                        .replays
-                        .check(peer, envelope.seq, envelope.expires_ms, now)
-                    {
+                    match guard.replays.check(
+                        (peer, from.id),
+                        envelope.seq,
+                        envelope.expires_ms,
+                        now,
+                    ) {
                         Ok(()) => {
                             guard.bound.insert(from.peer, peer);
                             guard.peer_ids.entry(peer).or_default().insert(from.peer);

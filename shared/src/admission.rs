@@ -7,7 +7,7 @@
 //!   identities costs real CPU; `AllowList` admits only the operator's keys. Nothing here
 //!   limits a host to one identity: the puzzle only puts a price on each.
 //! - **Replay protection** ([`ReplayGuard`]) follows IPsec's anti-replay window (RFC 4303
-//!   §3.4.3) and DTLS's (RFC 9147 §4.5.1): per signer, the highest sequence number seen and a
+//!   §3.4.3) and DTLS's (RFC 9147 §4.5.1): per signer (the relay: per identity and connection), the highest sequence number seen and a
 //!   bitmap of the 64 below it, so messages that arrive a little out of order (a long poll and
 //!   an update sent at once) still count, and each counts once. Envelopes also expire
 //!   ([`crate::protocol::Envelope::expires_ms`]), so a window can be forgotten once every
@@ -301,12 +301,17 @@ impl<K: Eq + Hash + Clone, V> ExpiringMap<K, V> {
         }
     }
 
-    /// Drops the oldest queued entry, live or not.
+    /// Drops the oldest queued entry, live or not (one whose expiry was pushed back since it was
+    /// queued is queued again instead).
     pub fn evict_oldest(&mut self) {
         while let Some((key, queued)) = self.order.pop_front() {
-            if self.map.get(&key).is_some_and(|(_, e)| *e == queued) {
-                self.map.remove(&key);
-                return;
+            match self.map.get(&key).map(|(_, expires)| *expires) {
+                Some(expires) if expires == queued => {
+                    self.map.remove(&key);
+                    return;
+                }
+                Some(expires) => self.order.push_back((key, expires)),
+                None => {}
             }
         }
     }
@@ -331,14 +336,17 @@ impl<K: Eq + Hash + Clone, V> ExpiringMap<K, V> {
     }
 }
 
-/// Replay windows of the identities active within the envelope lifetime, up to a bound.
+/// Replay windows of the signers active within the envelope lifetime, up to a bound. A signer
+/// is whatever `K` the user keys it by: an identity, or (as the relay does) an identity on one
+/// connection, so that two tabs sharing a seed, each numbering from its own start, do not push
+/// each other's messages out of one window.
 #[derive(Debug)]
-pub struct ReplayGuard {
-    windows: ExpiringMap<PeerKey, ReplayWindow>,
+pub struct ReplayGuard<K = PeerKey> {
+    windows: ExpiringMap<K, ReplayWindow>,
     capacity: usize,
 }
 
-impl ReplayGuard {
+impl<K: Eq + Hash + Clone> ReplayGuard<K> {
     /// Tracks at most `capacity` identities with unexpired envelopes at once (about 120 bytes
     /// each).
     pub fn new(capacity: usize) -> Self {
@@ -360,7 +368,7 @@ impl ReplayGuard {
     /// Checks an envelope from `peer` at `now_ms` (Unix ms) and counts it if it is fresh.
     pub fn check(
         &mut self,
-        peer: PeerKey,
+        peer: K,
         seq: u64,
         expires_ms: u64,
         now_ms: u64,
@@ -378,7 +386,7 @@ impl ReplayGuard {
                 return Err(ReplayError::Full(self.capacity));
             }
             self.windows
-                .insert(peer, ReplayWindow::default(), expires_ms);
+                .insert(peer.clone(), ReplayWindow::default(), expires_ms);
         }
         let Some(window) = self.windows.get_mut(&peer) else {
             return Err(ReplayError::Full(self.capacity));
@@ -432,6 +440,35 @@ mod tests {
             .expect("c, after a's window expired");
         assert_eq!(g.len(), 2);
         assert!(g.check(a, 1, 5_000, 6_000).is_err());
+    }
+
+    #[test]
+    fn expiring_entries_are_swept_from_the_front_and_evicted_oldest_first() {
+        let mut map = ExpiringMap::default();
+        for k in 0..10u32 {
+            map.insert(k, (), 100 + u64::from(k));
+        }
+        // Entry 0 is kept alive past the others: sweeping moves it to the back, not away.
+        map.extend(&0, 1_000);
+        map.sweep(105, 100);
+        assert_eq!(map.len(), 5, "1..=5 expired, 0 and 6..=9 live");
+        assert!(map.get(&0, 105).is_some() && map.get(&3, 105).is_none());
+        // A sweep stops at the first live entry: it never scans past it (20 waits its turn).
+        map.insert(20, (), 50);
+        map.sweep(105, 100);
+        assert_eq!(map.len(), 6);
+        // Eviction takes the oldest live entry; 0 was queued again after 6..=9.
+        map.evict_oldest();
+        assert!(map.get(&6, 105).is_none() && map.get(&0, 105).is_some());
+        for _ in 0..3 {
+            map.evict_oldest();
+        }
+        assert!(
+            map.get(&0, 105).is_some(),
+            "0, extended, is the newest in the queue"
+        );
+        map.evict_oldest();
+        assert!(map.contains_key(&20) && !map.contains_key(&0));
     }
 
     #[test]

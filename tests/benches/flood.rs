@@ -456,9 +456,13 @@ async fn main() {
     let (q, f) = (median(quiet), median(flooded));
     let ratio = f.as_secs_f64() / q.as_secs_f64();
     let (qn, fn_) = (median(quiet_new), median(flooded_new));
-    let mib = |mut kib: Vec<u64>| {
-        kib.sort_unstable();
-        kib[kib.len() / 2] as f64 / 1024.0
+    // Phase by phase, in the order they ran: the allocator keeps what a phase took, so a
+    // quiet phase after a flood starts where the flood left the process.
+    let mib = |kib: Vec<u64>| {
+        kib.iter()
+            .map(|k| format!("{}", k / 1024))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let (qm, fm) = (mib(quiet_rss), mib(flooded_rss));
     let rate = hostile as f64 / hostile_secs;
@@ -477,9 +481,12 @@ async fn main() {
          limit is raised to 4,096 here, since the honest peers share the attackers' loopback \
          address.\n\n\
          | phase | honest round time (median of {n} rounds) | newcomer's first accepted update \
-         (median of {REPEATS}) | peak resident memory, relay and honest peers (median of \
-         {REPEATS}) |\n| --- | --- | --- | --- |\n\
-         | quiet | {q:.2?} | {qn:.2?} | {qm:.0} MiB |\n| flooded | {f:.2?} | {fn_:.2?} | {fm:.0} MiB |\n\n\
+         (median of {REPEATS}) | peak resident memory of the relay and honest peers, \
+         MiB, each repeat in turn |\n| --- | --- | --- | --- |\n\
+         | quiet | {q:.2?} | {qn:.2?} | {qm} |\n| flooded | {f:.2?} | {fn_:.2?} | {fm} |\n\n\
+         Phases alternate, quiet first; memory the allocator took in a phase stays with the \
+         process, so a repeat's peak above the first flood's is what would show the flood's \
+         memory growing.\n\n\
          Flooded / quiet round time: **{ratio:.2}×** (goal ≤ 2×); newcomer: **{new_ratio:.2}×**. \
          The attackers sent {rate:.0} requests/s ({hostile} in all); the relay closed the \
          hostile connections for their strikes and the attackers minted {identities} new \
