@@ -32,6 +32,15 @@ use crate::backend::AggregationBackend;
 use crate::dataset::TaskData;
 use crate::store::{Credit, LedgerEntry, RunRecord, Store};
 
+/// Identities a run keeps as joined (with their data slots) at once. When a new one would
+/// pass it, those not heard from for [`FORGET_IDLE_MS`] are forgotten (a forgotten peer is
+/// told `not_joined` and joins again); if none is, the join is refused (`relay_busy`).
+pub const MAX_JOINED_PER_RUN: usize = 100_000;
+/// How long a joined identity may be silent before a full run forgets it.
+pub const FORGET_IDLE_MS: u64 = 10 * 60 * 1000;
+/// A full run looks for idle identities at most this often (the look is a scan of them all).
+const FORGET_EVERY_MS: u64 = 10_000;
+
 /// Parameter versions kept for download (a late peer may still fetch the previous round's).
 const KEEP_PARAMS: usize = 4;
 /// Rows of round history in a status answer (the newest); older rows come from
@@ -106,6 +115,13 @@ struct State {
     joined: BTreeMap<PeerKey, String>,
     /// Data slots by peer, given out in order of first join (modulo the run's slots).
     slots: BTreeMap<PeerKey, u32>,
+    /// At most this many joined identities ([`MAX_JOINED_PER_RUN`]; tests lower it).
+    max_joined: usize,
+    /// When a full run last looked for idle identities to forget.
+    forgot_at_ms: Option<u64>,
+    /// How long a joined identity may be silent before a full run forgets it
+    /// ([`FORGET_IDLE_MS`]; tests lower it).
+    forget_idle_ms: u64,
     rejected: BTreeMap<String, u64>,
     accepted: u64,
     /// Each contributor's credit (loaded from the store on resume, which also keeps it).
@@ -255,6 +271,9 @@ impl Coordinator {
                     waiters: HashMap::new(),
                     joined: BTreeMap::new(),
                     slots: BTreeMap::new(),
+                    max_joined: MAX_JOINED_PER_RUN,
+                    forgot_at_ms: None,
+                    forget_idle_ms: FORGET_IDLE_MS,
                     rejected: record.rejected,
                     accepted,
                     credits: store.credits(&spec.run_id)?.into_iter().collect(),
@@ -285,6 +304,9 @@ impl Coordinator {
                     waiters: HashMap::new(),
                     joined: BTreeMap::new(),
                     slots: BTreeMap::new(),
+                    max_joined: MAX_JOINED_PER_RUN,
+                    forgot_at_ms: None,
+                    forget_idle_ms: FORGET_IDLE_MS,
                     rejected: BTreeMap::new(),
                     accepted: 0,
                     credits: BTreeMap::new(),
@@ -353,6 +375,15 @@ impl Coordinator {
 
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Lowers the cap on joined identities and the idle time after which a full run forgets
+    /// one (tests).
+    #[cfg(test)]
+    async fn limit_joined(&self, max_joined: usize, forget_idle_ms: u64) {
+        let mut state = self.state.lock().await;
+        state.max_joined = max_joined;
+        state.forget_idle_ms = forget_idle_ms;
     }
 
     /// The run's spec (fixed for the run's life).
@@ -477,7 +508,7 @@ impl Coordinator {
                     return self.reject(Some(peer), "bad_join", reason).await;
                 }
                 let mut state = self.state.lock().await;
-                // An identity admitted once stays admitted (for the relay's life).
+                // An identity admitted once stays admitted while the run keeps it joined.
                 if !state.joined.contains_key(&peer)
                     && let Err(e) = self
                         .admission
@@ -492,6 +523,15 @@ impl Coordinator {
                     platform = join.capabilities.platform,
                     "peer joined"
                 );
+                if !state.joined.contains_key(&peer) && !state.make_room(now) {
+                    drop(state);
+                    let reason = format!(
+                        "the run holds {} identities, none idle for {} minutes: try again later",
+                        MAX_JOINED_PER_RUN,
+                        FORGET_IDLE_MS / 60_000
+                    );
+                    return self.reject(Some(peer), "relay_busy", reason).await;
+                }
                 state.joined.insert(peer, join.capabilities.backend);
                 state.round.seen(peer, now);
                 let next = state.slots.len() as u32 % self.spec.data.n_shards.max(1);
@@ -936,6 +976,45 @@ async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow:
     Ok(())
 }
 
+impl State {
+    /// Whether one more identity may join: under the cap, or under it once the identities
+    /// silent for [`FORGET_IDLE_MS`] are forgotten (looked for at most every
+    /// [`FORGET_EVERY_MS`]).
+    fn make_room(&mut self, now_ms: u64) -> bool {
+        if self.joined.len() < self.max_joined {
+            return true;
+        }
+        if self
+            .forgot_at_ms
+            .is_some_and(|at| now_ms.saturating_sub(at) < FORGET_EVERY_MS)
+        {
+            return false;
+        }
+        self.forgot_at_ms = Some(now_ms);
+        let idle: Vec<PeerKey> = self
+            .joined
+            .keys()
+            .filter(|peer| {
+                self.round
+                    .last_seen(peer)
+                    .is_none_or(|at| now_ms.saturating_sub(at) > self.forget_idle_ms)
+            })
+            .copied()
+            .collect();
+        for peer in &idle {
+            self.joined.remove(peer);
+            self.slots.remove(peer);
+            self.round.forget(peer);
+        }
+        tracing::info!(
+            forgotten = idle.len(),
+            joined = self.joined.len(),
+            "a full run forgot its idle identities"
+        );
+        self.joined.len() < self.max_joined
+    }
+}
+
 fn store_params(state: &mut State) {
     let hash = state.round.params_hash();
     if state.params.contains_key(&hash) {
@@ -1018,6 +1097,64 @@ mod tests {
 
     fn answer(frame: Vec<u8>) -> RelayToClient {
         protocol::decode(&frame).expect("an answer the wire decodes")
+    }
+
+    fn join() -> ClientToRelay {
+        ClientToRelay::Join(Join {
+            version: PROTOCOL_VERSION,
+            run_id: "digits".into(),
+            capabilities: Capabilities {
+                backend: "test".into(),
+                platform: "test".into(),
+            },
+            proof_of_work: None,
+        })
+    }
+
+    /// A run holds a bounded number of joined identities: when full, it forgets the idle ones
+    /// (who are then `not_joined` and join again), and refuses a newcomer (`relay_busy`) only
+    /// when none is idle, looking again no more than every 10 s.
+    #[tokio::test]
+    async fn a_full_run_forgets_idle_identities_and_refuses_only_when_none_is() {
+        let (runs, _announce) = crate::testing::runs(Some(default_run())).await;
+        let run = runs.default_run().clone();
+        run.limit_joined(2, 0).await;
+        let wait = Duration::from_secs(1);
+        let mut peers: Vec<Peer> = (1..=5).map(Peer::new).collect();
+        let kind = |frame: Vec<u8>| match answer(frame) {
+            RelayToClient::Welcome(_) | RelayToClient::Round(_) => None,
+            RelayToClient::Rejected { kind, .. } => Some(kind),
+            other => panic!("{other:?}"),
+        };
+        for peer in &mut peers[..2] {
+            let join = peer.submission(join(), Vec::new());
+            assert_eq!(kind(runs.handle(join, peer.conn(), wait).await), None);
+        }
+        // Full: the first two, silent now for a few ms (the test's idle time is 0), go.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let join3 = peers[2].submission(join(), Vec::new());
+        assert_eq!(kind(runs.handle(join3, peers[2].conn(), wait).await), None);
+        assert_eq!(run.status().await.joined_peers, 1);
+        let join4 = peers[3].submission(join(), Vec::new());
+        assert_eq!(kind(runs.handle(join4, peers[3].conn(), wait).await), None);
+        // Full again, and it looked a moment ago: refused, with a reason.
+        let join5 = peers[4].submission(join(), Vec::new());
+        assert_eq!(
+            kind(runs.handle(join5, peers[4].conn(), wait).await).as_deref(),
+            Some("relay_busy")
+        );
+        // A forgotten identity is told so, and may join again later.
+        let poll = peers[0].submission(
+            ClientToRelay::AwaitRound {
+                run_id: "digits".into(),
+                after: Some(u64::MAX / 2),
+            },
+            Vec::new(),
+        );
+        assert_eq!(
+            kind(runs.handle(poll, peers[0].conn(), wait).await).as_deref(),
+            Some("not_joined")
+        );
     }
 
     #[tokio::test]

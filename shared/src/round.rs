@@ -232,6 +232,16 @@ impl RoundState {
         self.last_seen.insert(peer, now_ms);
     }
 
+    /// When `peer` was last heard from.
+    pub fn last_seen(&self, peer: &PeerKey) -> Option<u64> {
+        self.last_seen.get(peer).copied()
+    }
+
+    /// Forgets when `peer` was last heard from (it left, or was forgotten as idle).
+    pub fn forget(&mut self, peer: &PeerKey) {
+        self.last_seen.remove(peer);
+    }
+
     /// Peers heard from recently.
     pub fn active_peers(&self, now_ms: u64) -> usize {
         let timeout = self.peer_timeout_ms();
