@@ -687,7 +687,10 @@ impl RelayClient {
             let peers_done = futures::future::join_all(workers);
             futures::pin_mut!(relay, peers_done);
             match futures::future::select(relay, peers_done).await {
-                futures::future::Either::Left((relay, _)) => relay?,
+                futures::future::Either::Left((relay, _)) => {
+                    relay?;
+                    lock().give_up_owing();
+                }
                 futures::future::Either::Right((_, relay)) => relay.await?,
             }
         }

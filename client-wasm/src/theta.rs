@@ -147,6 +147,9 @@ pub(crate) struct Assembly {
     bytes: Vec<u8>,
     have: Vec<bool>,
     asked: Vec<bool>,
+    /// The linked browser each leaf was last asked of, until it answers it (so the peers still
+    /// owing a leaf when θ is whole can be named).
+    owed_by: Vec<Option<PeerId>>,
     missing: usize,
     /// Peer workers still asking.
     active: usize,
@@ -162,6 +165,7 @@ impl Assembly {
             manifest,
             have: vec![false; leaves],
             asked: vec![false; leaves],
+            owed_by: vec![None; leaves],
             missing: leaves,
             active: workers,
             given_up: Vec::new(),
@@ -181,6 +185,7 @@ impl Assembly {
         }
         let index = (0..self.have.len()).find(|&i| !self.have[i] && !self.asked[i])?;
         self.asked[index] = true;
+        self.owed_by[index] = Some(peer);
         Some(index)
     }
 
@@ -223,6 +228,12 @@ impl Assembly {
         if index >= self.have.len() {
             return false;
         }
+        // An answer, right or wrong, settles what the peer owed (a wrong one gives it up).
+        if let Source::Peer(peer) = source
+            && self.owed_by[index] == Some(peer)
+        {
+            self.owed_by[index] = None;
+        }
         if self.have[index] {
             return true;
         }
@@ -249,9 +260,25 @@ impl Assembly {
         if index < self.asked.len() && !self.have[index] {
             self.asked[index] = false;
         }
+        if index < self.owed_by.len() && self.owed_by[index] == Some(peer) {
+            self.owed_by[index] = None;
+        }
         if !self.given_up.contains(&peer) {
             self.given_up.push(peer);
             self.sources.failures.push(format!("{peer} {why}"));
+        }
+    }
+
+    /// θ is whole while some linked browsers still owe a leaf (the relay's endgame took it):
+    /// they are given up, as the fetch does not wait for them.
+    pub fn give_up_owing(&mut self) {
+        let owing: Vec<PeerId> = self.owed_by.iter().flatten().copied().collect();
+        for peer in owing {
+            self.give_up(
+                peer,
+                usize::MAX,
+                "had not answered when θ was whole (its leaves came from elsewhere)".into(),
+            );
         }
     }
 
@@ -425,5 +452,13 @@ mod tests {
         assert!(a.put(1, &bytes[leaf_range(bytes.len(), 1)], Source::Peer(peer)));
         assert_eq!(a.sources.relay_bytes, LEAF_BYTES as u64);
         assert!(a.sources.peers.is_empty());
+        // The relay finishes θ while the peer still owes leaves 0 and 2: the fetch does not
+        // wait for it, and says so.
+        assert!(a.put(0, &bytes[leaf_range(bytes.len(), 0)], Source::Relay));
+        assert!(a.put(2, &bytes[leaf_range(bytes.len(), 2)], Source::Relay));
+        assert!(a.complete());
+        a.give_up_owing();
+        assert_eq!(a.sources.failures.len(), 1, "{:?}", a.sources.failures);
+        assert!(a.sources.failures[0].starts_with(&peer.to_string()));
     }
 }
