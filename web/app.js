@@ -334,6 +334,7 @@ function stopped() {
   trainer = null;
   $('progress').textContent = '—';
   $('contribute').textContent = 'Contribute';
+  $('run-label').textContent = 'to the run';
   $('contribute').disabled = false;
   $('run-select').disabled = false;
 }
@@ -417,7 +418,9 @@ $('contribute').addEventListener('click', async () => {
     });
     trainer.on('*', onEvent);
     trainer.start();
+    // "Stop training <run>", not "Stop to the run <run>".
     $('contribute').textContent = 'Stop';
+    $('run-label').textContent = 'training';
     $('contribute').disabled = false;
     paused = false;
     applyPause();

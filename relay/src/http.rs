@@ -141,7 +141,7 @@ pub const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the API says when it sheds load (counted in `shed`).
 async fn overloaded(shed: Arc<crate::p2p::Network>, error: tower::BoxError) -> Response {
     if error.is::<tower::load_shed::error::Overloaded>() {
-        tracing::info!("API request shed: {MAX_API_REQUESTS} in progress");
+        tracing::info!("API request shed: as many as the relay handles at once are in progress");
         shed.api_shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (
@@ -156,24 +156,34 @@ async fn overloaded(shed: Arc<crate::p2p::Network>, error: tower::BoxError) -> R
     }
 }
 
+/// `router` handling at most `max` requests at once (tower's `GlobalConcurrencyLimit` under
+/// `LoadShed`: more are answered 503 and counted in `shed`) and answering each within `timeout`
+/// (tower-http's `Timeout`: 408).
+fn with_limits<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    shed: Arc<crate::p2p::Network>,
+    max: usize,
+    timeout: Duration,
+) -> Router<S> {
+    router.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(
+                move |error: tower::BoxError| overloaded(shed.clone(), error),
+            ))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max))
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                timeout,
+            )),
+    )
+}
+
 /// The relay's router. `web_dir` holds the page and, under `pkg/`, the npm package. The API
 /// (`/api/…`, what the npm package calls) answers CORS for the allowed origins, handles at
 /// most [`MAX_API_REQUESTS`] at once and answers each within [`API_TIMEOUT`].
 pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
     let cors = cors(&state.public.allow_origins)?;
-    let network = state.network.clone();
-    let limits = tower::ServiceBuilder::new()
-        .layer(axum::error_handling::HandleErrorLayer::new(
-            move |error: tower::BoxError| overloaded(network.clone(), error),
-        ))
-        .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            MAX_API_REQUESTS,
-        ))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            API_TIMEOUT,
-        ));
     let api = Router::new()
         .route("/api/bootstrap", get(bootstrap))
         .route("/api/status", get(status))
@@ -185,9 +195,14 @@ pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
         .route("/api/runs/{run}/history", get(history))
         .route("/api/runs/{run}/peers/{peer}", get(peer_credit))
         .route("/api/runs/{run}/leaderboard", get(leaderboard))
-        .route("/api/reachable", get(reachable))
-        .layer(limits)
-        .layer(cors);
+        .route("/api/reachable", get(reachable));
+    let api = with_limits(
+        api,
+        state.network.clone(),
+        MAX_API_REQUESTS,
+        API_TIMEOUT,
+    )
+    .layer(cors);
     Ok(Router::new()
         .merge(api)
         .route("/healthz", get(|| async { "ok\n" }))
@@ -882,6 +897,43 @@ mod tests {
             allow_origins: vec!["https://embed.example".into()],
             open_circuit_relay: false,
         }
+    }
+
+    #[tokio::test]
+    async fn the_api_sheds_what_it_cannot_take_and_times_out_what_it_cannot_answer() {
+        let network = Arc::new(crate::p2p::Network::default());
+        let slow = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                "late"
+            }),
+        );
+        let app = with_limits(slow, network.clone(), 1, Duration::from_millis(100));
+        let ask = || {
+            app.clone().oneshot(
+                axum::http::Request::builder()
+                    .uri("/slow")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+        };
+        // Two at once with room for one: the first is taken and times out, the second is shed
+        // at once with a hint to retry.
+        let (first, second) = tokio::join!(ask(), ask());
+        let (first, second) = (first.expect("infallible"), second.expect("infallible"));
+        assert_eq!(first.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(second.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            network.api_shed.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The slot is free again.
+        assert_eq!(
+            ask().await.expect("infallible").status(),
+            StatusCode::REQUEST_TIMEOUT
+        );
     }
 
     #[tokio::test]

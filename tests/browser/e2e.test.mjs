@@ -175,6 +175,7 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     }
     // Stop ends training after the current step; the button is Contribute again.
     assert.equal(await page.textContent('#contribute'), 'Stop');
+    assert.equal(await page.textContent('#run-label'), 'training', 'the label reads "Stop training <run>"');
     await page.click('#contribute');
     try {
       await page.waitForFunction(() => /^Stopped after \d+ rounds/.test(document.getElementById('state').textContent), null, { timeout: 300_000 });

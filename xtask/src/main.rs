@@ -39,7 +39,7 @@ fn main() -> ExitCode {
                  bench soak   100,000 fast rounds on one relay: round time, memory, disk; writes docs/benchmarks/soak.md\n  \
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
                  bench browser training steps per second in Chromium (WebGPU, CPU), natively and in TF.js; writes docs/benchmarks/browser.md\n  \
-                 bench flood  honest round time under a hostile flood; writes docs/benchmarks/flood.md\n  \
+                 bench flood  honest round time, a newcomer's first accepted update and memory under hostile floods; writes docs/benchmarks/flood.md\n  \
                  bench joiners the relay's θ bytes out for 8 browsers joining a round, without and with browser links; writes docs/benchmarks/joiners.md\n  \
                  bench internet the relay on a simulated internet (root): first update, link set-up, θ over direct and TURN links; writes docs/benchmarks/internet.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
