@@ -196,13 +196,7 @@ pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
         .route("/api/runs/{run}/peers/{peer}", get(peer_credit))
         .route("/api/runs/{run}/leaderboard", get(leaderboard))
         .route("/api/reachable", get(reachable));
-    let api = with_limits(
-        api,
-        state.network.clone(),
-        MAX_API_REQUESTS,
-        API_TIMEOUT,
-    )
-    .layer(cors);
+    let api = with_limits(api, state.network.clone(), MAX_API_REQUESTS, API_TIMEOUT).layer(cors);
     Ok(Router::new()
         .merge(api)
         .route("/healthz", get(|| async { "ok\n" }))
@@ -702,7 +696,11 @@ mod tests {
     use swarmtrain_net::Bootstrap;
     use tower::ServiceExt;
 
-    use super::{AppState, Public, app};
+    use std::time::Duration;
+
+    use axum::Router;
+
+    use super::{AppState, Public, app, with_limits};
 
     async fn router(web_dir: &std::path::Path) -> axum::Router {
         router_with(
@@ -902,21 +900,17 @@ mod tests {
     #[tokio::test]
     async fn the_api_sheds_what_it_cannot_take_and_times_out_what_it_cannot_answer() {
         let network = Arc::new(crate::p2p::Network::default());
-        let slow = Router::new().route(
+        let slow: Router = Router::new().route(
             "/slow",
-            get(|| async {
+            axum::routing::get(|| async {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 "late"
             }),
         );
         let app = with_limits(slow, network.clone(), 1, Duration::from_millis(100));
         let ask = || {
-            app.clone().oneshot(
-                axum::http::Request::builder()
-                    .uri("/slow")
-                    .body(axum::body::Body::empty())
-                    .expect("request"),
-            )
+            app.clone()
+                .oneshot(Request::get("/slow").body(Body::empty()).expect("request"))
         };
         // Two at once with room for one: the first is taken and times out, the second is shed
         // at once with a hint to retry.
