@@ -1168,18 +1168,7 @@ mod tests {
         let mut peers = [Peer::new(1), Peer::new(2)];
         let mut round0 = None;
         for peer in &mut peers {
-            let join = peer.submission(
-                ClientToRelay::Join(Join {
-                    version: PROTOCOL_VERSION,
-                    run_id: "digits".into(),
-                    capabilities: Capabilities {
-                        backend: "test".into(),
-                        platform: "test".into(),
-                    },
-                    proof_of_work: None,
-                }),
-                Vec::new(),
-            );
+            let join = peer.submission(join(), Vec::new());
             match answer(runs.handle(join, peer.conn(), wait).await) {
                 RelayToClient::Welcome(welcome) => round0 = Some(welcome.round),
                 other => panic!("expected a welcome, got {other:?}"),

@@ -72,6 +72,30 @@ struct Phase {
     peak_rss_kib: u64,
 }
 
+/// Every phase of one kind (quiet or flooded), in the order they ran.
+#[derive(Default)]
+struct Phases {
+    rounds: Vec<Duration>,
+    newcomers: Vec<Duration>,
+    peak_rss_kib: Vec<u64>,
+}
+
+impl Phases {
+    /// Adds `phase`; returns its line for the log.
+    fn add(&mut self, phase: Phase) -> String {
+        let line = format!(
+            "median round {:?}, newcomer {:?}, peak RSS {} MiB",
+            median(phase.rounds.clone()),
+            phase.newcomer,
+            phase.peak_rss_kib / 1024
+        );
+        self.rounds.extend(phase.rounds);
+        self.newcomers.push(phase.newcomer);
+        self.peak_rss_kib.push(phase.peak_rss_kib);
+        line
+    }
+}
+
 /// The honest peers train [`ROUNDS`] rounds, then a newcomer joins; returns the time
 /// each round after the first took (between the relay opening it and opening the next), every
 /// update having been accepted, and the newcomer's time to its first accepted update.
@@ -406,24 +430,14 @@ async fn main() {
     if let Ok(address) = std::env::var(ATTACK) {
         return attack(address.parse().expect("multiaddr")).await;
     }
-    let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
-    let (mut quiet_new, mut flooded_new) = (Vec::new(), Vec::new());
-    let (mut quiet_rss, mut flooded_rss) = (Vec::new(), Vec::new());
+    let (mut quiet, mut flooded) = (Phases::default(), Phases::default());
     let (mut hostile, mut hostile_secs, mut identities) = (0u64, 0f64, 0u64);
     let mut throwaways = 0u64;
     let mut refusals = std::collections::BTreeMap::new();
     for repeat in 0..REPEATS {
         let relay = start_relay().await;
-        let phase = honest_rounds(&relay).await;
-        println!(
-            "quiet   #{repeat}: median round {:?}, newcomer {:?}, peak RSS {} MiB",
-            median(phase.rounds.clone()),
-            phase.newcomer,
-            phase.peak_rss_kib / 1024
-        );
-        quiet.extend(phase.rounds);
-        quiet_new.push(phase.newcomer);
-        quiet_rss.push(phase.peak_rss_kib);
+        let line = quiet.add(honest_rounds(&relay).await);
+        println!("quiet   #{repeat}: {line}");
         relay.shutdown().await;
 
         let relay = start_relay().await;
@@ -438,24 +452,19 @@ async fn main() {
         hostile += sent;
         identities += minted;
         throwaways += connected;
+        let line = flooded.add(phase);
         println!(
-            "flooded #{repeat}: median round {:?}, newcomer {:?}, peak RSS {} MiB, {sent} \
-             hostile requests, {connected} throwaway peer IDs connected",
-            median(phase.rounds.clone()),
-            phase.newcomer,
-            phase.peak_rss_kib / 1024
+            "flooded #{repeat}: {line}, {sent} hostile requests, {connected} throwaway peer IDs \
+             connected"
         );
-        flooded.extend(phase.rounds);
-        flooded_new.push(phase.newcomer);
-        flooded_rss.push(phase.peak_rss_kib);
         for (kind, n) in relay.coordinator.status().await.rejected {
             *refusals.entry(kind).or_insert(0) += n;
         }
         relay.shutdown().await;
     }
-    let (q, f) = (median(quiet), median(flooded));
+    let (q, f) = (median(quiet.rounds), median(flooded.rounds));
     let ratio = f.as_secs_f64() / q.as_secs_f64();
-    let (qn, fn_) = (median(quiet_new), median(flooded_new));
+    let (qn, fn_) = (median(quiet.newcomers), median(flooded.newcomers));
     // Phase by phase, in the order they ran: the allocator keeps what a phase took, so a
     // quiet phase after a flood starts where the flood left the process.
     let mib = |kib: Vec<u64>| {
@@ -464,7 +473,7 @@ async fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let (qm, fm) = (mib(quiet_rss), mib(flooded_rss));
+    let (qm, fm) = (mib(quiet.peak_rss_kib), mib(flooded.peak_rss_kib));
     let rate = hostile as f64 / hostile_secs;
     let refused: Vec<String> = refusals.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let report = format!(
