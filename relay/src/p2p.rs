@@ -6,7 +6,9 @@
 //! announcements: to every peer without direct links, and to a fanout of the browsers linked
 //! to each other, which forward them), identify, ping, and a circuit relay v2 server that
 //! carries the WebRTC signaling between browsers (at most [`CIRCUIT_BYTES`] a circuit; their
-//! traffic then goes over their direct links).
+//! traffic then goes over their direct links), for peers whose identity has joined a run
+//! unless the operator opens it to all. Connection limits: libp2p's `connection_limits` and a
+//! per-address limit (`crate::limits`).
 //!
 //! Each inbound request is handled by the coordinator concurrently; the event loop sends the
 //! answers back as they complete. Messages longer than a frame arrive in parts and are
