@@ -2,7 +2,7 @@
 //! (`ndarray` always; `wgpu` and `cuda` with the crate features of the same names). The CPU
 //! default runs the shared fast kernels ([`step_cpu`], what `bench robust` times and what the
 //! simulator and the attack grid run); the Burn backends run the same rules as tensor
-//! operations ([`outer_step_with`]), bitwise equal for mean and median, to rounding for the
+//! operations ([`outer_step_with`](swarmtrain_shared::aggregate::outer_step_with)), bitwise equal for mean and median, to rounding for the
 //! trimmed mean (the CPU kernel sums its kept values in selection-network order).
 
 use std::fmt;

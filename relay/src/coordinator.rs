@@ -391,7 +391,7 @@ impl Coordinator {
         &self.spec
     }
 
-    /// The parameters with `hash` (one of the newest [`KEEP_PARAMS`]), as shared bytes: a
+    /// The parameters with `hash` (one of the newest 4), as shared bytes: a
     /// download clones a reference, never θ.
     pub async fn params(&self, hash: &ParamsHash) -> Option<bytes::Bytes> {
         self.state.lock().await.params.get(hash).cloned()

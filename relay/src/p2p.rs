@@ -315,7 +315,7 @@ impl Network {
         self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Peers subscribed to [`LINKED_TOPIC`]: browsers holding direct links.
+    /// Peers subscribed to `LINKED_TOPIC`: browsers holding direct links.
     pub fn linked(&self) -> usize {
         self.linked.load(std::sync::atomic::Ordering::Relaxed)
     }

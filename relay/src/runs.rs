@@ -377,7 +377,7 @@ impl Runs {
     /// identity has joined is checked at once on the runtime's workers. Anything else must be
     /// a `Join` (else `not_joined`) that passes its run's admission for the claimed key (proof
     /// of work, allow list: `not_admitted`), and then waits its turn for a signature check on
-    /// the idle-priority thread ([`UnjoinedChecks`]; `relay_busy` when [`UNJOINED_QUEUE`] wait
+    /// the idle-priority thread (`UnjoinedChecks`; `relay_busy` when [`UNJOINED_QUEUE`] wait
     /// already). Refused after the check, each with its reason: a bad signature
     /// (`bad_signature`), an envelope made for another connection (`wrong_connection`), an
     /// expired or overlong one (`expired`), one seen before (`replayed`), a second identity on
