@@ -524,12 +524,12 @@ impl Coordinator {
                     "peer joined"
                 );
                 if !state.joined.contains_key(&peer) && !state.make_room(now) {
-                    drop(state);
                     let reason = format!(
-                        "the run holds {} identities, none idle for {} minutes: try again later",
-                        MAX_JOINED_PER_RUN,
-                        FORGET_IDLE_MS / 60_000
+                        "the run holds {} identities, none silent for {} s: try again later",
+                        state.max_joined,
+                        state.forget_idle_ms / 1000
                     );
+                    drop(state);
                     return self.reject(Some(peer), "relay_busy", reason).await;
                 }
                 state.joined.insert(peer, join.capabilities.backend);

@@ -166,17 +166,13 @@ pub async fn build_swarm(
             // open a circuit, unless the operator opened the relay to every libp2p peer. A
             // throwaway peer ID gets `RESOURCE_LIMIT_EXCEEDED`.
             if let Some(runs) = joined_only {
-                let joined = runs.clone();
-                circuit.reservation_rate_limiters.push(Box::new(
-                    move |peer: PeerId, _: &Multiaddr, _: std::time::Instant| {
-                        joined.has_joined(&peer)
-                    },
-                ));
-                circuit.circuit_src_rate_limiters.push(Box::new(
-                    move |peer: PeerId, _: &Multiaddr, _: std::time::Instant| {
+                let gate = |runs: Arc<Runs>| -> Box<dyn relay::RateLimiter> {
+                    Box::new(move |peer: PeerId, _: &Multiaddr, _: std::time::Instant| {
                         runs.has_joined(&peer)
-                    },
-                ));
+                    })
+                };
+                circuit.reservation_rate_limiters.push(gate(runs.clone()));
+                circuit.circuit_src_rate_limiters.push(gate(runs));
             }
             Ok(Boxed(RelayBehaviour {
                 limits: libp2p::connection_limits::Behaviour::new(

@@ -7,9 +7,10 @@
 //!   identities costs real CPU; `AllowList` admits only the operator's keys. Nothing here
 //!   limits a host to one identity: the puzzle only puts a price on each.
 //! - **Replay protection** ([`ReplayGuard`]) follows IPsec's anti-replay window (RFC 4303
-//!   §3.4.3) and DTLS's (RFC 9147 §4.5.1): per signer (the relay: per identity and connection), the highest sequence number seen and a
-//!   bitmap of the 64 below it, so messages that arrive a little out of order (a long poll and
-//!   an update sent at once) still count, and each counts once. Envelopes also expire
+//!   §3.4.3) and DTLS's (RFC 9147 §4.5.1): per signer (the relay keys it by identity and
+//!   connection), the highest sequence number seen and a bitmap of the 64 below it, so
+//!   messages that arrive a little out of order (a long poll and an update sent at once) still
+//!   count, and each counts once. Envelopes also expire
 //!   ([`crate::protocol::Envelope::expires_ms`]), so a window can be forgotten once every
 //!   envelope it accepted has expired: memory follows the identities active in the last
 //!   [`MAX_ENVELOPE_VALIDITY_MS`], not all identities ever seen.
