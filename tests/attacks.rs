@@ -8,7 +8,9 @@ use std::time::Duration;
 use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::attack::{self, Attack};
-use swarmtrain_shared::protocol::{ClientToRelay, Codec, PayloadRef, RelayToClient, Update};
+use swarmtrain_shared::protocol::{
+    ClientToRelay, Codec, DataSource, PayloadRef, RelayToClient, Update,
+};
 use swarmtrain_shared::robust::Rule;
 use swarmtrain_tests::{init_logging, join_raw, spawn_peers_together, start_relay};
 
@@ -294,4 +296,287 @@ async fn thirty_percent_colluding_attackers_do_not_stop_the_median() {
         attacked >= honest - 0.05,
         "within 5 points of the honest run: {attacked} vs {honest}"
     );
+}
+
+/// How a cheater in [`cheaters`] makes its update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cheat {
+    /// Δ ≈ 0 (an all-zero Δ is refused outright, `empty_update`): credit for nothing.
+    Zero,
+    /// Gaussian noise the size of an honest Δ.
+    Random,
+    /// Trains honestly on its slot and sends 10 × Δ, for more weight in the mean.
+    Scaled,
+    /// Trains on another slot's windows than the ones it was given.
+    OtherText,
+    /// Sends another peer's work under its own identity: the Δ of training on the first honest
+    /// peer's windows (slot 0) from θ_t, which is that peer's Δ but for its AdamW moments.
+    Replayed,
+}
+
+/// Cheaters on a language-model run: each joins as its own identity, fetches θ_t every round as
+/// any peer does and sends its kind of false update. Runs `rounds` rounds.
+async fn cheaters(relay: &Relay, kinds: &[Cheat], joined: usize, rounds: u64) {
+    use burn::backend::{Autodiff, NdArray};
+    use swarmtrain_shared::data::SplitMix64;
+    use swarmtrain_shared::lm_train::{LmTrainer, TextBatch};
+    use swarmtrain_shared::privacy::standard_normal;
+    use swarmtrain_shared::protocol::params_from_bytes;
+    use swarmtrain_shared::round::pseudo_gradient;
+    type B = Autodiff<NdArray>;
+
+    let mut peers = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        let (client, _, welcome, round) = join_raw(relay, [100 + i as u8; 32]).await;
+        peers.push((*kind, client, welcome, round));
+    }
+    all_joined(relay, joined).await;
+    let spec = peers[0].2.spec.clone();
+    let relay_key = PeerKey::from_public_key(peers[0].2.relay_key());
+    let config = spec.model.lm_config().expect("a language-model run");
+    let window = config.context + 1;
+    let device = Default::default();
+    let h = spec.inner.steps;
+    let mut rng = SplitMix64::new(5);
+    // Honest training on `slot`'s windows of `round` from θ, with the run's inner loop.
+    let train = |theta: &[f32], text: Vec<u8>, round: u64| {
+        let mut trainer =
+            LmTrainer::<B>::new(&device, &config, theta, &spec.inner.optimizer).expect("θ fits");
+        trainer.seek(round * u64::from(h));
+        for chunk in text.chunks_exact(spec.inner.batch_size as usize * window) {
+            trainer.step(&TextBatch {
+                windows: chunk.to_vec(),
+                window,
+            });
+        }
+        let local = futures::executor::block_on(trainer.params()).expect("params");
+        pseudo_gradient(theta, &local)
+    };
+    for _ in 0..rounds {
+        let round = peers[0].3.clone();
+        let bytes = peers[0]
+            .1
+            .fetch_params(&spec.run_id, round.params)
+            .await
+            .expect("θ");
+        let theta = params_from_bytes(&bytes).expect("f32s");
+        let text = |slot: u32| {
+            let coordinator = relay.coordinator.clone();
+            async move { coordinator.text(round.round, slot).await.expect("text") }
+        };
+        let mut deltas = Vec::new();
+        for (kind, _, welcome, _) in &peers {
+            let delta = match kind {
+                Cheat::Zero => (0..theta.len())
+                    .map(|_| (standard_normal(&mut rng) * 1e-9) as f32)
+                    .collect(),
+                Cheat::Random => {
+                    let sigma = 2e-3;
+                    (0..theta.len())
+                        .map(|_| (standard_normal(&mut rng) * sigma) as f32)
+                        .collect()
+                }
+                Cheat::Scaled => {
+                    let text = text(welcome.slot).await;
+                    let honest = tokio::task::block_in_place(|| train(&theta, text, round.round));
+                    honest.iter().map(|d| d * 10.0).collect()
+                }
+                Cheat::OtherText => {
+                    let other = (welcome.slot + 1) % spec.data.n_shards;
+                    let text = text(other).await;
+                    tokio::task::block_in_place(|| train(&theta, text, round.round))
+                }
+                Cheat::Replayed => {
+                    let text = text(0).await;
+                    tokio::task::block_in_place(|| train(&theta, text, round.round))
+                }
+            };
+            deltas.push(delta);
+        }
+        // Every update first: the round closes only once all have arrived.
+        for ((_, client, _, _), delta) in peers.iter().zip(deltas) {
+            let payload = spec.codec.encode(&delta);
+            let update = ClientToRelay::Update(Update {
+                run_id: spec.run_id.clone(),
+                round: round.round,
+                base: round.params,
+                n_samples: h * spec.inner.batch_size,
+                inner_steps: h,
+                loss: 1.0,
+                codec: spec.codec,
+                payload: PayloadRef::of(&payload),
+            });
+            match client.send(update, payload).await {
+                Ok(RelayToClient::Accepted { .. }) => {}
+                other => panic!("a cheat is accepted (the checks come later): {other:?}"),
+            }
+        }
+        for (_, client, _, next) in &mut peers {
+            let ask = ClientToRelay::AwaitRound {
+                run_id: spec.run_id.clone(),
+                after: Some(round.round),
+            };
+            *next = match client.send(ask, Vec::new()).await {
+                Ok(RelayToClient::Round(signed)) => {
+                    signed.verify_from(&relay_key).expect("announcement")
+                }
+                other => panic!("expected the next round, got {other:?}"),
+            };
+        }
+    }
+}
+
+/// Four honest native peers (the browser's client code) and `kinds` of cheat train one
+/// language model through the live relay for `rounds` rounds; returns each one's credit as
+/// `/api/runs/lm/peers/{key}` serves it once every update has been checked, honest peers first.
+async fn honest_and_cheats(kinds: &[Cheat], rounds: u64) -> (Vec<serde_json::Value>, Relay) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Real text: on the test grammar's few words no window is much like itself alone, and
+    // training leaves no mark a check could find (honest scores about 1).
+    let mut run = swarmtrain_tests::tiny_lm_run(dir.path(), 30);
+    run.data.source = DataSource::Text {
+        name: "/usr/share/games/fortunes".into(),
+    };
+    let everyone = 4 + kinds.len();
+    run.quorum = everyone as u32;
+    run.data.n_shards = everyone as u32;
+    // The scaled cheat would wreck a plain mean (and with it what honest peers can learn).
+    run.aggregator = Rule::TrimmedMean { trim: 1 };
+    let relay = start_relay(run).await;
+    let honest = spawn_peers_together(&relay, 1..=4, rounds, everyone);
+    tokio::time::timeout(Duration::from_secs(900), async {
+        let relay = &relay;
+        tokio::join!(cheaters(relay, kinds, everyone, rounds), async {
+            for peer in honest {
+                assert_eq!(peer.finish().await.0, rounds);
+            }
+        })
+    })
+    .await
+    .expect("in time");
+    // The last round's checks run after it closed.
+    let checked = rounds as usize * everyone;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while (relay
+            .coordinator
+            .status()
+            .await
+            .checks
+            .values()
+            .sum::<u64>() as usize)
+            < checked
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("every update checked");
+    let mut credits = Vec::new();
+    for seed in (1..=4).chain((0..kinds.len()).map(|i| 100 + i as u8)) {
+        credits.push(lm_credit(&relay, seed).await);
+    }
+    (credits, relay)
+}
+
+/// The outcomes of a credit's verdicts, newest first, with their scores: `V4.2 I1.0 F-0.3`.
+fn outcomes(credit: &serde_json::Value) -> String {
+    credit["verdicts"]
+        .as_array()
+        .expect("verdicts")
+        .iter()
+        .map(|v| {
+            let label = match &v["outcome"] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other
+                    .as_object()
+                    .and_then(|o| o.keys().next().cloned())
+                    .unwrap_or_default(),
+            };
+            format!(
+                "{}{:.2}",
+                &label[..1],
+                v["check"]["score"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Credit for verified work: honest peers and five kinds of cheat through the live relay, in
+/// two runs (so that honest peers are most of a round's updates, as the check assumes). Every
+/// cheat is accepted (nothing in an update says it is false), then the relay's loss check of
+/// each closed round judges it: no cheat ever earns verified credit and each loses some, while
+/// no honest update fails and every honest peer earns verified credit. The relay's verdicts
+/// are signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_verifies_honest_work_and_fails_false_work() {
+    init_logging();
+    const ROUNDS: u64 = 7;
+    for kinds in [
+        &[Cheat::Zero, Cheat::Random, Cheat::Scaled][..],
+        &[Cheat::OtherText, Cheat::Replayed][..],
+    ] {
+        let (credits, relay) = honest_and_cheats(kinds, ROUNDS).await;
+        let (honest, cheats) = credits.split_at(4);
+        for (i, c) in honest.iter().enumerate() {
+            println!("honest {}: {}", i + 1, outcomes(c));
+        }
+        for (kind, c) in kinds.iter().zip(cheats) {
+            println!("{kind:?}: {}", outcomes(c));
+        }
+        for c in honest {
+            assert_eq!(c["failed_updates"], 0, "an honest update never fails: {c}");
+            assert!(
+                c["verified_updates"].as_u64() >= Some(1),
+                "honest work is verified: {c}"
+            );
+            assert_eq!(c["accepted_updates"], ROUNDS);
+            assert_eq!(
+                c["units"].as_u64(),
+                c["samples"].as_u64().map(|s| s * 32),
+                "tokens: samples × context"
+            );
+        }
+        for (kind, c) in kinds.iter().zip(cheats) {
+            assert_eq!(
+                c["verified_updates"], 0,
+                "{kind:?} never earns verified credit: {c}"
+            );
+            assert!(
+                c["failed_updates"].as_u64() >= Some(1),
+                "{kind:?} is caught: {c}"
+            );
+            assert!(
+                c["failed_units"].as_u64() > Some(0),
+                "and loses that credit: {c}"
+            );
+        }
+        // Each verdict is the relay's, signed: anyone can check it with the relay's key.
+        let signed = cheats[0]["verdicts"][0]["signed"]
+            .as_str()
+            .expect("signed verdict");
+        let bytes: Vec<u8> = (0..signed.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&signed[i..i + 2], 16).expect("hex"))
+            .collect();
+        let signed: swarmtrain_shared::Signed<swarmtrain_shared::verify::Verdict> =
+            postcard::from_bytes(&bytes).expect("a signed verdict");
+        let (signer, verdict) = signed.verify_and_decode().expect("the relay's signature");
+        assert_eq!(signer, relay.coordinator.identity().peer());
+        assert_eq!((verdict.run_id.as_str(), verdict.round), ("lm", ROUNDS - 1));
+        relay.shutdown().await;
+    }
+}
+
+/// `GET /api/runs/lm/peers/{key}` of the identity with `seed`, as JSON.
+async fn lm_credit(relay: &Relay, seed: u8) -> serde_json::Value {
+    let key = swarmtrain_shared::Identity::from_seed([seed; 32]).peer();
+    let url = format!("{}api/runs/lm/peers/{}", relay.url(), key.to_hex());
+    let text = reqwest::get(&url)
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body");
+    serde_json::from_str(&text).expect("JSON")
 }

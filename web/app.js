@@ -199,6 +199,9 @@ async function refreshCredit() {
       const c = await res.json();
       $('credit').textContent = c.accepted_updates === 0 ? 'none yet'
         : `${c.samples.toLocaleString()} samples in ${c.accepted_updates} updates`;
+      // What the relay's loss check made of that work (docs/security.md).
+      $('credit-checks').textContent = c.accepted_updates === 0 ? '—'
+        : `${c.verified_units.toLocaleString()} ${c.unit} verified, ${c.unchecked_units.toLocaleString()} unchecked, ${c.failed_units.toLocaleString()} failed`;
     }
   } catch (e) {
     // The relay may be restarting; the next accepted update asks again.

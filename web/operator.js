@@ -102,9 +102,10 @@ async function showRun(s) {
   const credits = q('.credits tbody');
   credits.replaceChildren();
   for (const c of board.top) {
-    row(credits, [`${c.peer.slice(0, 16)}…`, count(c.samples), count(c.accepted_updates), `${c.first_round}–${c.last_round}`]);
+    row(credits, [`${c.peer.slice(0, 16)}…`, count(c.samples), count(c.accepted_updates), `${c.first_round}–${c.last_round}`,
+      `${count(c.verified_units)} ${c.unit}`, `${count(c.unchecked_units)} ${c.unit}`, `${count(c.failed_units)} ${c.unit}`]);
   }
-  if (!board.top.length) row(credits, ['no accepted update yet', '', '', '']);
+  if (!board.top.length) row(credits, ['no accepted update yet', '', '', '', '', '', '']);
 
   const history = q('.history tbody');
   history.replaceChildren();

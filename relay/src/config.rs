@@ -20,6 +20,7 @@ use swarmtrain_shared::admission::Admission;
 use swarmtrain_shared::privacy::PrivacySpec;
 use swarmtrain_shared::protocol::{Codec, ModelSpec, RunSpec};
 use swarmtrain_shared::robust::Rule;
+use swarmtrain_shared::verify::CheckPolicy;
 
 use crate::backend::AggregationBackend;
 use crate::corpus::DEFAULT_CORPUS;
@@ -93,6 +94,18 @@ pub struct ServeOptions {
     /// peers whose identity has joined a run.
     #[arg(long, env = "SWARMTRAIN_OPEN_CIRCUIT_RELAY", action = clap::ArgAction::Set)]
     pub open_circuit_relay: Option<bool>,
+    /// The loss check of every update of a language-model run: windows scored on each side
+    /// (two forward passes over twice this many windows per update); 0 turns it off.
+    /// Default: 128.
+    #[arg(long, env = "SWARMTRAIN_CHECK_WINDOWS")]
+    pub check_windows: Option<u32>,
+    /// A check score at or above this verifies an update's work. Default: 3.
+    #[arg(long, env = "SWARMTRAIN_CHECK_PASS")]
+    pub check_pass: Option<f32>,
+    /// A score below this fails an update (in a round whose upper-quartile score reaches the pass
+    /// score). Default: 0.
+    #[arg(long, env = "SWARMTRAIN_CHECK_FAIL")]
+    pub check_fail: Option<f32>,
     /// Where the world reaches this relay (repeatable, or comma-separated in the variable): an
     /// IP, a host name (dialed by name over TCP and WebSocket, resolved at start for
     /// WebRTC-direct), or a full multiaddr (a reverse proxy's `/dns4/relay.example/tcp/443/tls/ws`).
@@ -530,7 +543,7 @@ impl ServeOptions {
         merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
             checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
-            aggregation_backend,
+            check_windows, check_pass, check_fail, aggregation_backend,
             external_address, tls_cert,
             tls_key, allow_origin, trusted_proxy, ice_server, turn_secret, turn_ttl_secs);
         self.run = self.run.merge(file.run);
@@ -614,6 +627,11 @@ impl ServeOptions {
                 .map_or(defaults.connections_per_ip, |n| n as usize),
             open_circuit_relay: self.open_circuit_relay.unwrap_or(false),
             reassembly_budget: defaults.reassembly_budget,
+            checks: CheckPolicy {
+                windows: self.check_windows.unwrap_or(defaults.checks.windows),
+                pass: self.check_pass.unwrap_or(defaults.checks.pass),
+                fail: self.check_fail.unwrap_or(defaults.checks.fail),
+            },
             public: PublicConfig {
                 external_addresses: self.external_address.unwrap_or_default(),
                 allow_origins: match self.allow_origin {

@@ -29,8 +29,10 @@ use tokio::sync::{Mutex, Notify, broadcast, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::AggregationBackend;
+use crate::checks::{self, CheckJob, Checked, Claim};
 use crate::dataset::TaskData;
 use crate::store::{Credit, LedgerEntry, RunRecord, Store};
+use swarmtrain_shared::verify::{self, CheckPolicy, Outcome, Verdict};
 
 /// Identities a run keeps as joined (with their data slots) at once. When a new one would
 /// pass it, those not heard from for [`FORGET_IDLE_MS`] are forgotten (a forgotten peer is
@@ -40,6 +42,14 @@ pub const MAX_JOINED_PER_RUN: usize = 100_000;
 pub const FORGET_IDLE_MS: u64 = 10 * 60 * 1000;
 /// A full run looks for idle identities at most this often (the look is a scan of them all).
 const FORGET_EVERY_MS: u64 = 10_000;
+
+/// Closed rounds a run queues for their checks; a round closing while this many wait is not
+/// checked.
+pub const MAX_QUEUED_CHECKS: usize = 4;
+/// Verdicts a run keeps in memory (see `State::verdicts`).
+const RECENT_VERDICTS: usize = 4096;
+/// Rounds of a peer's verdicts that one answer lists.
+pub const VERDICT_ROUNDS: u64 = 20;
 
 /// Parameter versions kept for download (a late peer may still fetch the previous round's).
 const KEEP_PARAMS: usize = 4;
@@ -74,6 +84,11 @@ pub struct Status {
     pub privacy_epsilon: Option<f64>,
     /// The open round's timeout: the configured deadline, adapted to the peers' speed.
     pub round_timeout_ms: u64,
+    /// Checked updates by outcome ([`crate::checks`]).
+    pub checks: BTreeMap<String, u64>,
+    /// The last checked round's upper-quartile check score (a round below the pass score cannot fail
+    /// anyone).
+    pub check_power: Option<f32>,
     pub spec: RunSpecView,
 }
 
@@ -96,6 +111,9 @@ pub struct RunSpecView {
     pub aggregator: String,
     /// Bytes of one update on the wire with this codec (payload only).
     pub update_bytes: usize,
+    /// Credit units in one sample, and what they are (`tokens`, `images`).
+    pub units_per_sample: u64,
+    pub unit: &'static str,
 }
 
 struct State {
@@ -126,6 +144,16 @@ struct State {
     accepted: u64,
     /// Each contributor's credit (loaded from the store on resume, which also keeps it).
     credits: BTreeMap<PeerKey, Credit>,
+    /// What the open round's accepted updates claim, for their checks.
+    claims: BTreeMap<PeerKey, Claim>,
+    /// The last checked round's upper-quartile score: whether its checks could tell.
+    check_power: Option<f32>,
+    /// Checked updates by outcome (`verified`, `failed`, `inconclusive`; `unrecorded` when
+    /// the store could not take a round's verdicts).
+    check_outcomes: BTreeMap<&'static str, u64>,
+    /// The newest [`RECENT_VERDICTS`] signed verdicts, by (round, peer): what a relay without
+    /// a data directory can show (one with keeps them all in its ledger).
+    verdicts: BTreeMap<(u64, PeerKey), Signed<Verdict>>,
     /// The open round could not be checkpointed yet: it is not announced (peers keep hearing
     /// the previous round) until a later tick writes it.
     unannounced: bool,
@@ -153,6 +181,12 @@ pub struct Coordinator {
     /// Who may join, and the run's proof-of-work challenge.
     admission: Admission,
     challenge: [u8; 32],
+    /// How the relay checks each update's work ([`crate::checks`]).
+    checks: CheckPolicy,
+    /// Closed rounds waiting for their checks or being checked, and the lane they take in
+    /// turn (one round at a time, in the order they closed).
+    checks_queued: std::sync::atomic::AtomicUsize,
+    check_lane: Mutex<()>,
 }
 
 /// Where coordinators send every announcement as it is signed, for gossip: (run id, encoded
@@ -277,6 +311,10 @@ impl Coordinator {
                     rejected: record.rejected,
                     accepted,
                     credits: store.credits(&spec.run_id)?.into_iter().collect(),
+                    claims: BTreeMap::new(),
+                    check_power: None,
+                    check_outcomes: BTreeMap::new(),
+                    verdicts: BTreeMap::new(),
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -310,6 +348,10 @@ impl Coordinator {
                     rejected: BTreeMap::new(),
                     accepted: 0,
                     credits: BTreeMap::new(),
+                    claims: BTreeMap::new(),
+                    check_power: None,
+                    check_outcomes: BTreeMap::new(),
+                    verdicts: BTreeMap::new(),
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -344,7 +386,16 @@ impl Coordinator {
             due,
             admission,
             challenge,
+            checks: CheckPolicy::default(),
+            checks_queued: std::sync::atomic::AtomicUsize::new(0),
+            check_lane: Mutex::new(()),
         })
+    }
+
+    /// Checks each update's work with `policy` ([`crate::checks`]).
+    pub fn with_checks(mut self, policy: CheckPolicy) -> Self {
+        self.checks = policy;
+        self
     }
 
     /// What a peer must know of this run's admission policy before it joins.
@@ -633,6 +684,7 @@ impl Coordinator {
                 }
                 // Durable before the peer hears `Accepted`; an update that cannot be made
                 // durable is taken back and the peer told so.
+                let samples = self.spec.samples_of(update.inner_steps);
                 if let Some(store) = &self.store {
                     let entry = LedgerEntry {
                         received_ms: now,
@@ -640,7 +692,9 @@ impl Coordinator {
                         signed,
                         payload,
                     };
-                    if let Err(e) = store.record_update(&state.round.spec.run_id, &peer, &entry) {
+                    if let Err(e) =
+                        store.record_update(&state.round.spec.run_id, &peer, &entry, samples)
+                    {
                         state.round.withdraw(&peer);
                         drop(state);
                         tracing::error!(error = %e, "could not record an accepted update");
@@ -654,7 +708,17 @@ impl Coordinator {
                     }
                 }
                 state.accepted += 1;
-                state.credits.entry(peer).or_default().add(&update);
+                state.credits.entry(peer).or_default().add(&update, samples);
+                let slot = state.slots.get(&peer).copied().unwrap_or_default();
+                state.claims.insert(
+                    peer,
+                    Claim {
+                        slot,
+                        steps: update.inner_steps.min(self.spec.inner.steps),
+                        samples,
+                        payload: update.payload.digest,
+                    },
+                );
                 drop(state);
                 tracing::info!(
                     peer = peer.short(),
@@ -689,10 +753,30 @@ impl Coordinator {
                 return;
             }
             match state.round.begin_close(self.now_ms()) {
-                Some(job) => job,
+                Some(job) => {
+                    let claims = std::mem::take(&mut state.claims);
+                    // Only what a check will read is copied.
+                    let checked = self.checks.windows > 0 && self.spec.model.lm_config().is_some();
+                    let check = CheckJob {
+                        round: job.round,
+                        theta: if checked {
+                            job.params.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        contributions: if checked {
+                            state.round.contributions()
+                        } else {
+                            Vec::new()
+                        },
+                        claims,
+                    };
+                    (job, check)
+                }
                 None => return,
             }
         };
+        let (job, check) = job;
         let this = self.clone();
         let worked = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -746,6 +830,155 @@ impl Coordinator {
         );
         state.unannounced = true;
         self.announce_when_durable(&mut state, now).await;
+        drop(state);
+        if closed.failed.is_none() && !check.contributions.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move { this.check(check).await });
+        }
+    }
+
+    /// Checks a closed round's updates ([`crate::checks`]) off the round's path, signs a
+    /// verdict for each, records them and settles the peers' credits. Rounds are checked one
+    /// at a time in the order they closed; a round that closes while [`MAX_QUEUED_CHECKS`]
+    /// are waiting is not checked (its updates stay unchecked).
+    async fn check(self: Arc<Self>, job: CheckJob) {
+        use std::sync::atomic::Ordering;
+        if self.checks_queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_CHECKS {
+            self.checks_queued.fetch_sub(1, Ordering::AcqRel);
+            let why = "the relay's checks were behind by more rounds than it queues";
+            tracing::warn!(
+                run = self.spec.run_id,
+                round = job.round,
+                "{why}; the round is not checked"
+            );
+            let checked = job
+                .contributions
+                .iter()
+                .map(|c| (c.peer, Checked::Skipped(why.into())))
+                .collect();
+            return self.settle(&job, checked).await;
+        }
+        let lane = self.check_lane.lock().await;
+        let this = self.clone();
+        let seed: u64 = rand::random();
+        let started = std::time::Instant::now();
+        let done = tokio::task::spawn_blocking(move || {
+            let checked = checks::check_round(&this.spec, &this.data, &this.checks, &job, seed);
+            (checked, job)
+        })
+        .await;
+        match done {
+            Ok((checked, job)) => {
+                tracing::info!(
+                    run = self.spec.run_id,
+                    round = job.round,
+                    updates = checked.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "checked the round's updates"
+                );
+                self.settle(&job, checked).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a round's checks failed; its updates stay unchecked")
+            }
+        }
+        drop(lane);
+        self.checks_queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Judges a round's checks together ([`verify::judge_round`]), signs a verdict for each
+    /// update, records them in the ledger and only then settles the credits in memory.
+    async fn settle(&self, job: &CheckJob, checked: Vec<(PeerKey, Checked)>) {
+        let previous = self.state.lock().await.check_power;
+        let scored: Vec<Option<verify::LossCheck>> = checked
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Checked::Scored(check) => Some(*check),
+                Checked::Skipped(_) => None,
+            })
+            .collect();
+        let (mut judged, power) = verify::judge_round(&self.checks, &scored, previous);
+        judged.reverse();
+        let mut verdicts = Vec::with_capacity(checked.len());
+        for (peer, checked) in checked {
+            let (check, outcome) = match checked {
+                Checked::Scored(check) => (
+                    check,
+                    judged.pop().unwrap_or(Outcome::Inconclusive {
+                        reason: "not judged".into(),
+                    }),
+                ),
+                Checked::Skipped(reason) => (None, Outcome::Inconclusive { reason }),
+            };
+            let Some(claim) = job.claims.get(&peer) else {
+                continue;
+            };
+            let verdict = Verdict {
+                run_id: self.spec.run_id.clone(),
+                round: job.round,
+                peer,
+                payload: claim.payload,
+                samples: claim.samples,
+                check,
+                outcome,
+            };
+            match &verdict.outcome {
+                Outcome::Failed { reason } => tracing::warn!(
+                    peer = peer.short(),
+                    round = job.round,
+                    %reason,
+                    "an update failed its check: it earns no credit"
+                ),
+                outcome => tracing::debug!(
+                    peer = peer.short(),
+                    round = job.round,
+                    ?outcome,
+                    "checked an update"
+                ),
+            }
+            match self.identity.sign(&verdict) {
+                Ok(signed) => verdicts.push((verdict, signed)),
+                Err(e) => tracing::error!(error = %e, "could not sign a verdict"),
+            }
+        }
+        if let Some(store) = &self.store {
+            let signed: Vec<Signed<Verdict>> = verdicts.iter().map(|(_, s)| s.clone()).collect();
+            let (store, run) = (store.clone(), self.spec.run_id.clone());
+            let written =
+                tokio::task::spawn_blocking(move || store.record_verdicts(&run, &signed)).await;
+            if let Err(e) = written.map_err(anyhow::Error::from).and_then(|r| r) {
+                tracing::error!(error = %e, round = job.round, "could not record the round's verdicts; its credits stay unchecked");
+                self.state
+                    .lock()
+                    .await
+                    .check_outcomes
+                    .entry("unrecorded")
+                    .and_modify(|n| *n += verdicts.len() as u64)
+                    .or_insert(verdicts.len() as u64);
+                return;
+            }
+        }
+        let mut state = self.state.lock().await;
+        if power.is_some() {
+            state.check_power = power;
+        }
+        for (verdict, _) in &verdicts {
+            *state
+                .check_outcomes
+                .entry(verdict.outcome.label())
+                .or_default() += 1;
+            state
+                .credits
+                .entry(verdict.peer)
+                .or_default()
+                .settle(&verdict.outcome, verdict.samples);
+        }
+        state
+            .verdicts
+            .extend(verdicts.into_iter().map(|(v, s)| ((v.round, v.peer), s)));
+        while state.verdicts.len() > RECENT_VERDICTS {
+            state.verdicts.pop_first();
+        }
     }
 
     /// Writes the open round's checkpoint and run record, and only once they are durable
@@ -807,17 +1040,38 @@ impl Coordinator {
         self.state.lock().await.credits.get(peer).cloned()
     }
 
-    /// The `limit` peers with the most samples in accepted updates (then the most updates),
-    /// and how many peers have any credit.
+    /// The `limit` peers with the most earned samples (verified and unchecked; then the most
+    /// verified), and how many peers have any credit.
     pub async fn leaderboard(&self, limit: usize) -> (Vec<(PeerKey, Credit)>, usize) {
         let state = self.state.lock().await;
         let mut all: Vec<_> = state.credits.iter().map(|(p, c)| (*p, c.clone())).collect();
         all.sort_by(|(pa, a), (pb, b)| {
-            (b.samples, b.accepted_updates, pa).cmp(&(a.samples, a.accepted_updates, pb))
+            (b.earned_samples(), b.verified_samples, pa).cmp(&(
+                a.earned_samples(),
+                a.verified_samples,
+                pb,
+            ))
         });
         let peers = all.len();
         all.truncate(limit);
         (all, peers)
+    }
+
+    /// `peer`'s verdicts of the newest [`VERDICT_ROUNDS`] rounds, newest first, signed by the
+    /// relay: from the ledger when the relay has a data directory, else from memory.
+    pub async fn verdicts(&self, peer: &PeerKey) -> anyhow::Result<Vec<Signed<Verdict>>> {
+        let open = self.state.lock().await.round.round;
+        let rounds = open.saturating_sub(VERDICT_ROUNDS)..open;
+        if let Some(store) = &self.store {
+            let (store, run, peer) = (store.clone(), self.spec.run_id.clone(), *peer);
+            return tokio::task::spawn_blocking(move || store.verdicts(&run, &peer, rounds))
+                .await?;
+        }
+        let state = self.state.lock().await;
+        Ok(rounds
+            .rev()
+            .filter_map(|round| state.verdicts.get(&(round, *peer)).cloned())
+            .collect())
     }
 
     pub async fn history(&self, from: u64, limit: usize) -> anyhow::Result<Vec<RoundRecord>> {
@@ -867,6 +1121,12 @@ impl Coordinator {
             checkpoint_failures: state.checkpoint_failures,
             unannounced: state.unannounced,
             round_timeout_ms: state.round.round_timeout_ms(),
+            checks: state
+                .check_outcomes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            check_power: state.check_power,
             privacy_epsilon: spec.privacy.as_ref().map(|p| {
                 swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)
             }),
@@ -891,6 +1151,8 @@ impl Coordinator {
                 codec: format!("{:?}", spec.codec),
                 aggregator: format!("{:?}", spec.aggregator),
                 update_bytes: spec.codec.encoded_len(state.round.params().len()),
+                units_per_sample: spec.units_per_sample(),
+                unit: spec.unit_name(),
             },
         }
     }

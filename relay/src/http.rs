@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use swarmtrain_net::Bootstrap;
-use swarmtrain_shared::protocol::ParamsHash;
+use swarmtrain_shared::protocol::{ParamsHash, RunSpec};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 
@@ -360,17 +360,55 @@ async fn history(
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(rows)).into_response())
 }
 
-/// A peer's credit as the API serves it: its key (hex) and what its accepted updates add up to.
+/// A peer's credit as the API serves it: its key (hex), what its accepted updates add up to,
+/// and the same in the run's credit units (tokens of a language model, images of the digits).
 #[derive(serde::Serialize)]
 struct PeerCredit {
     peer: String,
     #[serde(flatten)]
     credit: crate::store::Credit,
+    unchecked_samples: u64,
+    /// Credit units earned: verified and unchecked samples × units per sample.
+    units: u64,
+    verified_units: u64,
+    unchecked_units: u64,
+    failed_units: u64,
+    unit: &'static str,
+}
+
+impl PeerCredit {
+    fn new(
+        peer: &swarmtrain_shared::PeerKey,
+        credit: crate::store::Credit,
+        spec: &RunSpec,
+    ) -> Self {
+        let per = spec.units_per_sample();
+        Self {
+            peer: peer.to_hex(),
+            unchecked_samples: credit.unchecked_samples(),
+            units: credit.earned_samples() * per,
+            verified_units: credit.verified_samples * per,
+            unchecked_units: credit.unchecked_samples() * per,
+            failed_units: credit.failed_samples * per,
+            unit: spec.unit_name(),
+            credit,
+        }
+    }
+}
+
+/// One of the relay's signed verdicts as the API serves it: what it concluded, and the
+/// verdict as signed (postcard, hex) for anyone to check with the relay's key.
+#[derive(serde::Serialize)]
+struct VerdictView {
+    #[serde(flatten)]
+    verdict: swarmtrain_shared::verify::Verdict,
+    signed: String,
 }
 
 /// `GET /api/runs/{run}/peers/{peer}`: the credit of the peer whose key is `peer` (64 hex
-/// digits, as `Joined` and `keygen` print it); zero for a peer that never had an update
-/// accepted, 404 for a key that is not 64 hex digits.
+/// digits, as `Joined` and `keygen` print it), and the relay's verdicts on its updates of the
+/// last 20 rounds; zero for a peer that never had an update accepted, 404 for a key that is
+/// not 64 hex digits.
 async fn peer_credit(
     State(state): State<AppState>,
     Path((run, peer)): Path<(String, String)>,
@@ -380,9 +418,36 @@ async fn peer_credit(
         .map(|bytes| swarmtrain_shared::PeerKey(*bytes))
         .ok_or(ApiError::NotFound("peer"))?;
     let credit = run.credit(&key).await.unwrap_or_default();
-    let body = PeerCredit {
-        peer: key.to_hex(),
-        credit,
+    let verdicts: Vec<VerdictView> = run
+        .verdicts(&key)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not read the verdicts");
+            ApiError::Internal
+        })?
+        .into_iter()
+        .filter_map(|signed| {
+            Some(VerdictView {
+                verdict: postcard::from_bytes(&signed.body).ok()?,
+                signed: postcard::to_allocvec(&signed).ok()?.iter().fold(
+                    String::new(),
+                    |mut out, b| {
+                        let _ = write!(out, "{b:02x}");
+                        out
+                    },
+                ),
+            })
+        })
+        .collect();
+    #[derive(serde::Serialize)]
+    struct Body {
+        #[serde(flatten)]
+        credit: PeerCredit,
+        verdicts: Vec<VerdictView>,
+    }
+    let body = Body {
+        credit: PeerCredit::new(&key, credit, run.spec()),
+        verdicts,
     };
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
 }
@@ -410,12 +475,10 @@ async fn leaderboard(
     let (top, peers) = find_run(&state, &run)?
         .leaderboard(query.limit.min(LEADERBOARD_MAX))
         .await;
+    let spec = find_run(&state, &run)?.spec();
     let top: Vec<PeerCredit> = top
         .into_iter()
-        .map(|(peer, credit)| PeerCredit {
-            peer: peer.to_hex(),
-            credit,
-        })
+        .map(|(peer, credit)| PeerCredit::new(&peer, credit, spec))
         .collect();
     let body = serde_json::json!({ "peers": peers, "top": top });
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
@@ -558,6 +621,25 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 .map(|(k, v)| (format!("reason=\"{k}\""), *v as f64))
                 .collect()
         },
+    );
+    metric(
+        "swarmtrain_update_checks_total",
+        "Accepted updates whose work the relay checked, by outcome (verified, failed, \
+         inconclusive; unrecorded: the store refused the verdicts).",
+        "counter",
+        &|s| {
+            s.checks
+                .iter()
+                .map(|(k, v)| (format!("outcome=\"{k}\""), *v as f64))
+                .collect()
+        },
+    );
+    metric(
+        "swarmtrain_check_power",
+        "The last checked round's upper-quartile check score (failures count only at or above the \
+         pass score).",
+        "gauge",
+        &|s| s.check_power.map(|p| one(f64::from(p))).unwrap_or_default(),
     );
     let _ = writeln!(
         out,

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod boxed;
+pub mod checks;
 pub mod config;
 pub mod coordinator;
 pub mod corpus;
@@ -93,6 +94,8 @@ pub struct RelayConfig {
     pub open_circuit_relay: bool,
     /// Bytes of long messages (updates) buffered for all connections together.
     pub reassembly_budget: usize,
+    /// How the relay checks the work of every accepted update ([`checks`]).
+    pub checks: swarmtrain_shared::verify::CheckPolicy,
     /// Public addresses, TLS, CORS and ICE servers: the relay on the internet.
     pub public: public::PublicConfig,
 }
@@ -197,6 +200,7 @@ impl Default for RelayConfig {
             connections_per_ip: DEFAULT_CONNECTIONS_PER_IP,
             open_circuit_relay: false,
             reassembly_budget: swarmtrain_shared::transfer::DEFAULT_BUDGET,
+            checks: Default::default(),
             public: public::PublicConfig {
                 allow_origins: vec!["*".into()],
                 turn_ttl_secs: public::TURN_TTL_SECS,
@@ -365,7 +369,8 @@ impl Relay {
             coordinators.push(Arc::new(
                 coordinator
                     .await
-                    .with_context(|| format!("opening run {:?}", spec.run_id))?,
+                    .with_context(|| format!("opening run {:?}", spec.run_id))?
+                    .with_checks(config.checks),
             ));
         }
         let runs = Arc::new(

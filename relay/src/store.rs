@@ -32,6 +32,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::checkpoint::{self, TensorInfo};
 use swarmtrain_shared::protocol::{ClientToRelay, Envelope, Update};
+use swarmtrain_shared::verify::{Outcome, Verdict};
 use swarmtrain_shared::{PeerKey, Signed};
 
 /// run id → postcard [`RunRecord`].
@@ -42,6 +43,9 @@ const LEDGER: TableDefinition<(&str, u64, &[u8]), &[u8]> = TableDefinition::new(
 /// (run id, peer key) → postcard [`Credit`]: what each peer's accepted updates to the run add
 /// up to, written with each ledger entry and kept when retention deletes the entries.
 const CREDITS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("credits");
+/// (run id, round, peer key) → postcard `Signed<Verdict>`: what the relay's checks concluded
+/// of each accepted update, signed by the relay ([`swarmtrain_shared::verify::Verdict`]).
+const VERDICTS: TableDefinition<(&str, u64, &[u8]), &[u8]> = TableDefinition::new("verdicts");
 /// run id → the first round whose ledger entries still hold their payloads.
 const COMPACTED: TableDefinition<&str, u64> = TableDefinition::new("ledger_compacted");
 /// (run id, round) → postcard [`RoundRecord`]: one row per round.
@@ -127,30 +131,92 @@ impl LedgerEntry {
 
 /// What one peer's accepted updates to a run add up to: its credit. Each accepted update is in
 /// the ledger as the envelope the peer signed ([`LedgerEntry::verify`]), until retention
-/// deletes it; the credit stays.
+/// deletes it; the credit stays. Samples are the run's (`steps × batch` of each update,
+/// [`swarmtrain_shared::protocol::RunSpec::samples_of`]); the relay's checks settle each
+/// update's samples as verified or failed ([`swarmtrain_shared::verify`]), and the rest are
+/// unchecked. A peer earns its verified and unchecked samples; failed ones earn nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credit {
     /// Updates the relay accepted into a round.
     pub accepted_updates: u64,
-    /// Training samples those updates report (steps × batch each).
+    /// Samples of those updates.
     pub samples: u64,
     /// Inner steps those updates report.
     pub inner_steps: u64,
     pub first_round: u64,
     pub last_round: u64,
+    /// Updates, and their samples, that a check verified.
+    pub verified_updates: u64,
+    pub verified_samples: u64,
+    /// Updates, and their samples, that a check found false.
+    pub failed_updates: u64,
+    pub failed_samples: u64,
+}
+
+/// A credit row as relays before the checks wrote it.
+#[derive(Deserialize)]
+struct CreditV1 {
+    accepted_updates: u64,
+    samples: u64,
+    inner_steps: u64,
+    first_round: u64,
+    last_round: u64,
 }
 
 impl Credit {
-    /// Counts `update`, accepted into its round.
-    pub fn add(&mut self, update: &Update) {
+    /// Counts `update` of `samples` samples, accepted into its round (unchecked).
+    pub fn add(&mut self, update: &Update, samples: u64) {
         if self.accepted_updates == 0 {
             self.first_round = update.round;
         }
         self.accepted_updates += 1;
-        self.samples += u64::from(update.n_samples);
+        self.samples += samples;
         self.inner_steps += u64::from(update.inner_steps);
         self.first_round = self.first_round.min(update.round);
         self.last_round = self.last_round.max(update.round);
+    }
+
+    /// Settles an update's `samples` as `outcome` says (an inconclusive check leaves them
+    /// unchecked).
+    pub fn settle(&mut self, outcome: &Outcome, samples: u64) {
+        match outcome {
+            Outcome::Verified => {
+                self.verified_updates += 1;
+                self.verified_samples += samples;
+            }
+            Outcome::Failed { .. } => {
+                self.failed_updates += 1;
+                self.failed_samples += samples;
+            }
+            Outcome::Inconclusive { .. } => {}
+        }
+    }
+
+    /// Samples no check has settled.
+    pub fn unchecked_samples(&self) -> u64 {
+        self.samples
+            .saturating_sub(self.verified_samples + self.failed_samples)
+    }
+
+    /// Samples that earn credit: verified and unchecked.
+    pub fn earned_samples(&self) -> u64 {
+        self.samples.saturating_sub(self.failed_samples)
+    }
+
+    /// Decodes a credit row, also one written before the checks (all of it unchecked).
+    fn decode(bytes: &[u8]) -> anyhow::Result<Self> {
+        if let Ok(credit) = postcard::from_bytes::<Self>(bytes) {
+            return Ok(credit);
+        }
+        let old: CreditV1 = postcard::from_bytes(bytes).context("a credit row is corrupt")?;
+        Ok(Self {
+            accepted_updates: old.accepted_updates,
+            samples: old.samples,
+            inner_steps: old.inner_steps,
+            first_round: old.first_round,
+            last_round: old.last_round,
+            ..Self::default()
+        })
     }
 }
 
@@ -176,10 +242,12 @@ fn backfill_credits(db: &Database) -> anyhow::Result<()> {
                 continue;
             };
             let entry: LedgerEntry = postcard::from_bytes(value.value())?;
+            // Written before the run's own sample counts: the peer's count.
+            let update = signed_update(&entry)?;
             credits
                 .entry((run.to_owned(), peer))
                 .or_default()
-                .add(&signed_update(&entry)?);
+                .add(&update, u64::from(update.n_samples));
         }
     }
     if credits.is_empty() {
@@ -273,6 +341,7 @@ impl Store {
         tx.open_table(LEDGER)?;
         tx.open_table(COMPACTED)?;
         tx.open_table(HISTORY)?;
+        tx.open_table(VERDICTS)?;
         let credits_missing = tx.open_table(CREDITS)?.is_empty()?;
         tx.commit()?;
         if credits_missing {
@@ -433,6 +502,7 @@ impl Store {
         run_id: &str,
         peer: &PeerKey,
         entry: &LedgerEntry,
+        samples: u64,
     ) -> anyhow::Result<()> {
         let bytes = postcard::to_allocvec(entry)?;
         let update = signed_update(entry)?;
@@ -443,16 +513,66 @@ impl Store {
             let mut credits = tx.open_table(CREDITS)?;
             let key = (run_id, peer.0.as_slice());
             let mut credit: Credit = match credits.get(key)? {
-                Some(row) => {
-                    postcard::from_bytes(row.value()).context("a credit row is corrupt")?
-                }
+                Some(row) => Credit::decode(row.value())?,
                 None => Credit::default(),
             };
-            credit.add(&update);
+            credit.add(&update, samples);
             credits.insert(key, postcard::to_allocvec(&credit)?.as_slice())?;
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records the relay's signed verdicts on updates of `run_id` and settles each peer's
+    /// credit by them, in one transaction. A verdict whose update is already settled (a check
+    /// run twice) changes nothing.
+    pub fn record_verdicts(
+        &self,
+        run_id: &str,
+        verdicts: &[Signed<Verdict>],
+    ) -> anyhow::Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(VERDICTS)?;
+            let mut credits = tx.open_table(CREDITS)?;
+            for signed in verdicts {
+                let verdict: Verdict =
+                    postcard::from_bytes(&signed.body).context("a verdict does not decode")?;
+                let key = (run_id, verdict.round, verdict.peer.0.as_slice());
+                if table.get(key)?.is_some() {
+                    continue;
+                }
+                table.insert(key, postcard::to_allocvec(signed)?.as_slice())?;
+                let credit_key = (run_id, verdict.peer.0.as_slice());
+                let mut credit = match credits.get(credit_key)? {
+                    Some(row) => Credit::decode(row.value())?,
+                    None => Credit::default(),
+                };
+                credit.settle(&verdict.outcome, verdict.samples);
+                credits.insert(credit_key, postcard::to_allocvec(&credit)?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// `peer`'s verdicts in `run_id` for the rounds `rounds`, newest first (signed by the
+    /// relay): one lookup a round.
+    pub fn verdicts(
+        &self,
+        run_id: &str,
+        peer: &PeerKey,
+        rounds: std::ops::Range<u64>,
+    ) -> anyhow::Result<Vec<Signed<Verdict>>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(VERDICTS)?;
+        let mut out = Vec::new();
+        for round in rounds.rev() {
+            if let Some(value) = table.get((run_id, round, peer.0.as_slice()))? {
+                out.push(postcard::from_bytes(value.value()).context("a verdict row is corrupt")?);
+            }
+        }
+        Ok(out)
     }
 
     /// Every peer's credit in `run_id`, in peer order.
@@ -466,10 +586,7 @@ impl Store {
             let (key, value) = item?;
             let (_, peer) = key.value();
             let peer: [u8; 32] = peer.try_into().context("a credit key has a bad peer key")?;
-            out.push((
-                PeerKey(peer),
-                postcard::from_bytes(value.value()).context("a credit row is corrupt")?,
-            ));
+            out.push((PeerKey(peer), Credit::decode(value.value())?));
         }
         Ok(out)
     }
@@ -587,6 +704,8 @@ impl Store {
             let low: (&str, u64, &[u8]) = (run_id, 0, &[]);
             let high: (&str, u64, &[u8]) = (run_id, before, &[]);
             tx.open_table(LEDGER)?.retain_in(low..high, |_, _| false)?;
+            tx.open_table(VERDICTS)?
+                .retain_in(low..high, |_, _| false)?;
         }
         tx.commit()?;
         Ok(())
@@ -740,7 +859,7 @@ mod tests {
         };
         for round in 0..20u64 {
             store
-                .record_update("run", &PeerKey([1; 32]), &entry(round, vec![1; 10]))
+                .record_update("run", &PeerKey([1; 32]), &entry(round, vec![1; 10]), 8)
                 .expect("record");
             let record = RunRecord {
                 round,
@@ -789,11 +908,12 @@ mod tests {
                                 "run",
                                 &PeerKey([peer; 32]),
                                 &entry(round, vec![peer; 100]),
+                                8,
                             )
                             .expect("record");
                     }
                     store
-                        .record_update("other", &PeerKey([9; 32]), &entry(round, vec![9; 100]))
+                        .record_update("other", &PeerKey([9; 32]), &entry(round, vec![9; 100]), 8)
                         .expect("record");
                     store
                         .write_checkpoint("run", round, &layout, &[0.0], &[0.0])
@@ -862,12 +982,13 @@ mod credit_tests {
             inner_steps: 3 * 2,
             first_round: 4,
             last_round: 6,
+            ..Credit::default()
         };
         {
             let store = Store::open(dir.path()).expect("open");
             for round in [5, 4, 6] {
                 store
-                    .record_update("run", &peer, &tests::entry(round, vec![1; 10]))
+                    .record_update("run", &peer, &tests::entry(round, vec![1; 10]), 64)
                     .expect("record");
             }
             assert_eq!(
@@ -890,7 +1011,53 @@ mod credit_tests {
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(
             store.credits("run").expect("credits"),
-            vec![(peer, expected)]
+            vec![(peer, expected.clone())]
         );
+
+        // The relay's verdicts settle the samples: verified, failed, the rest unchecked; a
+        // verdict recorded twice counts once. They are kept, signed, per round.
+        let relay = swarmtrain_shared::Identity::from_seed([3; 32]);
+        let verdict = |round: u64, outcome: Outcome| {
+            relay
+                .sign(&Verdict {
+                    run_id: "run".into(),
+                    round,
+                    peer,
+                    payload: [0; 32],
+                    samples: 64,
+                    check: None,
+                    outcome,
+                })
+                .expect("sign")
+        };
+        let failed = Outcome::Failed {
+            reason: "test".into(),
+        };
+        let verdicts = [verdict(4, Outcome::Verified), verdict(5, failed)];
+        store.record_verdicts("run", &verdicts).expect("verdicts");
+        store.record_verdicts("run", &verdicts[..1]).expect("again");
+        let (_, credit) = store.credits("run").expect("credits").remove(0);
+        assert_eq!(
+            (
+                credit.verified_samples,
+                credit.failed_samples,
+                credit.unchecked_samples()
+            ),
+            (64, 64, 64)
+        );
+        assert_eq!(credit.earned_samples(), 128, "failed samples earn nothing");
+        let kept = store.verdicts("run", &peer, 0..10).expect("verdicts");
+        assert_eq!(
+            kept.iter()
+                .map(|v| v.verify_and_decode().expect("signed").1.round)
+                .collect::<Vec<_>>(),
+            [5, 4]
+        );
+
+        // A credit row as relays before the checks wrote it reads as all unchecked.
+        #[derive(Serialize)]
+        struct V1(u64, u64, u64, u64, u64);
+        let old = postcard::to_allocvec(&V1(3, 192, 6, 4, 6)).expect("encode");
+        assert_eq!(Credit::decode(&old).expect("decode"), expected);
     }
 }

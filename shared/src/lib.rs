@@ -28,5 +28,6 @@ pub mod sim;
 pub mod text;
 pub mod train;
 pub mod transfer;
+pub mod verify;
 
 pub use crypto::{Identity, PeerKey, Signed};

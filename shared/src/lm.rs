@@ -194,6 +194,22 @@ impl<B: Backend> Lm<B> {
         self.head.forward(self.norm.forward(x))
     }
 
+    /// Each window's mean next-token cross-entropy (nats): `windows` `[batch, time + 1]` →
+    /// `[batch]`, each window's first `time` bytes predicting its last `time`.
+    pub fn window_losses(&self, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let [batch, len] = windows.dims();
+        let time = len - 1;
+        let inputs = windows.clone().narrow(1, 0, time);
+        let targets = windows.narrow(1, 1, time).reshape([batch, time, 1]);
+        let log_p = burn::tensor::activation::log_softmax(self.forward(inputs), 2);
+        log_p
+            .gather(2, targets)
+            .reshape([batch, time])
+            .mean_dim(1)
+            .reshape([batch])
+            .neg()
+    }
+
     /// Mean next-token cross-entropy (nats) of `windows` `[batch, time + 1]`: each window's
     /// first `time` bytes predict its last `time`.
     pub fn loss(&self, windows: Tensor<B, 2, Int>) -> Tensor<B, 1> {

@@ -474,6 +474,29 @@ pub struct SpecError {
 }
 
 impl RunSpec {
+    /// The samples an update of `steps` inner steps trained on, as the run defines them:
+    /// `steps × batch`, with `steps` at most the run's (a peer's count of samples is not used).
+    pub fn samples_of(&self, steps: u32) -> u64 {
+        u64::from(steps.min(self.inner.steps)) * u64::from(self.inner.batch_size)
+    }
+
+    /// Credit units in one sample: the tokens a window predicts for the language model
+    /// (its context), 1 for the digits (one image).
+    pub fn units_per_sample(&self) -> u64 {
+        match self.model {
+            ModelSpec::ByteLm { context, .. } => u64::from(context),
+            ModelSpec::DigitsMlp { .. } => 1,
+        }
+    }
+
+    /// What the run calls its credit unit, for pages.
+    pub fn unit_name(&self) -> &'static str {
+        match self.model {
+            ModelSpec::ByteLm { .. } => "tokens",
+            ModelSpec::DigitsMlp { .. } => "images",
+        }
+    }
+
     /// Checks that the run can work: a model of a sane size whose θ and updates fit the wire,
     /// data that fits the model, optimizer settings that are numbers, and a quorum that gives
     /// the aggregation rule the updates it needs.
