@@ -12,6 +12,7 @@ use swarmtrain_shared::protocol::{
     ClientToRelay, Codec, DataSource, PayloadRef, RelayToClient, Update,
 };
 use swarmtrain_shared::robust::Rule;
+use swarmtrain_shared::verify::CheckPolicy;
 use swarmtrain_tests::{init_logging, join_raw, spawn_peers_together, start_relay};
 
 /// Joins and, every round, sends Δ = −10 in every coordinate (about −1000× an honest Δ).
@@ -442,7 +443,16 @@ async fn honest_and_cheats(kinds: &[Cheat], rounds: u64) -> (Vec<serde_json::Val
     run.data.n_shards = everyone as u32;
     // The scaled cheat would wreck a plain mean (and with it what honest peers can learn).
     run.aggregator = Rule::TrimmedMean { trim: 1 };
-    let relay = start_relay(run).await;
+    // 160 of the 240 windows a peer trains on (30 steps of 8) are scored, and a score under 1
+    // fails: the default policy (128 windows, fail under 0) errs further toward leaving false
+    // work unchecked; this one makes each cheat's failure in a few of its rounds near certain.
+    let mut config = swarmtrain_tests::relay_config(vec![run]);
+    config.checks = CheckPolicy {
+        windows: 160,
+        fail: 1.0,
+        ..CheckPolicy::default()
+    };
+    let relay = Relay::start(config).await.expect("relay starts");
     let honest = spawn_peers_together(&relay, 1..=4, rounds, everyone);
     tokio::time::timeout(Duration::from_secs(900), async {
         let relay = &relay;

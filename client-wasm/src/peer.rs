@@ -235,13 +235,17 @@ pub enum PeerEvent {
         deadline_ms: u64,
     },
     /// What the relay's ledger credits this peer with in `run` (every session of its
-    /// identity), after an accepted update.
+    /// identity), after an accepted update: `samples` in all, and of them those the relay's
+    /// checks verified and failed (the rest are unchecked; an update is checked after its
+    /// round closes, so the newest are not yet).
     Credits {
         run: String,
         samples: u64,
         accepted_updates: u64,
         first_round: u64,
         last_round: u64,
+        verified_samples: u64,
+        failed_samples: u64,
     },
     /// The relay's answer to the update (`bytes`: its encoded payload); `relay_rtt_ms` is the
     /// last ping round trip to it.
@@ -697,6 +701,8 @@ impl Session {
             accepted_updates: u64,
             first_round: u64,
             last_round: u64,
+            verified_samples: u64,
+            failed_samples: u64,
         }
         let path = format!(
             "api/runs/{}/peers/{}",
@@ -711,6 +717,8 @@ impl Session {
             accepted_updates: credit.accepted_updates,
             first_round: credit.first_round,
             last_round: credit.last_round,
+            verified_samples: credit.verified_samples,
+            failed_samples: credit.failed_samples,
         })
     }
 

@@ -5,9 +5,11 @@
 //! ledger and settles the peer's credit by it.
 //!
 //! The check runs beside the next round, off the round's path: one round's checks at a time
-//! per run (a round that closes while the previous one is still being checked is not checked:
-//! its updates stay unchecked, never failed). Its cost is the operator's: `--check-windows`
-//! windows on each side, two forward passes over `2 × windows` windows per update.
+//! per run, at most 256 MiB of θ and updates queued (a round that would pass it is not
+//! checked: its updates stay unchecked, never failed), and at most 64 updates of a round, drawn at random
+//! after it closed when there are more. Its cost is the operator's: `--check-windows` windows
+//! on each side, three forward passes (two over `2 × windows` windows, one over `windows`)
+//! per update.
 
 use std::collections::BTreeMap;
 
@@ -131,14 +133,8 @@ const REFERENCE_UPDATES: usize = 8;
 /// A median, so that a few false updates among them (a huge Δ, noise) do not make it.
 fn reference(contributions: &[Contribution], peer: &PeerKey, seed: u64) -> Vec<f32> {
     let mut others: Vec<&Contribution> = contributions.iter().filter(|c| &c.peer != peer).collect();
-    if others.len() > REFERENCE_UPDATES {
-        let mut rng = swarmtrain_shared::data::SplitMix64::new(seed);
-        for i in 0..REFERENCE_UPDATES {
-            let j = i + rng.below((others.len() - i) as u64) as usize;
-            others.swap(i, j);
-        }
-        others.truncate(REFERENCE_UPDATES);
-    }
+    let others =
+        swarmtrain_shared::data::SplitMix64::new(seed).choose(&mut others, REFERENCE_UPDATES);
     let n = others.first().map_or(0, |c| c.delta.len());
     let mut column = Vec::with_capacity(others.len());
     (0..n)

@@ -102,8 +102,8 @@ pub struct ServeOptions {
     /// A check score at or above this verifies an update's work. Default: 3.
     #[arg(long, env = "SWARMTRAIN_CHECK_PASS")]
     pub check_pass: Option<f32>,
-    /// A score below this fails an update (in a round whose upper-quartile score reaches the pass
-    /// score). Default: 0.
+    /// A score below this fails an update (in a round whose upper-quartile score reaches 4).
+    /// Default: 0.
     #[arg(long, env = "SWARMTRAIN_CHECK_FAIL")]
     pub check_fail: Option<f32>,
     /// Where the world reaches this relay (repeatable, or comma-separated in the variable): an
@@ -631,6 +631,7 @@ impl ServeOptions {
                 windows: self.check_windows.unwrap_or(defaults.checks.windows),
                 pass: self.check_pass.unwrap_or(defaults.checks.pass),
                 fail: self.check_fail.unwrap_or(defaults.checks.fail),
+                ..defaults.checks
             },
             public: PublicConfig {
                 external_addresses: self.external_address.unwrap_or_default(),

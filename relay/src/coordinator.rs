@@ -43,9 +43,13 @@ pub const FORGET_IDLE_MS: u64 = 10 * 60 * 1000;
 /// A full run looks for idle identities at most this often (the look is a scan of them all).
 const FORGET_EVERY_MS: u64 = 10_000;
 
-/// Closed rounds a run queues for their checks; a round closing while this many wait is not
-/// checked.
-pub const MAX_QUEUED_CHECKS: usize = 4;
+/// Updates of one round the relay checks at most (drawn at random when there are more; the
+/// others stay unchecked): a bound on the check's memory (θ and these updates, for each
+/// queued round) and time.
+pub const MAX_CHECKED_PER_ROUND: usize = 64;
+/// Bytes of θ and updates a run's queued checks may hold; a round that would pass it (while
+/// others wait) is not checked.
+pub const CHECK_QUEUE_BYTES: usize = 256 << 20;
 /// Verdicts a run keeps in memory (see `State::verdicts`).
 const RECENT_VERDICTS: usize = 4096;
 /// Rounds of a peer's verdicts that one answer lists.
@@ -183,8 +187,8 @@ pub struct Coordinator {
     challenge: [u8; 32],
     /// How the relay checks each update's work ([`crate::checks`]).
     checks: CheckPolicy,
-    /// Closed rounds waiting for their checks or being checked, and the lane they take in
-    /// turn (one round at a time, in the order they closed).
+    /// Bytes held by closed rounds waiting for their checks or being checked, and the lane
+    /// they take in turn (one round at a time, in the order they closed).
     checks_queued: std::sync::atomic::AtomicUsize,
     check_lane: Mutex<()>,
 }
@@ -754,9 +758,15 @@ impl Coordinator {
             }
             match state.round.begin_close(self.now_ms()) {
                 Some(job) => {
-                    let claims = std::mem::take(&mut state.claims);
-                    // Only what a check will read is copied.
+                    let mut claims = std::mem::take(&mut state.claims);
+                    // Only what a check will read is copied: the updates of at most
+                    // MAX_CHECKED_PER_ROUND peers, drawn with the OS's randomness after the
+                    // round closed (the others stay unchecked).
                     let checked = self.checks.windows > 0 && self.spec.model.lm_config().is_some();
+                    let mut peers: Vec<PeerKey> = claims.keys().copied().collect();
+                    let drawn = swarmtrain_shared::data::SplitMix64::new(rand::random())
+                        .choose(&mut peers, MAX_CHECKED_PER_ROUND);
+                    claims.retain(|peer, _| drawn.contains(peer));
                     let check = CheckJob {
                         round: job.round,
                         theta: if checked {
@@ -765,7 +775,10 @@ impl Coordinator {
                             Vec::new()
                         },
                         contributions: if checked {
-                            state.round.contributions()
+                            claims
+                                .keys()
+                                .filter_map(|peer| state.round.contribution(peer).cloned())
+                                .collect()
                         } else {
                             Vec::new()
                         },
@@ -839,12 +852,20 @@ impl Coordinator {
 
     /// Checks a closed round's updates ([`crate::checks`]) off the round's path, signs a
     /// verdict for each, records them and settles the peers' credits. Rounds are checked one
-    /// at a time in the order they closed; a round that closes while [`MAX_QUEUED_CHECKS`]
-    /// are waiting is not checked (its updates stay unchecked).
+    /// at a time in the order they closed; a round whose θ and updates would take the queued
+    /// rounds past [`CHECK_QUEUE_BYTES`] is not checked (its updates stay unchecked).
     async fn check(self: Arc<Self>, job: CheckJob) {
         use std::sync::atomic::Ordering;
-        if self.checks_queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_CHECKS {
-            self.checks_queued.fetch_sub(1, Ordering::AcqRel);
+        let bytes = 4
+            * (job.theta.len()
+                + job
+                    .contributions
+                    .iter()
+                    .map(|c| c.delta.len())
+                    .sum::<usize>());
+        let queued = self.checks_queued.fetch_add(bytes, Ordering::AcqRel);
+        if queued > 0 && queued + bytes > CHECK_QUEUE_BYTES {
+            self.checks_queued.fetch_sub(bytes, Ordering::AcqRel);
             let why = "the relay's checks were behind by more rounds than it queues";
             tracing::warn!(
                 run = self.spec.run_id,
@@ -883,7 +904,7 @@ impl Coordinator {
             }
         }
         drop(lane);
-        self.checks_queued.fetch_sub(1, Ordering::AcqRel);
+        self.checks_queued.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// Judges a round's checks together ([`verify::judge_round`]), signs a verdict for each

@@ -135,6 +135,17 @@ impl SplitMix64 {
         }
     }
 
+    /// Moves a uniform draw of `k` of `items` (without replacement) to the front and returns
+    /// it: a partial Fisher–Yates shuffle, `k` swaps.
+    pub fn choose<'a, T>(&mut self, items: &'a mut [T], k: usize) -> &'a mut [T] {
+        let k = k.min(items.len());
+        for i in 0..k {
+            let j = i + self.below((items.len() - i) as u64) as usize;
+            items.swap(i, j);
+        }
+        &mut items[..k]
+    }
+
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
             let j = self.below(i as u64 + 1) as usize;

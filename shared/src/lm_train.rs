@@ -1,9 +1,12 @@
 //! The inner loop of every model: AdamW with linear warm-up and cosine decay, and clipping of
 //! the global gradient norm (PyTorch's `clip_grad_norm_`), on any autodiff backend.
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::record::AdaptorRecord;
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
+};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -140,6 +143,114 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads
 }
 
+/// A replica's training state beyond θ: its place in the schedule and its AdamW moments. With
+/// θ_t and a round's data it decides the round's update bit for bit on one backend, which is
+/// what a replay of the round checks ([`Trainer::state`], [`Trainer::restore`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// The schedule's position (the global step the next step takes).
+    pub step: u64,
+    /// Per parameter tensor, in the module's visit order.
+    pub moments: Vec<Moments>,
+}
+
+/// AdamW's state of one parameter tensor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Moments {
+    /// Steps it has taken (0: none yet, and no moments).
+    pub time: u64,
+    /// First and second moments, flattened (empty when `time` is 0).
+    pub first: Vec<f32>,
+    pub second: Vec<f32>,
+}
+
+impl TrainerState {
+    /// Its canonical bytes (postcard): what a peer commits to and reveals.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        postcard::from_bytes(bytes).ok()
+    }
+
+    /// BLAKE3 of [`to_bytes`](Self::to_bytes).
+    pub fn digest(&self) -> [u8; 32] {
+        *blake3::hash(&self.to_bytes()).as_bytes()
+    }
+}
+
+/// One parameter tensor's AdamW state on the device: its step count and its moments, flat.
+type DeviceMoments<B> = (usize, Tensor<B, 1>, Tensor<B, 1>);
+
+/// The AdamW moments of each parameter tensor of a module, in visit order.
+struct CollectMoments<'a, B: AutodiffBackend> {
+    record: &'a dyn Fn(&ParamId) -> Option<AdaptorRecord<AdamW, B>>,
+    out: Vec<Option<DeviceMoments<B::InnerBackend>>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for CollectMoments<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let state = (self.record)(&param.id).map(|record| {
+            let state: AdamWState<B::InnerBackend, D> = record.into_state::<D>();
+            let m = state.momentum;
+            let n = m.moment_1.shape().num_elements();
+            (m.time, m.moment_1.reshape([n]), m.moment_2.reshape([n]))
+        });
+        self.out.push(state);
+    }
+}
+
+/// AdamW records for a module's parameters from [`Moments`] in visit order.
+struct RestoreMoments<'a, B: AutodiffBackend> {
+    moments: &'a [Moments],
+    next: usize,
+    device: B::Device,
+    records: Vec<(ParamId, AdaptorRecord<AdamW, B>)>,
+    error: Option<ParamsError>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for RestoreMoments<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(m) = self.moments.get(self.next) else {
+            self.error.get_or_insert(ParamsError::Length {
+                expected: self.next + 1,
+                got: self.moments.len(),
+            });
+            return;
+        };
+        self.next += 1;
+        if m.time == 0 {
+            return;
+        }
+        let shape = param.shape();
+        let n = shape.num_elements();
+        if m.first.len() != n || m.second.len() != n {
+            self.error.get_or_insert(ParamsError::Length {
+                expected: n,
+                got: m.first.len().min(m.second.len()),
+            });
+            return;
+        }
+        let tensor = |values: &[f32]| {
+            Tensor::<B::InnerBackend, 1>::from_data(
+                TensorData::new(values.to_vec(), [n]),
+                &self.device,
+            )
+            .reshape(shape.clone())
+        };
+        let state = AdamWState {
+            momentum: AdaptiveMomentumState::new(
+                m.time as usize,
+                tensor(&m.first),
+                tensor(&m.second),
+            ),
+        };
+        self.records
+            .push((param.id, AdaptorRecord::from_state::<D>(state)));
+    }
+}
+
 /// A model that can be trained: the loss of one batch, on the device.
 pub trait Objective<B: Backend>: Module<B> {
     /// One batch of training examples, on the host.
@@ -255,6 +366,71 @@ impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> Trainer<B, M> {
     pub async fn params(&self) -> Result<Vec<f32>, ParamsError> {
         params::to_vec(&self.model.valid()).await
     }
+
+    /// The schedule's position and the AdamW moments, read back asynchronously.
+    pub async fn state(&self) -> Result<TrainerState, ParamsError> {
+        let records = self.optimizer.to_record();
+        let record = |id: &ParamId| records.get(id).cloned();
+        let mut collect = CollectMoments::<B> {
+            record: &record,
+            out: Vec::new(),
+        };
+        self.model.visit(&mut collect);
+        let mut moments = Vec::with_capacity(collect.out.len());
+        for state in collect.out {
+            moments.push(match state {
+                Some((time, first, second)) => Moments {
+                    time: time as u64,
+                    first: first
+                        .into_data_async()
+                        .await?
+                        .to_vec()
+                        .map_err(|e| ParamsError::Readback(format!("{e:?}")))?,
+                    second: second
+                        .into_data_async()
+                        .await?
+                        .to_vec()
+                        .map_err(|e| ParamsError::Readback(format!("{e:?}")))?,
+                },
+                None => Moments {
+                    time: 0,
+                    first: Vec::new(),
+                    second: Vec::new(),
+                },
+            });
+        }
+        Ok(TrainerState {
+            step: self.step,
+            moments,
+        })
+    }
+
+    /// Takes `state` (from [`state`](Self::state) of a replica of the same model) as this
+    /// replica's schedule position and moments.
+    pub fn restore(&mut self, state: &TrainerState) -> Result<(), ParamsError> {
+        let mut restore = RestoreMoments::<B> {
+            moments: &state.moments,
+            next: 0,
+            device: self.device.clone(),
+            records: Vec::new(),
+            error: None,
+        };
+        self.model.visit(&mut restore);
+        if let Some(e) = restore.error {
+            return Err(e);
+        }
+        if restore.next != state.moments.len() {
+            return Err(ParamsError::Length {
+                expected: restore.next,
+                got: state.moments.len(),
+            });
+        }
+        let fresh = self.spec.optimizer().init();
+        self.optimizer = std::mem::replace(&mut self.optimizer, fresh)
+            .load_record(restore.records.into_iter().collect());
+        self.step = state.step;
+        Ok(())
+    }
 }
 
 /// Mean next-byte cross-entropy (nats) of `params` on `windows` (`count` windows), in batches of
@@ -341,6 +517,84 @@ mod tests {
                 "step {t}: burn {got}, by hand {w}"
             );
         }
+    }
+
+    /// A round replayed from θ, the data and the trainer's state at the round's start lands
+    /// on the same parameters bit for bit; the state survives its bytes; another step count
+    /// does not land there.
+    #[test]
+    fn a_round_replayed_from_the_committed_state_matches_bit_for_bit() {
+        type B = Autodiff<NdArray>;
+        let device = Default::default();
+        let config = LmConfig::new()
+            .with_d_model(16)
+            .with_heads(2)
+            .with_layers(1)
+            .with_context(8);
+        let spec = LmInnerSpec::new(LrSchedule {
+            peak: 1e-2,
+            warmup: 2,
+            total: 100,
+            min_ratio: 0.1,
+        });
+        let theta =
+            futures::executor::block_on(config.init_params::<NdArray>(&device, 3)).expect("θ");
+        let window = config.context + 1;
+        let batches: Vec<TextBatch> = (0..6u8)
+            .map(|i| TextBatch {
+                windows: (0..2 * window)
+                    .map(|j| (j as u8).wrapping_mul(7).wrapping_add(i * 13))
+                    .collect(),
+                window,
+            })
+            .collect();
+        let mut trainer = LmTrainer::<B>::new(&device, &config, &theta, &spec).expect("trainer");
+        let fresh = futures::executor::block_on(trainer.state()).expect("state");
+        assert!(
+            fresh.moments.iter().all(|m| m.time == 0),
+            "no moments before a step"
+        );
+        // Round 0: three steps; round 1 starts from its own θ with the moments kept.
+        for batch in &batches[..3] {
+            trainer.step(batch);
+        }
+        let theta1 = futures::executor::block_on(trainer.params()).expect("params");
+        let state = futures::executor::block_on(trainer.state()).expect("state");
+        assert!(state.moments.iter().all(|m| m.time == 3));
+        let state = TrainerState::from_bytes(&state.to_bytes()).expect("round trip");
+        for batch in &batches[3..] {
+            trainer.step(batch);
+        }
+        let honest = futures::executor::block_on(trainer.params()).expect("params");
+        let replay = |state: &TrainerState, steps: usize| {
+            let mut replica =
+                LmTrainer::<B>::new(&device, &config, &theta, &spec).expect("replica");
+            replica.load(&theta1).expect("θ₁");
+            replica.restore(state).expect("restore");
+            for batch in &batches[3..3 + steps] {
+                replica.step(batch);
+            }
+            futures::executor::block_on(replica.params()).expect("params")
+        };
+        let replayed = replay(&state, 3);
+        assert!(
+            honest
+                .iter()
+                .zip(&replayed)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "the replay lands on the peer's parameters bit for bit"
+        );
+        assert_ne!(replay(&state, 2), honest, "two steps are not three");
+        let mut fresh_moments = state.clone();
+        fresh_moments.moments.iter_mut().for_each(|m| {
+            *m = Moments {
+                time: 0,
+                first: Vec::new(),
+                second: Vec::new(),
+            }
+        });
+        assert_ne!(replay(&fresh_moments, 3), honest, "the moments matter");
+        assert_ne!(state.digest(), fresh_moments.digest());
     }
 
     #[test]

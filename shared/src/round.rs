@@ -430,6 +430,11 @@ impl RoundState {
             .collect()
     }
 
+    /// The accepted contribution of `peer` in the open round.
+    pub fn contribution(&self, peer: &PeerKey) -> Option<&Contribution> {
+        self.contributions.get(peer).map(|(c, _)| c)
+    }
+
     /// The previous round's aggregate: the centre of centered clipping.
     pub fn last_aggregate(&self) -> Option<&[f32]> {
         self.last_aggregate.as_deref()

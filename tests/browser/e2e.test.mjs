@@ -110,6 +110,16 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     // Its credit, from the relay's ledger.
     await page.waitForFunction(() => /^[\d,]+ samples in [1-9]\d* updates$/.test(document.getElementById('credit').textContent), null, { timeout: 30_000 });
     console.log(`credit shown: ${await page.textContent('#credit')}`);
+    // What the relay's loss check made of it: an honest tab's work never fails.
+    const checks = await page.textContent('#credit-checks');
+    assert.match(checks, /^[\d,]+ tokens verified, [\d,]+ unchecked, 0 failed$/, `the checks of an honest tab's work: ${checks}`);
+    console.log(`checks shown: ${checks}`);
+    {
+      // The scores of this tab's checked updates (the honest browser's side of docs/benchmarks/verify.md).
+      const board = await (await fetch(new URL('api/runs/lm/leaderboard', url))).json();
+      const mine = await (await fetch(new URL(`api/runs/lm/peers/${board.top[0].peer}`, url))).json();
+      console.log(`${expected} tab's verdicts: ${mine.verdicts.map((v) => `round ${v.round} ${typeof v.outcome === 'string' ? v.outcome : Object.keys(v.outcome)[0]} score ${v.check ? v.check.score.toFixed(2) : '—'} overshoot ${v.check ? v.check.overshoot.toFixed(2) : '—'}`).join('; ') || 'none yet'}`);
+    }
     await page.waitForFunction(() => /nats\/byte/.test(document.getElementById('metric').textContent), null, { timeout: 10_000 });
     // Text sampled from the global model on the tab's own backend.
     await page.waitForFunction(() => !document.getElementById('sample-card').hidden

@@ -34,7 +34,8 @@ enum Command {
     Keygen(Keygen),
     /// Print a running relay's status: run, round, held-out loss or accuracy, peers, rejections.
     Status(StatusArgs),
-    /// Print a run's leaderboard: the peers with the most training samples in accepted updates.
+    /// Print a run's leaderboard: the peers with the most credited work, verified, unchecked
+    /// and failed.
     Credits(CreditsArgs),
     /// Download a relay's current global parameters as a safetensors checkpoint.
     Export(Export),
@@ -90,8 +91,8 @@ async fn credits(args: CreditsArgs) -> anyhow::Result<()> {
         board.get("peers").cloned().unwrap_or_default()
     );
     println!(
-        "{:<66} {:>12} {:>8} {:>12}",
-        "peer", "samples", "updates", "rounds"
+        "{:<66} {:>12} {:>8} {:>12} {:>14} {:>14} {:>14}",
+        "peer", "samples", "updates", "rounds", "verified", "unchecked", "failed"
     );
     for row in board
         .get("top")
@@ -101,12 +102,22 @@ async fn credits(args: CreditsArgs) -> anyhow::Result<()> {
     {
         let field = |k: &str| row.get(k).cloned().unwrap_or_default();
         println!(
-            "{:<66} {:>12} {:>8} {:>12}",
+            "{:<66} {:>12} {:>8} {:>12} {:>14} {:>14} {:>14}",
             field("peer").as_str().unwrap_or("?"),
             field("samples"),
             field("accepted_updates"),
             format!("{}–{}", field("first_round"), field("last_round")),
+            field("verified_units"),
+            field("unchecked_units"),
+            field("failed_units"),
         );
+    }
+    if let Some(unit) = board
+        .get("top")
+        .and_then(|t| t.get(0))
+        .and_then(|r| r.get("unit"))
+    {
+        println!("(verified, unchecked and failed work in {unit}: credit is verified + unchecked)");
     }
     Ok(())
 }

@@ -21,10 +21,11 @@ pub(crate) fn bench(args: &[String]) -> Result {
         Some("soak") => bench_soak(&args[1..]),
         Some("browser") => browser::run(args.get(1).is_some_and(|a| a == "--report-only")),
         Some("flood") => bench_flood(),
+        Some("verify") => bench_verify(),
         Some("joiners") => bench_joiners(),
         Some("internet") => bench_internet(),
         _ => Err(
-            "usage: cargo xtask bench robust|diloco|load|soak|browser|flood|joiners|internet"
+            "usage: cargo xtask bench robust|diloco|load|soak|browser|flood|verify|joiners|internet"
                 .into(),
         ),
     }
@@ -76,6 +77,19 @@ pub(crate) fn bench_flood() -> Result {
         cargo()
             .args(["bench", "-p", "swarmtrain-tests", "--bench", "flood"])
             .env("SWARMTRAIN_FLOOD_REPORT", &report)
+            .env("RUST_LOG", "error"),
+    )
+}
+
+/// The relay's loss check of honest and false updates over several seeded runs, and its cost
+/// (`tests/benches/verify.rs`), written to docs/benchmarks/verify.md.
+pub(crate) fn bench_verify() -> Result {
+    setup_corpus()?;
+    let report = root().join("docs/benchmarks/verify.md");
+    status(
+        cargo()
+            .args(["bench", "-p", "swarmtrain-tests", "--bench", "verify"])
+            .env("SWARMTRAIN_VERIFY_REPORT", &report)
             .env("RUST_LOG", "error"),
     )
 }
