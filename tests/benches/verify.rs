@@ -182,7 +182,7 @@ fn simulate(seed: u64, policy: &CheckPolicy, out: &mut Vec<Judged>, check_ms: &m
             })
             .collect();
         let (outcomes, p) = verify::judge_round(policy, &scored, power);
-        let powered = p.is_some_and(|p| p >= policy.pass);
+        let powered = p.is_some_and(|p| p >= policy.power);
         if p.is_some() {
             power = p;
         }
@@ -329,10 +329,12 @@ fn main() {
          fortunes through the shared round engine (trimmed mean), {ROUNDS} rounds from θ₀ for each \
          of seeds {SEEDS:?}; every closed round goes through the relay's check \
          (`relay/src/checks.rs`) and judgement (`shared/src/verify.rs`) with the default policy \
-         ({} windows a side, pass {:.1}, fail {:.1}, overshoot {:.1}). {:.0} s in all.\n",
+         ({} windows a side, pass {:.1}, fail {:.1} where the round's power reaches {:.1}, \
+         overshoot {:.1}). {:.0} s in all.\n",
         policy.windows,
         policy.pass,
         policy.fail,
+        policy.power,
         verify::OVERSHOOT,
         wall
     );
@@ -391,9 +393,10 @@ fn main() {
     );
     let _ = writeln!(
         report,
-        "- **Rounds whose checks could tell** (upper-quartile score ≥ pass): {} of {}; by round \
+        "- **Rounds whose checks could tell** (upper-quartile score ≥ {:.1}): {} of {}; by round \
          index: {:?}. From θ₀ every update teaches mostly the same, and no round can fail anyone \
          on the score alone until training leaves a mark on its own windows.",
+        policy.power,
         powered_rounds.len(),
         SEEDS.len() as u64 * ROUNDS,
         powered_rounds
