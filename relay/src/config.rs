@@ -95,7 +95,7 @@ pub struct ServeOptions {
     #[arg(long, env = "SWARMTRAIN_OPEN_CIRCUIT_RELAY", action = clap::ArgAction::Set)]
     pub open_circuit_relay: Option<bool>,
     /// The loss check of every update of a language-model run: windows scored on each side
-    /// (two forward passes over twice this many windows per update); 0 turns it off.
+    /// (three forward passes per update, over up to twice this many windows); 0 turns it off.
     /// Default: 128.
     #[arg(long, env = "SWARMTRAIN_CHECK_WINDOWS")]
     pub check_windows: Option<u32>,
@@ -598,6 +598,18 @@ impl ServeOptions {
             specs.push(spec);
         }
         let defaults = RelayConfig::default();
+        let checks = CheckPolicy {
+            windows: self.check_windows.unwrap_or(defaults.checks.windows),
+            pass: self.check_pass.unwrap_or(defaults.checks.pass),
+            fail: self.check_fail.unwrap_or(defaults.checks.fail),
+            ..defaults.checks
+        };
+        anyhow::ensure!(
+            checks.pass.is_finite() && checks.fail.is_finite() && checks.fail <= checks.pass,
+            "--check-fail ({}) must be a number no larger than --check-pass ({})",
+            checks.fail,
+            checks.pass
+        );
         Ok(RelayConfig {
             http: self.http.unwrap_or(defaults.http),
             tcp_port: self.tcp_port.unwrap_or(0),
@@ -627,12 +639,7 @@ impl ServeOptions {
                 .map_or(defaults.connections_per_ip, |n| n as usize),
             open_circuit_relay: self.open_circuit_relay.unwrap_or(false),
             reassembly_budget: defaults.reassembly_budget,
-            checks: CheckPolicy {
-                windows: self.check_windows.unwrap_or(defaults.checks.windows),
-                pass: self.check_pass.unwrap_or(defaults.checks.pass),
-                fail: self.check_fail.unwrap_or(defaults.checks.fail),
-                ..defaults.checks
-            },
+            checks,
             public: PublicConfig {
                 external_addresses: self.external_address.unwrap_or_default(),
                 allow_origins: match self.allow_origin {
