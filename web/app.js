@@ -66,6 +66,7 @@ function onEvent(ev) {
       break;
     case 'credits':
       $('credit').textContent = `${ev.samples.toLocaleString()} samples in ${ev.accepted_updates} updates`;
+      showChecks(ev.verified_samples, ev.samples - ev.verified_samples - ev.failed_samples, ev.failed_samples);
       break;
     case 'fetching':
       $('progress').textContent = `fetching the round's θ (${(ev.bytes / 1024).toFixed(0)} KiB)${ev.linked ? ` from ${ev.linked} linked browser${ev.linked > 1 ? 's' : ''} and the relay` : ''}`;
@@ -189,6 +190,12 @@ function drawOwnChart() {
   g.fillText(`round ${rows.at(-1).round}`, c.width - 60, c.height - 2);
 }
 
+// What the relay's checks made of this identity's samples (docs/security.md): verified,
+// unchecked (a round is checked after it closes), failed (they earn nothing).
+function showChecks(verified, unchecked, failed) {
+  $('credit-checks').textContent = `${verified.toLocaleString()} verified, ${unchecked.toLocaleString()} unchecked, ${failed.toLocaleString()} failed`;
+}
+
 // This identity's credit in its run, from the relay's ledger (every update it ever had
 // accepted, from any tab or session with this identity).
 async function refreshCredit() {
@@ -199,9 +206,7 @@ async function refreshCredit() {
       const c = await res.json();
       $('credit').textContent = c.accepted_updates === 0 ? 'none yet'
         : `${c.samples.toLocaleString()} samples in ${c.accepted_updates} updates`;
-      // What the relay's loss check made of that work (docs/security.md).
-      $('credit-checks').textContent = c.accepted_updates === 0 ? '—'
-        : `${c.verified_units.toLocaleString()} ${c.unit} verified, ${c.unchecked_units.toLocaleString()} unchecked, ${c.failed_units.toLocaleString()} failed`;
+      if (c.accepted_updates > 0) showChecks(c.verified_samples, c.unchecked_samples, c.failed_samples);
     }
   } catch (e) {
     // The relay may be restarting; the next accepted update asks again.

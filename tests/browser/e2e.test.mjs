@@ -112,7 +112,7 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
     console.log(`credit shown: ${await page.textContent('#credit')}`);
     // What the relay's loss check made of it: an honest tab's work never fails.
     const checks = await page.textContent('#credit-checks');
-    assert.match(checks, /^[\d,]+ tokens verified, [\d,]+ unchecked, 0 failed$/, `the checks of an honest tab's work: ${checks}`);
+    assert.match(checks, /^[\d,]+ verified, [\d,]+ unchecked, 0 failed$/, `the checks of an honest tab's work: ${checks}`);
     console.log(`checks shown: ${checks}`);
     {
       // The scores of this tab's checked updates (the honest browser's side of docs/benchmarks/verify.md).
