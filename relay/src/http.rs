@@ -466,7 +466,8 @@ fn leaderboard_page() -> usize {
 const LEADERBOARD_MAX: usize = 100;
 
 /// `GET /api/runs/{run}/leaderboard?limit=N`: the N (default 20, at most 100) peers with the
-/// most training samples in accepted updates, and how many peers have credit at all.
+/// most earned samples (verified and unchecked; then the most verified), and how many peers
+/// have credit at all.
 async fn leaderboard(
     State(state): State<AppState>,
     Path(run): Path<String>,
