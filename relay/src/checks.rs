@@ -16,8 +16,9 @@ use std::collections::BTreeMap;
 use burn::backend::NdArray;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::aggregate::Contribution;
-use swarmtrain_shared::data::derive_seed;
+use swarmtrain_shared::data::{SplitMix64, derive_seed};
 use swarmtrain_shared::protocol::{ModelConfig, RunSpec};
+use swarmtrain_shared::robust::{self, Rule};
 use swarmtrain_shared::verify::{self, CheckPolicy, LossCheck};
 
 use crate::dataset::TaskData;
@@ -47,6 +48,16 @@ pub struct CheckJob {
     pub claims: BTreeMap<PeerKey, Claim>,
 }
 
+impl CheckJob {
+    /// Every update of the job, not checked for `why`.
+    pub fn skipped(&self, why: &str) -> Vec<(PeerKey, Checked)> {
+        self.contributions
+            .iter()
+            .map(|c| (c.peer, Checked::Skipped(why.to_owned())))
+            .collect()
+    }
+}
+
 /// What the check made of one update before the round is judged.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Checked {
@@ -68,17 +79,11 @@ pub fn check_round(
     job: &CheckJob,
     seed: u64,
 ) -> Vec<(PeerKey, Checked)> {
-    let skip_all = |why: &str| {
-        job.contributions
-            .iter()
-            .map(|c| (c.peer, Checked::Skipped(why.to_owned())))
-            .collect()
-    };
     let (TaskData::Text(text), ModelConfig::Lm(config)) = (data, spec.model.config()) else {
-        return skip_all("the loss check covers language-model runs");
+        return job.skipped("the loss check covers language-model runs");
     };
     if policy.windows == 0 {
-        return skip_all("the relay's checks are off (--check-windows 0)");
+        return job.skipped("the relay's checks are off (--check-windows 0)");
     }
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
     let window = config.context + 1;
@@ -107,7 +112,9 @@ pub fn check_round(
             given.truncate(claim.steps as usize * batch * window);
             let own = verify::draw_windows(&given, window, k, peer_seed);
             let other = text.shards.batch(0, 1, UNGIVEN_STEP + (peer_seed >> 24), k);
-            let reference = (others > 0).then(|| reference(&job.contributions, &c.peer, peer_seed));
+            let reference = (others > 0)
+                .then(|| reference(&job.contributions, &c.peer, peer_seed))
+                .flatten();
             let checked = futures::executor::block_on(verify::lm_loss_check::<NdArray>(
                 &device,
                 &config,
@@ -129,25 +136,16 @@ pub fn check_round(
 const REFERENCE_UPDATES: usize = 8;
 
 /// The reference for `peer`'s update: the coordinate-wise median of up to
-/// [`REFERENCE_UPDATES`] of the round's other updates (drawn with `seed` when there are more).
-/// A median, so that a few false updates among them (a huge Δ, noise) do not make it.
-fn reference(contributions: &[Contribution], peer: &PeerKey, seed: u64) -> Vec<f32> {
+/// [`REFERENCE_UPDATES`] of the round's other updates (drawn with `seed` when there are more),
+/// with the median rule's own kernel ([`robust::aggregate`]). A median, so that a few false
+/// updates among them (a huge Δ, noise) do not make it; `None` if it cannot be taken.
+fn reference(contributions: &[Contribution], peer: &PeerKey, seed: u64) -> Option<Vec<f32>> {
     let mut others: Vec<&Contribution> = contributions.iter().filter(|c| &c.peer != peer).collect();
-    let others =
-        swarmtrain_shared::data::SplitMix64::new(seed).choose(&mut others, REFERENCE_UPDATES);
-    let n = others.first().map_or(0, |c| c.delta.len());
-    let mut column = Vec::with_capacity(others.len());
-    (0..n)
-        .map(|i| {
-            column.clear();
-            column.extend(others.iter().map(|c| c.delta[i]));
-            column.sort_by(f32::total_cmp);
-            let m = column.len();
-            if m % 2 == 1 {
-                column[m / 2]
-            } else {
-                0.5 * (column[m / 2 - 1] + column[m / 2])
-            }
-        })
-        .collect()
+    let drawn: Vec<Contribution> = SplitMix64::new(seed)
+        .choose(&mut others, REFERENCE_UPDATES)
+        .iter()
+        .map(|c| (*c).clone())
+        .collect();
+    let n = drawn.first()?.delta.len();
+    robust::aggregate(&Rule::Median, &drawn, n, None).ok()
 }

@@ -872,11 +872,7 @@ impl Coordinator {
                 round = job.round,
                 "{why}; the round is not checked"
             );
-            let checked = job
-                .contributions
-                .iter()
-                .map(|c| (c.peer, Checked::Skipped(why.into())))
-                .collect();
+            let checked = job.skipped(why);
             return self.settle(&job, checked).await;
         }
         let lane = self.check_lane.lock().await;
@@ -994,11 +990,15 @@ impl Coordinator {
                 .or_default()
                 .settle(&verdict.outcome, verdict.samples);
         }
-        state
-            .verdicts
-            .extend(verdicts.into_iter().map(|(v, s)| ((v.round, v.peer), s)));
-        while state.verdicts.len() > RECENT_VERDICTS {
-            state.verdicts.pop_first();
+        // A relay with a data directory serves verdicts from its ledger; only one without
+        // keeps the newest in memory.
+        if self.store.is_none() {
+            state
+                .verdicts
+                .extend(verdicts.into_iter().map(|(v, s)| ((v.round, v.peer), s)));
+            while state.verdicts.len() > RECENT_VERDICTS {
+                state.verdicts.pop_first();
+            }
         }
     }
 
