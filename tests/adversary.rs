@@ -15,7 +15,7 @@ use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, Part, Request};
 use swarmtrain_tests::{
-    digits_join, init_logging, metrics, relay_config, rss_kib, spawn_peer, start_pow_relay,
+    digits_join, init_logging, metrics, relay_config, rss_kib, spawn_peer, spawn_peers_together, start_pow_relay,
     start_relay,
 };
 
@@ -157,7 +157,9 @@ async fn honest_peers_finish_their_rounds_while_hostile_connections_attack() {
     run.inner.steps = 20;
     let relay = start_pow_relay(run).await;
     let before = rss_kib();
-    let honest: Vec<_> = (1..=3).map(|id| spawn_peer(&relay, id, ROUNDS)).collect();
+    // Together: with the quorum capped at the joined peers, a first peer alone could close
+    // round 0 before the others join, and their round-0 updates would come too late.
+    let honest = spawn_peers_together(&relay, 1..=3, ROUNDS, 3);
     let attacks = async {
         let mut sent = 0;
         for wave in 0..4 {
