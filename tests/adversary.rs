@@ -15,8 +15,8 @@ use swarmtrain_relay::{Relay, default_run};
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, Part, Request};
 use swarmtrain_tests::{
-    digits_join, init_logging, metrics, relay_config, rss_kib, spawn_peer, spawn_peers_together, start_pow_relay,
-    start_relay,
+    digits_join, init_logging, metrics, relay_config, rss_kib, spawn_peer, spawn_peers_together,
+    start_pow_relay, start_relay,
 };
 
 const ROUNDS: u64 = 4;

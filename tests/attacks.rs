@@ -31,6 +31,7 @@ async fn attacker(relay: &Relay) {
             loss: 0.1,
             codec: Codec::F32,
             payload: PayloadRef::of(&payload),
+            state: PayloadRef::of(&[]),
         });
         let Ok(_) = client.send(update, payload).await else {
             return;
@@ -218,6 +219,7 @@ async fn colluders(relay: &Relay, count: u8, attack: Attack, rounds: u64) {
                 loss: 0.1,
                 codec: Codec::F32,
                 payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(&[]),
             });
             client.send(update, payload).await.expect("sent");
         }
@@ -406,6 +408,7 @@ async fn cheaters(relay: &Relay, kinds: &[Cheat], joined: usize, rounds: u64) {
                 loss: 1.0,
                 codec: spec.codec,
                 payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(&[]),
             });
             match client.send(update, payload).await {
                 Ok(RelayToClient::Accepted { .. }) => {}

@@ -45,6 +45,7 @@ fn digits_update(
         loss: 1.0,
         codec: Codec::F32,
         payload: PayloadRef::of(payload),
+        state: PayloadRef::of(&[]),
     })
 }
 

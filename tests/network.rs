@@ -74,6 +74,7 @@ async fn round_announcements_arrive_by_gossip() {
         loss: 1.0,
         codec: Codec::F32,
         payload: protocol::PayloadRef::of(&payload),
+        state: protocol::PayloadRef::of(&[]),
     });
     // This update (19 KB) is longer than a frame: it goes in parts.
     let answer = client.send(update, payload).await.expect("answer");

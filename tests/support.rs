@@ -489,6 +489,7 @@ pub async fn send_constant_update(
         loss: 1.0,
         codec: Codec::F32,
         payload: PayloadRef::of(&payload),
+        state: PayloadRef::of(&[]),
     });
     client.send(update, payload).await.expect("request")
 }

@@ -18,8 +18,9 @@ use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::data::{self, DigitsSet};
 use swarmtrain_shared::protocol::{
     self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, ParamsHash, PayloadRef,
-    RelayToClient, RoundAnnouncement, RunSpec, Update,
+    RelayToClient, Reveal, RoundAnnouncement, RunSpec, Update,
 };
+use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::{Identity, Signed};
 use web_time::Instant;
 
@@ -255,6 +256,15 @@ pub enum PeerEvent {
         accepted: bool,
         reason: Option<String>,
         relay_rtt_ms: Option<f64>,
+    },
+    /// The relay drew this peer's update of `round` for a replay and the peer revealed the
+    /// state it committed to (`bytes`); `accepted` is whether the relay took the reveal (the
+    /// replay's verdict comes later, in the credits).
+    Revealed {
+        round: u64,
+        bytes: u64,
+        accepted: bool,
+        reason: Option<String>,
     },
     /// The connection to the relay failed (`error`); the peer tries again in `delay_ms`, its
     /// `attempt`-th try in a row. Its identity, AdamW moments and error-feedback residual are
@@ -693,6 +703,90 @@ impl Session {
         Ok(())
     }
 
+    /// Reveals the `committed` state if `announcement` names this peer for a replay of the
+    /// round it was committed for, and reports the relay's answer. The state is let go either
+    /// way once its round's audit is announced.
+    async fn answer_audit(
+        &self,
+        announcement: &RoundAnnouncement,
+        committed: &mut Option<(u64, Vec<u8>)>,
+        emit: &mut impl FnMut(PeerEvent),
+    ) -> Result<(), PeerError> {
+        let Some((round, _)) = committed else {
+            return Ok(());
+        };
+        if announcement.round != *round + 1 {
+            return Ok(());
+        }
+        let Some((round, state)) = committed.take() else {
+            return Ok(());
+        };
+        if !announcement.audit.contains(&self.client.identity().peer()) {
+            return Ok(());
+        }
+        let bytes = state.len() as u64;
+        let reveal = ClientToRelay::Reveal(Reveal {
+            run_id: self.spec.run_id.clone(),
+            round,
+            state: PayloadRef::of(&state),
+        });
+        let (accepted, reason) = match self.send_mending(reveal, state).await? {
+            RelayToClient::Revealed { .. } => (true, None),
+            RelayToClient::Rejected { reason, .. } => (false, Some(reason)),
+            _ => return Err(PeerError::Unexpected("reveal")),
+        };
+        tracing::info!(
+            round,
+            bytes,
+            accepted,
+            "revealed the committed state for a replay"
+        );
+        emit(PeerEvent::Revealed {
+            round,
+            bytes,
+            accepted,
+            reason,
+        });
+        Ok(())
+    }
+
+    /// After the last round a peer was asked for: waits (at most the round's deadline and a
+    /// minute) for the next announcement and answers its audit, so that stopping does not cost
+    /// the last update its credit. A peer told to stop does not wait.
+    async fn answer_last_audit(
+        &self,
+        committed: &mut Option<(u64, Vec<u8>)>,
+        config: &PeerConfig,
+        emit: &mut impl FnMut(PeerEvent),
+    ) -> Result<(), PeerError> {
+        let Some((round, _)) = committed else {
+            return Ok(());
+        };
+        let round = *round;
+        // The relay replays language-model rounds only.
+        if config.stop.load(Ordering::Relaxed) || self.spec.model.lm_config().is_none() {
+            return Ok(());
+        }
+        let wait = Duration::from_millis(self.spec.round_deadline_ms) + Duration::from_secs(60);
+        let next = async {
+            match self.next_round(round).await {
+                Ok((announcement, _)) => Some(announcement),
+                Err(e) => {
+                    tracing::info!(error = %e, "no announcement after the last round");
+                    None
+                }
+            }
+        };
+        let stopped = sleep_unless_stopped(wait, &config.stop);
+        futures::pin_mut!(next, stopped);
+        if let futures::future::Either::Left((Some(announcement), _)) =
+            futures::future::select(next, stopped).await
+        {
+            self.answer_audit(&announcement, committed, emit).await?;
+        }
+        Ok(())
+    }
+
     /// This peer's credit in the run's ledger (`GET /api/runs/{run}/peers/{peer}`).
     async fn fetch_credits(&self) -> Result<PeerEvent, String> {
         #[derive(Deserialize)]
@@ -867,6 +961,9 @@ struct Progress {
     /// An update the relay has not answered (the connection failed first): sent again after
     /// joining again if its round is still open, so that a restart does not cost the work.
     unsent: Option<(Update, Vec<u8>)>,
+    /// The state the last update committed to ([`CommittedState::to_bytes`]) and its round,
+    /// kept until the next announcement says whether the relay replays it.
+    committed: Option<(u64, Vec<u8>)>,
     rounds_trained: u64,
 }
 
@@ -896,6 +993,7 @@ pub async fn run_with<L: Local>(
         feedback: ErrorFeedback::default(),
         last_trained: None,
         unsent: None,
+        committed: None,
         rounds_trained: 0,
     };
     let mut failures = 0u32;
@@ -971,6 +1069,7 @@ async fn train_session<L: Local>(
         feedback,
         last_trained,
         unsent,
+        committed,
         rounds_trained,
     } = progress;
     // Back after a reconnect in the round already trained (a relay that resumed it): send its
@@ -979,11 +1078,12 @@ async fn train_session<L: Local>(
     if *last_trained == Some((announcement.round, announcement.params)) {
         session.send_update(unsent, emit).await?;
         if config.max_rounds.is_some_and(|max| *rounds_trained >= max) {
-            return Ok(());
+            return session.answer_last_audit(committed, config, emit).await;
         }
         (announcement, via) = session.next_round(announcement.round).await?;
         announced_at = Instant::now();
     }
+    session.answer_audit(&announcement, committed, emit).await?;
     *unsent = None;
 
     while !config.stop.load(Ordering::Relaxed)
@@ -1092,6 +1192,7 @@ async fn train_session<L: Local>(
             samples,
             loss,
             params: local_params,
+            state: trainer_state,
         } = local
             .train_round(job, &config.stop, &config.pause, &mut |steps| {
                 emit(PeerEvent::Progress {
@@ -1124,6 +1225,13 @@ async fn train_session<L: Local>(
             rounds_trained: *rounds_trained,
         });
 
+        // What the round depended on beyond θ and the data: committed to before encoding (which
+        // moves the residual on).
+        let state = CommittedState {
+            trainer: trainer_state,
+            residual: feedback.residual().to_vec(),
+        }
+        .to_bytes();
         let payload = swarmtrain_shared::round::update_payload(
             swarmtrain_shared::round::pseudo_gradient(&start, &local_params),
             session.spec.privacy.as_ref(),
@@ -1139,17 +1247,20 @@ async fn train_session<L: Local>(
             loss,
             codec: session.spec.codec,
             payload: PayloadRef::of(&payload),
+            state: PayloadRef::of(&state),
         };
+        *committed = Some((round, state));
         *unsent = Some((update, payload));
         session.send_update(unsent, emit).await?;
         if config.max_rounds.is_some_and(|max| *rounds_trained >= max) {
-            break;
+            return session.answer_last_audit(committed, config, emit).await;
         }
         if let Some(event) = session.direct_event(&mut direct) {
             emit(event);
         }
         (announcement, via) = session.next_round(round).await?;
         announced_at = Instant::now();
+        session.answer_audit(&announcement, committed, emit).await?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use swarmtrain_shared::data::{BatchSampler, DigitsSet};
 use swarmtrain_shared::lm::{Lm, LmConfig};
-use swarmtrain_shared::lm_train::{LmInnerSpec, LmTrainer, TextBatch, Trainer};
+use swarmtrain_shared::lm_train::{LmInnerSpec, LmTrainer, TextBatch, Trainer, TrainerState};
 use swarmtrain_shared::model::DigitsMlp;
 use swarmtrain_shared::params::{self, ParamsError};
 use swarmtrain_shared::protocol::{ModelConfig, ModelSpec};
@@ -65,6 +65,9 @@ pub struct LocalRound {
     pub loss: f32,
     /// The replica's parameters after the round.
     pub params: Vec<f32>,
+    /// The replica's schedule position and AdamW moments when the round started: part of what
+    /// the round's update commits to ([`swarmtrain_shared::replay::CommittedState`]).
+    pub state: TrainerState,
 }
 
 impl<B: AutodiffBackend> core::fmt::Debug for Replica<B> {
@@ -138,6 +141,11 @@ impl<B: AutodiffBackend> Replica<B> {
         let mut taken = 0u32;
         let mut samples = 0u32;
         let mut sum = None;
+        let state = match self {
+            Self::Digits { trainer } => trainer.state().await,
+            Self::Lm { trainer, .. } => trainer.state().await,
+        }
+        .map_err(load)?;
         let params = match (self, data) {
             (
                 Self::Digits { trainer },
@@ -169,8 +177,7 @@ impl<B: AutodiffBackend> Replica<B> {
                 let window = config.context + 1;
                 trainer.load(start).map_err(load)?;
                 trainer.seek(first_step);
-                let per_step = batch as usize * window;
-                for chunk in text.chunks_exact(per_step.max(1)).take(steps as usize) {
+                for batch in TextBatch::of_round(text, window, batch).take(steps as usize) {
                     while !stop.load(Ordering::Relaxed)
                         && !out_of_time(taken)
                         && paused(pause, stop).await
@@ -178,12 +185,8 @@ impl<B: AutodiffBackend> Replica<B> {
                     if stop.load(Ordering::Relaxed) || out_of_time(taken) {
                         break;
                     }
-                    let batch = TextBatch {
-                        windows: chunk.to_vec(),
-                        window,
-                    };
                     accumulate(&mut sum, trainer.step(&batch));
-                    samples += (chunk.len() / window) as u32;
+                    samples += (batch.windows.len() / window) as u32;
                     taken += 1;
                     on_step(taken);
                     platform::yield_now().await;
@@ -210,6 +213,7 @@ impl<B: AutodiffBackend> Replica<B> {
             samples,
             loss,
             params,
+            state,
         })
     }
 }

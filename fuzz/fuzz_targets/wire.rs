@@ -1,10 +1,11 @@
 //! Every frame decoder a peer or the relay runs on bytes from the network: requests, answers
-//! and gossiped announcements. None may panic; a decoded submission goes through the signature
-//! check as the relay would.
+//! and gossiped announcements, and the committed training state a peer reveals for a replay.
+//! None may panic; a decoded submission goes through the signature check as the relay would.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use swarmtrain_shared::protocol::{self, Envelope, RelayToClient, Request, RoundAnnouncement};
+use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::{PeerKey, Signed};
 
 fuzz_target!(|data: &[u8]| {
@@ -16,4 +17,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = protocol::decode::<Signed<RoundAnnouncement>>(data);
     let _ = protocol::verify_gossiped(data, &[0; swarmtrain_shared::crypto::PUBLIC_KEY_BYTES]);
     let _ = PeerKey::from_public_key(data);
+    let _ = CommittedState::from_bytes(data);
 });

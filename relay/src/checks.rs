@@ -12,14 +12,16 @@
 //! per update.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use burn::backend::NdArray;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::aggregate::Contribution;
 use swarmtrain_shared::data::{SplitMix64, derive_seed};
-use swarmtrain_shared::protocol::{ModelConfig, RunSpec};
+use swarmtrain_shared::protocol::{ModelConfig, PayloadRef, RunSpec};
+use swarmtrain_shared::replay::{self, CommittedState, ReplayCheck, RoundInputs};
 use swarmtrain_shared::robust::{self, Rule};
-use swarmtrain_shared::verify::{self, CheckPolicy, LossCheck};
+use swarmtrain_shared::verify::{self, CheckPolicy, LossCheck, Outcome};
 
 use crate::dataset::TaskData;
 
@@ -34,6 +36,118 @@ pub struct Claim {
     pub samples: u64,
     /// Its payload's digest, as the peer signed it.
     pub payload: [u8; 32],
+    /// The training state it committed to ([`swarmtrain_shared::protocol::Update::state`]).
+    pub state: PayloadRef,
+}
+
+/// How many updates the relay replays ([`replay_update`]): the operator's choice of the
+/// chance to catch a cheating round and the verifier's CPU (each replay costs about a round of
+/// the peer's training on the relay's CPU).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReplayPolicy {
+    /// Each accepted update of a language-model run is drawn for a replay with this
+    /// probability (0 turns replays off).
+    pub fraction: f64,
+    /// At most this many replays a round (drawn at random among those drawn).
+    pub per_round: usize,
+    /// The largest relative distance ([`replay::relative_distance`]) at which a replay that is
+    /// not the peer's payload bit for bit still verifies it: the replay runs the relay's CPU
+    /// kernels, and a peer on WebGPU, or on a CPU whose kernels round differently (another
+    /// SIMD set, WebAssembly), lands near it rather than on it.
+    pub tolerance: f32,
+}
+
+impl Default for ReplayPolicy {
+    fn default() -> Self {
+        Self {
+            fraction: 0.1,
+            per_round: 4,
+            tolerance: 0.05,
+        }
+    }
+}
+
+/// An update drawn for a replay: what the replay needs besides the peer's reveal.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    pub peer: PeerKey,
+    pub round: u64,
+    /// θ of the round.
+    pub theta: Arc<Vec<f32>>,
+    /// The update as the relay decoded it.
+    pub delta: Vec<f32>,
+    pub claim: Claim,
+}
+
+/// Replays `audit`'s round from the revealed `state` bytes (blocking: a round of training on
+/// the CPU) and judges it: the payload bit for bit, or a decoded update within
+/// `policy.tolerance` of the replay's, verifies the update; anything else fails it.
+pub fn replay_update(
+    spec: &RunSpec,
+    data: &TaskData,
+    policy: &ReplayPolicy,
+    audit: &Audit,
+    state: &[u8],
+) -> (Option<ReplayCheck>, Outcome) {
+    let failed = |reason: String| (None, Outcome::Failed { reason });
+    let (TaskData::Text(text), ModelConfig::Lm(config)) = (data, spec.model.config()) else {
+        return (
+            None,
+            Outcome::Inconclusive {
+                reason: "replays cover language-model runs".into(),
+            },
+        );
+    };
+    let Some(committed) = CommittedState::from_bytes(state) else {
+        return failed("the revealed state does not decode".into());
+    };
+    let claim = &audit.claim;
+    let window = config.context + 1;
+    let mut given = text.shards.shard(
+        audit.round,
+        claim.slot,
+        spec.data.n_shards,
+        spec.inner.steps,
+        spec.inner.batch_size as usize,
+    );
+    given.truncate(claim.steps as usize * spec.inner.batch_size as usize * window);
+    let inputs = RoundInputs {
+        config: &config,
+        optimizer: &spec.inner.optimizer,
+        theta: &audit.theta,
+        first_step: audit.round * u64::from(spec.inner.steps),
+        text: &given,
+        batch: spec.inner.batch_size,
+        steps: claim.steps,
+        privacy: spec.privacy.as_ref(),
+        codec: spec.codec,
+    };
+    let device = burn::backend::ndarray::NdArrayDevice::Cpu;
+    let replayed = match futures::executor::block_on(replay::replay_lm::<
+        burn::backend::Autodiff<NdArray>,
+    >(&device, &inputs, &committed))
+    {
+        Ok(replayed) => replayed,
+        Err(e) => return failed(format!("the revealed state does not fit the model: {e}")),
+    };
+    let check = replay::compare(
+        spec.codec,
+        claim.steps,
+        &audit.delta,
+        &claim.payload,
+        &replayed,
+    );
+    let outcome = if check.exact || check.distance <= policy.tolerance {
+        Outcome::Verified
+    } else {
+        Outcome::Failed {
+            reason: format!(
+                "its replay lands {:.3e} away, more than the {:.3e} allowed",
+                check.distance, policy.tolerance
+            ),
+        }
+    };
+    (Some(check), outcome)
 }
 
 /// One closed round's updates, to be checked.

@@ -22,6 +22,8 @@ use swarmtrain_shared::protocol::{Codec, ModelSpec, RunSpec};
 use swarmtrain_shared::robust::Rule;
 use swarmtrain_shared::verify::CheckPolicy;
 
+use crate::checks::ReplayPolicy;
+
 use crate::backend::AggregationBackend;
 use crate::corpus::DEFAULT_CORPUS;
 use crate::public::{PublicConfig, Secret};
@@ -106,6 +108,18 @@ pub struct ServeOptions {
     /// Default: 0.
     #[arg(long, env = "SWARMTRAIN_CHECK_FAIL")]
     pub check_fail: Option<f32>,
+    /// The chance that an accepted update of a language-model run is replayed from the state it
+    /// committed to (its peer reveals the state; each replay costs about one round of the peer's
+    /// training on the relay's CPU); 0 turns replays off. Default: 0.1.
+    #[arg(long, env = "SWARMTRAIN_REPLAY_FRACTION")]
+    pub replay_fraction: Option<f64>,
+    /// At most this many replays a round (the verifier's CPU budget). Default: 4.
+    #[arg(long, env = "SWARMTRAIN_REPLAYS_PER_ROUND")]
+    pub replays_per_round: Option<u32>,
+    /// How far (relative L2 distance) a replay that is not the update bit for bit may land and
+    /// still verify it (WebGPU peers, CPUs whose kernels round differently). Default: 0.05.
+    #[arg(long, env = "SWARMTRAIN_REPLAY_TOLERANCE")]
+    pub replay_tolerance: Option<f32>,
     /// Where the world reaches this relay (repeatable, or comma-separated in the variable): an
     /// IP, a host name (dialed by name over TCP and WebSocket, resolved at start for
     /// WebRTC-direct), or a full multiaddr (a reverse proxy's `/dns4/relay.example/tcp/443/tls/ws`).
@@ -543,7 +557,8 @@ impl ServeOptions {
         merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
             checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
-            check_windows, check_pass, check_fail, aggregation_backend,
+            check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
+            replay_tolerance, aggregation_backend,
             external_address, tls_cert,
             tls_key, allow_origin, trusted_proxy, ice_server, turn_secret, turn_ttl_secs);
         self.run = self.run.merge(file.run);
@@ -610,6 +625,23 @@ impl ServeOptions {
             checks.fail,
             checks.pass
         );
+        let replays = ReplayPolicy {
+            fraction: self.replay_fraction.unwrap_or(defaults.replays.fraction),
+            per_round: self
+                .replays_per_round
+                .map_or(defaults.replays.per_round, |n| n as usize),
+            tolerance: self.replay_tolerance.unwrap_or(defaults.replays.tolerance),
+        };
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&replays.fraction),
+            "--replay-fraction ({}) must be between 0 and 1",
+            replays.fraction
+        );
+        anyhow::ensure!(
+            replays.tolerance.is_finite() && replays.tolerance >= 0.0,
+            "--replay-tolerance ({}) must be a number no smaller than 0",
+            replays.tolerance
+        );
         Ok(RelayConfig {
             http: self.http.unwrap_or(defaults.http),
             tcp_port: self.tcp_port.unwrap_or(0),
@@ -640,6 +672,7 @@ impl ServeOptions {
             open_circuit_relay: self.open_circuit_relay.unwrap_or(false),
             reassembly_budget: defaults.reassembly_budget,
             checks,
+            replays,
             public: PublicConfig {
                 external_addresses: self.external_address.unwrap_or_default(),
                 allow_origins: match self.allow_origin {

@@ -21,7 +21,7 @@ use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
     self, CHUNK_BYTES, ClientToRelay, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
-    ParamsHash, RelayToClient, RoundAnnouncement, RunSpec, Welcome,
+    ParamsHash, RelayToClient, Reveal, RoundAnnouncement, RunSpec, Welcome,
 };
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
@@ -29,7 +29,7 @@ use tokio::sync::{Mutex, Notify, broadcast, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::AggregationBackend;
-use crate::checks::{self, CheckJob, Checked, Claim};
+use crate::checks::{self, Audit, CheckJob, Checked, Claim, ReplayPolicy};
 use crate::dataset::TaskData;
 use crate::store::{Credit, LedgerEntry, RunRecord, Store};
 use swarmtrain_shared::verify::{self, CheckPolicy, Outcome, Verdict};
@@ -93,6 +93,12 @@ pub struct Status {
     /// The last checked round's upper-quartile check score (a round below the pass score cannot fail
     /// anyone).
     pub check_power: Option<f32>,
+    /// Replays by outcome (`exact`, `near`, `differs`, `no_reveal`, `bad_reveal`, `behind`).
+    pub replays: BTreeMap<String, u64>,
+    /// Bytes of committed states revealed for replays.
+    pub reveal_bytes: u64,
+    /// The peers whose update of the last closed round awaits its reveal.
+    pub audits_pending: usize,
     pub spec: RunSpecView,
 }
 
@@ -158,6 +164,14 @@ struct State {
     /// The newest [`RECENT_VERDICTS`] signed verdicts, by (round, peer): what a relay without
     /// a data directory can show (one with keeps them all in its ledger).
     verdicts: BTreeMap<(u64, PeerKey), Signed<Verdict>>,
+    /// The last closed round's updates drawn for a replay, waiting for their peers' reveals
+    /// (their peers are the open round's announced `audit`). Kept in memory only: a relay
+    /// that restarts forgets them (those updates stay unchecked).
+    audits: BTreeMap<PeerKey, Audit>,
+    /// Replays by outcome (`exact`, `near`, `differs`, `no_reveal`, `bad_reveal`, `behind`).
+    replay_outcomes: BTreeMap<&'static str, u64>,
+    /// Bytes of revealed states received.
+    reveal_bytes: u64,
     /// The open round could not be checkpointed yet: it is not announced (peers keep hearing
     /// the previous round) until a later tick writes it.
     unannounced: bool,
@@ -191,6 +205,12 @@ pub struct Coordinator {
     /// they take in turn (one round at a time, in the order they closed).
     checks_queued: std::sync::atomic::AtomicUsize,
     check_lane: Mutex<()>,
+    replays: ReplayPolicy,
+    /// Replays revealed and not yet run.
+    replays_queued: std::sync::atomic::AtomicUsize,
+    /// Where a peer whose audit failed (no reveal, a replay that differs) is reported for a
+    /// strike against its identity (the libp2p loop keeps strikes).
+    strikes: Option<tokio::sync::mpsc::Sender<PeerKey>>,
 }
 
 /// Where coordinators send every announcement as it is signed, for gossip: (run id, encoded
@@ -296,7 +316,7 @@ impl Coordinator {
                     accuracy: record.accuracy,
                     loss: record.loss,
                 };
-                let announcement = identity.sign(&round.announcement(eval, 0))?;
+                let announcement = identity.sign(&round.announcement(eval, Vec::new(), 0))?;
                 let (history, first) = store.recent_history(&spec.run_id, STATUS_HISTORY)?;
                 State {
                     round,
@@ -319,6 +339,9 @@ impl Coordinator {
                     check_power: None,
                     check_outcomes: BTreeMap::new(),
                     verdicts: BTreeMap::new(),
+                    audits: BTreeMap::new(),
+                    replay_outcomes: BTreeMap::new(),
+                    reveal_bytes: 0,
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -334,7 +357,7 @@ impl Coordinator {
                 );
                 let eval = evaluate(&spec, &data, &initial)?;
                 let round = RoundState::new(spec, initial, 0);
-                let announcement = identity.sign(&round.announcement(eval, 0))?;
+                let announcement = identity.sign(&round.announcement(eval, Vec::new(), 0))?;
                 let mut state = State {
                     round,
                     eval,
@@ -356,6 +379,9 @@ impl Coordinator {
                     check_power: None,
                     check_outcomes: BTreeMap::new(),
                     verdicts: BTreeMap::new(),
+                    audits: BTreeMap::new(),
+                    replay_outcomes: BTreeMap::new(),
+                    reveal_bytes: 0,
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -393,12 +419,27 @@ impl Coordinator {
             checks: CheckPolicy::default(),
             checks_queued: std::sync::atomic::AtomicUsize::new(0),
             check_lane: Mutex::new(()),
+            replays: ReplayPolicy::default(),
+            replays_queued: std::sync::atomic::AtomicUsize::new(0),
+            strikes: None,
         })
     }
 
     /// Checks each update's work with `policy` ([`crate::checks`]).
     pub fn with_checks(mut self, policy: CheckPolicy) -> Self {
         self.checks = policy;
+        self
+    }
+
+    /// Replays a drawn fraction of updates with `policy` ([`checks::replay_update`]); a peer
+    /// whose replay fails is reported on `strikes`.
+    pub fn with_replays(
+        mut self,
+        policy: ReplayPolicy,
+        strikes: Option<tokio::sync::mpsc::Sender<PeerKey>>,
+    ) -> Self {
+        self.replays = policy;
+        self.strikes = strikes;
         self
     }
 
@@ -548,7 +589,7 @@ impl Coordinator {
     /// resolves at the next announcement or after `max_wait`. A `Join` must pass the run's
     /// admission policy; an update from a peer that has not joined is refused (`not_joined`).
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         peer: PeerKey,
         message: ClientToRelay,
         signed: Signed<Envelope>,
@@ -597,7 +638,7 @@ impl Coordinator {
                     Ok(state.announcement.clone())
                 } else {
                     self.identity
-                        .sign(&state.round.announcement(state.eval, now))
+                        .sign(&state.round.announcement(state.eval, state.audited(), now))
                 };
                 let spec = state.round.spec.clone();
                 drop(state);
@@ -721,6 +762,7 @@ impl Coordinator {
                         steps: update.inner_steps.min(self.spec.inner.steps),
                         samples,
                         payload: update.payload.digest,
+                        state: update.state,
                     },
                 );
                 drop(state);
@@ -736,6 +778,7 @@ impl Coordinator {
                     round: update.round,
                 })
             }
+            ClientToRelay::Reveal(reveal) => self.reveal(peer, reveal, payload).await,
             // `Runs` answers key exchanges itself; they name no run.
             ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => {
                 let reason = "key exchanges are answered by the relay, not a run".to_owned();
@@ -759,6 +802,9 @@ impl Coordinator {
             match state.round.begin_close(self.now_ms()) {
                 Some(job) => {
                     let mut claims = std::mem::take(&mut state.claims);
+                    // Drawn for a replay with the OS's randomness now that the round is closed;
+                    // a drawn update is judged by its replay, not the loss check.
+                    let audits = self.draw_audits(&state, &mut claims, job.round, &job.params);
                     // Only what a check will read is copied: the updates of at most
                     // MAX_CHECKED_PER_ROUND peers, drawn with the OS's randomness after the
                     // round closed (the others stay unchecked).
@@ -784,12 +830,12 @@ impl Coordinator {
                         },
                         claims,
                     };
-                    (job, check)
+                    (job, check, audits)
                 }
                 None => return,
             }
         };
-        let (job, check) = job;
+        let (job, check, audits) = job;
         let this = self.clone();
         let worked = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -830,6 +876,9 @@ impl Coordinator {
             }
         }
         store_params(&mut state);
+        // The previous round's audits end with this round: an update whose state was not
+        // revealed by now fails. The new ones are named in the next announcement.
+        let unrevealed = std::mem::replace(&mut state.audits, audits);
         tracing::info!(
             run = self.spec.run_id,
             round = closed.round,
@@ -847,6 +896,219 @@ impl Coordinator {
         if closed.failed.is_none() && !check.contributions.is_empty() {
             let this = self.clone();
             tokio::spawn(async move { this.check(check).await });
+        }
+        if !unrevealed.is_empty() {
+            let failed = unrevealed
+                .into_values()
+                .map(|audit| {
+                    let reason = format!(
+                        "its state was not revealed before round {} closed",
+                        audit.round + 1
+                    );
+                    (audit, None, Outcome::Failed { reason }, "no_reveal")
+                })
+                .collect();
+            self.conclude_replays(failed).await;
+        }
+    }
+
+    /// Draws the closing round's updates to replay: each with probability
+    /// `replays.fraction`, at most `replays.per_round`, with the OS's randomness. The drawn
+    /// claims are taken out of `claims` (the loss check's).
+    fn draw_audits(
+        &self,
+        state: &State,
+        claims: &mut BTreeMap<PeerKey, Claim>,
+        round: u64,
+        theta: &[f32],
+    ) -> BTreeMap<PeerKey, Audit> {
+        if self.replays.fraction <= 0.0 || self.spec.model.lm_config().is_none() {
+            return BTreeMap::new();
+        }
+        let mut drawn: Vec<PeerKey> = claims
+            .keys()
+            .filter(|_| rand::random::<f64>() < self.replays.fraction)
+            .copied()
+            .collect();
+        let drawn = swarmtrain_shared::data::SplitMix64::new(rand::random())
+            .choose(&mut drawn, self.replays.per_round)
+            .to_vec();
+        let theta = Arc::new(theta.to_vec());
+        drawn
+            .into_iter()
+            .filter_map(|peer| {
+                let delta = state.round.contribution(&peer)?.delta.clone();
+                let claim = claims.remove(&peer)?;
+                Some((
+                    peer,
+                    Audit {
+                        peer,
+                        round,
+                        theta: theta.clone(),
+                        delta,
+                        claim,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// A peer's [`Reveal`] of the state its drawn update committed to: checked against the
+    /// commitment at once (a state that is not the committed one fails the update and is a
+    /// strike), then replayed off the round's path ([`Self::replay`]).
+    async fn reveal(self: &Arc<Self>, peer: PeerKey, reveal: Reveal, payload: Vec<u8>) -> Vec<u8> {
+        let mut state = self.state.lock().await;
+        if !state.joined.contains_key(&peer) {
+            drop(state);
+            let reason = "send a Join for this run before a reveal".to_owned();
+            return self.reject(Some(peer), "not_joined", reason).await;
+        }
+        let pending = state.audits.get(&peer).map(|a| a.round);
+        if pending != Some(reveal.round) {
+            drop(state);
+            let reason = match pending {
+                Some(round) => format!(
+                    "the relay replays your update of round {round}, not {}",
+                    reveal.round
+                ),
+                None => format!(
+                    "no replay of your update of round {} is pending",
+                    reveal.round
+                ),
+            };
+            return self.reject(Some(peer), "not_audited", reason).await;
+        }
+        let Some(audit) = state.audits.remove(&peer) else {
+            return self
+                .reject(Some(peer), "internal", "the audit vanished".into())
+                .await;
+        };
+        state.reveal_bytes += payload.len() as u64;
+        drop(state);
+        if reveal.state != audit.claim.state || !reveal.state.matches(&payload) {
+            let reason = "the revealed state is not the one its update committed to".to_owned();
+            self.conclude_replays(vec![(
+                audit,
+                None,
+                Outcome::Failed {
+                    reason: reason.clone(),
+                },
+                "bad_reveal",
+            )])
+            .await;
+            // The refusal itself is the strike.
+            return self.reject(Some(peer), "reveal_mismatch", reason).await;
+        }
+        let round = audit.round;
+        let this = self.clone();
+        tokio::spawn(async move { this.replay(audit, payload).await });
+        encode(&RelayToClient::Revealed { round })
+    }
+
+    /// Replays a revealed update ([`checks::replay_update`]) in the check lane and concludes
+    /// it. More than two rounds' worth of replays waiting and the update is not replayed
+    /// (it stays unchecked).
+    async fn replay(self: Arc<Self>, audit: Audit, state: Vec<u8>) {
+        use std::sync::atomic::Ordering;
+        let queued = self.replays_queued.fetch_add(1, Ordering::AcqRel);
+        if queued >= 2 * self.replays.per_round.max(1) {
+            self.replays_queued.fetch_sub(1, Ordering::AcqRel);
+            let reason = "the relay's replays were behind by more than two rounds".to_owned();
+            tracing::warn!(
+                run = self.spec.run_id,
+                round = audit.round,
+                "{reason}; not replayed"
+            );
+            return self
+                .conclude_replays(vec![(
+                    audit,
+                    None,
+                    Outcome::Inconclusive { reason },
+                    "behind",
+                )])
+                .await;
+        }
+        let lane = self.check_lane.lock().await;
+        let this = self.clone();
+        let started = std::time::Instant::now();
+        let done = tokio::task::spawn_blocking(move || {
+            let (check, outcome) =
+                checks::replay_update(&this.spec, &this.data, &this.replays, &audit, &state);
+            (audit, check, outcome)
+        })
+        .await;
+        drop(lane);
+        self.replays_queued.fetch_sub(1, Ordering::AcqRel);
+        match done {
+            Ok((audit, check, outcome)) => {
+                tracing::info!(
+                    run = self.spec.run_id,
+                    round = audit.round,
+                    peer = audit.peer.short(),
+                    ms = started.elapsed().as_millis() as u64,
+                    ?check,
+                    outcome = outcome.label(),
+                    "replayed an update"
+                );
+                let label = match (&check, &outcome) {
+                    (Some(c), Outcome::Verified) if c.exact => "exact",
+                    (_, Outcome::Verified) => "near",
+                    (_, Outcome::Failed { .. }) if check.is_some() => "differs",
+                    (_, Outcome::Failed { .. }) => "bad_reveal",
+                    (_, Outcome::Inconclusive { .. }) => "behind",
+                };
+                self.conclude_replays(vec![(audit, check, outcome, label)])
+                    .await;
+            }
+            Err(e) => tracing::error!(error = %e, "a replay failed; its update stays unchecked"),
+        }
+    }
+
+    /// Signs and records the verdicts of replays (counted under their labels); a failed one is
+    /// also a strike against its peer.
+    async fn conclude_replays(
+        &self,
+        replays: Vec<(
+            Audit,
+            Option<swarmtrain_shared::replay::ReplayCheck>,
+            Outcome,
+            &'static str,
+        )>,
+    ) {
+        let mut verdicts = Vec::with_capacity(replays.len());
+        {
+            let mut state = self.state.lock().await;
+            for (_, _, _, label) in &replays {
+                *state.replay_outcomes.entry(label).or_default() += 1;
+            }
+        }
+        for (audit, replay, outcome, label) in replays {
+            let peer = audit.peer;
+            if let Outcome::Failed { reason } = &outcome {
+                tracing::warn!(peer = peer.short(), round = audit.round, %reason, label, "an update failed its replay: it earns no credit");
+                if label != "bad_reveal"
+                    && let Some(strikes) = &self.strikes
+                    && strikes.try_send(peer).is_err()
+                {
+                    tracing::warn!(
+                        peer = peer.short(),
+                        "the strike queue is full; strike dropped"
+                    );
+                }
+            }
+            verdicts.push(Verdict {
+                run_id: self.spec.run_id.clone(),
+                round: audit.round,
+                peer,
+                payload: audit.claim.payload,
+                samples: audit.claim.samples,
+                check: None,
+                replay,
+                outcome,
+            });
+        }
+        if let Some(round) = verdicts.first().map(|v| v.round) {
+            self.conclude(round, verdicts).await;
         }
     }
 
@@ -937,6 +1199,7 @@ impl Coordinator {
                 payload: claim.payload,
                 samples: claim.samples,
                 check,
+                replay: None,
                 outcome,
             };
             match &verdict.outcome {
@@ -953,6 +1216,19 @@ impl Coordinator {
                     "checked an update"
                 ),
             }
+            verdicts.push(verdict);
+        }
+        self.conclude(job.round, verdicts).await;
+        if power.is_some() {
+            self.state.lock().await.check_power = power;
+        }
+    }
+
+    /// Signs `round`'s verdicts, records them in the ledger and only then settles the credits
+    /// in memory (a write that fails leaves them unchecked, counted as `unrecorded`).
+    async fn conclude(&self, round: u64, unsigned: Vec<Verdict>) {
+        let mut verdicts = Vec::with_capacity(unsigned.len());
+        for verdict in unsigned {
             match self.identity.sign(&verdict) {
                 Ok(signed) => verdicts.push((verdict, signed)),
                 Err(e) => tracing::error!(error = %e, "could not sign a verdict"),
@@ -964,7 +1240,7 @@ impl Coordinator {
             let written =
                 tokio::task::spawn_blocking(move || store.record_verdicts(&run, &signed)).await;
             if let Err(e) = written.map_err(anyhow::Error::from).and_then(|r| r) {
-                tracing::error!(error = %e, round = job.round, "could not record the round's verdicts; its credits stay unchecked");
+                tracing::error!(error = %e, round, "could not record the round's verdicts; its credits stay unchecked");
                 self.state
                     .lock()
                     .await
@@ -976,9 +1252,6 @@ impl Coordinator {
             }
         }
         let mut state = self.state.lock().await;
-        if power.is_some() {
-            state.check_power = power;
-        }
         for (verdict, _) in &verdicts {
             *state
                 .check_outcomes
@@ -1023,7 +1296,7 @@ impl Coordinator {
         state.unannounced = false;
         match self
             .identity
-            .sign(&state.round.announcement(state.eval, now))
+            .sign(&state.round.announcement(state.eval, state.audited(), now))
         {
             Ok(announcement) => {
                 state.announcement = announcement.clone();
@@ -1148,6 +1421,13 @@ impl Coordinator {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
             check_power: state.check_power,
+            replays: state
+                .replay_outcomes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            reveal_bytes: state.reveal_bytes,
+            audits_pending: state.audits.len(),
             privacy_epsilon: spec.privacy.as_ref().map(|p| {
                 swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)
             }),
@@ -1260,6 +1540,11 @@ async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow:
 }
 
 impl State {
+    /// The peers the open round's announcement names for a replay.
+    fn audited(&self) -> Vec<PeerKey> {
+        self.audits.keys().copied().collect()
+    }
+
     /// Whether one more identity may join: under the cap, or under it once the identities
     /// silent for [`FORGET_IDLE_MS`] are forgotten (looked for at most every
     /// [`FORGET_EVERY_MS`]).
@@ -1475,6 +1760,7 @@ mod tests {
                 loss: 1.0,
                 codec: protocol::Codec::F32,
                 payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(&[]),
             })
         };
         let wrong = peers[0].submission(update(7), payload.clone());

@@ -642,6 +642,24 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "gauge",
         &|s| s.check_power.map(|p| one(f64::from(p))).unwrap_or_default(),
     );
+    metric(
+        "swarmtrain_replays_total",
+        "Updates drawn for a replay, by outcome (exact, near: within the tolerance, differs, \
+         no_reveal, bad_reveal: not the committed state, behind: not replayed).",
+        "counter",
+        &|s| {
+            s.replays
+                .iter()
+                .map(|(k, v)| (format!("outcome=\"{k}\""), *v as f64))
+                .collect()
+        },
+    );
+    metric(
+        "swarmtrain_reveal_bytes_total",
+        "Bytes of committed training states revealed for replays.",
+        "counter",
+        &|s| one(s.reveal_bytes as f64),
+    );
     let _ = writeln!(
         out,
         "# HELP swarmtrain_tracked_identities Identities whose unexpired envelopes the replay \

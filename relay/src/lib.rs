@@ -96,6 +96,9 @@ pub struct RelayConfig {
     pub reassembly_budget: usize,
     /// How the relay checks the work of every accepted update ([`checks`]).
     pub checks: swarmtrain_shared::verify::CheckPolicy,
+    /// Which fraction of updates the relay replays, how many a round at most, and how near a
+    /// replay must land ([`checks::replay_update`]).
+    pub replays: checks::ReplayPolicy,
     /// Public addresses, TLS, CORS and ICE servers: the relay on the internet.
     pub public: public::PublicConfig,
 }
@@ -201,6 +204,7 @@ impl Default for RelayConfig {
             open_circuit_relay: false,
             reassembly_budget: swarmtrain_shared::transfer::DEFAULT_BUDGET,
             checks: Default::default(),
+            replays: Default::default(),
             public: public::PublicConfig {
                 allow_origins: vec!["*".into()],
                 turn_ttl_secs: public::TURN_TTL_SECS,
@@ -338,6 +342,8 @@ impl Relay {
             None => None,
         };
         let (announce, announcements) = tokio::sync::broadcast::channel(64);
+        // Strikes for failed replays, from the runs to the libp2p loop that keeps strikes.
+        let (strike_tx, strike_rx) = tokio::sync::mpsc::channel(1024);
         let due = Arc::new(Notify::new());
         let mut coordinators = Vec::new();
         for spec in &config.runs {
@@ -370,7 +376,8 @@ impl Relay {
                 coordinator
                     .await
                     .with_context(|| format!("opening run {:?}", spec.run_id))?
-                    .with_checks(config.checks),
+                    .with_checks(config.checks)
+                    .with_replays(config.replays, Some(strike_tx.clone())),
             ));
         }
         let runs = Arc::new(
@@ -515,6 +522,7 @@ impl Relay {
             network,
             config.gossip_fanout,
             config.reassembly_budget,
+            strike_rx,
             shutdown_rx.clone(),
         )));
         // The round timer: closes due rounds (every 100 ms, and at once when an accepted update

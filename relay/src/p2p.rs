@@ -357,6 +357,41 @@ fn is_strike(frame: &[u8]) -> bool {
         )
 }
 
+/// Counts a strike against `account` (`peer`: the peer ID that earned it, if a message did);
+/// the [`MAX_STRIKES`]th closes the connections of the account's every peer ID and bans them.
+fn strike(
+    strikes: &mut HashMap<Account, u32>,
+    banned: &mut HashMap<PeerId, tokio::time::Instant>,
+    runs: &Runs,
+    swarm: &mut Swarm<Boxed<RelayBehaviour>>,
+    account: Account,
+    peer: Option<PeerId>,
+) {
+    let n = strikes.entry(account).or_default();
+    *n += 1;
+    if *n < MAX_STRIKES {
+        return;
+    }
+    strikes.remove(&account);
+    tracing::warn!(
+        ?peer,
+        ?account,
+        strikes = MAX_STRIKES,
+        ban_secs = BAN_SECS,
+        "closing connections for their strikes"
+    );
+    runs.note_closed_for_strikes();
+    let mut peers: Vec<PeerId> = peer.into_iter().collect();
+    if let Account::Identity(identity) = account {
+        runs.ban_identity(identity);
+        peers.extend(runs.peer_ids_of(&identity));
+    }
+    for peer in peers {
+        ban(banned, peer);
+        let _ = swarm.disconnect_peer_id(peer);
+    }
+}
+
 /// Bans `peer` for [`BAN_SECS`]; when [`MAX_BANNED`] are remembered, expired bans are dropped
 /// first, and if none has expired the ban is not remembered (the connection is still closed).
 fn ban(banned: &mut HashMap<PeerId, tokio::time::Instant>, peer: PeerId) {
@@ -400,6 +435,7 @@ pub async fn run(
     network: Arc<Network>,
     fanout: usize,
     reassembly_budget: usize,
+    mut strike_reports: tokio::sync::mpsc::Receiver<swarmtrain_shared::PeerKey>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
@@ -438,6 +474,10 @@ pub async fn run(
                 Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(n, "announcements skipped"),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+            // An identity whose update failed its replay (or was never revealed).
+            Some(identity) = strike_reports.recv() => {
+                strike(&mut strikes, &mut banned, &runs, &mut swarm, Account::Identity(identity), None);
+            }
             Some((counted, peer, channel, frame)) = pending.next(), if !pending.is_empty() => {
                 if let Some(account) = counted && let Some(n) = in_flight.get_mut(&account) {
                     *n -= 1;
@@ -449,22 +489,7 @@ pub async fn run(
                     // Against the identity once the peer ID has signed as one: a new peer ID
                     // brings no new strikes, and the ban reaches every peer ID of the identity.
                     let account = Account::of(&runs, peer);
-                    let n = strikes.entry(account).or_default();
-                    *n += 1;
-                    if *n == MAX_STRIKES {
-                        strikes.remove(&account);
-                        tracing::warn!(%peer, ?account, strikes = MAX_STRIKES, ban_secs = BAN_SECS, "closing connections for their refused messages");
-                        runs.note_closed_for_strikes();
-                        let mut peers = vec![peer];
-                        if let Account::Identity(identity) = account {
-                            runs.ban_identity(identity);
-                            peers.extend(runs.peer_ids_of(&identity));
-                        }
-                        for peer in peers {
-                            ban(&mut banned, peer);
-                            let _ = swarm.disconnect_peer_id(peer);
-                        }
-                    }
+                    strike(&mut strikes, &mut banned, &runs, &mut swarm, account, Some(peer));
                 }
                 if swarm.behaviour_mut().node.rpc.send_response(channel, frame).is_err() {
                     tracing::debug!("peer went away before its answer was sent");
@@ -712,6 +737,7 @@ mod tests {
             network.clone(),
             1,
             swarmtrain_shared::transfer::DEFAULT_BUDGET,
+            tokio::sync::mpsc::channel(1).1,
             shutdown_rx,
         ));
         Relay {

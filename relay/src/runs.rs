@@ -16,6 +16,7 @@ use swarmtrain_shared::crypto::{CryptoError, Signed};
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, Envelope, Fetch, RelayToClient, Submission,
 };
+use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::seal::{self, SessionKeys};
 
 use crate::coordinator::{Coordinator, encode};
@@ -62,6 +63,7 @@ pub const HOSTILE_KINDS: &[&str] = &[
     "unknown_session",
     "bad_key_offer",
     "banned",
+    "reveal_mismatch",
 ];
 /// Strikes after which the relay closes a connection and refuses its peer ID for
 /// [`BAN_SECS`].
@@ -200,6 +202,7 @@ fn run_of(message: &ClientToRelay) -> &str {
         ClientToRelay::Join(join) => &join.run_id,
         ClientToRelay::AwaitRound { run_id, .. } => run_id,
         ClientToRelay::Update(update) => &update.run_id,
+        ClientToRelay::Reveal(reveal) => &reveal.run_id,
         ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => "",
     }
 }
@@ -341,13 +344,19 @@ impl Runs {
             .and_then(|guard| guard.keys.get(&conn.id).and_then(|k| k.agreed.clone()))
     }
 
-    /// The longest message any run can use: its largest update and the envelope around it.
+    /// The longest message any run can use: its largest update, or the committed training
+    /// state a language-model peer reveals for a replay, and the envelope around it.
     pub fn max_submission_bytes(&self) -> usize {
         self.by_id
             .values()
             .map(|run| {
                 let spec = run.spec();
-                spec.codec.encoded_len(spec.model.num_params())
+                let n = spec.model.num_params();
+                let update = spec.codec.encoded_len(n);
+                match spec.model.lm_config() {
+                    Some(_) => update.max(CommittedState::max_len(n)),
+                    None => update,
+                }
             })
             .max()
             .unwrap_or(0)
@@ -535,11 +544,11 @@ impl Runs {
             ClientToRelay::KeyConfirm { transcript } => {
                 return self.key_confirm(from, peer, transcript).await;
             }
-            ClientToRelay::Update(_) => match self.agreed(&from) {
+            ClientToRelay::Update(_) | ClientToRelay::Reveal(_) => match self.agreed(&from) {
                 Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
                     Ok(opened) => payload = opened,
                     Err(e) => {
-                        let reason = format!("the update's sealed payload: {e}");
+                        let reason = format!("the sealed payload: {e}");
                         return self
                             .default
                             .reject(Some(peer), "undecryptable", reason)

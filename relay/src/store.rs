@@ -820,6 +820,7 @@ mod tests {
             loss: 0.5,
             codec: swarmtrain_shared::compress::Codec::F32,
             payload: swarmtrain_shared::protocol::PayloadRef::of(&payload),
+            state: swarmtrain_shared::protocol::PayloadRef::of(&[]),
         };
         let envelope = Envelope {
             peer_id: vec![1; 38],
@@ -1026,6 +1027,7 @@ mod credit_tests {
                     payload: [0; 32],
                     samples: 64,
                     check: None,
+                    replay: None,
                     outcome,
                 })
                 .expect("sign")

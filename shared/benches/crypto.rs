@@ -26,6 +26,7 @@ fn update_envelope(payload: &[u8]) -> Envelope {
             loss: 2.5,
             codec: Codec::F32,
             payload: PayloadRef::of(payload),
+            state: PayloadRef::of(&[]),
         }),
     }
 }

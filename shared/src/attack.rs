@@ -372,6 +372,7 @@ fn attack_round(
                 loss: 0.0,
                 codec: Codec::F32,
                 payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(&[]),
             };
             (update, payload)
         };

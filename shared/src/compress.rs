@@ -381,6 +381,11 @@ pub struct ErrorFeedback {
 }
 
 impl ErrorFeedback {
+    /// Error feedback carrying `residual` (a committed state's, for a replay).
+    pub fn with_residual(residual: Vec<f32>) -> Self {
+        Self { residual }
+    }
+
     /// Encodes `delta` plus the carried residual, and keeps what the encoding lost.
     pub fn encode(&mut self, codec: Codec, delta: &[f32]) -> Vec<u8> {
         if self.residual.len() != delta.len() {

@@ -21,6 +21,7 @@ pub mod outer;
 pub mod params;
 pub mod privacy;
 pub mod protocol;
+pub mod replay;
 pub mod robust;
 pub mod round;
 pub mod seal;

@@ -267,6 +267,18 @@ pub struct TextBatch {
     pub window: usize,
 }
 
+impl TextBatch {
+    /// A round's steps over a peer's `text`: one batch of `batch` windows of `window` bytes per
+    /// step, in order (what a replica trains on and a replay runs again).
+    pub fn of_round(text: &[u8], window: usize, batch: u32) -> impl Iterator<Item = Self> + '_ {
+        text.chunks_exact((batch as usize * window).max(1))
+            .map(move |chunk| Self {
+                windows: chunk.to_vec(),
+                window,
+            })
+    }
+}
+
 impl<B: Backend> Objective<B> for Lm<B> {
     type Batch = TextBatch;
 
@@ -369,15 +381,21 @@ impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> Trainer<B, M> {
 
     /// The schedule's position and the AdamW moments, read back asynchronously.
     pub async fn state(&self) -> Result<TrainerState, ParamsError> {
-        let records = self.optimizer.to_record();
-        let record = |id: &ParamId| records.get(id).cloned();
-        let mut collect = CollectMoments::<B> {
-            record: &record,
-            out: Vec::new(),
+        // The records and the visitor stay in this block: they are not `Send`, and the
+        // readbacks below await.
+        let step = self.step;
+        let collected = {
+            let records = self.optimizer.to_record();
+            let record = |id: &ParamId| records.get(id).cloned();
+            let mut collect = CollectMoments::<B> {
+                record: &record,
+                out: Vec::new(),
+            };
+            self.model.visit(&mut collect);
+            collect.out
         };
-        self.model.visit(&mut collect);
-        let mut moments = Vec::with_capacity(collect.out.len());
-        for state in collect.out {
+        let mut moments = Vec::with_capacity(collected.len());
+        for state in collected {
             moments.push(match state {
                 Some((time, first, second)) => Moments {
                     time: time as u64,
@@ -399,10 +417,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> Trainer<B, M> {
                 },
             });
         }
-        Ok(TrainerState {
-            step: self.step,
-            moments,
-        })
+        Ok(TrainerState { step, moments })
     }
 
     /// Takes `state` (from [`state`](Self::state) of a replica of the same model) as this

@@ -31,7 +31,10 @@ use crate::seal::{KeyAccept, KeyOffer};
 /// `KeyConfirm`; [`crate::seal`]) that seals update payloads and θ chunks.
 /// 6: each signed type is signed under its own FIPS 204 context string
 /// ([`crate::crypto::SigningContext`]); the proof-of-work challenge names an epoch.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: an update commits to the peer's training state at round start ([`Update::state`]); an
+/// announcement names the previous round's updates to be replayed ([`RoundAnnouncement::audit`]),
+/// whose peers answer with a [`Reveal`] of that state.
+pub const PROTOCOL_VERSION: u32 = 7;
 /// How long a peer makes its envelopes valid for (10 minutes: long enough for a large update
 /// to upload in parts on a slow link).
 pub const ENVELOPE_VALIDITY_MS: u64 = 10 * 60_000;
@@ -193,6 +196,19 @@ pub enum ClientToRelay {
     /// [`RelayToClient::KeysAgreed`] on, this connection's update payloads and θ chunks are
     /// sealed with the agreed keys.
     KeyConfirm { transcript: [u8; 32] },
+    /// The committed training state of an update the relay named for a replay; the state
+    /// travels (sealed) as the payload. Answered by [`RelayToClient::Revealed`].
+    Reveal(Reveal),
+}
+
+/// A peer's answer to an audit: the state its update of `round` committed to
+/// ([`Update::state`]), which travels beside it as the payload
+/// ([`crate::verify::CommittedState::to_bytes`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reveal {
+    pub run_id: String,
+    pub round: u64,
+    pub state: PayloadRef,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -251,6 +267,11 @@ pub struct Update {
     pub codec: Codec,
     /// The encoded Δ ([`Codec::encode`]), which travels in [`Submission::payload`].
     pub payload: PayloadRef,
+    /// Commits to what the round depended on that the relay does not have: the peer's
+    /// optimizer moments and schedule position at round start and its error-feedback residual
+    /// ([`crate::verify::CommittedState`]). Revealed only if the relay draws the update for a
+    /// replay ([`Reveal`]).
+    pub state: PayloadRef,
 }
 
 /// What the relay sends back.
@@ -283,6 +304,10 @@ pub enum RelayToClient {
     KeyAccept(Signed<KeyAccept>),
     /// The transcript matched: the keys are in use on this connection.
     KeysAgreed,
+    /// A [`Reveal`] matched its commitment: the update of `round` is queued for its replay.
+    Revealed {
+        round: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -319,10 +344,14 @@ pub struct RoundAnnouncement {
     pub accuracy: Option<f32>,
     /// Held-out loss of θ_t in nats per token (language-model runs), when it was evaluated.
     pub loss: Option<f32>,
+    /// The peers whose update of round `round − 1` the relay replays, drawn after that round
+    /// closed: each must send its [`Reveal`] before this round closes, or lose the update's
+    /// credit.
+    pub audit: Vec<crate::PeerKey>,
 }
 
 impl crate::crypto::SigningContext for RoundAnnouncement {
-    const CONTEXT: &'static [u8] = b"swarmtrain/round-announcement/v6";
+    const CONTEXT: &'static [u8] = b"swarmtrain/round-announcement/v7";
 }
 
 /// Everything a peer needs to take part in a run.
@@ -769,6 +798,7 @@ mod tests {
             loss: 0.5,
             codec: Codec::F32,
             payload: PayloadRef::of(&payload),
+            state: PayloadRef::of(&[]),
         }));
         let big = Submission {
             signed: id.sign(&update).expect("sign"),

@@ -284,7 +284,12 @@ impl RoundState {
     }
 
     /// The announcement of the open round (to be signed by the relay).
-    pub fn announcement(&self, eval: Evaluation, now_ms: u64) -> RoundAnnouncement {
+    pub fn announcement(
+        &self,
+        eval: Evaluation,
+        audit: Vec<PeerKey>,
+        now_ms: u64,
+    ) -> RoundAnnouncement {
         RoundAnnouncement {
             run_id: self.spec.run_id.clone(),
             round: self.round,
@@ -293,6 +298,7 @@ impl RoundState {
             deadline_ms: self.deadline_ms().saturating_sub(now_ms),
             accuracy: eval.accuracy,
             loss: eval.loss,
+            audit,
         }
     }
 
@@ -637,6 +643,7 @@ mod tests {
             loss: 0.5,
             codec: Codec::F32,
             payload: PayloadRef::of(&payload),
+            state: PayloadRef::of(&[]),
         };
         (update, payload)
     }
@@ -764,6 +771,7 @@ mod tests {
             (
                 Update {
                     payload: PayloadRef::of(&payload),
+                    state: PayloadRef::of(&[]),
                     ..good.clone()
                 },
                 payload,

@@ -289,6 +289,7 @@ pub async fn simulate<B: AutodiffBackend>(
                         loss: 0.0,
                         codec: config.codec,
                         payload: PayloadRef::of(&payload),
+                        state: PayloadRef::of(&[]),
                     };
                     state
                         .submit(keys[p], &update, &payload, now)

@@ -110,7 +110,11 @@ pub struct Verdict {
     pub payload: [u8; 32],
     /// The samples at stake ([`crate::protocol::RunSpec::samples_of`] the update's steps).
     pub samples: u64,
+    /// The loss check's figures, for an update the loss check judged.
     pub check: Option<LossCheck>,
+    /// The replay's figures, for an update drawn for a replay ([`crate::replay`]); a drawn
+    /// update is judged by its replay alone.
+    pub replay: Option<crate::replay::ReplayCheck>,
     pub outcome: Outcome,
 }
 

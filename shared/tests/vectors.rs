@@ -8,10 +8,12 @@ use std::path::PathBuf;
 
 use swarmtrain_shared::admission::{challenge, proof_of_work_digest};
 use swarmtrain_shared::compress::Codec;
+use swarmtrain_shared::lm_train::{Moments, TrainerState};
 use swarmtrain_shared::protocol::{
     Capabilities, ClientToRelay, Envelope, Fetch, Join, ParamsHash, Part, PayloadRef,
-    RelayToClient, Request, RoundAnnouncement, Submission, Update, encode,
+    RelayToClient, Request, Reveal, RoundAnnouncement, Submission, Update, encode,
 };
+use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::seal::{self, Offerer};
 use swarmtrain_shared::{Identity, PeerKey};
 
@@ -53,6 +55,20 @@ fn envelope(message: ClientToRelay) -> Envelope {
 fn wire_messages_keep_their_encoding() {
     let id = Identity::from_seed([1; 32]);
     let payload = Codec::F32.encode(&[0.5, -0.25, 1.0]);
+    // A replica's state after one step of a one-tensor model, with its residual.
+    let committed = CommittedState {
+        trainer: TrainerState {
+            step: 350,
+            moments: vec![Moments {
+                time: 1,
+                first: vec![0.125, -0.5, 0.0],
+                second: vec![0.015625, 0.25, 0.0],
+            }],
+        },
+        residual: vec![0.0, 0.001, -0.002],
+    }
+    .to_bytes();
+    check("committed_state", &committed);
     let join = envelope(ClientToRelay::Join(Join {
         version: 4,
         run_id: "lm".into(),
@@ -71,6 +87,12 @@ fn wire_messages_keep_their_encoding() {
         loss: 2.5,
         codec: Codec::F32,
         payload: PayloadRef::of(&payload),
+        state: PayloadRef::of(&committed),
+    }));
+    let reveal = envelope(ClientToRelay::Reveal(Reveal {
+        run_id: "lm".into(),
+        round: 7,
+        state: PayloadRef::of(&committed),
     }));
     let poll = envelope(ClientToRelay::AwaitRound {
         run_id: "lm".into(),
@@ -83,6 +105,10 @@ fn wire_messages_keep_their_encoding() {
     check(
         "envelope_update",
         &postcard::to_allocvec(&update).expect("encode"),
+    );
+    check(
+        "envelope_reveal",
+        &postcard::to_allocvec(&reveal).expect("encode"),
     );
     check(
         "envelope_await_round",
@@ -115,6 +141,7 @@ fn wire_messages_keep_their_encoding() {
     );
     for (name, answer) in [
         ("answer_accepted", RelayToClient::Accepted { round: 7 }),
+        ("answer_revealed", RelayToClient::Revealed { round: 7 }),
         (
             "answer_rejected",
             RelayToClient::Rejected {
@@ -141,6 +168,7 @@ fn wire_messages_keep_their_encoding() {
         deadline_ms: 60_000,
         accuracy: None,
         loss: Some(3.25),
+        audit: vec![PeerKey([6; 32])],
     };
     check(
         "announcement",

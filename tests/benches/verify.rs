@@ -149,6 +149,7 @@ fn simulate(seed: u64, policy: &CheckPolicy, out: &mut Vec<Judged>, check_ms: &m
                 loss: 1.0,
                 codec: spec.codec,
                 payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(&[]),
             };
             state
                 .submit(peer, &update, &payload, round)

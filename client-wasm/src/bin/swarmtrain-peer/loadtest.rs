@@ -167,6 +167,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                 loss: 1.0,
                 codec: swarmtrain_shared::protocol::Codec::F32,
                 payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(&[]),
             })
         };
         let senders = &peers[..args.senders as usize];

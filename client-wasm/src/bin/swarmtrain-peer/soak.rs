@@ -253,6 +253,7 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
             loss: 1.0,
             codec: welcome.spec.codec,
             payload: PayloadRef::of(&payload),
+            state: PayloadRef::of(&[]),
         });
         match client.send(update, payload.clone()).await? {
             RelayToClient::Accepted { .. } => {}
