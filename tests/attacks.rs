@@ -501,7 +501,8 @@ fn median_score(credit: &serde_json::Value) -> f64 {
     scores.get(scores.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// The outcomes of a credit's verdicts, newest first, with their scores: `V4.2 I1.0 F-0.3`.
+/// The outcomes of a credit's verdicts, newest first, with their loss check's scores (or their
+/// replay's distance): `V4.2 I1.0 F-0.3`.
 fn outcomes(credit: &serde_json::Value) -> String {
     credit["verdicts"]
         .as_array()
@@ -518,7 +519,10 @@ fn outcomes(credit: &serde_json::Value) -> String {
             format!(
                 "{}{:.2}",
                 &label[..1],
-                v["check"]["score"].as_f64().unwrap_or(f64::NAN)
+                v["check"]["score"]
+                    .as_f64()
+                    .or(v["replay"]["distance"].as_f64())
+                    .unwrap_or(f64::NAN)
             )
         })
         .collect::<Vec<_>>()
@@ -626,4 +630,224 @@ async fn lm_credit(relay: &Relay, seed: u8) -> serde_json::Value {
         .await
         .expect("body");
     serde_json::from_str(&text).expect("JSON")
+}
+
+/// How an auditee in [`auditees`] answers the relay's replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dodge {
+    /// Runs half the steps it reports (and reveals the state it really started from).
+    FewerSteps,
+    /// Never reveals its committed state.
+    NoReveal,
+    /// Reveals a state other than the one its update committed to.
+    WrongReveal,
+}
+
+/// Peers that commit to their round-start state as honest ones do and dodge the replay each
+/// its own way; runs `rounds` rounds and answers the last round's audit.
+async fn auditees(relay: &Relay, kinds: &[Dodge], joined: usize, rounds: u64) {
+    use burn::backend::{Autodiff, NdArray};
+    use swarmtrain_shared::lm_train::LmTrainer;
+    use swarmtrain_shared::protocol::{Reveal, params_from_bytes};
+    use swarmtrain_shared::replay::{CommittedState, RoundInputs, replay_lm};
+    type B = Autodiff<NdArray>;
+
+    let mut peers = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        let (client, identity, welcome, round) = join_raw(relay, [150 + i as u8; 32]).await;
+        peers.push((*kind, client, identity.peer(), welcome, round));
+    }
+    all_joined(relay, joined).await;
+    let spec = peers[0].3.spec.clone();
+    let relay_key = PeerKey::from_public_key(peers[0].3.relay_key());
+    let config = spec.model.lm_config().expect("a language-model run");
+    let device = Default::default();
+    let h = spec.inner.steps;
+    // The state each committed to in the round just closed.
+    let mut committed: Vec<Vec<u8>> = vec![Vec::new(); peers.len()];
+    for r in 0..=rounds {
+        // The audit of the round before: named in this round's announcement.
+        if r > 0 {
+            for ((kind, client, key, _, round), state) in peers.iter().zip(&committed) {
+                if !round.audit.contains(key) || *kind == Dodge::NoReveal {
+                    continue;
+                }
+                let mut state = state.clone();
+                if *kind == Dodge::WrongReveal {
+                    let mut other = CommittedState::from_bytes(&state).expect("state");
+                    other.trainer.step += 1;
+                    state = other.to_bytes();
+                }
+                let reveal = ClientToRelay::Reveal(Reveal {
+                    run_id: spec.run_id.clone(),
+                    round: r - 1,
+                    state: PayloadRef::of(&state),
+                });
+                let answer = client.send(reveal, state).await.expect("answer");
+                match (kind, answer) {
+                    (Dodge::FewerSteps, RelayToClient::Revealed { round }) => {
+                        assert_eq!(round, r - 1)
+                    }
+                    (Dodge::WrongReveal, RelayToClient::Rejected { kind, .. }) => {
+                        assert_eq!(kind, "reveal_mismatch")
+                    }
+                    (kind, other) => panic!("{kind:?} revealed: {other:?}"),
+                }
+            }
+        }
+        if r == rounds {
+            break;
+        }
+        let round = peers[0].4.clone();
+        let bytes = peers[0]
+            .1
+            .fetch_params(&spec.run_id, round.params)
+            .await
+            .expect("θ");
+        let theta = params_from_bytes(&bytes).expect("f32s");
+        for ((kind, client, _, welcome, _), committed) in peers.iter().zip(&mut committed) {
+            let text = relay
+                .coordinator
+                .text(round.round, welcome.slot)
+                .await
+                .expect("text");
+            // A fresh replica each round: its state is the schedule's position, no moments.
+            let mut trainer = LmTrainer::<B>::new(&device, &config, &theta, &spec.inner.optimizer)
+                .expect("θ fits");
+            trainer.seek(round.round * u64::from(h));
+            let state = CommittedState {
+                trainer: trainer.state().await.expect("state"),
+                residual: Vec::new(),
+            };
+            let steps = if *kind == Dodge::FewerSteps { h / 2 } else { h };
+            let inputs = RoundInputs {
+                config: &config,
+                optimizer: &spec.inner.optimizer,
+                theta: &theta,
+                first_step: round.round * u64::from(h),
+                text: &text,
+                batch: spec.inner.batch_size,
+                steps,
+                privacy: spec.privacy.as_ref(),
+                codec: spec.codec,
+            };
+            let payload = tokio::task::block_in_place(|| {
+                futures::executor::block_on(replay_lm::<B>(&device, &inputs, &state))
+            })
+            .expect("trains");
+            *committed = state.to_bytes();
+            let update = ClientToRelay::Update(Update {
+                run_id: spec.run_id.clone(),
+                round: round.round,
+                base: round.params,
+                n_samples: h * spec.inner.batch_size,
+                inner_steps: h,
+                loss: 1.0,
+                codec: spec.codec,
+                payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(committed),
+            });
+            match client.send(update, payload).await {
+                Ok(RelayToClient::Accepted { .. }) => {}
+                other => panic!("{kind:?} is accepted (the replay comes later): {other:?}"),
+            }
+        }
+        for (_, client, _, _, next) in &mut peers {
+            let ask = ClientToRelay::AwaitRound {
+                run_id: spec.run_id.clone(),
+                after: Some(round.round),
+            };
+            *next = match client.send(ask, Vec::new()).await {
+                Ok(RelayToClient::Round(signed)) => {
+                    signed.verify_from(&relay_key).expect("announcement")
+                }
+                other => panic!("expected the next round, got {other:?}"),
+            };
+        }
+    }
+}
+
+/// The replay check through the live relay, every update drawn: three honest native peers
+/// (the browser's client code, on the CPU) reveal their committed state when the next
+/// announcement names them and their replays match bit for bit, so all their work is verified;
+/// a peer that runs fewer steps than it reports, one that never reveals and one that reveals
+/// another state than it committed to each fail every audited round and earn no credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_replays_drawn_rounds_and_catches_what_was_not_done() {
+    use swarmtrain_relay::checks::ReplayPolicy;
+    init_logging();
+    const ROUNDS: u64 = 3;
+    let kinds = [Dodge::FewerSteps, Dodge::NoReveal, Dodge::WrongReveal];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut run = swarmtrain_tests::tiny_lm_run(dir.path(), 10);
+    let everyone = 3 + kinds.len();
+    run.quorum = everyone as u32;
+    run.data.n_shards = everyone as u32;
+    run.aggregator = Rule::TrimmedMean { trim: 1 };
+    let mut config = swarmtrain_tests::relay_config(vec![run]);
+    config.replays = ReplayPolicy {
+        fraction: 1.0,
+        per_round: 16,
+        tolerance: 0.05,
+    };
+    let relay = Relay::start(config).await.expect("relay starts");
+    let honest = spawn_peers_together(&relay, 1..=3, ROUNDS, everyone);
+    let mut revealed = 0;
+    tokio::time::timeout(Duration::from_secs(600), async {
+        let relay = &relay;
+        tokio::join!(auditees(relay, &kinds, everyone, ROUNDS), async {
+            for peer in honest {
+                let (rounds, events) = peer.finish().await;
+                assert_eq!(rounds, ROUNDS);
+                for event in events {
+                    if let swarmtrain_client::peer::PeerEvent::Revealed {
+                        accepted, reason, ..
+                    } = event
+                    {
+                        assert!(accepted, "an honest reveal is taken: {reason:?}");
+                        revealed += 1;
+                    }
+                }
+            }
+        })
+    })
+    .await
+    .expect("in time");
+    assert_eq!(revealed, 3 * ROUNDS, "every honest update was audited");
+    // Every replay concluded but the last round's unrevealed one (it fails when the next round
+    // closes).
+    let concluded = everyone as u64 * ROUNDS - 1;
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while relay.coordinator.status().await.replays.values().sum::<u64>() < concluded {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("every replay concluded");
+    let status = relay.coordinator.status().await;
+    println!("replays: {:?}, reveal bytes {}", status.replays, status.reveal_bytes);
+    let count = |label: &str| status.replays.get(label).copied().unwrap_or(0);
+    assert_eq!(count("exact"), 3 * ROUNDS, "honest CPU replays match bit for bit");
+    assert_eq!(count("differs"), ROUNDS);
+    assert_eq!(count("no_reveal"), ROUNDS - 1);
+    assert_eq!(count("mismatch"), ROUNDS);
+    for seed in 1..=3 {
+        let c = lm_credit(&relay, seed).await;
+        assert_eq!(c["failed_updates"], 0, "an honest update never fails: {c}");
+        assert_eq!(c["verified_updates"], ROUNDS, "all honest work verified: {c}");
+        assert_eq!(c["verdicts"][0]["replay"]["exact"], true, "{c}");
+    }
+    for (i, kind) in kinds.iter().enumerate() {
+        let c = lm_credit(&relay, 150 + i as u8).await;
+        println!("{kind:?}: {}", outcomes(&c));
+        assert_eq!(c["verified_updates"], 0, "{kind:?} earns no verified credit: {c}");
+        let failed = if *kind == Dodge::NoReveal { ROUNDS - 1 } else { ROUNDS };
+        assert_eq!(c["failed_updates"], failed, "{kind:?} fails each audit: {c}");
+    }
+    let text = swarmtrain_tests::metrics(&relay).await;
+    assert!(
+        text.contains("swarmtrain_replays_total{run=\"lm\",outcome=\"differs\"} 3"),
+        "{text}"
+    );
+    relay.shutdown().await;
 }

@@ -93,7 +93,7 @@ pub struct Status {
     /// The last checked round's upper-quartile check score (a round below the pass score cannot fail
     /// anyone).
     pub check_power: Option<f32>,
-    /// Replays by outcome (`exact`, `near`, `differs`, `no_reveal`, `bad_reveal`, `behind`).
+    /// Replays by outcome (`exact`, `near`, `differs`, `no_reveal`, `mismatch`, `bad_reveal`, `behind`).
     pub replays: BTreeMap<String, u64>,
     /// Bytes of committed states revealed for replays.
     pub reveal_bytes: u64,
@@ -168,7 +168,7 @@ struct State {
     /// (their peers are the open round's announced `audit`). Kept in memory only: a relay
     /// that restarts forgets them (those updates stay unchecked).
     audits: BTreeMap<PeerKey, Audit>,
-    /// Replays by outcome (`exact`, `near`, `differs`, `no_reveal`, `bad_reveal`, `behind`).
+    /// Replays by outcome (`exact`, `near`, `differs`, `no_reveal`, `mismatch`, `bad_reveal`, `behind`).
     replay_outcomes: BTreeMap<&'static str, u64>,
     /// Bytes of revealed states received.
     reveal_bytes: u64,
@@ -993,7 +993,7 @@ impl Coordinator {
                 Outcome::Failed {
                     reason: reason.clone(),
                 },
-                "bad_reveal",
+                "mismatch",
             )])
             .await;
             // The refusal itself is the strike.
@@ -1086,7 +1086,7 @@ impl Coordinator {
             let peer = audit.peer;
             if let Outcome::Failed { reason } = &outcome {
                 tracing::warn!(peer = peer.short(), round = audit.round, %reason, label, "an update failed its replay: it earns no credit");
-                if label != "bad_reveal"
+                if label != "mismatch"
                     && let Some(strikes) = &self.strikes
                     && strikes.try_send(peer).is_err()
                 {

@@ -645,7 +645,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metric(
         "swarmtrain_replays_total",
         "Updates drawn for a replay, by outcome (exact, near: within the tolerance, differs, \
-         no_reveal, bad_reveal: not the committed state, behind: not replayed).",
+         no_reveal, mismatch: not the committed state, bad_reveal: the committed state does not \
+         replay, behind: not replayed).",
         "counter",
         &|s| {
             s.replays
