@@ -525,3 +525,170 @@ pub async fn two_peers_close_round_0(
     }
     [(client_a, id_a, round0.clone()), (client_b, id_b, round0)]
 }
+
+/// Waits (at most 2 minutes) until `n` identities have joined `relay`'s run.
+pub async fn all_joined(relay: &Relay, n: usize) {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while relay.coordinator.status().await.joined_peers < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("everyone joined");
+}
+
+/// How an auditee in [`auditees`] answers the relay's replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dodge {
+    /// Runs half the steps it reports (and reveals the state it really started from).
+    FewerSteps,
+    /// Never reveals its committed state.
+    NoReveal,
+    /// Reveals a state other than the one its update committed to.
+    WrongReveal,
+}
+
+/// Peers (seeds 150, 151, …) that commit to their round-start state as honest ones do and, in
+/// the rounds where `cheats(round)` holds, dodge the replay each its own way (in the others
+/// they train and reveal honestly); each trains a fresh replica every round, so its committed
+/// state is the schedule's position without moments. Runs `rounds` rounds of a language-model
+/// run, after `joined` identities (these included) have joined, and answers the last round's
+/// audit. Returns, for each, the rounds the relay drew its update in.
+pub async fn auditees(
+    relay: &Relay,
+    kinds: &[Dodge],
+    joined: usize,
+    rounds: u64,
+    cheats: impl Fn(u64) -> bool,
+) -> Vec<Vec<u64>> {
+    use burn::backend::{Autodiff, NdArray};
+    use swarmtrain_shared::lm_train::LmTrainer;
+    use swarmtrain_shared::protocol::{Reveal, params_from_bytes};
+    use swarmtrain_shared::replay::{CommittedState, RoundInputs, replay_lm};
+    type B = Autodiff<NdArray>;
+
+    let mut peers = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        let (client, identity, welcome, round) = join_raw(relay, [150 + i as u8; 32]).await;
+        peers.push((*kind, client, identity.peer(), welcome, round));
+    }
+    all_joined(relay, joined).await;
+    let spec = peers[0].3.spec.clone();
+    let relay_key = PeerKey::from_public_key(peers[0].3.relay_key());
+    let config = spec.model.lm_config().expect("a language-model run");
+    let device = Default::default();
+    let h = spec.inner.steps;
+    // The state each committed to in the round just closed.
+    let mut committed: Vec<Vec<u8>> = vec![Vec::new(); peers.len()];
+    let mut audited = vec![Vec::new(); peers.len()];
+    for r in 0..=rounds {
+        // The audit of the round before: named in this round's announcement.
+        if r > 0 {
+            for (((kind, client, key, _, round), state), audited) in
+                peers.iter().zip(&committed).zip(&mut audited)
+            {
+                let cheat = cheats(r - 1);
+                if !round.audit.contains(key) {
+                    continue;
+                }
+                audited.push(r - 1);
+                if cheat && *kind == Dodge::NoReveal {
+                    continue;
+                }
+                let mut state = state.clone();
+                if cheat && *kind == Dodge::WrongReveal {
+                    let mut other = CommittedState::from_bytes(&state).expect("state");
+                    other.trainer.step += 1;
+                    state = other.to_bytes();
+                }
+                let reveal = ClientToRelay::Reveal(Reveal {
+                    run_id: spec.run_id.clone(),
+                    round: r - 1,
+                    state: PayloadRef::of(&state),
+                });
+                let answer = client.send(reveal, state).await.expect("answer");
+                match (cheat && *kind == Dodge::WrongReveal, answer) {
+                    (false, RelayToClient::Revealed { round }) => assert_eq!(round, r - 1),
+                    (true, RelayToClient::Rejected { kind, .. }) => {
+                        assert_eq!(kind, "reveal_mismatch")
+                    }
+                    (_, other) => panic!("{kind:?} revealed: {other:?}"),
+                }
+            }
+        }
+        if r == rounds {
+            break;
+        }
+        let round = peers[0].4.clone();
+        let bytes = peers[0]
+            .1
+            .fetch_params(&spec.run_id, round.params)
+            .await
+            .expect("θ");
+        let theta = params_from_bytes(&bytes).expect("f32s");
+        for ((kind, client, _, welcome, _), committed) in peers.iter().zip(&mut committed) {
+            let text = relay
+                .coordinator
+                .text(round.round, welcome.slot)
+                .await
+                .expect("text");
+            // A fresh replica each round: its state is the schedule's position, no moments.
+            let mut trainer = LmTrainer::<B>::new(&device, &config, &theta, &spec.inner.optimizer)
+                .expect("θ fits");
+            trainer.seek(round.round * u64::from(h));
+            let state = CommittedState {
+                trainer: trainer.state().await.expect("state"),
+                residual: Vec::new(),
+            };
+            let steps = if cheats(round.round) && *kind == Dodge::FewerSteps {
+                h / 2
+            } else {
+                h
+            };
+            let inputs = RoundInputs {
+                config: &config,
+                optimizer: &spec.inner.optimizer,
+                theta: &theta,
+                first_step: round.round * u64::from(h),
+                text: &text,
+                batch: spec.inner.batch_size,
+                steps,
+                privacy: spec.privacy.as_ref(),
+                codec: spec.codec,
+            };
+            let payload = tokio::task::block_in_place(|| {
+                futures::executor::block_on(replay_lm::<B>(&device, &inputs, &state))
+            })
+            .expect("trains");
+            *committed = state.to_bytes();
+            let update = ClientToRelay::Update(Update {
+                run_id: spec.run_id.clone(),
+                round: round.round,
+                base: round.params,
+                n_samples: h * spec.inner.batch_size,
+                inner_steps: h,
+                loss: 1.0,
+                codec: spec.codec,
+                payload: PayloadRef::of(&payload),
+                state: PayloadRef::of(committed),
+            });
+            match client.send(update, payload).await {
+                Ok(RelayToClient::Accepted { .. }) => {}
+                other => panic!("{kind:?} is accepted (the replay comes later): {other:?}"),
+            }
+        }
+        for (_, client, _, _, next) in &mut peers {
+            let ask = ClientToRelay::AwaitRound {
+                run_id: spec.run_id.clone(),
+                after: Some(round.round),
+            };
+            *next = match client.send(ask, Vec::new()).await {
+                Ok(RelayToClient::Round(signed)) => {
+                    signed.verify_from(&relay_key).expect("announcement")
+                }
+                other => panic!("expected the next round, got {other:?}"),
+            };
+        }
+    }
+    audited
+}

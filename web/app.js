@@ -94,6 +94,12 @@ function onEvent(ev) {
       if (ev.relay_rtt_ms != null) $('rtt').textContent = `${ev.relay_rtt_ms.toFixed(1)} ms`;
       refreshStatus();
       break;
+    case 'revealed':
+      // The relay drew this tab's update of the round for a replay; its verdict comes with the credits.
+      log(ev.accepted
+        ? `round ${ev.round}: the relay drew this update for a replay; sent the committed training state (${(ev.bytes / 1024).toFixed(0)} KiB)`
+        : `round ${ev.round}: the relay refused the revealed state: ${ev.reason}`, ev.accepted ? undefined : 'warn');
+      break;
     case 'reconnecting': {
       const secs = (ev.delay_ms / 1000).toFixed(1);
       $('state').textContent = `Lost the relay (${ev.error}). Trying again in ${secs} s (attempt ${ev.attempt}); your training state is kept.`;

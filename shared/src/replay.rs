@@ -47,6 +47,40 @@ impl CommittedState {
         postcard::from_bytes(bytes).ok()
     }
 
+    /// Whether this state could have come from training with `optimizer` for at most
+    /// `steps_before` steps: finite values, no tensor further than that, and, under gradient
+    /// clipping at c, first moments within ±c and second moments within [0, c²] (they are
+    /// averages of clipped gradients and their squares). A crafted state outside those bounds
+    /// (a huge second moment, say) could make the round's steps do next to nothing, so that an
+    /// update computed without the steps would replay.
+    pub fn plausible(&self, optimizer: &LmInnerSpec, steps_before: u64) -> Result<(), String> {
+        // Room for the rounding of the clipped norm.
+        let bound = optimizer.clip_norm.map(|c| 1.01 * c);
+        for (i, m) in self.trainer.moments.iter().enumerate() {
+            if m.time > steps_before {
+                return Err(format!(
+                    "tensor {i} has taken {} steps, more than the {steps_before} before the round",
+                    m.time
+                ));
+            }
+            let first = m.first.iter().all(|v| {
+                v.is_finite() && bound.is_none_or(|c| v.abs() <= c)
+            });
+            let second = m.second.iter().all(|v| {
+                v.is_finite() && *v >= 0.0 && bound.is_none_or(|c| *v <= c * c)
+            });
+            if !first || !second {
+                return Err(format!(
+                    "tensor {i}'s moments are not what clipped gradients give"
+                ));
+            }
+        }
+        if !self.residual.iter().all(|v| v.is_finite()) {
+            return Err("the residual is not finite".into());
+        }
+        Ok(())
+    }
+
     /// Bytes of the committed state of a model with `n_params` parameters, at most (moments
     /// of every tensor and a full residual, and room for the framing).
     pub fn max_len(n_params: usize) -> usize {
@@ -75,12 +109,14 @@ pub struct RoundInputs<'a> {
 /// Replays a language-model round from `state` on backend `B`: the replica's steps
 /// ([`TextBatch::of_round`], [`LmTrainer::step`]) and the peer's encoding
 /// ([`crate::round::update_payload`] with the revealed residual). Returns the payload the peer
-/// should have sent.
+/// should have sent, or why the state cannot be replayed (not
+/// [`plausible`](CommittedState::plausible), or not the model's shape).
 pub async fn replay_lm<B: AutodiffBackend>(
     device: &B::Device,
     round: &RoundInputs<'_>,
     state: &CommittedState,
 ) -> Result<Vec<u8>, String> {
+    state.plausible(round.optimizer, round.first_step)?;
     let mut trainer = LmTrainer::<B>::new(device, round.config, round.theta, round.optimizer)
         .map_err(|e| e.to_string())?;
     trainer.restore(&state.trainer).map_err(|e| e.to_string())?;
@@ -260,6 +296,14 @@ mod tests {
             m.first.iter_mut().for_each(|v| *v *= 0.5);
         }
         assert!(!check(&round, &fresh).exact);
+        // A state no clipped training gives is refused before any step is replayed.
+        let mut huge = committed.clone();
+        huge.trainer.moments[0].second[0] = 1e6;
+        assert!(futures::executor::block_on(replay_lm::<B>(&device, &round, &huge)).is_err());
+        let mut early = committed.clone();
+        early.trainer.moments[0].time = 5;
+        assert!(futures::executor::block_on(replay_lm::<B>(&device, &round, &early)).is_err());
+        assert!(committed.plausible(&spec, 4).is_ok());
     }
 
     #[test]

@@ -29,7 +29,11 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-e2e-'));
   const profile = mkdtempSync(join(tmpdir(), 'swarmtrain-chromium-'));
-  let { relay, url: urlPromise } = startRelay(dataDir);
+  // Half the tab's updates are drawn for a replay (the rest get the loss check): the relay
+  // replays the round on its CPU from the state the tab committed to, and how far the tab's
+  // update lands from that replay is the WebGPU (or WebAssembly CPU) side of the tolerance.
+  const replay = ['--replay-fraction', process.env.SWARMTRAIN_E2E_REPLAY_FRACTION ?? '0.5'];
+  let { relay, url: urlPromise } = startRelay(dataDir, undefined, { extra: replay });
   let browser;
   try {
     const url = await urlPromise;
@@ -175,7 +179,7 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
       relay.kill('SIGKILL');
       await exited;
       const restarted = Date.now();
-      ({ relay, url: urlPromise } = startRelay(dataDir, new URL(url).host));
+      ({ relay, url: urlPromise } = startRelay(dataDir, new URL(url).host, { extra: replay }));
       assert.equal(await urlPromise, url, 'the relay is back on its address');
       await page.waitForFunction(() => [...document.querySelectorAll('#log li')].some((li) => /retrying in/.test(li.textContent)), null, { timeout: 120_000 });
       await page.waitForFunction((n) => Number(document.getElementById('trained').textContent) > n
@@ -194,6 +198,16 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
       assert.fail(`Stop did not stop: ${await page.textContent('#state')}\n${pageLog.join('\n')}\n${logs.join('\n')}`);
     }
     assert.equal(await page.textContent('#contribute'), 'Contribute');
+    {
+      // Every replay of this tab's rounds lands within the relay's tolerance (none failed), and
+      // how far each landed: the figures behind the tolerance (docs/security.md).
+      const board = await (await fetch(new URL('api/runs/lm/leaderboard', url))).json();
+      const mine = await (await fetch(new URL(`api/runs/lm/peers/${board.top[0].peer}`, url))).json();
+      assert.equal(mine.failed_updates, 0, `an honest tab's work never fails: ${JSON.stringify(mine.verdicts)}`);
+      const replays = mine.verdicts.filter((v) => v.replay);
+      const revealed = (await page.$$eval('#log li', (lis) => lis.map((li) => li.textContent))).filter((t) => /drew this update for a replay/.test(t));
+      console.log(`${expected} tab's replays: ${replays.map((v) => `round ${v.round} ${v.replay.exact ? 'exact' : `distance ${v.replay.distance.toExponential(2)}`}`).join('; ') || 'none'} (${revealed.length} reveals logged)`);
+    }
     const pageLog = await page.$$eval('#log li', (items) => items.map((li) => li.textContent).reverse());
     console.log(pageLog.filter((l) => /steps in|backend/.test(l)).join('\n'));
     await page.screenshot({ path: join(outDir, `contribute-${expected}.png`), fullPage: true });
