@@ -14,7 +14,8 @@ use swarmtrain_shared::protocol::{
 use swarmtrain_shared::robust::Rule;
 use swarmtrain_shared::verify::CheckPolicy;
 use swarmtrain_tests::{
-    Dodge, all_joined, auditees, init_logging, join_raw, spawn_peers_together, start_relay,
+    Dodge, all_joined, auditees, await_next_round, init_logging, join_raw, send_full_update,
+    spawn_peers_together, start_relay,
 };
 
 /// Joins and, every round, sends Δ = −10 in every coordinate (about −1000× an honest Δ).
@@ -390,34 +391,10 @@ async fn cheaters(relay: &Relay, kinds: &[Cheat], joined: usize, rounds: u64) {
         }
         // Every update first: the round closes only once all have arrived.
         for ((_, client, _, _), delta) in peers.iter().zip(deltas) {
-            let payload = spec.codec.encode(&delta);
-            let update = ClientToRelay::Update(Update {
-                run_id: spec.run_id.clone(),
-                round: round.round,
-                base: round.params,
-                n_samples: h * spec.inner.batch_size,
-                inner_steps: h,
-                loss: 1.0,
-                codec: spec.codec,
-                payload: PayloadRef::of(&payload),
-                state: PayloadRef::of(&[]),
-            });
-            match client.send(update, payload).await {
-                Ok(RelayToClient::Accepted { .. }) => {}
-                other => panic!("a cheat is accepted (the checks come later): {other:?}"),
-            }
+            send_full_update(client, &spec, &round, spec.codec.encode(&delta), &[]).await;
         }
         for (_, client, _, next) in &mut peers {
-            let ask = ClientToRelay::AwaitRound {
-                run_id: spec.run_id.clone(),
-                after: Some(round.round),
-            };
-            *next = match client.send(ask, Vec::new()).await {
-                Ok(RelayToClient::Round(signed)) => {
-                    signed.verify_from(&relay_key).expect("announcement")
-                }
-                other => panic!("expected the next round, got {other:?}"),
-            };
+            *next = await_next_round(client, &spec, round.round, &relay_key).await;
         }
     }
 }
@@ -652,21 +629,24 @@ async fn the_relay_replays_drawn_rounds_and_catches_what_was_not_done() {
     let mut revealed = 0;
     tokio::time::timeout(Duration::from_secs(600), async {
         let relay = &relay;
-        let (audited, ()) = tokio::join!(auditees(relay, &kinds, everyone, ROUNDS, |_| true), async {
-            for peer in honest {
-                let (rounds, events) = peer.finish().await;
-                assert_eq!(rounds, ROUNDS);
-                for event in events {
-                    if let swarmtrain_client::peer::PeerEvent::Revealed {
-                        accepted, reason, ..
-                    } = event
-                    {
-                        assert!(accepted, "an honest reveal is taken: {reason:?}");
-                        revealed += 1;
+        let (audited, ()) =
+            tokio::join!(auditees(relay, &kinds, everyone, ROUNDS, |_| true), async {
+                for peer in honest {
+                    let (rounds, events) = peer.finish().await;
+                    assert_eq!(rounds, ROUNDS);
+                    for event in events {
+                        if let swarmtrain_client::peer::PeerEvent::Revealed {
+                            accepted,
+                            reason,
+                            ..
+                        } = event
+                        {
+                            assert!(accepted, "an honest reveal is taken: {reason:?}");
+                            revealed += 1;
+                        }
                     }
                 }
-            }
-        });
+            });
         assert!(
             audited.iter().all(|rounds| rounds.len() as u64 == ROUNDS),
             "every update is drawn: {audited:?}"
@@ -679,31 +659,59 @@ async fn the_relay_replays_drawn_rounds_and_catches_what_was_not_done() {
     // closes).
     let concluded = everyone as u64 * ROUNDS - 1;
     tokio::time::timeout(Duration::from_secs(300), async {
-        while relay.coordinator.status().await.replays.values().sum::<u64>() < concluded {
+        while relay
+            .coordinator
+            .status()
+            .await
+            .replays
+            .values()
+            .sum::<u64>()
+            < concluded
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
     .expect("every replay concluded");
     let status = relay.coordinator.status().await;
-    println!("replays: {:?}, reveal bytes {}", status.replays, status.reveal_bytes);
+    println!(
+        "replays: {:?}, reveal bytes {}",
+        status.replays, status.reveal_bytes
+    );
     let count = |label: &str| status.replays.get(label).copied().unwrap_or(0);
-    assert_eq!(count("exact"), 3 * ROUNDS, "honest CPU replays match bit for bit");
+    assert_eq!(
+        count("exact"),
+        3 * ROUNDS,
+        "honest CPU replays match bit for bit"
+    );
     assert_eq!(count("differs"), ROUNDS);
     assert_eq!(count("no_reveal"), ROUNDS - 1);
     assert_eq!(count("mismatch"), ROUNDS);
     for seed in 1..=3 {
         let c = lm_credit(&relay, seed).await;
         assert_eq!(c["failed_updates"], 0, "an honest update never fails: {c}");
-        assert_eq!(c["verified_updates"], ROUNDS, "all honest work verified: {c}");
+        assert_eq!(
+            c["verified_updates"], ROUNDS,
+            "all honest work verified: {c}"
+        );
         assert_eq!(c["verdicts"][0]["replay"]["exact"], true, "{c}");
     }
     for (i, kind) in kinds.iter().enumerate() {
         let c = lm_credit(&relay, 150 + i as u8).await;
         println!("{kind:?}: {}", outcomes(&c));
-        assert_eq!(c["verified_updates"], 0, "{kind:?} earns no verified credit: {c}");
-        let failed = if *kind == Dodge::NoReveal { ROUNDS - 1 } else { ROUNDS };
-        assert_eq!(c["failed_updates"], failed, "{kind:?} fails each audit: {c}");
+        assert_eq!(
+            c["verified_updates"], 0,
+            "{kind:?} earns no verified credit: {c}"
+        );
+        let failed = if *kind == Dodge::NoReveal {
+            ROUNDS - 1
+        } else {
+            ROUNDS
+        };
+        assert_eq!(
+            c["failed_updates"], failed,
+            "{kind:?} fails each audit: {c}"
+        );
     }
     let text = swarmtrain_tests::metrics(&relay).await;
     assert!(

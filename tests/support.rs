@@ -661,34 +661,55 @@ pub async fn auditees(
             })
             .expect("trains");
             *committed = state.to_bytes();
-            let update = ClientToRelay::Update(Update {
-                run_id: spec.run_id.clone(),
-                round: round.round,
-                base: round.params,
-                n_samples: h * spec.inner.batch_size,
-                inner_steps: h,
-                loss: 1.0,
-                codec: spec.codec,
-                payload: PayloadRef::of(&payload),
-                state: PayloadRef::of(committed),
-            });
-            match client.send(update, payload).await {
-                Ok(RelayToClient::Accepted { .. }) => {}
-                other => panic!("{kind:?} is accepted (the replay comes later): {other:?}"),
-            }
+            send_full_update(client, &spec, &round, payload, committed).await;
         }
         for (_, client, _, _, next) in &mut peers {
-            let ask = ClientToRelay::AwaitRound {
-                run_id: spec.run_id.clone(),
-                after: Some(round.round),
-            };
-            *next = match client.send(ask, Vec::new()).await {
-                Ok(RelayToClient::Round(signed)) => {
-                    signed.verify_from(&relay_key).expect("announcement")
-                }
-                other => panic!("expected the next round, got {other:?}"),
-            };
+            *next = await_next_round(client, &spec, round.round, &relay_key).await;
         }
     }
     audited
+}
+
+/// Sends an update of `round` claiming the run's full `H` steps, with `payload` and a
+/// commitment to `state`, and expects it accepted (the checks come after the round closes).
+pub async fn send_full_update(
+    client: &RelayClient,
+    spec: &RunSpec,
+    round: &RoundAnnouncement,
+    payload: Vec<u8>,
+    state: &[u8],
+) {
+    let h = spec.inner.steps;
+    let update = ClientToRelay::Update(Update {
+        run_id: spec.run_id.clone(),
+        round: round.round,
+        base: round.params,
+        n_samples: h * spec.inner.batch_size,
+        inner_steps: h,
+        loss: 1.0,
+        codec: spec.codec,
+        payload: PayloadRef::of(&payload),
+        state: PayloadRef::of(state),
+    });
+    match client.send(update, payload).await {
+        Ok(RelayToClient::Accepted { .. }) => {}
+        other => panic!("an update is accepted (the checks come later): {other:?}"),
+    }
+}
+
+/// Long-polls for the round after `after` and checks it is signed by `relay_key`.
+pub async fn await_next_round(
+    client: &RelayClient,
+    spec: &RunSpec,
+    after: u64,
+    relay_key: &PeerKey,
+) -> RoundAnnouncement {
+    let ask = ClientToRelay::AwaitRound {
+        run_id: spec.run_id.clone(),
+        after: Some(after),
+    };
+    match client.send(ask, Vec::new()).await {
+        Ok(RelayToClient::Round(signed)) => signed.verify_from(relay_key).expect("announcement"),
+        other => panic!("expected the next round, got {other:?}"),
+    }
 }

@@ -206,8 +206,10 @@ pub struct Coordinator {
     checks_queued: std::sync::atomic::AtomicUsize,
     check_lane: Mutex<()>,
     replays: ReplayPolicy,
-    /// Replays revealed and not yet run.
+    /// Replays revealed and not yet run, and the lane they take in turn: their own, beside the
+    /// loss checks', so that a backlog of loss checks never leaves a drawn update unreplayed.
     replays_queued: std::sync::atomic::AtomicUsize,
+    replay_lane: Mutex<()>,
     /// Where a peer whose audit failed (no reveal, a replay that differs) is reported for a
     /// strike against its identity (the libp2p loop keeps strikes).
     strikes: Option<tokio::sync::mpsc::Sender<PeerKey>>,
@@ -421,6 +423,7 @@ impl Coordinator {
             check_lane: Mutex::new(()),
             replays: ReplayPolicy::default(),
             replays_queued: std::sync::atomic::AtomicUsize::new(0),
+            replay_lane: Mutex::new(()),
             strikes: None,
         })
     }
@@ -1005,8 +1008,8 @@ impl Coordinator {
         encode(&RelayToClient::Revealed { round })
     }
 
-    /// Replays a revealed update ([`checks::replay_update`]) in the check lane and concludes
-    /// it. More than two rounds' worth of replays waiting and the update is not replayed
+    /// Replays a revealed update ([`checks::replay_update`]) in the replay lane (one at a
+    /// time per run, beside the loss checks) and concludes it. More than two rounds' worth of replays waiting and the update is not replayed
     /// (it stays unchecked).
     async fn replay(self: Arc<Self>, audit: Audit, state: Vec<u8>) {
         use std::sync::atomic::Ordering;
@@ -1028,7 +1031,7 @@ impl Coordinator {
                 )])
                 .await;
         }
-        let lane = self.check_lane.lock().await;
+        let lane = self.replay_lane.lock().await;
         let this = self.clone();
         let started = std::time::Instant::now();
         let done = tokio::task::spawn_blocking(move || {

@@ -63,12 +63,14 @@ impl CommittedState {
                     m.time
                 ));
             }
-            let first = m.first.iter().all(|v| {
-                v.is_finite() && bound.is_none_or(|c| v.abs() <= c)
-            });
-            let second = m.second.iter().all(|v| {
-                v.is_finite() && *v >= 0.0 && bound.is_none_or(|c| *v <= c * c)
-            });
+            let first = m
+                .first
+                .iter()
+                .all(|v| v.is_finite() && bound.is_none_or(|c| v.abs() <= c));
+            let second = m
+                .second
+                .iter()
+                .all(|v| v.is_finite() && *v >= 0.0 && bound.is_none_or(|c| *v <= c * c));
             if !first || !second {
                 return Err(format!(
                     "tensor {i}'s moments are not what clipped gradients give"

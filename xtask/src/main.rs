@@ -40,7 +40,7 @@ fn main() -> ExitCode {
                  bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
                  bench browser training steps per second in Chromium (WebGPU, CPU), natively and in TF.js; writes docs/benchmarks/browser.md\n  \
                  bench flood  honest round time, a newcomer's first accepted update and memory under hostile floods; writes docs/benchmarks/flood.md\n  \
-                 bench verify the relay's loss check: honest and false updates judged over seeded runs, and its cost; writes docs/benchmarks/verify.md\n  \
+                 bench verify the relay's checks: the loss check over seeded runs, what a check and a replay cost, a 100-round run catching a sometime cheat; writes docs/benchmarks/verify.md\n  \
                  bench joiners the relay's θ bytes out for 8 browsers joining a round, without and with browser links; writes docs/benchmarks/joiners.md\n  \
                  bench internet the relay on a simulated internet (root): first update, link set-up, θ over direct and TURN links; writes docs/benchmarks/internet.md\n  \
                  build-wasm   build the npm package into web/pkg\n  \
