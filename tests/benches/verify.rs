@@ -524,16 +524,20 @@ fn main() {
          the update bit for bit (the bench asserts it).\n\n\
          | model | training {REPLAYED_STEPS} steps | replaying them | replay / training | reveal, at most |\n|---|---|---|---|---|\n\
          {}{}\n\
-         So a replayed update costs the relay about one round of the peer's training, against \
-         {:.0}% (default LM) and {:.0}% (4.9M LM) of a round for the loss check; \
-         `--replays-per-round` caps the rounds of training the relay spends on replays per round. \
-         Bandwidth: every update carries a 36-byte commitment (a 32-byte digest and a length, \
-         `Update::state`); only a drawn peer uploads its state, 12 bytes a parameter at most \
-         (AdamW's two moments and the error-feedback residual, f32 each; the moments are empty \
-         before a replica's first step). Ledger: a replayed update's signed verdict carries its \
-         replay (`steps`, `exact`, `distance`: 9 bytes) instead of the loss check's scores.\n",
+         So a replayed update costs the relay {:.2}× (default LM) and {:.2}× (4.9M LM) the \
+         peer's training of the same steps, about one round of it, against {:.0}% and {:.0}% of \
+         a round for the loss check; `--replays-per-round` caps the rounds of training the relay \
+         spends on replays per round. Bandwidth: every update carries a commitment of 33 to 37 \
+         bytes (`Update::state`: a 32-byte BLAKE3 digest and the length as a varint); only a \
+         drawn peer uploads its state, 12 bytes a parameter at most (AdamW's two moments and the \
+         error-feedback residual, f32 each; the moments are empty before a replica's first \
+         step). Ledger: each update's signed envelope grows by its commitment, and a replayed \
+         update's signed verdict carries its replay (`steps`, `exact`, `distance`: at most 11 \
+         bytes) instead of the loss check's scores.\n",
         replay_row("default LM (136K, batch 16, context 64)", &lm, n_lm),
         replay_row("4.9M LM (context 128, batch 2)", &big, n_big),
+        lm.replay_ms / lm.train_ms,
+        big.replay_ms / big.train_ms,
         100.0 * lm_check / (lm_step * h),
         100.0 * big_check / (big_step * h),
     );
