@@ -89,7 +89,8 @@ function onEvent(ev) {
       if (ev.accepted) {
         $('accepted').textContent = ++accepted;
       }
-      $('state').textContent = `Update for round ${ev.round} ${ev.accepted ? 'accepted' : 'rejected: ' + ev.reason}.`;
+      // A tab paused just before its update went out keeps saying why it is paused.
+      if (!paused) $('state').textContent = `Update for round ${ev.round} ${ev.accepted ? 'accepted' : 'rejected: ' + ev.reason}.`;
       if (!ev.accepted) log(`update for round ${ev.round} rejected: ${ev.reason}`, 'warn');
       if (ev.relay_rtt_ms != null) $('rtt').textContent = `${ev.relay_rtt_ms.toFixed(1)} ms`;
       refreshStatus();
