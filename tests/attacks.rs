@@ -626,6 +626,7 @@ async fn the_relay_replays_drawn_rounds_and_catches_what_was_not_done() {
         fraction: 1.0,
         per_round: 16,
         tolerance: 0.05,
+        ..ReplayPolicy::default()
     };
     let relay = Relay::start(config).await.expect("relay starts");
     let honest = spawn_peers_together(&relay, 1..=3, ROUNDS, everyone);

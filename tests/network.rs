@@ -317,6 +317,7 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
             backend: "none".into(),
             platform: "webrtc test".into(),
         },
+        role: swarmtrain_shared::protocol::Role::Train,
         proof_of_work: None,
     });
     let envelope = protocol::Envelope {

@@ -163,6 +163,7 @@ pub fn digits_join(platform: &str, proof_of_work: Option<u64>) -> ClientToRelay 
             backend: "none".into(),
             platform: platform.into(),
         },
+        role: swarmtrain_shared::protocol::Role::Train,
         proof_of_work,
     })
 }
@@ -197,6 +198,7 @@ pub async fn join_raw_at(
             backend: "none".into(),
             platform: "test".into(),
         },
+        role: swarmtrain_shared::protocol::Role::Train,
         proof_of_work: None,
     });
     let welcome = match client.send(join, Vec::new()).await.expect("join") {

@@ -15,6 +15,7 @@ pub mod platform;
 pub mod replica;
 pub mod rpc;
 pub mod theta;
+pub mod verifier;
 pub mod webrtc;
 
 pub use peer::{PeerConfig, PeerError, PeerEvent};

@@ -18,7 +18,7 @@ use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::data::{self, DigitsSet};
 use swarmtrain_shared::protocol::{
     self, Capabilities, ClientToRelay, Join, PROTOCOL_VERSION, ParamsHash, PayloadRef,
-    RelayToClient, Reveal, RoundAnnouncement, RunSpec, Update,
+    RelayToClient, Reveal, Role, RoundAnnouncement, RunSpec, Update,
 };
 use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::{Identity, Signed};
@@ -349,7 +349,7 @@ pub fn retry_delay(attempt: u32) -> Duration {
 }
 
 /// Sleeps for `delay`, waking early when `stop` is set.
-async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
+pub(crate) async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
     let until = Instant::now() + delay;
     while !stop.load(Ordering::Relaxed) {
         let left = until.saturating_duration_since(Instant::now());
@@ -411,9 +411,9 @@ async fn proof_of_work(
 }
 
 /// A joined session with the relay.
-struct Session {
-    client: RelayClient,
-    transport: String,
+pub(crate) struct Session {
+    pub(crate) client: RelayClient,
+    pub(crate) transport: String,
     /// The relay address this session dialed.
     address: String,
     /// The `Join` this session sent, to send again should the relay have forgotten us.
@@ -421,15 +421,18 @@ struct Session {
     /// The relay's ML-DSA-65 public key, which signs every announcement.
     relay_key: Vec<u8>,
     relay_url: String,
-    spec: RunSpec,
+    pub(crate) spec: RunSpec,
     /// This peer's data slot (text runs).
     slot: u32,
 }
 
 impl Session {
-    async fn join(
+    /// Dials the relay `config` names and joins its run as `role`: admission, the `Welcome`,
+    /// session keys, and the run's announcements by gossip.
+    pub(crate) async fn join(
         config: &PeerConfig,
         identity: &Identity,
+        role: Role,
     ) -> Result<(Self, RoundAnnouncement), PeerError> {
         let bootstrap = fetch_bootstrap(&config.relay_url, Some(&identity.peer().to_hex())).await?;
         let wanted: Vec<&str> = match &config.transport {
@@ -472,6 +475,7 @@ impl Session {
                 backend: config.backend.clone(),
                 platform: platform::platform(),
             },
+            role,
             proof_of_work,
         });
         let welcome = match client.send(join.clone(), Vec::new()).await? {
@@ -615,7 +619,7 @@ impl Session {
     /// longer knows this peer (it restarted: `not_joined`) gets the `Join` again; a connection
     /// without session keys (a redial: `not_sealed`, `unknown_session`) agrees them again; a
     /// busy relay (`*_busy`) is asked again after [`retry_delay`]. Busy is never final.
-    async fn send_mending(
+    pub(crate) async fn send_mending(
         &self,
         message: ClientToRelay,
         payload: Vec<u8>,
@@ -652,7 +656,7 @@ impl Session {
         }
     }
 
-    async fn request(&self, message: ClientToRelay) -> Result<RelayToClient, PeerError> {
+    pub(crate) async fn request(&self, message: ClientToRelay) -> Result<RelayToClient, PeerError> {
         self.send_mending(message, Vec::new()).await
     }
 
@@ -871,7 +875,7 @@ impl Session {
 
     /// θ_t from the linked browsers and the relay, checked against its hash, and the event that
     /// says where it came from.
-    async fn fetch_params(
+    pub(crate) async fn fetch_params(
         &self,
         round: u64,
         hash: ParamsHash,
@@ -920,7 +924,17 @@ impl Session {
     /// The round's text windows for this peer's slot: `steps · batch` windows of `window`
     /// bytes, in step order.
     async fn fetch_text(&self, round: u64, window: usize) -> Result<Vec<u8>, PeerError> {
-        let path = format!("api/runs/{}/text/{round}/{}", self.spec.run_id, self.slot);
+        self.fetch_text_of(round, self.slot, window).await
+    }
+
+    /// The round's text windows of data slot `slot` ([`Self::fetch_text`]).
+    pub(crate) async fn fetch_text_of(
+        &self,
+        round: u64,
+        slot: u32,
+        window: usize,
+    ) -> Result<Vec<u8>, PeerError> {
+        let path = format!("api/runs/{}/text/{round}/{slot}", self.spec.run_id);
         let bytes = platform::http_get(&url(&self.relay_url, &path))
             .await
             .map_err(PeerError::Download)?;
@@ -1046,7 +1060,7 @@ async fn train_session<L: Local>(
     emit: &mut impl FnMut(PeerEvent),
 ) -> Result<(), PeerError> {
     let peer = identity.peer();
-    let (session, mut announcement) = Session::join(config, identity).await?;
+    let (session, mut announcement) = Session::join(config, identity, Role::Train).await?;
     // When the announcement arrived: its deadline counts from about then.
     let mut announced_at = Instant::now();
     let mut via = Announced::Welcome;

@@ -434,33 +434,61 @@ impl RelayClient {
 
     /// θ by its hash from the relay, whole.
     pub async fn fetch_params(&self, run_id: &str, hash: ParamsHash) -> Result<Vec<u8>, RpcError> {
-        let mut bytes = Vec::new();
-        loop {
-            let (total, chunk) = self.relay_chunk(run_id, hash, bytes.len()).await?;
-            let offset = bytes.len();
-            if append_chunk(&mut bytes, total, offset, &chunk)? {
-                break;
-            }
-        }
-        if ParamsHash::of(&bytes) != hash {
+        self.fetch_whole(|offset| Fetch::Params {
+            run_id: run_id.to_owned(),
+            hash,
+            offset,
+        })
+        .await
+    }
+
+    /// The state a verifier's replay job names ([`Fetch::State`]), whole and checked against
+    /// its digest and length.
+    pub async fn fetch_state(
+        &self,
+        run_id: &str,
+        state: &protocol::PayloadRef,
+    ) -> Result<Vec<u8>, RpcError> {
+        let bytes = self
+            .fetch_whole(|offset| Fetch::State {
+                run_id: run_id.to_owned(),
+                digest: state.digest,
+                offset,
+            })
+            .await?;
+        if bytes.len() != state.len as usize {
             return Err(RpcError::Wire(WireError::Malformed(
-                "parameters do not match their hash".into(),
+                "the state is not as long as its job says".into(),
             )));
         }
         Ok(bytes)
     }
 
-    /// One chunk of θ from the relay, from `offset` on: (θ's length, the bytes).
-    async fn relay_chunk(
-        &self,
-        run_id: &str,
-        hash: ParamsHash,
-        offset: usize,
-    ) -> Result<(usize, Vec<u8>), RpcError> {
-        let fetch = Fetch::Params {
-            run_id: run_id.to_owned(),
-            hash,
-            offset: offset as u32,
+    /// An object from the relay, chunk by chunk (`fetch` names the chunk at an offset), checked
+    /// against the digest it is fetched by.
+    async fn fetch_whole(&self, fetch: impl Fn(u32) -> Fetch) -> Result<Vec<u8>, RpcError> {
+        let digest = fetch(0).digest();
+        let mut bytes = Vec::new();
+        loop {
+            let offset = bytes.len();
+            let (total, chunk) = self.relay_chunk(fetch(offset as u32)).await?;
+            if append_chunk(&mut bytes, total, offset, &chunk)? {
+                break;
+            }
+        }
+        if blake3::hash(&bytes).as_bytes() != &digest {
+            return Err(RpcError::Wire(WireError::Malformed(
+                "the fetched bytes do not match their hash".into(),
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// One chunk from the relay: (the object's length, the bytes from `fetch`'s offset on).
+    async fn relay_chunk(&self, fetch: Fetch) -> Result<(usize, Vec<u8>), RpcError> {
+        let (digest, offset) = match &fetch {
+            Fetch::Params { hash, offset, .. } => (hash.0, *offset),
+            Fetch::State { digest, offset, .. } => (*digest, *offset),
         };
         let answer: RelayToClient = protocol::decode(
             &self
@@ -472,9 +500,9 @@ impl RelayClient {
                 total,
                 offset: at,
                 bytes,
-            } if at as usize == offset => {
+            } if at == offset => {
                 let bytes = match self.keys() {
-                    Some(keys) => keys.open(&seal::chunk_context(&hash.0, at, total), &bytes)?,
+                    Some(keys) => keys.open(&seal::chunk_context(&digest, at, total), &bytes)?,
                     None => bytes,
                 };
                 Ok((total as usize, bytes))
@@ -495,7 +523,13 @@ impl RelayClient {
         let mut bytes = Vec::with_capacity(range.len());
         while bytes.len() < range.len() {
             let offset = range.start + bytes.len();
-            let (length, chunk) = self.relay_chunk(run_id, hash, offset).await?;
+            let (length, chunk) = self
+                .relay_chunk(Fetch::Params {
+                    run_id: run_id.to_owned(),
+                    hash,
+                    offset: offset as u32,
+                })
+                .await?;
             if length != total || chunk.is_empty() || offset + chunk.len() > total {
                 return Err(unexpected("a chunk of the announced θ"));
             }

@@ -17,12 +17,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use burn::backend::NdArray;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::aggregate::Contribution;
 use swarmtrain_shared::data::{SplitMix64, derive_seed};
-use swarmtrain_shared::protocol::{ModelConfig, PayloadRef, RunSpec};
+use swarmtrain_shared::protocol::{ModelConfig, ParamsHash, PayloadRef, RunSpec};
 use swarmtrain_shared::replay::{self, CommittedState, ReplayCheck, RoundInputs};
 use swarmtrain_shared::robust::{self, Rule};
 use swarmtrain_shared::verify::{self, CheckPolicy, LossCheck, Outcome};
@@ -59,6 +60,13 @@ pub struct ReplayPolicy {
     /// kernels, and a peer on WebGPU, or on a CPU whose kernels round differently (another
     /// SIMD set, WebAssembly), lands near it rather than on it.
     pub tolerance: f32,
+    /// How long a revealed update waits for a volunteer verifier to replay it before the relay
+    /// replays it itself (it replays at once when no verifier has asked for work lately).
+    pub verifier_timeout: Duration,
+    /// The chance that the relay replays an update a verifier verified once more itself; a
+    /// verifier's failing verdict is always replayed again (so a lying verifier cannot cost an
+    /// honest peer its credit).
+    pub spot_check: f64,
 }
 
 impl Default for ReplayPolicy {
@@ -67,6 +75,8 @@ impl Default for ReplayPolicy {
             fraction: 0.1,
             per_round: 4,
             tolerance: 0.05,
+            verifier_timeout: Duration::from_secs(60),
+            spot_check: 0.25,
         }
     }
 }
@@ -76,8 +86,9 @@ impl Default for ReplayPolicy {
 pub struct Audit {
     pub peer: PeerKey,
     pub round: u64,
-    /// θ of the round.
+    /// θ of the round, and its hash (what a verifier fetches it by).
     pub theta: Arc<Vec<f32>>,
+    pub theta_hash: ParamsHash,
     /// The update as the relay decoded it.
     pub delta: Vec<f32>,
     pub claim: Claim,
@@ -106,52 +117,36 @@ pub fn replay_update(
         return failed("the revealed state does not decode".into());
     };
     let claim = &audit.claim;
-    let window = config.context + 1;
-    let mut given = text.shards.shard(
+    let given = text.shards.shard(
         audit.round,
         claim.slot,
         spec.data.n_shards,
         spec.inner.steps,
         spec.inner.batch_size as usize,
     );
-    given.truncate(claim.steps as usize * spec.inner.batch_size as usize * window);
-    let inputs = RoundInputs {
-        config: &config,
-        optimizer: &spec.inner.optimizer,
-        theta: &audit.theta,
-        first_step: audit.round * u64::from(spec.inner.steps),
-        text: &given,
-        batch: spec.inner.batch_size,
-        steps: claim.steps,
-        privacy: spec.privacy.as_ref(),
-        codec: spec.codec,
-    };
+    let inputs = RoundInputs::of_update(spec, &config, &audit.theta, audit.round, claim.steps, &given);
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
     let replayed = match futures::executor::block_on(replay::replay_lm::<
         burn::backend::Autodiff<NdArray>,
     >(&device, &inputs, &committed))
     {
         Ok(replayed) => replayed,
-        Err(e) => return failed(format!("the revealed state does not fit the model: {e}")),
+        Err(e) => return failed(format!("the revealed state cannot be replayed: {e}")),
     };
-    let check = replay::compare(
+    let check = compare(spec, audit, &replayed);
+    (Some(check), replay::judge(&check, policy.tolerance))
+}
+
+/// How far `audit`'s update lands from `replayed`, the payload a replay of it gave (the relay's
+/// or a verifier's).
+pub fn compare(spec: &RunSpec, audit: &Audit, replayed: &[u8]) -> ReplayCheck {
+    replay::compare(
         spec.codec,
-        claim.steps,
+        audit.claim.steps,
         &audit.delta,
-        &claim.payload,
-        &replayed,
-    );
-    let outcome = if check.exact || check.distance <= policy.tolerance {
-        Outcome::Verified
-    } else {
-        Outcome::Failed {
-            reason: format!(
-                "its replay lands {:.3e} away, more than the {:.3e} allowed",
-                check.distance, policy.tolerance
-            ),
-        }
-    };
-    (Some(check), outcome)
+        &audit.claim.payload,
+        replayed,
+    )
 }
 
 /// One closed round's updates, to be checked.

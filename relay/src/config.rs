@@ -120,6 +120,15 @@ pub struct ServeOptions {
     /// still verify it (WebGPU peers, CPUs whose kernels round differently). Default: 0.05.
     #[arg(long, env = "SWARMTRAIN_REPLAY_TOLERANCE")]
     pub replay_tolerance: Option<f32>,
+    /// How long a revealed update waits for a volunteer verifier (`swarmtrain-peer verify`) to
+    /// replay it before the relay replays it itself, in seconds. Without a verifier asking, the
+    /// relay replays at once. Default: 60.
+    #[arg(long, env = "SWARMTRAIN_VERIFIER_TIMEOUT_SECS")]
+    pub verifier_timeout_secs: Option<u64>,
+    /// The chance that the relay replays an update a verifier found verified again itself, to
+    /// catch verifiers that lie (a verifier that fails an update is always checked). Default: 0.25.
+    #[arg(long, env = "SWARMTRAIN_VERIFIER_SPOT_CHECK")]
+    pub verifier_spot_check: Option<f64>,
     /// Where the world reaches this relay (repeatable, or comma-separated in the variable): an
     /// IP, a host name (dialed by name over TCP and WebSocket, resolved at start for
     /// WebRTC-direct), or a full multiaddr (a reverse proxy's `/dns4/relay.example/tcp/443/tls/ws`).
@@ -558,7 +567,7 @@ impl ServeOptions {
             checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
             check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
-            replay_tolerance, aggregation_backend,
+            replay_tolerance, verifier_timeout_secs, verifier_spot_check, aggregation_backend,
             external_address, tls_cert,
             tls_key, allow_origin, trusted_proxy, ice_server, turn_secret, turn_ttl_secs);
         self.run = self.run.merge(file.run);
@@ -631,7 +640,18 @@ impl ServeOptions {
                 .replays_per_round
                 .map_or(defaults.replays.per_round, |n| n as usize),
             tolerance: self.replay_tolerance.unwrap_or(defaults.replays.tolerance),
+            verifier_timeout: self
+                .verifier_timeout_secs
+                .map_or(defaults.replays.verifier_timeout, std::time::Duration::from_secs),
+            spot_check: self
+                .verifier_spot_check
+                .unwrap_or(defaults.replays.spot_check),
         };
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&replays.spot_check),
+            "--verifier-spot-check ({}) must be between 0 and 1",
+            replays.spot_check
+        );
         anyhow::ensure!(
             (0.0..=1.0).contains(&replays.fraction),
             "--replay-fraction ({}) must be between 0 and 1",

@@ -7,7 +7,7 @@
 //! `spawn_blocking` without the state lock, so other peers' requests go on meanwhile, and the
 //! peer whose update completed the quorum hears `Accepted` as soon as its update is durable.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +21,10 @@ use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
     self, CHUNK_BYTES, ClientToRelay, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
-    ParamsHash, RelayToClient, Reveal, RoundAnnouncement, RunSpec, Welcome,
+    ParamsHash, RelayToClient, ReplayJob, Replayed, Reveal, Role, RoundAnnouncement, RunSpec,
+    Welcome,
 };
+use swarmtrain_shared::replay::{self, ReplayCheck};
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
 use tokio::sync::{Mutex, Notify, broadcast, oneshot};
@@ -99,6 +101,13 @@ pub struct Status {
     pub reveal_bytes: u64,
     /// The peers whose update of the last closed round awaits its reveal.
     pub audits_pending: usize,
+    /// Volunteer verifiers heard from within the verifier timeout.
+    pub verifiers: usize,
+    /// Revealed updates waiting for a verifier or held by one.
+    pub verifier_jobs: usize,
+    /// Verifiers' reports by what became of them (`trusted`, `confirmed`, `caught`, `unable`,
+    /// `timeout`).
+    pub verifier_reports: BTreeMap<String, u64>,
     pub spec: RunSpecView,
 }
 
@@ -172,12 +181,82 @@ struct State {
     replay_outcomes: BTreeMap<&'static str, u64>,
     /// Bytes of revealed states received.
     reveal_bytes: u64,
+    /// Volunteer verifiers and the replays waiting for them.
+    verifiers: Verifiers,
     /// The open round could not be checkpointed yet: it is not announced (peers keep hearing
     /// the previous round) until a later tick writes it.
     unannounced: bool,
     /// Failed checkpoint writes so far, and when the next try is due.
     checkpoint_failures: u64,
     retry_at_ms: u64,
+}
+
+/// Volunteer verifiers (`swarmtrain-peer verify`, joined with [`Role::Verify`]) and the replays
+/// given to them. Kept in memory only: after a restart verifiers ask again, and a job that was
+/// out is not replayed (its update stays unchecked).
+#[derive(Debug, Default)]
+struct Verifiers {
+    /// When each verifier last asked for work or reported (relay ms).
+    seen: BTreeMap<PeerKey, u64>,
+    /// Verifiers whose report the relay's own replay contradicted: refused from then on (at
+    /// most [`MAX_BANNED_VERIFIERS`] remembered).
+    banned: BTreeSet<PeerKey>,
+    /// Replays waiting for a verifier or given to one, by job number.
+    jobs: BTreeMap<u64, Job>,
+    next_job: u64,
+    /// Verifiers' reports by what became of them (`trusted`, `confirmed`, `caught`, `unable`,
+    /// `timeout`).
+    outcomes: BTreeMap<&'static str, u64>,
+}
+
+/// A replay's conclusion: the update, the replay (if one ran), the outcome, and the label it
+/// is counted under.
+type Replay = (Audit, Option<ReplayCheck>, Outcome, &'static str);
+
+/// What a verifier asking for work after it was banned hears.
+const VERIFIER_BANNED: &str =
+    "a replay of yours contradicted the relay's own: this identity no longer verifies for this run";
+
+/// Banned verifiers a run remembers at most.
+const MAX_BANNED_VERIFIERS: usize = 4096;
+/// A verifier's long poll for a job waits at most this long.
+const VERIFY_POLL: Duration = Duration::from_secs(10);
+
+/// A revealed update waiting for a verifier, or given to one.
+#[derive(Debug)]
+struct Job {
+    audit: Audit,
+    state: bytes::Bytes,
+    verifier: Option<PeerKey>,
+}
+
+impl Verifiers {
+    /// Whether a verifier other than `peer` has been heard from within `within_ms`.
+    fn any_active(&self, now_ms: u64, within_ms: u64, peer: &PeerKey) -> bool {
+        self.seen
+            .iter()
+            .any(|(v, t)| v != peer && now_ms.saturating_sub(*t) <= within_ms)
+    }
+
+    /// Gives `verifier` the oldest job nobody holds that is not its own update's.
+    fn take(&mut self, verifier: PeerKey) -> Option<(u64, &Job)> {
+        let (id, job) = self
+            .jobs
+            .iter_mut()
+            .find(|(_, job)| job.verifier.is_none() && job.audit.peer != verifier)?;
+        job.verifier = Some(verifier);
+        Some((*id, &*job))
+    }
+
+    fn ban(&mut self, verifier: PeerKey) {
+        if self.banned.len() >= MAX_BANNED_VERIFIERS
+            && let Some(first) = self.banned.first().copied()
+        {
+            self.banned.remove(&first);
+        }
+        self.banned.insert(verifier);
+        self.seen.remove(&verifier);
+    }
 }
 
 /// Where a parked long poll hears the next round (`None`: a newer poll replaced it).
@@ -210,6 +289,8 @@ pub struct Coordinator {
     /// loss checks', so that a backlog of loss checks never leaves a drawn update unreplayed.
     replays_queued: std::sync::atomic::AtomicUsize,
     replay_lane: Mutex<()>,
+    /// Woken when a job for the verifiers is queued.
+    jobs_ready: Notify,
     /// Where a peer whose audit failed (no reveal, a replay that differs) is reported for a
     /// strike against its identity (the libp2p loop keeps strikes).
     strikes: Option<tokio::sync::mpsc::Sender<PeerKey>>,
@@ -344,6 +425,7 @@ impl Coordinator {
                     audits: BTreeMap::new(),
                     replay_outcomes: BTreeMap::new(),
                     reveal_bytes: 0,
+                    verifiers: Verifiers::default(),
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -384,6 +466,7 @@ impl Coordinator {
                     audits: BTreeMap::new(),
                     replay_outcomes: BTreeMap::new(),
                     reveal_bytes: 0,
+                    verifiers: Verifiers::default(),
                     unannounced: false,
                     checkpoint_failures: 0,
                     retry_at_ms: 0,
@@ -424,6 +507,7 @@ impl Coordinator {
             replays: ReplayPolicy::default(),
             replays_queued: std::sync::atomic::AtomicUsize::new(0),
             replay_lane: Mutex::new(()),
+            jobs_ready: Notify::new(),
             strikes: None,
         })
     }
@@ -545,45 +629,46 @@ impl Coordinator {
     }
 
     /// Answers a fetch of public data: one chunk of θ by hash.
-    pub async fn fetch(&self, fetch: Fetch) -> Vec<u8> {
-        match fetch {
-            Fetch::Params {
-                run_id,
-                hash,
-                offset,
-            } => {
-                if run_id != self.spec.run_id {
-                    return self
-                        .reject(None, "wrong_run", format!("no run {run_id:?}"))
-                        .await;
-                }
-                let Some(bytes) = self.params(&hash).await else {
-                    return self
-                        .reject(
-                            None,
-                            "unknown_params",
-                            format!("no parameters {}", hash.to_hex()),
-                        )
-                        .await;
-                };
-                let start = offset as usize;
-                if start >= bytes.len() {
-                    return self
-                        .reject(
-                            None,
-                            "bad_fetch",
-                            format!("offset {offset} is past the end ({} bytes)", bytes.len()),
-                        )
-                        .await;
-                }
-                let end = (start + CHUNK_BYTES).min(bytes.len());
-                encode(&RelayToClient::Chunk {
-                    total: bytes.len() as u32,
-                    offset,
-                    bytes: bytes[start..end].to_vec(),
-                })
-            }
+    pub async fn fetch(&self, fetch: Fetch, from: Option<PeerKey>) -> Vec<u8> {
+        if fetch.run_id() != self.spec.run_id {
+            let reason = format!("no run {:?}", fetch.run_id());
+            return self.reject(from, "wrong_run", reason).await;
         }
+        let (bytes, offset) = match fetch {
+            Fetch::Params { hash, offset, .. } => match self.params(&hash).await {
+                Some(bytes) => (bytes, offset),
+                None => {
+                    let reason = format!("no parameters {}", hash.to_hex());
+                    return self.reject(from, "unknown_params", reason).await;
+                }
+            },
+            Fetch::State { digest, offset, .. } => {
+                let state = self.state.lock().await;
+                let held = state.verifiers.jobs.values().find(|job| {
+                    job.audit.claim.state.digest == digest && from.is_some_and(|v| job.verifier == Some(v))
+                });
+                match held {
+                    Some(job) => (job.state.clone(), offset),
+                    None => {
+                        drop(state);
+                        let reason =
+                            "no replay job of this verifier's reveals that state".to_owned();
+                        return self.reject(from, "unknown_job", reason).await;
+                    }
+                }
+            }
+        };
+        let start = offset as usize;
+        if start >= bytes.len() {
+            let reason = format!("offset {offset} is past the end ({} bytes)", bytes.len());
+            return self.reject(from, "bad_fetch", reason).await;
+        }
+        let end = (start + CHUNK_BYTES).min(bytes.len());
+        encode(&RelayToClient::Chunk {
+            total: bytes.len() as u32,
+            offset,
+            bytes: bytes[start..end].to_vec(),
+        })
     }
 
     /// Handles one message from `peer`, whose envelope [`Runs`](crate::Runs) has checked
@@ -632,9 +717,24 @@ impl Coordinator {
                     return self.reject(Some(peer), "relay_busy", reason).await;
                 }
                 state.joined.insert(peer, join.capabilities.backend);
-                state.round.seen(peer, now);
-                let next = state.slots.len() as u32 % self.spec.data.n_shards.max(1);
-                let slot = *state.slots.entry(peer).or_insert(next);
+                // A verifier takes no data slot and is not one of the round's peers.
+                let slot = match join.role {
+                    Role::Train => {
+                        state.round.seen(peer, now);
+                        let next = state.slots.len() as u32 % self.spec.data.n_shards.max(1);
+                        *state.slots.entry(peer).or_insert(next)
+                    }
+                    Role::Verify => {
+                        if state.verifiers.banned.contains(&peer) {
+                            state.joined.remove(&peer);
+                            drop(state);
+                            let reason = VERIFIER_BANNED.to_owned();
+                            return self.reject(Some(peer), "verifier_banned", reason).await;
+                        }
+                        state.verifiers.seen.insert(peer, now);
+                        0
+                    }
+                };
                 // A round that is not yet durable is not announced: the joiner hears the last
                 // announced one.
                 let round = if state.unannounced {
@@ -782,6 +882,8 @@ impl Coordinator {
                 })
             }
             ClientToRelay::Reveal(reveal) => self.reveal(peer, reveal, payload).await,
+            ClientToRelay::Verify { .. } => self.give_job(peer, max_wait).await,
+            ClientToRelay::Replayed(report) => self.replayed(peer, report, payload).await,
             // `Runs` answers key exchanges itself; they name no run.
             ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => {
                 let reason = "key exchanges are answered by the relay, not a run".to_owned();
@@ -936,6 +1038,10 @@ impl Coordinator {
         let drawn = swarmtrain_shared::data::SplitMix64::new(rand::random())
             .choose(&mut drawn, self.replays.per_round)
             .to_vec();
+        if drawn.is_empty() {
+            return BTreeMap::new();
+        }
+        let theta_hash = ParamsHash::of(&protocol::params_to_bytes(theta));
         let theta = Arc::new(theta.to_vec());
         drawn
             .into_iter()
@@ -948,6 +1054,7 @@ impl Coordinator {
                         peer,
                         round,
                         theta: theta.clone(),
+                        theta_hash,
                         delta,
                         claim,
                     },
@@ -1003,15 +1110,238 @@ impl Coordinator {
             return self.reject(Some(peer), "reveal_mismatch", reason).await;
         }
         let round = audit.round;
-        let this = self.clone();
-        tokio::spawn(async move { this.replay(audit, payload).await });
+        self.dispatch(audit, payload.into()).await;
         encode(&RelayToClient::Revealed { round })
     }
 
+    /// Sends a revealed update to its replay: to the volunteer verifiers when one (not its
+    /// peer) has been heard from within the verifier timeout and fewer than two rounds' worth
+    /// of jobs wait for them, else to the relay's own replay lane. A job no verifier has
+    /// reported on within the timeout is replayed by the relay.
+    async fn dispatch(self: &Arc<Self>, audit: Audit, state: bytes::Bytes) {
+        let timeout = self.replays.verifier_timeout;
+        let now = self.now_ms();
+        let id = {
+            let mut guard = self.state.lock().await;
+            let verifiers = &mut guard.verifiers;
+            let room = verifiers.jobs.len() < 2 * self.replays.per_round.max(1);
+            if room && verifiers.any_active(now, timeout.as_millis() as u64, &audit.peer) {
+                let id = verifiers.next_job;
+                verifiers.next_job += 1;
+                verifiers.jobs.insert(
+                    id,
+                    Job {
+                        audit,
+                        state,
+                        verifier: None,
+                    },
+                );
+                Ok(id)
+            } else {
+                Err((audit, state))
+            }
+        };
+        let this = self.clone();
+        match id {
+            Ok(id) => {
+                self.jobs_ready.notify_waiters();
+                tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    let job = this.state.lock().await.verifiers.jobs.remove(&id);
+                    if let Some(job) = job {
+                        if let Some(verifier) = job.verifier {
+                            tracing::warn!(
+                                verifier = verifier.short(),
+                                job = id,
+                                "a verifier did not report in time; the relay replays the update"
+                            );
+                            this.count_verifier("timeout").await;
+                        }
+                        this.replay(job.audit, job.state).await;
+                    }
+                });
+            }
+            Err((audit, state)) => {
+                tokio::spawn(async move { this.replay(audit, state).await });
+            }
+        }
+    }
+
+    /// A verifier's long poll for work: the oldest waiting job that is not its own update's,
+    /// or none after [`VERIFY_POLL`] (or `max_wait`, if shorter).
+    async fn give_job(self: &Arc<Self>, peer: PeerKey, max_wait: Duration) -> Vec<u8> {
+        let until = tokio::time::Instant::now() + max_wait.min(VERIFY_POLL);
+        loop {
+            let ready = self.jobs_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut state = self.state.lock().await;
+                let refused = if state.verifiers.banned.contains(&peer) {
+                    Some(("verifier_banned", VERIFIER_BANNED))
+                } else if !state.joined.contains_key(&peer)
+                    || !state.verifiers.seen.contains_key(&peer)
+                {
+                    Some((
+                        "not_joined",
+                        "join this run as a verifier (role Verify) before asking for replays",
+                    ))
+                } else {
+                    None
+                };
+                if let Some((kind, reason)) = refused {
+                    drop(state);
+                    return self.reject(Some(peer), kind, reason.to_owned()).await;
+                }
+                let now = self.now_ms();
+                state.verifiers.seen.insert(peer, now);
+                if let Some((id, job)) = state.verifiers.take(peer) {
+                    let job = ReplayJob {
+                        job: id,
+                        round: job.audit.round,
+                        theta: job.audit.theta_hash,
+                        slot: job.audit.claim.slot,
+                        steps: job.audit.claim.steps,
+                        state: job.audit.claim.state,
+                    };
+                    drop(state);
+                    tracing::info!(
+                        verifier = peer.short(),
+                        job = id,
+                        round = job.round,
+                        "gave a replay to a verifier"
+                    );
+                    return encode(&RelayToClient::Job(Some(job)));
+                }
+            }
+            if tokio::time::timeout_at(until, ready).await.is_err() {
+                return encode(&RelayToClient::Job(None));
+            }
+        }
+    }
+
+    /// A verifier's [`Replayed`] report: the payload its replay gave is compared with the
+    /// update here ([`checks::compare`]) and settled off the caller's path
+    /// ([`Self::settle_report`]).
+    async fn replayed(self: &Arc<Self>, peer: PeerKey, report: Replayed, payload: Vec<u8>) -> Vec<u8> {
+        let job = {
+            let mut state = self.state.lock().await;
+            let held = state
+                .verifiers
+                .jobs
+                .get(&report.job)
+                .is_some_and(|job| job.verifier == Some(peer));
+            if held {
+                let now = self.now_ms();
+                state.verifiers.seen.insert(peer, now);
+                state.verifiers.jobs.remove(&report.job)
+            } else {
+                None
+            }
+        };
+        let Some(job) = job else {
+            let reason = format!(
+                "job {} is not yours (or it timed out and the relay replays it)",
+                report.job
+            );
+            return self.reject(Some(peer), "unknown_job", reason).await;
+        };
+        let round = job.audit.round;
+        let check = match report.update {
+            Some(update) if update.matches(&payload) => {
+                Some(checks::compare(&self.spec, &job.audit, &payload))
+            }
+            _ => None,
+        };
+        let this = self.clone();
+        tokio::spawn(async move { this.settle_report(peer, job, check).await });
+        encode(&RelayToClient::Accepted { round })
+    }
+
+    /// Settles a verifier's report. A verifier that could not replay (`check` is `None`)
+    /// leaves the replay to the relay. A replay that verifies the update is kept as the
+    /// verdict (`trusted`) unless drawn for a spot check (`replays.spot_check`); one that
+    /// fails it, and every spot check, is replayed by the relay, whose verdict is the one
+    /// kept: the verifier is `confirmed` when both agree, and `caught` (banned as a verifier,
+    /// and a strike) when they do not.
+    async fn settle_report(self: Arc<Self>, verifier: PeerKey, job: Job, check: Option<ReplayCheck>) {
+        let Some(check) = check else {
+            self.count_verifier("unable").await;
+            return self.replay(job.audit, job.state).await;
+        };
+        let reported = replay::judge(&check, self.replays.tolerance);
+        let verified = matches!(reported, Outcome::Verified);
+        let label = |check: &ReplayCheck| if check.exact { "exact" } else { "near" };
+        if verified && rand::random::<f64>() >= self.replays.spot_check {
+            self.count_verifier("trusted").await;
+            let conclusion = (job.audit, Some(check), reported, label(&check));
+            return self.conclude_replays(vec![conclusion]).await;
+        }
+        let Some(here) = self.clone().replay_here(job.audit, job.state).await else {
+            return;
+        };
+        if here.3 == "behind" {
+            // The relay cannot check now: a verified report stands, a failing one does not.
+            if verified {
+                self.count_verifier("trusted").await;
+                let conclusion = (here.0, Some(check), reported, label(&check));
+                return self.conclude_replays(vec![conclusion]).await;
+            }
+            return self.conclude_replays(vec![here]).await;
+        }
+        if matches!(here.2, Outcome::Verified) == verified {
+            self.count_verifier("confirmed").await;
+        } else {
+            tracing::warn!(
+                verifier = verifier.short(),
+                round = here.0.round,
+                peer = here.0.peer.short(),
+                reported = reported.label(),
+                replayed = here.2.label(),
+                "a verifier's replay contradicts the relay's: it is banned as a verifier"
+            );
+            self.count_verifier("caught").await;
+            self.state.lock().await.verifiers.ban(verifier);
+            self.strike(verifier);
+        }
+        self.conclude_replays(vec![here]).await;
+    }
+
+    async fn count_verifier(&self, outcome: &'static str) {
+        *self
+            .state
+            .lock()
+            .await
+            .verifiers
+            .outcomes
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// Reports `peer` for a strike (the libp2p loop keeps strikes).
+    fn strike(&self, peer: PeerKey) {
+        if let Some(strikes) = &self.strikes
+            && strikes.try_send(peer).is_err()
+        {
+            tracing::warn!(
+                peer = peer.short(),
+                "the strike queue is full; strike dropped"
+            );
+        }
+    }
+
+    /// Replays a revealed update here ([`Self::replay_here`]) and concludes it.
+    async fn replay(self: Arc<Self>, audit: Audit, state: bytes::Bytes) {
+        if let Some(conclusion) = self.clone().replay_here(audit, state).await {
+            self.conclude_replays(vec![conclusion]).await;
+        }
+    }
+
     /// Replays a revealed update ([`checks::replay_update`]) in the replay lane (one at a
-    /// time per run, beside the loss checks) and concludes it. More than two rounds' worth of replays waiting and the update is not replayed
-    /// (it stays unchecked).
-    async fn replay(self: Arc<Self>, audit: Audit, state: Vec<u8>) {
+    /// time per run, beside the loss checks) and returns its conclusion, labelled. More than
+    /// two rounds' worth of replays waiting and the update is not replayed (`behind`: it stays
+    /// unchecked); `None` if the replay itself broke down.
+    async fn replay_here(self: Arc<Self>, audit: Audit, state: bytes::Bytes) -> Option<Replay> {
         use std::sync::atomic::Ordering;
         let queued = self.replays_queued.fetch_add(1, Ordering::AcqRel);
         if queued >= 2 * self.replays.per_round.max(1) {
@@ -1022,14 +1352,7 @@ impl Coordinator {
                 round = audit.round,
                 "{reason}; not replayed"
             );
-            return self
-                .conclude_replays(vec![(
-                    audit,
-                    None,
-                    Outcome::Inconclusive { reason },
-                    "behind",
-                )])
-                .await;
+            return Some((audit, None, Outcome::Inconclusive { reason }, "behind"));
         }
         let lane = self.replay_lane.lock().await;
         let this = self.clone();
@@ -1060,24 +1383,18 @@ impl Coordinator {
                     (_, Outcome::Failed { .. }) => "bad_reveal",
                     (_, Outcome::Inconclusive { .. }) => "behind",
                 };
-                self.conclude_replays(vec![(audit, check, outcome, label)])
-                    .await;
+                Some((audit, check, outcome, label))
             }
-            Err(e) => tracing::error!(error = %e, "a replay failed; its update stays unchecked"),
+            Err(e) => {
+                tracing::error!(error = %e, "a replay failed; its update stays unchecked");
+                None
+            }
         }
     }
 
     /// Signs and records the verdicts of replays (counted under their labels); a failed one is
     /// also a strike against its peer.
-    async fn conclude_replays(
-        &self,
-        replays: Vec<(
-            Audit,
-            Option<swarmtrain_shared::replay::ReplayCheck>,
-            Outcome,
-            &'static str,
-        )>,
-    ) {
+    async fn conclude_replays(&self, replays: Vec<Replay>) {
         let mut verdicts = Vec::with_capacity(replays.len());
         {
             let mut state = self.state.lock().await;
@@ -1089,14 +1406,8 @@ impl Coordinator {
             let peer = audit.peer;
             if let Outcome::Failed { reason } = &outcome {
                 tracing::warn!(peer = peer.short(), round = audit.round, %reason, label, "an update failed its replay: it earns no credit");
-                if label != "mismatch"
-                    && let Some(strikes) = &self.strikes
-                    && strikes.try_send(peer).is_err()
-                {
-                    tracing::warn!(
-                        peer = peer.short(),
-                        "the strike queue is full; strike dropped"
-                    );
+                if label != "mismatch" {
+                    self.strike(peer);
                 }
             }
             verdicts.push(Verdict {
@@ -1431,6 +1742,20 @@ impl Coordinator {
                 .collect(),
             reveal_bytes: state.reveal_bytes,
             audits_pending: state.audits.len(),
+            verifiers: {
+                let within = self.replays.verifier_timeout.as_millis() as u64;
+                let seen = &state.verifiers.seen;
+                seen.values()
+                    .filter(|t| now.saturating_sub(**t) <= within)
+                    .count()
+            },
+            verifier_jobs: state.verifiers.jobs.len(),
+            verifier_reports: state
+                .verifiers
+                .outcomes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
             privacy_epsilon: spec.privacy.as_ref().map(|p| {
                 swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)
             }),
@@ -1678,6 +2003,7 @@ mod tests {
                 backend: "test".into(),
                 platform: "test".into(),
             },
+            role: swarmtrain_shared::protocol::Role::Train,
             proof_of_work: None,
         })
     }

@@ -661,6 +661,31 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "counter",
         &|s| one(s.reveal_bytes as f64),
     );
+    metric(
+        "swarmtrain_verifiers",
+        "Volunteer verifiers heard from within the verifier timeout.",
+        "gauge",
+        &|s| one(s.verifiers as f64),
+    );
+    metric(
+        "swarmtrain_verifier_jobs",
+        "Revealed updates waiting for a volunteer verifier or held by one.",
+        "gauge",
+        &|s| one(s.verifier_jobs as f64),
+    );
+    metric(
+        "swarmtrain_verifier_reports_total",
+        "Volunteer verifiers' replays by what became of them (trusted: kept as the verdict, \
+         confirmed: the relay's replay agreed, caught: it did not and the verifier is banned, \
+         unable: the verifier could not replay, timeout: it did not report in time).",
+        "counter",
+        &|s| {
+            s.verifier_reports
+                .iter()
+                .map(|(k, v)| (format!("outcome=\"{k}\""), *v as f64))
+                .collect()
+        },
+    );
     let _ = writeln!(
         out,
         "# HELP swarmtrain_tracked_identities Identities whose unexpired envelopes the replay \

@@ -203,6 +203,8 @@ fn run_of(message: &ClientToRelay) -> &str {
         ClientToRelay::AwaitRound { run_id, .. } => run_id,
         ClientToRelay::Update(update) => &update.run_id,
         ClientToRelay::Reveal(reveal) => &reveal.run_id,
+        ClientToRelay::Verify { run_id } => run_id,
+        ClientToRelay::Replayed(replayed) => &replayed.run_id,
         ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => "",
     }
 }
@@ -544,7 +546,7 @@ impl Runs {
             ClientToRelay::KeyConfirm { transcript } => {
                 return self.key_confirm(from, peer, transcript).await;
             }
-            ClientToRelay::Update(_) | ClientToRelay::Reveal(_) => match self.agreed(&from) {
+            ClientToRelay::Update(_) | ClientToRelay::Reveal(_) | ClientToRelay::Replayed(_) => match self.agreed(&from) {
                 Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
                     Ok(opened) => payload = opened,
                     Err(e) => {
@@ -656,51 +658,46 @@ impl Runs {
         }
     }
 
-    /// Answers a fetch from its run's public data; a chunk of θ is sealed for a connection with
-    /// agreed keys (and refused, `not_sealed`, to one without when the relay requires sealing).
+    /// Answers a fetch from its run: a chunk of θ, or of a revealed state for the verifier its
+    /// replay was given to (the identity bound to the connection). Chunks are sealed for a
+    /// connection with agreed keys (and refused, `not_sealed`, to one without when the relay
+    /// requires sealing; a revealed state only ever travels sealed).
     pub async fn fetch(&self, fetch: Fetch, from: Conn) -> Vec<u8> {
-        let Fetch::Params { run_id, hash, .. } = &fetch;
-        let hash = hash.0;
-        match self.by_id.get(run_id) {
-            Some(run) => {
-                let keys = self.agreed(&from);
-                if keys.is_none() && self.require_sealed {
-                    return self
-                        .default
-                        .reject(None, "not_sealed", NOT_SEALED.into())
-                        .await;
+        let digest = fetch.digest();
+        let Some(run) = self.by_id.get(fetch.run_id()) else {
+            let reason = format!("no run {:?} on this relay", fetch.run_id());
+            return self.default.reject(None, "wrong_run", reason).await;
+        };
+        let keys = self.agreed(&from);
+        if keys.is_none() && (self.require_sealed || matches!(fetch, Fetch::State { .. })) {
+            return self
+                .default
+                .reject(None, "not_sealed", NOT_SEALED.into())
+                .await;
+        }
+        let params = matches!(fetch, Fetch::Params { .. });
+        let identity = self.identity_of(&from.peer);
+        let answer = run.fetch(fetch, identity).await;
+        match protocol::decode::<RelayToClient>(&answer) {
+            Ok(RelayToClient::Chunk {
+                total,
+                offset,
+                bytes,
+            }) => {
+                if params {
+                    self.params_bytes_served
+                        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
-                let answer = run.fetch(fetch).await;
-                match protocol::decode::<RelayToClient>(&answer) {
-                    Ok(RelayToClient::Chunk {
+                match keys {
+                    Some(keys) => encode(&RelayToClient::Chunk {
                         total,
                         offset,
-                        bytes,
-                    }) => {
-                        self.params_bytes_served
-                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        match keys {
-                            Some(keys) => encode(&RelayToClient::Chunk {
-                                total,
-                                offset,
-                                bytes: keys
-                                    .seal(&seal::chunk_context(&hash, offset, total), &bytes),
-                            }),
-                            None => answer,
-                        }
-                    }
-                    _ => answer,
+                        bytes: keys.seal(&seal::chunk_context(&digest, offset, total), &bytes),
+                    }),
+                    None => answer,
                 }
             }
-            None => {
-                self.default
-                    .reject(
-                        None,
-                        "wrong_run",
-                        format!("no run {run_id:?} on this relay"),
-                    )
-                    .await
-            }
+            _ => answer,
         }
     }
 

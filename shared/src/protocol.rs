@@ -34,7 +34,10 @@ use crate::seal::{KeyAccept, KeyOffer};
 /// 7: an update commits to the peer's training state at round start ([`Update::state`]); an
 /// announcement names the previous round's updates to be replayed ([`RoundAnnouncement::audit`]),
 /// whose peers answer with a [`Reveal`] of that state.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: a `Join` names its [`Role`]; volunteer verifiers ask for replays to run (`Verify`,
+/// answered [`RelayToClient::Job`]), fetch the revealed state ([`Fetch::State`]) and send back
+/// the payload their replay gives ([`Replayed`]).
+pub const PROTOCOL_VERSION: u32 = 8;
 /// How long a peer makes its envelopes valid for (10 minutes: long enough for a large update
 /// to upload in parts on a slow link).
 pub const ENVELOPE_VALIDITY_MS: u64 = 10 * 60_000;
@@ -86,7 +89,8 @@ pub enum Request {
     Submit(Submission),
     /// A piece of a longer [`Submission`], sent in order (see [`crate::transfer`]).
     Part(Part),
-    /// A chunk of public data. Unsigned: anyone may read it, and it is verified by hash.
+    /// A chunk of data, verified by hash: θ (public), or a revealed state (served only to the
+    /// connection of the verifier its replay is given to). Unsigned.
     Fetch(Fetch),
 }
 
@@ -100,7 +104,7 @@ pub struct Part {
     pub bytes: Vec<u8>,
 }
 
-/// A chunk of public data; answered by [`RelayToClient::Chunk`].
+/// A chunk of data, by its hash; answered by [`RelayToClient::Chunk`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Fetch {
     /// θ as little-endian f32, by its hash, from byte `offset`.
@@ -109,6 +113,30 @@ pub enum Fetch {
         hash: ParamsHash,
         offset: u32,
     },
+    /// The revealed state of a [`ReplayJob`] ([`ReplayJob::state`]'s digest), from byte
+    /// `offset`: served only on the connection of the verifier the job was given to, while it
+    /// holds the job.
+    State {
+        run_id: String,
+        digest: [u8; 32],
+        offset: u32,
+    },
+}
+
+impl Fetch {
+    pub fn run_id(&self) -> &str {
+        match self {
+            Self::Params { run_id, .. } | Self::State { run_id, .. } => run_id,
+        }
+    }
+
+    /// The digest of the whole object (what a sealed chunk is bound to).
+    pub fn digest(&self) -> [u8; 32] {
+        match self {
+            Self::Params { hash, .. } => hash.0,
+            Self::State { digest, .. } => *digest,
+        }
+    }
 }
 
 /// BLAKE3 hash of the little-endian f32 parameter vector: names a checkpoint.
@@ -199,6 +227,48 @@ pub enum ClientToRelay {
     /// The committed training state of an update the relay named for a replay; the state
     /// travels (sealed) as the payload. Answered by [`RelayToClient::Revealed`].
     Reveal(Reveal),
+    /// A verifier (joined with [`Role::Verify`]) asks for a replay to run; answered by
+    /// [`RelayToClient::Job`] when one is waiting, or with none after a short wait.
+    Verify { run_id: String },
+    /// A verifier's result: the payload its replay of a [`ReplayJob`] gave travels (sealed) as
+    /// the payload. Answered by [`RelayToClient::Accepted`] with the job's round.
+    Replayed(Replayed),
+}
+
+/// What a verifier's replay of job `job` gave: the payload (`Some`, named by digest and length),
+/// or `None` when the job could not be replayed (the relay replays it itself).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Replayed {
+    pub run_id: String,
+    pub job: u64,
+    pub update: Option<PayloadRef>,
+}
+
+/// Why a peer joins a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Trains: it is given a data slot and counts toward the round's quorum.
+    #[default]
+    Train,
+    /// Replays other peers' rounds for the relay ([`ClientToRelay::Verify`]): no data slot,
+    /// never counted among the round's peers.
+    Verify,
+}
+
+/// A replay for a verifier to run: everything a drawn update depended on, besides θ_t (fetched
+/// by `theta`), the run's windows of `slot` in `round` (over HTTP, as trainers fetch theirs)
+/// and the revealed state ([`Fetch::State`]). The update itself is not sent: the verifier
+/// returns what its replay gives and the relay compares ([`crate::replay::compare`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplayJob {
+    pub job: u64,
+    pub round: u64,
+    pub theta: ParamsHash,
+    pub slot: u32,
+    /// Steps the update reports: the replay runs these.
+    pub steps: u32,
+    /// The revealed state, by digest and length ([`crate::replay::CommittedState`]).
+    pub state: PayloadRef,
 }
 
 /// A peer's answer to an audit: the state its update of `round` committed to
@@ -216,6 +286,7 @@ pub struct Join {
     pub version: u32,
     pub run_id: String,
     pub capabilities: Capabilities,
+    pub role: Role,
     /// The nonce that solves the run's proof-of-work puzzle for this peer's key, when its
     /// admission policy asks for one ([`crate::admission::Admission`]).
     pub proof_of_work: Option<u64>,
@@ -308,6 +379,8 @@ pub enum RelayToClient {
     Revealed {
         round: u64,
     },
+    /// A replay for a verifier to run ([`ClientToRelay::Verify`]), or none for now.
+    Job(Option<ReplayJob>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

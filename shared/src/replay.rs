@@ -24,6 +24,8 @@ use crate::compress::{Codec, ErrorFeedback};
 use crate::lm::LmConfig;
 use crate::lm_train::{LmInnerSpec, LmTrainer, TextBatch, TrainerState};
 use crate::privacy::PrivacySpec;
+use crate::protocol::RunSpec;
+use crate::verify::Outcome;
 
 /// What an update's `state` commits to: everything its round depended on that the relay does
 /// not hold.
@@ -108,6 +110,32 @@ pub struct RoundInputs<'a> {
     pub codec: Codec,
 }
 
+impl<'a> RoundInputs<'a> {
+    /// The inputs of an update of run `spec` (a language model with `config`) for `round` that
+    /// reports `steps` steps: θ_t and its peer's windows of the round (all of them; the replay
+    /// runs the first `steps` batches).
+    pub fn of_update(
+        spec: &'a RunSpec,
+        config: &'a LmConfig,
+        theta: &'a [f32],
+        round: u64,
+        steps: u32,
+        text: &'a [u8],
+    ) -> Self {
+        Self {
+            config,
+            optimizer: &spec.inner.optimizer,
+            theta,
+            first_step: round * u64::from(spec.inner.steps),
+            text,
+            batch: spec.inner.batch_size,
+            steps,
+            privacy: spec.privacy.as_ref(),
+            codec: spec.codec,
+        }
+    }
+}
+
 /// Replays a language-model round from `state` on backend `B`: the replica's steps
 /// ([`TextBatch::of_round`], [`LmTrainer::step`]) and the peer's encoding
 /// ([`crate::round::update_payload`] with the revealed residual). Returns the payload the peer
@@ -178,6 +206,21 @@ pub fn compare(
         steps,
         exact,
         distance,
+    }
+}
+
+/// The verdict of a replay: the payload bit for bit, or a decoded update within `tolerance` of
+/// the replay's ([`relative_distance`]), verifies the update; anything else fails it.
+pub fn judge(check: &ReplayCheck, tolerance: f32) -> Outcome {
+    if check.exact || check.distance <= tolerance {
+        Outcome::Verified
+    } else {
+        Outcome::Failed {
+            reason: format!(
+                "its replay lands {:.3e} away, more than the {tolerance:.3e} allowed",
+                check.distance
+            ),
+        }
     }
 }
 

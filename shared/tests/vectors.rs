@@ -11,7 +11,8 @@ use swarmtrain_shared::compress::Codec;
 use swarmtrain_shared::lm_train::{Moments, TrainerState};
 use swarmtrain_shared::protocol::{
     Capabilities, ClientToRelay, Envelope, Fetch, Join, ParamsHash, Part, PayloadRef,
-    RelayToClient, Request, Reveal, RoundAnnouncement, Submission, Update, encode,
+    RelayToClient, ReplayJob, Replayed, Request, Reveal, Role, RoundAnnouncement, Submission,
+    Update, encode,
 };
 use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::seal::{self, Offerer};
@@ -76,6 +77,7 @@ fn wire_messages_keep_their_encoding() {
             backend: "wgpu".into(),
             platform: "test".into(),
         },
+        role: Role::Verify,
         proof_of_work: Some(12_345),
     }));
     let update = envelope(ClientToRelay::Update(Update {
@@ -94,6 +96,22 @@ fn wire_messages_keep_their_encoding() {
         round: 7,
         state: PayloadRef::of(&committed),
     }));
+    let verify = envelope(ClientToRelay::Verify {
+        run_id: "lm".into(),
+    });
+    let replayed = envelope(ClientToRelay::Replayed(Replayed {
+        run_id: "lm".into(),
+        job: 3,
+        update: Some(PayloadRef::of(&payload)),
+    }));
+    check(
+        "envelope_verify",
+        &postcard::to_allocvec(&verify).expect("encode"),
+    );
+    check(
+        "envelope_replayed",
+        &postcard::to_allocvec(&replayed).expect("encode"),
+    );
     let poll = envelope(ClientToRelay::AwaitRound {
         run_id: "lm".into(),
         after: Some(6),
@@ -139,7 +157,28 @@ fn wire_messages_keep_their_encoding() {
         }))
         .expect("encode"),
     );
+    check(
+        "request_fetch_state",
+        &encode(&Request::Fetch(Fetch::State {
+            run_id: "lm".into(),
+            digest: [7; 32],
+            offset: 7_168,
+        }))
+        .expect("encode"),
+    );
     for (name, answer) in [
+        (
+            "answer_job",
+            RelayToClient::Job(Some(ReplayJob {
+                job: 3,
+                round: 7,
+                theta: ParamsHash([4; 32]),
+                slot: 2,
+                steps: 50,
+                state: PayloadRef::of(&committed),
+            })),
+        ),
+        ("answer_no_job", RelayToClient::Job(None)),
         ("answer_accepted", RelayToClient::Accepted { round: 7 }),
         ("answer_revealed", RelayToClient::Revealed { round: 7 }),
         (

@@ -78,6 +78,7 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
                         backend: "none".into(),
                         platform: "loadtest".into(),
                     },
+                    role: swarmtrain_shared::protocol::Role::Train,
                     proof_of_work: None,
                 });
                 match client.send(join, Vec::new()).await? {

@@ -23,6 +23,9 @@ enum Command {
     /// Join a relay as a native training peer (ndarray CPU backend), with the browser's code,
     /// until SIGINT or SIGTERM (or --rounds).
     Train(Train),
+    /// Replay other peers' drawn rounds for a relay as a volunteer verifier (ndarray CPU
+    /// backend), until SIGINT or SIGTERM (or --jobs).
+    Verify(Verify),
     /// Load-test a running relay: connect many simulated peers over TCP, keep them waiting for
     /// rounds, close rounds with synthetic updates, and report announcement latencies as JSON.
     Loadtest(Loadtest),
@@ -54,27 +57,88 @@ struct Train {
     run: Option<String>,
 }
 
-async fn train(args: Train) -> anyhow::Result<()> {
-    use burn::backend::{Autodiff, NdArray};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use swarmtrain_client::peer::{self, PeerConfig};
+#[derive(Parser, Debug)]
+struct Verify {
+    /// The relay's HTTP URL.
+    #[arg(
+        long,
+        env = "SWARMTRAIN_RELAY",
+        default_value = "http://127.0.0.1:8080/"
+    )]
+    relay: String,
+    /// File holding this verifier's identity seed (hex; created with mode 0600 if missing). A
+    /// verifier is never given its own updates to replay, so use another identity than your
+    /// training peer's only if you mean to.
+    #[arg(
+        long,
+        env = "SWARMTRAIN_KEY_FILE",
+        default_value = "swarmtrain-data/verifier.key"
+    )]
+    key_file: PathBuf,
+    /// Stop after this many replays (default: until SIGINT or SIGTERM).
+    #[arg(long)]
+    jobs: Option<u64>,
+    /// The run to verify for (default: the relay's default run).
+    #[arg(long, env = "SWARMTRAIN_RUN")]
+    run: Option<String>,
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let config = PeerConfig {
-        relay_url: args.relay,
-        run_id: args.run,
+/// The settings a native peer of `relay` and `run` runs with, trainer or verifier.
+fn native_config(
+    relay: String,
+    run: Option<String>,
+    key_file: &std::path::Path,
+    max_rounds: Option<u64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<swarmtrain_client::PeerConfig> {
+    Ok(swarmtrain_client::PeerConfig {
+        relay_url: relay,
+        run_id: run,
         transport: None,
-        identity_seed: swarmtrain_net::keyfile::load_or_create(&args.key_file)?,
+        identity_seed: swarmtrain_net::keyfile::load_or_create(key_file)?,
         backend: "ndarray".into(),
-        max_rounds: args.rounds,
+        max_rounds,
         sample_len: 0,
-        stop: stop.clone(),
+        stop,
         max_retries: None,
         direct_peers: 0,
         pause: Default::default(),
         ice_servers: Vec::new(),
+    })
+}
+
+async fn verify(args: Verify) -> anyhow::Result<()> {
+    use burn::backend::{Autodiff, NdArray};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = native_config(args.relay, args.run, &args.key_file, args.jobs, stop.clone())?;
+    let run = swarmtrain_client::verifier::verify::<Autodiff<NdArray>>(
+        Default::default(),
+        config,
+        |event| tracing::info!(?event, "verifier"),
+    );
+    tokio::pin!(run);
+    let jobs = tokio::select! {
+        result = &mut run => result?,
+        _ = swarmtrain_net::signal::shutdown() => {
+            stop.store(true, Ordering::Relaxed);
+            run.await?
+        }
     };
+    println!("replayed {jobs} updates");
+    Ok(())
+}
+
+async fn train(args: Train) -> anyhow::Result<()> {
+    use burn::backend::{Autodiff, NdArray};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use swarmtrain_client::peer;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = native_config(args.relay, args.run, &args.key_file, args.rounds, stop.clone())?;
     let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
         tracing::info!(?event, "peer");
     });
@@ -102,6 +166,7 @@ pub async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Train(args) => train(args).await,
+        Command::Verify(args) => verify(args).await,
         Command::Loadtest(args) => loadtest(args).await,
         Command::Soak(args) => soak(args).await,
     }

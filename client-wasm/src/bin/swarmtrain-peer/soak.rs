@@ -205,6 +205,7 @@ pub(crate) async fn soak(args: Soak) -> anyhow::Result<()> {
             backend: "none".into(),
             platform: "soak".into(),
         },
+        role: swarmtrain_shared::protocol::Role::Train,
         proof_of_work: None,
     });
     let welcome = match client.send(join, Vec::new()).await? {
