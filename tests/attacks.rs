@@ -591,6 +591,173 @@ async fn the_relay_verifies_honest_work_and_fails_false_work() {
     }
 }
 
+/// Volunteer verifiers through the live relay, every update drawn, in two stretches of
+/// rounds. First a lying verifier (it sends back bytes it never replayed) is the only one
+/// asking for work: the relay replays each update it fails itself and keeps its own verdict,
+/// so the honest peers' work stays verified, and bans the liar at its first contradiction (a
+/// strike, and its ask is refused). Then an honest verifier (the client's code) takes every
+/// replay: those it verifies stand (no spot checks here), and the peer that runs fewer steps
+/// than it reports fails each round, confirmed by the relay's own replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
+    use swarmtrain_client::verifier::VerifierEvent;
+    use swarmtrain_relay::checks::ReplayPolicy;
+    use swarmtrain_shared::protocol::{Replayed, Role};
+    init_logging();
+    const ROUNDS: u64 = 2;
+    let kinds = [Dodge::FewerSteps];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut run = swarmtrain_tests::tiny_lm_run(dir.path(), 10);
+    let everyone = 2 + kinds.len();
+    run.quorum = everyone as u32;
+    run.data.n_shards = everyone as u32;
+    let mut config = swarmtrain_tests::relay_config(vec![run]);
+    config.replays = ReplayPolicy {
+        fraction: 1.0,
+        per_round: 16,
+        verifier_timeout: Duration::from_secs(300),
+        spot_check: 0.0,
+        ..ReplayPolicy::default()
+    };
+    let relay = Relay::start(config).await.expect("relay starts");
+    let (liar, ..) = swarmtrain_tests::join_raw_as(
+        &relay.bootstrap.addresses["tcp"][0],
+        "lm",
+        [90; 32],
+        Role::Verify,
+    )
+    .await;
+    // Asks for work until refused; answers every job with bytes it never replayed.
+    let liar = tokio::spawn(async move {
+        let mut lies = 0u64;
+        loop {
+            let ask = ClientToRelay::Verify {
+                run_id: "lm".into(),
+            };
+            match liar.send(ask, Vec::new()).await.expect("an answer") {
+                RelayToClient::Job(Some(job)) => {
+                    let made_up = vec![7u8; 64];
+                    let report = ClientToRelay::Replayed(Replayed {
+                        run_id: "lm".into(),
+                        job: job.job,
+                        update: Some(PayloadRef::of(&made_up)),
+                    });
+                    let answer = liar.send(report, made_up).await.expect("an answer");
+                    assert!(matches!(answer, RelayToClient::Accepted { .. }), "{answer:?}");
+                    lies += 1;
+                }
+                RelayToClient::Job(None) => {}
+                RelayToClient::Rejected { kind, .. } => {
+                    assert_eq!(kind, "verifier_banned");
+                    return lies;
+                }
+                other => panic!("a verifier heard {other:?}"),
+            }
+        }
+    });
+    // Both stretches: the honest peers and the one that runs half its steps, every update
+    // drawn and replayed.
+    let stretch = |seeds: std::ops::RangeInclusive<u8>| {
+        let honest = spawn_peers_together(&relay, seeds, ROUNDS, everyone);
+        let relay = &relay;
+        async move {
+            let (audited, ()) = tokio::join!(
+                auditees(relay, &kinds, everyone, ROUNDS, |_| true),
+                async {
+                    for peer in honest {
+                        assert_eq!(peer.finish().await.0, ROUNDS);
+                    }
+                }
+            );
+            assert!(audited.iter().all(|r| r.len() as u64 == ROUNDS), "{audited:?}");
+        }
+    };
+    let lies = tokio::time::timeout(Duration::from_secs(600), async {
+        let ((), lies) = tokio::join!(stretch(1..=2), liar);
+        let lies = lies.expect("the liar's task");
+        swarmtrain_tests::replays_concluded(&relay, everyone as u64 * ROUNDS).await;
+        lies
+    })
+    .await
+    .expect("the first stretch in time");
+    let first = relay.coordinator.status().await;
+    let count = |status: &swarmtrain_relay::coordinator::Status, label: &str| {
+        status.verifier_reports.get(label).copied().unwrap_or(0)
+    };
+    assert!(lies >= 1 && count(&first, "caught") >= 1, "the liar is caught");
+    assert_eq!(
+        count(&first, "caught") + count(&first, "confirmed"),
+        lies,
+        "the relay replayed every failing report itself"
+    );
+    // The second stretch, with an honest verifier asking for work from the start.
+    let (task, stop, mut events) = swarmtrain_tests::spawn_verifier(&relay, 91);
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while relay.coordinator.status().await.verifiers == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the verifier joins");
+    let status = tokio::time::timeout(Duration::from_secs(600), async {
+        stretch(3..=4).await;
+        swarmtrain_tests::replays_concluded(&relay, 2 * everyone as u64 * ROUNDS).await
+    })
+    .await
+    .expect("the second stretch in time");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let replayed = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the verifier stops")
+        .expect("its task")
+        .expect("it verified without an error");
+    let mut reports = 0;
+    while let Ok(event) = events.try_recv() {
+        if let VerifierEvent::Replayed {
+            replayed, accepted, ..
+        } = event
+        {
+            assert!(replayed && accepted, "{event:?}");
+            reports += 1;
+        }
+    }
+    println!(
+        "replays: {:?}, verifiers: {:?}, the liar lied {lies} times, the verifier replayed {replayed}",
+        status.replays, status.verifier_reports
+    );
+    assert_eq!(reports, replayed);
+    assert_eq!(replayed, everyone as u64 * ROUNDS, "every replay of the stretch");
+    assert_eq!(count(&status, "trusted"), 2 * ROUNDS, "honest replays stand");
+    assert_eq!(
+        count(&status, "confirmed") - count(&first, "confirmed"),
+        ROUNDS,
+        "the relay confirmed each failing report"
+    );
+    assert_eq!(count(&status, "caught"), count(&first, "caught"));
+    assert_eq!(count(&status, "timeout") + count(&status, "unable"), 0);
+    assert_eq!(
+        status.replays.get("exact").copied().unwrap_or(0),
+        4 * ROUNDS,
+        "every honest update verified bit for bit, by a verifier or the relay"
+    );
+    assert_eq!(status.replays.get("differs").copied().unwrap_or(0), 2 * ROUNDS);
+    for seed in 1..=4 {
+        let c = lm_credit(&relay, seed).await;
+        assert_eq!(c["failed_updates"], 0, "a lying verifier costs nobody: {c}");
+        assert_eq!(c["verified_updates"], ROUNDS, "{c}");
+    }
+    let c = lm_credit(&relay, 150).await;
+    assert_eq!(c["verified_updates"], 0, "{c}");
+    assert_eq!(c["failed_updates"], 2 * ROUNDS, "{c}");
+    let text = swarmtrain_tests::metrics(&relay).await;
+    let trusted = format!(
+        "swarmtrain_verifier_reports_total{{run=\"lm\",outcome=\"trusted\"}} {}",
+        2 * ROUNDS
+    );
+    assert!(text.contains(&trusted), "{text}");
+    relay.shutdown().await;
+}
+
 /// `GET /api/runs/lm/peers/{key}` of the identity with `seed`, as JSON.
 async fn lm_credit(relay: &Relay, seed: u8) -> serde_json::Value {
     let key = swarmtrain_shared::Identity::from_seed([seed; 32]).peer();
@@ -662,22 +829,12 @@ async fn the_relay_replays_drawn_rounds_and_catches_what_was_not_done() {
     // Every replay concluded but the last round's unrevealed one (it fails when the next round
     // closes).
     let concluded = everyone as u64 * ROUNDS - 1;
-    tokio::time::timeout(Duration::from_secs(300), async {
-        while relay
-            .coordinator
-            .status()
-            .await
-            .replays
-            .values()
-            .sum::<u64>()
-            < concluded
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+    let status = tokio::time::timeout(
+        Duration::from_secs(300),
+        swarmtrain_tests::replays_concluded(&relay, concluded),
+    )
     .await
     .expect("every replay concluded");
-    let status = relay.coordinator.status().await;
     println!(
         "replays: {:?}, reveal bytes {}",
         status.replays, status.reveal_bytes

@@ -16,7 +16,7 @@ use swarmtrain_relay::coordinator::Status;
 use swarmtrain_relay::{Relay, RelayConfig};
 use swarmtrain_shared::protocol::{
     Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, PayloadRef, RelayToClient,
-    RoundAnnouncement, RunSpec, Update, Welcome,
+    Role, RoundAnnouncement, RunSpec, Update, Welcome,
 };
 use swarmtrain_shared::{Identity, PeerKey};
 use tokio::sync::mpsc;
@@ -188,6 +188,16 @@ pub async fn join_raw_at(
     run_id: &str,
     seed: [u8; 32],
 ) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
+    join_raw_as(address, run_id, seed, Role::Train).await
+}
+
+/// [`join_raw_at`] in `role` (a verifier's hand-made messages).
+pub async fn join_raw_as(
+    address: &str,
+    run_id: &str,
+    seed: [u8; 32],
+    role: Role,
+) -> (RelayClient, Identity, Welcome, RoundAnnouncement) {
     let identity = Identity::from_seed(seed);
     let client =
         RelayClient::connect(address.parse().expect("multiaddr"), &identity).expect("dial");
@@ -198,7 +208,7 @@ pub async fn join_raw_at(
             backend: "none".into(),
             platform: "test".into(),
         },
-        role: swarmtrain_shared::protocol::Role::Train,
+        role,
         proof_of_work: None,
     });
     let welcome = match client.send(join, Vec::new()).await.expect("join") {
@@ -287,6 +297,48 @@ pub fn spawn_peers_together(
     peers
 }
 
+/// The settings of a native peer of `relay` with identity seed `[id; 32]` (the relay's default
+/// run, no round limit, ten retries, no browser links).
+pub fn peer_config(relay: &Relay, id: u8) -> PeerConfig {
+    PeerConfig {
+        run_id: None,
+        transport: None,
+        relay_url: relay.url(),
+        identity_seed: zeroize::Zeroizing::new([id; 32]),
+        backend: "ndarray".into(),
+        max_rounds: None,
+        sample_len: 0,
+        stop: Arc::new(AtomicBool::new(false)),
+        max_retries: Some(10),
+        direct_peers: 0,
+        pause: Default::default(),
+        ice_servers: Vec::new(),
+    }
+}
+
+/// A volunteer verifier (the client's [`swarmtrain_client::verifier`]) with identity seed
+/// `[id; 32]`, until its `stop` is set: its task and events.
+pub fn spawn_verifier(
+    relay: &Relay,
+    id: u8,
+) -> (
+    JoinHandle<Result<u64, PeerError>>,
+    Arc<AtomicBool>,
+    mpsc::Receiver<swarmtrain_client::verifier::VerifierEvent>,
+) {
+    let (tx, events) = mpsc::channel(1024);
+    let config = peer_config(relay, id);
+    let stop = config.stop.clone();
+    let task = tokio::spawn(swarmtrain_client::verifier::verify::<Autodiff<NdArray>>(
+        Default::default(),
+        config,
+        move |event| {
+            let _ = tx.try_send(event);
+        },
+    ));
+    (task, stop, events)
+}
+
 fn spawn_peer_with(
     relay: &Relay,
     id: u8,
@@ -297,17 +349,9 @@ fn spawn_peer_with(
     let (tx, events) = mpsc::channel(1024);
     let config = PeerConfig {
         run_id: run_id.map(str::to_owned),
-        transport: None,
-        relay_url: relay.url(),
-        identity_seed: zeroize::Zeroizing::new([id; 32]),
-        backend: "ndarray".into(),
         max_rounds: Some(max_rounds),
-        sample_len: 0,
-        stop: Arc::new(AtomicBool::new(false)),
-        max_retries: Some(10),
-        direct_peers: 0,
         pause,
-        ice_servers: Vec::new(),
+        ..peer_config(relay, id)
     };
     let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(
         Default::default(),
@@ -539,6 +583,18 @@ pub async fn all_joined(relay: &Relay, n: usize) {
     .expect("everyone joined");
 }
 
+/// Waits until `relay` has concluded at least `count` replays (every outcome counted) and
+/// returns its status then.
+pub async fn replays_concluded(relay: &Relay, count: u64) -> Status {
+    loop {
+        let status = relay.coordinator.status().await;
+        if status.replays.values().sum::<u64>() >= count {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How an auditee in [`auditees`] answers the relay's replay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dodge {
@@ -554,8 +610,8 @@ pub enum Dodge {
 /// the rounds where `cheats(round)` holds, dodge the replay each its own way (in the others
 /// they train and reveal honestly); each trains a fresh replica every round, so its committed
 /// state is the schedule's position without moments. Runs `rounds` rounds of a language-model
-/// run, after `joined` identities (these included) have joined, and answers the last round's
-/// audit. Returns, for each, the rounds the relay drew its update in.
+/// run from the round open when they join, after `joined` identities (these included) have
+/// joined, and answers the last round's audit. Returns, for each, the rounds the relay drew its update in.
 pub async fn auditees(
     relay: &Relay,
     kinds: &[Dodge],
@@ -583,9 +639,10 @@ pub async fn auditees(
     // The state each committed to in the round just closed.
     let mut committed: Vec<Vec<u8>> = vec![Vec::new(); peers.len()];
     let mut audited = vec![Vec::new(); peers.len()];
-    for r in 0..=rounds {
+    let first = peers[0].4.round;
+    for r in first..=first + rounds {
         // The audit of the round before: named in this round's announcement.
-        if r > 0 {
+        if r > first {
             for (((kind, client, key, _, round), state), audited) in
                 peers.iter().zip(&committed).zip(&mut audited)
             {
@@ -618,7 +675,7 @@ pub async fn auditees(
                 }
             }
         }
-        if r == rounds {
+        if r == first + rounds {
             break;
         }
         let round = peers[0].4.clone();

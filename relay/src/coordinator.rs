@@ -149,7 +149,8 @@ struct State {
     /// The parked long polls, one per joined identity: the round it has, and where to send
     /// the next (`None`: a newer poll from the same identity replaced this one).
     waiters: HashMap<PeerKey, (u64, Waiter)>,
-    joined: BTreeMap<PeerKey, String>,
+    /// Joined identities, each with the role it joined in.
+    joined: BTreeMap<PeerKey, Role>,
     /// Data slots by peer, given out in order of first join (modulo the run's slots).
     slots: BTreeMap<PeerKey, u32>,
     /// At most this many joined identities ([`MAX_JOINED_PER_RUN`]; tests lower it).
@@ -716,7 +717,7 @@ impl Coordinator {
                     drop(state);
                     return self.reject(Some(peer), "relay_busy", reason).await;
                 }
-                state.joined.insert(peer, join.capabilities.backend);
+                state.joined.insert(peer, join.role);
                 // A verifier takes no data slot and is not one of the round's peers.
                 let slot = match join.role {
                     Role::Train => {
@@ -765,10 +766,10 @@ impl Coordinator {
                     }
                     // Only joined identities wait for rounds, and count as active: a poll from
                     // an identity that never joined would otherwise park for free and raise the
-                    // quorum.
-                    if !state.joined.contains_key(&peer) {
+                    // quorum. A verifier is not one of the round's peers.
+                    if state.joined.get(&peer) != Some(&Role::Train) {
                         drop(state);
-                        let reason = "send a Join for this run before waiting for rounds".into();
+                        let reason = "join this run as a trainer before waiting for rounds".into();
                         return self.reject(Some(peer), "not_joined", reason).await;
                     }
                     state.round.seen(peer, now);
@@ -813,9 +814,9 @@ impl Coordinator {
             }
             ClientToRelay::Update(update) => {
                 let mut state = self.state.lock().await;
-                if !state.joined.contains_key(&peer) {
+                if state.joined.get(&peer) != Some(&Role::Train) {
                     drop(state);
-                    let reason = "send a Join for this run before an update".to_owned();
+                    let reason = "join this run as a trainer before an update".to_owned();
                     return self.reject(Some(peer), "not_joined", reason).await;
                 }
                 if state.unannounced {
@@ -1179,9 +1180,7 @@ impl Coordinator {
                 let mut state = self.state.lock().await;
                 let refused = if state.verifiers.banned.contains(&peer) {
                     Some(("verifier_banned", VERIFIER_BANNED))
-                } else if !state.joined.contains_key(&peer)
-                    || !state.verifiers.seen.contains_key(&peer)
-                {
+                } else if state.joined.get(&peer) != Some(&Role::Verify) {
                     Some((
                         "not_joined",
                         "join this run as a verifier (role Verify) before asking for replays",
@@ -1302,6 +1301,8 @@ impl Coordinator {
             );
             self.count_verifier("caught").await;
             self.state.lock().await.verifiers.ban(verifier);
+            // Its parked ask, if any, hears the refusal now.
+            self.jobs_ready.notify_waiters();
             self.strike(verifier);
         }
         self.conclude_replays(vec![here]).await;
@@ -1716,7 +1717,11 @@ impl Coordinator {
             n_params: state.round.params().len(),
             updates_this_round: state.round.updates_this_round(),
             active_peers: state.round.active_peers(now),
-            joined_peers: state.joined.len(),
+            joined_peers: state
+                .joined
+                .values()
+                .filter(|role| **role == Role::Train)
+                .count(),
             history: state
                 .history
                 .iter()
@@ -1889,18 +1894,21 @@ impl State {
         self.forgot_at_ms = Some(now_ms);
         let idle: Vec<PeerKey> = self
             .joined
-            .keys()
-            .filter(|peer| {
-                self.round
-                    .last_seen(peer)
-                    .is_none_or(|at| now_ms.saturating_sub(at) > self.forget_idle_ms)
+            .iter()
+            .filter(|(peer, role)| {
+                let seen = match role {
+                    Role::Train => self.round.last_seen(peer),
+                    Role::Verify => self.verifiers.seen.get(peer).copied(),
+                };
+                seen.is_none_or(|at| now_ms.saturating_sub(at) > self.forget_idle_ms)
             })
-            .copied()
+            .map(|(peer, _)| *peer)
             .collect();
         for peer in &idle {
             self.joined.remove(peer);
             self.slots.remove(peer);
             self.round.forget(peer);
+            self.verifiers.seen.remove(peer);
         }
         tracing::info!(
             forgotten = idle.len(),

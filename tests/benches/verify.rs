@@ -615,18 +615,7 @@ fn observe_catch() -> String {
             }
         );
         let drawn = reveals + audited[0].len() as u64;
-        while relay
-            .coordinator
-            .status()
-            .await
-            .replays
-            .values()
-            .sum::<u64>()
-            < drawn
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        let status = relay.coordinator.status().await;
+        let status = swarmtrain_tests::replays_concluded(&relay, drawn).await;
         relay.shutdown().await;
         (
             audited.into_iter().next().unwrap_or_default(),
