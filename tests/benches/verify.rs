@@ -228,6 +228,10 @@ struct Cost {
     /// Milliseconds of training the replayed steps ([`REPLAYED_STEPS`]), and of their replay.
     train_ms: f64,
     replay_ms: f64,
+    /// Milliseconds of comparing a verifier's replay that is not the update bit for bit with
+    /// it ([`checks::compare`]: decoding it and the distance): the relay's part of a replay a
+    /// volunteer ran.
+    compare_ms: f64,
 }
 
 /// Steps of the round trained, checked and replayed in [`cost`].
@@ -301,6 +305,17 @@ fn cost(model: ModelSpec, batch: u32, policy: &CheckPolicy) -> Cost {
         replay.is_some_and(|r| r.exact) && outcome == Outcome::Verified,
         "the CPU replay is the update bit for bit: {replay:?} {outcome:?}"
     );
+    // A verifier's replay that lands near the update but not on it (the costlier comparison).
+    let near = update_payload(
+        delta.iter().map(|d| d * 1.001).collect(),
+        spec.privacy.as_ref(),
+        spec.codec,
+        &mut ErrorFeedback::default(),
+    );
+    let started = Instant::now();
+    let compared = checks::compare(&spec, &audit, &near);
+    let compare_ms = started.elapsed().as_secs_f64() * 1e3;
+    assert!(!compared.exact && compared.distance < 0.01, "{compared:?}");
     let contributions: Vec<_> = (0..3u8)
         .map(|i| swarmtrain_shared::aggregate::Contribution {
             peer: PeerKey([i; 32]),
@@ -341,6 +356,7 @@ fn cost(model: ModelSpec, batch: u32, policy: &CheckPolicy) -> Cost {
         check_ms,
         train_ms,
         replay_ms,
+        compare_ms,
     }
 }
 
@@ -363,10 +379,18 @@ fn quantiles(mut xs: Vec<f32>) -> String {
 }
 
 fn main() {
+    let policy = CheckPolicy::default();
+    if std::env::var_os("SWARMTRAIN_VERIFY_COSTS_ONLY").is_some() {
+        // What a check and a replay cost, printed only (the report needs the runs too).
+        let default = swarmtrain_relay::default_lm_run(CORPUS);
+        let lm = cost(default.model.clone(), default.inner.batch_size, &policy);
+        let big = cost(big_lm(), 2, &policy);
+        print!("{}", replay_section(&default, &lm, &big));
+        return;
+    }
     // The live run first: it prints its section as soon as it is done.
     let observed = observe_catch();
     eprintln!("{observed}");
-    let policy = CheckPolicy::default();
     let mut judged = Vec::new();
     let mut check_ms = Vec::new();
     let started = Instant::now();
@@ -377,14 +401,7 @@ fn main() {
     let default = swarmtrain_relay::default_lm_run(CORPUS);
     let lm = cost(default.model.clone(), default.inner.batch_size, &policy);
     let (lm_step, lm_check) = (lm.step_ms, lm.check_ms);
-    let big = ModelSpec::ByteLm {
-        context: 128,
-        d_model: 256,
-        heads: 8,
-        layers: 6,
-        mlp_ratio: 4,
-    };
-    let big = cost(big, 2, &policy);
+    let big = cost(big_lm(), 2, &policy);
     let (big_step, big_check) = (big.step_ms, big.check_ms);
     let h = f64::from(default.inner.steps);
 
@@ -497,56 +514,80 @@ fn main() {
         median(&mut check_ms),
         policy.windows
     );
-    let replay_row = |name: &str, c: &Cost, n: usize| {
-        format!(
-            "| {name} | {:.0} ms | {:.0} ms | {:.2} | {:.1} MB |\n",
-            c.train_ms,
-            c.replay_ms,
-            c.replay_ms / c.train_ms,
-            CommittedState::max_len(n) as f64 / 1e6
-        )
-    };
-    let n_lm = default.model.num_params();
-    let n_big = ModelSpec::ByteLm {
+    report.push_str(&replay_section(&default, &lm, &big));
+    report.push_str(&observed);
+    print!("{report}");
+    if let Ok(path) = std::env::var("SWARMTRAIN_VERIFY_REPORT") {
+        std::fs::write(&path, report).expect("write the report");
+    }
+}
+
+/// The 4.9M-parameter LM of the cost rows.
+fn big_lm() -> ModelSpec {
+    ModelSpec::ByteLm {
         context: 128,
         d_model: 256,
         heads: 8,
         layers: 6,
         mlp_ratio: 4,
     }
-    .num_params();
-    let _ = writeln!(
-        report,
+}
+
+/// The report's section on what a replay costs, the relay's own and a volunteer's.
+fn replay_section(default: &RunSpec, lm: &Cost, big: &Cost) -> String {
+    let spot = ReplayPolicy::default().spot_check;
+    let h = f64::from(default.inner.steps);
+    let replay_row = |name: &str, c: &Cost, n: usize| {
+        let part = c.compare_ms + spot * c.replay_ms;
+        format!(
+            "| {name} | {:.0} ms | {:.0} ms | {:.2} | {:.1} MB | {:.1} ms | {part:.0} ms ({:.0}%) |\n",
+            c.train_ms,
+            c.replay_ms,
+            c.replay_ms / c.train_ms,
+            CommittedState::max_len(n) as f64 / 1e6,
+            c.compare_ms,
+            100.0 * part / c.replay_ms,
+        )
+    };
+    let n_lm = default.model.num_params();
+    let n_big = big_lm().num_params();
+    format!(
         "\n# The replay check\n\n\
          ## What a replay costs\n\n\
          A replay runs the peer's steps again from its revealed state with the shared trainer on \
          the relay's CPU (`relay/src/checks.rs` `replay_update`), then encodes the update as the \
          peer did; here {REPLAYED_STEPS} steps, trained and then replayed, and the replay matched \
-         the update bit for bit (the bench asserts it).\n\n\
-         | model | training {REPLAYED_STEPS} steps | replaying them | replay / training | reveal, at most |\n|---|---|---|---|---|\n\
+         the update bit for bit (the bench asserts it). A volunteer verifier \
+         (`swarmtrain-peer verify`) runs the same replay on its own CPU and sends back the \
+         payload; the relay's part is then the comparison (`checks::compare`: decoding a payload \
+         that is not the update bit for bit, and the distance), its own replay of the {:.0}% \
+         drawn for a spot check (`--verifier-spot-check`), and its replay of every update a \
+         verifier fails.\n\n\
+         | model | training {REPLAYED_STEPS} steps | replaying them | replay / training | reveal, at most | comparing a verifier's replay | the relay's part with verifiers (spot checks at {:.0}%) |\n|---|---|---|---|---|---|---|\n\
          {}{}\n\
          So a replayed update costs the relay {:.2}× (default LM) and {:.2}× (4.9M LM) the \
          peer's training of the same steps, about one round of it, against {:.0}% and {:.0}% of \
          a round for the loss check; `--replays-per-round` caps the rounds of training the relay \
-         spends on replays per round. Bandwidth: every update carries a commitment of 33 to 37 \
-         bytes (`Update::state`: a 32-byte BLAKE3 digest and the length as a varint); only a \
-         drawn peer uploads its state, 12 bytes a parameter at most (AdamW's two moments and the \
-         error-feedback residual, f32 each; the moments are empty before a replica's first \
-         step). Ledger: each update's signed envelope grows by its commitment, and a replayed \
-         update's signed verdict carries its replay (`steps`, `exact`, `distance`: at most 11 \
-         bytes) instead of the loss check's scores.\n",
-        replay_row("default LM (136K, batch 16, context 64)", &lm, n_lm),
-        replay_row("4.9M LM (context 128, batch 2)", &big, n_big),
+         spends on replays per round. With volunteer verifiers the relay's part of an honest \
+         update's replay falls to the comparison and its spot checks, so the replays its CPU \
+         affords grow about 1 / (spot-check fraction) times. Bandwidth: every update carries a \
+         commitment of 33 to 37 bytes (`Update::state`: a 32-byte BLAKE3 digest and the length \
+         as a varint); only a drawn peer uploads its state, 12 bytes a parameter at most \
+         (AdamW's two moments and the error-feedback residual, f32 each; the moments are empty \
+         before a replica's first step), and the relay sends it once more to the verifier that \
+         replays it, which sends back one update's payload. Ledger: each update's signed \
+         envelope grows by its commitment, and a replayed update's signed verdict carries its \
+         replay (`steps`, `exact`, `distance`: at most 11 bytes) instead of the loss check's \
+         scores.\n",
+        100.0 * spot,
+        100.0 * spot,
+        replay_row("default LM (136K, batch 16, context 64)", lm, n_lm),
+        replay_row("4.9M LM (context 128, batch 2)", big, n_big),
         lm.replay_ms / lm.train_ms,
         big.replay_ms / big.train_ms,
-        100.0 * lm_check / (lm_step * h),
-        100.0 * big_check / (big_step * h),
-    );
-    report.push_str(&observed);
-    print!("{report}");
-    if let Ok(path) = std::env::var("SWARMTRAIN_VERIFY_REPORT") {
-        std::fs::write(&path, report).expect("write the report");
-    }
+        100.0 * lm.check_ms / (lm.step_ms * h),
+        100.0 * big.check_ms / (big.step_ms * h),
+    )
 }
 
 /// The replay check in a live run: the fraction that catches a peer cheating in 10 of 100
