@@ -593,13 +593,15 @@ async fn the_relay_verifies_honest_work_and_fails_false_work() {
 
 /// Volunteer verifiers through the live relay, every update drawn, in two stretches of
 /// rounds. First a lying verifier (it sends back bytes it never replayed) is the only one
-/// asking for work: the relay replays each update it fails itself and keeps its own verdict,
+/// asking for work (and finds the revealed state served sealed only, and only for its own
+/// job): the relay replays each update it fails itself and keeps its own verdict,
 /// so the honest peers' work stays verified, and bans the liar at its first contradiction (a
 /// strike, and its ask is refused). Then an honest verifier (the client's code) takes every
 /// replay: those it verifies stand (no spot checks here), and the peer that runs fewer steps
 /// than it reports fails each round, confirmed by the relay's own replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
+    use swarmtrain_client::rpc::RpcError;
     use swarmtrain_client::verifier::VerifierEvent;
     use swarmtrain_relay::checks::ReplayPolicy;
     use swarmtrain_shared::protocol::{Replayed, Role};
@@ -620,7 +622,7 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
         ..ReplayPolicy::default()
     };
     let relay = Relay::start(config).await.expect("relay starts");
-    let (liar, ..) = swarmtrain_tests::join_raw_as(
+    let (liar, _, welcome, _) = swarmtrain_tests::join_raw_as(
         &relay.bootstrap.addresses["tcp"][0],
         "lm",
         [90; 32],
@@ -636,6 +638,26 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
             };
             match liar.send(ask, Vec::new()).await.expect("an answer") {
                 RelayToClient::Job(Some(job)) => {
+                    if lies == 0 {
+                        // The revealed state travels sealed only, to the job's holder only.
+                        let unsealed = liar.fetch_state("lm", &job.state).await;
+                        assert!(
+                            matches!(&unsealed, Err(RpcError::Refused(r)) if r.contains("sealed")),
+                            "{unsealed:?}"
+                        );
+                        liar.agree_keys(welcome.relay_key()).await.expect("keys");
+                        let state = liar.fetch_state("lm", &job.state).await.expect("the state");
+                        assert_eq!(state.len(), job.state.len as usize);
+                        let other = PayloadRef {
+                            digest: [1; 32],
+                            ..job.state
+                        };
+                        let refused = liar.fetch_state("lm", &other).await;
+                        assert!(
+                            matches!(&refused, Err(RpcError::Refused(r)) if r.contains("no replay job")),
+                            "{refused:?}"
+                        );
+                    }
                     let made_up = vec![7u8; 64];
                     let report = ClientToRelay::Replayed(Replayed {
                         run_id: "lm".into(),

@@ -2,7 +2,8 @@
 //! [`swarmtrain_shared::replay`]): an update drawn after its round closed is run again from
 //! the state its peer revealed and compared with what the peer sent; it costs about a round of
 //! the peer's training on the relay's CPU, so the operator draws a fraction
-//! ([`ReplayPolicy`]). The loss check ([`swarmtrain_shared::verify`]) of every other update:
+//! ([`ReplayPolicy`]); volunteer verifiers may run it instead, and the relay then only
+//! [`compare`]s what their replay gave (and replays the share it spot-checks). The loss check ([`swarmtrain_shared::verify`]) of every other update:
 //! after a round closes, each of its updates is scored on windows its peer trained on against windows
 //! nobody was given, paired against the coordinate-wise median of (up to 8 of) the round's
 //! other updates, and the round's scores are judged together. The relay signs a [`Verdict`] for each update, keeps it in its
