@@ -32,10 +32,7 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
   // Half the tab's updates are drawn for a replay (the rest get the loss check): the relay
   // replays the round on its CPU from the state the tab committed to, and how far the tab's
   // update lands from that replay is the WebGPU (or WebAssembly CPU) side of the tolerance.
-  // The CPU tab runs without replays unless asked: with them, under the full suite's load, a
-  // round was still sent 6–10 s after the tab was hidden (not understood yet; see the hidden
-  // check below).
-  const replay = ['--replay-fraction', process.env.SWARMTRAIN_E2E_REPLAY_FRACTION ?? (expected === 'webgpu' ? '0.5' : '0')];
+  const replay = ['--replay-fraction', process.env.SWARMTRAIN_E2E_REPLAY_FRACTION ?? '0.5'];
   let { relay, url: urlPromise } = startRelay(dataDir, undefined, { extra: replay });
   let browser;
   try {
@@ -106,10 +103,12 @@ for (const { backend: expected, flags, query, transport } of cases) test(`Contri
       const atHide = Number(await page.textContent('#trained'));
       await setHidden(true);
       await page.waitForFunction(() => /^Paused: this tab is hidden/.test(document.getElementById('state').textContent), null, { timeout: 10_000 });
-      // The round under way may still be sent (its steps so far, or all of them if they were
-      // done; it can take seconds while the relay replays a round beside it): after that,
-      // nothing. Unpaused, this tab trains a round in about 2 s.
-      await new Promise((r) => setTimeout(r, 6000));
+      // The round under way may still be sent: a paused round waits for the tab to come back
+      // until a fifth of its time is left, then sends the steps it took (so it ends within the
+      // round's timeout, which adapts to 4 × the recent rounds' duration and grows when the
+      // relay replays rounds beside them on a loaded machine). After that, nothing.
+      const { round_timeout_ms: timeout } = await status(url);
+      await new Promise((r) => setTimeout(r, Math.max(6000, timeout + 1000)));
       const pausedAt = Number(await page.textContent('#trained'));
       assert.ok(pausedAt <= atHide + 1, `at most the round under way is trained once hidden: ${atHide} then ${pausedAt}`);
       await new Promise((r) => setTimeout(r, 4000));
