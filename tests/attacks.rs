@@ -665,7 +665,10 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
                         update: Some(PayloadRef::of(&made_up)),
                     });
                     let answer = liar.send(report, made_up).await.expect("an answer");
-                    assert!(matches!(answer, RelayToClient::Accepted { .. }), "{answer:?}");
+                    assert!(
+                        matches!(answer, RelayToClient::Accepted { .. }),
+                        "{answer:?}"
+                    );
                     lies += 1;
                 }
                 RelayToClient::Job(None) => {}
@@ -683,15 +686,16 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
         let honest = spawn_peers_together(&relay, seeds, ROUNDS, everyone);
         let relay = &relay;
         async move {
-            let (audited, ()) = tokio::join!(
-                auditees(relay, &kinds, everyone, ROUNDS, |_| true),
-                async {
+            let (audited, ()) =
+                tokio::join!(auditees(relay, &kinds, everyone, ROUNDS, |_| true), async {
                     for peer in honest {
                         assert_eq!(peer.finish().await.0, ROUNDS);
                     }
-                }
+                });
+            assert!(
+                audited.iter().all(|r| r.len() as u64 == ROUNDS),
+                "{audited:?}"
             );
-            assert!(audited.iter().all(|r| r.len() as u64 == ROUNDS), "{audited:?}");
         }
     };
     let lies = tokio::time::timeout(Duration::from_secs(600), async {
@@ -706,7 +710,10 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
     let count = |status: &swarmtrain_relay::coordinator::Status, label: &str| {
         status.verifier_reports.get(label).copied().unwrap_or(0)
     };
-    assert!(lies >= 1 && count(&first, "caught") >= 1, "the liar is caught");
+    assert!(
+        lies >= 1 && count(&first, "caught") >= 1,
+        "the liar is caught"
+    );
     assert_eq!(
         count(&first, "caught") + count(&first, "confirmed"),
         lies,
@@ -748,8 +755,16 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
         status.replays, status.verifier_reports
     );
     assert_eq!(reports, replayed);
-    assert_eq!(replayed, everyone as u64 * ROUNDS, "every replay of the stretch");
-    assert_eq!(count(&status, "trusted"), 2 * ROUNDS, "honest replays stand");
+    assert_eq!(
+        replayed,
+        everyone as u64 * ROUNDS,
+        "every replay of the stretch"
+    );
+    assert_eq!(
+        count(&status, "trusted"),
+        2 * ROUNDS,
+        "honest replays stand"
+    );
     assert_eq!(
         count(&status, "confirmed") - count(&first, "confirmed"),
         ROUNDS,
@@ -762,7 +777,10 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
         4 * ROUNDS,
         "every honest update verified bit for bit, by a verifier or the relay"
     );
-    assert_eq!(status.replays.get("differs").copied().unwrap_or(0), 2 * ROUNDS);
+    assert_eq!(
+        status.replays.get("differs").copied().unwrap_or(0),
+        2 * ROUNDS
+    );
     for seed in 1..=4 {
         let c = lm_credit(&relay, seed).await;
         assert_eq!(c["failed_updates"], 0, "a lying verifier costs nobody: {c}");

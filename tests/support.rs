@@ -15,8 +15,8 @@ use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::coordinator::Status;
 use swarmtrain_relay::{Relay, RelayConfig};
 use swarmtrain_shared::protocol::{
-    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, PayloadRef, RelayToClient,
-    Role, RoundAnnouncement, RunSpec, Update, Welcome,
+    Capabilities, ClientToRelay, Codec, Join, PROTOCOL_VERSION, PayloadRef, RelayToClient, Role,
+    RoundAnnouncement, RunSpec, Update, Welcome,
 };
 use swarmtrain_shared::{Identity, PeerKey};
 use tokio::sync::mpsc;

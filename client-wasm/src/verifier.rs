@@ -62,7 +62,16 @@ pub async fn verify<B: AutodiffBackend>(
     let mut done = 0u64;
     let mut failures = 0u32;
     loop {
-        let error = match session::<B>(&device, &config, &identity, &mut done, &mut failures, &mut emit).await {
+        let error = match session::<B>(
+            &device,
+            &config,
+            &identity,
+            &mut done,
+            &mut failures,
+            &mut emit,
+        )
+        .await
+        {
             Ok(()) => return Ok(done),
             Err(e) => e,
         };
@@ -138,7 +147,13 @@ async fn session<B: AutodiffBackend>(
             RelayToClient::Rejected { reason, .. } => (false, Some(reason)),
             _ => return Err(PeerError::Unexpected("replayed")),
         };
-        tracing::info!(job = job.job, round = job.round, ms, accepted, "replayed a drawn update");
+        tracing::info!(
+            job = job.job,
+            round = job.round,
+            ms,
+            accepted,
+            "replayed a drawn update"
+        );
         *done += 1;
         emit(VerifierEvent::Replayed {
             job: job.job,
@@ -161,7 +176,9 @@ async fn replay_job<B: AutodiffBackend>(
 ) -> Result<Vec<u8>, PeerError> {
     let spec = &session.spec;
     let ModelConfig::Lm(config) = spec.model.config() else {
-        return Err(PeerError::BadSpec("replays cover language-model runs".into()));
+        return Err(PeerError::BadSpec(
+            "replays cover language-model runs".into(),
+        ));
     };
     let max = CommittedState::max_len(spec.model.num_params());
     if job.state.len as usize > max || job.steps > spec.inner.steps {

@@ -125,7 +125,14 @@ pub fn replay_update(
         spec.inner.steps,
         spec.inner.batch_size as usize,
     );
-    let inputs = RoundInputs::of_update(spec, &config, &audit.theta, audit.round, claim.steps, &given);
+    let inputs = RoundInputs::of_update(
+        spec,
+        &config,
+        &audit.theta,
+        audit.round,
+        claim.steps,
+        &given,
+    );
     let device = burn::backend::ndarray::NdArrayDevice::Cpu;
     let replayed = match futures::executor::block_on(replay::replay_lm::<
         burn::backend::Autodiff<NdArray>,

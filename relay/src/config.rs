@@ -640,9 +640,10 @@ impl ServeOptions {
                 .replays_per_round
                 .map_or(defaults.replays.per_round, |n| n as usize),
             tolerance: self.replay_tolerance.unwrap_or(defaults.replays.tolerance),
-            verifier_timeout: self
-                .verifier_timeout_secs
-                .map_or(defaults.replays.verifier_timeout, std::time::Duration::from_secs),
+            verifier_timeout: self.verifier_timeout_secs.map_or(
+                defaults.replays.verifier_timeout,
+                std::time::Duration::from_secs,
+            ),
             spot_check: self
                 .verifier_spot_check
                 .unwrap_or(defaults.replays.spot_check),

@@ -646,7 +646,8 @@ impl Coordinator {
             Fetch::State { digest, offset, .. } => {
                 let state = self.state.lock().await;
                 let held = state.verifiers.jobs.values().find(|job| {
-                    job.audit.claim.state.digest == digest && from.is_some_and(|v| job.verifier == Some(v))
+                    job.audit.claim.state.digest == digest
+                        && from.is_some_and(|v| job.verifier == Some(v))
                 });
                 match held {
                     Some(job) => (job.state.clone(), offset),
@@ -1222,7 +1223,12 @@ impl Coordinator {
     /// A verifier's [`Replayed`] report: the payload its replay gave is compared with the
     /// update here ([`checks::compare`]) and settled off the caller's path
     /// ([`Self::settle_report`]).
-    async fn replayed(self: &Arc<Self>, peer: PeerKey, report: Replayed, payload: Vec<u8>) -> Vec<u8> {
+    async fn replayed(
+        self: &Arc<Self>,
+        peer: PeerKey,
+        report: Replayed,
+        payload: Vec<u8>,
+    ) -> Vec<u8> {
         let job = {
             let mut state = self.state.lock().await;
             let held = state
@@ -1263,7 +1269,12 @@ impl Coordinator {
     /// fails it, and every spot check, is replayed by the relay, whose verdict is the one
     /// kept: the verifier is `confirmed` when both agree, and `caught` (banned as a verifier,
     /// and a strike) when they do not.
-    async fn settle_report(self: Arc<Self>, verifier: PeerKey, job: Job, check: Option<ReplayCheck>) {
+    async fn settle_report(
+        self: Arc<Self>,
+        verifier: PeerKey,
+        job: Job,
+        check: Option<ReplayCheck>,
+    ) {
         let Some(check) = check else {
             self.count_verifier("unable").await;
             return self.replay(job.audit, job.state).await;

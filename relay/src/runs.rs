@@ -546,25 +546,27 @@ impl Runs {
             ClientToRelay::KeyConfirm { transcript } => {
                 return self.key_confirm(from, peer, transcript).await;
             }
-            ClientToRelay::Update(_) | ClientToRelay::Reveal(_) | ClientToRelay::Replayed(_) => match self.agreed(&from) {
-                Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
-                    Ok(opened) => payload = opened,
-                    Err(e) => {
-                        let reason = format!("the sealed payload: {e}");
+            ClientToRelay::Update(_) | ClientToRelay::Reveal(_) | ClientToRelay::Replayed(_) => {
+                match self.agreed(&from) {
+                    Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
+                        Ok(opened) => payload = opened,
+                        Err(e) => {
+                            let reason = format!("the sealed payload: {e}");
+                            return self
+                                .default
+                                .reject(Some(peer), "undecryptable", reason)
+                                .await;
+                        }
+                    },
+                    None if self.require_sealed => {
                         return self
                             .default
-                            .reject(Some(peer), "undecryptable", reason)
+                            .reject(Some(peer), "not_sealed", NOT_SEALED.into())
                             .await;
                     }
-                },
-                None if self.require_sealed => {
-                    return self
-                        .default
-                        .reject(Some(peer), "not_sealed", NOT_SEALED.into())
-                        .await;
+                    None => {}
                 }
-                None => {}
-            },
+            }
             _ => {}
         }
         match self.by_id.get(run_of(&message)) {

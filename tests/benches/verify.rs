@@ -287,7 +287,9 @@ fn cost(model: ModelSpec, batch: u32, policy: &CheckPolicy) -> Cost {
         peer: PeerKey([9; 32]),
         round: 0,
         theta: std::sync::Arc::new(theta.clone()),
-        theta_hash: swarmtrain_shared::protocol::ParamsHash::of(&swarmtrain_shared::protocol::params_to_bytes(&theta)),
+        theta_hash: swarmtrain_shared::protocol::ParamsHash::of(
+            &swarmtrain_shared::protocol::params_to_bytes(&theta),
+        ),
         delta: spec.codec.decode(&payload, theta.len()).expect("decodes"),
         claim: Claim {
             slot: 0,

@@ -113,7 +113,13 @@ async fn verify(args: Verify) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let stop = Arc::new(AtomicBool::new(false));
-    let config = native_config(args.relay, args.run, &args.key_file, args.jobs, stop.clone())?;
+    let config = native_config(
+        args.relay,
+        args.run,
+        &args.key_file,
+        args.jobs,
+        stop.clone(),
+    )?;
     let run = swarmtrain_client::verifier::verify::<Autodiff<NdArray>>(
         Default::default(),
         config,
@@ -138,7 +144,13 @@ async fn train(args: Train) -> anyhow::Result<()> {
     use swarmtrain_client::peer;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let config = native_config(args.relay, args.run, &args.key_file, args.rounds, stop.clone())?;
+    let config = native_config(
+        args.relay,
+        args.run,
+        &args.key_file,
+        args.rounds,
+        stop.clone(),
+    )?;
     let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
         tracing::info!(?event, "peer");
     });
