@@ -82,6 +82,11 @@ async function showRun(s) {
   q('.round').textContent = s.unannounced ? `${s.round} (waiting for its checkpoint write)` : s.round;
   q('.updates').textContent = `${s.updates_this_round} of quorum ${s.spec.quorum}`;
   q('.peers').textContent = `${s.active_peers} / ${s.joined_peers}`;
+  const counts = (by) => Object.entries(by).map(([k, n]) => `${k} ${count(n)}`).join(', ') || 'none';
+  q('.backends').textContent = counts(s.backends);
+  q('.checks').textContent = counts(s.checks);
+  q('.replays').textContent = `${counts(s.replays)}; ${s.audits_pending} reveals awaited`;
+  q('.verifiers').textContent = `${s.verifiers} asking, ${s.verifier_jobs} jobs out; reports: ${counts(s.verifier_reports)}`;
   q('.timeout').textContent = `${(s.round_timeout_ms / 1000).toFixed(1)} s (configured ${(s.spec.round_deadline_ms / 1000).toFixed(0)} s)`;
   q('.accepted').textContent = count(s.accepted_updates);
   q('.aggregation').textContent = `${s.spec.aggregator}, codec ${s.spec.codec} (${bytes(s.spec.update_bytes)} per update), H = ${s.spec.inner_steps}`;

@@ -74,7 +74,10 @@ pub struct Status {
     pub n_params: usize,
     pub updates_this_round: usize,
     pub active_peers: usize,
+    /// Identities joined as trainers.
     pub joined_peers: usize,
+    /// Joined trainers by the backend they reported (`wgpu`, `ndarray`, …).
+    pub backends: BTreeMap<String, usize>,
     /// The newest rows of the round history (at most [`STATUS_HISTORY`]).
     pub history: Vec<RoundRecord>,
     /// The oldest round whose history row is still kept (older rows: see the retention
@@ -149,8 +152,8 @@ struct State {
     /// The parked long polls, one per joined identity: the round it has, and where to send
     /// the next (`None`: a newer poll from the same identity replaced this one).
     waiters: HashMap<PeerKey, (u64, Waiter)>,
-    /// Joined identities, each with the role it joined in.
-    joined: BTreeMap<PeerKey, Role>,
+    /// Joined identities: the role each joined in and the backend it reported.
+    joined: BTreeMap<PeerKey, (Role, String)>,
     /// Data slots by peer, given out in order of first join (modulo the run's slots).
     slots: BTreeMap<PeerKey, u32>,
     /// At most this many joined identities ([`MAX_JOINED_PER_RUN`]; tests lower it).
@@ -718,7 +721,9 @@ impl Coordinator {
                     drop(state);
                     return self.reject(Some(peer), "relay_busy", reason).await;
                 }
-                state.joined.insert(peer, join.role);
+                state
+                    .joined
+                    .insert(peer, (join.role, join.capabilities.backend));
                 // A verifier takes no data slot and is not one of the round's peers.
                 let slot = match join.role {
                     Role::Train => {
@@ -768,7 +773,7 @@ impl Coordinator {
                     // Only joined identities wait for rounds, and count as active: a poll from
                     // an identity that never joined would otherwise park for free and raise the
                     // quorum. A verifier is not one of the round's peers.
-                    if state.joined.get(&peer) != Some(&Role::Train) {
+                    if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
                         drop(state);
                         let reason = "join this run as a trainer before waiting for rounds".into();
                         return self.reject(Some(peer), "not_joined", reason).await;
@@ -815,7 +820,7 @@ impl Coordinator {
             }
             ClientToRelay::Update(update) => {
                 let mut state = self.state.lock().await;
-                if state.joined.get(&peer) != Some(&Role::Train) {
+                if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
                     drop(state);
                     let reason = "join this run as a trainer before an update".to_owned();
                     return self.reject(Some(peer), "not_joined", reason).await;
@@ -1181,7 +1186,7 @@ impl Coordinator {
                 let mut state = self.state.lock().await;
                 let refused = if state.verifiers.banned.contains(&peer) {
                     Some(("verifier_banned", VERIFIER_BANNED))
-                } else if state.joined.get(&peer) != Some(&Role::Verify) {
+                } else if state.joined.get(&peer).map(|j| j.0) != Some(Role::Verify) {
                     Some((
                         "not_joined",
                         "join this run as a verifier (role Verify) before asking for replays",
@@ -1731,8 +1736,16 @@ impl Coordinator {
             joined_peers: state
                 .joined
                 .values()
-                .filter(|role| **role == Role::Train)
+                .filter(|(role, _)| *role == Role::Train)
                 .count(),
+            backends: state
+                .joined
+                .values()
+                .filter(|(role, _)| *role == Role::Train)
+                .fold(BTreeMap::new(), |mut by, (_, backend)| {
+                    *by.entry(backend.clone()).or_default() += 1;
+                    by
+                }),
             history: state
                 .history
                 .iter()
@@ -1906,7 +1919,7 @@ impl State {
         let idle: Vec<PeerKey> = self
             .joined
             .iter()
-            .filter(|(peer, role)| {
+            .filter(|(peer, (role, _))| {
                 let seen = match role {
                     Role::Train => self.round.last_seen(peer),
                     Role::Verify => self.verifiers.seen.get(peer).copied(),

@@ -55,6 +55,34 @@ struct Train {
     /// The run to join (default: the relay's default run).
     #[arg(long, env = "SWARMTRAIN_RUN")]
     run: Option<String>,
+    /// The Burn backend that trains: ndarray (the CPU, always built in), wgpu (Vulkan, Metal or
+    /// DX12; a binary built with `--features wgpu`) or cuda (an NVIDIA GPU; `--features cuda`).
+    /// Reported to the relay when joining.
+    #[arg(
+        long,
+        value_enum,
+        env = "SWARMTRAIN_BACKEND",
+        default_value = "ndarray"
+    )]
+    backend: Backend,
+}
+
+/// A training backend of the native peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Ndarray,
+    Wgpu,
+    Cuda,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ndarray => "ndarray",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -140,30 +168,59 @@ async fn verify(args: Verify) -> anyhow::Result<()> {
 async fn train(args: Train) -> anyhow::Result<()> {
     use burn::backend::{Autodiff, NdArray};
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use swarmtrain_client::peer;
+    use std::sync::atomic::AtomicBool;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let config = native_config(
+    let mut config = native_config(
         args.relay,
         args.run,
         &args.key_file,
         args.rounds,
         stop.clone(),
     )?;
-    let run = peer::run::<Autodiff<NdArray>>(Default::default(), config, |event| {
+    config.backend = args.backend.name().into();
+    let rounds = match args.backend {
+        Backend::Ndarray => train_on::<Autodiff<NdArray>>(Default::default(), config).await?,
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => {
+            let device = burn::backend::wgpu::WgpuDevice::default();
+            train_on::<Autodiff<burn::backend::Wgpu>>(device, config).await?
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            let device = burn::backend::cuda::CudaDevice::default();
+            train_on::<Autodiff<burn::backend::Cuda>>(device, config).await?
+        }
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!(
+            "this swarmtrain-peer was built without the {0} backend: build it with \
+             `cargo build --release -p swarmtrain-client --bin swarmtrain-peer --features {0}`",
+            other.name()
+        ),
+    };
+    println!("trained {rounds} rounds");
+    Ok(())
+}
+
+/// Trains with the relay `config` names on backend `B` until SIGINT or SIGTERM (or its round
+/// limit): the rounds trained.
+async fn train_on<B: burn::tensor::backend::AutodiffBackend>(
+    device: B::Device,
+    config: swarmtrain_client::PeerConfig,
+) -> anyhow::Result<u64> {
+    use std::sync::atomic::Ordering;
+    let stop = config.stop.clone();
+    let run = swarmtrain_client::peer::run::<B>(device, config, |event| {
         tracing::info!(?event, "peer");
     });
     tokio::pin!(run);
-    let rounds = tokio::select! {
+    Ok(tokio::select! {
         result = &mut run => result?,
         _ = swarmtrain_net::signal::shutdown() => {
             stop.store(true, Ordering::Relaxed);
             run.await?
         }
-    };
-    println!("trained {rounds} rounds");
-    Ok(())
+    })
 }
 
 #[tokio::main]
