@@ -719,6 +719,14 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
         lies,
         "the relay replayed every failing report itself"
     );
+    // A verifier is not one of the round's peers; the trainers are counted by backend.
+    assert_eq!(first.joined_peers, everyone);
+    let backends: Vec<(&str, usize)> = first
+        .backends
+        .iter()
+        .map(|(b, n)| (b.as_str(), *n))
+        .collect();
+    assert_eq!(backends, [("ndarray", 2), ("none", 1)]);
     // The second stretch, with an honest verifier asking for work from the start.
     let (task, stop, mut events) = swarmtrain_tests::spawn_verifier(&relay, 91);
     tokio::time::timeout(Duration::from_secs(120), async {
