@@ -235,8 +235,8 @@ pub fn relative_distance(a: &[f32], b: &[f32]) -> f32 {
         return f32::INFINITY;
     }
     match (diff, norm) {
-        (d, _) if d == 0.0 => 0.0,
-        (_, n) if n == 0.0 => f32::INFINITY,
+        (0.0, _) => 0.0,
+        (_, 0.0) => f32::INFINITY,
         (d, n) => (d / n).sqrt() as f32,
     }
 }

@@ -166,7 +166,7 @@ fn simulate(seed: u64, policy: &CheckPolicy, out: &mut Vec<Judged>, check_ms: &m
                     steps: h,
                     samples: spec.samples_of(h),
                     payload: update.payload.digest,
-                    state: update.state.clone(),
+                    state: update.state,
                 },
             );
             kind_of.insert(peer, *kind);
