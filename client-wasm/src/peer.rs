@@ -349,7 +349,7 @@ pub fn retry_delay(attempt: u32) -> Duration {
 }
 
 /// Sleeps for `delay`, waking early when `stop` is set.
-pub(crate) async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
+async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
     let until = Instant::now() + delay;
     while !stop.load(Ordering::Relaxed) {
         let left = until.saturating_duration_since(Instant::now());
@@ -1025,21 +1025,15 @@ pub async fn run_with<L: Local>(
             Ok(()) => break,
             Err(e) => e,
         };
-        failures += 1;
-        if config.stop.load(Ordering::Relaxed)
-            || !error.is_transient()
-            || config.max_retries.is_some_and(|max| failures > max)
-        {
-            return Err(error);
-        }
-        let delay = retry_delay(failures);
-        emit(PeerEvent::Reconnecting {
-            attempt: failures,
-            delay_ms: delay.as_millis() as u64,
-            error: error.to_string(),
-        });
-        sleep_unless_stopped(delay, &config.stop).await;
-        if config.stop.load(Ordering::Relaxed) {
+        let retry = back_off(&config, &mut failures, error, |attempt, delay_ms, error| {
+            emit(PeerEvent::Reconnecting {
+                attempt,
+                delay_ms,
+                error,
+            })
+        })
+        .await?;
+        if !retry {
             break;
         }
     }
@@ -1047,6 +1041,29 @@ pub async fn run_with<L: Local>(
         rounds_trained: progress.rounds_trained,
     });
     Ok(progress.rounds_trained)
+}
+
+/// After a session ended in `error` (the `failures`-th in a row, counted here): gives up with
+/// the error when it cannot be mended, the peer was stopped or `max_retries` is spent; else
+/// reports the wait (`reconnecting(attempt, delay_ms, error)`), waits [`retry_delay`] and says
+/// whether to connect again (false: stopped meanwhile).
+pub(crate) async fn back_off(
+    config: &PeerConfig,
+    failures: &mut u32,
+    error: PeerError,
+    reconnecting: impl FnOnce(u32, u64, String),
+) -> Result<bool, PeerError> {
+    *failures += 1;
+    if config.stop.load(Ordering::Relaxed)
+        || !error.is_transient()
+        || config.max_retries.is_some_and(|max| *failures > max)
+    {
+        return Err(error);
+    }
+    let delay = retry_delay(*failures);
+    reconnecting(*failures, delay.as_millis() as u64, error.to_string());
+    sleep_unless_stopped(delay, &config.stop).await;
+    Ok(!config.stop.load(Ordering::Relaxed))
 }
 
 /// One connection's worth of [`run`]: joins (then sets `failures` back to 0) and trains until

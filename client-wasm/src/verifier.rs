@@ -21,7 +21,7 @@ use swarmtrain_shared::protocol::{
 use swarmtrain_shared::replay::{self, CommittedState, RoundInputs};
 use web_time::Instant;
 
-use crate::peer::{PeerConfig, PeerError, Session, retry_delay, sleep_unless_stopped};
+use crate::peer::{PeerConfig, PeerError, Session, back_off};
 
 /// What a verifier reports as it goes.
 #[derive(Clone, Debug, Serialize)]
@@ -75,21 +75,15 @@ pub async fn verify<B: AutodiffBackend>(
             Ok(()) => return Ok(done),
             Err(e) => e,
         };
-        failures += 1;
-        if config.stop.load(Ordering::Relaxed)
-            || !error.is_transient()
-            || config.max_retries.is_some_and(|max| failures > max)
-        {
-            return Err(error);
-        }
-        let delay = retry_delay(failures);
-        emit(VerifierEvent::Reconnecting {
-            attempt: failures,
-            delay_ms: delay.as_millis() as u64,
-            error: error.to_string(),
-        });
-        sleep_unless_stopped(delay, &config.stop).await;
-        if config.stop.load(Ordering::Relaxed) {
+        let retry = back_off(&config, &mut failures, error, |attempt, delay_ms, error| {
+            emit(VerifierEvent::Reconnecting {
+                attempt,
+                delay_ms,
+                error,
+            })
+        })
+        .await?;
+        if !retry {
             return Ok(done);
         }
     }

@@ -33,8 +33,9 @@ enum Command {
     Soak(Soak),
 }
 
-#[derive(Parser, Debug)]
-struct Train {
+/// Which relay and run a native peer joins.
+#[derive(clap::Args, Debug)]
+struct Joining {
     /// The relay's HTTP URL.
     #[arg(
         long,
@@ -42,6 +43,15 @@ struct Train {
         default_value = "http://127.0.0.1:8080/"
     )]
     relay: String,
+    /// The run to join (default: the relay's default run).
+    #[arg(long, env = "SWARMTRAIN_RUN")]
+    run: Option<String>,
+}
+
+#[derive(Parser, Debug)]
+struct Train {
+    #[command(flatten)]
+    joining: Joining,
     /// File holding this peer's identity seed (hex; created with mode 0600 if missing).
     #[arg(
         long,
@@ -52,9 +62,6 @@ struct Train {
     /// Stop after this many rounds (default: until SIGINT or SIGTERM).
     #[arg(long)]
     rounds: Option<u64>,
-    /// The run to join (default: the relay's default run).
-    #[arg(long, env = "SWARMTRAIN_RUN")]
-    run: Option<String>,
     /// The Burn backend that trains: ndarray (the CPU, always built in), wgpu (Vulkan, Metal or
     /// DX12; a binary built with `--features wgpu`) or cuda (an NVIDIA GPU; `--features cuda`).
     /// Reported to the relay when joining.
@@ -87,16 +94,11 @@ impl Backend {
 
 #[derive(Parser, Debug)]
 struct Verify {
-    /// The relay's HTTP URL.
-    #[arg(
-        long,
-        env = "SWARMTRAIN_RELAY",
-        default_value = "http://127.0.0.1:8080/"
-    )]
-    relay: String,
-    /// File holding this verifier's identity seed (hex; created with mode 0600 if missing). A
-    /// verifier is never given its own updates to replay, so use another identity than your
-    /// training peer's only if you mean to.
+    #[command(flatten)]
+    joining: Joining,
+    /// File holding this verifier's identity seed (hex; created with mode 0600 if missing).
+    /// Keep it apart from a training peer's: an identity is joined to a run in one role at a
+    /// time (and a verifier is never given its own identity's updates).
     #[arg(
         long,
         env = "SWARMTRAIN_KEY_FILE",
@@ -106,28 +108,23 @@ struct Verify {
     /// Stop after this many replays (default: until SIGINT or SIGTERM).
     #[arg(long)]
     jobs: Option<u64>,
-    /// The run to verify for (default: the relay's default run).
-    #[arg(long, env = "SWARMTRAIN_RUN")]
-    run: Option<String>,
 }
 
-/// The settings a native peer of `relay` and `run` runs with, trainer or verifier.
+/// The settings a native peer joining with `joining` runs with, trainer or verifier.
 fn native_config(
-    relay: String,
-    run: Option<String>,
+    joining: Joining,
     key_file: &std::path::Path,
     max_rounds: Option<u64>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<swarmtrain_client::PeerConfig> {
     Ok(swarmtrain_client::PeerConfig {
-        relay_url: relay,
-        run_id: run,
+        relay_url: joining.relay,
+        run_id: joining.run,
         transport: None,
         identity_seed: swarmtrain_net::keyfile::load_or_create(key_file)?,
         backend: "ndarray".into(),
         max_rounds,
         sample_len: 0,
-        stop,
+        stop: Default::default(),
         max_retries: None,
         direct_peers: 0,
         pause: Default::default(),
@@ -137,47 +134,23 @@ fn native_config(
 
 async fn verify(args: Verify) -> anyhow::Result<()> {
     use burn::backend::{Autodiff, NdArray};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let config = native_config(
-        args.relay,
-        args.run,
-        &args.key_file,
-        args.jobs,
-        stop.clone(),
-    )?;
+    let config = native_config(args.joining, &args.key_file, args.jobs)?;
+    let stop = config.stop.clone();
     let run = swarmtrain_client::verifier::verify::<Autodiff<NdArray>>(
         Default::default(),
         config,
         |event| tracing::info!(?event, "verifier"),
     );
-    tokio::pin!(run);
-    let jobs = tokio::select! {
-        result = &mut run => result?,
-        _ = swarmtrain_net::signal::shutdown() => {
-            stop.store(true, Ordering::Relaxed);
-            run.await?
-        }
-    };
+    let jobs = until_shutdown(&stop, run).await?;
     println!("replayed {jobs} updates");
     Ok(())
 }
 
 async fn train(args: Train) -> anyhow::Result<()> {
     use burn::backend::{Autodiff, NdArray};
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut config = native_config(
-        args.relay,
-        args.run,
-        &args.key_file,
-        args.rounds,
-        stop.clone(),
-    )?;
+    let mut config = native_config(args.joining, &args.key_file, args.rounds)?;
     config.backend = args.backend.name().into();
     let rounds = match args.backend {
         Backend::Ndarray => train_on::<Autodiff<NdArray>>(Default::default(), config).await?,
@@ -208,17 +181,25 @@ async fn train_on<B: burn::tensor::backend::AutodiffBackend>(
     device: B::Device,
     config: swarmtrain_client::PeerConfig,
 ) -> anyhow::Result<u64> {
-    use std::sync::atomic::Ordering;
     let stop = config.stop.clone();
     let run = swarmtrain_client::peer::run::<B>(device, config, |event| {
         tracing::info!(?event, "peer");
     });
-    tokio::pin!(run);
+    until_shutdown(&stop, run).await
+}
+
+/// Runs `work` to its end; on SIGINT or SIGTERM sets `stop` (which it watches) and still waits
+/// for it to end.
+async fn until_shutdown<T>(
+    stop: &std::sync::atomic::AtomicBool,
+    work: impl std::future::Future<Output = Result<T, swarmtrain_client::PeerError>>,
+) -> anyhow::Result<T> {
+    tokio::pin!(work);
     Ok(tokio::select! {
-        result = &mut run => result?,
+        result = &mut work => result?,
         _ = swarmtrain_net::signal::shutdown() => {
-            stop.store(true, Ordering::Relaxed);
-            run.await?
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            work.await?
         }
     })
 }
