@@ -6,8 +6,9 @@
 //! ([`crate::text::ByteTokenizer`]), so any UTF-8 text trains it without a vocabulary file.
 //!
 //! Initial parameters come from [`LmConfig::init_params`]: a seeded, platform-independent
-//! N(0, 0.02²) draw (GPT-2's scheme, residual projections scaled by 1/√(2·layers)), so the same
-//! seed gives the same θ₀ on every backend and in every process.
+//! N(0, 0.02²) draw of every matrix (GPT-2's scheme, without its 1/√(2·layers) scaling of the
+//! residual projections), LayerNorm gains of one and biases of zero, so the same seed gives the
+//! same θ₀ on every backend and in every process.
 
 use burn::module::{ModuleMapper, Param};
 use burn::nn::loss::CrossEntropyLossConfig;

@@ -460,6 +460,28 @@ pub async fn evaluate_lm<B: Backend>(
     Ok((total / count as f64) as f32)
 }
 
+/// What this crate's tests of a round train: a one-layer, 16-wide LM with a context of 8, its
+/// inner optimizer (peak 1e-2, 2 warm-up steps of 100) and θ₀ drawn with `seed`.
+#[cfg(test)]
+pub(crate) fn tiny_lm(seed: u64) -> (LmConfig, LmInnerSpec, Vec<f32>) {
+    let config = LmConfig::new()
+        .with_d_model(16)
+        .with_heads(2)
+        .with_layers(1)
+        .with_context(8);
+    let spec = LmInnerSpec::new(LrSchedule {
+        peak: 1e-2,
+        warmup: 2,
+        total: 100,
+        min_ratio: 0.1,
+    });
+    let theta = futures::executor::block_on(
+        config.init_params::<burn::backend::NdArray>(&Default::default(), seed),
+    )
+    .expect("θ");
+    (config, spec, theta)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,19 +547,7 @@ mod tests {
     fn a_round_replayed_from_the_committed_state_matches_bit_for_bit() {
         type B = Autodiff<NdArray>;
         let device = Default::default();
-        let config = LmConfig::new()
-            .with_d_model(16)
-            .with_heads(2)
-            .with_layers(1)
-            .with_context(8);
-        let spec = LmInnerSpec::new(LrSchedule {
-            peak: 1e-2,
-            warmup: 2,
-            total: 100,
-            min_ratio: 0.1,
-        });
-        let theta =
-            futures::executor::block_on(config.init_params::<NdArray>(&device, 3)).expect("θ");
+        let (config, spec, theta) = tiny_lm(3);
         let window = config.context + 1;
         let batches: Vec<TextBatch> = (0..6u8)
             .map(|i| TextBatch {

@@ -244,24 +244,10 @@ pub fn relative_distance(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lm_train::LrSchedule;
     use burn::backend::{Autodiff, NdArray};
 
     fn setup() -> (LmConfig, LmInnerSpec, Vec<f32>, Vec<u8>) {
-        let config = LmConfig::new()
-            .with_d_model(16)
-            .with_heads(2)
-            .with_layers(1)
-            .with_context(8);
-        let spec = LmInnerSpec::new(LrSchedule {
-            peak: 1e-2,
-            warmup: 2,
-            total: 100,
-            min_ratio: 0.1,
-        });
-        let theta =
-            futures::executor::block_on(config.init_params::<NdArray>(&Default::default(), 5))
-                .expect("θ");
+        let (config, spec, theta) = crate::lm_train::tiny_lm(5);
         let text: Vec<u8> = (0..4 * 2 * 9u32).map(|i| (i * 37 % 251) as u8).collect();
         (config, spec, theta, text)
     }
