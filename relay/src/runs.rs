@@ -2,7 +2,8 @@
 //! Messages name their run; this checks each signed envelope (signature, connection, expiry,
 //! replay, one identity per connection) and routes its message to the run's coordinator. It
 //! also keeps each connection's agreed session keys ([`swarmtrain_shared::seal`]): it opens the
-//! sealed payloads of updates and seals the θ chunks it serves.
+//! sealed payloads of updates, reveals and verifiers' reports, and seals the chunks it serves
+//! (θ, and revealed states, which go only to the verifier holding their job).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -83,7 +84,8 @@ pub struct Runs {
     params_bytes_served: std::sync::atomic::AtomicU64,
     /// Checks the signatures of connections that have not joined a run, on their own thread.
     unjoined: UnjoinedChecks,
-    /// θ chunks and update payloads only on sealed connections (`not_sealed` otherwise).
+    /// θ chunks and the payloads of updates, reveals and verifiers' reports only on sealed
+    /// connections (`not_sealed` otherwise; revealed states are served sealed regardless).
     require_sealed: bool,
 }
 
