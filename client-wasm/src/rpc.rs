@@ -486,10 +486,7 @@ impl RelayClient {
 
     /// One chunk from the relay: (the object's length, the bytes from `fetch`'s offset on).
     async fn relay_chunk(&self, fetch: Fetch) -> Result<(usize, Vec<u8>), RpcError> {
-        let (digest, offset) = match &fetch {
-            Fetch::Params { hash, offset, .. } => (hash.0, *offset),
-            Fetch::State { digest, offset, .. } => (*digest, *offset),
-        };
+        let (digest, offset) = (fetch.digest(), fetch.offset());
         let answer: RelayToClient = protocol::decode(
             &self
                 .request_frame(protocol::encode(&Request::Fetch(fetch))?)

@@ -130,6 +130,13 @@ impl Fetch {
         }
     }
 
+    /// The byte of the object the chunk starts at.
+    pub fn offset(&self) -> u32 {
+        match self {
+            Self::Params { offset, .. } | Self::State { offset, .. } => *offset,
+        }
+    }
+
     /// The digest of the whole object (what a sealed chunk is bound to).
     pub fn digest(&self) -> [u8; 32] {
         match self {
