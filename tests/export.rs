@@ -68,6 +68,16 @@ async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
     assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
     assert_eq!(checkpoint.metadata["params_blake3"], hash);
     assert_eq!(checkpoint.metadata["round"], exported["round"].to_string());
+    // The file describes itself: the model, the run's seed (θ₀ and the held-out split) and
+    // the run's settings, as the relay's status shows them.
+    let spec: serde_json::Value =
+        serde_json::from_str(&checkpoint.metadata["spec"]).expect("the spec is JSON");
+    assert_eq!(spec, exported["spec"]);
+    assert_eq!(checkpoint.metadata["seed"], "7", "relay_config's seed");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&checkpoint.metadata["model"]).expect("JSON"),
+        exported["spec"]["model"]
+    );
 
     let Some(python) = std::env::var_os("SWARMTRAIN_PYTHON") else {
         println!("SKIPPED python check: SWARMTRAIN_PYTHON is not set (`cargo xtask test` sets it)");

@@ -27,9 +27,10 @@ function onEvent(ev) {
   console.debug('swarmtrain event', JSON.stringify(ev).slice(0, 2000));
   switch (ev.kind) {
     case 'backend':
-      // "WebGPU (adapter)" or "CPU fallback"; the machine-readable name in data-backend.
+      // "WebGPU (why)" or "CPU (why)": the package says why it picked this backend (the
+      // adapter, a software rasterizer, or what it measured); the name in data-backend.
       $('backend').dataset.backend = ev.backend;
-      $('backend').textContent = ev.backend === 'webgpu' ? `WebGPU (${ev.detail.replace(/, in a worker$/, '')})` : 'CPU fallback';
+      $('backend').textContent = `${ev.backend === 'webgpu' ? 'WebGPU' : 'CPU'} (${ev.detail.replace(/, in a worker$/, '')})`;
       log(`training backend: ${ev.backend}${ev.detail ? ` (${ev.detail})` : ''}`);
       break;
     case 'joined':
@@ -352,6 +353,7 @@ function stopped() {
   $('run-label').textContent = 'to the run';
   $('contribute').disabled = false;
   $('run-select').disabled = false;
+  $('backend-select').disabled = false;
 }
 
 // The tab pauses between training steps while it is hidden (unless "keep training while this
@@ -408,6 +410,7 @@ $('contribute').addEventListener('click', async () => {
   }
   $('contribute').disabled = true;
   $('run-select').disabled = true;
+  $('backend-select').disabled = true;
   $('state').textContent = 'Starting…';
   $('state').className = 'state';
   try {
@@ -423,7 +426,12 @@ $('contribute').addEventListener('click', async () => {
     // responsive; `?worker=0` trains on the page's own thread instead.
     const worker = params.get('worker') === '0' ? undefined : new URL('trainer-worker.js', import.meta.url).href;
     const ice = params.get('ice');
+    // The backend: the package picks the faster one (`auto`) unless the backend picker or
+    // `?backend=webgpu|cpu|measure` says otherwise.
+    const backend = $('backend-select').value;
+    $('state').textContent = backend === 'cpu' || backend === 'webgpu' ? 'Starting…' : 'Starting: choosing the faster backend…';
     trainer = await Trainer.connect({
+      backend,
       relay: new URL('.', location.href).href,
       run: selected,
       transport,
@@ -476,6 +484,8 @@ $('identity-import').addEventListener('change', async (event) => {
   event.target.value = '';
 });
 
+// `?backend=webgpu|cpu|measure` preselects the backend picker.
+if ([...$('backend-select').options].some((o) => o.value === params.get('backend'))) $('backend-select').value = params.get('backend');
 await loadRuns();
 showIdentity();
 pollStatus();

@@ -187,12 +187,7 @@ struct Signer {
     keys: SharedKeys,
 }
 
-/// Milliseconds since the Unix epoch on this machine's clock.
-pub fn unix_ms() -> u64 {
-    web_time::SystemTime::now()
-        .duration_since(web_time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use swarmtrain_net::unix_ms;
 
 /// The relay as identify and ping see it.
 #[derive(Clone, Debug, Default, PartialEq)]

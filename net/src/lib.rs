@@ -16,5 +16,13 @@ pub mod node;
 pub mod signal;
 
 pub use codec::FrameCodec;
+
+/// Milliseconds since the Unix epoch on this machine's clock (the relay's and each peer's;
+/// signed envelopes expire on the relay's, which peers learn from `/api/bootstrap`).
+pub fn unix_ms() -> u64 {
+    web_time::SystemTime::now()
+        .duration_since(web_time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 pub use http::{Bootstrap, IceServer};
 pub use node::{DEFAULT_GOSSIP_FANOUT, Node, NodeEvent};

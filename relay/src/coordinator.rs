@@ -121,6 +121,9 @@ pub struct RunSpecView {
     pub model_name: String,
     /// The data in words.
     pub data: String,
+    /// The run's seed: it decides θ₀, and for a language model the held-out split and the order
+    /// of the training windows (the digits split comes from the run id).
+    pub seed: u64,
     pub inner_steps: u32,
     pub batch_size: u32,
     pub inner_lr: f64,
@@ -193,6 +196,41 @@ struct State {
     /// Failed checkpoint writes so far, and when the next try is due.
     checkpoint_failures: u64,
     retry_at_ms: u64,
+}
+
+impl State {
+    /// A run at `round` with nothing joined, claimed, checked or rejected yet.
+    fn new(round: RoundState, eval: Evaluation, announcement: Signed<RoundAnnouncement>) -> Self {
+        Self {
+            history_from: round.round,
+            round,
+            eval,
+            history: VecDeque::new(),
+            params: HashMap::new(),
+            params_order: VecDeque::new(),
+            announcement,
+            waiters: HashMap::new(),
+            joined: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            max_joined: MAX_JOINED_PER_RUN,
+            forgot_at_ms: None,
+            forget_idle_ms: FORGET_IDLE_MS,
+            rejected: BTreeMap::new(),
+            accepted: 0,
+            credits: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            check_power: None,
+            check_outcomes: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+            audits: BTreeMap::new(),
+            replay_outcomes: BTreeMap::new(),
+            reveal_bytes: 0,
+            verifiers: Verifiers::default(),
+            unannounced: false,
+            checkpoint_failures: 0,
+            retry_at_ms: 0,
+        }
+    }
 }
 
 /// Volunteer verifiers (`swarmtrain-peer verify`, joined with [`Role::Verify`]) and the replays
@@ -270,6 +308,8 @@ type Waiter = oneshot::Sender<Option<Signed<RoundAnnouncement>>>;
 pub struct Coordinator {
     identity: Identity,
     data: TaskData,
+    /// The run's seed ([`RunSpecView::seed`]), recorded in every checkpoint.
+    seed: u64,
     aggregation: AggregationBackend,
     started: Instant,
     state: Mutex<State>,
@@ -406,33 +446,12 @@ impl Coordinator {
                 let announcement = identity.sign(&round.announcement(eval, Vec::new(), 0))?;
                 let (history, first) = store.recent_history(&spec.run_id, STATUS_HISTORY)?;
                 State {
-                    round,
-                    eval,
                     history: history.into(),
                     history_from: first.unwrap_or(record.round),
-                    params: HashMap::new(),
-                    params_order: VecDeque::new(),
-                    announcement,
-                    waiters: HashMap::new(),
-                    joined: BTreeMap::new(),
-                    slots: BTreeMap::new(),
-                    max_joined: MAX_JOINED_PER_RUN,
-                    forgot_at_ms: None,
-                    forget_idle_ms: FORGET_IDLE_MS,
                     rejected: record.rejected,
                     accepted,
                     credits: store.credits(&spec.run_id)?.into_iter().collect(),
-                    claims: BTreeMap::new(),
-                    check_power: None,
-                    check_outcomes: BTreeMap::new(),
-                    verdicts: BTreeMap::new(),
-                    audits: BTreeMap::new(),
-                    replay_outcomes: BTreeMap::new(),
-                    reveal_bytes: 0,
-                    verifiers: Verifiers::default(),
-                    unannounced: false,
-                    checkpoint_failures: 0,
-                    retry_at_ms: 0,
+                    ..State::new(round, eval, announcement)
                 }
             }
             _ => {
@@ -446,35 +465,7 @@ impl Coordinator {
                 let eval = evaluate(&spec, &data, &initial)?;
                 let round = RoundState::new(spec, initial, 0);
                 let announcement = identity.sign(&round.announcement(eval, Vec::new(), 0))?;
-                let mut state = State {
-                    round,
-                    eval,
-                    history: VecDeque::new(),
-                    history_from: 0,
-                    params: HashMap::new(),
-                    params_order: VecDeque::new(),
-                    announcement,
-                    waiters: HashMap::new(),
-                    joined: BTreeMap::new(),
-                    slots: BTreeMap::new(),
-                    max_joined: MAX_JOINED_PER_RUN,
-                    forgot_at_ms: None,
-                    forget_idle_ms: FORGET_IDLE_MS,
-                    rejected: BTreeMap::new(),
-                    accepted: 0,
-                    credits: BTreeMap::new(),
-                    claims: BTreeMap::new(),
-                    check_power: None,
-                    check_outcomes: BTreeMap::new(),
-                    verdicts: BTreeMap::new(),
-                    audits: BTreeMap::new(),
-                    replay_outcomes: BTreeMap::new(),
-                    reveal_bytes: 0,
-                    verifiers: Verifiers::default(),
-                    unannounced: false,
-                    checkpoint_failures: 0,
-                    retry_at_ms: 0,
-                };
+                let mut state = State::new(round, eval, announcement);
                 state.history.push_back(RoundRecord {
                     round: 0,
                     accuracy: eval.accuracy,
@@ -486,7 +477,7 @@ impl Coordinator {
                     aggregation_ms: 0.0,
                 });
                 if let Some(store) = &store {
-                    persist(store, &layout, &state).await?;
+                    persist(store, &layout, &state, &spec_view(&run_spec, &data, seed)).await?;
                 }
                 state
             }
@@ -495,6 +486,7 @@ impl Coordinator {
         Ok(Self {
             identity,
             data,
+            seed,
             aggregation,
             started: Instant::now(),
             state: Mutex::new(state),
@@ -1612,7 +1604,13 @@ impl Coordinator {
     /// the last announced round.
     async fn announce_when_durable(&self, state: &mut State, now: u64) {
         if let Some(store) = &self.store
-            && let Err(e) = persist(store, &self.layout, state).await
+            && let Err(e) = persist(
+                store,
+                &self.layout,
+                state,
+                &spec_view(&self.spec, &self.data, self.seed),
+            )
+            .await
         {
             state.checkpoint_failures += 1;
             state.retry_at_ms = now + 1_000;
@@ -1788,31 +1786,37 @@ impl Coordinator {
             privacy_epsilon: spec.privacy.as_ref().map(|p| {
                 swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)
             }),
-            spec: RunSpecView {
-                model: spec.model.clone(),
-                model_name: spec.model.describe(),
-                data: match (&spec.data.source, &self.data) {
-                    (protocol::DataSource::Text { name }, TaskData::Text(text)) => format!(
-                        "{name} ({} training bytes, {} held-out windows)",
-                        text.train_bytes, text.eval_count
-                    ),
-                    _ => "scikit-learn digits".into(),
-                },
-                inner_steps: spec.inner.steps,
-                batch_size: spec.inner.batch_size,
-                inner_lr: spec.inner.optimizer.schedule.peak,
-                outer_lr: spec.outer.lr,
-                outer_momentum: spec.outer.momentum,
-                quorum: spec.quorum,
-                round_deadline_ms: spec.round_deadline_ms,
-                n_shards: spec.data.n_shards,
-                codec: format!("{:?}", spec.codec),
-                aggregator: format!("{:?}", spec.aggregator),
-                update_bytes: spec.codec.encoded_len(state.round.params().len()),
-                units_per_sample: spec.units_per_sample(),
-                unit: spec.unit_name(),
-            },
+            spec: spec_view(spec, &self.data, self.seed),
         }
+    }
+}
+
+/// The run's settings as `/api/status` and every checkpoint's metadata show them.
+fn spec_view(spec: &RunSpec, data: &TaskData, seed: u64) -> RunSpecView {
+    RunSpecView {
+        model: spec.model.clone(),
+        model_name: spec.model.describe(),
+        data: match (&spec.data.source, data) {
+            (protocol::DataSource::Text { name }, TaskData::Text(text)) => format!(
+                "{name} ({} training bytes, {} held-out windows)",
+                text.train_bytes, text.eval_count
+            ),
+            _ => "scikit-learn digits".into(),
+        },
+        seed,
+        inner_steps: spec.inner.steps,
+        batch_size: spec.inner.batch_size,
+        inner_lr: spec.inner.optimizer.schedule.peak,
+        outer_lr: spec.outer.lr,
+        outer_momentum: spec.outer.momentum,
+        quorum: spec.quorum,
+        round_deadline_ms: spec.round_deadline_ms,
+        n_shards: spec.data.n_shards,
+        codec: format!("{:?}", spec.codec),
+        aggregator: format!("{:?}", spec.aggregator),
+        update_bytes: spec.codec.encoded_len(spec.model.num_params()),
+        units_per_sample: spec.units_per_sample(),
+        unit: spec.unit_name(),
     }
 }
 
@@ -1864,9 +1868,21 @@ fn record(closed: &RoundClosed, eval: Evaluation, now: u64, aggregation_ms: f64)
     }
 }
 
-/// Writes the open round's checkpoint, then points the run record at it.
-async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow::Result<()> {
+/// Writes the open round's checkpoint, described by `spec` (the run spec and seed), then points
+/// the run record at it.
+async fn persist(
+    store: &Store,
+    layout: &[TensorInfo],
+    state: &State,
+    spec: &RunSpecView,
+) -> anyhow::Result<()> {
     let round = &state.round;
+    let describe = crate::ops::checkpoint_metadata(
+        &round.spec.run_id,
+        round.round,
+        &round.params_hash().to_hex(),
+        &serde_json::to_value(spec)?,
+    )?;
     let key = store
         .write_checkpoint(
             &round.spec.run_id,
@@ -1874,6 +1890,7 @@ async fn persist(store: &Store, layout: &[TensorInfo], state: &State) -> anyhow:
             layout,
             round.params(),
             &round.outer().velocity,
+            &describe,
         )
         .await?;
     store.commit_round(

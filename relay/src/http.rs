@@ -202,7 +202,13 @@ pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(state)
-        .fallback_service(ServeDir::new(web_dir)))
+        // The page's files; `cargo xtask build-wasm` writes brotli and gzip copies of the
+        // package beside it (`.br`, `.gz`), served in its place to browsers that accept them.
+        .fallback_service(
+            ServeDir::new(web_dir)
+                .precompressed_br()
+                .precompressed_gzip(),
+        ))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -894,6 +900,56 @@ mod tests {
 
     fn json(bytes: &[u8]) -> serde_json::Value {
         serde_json::from_slice(bytes).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn the_package_travels_compressed_to_browsers_that_accept_it() {
+        let web = tempfile::tempdir().expect("dir");
+        let pkg = web.path().join("pkg");
+        std::fs::create_dir(&pkg).expect("dir");
+        std::fs::write(pkg.join("swarmtrain_bg.wasm"), b"\0asm raw").expect("write");
+        std::fs::write(pkg.join("swarmtrain_bg.wasm.br"), b"brotli").expect("write");
+        std::fs::write(pkg.join("swarmtrain_bg.wasm.gz"), b"gzip").expect("write");
+        let router = router(web.path()).await;
+        let fetch = |accept: &'static str| {
+            let router = router.clone();
+            async move {
+                let mut request = Request::get("/pkg/swarmtrain_bg.wasm");
+                if !accept.is_empty() {
+                    request = request.header(header::ACCEPT_ENCODING, accept);
+                }
+                let response = router
+                    .oneshot(request.body(Body::empty()).expect("request"))
+                    .await
+                    .expect("infallible");
+                let encoding = response
+                    .headers()
+                    .get(header::CONTENT_ENCODING)
+                    .map(|v| v.to_str().expect("ascii").to_owned());
+                let kind = response.headers()[header::CONTENT_TYPE].clone();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .expect("body");
+                (encoding, kind, body.to_vec())
+            }
+        };
+        // What Chromium sends: brotli first.
+        let (encoding, kind, body) = fetch("gzip, deflate, br, zstd").await;
+        assert_eq!(
+            (encoding.as_deref(), body.as_slice()),
+            (Some("br"), &b"brotli"[..])
+        );
+        assert_eq!(
+            kind, "application/wasm",
+            "streaming compilation needs the wasm type"
+        );
+        let (encoding, _, body) = fetch("gzip").await;
+        assert_eq!(
+            (encoding.as_deref(), body.as_slice()),
+            (Some("gzip"), &b"gzip"[..])
+        );
+        let (encoding, _, body) = fetch("").await;
+        assert_eq!((encoding, body.as_slice()), (None, &b"\0asm raw"[..]));
     }
 
     #[tokio::test]

@@ -83,17 +83,39 @@ pub async fn export(relay: &str) -> anyhow::Result<(Vec<u8>, serde_json::Value)>
         "parameters do not match their hash {hash}"
     );
     let values = params_from_bytes(&bytes).context("the relay sent malformed parameters")?;
-    let metadata = BTreeMap::from([
+    let metadata = checkpoint_metadata(&run_id, round, &hash, field("spec")?)?;
+    let file = checkpoint::to_safetensors(&model_layout(&model), &values, &metadata)?;
+    Ok((file, status))
+}
+
+/// What every checkpoint the relay writes says of itself, exported or kept in its data
+/// directory: the run and round, θ's BLAKE3 hash, the model (`ModelSpec` as JSON), the run's
+/// seed (it decides θ₀, and for a language model the held-out split and the order of the
+/// training windows), the run's settings as `/api/status` shows them
+/// (`spec`) and the tensor layout. With the corpus, enough to rebuild the model and evaluate it
+/// on the run's held-out windows from the file alone.
+pub fn checkpoint_metadata(
+    run_id: &str,
+    round: u64,
+    params_hash: &str,
+    spec: &serde_json::Value,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let model = spec.get("model").context("the run's spec names no model")?;
+    let seed = spec
+        .get("seed")
+        .and_then(|s| s.as_u64())
+        .context("the run's spec has no seed")?;
+    Ok(BTreeMap::from([
         ("format".to_owned(), "swarmtrain".to_owned()),
-        ("run_id".to_owned(), run_id),
+        ("run_id".to_owned(), run_id.to_owned()),
         ("round".to_owned(), round.to_string()),
-        ("params_blake3".to_owned(), hash),
-        ("model".to_owned(), serde_json::to_string(&model)?),
+        ("params_blake3".to_owned(), params_hash.to_owned()),
+        ("model".to_owned(), serde_json::to_string(model)?),
+        ("seed".to_owned(), seed.to_string()),
+        ("spec".to_owned(), serde_json::to_string(spec)?),
         (
             "layout".to_owned(),
             "burn: Linear weights are [in, out]".to_owned(),
         ),
-    ]);
-    let file = checkpoint::to_safetensors(&model_layout(&model), &values, &metadata)?;
-    Ok((file, status))
+    ]))
 }

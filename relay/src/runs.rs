@@ -192,12 +192,7 @@ struct ConnectionKeys {
     agreed: Option<Arc<SessionKeys>>,
 }
 
-/// Unix time in ms on the relay's clock.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use swarmtrain_net::unix_ms;
 
 fn run_of(message: &ClientToRelay) -> &str {
     match message {

@@ -610,7 +610,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes the checkpoint of `round` (θ and the outer momentum) and returns its key.
+    /// Writes the checkpoint of `round` (θ and the outer momentum, the tensor
+    /// `outer.velocity` after the model's) with `describe` in its metadata besides the format,
+    /// run and round, and returns its key.
     pub async fn write_checkpoint(
         &self,
         run_id: &str,
@@ -618,6 +620,7 @@ impl Store {
         layout: &[TensorInfo],
         params: &[f32],
         velocity: &[f32],
+        describe: &BTreeMap<String, String>,
     ) -> anyhow::Result<String> {
         let mut tensors = layout.to_vec();
         tensors.push(TensorInfo {
@@ -625,10 +628,15 @@ impl Store {
             shape: vec![velocity.len()],
         });
         let values: Vec<f32> = params.iter().chain(velocity).copied().collect();
-        let metadata = BTreeMap::from([
+        let mut metadata = describe.clone();
+        metadata.extend([
             ("format".to_owned(), "swarmtrain".to_owned()),
             ("run_id".to_owned(), run_id.to_owned()),
             ("round".to_owned(), round.to_string()),
+            (
+                "outer.velocity".to_owned(),
+                "the outer Nesterov momentum (not a model tensor)".to_owned(),
+            ),
         ]);
         let bytes = checkpoint::to_safetensors(&tensors, &values, &metadata)?;
         let key = format!("{run_id}/round-{round:08}.safetensors");
@@ -732,7 +740,14 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let key = store
-                .write_checkpoint("run", 3, &layout, &[1.0, 2.0], &[0.0, 0.5])
+                .write_checkpoint(
+                    "run",
+                    3,
+                    &layout,
+                    &[1.0, 2.0],
+                    &[0.0, 0.5],
+                    &Default::default(),
+                )
                 .await
                 .expect("write");
             assert!(
@@ -768,7 +783,14 @@ mod tests {
         rt.block_on(async {
             for round in 0..6u64 {
                 let key = store
-                    .write_checkpoint("run", round, &layout, &[round as f32; 3], &[0.5; 3])
+                    .write_checkpoint(
+                        "run",
+                        round,
+                        &layout,
+                        &[round as f32; 3],
+                        &[0.5; 3],
+                        &Default::default(),
+                    )
                     .await
                     .expect("write");
                 store.prune("run", round).await.expect("prune");
@@ -917,7 +939,14 @@ mod tests {
                         .record_update("other", &PeerKey([9; 32]), &entry(round, vec![9; 100]), 8)
                         .expect("record");
                     store
-                        .write_checkpoint("run", round, &layout, &[0.0], &[0.0])
+                        .write_checkpoint(
+                            "run",
+                            round,
+                            &layout,
+                            &[0.0],
+                            &[0.0],
+                            &Default::default(),
+                        )
                         .await
                         .expect("write");
                     store.prune("run", round).await.expect("prune");

@@ -200,12 +200,6 @@ impl RoundState {
         }
     }
 
-    /// Keys differential privacy's noise with `key` instead of the OS's randomness: for
-    /// reproducible simulations only (whoever knows the key can remove the noise).
-    pub fn set_noise_key(&mut self, key: &[u8; 32]) {
-        self.noise = Some(NoiseStream::new(key));
-    }
-
     pub fn params(&self) -> &[f32] {
         &self.params
     }
@@ -421,11 +415,6 @@ impl RoundState {
         // With nobody live (a relay that just restarted with restored updates), wait for peers
         // to come back or for the deadline instead of closing on stored updates alone.
         (self.active_peers(now_ms) > 0 && n >= self.quorum(now_ms)) || past_deadline
-    }
-
-    /// Whether a [`CloseJob`] is out.
-    pub fn is_closing(&self) -> bool {
-        self.closing
     }
 
     /// The accepted contributions of the open round, in peer order.

@@ -95,11 +95,20 @@ impl TextCorpus {
         &self.validation
     }
 
-    /// The first `max` validation windows of `window` bytes, concatenated (`count · window`
-    /// bytes): a fixed evaluation set.
+    /// Up to `max` validation windows of `window` bytes, evenly spaced across the whole
+    /// validation split (every one when it holds no more than `max`), concatenated
+    /// (`count · window` bytes): a fixed evaluation set that samples every part of the corpus
+    /// the split held out, not only its first files.
     pub fn validation_windows(&self, window: usize, max: usize) -> (Vec<u8>, usize) {
-        let count = (self.validation.len() / window).min(max);
-        (self.validation[..count * window].to_vec(), count)
+        let total = self.validation.len() / window.max(1);
+        let count = total.min(max);
+        let mut out = Vec::with_capacity(count * window);
+        for i in 0..count {
+            // Window i·total/count: strictly increasing, so no window is taken twice.
+            let at = i * total / count * window;
+            out.extend_from_slice(&self.validation[at..at + window]);
+        }
+        (out, count)
     }
 }
 
@@ -222,6 +231,38 @@ mod tests {
             a,
             TextCorpus::new(&t, 65, 8).expect("corpus"),
             "the seed picks the blocks"
+        );
+    }
+
+    #[test]
+    fn held_out_windows_span_the_whole_validation_split() {
+        let t = text(400_000);
+        let corpus = TextCorpus::new(&t, 65, 7).expect("corpus");
+        let total = corpus.validation().len() / 65;
+        assert!(total > 40, "{total} validation windows");
+        let (windows, count) = corpus.validation_windows(65, 16);
+        assert_eq!((count, windows.len()), (16, 16 * 65));
+        // Each is a window of the split, at offsets spread from its start to its end.
+        let offsets: Vec<usize> = windows
+            .chunks(65)
+            .map(|w| {
+                (0..total)
+                    .map(|k| k * 65)
+                    .find(|&at| &corpus.validation()[at..at + 65] == w)
+                    .expect("a window of the validation split")
+            })
+            .collect();
+        assert!(offsets.windows(2).all(|p| p[0] < p[1]), "{offsets:?}");
+        assert_eq!(offsets[0], 0);
+        assert!(
+            *offsets.last().expect("some") >= (total - total / 16 - 1) * 65,
+            "the last window comes from the end of the split: {offsets:?} of {total}"
+        );
+        // Asked for more than there are: all of them, in order.
+        let (all, n) = corpus.validation_windows(65, usize::MAX);
+        assert_eq!(
+            (n, all.as_slice()),
+            (total, &corpus.validation()[..total * 65])
         );
     }
 

@@ -11,7 +11,7 @@ import { copyFileSync, existsSync, mkdtempSync, mkdirSync, rmSync, symlinkSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { CHROMIUM_ARGS, outDir, root, startRelay } from './support.mjs';
+import { CHROMIUM_ARGS, collectErrors, outDir, root, startRelay } from './support.mjs';
 
 const dist = join(root, 'examples', 'vite', 'dist');
 
@@ -26,7 +26,7 @@ test('a Vite + TypeScript page embeds the package and trains in its worker', { t
     const url = await urlPromise;
     browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
     const page = await (await browser.newContext()).newPage();
-    page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+    page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()} (${m.location().url})`));
     page.on('pageerror', (e) => logs.push(`[pageerror] ${e.message}`));
     await page.goto(url);
     await page.click('#start');
@@ -42,6 +42,8 @@ test('a Vite + TypeScript page embeds the package and trains in its worker', { t
     assert.match(await page.textContent('#status'), /^(Connected to run lm|Round \d+: \d+ of 20 steps)/);
     console.log(`embedded page: ${await page.textContent('#credit')}; ${log.trim().split('\n').at(-1)}`);
     await page.screenshot({ path: join(outDir, 'embed.png'), fullPage: true });
+    const errors = logs.filter((l) => /^\[(error|pageerror)\]/.test(l));
+    assert.deepEqual(errors, [], 'no console errors');
   } finally {
     if (browser) await browser.close();
     relay.kill('SIGTERM');
@@ -49,7 +51,7 @@ test('a Vite + TypeScript page embeds the package and trains in its worker', { t
   }
 });
 
-test('a plain module page embeds the package: a clear error without WebGPU, then training on the CPU', { timeout: 300_000 }, async () => {
+test('a plain module page embeds the package: a clear error without WebGPU, training on the CPU, and the CPU chosen over a software WebGPU adapter', { timeout: 300_000 }, async () => {
   mkdirSync(outDir, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), 'swarmtrain-plain-'));
   // The page and the package, as a site would serve them.
@@ -63,6 +65,7 @@ test('a plain module page embeds the package: a clear error without WebGPU, then
     // Without --enable-unsafe-webgpu: no adapter.
     browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
     const page = await (await browser.newContext()).newPage();
+    const errors = collectErrors(page);
     await page.goto(`${url}?backend=webgpu`);
     await page.click('#start');
     await page.waitForFunction(() => /^Could not start: /.test(document.getElementById('status').textContent), null, { timeout: 60_000 });
@@ -71,8 +74,27 @@ test('a plain module page embeds the package: a clear error without WebGPU, then
     await page.click('#start');
     await page.waitForFunction(() => /round \d+: accepted/.test(document.getElementById('log').textContent), null, { timeout: 120_000 });
     assert.match(await page.textContent('#status'), /^Connected to run lm on cpu\.$/);
+    assert.match(await page.textContent('#log'), /backend: cpu \(no WebGPU adapter\)/);
     console.log(`plain page: ${(await page.textContent('#log')).trim().split('\n').reverse().join('; ')}`);
     await page.screenshot({ path: join(outDir, 'plain.png'), fullPage: true });
+    await browser.close();
+
+    // With WebGPU on SwiftShader (a software rasterizer): `auto` takes the CPU without
+    // measuring and says why; `measure` times a few steps of the run's model on both and takes
+    // the faster, which on SwiftShader is the CPU too.
+    browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: [...CHROMIUM_ARGS, '--enable-unsafe-webgpu'] });
+    const gpuPage = await (await browser.newContext()).newPage();
+    collectErrors(gpuPage, errors);
+    for (const [choice, why] of [['auto', /backend: cpu \(the WebGPU adapter \(.*swiftshader.*\) is a software rasterizer/i], ['measure', /backend: cpu \(measured \d+ ms a step, \d+ ms on WebGPU \(.*swiftshader.*\)( \(its first step\))?\)/i]]) {
+      await gpuPage.goto(`${url}?backend=${choice}`);
+      await gpuPage.click('#start');
+      await gpuPage.waitForFunction(() => /backend: /.test(document.getElementById('log').textContent), null, { timeout: 120_000 });
+      const log = await gpuPage.textContent('#log');
+      console.log(`plain page, ${choice} on SwiftShader: ${log.trim().split('\n').at(-1)}`);
+      assert.match(log, why);
+    }
+    // A refused start (no adapter) is an answer on the page, not a console error.
+    assert.deepEqual(errors, [], 'no console errors');
   } finally {
     if (browser) await browser.close();
     relay.kill('SIGTERM');

@@ -46,6 +46,14 @@ export const CHROMIUM_ARGS = [
   '--disable-dev-shm-usage',
 ];
 
+// Collects what `page` (and its workers) report as errors: console errors and uncaught
+// exceptions, into `errors`; a test asserts it stays empty.
+export function collectErrors(page, errors = []) {
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(`[error] ${m.text()} (${m.location().url})`); });
+  page.on('pageerror', (e) => errors.push(`[pageerror] ${e.message}`));
+  return errors;
+}
+
 // Opens the contributor page at `url` + `query` in a browser context of its own (its own
 // IndexedDB, so its own identity) and waits for its run list. Console lines go to `logs`, the
 // page's events (its `swarmtrain event {json}` debug lines, with `at`: when they arrived, in

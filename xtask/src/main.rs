@@ -19,37 +19,89 @@ use utils::{setup_browser, setup_wasm};
 
 type Result<T = ()> = std::result::Result<T, String>;
 
+/// A `cargo xtask` command: its name, its arguments and what it does (the usage line), and
+/// what runs it with the arguments after its name. `bench` has one line per benchmark
+/// ([`commands::bench::BENCHES`]).
+struct Task {
+    name: &'static str,
+    args: &'static str,
+    about: &'static str,
+    run: fn(&[String]) -> Result,
+}
+
+const TASKS: &[Task] = &[
+    Task {
+        name: "run",
+        args: "",
+        about: "build the browser package and start the relay on http://127.0.0.1:8080 with the runs of relay.toml",
+        run: run,
+    },
+    Task {
+        name: "test",
+        args: "",
+        about: "install test dependencies and run every test (cargo, wasm in Chromium, end-to-end, README's commands)",
+        run: test,
+    },
+    Task {
+        name: "bench",
+        args: "NAME",
+        about: "a benchmark (below)",
+        run: bench,
+    },
+    Task {
+        name: "build-wasm",
+        args: "",
+        about: "build the npm package into web/pkg, with brotli and gzip copies for the relay to serve",
+        run: |_| setup_wasm().and_then(|()| build_wasm()),
+    },
+    Task {
+        name: "fuzz",
+        args: "[--seconds N] [TARGET…]",
+        about: "run the cargo fuzz targets N s each (default 60); writes docs/benchmarks/fuzz.md",
+        run: fuzz::run,
+    },
+    Task {
+        name: "check-docs",
+        args: "",
+        about: "build the relay and the native peer and check every command README.md and docs/ show (part of test)",
+        run: |_| {
+            let relay = commands::build::build_relay()?;
+            commands::readme::check(relay.parent().ok_or("the relay binary has no folder")?)
+        },
+    },
+    Task {
+        name: "setup",
+        args: "",
+        about: "install the toolchain pieces and browser packages only",
+        run: |_| setup_wasm().and_then(|()| setup_browser()),
+    },
+];
+
+/// What `cargo xtask` with no command (or an unknown one) prints: every command and benchmark.
+fn usage() -> String {
+    let mut out = String::from("usage: cargo xtask <command>\n\ncommands:\n");
+    for task in TASKS {
+        let name = format!("{} {}", task.name, task.args);
+        out.push_str(&format!("  {:<34} {}\n", name.trim_end(), task.about));
+    }
+    for bench in commands::bench::BENCHES {
+        out.push_str(&format!(
+            "  {:<34} {}\n",
+            format!("bench {}", bench.name),
+            bench.about
+        ));
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("run") => run(&args[1..]),
-        Some("test") => test(&args[1..]),
-        Some("bench") => bench(&args[1..]),
-        Some("build-wasm") => setup_wasm().and_then(|()| build_wasm()),
-        Some("fuzz") => fuzz::run(&args[1..]),
-        Some("setup") => setup_wasm().and_then(|()| setup_browser()),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <command>\n\n\
-                 commands:\n  \
-                 run          build the browser package and start the relay on http://127.0.0.1:8080 with the runs of relay.toml\n  \
-                 test         install test dependencies and run every test (cargo, wasm in Chromium, end-to-end)\n  \
-                 bench robust aggregator throughput beside numpy and the attack grid; writes docs/benchmarks/robust.md, attacks.md and attacks-lm.md\n  \
-                 bench load   1,000 simulated peers on one relay; writes docs/benchmarks/load.md\n  \
-                 bench soak   100,000 fast rounds on one relay: round time, memory, disk; writes docs/benchmarks/soak.md\n  \
-                 bench diloco DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md\n  \
-                 bench browser training steps per second in Chromium (WebGPU, CPU), natively and in TF.js; writes docs/benchmarks/browser.md\n  \
-                 bench flood  honest round time, a newcomer's first accepted update and memory under hostile floods; writes docs/benchmarks/flood.md\n  \
-                 bench verify the relay's checks: the loss check over seeded runs, what a check and a replay cost, a 100-round run catching a sometime cheat; writes docs/benchmarks/verify.md\n  \
-                 bench joiners the relay's θ bytes out for 8 browsers joining a round, without and with browser links; writes docs/benchmarks/joiners.md\n  \
-                 bench internet the relay on a simulated internet (root): first update, link set-up, θ over direct and TURN links; writes docs/benchmarks/internet.md\n  \
-                 build-wasm   build the npm package into web/pkg\n  \
-                 fuzz [--seconds N] [TARGET…]  run the cargo fuzz targets N s each (default 60); writes docs/benchmarks/fuzz.md\n  \
-                 setup        install the toolchain pieces and browser packages only"
-            );
-            return ExitCode::from(2);
-        }
+    let name = args.first().map(String::as_str).unwrap_or_default();
+    let Some(task) = TASKS.iter().find(|t| t.name == name) else {
+        eprint!("{}", usage());
+        return ExitCode::from(2);
     };
+    let result = (task.run)(&args[1..]);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

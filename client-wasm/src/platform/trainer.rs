@@ -19,7 +19,7 @@ use wasm_bindgen_futures::spawn_local;
 use crate::peer::{self, PeerConfig, PeerEvent};
 use crate::webrtc::IceServer;
 
-use super::{TrainerWorker, report_panics, stored_identity_seed, webgpu_adapter, wgpu_device};
+use super::{TrainerWorker, pick, report_panics, stored_identity_seed, wgpu_device};
 
 /// Bytes of text a tab samples from each new global model of a language-model run.
 const SAMPLE_LEN: usize = 120;
@@ -28,11 +28,16 @@ const SAMPLE_LEN: usize = 120;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Tsify)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
-    /// WebGPU when the browser offers an adapter, else the CPU.
+    /// The CPU when the browser offers no WebGPU adapter or a software one (SwiftShader,
+    /// llvmpipe); otherwise whichever of WebGPU and the CPU trains the run's model faster,
+    /// measured on a few steps at start.
     #[default]
     Auto,
+    /// WebGPU, whatever its adapter; an error without one.
     WebGpu,
     Cpu,
+    /// Measure WebGPU against the CPU even on a software adapter, and take the faster.
+    Measure,
 }
 
 /// How to reach the relay.
@@ -128,9 +133,10 @@ impl std::fmt::Debug for Trainer {
 
 #[wasm_bindgen]
 impl Trainer {
-    /// Checks `options`, picks the backend, reads this browser's identity (IndexedDB) and asks
-    /// the relay for its runs: rejects with the reason when the backend is missing, the relay
-    /// is unreachable or the run unknown. Nothing trains until `start()`.
+    /// Checks `options`, reads this browser's identity (IndexedDB), asks the relay for its runs
+    /// and picks the backend (see `BackendChoice`; `auto` may train a few steps of the run's
+    /// model on each candidate): rejects with the reason when the backend is missing, the
+    /// relay is unreachable or the run unknown. Nothing trains until `start()`.
     pub async fn connect(mut options: TrainerOptions) -> Result<Trainer, JsError> {
         report_panics();
         if !options.relay.ends_with('/') {
@@ -140,19 +146,6 @@ impl Trainer {
         let peer = swarmtrain_shared::Identity::from_seed(*seed)
             .peer()
             .to_hex();
-        let want = options.backend.unwrap_or_default();
-        let adapter = if want == BackendChoice::Cpu {
-            None
-        } else {
-            webgpu_adapter().await
-        };
-        let (backend, detail) = match adapter {
-            Some(detail) => ("webgpu", detail),
-            None if want == BackendChoice::WebGpu => {
-                return Err(JsError::new("this browser offers no WebGPU adapter"));
-            }
-            None => ("cpu", "ndarray (no WebGPU adapter)".to_owned()),
-        };
         let bootstrap = peer::fetch_bootstrap(&options.relay, None)
             .await
             .map_err(|e| JsError::new(&e.to_string()))?;
@@ -166,6 +159,10 @@ impl Trainer {
             }
             None => bootstrap.run_id,
         };
+        let pick::Choice { backend, detail } =
+            pick::choose(options.backend.unwrap_or_default(), &options.relay, &run)
+                .await
+                .map_err(|e| JsError::new(&e))?;
         Ok(Self {
             options,
             run,

@@ -18,6 +18,8 @@ use swarmtrain_shared::crypto::{seed_from_hex, seed_to_hex};
 
 use crate::rpc::Behaviour;
 
+#[path = "pick.rs"]
+mod pick;
 #[path = "trainer.rs"]
 mod trainer;
 #[path = "trainer_worker.rs"]
@@ -212,8 +214,17 @@ pub async fn identity_peer_key() -> Result<String, JsError> {
         .to_hex())
 }
 
-/// Whether `navigator.gpu.requestAdapter()` gives an adapter, and its description.
-async fn webgpu_adapter() -> Option<String> {
+/// A WebGPU adapter the browser offers.
+#[derive(Debug, Clone)]
+struct WebGpuAdapter {
+    /// `GPUAdapterInfo`'s vendor, architecture and description.
+    description: String,
+    /// A software rasterizer (SwiftShader, llvmpipe, …): `isFallbackAdapter` or its name.
+    software: bool,
+}
+
+/// The adapter `navigator.gpu.requestAdapter()` gives, if any.
+async fn webgpu_adapter() -> Option<WebGpuAdapter> {
     let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
     let gpu = Reflect::get(&navigator, &"gpu".into())
         .ok()
@@ -234,16 +245,28 @@ async fn webgpu_adapter() -> Option<String> {
             .and_then(|v| v.as_string())
             .unwrap_or_default()
     };
-    Some(
-        format!(
-            "{} {} {}",
-            field("vendor"),
-            field("architecture"),
-            field("description")
-        )
-        .trim()
-        .to_owned(),
+    let description = format!(
+        "{} {} {}",
+        field("vendor"),
+        field("architecture"),
+        field("description")
     )
+    .trim()
+    .to_owned();
+    // `GPUAdapterInfo.isFallbackAdapter` (newer browsers) or `GPUAdapter.isFallbackAdapter`.
+    let fallback = [info.as_ref(), Some(&adapter)]
+        .into_iter()
+        .flatten()
+        .any(|o| {
+            Reflect::get(o, &"isFallbackAdapter".into())
+                .ok()
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        });
+    Some(WebGpuAdapter {
+        software: pick::is_software(&description, fallback),
+        description,
+    })
 }
 
 thread_local! {
@@ -315,7 +338,8 @@ impl TrainingBench {
             "webgpu" => {
                 let adapter = webgpu_adapter()
                     .await
-                    .ok_or_else(|| JsError::new("this browser offers no WebGPU adapter"))?;
+                    .ok_or_else(|| JsError::new("this browser offers no WebGPU adapter"))?
+                    .description;
                 let device = wgpu_device().await;
                 let bench = crate::bench::TrainingBench::new(&device, &model, &optimizer, batch)
                     .await

@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod build;
 pub mod fuzz;
+pub mod readme;
 pub mod run;
 pub mod test;

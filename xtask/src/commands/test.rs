@@ -29,6 +29,10 @@ pub(crate) fn test(args: &[String]) -> Result {
             .env("SWARMTRAIN_PYTHON", python),
     )?;
 
+    // 1b. Every command line README.md and docs/ show parses with the binaries' own clap.
+    let relay = build_relay()?;
+    crate::commands::readme::check(relay.parent().ok_or("the relay binary has no folder")?)?;
+
     // 2. wasm_bindgen_test suites in headless Chromium, driven by Debian's chromedriver.
     //    wasm-bindgen-test-runner reads webdriver.json (the Chromium flags) from the crate dir.
     let mut wasm = cargo();
@@ -50,7 +54,6 @@ pub(crate) fn test(args: &[String]) -> Result {
     //    embedded in a Vite + TypeScript page; and the relay on a simulated internet (network
     //    namespaces, NAT routers, coturn, a Chromium in each home; needs root).
     build_example()?;
-    let relay = build_relay()?;
     status(
         Command::new("node")
             .args([

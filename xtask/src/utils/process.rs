@@ -75,12 +75,26 @@ pub(crate) fn memory_kb(pid: u32) -> Result<(f64, f64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// The size of `path` compressed with `gzip -9`, as a server would send it.
-pub(crate) fn gzip_size(path: &std::path::Path) -> Result<u64> {
-    let out = Command::new("gzip")
-        .args(["-9", "-c"])
-        .arg(path)
-        .output()
-        .map_err(|e| format!("gzip: {e}"))?;
-    Ok(out.stdout.len() as u64)
+/// Writes `path.gz` (`gzip -9`) and `path.br` (brotli at quality 11, Node's zlib) beside
+/// `path`, which the relay serves in its place to browsers that accept them (`ServeDir`'s
+/// precompressed variants); returns their sizes in bytes, gzip then brotli.
+pub(crate) fn precompress(path: &std::path::Path) -> Result<(u64, u64)> {
+    let file = path.display().to_string();
+    status(
+        Command::new("gzip")
+            .args(["-9", "-k", "-f", "-n"])
+            .arg(path),
+    )?;
+    let script = "const z = require('zlib'), fs = require('fs'); const f = process.argv[1]; \
+        const data = fs.readFileSync(f); \
+        fs.writeFileSync(f + '.br', z.brotliCompressSync(data, { params: { \
+          [z.constants.BROTLI_PARAM_QUALITY]: 11, [z.constants.BROTLI_PARAM_LGWIN]: 24, \
+          [z.constants.BROTLI_PARAM_SIZE_HINT]: data.length } }));";
+    status(Command::new("node").args(["-e", script, &file]))?;
+    let size = |ext: &str| {
+        fs::metadata(format!("{file}.{ext}"))
+            .map(|m| m.len())
+            .map_err(|e| format!("{file}.{ext}: {e}"))
+    };
+    Ok((size("gz")?, size("br")?))
 }

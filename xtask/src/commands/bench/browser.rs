@@ -218,19 +218,19 @@ fn report(plan: &Value, results: &Value) -> Result<String> {
     }
     let wasm = root().join("web/pkg/swarmtrain_bg.wasm");
     let raw = fs::metadata(&wasm).map_err(|e| e.to_string())?.len();
-    let gz = crate::utils::gzip_size(&wasm)?;
+    let (gz, br) = crate::utils::precompress(&wasm)?;
     let js = fs::metadata(root().join("web/pkg/swarmtrain.js"))
         .map_err(|e| e.to_string())?
         .len();
-    let package = gz + crate::utils::gzip_size(&root().join("web/pkg/swarmtrain.js"))?;
+    let (js_gz, js_br) = crate::utils::precompress(&root().join("web/pkg/swarmtrain.js"))?;
+    // What a browser downloads from the relay: the brotli files `build-wasm` writes.
+    let wire = br + js_br;
     goals.push_str(&format!(
-        "- The npm package ≤ 3 MB gzip: {:.2} MB: {}\n",
-        package as f64 / 1e6,
-        if package <= 3_000_000 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        "- The npm package ≤ 2.5 MB on the wire (brotli, as the relay serves it): {:.2} MB \
+         ({:.2} MB gzip): {}\n",
+        wire as f64 / 1e6,
+        (gz + js_gz) as f64 / 1e6,
+        if wire <= 2_500_000 { "met" } else { "NOT met" }
     ));
     let chromium = results["chromium"].as_str().unwrap_or("?");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -250,11 +250,12 @@ fn report(plan: &Value, results: &Value) -> Result<String> {
          A fresh browser context per row, so nothing is cached: load the engine, start the \
          backend, build the first model (the digits MLP), one step, read back.\n\n{first}\n\
          ## Size\n\n\
-         The npm package's wasm: {:.2} MB raw, {:.2} MB gzip (`gzip -9`); its JavaScript glue \
-         {:.0} kB raw.\n\n\
+         The npm package's wasm: {:.2} MB raw, {:.2} MB gzip (`gzip -9`), {:.2} MB brotli \
+         (quality 11, what the relay serves); its JavaScript glue {:.0} kB raw.\n\n\
          ## Goals\n\n{goals}{}",
         raw as f64 / 1e6,
         gz as f64 / 1e6,
+        br as f64 / 1e6,
         js as f64 / 1e3,
         if errors.is_empty() {
             String::new()

@@ -13,21 +13,75 @@ use crate::Result;
 use crate::commands::build::{build_relay, build_release_relay_and_peer, build_wasm};
 use crate::utils::*;
 
+/// A benchmark: its name after `cargo xtask bench`, what it measures and writes (the usage
+/// line), and what runs it with the arguments after its name.
+pub(crate) struct Bench {
+    pub name: &'static str,
+    pub about: &'static str,
+    run: fn(&[String]) -> Result,
+}
+
+fn report_only(args: &[String]) -> bool {
+    args.first().is_some_and(|a| a == "--report-only")
+}
+
+/// Every benchmark: `cargo xtask bench NAME` runs the one named, `cargo xtask` lists them all.
+pub(crate) const BENCHES: &[Bench] = &[
+    Bench {
+        name: "robust",
+        about: "aggregator throughput beside numpy and the attack grid; writes docs/benchmarks/robust.md, attacks.md and attacks-lm.md",
+        run: |_| robust::bench_robust(),
+    },
+    Bench {
+        name: "load",
+        about: "1,000 simulated peers on one relay; writes docs/benchmarks/load.md",
+        run: |_| load::bench_load(),
+    },
+    Bench {
+        name: "soak",
+        about: "100,000 fast rounds on one relay: round time, memory, disk; writes docs/benchmarks/soak.md",
+        run: bench_soak,
+    },
+    Bench {
+        name: "diloco",
+        about: "DiLoCo vs data-parallel on the language model; writes docs/benchmarks/diloco.md",
+        run: |args| diloco::bench_diloco(report_only(args)),
+    },
+    Bench {
+        name: "browser",
+        about: "training steps per second in Chromium (WebGPU, CPU), natively and in TF.js, and the package's size on the wire; writes docs/benchmarks/browser.md",
+        run: |args| browser::run(report_only(args)),
+    },
+    Bench {
+        name: "flood",
+        about: "honest round time, a newcomer's first accepted update and memory under hostile floods; writes docs/benchmarks/flood.md",
+        run: |_| bench_flood(),
+    },
+    Bench {
+        name: "verify",
+        about: "the relay's checks: the loss check over seeded runs, what a check and a replay cost, a 100-round run catching a sometime cheat; writes docs/benchmarks/verify.md",
+        run: |_| bench_verify(),
+    },
+    Bench {
+        name: "joiners",
+        about: "the relay's θ bytes out for 8 browsers joining a round, without and with browser links; writes docs/benchmarks/joiners.md",
+        run: |_| bench_joiners(),
+    },
+    Bench {
+        name: "internet",
+        about: "the relay on a simulated internet (root): first update, link set-up, θ over direct and TURN links; writes docs/benchmarks/internet.md",
+        run: |_| bench_internet(),
+    },
+];
+
 pub(crate) fn bench(args: &[String]) -> Result {
-    match args.first().map(String::as_str) {
-        Some("robust") => robust::bench_robust(),
-        Some("load") => load::bench_load(),
-        Some("diloco") => diloco::bench_diloco(args.get(1).is_some_and(|a| a == "--report-only")),
-        Some("soak") => bench_soak(&args[1..]),
-        Some("browser") => browser::run(args.get(1).is_some_and(|a| a == "--report-only")),
-        Some("flood") => bench_flood(),
-        Some("verify") => bench_verify(),
-        Some("joiners") => bench_joiners(),
-        Some("internet") => bench_internet(),
-        _ => Err(
-            "usage: cargo xtask bench robust|diloco|load|soak|browser|flood|verify|joiners|internet"
-                .into(),
-        ),
+    let name = args.first().map(String::as_str).unwrap_or_default();
+    match BENCHES.iter().find(|b| b.name == name) {
+        Some(bench) => (bench.run)(&args[1..]),
+        None => Err(format!(
+            "usage: cargo xtask bench {}",
+            BENCHES.iter().map(|b| b.name).collect::<Vec<_>>().join("|")
+        )),
     }
 }
 
