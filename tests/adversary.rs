@@ -375,9 +375,13 @@ async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_pee
     );
     assert!(first_accepted < deadline, "{first_accepted:?}");
     assert_eq!(relay.runs.closed_for_strikes(), 0);
-    for kind in swarmtrain_relay::runs::HOSTILE_KINDS {
+    let hostile = swarmtrain_shared::protocol::RefusalKind::ALL
+        .iter()
+        .filter(|k| k.is_hostile())
+        .map(|k| k.as_str());
+    for kind in hostile {
         assert_eq!(
-            status.rejected.get(*kind),
+            status.rejected.get(kind),
             None,
             "{kind}: {:?}",
             status.rejected

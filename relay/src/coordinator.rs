@@ -21,8 +21,8 @@ use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
     self, CHUNK_BYTES, ClientToRelay, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
-    ParamsHash, RelayToClient, ReplayJob, Replayed, Reveal, Role, RoundAnnouncement, RunSpec,
-    Welcome,
+    ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role,
+    RoundAnnouncement, RunSpec, Welcome,
 };
 use swarmtrain_shared::replay::{self, ReplayCheck};
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
@@ -538,14 +538,14 @@ impl Coordinator {
         &self,
         claimed: &PeerKey,
         join: &Join,
-    ) -> Result<(), (&'static str, String)> {
+    ) -> Result<(), (RefusalKind, String)> {
         if join.version != PROTOCOL_VERSION || join.run_id != self.spec.run_id {
             let reason = format!("join for run {:?} version {}", join.run_id, join.version);
-            return Err(("bad_join", reason));
+            return Err((RefusalKind::BadJoin, reason));
         }
         self.admission
             .admit(&self.challenge, claimed, join.proof_of_work)
-            .map_err(|e| ("not_admitted", e.to_string()))
+            .map_err(|e| (RefusalKind::NotAdmitted, e.to_string()))
     }
 
     pub fn identity(&self) -> &Identity {
@@ -609,33 +609,35 @@ impl Coordinator {
     }
 
     /// Counts and logs a refused message and returns the `Rejected` frame that answers it.
-    pub async fn reject(&self, peer: Option<PeerKey>, kind: &str, reason: String) -> Vec<u8> {
-        tracing::warn!(peer = peer.map(|p| p.short()), kind, %reason, "rejected message");
+    pub async fn reject(
+        &self,
+        peer: Option<PeerKey>,
+        kind: RefusalKind,
+        reason: String,
+    ) -> Vec<u8> {
+        tracing::warn!(peer = peer.map(|p| p.short()), kind = kind.as_str(), %reason, "rejected message");
         *self
             .state
             .lock()
             .await
             .rejected
-            .entry(kind.to_owned())
+            .entry(kind.as_str().to_owned())
             .or_default() += 1;
-        encode(&RelayToClient::Rejected {
-            kind: kind.to_owned(),
-            reason,
-        })
+        encode(&RelayToClient::from(Refusal { kind, reason }))
     }
 
     /// Answers a fetch of public data: one chunk of θ by hash.
     pub async fn fetch(&self, fetch: Fetch, from: Option<PeerKey>) -> Vec<u8> {
         if fetch.run_id() != self.spec.run_id {
             let reason = format!("no run {:?}", fetch.run_id());
-            return self.reject(from, "wrong_run", reason).await;
+            return self.reject(from, RefusalKind::WrongRun, reason).await;
         }
         let (bytes, offset) = match fetch {
             Fetch::Params { hash, offset, .. } => match self.params(&hash).await {
                 Some(bytes) => (bytes, offset),
                 None => {
                     let reason = format!("no parameters {}", hash.to_hex());
-                    return self.reject(from, "unknown_params", reason).await;
+                    return self.reject(from, RefusalKind::UnknownParams, reason).await;
                 }
             },
             Fetch::State { digest, offset, .. } => {
@@ -650,7 +652,7 @@ impl Coordinator {
                         drop(state);
                         let reason =
                             "no replay job of this verifier's reveals that state".to_owned();
-                        return self.reject(from, "unknown_job", reason).await;
+                        return self.reject(from, RefusalKind::UnknownJob, reason).await;
                     }
                 }
             }
@@ -658,7 +660,7 @@ impl Coordinator {
         let start = offset as usize;
         if start >= bytes.len() {
             let reason = format!("offset {offset} is past the end ({} bytes)", bytes.len());
-            return self.reject(from, "bad_fetch", reason).await;
+            return self.reject(from, RefusalKind::BadFetch, reason).await;
         }
         let end = (start + CHUNK_BYTES).min(bytes.len());
         encode(&RelayToClient::Chunk {
@@ -686,7 +688,7 @@ impl Coordinator {
             ClientToRelay::Join(join) => {
                 if join.version != PROTOCOL_VERSION || join.run_id != self.spec.run_id {
                     let reason = format!("join for run {:?} version {}", join.run_id, join.version);
-                    return self.reject(Some(peer), "bad_join", reason).await;
+                    return self.reject(Some(peer), RefusalKind::BadJoin, reason).await;
                 }
                 let mut state = self.state.lock().await;
                 // An identity admitted once stays admitted while the run keeps it joined.
@@ -696,7 +698,9 @@ impl Coordinator {
                         .admit(&self.challenge, &peer, join.proof_of_work)
                 {
                     drop(state);
-                    return self.reject(Some(peer), "not_admitted", e.to_string()).await;
+                    return self
+                        .reject(Some(peer), RefusalKind::NotAdmitted, e.to_string())
+                        .await;
                 }
                 tracing::info!(
                     peer = peer.short(),
@@ -711,7 +715,9 @@ impl Coordinator {
                         state.forget_idle_ms / 1000
                     );
                     drop(state);
-                    return self.reject(Some(peer), "relay_busy", reason).await;
+                    return self
+                        .reject(Some(peer), RefusalKind::RelayBusy, reason)
+                        .await;
                 }
                 state
                     .joined
@@ -728,7 +734,9 @@ impl Coordinator {
                             state.joined.remove(&peer);
                             drop(state);
                             let reason = VERIFIER_BANNED.to_owned();
-                            return self.reject(Some(peer), "verifier_banned", reason).await;
+                            return self
+                                .reject(Some(peer), RefusalKind::VerifierBanned, reason)
+                                .await;
                         }
                         state.verifiers.seen.insert(peer, now);
                         0
@@ -750,7 +758,10 @@ impl Coordinator {
                         round,
                         slot,
                     }))),
-                    Err(e) => self.reject(Some(peer), "internal", e.to_string()).await,
+                    Err(e) => {
+                        self.reject(Some(peer), RefusalKind::Internal, e.to_string())
+                            .await
+                    }
                 }
             }
             ClientToRelay::AwaitRound { run_id, after } => {
@@ -759,7 +770,11 @@ impl Coordinator {
                     if run_id != state.round.spec.run_id {
                         drop(state);
                         return self
-                            .reject(Some(peer), "wrong_run", format!("no run {run_id:?}"))
+                            .reject(
+                                Some(peer),
+                                RefusalKind::WrongRun,
+                                format!("no run {run_id:?}"),
+                            )
                             .await;
                     }
                     // Only joined identities wait for rounds, and count as active: a poll from
@@ -768,7 +783,9 @@ impl Coordinator {
                     if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
                         drop(state);
                         let reason = "join this run as a trainer before waiting for rounds".into();
-                        return self.reject(Some(peer), "not_joined", reason).await;
+                        return self
+                            .reject(Some(peer), RefusalKind::NotJoined, reason)
+                            .await;
                     }
                     state.round.seen(peer, now);
                     match after {
@@ -793,7 +810,7 @@ impl Coordinator {
                     Ok(Ok(None)) => {
                         let reason =
                             "a newer long poll from this identity replaced this one".into();
-                        return self.reject(Some(peer), "poll_busy", reason).await;
+                        return self.reject(Some(peer), RefusalKind::PollBusy, reason).await;
                     }
                     // Timed out (or shutting down): answer with the current round; the peer asks again.
                     _ => {
@@ -815,13 +832,17 @@ impl Coordinator {
                 if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
                     drop(state);
                     let reason = "join this run as a trainer before an update".to_owned();
-                    return self.reject(Some(peer), "not_joined", reason).await;
+                    return self
+                        .reject(Some(peer), RefusalKind::NotJoined, reason)
+                        .await;
                 }
                 if state.unannounced {
                     drop(state);
                     let reason =
                         "the relay cannot store the round yet; the update missed it".into();
-                    return self.reject(Some(peer), "store_failed", reason).await;
+                    return self
+                        .reject(Some(peer), RefusalKind::StoreFailed, reason)
+                        .await;
                 }
                 if let Err(rejection) = state.round.submit(peer, &update, &payload, now) {
                     drop(state);
@@ -848,7 +869,7 @@ impl Coordinator {
                         return self
                             .reject(
                                 Some(peer),
-                                "store_failed",
+                                RefusalKind::StoreFailed,
                                 "the relay could not store the update; send it again".into(),
                             )
                             .await;
@@ -886,7 +907,8 @@ impl Coordinator {
             // `Runs` answers key exchanges itself; they name no run.
             ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => {
                 let reason = "key exchanges are answered by the relay, not a run".to_owned();
-                self.reject(Some(peer), "malformed", reason).await
+                self.reject(Some(peer), RefusalKind::Malformed, reason)
+                    .await
             }
         }
     }
@@ -1070,7 +1092,9 @@ impl Coordinator {
         if !state.joined.contains_key(&peer) {
             drop(state);
             let reason = "send a Join for this run before a reveal".to_owned();
-            return self.reject(Some(peer), "not_joined", reason).await;
+            return self
+                .reject(Some(peer), RefusalKind::NotJoined, reason)
+                .await;
         }
         let pending = state.audits.get(&peer).map(|a| a.round);
         if pending != Some(reveal.round) {
@@ -1085,11 +1109,17 @@ impl Coordinator {
                     reveal.round
                 ),
             };
-            return self.reject(Some(peer), "not_audited", reason).await;
+            return self
+                .reject(Some(peer), RefusalKind::NotAudited, reason)
+                .await;
         }
         let Some(audit) = state.audits.remove(&peer) else {
             return self
-                .reject(Some(peer), "internal", "the audit vanished".into())
+                .reject(
+                    Some(peer),
+                    RefusalKind::Internal,
+                    "the audit vanished".into(),
+                )
                 .await;
         };
         state.reveal_bytes += payload.len() as u64;
@@ -1106,7 +1136,9 @@ impl Coordinator {
             )])
             .await;
             // The refusal itself is the strike.
-            return self.reject(Some(peer), "reveal_mismatch", reason).await;
+            return self
+                .reject(Some(peer), RefusalKind::RevealMismatch, reason)
+                .await;
         }
         let round = audit.round;
         self.dispatch(audit, payload.into()).await;
@@ -1177,10 +1209,10 @@ impl Coordinator {
             {
                 let mut state = self.state.lock().await;
                 let refused = if state.verifiers.banned.contains(&peer) {
-                    Some(("verifier_banned", VERIFIER_BANNED))
+                    Some((RefusalKind::VerifierBanned, VERIFIER_BANNED))
                 } else if state.joined.get(&peer).map(|j| j.0) != Some(Role::Verify) {
                     Some((
-                        "not_joined",
+                        RefusalKind::NotJoined,
                         "join this run as a verifier (role Verify) before asking for replays",
                     ))
                 } else {
@@ -1246,7 +1278,9 @@ impl Coordinator {
                 "job {} is not yours (or it timed out and the relay replays it)",
                 report.job
             );
-            return self.reject(Some(peer), "unknown_job", reason).await;
+            return self
+                .reject(Some(peer), RefusalKind::UnknownJob, reason)
+                .await;
         };
         let round = job.audit.round;
         let check = match report.update {
@@ -1881,7 +1915,9 @@ async fn persist(
         &round.spec.run_id,
         round.round,
         &round.params_hash().to_hex(),
-        &serde_json::to_value(spec)?,
+        // Through text, as `/api/status` writes it: `to_value` would widen the f32 settings
+        // to f64 (0.7 as 0.699999988079071).
+        &serde_json::from_str(&serde_json::to_string(spec)?)?,
     )?;
     let key = store
         .write_checkpoint(

@@ -33,14 +33,14 @@ use libp2p::{
 };
 use libp2p_webrtc::tokio::Certificate;
 use swarmtrain_net::{Node, NodeEvent};
-use swarmtrain_shared::protocol::{self, RelayToClient, Request};
+use swarmtrain_shared::protocol::{self, RefusalKind, RelayToClient, Request};
 use swarmtrain_shared::transfer::{Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
 
 use crate::Runs;
 use crate::boxed::Boxed;
 use crate::runs::Conn;
-use crate::runs::{BAN_SECS, HOSTILE_KINDS, MAX_STRIKES};
+use crate::runs::{BAN_SECS, MAX_STRIKES};
 
 /// At most this many requests are handled (or parked as long polls) at once.
 const MAX_IN_FLIGHT: usize = 4096;
@@ -347,13 +347,14 @@ const MAX_STRUCK: usize = 100_000;
 const MAX_BANNED: usize = 10_000;
 
 /// Whether `frame` refuses a message for a reason an honest peer never earns
-/// ([`HOSTILE_KINDS`]).
+/// ([`RefusalKind::is_hostile`]).
 fn is_strike(frame: &[u8]) -> bool {
     // `Rejected` is variant 3; other answers (chunks, welcomes) are not decoded.
     frame.first() == Some(&3)
         && matches!(
             protocol::decode::<RelayToClient>(frame),
-            Ok(RelayToClient::Rejected { kind, .. }) if HOSTILE_KINDS.contains(&kind.as_str())
+            Ok(RelayToClient::Rejected { kind, .. })
+                if RefusalKind::parse(&kind).is_some_and(RefusalKind::is_hostile)
         )
 }
 
@@ -506,9 +507,9 @@ pub async fn run(
                     let account = Account::of(&runs, peer);
                     let mine = in_flight.get(&account).copied().unwrap_or(0);
                     let busy = if mine >= MAX_IN_FLIGHT_PER_PEER {
-                        Some(("peer_busy", format!("{mine} requests from this identity are in flight; wait for an answer")))
+                        Some((RefusalKind::PeerBusy, format!("{mine} requests from this identity are in flight; wait for an answer")))
                     } else if pending.len() >= MAX_IN_FLIGHT {
-                        Some(("relay_busy", format!("the relay has {MAX_IN_FLIGHT} requests in flight; try again shortly")))
+                        Some((RefusalKind::RelayBusy, format!("the relay has {MAX_IN_FLIGHT} requests in flight; try again shortly")))
                     } else {
                         None
                     };
@@ -529,7 +530,7 @@ pub async fn run(
                         // Buffer space is for connections whose identity has joined a run.
                         Ok(Request::Part(_)) if !runs.has_joined(&peer) => Box::pin(async move {
                             let reason = "join a run before sending a long message".to_owned();
-                            runs.reject_part("unbound_part", reason).await
+                            runs.reject_part(RefusalKind::UnboundPart, reason).await
                         }),
                         Ok(Request::Part(part)) => match parts.accept(connection_id, part, now_ms) {
                             Ok(Progress::More { received }) => {
@@ -543,8 +544,8 @@ pub async fn run(
                                 }
                             }),
                             // A full buffer is the relay's state, not the sender's fault.
-                            Err(e) if e.is_busy() => Box::pin(async move { runs.reject_busy("relay_busy", e.to_string()).await }),
-                            Err(e) => Box::pin(async move { runs.reject_part("bad_part", e.to_string()).await }),
+                            Err(e) if e.is_busy() => Box::pin(async move { runs.reject_busy(RefusalKind::RelayBusy, e.to_string()).await }),
+                            Err(e) => Box::pin(async move { runs.reject_part(RefusalKind::BadPart, e.to_string()).await }),
                         },
                     };
                     let task = tokio::spawn(work);

@@ -15,7 +15,7 @@ use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::admission::{ExpiringMap, ReplayGuard};
 use swarmtrain_shared::crypto::{CryptoError, Signed};
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Envelope, Fetch, RelayToClient, Submission,
+    self, ClientToRelay, Envelope, Fetch, RefusalKind, RelayToClient, Submission,
 };
 use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::seal::{self, SessionKeys};
@@ -45,27 +45,6 @@ pub struct Conn {
     pub id: ConnectionId,
 }
 
-/// Refusals an honest peer never earns: each is a strike against the connection that sent the
-/// message, and a connection with [`MAX_STRIKES`] is closed (see `p2p::run`). Honest mishaps
-/// (a late update, `wrong_round`; an expired envelope after a clock jump; `not_joined` after a
-/// relay restart; a full relay) are not strikes.
-pub const HOSTILE_KINDS: &[&str] = &[
-    "bad_signature",
-    "replayed",
-    "wrong_connection",
-    "identity_mismatch",
-    "malformed",
-    "unbound_part",
-    "bad_part",
-    "not_admitted",
-    "bad_join",
-    "payload_mismatch",
-    "undecryptable",
-    "unknown_session",
-    "bad_key_offer",
-    "banned",
-    "reveal_mismatch",
-];
 /// Strikes after which the relay closes a connection and refuses its peer ID for
 /// [`BAN_SECS`].
 pub const MAX_STRIKES: u32 = 32;
@@ -405,16 +384,25 @@ impl Runs {
         });
         if seen {
             let reason = "this exact message was already received".to_owned();
-            return self.default.reject(Some(claimed), "replayed", reason).await;
+            return self
+                .default
+                .reject(Some(claimed), RefusalKind::Replayed, reason)
+                .await;
         }
         if banned {
             let reason = format!("{} is banned for its refused messages", claimed.short());
-            return self.default.reject(Some(claimed), "banned", reason).await;
+            return self
+                .default
+                .reject(Some(claimed), RefusalKind::Banned, reason)
+                .await;
         }
         // Unverified: only used to decide how (and whether) to check the signature.
         let Ok(unverified) = postcard::from_bytes::<Envelope>(&submission.signed.body) else {
             let reason = "the envelope does not decode".to_owned();
-            return self.default.reject(None, "malformed", reason).await;
+            return self
+                .default
+                .reject(None, RefusalKind::Malformed, reason)
+                .await;
         };
         let fast = bound == Some(claimed)
             && self.guard.lock().is_ok_and(|guard| {
@@ -434,7 +422,7 @@ impl Runs {
                 );
                 return self
                     .default
-                    .reject(Some(claimed), "not_joined", reason)
+                    .reject(Some(claimed), RefusalKind::NotJoined, reason)
                     .await;
             };
             let Some(run) = self.by_id.get(&join.run_id) else {
@@ -445,7 +433,7 @@ impl Runs {
                 );
                 return self
                     .default
-                    .reject(Some(claimed), "wrong_run", reason)
+                    .reject(Some(claimed), RefusalKind::WrongRun, reason)
                     .await;
             };
             if let Err((kind, reason)) = run.precheck_join(&claimed, join) {
@@ -458,7 +446,10 @@ impl Runs {
                         "{UNJOINED_QUEUE} messages from connections that have not joined a run \
                          are waiting for their signature check; try again shortly"
                     );
-                    return self.default.reject(None, "relay_busy", reason).await;
+                    return self
+                        .default
+                        .reject(None, RefusalKind::RelayBusy, reason)
+                        .await;
                 }
             }
         };
@@ -467,7 +458,7 @@ impl Runs {
             Err(e) => {
                 return self
                     .default
-                    .reject(None, "bad_signature", e.to_string())
+                    .reject(None, RefusalKind::BadSignature, e.to_string())
                     .await;
             }
         };
@@ -480,13 +471,13 @@ impl Runs {
             );
             return self
                 .default
-                .reject(Some(peer), "wrong_connection", reason)
+                .reject(Some(peer), RefusalKind::WrongConnection, reason)
                 .await;
         }
         let refused = match self.guard.lock() {
             Ok(mut guard) => match guard.bound.get(&from.peer) {
                 Some(bound) if *bound != peer => Some((
-                    "identity_mismatch",
+                    RefusalKind::IdentityMismatch,
                     format!(
                         "this connection signs as {}; one connection carries one identity",
                         bound.short()
@@ -498,7 +489,7 @@ impl Runs {
                     .is_some_and(|ids| ids.len() >= MAX_PEER_IDS_PER_IDENTITY) =>
                 {
                     Some((
-                        "identity_busy",
+                        RefusalKind::IdentityBusy,
                         format!(
                             "{} is connected on {MAX_PEER_IDS_PER_IDENTITY} peer IDs already; \
                              close one first",
@@ -527,7 +518,7 @@ impl Runs {
                 }
             },
             Err(_) => Some((
-                "internal",
+                RefusalKind::Internal,
                 "the relay's replay guard is poisoned".to_owned(),
             )),
         };
@@ -551,14 +542,14 @@ impl Runs {
                             let reason = format!("the sealed payload: {e}");
                             return self
                                 .default
-                                .reject(Some(peer), "undecryptable", reason)
+                                .reject(Some(peer), RefusalKind::Undecryptable, reason)
                                 .await;
                         }
                     },
                     None if self.require_sealed => {
                         return self
                             .default
-                            .reject(Some(peer), "not_sealed", NOT_SEALED.into())
+                            .reject(Some(peer), RefusalKind::NotSealed, NOT_SEALED.into())
                             .await;
                     }
                     None => {}
@@ -592,7 +583,9 @@ impl Runs {
                     run_of(&message),
                     self.ids().join(", ")
                 );
-                self.default.reject(Some(peer), "wrong_run", reason).await
+                self.default
+                    .reject(Some(peer), RefusalKind::WrongRun, reason)
+                    .await
             }
         }
     }
@@ -610,7 +603,10 @@ impl Runs {
     ) -> Vec<u8> {
         if !self.has_joined(&from.peer) {
             let reason = "join a run before offering keys".to_owned();
-            return self.default.reject(Some(peer), "not_joined", reason).await;
+            return self
+                .default
+                .reject(Some(peer), RefusalKind::NotJoined, reason)
+                .await;
         }
         let identity = self.default.identity();
         match seal::accept(identity, seal::digest_signed(signed), offer) {
@@ -622,7 +618,7 @@ impl Runs {
             }
             Err(e) => {
                 self.default
-                    .reject(Some(peer), "bad_key_offer", e.to_string())
+                    .reject(Some(peer), RefusalKind::BadKeyOffer, e.to_string())
                     .await
             }
         }
@@ -652,7 +648,7 @@ impl Runs {
         } else {
             let reason = "no pending key exchange has this transcript".to_owned();
             self.default
-                .reject(Some(peer), "unknown_session", reason)
+                .reject(Some(peer), RefusalKind::UnknownSession, reason)
                 .await
         }
     }
@@ -665,13 +661,16 @@ impl Runs {
         let digest = fetch.digest();
         let Some(run) = self.by_id.get(fetch.run_id()) else {
             let reason = format!("no run {:?} on this relay", fetch.run_id());
-            return self.default.reject(None, "wrong_run", reason).await;
+            return self
+                .default
+                .reject(None, RefusalKind::WrongRun, reason)
+                .await;
         };
         let keys = self.agreed(&from);
         if keys.is_none() && (self.require_sealed || matches!(fetch, Fetch::State { .. })) {
             return self
                 .default
-                .reject(None, "not_sealed", NOT_SEALED.into())
+                .reject(None, RefusalKind::NotSealed, NOT_SEALED.into())
                 .await;
         }
         let params = matches!(fetch, Fetch::Params { .. });
@@ -701,17 +700,19 @@ impl Runs {
     }
 
     pub async fn reject_malformed(&self, reason: String) -> Vec<u8> {
-        self.default.reject(None, "malformed", reason).await
+        self.default
+            .reject(None, RefusalKind::Malformed, reason)
+            .await
     }
 
     /// Refuses a part of a long message (`kind`: `bad_part`, or `unbound_part` on a connection
     /// that has not yet sent a valid envelope).
-    pub async fn reject_part(&self, kind: &str, reason: String) -> Vec<u8> {
+    pub async fn reject_part(&self, kind: RefusalKind, reason: String) -> Vec<u8> {
         self.default.reject(None, kind, reason).await
     }
 
     /// Refuses a request because its connection, or the relay, has too many in flight.
-    pub async fn reject_busy(&self, kind: &str, reason: String) -> Vec<u8> {
+    pub async fn reject_busy(&self, kind: RefusalKind, reason: String) -> Vec<u8> {
         self.default.reject(None, kind, reason).await
     }
 }

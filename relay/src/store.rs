@@ -648,12 +648,8 @@ impl Store {
         Ok(key)
     }
 
-    /// Reads a checkpoint back: (θ, outer momentum), checked against the model's layout.
-    pub async fn read_checkpoint(
-        &self,
-        key: &str,
-        layout: &[TensorInfo],
-    ) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    /// Reads the checkpoint file `key` as it is: its tensors and its metadata.
+    pub async fn read_checkpoint_file(&self, key: &str) -> anyhow::Result<checkpoint::Checkpoint> {
         let bytes = self
             .objects
             .get(&StorePath::from(key))
@@ -661,8 +657,16 @@ impl Store {
             .with_context(|| format!("reading checkpoint {key}"))?
             .bytes()
             .await?;
-        let file =
-            checkpoint::from_safetensors(&bytes).with_context(|| format!("checkpoint {key}"))?;
+        checkpoint::from_safetensors(&bytes).with_context(|| format!("checkpoint {key}"))
+    }
+
+    /// Reads a checkpoint back: (θ, outer momentum), checked against the model's layout.
+    pub async fn read_checkpoint(
+        &self,
+        key: &str,
+        layout: &[TensorInfo],
+    ) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let file = self.read_checkpoint_file(key).await?;
         let n: usize = layout
             .iter()
             .map(|t| t.shape.iter().product::<usize>())

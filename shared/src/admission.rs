@@ -187,12 +187,12 @@ pub enum ReplayError {
 }
 
 impl ReplayError {
-    /// A short label, for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// What the relay counts it as and tells the peer.
+    pub fn kind(&self) -> crate::protocol::RefusalKind {
         match self {
-            Self::Expired(_) | Self::TooLong(_) => "expired",
-            Self::Replayed(_) | Self::TooOld { .. } => "replayed",
-            Self::Full(_) => "relay_busy",
+            Self::Expired(_) | Self::TooLong(_) => crate::protocol::RefusalKind::Expired,
+            Self::Replayed(_) | Self::TooOld { .. } => crate::protocol::RefusalKind::Replayed,
+            Self::Full(_) => crate::protocol::RefusalKind::RelayBusy,
         }
     }
 }

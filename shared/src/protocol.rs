@@ -352,6 +352,105 @@ pub struct Update {
     pub state: PayloadRef,
 }
 
+/// Declares [`RefusalKind`]: each kind's wire label, whether an honest peer can earn it, and what
+/// it means, in one list.
+macro_rules! refusal_kinds {
+    ($($variant:ident = $label:literal, $hostile:literal, $doc:literal;)*) => {
+        /// Why the relay refuses a message: the `kind` of [`RelayToClient::Rejected`] on the wire
+        /// (its label) and the label the relay counts refusals under (`/metrics`, `/api/status`).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum RefusalKind {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl RefusalKind {
+            /// Every kind.
+            pub const ALL: &'static [RefusalKind] = &[$(Self::$variant,)*];
+
+            /// The label on the wire and in the relay's counts (`not_joined`, `replayed`, …).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $label,)*
+                }
+            }
+
+            /// Whether only a hostile or broken peer earns this refusal: the relay counts each
+            /// as a strike against the connection. Honest mishaps (a late update, an envelope
+            /// expired after a clock jump, `not_joined` after a relay restart, a busy relay)
+            /// are not.
+            pub const fn is_hostile(self) -> bool {
+                match self {
+                    $(Self::$variant => $hostile,)*
+                }
+            }
+
+            /// The kind a wire label names, if any.
+            pub fn parse(label: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|k| k.as_str() == label)
+            }
+        }
+    };
+}
+
+refusal_kinds! {
+    BadSignature = "bad_signature", true, "The envelope's signature does not verify.";
+    Replayed = "replayed", true, "The envelope's sequence number was seen already or is too old.";
+    WrongConnection = "wrong_connection", true, "The envelope names another libp2p connection than the one it came on.";
+    IdentityMismatch = "identity_mismatch", true, "The connection is bound to another identity.";
+    Malformed = "malformed", true, "The message or its payload does not decode.";
+    UnboundPart = "unbound_part", true, "A part of a long message on a connection that has sent no valid envelope.";
+    BadPart = "bad_part", true, "A part of a long message out of order, too large or over the budget.";
+    NotAdmitted = "not_admitted", true, "The run's admission policy refuses the identity (no proof of work, not on the allow-list).";
+    BadJoin = "bad_join", true, "A join for another protocol version or run than the one it reached.";
+    PayloadMismatch = "payload_mismatch", true, "The payload does not match the digest the message signed.";
+    Undecryptable = "undecryptable", true, "A sealed payload does not open with the connection's keys.";
+    UnknownSession = "unknown_session", true, "A key confirmation with no key offer pending on the connection.";
+    BadKeyOffer = "bad_key_offer", true, "A key offer that does not decode or encapsulate.";
+    Banned = "banned", true, "The identity is banned for a while after too many strikes.";
+    RevealMismatch = "reveal_mismatch", true, "A revealed state does not match what the update committed to.";
+    WrongRun = "wrong_run", false, "The relay has no such run.";
+    WrongRound = "wrong_round", false, "The update is for another round than the open one.";
+    StaleBase = "stale_base", false, "The update was trained from other parameters than the round's.";
+    Duplicate = "duplicate", false, "The peer already sent an update for the round.";
+    WrongCodec = "wrong_codec", false, "The update's codec is not the run's.";
+    WrongShape = "wrong_shape", false, "The update does not fit the model.";
+    NonFinite = "non_finite", false, "The update holds NaN or infinite values.";
+    NoSamples = "no_samples", false, "The update claims no samples.";
+    Closing = "closing", false, "The round is closing; the update missed it.";
+    BadClaim = "bad_claim", false, "The update claims more samples than the run's steps allow.";
+    EmptyUpdate = "empty_update", false, "The update is all zeros.";
+    Expired = "expired", false, "The envelope expired or claims too long a validity.";
+    NotJoined = "not_joined", false, "The identity has not joined the run (in the role the message needs).";
+    NotSealed = "not_sealed", false, "The relay takes this only on connections with agreed keys.";
+    NotAudited = "not_audited", false, "A reveal for an update the relay did not draw for a replay.";
+    UnknownJob = "unknown_job", false, "A verifier's report on a job it does not hold.";
+    UnknownParams = "unknown_params", false, "No parameters with that hash.";
+    BadFetch = "bad_fetch", false, "A fetch past the end of its object.";
+    VerifierBanned = "verifier_banned", false, "The verifier was caught misreporting and may not verify this run.";
+    RelayBusy = "relay_busy", false, "The relay has too much in flight; try again shortly.";
+    PeerBusy = "peer_busy", false, "The identity has too many requests in flight.";
+    IdentityBusy = "identity_busy", false, "The identity is connected on the most peer IDs it may use at once.";
+    PollBusy = "poll_busy", false, "A newer long poll from the same identity replaced this one.";
+    StoreFailed = "store_failed", false, "The relay could not store the update durably; send it again.";
+    Internal = "internal", false, "Something failed inside the relay.";
+}
+
+/// A refusal: its kind and, in words, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub reason: String,
+}
+
+impl From<Refusal> for RelayToClient {
+    fn from(refusal: Refusal) -> Self {
+        Self::Rejected {
+            kind: refusal.kind.as_str().to_owned(),
+            reason: refusal.reason,
+        }
+    }
+}
+
 /// What the relay sends back.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RelayToClient {
@@ -797,6 +896,38 @@ pub fn requests_for(submission: &Submission) -> Result<Vec<Vec<u8>>, WireError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_kinds_have_one_label_each_and_only_misconduct_strikes() {
+        let labels: std::collections::BTreeSet<&str> =
+            RefusalKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels.len(), RefusalKind::ALL.len(), "labels are unique");
+        for kind in RefusalKind::ALL {
+            assert_eq!(RefusalKind::parse(kind.as_str()), Some(*kind));
+        }
+        assert_eq!(RefusalKind::parse("no_such_kind"), None);
+        // What an honest peer can run into never strikes its connection.
+        for honest in [
+            "wrong_round",
+            "expired",
+            "not_joined",
+            "relay_busy",
+            "peer_busy",
+            "closing",
+        ] {
+            let kind = RefusalKind::parse(honest).expect("a kind");
+            assert!(!kind.is_hostile(), "{honest}");
+        }
+        let wire = RelayToClient::from(Refusal {
+            kind: RefusalKind::BadSignature,
+            reason: "no".into(),
+        });
+        assert!(matches!(
+            wire,
+            RelayToClient::Rejected { kind, .. } if kind == "bad_signature"
+        ));
+        assert!(RefusalKind::BadSignature.is_hostile());
+    }
     use crate::crypto::Identity;
 
     fn envelope(message: ClientToRelay) -> Envelope {

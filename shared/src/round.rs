@@ -25,6 +25,7 @@ use crate::compress::CodecError;
 use crate::crypto::PeerKey;
 use crate::outer::OuterOptimizer;
 use crate::privacy::{self, NoiseStream};
+use crate::protocol::RefusalKind;
 use crate::protocol::{
     Codec, OuterSpec, ParamsHash, RoundAnnouncement, RunSpec, Update, params_to_bytes,
 };
@@ -70,22 +71,22 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// A short label, for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// What the relay counts it as and tells the peer.
+    pub fn kind(&self) -> RefusalKind {
         match self {
-            Self::WrongRun { .. } => "wrong_run",
-            Self::WrongRound { .. } => "wrong_round",
-            Self::StaleBase => "stale_base",
-            Self::Duplicate(_) => "duplicate",
-            Self::WrongCodec(_) => "wrong_codec",
-            Self::WrongShape(_) => "wrong_shape",
-            Self::Malformed(_) => "malformed",
-            Self::NonFinite => "non_finite",
-            Self::NoSamples => "no_samples",
-            Self::Closing(_) => "closing",
-            Self::PayloadMismatch => "payload_mismatch",
-            Self::BadClaim { .. } => "bad_claim",
-            Self::Empty => "empty_update",
+            Self::WrongRun { .. } => RefusalKind::WrongRun,
+            Self::WrongRound { .. } => RefusalKind::WrongRound,
+            Self::StaleBase => RefusalKind::StaleBase,
+            Self::Duplicate(_) => RefusalKind::Duplicate,
+            Self::WrongCodec(_) => RefusalKind::WrongCodec,
+            Self::WrongShape(_) => RefusalKind::WrongShape,
+            Self::Malformed(_) => RefusalKind::Malformed,
+            Self::NonFinite => RefusalKind::NonFinite,
+            Self::NoSamples => RefusalKind::NoSamples,
+            Self::Closing(_) => RefusalKind::Closing,
+            Self::PayloadMismatch => RefusalKind::PayloadMismatch,
+            Self::BadClaim { .. } => RefusalKind::BadClaim,
+            Self::Empty => RefusalKind::EmptyUpdate,
         }
     }
 }
@@ -645,7 +646,8 @@ mod tests {
             let (mut claim, payload) = update(&s, &[0.1, 0.1]);
             (claim.n_samples, claim.inner_steps) = (samples, steps);
             assert_eq!(
-                s.submit(peer, &claim, &payload, 10).map_err(|e| e.kind()),
+                s.submit(peer, &claim, &payload, 10)
+                    .map_err(|e| e.kind().as_str()),
                 Err("bad_claim"),
                 "{samples} samples in {steps} steps"
             );
