@@ -34,7 +34,7 @@ const TASKS: &[Task] = &[
         name: "run",
         args: "",
         about: "build the browser package and start the relay on http://127.0.0.1:8080 with the runs of relay.toml",
-        run: run,
+        run,
     },
     Task {
         name: "test",
