@@ -11,7 +11,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_client::rpc::RelayClient;
-use swarmtrain_relay::{Relay, default_run};
+use swarmtrain_relay::{Relay, digits_run};
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{self, ClientToRelay, MAX_FRAME_BYTES, Part, Request};
 use swarmtrain_tests::{
@@ -152,7 +152,7 @@ async fn attack(relay: &Relay, wave: u8) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_peers_finish_their_rounds_while_hostile_connections_attack() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 3;
     run.inner.steps = 20;
     let relay = start_pow_relay(run).await;
@@ -258,7 +258,7 @@ async fn send_unawaited(client: RelayClient, message: ClientToRelay) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_throwaway_peer_ids_neither_stop_starve_nor_strike_honest_peers() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 4;
     run.inner.steps = 10;
     let deadline = Duration::from_millis(run.round_deadline_ms);
@@ -405,7 +405,7 @@ async fn one_address_holds_at_most_its_share_of_connections() {
     init_logging();
     let relay = Relay::start(swarmtrain_relay::RelayConfig {
         connections_per_ip: 3,
-        ..relay_config(vec![default_run()])
+        ..relay_config(vec![digits_run()])
     })
     .await
     .expect("relay starts");
@@ -473,7 +473,7 @@ async fn refusal(client: &RelayClient, frame: Vec<u8>) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_and_bans_follow_the_identity_not_the_peer_id() {
     init_logging();
-    let relay = start_relay(default_run()).await;
+    let relay = start_relay(digits_run()).await;
     let identity = Identity::from_seed([70; 32]);
     let clients: Vec<_> = (0..5).map(|k| dial(&relay, throwaway(6000 + k))).collect();
     for (k, client) in clients.iter().enumerate() {
@@ -521,7 +521,7 @@ async fn quotas_and_bans_follow_the_identity_not_the_peer_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joining_an_open_run_does_not_admit_to_another() {
     init_logging();
-    let open = default_run();
+    let open = digits_run();
     let mut guarded = open.clone();
     guarded.run_id = "digits-pow".into();
     let relay = Relay::start(swarmtrain_relay::RelayConfig {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use swarmtrain_relay::{Relay, default_run};
+use swarmtrain_relay::{Relay, digits_run};
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::attack::{self, Attack};
 use swarmtrain_shared::protocol::{
@@ -55,7 +55,7 @@ async fn attacker(relay: &Relay) {
 /// Waits until `n` peers have joined, so that none of them (and no round's quorum) misses the
 /// attack's first round: a round with fewer active peers closes on fewer updates.
 async fn run_with(aggregator: Rule) -> Vec<f32> {
-    let mut run = default_run();
+    let mut run = digits_run();
     run.inner.steps = 40;
     run.quorum = 4;
     run.aggregator = aggregator;
@@ -234,7 +234,7 @@ async fn colluders(relay: &Relay, count: u8, attack: Attack, rounds: u64) {
 /// 10 peers, 3 of them (30%) colluding attackers, `rounds` rounds against `rule`; returns the
 /// held-out accuracy after every round.
 async fn colluding_run(rule: Rule, attack: Option<Attack>, rounds: u64) -> Vec<f32> {
-    let mut run = default_run();
+    let mut run = digits_run();
     run.inner.steps = 20;
     run.quorum = 10;
     run.aggregator = rule;

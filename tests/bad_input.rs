@@ -12,7 +12,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
 use swarmtrain_client::rpc::RelayClient;
-use swarmtrain_relay::default_run;
+use swarmtrain_relay::digits_run;
 use swarmtrain_relay::p2p::MAX_IN_FLIGHT_PER_PEER;
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{
@@ -64,7 +64,7 @@ fn sign(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_are_rejected_and_the_run_goes_on() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 1;
     run.inner.steps = 20;
     let relay = start_relay(run).await;
@@ -344,7 +344,7 @@ async fn bad_messages_are_rejected_and_the_run_goes_on() {
 async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
     use swarmtrain_shared::seal::{self, Offerer};
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 2;
     let relay = start_relay(run).await;
     let (client, _, welcome, announcement) = join_raw(&relay, [90; 32]).await;
@@ -459,7 +459,7 @@ async fn sealed_sessions_carry_updates_and_chunks_and_refuse_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_requires_sealing_refuses_plaintext() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 2;
     let relay = swarmtrain_relay::Relay::start(swarmtrain_relay::RelayConfig {
         http: "127.0.0.1:0".parse().unwrap(),
@@ -505,7 +505,7 @@ async fn a_relay_that_requires_sealing_refuses_plaintext() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_connections_of_one_identity_keep_their_own_session_keys() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 3;
     let relay = start_relay(run).await;
     let (first, _, welcome, announcement) = join_raw(&relay, [91; 32]).await;

@@ -2,7 +2,7 @@
 //! and Python's `safetensors` + numpy read it (`cargo xtask test` installs them from PyPI and
 //! points `SWARMTRAIN_PYTHON` at that interpreter).
 
-use swarmtrain_relay::default_run;
+use swarmtrain_relay::digits_run;
 use swarmtrain_shared::checkpoint::from_safetensors;
 use swarmtrain_shared::protocol::params_from_bytes;
 use swarmtrain_tests::{init_logging, start_relay, train_peers};
@@ -10,7 +10,7 @@ use swarmtrain_tests::{init_logging, start_relay, train_peers};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.inner.steps = 20;
     run.quorum = 2;
     let relay = start_relay(run).await;
@@ -35,7 +35,7 @@ async fn exported_checkpoint_matches_the_relay_and_loads_in_python() {
             row["samples"].as_u64(),
             row["accepted_updates"]
                 .as_u64()
-                .map(|n| n * 20 * u64::from(default_run().inner.batch_size)),
+                .map(|n| n * 20 * u64::from(digits_run().inner.batch_size)),
             "{board}"
         );
     }

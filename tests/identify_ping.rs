@@ -2,14 +2,14 @@
 
 use std::time::{Duration, Instant};
 
-use swarmtrain_relay::default_run;
+use swarmtrain_relay::digits_run;
 use swarmtrain_shared::protocol::RPC_PROTOCOL;
 use swarmtrain_tests::{init_logging, join_raw, start_relay};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_sees_the_relay_through_identify_and_ping() {
     init_logging();
-    let relay = start_relay(default_run()).await;
+    let relay = start_relay(digits_run()).await;
     let (client, _, _, _) = join_raw(&relay, [5; 32]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let info = loop {

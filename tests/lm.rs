@@ -5,11 +5,11 @@
 
 use burn::backend::{Autodiff, NdArray};
 use swarmtrain_client::peer::PeerEvent;
-use swarmtrain_relay::{Relay, RelayConfig, default_run};
+use swarmtrain_relay::{Relay, RelayConfig, digits_run};
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::DataSource;
 use swarmtrain_shared::robust::Rule;
-use swarmtrain_shared::sim::{SimConfig, Sync, simulate};
+use swarmtrain_shared::sim::{Schedule, SimConfig, simulate};
 use swarmtrain_shared::text::TextCorpus;
 use swarmtrain_tests::{
     accepted_updates, init_logging, package_path, start_relay, tiny_lm_run, train_peers_with_events,
@@ -88,7 +88,7 @@ async fn three_native_peers_train_the_language_model_and_the_simulator_agrees_bi
         peers: 3,
         steps: ROUNDS as u32 * H,
         batch: run.inner.batch_size,
-        sync: Sync::DiLoCo {
+        sync: Schedule::DiLoCo {
             inner_steps: H,
             outer: run.outer.clone(),
         },
@@ -132,7 +132,7 @@ async fn three_native_peers_train_the_language_model_and_the_simulator_agrees_bi
 /// round forever; now the relay refuses to start and says why.
 #[tokio::test]
 async fn a_rule_the_quorum_cannot_feed_is_refused_at_start_up() {
-    let mut run = default_run();
+    let mut run = digits_run();
     run.aggregator = Rule::MultiKrum {
         byzantine: 1,
         select: 1,

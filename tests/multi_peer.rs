@@ -2,7 +2,7 @@
 //! relay's held-out accuracy passes 90%.
 
 use swarmtrain_client::peer::PeerEvent;
-use swarmtrain_relay::default_run;
+use swarmtrain_relay::digits_run;
 use swarmtrain_tests::{
     accepted_updates, init_logging, start_relay, train_peers, train_peers_with_events,
 };
@@ -10,7 +10,7 @@ use swarmtrain_tests::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_native_peers_train_digits_past_90_percent() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.inner.steps = 40;
     run.quorum = 3;
     let relay = start_relay(run).await;
@@ -73,7 +73,7 @@ async fn compressed_updates_still_train() {
             0.8,
         ),
     ] {
-        let mut run = default_run();
+        let mut run = digits_run();
         run.inner.steps = 40;
         run.codec = codec;
         let relay = start_relay(run).await;
@@ -99,7 +99,7 @@ async fn compressed_updates_still_train() {
 async fn differentially_private_run_reports_epsilon_and_learns() {
     use swarmtrain_shared::privacy::{PrivacySpec, epsilon};
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.inner.steps = 40;
     run.privacy = Some(PrivacySpec {
         clip_norm: 2.0,
@@ -124,7 +124,7 @@ async fn differentially_private_run_reports_epsilon_and_learns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_peer_plans_from_its_speed_and_sends_the_steps_it_managed() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     let planned = 1_000_000;
     run.inner.steps = planned;
     // Two would close a round by quorum; with one peer, the deadline closes it.

@@ -9,7 +9,7 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, identify, noise, ping, relay, tcp, yamux};
 use swarmtrain_net::{Node, NodeEvent};
-use swarmtrain_relay::{Relay, RelayConfig, default_run};
+use swarmtrain_relay::{Relay, RelayConfig, digits_run};
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, Codec, Fetch, RelayToClient, Request, Update,
@@ -28,7 +28,7 @@ const WAIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_announcements_arrive_by_gossip() {
     init_logging();
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 1;
     let relay = Relay::start(RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
@@ -379,7 +379,7 @@ async fn webrtc_direct_works_and_its_certificate_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_peers_reach_each_other_through_the_circuit_relay() {
     init_logging();
-    let relay = start_relay(default_run()).await;
+    let relay = start_relay(digits_run()).await;
     let relay_tcp: Multiaddr = relay.bootstrap.addresses["tcp"][0]
         .parse()
         .expect("multiaddr");
@@ -461,7 +461,7 @@ async fn two_peers_reach_each_other_through_the_circuit_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_relay_coordinates_two_runs_with_their_own_specs() {
     init_logging();
-    let mut digits = default_run();
+    let mut digits = digits_run();
     digits.quorum = 1;
     digits.inner.steps = 10;
     let mut robust = digits.clone();

@@ -116,11 +116,11 @@ async fn stop_then_restart_resumes(stop: Stop) {
 /// succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_is_announced_only_once_its_checkpoint_is_written() {
-    use swarmtrain_relay::{Relay, RelayConfig, default_run};
+    use swarmtrain_relay::{Relay, RelayConfig, digits_run};
     use swarmtrain_tests::{init_logging, join_raw};
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 1;
     let relay = Relay::start(RelayConfig {
         http: "127.0.0.1:0".parse().expect("addr"),
@@ -174,13 +174,13 @@ async fn a_round_is_announced_only_once_its_checkpoint_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_rejoins_a_restarted_relay_and_keeps_training() {
     use swarmtrain_client::PeerEvent;
-    use swarmtrain_relay::{Relay, RelayConfig, default_run};
+    use swarmtrain_relay::{Relay, RelayConfig, digits_run};
     use swarmtrain_tests::{init_logging, package_path, spawn_peer};
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = || {
-        let mut run = default_run();
+        let mut run = digits_run();
         run.quorum = 1;
         run.inner.steps = 10;
         RelayConfig {
@@ -237,7 +237,7 @@ async fn a_peer_rejoins_a_restarted_relay_and_keeps_training() {
     let me = swarmtrain_shared::Identity::from_seed([21; 32])
         .peer()
         .to_hex();
-    let batch = u64::from(default_run().inner.batch_size);
+    let batch = u64::from(digits_run().inner.batch_size);
     let get = |path: String| {
         let url = format!("{}{path}", relay.url());
         async move {

@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use swarmtrain_relay::default_run;
+use swarmtrain_relay::digits_run;
 use swarmtrain_relay::ops::model_layout;
 use swarmtrain_relay::store::Store;
 use swarmtrain_shared::protocol::{ParamsHash, params_to_bytes};
@@ -132,7 +132,7 @@ async fn checkpoints_go_to_an_s3_bucket_and_a_restarted_relay_resumes_from_it() 
     let options = env.iter().map(|(k, v)| (k.to_lowercase(), (*v).to_owned()));
     let store = Store::open_at_with(reader_dir.path(), "s3://checkpoints/relay-a", options)
         .expect("open the bucket");
-    let layout = model_layout(&default_run().model);
+    let layout = model_layout(&digits_run().model);
     let (params, velocity) = store
         .read_checkpoint("digits/round-00000001.safetensors", &layout)
         .await

@@ -172,7 +172,7 @@ pub struct ServeOptions {
 }
 
 /// One run's options: on the command line for the default run, or in a `[[run]]` table.
-/// Options left out take the model's defaults (`default_lm_run` or `default_run`).
+/// Options left out take the model's defaults (`default_lm_run` or `digits_run`).
 #[derive(clap::Args, Deserialize, Debug, Clone, Default)]
 #[serde(default)]
 pub struct RunOptions {
@@ -425,7 +425,7 @@ impl CodecChoice {
 pub fn run_spec(a: &RunOptions) -> anyhow::Result<RunSpec> {
     let mut run = match a.model.unwrap_or(ModelChoice::Lm) {
         ModelChoice::Lm => crate::default_lm_run(a.corpus.as_deref().unwrap_or(DEFAULT_CORPUS)),
-        ModelChoice::Digits => crate::default_run(),
+        ModelChoice::Digits => crate::digits_run(),
     };
     if let Some(id) = &a.run_id {
         run.run_id = id.clone();

@@ -609,12 +609,14 @@ impl Coordinator {
     }
 
     /// Counts and logs a refused message and returns the `Rejected` frame that answers it.
+    /// Counts and logs a refusal of `peer`'s message (`None`: before any identity is known) and
+    /// returns it, for the caller to answer with.
     pub async fn reject(
         &self,
         peer: Option<PeerKey>,
         kind: RefusalKind,
         reason: String,
-    ) -> Vec<u8> {
+    ) -> Refusal {
         tracing::warn!(peer = peer.map(|p| p.short()), kind = kind.as_str(), %reason, "rejected message");
         *self
             .state
@@ -623,21 +625,21 @@ impl Coordinator {
             .rejected
             .entry(kind.as_str().to_owned())
             .or_default() += 1;
-        encode(&RelayToClient::from(Refusal { kind, reason }))
+        Refusal { kind, reason }
     }
 
     /// Answers a fetch of public data: one chunk of θ by hash.
-    pub async fn fetch(&self, fetch: Fetch, from: Option<PeerKey>) -> Vec<u8> {
+    pub async fn fetch(&self, fetch: Fetch, from: Option<PeerKey>) -> Answer {
         if fetch.run_id() != self.spec.run_id {
             let reason = format!("no run {:?}", fetch.run_id());
-            return self.reject(from, RefusalKind::WrongRun, reason).await;
+            return Err(self.reject(from, RefusalKind::WrongRun, reason).await);
         }
         let (bytes, offset) = match fetch {
             Fetch::Params { hash, offset, .. } => match self.params(&hash).await {
                 Some(bytes) => (bytes, offset),
                 None => {
                     let reason = format!("no parameters {}", hash.to_hex());
-                    return self.reject(from, RefusalKind::UnknownParams, reason).await;
+                    return Err(self.reject(from, RefusalKind::UnknownParams, reason).await);
                 }
             },
             Fetch::State { digest, offset, .. } => {
@@ -652,7 +654,7 @@ impl Coordinator {
                         drop(state);
                         let reason =
                             "no replay job of this verifier's reveals that state".to_owned();
-                        return self.reject(from, RefusalKind::UnknownJob, reason).await;
+                        return Err(self.reject(from, RefusalKind::UnknownJob, reason).await);
                     }
                 }
             }
@@ -660,10 +662,10 @@ impl Coordinator {
         let start = offset as usize;
         if start >= bytes.len() {
             let reason = format!("offset {offset} is past the end ({} bytes)", bytes.len());
-            return self.reject(from, RefusalKind::BadFetch, reason).await;
+            return Err(self.reject(from, RefusalKind::BadFetch, reason).await);
         }
         let end = (start + CHUNK_BYTES).min(bytes.len());
-        encode(&RelayToClient::Chunk {
+        Ok(RelayToClient::Chunk {
             total: bytes.len() as u32,
             offset,
             bytes: bytes[start..end].to_vec(),
@@ -682,13 +684,13 @@ impl Coordinator {
         signed: Signed<Envelope>,
         payload: Vec<u8>,
         max_wait: Duration,
-    ) -> Vec<u8> {
+    ) -> Answer {
         let now = self.now_ms();
         match message {
             ClientToRelay::Join(join) => {
                 if join.version != PROTOCOL_VERSION || join.run_id != self.spec.run_id {
                     let reason = format!("join for run {:?} version {}", join.run_id, join.version);
-                    return self.reject(Some(peer), RefusalKind::BadJoin, reason).await;
+                    return Err(self.reject(Some(peer), RefusalKind::BadJoin, reason).await);
                 }
                 let mut state = self.state.lock().await;
                 // An identity admitted once stays admitted while the run keeps it joined.
@@ -698,9 +700,9 @@ impl Coordinator {
                         .admit(&self.challenge, &peer, join.proof_of_work)
                 {
                     drop(state);
-                    return self
+                    return Err(self
                         .reject(Some(peer), RefusalKind::NotAdmitted, e.to_string())
-                        .await;
+                        .await);
                 }
                 tracing::info!(
                     peer = peer.short(),
@@ -715,9 +717,9 @@ impl Coordinator {
                         state.forget_idle_ms / 1000
                     );
                     drop(state);
-                    return self
+                    return Err(self
                         .reject(Some(peer), RefusalKind::RelayBusy, reason)
-                        .await;
+                        .await);
                 }
                 state
                     .joined
@@ -734,9 +736,9 @@ impl Coordinator {
                             state.joined.remove(&peer);
                             drop(state);
                             let reason = VERIFIER_BANNED.to_owned();
-                            return self
+                            return Err(self
                                 .reject(Some(peer), RefusalKind::VerifierBanned, reason)
-                                .await;
+                                .await);
                         }
                         state.verifiers.seen.insert(peer, now);
                         0
@@ -753,15 +755,14 @@ impl Coordinator {
                 let spec = state.round.spec.clone();
                 drop(state);
                 match round {
-                    Ok(round) => encode(&RelayToClient::Welcome(Box::new(Welcome {
+                    Ok(round) => Ok(RelayToClient::Welcome(Box::new(Welcome {
                         spec,
                         round,
                         slot,
                     }))),
-                    Err(e) => {
-                        self.reject(Some(peer), RefusalKind::Internal, e.to_string())
-                            .await
-                    }
+                    Err(e) => Err(self
+                        .reject(Some(peer), RefusalKind::Internal, e.to_string())
+                        .await),
                 }
             }
             ClientToRelay::AwaitRound { run_id, after } => {
@@ -769,13 +770,13 @@ impl Coordinator {
                     let mut state = self.state.lock().await;
                     if run_id != state.round.spec.run_id {
                         drop(state);
-                        return self
+                        return Err(self
                             .reject(
                                 Some(peer),
                                 RefusalKind::WrongRun,
                                 format!("no run {run_id:?}"),
                             )
-                            .await;
+                            .await);
                     }
                     // Only joined identities wait for rounds, and count as active: a poll from
                     // an identity that never joined would otherwise park for free and raise the
@@ -783,9 +784,9 @@ impl Coordinator {
                     if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
                         drop(state);
                         let reason = "join this run as a trainer before waiting for rounds".into();
-                        return self
+                        return Err(self
                             .reject(Some(peer), RefusalKind::NotJoined, reason)
-                            .await;
+                            .await);
                     }
                     state.round.seen(peer, now);
                     match after {
@@ -802,7 +803,7 @@ impl Coordinator {
                             }
                             rx
                         }
-                        _ => return encode(&RelayToClient::Round(state.announcement.clone())),
+                        _ => return Ok(RelayToClient::Round(state.announcement.clone())),
                     }
                 };
                 let announcement = match tokio::time::timeout(max_wait, waiter).await {
@@ -810,7 +811,7 @@ impl Coordinator {
                     Ok(Ok(None)) => {
                         let reason =
                             "a newer long poll from this identity replaced this one".into();
-                        return self.reject(Some(peer), RefusalKind::PollBusy, reason).await;
+                        return Err(self.reject(Some(peer), RefusalKind::PollBusy, reason).await);
                     }
                     // Timed out (or shutting down): answer with the current round; the peer asks again.
                     _ => {
@@ -825,30 +826,30 @@ impl Coordinator {
                         state.announcement.clone()
                     }
                 };
-                encode(&RelayToClient::Round(announcement))
+                Ok(RelayToClient::Round(announcement))
             }
             ClientToRelay::Update(update) => {
                 let mut state = self.state.lock().await;
                 if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
                     drop(state);
                     let reason = "join this run as a trainer before an update".to_owned();
-                    return self
+                    return Err(self
                         .reject(Some(peer), RefusalKind::NotJoined, reason)
-                        .await;
+                        .await);
                 }
                 if state.unannounced {
                     drop(state);
                     let reason =
                         "the relay cannot store the round yet; the update missed it".into();
-                    return self
+                    return Err(self
                         .reject(Some(peer), RefusalKind::StoreFailed, reason)
-                        .await;
+                        .await);
                 }
                 if let Err(rejection) = state.round.submit(peer, &update, &payload, now) {
                     drop(state);
-                    return self
+                    return Err(self
                         .reject(Some(peer), rejection.kind(), rejection.to_string())
-                        .await;
+                        .await);
                 }
                 // Durable before the peer hears `Accepted`; an update that cannot be made
                 // durable is taken back and the peer told so.
@@ -866,13 +867,13 @@ impl Coordinator {
                         state.round.withdraw(&peer);
                         drop(state);
                         tracing::error!(error = %e, "could not record an accepted update");
-                        return self
+                        return Err(self
                             .reject(
                                 Some(peer),
                                 RefusalKind::StoreFailed,
                                 "the relay could not store the update; send it again".into(),
                             )
-                            .await;
+                            .await);
                     }
                 }
                 state.accepted += 1;
@@ -897,7 +898,7 @@ impl Coordinator {
                 );
                 // The round timer closes the round if this completed its quorum.
                 self.due.notify_one();
-                encode(&RelayToClient::Accepted {
+                Ok(RelayToClient::Accepted {
                     round: update.round,
                 })
             }
@@ -907,8 +908,9 @@ impl Coordinator {
             // `Runs` answers key exchanges itself; they name no run.
             ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => {
                 let reason = "key exchanges are answered by the relay, not a run".to_owned();
-                self.reject(Some(peer), RefusalKind::Malformed, reason)
-                    .await
+                Err(self
+                    .reject(Some(peer), RefusalKind::Malformed, reason)
+                    .await)
             }
         }
     }
@@ -1087,14 +1089,14 @@ impl Coordinator {
     /// A peer's [`Reveal`] of the state its drawn update committed to: checked against the
     /// commitment at once (a state that is not the committed one fails the update and is a
     /// strike), then replayed off the round's path ([`Self::replay`]).
-    async fn reveal(self: &Arc<Self>, peer: PeerKey, reveal: Reveal, payload: Vec<u8>) -> Vec<u8> {
+    async fn reveal(self: &Arc<Self>, peer: PeerKey, reveal: Reveal, payload: Vec<u8>) -> Answer {
         let mut state = self.state.lock().await;
         if !state.joined.contains_key(&peer) {
             drop(state);
             let reason = "send a Join for this run before a reveal".to_owned();
-            return self
+            return Err(self
                 .reject(Some(peer), RefusalKind::NotJoined, reason)
-                .await;
+                .await);
         }
         let pending = state.audits.get(&peer).map(|a| a.round);
         if pending != Some(reveal.round) {
@@ -1109,18 +1111,18 @@ impl Coordinator {
                     reveal.round
                 ),
             };
-            return self
+            return Err(self
                 .reject(Some(peer), RefusalKind::NotAudited, reason)
-                .await;
+                .await);
         }
         let Some(audit) = state.audits.remove(&peer) else {
-            return self
+            return Err(self
                 .reject(
                     Some(peer),
                     RefusalKind::Internal,
                     "the audit vanished".into(),
                 )
-                .await;
+                .await);
         };
         state.reveal_bytes += payload.len() as u64;
         drop(state);
@@ -1136,13 +1138,13 @@ impl Coordinator {
             )])
             .await;
             // The refusal itself is the strike.
-            return self
+            return Err(self
                 .reject(Some(peer), RefusalKind::RevealMismatch, reason)
-                .await;
+                .await);
         }
         let round = audit.round;
         self.dispatch(audit, payload.into()).await;
-        encode(&RelayToClient::Revealed { round })
+        Ok(RelayToClient::Revealed { round })
     }
 
     /// Sends a revealed update to its replay: to the volunteer verifiers when one (not its
@@ -1200,7 +1202,7 @@ impl Coordinator {
 
     /// A verifier's long poll for work: the oldest waiting job that is not its own update's,
     /// or none after [`VERIFY_POLL`] (or `max_wait`, if shorter).
-    async fn give_job(self: &Arc<Self>, peer: PeerKey, max_wait: Duration) -> Vec<u8> {
+    async fn give_job(self: &Arc<Self>, peer: PeerKey, max_wait: Duration) -> Answer {
         let until = tokio::time::Instant::now() + max_wait.min(VERIFY_POLL);
         loop {
             let ready = self.jobs_ready.notified();
@@ -1220,7 +1222,7 @@ impl Coordinator {
                 };
                 if let Some((kind, reason)) = refused {
                     drop(state);
-                    return self.reject(Some(peer), kind, reason.to_owned()).await;
+                    return Err(self.reject(Some(peer), kind, reason.to_owned()).await);
                 }
                 let now = self.now_ms();
                 state.verifiers.seen.insert(peer, now);
@@ -1240,11 +1242,11 @@ impl Coordinator {
                         round = job.round,
                         "gave a replay to a verifier"
                     );
-                    return encode(&RelayToClient::Job(Some(job)));
+                    return Ok(RelayToClient::Job(Some(job)));
                 }
             }
             if tokio::time::timeout_at(until, ready).await.is_err() {
-                return encode(&RelayToClient::Job(None));
+                return Ok(RelayToClient::Job(None));
             }
         }
     }
@@ -1257,7 +1259,7 @@ impl Coordinator {
         peer: PeerKey,
         report: Replayed,
         payload: Vec<u8>,
-    ) -> Vec<u8> {
+    ) -> Answer {
         let job = {
             let mut state = self.state.lock().await;
             let held = state
@@ -1278,9 +1280,9 @@ impl Coordinator {
                 "job {} is not yours (or it timed out and the relay replays it)",
                 report.job
             );
-            return self
+            return Err(self
                 .reject(Some(peer), RefusalKind::UnknownJob, reason)
-                .await;
+                .await);
         };
         let round = job.audit.round;
         let check = match report.update {
@@ -1291,7 +1293,7 @@ impl Coordinator {
         };
         let this = self.clone();
         tokio::spawn(async move { this.settle_report(peer, job, check).await });
-        encode(&RelayToClient::Accepted { round })
+        Ok(RelayToClient::Accepted { round })
     }
 
     /// Settles a verifier's report. A verifier that could not replay (`check` is `None`)
@@ -2013,6 +2015,15 @@ fn store_params(state: &mut State) {
     }
 }
 
+/// What a handler answers a request with: a message, or a refusal it has counted and logged.
+/// Encoded once, where it leaves the relay ([`encode_answer`]).
+pub type Answer = Result<RelayToClient, Refusal>;
+
+/// The frame that carries `answer` (a refusal as `Rejected`).
+pub fn encode_answer(answer: Answer) -> Vec<u8> {
+    encode(&answer.unwrap_or_else(RelayToClient::from))
+}
+
 pub(crate) fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     // Responses are built by the relay and stay below the frame limit (a test checks the largest,
     // the welcome); should one not, the peer gets an empty frame, which it reports as malformed.
@@ -2035,7 +2046,7 @@ mod tests {
     };
     use swarmtrain_shared::{Identity, Signed};
 
-    use crate::default_run;
+    use crate::digits_run;
 
     struct Peer {
         identity: Identity,
@@ -2076,8 +2087,9 @@ mod tests {
         }
     }
 
-    fn answer(frame: Vec<u8>) -> RelayToClient {
-        protocol::decode(&frame).expect("an answer the wire decodes")
+    /// `answer` as the peer reads it, through the wire.
+    fn answer(answer: super::Answer) -> RelayToClient {
+        protocol::decode(&super::encode_answer(answer)).expect("an answer the wire decodes")
     }
 
     fn join() -> ClientToRelay {
@@ -2098,12 +2110,12 @@ mod tests {
     /// when none is idle, looking again no more than every 10 s.
     #[tokio::test]
     async fn a_full_run_forgets_idle_identities_and_refuses_only_when_none_is() {
-        let (runs, _announce) = crate::testing::runs(Some(default_run())).await;
+        let (runs, _announce) = crate::testing::runs(Some(digits_run())).await;
         let run = runs.default_run().clone();
         run.limit_joined(2, 0).await;
         let wait = Duration::from_secs(1);
         let mut peers: Vec<Peer> = (1..=5).map(Peer::new).collect();
-        let kind = |frame: Vec<u8>| match answer(frame) {
+        let kind = |frame: super::Answer| match answer(frame) {
             RelayToClient::Welcome(_) | RelayToClient::Round(_) => None,
             RelayToClient::Rejected { kind, .. } => Some(kind),
             other => panic!("{other:?}"),
@@ -2141,7 +2153,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_quorum_of_updates_closes_the_round_and_announces_the_next() {
-        let mut spec = default_run();
+        let mut spec = digits_run();
         spec.quorum = 2;
         let (runs, announce) = crate::testing::runs(Some(spec)).await;
         let mut announced = announce.subscribe();

@@ -104,7 +104,7 @@ pub struct RelayConfig {
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
-pub fn default_run() -> RunSpec {
+pub fn digits_run() -> RunSpec {
     RunSpec {
         run_id: "digits".into(),
         model: ModelSpec::DigitsMlp { hidden: 64 },
@@ -191,7 +191,7 @@ impl Default for RelayConfig {
             webrtc_port: 0,
             web_dir: PathBuf::from("web"),
             data_dir: None,
-            runs: vec![default_run()],
+            runs: vec![digits_run()],
             seed: 0,
             aggregation: AggregationBackend::default(),
             keep_checkpoints: store::KEEP_CHECKPOINTS,

@@ -33,12 +33,13 @@ use libp2p::{
 };
 use libp2p_webrtc::tokio::Certificate;
 use swarmtrain_net::{Node, NodeEvent};
-use swarmtrain_shared::protocol::{self, RefusalKind, RelayToClient, Request};
+use swarmtrain_shared::protocol::{self, Refusal, RefusalKind, RelayToClient, Request};
 use swarmtrain_shared::transfer::{Progress, Reassembly};
 use tokio::sync::{broadcast, watch};
 
 use crate::Runs;
 use crate::boxed::Boxed;
+use crate::coordinator::{Answer, encode_answer};
 use crate::runs::Conn;
 use crate::runs::{BAN_SECS, MAX_STRIKES};
 
@@ -334,10 +335,10 @@ impl Network {
 /// A request being answered: whether it counts against its peer's requests in flight, the
 /// peer, where to answer, and the answer.
 type Pending = Pin<
-    Box<dyn Future<Output = (Option<Account>, PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)> + Send>,
+    Box<dyn Future<Output = (Option<Account>, PeerId, ResponseChannel<Vec<u8>>, Answer)> + Send>,
 >;
 /// The work that produces an answer.
-type Work = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+type Work = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// Accounts with strikes remembered beyond which those with a single strike are forgotten.
 const MAX_STRUCK: usize = 100_000;
@@ -346,16 +347,10 @@ const MAX_STRUCK: usize = 100_000;
 /// are kept by [`Runs`].
 const MAX_BANNED: usize = 10_000;
 
-/// Whether `frame` refuses a message for a reason an honest peer never earns
+/// Whether `answer` refuses a message for a reason an honest peer never earns
 /// ([`RefusalKind::is_hostile`]).
-fn is_strike(frame: &[u8]) -> bool {
-    // `Rejected` is variant 3; other answers (chunks, welcomes) are not decoded.
-    frame.first() == Some(&3)
-        && matches!(
-            protocol::decode::<RelayToClient>(frame),
-            Ok(RelayToClient::Rejected { kind, .. })
-                if RefusalKind::parse(&kind).is_some_and(RefusalKind::is_hostile)
-        )
+fn is_strike(answer: &Answer) -> bool {
+    matches!(answer, Err(refusal) if refusal.kind.is_hostile())
 }
 
 /// Counts a strike against `account` (`peer`: the peer ID that earned it, if a message did);
@@ -479,20 +474,20 @@ pub async fn run(
             Some(identity) = strike_reports.recv() => {
                 strike(&mut strikes, &mut banned, &runs, &mut swarm, Account::Identity(identity), None);
             }
-            Some((counted, peer, channel, frame)) = pending.next(), if !pending.is_empty() => {
+            Some((counted, peer, channel, answer)) = pending.next(), if !pending.is_empty() => {
                 if let Some(account) = counted && let Some(n) = in_flight.get_mut(&account) {
                     *n -= 1;
                     if *n == 0 {
                         in_flight.remove(&account);
                     }
                 }
-                if is_strike(&frame) {
+                if is_strike(&answer) {
                     // Against the identity once the peer ID has signed as one: a new peer ID
                     // brings no new strikes, and the ban reaches every peer ID of the identity.
                     let account = Account::of(&runs, peer);
                     strike(&mut strikes, &mut banned, &runs, &mut swarm, account, Some(peer));
                 }
-                if swarm.behaviour_mut().node.rpc.send_response(channel, frame).is_err() {
+                if swarm.behaviour_mut().node.rpc.send_response(channel, encode_answer(answer)).is_err() {
                     tracing::debug!("peer went away before its answer was sent");
                 }
             }
@@ -533,10 +528,7 @@ pub async fn run(
                             runs.reject_part(RefusalKind::UnboundPart, reason).await
                         }),
                         Ok(Request::Part(part)) => match parts.accept(connection_id, part, now_ms) {
-                            Ok(Progress::More { received }) => {
-                                let frame = protocol::encode(&RelayToClient::PartReceived { received }).unwrap_or_default();
-                                Box::pin(async move { frame })
-                            }
+                            Ok(Progress::More { received }) => Box::pin(async move { Ok(RelayToClient::PartReceived { received }) }),
                             Ok(Progress::Complete(bytes)) => Box::pin(async move {
                                 match postcard::from_bytes(&bytes) {
                                     Ok(submission) => runs.handle(submission, conn, max_wait).await,
@@ -550,15 +542,14 @@ pub async fn run(
                     };
                     let task = tokio::spawn(work);
                     let answer: Pending = Box::pin(async move {
-                        let frame = task.await.unwrap_or_else(|e| {
+                        let answer = task.await.unwrap_or_else(|e| {
                             tracing::error!(error = %e, "a request's handler failed");
-                            protocol::encode(&RelayToClient::Rejected {
-                                kind: "internal".into(),
+                            Err(Refusal {
+                                kind: RefusalKind::Internal,
                                 reason: "the relay failed to handle this request".into(),
                             })
-                            .unwrap_or_default()
                         });
-                        (Some(account), peer, channel, frame)
+                        (Some(account), peer, channel, answer)
                     });
                     pending.push(answer);
                 }

@@ -3,7 +3,10 @@
 //! replay, one identity per connection) and routes its message to the run's coordinator. It
 //! also keeps each connection's agreed session keys ([`swarmtrain_shared::seal`]): it opens the
 //! sealed payloads of updates, reveals and verifiers' reports, and seals the chunks it serves
-//! (θ, and revealed states, which go only to the verifier holding their job).
+//! (θ, and revealed states, which go only to the verifier holding their job). Every handler
+//! answers with an [`Answer`]: a message, or a [`swarmtrain_shared::protocol::Refusal`] its run
+//! has counted and logged; `p2p` encodes it once, on its way out, and strikes the connection
+//! for the refusals only misconduct earns.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,7 +23,7 @@ use swarmtrain_shared::protocol::{
 use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::seal::{self, SessionKeys};
 
-use crate::coordinator::{Coordinator, encode};
+use crate::coordinator::{Answer, Coordinator};
 
 /// At most this many identities with unexpired envelopes are tracked (about 100 bytes each);
 /// beyond it new identities are refused with `relay_busy` until old envelopes expire.
@@ -371,7 +374,7 @@ impl Runs {
     /// one peer ID (`identity_mismatch`) and an identity on too many peer IDs
     /// (`identity_busy`). Messages that can't be attributed to a run are counted against the
     /// default run.
-    pub async fn handle(&self, submission: Submission, from: Conn, max_wait: Duration) -> Vec<u8> {
+    pub async fn handle(&self, submission: Submission, from: Conn, max_wait: Duration) -> Answer {
         let digest = seal::digest_signed(&submission.signed);
         let now = unix_ms();
         let claimed = PeerKey::from_public_key(&submission.signed.public_key);
@@ -384,25 +387,25 @@ impl Runs {
         });
         if seen {
             let reason = "this exact message was already received".to_owned();
-            return self
+            return Err(self
                 .default
                 .reject(Some(claimed), RefusalKind::Replayed, reason)
-                .await;
+                .await);
         }
         if banned {
             let reason = format!("{} is banned for its refused messages", claimed.short());
-            return self
+            return Err(self
                 .default
                 .reject(Some(claimed), RefusalKind::Banned, reason)
-                .await;
+                .await);
         }
         // Unverified: only used to decide how (and whether) to check the signature.
         let Ok(unverified) = postcard::from_bytes::<Envelope>(&submission.signed.body) else {
             let reason = "the envelope does not decode".to_owned();
-            return self
+            return Err(self
                 .default
                 .reject(None, RefusalKind::Malformed, reason)
-                .await;
+                .await);
         };
         let fast = bound == Some(claimed)
             && self.guard.lock().is_ok_and(|guard| {
@@ -420,10 +423,10 @@ impl Runs {
                      joined run {:?}",
                     run_of(&unverified.message)
                 );
-                return self
+                return Err(self
                     .default
                     .reject(Some(claimed), RefusalKind::NotJoined, reason)
-                    .await;
+                    .await);
             };
             let Some(run) = self.by_id.get(&join.run_id) else {
                 let reason = format!(
@@ -431,13 +434,13 @@ impl Runs {
                     join.run_id,
                     self.ids().join(", ")
                 );
-                return self
+                return Err(self
                     .default
                     .reject(Some(claimed), RefusalKind::WrongRun, reason)
-                    .await;
+                    .await);
             };
             if let Err((kind, reason)) = run.precheck_join(&claimed, join) {
-                return self.default.reject(Some(claimed), kind, reason).await;
+                return Err(self.default.reject(Some(claimed), kind, reason).await);
             }
             match self.unjoined.check(submission.signed.clone()).await {
                 Some(verified) => verified,
@@ -446,20 +449,20 @@ impl Runs {
                         "{UNJOINED_QUEUE} messages from connections that have not joined a run \
                          are waiting for their signature check; try again shortly"
                     );
-                    return self
+                    return Err(self
                         .default
                         .reject(None, RefusalKind::RelayBusy, reason)
-                        .await;
+                        .await);
                 }
             }
         };
         let (peer, envelope) = match verified {
             Ok(ok) => ok,
             Err(e) => {
-                return self
+                return Err(self
                     .default
                     .reject(None, RefusalKind::BadSignature, e.to_string())
-                    .await;
+                    .await);
             }
         };
         if envelope.peer_id != from.peer.to_bytes() {
@@ -469,10 +472,10 @@ impl Runs {
                     .map_or_else(|_| "(malformed)".to_owned(), |p| p.to_string()),
                 from.peer
             );
-            return self
+            return Err(self
                 .default
                 .reject(Some(peer), RefusalKind::WrongConnection, reason)
-                .await;
+                .await);
         }
         let refused = match self.guard.lock() {
             Ok(mut guard) => match guard.bound.get(&from.peer) {
@@ -523,7 +526,7 @@ impl Runs {
             )),
         };
         if let Some((kind, reason)) = refused {
-            return self.default.reject(Some(peer), kind, reason).await;
+            return Err(self.default.reject(Some(peer), kind, reason).await);
         }
         let (seq, message) = (envelope.seq, envelope.message);
         let mut payload = submission.payload;
@@ -540,17 +543,17 @@ impl Runs {
                         Ok(opened) => payload = opened,
                         Err(e) => {
                             let reason = format!("the sealed payload: {e}");
-                            return self
+                            return Err(self
                                 .default
                                 .reject(Some(peer), RefusalKind::Undecryptable, reason)
-                                .await;
+                                .await);
                         }
                     },
                     None if self.require_sealed => {
-                        return self
+                        return Err(self
                             .default
                             .reject(Some(peer), RefusalKind::NotSealed, NOT_SEALED.into())
-                            .await;
+                            .await);
                     }
                     None => {}
                 }
@@ -567,10 +570,7 @@ impl Runs {
                     .handle(peer, message, submission.signed, payload, max_wait)
                     .await;
                 if let Some(run_id) = joining
-                    && matches!(
-                        protocol::decode::<RelayToClient>(&answer),
-                        Ok(RelayToClient::Welcome(_))
-                    )
+                    && matches!(answer, Ok(RelayToClient::Welcome(_)))
                     && let Ok(mut guard) = self.guard.lock()
                 {
                     guard.joined.entry(peer).or_default().insert(run_id);
@@ -583,9 +583,10 @@ impl Runs {
                     run_of(&message),
                     self.ids().join(", ")
                 );
-                self.default
+                Err(self
+                    .default
                     .reject(Some(peer), RefusalKind::WrongRun, reason)
-                    .await
+                    .await)
             }
         }
     }
@@ -600,13 +601,13 @@ impl Runs {
         peer: PeerKey,
         signed: &swarmtrain_shared::Signed<protocol::Envelope>,
         offer: &seal::KeyOffer,
-    ) -> Vec<u8> {
+    ) -> Answer {
         if !self.has_joined(&from.peer) {
             let reason = "join a run before offering keys".to_owned();
-            return self
+            return Err(self
                 .default
                 .reject(Some(peer), RefusalKind::NotJoined, reason)
-                .await;
+                .await);
         }
         let identity = self.default.identity();
         match seal::accept(identity, seal::digest_signed(signed), offer) {
@@ -614,19 +615,18 @@ impl Runs {
                 if let Ok(mut guard) = self.guard.lock() {
                     guard.keys.entry(from.id).or_default().pending = Some(keys);
                 }
-                encode(&RelayToClient::KeyAccept(accept))
+                Ok(RelayToClient::KeyAccept(accept))
             }
-            Err(e) => {
-                self.default
-                    .reject(Some(peer), RefusalKind::BadKeyOffer, e.to_string())
-                    .await
-            }
+            Err(e) => Err(self
+                .default
+                .reject(Some(peer), RefusalKind::BadKeyOffer, e.to_string())
+                .await),
         }
     }
 
     /// A `KeyConfirm`: the peer signed `transcript`; if it is the pending exchange's, its keys
     /// seal this connection's payloads and chunks from now on.
-    async fn key_confirm(&self, from: Conn, peer: PeerKey, transcript: [u8; 32]) -> Vec<u8> {
+    async fn key_confirm(&self, from: Conn, peer: PeerKey, transcript: [u8; 32]) -> Answer {
         let agreed = self.guard.lock().ok().is_some_and(|mut guard| {
             let Some(keys) = guard.keys.get_mut(&from.id) else {
                 return false;
@@ -644,12 +644,13 @@ impl Runs {
         });
         if agreed {
             tracing::debug!(peer = peer.short(), "session keys agreed");
-            encode(&RelayToClient::KeysAgreed)
+            Ok(RelayToClient::KeysAgreed)
         } else {
             let reason = "no pending key exchange has this transcript".to_owned();
-            self.default
+            Err(self
+                .default
                 .reject(Some(peer), RefusalKind::UnknownSession, reason)
-                .await
+                .await)
         }
     }
 
@@ -657,26 +658,25 @@ impl Runs {
     /// replay was given to (the identity bound to the connection). Chunks are sealed for a
     /// connection with agreed keys (and refused, `not_sealed`, to one without when the relay
     /// requires sealing; a revealed state only ever travels sealed).
-    pub async fn fetch(&self, fetch: Fetch, from: Conn) -> Vec<u8> {
+    pub async fn fetch(&self, fetch: Fetch, from: Conn) -> Answer {
         let digest = fetch.digest();
         let Some(run) = self.by_id.get(fetch.run_id()) else {
             let reason = format!("no run {:?} on this relay", fetch.run_id());
-            return self
+            return Err(self
                 .default
                 .reject(None, RefusalKind::WrongRun, reason)
-                .await;
+                .await);
         };
         let keys = self.agreed(&from);
         if keys.is_none() && (self.require_sealed || matches!(fetch, Fetch::State { .. })) {
-            return self
+            return Err(self
                 .default
                 .reject(None, RefusalKind::NotSealed, NOT_SEALED.into())
-                .await;
+                .await);
         }
         let params = matches!(fetch, Fetch::Params { .. });
         let identity = self.identity_of(&from.peer);
-        let answer = run.fetch(fetch, identity).await;
-        match protocol::decode::<RelayToClient>(&answer) {
+        match run.fetch(fetch, identity).await {
             Ok(RelayToClient::Chunk {
                 total,
                 offset,
@@ -686,34 +686,36 @@ impl Runs {
                     self.params_bytes_served
                         .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
-                match keys {
-                    Some(keys) => encode(&RelayToClient::Chunk {
-                        total,
-                        offset,
-                        bytes: keys.seal(&seal::chunk_context(&digest, offset, total), &bytes),
-                    }),
-                    None => answer,
-                }
+                let bytes = match keys {
+                    Some(keys) => keys.seal(&seal::chunk_context(&digest, offset, total), &bytes),
+                    None => bytes,
+                };
+                Ok(RelayToClient::Chunk {
+                    total,
+                    offset,
+                    bytes,
+                })
             }
-            _ => answer,
+            other => other,
         }
     }
 
-    pub async fn reject_malformed(&self, reason: String) -> Vec<u8> {
-        self.default
+    pub async fn reject_malformed(&self, reason: String) -> Answer {
+        Err(self
+            .default
             .reject(None, RefusalKind::Malformed, reason)
-            .await
+            .await)
     }
 
     /// Refuses a part of a long message (`kind`: `bad_part`, or `unbound_part` on a connection
     /// that has not yet sent a valid envelope).
-    pub async fn reject_part(&self, kind: RefusalKind, reason: String) -> Vec<u8> {
-        self.default.reject(None, kind, reason).await
+    pub async fn reject_part(&self, kind: RefusalKind, reason: String) -> Answer {
+        Err(self.default.reject(None, kind, reason).await)
     }
 
     /// Refuses a request because its connection, or the relay, has too many in flight.
-    pub async fn reject_busy(&self, kind: RefusalKind, reason: String) -> Vec<u8> {
-        self.default.reject(None, kind, reason).await
+    pub async fn reject_busy(&self, kind: RefusalKind, reason: String) -> Answer {
+        Err(self.default.reject(None, kind, reason).await)
     }
 }
 

@@ -7,11 +7,11 @@ use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::RunSpec;
 
 use crate::coordinator::{Announcements, Coordinator};
-use crate::{Runs, default_run};
+use crate::{Runs, digits_run};
 
 /// `spec` (the digits run when None) as the relay's only run.
 pub async fn runs(spec: Option<RunSpec>) -> (Arc<Runs>, Announcements) {
-    let spec = spec.unwrap_or_else(default_run);
+    let spec = spec.unwrap_or_else(digits_run);
     let data = crate::load_data(&spec, 0).expect("the run's data");
     let (announce, _) = tokio::sync::broadcast::channel(16);
     let coordinator = Coordinator::new(

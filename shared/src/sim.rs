@@ -26,9 +26,9 @@ use crate::round::RoundState;
 use crate::text::{Shards, TextCorpus};
 use burn::tensor::backend::AutodiffBackend;
 
-/// How replicas are kept in agreement.
+/// How replicas are kept in agreement: DiLoCo rounds or a gradient exchange every step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Sync {
+pub enum Schedule {
     /// DiLoCo: `inner_steps` local AdamW steps, then the pseudo-gradients θ − θ_local are
     /// compressed, aggregated and applied by the outer optimizer. FedAvg is `OuterSpec { lr: 1,
     /// momentum: 0 }`.
@@ -47,7 +47,7 @@ pub struct SimConfig {
     pub steps: u32,
     /// Windows per step per peer.
     pub batch: u32,
-    pub sync: Sync,
+    pub sync: Schedule,
     pub codec: Codec,
     pub aggregator: Rule,
     pub inner: LmInnerSpec,
@@ -217,7 +217,7 @@ pub async fn simulate<B: AutodiffBackend>(
 
     let (mut bytes, mut syncs) = (0u64, 0u32);
     match &config.sync {
-        Sync::DataParallel => {
+        Schedule::DataParallel => {
             let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &config.inner)?;
             for step in 0..config.steps {
                 trainer.step(&TextBatch {
@@ -233,7 +233,7 @@ pub async fn simulate<B: AutodiffBackend>(
                 }
             }
         }
-        Sync::DiLoCo { inner_steps, outer } => {
+        Schedule::DiLoCo { inner_steps, outer } => {
             if *inner_steps == 0 {
                 return Err(SimError::Config("inner_steps must be positive".into()));
             }
@@ -348,7 +348,7 @@ mod tests {
         TextCorpus::new(text.as_bytes(), 17, 1).expect("corpus")
     }
 
-    fn config(sync: Sync, steps: u32) -> SimConfig {
+    fn config(sync: Schedule, steps: u32) -> SimConfig {
         SimConfig {
             model: LmConfig::new()
                 .with_context(16)
@@ -381,7 +381,7 @@ mod tests {
         let device = Default::default();
         let corpus = corpus();
         let cfg = config(
-            Sync::DiLoCo {
+            Schedule::DiLoCo {
                 inner_steps: 10,
                 outer: OuterSpec::default(),
             },
@@ -426,7 +426,7 @@ mod tests {
         );
 
         // The data-parallel baseline at equal tokens sends 10× more here (H = 10).
-        let dp = config(Sync::DataParallel, 40);
+        let dp = config(Schedule::DataParallel, 40);
         let baseline = futures::executor::block_on(simulate::<Autodiff<NdArray>>(
             &device,
             &corpus,

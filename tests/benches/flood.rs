@@ -29,7 +29,7 @@ use futures::stream::FuturesUnordered;
 use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::p2p::MAX_IN_FLIGHT_PER_PEER;
-use swarmtrain_relay::{Relay, default_run};
+use swarmtrain_relay::{Relay, digits_run};
 use swarmtrain_shared::Identity;
 use swarmtrain_shared::protocol::{
     self, ClientToRelay, Envelope, MAX_FRAME_BYTES, Part, Request, Submission,
@@ -52,7 +52,7 @@ const IDENTITIES: u32 = 200;
 
 async fn start_relay() -> Relay {
     // The digits run as the relay ships it (50 inner steps), with a quorum of the three peers.
-    let mut run = default_run();
+    let mut run = digits_run();
     run.quorum = 3;
     let mut config = pow_relay_config(run);
     // The honest peers dial from the attackers' address (loopback): the per-address limit
@@ -504,7 +504,7 @@ async fn main() {
          phases: {}.\n",
         refused.join(", "),
         n = (ROUNDS as usize - 1) * REPEATS,
-        steps = default_run().inner.steps,
+        steps = digits_run().inner.steps,
         cores = std::thread::available_parallelism().map_or(1, usize::from),
         new_ratio = fn_.as_secs_f64() / qn.as_secs_f64(),
     );

@@ -95,7 +95,7 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
     use swarmtrain_shared::lm::LmConfig;
     use swarmtrain_shared::lm_train::{LmInnerSpec, LrSchedule};
     use swarmtrain_shared::protocol::OuterSpec;
-    use swarmtrain_shared::sim::{self, SimConfig, Sync};
+    use swarmtrain_shared::sim::{self, Schedule, SimConfig};
     use swarmtrain_shared::text::TextCorpus;
 
     anyhow::ensure!(
@@ -121,21 +121,21 @@ pub(crate) fn simulate(args: Simulate) -> anyhow::Result<()> {
         corpus.validation().len()
     );
     let sync = match args.sync {
-        SyncArg::Diloco => Sync::DiLoCo {
+        SyncArg::Diloco => Schedule::DiLoCo {
             inner_steps: args.inner_steps,
             outer: OuterSpec {
                 lr: args.outer_lr,
                 momentum: args.outer_momentum,
             },
         },
-        SyncArg::Fedavg => Sync::DiLoCo {
+        SyncArg::Fedavg => Schedule::DiLoCo {
             inner_steps: args.inner_steps,
             outer: OuterSpec {
                 lr: 1.0,
                 momentum: 0.0,
             },
         },
-        SyncArg::DataParallel => Sync::DataParallel,
+        SyncArg::DataParallel => Schedule::DataParallel,
     };
     let config = SimConfig {
         model,
