@@ -506,22 +506,29 @@ pub fn run_spec(a: &RunOptions) -> anyhow::Result<RunSpec> {
     Ok(run)
 }
 
-/// Keeps `self`'s value of each field, and `other`'s where `self` has none.
+/// Keeps `self`'s value of each field, and `other`'s where `self` has none; evaluates to the
+/// fields' names (a test checks that they are every option's).
 macro_rules! merge_fields {
-    ($self:ident, $other:ident; $($field:ident),* $(,)?) => {
+    ($self:ident, $other:ident; $($field:ident),* $(,)?) => {{
         $( $self.$field = $self.$field.or($other.$field); )*
-    };
+        &[$(stringify!($field)),*]
+    }};
 }
 
 impl RunOptions {
     /// These options over `file`'s (each option this one gives wins).
-    pub fn merge(mut self, file: Self) -> Self {
-        merge_fields!(self, file; model, run_id, corpus, context, d_model, heads, layers,
+    pub fn merge(self, file: Self) -> Self {
+        self.merge_fields(file).0
+    }
+
+    /// [`Self::merge`], and the names of the fields it merged.
+    fn merge_fields(mut self, file: Self) -> (Self, &'static [&'static str]) {
+        let merged = merge_fields!(self, file; model, run_id, corpus, context, d_model, heads, layers,
             mlp_ratio, hidden, shards, inner_steps, batch_size, lr, warmup_steps, decay_steps,
             min_lr_ratio, clip_norm, weight_decay, outer_lr, outer_momentum, quorum,
             round_deadline_secs, codec, topk_per_million, dp_clip, dp_noise, dp_delta, aggregator,
             trim, byzantine, krum_select, clip_radius, bucket, admission, pow_bits, allow_list);
-        self
+        (self, merged)
     }
 }
 
@@ -562,8 +569,13 @@ fn check_keys(
 
 impl ServeOptions {
     /// These options over `file`'s (each option this one gives wins), run options included.
-    pub fn merge(mut self, file: Self) -> Self {
-        merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
+    pub fn merge(self, file: Self) -> Self {
+        self.merge_fields(file).0
+    }
+
+    /// [`Self::merge`], and the names of the top-level fields it merged.
+    fn merge_fields(mut self, file: Self) -> (Self, &'static [&'static str]) {
+        let merged = merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
             checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
             check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
@@ -571,7 +583,7 @@ impl ServeOptions {
             external_address, tls_cert,
             tls_key, allow_origin, trusted_proxy, ice_server, turn_secret, turn_ttl_secs);
         self.run = self.run.merge(file.run);
-        self
+        (self, merged)
     }
 
     /// Reads `--config` (if given) and merges it under these options: returns the merged
@@ -711,5 +723,30 @@ impl ServeOptions {
                 },
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::{RunOptions, ServeOptions, keys};
+
+    /// Every option a flag, a variable or the file can give reaches the configuration: a field
+    /// left out of `merge` would silently drop what the file says.
+    #[test]
+    fn every_option_is_merged() {
+        let run_keys: BTreeSet<String> = keys::<RunOptions>().into_iter().collect();
+        let (_, merged) = RunOptions::default().merge_fields(RunOptions::default());
+        let merged: BTreeSet<String> = merged.iter().map(|k| (*k).to_owned()).collect();
+        assert_eq!(merged, run_keys, "run options merged vs run options");
+
+        let serve_keys: BTreeSet<String> = keys::<ServeOptions>()
+            .into_iter()
+            .filter(|k| k != "config" && !run_keys.contains(k))
+            .collect();
+        let (_, merged) = ServeOptions::default().merge_fields(ServeOptions::default());
+        let merged: BTreeSet<String> = merged.iter().map(|k| (*k).to_owned()).collect();
+        assert_eq!(merged, serve_keys, "serve options merged vs serve options");
     }
 }
