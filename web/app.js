@@ -73,6 +73,9 @@ function onEvent(ev) {
       $('progress').textContent = `fetching the round's θ (${(ev.bytes / 1024).toFixed(0)} KiB)${ev.linked ? ` from ${ev.linked} linked browser${ev.linked > 1 ? 's' : ''} and the relay` : ''}`;
       break;
     case 'params':
+      // θ is here: the status line says so until the first step's progress replaces it (a
+      // first step on WebGPU compiles its shaders and can take seconds).
+      $('progress').textContent = `θ of round ${ev.round} received; training`;
       ownRound(ev.round).received = ev.bytes;
       logParams(ev);
       break;
