@@ -928,6 +928,19 @@ mod tests {
         ));
         assert!(RefusalKind::BadSignature.is_hostile());
     }
+
+    #[test]
+    fn the_protocol_doc_lists_every_refusal_kind() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");
+        let Ok(doc) = std::fs::read_to_string(path) else {
+            return; // a packaged crate has no docs/ beside it
+        };
+        for kind in RefusalKind::ALL {
+            let strike = if kind.is_hostile() { "yes" } else { "no" };
+            let row = format!("| `{}` | {strike} |", kind.as_str());
+            assert!(doc.contains(&row), "docs/protocol.md lacks the row {row}");
+        }
+    }
     use crate::crypto::Identity;
 
     fn envelope(message: ClientToRelay) -> Envelope {
