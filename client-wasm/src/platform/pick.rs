@@ -5,7 +5,7 @@
 //! (`cargo xtask bench browser`), so the CPU is taken without measuring. Any other adapter is
 //! measured against the CPU on the run's own model: a warm-up step (set-up, shader
 //! compilation), then one timed step, then two more when that one was quick, and the faster
-//! per step wins. `"measure"` measures even a software adapter; `"webgpu"` and `"cpu"` are the
+//! per step wins (a WebGPU warm-up over 5 s and ten CPU steps is the answer itself). `"measure"` measures even a software adapter; `"webgpu"` and `"cpu"` are the
 //! user's override and are taken as given. The choice and its reason reach the page in the
 //! `backend` event's `detail`.
 
@@ -22,6 +22,9 @@ use crate::bench::TrainingBench;
 
 /// A timed step under this many milliseconds is timed twice more: one step that short is noise.
 const QUICK_STEP_MS: f64 = 300.0;
+
+/// A first WebGPU step longer than this (and than ten CPU steps) ends the timing.
+const GIVE_UP_MS: f64 = 5_000.0;
 
 /// The backend a tab trains on, and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,9 +108,12 @@ async fn measure(adapter: &WebGpuAdapter, relay: &str, run: &str) -> Result<Choi
     )
     .await?;
     let device = wgpu_device().await;
-    // A WebGPU warm-up step ten times slower than a CPU step cannot win: it is not timed again.
+    // WebGPU's first step compiles its shaders, so it is timed again unless it was both ten
+    // CPU steps and more than `GIVE_UP_MS` long: then it cannot win (SwiftShader's first step of
+    // the default LM takes 12–16 s, a GPU's a second or two).
+    let give_up = (10.0 * cpu).max(GIVE_UP_MS);
     let (gpu, first_only) =
-        ms_per_step::<Autodiff<Wgpu>>(&device, &model, &optimizer, batch_size, 10.0 * cpu).await?;
+        ms_per_step::<Autodiff<Wgpu>>(&device, &model, &optimizer, batch_size, give_up).await?;
     let first = if first_only { " (its first step)" } else { "" };
     Ok(if gpu < cpu {
         Choice {
