@@ -608,7 +608,6 @@ impl Coordinator {
         })
     }
 
-    /// Counts and logs a refused message and returns the `Rejected` frame that answers it.
     /// Counts and logs a refusal of `peer`'s message (`None`: before any identity is known) and
     /// returns it, for the caller to answer with.
     pub async fn reject(
