@@ -370,22 +370,45 @@ async fn initial_params(spec: &RunSpec, seed: u64) -> anyhow::Result<Vec<f32>> {
     })
 }
 
+/// One run for a relay to open: the identity that signs for it, its spec, its data, its seed
+/// and who may join it.
+#[derive(Debug)]
+pub struct RunSetup {
+    pub identity: Identity,
+    pub spec: RunSpec,
+    pub data: TaskData,
+    pub seed: u64,
+    pub admission: Admission,
+}
+
+/// What every run of a relay shares: where it aggregates, persists and announces, and what wakes
+/// the round timer.
+#[derive(Clone, Debug)]
+pub struct RelayShared {
+    pub aggregation: AggregationBackend,
+    pub store: Option<Arc<Store>>,
+    pub announce: Announcements,
+    pub due: Arc<Notify>,
+}
+
 impl Coordinator {
     /// Opens the run: resumed from `store` at its last announced round (with that round's
     /// accepted updates) when the store has it, else round 0 with fresh parameters seeded by
     /// `seed`, checkpointed before anything is announced.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn new(
-        identity: Identity,
-        spec: RunSpec,
-        data: TaskData,
-        seed: u64,
-        aggregation: AggregationBackend,
-        store: Option<Arc<Store>>,
-        announce: Announcements,
-        due: Arc<Notify>,
-        admission: Admission,
-    ) -> anyhow::Result<Self> {
+    pub async fn new(run: RunSetup, shared: RelayShared) -> anyhow::Result<Self> {
+        let RunSetup {
+            identity,
+            spec,
+            data,
+            seed,
+            admission,
+        } = run;
+        let RelayShared {
+            aggregation,
+            store,
+            announce,
+            due,
+        } = shared;
         spec.validate()?;
         if let Admission::ProofOfWork { bits } = admission {
             anyhow::ensure!(

@@ -358,19 +358,23 @@ impl Relay {
             let data = load_data(spec, config.seed)
                 .with_context(|| format!("loading the data of run {:?}", spec.run_id))?;
             let coordinator = Coordinator::new(
-                Identity::from_seed(*seed),
-                spec.clone(),
-                data,
-                config.seed,
-                config.aggregation,
-                store.clone(),
-                announce.clone(),
-                due.clone(),
-                config
-                    .admission
-                    .get(&spec.run_id)
-                    .cloned()
-                    .unwrap_or_default(),
+                coordinator::RunSetup {
+                    identity: Identity::from_seed(*seed),
+                    spec: spec.clone(),
+                    data,
+                    seed: config.seed,
+                    admission: config
+                        .admission
+                        .get(&spec.run_id)
+                        .cloned()
+                        .unwrap_or_default(),
+                },
+                coordinator::RelayShared {
+                    aggregation: config.aggregation,
+                    store: store.clone(),
+                    announce: announce.clone(),
+                    due: due.clone(),
+                },
             );
             coordinators.push(Arc::new(
                 coordinator

@@ -15,15 +15,19 @@ pub async fn runs(spec: Option<RunSpec>) -> (Arc<Runs>, Announcements) {
     let data = crate::load_data(&spec, 0).expect("the run's data");
     let (announce, _) = tokio::sync::broadcast::channel(16);
     let coordinator = Coordinator::new(
-        Identity::from_seed([5; 32]),
-        spec,
-        data,
-        0,
-        Default::default(),
-        None,
-        announce.clone(),
-        Arc::new(tokio::sync::Notify::new()),
-        Default::default(),
+        crate::coordinator::RunSetup {
+            identity: Identity::from_seed([5; 32]),
+            spec,
+            data,
+            seed: 0,
+            admission: Default::default(),
+        },
+        crate::coordinator::RelayShared {
+            aggregation: Default::default(),
+            store: None,
+            announce: announce.clone(),
+            due: Arc::new(tokio::sync::Notify::new()),
+        },
     )
     .await
     .expect("the run opens");
