@@ -1939,9 +1939,7 @@ async fn persist(
         &round.spec.run_id,
         round.round,
         &round.params_hash().to_hex(),
-        // Through text, as `/api/status` writes it: `to_value` would widen the f32 settings
-        // to f64 (0.7 as 0.699999988079071).
-        &serde_json::from_str(&serde_json::to_string(spec)?)?,
+        &serde_json::to_string(spec)?,
     )?;
     let key = store
         .write_checkpoint(

@@ -83,7 +83,7 @@ pub async fn export(relay: &str) -> anyhow::Result<(Vec<u8>, serde_json::Value)>
         "parameters do not match their hash {hash}"
     );
     let values = params_from_bytes(&bytes).context("the relay sent malformed parameters")?;
-    let metadata = checkpoint_metadata(&run_id, round, &hash, field("spec")?)?;
+    let metadata = checkpoint_metadata(&run_id, round, &hash, &field("spec")?.to_string())?;
     let file = checkpoint::to_safetensors(&model_layout(&model), &values, &metadata)?;
     Ok((file, status))
 }
@@ -92,14 +92,16 @@ pub async fn export(relay: &str) -> anyhow::Result<(Vec<u8>, serde_json::Value)>
 /// directory: the run and round, θ's BLAKE3 hash, the model (`ModelSpec` as JSON), the run's
 /// seed (it decides θ₀, and for a language model the held-out split and the order of the
 /// training windows), the run's settings as `/api/status` shows them
-/// (`spec`) and the tensor layout. With the corpus, enough to rebuild the model and evaluate it
+/// (`spec`, the JSON text `/api/status` writes) and the tensor layout. With the corpus, enough to rebuild the model and evaluate it
 /// on the run's held-out windows from the file alone.
 pub fn checkpoint_metadata(
     run_id: &str,
     round: u64,
     params_hash: &str,
-    spec: &serde_json::Value,
+    spec_json: &str,
 ) -> anyhow::Result<BTreeMap<String, String>> {
+    let spec: serde_json::Value =
+        serde_json::from_str(spec_json).context("the run's spec is not JSON")?;
     let model = spec.get("model").context("the run's spec names no model")?;
     let seed = spec
         .get("seed")
@@ -112,7 +114,7 @@ pub fn checkpoint_metadata(
         ("params_blake3".to_owned(), params_hash.to_owned()),
         ("model".to_owned(), serde_json::to_string(model)?),
         ("seed".to_owned(), seed.to_string()),
-        ("spec".to_owned(), serde_json::to_string(spec)?),
+        ("spec".to_owned(), spec_json.to_owned()),
         (
             "layout".to_owned(),
             "burn: Linear weights are [in, out]".to_owned(),

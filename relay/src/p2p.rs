@@ -511,7 +511,7 @@ pub async fn run(
                     if let Some((kind, reason)) = busy {
                         // Refused with a reason, logged and counted; outside the quota (it
                         // resolves as soon as the count is taken).
-                        pending.push(Box::pin(async move { (None, peer, channel, runs.reject_busy(kind, reason).await) }));
+                        pending.push(Box::pin(async move { (None, peer, channel, runs.refuse(kind, reason).await) }));
                         continue;
                     }
                     *in_flight.entry(account).or_default() += 1;
@@ -519,25 +519,25 @@ pub async fn run(
                     // Checking signatures and handling messages runs on the runtime's workers, not
                     // on this loop, so that a flood of messages to check does not hold up the network.
                     let work: Work = match protocol::decode::<Request>(&request) {
-                        Err(e) => Box::pin(async move { runs.reject_malformed(e.to_string()).await }),
+                        Err(e) => Box::pin(async move { runs.refuse(RefusalKind::Malformed, e.to_string()).await }),
                         Ok(Request::Submit(submission)) => Box::pin(async move { runs.handle(submission, conn, max_wait).await }),
                         Ok(Request::Fetch(fetch)) => Box::pin(async move { runs.fetch(fetch, conn).await }),
                         // Buffer space is for connections whose identity has joined a run.
                         Ok(Request::Part(_)) if !runs.has_joined(&peer) => Box::pin(async move {
                             let reason = "join a run before sending a long message".to_owned();
-                            runs.reject_part(RefusalKind::UnboundPart, reason).await
+                            runs.refuse(RefusalKind::UnboundPart, reason).await
                         }),
                         Ok(Request::Part(part)) => match parts.accept(connection_id, part, now_ms) {
                             Ok(Progress::More { received }) => Box::pin(async move { Ok(RelayToClient::PartReceived { received }) }),
                             Ok(Progress::Complete(bytes)) => Box::pin(async move {
                                 match postcard::from_bytes(&bytes) {
                                     Ok(submission) => runs.handle(submission, conn, max_wait).await,
-                                    Err(e) => runs.reject_malformed(format!("malformed frame: {e}")).await,
+                                    Err(e) => runs.refuse(RefusalKind::Malformed, format!("malformed frame: {e}")).await,
                                 }
                             }),
                             // A full buffer is the relay's state, not the sender's fault.
-                            Err(e) if e.is_busy() => Box::pin(async move { runs.reject_busy(RefusalKind::RelayBusy, e.to_string()).await }),
-                            Err(e) => Box::pin(async move { runs.reject_part(RefusalKind::BadPart, e.to_string()).await }),
+                            Err(e) if e.is_busy() => Box::pin(async move { runs.refuse(RefusalKind::RelayBusy, e.to_string()).await }),
+                            Err(e) => Box::pin(async move { runs.refuse(RefusalKind::BadPart, e.to_string()).await }),
                         },
                     };
                     let task = tokio::spawn(work);

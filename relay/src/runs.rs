@@ -700,21 +700,11 @@ impl Runs {
         }
     }
 
-    pub async fn reject_malformed(&self, reason: String) -> Answer {
-        Err(self
-            .default
-            .reject(None, RefusalKind::Malformed, reason)
-            .await)
-    }
-
-    /// Refuses a part of a long message (`kind`: `bad_part`, or `unbound_part` on a connection
-    /// that has not yet sent a valid envelope).
-    pub async fn reject_part(&self, kind: RefusalKind, reason: String) -> Answer {
-        Err(self.default.reject(None, kind, reason).await)
-    }
-
-    /// Refuses a request because its connection, or the relay, has too many in flight.
-    pub async fn reject_busy(&self, kind: RefusalKind, reason: String) -> Answer {
+    /// Refuses a request before it reaches a run: it does not decode (`malformed`), a part of
+    /// a long message is out of place (`bad_part`, or `unbound_part` on a connection that has
+    /// not yet sent a valid envelope), or the connection or the relay has too many in flight
+    /// (`peer_busy`, `relay_busy`). Counted against the default run.
+    pub async fn refuse(&self, kind: RefusalKind, reason: String) -> Answer {
         Err(self.default.reject(None, kind, reason).await)
     }
 }

@@ -91,10 +91,16 @@ pub(crate) fn precompress(path: &std::path::Path) -> Result<(u64, u64)> {
           [z.constants.BROTLI_PARAM_QUALITY]: 11, [z.constants.BROTLI_PARAM_LGWIN]: 24, \
           [z.constants.BROTLI_PARAM_SIZE_HINT]: data.length } }));";
     status(Command::new("node").args(["-e", script, &file]))?;
+    compressed_sizes(path)
+}
+
+/// The sizes of the `.gz` and `.br` copies [`precompress`] wrote beside `path`.
+pub(crate) fn compressed_sizes(path: &std::path::Path) -> Result<(u64, u64)> {
     let size = |ext: &str| {
-        fs::metadata(format!("{file}.{ext}"))
+        let copy = format!("{}.{ext}", path.display());
+        fs::metadata(&copy)
             .map(|m| m.len())
-            .map_err(|e| format!("{file}.{ext}: {e}"))
+            .map_err(|e| format!("{copy}: {e} (run `cargo xtask build-wasm`)"))
     };
     Ok((size("gz")?, size("br")?))
 }

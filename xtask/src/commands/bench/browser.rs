@@ -218,11 +218,11 @@ fn report(plan: &Value, results: &Value) -> Result<String> {
     }
     let wasm = root().join("web/pkg/swarmtrain_bg.wasm");
     let raw = fs::metadata(&wasm).map_err(|e| e.to_string())?.len();
-    let (gz, br) = crate::utils::precompress(&wasm)?;
+    let (gz, br) = crate::utils::compressed_sizes(&wasm)?;
     let js = fs::metadata(root().join("web/pkg/swarmtrain.js"))
         .map_err(|e| e.to_string())?
         .len();
-    let (js_gz, js_br) = crate::utils::precompress(&root().join("web/pkg/swarmtrain.js"))?;
+    let (js_gz, js_br) = crate::utils::compressed_sizes(&root().join("web/pkg/swarmtrain.js"))?;
     // What a browser downloads from the relay: the brotli files `build-wasm` writes.
     let wire = br + js_br;
     goals.push_str(&format!(
