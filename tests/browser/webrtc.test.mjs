@@ -10,7 +10,7 @@
 // second trains on with θ from the relay.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -51,7 +51,13 @@ test('two browsers link directly over WebRTC, signaling through the relay', { ti
     } catch (e) {
       await a.screenshot({ path: join(outDir, 'webrtc-a.png'), fullPage: true });
       await b.screenshot({ path: join(outDir, 'webrtc-b.png'), fullPage: true });
-      throw new Error(`${e.message}\nA:\n${logs.a.slice(-40).join('\n')}\nB:\n${logs.b.slice(-40).join('\n')}`);
+      // Both consoles whole in files; B (the tab that links) first in the message, as CI
+      // shows only part of a long one.
+      writeFileSync(join(outDir, 'webrtc-a.log'), logs.a.join('\n'));
+      writeFileSync(join(outDir, 'webrtc-b.log'), logs.b.join('\n'));
+      const shown = async (page) => page.evaluate(() => ['state', 'backend', 'progress', 'direct', 'trained']
+        .map((id) => `${id}: ${document.getElementById(id)?.textContent}`).join('; '));
+      throw new Error(`${e.message}\nB shows ${await shown(b)}\nB:\n${logs.b.slice(-25).join('\n')}\nA shows ${await shown(a)}\nA:\n${logs.a.slice(-10).join('\n')}`);
     }
     console.log(`both tabs show a direct WebRTC link with a ping answered over it ${((Date.now() - started) / 1000).toFixed(1)} s after B opened: ${await a.textContent('#direct')}, ${await b.textContent('#direct')}`);
     const fromPeer = await b.waitForFunction(() => [...document.querySelectorAll('#log li')]

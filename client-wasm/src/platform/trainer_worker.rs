@@ -22,8 +22,7 @@ use web_sys::{
     DedicatedWorkerGlobalScope, ErrorEvent, MessageEvent, Worker, WorkerOptions, WorkerType,
 };
 
-use crate::local::{InProcess, Local, SampleJob, TrainJob};
-use crate::replica::LocalRound;
+use crate::local::{InProcess, Local, SampleJob, TrainJob, TrainedRound};
 
 /// What the page asks of its worker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,7 +52,8 @@ enum FromTrainer {
     Ready,
     Done,
     Sampled(Vec<u8>),
-    Trained(LocalRound),
+    /// A round trained and encoded (None: stopped first).
+    Trained(Option<TrainedRound>),
     Failed(String),
     /// Steps taken so far in the round training now (not an answer).
     Progress(u32),
@@ -325,7 +325,7 @@ impl Local for TrainerWorker {
         stop: &AtomicBool,
         pause: &AtomicBool,
         progress: &mut impl FnMut(u32),
-    ) -> Result<LocalRound, String> {
+    ) -> Result<Option<TrainedRound>, String> {
         let mut sent = (stop.load(Ordering::Relaxed), pause.load(Ordering::Relaxed));
         self.post(&ToTrainer::Stop(sent.0))?;
         self.post(&ToTrainer::Pause(sent.1))?;

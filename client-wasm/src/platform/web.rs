@@ -223,7 +223,10 @@ struct WebGpuAdapter {
     software: bool,
 }
 
-/// The adapter `navigator.gpu.requestAdapter()` gives, if any.
+/// How long `webgpu_adapter` waits for the browser's answer.
+const ADAPTER_WAIT: Duration = Duration::from_secs(10);
+
+/// The adapter `navigator.gpu.requestAdapter()` gives within `ADAPTER_WAIT`, if any.
 async fn webgpu_adapter() -> Option<WebGpuAdapter> {
     let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
     let gpu = Reflect::get(&navigator, &"gpu".into())
@@ -234,10 +237,18 @@ async fn webgpu_adapter() -> Option<WebGpuAdapter> {
         .dyn_into()
         .ok()?;
     let promise: Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
-    let adapter = JsFuture::from(promise)
-        .await
-        .ok()
-        .filter(|a| !a.is_null() && !a.is_undefined())?;
+    // Chromium can leave the request unanswered for long while its GPU process is busy or
+    // starting (seen in CI with two tabs training and the relay replaying updates): past
+    // ADAPTER_WAIT the browser counts as having no adapter, and the CPU trains.
+    let answer =
+        futures::future::select(JsFuture::from(promise), Box::pin(sleep(ADAPTER_WAIT))).await;
+    let futures::future::Either::Left((answer, _)) = answer else {
+        web_sys::console::warn_1(
+            &format!("navigator.gpu.requestAdapter() gave no answer in {ADAPTER_WAIT:?}").into(),
+        );
+        return None;
+    };
+    let adapter = answer.ok().filter(|a| !a.is_null() && !a.is_undefined())?;
     let info = Reflect::get(&adapter, &"info".into()).ok();
     let field = |name: &str| {
         info.as_ref()

@@ -10,6 +10,8 @@
 //! for leaves still in flight elsewhere (BitTorrent's "endgame"), so a browser that closes its
 //! tab mid-transfer, or answers slowly, delays the joiner by at most that long.
 
+mod fetch;
+
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
