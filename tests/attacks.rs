@@ -128,7 +128,7 @@ const COLLUDING_ATTACK: Attack = Attack::Rop { z: 1.0 };
 async fn colluders(relay: &Relay, count: u8, attack: Attack, rounds: u64) {
     use burn::backend::{Autodiff, NdArray};
     use swarmtrain_shared::data::{BatchSampler, SplitMix64, derive_seed};
-    use swarmtrain_shared::lm_train::Trainer;
+    use swarmtrain_shared::lm_train::InnerLoop;
     use swarmtrain_shared::model::{DigitsMlp, DigitsMlpConfig};
     use swarmtrain_shared::protocol::{ModelSpec, params_from_bytes};
     use swarmtrain_shared::train::DigitsBatch;
@@ -186,7 +186,7 @@ async fn colluders(relay: &Relay, count: u8, attack: Attack, rounds: u64) {
             let module =
                 swarmtrain_shared::params::load(config.init::<B>(&device), &theta).expect("θ fits");
             let mut trainer =
-                Trainer::<B, DigitsMlp<B>>::with_module(&device, module, &spec.inner.optimizer);
+                InnerLoop::<B, DigitsMlp<B>>::with_module(&device, module, &spec.inner.optimizer);
             trainer.seek(round.round * u64::from(spec.inner.steps));
             let seed = derive_seed(
                 "colluder",
@@ -315,7 +315,7 @@ enum Cheat {
 async fn cheaters(relay: &Relay, kinds: &[Cheat], joined: usize, rounds: u64) {
     use burn::backend::{Autodiff, NdArray};
     use swarmtrain_shared::data::SplitMix64;
-    use swarmtrain_shared::lm_train::{LmTrainer, TextBatch};
+    use swarmtrain_shared::lm_train::{LmInnerLoop, TextBatch};
     use swarmtrain_shared::privacy::standard_normal;
     use swarmtrain_shared::protocol::params_from_bytes;
     use swarmtrain_shared::round::pseudo_gradient;
@@ -337,7 +337,7 @@ async fn cheaters(relay: &Relay, kinds: &[Cheat], joined: usize, rounds: u64) {
     // Honest training on `slot`'s windows of `round` from θ, with the run's inner loop.
     let train = |theta: &[f32], text: Vec<u8>, round: u64| {
         let mut trainer =
-            LmTrainer::<B>::new(&device, &config, theta, &spec.inner.optimizer).expect("θ fits");
+            LmInnerLoop::<B>::new(&device, &config, theta, &spec.inner.optimizer).expect("θ fits");
         trainer.seek(round * u64::from(h));
         for chunk in text.chunks_exact(spec.inner.batch_size as usize * window) {
             trainer.step(&TextBatch {

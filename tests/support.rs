@@ -620,7 +620,7 @@ pub async fn auditees(
     cheats: impl Fn(u64) -> bool,
 ) -> Vec<Vec<u64>> {
     use burn::backend::{Autodiff, NdArray};
-    use swarmtrain_shared::lm_train::LmTrainer;
+    use swarmtrain_shared::lm_train::LmInnerLoop;
     use swarmtrain_shared::protocol::{Reveal, params_from_bytes};
     use swarmtrain_shared::replay::{CommittedState, RoundInputs, replay_lm};
     type B = Autodiff<NdArray>;
@@ -692,8 +692,9 @@ pub async fn auditees(
                 .await
                 .expect("text");
             // A fresh replica each round: its state is the schedule's position, no moments.
-            let mut trainer = LmTrainer::<B>::new(&device, &config, &theta, &spec.inner.optimizer)
-                .expect("θ fits");
+            let mut trainer =
+                LmInnerLoop::<B>::new(&device, &config, &theta, &spec.inner.optimizer)
+                    .expect("θ fits");
             trainer.seek(round.round * u64::from(h));
             let state = CommittedState {
                 trainer: trainer.state().await.expect("state"),

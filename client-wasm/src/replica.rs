@@ -1,7 +1,7 @@
 //! A peer's replica of the run's model and its round of local training: the inner loop that
 //! browsers, native workers and `cargo xtask bench browser` run.
 //!
-//! The replica wraps the simulator's [`Trainer`]: its AdamW moments persist across rounds (the
+//! The replica wraps the simulator's [`InnerLoop`]: its AdamW moments persist across rounds (the
 //! peer drops the replica when the run's θ lineage restarts), with the run's warm-up, cosine
 //! schedule and clipping at the run's global step `round · H + s`. The batch losses are summed
 //! on the device and read back once, with the parameters, at the end of the round.
@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use swarmtrain_shared::data::{BatchSampler, DigitsSet};
 use swarmtrain_shared::lm::{Lm, LmConfig};
-use swarmtrain_shared::lm_train::{LmInnerSpec, LmTrainer, TextBatch, Trainer, TrainerState};
+use swarmtrain_shared::lm_train::{InnerLoop, LmInnerLoop, LmInnerSpec, TextBatch, TrainerState};
 use swarmtrain_shared::model::DigitsMlp;
 use swarmtrain_shared::params::{self, ParamsError};
 use swarmtrain_shared::protocol::{ModelConfig, ModelSpec};
@@ -36,11 +36,11 @@ async fn paused(pause: &AtomicBool, stop: &AtomicBool) -> bool {
 #[allow(clippy::large_enum_variant)]
 pub enum Replica<B: AutodiffBackend> {
     Digits {
-        trainer: Trainer<B, DigitsMlp<B>>,
+        trainer: InnerLoop<B, DigitsMlp<B>>,
     },
     Lm {
         config: LmConfig,
-        trainer: LmTrainer<B>,
+        trainer: LmInnerLoop<B>,
     },
 }
 
@@ -95,14 +95,14 @@ impl<B: AutodiffBackend> Replica<B> {
                 config.validate()?;
                 let module: Lm<B> = params::load(config.init::<B>(device), start).map_err(load)?;
                 Self::Lm {
-                    trainer: Trainer::with_module(device, module, optimizer),
+                    trainer: InnerLoop::with_module(device, module, optimizer),
                     config,
                 }
             }
             ModelConfig::Digits(config) => {
                 let module = params::load(config.init::<B>(device), start).map_err(load)?;
                 Self::Digits {
-                    trainer: Trainer::with_module(device, module, optimizer),
+                    trainer: InnerLoop::with_module(device, module, optimizer),
                 }
             }
         })

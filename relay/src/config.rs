@@ -309,12 +309,43 @@ pub enum AdmissionChoice {
     AllowList,
 }
 
+/// The defaults of the options that neither [`RelayConfig::default`] nor the model's run spec
+/// (`default_lm_run`, `digits_run`) decides. Each option's "Default:" line in `--help` says the
+/// same as the code; a test compares them.
+pub mod defaults {
+    use super::{AdmissionChoice, AggregatorChoice, CodecChoice, ModelChoice};
+
+    pub const MODEL: ModelChoice = ModelChoice::Lm;
+    pub const CODEC: CodecChoice = CodecChoice::F32;
+    pub const AGGREGATOR: AggregatorChoice = AggregatorChoice::Mean;
+    pub const ADMISSION: AdmissionChoice = AdmissionChoice::Open;
+    /// The data directory of a relay started from the command line.
+    pub const DATA_DIR: &str = "swarmtrain-data";
+    /// Leading zero bits a proof of work needs.
+    pub const POW_BITS: u8 = 20;
+    /// Coordinates a top-k update keeps, per million.
+    pub const TOPK_PER_MILLION: u32 = 20_000;
+    /// Updates trimmed from each end by the trimmed mean.
+    pub const TRIM: u32 = 1;
+    /// Malicious updates Multi-Krum allows for.
+    pub const BYZANTINE: u32 = 1;
+    /// Updates Multi-Krum averages.
+    pub const KRUM_SELECT: u32 = 1;
+    /// Centered clipping's radius.
+    pub const CLIP_RADIUS: f32 = 1.0;
+    /// Updates averaged per bucket before the robust rule (1: no bucketing).
+    pub const BUCKET: u32 = 1;
+    /// Differential privacy's noise multiplier and δ.
+    pub const DP_NOISE: f32 = 1.0;
+    pub const DP_DELTA: f64 = 1e-5;
+}
+
 /// The run's admission policy from its options.
 fn admission_of(a: &RunOptions) -> anyhow::Result<Admission> {
-    Ok(match a.admission.unwrap_or(AdmissionChoice::Open) {
+    Ok(match a.admission.unwrap_or(defaults::ADMISSION) {
         AdmissionChoice::Open => Admission::Open,
         AdmissionChoice::ProofOfWork => Admission::ProofOfWork {
-            bits: a.pow_bits.unwrap_or(20),
+            bits: a.pow_bits.unwrap_or(defaults::POW_BITS),
         },
         AdmissionChoice::AllowList => {
             let path = a
@@ -423,7 +454,7 @@ impl CodecChoice {
 /// A run's spec from its options, the model's defaults for the rest, checked
 /// ([`RunSpec::validate`]: a run that cannot work is refused here, with the reason).
 pub fn run_spec(a: &RunOptions) -> anyhow::Result<RunSpec> {
-    let mut run = match a.model.unwrap_or(ModelChoice::Lm) {
+    let mut run = match a.model.unwrap_or(defaults::MODEL) {
         ModelChoice::Lm => crate::default_lm_run(a.corpus.as_deref().unwrap_or(DEFAULT_CORPUS)),
         ModelChoice::Digits => crate::digits_run(),
     };
@@ -478,29 +509,29 @@ pub fn run_spec(a: &RunOptions) -> anyhow::Result<RunSpec> {
     if let Some(secs) = a.round_deadline_secs {
         run.round_deadline_ms = secs.saturating_mul(1000);
     }
-    let per_million = a.topk_per_million.unwrap_or(20_000);
-    run.codec = a.codec.unwrap_or(CodecChoice::F32).codec(per_million);
-    run.aggregator = match a.aggregator.unwrap_or(AggregatorChoice::Mean) {
+    let per_million = a.topk_per_million.unwrap_or(defaults::TOPK_PER_MILLION);
+    run.codec = a.codec.unwrap_or(defaults::CODEC).codec(per_million);
+    run.aggregator = match a.aggregator.unwrap_or(defaults::AGGREGATOR) {
         AggregatorChoice::Mean => Rule::Mean,
         AggregatorChoice::Median => Rule::Median,
         AggregatorChoice::TrimmedMean => Rule::TrimmedMean {
-            trim: a.trim.unwrap_or(1),
+            trim: a.trim.unwrap_or(defaults::TRIM),
         },
         AggregatorChoice::Krum => Rule::MultiKrum {
-            byzantine: a.byzantine.unwrap_or(1),
-            select: a.krum_select.unwrap_or(1),
+            byzantine: a.byzantine.unwrap_or(defaults::BYZANTINE),
+            select: a.krum_select.unwrap_or(defaults::KRUM_SELECT),
         },
         AggregatorChoice::GeometricMedian => Rule::GeometricMedian { iterations: 8 },
         AggregatorChoice::CenteredClipping => Rule::CenteredClipping {
-            tau: a.clip_radius.unwrap_or(1.0),
+            tau: a.clip_radius.unwrap_or(defaults::CLIP_RADIUS),
             iterations: 3,
         },
     };
-    run.aggregator = Rule::with_buckets(run.aggregator, a.bucket.unwrap_or(1));
+    run.aggregator = Rule::with_buckets(run.aggregator, a.bucket.unwrap_or(defaults::BUCKET));
     run.privacy = a.dp_clip.map(|clip| PrivacySpec {
         clip_norm: clip,
-        noise_multiplier: a.dp_noise.unwrap_or(1.0),
-        delta: a.dp_delta.unwrap_or(1e-5),
+        noise_multiplier: a.dp_noise.unwrap_or(defaults::DP_NOISE),
+        delta: a.dp_delta.unwrap_or(defaults::DP_DELTA),
     });
     run.validate()?;
     Ok(run)
@@ -677,32 +708,35 @@ impl ServeOptions {
         );
         Ok(RelayConfig {
             http: self.http.unwrap_or(defaults.http),
-            tcp_port: self.tcp_port.unwrap_or(0),
-            ws_port: self.ws_port.unwrap_or(0),
-            webrtc_port: self.webrtc_port.unwrap_or(0),
+            tcp_port: self.tcp_port.unwrap_or(defaults.tcp_port),
+            ws_port: self.ws_port.unwrap_or(defaults.ws_port),
+            webrtc_port: self.webrtc_port.unwrap_or(defaults.webrtc_port),
             web_dir: self.web_dir.unwrap_or(defaults.web_dir),
+            // The library's default is memory only; the command line keeps a directory.
             data_dir: Some(
                 self.data_dir
-                    .unwrap_or_else(|| PathBuf::from("swarmtrain-data")),
+                    .unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR)),
             ),
             runs: specs,
-            seed: self.seed.unwrap_or(0),
-            aggregation: self.aggregation_backend.unwrap_or_default(),
-            keep_checkpoints: self.keep_checkpoints.unwrap_or(store::KEEP_CHECKPOINTS),
+            seed: self.seed.unwrap_or(defaults.seed),
+            aggregation: self.aggregation_backend.unwrap_or(defaults.aggregation),
+            keep_checkpoints: self.keep_checkpoints.unwrap_or(defaults.keep_checkpoints),
             checkpoint_store: self.checkpoint_store,
             retention: store::Retention {
                 history_rounds: self.history_retention_rounds,
                 ledger_rounds: self.ledger_retention_rounds,
             },
             admission,
-            require_sealed: self.require_sealed.unwrap_or(false),
+            require_sealed: self.require_sealed.unwrap_or(defaults.require_sealed),
             gossip_fanout: self
                 .gossip_fanout
                 .map_or(defaults.gossip_fanout, usize::from),
             connections_per_ip: self
                 .connections_per_ip
                 .map_or(defaults.connections_per_ip, |n| n as usize),
-            open_circuit_relay: self.open_circuit_relay.unwrap_or(false),
+            open_circuit_relay: self
+                .open_circuit_relay
+                .unwrap_or(defaults.open_circuit_relay),
             reassembly_budget: defaults.reassembly_budget,
             checks,
             replays,
@@ -748,5 +782,128 @@ mod tests {
         let (_, merged) = ServeOptions::default().merge_fields(ServeOptions::default());
         let merged: BTreeSet<String> = merged.iter().map(|k| (*k).to_owned()).collect();
         assert_eq!(merged, serve_keys, "serve options merged vs serve options");
+    }
+
+    /// Each option's "Default:" line in `--help` (and so in docs/relay.md) says what the code
+    /// does: [`RelayConfig::default`], [`super::defaults`] or the corpus. An option whose line
+    /// is prose is named in `PROSE`; a new option with a default must be added here.
+    #[test]
+    fn documented_defaults_are_the_code_defaults() {
+        use clap::{Args, ValueEnum};
+
+        use super::defaults as d;
+        use crate::RelayConfig;
+
+        const PROSE: &[&str] = &["checkpoint_store", "external_address"];
+        let c = RelayConfig::default();
+        let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_owned());
+        let expected: Vec<(&str, String)> = vec![
+            ("http", c.http.to_string()),
+            ("tcp_port", c.tcp_port.to_string()),
+            ("ws_port", c.ws_port.to_string()),
+            ("webrtc_port", c.webrtc_port.to_string()),
+            ("web_dir", c.web_dir.display().to_string()),
+            ("data_dir", d::DATA_DIR.into()),
+            ("keep_checkpoints", c.keep_checkpoints.to_string()),
+            ("seed", c.seed.to_string()),
+            ("require_sealed", c.require_sealed.to_string()),
+            ("gossip_fanout", c.gossip_fanout.to_string()),
+            ("connections_per_ip", c.connections_per_ip.to_string()),
+            ("open_circuit_relay", c.open_circuit_relay.to_string()),
+            ("check_windows", c.checks.windows.to_string()),
+            ("check_pass", c.checks.pass.to_string()),
+            ("check_fail", c.checks.fail.to_string()),
+            ("replay_fraction", c.replays.fraction.to_string()),
+            ("replays_per_round", c.replays.per_round.to_string()),
+            ("replay_tolerance", c.replays.tolerance.to_string()),
+            (
+                "verifier_timeout_secs",
+                c.replays.verifier_timeout.as_secs().to_string(),
+            ),
+            ("verifier_spot_check", c.replays.spot_check.to_string()),
+            ("allow_origin", c.public.allow_origins.join(",")),
+            (
+                "trusted_proxy",
+                if c.public.trusted_proxies.is_empty() {
+                    "none".into()
+                } else {
+                    String::new()
+                },
+            ),
+            ("turn_ttl_secs", c.public.turn_ttl_secs.to_string()),
+            (
+                "aggregation_backend",
+                name(c.aggregation.to_possible_value()).unwrap_or_default(),
+            ),
+            (
+                "model",
+                name(d::MODEL.to_possible_value()).unwrap_or_default(),
+            ),
+            ("corpus", crate::corpus::DEFAULT_CORPUS.into()),
+            (
+                "codec",
+                name(d::CODEC.to_possible_value()).unwrap_or_default(),
+            ),
+            ("topk_per_million", d::TOPK_PER_MILLION.to_string()),
+            ("dp_noise", d::DP_NOISE.to_string()),
+            ("dp_delta", d::DP_DELTA.to_string()),
+            (
+                "aggregator",
+                name(d::AGGREGATOR.to_possible_value()).unwrap_or_default(),
+            ),
+            ("trim", d::TRIM.to_string()),
+            ("byzantine", d::BYZANTINE.to_string()),
+            ("krum_select", d::KRUM_SELECT.to_string()),
+            ("clip_radius", d::CLIP_RADIUS.to_string()),
+            ("bucket", d::BUCKET.to_string()),
+            (
+                "admission",
+                name(d::ADMISSION.to_possible_value()).unwrap_or_default(),
+            ),
+            ("pow_bits", d::POW_BITS.to_string()),
+        ];
+        let same = |doc: &str, code: &str| match (doc.parse::<f64>(), code.parse::<f64>()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => doc == code,
+        };
+        let command = ServeOptions::augment_args(clap::Command::new("relay"));
+        let mut documented = 0;
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let Some((_, rest)) = help.split_once("Default: ") else {
+                continue;
+            };
+            documented += 1;
+            if PROSE.contains(&id) {
+                continue;
+            }
+            let end = [", ", " (", ". "]
+                .iter()
+                .filter_map(|stop| rest.find(stop))
+                .min()
+                .unwrap_or(rest.len());
+            let doc = rest[..end].trim_end_matches('.').trim_matches('`');
+            let code = expected
+                .iter()
+                .find(|(name, _)| *name == id)
+                .unwrap_or_else(|| {
+                    panic!("--{id} documents a default the test does not know: {doc}")
+                });
+            assert!(
+                same(doc, &code.1),
+                "--{id}: the help says {doc}, the code {}",
+                code.1
+            );
+        }
+        assert_eq!(
+            documented,
+            expected.len() + PROSE.len(),
+            "options with a Default: line"
+        );
     }
 }

@@ -6,6 +6,9 @@
 //! aggregation (the fast CPU kernels, or a Burn backend) and the held-out evaluation run in
 //! `spawn_blocking` without the state lock, so other peers' requests go on meanwhile, and the
 //! peer whose update completed the quorum hears `Accepted` as soon as its update is durable.
+//! An accepted update's ledger write also runs on a blocking thread without the state lock
+//! (the round does not close while one is under way); the round's own record is committed on
+//! a blocking thread while the round closes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -20,9 +23,9 @@ use swarmtrain_shared::data::derive_seed;
 use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
-    self, CHUNK_BYTES, ClientToRelay, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
-    ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role,
-    RoundAnnouncement, RunSpec, Welcome,
+    self, CHUNK_BYTES, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION, ParamsHash, Refusal,
+    RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role, RoundAnnouncement, RunSpec,
+    Update, Welcome,
 };
 use swarmtrain_shared::replay::{self, ReplayCheck};
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
@@ -196,6 +199,9 @@ struct State {
     /// Failed checkpoint writes so far, and when the next try is due.
     checkpoint_failures: u64,
     retry_at_ms: u64,
+    /// Updates the round holds whose ledger write is under way (without the state lock): the
+    /// round does not close until they are durable or taken back.
+    recording: u32,
 }
 
 impl State {
@@ -229,6 +235,7 @@ impl State {
             unannounced: false,
             checkpoint_failures: 0,
             retry_at_ms: 0,
+            recording: 0,
         }
     }
 }
@@ -303,6 +310,32 @@ impl Verifiers {
 
 /// Where a parked long poll hears the next round (`None`: a newer poll replaced it).
 type Waiter = oneshot::Sender<Option<Signed<RoundAnnouncement>>>;
+
+/// A peer's message to one run: what a [`Coordinator`] answers. Key exchanges
+/// (`KeyOffer`, `KeyConfirm`) belong to the connection and are answered by [`Runs`](crate::Runs)
+/// before a message reaches a run, so they are not here.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunMessage {
+    Join(Join),
+    AwaitRound { run_id: String, after: Option<u64> },
+    Update(Update),
+    Reveal(Reveal),
+    Verify { run_id: String },
+    Replayed(Replayed),
+}
+
+impl RunMessage {
+    /// The run it is for.
+    pub fn run_id(&self) -> &str {
+        match self {
+            Self::Join(join) => &join.run_id,
+            Self::AwaitRound { run_id, .. } | Self::Verify { run_id } => run_id,
+            Self::Update(update) => &update.run_id,
+            Self::Reveal(reveal) => &reveal.run_id,
+            Self::Replayed(replayed) => &replayed.run_id,
+        }
+    }
+}
 
 /// Shared by the HTTP server, the libp2p event loop and the round timer.
 pub struct Coordinator {
@@ -500,7 +533,13 @@ impl Coordinator {
                     aggregation_ms: 0.0,
                 });
                 if let Some(store) = &store {
-                    persist(store, &layout, &state, &spec_view(&run_spec, &data, seed)).await?;
+                    persist(
+                        store,
+                        &layout,
+                        &state,
+                        &RunSpecView::new(&run_spec, &data, seed),
+                    )
+                    .await?;
                 }
                 state
             }
@@ -702,14 +741,14 @@ impl Coordinator {
     pub async fn handle(
         self: &Arc<Self>,
         peer: PeerKey,
-        message: ClientToRelay,
+        message: RunMessage,
         signed: Signed<Envelope>,
         payload: Vec<u8>,
         max_wait: Duration,
     ) -> Answer {
         let now = self.now_ms();
         match message {
-            ClientToRelay::Join(join) => {
+            RunMessage::Join(join) => {
                 if join.version != PROTOCOL_VERSION || join.run_id != self.spec.run_id {
                     let reason = format!("join for run {:?} version {}", join.run_id, join.version);
                     return Err(self.reject(Some(peer), RefusalKind::BadJoin, reason).await);
@@ -787,7 +826,7 @@ impl Coordinator {
                         .await),
                 }
             }
-            ClientToRelay::AwaitRound { run_id, after } => {
+            RunMessage::AwaitRound { run_id, after } => {
                 let waiter = {
                     let mut state = self.state.lock().await;
                     if run_id != state.round.spec.run_id {
@@ -850,7 +889,7 @@ impl Coordinator {
                 };
                 Ok(RelayToClient::Round(announcement))
             }
-            ClientToRelay::Update(update) => {
+            RunMessage::Update(update) => {
                 let mut state = self.state.lock().await;
                 if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
                     drop(state);
@@ -874,7 +913,9 @@ impl Coordinator {
                         .await);
                 }
                 // Durable before the peer hears `Accepted`; an update that cannot be made
-                // durable is taken back and the peer told so.
+                // durable is taken back and the peer told so. The write runs on a blocking
+                // thread without the state lock (other peers' requests go on); the round waits
+                // for it before it closes (`recording`).
                 let samples = self.spec.samples_of(update.inner_steps);
                 if let Some(store) = &self.store {
                     let entry = LedgerEntry {
@@ -883,11 +924,22 @@ impl Coordinator {
                         signed,
                         payload,
                     };
-                    if let Err(e) =
-                        store.record_update(&state.round.spec.run_id, &peer, &entry, samples)
-                    {
+                    state.recording += 1;
+                    drop(state);
+                    let (store, run_id) = (store.clone(), self.spec.run_id.clone());
+                    let written = tokio::task::spawn_blocking(move || {
+                        store.record_update(&run_id, &peer, &entry, samples)
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|written| written);
+                    state = self.state.lock().await;
+                    state.recording -= 1;
+                    if let Err(e) = written {
                         state.round.withdraw(&peer);
                         drop(state);
+                        // The round may have waited on this write to close.
+                        self.due.notify_one();
                         tracing::error!(error = %e, "could not record an accepted update");
                         return Err(self
                             .reject(
@@ -924,16 +976,9 @@ impl Coordinator {
                     round: update.round,
                 })
             }
-            ClientToRelay::Reveal(reveal) => self.reveal(peer, reveal, payload).await,
-            ClientToRelay::Verify { .. } => self.give_job(peer, max_wait).await,
-            ClientToRelay::Replayed(report) => self.replayed(peer, report, payload).await,
-            // `Runs` answers key exchanges itself; they name no run.
-            ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => {
-                let reason = "key exchanges are answered by the relay, not a run".to_owned();
-                Err(self
-                    .reject(Some(peer), RefusalKind::Malformed, reason)
-                    .await)
-            }
+            RunMessage::Reveal(reveal) => self.reveal(peer, reveal, payload).await,
+            RunMessage::Verify { .. } => self.give_job(peer, max_wait).await,
+            RunMessage::Replayed(report) => self.replayed(peer, report, payload).await,
         }
     }
 
@@ -947,6 +992,11 @@ impl Coordinator {
                 if now >= state.retry_at_ms {
                     self.announce_when_durable(&mut state, now).await;
                 }
+                return;
+            }
+            // An accepted update still being written holds the round open (for as long as
+            // one ledger write takes); the writer wakes the timer when it is done.
+            if state.recording > 0 {
                 return;
             }
             match state.round.begin_close(self.now_ms()) {
@@ -1666,7 +1716,7 @@ impl Coordinator {
                 store,
                 &self.layout,
                 state,
-                &spec_view(&self.spec, &self.data, self.seed),
+                &RunSpecView::new(&self.spec, &self.data, self.seed),
             )
             .await
         {
@@ -1814,17 +1864,9 @@ impl Coordinator {
             checkpoint_failures: state.checkpoint_failures,
             unannounced: state.unannounced,
             round_timeout_ms: state.round.round_timeout_ms(),
-            checks: state
-                .check_outcomes
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            checks: by_name(&state.check_outcomes),
             check_power: state.check_power,
-            replays: state
-                .replay_outcomes
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            replays: by_name(&state.replay_outcomes),
             reveal_bytes: state.reveal_bytes,
             audits_pending: state.audits.len(),
             verifiers: {
@@ -1835,46 +1877,48 @@ impl Coordinator {
                     .count()
             },
             verifier_jobs: state.verifiers.jobs.len(),
-            verifier_reports: state
-                .verifiers
-                .outcomes
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            verifier_reports: by_name(&state.verifiers.outcomes),
             privacy_epsilon: spec.privacy.as_ref().map(|p| {
                 swarmtrain_shared::privacy::epsilon(state.round.round, p.noise_multiplier, p.delta)
             }),
-            spec: spec_view(spec, &self.data, self.seed),
+            spec: RunSpecView::new(spec, &self.data, self.seed),
         }
     }
 }
 
-/// The run's settings as `/api/status` and every checkpoint's metadata show them.
-fn spec_view(spec: &RunSpec, data: &TaskData, seed: u64) -> RunSpecView {
-    RunSpecView {
-        model: spec.model.clone(),
-        model_name: spec.model.describe(),
-        data: match (&spec.data.source, data) {
-            (protocol::DataSource::Text { name }, TaskData::Text(text)) => format!(
-                "{name} ({} training bytes, {} held-out windows)",
-                text.train_bytes, text.eval_count
-            ),
-            _ => "scikit-learn digits".into(),
-        },
-        seed,
-        inner_steps: spec.inner.steps,
-        batch_size: spec.inner.batch_size,
-        inner_lr: spec.inner.optimizer.schedule.peak,
-        outer_lr: spec.outer.lr,
-        outer_momentum: spec.outer.momentum,
-        quorum: spec.quorum,
-        round_deadline_ms: spec.round_deadline_ms,
-        n_shards: spec.data.n_shards,
-        codec: format!("{:?}", spec.codec),
-        aggregator: format!("{:?}", spec.aggregator),
-        update_bytes: spec.codec.encoded_len(spec.model.num_params()),
-        units_per_sample: spec.units_per_sample(),
-        unit: spec.unit_name(),
+/// Counts by outcome, keyed by owned names for serializing.
+fn by_name(counts: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
+    counts.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+impl RunSpecView {
+    /// The run's settings as `/api/status` and every checkpoint's metadata show them.
+    fn new(spec: &RunSpec, data: &TaskData, seed: u64) -> Self {
+        Self {
+            model: spec.model.clone(),
+            model_name: spec.model.describe(),
+            data: match (&spec.data.source, data) {
+                (protocol::DataSource::Text { name }, TaskData::Text(text)) => format!(
+                    "{name} ({} training bytes, {} held-out windows)",
+                    text.train_bytes, text.eval_count
+                ),
+                _ => "scikit-learn digits".into(),
+            },
+            seed,
+            inner_steps: spec.inner.steps,
+            batch_size: spec.inner.batch_size,
+            inner_lr: spec.inner.optimizer.schedule.peak,
+            outer_lr: spec.outer.lr,
+            outer_momentum: spec.outer.momentum,
+            quorum: spec.quorum,
+            round_deadline_ms: spec.round_deadline_ms,
+            n_shards: spec.data.n_shards,
+            codec: format!("{:?}", spec.codec),
+            aggregator: format!("{:?}", spec.aggregator),
+            update_bytes: spec.codec.encoded_len(spec.model.num_params()),
+            units_per_sample: spec.units_per_sample(),
+            unit: spec.unit_name(),
+        }
     }
 }
 
@@ -1927,9 +1971,9 @@ fn record(closed: &RoundClosed, eval: Evaluation, now: u64, aggregation_ms: f64)
 }
 
 /// Writes the open round's checkpoint, described by `spec` (the run spec and seed), then points
-/// the run record at it.
+/// the run record at it (a database commit, on a blocking thread).
 async fn persist(
-    store: &Store,
+    store: &Arc<Store>,
     layout: &[TensorInfo],
     state: &State,
     spec: &RunSpecView,
@@ -1951,21 +1995,21 @@ async fn persist(
             &describe,
         )
         .await?;
-    store.commit_round(
-        &round.spec.run_id,
-        &RunRecord {
-            round: round.round,
-            checkpoint: key,
-            accuracy: state.eval.accuracy,
-            loss: state.eval.loss,
-            accepted: state.accepted,
-            rejected: state.rejected.clone(),
-        },
-        state
-            .history
-            .back()
-            .ok_or_else(|| anyhow::anyhow!("no history row for the round"))?,
-    )?;
+    let record = RunRecord {
+        round: round.round,
+        checkpoint: key,
+        accuracy: state.eval.accuracy,
+        loss: state.eval.loss,
+        accepted: state.accepted,
+        rejected: state.rejected.clone(),
+    };
+    let row = state
+        .history
+        .back()
+        .ok_or_else(|| anyhow::anyhow!("no history row for the round"))?
+        .clone();
+    let (writer, run_id) = (store.clone(), round.spec.run_id.clone());
+    tokio::task::spawn_blocking(move || writer.commit_round(&run_id, &record, &row)).await??;
     // Only once the record points at the new checkpoint may older ones go.
     store.prune(&round.spec.run_id, round.round).await?;
     Ok(())

@@ -23,7 +23,7 @@ use swarmtrain_shared::protocol::{
 use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::seal::{self, SessionKeys};
 
-use crate::coordinator::{Answer, Coordinator};
+use crate::coordinator::{Answer, Coordinator, RunMessage};
 
 /// At most this many identities with unexpired envelopes are tracked (about 100 bytes each);
 /// beyond it new identities are refused with `relay_busy` until old envelopes expire.
@@ -176,13 +176,36 @@ struct ConnectionKeys {
 
 pub use swarmtrain_net::unix_ms;
 
+/// A peer's message by who answers it: [`Runs`] the key exchanges of its connection, a run
+/// the rest.
+enum Addressed {
+    KeyOffer(seal::KeyOffer),
+    KeyConfirm([u8; 32]),
+    Run(RunMessage),
+}
+
+impl From<ClientToRelay> for Addressed {
+    fn from(message: ClientToRelay) -> Self {
+        Self::Run(match message {
+            ClientToRelay::KeyOffer(offer) => return Self::KeyOffer(offer),
+            ClientToRelay::KeyConfirm { transcript } => return Self::KeyConfirm(transcript),
+            ClientToRelay::Join(join) => RunMessage::Join(join),
+            ClientToRelay::AwaitRound { run_id, after } => RunMessage::AwaitRound { run_id, after },
+            ClientToRelay::Update(update) => RunMessage::Update(update),
+            ClientToRelay::Reveal(reveal) => RunMessage::Reveal(reveal),
+            ClientToRelay::Verify { run_id } => RunMessage::Verify { run_id },
+            ClientToRelay::Replayed(replayed) => RunMessage::Replayed(replayed),
+        })
+    }
+}
+
+/// The run an unverified message names ("" for a key exchange, which names none).
 fn run_of(message: &ClientToRelay) -> &str {
     match message {
         ClientToRelay::Join(join) => &join.run_id,
-        ClientToRelay::AwaitRound { run_id, .. } => run_id,
+        ClientToRelay::AwaitRound { run_id, .. } | ClientToRelay::Verify { run_id } => run_id,
         ClientToRelay::Update(update) => &update.run_id,
         ClientToRelay::Reveal(reveal) => &reveal.run_id,
-        ClientToRelay::Verify { run_id } => run_id,
         ClientToRelay::Replayed(replayed) => &replayed.run_id,
         ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => "",
     }
@@ -528,16 +551,20 @@ impl Runs {
         if let Some((kind, reason)) = refused {
             return Err(self.default.reject(Some(peer), kind, reason).await);
         }
-        let (seq, message) = (envelope.seq, envelope.message);
+        let seq = envelope.seq;
         let mut payload = submission.payload;
-        match message {
-            ClientToRelay::KeyOffer(offer) => {
+        // Key exchanges belong to the connection: answered here, never by a run.
+        let message = match Addressed::from(envelope.message) {
+            Addressed::Run(message) => message,
+            Addressed::KeyOffer(offer) => {
                 return self.key_offer(from, peer, &submission.signed, &offer).await;
             }
-            ClientToRelay::KeyConfirm { transcript } => {
+            Addressed::KeyConfirm(transcript) => {
                 return self.key_confirm(from, peer, transcript).await;
             }
-            ClientToRelay::Update(_) | ClientToRelay::Reveal(_) | ClientToRelay::Replayed(_) => {
+        };
+        match &message {
+            RunMessage::Update(_) | RunMessage::Reveal(_) | RunMessage::Replayed(_) => {
                 match self.agreed(&from) {
                     Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
                         Ok(opened) => payload = opened,
@@ -560,10 +587,10 @@ impl Runs {
             }
             _ => {}
         }
-        match self.by_id.get(run_of(&message)) {
+        match self.by_id.get(message.run_id()) {
             Some(run) => {
                 let joining = match &message {
-                    ClientToRelay::Join(join) => Some(join.run_id.clone()),
+                    RunMessage::Join(join) => Some(join.run_id.clone()),
                     _ => None,
                 };
                 let answer = run
@@ -580,7 +607,7 @@ impl Runs {
             None => {
                 let reason = format!(
                     "no run {:?} on this relay (it has {})",
-                    run_of(&message),
+                    message.run_id(),
                     self.ids().join(", ")
                 );
                 Err(self

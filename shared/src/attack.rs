@@ -14,7 +14,7 @@ use crate::aggregate::AggregateError;
 use crate::crypto::PeerKey;
 use crate::data::{BatchSampler, DigitsSet, SplitMix64, derive_seed};
 use crate::lm::LmConfig;
-use crate::lm_train::{LmInnerSpec, LmTrainer, TextBatch, Trainer, evaluate_lm};
+use crate::lm_train::{InnerLoop, LmInnerLoop, LmInnerSpec, TextBatch, evaluate_lm};
 use crate::model::{DigitsMlp, DigitsMlpConfig};
 use crate::params::{self, ParamsError};
 use crate::privacy::standard_normal;
@@ -441,7 +441,7 @@ pub async fn run_attack<B: AutodiffBackend>(
     let mut trainers = (0..run.peers)
         .map(|_| {
             let module = params::load(run.model.init::<B>(device), theta0)?;
-            Ok(Trainer::<B, DigitsMlp<B>>::with_module(
+            Ok(InnerLoop::<B, DigitsMlp<B>>::with_module(
                 device,
                 module,
                 &run.inner.optimizer,
@@ -565,7 +565,7 @@ pub async fn run_attack_lm<B: AutodiffBackend>(
     let keys = peer_keys(run.peers);
     let mut state = RoundState::new(spec, theta0.to_vec(), 0);
     let mut trainers = (0..run.peers)
-        .map(|_| LmTrainer::<B>::new(device, &run.model, theta0, &run.inner))
+        .map(|_| LmInnerLoop::<B>::new(device, &run.model, theta0, &run.inner))
         .collect::<Result<Vec<_>, ParamsError>>()?;
     let mut replayable: Vec<Option<(Update, Vec<u8>)>> = vec![None; run.attackers as usize];
     let mut rng = SplitMix64::new(derive_seed("attack lm", &[&run.seed.to_le_bytes()]));

@@ -145,7 +145,7 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
 
 /// A replica's training state beyond θ: its place in the schedule and its AdamW moments. With
 /// θ_t and a round's data it decides the round's update bit for bit on one backend, which is
-/// what a replay of the round checks ([`Trainer::state`], [`Trainer::restore`]).
+/// what a replay of the round checks ([`InnerLoop::state`], [`InnerLoop::restore`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     /// The schedule's position (the global step the next step takes).
@@ -279,7 +279,7 @@ impl<B: Backend> Objective<B> for Lm<B> {
 /// One replica of a model with its AdamW state, stepped by its caller: the inner loop of every
 /// peer (browser, native worker, simulator, attack grid). The moments persist across
 /// [`load`](Self::load)s, as DiLoCo's workers keep theirs across rounds.
-pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> {
+pub struct InnerLoop<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> {
     device: B::Device,
     model: M,
     optimizer: OptimizerAdaptor<AdamW, M, B>,
@@ -287,19 +287,19 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> {
     step: u64,
 }
 
-/// The language model's trainer.
-pub type LmTrainer<B> = Trainer<B, Lm<B>>;
+/// The language model's inner loop.
+pub type LmInnerLoop<B> = InnerLoop<B, Lm<B>>;
 
-impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> core::fmt::Debug for Trainer<B, M> {
+impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> core::fmt::Debug for InnerLoop<B, M> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Trainer")
+        f.debug_struct("InnerLoop")
             .field("spec", &self.spec)
             .field("step", &self.step)
             .finish_non_exhaustive()
     }
 }
 
-impl<B: AutodiffBackend> Trainer<B, Lm<B>> {
+impl<B: AutodiffBackend> InnerLoop<B, Lm<B>> {
     /// A language-model replica starting from `start`.
     pub fn new(
         device: &B::Device,
@@ -315,7 +315,7 @@ impl<B: AutodiffBackend> Trainer<B, Lm<B>> {
     }
 }
 
-impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> Trainer<B, M> {
+impl<B: AutodiffBackend, M: AutodiffModule<B> + Objective<B>> InnerLoop<B, M> {
     /// A replica of `model` (already holding its starting parameters) with fresh AdamW moments.
     pub fn with_module(device: &B::Device, model: M, spec: &LmInnerSpec) -> Self {
         Self {
@@ -557,7 +557,7 @@ mod tests {
                 window,
             })
             .collect();
-        let mut trainer = LmTrainer::<B>::new(&device, &config, &theta, &spec).expect("trainer");
+        let mut trainer = LmInnerLoop::<B>::new(&device, &config, &theta, &spec).expect("trainer");
         let fresh = futures::executor::block_on(trainer.state()).expect("state");
         assert!(
             fresh.moments.iter().all(|m| m.time == 0),
@@ -578,7 +578,7 @@ mod tests {
         let honest = futures::executor::block_on(trainer.params()).expect("params");
         let replay = |state: &TrainerState, steps: usize| {
             let mut replica =
-                LmTrainer::<B>::new(&device, &config, &theta, &spec).expect("replica");
+                LmInnerLoop::<B>::new(&device, &config, &theta, &spec).expect("replica");
             replica.load(&theta1).expect("θ₁");
             replica.restore(state).expect("restore");
             for batch in &batches[3..3 + steps] {

@@ -7,7 +7,7 @@
 //! relay draws some updates with randomness fixed only then, names their peers in the next
 //! announcement ([`crate::protocol::RoundAnnouncement::audit`]), and each reveals its state
 //! ([`crate::protocol::Reveal`]). [`replay_lm`] then runs the peer's steps again with the same
-//! [`Trainer`] and the same encoding the peer runs, and [`compare`] measures how far the
+//! [`InnerLoop`] and the same encoding the peer runs, and [`compare`] measures how far the
 //! replayed update lands from the one the peer sent: on the CPU backend it must be the same
 //! payload bit for bit.
 //!
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::{Codec, ErrorFeedback};
 use crate::lm::LmConfig;
-use crate::lm_train::{LmInnerSpec, LmTrainer, TextBatch, TrainerState};
+use crate::lm_train::{LmInnerLoop, LmInnerSpec, TextBatch, TrainerState};
 use crate::privacy::PrivacySpec;
 use crate::protocol::RunSpec;
 use crate::verify::Outcome;
@@ -137,7 +137,7 @@ impl<'a> RoundInputs<'a> {
 }
 
 /// Replays a language-model round from `state` on backend `B`: the replica's steps
-/// ([`TextBatch::of_round`], [`LmTrainer::step`]) and the peer's encoding
+/// ([`TextBatch::of_round`], [`LmInnerLoop::step`]) and the peer's encoding
 /// ([`crate::round::update_payload`] with the revealed residual). Returns the payload the peer
 /// should have sent, or why the state cannot be replayed (not
 /// [`plausible`](CommittedState::plausible), or not the model's shape).
@@ -147,7 +147,7 @@ pub async fn replay_lm<B: AutodiffBackend>(
     state: &CommittedState,
 ) -> Result<Vec<u8>, String> {
     state.plausible(round.optimizer, round.first_step)?;
-    let mut trainer = LmTrainer::<B>::new(device, round.config, round.theta, round.optimizer)
+    let mut trainer = LmInnerLoop::<B>::new(device, round.config, round.theta, round.optimizer)
         .map_err(|e| e.to_string())?;
     trainer.restore(&state.trainer).map_err(|e| e.to_string())?;
     trainer.seek(round.first_step);
@@ -262,7 +262,7 @@ mod tests {
         let (config, spec, theta, text) = setup();
         let codec = Codec::Int8Block { block: 64 };
         let window = config.context + 1;
-        let mut trainer = LmTrainer::<B>::new(&device, &config, &theta, &spec).expect("trainer");
+        let mut trainer = LmInnerLoop::<B>::new(&device, &config, &theta, &spec).expect("trainer");
         let mut feedback = ErrorFeedback::default();
         // Round 0: its update leaves moments and a residual behind.
         for batch in TextBatch::of_round(&text, window, 2).take(2) {

@@ -16,7 +16,7 @@ use crate::compress::{Codec, CodecError, ErrorFeedback};
 use crate::crypto::PeerKey;
 use crate::data::derive_seed;
 use crate::lm::LmConfig;
-use crate::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, TextBatch, evaluate_lm};
+use crate::lm_train::{LmInnerLoop, LmInnerSpec, LrSchedule, TextBatch, evaluate_lm};
 use crate::params::ParamsError;
 use crate::protocol::{
     DataSource, DataSpec, InnerSpec, ModelSpec, OuterSpec, PayloadRef, RunSpec, Update,
@@ -181,7 +181,7 @@ pub async fn simulate<B: AutodiffBackend>(
             },
             ..config.inner.clone()
         };
-        let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &spec)?;
+        let mut trainer = LmInnerLoop::<B>::new(device, &config.model, &theta, &spec)?;
         let pretrain = Shards::new(
             corpus,
             window,
@@ -218,7 +218,7 @@ pub async fn simulate<B: AutodiffBackend>(
     let (mut bytes, mut syncs) = (0u64, 0u32);
     match &config.sync {
         Schedule::DataParallel => {
-            let mut trainer = LmTrainer::<B>::new(device, &config.model, &theta, &config.inner)?;
+            let mut trainer = LmInnerLoop::<B>::new(device, &config.model, &theta, &config.inner)?;
             for step in 0..config.steps {
                 trainer.step(&TextBatch {
                     windows: shards.batch(0, 1, u64::from(step), peers as usize * batch),
@@ -259,7 +259,7 @@ pub async fn simulate<B: AutodiffBackend>(
             let spec = run_spec(config, *inner_steps, outer);
             let mut state = RoundState::new(spec, theta.clone(), 0);
             let mut trainers = (0..peers)
-                .map(|_| LmTrainer::<B>::new(device, &config.model, &theta, &config.inner))
+                .map(|_| LmInnerLoop::<B>::new(device, &config.model, &theta, &config.inner))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut feedback = vec![ErrorFeedback::default(); peers as usize];
             let mut step = 0u32;

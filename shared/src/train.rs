@@ -1,5 +1,5 @@
 //! The digits classifier's training objective and evaluation. The inner loop itself is
-//! [`crate::lm_train::Trainer`], shared by every model.
+//! [`crate::lm_train::InnerLoop`], shared by every model.
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn local_training_lowers_the_loss_and_is_deterministic() {
-        use crate::lm_train::{LmInnerSpec, Trainer};
+        use crate::lm_train::{InnerLoop, LmInnerSpec};
         let device = Default::default();
         let config = DigitsMlpConfig::new().with_hidden(16);
         <NdArray as Backend>::seed(&device, 1);
@@ -113,7 +113,7 @@ mod tests {
 
         let run = |steps| {
             let module = params::load(config.init::<B>(&device), &start).expect("load");
-            let mut trainer = Trainer::<B, DigitsMlp<B>>::with_module(&device, module, &spec);
+            let mut trainer = InnerLoop::<B, DigitsMlp<B>>::with_module(&device, module, &spec);
             let mut sampler = BatchSampler::new(data.len(), 16, 5);
             let mut losses = Vec::new();
             for _ in 0..steps {

@@ -25,7 +25,7 @@ use swarmtrain_shared::aggregate::step_cpu;
 use swarmtrain_shared::compress::ErrorFeedback;
 use swarmtrain_shared::data::{SplitMix64, derive_seed};
 use swarmtrain_shared::lm::LmConfig;
-use swarmtrain_shared::lm_train::{LmTrainer, TextBatch};
+use swarmtrain_shared::lm_train::{LmInnerLoop, TextBatch};
 use swarmtrain_shared::privacy::standard_normal;
 use swarmtrain_shared::protocol::{ModelSpec, PayloadRef, RunSpec, Update};
 use swarmtrain_shared::replay::CommittedState;
@@ -105,9 +105,11 @@ fn simulate(seed: u64, policy: &CheckPolicy, out: &mut Vec<Judged>, check_ms: &m
         .chain(CHEATS)
         .collect();
     // Every peer keeps its AdamW moments across rounds, as peers do.
-    let mut trainers: Vec<LmTrainer<B>> = kinds
+    let mut trainers: Vec<LmInnerLoop<B>> = kinds
         .iter()
-        .map(|_| LmTrainer::<B>::new(&device, &config, &theta0, &spec.inner.optimizer).expect("θ"))
+        .map(|_| {
+            LmInnerLoop::<B>::new(&device, &config, &theta0, &spec.inner.optimizer).expect("θ")
+        })
         .collect();
     let mut rng = SplitMix64::new(seed);
     let mut power = None;
@@ -252,7 +254,7 @@ fn cost(model: ModelSpec, batch: u32, policy: &CheckPolicy) -> Cost {
     let device = Default::default();
     let theta = futures::executor::block_on(config.init_params::<NdArray>(&device, 1)).expect("θ");
     let mut trainer =
-        LmTrainer::<B>::new(&device, &config, &theta, &spec.inner.optimizer).expect("θ");
+        LmInnerLoop::<B>::new(&device, &config, &theta, &spec.inner.optimizer).expect("θ");
     let window = config.context + 1;
     let steps = REPLAYED_STEPS;
     spec.inner.steps = steps;

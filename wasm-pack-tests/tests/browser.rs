@@ -7,7 +7,7 @@ use burn::prelude::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use swarmtrain_shared::data::{BatchSampler, DigitsSet};
 use swarmtrain_shared::lm::{LmConfig, SampleConfig, sample};
-use swarmtrain_shared::lm_train::{LmInnerSpec, LmTrainer, LrSchedule, TextBatch, Trainer};
+use swarmtrain_shared::lm_train::{InnerLoop, LmInnerLoop, LmInnerSpec, LrSchedule, TextBatch};
 use swarmtrain_shared::model::{DigitsMlp, DigitsMlpConfig};
 use swarmtrain_shared::train::{DigitsBatch, evaluate};
 use swarmtrain_shared::{Identity, params};
@@ -49,7 +49,7 @@ async fn train<B: AutodiffBackend>(device: &B::Device, start: &[f32]) -> Trained
     let config = DigitsMlpConfig::new().with_hidden(32);
     let module = params::load(config.init::<B>(device), start).expect("load");
     let spec = LmInnerSpec::constant(1e-2, 0.0);
-    let mut trainer = Trainer::<B, DigitsMlp<B>>::with_module(device, module, &spec);
+    let mut trainer = InnerLoop::<B, DigitsMlp<B>>::with_module(device, module, &spec);
     let data = toy_digits(200);
     let mut sampler = BatchSampler::new(data.len(), 32, 3);
     let mut sum = None;
@@ -83,7 +83,7 @@ async fn train_lm<B: AutodiffBackend>(device: &B::Device, start: &[f32]) -> (Vec
         total: 12,
         min_ratio: 0.1,
     });
-    let mut trainer = LmTrainer::<B>::new(device, &config, start, &spec).expect("trainer");
+    let mut trainer = LmInnerLoop::<B>::new(device, &config, start, &spec).expect("trainer");
     let text = b"the cat sees the dog. the dog sees the cat. ".repeat(40);
     let window = config.context + 1;
     let mut losses = Vec::new();
