@@ -524,8 +524,10 @@ impl Relay {
             runs.clone(),
             announcements,
             network,
-            config.gossip_fanout,
-            config.reassembly_budget,
+            p2p::NodeLimits {
+                fanout: config.gossip_fanout,
+                reassembly_budget: config.reassembly_budget,
+            },
             strike_rx,
             shutdown_rx.clone(),
         )));

@@ -423,14 +423,25 @@ fn recipients(
     (direct + to_fanout, covered - to_fanout)
 }
 
-/// Runs the node until `shutdown` flips to true (`fanout`: as in [`build_swarm`]).
+/// How the node spreads announcements and buffers long messages.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeLimits {
+    /// Linked browsers each announcement is sent to (as in [`build_swarm`]).
+    pub fanout: usize,
+    /// Bytes of long messages in reassembly, all connections together.
+    pub reassembly_budget: usize,
+}
+
+/// Runs the node until `shutdown` flips to true.
 pub async fn run(
     mut swarm: Swarm<Boxed<RelayBehaviour>>,
     runs: Arc<Runs>,
     mut announcements: broadcast::Receiver<(String, Vec<u8>)>,
     network: Arc<Network>,
-    fanout: usize,
-    reassembly_budget: usize,
+    NodeLimits {
+        fanout,
+        reassembly_budget,
+    }: NodeLimits,
     mut strike_reports: tokio::sync::mpsc::Receiver<swarmtrain_shared::PeerKey>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -727,8 +738,10 @@ mod tests {
             runs,
             announce.subscribe(),
             network.clone(),
-            1,
-            swarmtrain_shared::transfer::DEFAULT_BUDGET,
+            NodeLimits {
+                fanout: 1,
+                reassembly_budget: swarmtrain_shared::transfer::DEFAULT_BUDGET,
+            },
             tokio::sync::mpsc::channel(1).1,
             shutdown_rx,
         ));
