@@ -779,7 +779,8 @@ impl Coordinator {
                 // Durable before the peer hears `Accepted`; an update that cannot be made
                 // durable is taken back and the peer told so. The write runs on a blocking
                 // thread without the state lock (other peers' requests go on); the round waits
-                // for it before it closes (`recording`).
+                // for it before it closes (`recording`). Handlers run as tasks of their own
+                // (`p2p::run` spawns each), so none is dropped between the count and its undoing.
                 let samples = self.spec.samples_of(update.inner_steps);
                 if let Some(store) = &self.store {
                     let entry = LedgerEntry {
