@@ -504,9 +504,10 @@ fn outcomes(credit: &serde_json::Value) -> String {
 /// Credit for verified work: honest peers and five kinds of cheat through the live relay, in
 /// two runs (so that honest peers are most of a round's updates, as the check assumes). Every
 /// cheat is accepted (nothing in an update says it is false), then the relay's loss check of
-/// each closed round judges it: no cheat ever earns verified credit, each scores below every
-/// honest peer and the cheats lose credit to failures, while no honest update fails and every
-/// honest peer earns verified credit. The relay's verdicts are signed.
+/// each closed round judges it: no update without work on its own windows ever earns verified
+/// credit and each scores below every honest peer, the 10× update fails on its overshoot in most
+/// rounds, and the cheats lose credit to failures, while no honest update fails and every honest
+/// peer earns verified credit. The relay's verdicts are signed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_verifies_honest_work_and_fails_false_work() {
     init_logging();
@@ -537,30 +538,35 @@ async fn the_relay_verifies_honest_work_and_fails_false_work() {
             );
         }
         // The check is statistical (a false update fails about half the rounds where the check
-        // can tell, docs/benchmarks/verify.md): no cheat is ever verified, each scores below
-        // every honest peer, and failures add up; the 10× update fails on its overshoot.
+        // can tell, docs/benchmarks/verify.md): no false work is ever verified, each scores
+        // below every honest peer, and failures add up; the 10× update fails on its overshoot.
         let honest_floor = honest
             .iter()
             .map(median_score)
             .fold(f64::INFINITY, f64::min);
         let mut failed = 0;
         for (kind, c) in kinds.iter().zip(cheats) {
-            assert_eq!(
-                c["verified_updates"], 0,
-                "{kind:?} never earns verified credit: {c}"
-            );
-            // (The 10× update is honest work scaled: its windows do carry its mark.)
-            if *kind != Cheat::Scaled {
+            if *kind == Cheat::Scaled {
+                // Honest work scaled 10×: its windows do carry its mark, so it is judged by its
+                // overshoot, which is statistical too (the windows are drawn afresh each round):
+                // it fails in most rounds, and one may pass (seen once in CI: 6 of 7 failed).
+                let (failed, verified) = (
+                    c["failed_updates"].as_u64().unwrap_or_default(),
+                    c["verified_updates"].as_u64().unwrap_or_default(),
+                );
+                assert!(
+                    failed >= 3 && verified < failed,
+                    "{kind:?} overshoots in most rounds: {c}"
+                );
+            } else {
+                assert_eq!(
+                    c["verified_updates"], 0,
+                    "{kind:?} (no work on its own windows) never earns verified credit: {c}"
+                );
                 assert!(
                     median_score(c) < honest_floor,
                     "{kind:?} scores below every honest peer ({} against {honest_floor}): {c}",
                     median_score(c)
-                );
-            }
-            if *kind == Cheat::Scaled {
-                assert!(
-                    c["failed_updates"].as_u64() >= Some(3),
-                    "{kind:?} overshoots: {c}"
                 );
             }
             failed += c["failed_updates"].as_u64().expect("failed updates");
@@ -742,7 +748,7 @@ async fn volunteer_verifiers_replay_drawn_rounds_and_a_lying_one_is_caught() {
     })
     .await
     .expect("the second stretch in time");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.set(true);
     let replayed = tokio::time::timeout(Duration::from_secs(60), task)
         .await
         .expect("the verifier stops")

@@ -4,12 +4,12 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use burn::backend::{Autodiff, NdArray};
 use std::time::Duration;
 
+use swarmtrain_client::Flag;
 use swarmtrain_client::peer::{self, PeerConfig, PeerError, PeerEvent};
 use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_relay::coordinator::Status;
@@ -282,7 +282,7 @@ pub fn spawn_peers_together(
     max_rounds: u64,
     joined: usize,
 ) -> Vec<TestPeer> {
-    let pause = Arc::new(AtomicBool::new(true));
+    let pause = Arc::new(Flag::new(true));
     let peers = ids
         .into_iter()
         .map(|id| spawn_peer_with(relay, id, max_rounds, None, pause.clone()))
@@ -292,7 +292,7 @@ pub fn spawn_peers_together(
         while coordinator.status().await.joined_peers < joined {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        pause.store(false, std::sync::atomic::Ordering::Relaxed);
+        pause.set(false);
     });
     peers
 }
@@ -308,7 +308,7 @@ pub fn peer_config(relay: &Relay, id: u8) -> PeerConfig {
         backend: "ndarray".into(),
         max_rounds: None,
         sample_len: 0,
-        stop: Arc::new(AtomicBool::new(false)),
+        stop: Default::default(),
         max_retries: Some(10),
         direct_peers: 0,
         pause: Default::default(),
@@ -323,7 +323,7 @@ pub fn spawn_verifier(
     id: u8,
 ) -> (
     JoinHandle<Result<u64, PeerError>>,
-    Arc<AtomicBool>,
+    Arc<Flag>,
     mpsc::Receiver<swarmtrain_client::verifier::VerifierEvent>,
 ) {
     let (tx, events) = mpsc::channel(1024);
@@ -344,7 +344,7 @@ fn spawn_peer_with(
     id: u8,
     max_rounds: u64,
     run_id: Option<&str>,
-    pause: Arc<AtomicBool>,
+    pause: Arc<Flag>,
 ) -> TestPeer {
     let (tx, events) = mpsc::channel(1024);
     let config = PeerConfig {

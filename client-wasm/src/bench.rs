@@ -3,14 +3,13 @@
 //! `cargo xtask bench browser` runs it in the browser (the npm package's `TrainingBench`) and
 //! natively (`client-wasm/benches/train.rs`), beside TF.js on the same models.
 
-use std::sync::atomic::AtomicBool;
-
 use burn::tensor::backend::AutodiffBackend;
 use swarmtrain_shared::data::{DigitsSet, SplitMix64};
 use swarmtrain_shared::lm_train::LmInnerSpec;
 use swarmtrain_shared::model::DIGITS_INPUTS;
 use swarmtrain_shared::protocol::ModelSpec;
 
+use crate::Flag;
 use crate::replica::{LocalRound, Replica, RoundData};
 
 /// Examples in the digits shard a bench draws its batches from.
@@ -77,8 +76,8 @@ impl<B: AutodiffBackend> TrainingBench<B> {
                 &data,
                 steps,
                 self.batch,
-                &AtomicBool::new(false),
-                &AtomicBool::new(false),
+                &Flag::default(),
+                &Flag::default(),
                 None,
                 &mut |_| {},
             )

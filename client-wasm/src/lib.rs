@@ -9,6 +9,7 @@
 //! [`platform`] is the only module that knows which target it is compiled for.
 
 pub mod bench;
+pub mod flag;
 pub mod local;
 pub mod peer;
 pub mod platform;
@@ -18,4 +19,5 @@ pub mod theta;
 pub mod verifier;
 pub mod webrtc;
 
+pub use flag::Flag;
 pub use peer::{PeerConfig, PeerError, PeerEvent};

@@ -6,7 +6,6 @@
 //! differential privacy, compressed through its error feedback), so that only the encoded
 //! payload crosses back, never a θ.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
@@ -20,6 +19,7 @@ use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::round::{pseudo_gradient, update_payload};
 use web_time::Instant;
 
+use crate::Flag;
 use crate::replica::{Replica, RoundData};
 
 /// How often a round in training reports its steps.
@@ -92,8 +92,8 @@ pub trait Local {
     async fn train_round(
         &mut self,
         job: TrainJob,
-        stop: &AtomicBool,
-        pause: &AtomicBool,
+        stop: &Flag,
+        pause: &Flag,
         progress: &mut impl FnMut(u32),
     ) -> Result<Option<TrainedRound>, String>;
 }
@@ -157,8 +157,8 @@ impl<B: AutodiffBackend> Local for InProcess<B> {
     async fn train_round(
         &mut self,
         job: TrainJob,
-        stop: &AtomicBool,
-        pause: &AtomicBool,
+        stop: &Flag,
+        pause: &Flag,
         progress: &mut impl FnMut(u32),
     ) -> Result<Option<TrainedRound>, String> {
         let mut reported = Instant::now();
@@ -188,7 +188,7 @@ impl<B: AutodiffBackend> Local for InProcess<B> {
                 &mut on_step,
             )
             .await?;
-        if stop.load(Ordering::Relaxed) {
+        if stop.get() {
             return Ok(None);
         }
         // What the round depended on beyond θ and the data: committed to before encoding

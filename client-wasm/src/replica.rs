@@ -6,8 +6,6 @@
 //! schedule and clipping at the run's global step `round · H + s`. The batch losses are summed
 //! on the device and read back once, with the parameters, at the end of the round.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use burn::prelude::ElementConversion;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -19,17 +17,9 @@ use swarmtrain_shared::params::{self, ParamsError};
 use swarmtrain_shared::protocol::{ModelConfig, ModelSpec};
 use swarmtrain_shared::train::DigitsBatch;
 
+use crate::flag::{Flag, while_paused};
 use crate::platform;
 use web_time::Instant;
-
-/// While `pause` is set (and `stop` is not), waits a quarter second and returns true.
-async fn paused(pause: &AtomicBool, stop: &AtomicBool) -> bool {
-    if pause.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-        platform::sleep(std::time::Duration::from_millis(250)).await;
-        return true;
-    }
-    false
-}
 
 /// A replica of a run's model with its optimizer state, kept across rounds. One per peer, so
 /// the variants' sizes do not matter.
@@ -119,8 +109,9 @@ impl<B: AutodiffBackend> Replica<B> {
     /// Trains one round from `start` (the round's global θ) at global step `first_step`: at
     /// most `steps` steps of `batch` examples for the digits, one step per `batch` windows of
     /// `data` for the language model. Waits between steps while `pause` is set (a hidden tab, a
-    /// low battery). Stops early when `stop` is set, and once `until` has passed (after at least one step; on WebGPU the check sees when a step was queued, not
-    /// when the device finished it). `on_step` hears the number of steps taken after each.
+    /// low battery), waking the moment it is cleared. Stops early when `stop` is set, and once
+    /// `until` has passed (after at least one step, even while paused; on WebGPU the check sees
+    /// when a step was queued, not when the device finished it). `on_step` hears the number of steps taken after each.
     #[allow(clippy::too_many_arguments)]
     pub async fn train_round(
         &mut self,
@@ -129,8 +120,8 @@ impl<B: AutodiffBackend> Replica<B> {
         data: &RoundData,
         steps: u32,
         batch: u32,
-        stop: &AtomicBool,
-        pause: &AtomicBool,
+        stop: &Flag,
+        pause: &Flag,
         until: Option<Instant>,
         on_step: &mut impl FnMut(u32),
     ) -> Result<LocalRound, String> {
@@ -157,8 +148,9 @@ impl<B: AutodiffBackend> Replica<B> {
                 trainer.load(start).map_err(load)?;
                 trainer.seek(first_step);
                 let mut sampler = BatchSampler::new(shard.len(), batch as usize, *sampler_seed);
-                while taken < steps && !stop.load(Ordering::Relaxed) && !out_of_time(taken) {
-                    if paused(pause, stop).await {
+                while taken < steps && !stop.get() && !out_of_time(taken) {
+                    if pause.get() {
+                        while_paused(pause, stop, until.filter(|_| taken > 0)).await;
                         continue;
                     }
                     let batch = DigitsBatch::draw(shard, &mut sampler);
@@ -178,11 +170,10 @@ impl<B: AutodiffBackend> Replica<B> {
                 trainer.load(start).map_err(load)?;
                 trainer.seek(first_step);
                 for batch in TextBatch::of_round(text, window, batch).take(steps as usize) {
-                    while !stop.load(Ordering::Relaxed)
-                        && !out_of_time(taken)
-                        && paused(pause, stop).await
-                    {}
-                    if stop.load(Ordering::Relaxed) || out_of_time(taken) {
+                    while pause.get() && !stop.get() && !out_of_time(taken) {
+                        while_paused(pause, stop, until.filter(|_| taken > 0)).await;
+                    }
+                    if stop.get() || out_of_time(taken) {
                         break;
                     }
                     accumulate(&mut sum, trainer.step(&batch));

@@ -10,8 +10,6 @@
 //! a verifier fails, and a drawn share of those it verifies, and bans a verifier whose replay
 //! contradicts its own (see `relay/src/coordinator.rs`, `settle_report`).
 
-use std::sync::atomic::Ordering;
-
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 use swarmtrain_shared::Identity;
@@ -105,7 +103,7 @@ async fn session<B: AutodiffBackend>(
         peer: identity.peer().to_hex(),
         transport: session.transport.clone(),
     });
-    while !config.stop.load(Ordering::Relaxed) && config.max_rounds.is_none_or(|max| *done < max) {
+    while !config.stop.get() && config.max_rounds.is_none_or(|max| *done < max) {
         let ask = ClientToRelay::Verify {
             run_id: session.spec.run_id.clone(),
         };

@@ -14,6 +14,10 @@
 //! On start, the record names the last announced round and its checkpoint; the ledger's updates
 //! for that round are submitted again, through the same checks as live ones.
 //!
+//! A write that fails (a full or failing disk) is an error to its caller: the update is refused,
+//! the round is not announced. The database is then opened again for the next write ([`Db`]),
+//! so the relay recovers when the disk does.
+//!
 //! The round history is one row per round in its own table, written in the transaction that
 //! switches the run record: a round's close costs the same at round 10 as at round 100,000
 //! (the record used to carry the whole history and was rewritten every round: 6.7 KB of file
@@ -22,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use anyhow::Context;
 use object_store::local::LocalFileSystem;
@@ -231,7 +235,7 @@ fn signed_update(entry: &LedgerEntry) -> anyhow::Result<Update> {
 }
 
 /// Fills the credits table from the ledger: a data directory written before credits existed.
-fn backfill_credits(db: &Database) -> anyhow::Result<()> {
+fn backfill_credits(db: &Db) -> anyhow::Result<()> {
     let mut credits: BTreeMap<(String, [u8; 32]), Credit> = BTreeMap::new();
     {
         let tx = db.begin_read()?;
@@ -268,9 +272,80 @@ fn backfill_credits(db: &Database) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The run database, opened again after a failed write. Once a write hits an I/O error (a full
+/// or failing disk) redb refuses every later transaction (`PreviousIo`) until the database is
+/// closed and opened again, which repairs it; without this, a moment of a full disk would leave
+/// the relay refusing every update and never announcing a round until it was restarted. What
+/// failed stays failed (its caller got the error); what comes after works again as soon as the
+/// disk does.
+struct Db {
+    open: Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>,
+    /// `None` while a reopening failed (the next transaction tries again); the generation
+    /// counts reopenings, so that threads that saw the same failure reopen once.
+    current: RwLock<(Option<Database>, u64)>,
+}
+
+impl Db {
+    fn new(
+        open: impl Fn() -> Result<Database, redb::DatabaseError> + Send + Sync + 'static,
+    ) -> anyhow::Result<Self> {
+        let db = open()?;
+        Ok(Self {
+            open: Box::new(open),
+            current: RwLock::new((Some(db), 0)),
+        })
+    }
+
+    fn begin_read(&self) -> anyhow::Result<redb::ReadTransaction> {
+        self.begin(Database::begin_read)
+    }
+
+    fn begin_write(&self) -> anyhow::Result<redb::WriteTransaction> {
+        self.begin(Database::begin_write)
+    }
+
+    /// Begins a transaction, reopening the database first when an earlier write failed.
+    fn begin<T>(
+        &self,
+        begin: impl Fn(&Database) -> Result<T, redb::TransactionError>,
+    ) -> anyhow::Result<T> {
+        let generation = {
+            let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+            match &current.0 {
+                Some(db) => match begin(db) {
+                    Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
+                        current.1
+                    }
+                    other => return Ok(other?),
+                },
+                None => current.1,
+            }
+        };
+        self.reopen(generation)?;
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        let db = current.0.as_ref().context("the run database is closed")?;
+        Ok(begin(db)?)
+    }
+
+    /// Closes and opens the database again, unless another thread already did since
+    /// `generation`. redb holds the file's lock until the old database is dropped.
+    fn reopen(&self, generation: u64) -> anyhow::Result<()> {
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if current.1 != generation {
+            return Ok(());
+        }
+        current.0 = None;
+        current.1 += 1;
+        let db = (self.open)().context("opening the run database again after a failed write")?;
+        tracing::warn!("the run database was opened again after a failed write");
+        current.0 = Some(db);
+        Ok(())
+    }
+}
+
 /// The relay's durable storage for its runs.
 pub struct Store {
-    db: Database,
+    db: Db,
     objects: Arc<dyn ObjectStore>,
     keep: usize,
     retention: Retention,
@@ -334,8 +409,21 @@ impl Store {
     /// Opens the database in `data_dir` with checkpoints in `objects` (any object store).
     pub fn open_with(data_dir: &Path, objects: Arc<dyn ObjectStore>) -> anyhow::Result<Self> {
         let path = data_dir.join("state.redb");
-        let db = Database::create(&path)
-            .with_context(|| format!("opening the run database {}", path.display()))?;
+        let db = Db::new(move || Database::create(&path))
+            .with_context(|| format!("opening the run database in {}", data_dir.display()))?;
+        Self::open_on(db, objects)
+    }
+
+    /// Opens the database that `open` opens (tests give it a disk that fails on demand).
+    #[cfg(test)]
+    pub(crate) fn open_with_database(
+        open: impl Fn() -> Result<Database, redb::DatabaseError> + Send + Sync + 'static,
+        objects: Arc<dyn ObjectStore>,
+    ) -> anyhow::Result<Self> {
+        Self::open_on(Db::new(open)?, objects)
+    }
+
+    fn open_on(db: Db, objects: Arc<dyn ObjectStore>) -> anyhow::Result<Self> {
         let tx = db.begin_write()?;
         tx.open_table(RUNS)?;
         tx.open_table(LEDGER)?;
@@ -725,7 +813,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -862,6 +950,114 @@ mod tests {
                 .expect("sign"),
             payload,
         }
+    }
+
+    /// A disk that fails every write, resize and sync while `full` is set (as a full disk
+    /// does), under the real redb file.
+    #[derive(Debug)]
+    pub(crate) struct FailingDisk {
+        file: redb::backends::FileBackend,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FailingDisk {
+        /// Opens the database `path` on a disk that fails while `full` is set.
+        pub(crate) fn database(
+            path: std::path::PathBuf,
+            full: Arc<std::sync::atomic::AtomicBool>,
+        ) -> impl Fn() -> Result<Database, redb::DatabaseError> + Send + Sync + 'static {
+            move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                let disk = FailingDisk {
+                    file: redb::backends::FileBackend::new(file)?,
+                    full: full.clone(),
+                };
+                Database::builder().create_with_backend(disk)
+            }
+        }
+
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "no space left on device",
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FailingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            self.file.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+    }
+
+    /// A write that fails on a full disk is an error to its caller, and the store takes writes
+    /// again once the disk does (redb alone would refuse every later one until reopened), with
+    /// nothing that was acknowledged lost.
+    #[test]
+    fn a_failed_write_is_an_error_and_the_store_writes_again_once_the_disk_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path = dir.path().join("state.redb");
+        let open = || {
+            Store::open_with_database(
+                FailingDisk::database(path.clone(), full.clone()),
+                Arc::new(object_store::memory::InMemory::new()),
+            )
+            .expect("open")
+        };
+        let store = open();
+        let peer = PeerKey([1; 32]);
+        store
+            .record_update("run", &peer, &entry(0, vec![1; 10]), 8)
+            .expect("recorded");
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            store
+                .record_update("run", &peer, &entry(1, vec![2; 10]), 8)
+                .is_err(),
+            "a write the disk refuses is an error"
+        );
+        full.store(false, std::sync::atomic::Ordering::SeqCst);
+        store
+            .record_update("run", &peer, &entry(2, vec![3; 10]), 8)
+            .expect("the store writes again once the disk does");
+        let rounds = |store: &Store| -> Vec<u64> {
+            (0..3)
+                .filter(|r| !store.updates("run", *r).expect("ledger").is_empty())
+                .collect()
+        };
+        assert_eq!(rounds(&store), vec![0, 2], "the refused write left nothing");
+        assert_eq!(
+            store.credits("run").expect("credits")[0].1.samples,
+            16,
+            "credit for the two acknowledged updates"
+        );
+        drop(store);
+        let reopened = open();
+        assert_eq!(rounds(&reopened), vec![0, 2], "durable across a restart");
     }
 
     #[test]

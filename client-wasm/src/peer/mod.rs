@@ -14,7 +14,6 @@ mod events;
 mod session;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use burn::tensor::backend::AutodiffBackend;
@@ -23,8 +22,8 @@ use swarmtrain_shared::data;
 use swarmtrain_shared::protocol::{ParamsHash, PayloadRef, Role, RoundAnnouncement, Update};
 use web_time::Instant;
 
+use crate::Flag;
 use crate::local::{InProcess, Local, SampleJob, TrainJob, TrainedRound};
-use crate::platform;
 use crate::replica::RoundData;
 use crate::rpc::RpcError;
 pub use events::{DirectPeer, PeerEvent, ThetaPeer};
@@ -63,10 +62,10 @@ pub struct PeerConfig {
     /// [`PeerEvent::Sample`] (0: none).
     pub sample_len: usize,
     /// Set to stop the peer after its current step.
-    pub stop: Arc<AtomicBool>,
+    pub stop: Arc<Flag>,
     /// While set, the peer waits between training steps (the page sets it for a hidden tab
     /// or a low battery); the round's deadline still cuts the round short.
-    pub pause: Arc<AtomicBool>,
+    pub pause: Arc<Flag>,
     /// Failed attempts in a row (to reach, join or talk to the relay) after which the peer
     /// gives up and returns the error (None: it keeps trying, [`RETRY_FIRST`] apart at first and
     /// at most [`RETRY_MAX`]).
@@ -146,18 +145,6 @@ pub fn retry_delay(attempt: u32) -> Duration {
         Err(_) => 1.0,
     };
     ceiling.mul_f64(0.5 + 0.5 * jitter)
-}
-
-/// Sleeps for `delay`, waking early when `stop` is set.
-async fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
-    let until = Instant::now() + delay;
-    while !stop.load(Ordering::Relaxed) {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        platform::sleep(left.min(Duration::from_millis(200))).await;
-    }
 }
 
 /// Inner steps to plan for a round: all `h` until the device's speed is known, then as many as
@@ -258,7 +245,7 @@ pub(crate) async fn back_off(
     reconnecting: impl FnOnce(u32, u64, String),
 ) -> Result<bool, PeerError> {
     *failures += 1;
-    if config.stop.load(Ordering::Relaxed)
+    if config.stop.get()
         || !error.is_transient()
         || config.max_retries.is_some_and(|max| *failures > max)
     {
@@ -266,8 +253,7 @@ pub(crate) async fn back_off(
     }
     let delay = retry_delay(*failures);
     reconnecting(*failures, delay.as_millis() as u64, error.to_string());
-    sleep_unless_stopped(delay, &config.stop).await;
-    Ok(!config.stop.load(Ordering::Relaxed))
+    Ok(!config.stop.sleep_unless_set(delay).await)
 }
 
 /// One connection's worth of [`run`]: joins (then sets `failures` back to 0) and trains until
@@ -323,7 +309,7 @@ async fn train_session<L: Local, E: FnMut(PeerEvent)>(
     rounds.carried.unsent = None;
 
     let mut direct = None;
-    while !config.stop.load(Ordering::Relaxed) && !rounds.finished() {
+    while !config.stop.get() && !rounds.finished() {
         let round = announcement.round;
         let start = rounds.start(&announcement, via).await?;
         let Some(trained) = rounds.train(&announcement, announced_at, &start).await? else {
@@ -503,7 +489,7 @@ impl<L: Local, E: FnMut(PeerEvent)> Rounds<'_, L, E> {
             privacy: spec.privacy.clone(),
         };
         let (stop, pause) = (&self.config.stop, &self.config.pause);
-        let paused_before = pause.load(Ordering::Relaxed);
+        let paused_before = pause.get();
         let training = Instant::now();
         let emit = &mut *self.emit;
         let trained = self
@@ -519,11 +505,11 @@ impl<L: Local, E: FnMut(PeerEvent)> Rounds<'_, L, E> {
             })
             .await
             .map_err(PeerError::Train)?;
-        let Some(trained) = trained.filter(|_| !stop.load(Ordering::Relaxed)) else {
+        let Some(trained) = trained.filter(|_| !stop.get()) else {
             return Ok(None);
         };
         // A round that was paused says nothing about the device's speed.
-        if trained.steps > 0 && !paused_before && !pause.load(Ordering::Relaxed) {
+        if trained.steps > 0 && !paused_before && !pause.get() {
             let measured = training.elapsed().as_secs_f64() * 1e3 / f64::from(trained.steps);
             let step_ms = &mut self.carried.step_ms;
             *step_ms = Some(step_ms.map_or(measured, |old| 0.5 * old + 0.5 * measured));

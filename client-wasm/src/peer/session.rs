@@ -2,7 +2,6 @@
 //! agreement, the direct links to other browsers, each round's announcement, θ and data, and
 //! the update, reveal and audit messages (mended and sent again when the relay asks).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,7 +17,6 @@ use web_time::Instant;
 
 use super::{
     DirectPeer, MAX_TRIES, POLL_AFTER, PeerConfig, PeerError, PeerEvent, ThetaPeer, retry_delay,
-    sleep_unless_stopped,
 };
 use crate::platform;
 use crate::rpc::RelayClient;
@@ -486,7 +484,7 @@ impl Session {
         };
         let round = *round;
         // The relay replays language-model rounds only.
-        if config.stop.load(Ordering::Relaxed) || self.spec.model.lm_config().is_none() {
+        if config.stop.get() || self.spec.model.lm_config().is_none() {
             return Ok(());
         }
         let wait = Duration::from_millis(self.spec.round_deadline_ms) + Duration::from_secs(60);
@@ -499,7 +497,7 @@ impl Session {
                 }
             }
         };
-        let stopped = sleep_unless_stopped(wait, &config.stop);
+        let stopped = config.stop.sleep_unless_set(wait);
         futures::pin_mut!(next, stopped);
         if let futures::future::Either::Left((Some(announcement), _)) =
             futures::future::select(next, stopped).await

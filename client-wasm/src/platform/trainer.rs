@@ -7,7 +7,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use js_sys::Function;
@@ -16,6 +15,7 @@ use tsify_next::Tsify;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
 
+use crate::Flag;
 use crate::peer::{self, PeerConfig, PeerEvent};
 use crate::webrtc::IceServer;
 
@@ -116,8 +116,8 @@ pub struct Trainer {
     peer: String,
     seed: zeroize::Zeroizing<[u8; 32]>,
     listeners: Listeners,
-    stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
+    stop: Arc<Flag>,
+    pause: Arc<Flag>,
     started: bool,
 }
 
@@ -171,8 +171,8 @@ impl Trainer {
             peer,
             seed,
             listeners: Listeners::default(),
-            stop: Arc::new(AtomicBool::new(false)),
-            pause: Arc::new(AtomicBool::new(false)),
+            stop: Arc::default(),
+            pause: Arc::default(),
             started: false,
         })
     }
@@ -264,7 +264,7 @@ impl Trainer {
 
     /// Stops training after the current step (a `stopped` event follows).
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.set(true);
     }
 
     /// Pauses training between steps (`true`) or resumes it (`false`): for a hidden tab or a
@@ -272,7 +272,7 @@ impl Trainer {
     /// sent with the steps done (none: the round is missed).
     #[wasm_bindgen(js_name = setPaused)]
     pub fn set_paused(&self, paused: bool) {
-        self.pause.store(paused, Ordering::Relaxed);
+        self.pause.set(paused);
     }
 
     /// This browser's peer key (hex BLAKE3 of its ML-DSA-65 public key).

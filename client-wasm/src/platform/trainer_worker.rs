@@ -6,8 +6,6 @@
 //! between steps, while a round trains.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use futures::channel::mpsc;
@@ -22,6 +20,7 @@ use web_sys::{
     DedicatedWorkerGlobalScope, ErrorEvent, MessageEvent, Worker, WorkerOptions, WorkerType,
 };
 
+use crate::Flag;
 use crate::local::{InProcess, Local, SampleJob, TrainJob, TrainedRound};
 
 /// What the page asks of its worker.
@@ -84,8 +83,8 @@ impl Backend {
     async fn handle(
         &mut self,
         request: ToTrainer,
-        stop: &AtomicBool,
-        pause: &AtomicBool,
+        stop: &Flag,
+        pause: &Flag,
         post: &dyn Fn(FromTrainer),
     ) -> FromTrainer {
         let mut progress = |steps| post(FromTrainer::Progress(steps));
@@ -123,16 +122,16 @@ pub fn run_trainer() -> Result<(), JsError> {
     let scope: DedicatedWorkerGlobalScope = js_sys::global()
         .dyn_into()
         .map_err(|_| JsError::new("runTrainer runs in a dedicated worker"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let pause = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Flag::default());
+    let pause = Arc::new(Flag::default());
     // The page waits for each answer before it asks again: a few requests in flight at most.
     let (mut requests_tx, mut requests) = mpsc::channel::<ToTrainer>(4);
     let on_message = {
         let (stop, pause, scope) = (stop.clone(), pause.clone(), scope.clone());
         Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
             match decode::<ToTrainer>(&event) {
-                Some(ToTrainer::Pause(p)) => pause.store(p, Ordering::Relaxed),
-                Some(ToTrainer::Stop(s)) => stop.store(s, Ordering::Relaxed),
+                Some(ToTrainer::Pause(p)) => pause.set(p),
+                Some(ToTrainer::Stop(s)) => stop.set(s),
                 Some(request) => {
                     if requests_tx.try_send(request).is_err() {
                         let _ = scope.post_message(&encode(&FromTrainer::Failed(
@@ -322,33 +321,40 @@ impl Local for TrainerWorker {
     async fn train_round(
         &mut self,
         job: TrainJob,
-        stop: &AtomicBool,
-        pause: &AtomicBool,
+        stop: &Flag,
+        pause: &Flag,
         progress: &mut impl FnMut(u32),
     ) -> Result<Option<TrainedRound>, String> {
-        let mut sent = (stop.load(Ordering::Relaxed), pause.load(Ordering::Relaxed));
+        let mut sent = (stop.get(), pause.get());
         self.post(&ToTrainer::Stop(sent.0))?;
         self.post(&ToTrainer::Pause(sent.1))?;
         self.post(&ToTrainer::Train(job))?;
-        // While the round trains, pass on what the page decides (a hidden tab, a stop).
+        // While the round trains, pass on what the page decides (a hidden tab, a stop) the
+        // moment it does.
         let answer = loop {
-            let tick = super::sleep(Duration::from_millis(100)).fuse();
-            futures::pin_mut!(tick);
-            futures::select! {
+            let stopped = stop.becomes(!sent.0).fuse();
+            let paused = pause.becomes(!sent.1).fuse();
+            futures::pin_mut!(stopped, paused);
+            let changed = futures::select! {
                 answer = self.answers.next() => match answer {
-                    Some(FromTrainer::Progress(steps)) => progress(steps),
+                    Some(FromTrainer::Progress(steps)) => {
+                        progress(steps);
+                        false
+                    }
                     answer => break answer,
                 },
-                () = tick => {
-                    let now = (stop.load(Ordering::Relaxed), pause.load(Ordering::Relaxed));
-                    if now.0 != sent.0 {
-                        post_to(&self.worker, &ToTrainer::Stop(now.0))?;
-                    }
-                    if now.1 != sent.1 {
-                        post_to(&self.worker, &ToTrainer::Pause(now.1))?;
-                    }
-                    sent = now;
+                () = stopped => true,
+                () = paused => true,
+            };
+            if changed {
+                let now = (stop.get(), pause.get());
+                if now.0 != sent.0 {
+                    post_to(&self.worker, &ToTrainer::Stop(now.0))?;
                 }
+                if now.1 != sent.1 {
+                    post_to(&self.worker, &ToTrainer::Pause(now.1))?;
+                }
+                sent = now;
             }
         };
         match answer {

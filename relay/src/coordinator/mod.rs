@@ -1034,9 +1034,6 @@ impl Coordinator {
         }
     }
 
-    /// Up to `limit` rows of the round history from round `from` on (at most
-    /// [`STATUS_HISTORY`] at once), oldest first: from the store when the relay has one, else
-    /// from the newest rows kept in memory.
     /// `peer`'s credit in this run, if it ever had an update accepted.
     pub async fn credit(&self, peer: &PeerKey) -> Option<Credit> {
         self.state.lock().await.credits.get(peer).cloned()
@@ -1076,6 +1073,9 @@ impl Coordinator {
             .collect())
     }
 
+    /// Up to `limit` rows of the round history from round `from` on (at most
+    /// [`STATUS_HISTORY`] at once), oldest first: from the store when the relay has one, else
+    /// from the newest rows kept in memory.
     pub async fn history(&self, from: u64, limit: usize) -> anyhow::Result<Vec<RoundRecord>> {
         let limit = limit.min(STATUS_HISTORY);
         if let Some(store) = &self.store {
@@ -1448,5 +1448,73 @@ mod tests {
         let status = run.status().await;
         assert_eq!((status.round, status.accepted_updates), (1, 2));
         assert_eq!(status.rejected.get("wrong_round"), Some(&1));
+    }
+
+    /// An update whose ledger write fails (a full disk) is refused with `store_failed` and
+    /// counts nowhere, not even toward closing the round; sent again once the disk takes
+    /// writes, it is accepted and the round closes with it.
+    #[tokio::test]
+    async fn an_update_the_disk_cannot_take_is_refused_and_accepted_when_sent_again() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let full = Arc::new(AtomicBool::new(false));
+        let store = crate::store::Store::open_with_database(
+            crate::store::tests::FailingDisk::database(dir.path().join("state.redb"), full.clone()),
+            Arc::new(object_store::memory::InMemory::new()),
+        )
+        .expect("the store opens");
+        let mut spec = digits_run();
+        spec.quorum = 1;
+        let (runs, _announce) =
+            crate::testing::runs_with_store(Some(spec), Some(Arc::new(store))).await;
+        let run = runs.default_run().clone();
+        let wait = Duration::from_secs(1);
+        let mut peer = Peer::new(1);
+        let join = peer.submission(join(), Vec::new());
+        let round0 = match answer(runs.handle(join, peer.conn(), wait).await) {
+            RelayToClient::Welcome(welcome) => welcome
+                .round
+                .verify_from(&run.identity().peer())
+                .expect("signed by the relay"),
+            other => panic!("expected a welcome, got {other:?}"),
+        };
+        let payload = params_to_bytes(&vec![0.01; round0.n_params as usize]);
+        let update = ClientToRelay::Update(Update {
+            run_id: "digits".into(),
+            round: 0,
+            base: round0.params,
+            n_samples: 32,
+            inner_steps: 1,
+            loss: 1.0,
+            codec: protocol::Codec::F32,
+            payload: PayloadRef::of(&payload),
+            state: PayloadRef::of(&[]),
+        });
+
+        full.store(true, Ordering::SeqCst);
+        let refused = peer.submission(update.clone(), payload.clone());
+        match answer(runs.handle(refused, peer.conn(), wait).await) {
+            RelayToClient::Rejected { kind, .. } => assert_eq!(kind, "store_failed"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let status = run.status().await;
+        assert_eq!((status.updates_this_round, status.accepted_updates), (0, 0));
+        assert_eq!(status.rejected.get("store_failed"), Some(&1));
+        run.tick().await;
+        assert_eq!(run.status().await.round, 0, "the round waits for a quorum");
+
+        full.store(false, Ordering::SeqCst);
+        let again = peer.submission(update, payload);
+        match answer(runs.handle(again, peer.conn(), wait).await) {
+            RelayToClient::Accepted { round: 0 } => {}
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+        run.tick().await;
+        let status = run.status().await;
+        assert_eq!((status.round, status.accepted_updates), (1, 1));
+        let credit = run.credit(&peer.identity.peer()).await.expect("a credit");
+        assert_eq!(credit.accepted_updates, 1, "counted once");
     }
 }

@@ -191,14 +191,14 @@ async fn train_on<B: burn::tensor::backend::AutodiffBackend>(
 /// Runs `work` to its end; on SIGINT or SIGTERM sets `stop` (which it watches) and still waits
 /// for it to end.
 async fn until_shutdown<T>(
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &swarmtrain_client::Flag,
     work: impl std::future::Future<Output = Result<T, swarmtrain_client::PeerError>>,
 ) -> anyhow::Result<T> {
     tokio::pin!(work);
     Ok(tokio::select! {
         result = &mut work => result?,
         _ = swarmtrain_net::signal::shutdown() => {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.set(true);
             work.await?
         }
     })
