@@ -1452,9 +1452,10 @@ mod tests {
 
     /// An update whose ledger write fails (a full disk) is refused with `store_failed` and
     /// counts nowhere, not even toward closing the round; sent again once the disk takes
-    /// writes, it is accepted and the round closes with it.
+    /// writes, it is accepted. A round whose record cannot be written is not announced until
+    /// the disk takes writes again, without a restart.
     #[tokio::test]
-    async fn an_update_the_disk_cannot_take_is_refused_and_accepted_when_sent_again() {
+    async fn what_a_full_disk_refuses_is_refused_and_the_run_goes_on_once_it_takes_writes() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1467,8 +1468,9 @@ mod tests {
         .expect("the store opens");
         let mut spec = digits_run();
         spec.quorum = 1;
-        let (runs, _announce) =
+        let (runs, announce) =
             crate::testing::runs_with_store(Some(spec), Some(Arc::new(store))).await;
+        let mut announced = announce.subscribe();
         let run = runs.default_run().clone();
         let wait = Duration::from_secs(1);
         let mut peer = Peer::new(1);
@@ -1511,10 +1513,27 @@ mod tests {
             RelayToClient::Accepted { round: 0 } => {}
             other => panic!("expected Accepted, got {other:?}"),
         }
-        run.tick().await;
-        let status = run.status().await;
-        assert_eq!((status.round, status.accepted_updates), (1, 1));
         let credit = run.credit(&peer.identity.peer()).await.expect("a credit");
         assert_eq!(credit.accepted_updates, 1, "counted once");
+
+        // The disk fails again as the round closes: round 1 cannot be recorded, so it is not
+        // announced; once the disk takes writes, a later tick records and announces it.
+        full.store(true, Ordering::SeqCst);
+        run.tick().await;
+        let status = run.status().await;
+        assert_eq!(status.checkpoint_failures, 1);
+        assert!(announced.try_recv().is_err(), "nothing announced yet");
+        full.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        run.tick().await;
+        let (_, frame) = announced
+            .try_recv()
+            .expect("round 1 announced once durable");
+        let round1 =
+            protocol::verify_gossiped(&frame, run.identity().public_key()).expect("signed");
+        assert_eq!(round1.round, 1);
+        let status = run.status().await;
+        assert_eq!((status.round, status.accepted_updates), (1, 1));
+        assert_eq!(status.checkpoint_failures, 1);
     }
 }
