@@ -37,7 +37,8 @@ pub(crate) fn test(args: &[String]) -> Result {
     //    wasm-bindgen-test-runner reads webdriver.json (the Chromium flags) from the crate dir.
     let mut wasm = cargo();
     wasm.current_dir(root().join("wasm-pack-tests"))
-        // The package's profile, so the dependencies are built once for both.
+        // The package's profile (and, in client-wasm/Cargo.toml, the same web-sys features), so
+        // the dependencies are built once for both.
         .args(["test", "--profile", "wasm", "--target", WASM_TARGET])
         .env(
             "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
