@@ -223,15 +223,15 @@ pub async fn join_raw_as(
 }
 
 /// Runs `count` native peers for `rounds` rounds each and returns the relay's status once the
-/// last round has closed, with each peer's events.
+/// last round has closed, with each peer's events. The peers train only once all have joined
+/// ([`spawn_peers_together`]): a peer that joined late would find round 0 closed by the others
+/// (seen once in CI: its update was refused, `wrong_round`).
 pub async fn train_peers_with_events(
     relay: &Relay,
     count: u8,
     rounds: u64,
 ) -> (Status, Vec<Vec<PeerEvent>>) {
-    let peers: Vec<_> = (1..=count)
-        .map(|id| spawn_peer(relay, id, rounds))
-        .collect();
+    let peers = spawn_peers_together(relay, 1..=count, rounds, usize::from(count));
     let mut events = Vec::new();
     for peer in peers {
         let (trained, peer_events) = tokio::time::timeout(Duration::from_secs(600), peer.finish())

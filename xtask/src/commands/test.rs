@@ -71,3 +71,39 @@ pub(crate) fn test(args: &[String]) -> Result {
             .env("SWARMTRAIN_ROOT", root()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    /// The features of web-sys that a manifest's `web-sys = { … features = […] }` lines name.
+    fn web_sys_features(manifest: &str) -> Vec<String> {
+        manifest
+            .lines()
+            .filter(|line| line.trim_start().starts_with("web-sys"))
+            .filter_map(|line| line.split_once("features = [").map(|(_, rest)| rest))
+            .flat_map(|rest| rest.split(']').next().unwrap_or_default().split(','))
+            .map(|feature| feature.trim().trim_matches('"').to_owned())
+            .filter(|feature| !feature.is_empty())
+            .collect()
+    }
+
+    /// The wasm suites reuse the package's build only while they ask web-sys for no feature
+    /// the package does not: another feature set rebuilds Burn, wgpu and libp2p for wasm (3 min
+    /// 37 s of a cold run, measured).
+    #[test]
+    fn the_wasm_suites_ask_web_sys_for_no_feature_the_package_lacks() {
+        let read = |path: &str| {
+            std::fs::read_to_string(super::root().join(path)).expect("a manifest of the workspace")
+        };
+        let package = web_sys_features(&read("client-wasm/Cargo.toml"));
+        let suites = web_sys_features(&read("wasm-pack-tests/Cargo.toml"));
+        assert!(
+            package.contains(&"RtcPeerConnection".to_owned()),
+            "{package:?}"
+        );
+        let missing: Vec<&String> = suites.iter().filter(|f| !package.contains(f)).collect();
+        assert!(
+            missing.is_empty(),
+            "add {missing:?} to client-wasm's web-sys features"
+        );
+    }
+}

@@ -29,7 +29,31 @@ pub(crate) fn target_dir() -> PathBuf {
 pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root());
+    // What cargo set for this xtask process itself is not passed on: ring's build script reruns
+    // when `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME` changes, and with it ring and every crate
+    // above it (rustls, libp2p, webrtc, the workspace) were rebuilt whenever the checkout's path
+    // changed (CI clones afresh) or cargo had run without the xtask in between.
+    for (key, _) in env::vars_os() {
+        if key.to_str().is_some_and(set_for_the_xtask) {
+            cmd.env_remove(key);
+        }
+    }
     cmd
+}
+
+/// Whether `variable` is one cargo sets for the binary it runs (here the xtask), as opposed to
+/// one it reads (`CARGO_TARGET_DIR`, `CARGO_HOME`, …).
+fn set_for_the_xtask(variable: &str) -> bool {
+    variable.starts_with("CARGO_PKG_")
+        || matches!(
+            variable,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+        )
 }
 
 pub(crate) fn status(cmd: &mut Command) -> Result {
@@ -103,4 +127,26 @@ pub(crate) fn compressed_sizes(path: &std::path::Path) -> Result<(u64, u64)> {
             .map_err(|e| format!("{copy}: {e} (run `cargo xtask build-wasm`)"))
     };
     Ok((size("gz")?, size("br")?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn what_cargo_set_for_the_xtask_stays_behind_and_what_it_reads_goes_on() {
+        for set in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+        ] {
+            assert!(super::set_for_the_xtask(set), "{set}");
+        }
+        for read in [
+            "CARGO_TARGET_DIR",
+            "CARGO_HOME",
+            "CARGO_TERM_COLOR",
+            "CARGO",
+        ] {
+            assert!(!super::set_for_the_xtask(read), "{read}");
+        }
+    }
 }
