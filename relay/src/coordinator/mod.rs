@@ -1327,6 +1327,26 @@ mod tests {
         protocol::decode(&super::encode_answer(answer)).expect("an answer the wire decodes")
     }
 
+    /// An update of the digits run for `round`, trained from `announced`'s θ, whose encoded Δ
+    /// is `payload`.
+    fn digits_update(
+        round: u64,
+        announced: &protocol::RoundAnnouncement,
+        payload: &[u8],
+    ) -> ClientToRelay {
+        ClientToRelay::Update(Update {
+            run_id: "digits".into(),
+            round,
+            base: announced.params,
+            n_samples: 32,
+            inner_steps: 1,
+            loss: 1.0,
+            codec: protocol::Codec::F32,
+            payload: PayloadRef::of(payload),
+            state: PayloadRef::of(&[]),
+        })
+    }
+
     fn join() -> ClientToRelay {
         ClientToRelay::Join(Join {
             version: PROTOCOL_VERSION,
@@ -1411,19 +1431,7 @@ mod tests {
 
         // A late or wrong update is refused with its reason and counts nowhere.
         let payload = params_to_bytes(&vec![0.01; round0.n_params as usize]);
-        let update = |round| {
-            ClientToRelay::Update(Update {
-                run_id: "digits".into(),
-                round,
-                base: round0.params,
-                n_samples: 32,
-                inner_steps: 1,
-                loss: 1.0,
-                codec: protocol::Codec::F32,
-                payload: PayloadRef::of(&payload),
-                state: PayloadRef::of(&[]),
-            })
-        };
+        let update = |round| digits_update(round, &round0, &payload);
         let wrong = peers[0].submission(update(7), payload.clone());
         match answer(runs.handle(wrong, peers[0].conn(), wait).await) {
             RelayToClient::Rejected { kind, .. } => assert_eq!(kind, "wrong_round"),
@@ -1483,17 +1491,7 @@ mod tests {
             other => panic!("expected a welcome, got {other:?}"),
         };
         let payload = params_to_bytes(&vec![0.01; round0.n_params as usize]);
-        let update = ClientToRelay::Update(Update {
-            run_id: "digits".into(),
-            round: 0,
-            base: round0.params,
-            n_samples: 32,
-            inner_steps: 1,
-            loss: 1.0,
-            codec: protocol::Codec::F32,
-            payload: PayloadRef::of(&payload),
-            state: PayloadRef::of(&[]),
-        });
+        let update = digits_update(0, &round0, &payload);
 
         full.store(true, Ordering::SeqCst);
         let refused = peer.submission(update.clone(), payload.clone());
