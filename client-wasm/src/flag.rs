@@ -108,24 +108,24 @@ mod tests {
         flag.becomes(true).await;
     }
 
+    /// `while_paused` with no deadline, on a task of its own.
+    fn paused_wait(pause: &Arc<Flag>, stop: &Arc<Flag>) -> tokio::task::JoinHandle<()> {
+        let (pause, stop) = (pause.clone(), stop.clone());
+        tokio::spawn(async move { while_paused(&pause, &stop, None).await })
+    }
+
     #[tokio::test]
     async fn a_paused_wait_ends_on_resume_stop_or_deadline() {
         let (pause, stop) = (Arc::new(Flag::new(true)), Arc::new(Flag::default()));
         let soon = Instant::now() + Duration::from_millis(30);
         while_paused(&pause, &stop, Some(soon)).await;
         assert!(Instant::now() >= soon, "the deadline ends the wait");
-        let waiter = tokio::spawn({
-            let (pause, stop) = (pause.clone(), stop.clone());
-            async move { while_paused(&pause, &stop, None).await }
-        });
+        let waiter = paused_wait(&pause, &stop);
         tokio::task::yield_now().await;
         stop.set(true);
         waiter.await.expect("a stop ends the wait");
         stop.set(false);
-        let waiter = tokio::spawn({
-            let (pause, stop) = (pause.clone(), stop.clone());
-            async move { while_paused(&pause, &stop, None).await }
-        });
+        let waiter = paused_wait(&pause, &stop);
         tokio::task::yield_now().await;
         pause.set(false);
         waiter.await.expect("a resume ends the wait");
