@@ -9,6 +9,7 @@
 //! [`platform`] is the only module that knows which target it is compiled for.
 
 pub mod bench;
+pub mod edge;
 pub mod flag;
 pub mod local;
 pub mod peer;

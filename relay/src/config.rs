@@ -66,6 +66,13 @@ pub struct ServeOptions {
     /// data directory's checkpoints/.
     #[arg(long, env = "SWARMTRAIN_CHECKPOINT_STORE")]
     pub checkpoint_store: Option<String>,
+    /// Serve as an edge of a federation: the HTTP base URL of the root relay
+    /// (`http://root.example:8080/`) whose runs this relay's runs follow. The edge's runs must
+    /// be the root's (the same run options): it checks, admits and forwards its peers'
+    /// messages there and serves the root's rounds and θ to them; the root closes every round.
+    /// Default: none (the relay owns its runs).
+    #[arg(long, env = "SWARMTRAIN_UPSTREAM")]
+    pub upstream: Option<String>,
     /// Checkpoints kept per run in the data directory (older ones are deleted). Default: 10.
     #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<usize>,
@@ -607,7 +614,7 @@ impl ServeOptions {
     /// [`Self::merge`], and the names of the top-level fields it merged.
     fn merge_fields(mut self, file: Self) -> (Self, &'static [&'static str]) {
         let merged = merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
-            checkpoint_store, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
+            checkpoint_store, upstream, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
             check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
             replay_tolerance, verifier_timeout_secs, verifier_spot_check, aggregation_backend,
@@ -722,6 +729,7 @@ impl ServeOptions {
             aggregation: self.aggregation_backend.unwrap_or(defaults.aggregation),
             keep_checkpoints: self.keep_checkpoints.unwrap_or(defaults.keep_checkpoints),
             checkpoint_store: self.checkpoint_store,
+            upstream: self.upstream,
             retention: store::Retention {
                 history_rounds: self.history_retention_rounds,
                 ledger_rounds: self.ledger_retention_rounds,
@@ -794,7 +802,7 @@ mod tests {
         use super::defaults as d;
         use crate::RelayConfig;
 
-        const PROSE: &[&str] = &["checkpoint_store", "external_address"];
+        const PROSE: &[&str] = &["checkpoint_store", "external_address", "upstream"];
         let c = RelayConfig::default();
         let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_owned());
         let expected: Vec<(&str, String)> = vec![

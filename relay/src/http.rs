@@ -766,6 +766,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         crate::p2p::CIRCUIT_BYTES,
         state.network.circuits_cut()
     );
+    let (rpc_in, rpc_out) = state.network.rpc_bytes();
+    let _ = writeln!(
+        out,
+        "# HELP swarmtrain_rpc_received_bytes_total Bytes of request frames received over \
+         libp2p request-response.\n# TYPE swarmtrain_rpc_received_bytes_total counter\n\
+         swarmtrain_rpc_received_bytes_total {rpc_in}\n\
+         # HELP swarmtrain_rpc_sent_bytes_total Bytes of response frames sent over libp2p \
+         request-response.\n# TYPE swarmtrain_rpc_sent_bytes_total counter\n\
+         swarmtrain_rpc_sent_bytes_total {rpc_out}"
+    );
     let (gossip_sent, gossip_to_mesh) = state.network.gossip_copies();
     let _ = writeln!(
         out,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod coordinator;
 pub mod corpus;
 pub mod dataset;
+pub mod federation;
 pub mod http;
 pub mod limits;
 pub mod ops;
@@ -101,6 +102,9 @@ pub struct RelayConfig {
     pub replays: checks::ReplayPolicy,
     /// Public addresses, TLS, CORS and ICE servers: the relay on the internet.
     pub public: public::PublicConfig,
+    /// The HTTP base URL of the root relay this relay is an edge of, for every run it has
+    /// ([`federation`]); `None`: the relay owns its runs.
+    pub upstream: Option<String>,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -210,6 +214,7 @@ impl Default for RelayConfig {
                 turn_ttl_secs: public::TURN_TTL_SECS,
                 ..Default::default()
             },
+            upstream: None,
         }
     }
 }
@@ -376,13 +381,15 @@ impl Relay {
                     due: due.clone(),
                 },
             );
-            coordinators.push(Arc::new(
-                coordinator
-                    .await
-                    .with_context(|| format!("opening run {:?}", spec.run_id))?
-                    .with_checks(config.checks)
-                    .with_replays(config.replays, Some(strike_tx.clone())),
-            ));
+            let coordinator = coordinator
+                .await
+                .with_context(|| format!("opening run {:?}", spec.run_id))?
+                .with_checks(config.checks)
+                .with_replays(config.replays, Some(strike_tx.clone()));
+            coordinators.push(Arc::new(match config.upstream {
+                Some(_) => coordinator.as_edge(),
+                None => coordinator,
+            }));
         }
         let runs = Arc::new(
             Runs::new(coordinators, config.require_sealed)
@@ -531,6 +538,17 @@ impl Relay {
             strike_rx,
             shutdown_rx.clone(),
         )));
+        // An edge follows its root's rounds, one task per run.
+        if let Some(root) = &config.upstream {
+            for run in runs.iter() {
+                let (run, root, shutdown) = (run.clone(), root.clone(), shutdown_rx.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = federation::follow(run, root, shutdown).await {
+                        tracing::error!(error = %e, "this edge relay cannot follow its root");
+                    }
+                }));
+            }
+        }
         // The round timer: closes due rounds (every 100 ms, and at once when an accepted update
         // may have completed a quorum). Closes run here, never in a peer's request.
         let timer = runs.clone();

@@ -222,6 +222,9 @@ pub struct Network {
     pub api_shed: std::sync::atomic::AtomicU64,
     gossip_sent: std::sync::atomic::AtomicU64,
     gossip_to_mesh: std::sync::atomic::AtomicU64,
+    /// Bytes of request-response frames received and sent (what a federation's root carries).
+    rpc_bytes_in: std::sync::atomic::AtomicU64,
+    rpc_bytes_out: std::sync::atomic::AtomicU64,
     /// Open connections by the transport they came over.
     by_transport: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
 }
@@ -324,6 +327,12 @@ impl Network {
             self.gossip_sent.load(Relaxed),
             self.gossip_to_mesh.load(Relaxed),
         )
+    }
+
+    /// Bytes of request-response frames received and sent.
+    pub fn rpc_bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.rpc_bytes_in.load(Relaxed), self.rpc_bytes_out.load(Relaxed))
     }
 
     /// Circuits that ended in an error: over [`CIRCUIT_BYTES`] or its time limit, or a side gone.
@@ -498,7 +507,9 @@ pub async fn run(
                     let account = Account::of(&runs, peer);
                     strike(&mut strikes, &mut banned, &runs, &mut swarm, account, Some(peer));
                 }
-                if swarm.behaviour_mut().node.rpc.send_response(channel, encode_answer(answer)).is_err() {
+                let frame = encode_answer(answer);
+                network.rpc_bytes_out.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if swarm.behaviour_mut().node.rpc.send_response(channel, frame).is_err() {
                     tracing::debug!("peer went away before its answer was sent");
                 }
             }
@@ -508,6 +519,7 @@ pub async fn run(
                     connection_id,
                     message: request_response::Message::Request { request, channel, .. },
                 }))) => {
+                    network.rpc_bytes_in.fetch_add(request.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     let runs = runs.clone();
                     let conn = Conn { peer, id: connection_id };
                     let account = Account::of(&runs, peer);

@@ -18,12 +18,12 @@ use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::admission::{ExpiringMap, ReplayGuard};
 use swarmtrain_shared::crypto::{CryptoError, Signed};
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Envelope, Fetch, RefusalKind, RelayToClient, Submission,
+    self, ClientToRelay, Envelope, Fetch, Refusal, RefusalKind, RelayToClient, Submission,
 };
 use swarmtrain_shared::replay::CommittedState;
 use swarmtrain_shared::seal::{self, SessionKeys};
 
-use crate::coordinator::{Answer, Coordinator, RunMessage};
+use crate::coordinator::{Answer, Coordinator, Origin, RunMessage};
 
 /// At most this many identities with unexpired envelopes are tracked (about 100 bytes each);
 /// beyond it new identities are refused with `relay_busy` until old envelopes expire.
@@ -181,6 +181,8 @@ pub use swarmtrain_net::unix_ms;
 enum Addressed {
     KeyOffer(seal::KeyOffer),
     KeyConfirm([u8; 32]),
+    /// An edge relay's peer's message, for run `.0` ([`Runs::forwarded`]).
+    Forward(String),
     Run(RunMessage),
 }
 
@@ -189,6 +191,7 @@ impl From<ClientToRelay> for Addressed {
         Self::Run(match message {
             ClientToRelay::KeyOffer(offer) => return Self::KeyOffer(offer),
             ClientToRelay::KeyConfirm { transcript } => return Self::KeyConfirm(transcript),
+            ClientToRelay::Forward { run_id } => return Self::Forward(run_id),
             ClientToRelay::Join(join) => RunMessage::Join(join),
             ClientToRelay::AwaitRound { run_id, after } => RunMessage::AwaitRound { run_id, after },
             ClientToRelay::Update(update) => RunMessage::Update(update),
@@ -207,6 +210,7 @@ fn run_of(message: &ClientToRelay) -> &str {
         ClientToRelay::Update(update) => &update.run_id,
         ClientToRelay::Reveal(reveal) => &reveal.run_id,
         ClientToRelay::Replayed(replayed) => &replayed.run_id,
+        ClientToRelay::Forward { run_id } => run_id,
         ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => "",
     }
 }
@@ -349,7 +353,8 @@ impl Runs {
     }
 
     /// The longest message any run can use: its largest update, or the committed training
-    /// state a language-model peer reveals for a replay, and the envelope around it.
+    /// state a language-model peer reveals for a replay, and the envelope around it, or the two
+    /// around it when an edge relay forwards it (each signed envelope is about 5.3 KB).
     pub fn max_submission_bytes(&self) -> usize {
         self.by_id
             .values()
@@ -364,7 +369,7 @@ impl Runs {
             })
             .max()
             .unwrap_or(0)
-            + 16 * 1024
+            + 32 * 1024
     }
 
     pub fn default_run(&self) -> &Arc<Coordinator> {
@@ -562,30 +567,13 @@ impl Runs {
             Addressed::KeyConfirm(transcript) => {
                 return self.key_confirm(from, peer, transcript).await;
             }
-        };
-        match &message {
-            RunMessage::Update(_) | RunMessage::Reveal(_) | RunMessage::Replayed(_) => {
-                match self.agreed(&from) {
-                    Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
-                        Ok(opened) => payload = opened,
-                        Err(e) => {
-                            let reason = format!("the sealed payload: {e}");
-                            return Err(self
-                                .default
-                                .reject(Some(peer), RefusalKind::Undecryptable, reason)
-                                .await);
-                        }
-                    },
-                    None if self.require_sealed => {
-                        return Err(self
-                            .default
-                            .reject(Some(peer), RefusalKind::NotSealed, NOT_SEALED.into())
-                            .await);
-                    }
-                    None => {}
-                }
+            Addressed::Forward(run_id) => {
+                let payload = self.opened(&from, peer, seq, payload).await?;
+                return self.forwarded(from, peer, &run_id, payload, max_wait).await;
             }
-            _ => {}
+        };
+        if let RunMessage::Update(_) | RunMessage::Reveal(_) | RunMessage::Replayed(_) = &message {
+            payload = self.opened(&from, peer, seq, payload).await?;
         }
         match self.by_id.get(message.run_id()) {
             Some(run) => {
@@ -616,6 +604,139 @@ impl Runs {
                     .await)
             }
         }
+    }
+
+    /// `payload` of message `seq` from `peer` on `from`'s connection, opened with the
+    /// connection's session keys (as it is when it has none and the relay does not require them).
+    async fn opened(
+        &self,
+        from: &Conn,
+        peer: PeerKey,
+        seq: u64,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, Refusal> {
+        match self.agreed(from) {
+            Some(keys) => match keys.open(&seal::payload_context(seq), &payload) {
+                Ok(opened) => Ok(opened),
+                Err(e) => {
+                    let reason = format!("the sealed payload: {e}");
+                    Err(self
+                        .default
+                        .reject(Some(peer), RefusalKind::Undecryptable, reason)
+                        .await)
+                }
+            },
+            None if self.require_sealed => Err(self
+                .default
+                .reject(Some(peer), RefusalKind::NotSealed, NOT_SEALED.into())
+                .await),
+            None => Ok(payload),
+        }
+    }
+
+    /// A message of one of its peers that edge relay `edge` (joined to run `run_id` as
+    /// [`Role::Edge`]) forwards from `from`'s connection: the peer's [`Submission`], encoded in
+    /// `payload`. Its signature, expiry and sequence number are checked here as for a message
+    /// the peer sent itself (its replay window is kept per identity and edge connection); the
+    /// binding to the peer's own connection and the run's admission were the edge's to check.
+    /// A `Join`, an `Update` or a `Reveal` of the run goes to the run as from [`Origin::Edge`].
+    ///
+    /// What the edge should have caught (a bad signature, a message it may not forward) is
+    /// refused as the edge's own fault, a strike against its connection; what the run refuses
+    /// is answered as a `Rejected` frame that the edge hands to its peer, and counts no strike
+    /// against the edge.
+    async fn forwarded(
+        &self,
+        from: Conn,
+        edge: PeerKey,
+        run_id: &str,
+        payload: Vec<u8>,
+        max_wait: Duration,
+    ) -> Answer {
+        let Some(run) = self.by_id.get(run_id) else {
+            let reason = format!("no run {run_id:?} on this relay");
+            return Err(self
+                .default
+                .reject(Some(edge), RefusalKind::WrongRun, reason)
+                .await);
+        };
+        if !run.is_edge(&edge).await {
+            let reason = format!("join run {run_id:?} as an edge before forwarding to it");
+            return Err(run.reject(Some(edge), RefusalKind::NotJoined, reason).await);
+        }
+        let submission = match protocol::decode_submission(&payload) {
+            Ok(submission) => submission,
+            Err(e) => {
+                let reason = format!("the forwarded submission: {e}");
+                return Err(run.reject(Some(edge), RefusalKind::Malformed, reason).await);
+            }
+        };
+        let digest = seal::digest_signed(&submission.signed);
+        let now = unix_ms();
+        let (peer, envelope) = match submission.signed.verify_and_decode() {
+            Ok(verified) => verified,
+            Err(e) => {
+                let reason = format!("a forwarded message: {e}");
+                return Err(run.reject(Some(edge), RefusalKind::BadSignature, reason).await);
+            }
+        };
+        let message = match Addressed::from(envelope.message) {
+            Addressed::Run(
+                message @ (RunMessage::Join(_) | RunMessage::Update(_) | RunMessage::Reveal(_)),
+            ) if message.run_id() == run_id => message,
+            _ => {
+                let reason = format!(
+                    "an edge forwards only joins, updates and reveals of run {run_id:?}"
+                );
+                return Err(run.reject(Some(edge), RefusalKind::Malformed, reason).await);
+            }
+        };
+        let refused = match self.guard.lock() {
+            Ok(mut guard) => {
+                if guard.verified.get(&digest, now).is_some() {
+                    Some((
+                        RefusalKind::Replayed,
+                        "this exact message was already received".to_owned(),
+                    ))
+                } else if guard.banned.get(&peer, now).is_some() {
+                    Some((
+                        RefusalKind::Banned,
+                        format!("{} is banned for its refused messages", peer.short()),
+                    ))
+                } else {
+                    let until = envelope
+                        .expires_ms
+                        .min(now + protocol::MAX_ENVELOPE_VALIDITY_MS);
+                    guard.remember(digest, until, now);
+                    guard
+                        .replays
+                        .check((peer, from.id), envelope.seq, envelope.expires_ms, now)
+                        .err()
+                        .map(|e| (e.kind(), e.to_string()))
+                }
+            }
+            Err(_) => Some((
+                RefusalKind::Internal,
+                "the relay's replay guard is poisoned".to_owned(),
+            )),
+        };
+        let answer = match refused {
+            Some((kind, reason)) => Err(run.reject(Some(peer), kind, reason).await),
+            None => {
+                run.handle_from(
+                    peer,
+                    message,
+                    submission.signed,
+                    submission.payload,
+                    max_wait,
+                    Origin::Edge,
+                )
+                .await
+            }
+        };
+        Ok(RelayToClient::Forwarded(Box::new(
+            answer.unwrap_or_else(RelayToClient::from),
+        )))
     }
 
     /// A `KeyOffer` from `from`'s connection, signed by `peer` in `signed`: encapsulates to it,

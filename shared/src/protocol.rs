@@ -37,7 +37,10 @@ use crate::seal::{KeyAccept, KeyOffer};
 /// 8: a `Join` names its [`Role`]; volunteer verifiers ask for replays to run (`Verify`,
 /// answered [`RelayToClient::Job`]), fetch the revealed state ([`Fetch::State`]) and send back
 /// the payload their replay gives ([`Replayed`]).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: relays federate: an edge relay joins the root as [`Role::Edge`], is welcomed with a
+/// [`Delegation`] that its own peers' `Welcome` carries, and hands its peers' joins, updates and
+/// reveals to the root in [`ClientToRelay::Forward`].
+pub const PROTOCOL_VERSION: u32 = 9;
 /// How long a peer makes its envelopes valid for (10 minutes: long enough for a large update
 /// to upload in parts on a slow link).
 pub const ENVELOPE_VALIDITY_MS: u64 = 10 * 60_000;
@@ -240,6 +243,13 @@ pub enum ClientToRelay {
     /// A verifier's result: the payload its replay of a [`ReplayJob`] gave travels (sealed) as
     /// the payload. Answered by [`RelayToClient::Accepted`] with the job's round.
     Replayed(Replayed),
+    /// An edge relay (joined with [`Role::Edge`]) hands the root one of its peers' messages: the
+    /// peer's [`Submission`] (its signed envelope and the opened payload), postcard-encoded,
+    /// travels (sealed) as the payload. The root checks the peer's signature, expiry and
+    /// sequence number itself, as for a message sent to it directly (all but the connection
+    /// binding, which the edge checked), and answers as it would answer the peer: a `Join`, an
+    /// `Update` and a `Reveal` may be forwarded.
+    Forward { run_id: String },
 }
 
 /// What a verifier's replay of job `job` gave: the payload (`Some`, named by digest and length),
@@ -260,6 +270,10 @@ pub enum Role {
     /// Replays other peers' rounds for the relay ([`ClientToRelay::Verify`]): no data slot,
     /// never counted among the round's peers.
     Verify,
+    /// An edge relay of a federation joining the root: no data slot, not one of the round's
+    /// peers; it forwards its own peers' messages ([`ClientToRelay::Forward`]) and follows the
+    /// root's announcements.
+    Edge,
 }
 
 /// A replay for a verifier to run: everything a drawn update depended on, besides θ_t (fetched
@@ -487,6 +501,10 @@ pub enum RelayToClient {
     },
     /// A replay for a verifier to run ([`ClientToRelay::Verify`]), or none for now.
     Job(Option<ReplayJob>),
+    /// The root's answer to the message an edge relay forwarded ([`ClientToRelay::Forward`]):
+    /// what the message's sender is to hear. A refusal of the forward itself comes as
+    /// `Rejected`, so that the edge never takes its peer's refusal for its own.
+    Forwarded(Box<RelayToClient>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -498,15 +516,52 @@ pub struct Welcome {
     /// trains on (text runs; see [`crate::text::Shards::shard`]). Fixed per peer for the
     /// relay's life, given out in order of first join.
     pub slot: u32,
+    /// From an edge relay of a federation: the root's statement, signed with the key that
+    /// signs the announcements, that the edge's ML-DSA key speaks for the run on the
+    /// connection (it signs the key exchange). `None` from a relay that owns its run. In the
+    /// root's welcome to an edge ([`Role::Edge`]) it is the edge's own, for the edge to pass on.
+    pub delegation: Option<Signed<Delegation>>,
 }
 
 impl Welcome {
-    /// The relay's ML-DSA-65 public key, which signs every announcement: the key that signed
-    /// `round`. (It is not sent a second time; the `Welcome` arrives over the connection the
-    /// peer dialled, authenticated by the relay's libp2p identity.)
+    /// The ML-DSA-65 public key that signs every announcement of the run: the key that signed
+    /// `round` (the root's, in a federation). (It is not sent a second time; the `Welcome`
+    /// arrives over the connection the peer dialled, authenticated by the relay's libp2p
+    /// identity.)
     pub fn relay_key(&self) -> &[u8] {
         &self.round.public_key
     }
+
+    /// The key that signs the relay's half of a key exchange on this connection: the relay's
+    /// own ([`Self::relay_key`]), or an edge's, when the announcements' key delegated the run
+    /// to it. An error when the delegation does not verify or names another run.
+    pub fn session_key(&self) -> Result<Vec<u8>, CryptoError> {
+        match &self.delegation {
+            None => Ok(self.relay_key().to_vec()),
+            Some(signed) => {
+                let delegation = signed.verify_with_key(self.relay_key())?;
+                if delegation.run_id != self.spec.run_id {
+                    return Err(CryptoError::Decode(format!(
+                        "a delegation for run {:?} in a welcome to run {:?}",
+                        delegation.run_id, self.spec.run_id
+                    )));
+                }
+                Ok(delegation.edge_key)
+            }
+        }
+    }
+}
+
+/// A root relay's statement that an edge relay serves one of its runs: the edge's ML-DSA-65
+/// public key, which signs the key exchanges of the edge's peers. Signed by the root's key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delegation {
+    pub run_id: String,
+    pub edge_key: Vec<u8>,
+}
+
+impl crate::crypto::SigningContext for Delegation {
+    const CONTEXT: &'static [u8] = b"swarmtrain/delegation/v9";
 }
 
 /// The signed announcement that opens a round.
@@ -855,6 +910,25 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
         return Err(WireError::TooLarge(bytes.len()));
     }
     Ok(bytes)
+}
+
+/// Encodes a [`Submission`] that travels inside another message's payload (an edge relay's
+/// [`ClientToRelay::Forward`]): as long as a message may be, not a frame.
+pub fn encode_submission(submission: &Submission) -> Result<Vec<u8>, WireError> {
+    let bytes =
+        postcard::to_allocvec(submission).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::MessageTooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes what [`encode_submission`] encodes, refusing oversized input before parsing.
+pub fn decode_submission(bytes: &[u8]) -> Result<Submission, WireError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::MessageTooLarge(bytes.len()));
+    }
+    postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 /// Decodes one postcard frame, refusing oversized input before parsing.

@@ -117,8 +117,15 @@ pub(crate) struct Session {
     pub(crate) address: String,
     /// The `Join` this session sent, to send again should the relay have forgotten us.
     join: ClientToRelay,
-    /// The relay's ML-DSA-65 public key, which signs every announcement.
+    /// The relay's ML-DSA-65 public key, which signs every announcement (a federation's root's).
     relay_key: Vec<u8>,
+    /// The key that signs the relay's half of key exchanges: `relay_key`, or the key of the
+    /// edge relay the root delegated the run to ([`protocol::Welcome::session_key`]).
+    session_key: Vec<u8>,
+    /// The round the `Welcome` announced, as signed, and the root's delegation to the relay
+    /// when it is an edge (what an edge relay's own link to its root passes on).
+    pub(crate) welcome_round: Signed<RoundAnnouncement>,
+    pub(crate) delegation: Option<Signed<protocol::Delegation>>,
     relay_url: String,
     pub(crate) spec: RunSpec,
     /// This peer's data slot (text runs).
@@ -186,8 +193,16 @@ impl Session {
             _ => return Err(PeerError::Unexpected("join")),
         };
         let relay_key = welcome.relay_key().to_vec();
+        // An edge relay joining its root is handed its own delegation (to show its peers); it
+        // agrees keys with the root itself.
+        let session_key = match role {
+            Role::Edge => relay_key.clone(),
+            _ => welcome
+                .session_key()
+                .map_err(|e| PeerError::Announcement(format!("the relay's delegation: {e}")))?,
+        };
         // From here on, the update payloads and θ chunks on this connection are sealed.
-        client.agree_keys(&relay_key).await?;
+        client.agree_keys(&session_key).await?;
         welcome
             .spec
             .validate()
@@ -205,6 +220,9 @@ impl Session {
             address: dialed,
             join,
             relay_key,
+            session_key,
+            welcome_round: welcome.round.clone(),
+            delegation: welcome.delegation.clone(),
             relay_url: config.relay_url.clone(),
             spec: welcome.spec,
         };
@@ -348,7 +366,7 @@ impl Session {
             }
             match kind.as_str() {
                 "not_joined" => match self.client.send(self.join.clone(), Vec::new()).await? {
-                    RelayToClient::Welcome(_) => self.client.agree_keys(&self.relay_key).await?,
+                    RelayToClient::Welcome(_) => self.client.agree_keys(&self.session_key).await?,
                     RelayToClient::Rejected { kind, reason } if kind.ends_with("busy") => {
                         tracing::info!(%reason, "the relay is busy; joining again later");
                         platform::sleep(retry_delay(tries)).await;
@@ -358,7 +376,9 @@ impl Session {
                     }
                     _ => return Err(PeerError::Unexpected("join")),
                 },
-                "not_sealed" | "unknown_session" => self.client.agree_keys(&self.relay_key).await?,
+                "not_sealed" | "unknown_session" => {
+                    self.client.agree_keys(&self.session_key).await?
+                }
                 busy if busy.ends_with("busy") => {
                     tracing::info!(kind = busy, %reason, "the relay is busy; asking again");
                     platform::sleep(retry_delay(tries)).await;

@@ -29,10 +29,11 @@ use swarmtrain_shared::data::derive_seed;
 use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
-    self, CHUNK_BYTES, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION, ParamsHash, Refusal,
-    RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role, RoundAnnouncement, RunSpec,
-    Update, Welcome,
+    self, CHUNK_BYTES, Delegation, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
+    ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role,
+    RoundAnnouncement, RunSpec, Submission, Update, Welcome,
 };
+use swarmtrain_client::edge::EdgeLink;
 use swarmtrain_shared::replay::{self, ReplayCheck};
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
@@ -235,6 +236,18 @@ pub struct Coordinator {
     /// Where a peer whose audit failed (no reveal, a replay that differs) is reported for a
     /// strike against its identity (the libp2p loop keeps strikes).
     strikes: Option<tokio::sync::mpsc::Sender<PeerKey>>,
+    /// On an edge relay of a federation: the link to the root, once joined (replaced when the
+    /// edge joins the root again; [`crate::federation`]). An edge closes no round: it follows
+    /// the root's.
+    edge: Option<std::sync::RwLock<Option<Arc<EdgeLink>>>>,
+}
+
+/// Where a message reached this relay from: its sender's own connection, or an edge relay that
+/// checked the connection and the run's admission for it ([`crate::Runs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Direct,
+    Edge,
 }
 
 /// Where coordinators send every announcement as it is signed, for gossip: (run id, encoded
@@ -431,7 +444,134 @@ impl Coordinator {
             replay_lane: Mutex::new(()),
             jobs_ready: Notify::new(),
             strikes: None,
+            edge: None,
         })
+    }
+
+    /// Makes this run an edge of a federation: it closes no round and refuses peers until
+    /// [`Self::set_link`] gives it its link to the root, then forwards its peers' joins, updates
+    /// and reveals there and follows the root's rounds ([`Self::adopt`]).
+    pub fn as_edge(mut self) -> Self {
+        self.edge = Some(std::sync::RwLock::new(None));
+        self
+    }
+
+    /// Whether this run is an edge of a federation.
+    pub fn is_edge_relay(&self) -> bool {
+        self.edge.is_some()
+    }
+
+    /// Gives an edge run its link to the root, in place of the one it had.
+    pub fn set_link(&self, link: Arc<EdgeLink>) {
+        if let Some(Ok(mut held)) = self.edge.as_ref().map(|edge| edge.write()) {
+            *held = Some(link);
+        }
+    }
+
+    /// An edge's link to the root, once it has one.
+    pub fn link_to_root(&self) -> Option<Arc<EdgeLink>> {
+        self.edge
+            .as_ref()
+            .and_then(|edge| edge.read().ok().and_then(|held| held.clone()))
+    }
+
+    /// The edge's link to the root, or why there is none yet (`None` on a relay that owns its
+    /// run).
+    fn link(&self) -> Option<Result<Arc<EdgeLink>, Refusal>> {
+        self.edge.as_ref().map(|_| {
+            self.link_to_root().ok_or_else(|| Refusal {
+                kind: RefusalKind::RelayBusy,
+                reason: "this edge relay has not reached its root yet; try again shortly".into(),
+            })
+        })
+    }
+
+    /// Whether `peer` joined this run as an edge relay.
+    pub async fn is_edge(&self, peer: &PeerKey) -> bool {
+        self.state.lock().await.joined.get(peer).map(|j| j.0) == Some(Role::Edge)
+    }
+
+    /// The round this run is in.
+    pub async fn round(&self) -> u64 {
+        self.state.lock().await.round.round
+    }
+
+    /// An edge takes the root's round `signed` (verified by the caller) with its θ `params`:
+    /// its peers are told, by gossip and their long polls, with the root's signed announcement,
+    /// and fetch θ here. A round not after the current one is ignored (false).
+    pub async fn adopt(
+        &self,
+        signed: Signed<RoundAnnouncement>,
+        announcement: &RoundAnnouncement,
+        params: Vec<f32>,
+    ) -> bool {
+        let now = self.now_ms();
+        let mut state = self.state.lock().await;
+        if announcement.round <= state.round.round && state.announcement.public_key == signed.public_key {
+            return false;
+        }
+        let mut round = RoundState::resume(
+            self.spec.clone(),
+            announcement.round,
+            params,
+            state.round.outer().clone(),
+            now,
+        );
+        for peer in state.joined.keys() {
+            if let Some(at) = state.round.last_seen(peer) {
+                round.seen(*peer, at);
+            }
+        }
+        state.round = round;
+        state.eval = Evaluation {
+            accuracy: announcement.accuracy,
+            loss: announcement.loss,
+        };
+        state.claims.clear();
+        state.announcement = signed.clone();
+        store_params(&mut state);
+        match protocol::gossip_announcement(&signed) {
+            Ok(frame) => {
+                let _ = self.announce.send((self.spec.run_id.clone(), frame));
+            }
+            Err(e) => tracing::error!(error = %e, "could not encode the announcement for gossip"),
+        }
+        let ready: Vec<PeerKey> = state
+            .waiters
+            .iter()
+            .filter(|(_, (after, _))| *after < announcement.round)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in ready {
+            if let Some((_, waiter)) = state.waiters.remove(&peer) {
+                let _ = waiter.send(Some(signed.clone()));
+            }
+        }
+        tracing::info!(round = announcement.round, "following the root's round");
+        true
+    }
+
+    /// An edge's answer to its peer, from the root's answer to the forwarded message (`Err`:
+    /// the root could not be reached, answered `relay_busy`).
+    async fn from_root(
+        &self,
+        peer: PeerKey,
+        answer: Result<RelayToClient, swarmtrain_client::PeerError>,
+    ) -> Answer {
+        match answer {
+            Ok(RelayToClient::Rejected { kind, reason }) => {
+                let kind = RefusalKind::parse(&kind).unwrap_or(RefusalKind::Internal);
+                Err(self
+                    .reject(Some(peer), kind, format!("the root relay: {reason}"))
+                    .await)
+            }
+            Ok(answer) => Ok(answer),
+            // Peers ask a busy relay again (after a pause), as they should here.
+            Err(e) => {
+                let reason = format!("the root relay could not be reached ({e}); try again shortly");
+                Err(self.reject(Some(peer), RefusalKind::RelayBusy, reason).await)
+            }
+        }
     }
 
     /// Checks each update's work with `policy` ([`crate::checks`]).
@@ -610,16 +750,53 @@ impl Coordinator {
         payload: Vec<u8>,
         max_wait: Duration,
     ) -> Answer {
+        self.handle_from(peer, message, signed, payload, max_wait, Origin::Direct)
+            .await
+    }
+
+    /// [`Self::handle`] for a message that came `origin`: one an edge relay forwards has
+    /// passed the edge's admission (the root does not ask for its own proof of work). On an
+    /// edge, joins, updates and reveals go on to the root and its answer comes back.
+    pub async fn handle_from(
+        self: &Arc<Self>,
+        peer: PeerKey,
+        message: RunMessage,
+        signed: Signed<Envelope>,
+        payload: Vec<u8>,
+        max_wait: Duration,
+        origin: Origin,
+    ) -> Answer {
         let now = self.now_ms();
+        let link = match self.link() {
+            Some(Ok(link)) => Some(link),
+            Some(Err(refusal)) => {
+                return Err(self.reject(Some(peer), refusal.kind, refusal.reason).await);
+            }
+            None => None,
+        };
         match message {
             RunMessage::Join(join) => {
                 if join.version != PROTOCOL_VERSION || join.run_id != self.spec.run_id {
                     let reason = format!("join for run {:?} version {}", join.run_id, join.version);
                     return Err(self.reject(Some(peer), RefusalKind::BadJoin, reason).await);
                 }
+                let refused_role = match (join.role, link.is_some(), origin) {
+                    (Role::Verify | Role::Edge, true, _) => {
+                        Some("an edge relay takes trainers only: verifiers and edges join the root")
+                    }
+                    (Role::Edge, _, Origin::Edge) => Some("an edge's peer cannot join as an edge"),
+                    _ => None,
+                };
+                if let Some(reason) = refused_role {
+                    return Err(self
+                        .reject(Some(peer), RefusalKind::BadJoin, reason.into())
+                        .await);
+                }
                 let mut state = self.state.lock().await;
-                // An identity admitted once stays admitted while the run keeps it joined.
-                if !state.joined.contains_key(&peer)
+                // An identity admitted once stays admitted while the run keeps it joined; one an
+                // edge forwards was admitted there.
+                if origin == Origin::Direct
+                    && !state.joined.contains_key(&peer)
                     && let Err(e) = self
                         .admission
                         .admit(&self.challenge, &peer, join.proof_of_work)
@@ -646,16 +823,43 @@ impl Coordinator {
                         .reject(Some(peer), RefusalKind::RelayBusy, reason)
                         .await);
                 }
+                if let Some(link) = link {
+                    // An edge: the root gives the slot (one numbering across the federation)
+                    // and counts the peer among its round's; the peer hears the root's round.
+                    drop(state);
+                    let backend = join.capabilities.backend.clone();
+                    let answer = link.forward(&Submission { signed, payload }).await;
+                    let welcome = match self.from_root(peer, answer).await? {
+                        RelayToClient::Welcome(welcome) => welcome,
+                        _ => {
+                            let reason = "the root answered a join with something else".into();
+                            return Err(self
+                                .reject(Some(peer), RefusalKind::Internal, reason)
+                                .await);
+                        }
+                    };
+                    let mut state = self.state.lock().await;
+                    state.joined.insert(peer, (Role::Train, backend));
+                    state.slots.insert(peer, welcome.slot);
+                    state.round.seen(peer, now);
+                    return Ok(RelayToClient::Welcome(Box::new(Welcome {
+                        spec: state.round.spec.clone(),
+                        round: state.announcement.clone(),
+                        slot: welcome.slot,
+                        delegation: link.delegation().cloned(),
+                    })));
+                }
                 state
                     .joined
                     .insert(peer, (join.role, join.capabilities.backend));
-                // A verifier takes no data slot and is not one of the round's peers.
+                // A verifier or an edge takes no data slot and is not one of the round's peers.
                 let slot = match join.role {
                     Role::Train => {
                         state.round.seen(peer, now);
                         let next = state.slots.len() as u32 % self.spec.data.n_shards.max(1);
                         *state.slots.entry(peer).or_insert(next)
                     }
+                    Role::Edge => 0,
                     Role::Verify => {
                         if state.verifiers.banned.contains(&peer) {
                             state.joined.remove(&peer);
@@ -679,11 +883,21 @@ impl Coordinator {
                 };
                 let spec = state.round.spec.clone();
                 drop(state);
-                match round {
-                    Ok(round) => Ok(RelayToClient::Welcome(Box::new(Welcome {
+                // An edge is told that its key speaks for the run to its own peers.
+                let delegation = (join.role == Role::Edge)
+                    .then(|| {
+                        self.identity.sign(&Delegation {
+                            run_id: self.spec.run_id.clone(),
+                            edge_key: signed.public_key.clone(),
+                        })
+                    })
+                    .transpose();
+                match round.and_then(|round| Ok((round, delegation?))) {
+                    Ok((round, delegation)) => Ok(RelayToClient::Welcome(Box::new(Welcome {
                         spec,
                         round,
                         slot,
+                        delegation,
                     }))),
                     Err(e) => Err(self
                         .reject(Some(peer), RefusalKind::Internal, e.to_string())
@@ -703,17 +917,22 @@ impl Coordinator {
                             )
                             .await);
                     }
-                    // Only joined identities wait for rounds, and count as active: a poll from
-                    // an identity that never joined would otherwise park for free and raise the
-                    // quorum. A verifier is not one of the round's peers.
-                    if state.joined.get(&peer).map(|j| j.0) != Some(Role::Train) {
-                        drop(state);
-                        let reason = "join this run as a trainer before waiting for rounds".into();
-                        return Err(self
-                            .reject(Some(peer), RefusalKind::NotJoined, reason)
-                            .await);
+                    // Only joined identities wait for rounds, and trainers count as active: a
+                    // poll from an identity that never joined would otherwise park for free and
+                    // raise the quorum. A verifier is not one of the round's peers; an edge
+                    // relay follows the rounds without being one.
+                    match state.joined.get(&peer).map(|j| j.0) {
+                        Some(Role::Train) => state.round.seen(peer, now),
+                        Some(Role::Edge) => {}
+                        _ => {
+                            drop(state);
+                            let reason =
+                                "join this run as a trainer before waiting for rounds".into();
+                            return Err(self
+                                .reject(Some(peer), RefusalKind::NotJoined, reason)
+                                .await);
+                        }
                     }
-                    state.round.seen(peer, now);
                     match after {
                         // Only a peer that has the current round waits for the next one. One
                         // that names a later round (a relay that lost its state, or a hostile
@@ -776,12 +995,27 @@ impl Coordinator {
                         .reject(Some(peer), rejection.kind(), rejection.to_string())
                         .await);
                 }
+                let samples = self.spec.samples_of(update.inner_steps);
+                if let Some(link) = link {
+                    // An edge: checked here like any update, counted at the root, which records
+                    // it durably before it answers; the peer hears the root's answer.
+                    drop(state);
+                    let answer = link.forward(&Submission { signed, payload }).await;
+                    let answer = self.from_root(peer, answer).await;
+                    let mut state = self.state.lock().await;
+                    if matches!(answer, Ok(RelayToClient::Accepted { .. })) {
+                        state.accepted += 1;
+                        state.credits.entry(peer).or_default().add(&update, samples);
+                    } else {
+                        state.round.withdraw(&peer);
+                    }
+                    return answer;
+                }
                 // Durable before the peer hears `Accepted`; an update that cannot be made
                 // durable is taken back and the peer told so. The write runs on a blocking
                 // thread without the state lock (other peers' requests go on); the round waits
                 // for it before it closes (`recording`). Handlers run as tasks of their own
                 // (`p2p::run` spawns each), so none is dropped between the count and its undoing.
-                let samples = self.spec.samples_of(update.inner_steps);
                 if let Some(store) = &self.store {
                     let entry = LedgerEntry {
                         received_ms: now,
@@ -841,6 +1075,11 @@ impl Coordinator {
                     round: update.round,
                 })
             }
+            RunMessage::Reveal(_) if let Some(link) = link => {
+                // The root drew the update for its replay: the reveal is the root's.
+                let answer = link.forward(&Submission { signed, payload }).await;
+                self.from_root(peer, answer).await
+            }
             RunMessage::Reveal(reveal) => self.reveal(peer, reveal, payload).await,
             RunMessage::Verify { .. } => self.give_job(peer, max_wait).await,
             RunMessage::Replayed(report) => self.replayed(peer, report, payload).await,
@@ -850,6 +1089,10 @@ impl Coordinator {
     /// Closes the round if it is due: aggregates and evaluates in `spawn_blocking` (without
     /// the state lock), then stores θ_{t+1}, checkpoints it and announces it.
     pub async fn tick(self: &Arc<Self>) {
+        // An edge closes no round: it follows the root's (`adopt`).
+        if self.edge.is_some() {
+            return;
+        }
         let job = {
             let mut state = self.state.lock().await;
             if state.unannounced {
@@ -1213,6 +1456,8 @@ impl State {
                 let seen = match role {
                     Role::Train => self.round.last_seen(peer),
                     Role::Verify => self.verifiers.seen.get(peer).copied(),
+                    // An edge relay is not forgotten while the root runs.
+                    Role::Edge => Some(now_ms),
                 };
                 seen.is_none_or(|at| now_ms.saturating_sub(at) > self.forget_idle_ms)
             })

@@ -1,0 +1,225 @@
+//! A federation on loopback, each relay its own process: a root relay and two edge relays
+//! (`serve --upstream <root>`), peers joined to the edges. Rounds close at the root with the
+//! updates of both edges; θ is bit for bit what a lone relay computes from the same updates;
+//! credits add up at the root; a peer that moves to the other edge cannot count its update
+//! twice; a root killed mid-round and started again loses no accepted update; a killed edge's
+//! peer goes on through the other edge.
+
+use std::time::{Duration, Instant};
+
+use swarmtrain_client::rpc::RelayClient;
+use swarmtrain_shared::PeerKey;
+use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient, RoundAnnouncement, Welcome};
+use swarmtrain_tests::{
+    RelayProcess, digits_join, free_port, send_constant_update, two_peers_close_round_0,
+};
+
+/// Joins the digits run at the edge at TCP `address` as the identity of `seed`, once the edge
+/// has reached its root (until then it answers `relay_busy`).
+async fn join_edge(address: &str, seed: u8) -> (RelayClient, Welcome, RoundAnnouncement) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = tokio::spawn({
+            let address = address.to_owned();
+            async move { try_join(&address, seed).await }
+        });
+        match attempt.await.expect("join task") {
+            Some(joined) => return joined,
+            None => {
+                assert!(Instant::now() < deadline, "the edge never linked to its root");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+async fn try_join(address: &str, seed: u8) -> Option<(RelayClient, Welcome, RoundAnnouncement)> {
+    let identity = swarmtrain_shared::Identity::from_seed([seed; 32]);
+    let client = RelayClient::connect(address.parse().expect("multiaddr"), &identity).ok()?;
+    match client.send(digits_join("test", None), Vec::new()).await.ok()? {
+        RelayToClient::Welcome(welcome) => {
+            let round = welcome
+                .round
+                .verify_from(&PeerKey::from_public_key(welcome.relay_key()))
+                .expect("signed");
+            Some((client, *welcome, round))
+        }
+        RelayToClient::Rejected { kind, .. } if kind == "relay_busy" => None,
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+/// Sends `peer`'s constant update of `value` for `round` until it is answered: a relay that
+/// lost the peer (`not_joined`, after a root restart) is joined again, one that could not
+/// reach or store it (`store_failed`, `relay_busy`) is asked again. Returns the final answer.
+async fn send_mending(client: &RelayClient, round: &RoundAnnouncement, value: f32) -> RelayToClient {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let answer = send_constant_update(client, round, value).await;
+        match &answer {
+            RelayToClient::Rejected { kind, .. }
+                if matches!(kind.as_str(), "not_joined" | "store_failed" | "relay_busy")
+                    && Instant::now() < deadline =>
+            {
+                if kind == "not_joined" {
+                    let _ = client.send(digits_join("test", None), Vec::new()).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            _ => return answer,
+        }
+    }
+}
+
+/// The first round after `after`, as announced (signed by `key`) to `client`'s connection.
+async fn await_round(client: &RelayClient, after: u64, key: &[u8]) -> RoundAnnouncement {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ask = ClientToRelay::AwaitRound {
+            run_id: "digits".into(),
+            after: Some(after),
+        };
+        if let Ok(RelayToClient::Round(signed)) = client.send(ask, Vec::new()).await {
+            let round = signed.verify_with_key(key).expect("signed by the root");
+            if round.round > after {
+                return round;
+            }
+        }
+        assert!(Instant::now() < deadline, "round {after} did not close");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts that `answer` accepted an update for `round`.
+fn accepted(answer: RelayToClient, round: u64) {
+    assert!(
+        matches!(answer, RelayToClient::Accepted { round: r } if r == round),
+        "expected the update for round {round} accepted, got {answer:?}"
+    );
+}
+
+/// The root's history row of `round` (the round it opened), with its contributors.
+async fn contributors(root: &RelayProcess, round: u64) -> u64 {
+    let status = root.json("api/status").await;
+    let row = status["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .find(|row| row["round"] == round)
+        .unwrap_or_else(|| panic!("no history row of round {round}: {status}"))
+        .clone();
+    row["contributors"].as_u64().expect("contributors")
+}
+
+fn edge(dir: &std::path::Path, root: &RelayProcess) -> RelayProcess {
+    RelayProcess::start(dir, free_port(), &["--upstream", &root.http], &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_and_two_edges_train_one_run_as_one_relay_and_survive_their_faults() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let root_port = free_port();
+    let root = RelayProcess::start(dirs[0].path(), root_port, &[], &[]);
+    root.json("api/status").await;
+    let edge1 = edge(dirs[1].path(), &root);
+    let edge2 = edge(dirs[2].path(), &root);
+    let (e1, e2) = (edge1.tcp_address().await, edge2.tcp_address().await);
+
+    // A peer on each edge: each is welcomed with the root's round and the root's delegation of
+    // the run to its edge, and agrees session keys with its edge under that delegation.
+    let (a, welcome_a, round0) = join_edge(&e1, 1).await;
+    let (b, welcome_b, _) = join_edge(&e2, 2).await;
+    let root_key = welcome_a.relay_key().to_vec();
+    assert_eq!(welcome_b.relay_key(), root_key, "both edges hand out the root's round");
+    let edge1_key = welcome_a.session_key().expect("the delegation verifies");
+    let edge2_key = welcome_b.session_key().expect("the delegation verifies");
+    assert!(edge1_key != root_key && edge2_key != edge1_key, "each edge has its own key");
+    a.agree_keys(&edge1_key).await.expect("keys with edge 1");
+    b.agree_keys(&edge2_key).await.expect("keys with edge 2");
+    assert_eq!(root.json("api/status").await["joined_peers"], 2, "the root counts both peers");
+
+    // Round 0 closes at the root (quorum 2) with one update from each edge.
+    for (client, value) in [(&a, 0.01), (&b, 0.02)] {
+        accepted(send_constant_update(client, &round0, value).await, 0);
+    }
+    let round1 = await_round(&a, 0, &root_key).await;
+    assert_eq!(round1, await_round(&b, 0, &root_key).await, "both edges announce it");
+    assert_eq!(contributors(&root, 1).await, 2, "one update from each edge");
+
+    // θ_1 is bit for bit a lone relay's, given the same updates (the same two identities).
+    let lone = RelayProcess::start(dirs[3].path(), free_port(), &[], &[]);
+    two_peers_close_round_0(&lone.tcp_address().await).await;
+    assert_eq!(
+        lone.json("api/status").await["params_hash"],
+        round1.params.to_hex(),
+        "the federation's θ_1 is the lone relay's"
+    );
+    drop(lone);
+    // …and the edge serves those bytes.
+    let served = reqwest::get(format!(
+        "{}api/runs/digits/params/{}",
+        edge2.http,
+        round1.params.to_hex()
+    ))
+    .await
+    .expect("θ from the edge")
+    .bytes()
+    .await
+    .expect("body");
+    assert_eq!(
+        swarmtrain_shared::protocol::ParamsHash::of(&served),
+        round1.params
+    );
+
+    // Credits add up at the root: one update each.
+    for seed in [1u8, 2] {
+        let peer = swarmtrain_shared::Identity::from_seed([seed; 32]).peer();
+        let credit = root
+            .json(&format!("api/runs/digits/peers/{}", peer.to_hex()))
+            .await;
+        assert_eq!(credit["accepted_updates"], 1, "peer {seed}: {credit}");
+    }
+
+    // B sends its round-1 update through edge 2, then moves to edge 1 and sends it again: the
+    // root counts it once.
+    accepted(send_constant_update(&b, &round1, 0.02).await, 1);
+    let (b_on_1, _, _) = join_edge(&e1, 2).await;
+    match send_constant_update(&b_on_1, &round1, 0.02).await {
+        RelayToClient::Rejected { kind, .. } => assert_eq!(kind, "duplicate"),
+        other => panic!("a second update for round 1 was taken: {other:?}"),
+    }
+
+    // The root is killed mid-round (B's update accepted, A's not yet) and started again on its
+    // data directory. A's update goes through edge 1 once the edge has its root back; the root
+    // met A again only through it, so its quorum of live peers (A) may close round 1 with B's
+    // stored update before A's arrives (as a lone relay does after a restart). Either way B's
+    // acknowledged update is in the round.
+    root.kill();
+    let root = RelayProcess::start(dirs[0].path(), root_port, &[], &[]);
+    root.json("api/status").await;
+    let late = match send_mending(&a, &round1, 0.01).await {
+        RelayToClient::Accepted { round: 1 } => false,
+        RelayToClient::Rejected { kind, .. } if kind == "wrong_round" => true,
+        other => panic!("A's update after the root's restart: {other:?}"),
+    };
+    let round2 = await_round(&a, 1, &root_key).await;
+    assert_eq!(round2.round, 2);
+    assert_eq!(contributors(&root, 2).await, if late { 1 } else { 2 });
+    let b_key = swarmtrain_shared::Identity::from_seed([2; 32]).peer().to_hex();
+    let credit = root.json(&format!("api/runs/digits/peers/{b_key}")).await;
+    assert_eq!(credit["accepted_updates"], 2, "B's update survived the root's restart: {credit}");
+
+    // Edge 1 is killed: A goes on through edge 2 and round 2 closes there with B.
+    edge1.kill();
+    let (a_on_2, _, announced) = join_edge(&e2, 1).await;
+    assert_eq!(announced.round, 2);
+    // (B first: the restarted root has not heard from B yet, so A's update alone would meet a
+    // quorum of one live peer.)
+    for (client, value) in [(&b, 0.02), (&a_on_2, 0.01)] {
+        accepted(send_mending(client, &round2, value).await, 2);
+    }
+    assert_eq!(await_round(&b, 2, &root_key).await.round, 3);
+    assert_eq!(contributors(&root, 3).await, 2);
+    let status = root.json("api/status").await;
+    assert_eq!(status["accepted_updates"], if late { 5 } else { 6 }, "{status}");
+}
