@@ -11,7 +11,8 @@ use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient, RoundAnnouncement, Welcome};
 use swarmtrain_tests::{
-    RelayProcess, digits_join, free_port, send_constant_update, two_peers_close_round_0,
+    RelayProcess, accepted_updates, digits_join, free_port, send_constant_update,
+    spawn_peer_at, two_peers_close_round_0,
 };
 
 /// Joins the digits run at the edge at TCP `address` as the identity of `seed`, once the edge
@@ -222,4 +223,43 @@ async fn a_root_and_two_edges_train_one_run_as_one_relay_and_survive_their_fault
     assert_eq!(contributors(&root, 3).await, 2);
     let status = root.json("api/status").await;
     assert_eq!(status["accepted_updates"], if late { 5 } else { 6 }, "{status}");
+}
+
+/// The volunteer's own client (`peer::run`: bootstrap, admission, delegated key exchange, θ and
+/// data from its edge, updates, announcements by gossip) on two edges of one root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_peers_on_two_edges_train_rounds_together() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let root = RelayProcess::start(dirs[0].path(), free_port(), &[], &[]);
+    root.json("api/status").await;
+    let edges = [edge(dirs[1].path(), &root), edge(dirs[2].path(), &root)];
+    for edge in &edges {
+        edge.json("api/status").await;
+    }
+    // Both join before either trains: the root's quorum counts the peers it has heard of.
+    let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
+    let rounds = 2;
+    let peers: Vec<_> = edges
+        .iter()
+        .zip([1u8, 2])
+        .map(|(edge, id)| spawn_peer_at(&edge.http, id, rounds, pause.clone()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while root.json("api/status").await["joined_peers"] != 2 {
+        assert!(Instant::now() < deadline, "the peers did not join through their edges");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pause.set(false);
+    for peer in peers {
+        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
+            .await
+            .expect("the peers finish in time");
+        assert_eq!(trained, rounds);
+        assert_eq!(accepted_updates(&events), rounds as usize, "{events:?}");
+    }
+    for round in 1..=rounds {
+        assert_eq!(contributors(&root, round).await, 2, "round {round}");
+    }
+    let edge_status = edges[0].json("api/status").await;
+    assert_eq!(edge_status["params_hash"], root.json("api/status").await["params_hash"]);
 }

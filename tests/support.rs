@@ -300,10 +300,15 @@ pub fn spawn_peers_together(
 /// The settings of a native peer of `relay` with identity seed `[id; 32]` (the relay's default
 /// run, no round limit, ten retries, no browser links).
 pub fn peer_config(relay: &Relay, id: u8) -> PeerConfig {
+    peer_config_at(&relay.url(), id)
+}
+
+/// [`peer_config`] for the relay at HTTP base URL `url` (a relay process).
+pub fn peer_config_at(url: &str, id: u8) -> PeerConfig {
     PeerConfig {
         run_id: None,
         transport: None,
-        relay_url: relay.url(),
+        relay_url: url.to_owned(),
         identity_seed: zeroize::Zeroizing::new([id; 32]),
         backend: "ndarray".into(),
         max_rounds: None,
@@ -346,13 +351,26 @@ fn spawn_peer_with(
     run_id: Option<&str>,
     pause: Arc<Flag>,
 ) -> TestPeer {
-    let (tx, events) = mpsc::channel(1024);
-    let config = PeerConfig {
+    spawn_configured(PeerConfig {
         run_id: run_id.map(str::to_owned),
         max_rounds: Some(max_rounds),
         pause,
         ..peer_config(relay, id)
-    };
+    })
+}
+
+/// A native peer of the relay at HTTP base URL `url` (a relay process) with identity seed
+/// `[id; 32]`, training `max_rounds` rounds of its default run while `pause` lets it.
+pub fn spawn_peer_at(url: &str, id: u8, max_rounds: u64, pause: Arc<Flag>) -> TestPeer {
+    spawn_configured(PeerConfig {
+        max_rounds: Some(max_rounds),
+        pause,
+        ..peer_config_at(url, id)
+    })
+}
+
+fn spawn_configured(config: PeerConfig) -> TestPeer {
+    let (tx, events) = mpsc::channel(1024);
     let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(
         Default::default(),
         config,
