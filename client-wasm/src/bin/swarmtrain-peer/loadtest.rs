@@ -4,9 +4,15 @@ use clap::Parser;
 
 #[derive(Parser, Debug)]
 pub(crate) struct Loadtest {
-    /// The relay's HTTP URL (it must run with --quorum equal to --senders).
+    /// The relay's HTTP URL (it must run with --quorum equal to --senders). Repeated: the
+    /// relays of a federation (its edges), which the peers join in turn (peer i the
+    /// (i mod N)-th).
     #[arg(long, default_value = "http://127.0.0.1:8080/")]
-    relay: String,
+    relay: Vec<String>,
+    /// A relay whose `/metrics` are read before the first round and after the last, to report
+    /// the request-response bytes it received and sent per round (a federation's root).
+    #[arg(long)]
+    metrics_of: Option<String>,
     /// Simulated peers kept connected.
     #[arg(long, default_value_t = 1000)]
     peers: u32,
@@ -45,27 +51,33 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
         args.senders >= 1 && args.senders <= args.peers,
         "--senders must be in 1..=--peers"
     );
-    let boot: swarmtrain_net::Bootstrap = serde_json::from_slice(
-        &swarmtrain_client::platform::http_get(&format!(
-            "{}/api/bootstrap",
-            args.relay.trim_end_matches('/')
-        ))
-        .await
-        .map_err(anyhow::Error::msg)?,
-    )?;
-    let address: libp2p::Multiaddr = boot
-        .addresses
-        .get("tcp")
-        .and_then(|a| a.first())
-        .context_str("the relay has no TCP address")?
-        .parse()?;
-    let run_id = boot.run_id.clone();
+    let mut addresses: Vec<libp2p::Multiaddr> = Vec::new();
+    let mut run_id = String::new();
+    for relay in &args.relay {
+        let boot: swarmtrain_net::Bootstrap = serde_json::from_slice(
+            &swarmtrain_client::platform::http_get(&format!(
+                "{}/api/bootstrap",
+                relay.trim_end_matches('/')
+            ))
+            .await
+            .map_err(anyhow::Error::msg)?,
+        )?;
+        addresses.push(
+            boot.addresses
+                .get("tcp")
+                .and_then(|a| a.first())
+                .context_str("the relay has no TCP address")?
+                .parse()?,
+        );
+        run_id = boot.run_id;
+    }
     let started = Instant::now();
     // Connect and join, 64 at a time.
     type Joined = (RelayClient, std::sync::Arc<Vec<u8>>, RoundAnnouncement);
     let joined: Vec<anyhow::Result<Joined>> = futures::stream::iter(0..args.peers)
         .map(|i| {
-            let (address, run_id) = (address.clone(), run_id.clone());
+            let address = addresses[i as usize % addresses.len()].clone();
+            let run_id = run_id.clone();
             async move {
                 let mut seed = [7u8; 32];
                 seed[..4].copy_from_slice(&i.to_le_bytes());
@@ -150,6 +162,10 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
     }
     drop(seen_tx);
 
+    let rpc_bytes_before = match &args.metrics_of {
+        Some(url) => Some(rpc_bytes(url).await?),
+        None => None,
+    };
     let mut latencies_ms = Vec::new();
     let mut completed = 0u32;
     let mut announcement = peers[0].2.clone();
@@ -223,6 +239,13 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
             other => anyhow::bail!("expected the round, got {other:?}"),
         };
     }
+    let rpc_bytes_per_round = match (&args.metrics_of, rpc_bytes_before) {
+        (Some(url), Some(before)) if completed > 0 => {
+            let after = rpc_bytes(url).await?;
+            Some((after - before) as f64 / f64::from(completed))
+        }
+        _ => None,
+    };
     latencies_ms.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         latencies_ms
@@ -241,9 +264,29 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
             "latency_ms_p99": pct(0.99),
             "latency_ms_max": latencies_ms.last().copied().unwrap_or(f64::NAN),
             "announcements_received": latencies_ms.len(),
+            "relays": addresses.len(),
+            "metrics_rpc_bytes_per_round": rpc_bytes_per_round,
         })
     );
     Ok(())
+}
+
+/// The request-response bytes (received and sent) that the relay at `url` reports in its
+/// `/metrics`.
+async fn rpc_bytes(url: &str) -> anyhow::Result<u64> {
+    let text = swarmtrain_client::platform::http_get(&format!(
+        "{}/metrics",
+        url.trim_end_matches('/')
+    ))
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let text = String::from_utf8_lossy(&text);
+    let value = |name: &str| -> anyhow::Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .context_str(&format!("no {name} in the relay's metrics"))
+    };
+    Ok(value("swarmtrain_rpc_received_bytes_total ")? + value("swarmtrain_rpc_sent_bytes_total ")?)
 }
 
 /// `Option::context` for a message without pulling `anyhow::Context` into every function.

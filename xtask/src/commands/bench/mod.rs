@@ -34,8 +34,8 @@ pub(crate) const BENCHES: &[Bench] = &[
     },
     Bench {
         name: "load",
-        about: "1,000 simulated peers on one relay; writes docs/benchmarks/load.md",
-        run: |_| load::bench_load(),
+        about: "1,000 simulated peers on one relay (docs/benchmarks/load.md); with --relays N --peers M, M peers on the N edges of a root (a row of docs/benchmarks/federation.md)",
+        run: load::bench_load,
     },
     Bench {
         name: "soak",
