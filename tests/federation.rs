@@ -260,6 +260,17 @@ async fn native_peers_on_two_edges_train_rounds_together() {
     for round in 1..=rounds {
         assert_eq!(contributors(&root, round).await, 2, "round {round}");
     }
-    let edge_status = edges[0].json("api/status").await;
-    assert_eq!(edge_status["params_hash"], root.json("api/status").await["params_hash"]);
+    // Each edge shows the root's rounds, with the updates its own peer gave each.
+    for edge in &edges {
+        let status = edge.json("api/status").await;
+        assert_eq!(status["params_hash"], root.json("api/status").await["params_hash"]);
+        for round in 1..=rounds {
+            let row = status["history"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["round"] == round))
+                .unwrap_or_else(|| panic!("no row of round {round} at the edge: {status}"));
+            assert_eq!(row["contributors"], 1, "{row}");
+            assert!(row["accuracy"].as_f64().is_some(), "the root's held-out figure: {row}");
+        }
+    }
 }

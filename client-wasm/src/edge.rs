@@ -19,6 +19,9 @@ use crate::rpc::RpcError;
 /// A joined edge ↔ root session for one run.
 pub struct EdgeLink {
     session: Session,
+    /// Forwards go one at a time: each is longer than a frame (two signed envelopes), so it
+    /// travels in parts, and the root reassembles one message at a time per connection.
+    forwarding: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for EdgeLink {
@@ -55,7 +58,10 @@ impl EdgeLink {
                 "the root welcomed this edge without a delegation".into(),
             ));
         }
-        Ok(Self { session })
+        Ok(Self {
+            session,
+            forwarding: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The run as the root specifies it.
@@ -119,6 +125,7 @@ impl EdgeLink {
         let forward = ClientToRelay::Forward {
             run_id: self.session.spec.run_id.clone(),
         };
+        let _turn = self.forwarding.lock().await;
         match self.session.send_mending(forward, payload).await? {
             RelayToClient::Forwarded(answer) => Ok(*answer),
             RelayToClient::Rejected { kind, reason } => Err(PeerError::Refused(format!(

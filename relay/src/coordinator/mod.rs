@@ -507,9 +507,30 @@ impl Coordinator {
     ) -> bool {
         let now = self.now_ms();
         let mut state = self.state.lock().await;
-        if announcement.round <= state.round.round && state.announcement.public_key == signed.public_key {
+        let first = state.announcement.public_key != signed.public_key;
+        if announcement.round <= state.round.round && !first {
             return false;
         }
+        // The history an edge shows is the root's rounds as it followed them: each row the
+        // round's held-out figures and the updates of this edge's peers in the round before.
+        if first {
+            state.history.clear();
+        }
+        let through_here = state.round.contributions();
+        state.history.push_back(RoundRecord {
+            round: announcement.round,
+            accuracy: announcement.accuracy,
+            val_loss: announcement.loss,
+            contributors: through_here.len(),
+            samples: through_here.iter().map(|c| u64::from(c.n_samples)).sum(),
+            mean_loss: None,
+            closed_at_ms: now,
+            aggregation_ms: 0.0,
+        });
+        while state.history.len() > STATUS_HISTORY {
+            state.history.pop_front();
+        }
+        state.history_from = state.history.front().map_or(0, |r| r.round);
         let mut round = RoundState::resume(
             self.spec.clone(),
             announcement.round,
@@ -1321,7 +1342,7 @@ impl Coordinator {
     /// from the newest rows kept in memory.
     pub async fn history(&self, from: u64, limit: usize) -> anyhow::Result<Vec<RoundRecord>> {
         let limit = limit.min(STATUS_HISTORY);
-        if let Some(store) = &self.store {
+        if let Some(store) = self.store.as_ref().filter(|_| self.edge.is_none()) {
             let (store, run) = (store.clone(), self.spec.run_id.clone());
             return tokio::task::spawn_blocking(move || store.history(&run, from, limit)).await?;
         }

@@ -52,8 +52,9 @@ pub(crate) fn test(args: &[String]) -> Result {
 
     // 3. The browser end-to-end tests: a real relay, real Chromium, the Contribute button;
     //    two tabs linked browser-to-browser; the same links with a js-libp2p node; the package
-    //    embedded in a Vite + TypeScript page; and the relay on a simulated internet (network
-    //    namespaces, NAT routers, coturn, a Chromium in each home; needs root).
+    //    embedded in a Vite + TypeScript page; two tabs on two edges of one root relay; and the
+    //    relay on a simulated internet (network namespaces, NAT routers, coturn, a Chromium in
+    //    each home; needs root).
     build_example()?;
     status(
         Command::new("node")
@@ -64,6 +65,7 @@ pub(crate) fn test(args: &[String]) -> Result {
                 "webrtc.test.mjs",
                 "interop.test.mjs",
                 "embed.test.mjs",
+                "federation.test.mjs",
                 "internet.test.mjs",
             ])
             .current_dir(root().join("tests/browser"))

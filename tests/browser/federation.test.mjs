@@ -1,0 +1,67 @@
+// A federation in the browser: a root relay and two edge relays (`serve --upstream`, each its
+// own process with relay.toml's runs), and two tabs in separate browser profiles, one on each
+// edge's page. Each tab joins its edge over WebRTC-direct, agrees session keys with the edge
+// under the root's delegation, fetches θ and its text from the edge and trains; the root closes
+// every round with one update from each edge (quorum 2), and both tabs train the same model.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { CHROMIUM_ARGS, openTab, outDir, startRelay, status } from './support.mjs';
+
+test('two tabs on two edges of one root train one model', { timeout: 400_000 }, async () => {
+  mkdirSync(outDir, { recursive: true });
+  const dirs = [0, 1, 2].map((i) => mkdtempSync(join(tmpdir(), `swarmtrain-federation-${i}-`)));
+  const relays = [];
+  let browser;
+  const logs = { a: [], b: [] };
+  try {
+    const root = startRelay(dirs[0], '127.0.0.1:0', { quorum: 2 });
+    relays.push(root.relay);
+    const rootUrl = await root.url;
+    const edges = [1, 2].map((i) => startRelay(dirs[i], '127.0.0.1:0', { quorum: 2, extra: ['--upstream', rootUrl] }));
+    relays.push(...edges.map((e) => e.relay));
+    const [edgeA, edgeB] = await Promise.all(edges.map((e) => e.url));
+    browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+    const a = await openTab(browser, edgeA, '', { logs: logs.a });
+    const b = await openTab(browser, edgeB, '', { logs: logs.b });
+    await a.click('#contribute');
+    await b.click('#contribute');
+    const rounds = 2;
+    const trained = (page, name) => page.waitForFunction((n) => Number(document.getElementById('trained').textContent) >= n, rounds, { timeout: 300_000 })
+      .catch(async (e) => {
+        await page.screenshot({ path: join(outDir, `federation-${name}.png`), fullPage: true });
+        throw new Error(`${e.message}\n${name}:\n${logs[name].slice(-30).join('\n')}`);
+      });
+    await Promise.all([trained(a, 'a'), trained(b, 'b')]);
+    await a.screenshot({ path: join(outDir, 'federation-a.png'), fullPage: true });
+    await b.screenshot({ path: join(outDir, 'federation-b.png'), fullPage: true });
+    // The root closed the rounds, each with an update from each edge's tab.
+    const rootStatus = await status(rootUrl);
+    assert.ok(rootStatus.round >= rounds, `the root is at round ${rootStatus.round}`);
+    assert.equal(rootStatus.joined_peers, 2, 'the root counts both tabs');
+    for (const row of rootStatus.history.filter((r) => r.round >= 1 && r.round <= rounds)) {
+      assert.equal(row.contributors, 2, `round ${row.round - 1} had an update from each edge: ${JSON.stringify(row)}`);
+    }
+    // Both edges follow the root: same round and θ.
+    const edgeStatus = await Promise.all([edgeA, edgeB].map((u) => status(u)));
+    const settled = await status(rootUrl);
+    for (const s of edgeStatus) {
+      assert.ok(Math.abs(s.round - settled.round) <= 1, `an edge at round ${s.round}, the root at ${settled.round}`);
+    }
+    // The root's leaderboard counts both tabs' work, which reached it through two edges.
+    const board = await (await fetch(new URL(`api/runs/${rootStatus.run_id}/leaderboard`, rootUrl))).json();
+    assert.equal(board.peers, 2, `two contributors at the root: ${JSON.stringify(board)}`);
+    for (const entry of board.top) {
+      assert.ok(entry.accepted_updates >= rounds, `a tab's credit at the root: ${JSON.stringify(entry)}`);
+    }
+    const errors = [...logs.a, ...logs.b].filter((l) => l.startsWith('[pageerror]'));
+    assert.deepEqual(errors, [], 'no page errors');
+  } finally {
+    if (browser) await browser.close();
+    for (const relay of relays) relay.kill('SIGTERM');
+    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  }
+});
