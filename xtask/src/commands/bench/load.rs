@@ -60,6 +60,8 @@ fn start_relay(data: &Path, extra: &[&str], following: bool) -> Result<(Child, S
             "600",
         ])
         .args(["--quorum", &SENDERS.to_string()])
+        // Every simulated peer comes from one address (the load generator on loopback).
+        .args(["--connections-per-ip", "100000"])
         .arg("--data-dir")
         .arg(data)
         .arg("--web-dir")
