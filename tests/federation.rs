@@ -11,8 +11,8 @@ use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient, RoundAnnouncement, Welcome};
 use swarmtrain_tests::{
-    RelayProcess, accepted_updates, digits_join, free_port, send_constant_update,
-    spawn_peer_at, two_peers_close_round_0,
+    RelayProcess, accepted_updates, digits_join, free_port, send_constant_update, spawn_peer_at,
+    two_peers_close_round_0,
 };
 
 /// Joins the digits run at the edge at TCP `address` as the identity of `seed`, once the edge
@@ -27,7 +27,10 @@ async fn join_edge(address: &str, seed: u8) -> (RelayClient, Welcome, RoundAnnou
         match attempt.await.expect("join task") {
             Some(joined) => return joined,
             None => {
-                assert!(Instant::now() < deadline, "the edge never linked to its root");
+                assert!(
+                    Instant::now() < deadline,
+                    "the edge never linked to its root"
+                );
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
@@ -37,7 +40,11 @@ async fn join_edge(address: &str, seed: u8) -> (RelayClient, Welcome, RoundAnnou
 async fn try_join(address: &str, seed: u8) -> Option<(RelayClient, Welcome, RoundAnnouncement)> {
     let identity = swarmtrain_shared::Identity::from_seed([seed; 32]);
     let client = RelayClient::connect(address.parse().expect("multiaddr"), &identity).ok()?;
-    match client.send(digits_join("test", None), Vec::new()).await.ok()? {
+    match client
+        .send(digits_join("test", None), Vec::new())
+        .await
+        .ok()?
+    {
         RelayToClient::Welcome(welcome) => {
             let round = welcome
                 .round
@@ -53,7 +60,11 @@ async fn try_join(address: &str, seed: u8) -> Option<(RelayClient, Welcome, Roun
 /// Sends `peer`'s constant update of `value` for `round` until it is answered: a relay that
 /// lost the peer (`not_joined`, after a root restart) is joined again, one that could not
 /// reach or store it (`store_failed`, `relay_busy`) is asked again. Returns the final answer.
-async fn send_mending(client: &RelayClient, round: &RoundAnnouncement, value: f32) -> RelayToClient {
+async fn send_mending(
+    client: &RelayClient,
+    round: &RoundAnnouncement,
+    value: f32,
+) -> RelayToClient {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let answer = send_constant_update(client, round, value).await;
@@ -118,7 +129,9 @@ fn edge(dir: &std::path::Path, root: &RelayProcess) -> RelayProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_and_two_edges_train_one_run_as_one_relay_and_survive_their_faults() {
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let dirs: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
     let root_port = free_port();
     let root = RelayProcess::start(dirs[0].path(), root_port, &[], &[]);
     root.json("api/status").await;
@@ -131,20 +144,35 @@ async fn a_root_and_two_edges_train_one_run_as_one_relay_and_survive_their_fault
     let (a, welcome_a, round0) = join_edge(&e1, 1).await;
     let (b, welcome_b, _) = join_edge(&e2, 2).await;
     let root_key = welcome_a.relay_key().to_vec();
-    assert_eq!(welcome_b.relay_key(), root_key, "both edges hand out the root's round");
+    assert_eq!(
+        welcome_b.relay_key(),
+        root_key,
+        "both edges hand out the root's round"
+    );
     let edge1_key = welcome_a.session_key().expect("the delegation verifies");
     let edge2_key = welcome_b.session_key().expect("the delegation verifies");
-    assert!(edge1_key != root_key && edge2_key != edge1_key, "each edge has its own key");
+    assert!(
+        edge1_key != root_key && edge2_key != edge1_key,
+        "each edge has its own key"
+    );
     a.agree_keys(&edge1_key).await.expect("keys with edge 1");
     b.agree_keys(&edge2_key).await.expect("keys with edge 2");
-    assert_eq!(root.json("api/status").await["joined_peers"], 2, "the root counts both peers");
+    assert_eq!(
+        root.json("api/status").await["joined_peers"],
+        2,
+        "the root counts both peers"
+    );
 
     // Round 0 closes at the root (quorum 2) with one update from each edge.
     for (client, value) in [(&a, 0.01), (&b, 0.02)] {
         accepted(send_constant_update(client, &round0, value).await, 0);
     }
     let round1 = await_round(&a, 0, &root_key).await;
-    assert_eq!(round1, await_round(&b, 0, &root_key).await, "both edges announce it");
+    assert_eq!(
+        round1,
+        await_round(&b, 0, &root_key).await,
+        "both edges announce it"
+    );
     assert_eq!(contributors(&root, 1).await, 2, "one update from each edge");
 
     // θ_1 is bit for bit a lone relay's, given the same updates (the same two identities).
@@ -206,9 +234,14 @@ async fn a_root_and_two_edges_train_one_run_as_one_relay_and_survive_their_fault
     let round2 = await_round(&a, 1, &root_key).await;
     assert_eq!(round2.round, 2);
     assert_eq!(contributors(&root, 2).await, if late { 1 } else { 2 });
-    let b_key = swarmtrain_shared::Identity::from_seed([2; 32]).peer().to_hex();
+    let b_key = swarmtrain_shared::Identity::from_seed([2; 32])
+        .peer()
+        .to_hex();
     let credit = root.json(&format!("api/runs/digits/peers/{b_key}")).await;
-    assert_eq!(credit["accepted_updates"], 2, "B's update survived the root's restart: {credit}");
+    assert_eq!(
+        credit["accepted_updates"], 2,
+        "B's update survived the root's restart: {credit}"
+    );
 
     // Edge 1 is killed: A goes on through edge 2 and round 2 closes there with B.
     edge1.kill();
@@ -222,14 +255,20 @@ async fn a_root_and_two_edges_train_one_run_as_one_relay_and_survive_their_fault
     assert_eq!(await_round(&b, 2, &root_key).await.round, 3);
     assert_eq!(contributors(&root, 3).await, 2);
     let status = root.json("api/status").await;
-    assert_eq!(status["accepted_updates"], if late { 5 } else { 6 }, "{status}");
+    assert_eq!(
+        status["accepted_updates"],
+        if late { 5 } else { 6 },
+        "{status}"
+    );
 }
 
 /// The volunteer's own client (`peer::run`: bootstrap, admission, delegated key exchange, θ and
 /// data from its edge, updates, announcements by gossip) on two edges of one root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_peers_on_two_edges_train_rounds_together() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
     let root = RelayProcess::start(dirs[0].path(), free_port(), &[], &[]);
     root.json("api/status").await;
     let edges = [edge(dirs[1].path(), &root), edge(dirs[2].path(), &root)];
@@ -246,7 +285,10 @@ async fn native_peers_on_two_edges_train_rounds_together() {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while root.json("api/status").await["joined_peers"] != 2 {
-        assert!(Instant::now() < deadline, "the peers did not join through their edges");
+        assert!(
+            Instant::now() < deadline,
+            "the peers did not join through their edges"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pause.set(false);
@@ -263,14 +305,20 @@ async fn native_peers_on_two_edges_train_rounds_together() {
     // Each edge shows the root's rounds, with the updates its own peer gave each.
     for edge in &edges {
         let status = edge.json("api/status").await;
-        assert_eq!(status["params_hash"], root.json("api/status").await["params_hash"]);
+        assert_eq!(
+            status["params_hash"],
+            root.json("api/status").await["params_hash"]
+        );
         for round in 1..=rounds {
             let row = status["history"]
                 .as_array()
                 .and_then(|rows| rows.iter().find(|r| r["round"] == round))
                 .unwrap_or_else(|| panic!("no row of round {round} at the edge: {status}"));
             assert_eq!(row["contributors"], 1, "{row}");
-            assert!(row["accuracy"].as_f64().is_some(), "the root's held-out figure: {row}");
+            assert!(
+                row["accuracy"].as_f64().is_some(),
+                "the root's held-out figure: {row}"
+            );
         }
     }
 }

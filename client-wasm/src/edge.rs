@@ -37,7 +37,11 @@ impl EdgeLink {
     /// Joins run `run_id` of the root relay at `root_url` (its HTTP base URL) as an edge signing
     /// with `identity` (the edge relay's own). Fails when the root refuses, or welcomes the edge
     /// without a delegation (a root of another protocol version).
-    pub async fn join(root_url: &str, run_id: &str, identity: &Identity) -> Result<Self, PeerError> {
+    pub async fn join(
+        root_url: &str,
+        run_id: &str,
+        identity: &Identity,
+    ) -> Result<Self, PeerError> {
         let config = PeerConfig {
             relay_url: root_url.to_owned(),
             run_id: Some(run_id.to_owned()),
@@ -120,8 +124,8 @@ impl EdgeLink {
     /// payload) and returns the root's answer to it. A refusal of the forward itself (the edge's
     /// session, after mending what can be mended) is an error.
     pub async fn forward(&self, submission: &Submission) -> Result<RelayToClient, PeerError> {
-        let payload =
-            protocol::encode_submission(submission).map_err(|e| PeerError::Rpc(RpcError::Wire(e)))?;
+        let payload = protocol::encode_submission(submission)
+            .map_err(|e| PeerError::Rpc(RpcError::Wire(e)))?;
         let forward = ClientToRelay::Forward {
             run_id: self.session.spec.run_id.clone(),
         };

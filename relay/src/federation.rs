@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use swarmtrain_client::edge::EdgeLink;
 use swarmtrain_client::peer::retry_delay;
-use swarmtrain_shared::protocol::RoundAnnouncement;
 use swarmtrain_shared::Signed;
+use swarmtrain_shared::protocol::RoundAnnouncement;
 use tokio::sync::watch;
 
 use crate::coordinator::Coordinator;

@@ -332,7 +332,10 @@ impl Network {
     /// Bytes of request-response frames received and sent.
     pub fn rpc_bytes(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.rpc_bytes_in.load(Relaxed), self.rpc_bytes_out.load(Relaxed))
+        (
+            self.rpc_bytes_in.load(Relaxed),
+            self.rpc_bytes_out.load(Relaxed),
+        )
     }
 
     /// Circuits that ended in an error: over [`CIRCUIT_BYTES`] or its time limit, or a side gone.

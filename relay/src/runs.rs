@@ -677,7 +677,9 @@ impl Runs {
             Ok(verified) => verified,
             Err(e) => {
                 let reason = format!("a forwarded message: {e}");
-                return Err(run.reject(Some(edge), RefusalKind::BadSignature, reason).await);
+                return Err(run
+                    .reject(Some(edge), RefusalKind::BadSignature, reason)
+                    .await);
             }
         };
         let message = match Addressed::from(envelope.message) {
@@ -685,9 +687,8 @@ impl Runs {
                 message @ (RunMessage::Join(_) | RunMessage::Update(_) | RunMessage::Reveal(_)),
             ) if message.run_id() == run_id => message,
             _ => {
-                let reason = format!(
-                    "an edge forwards only joins, updates and reveals of run {run_id:?}"
-                );
+                let reason =
+                    format!("an edge forwards only joins, updates and reveals of run {run_id:?}");
                 return Err(run.reject(Some(edge), RefusalKind::Malformed, reason).await);
             }
         };

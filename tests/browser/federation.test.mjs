@@ -38,8 +38,13 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     await Promise.all([trained(a, 'a'), trained(b, 'b')]);
     await a.screenshot({ path: join(outDir, 'federation-a.png'), fullPage: true });
     await b.screenshot({ path: join(outDir, 'federation-b.png'), fullPage: true });
-    // The root closed the rounds, each with an update from each edge's tab.
-    const rootStatus = await status(rootUrl);
+    // The root closed the rounds (the last just after the tabs' updates were accepted), each
+    // with an update from each edge's tab.
+    let rootStatus = await status(rootUrl);
+    for (let waited = 0; rootStatus.round < rounds && waited < 60_000; waited += 250) {
+      await new Promise((r) => setTimeout(r, 250));
+      rootStatus = await status(rootUrl);
+    }
     assert.ok(rootStatus.round >= rounds, `the root is at round ${rootStatus.round}`);
     assert.equal(rootStatus.joined_peers, 2, 'the root counts both tabs');
     for (const row of rootStatus.history.filter((r) => r.round >= 1 && r.round <= rounds)) {
@@ -57,8 +62,13 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     for (const entry of board.top) {
       assert.ok(entry.accepted_updates >= rounds, `a tab's credit at the root: ${JSON.stringify(entry)}`);
     }
-    const errors = [...logs.a, ...logs.b].filter((l) => l.startsWith('[pageerror]'));
-    assert.deepEqual(errors, [], 'no page errors');
+    // No console errors but the known one over WebRTC-direct (rust-libp2p#6551; see
+    // e2e.test.mjs), counted.
+    const upstream = /^\[pageerror\] closure invoked recursively or after being dropped$/;
+    const all = [...logs.a, ...logs.b];
+    const errors = all.filter((l) => /^\[(error|pageerror)\]/.test(l)).filter((l) => !upstream.test(l));
+    assert.deepEqual(errors, [], `console errors:\n${errors.join('\n')}`);
+    console.log(`root at round ${rootStatus.round}; rows ${JSON.stringify(rootStatus.history.map((r) => [r.round, r.contributors]))}; ${all.filter((l) => upstream.test(l)).length} errors from rust-libp2p#6551`);
   } finally {
     if (browser) await browser.close();
     for (const relay of relays) relay.kill('SIGTERM');

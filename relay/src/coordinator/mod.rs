@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use burn::backend::NdArray;
 use serde::Serialize;
+use swarmtrain_client::edge::EdgeLink;
 use swarmtrain_shared::admission::{self, Admission, AdmissionTerms};
 use swarmtrain_shared::aggregate::AggregateError;
 use swarmtrain_shared::checkpoint::TensorInfo;
@@ -33,7 +34,6 @@ use swarmtrain_shared::protocol::{
     ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role,
     RoundAnnouncement, RunSpec, Submission, Update, Welcome,
 };
-use swarmtrain_client::edge::EdgeLink;
 use swarmtrain_shared::replay::{self, ReplayCheck};
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
 use swarmtrain_shared::{Identity, PeerKey, Signed, params, train};
@@ -589,8 +589,11 @@ impl Coordinator {
             Ok(answer) => Ok(answer),
             // Peers ask a busy relay again (after a pause), as they should here.
             Err(e) => {
-                let reason = format!("the root relay could not be reached ({e}); try again shortly");
-                Err(self.reject(Some(peer), RefusalKind::RelayBusy, reason).await)
+                let reason =
+                    format!("the root relay could not be reached ({e}); try again shortly");
+                Err(self
+                    .reject(Some(peer), RefusalKind::RelayBusy, reason)
+                    .await)
             }
         }
     }

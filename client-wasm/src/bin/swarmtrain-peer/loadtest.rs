@@ -274,12 +274,10 @@ pub(crate) async fn loadtest(args: Loadtest) -> anyhow::Result<()> {
 /// The request-response bytes (received and sent) that the relay at `url` reports in its
 /// `/metrics`.
 async fn rpc_bytes(url: &str) -> anyhow::Result<u64> {
-    let text = swarmtrain_client::platform::http_get(&format!(
-        "{}/metrics",
-        url.trim_end_matches('/')
-    ))
-    .await
-    .map_err(anyhow::Error::msg)?;
+    let text =
+        swarmtrain_client::platform::http_get(&format!("{}/metrics", url.trim_end_matches('/')))
+            .await
+            .map_err(anyhow::Error::msg)?;
     let text = String::from_utf8_lossy(&text);
     let value = |name: &str| -> anyhow::Result<u64> {
         text.lines()

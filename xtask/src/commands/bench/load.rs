@@ -122,7 +122,10 @@ fn loadtest(relays: &[String], peers: u32, metrics_of: Option<&str>) -> Result<s
     if !out.status.success() {
         return Err("the load test failed".into());
     }
-    parse(&String::from_utf8_lossy(&out.stdout), "the load test's output")
+    parse(
+        &String::from_utf8_lossy(&out.stdout),
+        "the load test's output",
+    )
 }
 
 fn stop(mut relay: Child) {
@@ -199,10 +202,16 @@ fn bench_federation(edges: u32, peers: u32) -> Result {
     let pids: Vec<u32> = std::iter::once(root_relay.id())
         .chain(relays.iter().map(|(edge, _)| edge.id()))
         .collect();
-    let idle: Vec<f64> = pids.iter().map(|&pid| memory_kb(pid).map_or(0.0, |m| m.0)).collect();
+    let idle: Vec<f64> = pids
+        .iter()
+        .map(|&pid| memory_kb(pid).map_or(0.0, |m| m.0))
+        .collect();
     let urls: Vec<String> = relays.iter().map(|(_, url)| url.clone()).collect();
     let out = loadtest(&urls, peers, Some(&root_url));
-    let loaded: Vec<f64> = pids.iter().map(|&pid| memory_kb(pid).map_or(0.0, |m| m.0)).collect();
+    let loaded: Vec<f64> = pids
+        .iter()
+        .map(|&pid| memory_kb(pid).map_or(0.0, |m| m.0))
+        .collect();
     relays.into_iter().for_each(|(edge, _)| stop(edge));
     stop(root_relay);
     let json = out?;
