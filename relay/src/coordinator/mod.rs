@@ -574,7 +574,7 @@ impl Coordinator {
 
     /// An edge's answer to its peer, from the root's answer to the forwarded message (`Err`:
     /// the root could not be reached, answered `relay_busy`).
-    async fn from_root(
+    async fn answer_from_root(
         &self,
         peer: PeerKey,
         answer: Result<RelayToClient, swarmtrain_client::PeerError>,
@@ -853,7 +853,7 @@ impl Coordinator {
                     drop(state);
                     let backend = join.capabilities.backend.clone();
                     let answer = link.forward(&Submission { signed, payload }).await;
-                    let welcome = match self.from_root(peer, answer).await? {
+                    let welcome = match self.answer_from_root(peer, answer).await? {
                         RelayToClient::Welcome(welcome) => welcome,
                         _ => {
                             let reason = "the root answered a join with something else".into();
@@ -1025,7 +1025,7 @@ impl Coordinator {
                     // it durably before it answers; the peer hears the root's answer.
                     drop(state);
                     let answer = link.forward(&Submission { signed, payload }).await;
-                    let answer = self.from_root(peer, answer).await;
+                    let answer = self.answer_from_root(peer, answer).await;
                     let mut state = self.state.lock().await;
                     if matches!(answer, Ok(RelayToClient::Accepted { .. })) {
                         state.accepted += 1;
@@ -1102,7 +1102,7 @@ impl Coordinator {
             RunMessage::Reveal(_) if let Some(link) = link => {
                 // The root drew the update for its replay: the reveal is the root's.
                 let answer = link.forward(&Submission { signed, payload }).await;
-                self.from_root(peer, answer).await
+                self.answer_from_root(peer, answer).await
             }
             RunMessage::Reveal(reveal) => self.reveal(peer, reveal, payload).await,
             RunMessage::Verify { .. } => self.give_job(peer, max_wait).await,

@@ -29,7 +29,7 @@ pub(crate) fn bench_load(args: &[String]) -> Result {
         match arg.as_str() {
             "--relays" => relays = value.max(1),
             "--peers" => peers = value.max(SENDERS),
-            _ => return Err(format!("unknown option {arg} (--relays N, --peers M)").into()),
+            _ => return Err(format!("unknown option {arg} (--relays N, --peers M)")),
         }
     }
     build_release_relay_and_peer()?;
