@@ -3,16 +3,20 @@
 //! updates of both edges; θ is bit for bit what a lone relay computes from the same updates;
 //! credits add up at the root; a peer that moves to the other edge cannot count its update
 //! twice; a root killed mid-round and started again loses no accepted update; a killed edge's
-//! peer goes on through the other edge.
+//! peer goes on through the other edge; a hostile edge cannot forge, alter or replay what it
+//! forwards.
 
 use std::time::{Duration, Instant};
 
 use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_shared::PeerKey;
-use swarmtrain_shared::protocol::{ClientToRelay, RelayToClient, RoundAnnouncement, Welcome};
+use swarmtrain_shared::protocol::{
+    self, ClientToRelay, Codec, PayloadRef, RelayToClient, Role, RoundAnnouncement, Submission,
+    Update, Welcome,
+};
 use swarmtrain_tests::{
-    RelayProcess, accepted_updates, digits_join, free_port, send_constant_update, spawn_peer_at,
-    two_peers_close_round_0,
+    RelayProcess, accepted_updates, digits_join, free_port, join_raw_as, send_constant_update,
+    spawn_peer_at, two_peers_close_round_0,
 };
 
 /// Joins the digits run at the edge at TCP `address` as the identity of `seed`, once the edge
@@ -302,13 +306,22 @@ async fn native_peers_on_two_edges_train_rounds_together() {
     for round in 1..=rounds {
         assert_eq!(contributors(&root, round).await, 2, "round {round}");
     }
-    // Each edge shows the root's rounds, with the updates its own peer gave each.
+    // Each edge shows the root's rounds (once it has followed the last), with the updates its
+    // own peer gave each.
+    let theta = root.json("api/status").await["params_hash"].clone();
     for edge in &edges {
-        let status = edge.json("api/status").await;
-        assert_eq!(
-            status["params_hash"],
-            root.json("api/status").await["params_hash"]
-        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            let status = edge.json("api/status").await;
+            if status["params_hash"] == theta {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the edge did not follow: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         for round in 1..=rounds {
             let row = status["history"]
                 .as_array()
@@ -321,4 +334,129 @@ async fn native_peers_on_two_edges_train_rounds_together() {
             );
         }
     }
+}
+
+/// A peer's message signed in a fresh envelope of `client` (which sends nothing itself), as an
+/// edge holds it to forward.
+fn signed(
+    client: &RelayClient,
+    identity: &swarmtrain_shared::Identity,
+    message: ClientToRelay,
+    payload: Vec<u8>,
+) -> Submission {
+    Submission {
+        signed: identity.sign(&client.envelope(message)).expect("sign"),
+        payload,
+    }
+}
+
+async fn forward(edge: &RelayClient, submission: &Submission) -> RelayToClient {
+    let payload = protocol::encode_submission(submission).expect("encode");
+    let message = ClientToRelay::Forward {
+        run_id: "digits".into(),
+    };
+    edge.send(message, payload).await.expect("forward")
+}
+
+/// What the root said to the forwarded message, or `None` when it refused the forward itself.
+fn forwarded(answer: RelayToClient) -> Result<RelayToClient, String> {
+    match answer {
+        RelayToClient::Forwarded(answer) => Ok(*answer),
+        RelayToClient::Rejected { kind, .. } => Err(kind),
+        other => panic!("not an answer to a forward: {other:?}"),
+    }
+}
+
+fn refused(answer: Result<RelayToClient, String>) -> String {
+    match answer {
+        Ok(RelayToClient::Rejected { kind, .. }) => kind,
+        other => panic!("expected the forwarded message refused, got {other:?}"),
+    }
+}
+
+/// A hostile edge (a raw client joined as one) against the root: whatever it forwards is judged
+/// by the peer's own signature, so it cannot forge, alter, replay or double a peer's update, nor
+/// pass its own key off as a trainer; an identity not joined as an edge cannot forward at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = RelayProcess::start(dir.path(), free_port(), &[], &[]);
+    let address = root.tcp_address().await;
+    let (edge, edge_id, welcome, round0) =
+        join_raw_as(&address, "digits", [50; 32], Role::Edge).await;
+    // The root's delegation names the edge's own key.
+    let delegation = welcome
+        .delegation
+        .as_ref()
+        .expect("an edge is given a delegation")
+        .verify_with_key(welcome.relay_key())
+        .expect("signed by the root");
+    assert_eq!(delegation.edge_key, edge_id.public_key());
+    // A trainer of the root's own: the round (quorum 2) stays open on P's update alone.
+    let (trainer, _, _, _) = join_raw_as(&address, "digits", [70; 32], Role::Train).await;
+
+    // Peer P's join, forwarded: P is welcomed and counted; the same message again is a replay.
+    let p_id = swarmtrain_shared::Identity::from_seed([60; 32]);
+    let p = RelayClient::connect(address.parse().expect("multiaddr"), &p_id).expect("client");
+    let join = signed(&p, &p_id, digits_join("test", None), Vec::new());
+    assert!(matches!(
+        forwarded(forward(&edge, &join).await),
+        Ok(RelayToClient::Welcome(_))
+    ));
+    assert_eq!(refused(forwarded(forward(&edge, &join).await)), "replayed");
+    assert_eq!(root.json("api/status").await["joined_peers"], 2);
+
+    let payload = Codec::F32.encode(&vec![0.01; round0.n_params as usize]);
+    let update = ClientToRelay::Update(Update {
+        run_id: "digits".into(),
+        round: 0,
+        base: round0.params,
+        n_samples: 32,
+        inner_steps: 10,
+        loss: 1.0,
+        codec: Codec::F32,
+        payload: PayloadRef::of(&payload),
+        state: PayloadRef::of(&[]),
+    });
+    // Another payload under P's signature: refused.
+    let other = Codec::F32.encode(&vec![0.5; round0.n_params as usize]);
+    let altered = signed(&p, &p_id, update.clone(), other);
+    assert_eq!(
+        refused(forwarded(forward(&edge, &altered).await)),
+        "payload_mismatch"
+    );
+    // A signed body the edge changed: the edge's own fault (a strike against it).
+    let mut forged = signed(&p, &p_id, update.clone(), payload.clone());
+    let last = forged.signed.body.len() - 1;
+    forged.signed.body[last] ^= 1;
+    assert_eq!(
+        forwarded(forward(&edge, &forged).await).unwrap_err(),
+        "bad_signature"
+    );
+    // An edge cannot pass its own key off as a peer's: a forward of its own message is the
+    // edge's fault.
+    let own = signed(&p, &edge_id, update.clone(), payload.clone());
+    assert_eq!(
+        forwarded(forward(&edge, &own).await).unwrap_err(),
+        "malformed"
+    );
+    // P's real update is taken once: a second one for the round is a duplicate.
+    let real = signed(&p, &p_id, update.clone(), payload.clone());
+    accepted(
+        forwarded(forward(&edge, &real).await).expect("forwarded"),
+        0,
+    );
+    let again = signed(&p, &p_id, update, payload);
+    assert_eq!(
+        refused(forwarded(forward(&edge, &again).await)),
+        "duplicate"
+    );
+    let status = root.json("api/status").await;
+    assert_eq!(status["accepted_updates"], 1, "{status}");
+
+    // A trainer that is not an edge cannot forward.
+    assert_eq!(
+        forwarded(forward(&trainer, &join).await).unwrap_err(),
+        "not_joined"
+    );
 }

@@ -682,6 +682,10 @@ impl Runs {
                     .await);
             }
         };
+        if peer == edge {
+            let reason = "an edge forwards its peers' messages, not its own".to_owned();
+            return Err(run.reject(Some(edge), RefusalKind::Malformed, reason).await);
+        }
         let message = match Addressed::from(envelope.message) {
             Addressed::Run(
                 message @ (RunMessage::Join(_) | RunMessage::Update(_) | RunMessage::Reveal(_)),
