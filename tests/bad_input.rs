@@ -19,7 +19,7 @@ use swarmtrain_shared::protocol::{
     self, ClientToRelay, Codec, MAX_FRAME_BYTES, Part, PayloadRef, RelayToClient, Request,
     Submission, Update,
 };
-use swarmtrain_tests::{init_logging, join_raw, metrics, spawn_peer, start_relay};
+use swarmtrain_tests::{init_logging, join_raw, metrics, sign, spawn_peer, start_relay};
 
 fn rejection(answer: RelayToClient) -> String {
     match answer {
@@ -47,18 +47,6 @@ fn digits_update(
         payload: PayloadRef::of(payload),
         state: PayloadRef::of(&[]),
     })
-}
-
-fn sign(
-    client: &RelayClient,
-    identity: &Identity,
-    message: ClientToRelay,
-    payload: Vec<u8>,
-) -> Submission {
-    Submission {
-        signed: identity.sign(&client.envelope(message)).expect("sign"),
-        payload,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

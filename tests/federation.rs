@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Codec, PayloadRef, RelayToClient, Role, RoundAnnouncement, Submission,
-    Update, Welcome,
+    self, ClientToRelay, Codec, RelayToClient, Role, RoundAnnouncement, Submission, Welcome,
 };
 use swarmtrain_tests::{
-    RelayProcess, accepted_updates, digits_join, free_port, join_raw_as, send_constant_update,
-    spawn_peer_at, two_peers_close_round_0,
+    RelayProcess, accepted_updates, constant_update, digits_join, free_port, join_raw_as,
+    send_constant_update, sign, spawn_peer_at, two_peers_close_round_0,
 };
 
 /// Joins the digits run at the edge at TCP `address` as the identity of `seed`, once the edge
@@ -336,20 +335,6 @@ async fn native_peers_on_two_edges_train_rounds_together() {
     }
 }
 
-/// A peer's message signed in a fresh envelope of `client` (which sends nothing itself), as an
-/// edge holds it to forward.
-fn signed(
-    client: &RelayClient,
-    identity: &swarmtrain_shared::Identity,
-    message: ClientToRelay,
-    payload: Vec<u8>,
-) -> Submission {
-    Submission {
-        signed: identity.sign(&client.envelope(message)).expect("sign"),
-        payload,
-    }
-}
-
 async fn forward(edge: &RelayClient, submission: &Submission) -> RelayToClient {
     let payload = protocol::encode_submission(submission).expect("encode");
     let message = ClientToRelay::Forward {
@@ -376,12 +361,32 @@ fn refused(answer: Result<RelayToClient, String>) -> String {
 
 /// A hostile edge (a raw client joined as one) against the root: whatever it forwards is judged
 /// by the peer's own signature, so it cannot forge, alter, replay or double a peer's update, nor
-/// pass its own key off as a trainer; an identity not joined as an edge cannot forward at all.
+/// pass its own key off as a trainer; an identity not joined as an edge cannot forward at all,
+/// and a root started with `--edge-key` takes no other edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = RelayProcess::start(dir.path(), free_port(), &[], &[]);
+    // The root takes one edge: the identity of seed 50.
+    let edge_key = swarmtrain_shared::Identity::from_seed([50; 32])
+        .peer()
+        .to_hex();
+    let root = RelayProcess::start(dir.path(), free_port(), &["--edge-key", &edge_key], &[]);
     let address = root.tcp_address().await;
+    let stranger_id = swarmtrain_shared::Identity::from_seed([51; 32]);
+    let stranger =
+        RelayClient::connect(address.parse().expect("multiaddr"), &stranger_id).expect("client");
+    let mut join_as_edge = digits_join("test", None);
+    if let ClientToRelay::Join(join) = &mut join_as_edge {
+        join.role = Role::Edge;
+    }
+    match stranger
+        .send(join_as_edge, Vec::new())
+        .await
+        .expect("answer")
+    {
+        RelayToClient::Rejected { kind, .. } => assert_eq!(kind, "not_admitted"),
+        other => panic!("an edge not on --edge-key was taken: {other:?}"),
+    }
     let (edge, edge_id, welcome, round0) =
         join_raw_as(&address, "digits", [50; 32], Role::Edge).await;
     // The root's delegation names the edge's own key.
@@ -398,7 +403,7 @@ async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
     // Peer P's join, forwarded: P is welcomed and counted; the same message again is a replay.
     let p_id = swarmtrain_shared::Identity::from_seed([60; 32]);
     let p = RelayClient::connect(address.parse().expect("multiaddr"), &p_id).expect("client");
-    let join = signed(&p, &p_id, digits_join("test", None), Vec::new());
+    let join = sign(&p, &p_id, digits_join("test", None), Vec::new());
     assert!(matches!(
         forwarded(forward(&edge, &join).await),
         Ok(RelayToClient::Welcome(_))
@@ -406,27 +411,16 @@ async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
     assert_eq!(refused(forwarded(forward(&edge, &join).await)), "replayed");
     assert_eq!(root.json("api/status").await["joined_peers"], 2);
 
-    let payload = Codec::F32.encode(&vec![0.01; round0.n_params as usize]);
-    let update = ClientToRelay::Update(Update {
-        run_id: "digits".into(),
-        round: 0,
-        base: round0.params,
-        n_samples: 32,
-        inner_steps: 10,
-        loss: 1.0,
-        codec: Codec::F32,
-        payload: PayloadRef::of(&payload),
-        state: PayloadRef::of(&[]),
-    });
+    let (update, payload) = constant_update(&round0, 0.01);
     // Another payload under P's signature: refused.
     let other = Codec::F32.encode(&vec![0.5; round0.n_params as usize]);
-    let altered = signed(&p, &p_id, update.clone(), other);
+    let altered = sign(&p, &p_id, update.clone(), other);
     assert_eq!(
         refused(forwarded(forward(&edge, &altered).await)),
         "payload_mismatch"
     );
     // A signed body the edge changed: the edge's own fault (a strike against it).
-    let mut forged = signed(&p, &p_id, update.clone(), payload.clone());
+    let mut forged = sign(&p, &p_id, update.clone(), payload.clone());
     let last = forged.signed.body.len() - 1;
     forged.signed.body[last] ^= 1;
     assert_eq!(
@@ -435,18 +429,18 @@ async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
     );
     // An edge cannot pass its own key off as a peer's: a forward of its own message is the
     // edge's fault.
-    let own = signed(&p, &edge_id, update.clone(), payload.clone());
+    let own = sign(&p, &edge_id, update.clone(), payload.clone());
     assert_eq!(
         forwarded(forward(&edge, &own).await).unwrap_err(),
         "malformed"
     );
     // P's real update is taken once: a second one for the round is a duplicate.
-    let real = signed(&p, &p_id, update.clone(), payload.clone());
+    let real = sign(&p, &p_id, update.clone(), payload.clone());
     accepted(
         forwarded(forward(&edge, &real).await).expect("forwarded"),
         0,
     );
-    let again = signed(&p, &p_id, update, payload);
+    let again = sign(&p, &p_id, update, payload);
     assert_eq!(
         refused(forwarded(forward(&edge, &again).await)),
         "duplicate"

@@ -543,6 +543,12 @@ pub async fn send_constant_update(
     round: &RoundAnnouncement,
     value: f32,
 ) -> RelayToClient {
+    let (update, payload) = constant_update(round, value);
+    client.send(update, payload).await.expect("request")
+}
+
+/// An update of constant `value` (f32) for `round` of the digits run, and its payload.
+pub fn constant_update(round: &RoundAnnouncement, value: f32) -> (ClientToRelay, Vec<u8>) {
     let payload = Codec::F32.encode(&vec![value; round.n_params as usize]);
     let update = ClientToRelay::Update(Update {
         run_id: "digits".into(),
@@ -555,7 +561,21 @@ pub async fn send_constant_update(
         payload: PayloadRef::of(&payload),
         state: PayloadRef::of(&[]),
     });
-    client.send(update, payload).await.expect("request")
+    (update, payload)
+}
+
+/// `message` with `payload`, signed by `identity` in a fresh envelope of `client`'s connection,
+/// unsent (tests send it as it is, or forward it as an edge does).
+pub fn sign(
+    client: &RelayClient,
+    identity: &Identity,
+    message: ClientToRelay,
+    payload: Vec<u8>,
+) -> swarmtrain_shared::protocol::Submission {
+    swarmtrain_shared::protocol::Submission {
+        signed: identity.sign(&client.envelope(message)).expect("sign"),
+        payload,
+    }
 }
 
 /// Two peers (seeds 1 and 2) join the digits run of the relay process at TCP `address` and each

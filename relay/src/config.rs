@@ -73,6 +73,12 @@ pub struct ServeOptions {
     /// Default: none (the relay owns its runs).
     #[arg(long, env = "SWARMTRAIN_UPSTREAM")]
     pub upstream: Option<String>,
+    /// On a root relay: the peer keys (64 hex digits, as `keygen --key-file <edge data
+    /// dir>/relay.key` prints an edge's before it first starts) of the edge relays it takes;
+    /// repeat it, or separate keys with commas. Default: none, and any identity that passes a
+    /// run's admission may join it as an edge.
+    #[arg(long, env = "SWARMTRAIN_EDGE_KEY", value_delimiter = ',')]
+    pub edge_key: Option<Vec<String>>,
     /// Checkpoints kept per run in the data directory (older ones are deleted). Default: 10.
     #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<usize>,
@@ -614,7 +620,7 @@ impl ServeOptions {
     /// [`Self::merge`], and the names of the top-level fields it merged.
     fn merge_fields(mut self, file: Self) -> (Self, &'static [&'static str]) {
         let merged = merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
-            checkpoint_store, upstream, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
+            checkpoint_store, upstream, edge_key, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
             check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
             replay_tolerance, verifier_timeout_secs, verifier_spot_check, aggregation_backend,
@@ -730,6 +736,16 @@ impl ServeOptions {
             keep_checkpoints: self.keep_checkpoints.unwrap_or(defaults.keep_checkpoints),
             checkpoint_store: self.checkpoint_store,
             upstream: self.upstream,
+            edge_keys: self
+                .edge_key
+                .unwrap_or_default()
+                .iter()
+                .map(|hex| {
+                    blake3::Hash::from_hex(hex.trim())
+                        .map(|h| swarmtrain_shared::PeerKey(*h.as_bytes()))
+                        .with_context(|| format!("--edge-key {hex:?}: not a 64-hex-digit peer key"))
+                })
+                .collect::<anyhow::Result<_>>()?,
             retention: store::Retention {
                 history_rounds: self.history_retention_rounds,
                 ledger_rounds: self.ledger_retention_rounds,
@@ -802,7 +818,12 @@ mod tests {
         use super::defaults as d;
         use crate::RelayConfig;
 
-        const PROSE: &[&str] = &["checkpoint_store", "external_address", "upstream"];
+        const PROSE: &[&str] = &[
+            "checkpoint_store",
+            "external_address",
+            "upstream",
+            "edge_key",
+        ];
         let c = RelayConfig::default();
         let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_owned());
         let expected: Vec<(&str, String)> = vec![

@@ -23,7 +23,7 @@ pub mod store;
 mod testing;
 pub mod tls;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,6 +105,9 @@ pub struct RelayConfig {
     /// The HTTP base URL of the root relay this relay is an edge of, for every run it has
     /// ([`federation`]); `None`: the relay owns its runs.
     pub upstream: Option<String>,
+    /// On a root: the edge relays (their peer keys) it takes; empty: any identity that passes
+    /// a run's admission.
+    pub edge_keys: BTreeSet<swarmtrain_shared::PeerKey>,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -215,6 +218,7 @@ impl Default for RelayConfig {
                 ..Default::default()
             },
             upstream: None,
+            edge_keys: BTreeSet::new(),
         }
     }
 }
@@ -385,7 +389,8 @@ impl Relay {
                 .await
                 .with_context(|| format!("opening run {:?}", spec.run_id))?
                 .with_checks(config.checks)
-                .with_replays(config.replays, Some(strike_tx.clone()));
+                .with_replays(config.replays, Some(strike_tx.clone()))
+                .with_edge_keys(config.edge_keys.clone());
             coordinators.push(Arc::new(match config.upstream {
                 Some(_) => coordinator.as_edge(),
                 None => coordinator,

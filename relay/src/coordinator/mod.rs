@@ -240,6 +240,8 @@ pub struct Coordinator {
     /// edge joins the root again; [`crate::federation`]). An edge closes no round: it follows
     /// the root's.
     edge: Option<std::sync::RwLock<Option<Arc<EdgeLink>>>>,
+    /// On a root: the only identities that may join as edges (empty: any admitted one).
+    edge_keys: BTreeSet<PeerKey>,
 }
 
 /// Where a message reached this relay from: its sender's own connection, or an edge relay that
@@ -445,7 +447,14 @@ impl Coordinator {
             jobs_ready: Notify::new(),
             strikes: None,
             edge: None,
+            edge_keys: BTreeSet::new(),
         })
+    }
+
+    /// Takes as edges only the identities in `keys` (empty: any that passes the admission).
+    pub fn with_edge_keys(mut self, keys: BTreeSet<PeerKey>) -> Self {
+        self.edge_keys = keys;
+        self
     }
 
     /// Makes this run an edge of a federation: it closes no round and refuses peers until
@@ -805,16 +814,26 @@ impl Coordinator {
                     return Err(self.reject(Some(peer), RefusalKind::BadJoin, reason).await);
                 }
                 let refused_role = match (join.role, link.is_some(), origin) {
-                    (Role::Verify | Role::Edge, true, _) => {
-                        Some("an edge relay takes trainers only: verifiers and edges join the root")
+                    (Role::Verify | Role::Edge, true, _) => Some((
+                        RefusalKind::BadJoin,
+                        "an edge relay takes trainers only: verifiers and edges join the root",
+                    )),
+                    (Role::Edge, _, Origin::Edge) => Some((
+                        RefusalKind::BadJoin,
+                        "an edge's peer cannot join as an edge",
+                    )),
+                    (Role::Edge, false, Origin::Direct)
+                        if !self.edge_keys.is_empty() && !self.edge_keys.contains(&peer) =>
+                    {
+                        Some((
+                            RefusalKind::NotAdmitted,
+                            "this root takes edges from its --edge-key list only",
+                        ))
                     }
-                    (Role::Edge, _, Origin::Edge) => Some("an edge's peer cannot join as an edge"),
                     _ => None,
                 };
-                if let Some(reason) = refused_role {
-                    return Err(self
-                        .reject(Some(peer), RefusalKind::BadJoin, reason.into())
-                        .await);
+                if let Some((kind, reason)) = refused_role {
+                    return Err(self.reject(Some(peer), kind, reason.into()).await);
                 }
                 let mut state = self.state.lock().await;
                 // An identity admitted once stays admitted while the run keeps it joined; one an
