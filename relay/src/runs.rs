@@ -3,7 +3,9 @@
 //! replay, one identity per connection) and routes its message to the run's coordinator. It
 //! also keeps each connection's agreed session keys ([`swarmtrain_shared::seal`]): it opens the
 //! sealed payloads of updates, reveals and verifiers' reports, and seals the chunks it serves
-//! (θ, and revealed states, which go only to the verifier holding their job). Every handler
+//! (θ, and revealed states, which go only to the verifier holding their job). On a
+//! federation's root it also takes the messages edge relays forward for their peers
+//! ([`Runs::forwarded`]), checking each peer's own signature. Every handler
 //! answers with an [`Answer`]: a message, or a [`swarmtrain_shared::protocol::Refusal`] its run
 //! has counted and logged; `p2p` encodes it once, on its way out, and strikes the connection
 //! for the refusals only misconduct earns.
@@ -354,7 +356,8 @@ impl Runs {
 
     /// The longest message any run can use: its largest update, or the committed training
     /// state a language-model peer reveals for a replay, and the envelope around it, or the two
-    /// around it when an edge relay forwards it (each signed envelope is about 5.3 KB).
+    /// around it when an edge relay forwards it (a signed envelope is about 5.3 KB: two fit the
+    /// 16 KiB).
     pub fn max_submission_bytes(&self) -> usize {
         self.by_id
             .values()
@@ -369,7 +372,7 @@ impl Runs {
             })
             .max()
             .unwrap_or(0)
-            + 32 * 1024
+            + 16 * 1024
     }
 
     pub fn default_run(&self) -> &Arc<Coordinator> {
@@ -635,16 +638,18 @@ impl Runs {
     }
 
     /// A message of one of its peers that edge relay `edge` (joined to run `run_id` as
-    /// [`Role::Edge`]) forwards from `from`'s connection: the peer's [`Submission`], encoded in
-    /// `payload`. Its signature, expiry and sequence number are checked here as for a message
-    /// the peer sent itself (its replay window is kept per identity and edge connection); the
-    /// binding to the peer's own connection and the run's admission were the edge's to check.
-    /// A `Join`, an `Update` or a `Reveal` of the run goes to the run as from [`Origin::Edge`].
+    /// [`Role::Edge`](swarmtrain_shared::protocol::Role::Edge)) forwards from `from`'s
+    /// connection: the peer's [`Submission`], encoded in `payload`. Its signature, expiry and
+    /// sequence number are checked here as for a message the peer sent itself (its replay window
+    /// is kept per identity and edge connection); the binding to the peer's own connection and
+    /// the run's admission were the edge's to check. A `Join`, an `Update` or a `Reveal` of the
+    /// run goes to the run as from [`Origin::Edge`].
     ///
-    /// What the edge should have caught (a bad signature, a message it may not forward) is
-    /// refused as the edge's own fault, a strike against its connection; what the run refuses
-    /// is answered as a `Rejected` frame that the edge hands to its peer, and counts no strike
-    /// against the edge.
+    /// What the edge should have caught (a bad signature, a message it may not forward, one
+    /// signed with its own key) is refused as the edge's own fault, a strike against its
+    /// connection; whatever else the root says to the peer, refusals included, is answered
+    /// inside [`RelayToClient::Forwarded`] for the edge to hand on, and counts no strike against
+    /// the edge.
     async fn forwarded(
         &self,
         from: Conn,

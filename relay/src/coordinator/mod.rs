@@ -465,11 +465,6 @@ impl Coordinator {
         self
     }
 
-    /// Whether this run is an edge of a federation.
-    pub fn is_edge_relay(&self) -> bool {
-        self.edge.is_some()
-    }
-
     /// Gives an edge run its link to the root, in place of the one it had.
     pub fn set_link(&self, link: Arc<EdgeLink>) {
         if let Some(Ok(mut held)) = self.edge.as_ref().map(|edge| edge.write()) {
@@ -498,11 +493,6 @@ impl Coordinator {
     /// Whether `peer` joined this run as an edge relay.
     pub async fn is_edge(&self, peer: &PeerKey) -> bool {
         self.state.lock().await.joined.get(peer).map(|j| j.0) == Some(Role::Edge)
-    }
-
-    /// The round this run is in.
-    pub async fn round(&self) -> u64 {
-        self.state.lock().await.round.round
     }
 
     /// An edge takes the root's round `signed` (verified by the caller) with its θ `params`:
@@ -558,27 +548,35 @@ impl Coordinator {
             loss: announcement.loss,
         };
         state.claims.clear();
-        state.announcement = signed.clone();
         store_params(&mut state);
-        match protocol::gossip_announcement(&signed) {
+        self.publish(&mut state, signed);
+        tracing::info!(round = announcement.round, "following the root's round");
+        true
+    }
+
+    /// Makes `announcement` the open round's: gossips it and answers the long polls waiting
+    /// for a later round than theirs.
+    fn publish(&self, state: &mut State, announcement: Signed<RoundAnnouncement>) {
+        // Nobody listening (no peers yet) is fine.
+        match protocol::gossip_announcement(&announcement) {
             Ok(frame) => {
                 let _ = self.announce.send((self.spec.run_id.clone(), frame));
             }
             Err(e) => tracing::error!(error = %e, "could not encode the announcement for gossip"),
         }
+        let round = state.round.round;
         let ready: Vec<PeerKey> = state
             .waiters
             .iter()
-            .filter(|(_, (after, _))| *after < announcement.round)
+            .filter(|(_, (after, _))| *after < round)
             .map(|(peer, _)| *peer)
             .collect();
         for peer in ready {
             if let Some((_, waiter)) = state.waiters.remove(&peer) {
-                let _ = waiter.send(Some(signed.clone()));
+                let _ = waiter.send(Some(announcement.clone()));
             }
         }
-        tracing::info!(round = announcement.round, "following the root's round");
-        true
+        state.announcement = announcement;
     }
 
     /// An edge's answer to its peer, from the root's answer to the forwarded message (`Err`:
@@ -1292,30 +1290,7 @@ impl Coordinator {
             .identity
             .sign(&state.round.announcement(state.eval, state.audited(), now))
         {
-            Ok(announcement) => {
-                state.announcement = announcement.clone();
-                // Gossip it; nobody listening (no peers yet) is fine.
-                match protocol::gossip_announcement(&announcement) {
-                    Ok(frame) => {
-                        let _ = self.announce.send((state.round.spec.run_id.clone(), frame));
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not encode the announcement for gossip")
-                    }
-                }
-                let round = state.round.round;
-                let ready: Vec<PeerKey> = state
-                    .waiters
-                    .iter()
-                    .filter(|(_, (after, _))| *after < round)
-                    .map(|(peer, _)| *peer)
-                    .collect();
-                for peer in ready {
-                    if let Some((_, waiter)) = state.waiters.remove(&peer) {
-                        let _ = waiter.send(Some(announcement.clone()));
-                    }
-                }
-            }
+            Ok(announcement) => self.publish(state, announcement),
             Err(e) => tracing::error!(error = %e, "could not sign the announcement"),
         }
     }
