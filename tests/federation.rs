@@ -333,6 +333,13 @@ async fn native_peers_on_two_edges_train_rounds_together() {
             );
         }
     }
+    // An edge stops cleanly on SIGTERM, even while it is trying to reach a root that is gone.
+    assert!(root.terminate().success(), "the root exits cleanly");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for edge in edges {
+        let status = edge.terminate();
+        assert!(status.success(), "an edge exits cleanly, not {status}");
+    }
 }
 
 async fn forward(edge: &RelayClient, submission: &Submission) -> RelayToClient {

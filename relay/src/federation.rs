@@ -56,7 +56,7 @@ pub async fn follow(
         let link = loop {
             attempt += 1;
             let joined = tokio::select! {
-                _ = shutdown.changed() => return Ok(()),
+                _ = stopping(&mut shutdown) => return Ok(()),
                 joined = EdgeLink::join(&root_url, &run_id, run.identity()) => joined,
             };
             match joined {
@@ -64,7 +64,9 @@ pub async fn follow(
                 Err(e) => {
                     let wait = retry_delay(attempt).min(MAX_WAIT);
                     tracing::warn!(root = %root_url, run = %run_id, error = %e, ?wait, "could not join the root; trying again");
-                    tokio::time::sleep(wait).await;
+                    if pause(&mut shutdown, wait).await {
+                        return Ok(());
+                    }
                 }
             }
         };
@@ -82,7 +84,10 @@ pub async fn follow(
         let welcome = link.welcome_round().clone();
         let first = welcome.verify_with_key(link.root_key())?;
         if round.is_none_or(|r| first.round > r) {
-            round = Some(take(&run, &link, welcome, &first, &mut shutdown).await);
+            let Some(taken) = take(&run, &link, welcome, &first, &mut shutdown).await else {
+                return Ok(());
+            };
+            round = Some(taken);
         }
         run.set_link(link.clone());
         tracing::info!(root = %root_url, run = %run_id, ?round, "edge relay following its root");
@@ -90,50 +95,74 @@ pub async fn follow(
         while failures < 2 {
             let after = round.unwrap_or_default();
             let next = tokio::select! {
-                _ = shutdown.changed() => return Ok(()),
+                _ = stopping(&mut shutdown) => return Ok(()),
                 next = link.await_round(after) => next,
             };
             match next {
                 Ok((signed, announcement)) => {
                     failures = 0;
-                    round = Some(take(&run, &link, signed, &announcement, &mut shutdown).await);
+                    let taken = take(&run, &link, signed, &announcement, &mut shutdown).await;
+                    let Some(taken) = taken else {
+                        return Ok(());
+                    };
+                    round = Some(taken);
                 }
                 Err(e) => {
                     failures += 1;
                     let wait = retry_delay(failures).min(MAX_WAIT);
                     tracing::warn!(run = %run_id, error = %e, ?wait, "lost the root's rounds; asking again");
-                    tokio::time::sleep(wait).await;
+                    if pause(&mut shutdown, wait).await {
+                        return Ok(());
+                    }
                 }
             }
         }
     }
 }
 
-/// Fetches θ of `announcement` from the root (trying again until it comes or `shutdown`) and
-/// has the edge's run adopt the round; returns the round the run is in.
+/// Resolves once the relay is shutting down (at once if it already is: a `changed()` seen
+/// elsewhere would be missed).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    // An error: the relay dropped its sender without saying so; stop too.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Waits `wait`, or less if the relay shuts down meanwhile (then true).
+async fn pause(shutdown: &mut watch::Receiver<bool>, wait: Duration) -> bool {
+    tokio::select! {
+        _ = stopping(shutdown) => true,
+        _ = tokio::time::sleep(wait) => false,
+    }
+}
+
+/// Fetches θ of `announcement` from the root (trying again until it comes) and has the edge's
+/// run adopt the round; returns the round the run is in, or `None` if the relay shuts down
+/// first.
 async fn take(
     run: &Coordinator,
     link: &EdgeLink,
     signed: Signed<RoundAnnouncement>,
     announcement: &RoundAnnouncement,
     shutdown: &mut watch::Receiver<bool>,
-) -> u64 {
+) -> Option<u64> {
     let mut attempt = 0;
     loop {
         let fetched = tokio::select! {
-            _ = shutdown.changed() => return announcement.round,
+            _ = stopping(shutdown) => return None,
             fetched = link.fetch_params(announcement.round, announcement.params) => fetched,
         };
         match fetched {
             Ok(params) => {
                 run.adopt(signed, announcement, params).await;
-                return announcement.round;
+                return Some(announcement.round);
             }
             Err(e) => {
                 attempt += 1;
                 let wait = retry_delay(attempt).min(MAX_WAIT);
                 tracing::warn!(round = announcement.round, error = %e, ?wait, "could not fetch θ from the root; trying again");
-                tokio::time::sleep(wait).await;
+                if pause(shutdown, wait).await {
+                    return None;
+                }
             }
         }
     }

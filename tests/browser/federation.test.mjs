@@ -68,10 +68,23 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     const all = [...logs.a, ...logs.b];
     const errors = all.filter((l) => /^\[(error|pageerror)\]/.test(l)).filter((l) => !upstream.test(l));
     assert.deepEqual(errors, [], `console errors:\n${errors.join('\n')}`);
+    // Every relay stops cleanly on SIGTERM (the edges while their root is going away too).
+    await browser.close();
+    browser = undefined;
+    const exited = (relay) => new Promise((resolve) => {
+      if (relay.exitCode !== null || relay.signalCode !== null) resolve(relay.exitCode);
+      else relay.once('exit', (code) => resolve(code));
+    });
+    for (const relay of relays) relay.kill('SIGTERM');
+    const codes = await Promise.race([
+      Promise.all(relays.map(exited)),
+      new Promise((resolve) => setTimeout(() => resolve('timeout'), 30_000).unref()),
+    ]);
+    assert.deepEqual(codes, [0, 0, 0], 'the root and both edges exit cleanly within 30 s of SIGTERM');
     console.log(`root at round ${rootStatus.round}; rows ${JSON.stringify(rootStatus.history.map((r) => [r.round, r.contributors]))}; ${all.filter((l) => upstream.test(l)).length} errors from rust-libp2p#6551`);
   } finally {
     if (browser) await browser.close();
-    for (const relay of relays) relay.kill('SIGTERM');
+    for (const relay of relays) if (relay.exitCode === null && relay.signalCode === null) relay.kill('SIGKILL');
     for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
   }
 });
