@@ -94,25 +94,7 @@ impl EdgeLink {
         &self,
         after: u64,
     ) -> Result<(Signed<RoundAnnouncement>, RoundAnnouncement), PeerError> {
-        loop {
-            let ask = ClientToRelay::AwaitRound {
-                run_id: self.session.spec.run_id.clone(),
-                after: Some(after),
-            };
-            match self.session.request(ask).await? {
-                RelayToClient::Round(signed) => {
-                    let announcement = self.session.verify(&signed)?;
-                    if announcement.round > after {
-                        return Ok((signed, announcement));
-                    }
-                }
-                RelayToClient::Rejected { kind, reason } if kind.ends_with("busy") => {
-                    return Err(PeerError::Busy(reason));
-                }
-                RelayToClient::Rejected { reason, .. } => return Err(PeerError::Refused(reason)),
-                _ => return Err(PeerError::Unexpected("await round")),
-            }
-        }
+        self.session.poll_signed(after).await
     }
 
     /// θ of `round` from the root, checked against its hash.

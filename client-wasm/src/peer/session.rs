@@ -590,6 +590,14 @@ impl Session {
 
     /// Long-polls for the first round after `after`.
     pub(crate) async fn poll_round(&self, after: u64) -> Result<RoundAnnouncement, PeerError> {
+        Ok(self.poll_signed(after).await?.1)
+    }
+
+    /// [`Self::poll_round`], with the announcement as the relay signed it.
+    pub(crate) async fn poll_signed(
+        &self,
+        after: u64,
+    ) -> Result<(Signed<RoundAnnouncement>, RoundAnnouncement), PeerError> {
         loop {
             let ask = ClientToRelay::AwaitRound {
                 run_id: self.spec.run_id.clone(),
@@ -599,7 +607,7 @@ impl Session {
                 RelayToClient::Round(signed) => {
                     let announcement = self.verify(&signed)?;
                     if announcement.round > after {
-                        return Ok(announcement);
+                        return Ok((signed, announcement));
                     }
                 }
                 // Still busy after every try: transient, the peer reconnects and goes on.
