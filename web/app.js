@@ -41,7 +41,8 @@ function onEvent(ev) {
       $('transport').title = ev.address;
       $('state').textContent = 'Connected to the relay; waiting for a round.';
       $('state').className = 'state';
-      log(`joined run ${ev.run} as ${ev.peer.slice(0, 16)} over ${$('transport').textContent}`);
+      // In a federation the tab may join another relay than the page's (the nearest, least loaded).
+      log(`joined run ${ev.run} as ${ev.peer.slice(0, 16)} over ${$('transport').textContent}${ev.relay && new URL(ev.relay).origin !== location.origin ? ` at relay ${ev.relay}` : ''}`);
       break;
     case 'model':
       log(`model: ${ev.model} (${ev.n_params.toLocaleString()} parameters)`);

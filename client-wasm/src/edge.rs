@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Delegation, ParamsHash, RelayToClient, Role, RoundAnnouncement, RunSpec,
+    self, ClientToRelay, Delegation, EdgeReport, Member, ParamsHash, RelayToClient, Role, RoundAnnouncement, RunSpec,
     Submission,
 };
 use swarmtrain_shared::{Identity, Signed};
@@ -56,7 +56,7 @@ impl EdgeLink {
             direct_peers: 0,
             ice_servers: Vec::new(),
         };
-        let (session, _) = Session::join(&config, identity, Role::Edge).await?;
+        let (session, _) = Session::join(&config, root_url, identity, Role::Edge).await?;
         if session.delegation.is_none() {
             return Err(PeerError::Refused(
                 "the root welcomed this edge without a delegation".into(),
@@ -118,6 +118,22 @@ impl EdgeLink {
                 "the root refused the forward ({kind}): {reason}"
             ))),
             _ => Err(PeerError::Unexpected("forward")),
+        }
+    }
+
+    /// Tells the root where clients reach this edge and its load; returns the federation's
+    /// relays as the root lists them.
+    pub async fn report(&self, report: EdgeReport) -> Result<Vec<Member>, PeerError> {
+        match self
+            .session
+            .send_mending(ClientToRelay::Report(report), Vec::new())
+            .await?
+        {
+            RelayToClient::Federation(members) => Ok(members),
+            RelayToClient::Rejected { kind, reason } => Err(PeerError::Refused(format!(
+                "the root refused the report ({kind}): {reason}"
+            ))),
+            _ => Err(PeerError::Unexpected("report")),
         }
     }
 }

@@ -96,7 +96,7 @@ async fn session<B: AutodiffBackend>(
     failures: &mut u32,
     emit: &mut impl FnMut(VerifierEvent),
 ) -> Result<(), PeerError> {
-    let (session, _) = Session::join(config, identity, Role::Verify).await?;
+    let (session, _) = Session::join(config, &config.relay_url, identity, Role::Verify).await?;
     *failures = 0;
     emit(VerifierEvent::Joined {
         run: session.spec.run_id.clone(),

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use swarmtrain_shared::admission::AdmissionTerms;
+use swarmtrain_shared::protocol::Member;
 
 /// The relay's `/api/bootstrap` answer: where to dial it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,6 +29,11 @@ pub struct Bootstrap {
     /// credentials minted for the peer that asked (`?peer=`) and valid for a limited time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ice_servers: Vec<IceServer>,
+    /// A federation's relays, the root first, each with its URL and load, for a client to
+    /// choose the nearest, least loaded one and to fail over to another (empty: a lone relay).
+    /// Loopback URLs are only ever told to clients on loopback.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federation: Vec<Member>,
 }
 
 /// A STUN or TURN server for ICE (`RTCIceServer`, with `urls` always an array). Without any,

@@ -79,6 +79,12 @@ pub struct ServeOptions {
     /// run's admission may join it as an edge.
     #[arg(long, env = "SWARMTRAIN_EDGE_KEY", value_delimiter = ',')]
     pub edge_key: Option<Vec<String>>,
+    /// The HTTP base URL clients reach this relay at (`https://edge1.example/`): a federation's
+    /// relays list it in /api/bootstrap for clients to choose from and fail over to. Default:
+    /// the bound HTTP address (`http://` or, with TLS, `https://`), and none when bound to
+    /// every interface (the relay is then left out of the list).
+    #[arg(long, env = "SWARMTRAIN_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Checkpoints kept per run in the data directory (older ones are deleted). Default: 10.
     #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<usize>,
@@ -620,7 +626,7 @@ impl ServeOptions {
     /// [`Self::merge`], and the names of the top-level fields it merged.
     fn merge_fields(mut self, file: Self) -> (Self, &'static [&'static str]) {
         let merged = merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
-            checkpoint_store, upstream, edge_key, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
+            checkpoint_store, upstream, edge_key, public_url, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
             check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
             replay_tolerance, verifier_timeout_secs, verifier_spot_check, aggregation_backend,
@@ -736,6 +742,7 @@ impl ServeOptions {
             keep_checkpoints: self.keep_checkpoints.unwrap_or(defaults.keep_checkpoints),
             checkpoint_store: self.checkpoint_store,
             upstream: self.upstream,
+            public_url: self.public_url,
             edge_keys: self
                 .edge_key
                 .unwrap_or_default()
@@ -823,6 +830,7 @@ mod tests {
             "external_address",
             "upstream",
             "edge_key",
+            "public_url",
         ];
         let c = RelayConfig::default();
         let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_owned());

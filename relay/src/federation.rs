@@ -22,16 +22,210 @@
 //! as a lone relay would (the same rule over the same updates in peer order, so θ is bitwise a
 //! lone relay's), records them and checks them.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use swarmtrain_client::edge::EdgeLink;
 use swarmtrain_client::peer::retry_delay;
-use swarmtrain_shared::Signed;
-use swarmtrain_shared::protocol::RoundAnnouncement;
+use swarmtrain_shared::protocol::{
+    EdgeReport, MAX_MEMBERS, MEMBER_TTL_MS, Member, MemberRole, REPORT_EVERY_MS,
+    RoundAnnouncement,
+};
+use swarmtrain_shared::{PeerKey, Signed};
 use tokio::sync::watch;
 
 use crate::coordinator::Coordinator;
+use crate::p2p::Network;
+
+/// The relays of this relay's federation, as `/api/bootstrap` lists them for clients to choose
+/// from (the nearest, least loaded) and to fail over to.
+///
+/// A root lists itself and the edges that reported within [`MEMBER_TTL_MS`]
+/// ([`ClientToRelay::Report`](swarmtrain_shared::protocol::ClientToRelay::Report)); an edge
+/// lists what its root answered to its last report, with its own load as it is now. A relay
+/// without a URL for clients (no `--public-url`, bound to every interface) is listed nowhere; a
+/// lone relay lists nothing.
+#[derive(Debug, Default)]
+pub struct Federation {
+    /// This relay's HTTP base URL for clients.
+    own_url: Option<String>,
+    edge: bool,
+    /// Where this relay's load comes from (none in tests without a libp2p node: load 0).
+    network: Option<Arc<Network>>,
+    /// A root's edges: each one's last report, by the edge's key, and when it came (Unix ms).
+    edges: Mutex<HashMap<PeerKey, (Member, u64)>>,
+    /// An edge's copy of its root's list.
+    from_root: Mutex<Vec<Member>>,
+}
+
+impl Federation {
+    /// The federation list of a relay reached at `own_url`, an edge when `edge`, whose load is
+    /// `network`'s connections.
+    pub fn new(own_url: Option<String>, edge: bool, network: Option<Arc<Network>>) -> Self {
+        Self {
+            own_url,
+            edge,
+            network,
+            ..Self::default()
+        }
+    }
+
+    /// This relay's URL for clients, if it has one.
+    pub fn own_url(&self) -> Option<&str> {
+        self.own_url.as_deref()
+    }
+
+    /// This relay's load now: its open libp2p connections.
+    pub fn own_load(&self) -> u32 {
+        self.network
+            .as_ref()
+            .map_or(0, |n| u32::try_from(n.connections()).unwrap_or(u32::MAX))
+    }
+
+    /// A root records `edge`'s `report` (checked by the caller) at `now_ms` and answers with the
+    /// list. Beyond [`MAX_MEMBERS`] edges the one that reported longest ago is dropped.
+    pub fn reported(&self, edge: PeerKey, report: &EdgeReport, now_ms: u64) -> Vec<Member> {
+        {
+            let mut edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
+            edges.retain(|_, (_, at)| now_ms.saturating_sub(*at) < MEMBER_TTL_MS);
+            // Another identity at the same URL replaces the older (an edge whose key changed).
+            edges.retain(|key, (member, _)| *key == edge || member.url != report.url);
+            edges.insert(
+                edge,
+                (
+                    Member {
+                        url: report.url.clone(),
+                        role: MemberRole::Edge,
+                        load: report.load,
+                    },
+                    now_ms,
+                ),
+            );
+            while edges.len() >= MAX_MEMBERS {
+                let Some(oldest) = edges.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k)
+                else {
+                    break;
+                };
+                edges.remove(&oldest);
+            }
+        }
+        self.members(now_ms)
+    }
+
+    /// An edge takes its root's list ([`MAX_MEMBERS`] at most).
+    pub fn heard_from_root(&self, mut members: Vec<Member>) {
+        members.truncate(MAX_MEMBERS);
+        *self.from_root.lock().unwrap_or_else(|e| e.into_inner()) = members;
+    }
+
+    /// The federation's relays at `now_ms`, the root first (empty for a lone relay).
+    pub fn members(&self, now_ms: u64) -> Vec<Member> {
+        let own = self.own_url.as_ref().map(|url| Member {
+            url: url.clone(),
+            role: if self.edge {
+                MemberRole::Edge
+            } else {
+                MemberRole::Root
+            },
+            load: self.own_load(),
+        });
+        if self.edge {
+            let mut members = self
+                .from_root
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(own) = own
+                && !members.is_empty()
+            {
+                match members.iter_mut().find(|m| m.url == own.url) {
+                    Some(listed) => listed.load = own.load,
+                    None => members.push(own),
+                }
+            }
+            return members;
+        }
+        let edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
+        let mut listed: Vec<Member> = edges
+            .values()
+            .filter(|(_, at)| now_ms.saturating_sub(*at) < MEMBER_TTL_MS)
+            .map(|(member, _)| member.clone())
+            .collect();
+        if listed.is_empty() {
+            return Vec::new();
+        }
+        listed.sort_by(|a, b| a.url.cmp(&b.url));
+        own.into_iter().chain(listed).take(MAX_MEMBERS).collect()
+    }
+
+    /// The members a client at `client` may be told: loopback URLs only to a client on
+    /// loopback (None: this process).
+    pub fn for_client(&self, client: Option<std::net::IpAddr>, now_ms: u64) -> Vec<Member> {
+        let local = client.is_none_or(|ip| ip.is_loopback());
+        let mut members = self.members(now_ms);
+        members.retain(|m| local || !is_loopback_url(&m.url));
+        members
+    }
+}
+
+/// Whether `url`'s host is a loopback address or `localhost` (an unparsable URL counts as one:
+/// it is told to nobody outside).
+fn is_loopback_url(url: &str) -> bool {
+    match url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        None => true,
+    }
+}
+
+/// Reports this edge to its root every [`REPORT_EVERY_MS`] (its URL and load, over the first
+/// run's link) and keeps the root's answer, the federation's list, until `shutdown`. An edge
+/// without a URL for clients reports nothing.
+pub async fn report(
+    run: Arc<Coordinator>,
+    federation: Arc<Federation>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(url) = federation.own_url().map(str::to_owned) else {
+        tracing::warn!(
+            "this edge relay has no URL for clients (bound to every interface without \
+             --public-url): the federation's bootstrap will not list it"
+        );
+        return;
+    };
+    let run_id = run.spec().run_id.clone();
+    loop {
+        if let Some(link) = run.link_to_root() {
+            let report = EdgeReport {
+                run_id: run_id.clone(),
+                url: url.clone(),
+                load: federation.own_load(),
+            };
+            let answer = tokio::select! {
+                _ = stopping(&mut shutdown) => return,
+                answer = link.report(report) => answer,
+            };
+            match answer {
+                Ok(members) => federation.heard_from_root(members),
+                Err(e) => tracing::warn!(error = %e, "the root did not take this edge's report"),
+            }
+        }
+        // Soon after joining, then every REPORT_EVERY_MS.
+        let wait = if run.link_to_root().is_some() {
+            Duration::from_millis(REPORT_EVERY_MS)
+        } else {
+            Duration::from_millis(500)
+        };
+        if pause(&mut shutdown, wait).await {
+            return;
+        }
+    }
+}
 
 /// The longest an edge waits before it asks its root again: a root back from a restart is
 /// followed within this.

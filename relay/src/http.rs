@@ -25,6 +25,8 @@ pub struct AppState {
     /// The bootstrap document with every address; each client is told its share.
     pub bootstrap: Arc<Bootstrap>,
     pub network: Arc<crate::p2p::Network>,
+    /// The federation's relays, for the bootstrap document.
+    pub federation: Arc<crate::federation::Federation>,
     pub public: Arc<Public>,
 }
 
@@ -186,6 +188,7 @@ pub fn app(state: AppState, web_dir: PathBuf) -> anyhow::Result<Router> {
     let cors = cors(&state.public.allow_origins)?;
     let api = Router::new()
         .route("/api/bootstrap", get(bootstrap))
+        .route("/api/ping", get(ping))
         .route("/api/status", get(status))
         .route("/api/runs", get(runs))
         .route("/api/runs/{run}/status", get(run_status))
@@ -234,10 +237,17 @@ async fn bootstrap(
             .addresses
             .for_client(asker.host.as_deref(), asker.ip),
         ice_servers: state.public.ice.for_peer(&query.peer, now / 1000),
+        federation: state.federation.for_client(asker.ip, now),
         ..(*state.bootstrap).clone()
     };
     // Minted credentials and the clock are for this answer only.
     ([(header::CACHE_CONTROL, "no-store")], Json(doc))
+}
+
+/// A federation's clients time this to find the nearest relay (never cached: a cached answer
+/// would time nothing).
+async fn ping() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], "ok\n")
 }
 
 /// `?history=N`: how many of the newest history rows a status carries (default and most: 200).
@@ -857,6 +867,14 @@ mod tests {
     }
 
     async fn router_with(web_dir: &std::path::Path, public: Public) -> axum::Router {
+        router_of(web_dir, public, Default::default()).await
+    }
+
+    async fn router_of(
+        web_dir: &std::path::Path,
+        public: Public,
+        federation: Arc<crate::federation::Federation>,
+    ) -> axum::Router {
         let (runs, _) = crate::testing::runs(None).await;
         let bootstrap = Bootstrap {
             peer_id: "12D3KooWRelay".into(),
@@ -866,12 +884,14 @@ mod tests {
             time_ms: 0,
             admission: Default::default(),
             ice_servers: Vec::new(),
+            federation: Vec::new(),
         };
         app(
             AppState {
                 runs,
                 bootstrap: Arc::new(bootstrap),
                 network: Default::default(),
+                federation,
                 public: Arc::new(public),
             },
             web_dir.to_owned(),
@@ -1121,6 +1141,78 @@ mod tests {
             ask().await.expect("infallible").status(),
             StatusCode::REQUEST_TIMEOUT
         );
+    }
+
+    #[tokio::test]
+    async fn a_roots_bootstrap_lists_its_reporting_edges_and_hides_loopback_from_the_internet() {
+        use swarmtrain_shared::protocol::{EdgeReport, MEMBER_TTL_MS, Member, MemberRole};
+
+        let web = tempfile::tempdir().expect("dir");
+        let federation = Arc::new(crate::federation::Federation::new(
+            Some("https://root.example/".into()),
+            false,
+            None,
+        ));
+        let app = router_of(web.path(), internet(), federation.clone()).await;
+        let ask = |client: &'static str| {
+            let router = app.clone();
+            async move {
+                let request = Request::get("/api/bootstrap").header("host", "root.example");
+                let (status, _, body) =
+                    send(&router, request.body(Body::empty()).expect("request"), client).await;
+                assert_eq!(status, StatusCode::OK);
+                serde_json::from_slice::<Bootstrap>(&body).expect("bootstrap")
+            }
+        };
+        // A root with no edge is a lone relay: no list.
+        assert!(ask("198.51.100.7:50000").await.federation.is_empty());
+        let now = crate::runs::unix_ms();
+        let report = |url: &str, load| EdgeReport {
+            run_id: "digits".into(),
+            url: url.into(),
+            load,
+        };
+        let answer =
+            federation.reported(swarmtrain_shared::PeerKey([1; 32]), &report("https://edge1.example/", 7), now);
+        federation.reported(swarmtrain_shared::PeerKey([2; 32]), &report("http://127.0.0.1:9001/", 3), now);
+        assert_eq!(
+            answer,
+            vec![
+                Member {
+                    url: "https://root.example/".into(),
+                    role: MemberRole::Root,
+                    load: 0
+                },
+                Member {
+                    url: "https://edge1.example/".into(),
+                    role: MemberRole::Edge,
+                    load: 7
+                },
+            ]
+        );
+        // A browser on the internet hears of the public edge, never of the loopback one.
+        let urls = |boot: Bootstrap| boot.federation.into_iter().map(|m| m.url).collect::<Vec<_>>();
+        assert_eq!(
+            urls(ask("198.51.100.7:50000").await),
+            ["https://root.example/", "https://edge1.example/"]
+        );
+        // A client on loopback hears of both (the list is sorted by URL after the root).
+        assert_eq!(
+            urls(ask("127.0.0.1:50000").await),
+            [
+                "https://root.example/",
+                "http://127.0.0.1:9001/",
+                "https://edge1.example/"
+            ]
+        );
+        // An edge that stops reporting leaves the list.
+        assert!(federation.members(now + MEMBER_TTL_MS).is_empty());
+        // The edge's key reporting a new URL replaces its old entry.
+        let later = now + 1;
+        federation.reported(swarmtrain_shared::PeerKey([1; 32]), &report("https://edge1b.example/", 1), later);
+        let members = federation.members(later);
+        assert_eq!(members.len(), 3, "{members:?}");
+        assert!(members.iter().all(|m| m.url != "https://edge1.example/"));
     }
 
     #[tokio::test]

@@ -105,6 +105,9 @@ pub struct RelayConfig {
     /// The HTTP base URL of the root relay this relay is an edge of, for every run it has
     /// ([`federation`]); `None`: the relay owns its runs.
     pub upstream: Option<String>,
+    /// The HTTP base URL clients reach this relay at, which a federation's bootstrap lists
+    /// (`None`: the bound address, unless bound to every interface).
+    pub public_url: Option<String>,
     /// On a root: the edge relays (their peer keys) it takes; empty: any identity that passes
     /// a run's admission.
     pub edge_keys: BTreeSet<swarmtrain_shared::PeerKey>,
@@ -218,9 +221,31 @@ impl Default for RelayConfig {
                 ..Default::default()
             },
             upstream: None,
+            public_url: None,
             edge_keys: BTreeSet::new(),
         }
     }
+}
+
+/// The URL clients reach the relay at: `--public-url`, else the bound HTTP address (none when
+/// bound to every interface: which of them a client reaches is unknown).
+fn public_url(config: &RelayConfig, http_addr: SocketAddr) -> anyhow::Result<Option<String>> {
+    if let Some(url) = &config.public_url {
+        let report = swarmtrain_shared::protocol::EdgeReport {
+            run_id: String::new(),
+            url: url.clone(),
+            load: 0,
+        };
+        report
+            .check()
+            .map_err(|why| anyhow::anyhow!("--public-url {url:?}: {why}"))?;
+        return Ok(Some(format!("{}/", url.trim_end_matches('/'))));
+    }
+    if http_addr.ip().is_unspecified() {
+        return Ok(None);
+    }
+    let scheme = if config.public.tls.is_some() { "https" } else { "http" };
+    Ok(Some(format!("{scheme}://{http_addr}/")))
 }
 
 /// A running relay. Dropping it does not stop it; call [`Relay::shutdown`].
@@ -354,6 +379,16 @@ impl Relay {
         // Strikes for failed replays, from the runs to the libp2p loop that keeps strikes.
         let (strike_tx, strike_rx) = tokio::sync::mpsc::channel(1024);
         let due = Arc::new(Notify::new());
+        let network = Arc::new(p2p::Network::default());
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("binding {}", config.http))?;
+        let http_addr = listener.local_addr()?;
+        let federation = Arc::new(federation::Federation::new(
+            public_url(&config, http_addr)?,
+            config.upstream.is_some(),
+            Some(network.clone()),
+        ));
         let mut coordinators = Vec::new();
         for spec in &config.runs {
             anyhow::ensure!(
@@ -390,7 +425,8 @@ impl Relay {
                 .with_context(|| format!("opening run {:?}", spec.run_id))?
                 .with_checks(config.checks)
                 .with_replays(config.replays, Some(strike_tx.clone()))
-                .with_edge_keys(config.edge_keys.clone());
+                .with_edge_keys(config.edge_keys.clone())
+                .with_federation(federation.clone());
             coordinators.push(Arc::new(match config.upstream {
                 Some(_) => coordinator.as_edge(),
                 None => coordinator,
@@ -482,18 +518,15 @@ impl Relay {
                 .map(|run| (run.spec().run_id.clone(), run.admission_terms()))
                 .collect(),
             ice_servers: Vec::new(),
+            federation: Vec::new(),
         };
 
-        let listener = tokio::net::TcpListener::bind(config.http)
-            .await
-            .with_context(|| format!("binding {}", config.http))?;
-        let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let network = Arc::new(p2p::Network::default());
         let state = http::AppState {
             runs: runs.clone(),
             bootstrap: Arc::new(bootstrap.clone()),
             network: network.clone(),
+            federation: federation.clone(),
             public: Arc::new(http::Public {
                 addresses,
                 ice,
@@ -553,6 +586,11 @@ impl Relay {
                     }
                 }));
             }
+            tasks.push(tokio::spawn(federation::report(
+                coordinator.clone(),
+                federation.clone(),
+                shutdown_rx.clone(),
+            )));
         }
         // The round timer: closes due rounds (every 100 ms, and at once when an accepted update
         // may have completed a quorum). Closes run here, never in a peer's request.

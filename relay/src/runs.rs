@@ -200,6 +200,7 @@ impl From<ClientToRelay> for Addressed {
             ClientToRelay::Reveal(reveal) => RunMessage::Reveal(reveal),
             ClientToRelay::Verify { run_id } => RunMessage::Verify { run_id },
             ClientToRelay::Replayed(replayed) => RunMessage::Replayed(replayed),
+            ClientToRelay::Report(report) => RunMessage::Report(report),
         })
     }
 }
@@ -213,6 +214,7 @@ fn run_of(message: &ClientToRelay) -> &str {
         ClientToRelay::Reveal(reveal) => &reveal.run_id,
         ClientToRelay::Replayed(replayed) => &replayed.run_id,
         ClientToRelay::Forward { run_id } => run_id,
+        ClientToRelay::Report(report) => &report.run_id,
         ClientToRelay::KeyOffer(_) | ClientToRelay::KeyConfirm { .. } => "",
     }
 }

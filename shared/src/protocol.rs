@@ -40,7 +40,10 @@ use crate::seal::{KeyAccept, KeyOffer};
 /// 9: relays federate: an edge relay joins the root as [`Role::Edge`], is welcomed with a
 /// [`Delegation`] that its own peers' `Welcome` carries, and hands its peers' joins, updates and
 /// reveals to the root in [`ClientToRelay::Forward`].
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: an edge tells the root where clients reach it and its load ([`ClientToRelay::Report`]),
+/// answered with the federation's relays ([`RelayToClient::Federation`]), which every relay's
+/// bootstrap document lists for clients to choose from.
+pub const PROTOCOL_VERSION: u32 = 10;
 /// How long a peer makes its envelopes valid for (10 minutes: long enough for a large update
 /// to upload in parts on a slow link).
 pub const ENVELOPE_VALIDITY_MS: u64 = 10 * 60_000;
@@ -250,6 +253,71 @@ pub enum ClientToRelay {
     /// binding, which the edge checked), and answers as it would answer the peer: a `Join`, an
     /// `Update` and a `Reveal` may be forwarded.
     Forward { run_id: String },
+    /// An edge relay (joined with [`Role::Edge`]) tells the root where clients reach it and how
+    /// loaded it is; answered by [`RelayToClient::Federation`]. Sent every
+    /// [`REPORT_EVERY_MS`]; the root forgets an edge that has not reported for
+    /// [`MEMBER_TTL_MS`].
+    Report(EdgeReport),
+}
+
+/// How often an edge relay reports to its root ([`ClientToRelay::Report`]).
+pub const REPORT_EVERY_MS: u64 = 10_000;
+/// How long a root lists an edge after its last report.
+pub const MEMBER_TTL_MS: u64 = 3 * REPORT_EVERY_MS;
+/// The longest relay URL a federation lists ([`Member::url`]); a longer one is refused.
+pub const MAX_MEMBER_URL_BYTES: usize = 256;
+/// Relays a federation's list holds at most (the root and this many less one edges); the
+/// root lists the edges that reported last when it has more.
+pub const MAX_MEMBERS: usize = 64;
+
+/// An edge relay's report to its root ([`ClientToRelay::Report`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EdgeReport {
+    pub run_id: String,
+    /// Where clients reach the edge: its HTTP base URL (`https://edge.example/`), at most
+    /// [`MAX_MEMBER_URL_BYTES`], `http` or `https` only.
+    pub url: String,
+    /// Its load: the libp2p connections it holds.
+    pub load: u32,
+}
+
+/// One relay of a federation, as `/api/bootstrap` lists it for clients to choose from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its HTTP base URL.
+    pub url: String,
+    pub role: MemberRole,
+    /// The libp2p connections it held when it last said (the root's own, an edge's last report).
+    pub load: u32,
+}
+
+/// Whether a federation's relay owns the rounds or serves the root's peers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberRole {
+    Root,
+    Edge,
+}
+
+impl EdgeReport {
+    /// Why the root refuses this report, if it does: a URL too long or not http(s).
+    pub fn check(&self) -> Result<(), String> {
+        if self.url.len() > MAX_MEMBER_URL_BYTES {
+            return Err(format!(
+                "a URL of {} bytes (at most {MAX_MEMBER_URL_BYTES})",
+                self.url.len()
+            ));
+        }
+        let rest = self
+            .url
+            .strip_prefix("https://")
+            .or_else(|| self.url.strip_prefix("http://"))
+            .ok_or_else(|| "a URL that is not http:// or https://".to_owned())?;
+        if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("a URL without a host, or with spaces".into());
+        }
+        Ok(())
+    }
 }
 
 /// What a verifier's replay of job `job` gave: the payload (`Some`, named by digest and length),
@@ -505,6 +573,8 @@ pub enum RelayToClient {
     /// what the message's sender is to hear. A refusal of the forward itself comes as
     /// `Rejected`, so that the edge never takes its peer's refusal for its own.
     Forwarded(Box<RelayToClient>),
+    /// The federation's relays as the root knows them, the root first ([`ClientToRelay::Report`]).
+    Federation(Vec<Member>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -38,6 +38,9 @@ pub enum PeerEvent {
     },
     /// Joined `run` as `peer`, connected to the relay over `transport` ("webrtc-direct", "ws", "tcp").
     Joined {
+        /// The relay's HTTP base URL: the one the peer was given, or another relay of its
+        /// federation ([`crate::peer::relays`]).
+        relay: String,
         run: String,
         peer: String,
         transport: String,

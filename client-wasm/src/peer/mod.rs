@@ -11,6 +11,7 @@
 //! [`PeerEvent`] (in `events`) is what the peer reports.
 
 mod events;
+pub mod relays;
 mod session;
 
 use std::sync::Arc;
@@ -179,10 +180,11 @@ struct Carried {
     rounds_trained: u64,
 }
 
-/// Joins the relay and trains round after round on `B` until stopped or `max_rounds` is
-/// reached. When the relay can't be reached or the connection fails (a relay restart, a
-/// network change), the peer reports [`PeerEvent::Reconnecting`], waits ([`retry_delay`]) and
-/// joins again with the same identity, keeping its AdamW moments and error-feedback residual;
+/// Joins the relay (or, in a federation, the nearest, least loaded of its relays: [`relays`])
+/// and trains round after round on `B` until stopped or `max_rounds` is reached. When the relay
+/// can't be reached or the connection fails (a relay restart, a network change, an edge relay
+/// gone: the peer then joins another relay of its federation), the peer reports
+/// [`PeerEvent::Reconnecting`], waits ([`retry_delay`]) and joins again with the same identity, keeping its AdamW moments and error-feedback residual;
 /// it gives up after `max_retries` failures in a row, and at once on an error that retrying
 /// can't fix ([`PeerError::is_transient`]).
 pub async fn run<B: AutodiffBackend>(
@@ -202,10 +204,12 @@ pub async fn run_with<L: Local>(
     let identity = Identity::from_seed(*config.identity_seed);
     let mut carried = Carried::default();
     let mut failures = 0u32;
+    let mut relays = relays::Relays::new(&config.relay_url);
     loop {
         let error = match train_session(
             &mut local,
             &config,
+            &mut relays,
             &identity,
             &mut carried,
             &mut failures,
@@ -261,17 +265,28 @@ pub(crate) async fn back_off(
 async fn train_session<L: Local, E: FnMut(PeerEvent)>(
     local: &mut L,
     config: &PeerConfig,
+    relays: &mut relays::Relays,
     identity: &Identity,
     carried: &mut Carried,
     failures: &mut u32,
     emit: &mut E,
 ) -> Result<(), PeerError> {
-    let (session, mut announcement) = Session::join(config, identity, Role::Train).await?;
+    // A federation's nearest, least loaded relay that answers (the given relay otherwise).
+    let relay = relays.pick().await;
+    let (session, mut announcement) = Session::join(config, &relay, identity, Role::Train).await?;
+    relays
+        .joined(
+            &relay,
+            &session.welcome_round.public_key,
+            &session.federation,
+        )
+        .map_err(PeerError::Bootstrap)?;
     // When the announcement arrived: its deadline counts from about then.
     let mut announced_at = Instant::now();
     let mut via = Announced::Welcome;
     *failures = 0;
     emit(PeerEvent::Joined {
+        relay,
         run: session.spec.run_id.clone(),
         peer: identity.peer().to_hex(),
         transport: session.transport.clone(),

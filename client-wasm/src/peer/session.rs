@@ -126,21 +126,25 @@ pub(crate) struct Session {
     /// when it is an edge (what an edge relay's own link to its root passes on).
     pub(crate) welcome_round: Signed<RoundAnnouncement>,
     pub(crate) delegation: Option<Signed<protocol::Delegation>>,
-    relay_url: String,
+    pub(crate) relay_url: String,
+    /// The relays of the relay's federation, as its bootstrap listed them (empty: a lone relay).
+    pub(crate) federation: Vec<protocol::Member>,
     pub(crate) spec: RunSpec,
     /// This peer's data slot (text runs).
     slot: u32,
 }
 
 impl Session {
-    /// Dials the relay `config` names and joins its run as `role`: admission, the `Welcome`,
-    /// session keys, and the run's announcements by gossip.
+    /// Dials the relay at `relay_url` (`config`'s, or another relay of its federation) and
+    /// joins `config`'s run there as `role`: admission, the `Welcome`, session keys, and the
+    /// run's announcements by gossip.
     pub(crate) async fn join(
         config: &PeerConfig,
+        relay_url: &str,
         identity: &Identity,
         role: Role,
     ) -> Result<(Self, RoundAnnouncement), PeerError> {
-        let bootstrap = fetch_bootstrap(&config.relay_url, Some(&identity.peer().to_hex())).await?;
+        let bootstrap = fetch_bootstrap(relay_url, Some(&identity.peer().to_hex())).await?;
         let wanted: Vec<&str> = match &config.transport {
             Some(t) => vec![t.as_str()],
             None => platform::TRANSPORTS.to_vec(),
@@ -172,6 +176,7 @@ impl Session {
         if bootstrap.time_ms > 0 {
             client.set_relay_clock(bootstrap.time_ms);
         }
+        let federation = bootstrap.federation;
         let run_id = config.run_id.clone().unwrap_or(bootstrap.run_id);
         let proof_of_work = proof_of_work(bootstrap.admission.get(&run_id), identity).await?;
         let join = ClientToRelay::Join(Join {
@@ -223,7 +228,8 @@ impl Session {
             session_key,
             welcome_round: welcome.round.clone(),
             delegation: welcome.delegation.clone(),
-            relay_url: config.relay_url.clone(),
+            relay_url: relay_url.to_owned(),
+            federation,
             spec: welcome.spec,
         };
         let announcement = session.verify(&welcome.round)?;

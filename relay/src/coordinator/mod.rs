@@ -31,7 +31,7 @@ use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
     self, CHUNK_BYTES, Delegation, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
-    ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role,
+    EdgeReport, ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role,
     RoundAnnouncement, RunSpec, Submission, Update, Welcome,
 };
 use swarmtrain_shared::replay::{self, ReplayCheck};
@@ -187,6 +187,7 @@ pub enum RunMessage {
     Reveal(Reveal),
     Verify { run_id: String },
     Replayed(Replayed),
+    Report(EdgeReport),
 }
 
 impl RunMessage {
@@ -198,6 +199,7 @@ impl RunMessage {
             Self::Update(update) => &update.run_id,
             Self::Reveal(reveal) => &reveal.run_id,
             Self::Replayed(replayed) => &replayed.run_id,
+            Self::Report(report) => &report.run_id,
         }
     }
 }
@@ -242,6 +244,8 @@ pub struct Coordinator {
     edge: Option<std::sync::RwLock<Option<Arc<EdgeLink>>>>,
     /// On a root: the only identities that may join as edges (empty: any admitted one).
     edge_keys: BTreeSet<PeerKey>,
+    /// The relay's federation list, which edges' reports fill on a root.
+    federation: Arc<crate::federation::Federation>,
 }
 
 /// Where a message reached this relay from: its sender's own connection, or an edge relay that
@@ -448,7 +452,14 @@ impl Coordinator {
             strikes: None,
             edge: None,
             edge_keys: BTreeSet::new(),
+            federation: Arc::default(),
         })
+    }
+
+    /// Keeps the edges' reports in `federation`, the relay's list (shared by its runs).
+    pub fn with_federation(mut self, federation: Arc<crate::federation::Federation>) -> Self {
+        self.federation = federation;
+        self
     }
 
     /// Takes as edges only the identities in `keys` (empty: any that passes the admission).
@@ -1124,6 +1135,22 @@ impl Coordinator {
             RunMessage::Reveal(reveal) => self.reveal(peer, reveal, payload).await,
             RunMessage::Verify { .. } => self.give_job(peer, max_wait).await,
             RunMessage::Replayed(report) => self.replayed(peer, report, payload).await,
+            RunMessage::Report(report) => {
+                let refusal = if link.is_some() || !self.is_edge(&peer).await {
+                    Some((RefusalKind::NotJoined, "only a root's joined edges report".to_owned()))
+                } else if report.run_id != self.spec.run_id {
+                    Some((RefusalKind::WrongRun, format!("no run {:?}", report.run_id)))
+                } else {
+                    report.check().err().map(|why| (RefusalKind::Malformed, why))
+                };
+                if let Some((kind, reason)) = refusal {
+                    return Err(self.reject(Some(peer), kind, reason).await);
+                }
+                tracing::debug!(edge = peer.short(), url = report.url, load = report.load, "edge report");
+                Ok(RelayToClient::Federation(
+                    self.federation.reported(peer, &report, now),
+                ))
+            }
         }
     }
 
