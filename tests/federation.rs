@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use swarmtrain_client::PeerConfig;
+use swarmtrain_client::peer::PeerEvent;
 use swarmtrain_client::rpc::RelayClient;
 use swarmtrain_shared::PeerKey;
 use swarmtrain_shared::protocol::{
@@ -15,7 +17,7 @@ use swarmtrain_shared::protocol::{
 };
 use swarmtrain_tests::{
     RelayProcess, accepted_updates, constant_update, digits_join, free_port, join_raw_as,
-    send_constant_update, sign, spawn_peer_at, two_peers_close_round_0,
+    peer_config_at, send_constant_update, sign, spawn_configured, two_peers_close_round_0,
 };
 
 /// Joins the digits run at the edge at TCP `address` as the identity of `seed`, once the edge
@@ -281,10 +283,18 @@ async fn native_peers_on_two_edges_train_rounds_together() {
     // Both join before either trains: the root's quorum counts the peers it has heard of.
     let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
     let rounds = 2;
+    // Pinned: each stays on its edge rather than choosing the federation's least loaded relay.
     let peers: Vec<_> = edges
         .iter()
         .zip([1u8, 2])
-        .map(|(edge, id)| spawn_peer_at(&edge.http, id, rounds, pause.clone()))
+        .map(|(edge, id)| {
+            spawn_configured(PeerConfig {
+                pin_relay: true,
+                max_rounds: Some(rounds),
+                pause: pause.clone(),
+                ..peer_config_at(&edge.http, id)
+            })
+        })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while root.json("api/status").await["joined_peers"] != 2 {
@@ -339,6 +349,155 @@ async fn native_peers_on_two_edges_train_rounds_together() {
     for edge in edges {
         let status = edge.terminate();
         assert!(status.success(), "an edge exits cleanly, not {status}");
+    }
+}
+
+/// The federation as `relay`'s bootstrap lists it: "role url" each, sorted.
+async fn listed(relay: &RelayProcess) -> Vec<String> {
+    let boot = relay.json("api/bootstrap").await;
+    let mut listed: Vec<String> = boot["federation"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} {}",
+                        m["role"].as_str().unwrap_or("?"),
+                        m["url"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    listed.sort();
+    listed
+}
+
+/// The next `Joined` event of `peer` (its relay's URL), keeping every event in `seen`.
+async fn joined(peer: &mut swarmtrain_tests::TestPeer, seen: &mut Vec<PeerEvent>) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let event = tokio::time::timeout_at(deadline, peer.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the peer did not join in time: {seen:?}"))
+            .expect("the peer's events");
+        let relay = match &event {
+            PeerEvent::Joined { relay, .. } => Some(relay.clone()),
+            _ => None,
+        };
+        seen.push(event);
+        if let Some(relay) = relay {
+            return relay;
+        }
+    }
+}
+
+/// Peers given only the root's URL choose among the federation's relays, which every relay's
+/// bootstrap lists; an edge killed mid-round sends its peers to another relay of the
+/// federation, and their work counts once: every round closes with both peers' updates and
+/// the root credits each peer one update a round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_choose_a_relay_of_the_federation_and_fail_over_when_their_edge_is_killed() {
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let root = RelayProcess::start(dirs[0].path(), free_port(), &[], &[]);
+    root.json("api/status").await;
+    let mut edges = vec![edge(dirs[1].path(), &root), edge(dirs[2].path(), &root)];
+    // Each edge reports its URL and load to the root soon after joining it; the root answers
+    // with the list, which the edges serve too.
+    let mut expected = vec![
+        format!("root {}", root.http),
+        format!("edge {}", edges[0].http),
+        format!("edge {}", edges[1].http),
+    ];
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for relay in [&root, &edges[0], &edges[1]] {
+        loop {
+            let now = listed(relay).await;
+            if now == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}'s bootstrap lists {now:?}",
+                relay.http
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
+    let rounds = 3;
+    let mut peers: Vec<_> = [1u8, 2]
+        .into_iter()
+        .map(|id| {
+            spawn_configured(PeerConfig {
+                max_rounds: Some(rounds),
+                pause: pause.clone(),
+                ..peer_config_at(&root.http, id)
+            })
+        })
+        .collect();
+    let mut seen = vec![Vec::new(), Vec::new()];
+    let mut chosen = Vec::new();
+    for (peer, seen) in peers.iter_mut().zip(&mut seen) {
+        let relay = joined(peer, seen).await;
+        // The root carries both edges' connections: an idle edge is less loaded.
+        assert!(
+            edges.iter().any(|e| e.http == relay),
+            "a peer chose {relay}, not an idle edge"
+        );
+        chosen.push(relay);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while root.json("api/status").await["joined_peers"] != 2 {
+        assert!(Instant::now() < deadline, "the peers did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pause.set(false);
+    // Round 1 opens once both round-0 updates are in; the first peer's edge dies in it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while root.json("api/status").await["round"].as_u64() < Some(1) {
+        assert!(Instant::now() < deadline, "round 0 did not close");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed = chosen[0].clone();
+    let at = edges
+        .iter()
+        .position(|e| e.http == killed)
+        .expect("the edge");
+    edges.remove(at).kill();
+    // The first peer joins another relay of the federation.
+    let again = joined(&mut peers[0], &mut seen[0]).await;
+    assert_ne!(again, killed, "the peer came back to its dead edge");
+    for ((peer, mut seen), id) in peers.into_iter().zip(seen).zip([1u8, 2]) {
+        let (trained, rest) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
+            .await
+            .expect("the peers finish in time");
+        seen.extend(rest);
+        assert_eq!(trained, rounds);
+        assert_eq!(
+            accepted_updates(&seen),
+            rounds as usize,
+            "peer {id}: {seen:?}"
+        );
+        // The root credits one update a round: none lost to the dead edge, none counted twice.
+        let key = swarmtrain_shared::Identity::from_seed([id; 32]).peer();
+        let credit = root
+            .json(&format!("api/runs/digits/peers/{}", key.to_hex()))
+            .await;
+        assert_eq!(credit["accepted_updates"], rounds, "peer {id}: {credit}");
+    }
+    for round in 1..=rounds {
+        assert_eq!(contributors(&root, round).await, 2, "round {round}");
+    }
+    // The root forgets the dead edge once its reports stop (MEMBER_TTL_MS, 30 s): not waited
+    // for here; docs/protocol.md says so.
+    assert!(root.terminate().success(), "the root exits cleanly");
+    for edge in edges {
+        assert!(edge.terminate().success(), "the live edge exits cleanly");
     }
 }
 

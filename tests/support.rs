@@ -316,6 +316,7 @@ pub fn peer_config_at(url: &str, id: u8) -> PeerConfig {
         stop: Default::default(),
         max_retries: Some(10),
         direct_peers: 0,
+        pin_relay: false,
         pause: Default::default(),
         ice_servers: Vec::new(),
     }
@@ -369,7 +370,8 @@ pub fn spawn_peer_at(url: &str, id: u8, max_rounds: u64, pause: Arc<Flag>) -> Te
     })
 }
 
-fn spawn_configured(config: PeerConfig) -> TestPeer {
+/// A native peer with `config`, its task and events.
+pub fn spawn_configured(config: PeerConfig) -> TestPeer {
     let (tx, events) = mpsc::channel(1024);
     let task = tokio::spawn(peer::run::<Autodiff<NdArray>>(
         Default::default(),

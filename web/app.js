@@ -430,6 +430,9 @@ $('contribute').addEventListener('click', async () => {
     // responsive; `?worker=0` trains on the page's own thread instead.
     const worker = params.get('worker') === '0' ? undefined : new URL('trainer-worker.js', import.meta.url).href;
     const ice = params.get('ice');
+    // In a federation the tab joins the nearest, least loaded of its relays (the page's own
+    // or another) and fails over to another; `?pin=1` keeps it on the page's relay.
+    const pinRelay = params.get('pin') === '1';
     // The backend: the package picks the faster one (`auto`) unless the backend picker or
     // `?backend=webgpu|cpu|measure` says otherwise.
     const backend = $('backend-select').value;
@@ -442,6 +445,7 @@ $('contribute').addEventListener('click', async () => {
       direct,
       iceServers: ice ? JSON.parse(ice) : undefined,
       worker,
+      pinRelay,
     });
     trainer.on('*', onEvent);
     trainer.start();

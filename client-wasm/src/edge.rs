@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use swarmtrain_shared::protocol::{
-    self, ClientToRelay, Delegation, EdgeReport, Member, ParamsHash, RelayToClient, Role, RoundAnnouncement, RunSpec,
-    Submission,
+    self, ClientToRelay, Delegation, EdgeReport, Member, ParamsHash, RelayToClient, Role,
+    RoundAnnouncement, RunSpec, Submission,
 };
 use swarmtrain_shared::{Identity, Signed};
 
@@ -54,6 +54,7 @@ impl EdgeLink {
             pause: Arc::default(),
             max_retries: None,
             direct_peers: 0,
+            pin_relay: true,
             ice_servers: Vec::new(),
         };
         let (session, _) = Session::join(&config, root_url, identity, Role::Edge).await?;

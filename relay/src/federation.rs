@@ -29,8 +29,7 @@ use std::time::Duration;
 use swarmtrain_client::edge::EdgeLink;
 use swarmtrain_client::peer::retry_delay;
 use swarmtrain_shared::protocol::{
-    EdgeReport, MAX_MEMBERS, MEMBER_TTL_MS, Member, MemberRole, REPORT_EVERY_MS,
-    RoundAnnouncement,
+    EdgeReport, MAX_MEMBERS, MEMBER_TTL_MS, Member, MemberRole, REPORT_EVERY_MS, RoundAnnouncement,
 };
 use swarmtrain_shared::{PeerKey, Signed};
 use tokio::sync::watch;
@@ -172,7 +171,10 @@ impl Federation {
 /// Whether `url`'s host is a loopback address or `localhost` (an unparsable URL counts as one:
 /// it is told to nobody outside).
 fn is_loopback_url(url: &str) -> bool {
-    match url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
+    match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         Some(url::Host::Domain(name)) => {

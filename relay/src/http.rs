@@ -1158,8 +1158,12 @@ mod tests {
             let router = app.clone();
             async move {
                 let request = Request::get("/api/bootstrap").header("host", "root.example");
-                let (status, _, body) =
-                    send(&router, request.body(Body::empty()).expect("request"), client).await;
+                let (status, _, body) = send(
+                    &router,
+                    request.body(Body::empty()).expect("request"),
+                    client,
+                )
+                .await;
                 assert_eq!(status, StatusCode::OK);
                 serde_json::from_slice::<Bootstrap>(&body).expect("bootstrap")
             }
@@ -1172,9 +1176,16 @@ mod tests {
             url: url.into(),
             load,
         };
-        let answer =
-            federation.reported(swarmtrain_shared::PeerKey([1; 32]), &report("https://edge1.example/", 7), now);
-        federation.reported(swarmtrain_shared::PeerKey([2; 32]), &report("http://127.0.0.1:9001/", 3), now);
+        let answer = federation.reported(
+            swarmtrain_shared::PeerKey([1; 32]),
+            &report("https://edge1.example/", 7),
+            now,
+        );
+        federation.reported(
+            swarmtrain_shared::PeerKey([2; 32]),
+            &report("http://127.0.0.1:9001/", 3),
+            now,
+        );
         assert_eq!(
             answer,
             vec![
@@ -1191,7 +1202,12 @@ mod tests {
             ]
         );
         // A browser on the internet hears of the public edge, never of the loopback one.
-        let urls = |boot: Bootstrap| boot.federation.into_iter().map(|m| m.url).collect::<Vec<_>>();
+        let urls = |boot: Bootstrap| {
+            boot.federation
+                .into_iter()
+                .map(|m| m.url)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             urls(ask("198.51.100.7:50000").await),
             ["https://root.example/", "https://edge1.example/"]
@@ -1209,7 +1225,11 @@ mod tests {
         assert!(federation.members(now + MEMBER_TTL_MS).is_empty());
         // The edge's key reporting a new URL replaces its old entry.
         let later = now + 1;
-        federation.reported(swarmtrain_shared::PeerKey([1; 32]), &report("https://edge1b.example/", 1), later);
+        federation.reported(
+            swarmtrain_shared::PeerKey([1; 32]),
+            &report("https://edge1b.example/", 1),
+            later,
+        );
         let members = federation.members(later);
         assert_eq!(members.len(), 3, "{members:?}");
         assert!(members.iter().all(|m| m.url != "https://edge1.example/"));

@@ -244,7 +244,11 @@ fn public_url(config: &RelayConfig, http_addr: SocketAddr) -> anyhow::Result<Opt
     if http_addr.ip().is_unspecified() {
         return Ok(None);
     }
-    let scheme = if config.public.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.public.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     Ok(Some(format!("{scheme}://{http_addr}/")))
 }
 

@@ -25,8 +25,11 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     relays.push(...edges.map((e) => e.relay));
     const [edgeA, edgeB] = await Promise.all(edges.map((e) => e.url));
     browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
-    const a = await openTab(browser, edgeA, '', { logs: logs.a });
-    const b = await openTab(browser, edgeB, '', { logs: logs.b });
+    // Pinned (`?pin=1`): each tab stays on its page's edge rather than choosing the federation's
+    // least loaded relay.
+    const events = { a: [], b: [] };
+    const a = await openTab(browser, edgeA, '?pin=1', { logs: logs.a, events: events.a });
+    const b = await openTab(browser, edgeB, '?pin=1', { logs: logs.b, events: events.b });
     await a.click('#contribute');
     await b.click('#contribute');
     const rounds = 2;
@@ -49,6 +52,16 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     assert.equal(rootStatus.joined_peers, 2, 'the root counts both tabs');
     for (const row of rootStatus.history.filter((r) => r.round >= 1 && r.round <= rounds)) {
       assert.equal(row.contributors, 2, `round ${row.round - 1} had an update from each edge: ${JSON.stringify(row)}`);
+    }
+    // Each tab joined its own page's edge (pinned), over the package's `joined` event.
+    assert.equal(events.a.find((e) => e.kind === 'joined')?.relay, edgeA);
+    assert.equal(events.b.find((e) => e.kind === 'joined')?.relay, edgeB);
+    // Every relay's bootstrap lists the federation (the root first, then the edges that
+    // reported to it), for tabs that are not pinned to choose from.
+    for (const url of [rootUrl, edgeA, edgeB]) {
+      const boot = await (await fetch(new URL('api/bootstrap', url))).json();
+      const listed = (boot.federation ?? []).map((m) => `${m.role} ${m.url}`);
+      assert.deepEqual(listed.sort(), [`edge ${edgeA}`, `edge ${edgeB}`, `root ${rootUrl}`].sort(), `${url}'s bootstrap`);
     }
     // Both edges follow the root: same round and θ.
     const edgeStatus = await Promise.all([edgeA, edgeB].map((u) => status(u)));

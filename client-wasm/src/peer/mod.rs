@@ -74,6 +74,9 @@ pub struct PeerConfig {
     /// Browsers: how many other browsers of the relay to connect to directly over WebRTC
     /// (signaling through the relay), and to take connections from (0: none).
     pub direct_peers: usize,
+    /// Stay on `relay_url` (false: in a federation, join its nearest, least loaded relay and
+    /// fail over to another when that one goes away: [`relays`]).
+    pub pin_relay: bool,
     /// STUN/TURN servers for those connections (none: host candidates only, which connect
     /// peers on one network).
     pub ice_servers: Vec<crate::webrtc::IceServer>,
@@ -91,6 +94,7 @@ impl std::fmt::Debug for PeerConfig {
             .field("sample_len", &self.sample_len)
             .field("max_retries", &self.max_retries)
             .field("direct_peers", &self.direct_peers)
+            .field("pin_relay", &self.pin_relay)
             .field("ice_servers", &self.ice_servers.len())
             .finish_non_exhaustive()
     }
@@ -204,7 +208,7 @@ pub async fn run_with<L: Local>(
     let identity = Identity::from_seed(*config.identity_seed);
     let mut carried = Carried::default();
     let mut failures = 0u32;
-    let mut relays = relays::Relays::new(&config.relay_url);
+    let mut relays = relays::Relays::new(&config.relay_url, config.pin_relay);
     loop {
         let error = match train_session(
             &mut local,

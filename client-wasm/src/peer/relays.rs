@@ -101,11 +101,15 @@ pub(crate) struct Relays {
     run_key: Option<Vec<u8>>,
     /// Relays found signing with another key: not of this federation.
     foreign: Vec<String>,
+    /// Stay on `configured` ([`PeerConfig::pin_relay`](super::PeerConfig::pin_relay)).
+    pinned: bool,
 }
 
 impl Relays {
-    pub(crate) fn new(configured: &str) -> Self {
+    /// The relays of a peer given `configured`, on which it stays when `pinned`.
+    pub(crate) fn new(configured: &str, pinned: bool) -> Self {
         Self {
+            pinned,
             configured: configured.to_owned(),
             known: Vec::new(),
             current: None,
@@ -118,6 +122,9 @@ impl Relays {
     /// given relay's bootstrap for the federation's list; without a list, or when no listed
     /// relay answers, it is the given relay.
     pub(crate) async fn pick(&mut self) -> String {
+        if self.pinned {
+            return self.configured.clone();
+        }
         if self.known.is_empty() && self.current.is_none() {
             if let Ok(bootstrap) = fetch_bootstrap(&self.configured, None).await {
                 self.known = bootstrap.federation;
@@ -130,7 +137,10 @@ impl Relays {
             .take(MAX_PROBED)
             .collect();
         if listed.len() < 2 {
-            return self.current.clone().unwrap_or_else(|| self.configured.clone());
+            return self
+                .current
+                .clone()
+                .unwrap_or_else(|| self.configured.clone());
         }
         let rtts = join_all(listed.iter().map(|m| probe(&m.url))).await;
         let probed: Vec<Probed> = listed
@@ -237,15 +247,21 @@ mod tests {
 
     #[test]
     fn a_relay_signing_with_another_key_is_passed_over() {
-        let mut relays = Relays::new("http://a/");
+        let mut relays = Relays::new("http://a/", false);
         let listed = vec![];
         relays.joined("http://a/", b"root", &listed).expect("first");
-        relays.joined("http://b/", b"root", &listed).expect("same key");
-        let err = relays.joined("http://evil/", b"other", &listed).unwrap_err();
+        relays
+            .joined("http://b/", b"root", &listed)
+            .expect("same key");
+        let err = relays
+            .joined("http://evil/", b"other", &listed)
+            .unwrap_err();
         assert!(err.contains("another key"), "{err}");
         assert_eq!(relays.foreign, ["http://evil/"]);
         assert_eq!(relays.current.as_deref(), Some("http://b/"));
         // The given relay may start over with a new key.
-        relays.joined("http://a/", b"new", &listed).expect("the given relay");
+        relays
+            .joined("http://a/", b"new", &listed)
+            .expect("the given relay");
     }
 }

@@ -90,6 +90,11 @@ pub struct TrainerOptions {
     #[tsify(optional)]
     #[serde(default)]
     pub worker: Option<String>,
+    /// Stay on `relay` (default false: in a federation, join its nearest, least loaded relay
+    /// and fail over to another when that one goes away).
+    #[tsify(optional)]
+    #[serde(default)]
+    pub pin_relay: Option<bool>,
 }
 
 #[wasm_bindgen(typescript_custom_section)]
@@ -222,6 +227,7 @@ impl Trainer {
                     pause,
                     max_retries: None,
                     direct_peers: options.direct.unwrap_or(DEFAULT_DIRECT) as usize,
+                    pin_relay: options.pin_relay.unwrap_or(false),
                     ice_servers: options.ice_servers.clone().unwrap_or_default(),
                 };
                 match options.worker.filter(|w| !w.is_empty()) {

@@ -30,9 +30,9 @@ use swarmtrain_shared::data::derive_seed;
 use swarmtrain_shared::lm_train::evaluate_lm;
 use swarmtrain_shared::outer::OuterOptimizer;
 use swarmtrain_shared::protocol::{
-    self, CHUNK_BYTES, Delegation, Envelope, Fetch, Join, ModelConfig, PROTOCOL_VERSION,
-    EdgeReport, ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal, Role,
-    RoundAnnouncement, RunSpec, Submission, Update, Welcome,
+    self, CHUNK_BYTES, Delegation, EdgeReport, Envelope, Fetch, Join, ModelConfig,
+    PROTOCOL_VERSION, ParamsHash, Refusal, RefusalKind, RelayToClient, ReplayJob, Replayed, Reveal,
+    Role, RoundAnnouncement, RunSpec, Submission, Update, Welcome,
 };
 use swarmtrain_shared::replay::{self, ReplayCheck};
 use swarmtrain_shared::round::{Evaluation, RoundClosed, RoundState};
@@ -1137,19 +1137,32 @@ impl Coordinator {
             RunMessage::Replayed(report) => self.replayed(peer, report, payload).await,
             RunMessage::Report(report) => {
                 let refusal = if link.is_some() || !self.is_edge(&peer).await {
-                    Some((RefusalKind::NotJoined, "only a root's joined edges report".to_owned()))
+                    Some((
+                        RefusalKind::NotJoined,
+                        "only a root's joined edges report".to_owned(),
+                    ))
                 } else if report.run_id != self.spec.run_id {
                     Some((RefusalKind::WrongRun, format!("no run {:?}", report.run_id)))
                 } else {
-                    report.check().err().map(|why| (RefusalKind::Malformed, why))
+                    report
+                        .check()
+                        .err()
+                        .map(|why| (RefusalKind::Malformed, why))
                 };
                 if let Some((kind, reason)) = refusal {
                     return Err(self.reject(Some(peer), kind, reason).await);
                 }
-                tracing::debug!(edge = peer.short(), url = report.url, load = report.load, "edge report");
-                Ok(RelayToClient::Federation(
-                    self.federation.reported(peer, &report, now),
-                ))
+                tracing::debug!(
+                    edge = peer.short(),
+                    url = report.url,
+                    load = report.load,
+                    "edge report"
+                );
+                Ok(RelayToClient::Federation(self.federation.reported(
+                    peer,
+                    &report,
+                    crate::runs::unix_ms(),
+                )))
             }
         }
     }

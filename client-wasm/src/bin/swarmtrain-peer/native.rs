@@ -46,6 +46,10 @@ struct Joining {
     /// The run to join (default: the relay's default run).
     #[arg(long, env = "SWARMTRAIN_RUN")]
     run: Option<String>,
+    /// Stay on --relay. Default: in a federation, join its nearest, least loaded relay (as the
+    /// relays' /api/bootstrap lists them) and fail over to another when that one goes away.
+    #[arg(long, env = "SWARMTRAIN_PIN_RELAY")]
+    pin_relay: bool,
 }
 
 #[derive(Parser, Debug)]
@@ -127,6 +131,7 @@ fn native_config(
         stop: Default::default(),
         max_retries: None,
         direct_peers: 0,
+        pin_relay: joining.pin_relay,
         pause: Default::default(),
         ice_servers: Vec::new(),
     })
