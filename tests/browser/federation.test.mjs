@@ -57,11 +57,18 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     assert.equal(events.a.find((e) => e.kind === 'joined')?.relay, edgeA);
     assert.equal(events.b.find((e) => e.kind === 'joined')?.relay, edgeB);
     // Every relay's bootstrap lists the federation (the root first, then the edges that
-    // reported to it), for tabs that are not pinned to choose from.
+    // reported to it), for tabs that are not pinned to choose from. An edge refreshes its copy
+    // with each report (every 10 s), so an edge that reported before the other lists it later.
+    const expected = [`edge ${edgeA}`, `edge ${edgeB}`, `root ${rootUrl}`].sort();
     for (const url of [rootUrl, edgeA, edgeB]) {
-      const boot = await (await fetch(new URL('api/bootstrap', url))).json();
-      const listed = (boot.federation ?? []).map((m) => `${m.role} ${m.url}`);
-      assert.deepEqual(listed.sort(), [`edge ${edgeA}`, `edge ${edgeB}`, `root ${rootUrl}`].sort(), `${url}'s bootstrap`);
+      let listed = [];
+      for (let waited = 0; waited <= 30_000; waited += 500) {
+        const boot = await (await fetch(new URL('api/bootstrap', url))).json();
+        listed = (boot.federation ?? []).map((m) => `${m.role} ${m.url}`).sort();
+        if (JSON.stringify(listed) === JSON.stringify(expected)) break;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      assert.deepEqual(listed, expected, `${url}'s bootstrap`);
     }
     // Both edges follow the root: same round and θ.
     const edgeStatus = await Promise.all([edgeA, edgeB].map((u) => status(u)));
