@@ -566,6 +566,49 @@ async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
     // A trainer of the root's own: the round (quorum 2) stays open on P's update alone.
     let (trainer, _, _, _) = join_raw_as(&address, "digits", [70; 32], Role::Train).await;
 
+    // Only an edge reports where clients reach it, and only an http(s) URL.
+    let report = |url: &str| {
+        ClientToRelay::Report(protocol::EdgeReport {
+            run_id: "digits".into(),
+            url: url.into(),
+            load: 5,
+        })
+    };
+    let kind = |answer: RelayToClient| match answer {
+        RelayToClient::Rejected { kind, .. } => kind,
+        other => format!("{other:?}"),
+    };
+    let answer = trainer
+        .send(report("https://trainer.example/"), Vec::new())
+        .await;
+    assert_eq!(kind(answer.expect("answer")), "not_joined");
+    let answer = edge.send(report("javascript:alert(1)"), Vec::new()).await;
+    assert_eq!(kind(answer.expect("answer")), "malformed");
+    match edge
+        .send(report("https://edge.example/"), Vec::new())
+        .await
+        .expect("answer")
+    {
+        RelayToClient::Federation(members) => {
+            let listed: Vec<_> = members.iter().map(|m| (m.url.as_str(), m.role)).collect();
+            assert_eq!(
+                listed,
+                [
+                    (root.http.as_str(), protocol::MemberRole::Root),
+                    ("https://edge.example/", protocol::MemberRole::Edge)
+                ]
+            );
+        }
+        other => panic!("an edge's report was answered {other:?}"),
+    }
+    assert_eq!(
+        listed(&root).await,
+        [
+            format!("edge https://edge.example/"),
+            format!("root {}", root.http)
+        ]
+    );
+
     // Peer P's join, forwarded: P is welcomed and counted; the same message again is a replay.
     let p_id = swarmtrain_shared::Identity::from_seed([60; 32]);
     let p = RelayClient::connect(address.parse().expect("multiaddr"), &p_id).expect("client");
