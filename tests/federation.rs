@@ -489,7 +489,16 @@ async fn peers_choose_a_relay_of_the_federation_and_fail_over_when_their_edge_is
             .json(&format!("api/runs/digits/peers/{}", key.to_hex()))
             .await;
         assert_eq!(credit["accepted_updates"], rounds, "peer {id}: {credit}");
+        // Any relay of the federation shows the root's ledger: the live edge answers the same.
+        let path = format!("api/runs/digits/peers/{}", key.to_hex());
+        let via_edge = edges[0].json(&path).await;
+        assert_eq!(
+            via_edge["accepted_updates"], credit["accepted_updates"],
+            "{via_edge}"
+        );
     }
+    let board = edges[0].json("api/runs/digits/leaderboard").await;
+    assert_eq!(board["peers"], 2, "the edge serves the root's leaderboard: {board}");
     for round in 1..=rounds {
         assert_eq!(contributors(&root, round).await, 2, "round {round}");
     }

@@ -69,6 +69,11 @@ impl EdgeLink {
         })
     }
 
+    /// The root's HTTP base URL, as the edge was given it.
+    pub fn root_url(&self) -> &str {
+        &self.session.relay_url
+    }
+
     /// The run as the root specifies it.
     pub fn spec(&self) -> &RunSpec {
         &self.session.spec

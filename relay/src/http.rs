@@ -94,6 +94,8 @@ pub enum ApiError {
     NotFound(&'static str),
     /// Details are logged where it happens.
     Internal,
+    /// An edge relay could not read what its root holds (the reason is logged and sent).
+    Upstream(String),
 }
 
 impl IntoResponse for ApiError {
@@ -105,6 +107,12 @@ impl IntoResponse for ApiError {
             Self::Internal => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
             }
+            Self::Upstream(why) => (
+                StatusCode::BAD_GATEWAY,
+                [(header::RETRY_AFTER, "5")],
+                format!("the root relay could not be read: {why}\n"),
+            )
+                .into_response(),
         }
     }
 }
@@ -298,6 +306,35 @@ fn find_run<'a>(state: &'a AppState, run: &str) -> Result<&'a Arc<Coordinator>, 
     state.runs.get(run).ok_or(ApiError::NotFound("run"))
 }
 
+/// On an edge relay: the root's answer to `GET path` (the federation's ledger is the root's: a
+/// peer's credit and the leaderboard count every update, whichever relay it came through),
+/// `None` on a relay that owns `run`.
+async fn from_root(run: &Coordinator, path: &str) -> Option<Result<Response, ApiError>> {
+    if !run.follows_root() {
+        return None;
+    }
+    let Some(root) = run.root_url() else {
+        return Some(Err(ApiError::Upstream(
+            "this edge relay has not reached its root yet".into(),
+        )));
+    };
+    let url = swarmtrain_net::http::url(&root, path);
+    Some(match swarmtrain_net::http::get(&url).await {
+        Ok(body) => Ok((
+            [
+                (header::CACHE_CONTROL, "no-store"),
+                (header::CONTENT_TYPE, "application/json"),
+            ],
+            body,
+        )
+            .into_response()),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the root's ledger for a client");
+            Err(ApiError::Upstream(e))
+        }
+    })
+}
+
 async fn params(
     State(state): State<AppState>,
     Path((run, hash)): Path<(String, String)>,
@@ -424,7 +461,7 @@ struct VerdictView {
 /// `GET /api/runs/{run}/peers/{peer}`: the credit of the peer whose key is `peer` (64 hex
 /// digits, as `Joined` and `keygen` print it), and the relay's verdicts on its updates of the
 /// last 20 rounds; zero for a peer that never had an update accepted, 404 for a key that is
-/// not 64 hex digits.
+/// not 64 hex digits. An edge relay answers with its root's (502 when it cannot reach it).
 async fn peer_credit(
     State(state): State<AppState>,
     Path((run, peer)): Path<(String, String)>,
@@ -433,6 +470,10 @@ async fn peer_credit(
     let key = swarmtrain_shared::crypto::seed_from_hex(&peer)
         .map(|bytes| swarmtrain_shared::PeerKey(*bytes))
         .ok_or(ApiError::NotFound("peer"))?;
+    let path = format!("api/runs/{}/peers/{}", run.spec().run_id, key.to_hex());
+    if let Some(answer) = from_root(run, &path).await {
+        return answer;
+    }
     let credit = run.credit(&key).await.unwrap_or_default();
     let verdicts: Vec<VerdictView> = run
         .verdicts(&key)
@@ -483,16 +524,20 @@ const LEADERBOARD_MAX: usize = 100;
 
 /// `GET /api/runs/{run}/leaderboard?limit=N`: the N (default 20, at most 100) peers with the
 /// most earned samples (verified and unchecked; then the most verified), and how many peers
-/// have credit at all.
+/// have credit at all. An edge relay answers with its root's.
 async fn leaderboard(
     State(state): State<AppState>,
     Path(run): Path<String>,
     Query(query): Query<LeaderboardQuery>,
 ) -> Result<Response, ApiError> {
-    let (top, peers) = find_run(&state, &run)?
-        .leaderboard(query.limit.min(LEADERBOARD_MAX))
-        .await;
-    let spec = find_run(&state, &run)?.spec();
+    let limit = query.limit.min(LEADERBOARD_MAX);
+    let owner = find_run(&state, &run)?;
+    let path = format!("api/runs/{}/leaderboard?limit={limit}", owner.spec().run_id);
+    if let Some(answer) = from_root(owner, &path).await {
+        return answer;
+    }
+    let (top, peers) = owner.leaderboard(limit).await;
+    let spec = owner.spec();
     let top: Vec<PeerCredit> = top
         .into_iter()
         .map(|(peer, credit)| PeerCredit::new(&peer, credit, spec))

@@ -483,6 +483,16 @@ impl Coordinator {
         }
     }
 
+    /// Whether this run is an edge's, following a root ([`Self::as_edge`]).
+    pub fn follows_root(&self) -> bool {
+        self.edge.is_some()
+    }
+
+    /// The HTTP base URL of the root an edge's run follows, once it has reached it.
+    pub fn root_url(&self) -> Option<String> {
+        self.link_to_root().map(|link| link.root_url().to_owned())
+    }
+
     /// An edge's link to the root, once it has one.
     pub fn link_to_root(&self) -> Option<Arc<EdgeLink>> {
         self.edge
