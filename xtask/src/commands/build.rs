@@ -115,6 +115,27 @@ pub(crate) fn build_relay() -> Result<PathBuf> {
     Ok(target_dir().join("debug/swarmtrain-relay"))
 }
 
+/// `swarmtrain-peer` with native wgpu training (`train --backend wgpu`; Mesa's lavapipe on a
+/// machine without a GPU), copied to `swarmtrain-peer-wgpu` beside it: the next build of the
+/// workspace's own `swarmtrain-peer` (without the feature) leaves it be. Its first build compiles
+/// Burn's wgpu backend natively (about 4 minutes here).
+pub(crate) fn build_wgpu_peer() -> Result<PathBuf> {
+    status(cargo().args([
+        "build",
+        "-p",
+        "swarmtrain-client",
+        "--features",
+        "wgpu",
+        "--bin",
+        "swarmtrain-peer",
+    ]))?;
+    let built = target_dir().join("debug/swarmtrain-peer");
+    let copy = target_dir().join("debug/swarmtrain-peer-wgpu");
+    std::fs::copy(&built, &copy)
+        .map_err(|e| format!("copying {} to {}: {e}", built.display(), copy.display()))?;
+    Ok(copy)
+}
+
 /// The release relay and the release `swarmtrain-peer` (the load generators).
 pub(crate) fn build_release_relay_and_peer() -> Result {
     status(cargo().args([

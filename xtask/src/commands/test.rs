@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::process::Command;
 
 use crate::Result;
-use crate::commands::build::{build_example, build_relay, build_wasm};
+use crate::commands::build::{build_example, build_relay, build_wasm, build_wgpu_peer};
 use crate::utils::*;
 
 /// The native packages, built with the same feature set as `cargo test --workspace` so that
@@ -52,10 +52,12 @@ pub(crate) fn test(args: &[String]) -> Result {
 
     // 3. The browser end-to-end tests: a real relay, real Chromium, the Contribute button;
     //    two tabs linked browser-to-browser; the same links with a js-libp2p node; the package
-    //    embedded in a Vite + TypeScript page; two tabs on two edges of one root relay; and the
-    //    relay on a simulated internet (network namespaces, NAT routers, coturn, a Chromium in
-    //    each home; needs root).
+    //    embedded in a Vite + TypeScript page; two tabs on two edges of one root relay; native
+    //    volunteers on wgpu (lavapipe) and the CPU with a tab in one run; and the relay on a
+    //    simulated internet (network namespaces, NAT routers, coturn, a Chromium in each home;
+    //    needs root).
     build_example()?;
+    let wgpu_peer = build_wgpu_peer()?;
     status(
         Command::new("node")
             .args([
@@ -66,10 +68,12 @@ pub(crate) fn test(args: &[String]) -> Result {
                 "interop.test.mjs",
                 "embed.test.mjs",
                 "federation.test.mjs",
+                "volunteers.test.mjs",
                 "internet.test.mjs",
             ])
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)
+            .env("SWARMTRAIN_WGPU_PEER_BIN", wgpu_peer)
             .env("SWARMTRAIN_ROOT", root()),
     )
 }
