@@ -3,6 +3,7 @@
 // edge's page. Each tab joins its edge over WebRTC-direct, agrees session keys with the edge
 // under the root's delegation, fetches θ and its text from the edge and trains; the root closes
 // every round with one update from each edge (quorum 2), and both tabs train the same model.
+// Then a tab that is not pinned chooses the federation's least loaded relay and fails over.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
@@ -102,6 +103,76 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     ]);
     assert.deepEqual(codes, [0, 0, 0], 'the root and both edges exit cleanly within 30 s of SIGTERM');
     console.log(`root at round ${rootStatus.round}; rows ${JSON.stringify(rootStatus.history.map((r) => [r.round, r.contributors]))}; ${all.filter((l) => upstream.test(l)).length} errors from rust-libp2p#6551`);
+  } finally {
+    if (browser) await browser.close();
+    for (const relay of relays) if (relay.exitCode === null && relay.signalCode === null) relay.kill('SIGKILL');
+    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// A tab opened on the root's page, not pinned: it reads the federation from the bootstrap, times
+// `/api/ping` on every relay (cross-origin, from the page's WebAssembly), joins the least loaded
+// (an idle edge: the root carries both edges' connections), and when that edge is SIGKILLed under
+// it, joins another relay of the federation and trains on; the root credits every update once.
+test('a tab joins the federation\'s least loaded relay and fails over when it dies', { timeout: 400_000 }, async () => {
+  mkdirSync(outDir, { recursive: true });
+  const dirs = [0, 1, 2].map((i) => mkdtempSync(join(tmpdir(), `swarmtrain-failover-${i}-`)));
+  const relays = [];
+  let browser;
+  const logs = [];
+  const events = [];
+  try {
+    const root = startRelay(dirs[0], '127.0.0.1:0', { quorum: 1 });
+    relays.push(root.relay);
+    const rootUrl = await root.url;
+    const edges = [1, 2].map((i) => startRelay(dirs[i], '127.0.0.1:0', { quorum: 1, extra: ['--upstream', rootUrl] }));
+    relays.push(...edges.map((e) => e.relay));
+    const edgeUrls = await Promise.all(edges.map((e) => e.url));
+    // The root lists both edges once they have reported (soon after they join it).
+    for (let waited = 0; ; waited += 250) {
+      const boot = await (await fetch(new URL('api/bootstrap', rootUrl))).json();
+      if ((boot.federation ?? []).length === 3) break;
+      assert.ok(waited < 30_000, `the root lists ${JSON.stringify(boot.federation)}`);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
+    const tab = await openTab(browser, rootUrl, '', { logs, events });
+    await tab.click('#contribute');
+    const joinedAt = async (n) => {
+      for (let waited = 0; ; waited += 250) {
+        const joined = events.filter((e) => e.kind === 'joined');
+        if (joined.length >= n) return joined[n - 1];
+        assert.ok(waited < 120_000, `no join #${n}:\n${logs.slice(-30).join('\n')}`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    };
+    const trained = (n) => tab.waitForFunction((k) => Number(document.getElementById('trained').textContent) >= k, n, { timeout: 180_000 })
+      .catch(async (e) => {
+        await tab.screenshot({ path: join(outDir, 'federation-failover.png'), fullPage: true });
+        throw new Error(`${e.message}\n${logs.slice(-30).join('\n')}`);
+      });
+    const first = await joinedAt(1);
+    const at = edgeUrls.indexOf(first.relay);
+    assert.ok(at >= 0, `the tab joined ${first.relay}, not an idle edge (${edgeUrls})`);
+    await trained(1);
+    edges[at].relay.kill('SIGKILL');
+    const second = await joinedAt(2);
+    assert.notEqual(second.relay, first.relay, 'the tab came back to its dead edge');
+    assert.ok([rootUrl, ...edgeUrls].includes(second.relay), `the tab joined ${second.relay}`);
+    const before = Number(await tab.textContent('#trained'));
+    await trained(before + 2);
+    await tab.screenshot({ path: join(outDir, 'federation-failover.png'), fullPage: true });
+    // Every update the tab saw accepted is credited once at the root, whichever relay carried it
+    // (once the last trained round's update is answered).
+    for (let waited = 0; events.filter((e) => e.kind === 'submitted').length < before + 2; waited += 250) {
+      assert.ok(waited < 60_000, `the update of the last round went unanswered:\n${logs.slice(-20).join('\n')}`);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    const accepted = events.filter((e) => e.kind === 'submitted' && e.accepted).length;
+    const credit = await (await fetch(new URL(`api/runs/lm/peers/${first.peer}`, rootUrl))).json();
+    assert.equal(credit.accepted_updates, accepted, `the root's credit: ${JSON.stringify(credit)}`);
+    const sent = events.filter((e) => e.kind === 'submitted').map((e) => `${e.round}:${e.accepted ? 'accepted' : e.reason}`);
+    console.log(`failover: joined ${first.relay}, then ${second.relay}; updates ${sent.join(', ')}; trained ${await tab.textContent('#trained')}`);
   } finally {
     if (browser) await browser.close();
     for (const relay of relays) if (relay.exitCode === null && relay.signalCode === null) relay.kill('SIGKILL');

@@ -52,7 +52,7 @@ pub(crate) fn test(args: &[String]) -> Result {
 
     // 3. The browser end-to-end tests: a real relay, real Chromium, the Contribute button;
     //    two tabs linked browser-to-browser; the same links with a js-libp2p node; the package
-    //    embedded in a Vite + TypeScript page; two tabs on two edges of one root relay; native
+    //    embedded in a Vite + TypeScript page; two tabs on two edges of one root relay and a tab failing over between them; native
     //    volunteers on wgpu (lavapipe) and the CPU with a tab in one run; and the relay on a
     //    simulated internet (network namespaces, NAT routers, coturn, a Chromium in each home;
     //    needs root).
