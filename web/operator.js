@@ -122,10 +122,17 @@ async function showRun(s) {
 
 async function refresh() {
   try {
-    const [runs, metricsText] = await Promise.all([
+    const [runs, metricsText, boot] = await Promise.all([
       fetch(new URL('api/runs?history=100', base)).then((r) => r.json()),
       fetch(new URL('metrics', base)).then((r) => r.text()),
+      fetch(new URL('api/bootstrap', base)).then((r) => r.json()),
     ]);
+    // A federation's relays as this relay lists them to clients (the root's list, on an edge),
+    // with the libp2p connections each holds; none for a lone relay.
+    const federation = boot.federation ?? [];
+    $('federation').textContent = federation.length
+      ? federation.map((m) => `${m.role} ${m.url} (${count(m.load)} connections)`).join('\n')
+      : 'a lone relay';
     const metrics = parseMetrics(metricsText);
     $('connections').textContent = count(metricValue(metrics, 'swarmtrain_connections'));
     // How peers came (tcp, ws, wss, webrtc-direct) and where the relay tells them to dial.

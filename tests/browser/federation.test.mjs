@@ -71,6 +71,14 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
       }
       assert.deepEqual(listed, expected, `${url}'s bootstrap`);
     }
+    // The root's operator view lists the federation.
+    const operator = await a.context().newPage();
+    await operator.goto(new URL('operator.html', rootUrl).href);
+    await operator.waitForFunction(() => (document.getElementById('federation')?.textContent ?? '').split('\n').length === 3, null, { timeout: 30_000 });
+    const shown = await operator.textContent('#federation');
+    for (const url of [rootUrl, edgeA, edgeB]) assert.ok(shown.includes(url), `the operator view lists ${url}: ${shown}`);
+    await operator.screenshot({ path: join(outDir, 'federation-operator.png'), fullPage: true });
+    await operator.close();
     // Both edges follow the root: same round and θ.
     const edgeStatus = await Promise.all([edgeA, edgeB].map((u) => status(u)));
     const settled = await status(rootUrl);
