@@ -498,7 +498,10 @@ async fn peers_choose_a_relay_of_the_federation_and_fail_over_when_their_edge_is
         );
     }
     let board = edges[0].json("api/runs/digits/leaderboard").await;
-    assert_eq!(board["peers"], 2, "the edge serves the root's leaderboard: {board}");
+    assert_eq!(
+        board["peers"], 2,
+        "the edge serves the root's leaderboard: {board}"
+    );
     for round in 1..=rounds {
         assert_eq!(contributors(&root, round).await, 2, "round {round}");
     }
@@ -613,7 +616,7 @@ async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
     assert_eq!(
         listed(&root).await,
         [
-            format!("edge https://edge.example/"),
+            "edge https://edge.example/".to_owned(),
             format!("root {}", root.http)
         ]
     );

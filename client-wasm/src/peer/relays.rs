@@ -125,10 +125,11 @@ impl Relays {
         if self.pinned {
             return self.configured.clone();
         }
-        if self.known.is_empty() && self.current.is_none() {
-            if let Ok(bootstrap) = fetch_bootstrap(&self.configured, None).await {
-                self.known = bootstrap.federation;
-            }
+        if self.known.is_empty()
+            && self.current.is_none()
+            && let Ok(bootstrap) = fetch_bootstrap(&self.configured, None).await
+        {
+            self.known = bootstrap.federation;
         }
         let listed: Vec<&Member> = self
             .known
