@@ -468,10 +468,15 @@ async fn peers_choose_a_relay_of_the_federation_and_fail_over_when_their_edge_is
         .iter()
         .position(|e| e.http == killed)
         .expect("the edge");
+    let killed_at = Instant::now();
     edges.remove(at).kill();
     // The first peer joins another relay of the federation.
     let again = joined(&mut peers[0], &mut seen[0]).await;
     assert_ne!(again, killed, "the peer came back to its dead edge");
+    println!(
+        "fail-over: {killed} killed, the peer joined {again} {:.1} s later",
+        killed_at.elapsed().as_secs_f64()
+    );
     for ((peer, mut seen), id) in peers.into_iter().zip(seen).zip([1u8, 2]) {
         let (trained, rest) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
             .await

@@ -163,6 +163,7 @@ test('a tab joins the federation\'s least loaded relay and fails over when it di
     const at = edgeUrls.indexOf(first.relay);
     assert.ok(at >= 0, `the tab joined ${first.relay}, not an idle edge (${edgeUrls})`);
     await trained(1);
+    const killedAt = Date.now();
     edges[at].relay.kill('SIGKILL');
     const second = await joinedAt(2);
     assert.notEqual(second.relay, first.relay, 'the tab came back to its dead edge');
@@ -180,7 +181,7 @@ test('a tab joins the federation\'s least loaded relay and fails over when it di
     const credit = await (await fetch(new URL(`api/runs/lm/peers/${first.peer}`, rootUrl))).json();
     assert.equal(credit.accepted_updates, accepted, `the root's credit: ${JSON.stringify(credit)}`);
     const sent = events.filter((e) => e.kind === 'submitted').map((e) => `${e.round}:${e.accepted ? 'accepted' : e.reason}`);
-    console.log(`failover: joined ${first.relay}, then ${second.relay}; updates ${sent.join(', ')}; trained ${await tab.textContent('#trained')}`);
+    console.log(`failover: joined ${first.relay}, then ${second.relay} ${((second.at - killedAt) / 1000).toFixed(1)} s after the kill; updates ${sent.join(', ')}; trained ${await tab.textContent('#trained')}`);
   } finally {
     if (browser) await browser.close();
     for (const relay of relays) if (relay.exitCode === null && relay.signalCode === null) relay.kill('SIGKILL');
