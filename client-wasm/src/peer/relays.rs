@@ -179,6 +179,11 @@ impl Relays {
             // state starts its run over).
             Some(_) if relay == self.configured => self.run_key = Some(run_key.to_vec()),
             Some(key) if key.as_slice() != run_key => {
+                // As many as a list holds: a federation that keeps listing strangers costs a
+                // join attempt each, not memory.
+                if self.foreign.len() >= swarmtrain_shared::protocol::MAX_MEMBERS {
+                    self.foreign.remove(0);
+                }
                 self.foreign.push(relay.to_owned());
                 return Err(format!(
                     "{relay} signs the run with another key than this peer's first relay: it \
