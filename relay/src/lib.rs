@@ -231,13 +231,7 @@ impl Default for RelayConfig {
 /// bound to every interface: which of them a client reaches is unknown).
 fn public_url(config: &RelayConfig, http_addr: SocketAddr) -> anyhow::Result<Option<String>> {
     if let Some(url) = &config.public_url {
-        let report = swarmtrain_shared::protocol::EdgeReport {
-            run_id: String::new(),
-            url: url.clone(),
-            load: 0,
-        };
-        report
-            .check()
+        swarmtrain_shared::protocol::check_member_url(url)
             .map_err(|why| anyhow::anyhow!("--public-url {url:?}: {why}"))?;
         return Ok(Some(format!("{}/", url.trim_end_matches('/'))));
     }

@@ -300,24 +300,29 @@ pub enum MemberRole {
 }
 
 impl EdgeReport {
-    /// Why the root refuses this report, if it does: a URL too long or not http(s).
+    /// Why the root refuses this report, if it does: its URL ([`check_member_url`]).
     pub fn check(&self) -> Result<(), String> {
-        if self.url.len() > MAX_MEMBER_URL_BYTES {
-            return Err(format!(
-                "a URL of {} bytes (at most {MAX_MEMBER_URL_BYTES})",
-                self.url.len()
-            ));
-        }
-        let rest = self
-            .url
-            .strip_prefix("https://")
-            .or_else(|| self.url.strip_prefix("http://"))
-            .ok_or_else(|| "a URL that is not http:// or https://".to_owned())?;
-        if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("a URL without a host, or with spaces".into());
-        }
-        Ok(())
+        check_member_url(&self.url)
     }
+}
+
+/// Why `url` cannot be a federation's relay URL, if it cannot: too long, or not http(s) with a
+/// host and without spaces.
+pub fn check_member_url(url: &str) -> Result<(), String> {
+    if url.len() > MAX_MEMBER_URL_BYTES {
+        return Err(format!(
+            "a URL of {} bytes (at most {MAX_MEMBER_URL_BYTES})",
+            url.len()
+        ));
+    }
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| "a URL that is not http:// or https://".to_owned())?;
+    if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a URL without a host, or with spaces".into());
+    }
+    Ok(())
 }
 
 /// What a verifier's replay of job `job` gave: the payload (`Some`, named by digest and length),
