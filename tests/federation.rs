@@ -680,3 +680,230 @@ async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
         "not_joined"
     );
 }
+
+/// Peers pinned to their relays, `(relay, id, rounds)` each, that join (the root counting
+/// `joined` identities since it started) before any of them trains; returns once each has
+/// trained its rounds, with each one's accepted updates.
+async fn train_pinned(root: &RelayProcess, peers: &[(&RelayProcess, u8, u64)], joined: u64) {
+    let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
+    let running: Vec<_> = peers
+        .iter()
+        .map(|(relay, id, rounds)| {
+            spawn_configured(PeerConfig {
+                pin_relay: true,
+                max_rounds: Some(*rounds),
+                pause: pause.clone(),
+                ..peer_config_at(&relay.http, *id)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while root.json("api/status").await["joined_peers"] != joined {
+        assert!(Instant::now() < deadline, "the peers did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pause.set(false);
+    for (peer, (_, id, rounds)) in running.into_iter().zip(peers) {
+        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
+            .await
+            .expect("the peers finish in time");
+        assert_eq!(trained, *rounds, "peer {id}");
+        assert_eq!(
+            accepted_updates(&events),
+            *rounds as usize,
+            "peer {id}: {events:?}"
+        );
+    }
+}
+
+/// The leaderboard `relay` serves: accepted updates by peer key (hex), and the rows as served.
+async fn board(relay: &RelayProcess) -> (Vec<(String, u64)>, serde_json::Value) {
+    let body = relay.json("api/runs/digits/leaderboard?limit=100").await;
+    let mut counts: Vec<(String, u64)> = body["top"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a leaderboard: {body}"))
+        .iter()
+        .map(|row| {
+            (
+                row["peer"].as_str().expect("peer").to_owned(),
+                row["accepted_updates"].as_u64().expect("updates"),
+            )
+        })
+        .collect();
+    counts.sort();
+    (counts, body)
+}
+
+/// A federation given one PostgreSQL database (`--ledger-url`): each relay writes its own
+/// peers' accepted updates there, the root its verdicts, and every relay serves the same
+/// leaderboard from it. The database going down loses nothing (each relay writes again once it
+/// is back); an edge killed while its rows wait loses nothing either: the root writes the
+/// round's missing rows from its data directory a round later. The shared ledger ends equal to
+/// the root's own (redb), credit for credit, and the edges serve it with the root gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_shares_one_postgres_ledger_that_loses_no_row_to_its_faults() {
+    let Some(pg) = swarmtrain_tests::Postgres::start() else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let root = RelayProcess::start(dirs[0].path(), free_port(), &["--ledger-url", &pg.url], &[]);
+    root.json("api/status").await;
+    let with_ledger = |dir: &std::path::Path| {
+        RelayProcess::start(
+            dir,
+            free_port(),
+            &["--upstream", &root.http, "--ledger-url", &pg.url],
+            &[],
+        )
+    };
+    let edge_a = with_ledger(dirs[1].path());
+    let edge_b = with_ledger(dirs[2].path());
+    for relay in [&edge_a, &edge_b] {
+        relay.json("api/status").await;
+    }
+    let key = |id: u8| swarmtrain_shared::Identity::from_seed([id; 32]).peer();
+    let hex = |id: u8| key(id).to_hex();
+
+    // Rounds 0 and 1: peer 1 on edge A, peer 2 on edge B.
+    train_pinned(&root, &[(&edge_a, 1, 2), (&edge_b, 2, 2)], 2).await;
+    let mut expected = vec![(hex(1), 2), (hex(2), 2)];
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for relay in [&root, &edge_a, &edge_b] {
+        loop {
+            let (counts, body) = board(relay).await;
+            if counts == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} serves {body}, not the federation's ledger",
+                relay.http
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let credit = edge_b
+        .json(&format!("api/runs/digits/peers/{}", hex(1)))
+        .await;
+    assert_eq!(
+        credit["accepted_updates"], 2,
+        "peer 1 as edge B serves it: {credit}"
+    );
+
+    // Round 2 with the database down: peer 1 on edge A, peer 3 on edge B; edge B is killed
+    // (its row for peer 3 still waiting) before the database comes back.
+    pg.down();
+    train_pinned(&root, &[(&edge_a, 1, 1), (&edge_b, 3, 1)], 3).await;
+    let metrics = reqwest::get(format!("{}metrics", edge_b.http))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let queued = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("swarmtrain_shared_ledger_queued "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no queue gauge: {metrics}"));
+    let failed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("swarmtrain_shared_ledger_failed_writes_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!(
+        queued >= 1.0 || failed >= 1.0,
+        "edge B holds its peer's row while the database is down: {metrics}"
+    );
+    edge_b.kill();
+    pg.up();
+
+    // Rounds 3 and 4: peer 1 on edge A, peer 4 on the root. As round 4 is announced the root
+    // writes what round 2 lacks.
+    train_pinned(&root, &[(&edge_a, 1, 2), (&root, 4, 2)], 4).await;
+    let mut expected = vec![(hex(1), 5), (hex(2), 2), (hex(3), 1), (hex(4), 2)];
+    expected.sort();
+    // Every row written, and nothing waiting at the root (twice in a row: a replay's verdict
+    // may still come as the last round's reveals arrive).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut settled = 0;
+    while settled < 2 {
+        let (counts, _) = board(&edge_a).await;
+        let idle = reqwest::get(format!("{}metrics", root.http))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+            .contains("swarmtrain_shared_ledger_queued 0\n");
+        settled = if counts == expected && idle {
+            settled + 1
+        } else {
+            0
+        };
+        assert!(
+            Instant::now() < deadline,
+            "the shared ledger did not catch up: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+
+    // Who wrote what: each relay its own peers' rows; the root the row edge B lost.
+    let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the shared ledger");
+    tokio::spawn(connection);
+    let rows = client
+        .query(
+            "SELECT peer, round, recorded_by FROM swarmtrain_entries WHERE run_id = 'digits' \
+             ORDER BY round, peer",
+            &[],
+        )
+        .await
+        .expect("entries");
+    let writer = |id: u8, round: i64| -> Vec<u8> {
+        rows.iter()
+            .find(|r| r.get::<_, &[u8]>(0) == key(id).0 && r.get::<_, i64>(1) == round)
+            .unwrap_or_else(|| panic!("no entry of peer {id} in round {round}"))
+            .get(2)
+    };
+    assert_eq!(rows.len(), 10, "one row per accepted update");
+    let (by_a, by_b, by_root) = (writer(1, 0), writer(2, 0), writer(4, 3));
+    assert!(by_a != by_b && by_a != by_root && by_b != by_root);
+    for round in [1, 3, 4] {
+        assert_eq!(
+            writer(1, round),
+            by_a,
+            "edge A writes peer 1's round {round}"
+        );
+    }
+    assert_eq!(writer(2, 1), by_b);
+    assert_eq!(writer(4, 4), by_root);
+    assert_eq!(writer(3, 2), by_root, "the root writes the row edge B lost");
+
+    // With the root gone, edge A still serves the federation's ledger, and it is the root's.
+    assert!(root.terminate().success());
+    let (counts, served) = board(&edge_a).await;
+    assert_eq!(counts, expected, "{served}");
+    let store = swarmtrain_relay::store::Store::open(dirs[0].path()).expect("the root's store");
+    let own = store.credits("digits").expect("the root's credits");
+    assert_eq!(own.len(), 4);
+    for (peer, credit) in own {
+        let row = served["top"]
+            .as_array()
+            .expect("top")
+            .iter()
+            .find(|r| r["peer"] == peer.to_hex())
+            .unwrap_or_else(|| panic!("{} is not on the shared leaderboard", peer.short()));
+        let shared: swarmtrain_relay::store::Credit =
+            serde_json::from_value(row.clone()).expect("a credit");
+        assert_eq!(
+            shared,
+            credit,
+            "peer {}: shared vs the root's own",
+            peer.short()
+        );
+    }
+}

@@ -813,3 +813,126 @@ pub async fn await_next_round(
         other => panic!("expected the next round, got {other:?}"),
     }
 }
+
+/// A PostgreSQL server of its own in a temporary data directory on loopback (Debian's
+/// postgresql, which `cargo xtask test` installs and names in `SWARMTRAIN_POSTGRES_BIN`), run
+/// as the `postgres` user when the tests run as root (PostgreSQL refuses root); stopped and
+/// deleted when dropped.
+#[derive(Debug)]
+pub struct Postgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub url: String,
+}
+
+impl Postgres {
+    /// Starts one, or `None` (and says why) where PostgreSQL is not installed.
+    pub fn start() -> Option<Self> {
+        let bin = std::env::var_os("SWARMTRAIN_POSTGRES_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .ok()?
+                    .filter_map(|e| Some(e.ok()?.path().join("bin")))
+                    .filter(|bin| bin.join("pg_ctl").exists())
+                    .collect();
+                found.sort();
+                found.pop()
+            });
+        let Some(bin) = bin else {
+            println!(
+                "SKIPPED: PostgreSQL is not installed (`cargo xtask test` installs it and sets SWARMTRAIN_POSTGRES_BIN)"
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let this = Self {
+            bin,
+            dir,
+            port,
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        };
+        if is_root() {
+            let chown = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(this.dir.path())
+                .status()
+                .expect("chown");
+            assert!(chown.success(), "chown the PostgreSQL directory");
+        }
+        let data = this.data();
+        let initdb = this
+            .command("initdb")
+            .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run initdb");
+        assert!(initdb.success(), "initdb");
+        this.up();
+        Some(this)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `program` of PostgreSQL's, as the `postgres` user when this runs as root.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if is_root() {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(path);
+            cmd
+        } else {
+            Command::new(path)
+        }
+    }
+
+    /// Starts the server (again) on its port and waits until it takes connections.
+    pub fn up(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let started = self
+            .command("pg_ctl")
+            .args(["-w", "-t", "60", "-o", &options, "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.data())
+            .arg("start")
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(started.success(), "pg_ctl start");
+    }
+
+    /// Stops the server at once (`immediate`: as if it crashed).
+    pub fn down(&self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(self.data())
+            .arg("stop")
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+}

@@ -85,6 +85,14 @@ pub struct ServeOptions {
     /// every interface (the relay is then left out of the list).
     #[arg(long, env = "SWARMTRAIN_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// The federation's shared ledger: a PostgreSQL connection string
+    /// (`postgres://user:password@db.example/swarmtrain`) that every relay of a federation is
+    /// given. Each relay writes its own peers' accepted updates there (a root also its verdicts)
+    /// and serves the leaderboard and peers' credits from it. The relay does not start when the
+    /// database cannot be reached. It may hold a password: prefer the variable. Default: none;
+    /// the data directory keeps the ledger, and an edge asks its root.
+    #[arg(long, env = "SWARMTRAIN_LEDGER_URL", hide_env_values = true)]
+    pub ledger_url: Option<crate::public::Secret>,
     /// Checkpoints kept per run in the data directory (older ones are deleted). Default: 10.
     #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<usize>,
@@ -626,7 +634,7 @@ impl ServeOptions {
     /// [`Self::merge`], and the names of the top-level fields it merged.
     fn merge_fields(mut self, file: Self) -> (Self, &'static [&'static str]) {
         let merged = merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
-            checkpoint_store, upstream, edge_key, public_url, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
+            checkpoint_store, upstream, edge_key, public_url, ledger_url, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
             check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
             replay_tolerance, verifier_timeout_secs, verifier_spot_check, aggregation_backend,
@@ -743,6 +751,7 @@ impl ServeOptions {
             checkpoint_store: self.checkpoint_store,
             upstream: self.upstream,
             public_url: self.public_url,
+            ledger_url: self.ledger_url,
             edge_keys: self
                 .edge_key
                 .unwrap_or_default()
@@ -831,6 +840,7 @@ mod tests {
             "upstream",
             "edge_key",
             "public_url",
+            "ledger_url",
         ];
         let c = RelayConfig::default();
         let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_owned());

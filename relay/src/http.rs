@@ -306,11 +306,12 @@ fn find_run<'a>(state: &'a AppState, run: &str) -> Result<&'a Arc<Coordinator>, 
     state.runs.get(run).ok_or(ApiError::NotFound("run"))
 }
 
-/// On an edge relay: the root's answer to `GET path` (the federation's ledger is the root's: a
-/// peer's credit and the leaderboard count every update, whichever relay it came through),
-/// `None` on a relay that owns `run`.
+/// On an edge relay without a shared ledger: the root's answer to `GET path` (the federation's
+/// ledger is then the root's: a peer's credit and the leaderboard count every update, whichever
+/// relay it came through); `None` on a relay that owns `run` or reads the shared ledger
+/// ([`crate::ledger`]).
 async fn from_root(run: &Coordinator, path: &str) -> Option<Result<Response, ApiError>> {
-    if !run.follows_root() {
+    if !run.follows_root() || run.shared_ledger().is_some() {
         return None;
     }
     let Some(root) = run.root_url() else {
@@ -333,6 +334,19 @@ async fn from_root(run: &Coordinator, path: &str) -> Option<Result<Response, Api
             Err(ApiError::Upstream(e))
         }
     })
+}
+
+/// A ledger read that failed: the shared ledger's database out of reach is the relay's
+/// upstream failing (502), anything else the relay's own (500).
+fn ledger_error(run: &Coordinator, what: &str, error: &anyhow::Error) -> ApiError {
+    tracing::error!(error = %error, "could not read {what}");
+    if run.shared_ledger().is_some() {
+        ApiError::Upstream(format!(
+            "the shared ledger cannot be read just now ({what})"
+        ))
+    } else {
+        ApiError::Internal
+    }
 }
 
 async fn params(
@@ -474,14 +488,15 @@ async fn peer_credit(
     if let Some(answer) = from_root(run, &path).await {
         return answer;
     }
-    let credit = run.credit(&key).await.unwrap_or_default();
+    let credit = run
+        .credit(&key)
+        .await
+        .map_err(|e| ledger_error(run, "a peer's credit", &e))?
+        .unwrap_or_default();
     let verdicts: Vec<VerdictView> = run
         .verdicts(&key)
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "could not read the verdicts");
-            ApiError::Internal
-        })?
+        .map_err(|e| ledger_error(run, "the verdicts", &e))?
         .into_iter()
         .filter_map(|signed| {
             Some(VerdictView {
@@ -536,7 +551,10 @@ async fn leaderboard(
     if let Some(answer) = from_root(owner, &path).await {
         return answer;
     }
-    let (top, peers) = owner.leaderboard(limit).await;
+    let (top, peers) = owner
+        .leaderboard(limit)
+        .await
+        .map_err(|e| ledger_error(owner, "the leaderboard", &e))?;
     let spec = owner.spec();
     let top: Vec<PeerCredit> = top
         .into_iter()
@@ -872,6 +890,25 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         let _ = writeln!(
             out,
             "swarmtrain_advertised_address{{transport=\"{transport}\",address=\"{address}\",loopback=\"{loopback}\"}} 1"
+        );
+    }
+    if let Some(ledger) = state.runs.iter().find_map(|run| run.shared_ledger()) {
+        let stats = ledger.stats();
+        let _ = writeln!(
+            out,
+            "# HELP swarmtrain_shared_ledger_rows_total Rows for the shared ledger by what became \
+             of them (written; dropped: the queue was full; filled_in: written again by a root \
+             from its data directory).\n# TYPE swarmtrain_shared_ledger_rows_total counter\n\
+             swarmtrain_shared_ledger_rows_total{{outcome=\"written\"}} {}\n\
+             swarmtrain_shared_ledger_rows_total{{outcome=\"dropped\"}} {}\n\
+             swarmtrain_shared_ledger_rows_total{{outcome=\"filled_in\"}} {}\n\
+             # HELP swarmtrain_shared_ledger_failed_writes_total Shared ledger transactions that \
+             failed (each tried again).\n# TYPE swarmtrain_shared_ledger_failed_writes_total \
+             counter\nswarmtrain_shared_ledger_failed_writes_total {}\n\
+             # HELP swarmtrain_shared_ledger_queued Rows waiting to be written to the shared \
+             ledger.\n# TYPE swarmtrain_shared_ledger_queued gauge\n\
+             swarmtrain_shared_ledger_queued {}",
+            stats.written, stats.dropped, stats.filled_in, stats.failed_writes, stats.queued
         );
     }
     if let Some(bytes) = resident_bytes() {

@@ -13,6 +13,7 @@ pub mod corpus;
 pub mod dataset;
 pub mod federation;
 pub mod http;
+pub mod ledger;
 pub mod limits;
 pub mod ops;
 pub mod p2p;
@@ -111,6 +112,9 @@ pub struct RelayConfig {
     /// On a root: the edge relays (their peer keys) it takes; empty: any identity that passes
     /// a run's admission.
     pub edge_keys: BTreeSet<swarmtrain_shared::PeerKey>,
+    /// The federation's shared ledger, a PostgreSQL connection string ([`ledger`]); `None`: the
+    /// ledger is the data directory's (and an edge's, its root's).
+    pub ledger_url: Option<public::Secret>,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -223,6 +227,7 @@ impl Default for RelayConfig {
             upstream: None,
             public_url: None,
             edge_keys: BTreeSet::new(),
+            ledger_url: None,
         }
     }
 }
@@ -387,6 +392,14 @@ impl Relay {
             config.upstream.is_some(),
             Some(network.clone()),
         ));
+        let ledger = match &config.ledger_url {
+            Some(url) => Some(
+                ledger::SharedLedger::open(&url.0, Identity::from_seed(*seed).peer())
+                    .await
+                    .context("opening the shared ledger (--ledger-url)")?,
+            ),
+            None => None,
+        };
         let mut coordinators = Vec::new();
         for spec in &config.runs {
             anyhow::ensure!(
@@ -424,7 +437,8 @@ impl Relay {
                 .with_checks(config.checks)
                 .with_replays(config.replays, Some(strike_tx.clone()))
                 .with_edge_keys(config.edge_keys.clone())
-                .with_federation(federation.clone());
+                .with_federation(federation.clone())
+                .with_ledger(ledger.clone());
             coordinators.push(Arc::new(match config.upstream {
                 Some(_) => coordinator.as_edge(),
                 None => coordinator,

@@ -225,7 +225,7 @@ impl Credit {
 }
 
 /// The update inside a ledger entry's envelope (its signature was checked when it arrived).
-fn signed_update(entry: &LedgerEntry) -> anyhow::Result<Update> {
+pub(crate) fn signed_update(entry: &LedgerEntry) -> anyhow::Result<Update> {
     let envelope: Envelope =
         postcard::from_bytes(&entry.signed.body).context("a ledger entry's envelope")?;
     match envelope.message {
@@ -659,6 +659,20 @@ impl Store {
             if let Some(value) = table.get((run_id, round, peer.0.as_slice()))? {
                 out.push(postcard::from_bytes(value.value()).context("a verdict row is corrupt")?);
             }
+        }
+        Ok(out)
+    }
+
+    /// Every verdict on `run_id`'s `round`, in peer order (signed by the relay).
+    pub fn round_verdicts(&self, run_id: &str, round: u64) -> anyhow::Result<Vec<Signed<Verdict>>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(VERDICTS)?;
+        let low: (&str, u64, &[u8]) = (run_id, round, &[]);
+        let high: (&str, u64, &[u8]) = (run_id, round, &[0xff; 33]);
+        let mut out = Vec::new();
+        for item in table.range(low..high)? {
+            let (_, value) = item?;
+            out.push(postcard::from_bytes(value.value()).context("a verdict row is corrupt")?);
         }
         Ok(out)
     }

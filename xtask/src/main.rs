@@ -15,7 +15,7 @@ mod commands;
 mod utils;
 
 use commands::{bench::bench, build::build_wasm, fuzz, run::run, test::test};
-use utils::{setup_browser, setup_wasm};
+use utils::{setup_browser, setup_postgres, setup_wasm};
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -72,8 +72,12 @@ const TASKS: &[Task] = &[
     Task {
         name: "setup",
         args: "",
-        about: "install the toolchain pieces and browser packages only",
-        run: |_| setup_wasm().and_then(|()| setup_browser()),
+        about: "install the toolchain pieces, browser packages and PostgreSQL only",
+        run: |_| {
+            setup_wasm()?;
+            setup_browser()?;
+            setup_postgres().map(drop)
+        },
     },
 ];
 

@@ -651,6 +651,17 @@ impl Coordinator {
                 return;
             }
         }
+        if let Some(ledger) = &self.ledger {
+            for (verdict, signed) in &verdicts {
+                match postcard::to_allocvec(signed) {
+                    Ok(signed) => ledger.record(crate::ledger::Row::Verdict {
+                        verdict: verdict.clone(),
+                        signed,
+                    }),
+                    Err(e) => tracing::error!(error = %e, "could not encode a verdict"),
+                }
+            }
+        }
         let mut state = self.state.lock().await;
         for (verdict, _) in &verdicts {
             *state

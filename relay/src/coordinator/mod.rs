@@ -246,6 +246,9 @@ pub struct Coordinator {
     edge_keys: BTreeSet<PeerKey>,
     /// The relay's federation list, which edges' reports fill on a root.
     federation: Arc<crate::federation::Federation>,
+    /// The federation's shared ledger (`--ledger-url`), where this relay writes its own peers'
+    /// accepted updates (and a root its verdicts) and reads credits from.
+    ledger: Option<Arc<crate::ledger::SharedLedger>>,
 }
 
 /// Where a message reached this relay from: its sender's own connection, or an edge relay that
@@ -453,7 +456,77 @@ impl Coordinator {
             edge: None,
             edge_keys: BTreeSet::new(),
             federation: Arc::default(),
+            ledger: None,
         })
+    }
+
+    /// Writes this run's own peers' accepted updates (and, on a root, the verdicts) to the
+    /// federation's shared `ledger` too, and reads credits from it ([`crate::ledger`]).
+    pub fn with_ledger(mut self, ledger: Option<Arc<crate::ledger::SharedLedger>>) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
+    /// The federation's shared ledger, when the relay has one.
+    pub fn shared_ledger(&self) -> Option<&Arc<crate::ledger::SharedLedger>> {
+        self.ledger.as_ref()
+    }
+
+    /// On a root with a data directory and a shared ledger, as round `open` is announced: the
+    /// rows of round `open - 2` (closed a round ago, so its checks are done and its edges' rows
+    /// written) that the shared ledger lacks are written from the data directory, on a task of
+    /// their own ([`crate::ledger::SharedLedger::fill_in`]).
+    fn fill_in_shared_ledger(&self, open: u64) {
+        let (Some(ledger), Some(store), Some(round)) =
+            (&self.ledger, &self.store, open.checked_sub(2))
+        else {
+            return;
+        };
+        if self.edge.is_some() {
+            return;
+        }
+        let (ledger, store, spec) = (ledger.clone(), store.clone(), self.spec.clone());
+        tokio::spawn(async move {
+            let read = {
+                let (store, run) = (store.clone(), spec.run_id.clone());
+                tokio::task::spawn_blocking(move || {
+                    anyhow::Ok((
+                        store.updates(&run, round)?,
+                        store.round_verdicts(&run, round)?,
+                    ))
+                })
+                .await
+            };
+            let filled = match read {
+                Ok(Ok((entries, verdicts))) => {
+                    ledger.fill_in(&spec, round, entries, verdicts).await
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = filled {
+                tracing::warn!(error = %e, round, "could not compare the shared ledger with the data directory");
+            }
+        });
+    }
+
+    /// Queues `update`'s row for the shared ledger (if any): `signed` is the peer's envelope.
+    fn share_entry(&self, peer: PeerKey, update: &Update, signed: &Signed<Envelope>, now: u64) {
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        match postcard::to_allocvec(signed) {
+            Ok(signed) => ledger.record(crate::ledger::Row::Entry {
+                run_id: self.spec.run_id.clone(),
+                round: update.round,
+                peer,
+                received_ms: now,
+                samples: self.spec.samples_of(update.inner_steps),
+                inner_steps: u64::from(update.inner_steps),
+                signed,
+            }),
+            Err(e) => tracing::error!(error = %e, "could not encode a ledger entry"),
+        }
     }
 
     /// Keeps the edges' reports in `federation`, the relay's list (shared by its runs).
@@ -1062,10 +1135,14 @@ impl Coordinator {
                     // An edge: checked here like any update, counted at the root, which records
                     // it durably before it answers; the peer hears the root's answer.
                     drop(state);
+                    let shared = self.ledger.is_some().then(|| signed.clone());
                     let answer = link.forward(&Submission { signed, payload }).await;
                     let answer = self.answer_from_root(peer, answer).await;
                     let mut state = self.state.lock().await;
                     if matches!(answer, Ok(RelayToClient::Accepted { .. })) {
+                        if let Some(signed) = &shared {
+                            self.share_entry(peer, &update, signed, now);
+                        }
                         state.accepted += 1;
                         state.credits.entry(peer).or_default().add(&update, samples);
                     } else {
@@ -1078,6 +1155,10 @@ impl Coordinator {
                 // thread without the state lock (other peers' requests go on); the round waits
                 // for it before it closes (`recording`). Handlers run as tasks of their own
                 // (`p2p::run` spawns each), so none is dropped between the count and its undoing.
+                // The shared ledger's row is its own peer's relay's to write: an edge writes the
+                // rows of what it forwards.
+                let shared =
+                    (origin == Origin::Direct && self.ledger.is_some()).then(|| signed.clone());
                 if let Some(store) = &self.store {
                     let entry = LedgerEntry {
                         received_ms: now,
@@ -1113,6 +1194,9 @@ impl Coordinator {
                 }
                 state.accepted += 1;
                 state.credits.entry(peer).or_default().add(&update, samples);
+                if let Some(signed) = &shared {
+                    self.share_entry(peer, &update, signed, now);
+                }
                 let slot = state.slots.get(&peer).copied().unwrap_or_default();
                 state.claims.insert(
                     peer,
@@ -1336,6 +1420,7 @@ impl Coordinator {
             return;
         }
         state.unannounced = false;
+        self.fill_in_shared_ledger(state.round.round);
         match self
             .identity
             .sign(&state.round.announcement(state.eval, state.audited(), now))
@@ -1346,13 +1431,24 @@ impl Coordinator {
     }
 
     /// `peer`'s credit in this run, if it ever had an update accepted.
-    pub async fn credit(&self, peer: &PeerKey) -> Option<Credit> {
-        self.state.lock().await.credits.get(peer).cloned()
+    /// With a shared ledger, the federation's credit, read from it.
+    pub async fn credit(&self, peer: &PeerKey) -> anyhow::Result<Option<Credit>> {
+        if let Some(ledger) = &self.ledger {
+            return ledger.credit(&self.spec.run_id, peer).await;
+        }
+        Ok(self.state.lock().await.credits.get(peer).cloned())
     }
 
     /// The `limit` peers with the most earned samples (verified and unchecked; then the most
-    /// verified), and how many peers have any credit.
-    pub async fn leaderboard(&self, limit: usize) -> (Vec<(PeerKey, Credit)>, usize) {
+    /// verified; then by key), and how many peers have any credit. With a shared ledger, the
+    /// federation's, read from it.
+    pub async fn leaderboard(
+        &self,
+        limit: usize,
+    ) -> anyhow::Result<(Vec<(PeerKey, Credit)>, usize)> {
+        if let Some(ledger) = &self.ledger {
+            return ledger.leaderboard(&self.spec.run_id, limit).await;
+        }
         let state = self.state.lock().await;
         let mut all: Vec<_> = state.credits.iter().map(|(p, c)| (*p, c.clone())).collect();
         all.sort_by(|(pa, a), (pb, b)| {
@@ -1364,7 +1460,7 @@ impl Coordinator {
         });
         let peers = all.len();
         all.truncate(limit);
-        (all, peers)
+        Ok((all, peers))
     }
 
     /// `peer`'s verdicts of the newest [`VERDICT_ROUNDS`] rounds, newest first, signed by the
@@ -1372,6 +1468,17 @@ impl Coordinator {
     pub async fn verdicts(&self, peer: &PeerKey) -> anyhow::Result<Vec<Signed<Verdict>>> {
         let open = self.state.lock().await.round.round;
         let rounds = open.saturating_sub(VERDICT_ROUNDS)..open;
+        if let Some(ledger) = &self.ledger {
+            return ledger
+                .verdicts(&self.spec.run_id, peer, rounds)
+                .await?
+                .iter()
+                .map(|bytes| {
+                    postcard::from_bytes(bytes)
+                        .map_err(|e| anyhow::anyhow!("a shared ledger verdict is corrupt: {e}"))
+                })
+                .collect();
+        }
         if let Some(store) = &self.store {
             let (store, run, peer) = (store.clone(), self.spec.run_id.clone(), *peer);
             return tokio::task::spawn_blocking(move || store.verdicts(&run, &peer, rounds))
@@ -1824,7 +1931,11 @@ mod tests {
             RelayToClient::Accepted { round: 0 } => {}
             other => panic!("expected Accepted, got {other:?}"),
         }
-        let credit = run.credit(&peer.identity.peer()).await.expect("a credit");
+        let credit = run
+            .credit(&peer.identity.peer())
+            .await
+            .expect("read")
+            .expect("a credit");
         assert_eq!(credit.accepted_updates, 1, "counted once");
 
         // The disk fails again as the round closes: round 1 cannot be recorded, so it is not

@@ -19,14 +19,17 @@ pub(crate) fn test(args: &[String]) -> Result {
     let filter: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
 
     // 1. Native tests: unit tests, the in-process multi-peer tests, bad-input tests, and the
-    //    checkpoint export read back by Python's safetensors.
+    //    checkpoint export read back by Python's safetensors; the shared ledger's test starts
+    //    PostgreSQL servers of its own.
     let python = python_venv()?;
+    let postgres = setup_postgres()?;
     status(
         cargo()
             .arg("test")
             .args(NATIVE)
             .args(&filter)
-            .env("SWARMTRAIN_PYTHON", python),
+            .env("SWARMTRAIN_PYTHON", python)
+            .env("SWARMTRAIN_POSTGRES_BIN", postgres),
     )?;
 
     // 1b. Every command line README.md and docs/ show parses with the binaries' own clap.

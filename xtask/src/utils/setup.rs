@@ -82,6 +82,21 @@ pub(crate) fn apt_install(packages: &[&str]) -> Result {
     status(&mut install)
 }
 
+/// Installs Debian's PostgreSQL (the shared ledger's tests start servers of their own from it)
+/// and returns the folder of its programs (`initdb`, `pg_ctl`), the newest version there.
+pub(crate) fn setup_postgres() -> Result<PathBuf> {
+    apt_install(&["postgresql"])?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| format!("/usr/lib/postgresql: {e}"))?
+        .filter_map(|entry| Some(entry.ok()?.path().join("bin")))
+        .filter(|bin| bin.join("pg_ctl").exists())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .ok_or_else(|| "postgresql is installed but /usr/lib/postgresql/*/bin/pg_ctl is not".into())
+}
+
 pub(crate) fn setup_browser() -> Result {
     apt_install(APT_PACKAGES)?;
     npm_ci(&root().join("tests/browser"), "playwright-core")?;

@@ -1,0 +1,547 @@
+//! The federation's shared ledger (`--ledger-url postgres://…`): one PostgreSQL database that
+//! every relay of a federation writes its own peers' accepted updates to, and that each of them
+//! reads the leaderboard and a peer's credit from. A relay without it keeps its ledger in its
+//! data directory (redb, [`crate::store`]) and an edge asks its root.
+//!
+//! What is written, and by whom:
+//! - `swarmtrain_entries`: one row per accepted update, `(run_id, round, peer)` its key: the
+//!   peer's signed envelope (its ML-DSA-65 signature covers the update's fields and its payload's
+//!   BLAKE3 digest; the payload itself stays with the root), the samples it earns and the relay
+//!   that wrote the row. The peer's own relay writes it once the update is accepted: the root for
+//!   the peers connected to it, an edge once the root has answered `Accepted` for its peer.
+//! - `swarmtrain_verdicts`: the root's signed verdict on each checked update.
+//! - `swarmtrain_credits`: one row per (run, peer), what [`Credit`] holds, updated in the same
+//!   statement that inserts an entry or a verdict. An entry or verdict already there (an update
+//!   counted once, whichever relay writes it again) changes nothing, and entries and verdicts
+//!   add up to the same row in either order.
+//!
+//! Writes leave the relay's request path: the peer hears `Accepted` once the root has made the
+//! update durable in its own data directory (what it resumes from), and the row follows through
+//! a bounded queue ([`QUEUE`]) that one task writes in batches, one transaction each, retried
+//! until the database takes it. So that a row lost with a killed edge or a full queue does not
+//! stay lost, a root with a data directory fills in, one round after it closed, any of the
+//! round's entries and verdicts that the database lacks ([`SharedLedger::fill_in`]), written
+//! under the root's key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use swarmtrain_shared::protocol::RunSpec;
+use swarmtrain_shared::verify::{Outcome, Verdict};
+use swarmtrain_shared::{PeerKey, Signed};
+use tokio::sync::{Mutex, mpsc};
+use tokio_postgres::{Client, NoTls};
+
+use crate::store::{Credit, LedgerEntry};
+
+/// Rows waiting to be written at most; beyond it a row is dropped (counted, logged), and a root
+/// with a data directory fills it in a round later.
+pub const QUEUE: usize = 16_384;
+/// Rows one transaction writes at most.
+const BATCH: usize = 512;
+/// The longest wait between two tries of a write that failed.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The tables, created on first use by whichever relay comes first (under an advisory lock, so
+/// relays starting together do not race).
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS swarmtrain_entries (
+    run_id text NOT NULL,
+    round bigint NOT NULL,
+    peer bytea NOT NULL,
+    recorded_by bytea NOT NULL,
+    received_ms bigint NOT NULL,
+    samples bigint NOT NULL,
+    inner_steps bigint NOT NULL,
+    signed bytea NOT NULL,
+    PRIMARY KEY (run_id, round, peer)
+);
+CREATE TABLE IF NOT EXISTS swarmtrain_verdicts (
+    run_id text NOT NULL,
+    round bigint NOT NULL,
+    peer bytea NOT NULL,
+    outcome text NOT NULL,
+    samples bigint NOT NULL,
+    signed bytea NOT NULL,
+    PRIMARY KEY (run_id, round, peer)
+);
+CREATE TABLE IF NOT EXISTS swarmtrain_credits (
+    run_id text NOT NULL,
+    peer bytea NOT NULL,
+    accepted_updates bigint NOT NULL,
+    samples bigint NOT NULL,
+    inner_steps bigint NOT NULL,
+    first_round bigint,
+    last_round bigint,
+    verified_updates bigint NOT NULL,
+    verified_samples bigint NOT NULL,
+    failed_updates bigint NOT NULL,
+    failed_samples bigint NOT NULL,
+    PRIMARY KEY (run_id, peer)
+);
+";
+
+/// An entry, and the credit row it adds to when it is new.
+const INSERT_ENTRY: &str = "
+WITH new AS (
+    INSERT INTO swarmtrain_entries
+        (run_id, round, peer, recorded_by, received_ms, samples, inner_steps, signed)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT DO NOTHING
+    RETURNING run_id, peer, round, samples, inner_steps
+)
+INSERT INTO swarmtrain_credits AS c
+    (run_id, peer, accepted_updates, samples, inner_steps, first_round, last_round,
+     verified_updates, verified_samples, failed_updates, failed_samples)
+SELECT run_id, peer, 1, samples, inner_steps, round, round, 0, 0, 0, 0 FROM new
+ON CONFLICT (run_id, peer) DO UPDATE SET
+    accepted_updates = c.accepted_updates + 1,
+    samples = c.samples + EXCLUDED.samples,
+    inner_steps = c.inner_steps + EXCLUDED.inner_steps,
+    first_round = LEAST(c.first_round, EXCLUDED.first_round),
+    last_round = GREATEST(c.last_round, EXCLUDED.last_round)
+";
+
+/// A verdict, and the credit row it settles when it is new.
+const INSERT_VERDICT: &str = "
+WITH new AS (
+    INSERT INTO swarmtrain_verdicts (run_id, round, peer, outcome, samples, signed)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT DO NOTHING
+    RETURNING run_id, peer
+)
+INSERT INTO swarmtrain_credits AS c
+    (run_id, peer, accepted_updates, samples, inner_steps,
+     verified_updates, verified_samples, failed_updates, failed_samples)
+SELECT run_id, peer, 0, 0, 0, $7, $8, $9, $10 FROM new
+ON CONFLICT (run_id, peer) DO UPDATE SET
+    verified_updates = c.verified_updates + EXCLUDED.verified_updates,
+    verified_samples = c.verified_samples + EXCLUDED.verified_samples,
+    failed_updates = c.failed_updates + EXCLUDED.failed_updates,
+    failed_samples = c.failed_samples + EXCLUDED.failed_samples
+";
+
+const CREDIT_COLUMNS: &str = "peer, accepted_updates, samples, inner_steps, first_round, \
+    last_round, verified_updates, verified_samples, failed_updates, failed_samples";
+
+/// One row for the database.
+#[derive(Clone, Debug)]
+pub enum Row {
+    Entry {
+        run_id: String,
+        round: u64,
+        peer: PeerKey,
+        received_ms: u64,
+        samples: u64,
+        inner_steps: u64,
+        /// postcard of the peer's `Signed<Envelope>`.
+        signed: Vec<u8>,
+    },
+    Verdict {
+        verdict: Verdict,
+        /// postcard of the relay's `Signed<Verdict>`.
+        signed: Vec<u8>,
+    },
+}
+
+/// What the shared ledger did so far (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LedgerStats {
+    /// Rows written (an entry or verdict already there counts too: the write took).
+    pub written: u64,
+    /// Transactions that failed (each retried).
+    pub failed_writes: u64,
+    /// Rows dropped because the queue was full.
+    pub dropped: u64,
+    /// Rows a root filled in from its data directory.
+    pub filled_in: u64,
+    /// Rows waiting in the queue.
+    pub queued: u64,
+}
+
+/// A relay's handle on the federation's shared ledger.
+pub struct SharedLedger {
+    config: tokio_postgres::Config,
+    /// The key of this relay: what it writes is recorded under it.
+    relay: PeerKey,
+    rows: mpsc::Sender<(PeerKey, Row)>,
+    /// The connection reads use (opened again when it closes).
+    reader: Mutex<Option<Client>>,
+    written: AtomicU64,
+    failed_writes: AtomicU64,
+    dropped: AtomicU64,
+    filled_in: AtomicU64,
+}
+
+impl std::fmt::Debug for SharedLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: only where it points.
+        f.debug_struct("SharedLedger")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a connection and drives it on a task of its own.
+async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<Client> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .context("connecting to the shared ledger")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "the shared ledger's connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn signed_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn unsigned(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+impl SharedLedger {
+    /// Connects to `url` (`postgres://user:password@host:port/db` or the key=value form), creates
+    /// the tables if they are not there and starts the task that writes rows. Fails when the
+    /// database cannot be reached: a relay told to share its ledger does not start without it.
+    pub async fn open(url: &str, relay: PeerKey) -> anyhow::Result<std::sync::Arc<Self>> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .context("--ledger-url is not a PostgreSQL connection string")?;
+        let mut client = connect(&config).await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(7374617274)", &[])
+            .await?;
+        tx.batch_execute(SCHEMA)
+            .await
+            .context("creating the shared ledger's tables")?;
+        tx.commit().await?;
+        let (rows, queue) = mpsc::channel(QUEUE);
+        let ledger = std::sync::Arc::new(Self {
+            config,
+            relay,
+            rows,
+            reader: Mutex::new(Some(client)),
+            written: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            filled_in: AtomicU64::new(0),
+        });
+        tokio::spawn(write_rows(std::sync::Arc::downgrade(&ledger), queue));
+        Ok(ledger)
+    }
+
+    /// Queues `row`, written under this relay's key; a full queue drops it (counted and logged).
+    pub fn record(&self, row: Row) {
+        if self.rows.try_send((self.relay, row)).is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped,
+                    "the shared ledger's queue is full: a row is dropped (a root with a data \
+                     directory fills it in a round later)"
+                );
+            }
+        }
+    }
+
+    /// Counts.
+    pub fn stats(&self) -> LedgerStats {
+        LedgerStats {
+            written: self.written.load(Ordering::Relaxed),
+            failed_writes: self.failed_writes.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            filled_in: self.filled_in.load(Ordering::Relaxed),
+            queued: (QUEUE - self.rows.capacity()) as u64,
+        }
+    }
+
+    /// Runs `read` on the reading connection, opening it again if it closed.
+    async fn read<T>(
+        &self,
+        read: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    ) -> anyhow::Result<T> {
+        let mut reader = self.reader.lock().await;
+        if reader.as_ref().is_none_or(Client::is_closed) {
+            *reader = Some(connect(&self.config).await?);
+        }
+        let client = reader.as_ref().expect("connected above");
+        match read(client).await {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                if client.is_closed() {
+                    *reader = None;
+                }
+                Err(anyhow::Error::from(e).context("reading the shared ledger"))
+            }
+        }
+    }
+
+    /// `peer`'s credit in `run_id`, if any update of it was recorded or settled.
+    pub async fn credit(&self, run_id: &str, peer: &PeerKey) -> anyhow::Result<Option<Credit>> {
+        let query = format!(
+            "SELECT {CREDIT_COLUMNS} FROM swarmtrain_credits WHERE run_id = $1 AND peer = $2"
+        );
+        let row = self
+            .read(async |c| c.query_opt(&query, &[&run_id, &peer.0.as_slice()]).await)
+            .await?;
+        row.map(|row| credit_of(&row).map(|(_, credit)| credit))
+            .transpose()
+    }
+
+    /// The `limit` peers with the most earned samples (verified and unchecked; then the most
+    /// verified; then by key), and how many peers have a credit row: what
+    /// [`crate::coordinator::Coordinator::leaderboard`] gives from memory.
+    pub async fn leaderboard(
+        &self,
+        run_id: &str,
+        limit: usize,
+    ) -> anyhow::Result<(Vec<(PeerKey, Credit)>, usize)> {
+        let query = format!(
+            "SELECT {CREDIT_COLUMNS} FROM swarmtrain_credits WHERE run_id = $1 \
+             ORDER BY samples - failed_samples DESC, verified_samples DESC, peer LIMIT $2"
+        );
+        let limit = signed_i64(limit as u64);
+        let (rows, count) = self
+            .read(async |c| {
+                let rows = c.query(&query, &[&run_id, &limit]).await?;
+                let count = c
+                    .query_one(
+                        "SELECT count(*) FROM swarmtrain_credits WHERE run_id = $1",
+                        &[&run_id],
+                    )
+                    .await?;
+                Ok((rows, count.get::<_, i64>(0)))
+            })
+            .await?;
+        let top = rows.iter().map(credit_of).collect::<anyhow::Result<_>>()?;
+        Ok((top, unsigned(count) as usize))
+    }
+
+    /// `peer`'s verdicts in `run_id` for the rounds `rounds`, newest first (postcard of the
+    /// root's `Signed<Verdict>`).
+    pub async fn verdicts(
+        &self,
+        run_id: &str,
+        peer: &PeerKey,
+        rounds: std::ops::Range<u64>,
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        let (low, high) = (signed_i64(rounds.start), signed_i64(rounds.end));
+        let rows = self
+            .read(async |c| {
+                c.query(
+                    "SELECT signed FROM swarmtrain_verdicts WHERE run_id = $1 AND peer = $2 \
+                     AND round >= $3 AND round < $4 ORDER BY round DESC",
+                    &[&run_id, &peer.0.as_slice(), &low, &high],
+                )
+                .await
+            })
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// How many entries and verdicts of `run_id`'s `round` the database holds.
+    async fn counts(&self, run_id: &str, round: u64) -> anyhow::Result<(u64, u64)> {
+        let round = signed_i64(round);
+        self.read(async |c| {
+            let row = c
+                .query_one(
+                    "SELECT (SELECT count(*) FROM swarmtrain_entries WHERE run_id = $1 AND round = $2), \
+                            (SELECT count(*) FROM swarmtrain_verdicts WHERE run_id = $1 AND round = $2)",
+                    &[&run_id, &round],
+                )
+                .await?;
+            Ok((unsigned(row.get(0)), unsigned(row.get(1))))
+        })
+        .await
+    }
+
+    /// On a root with a data directory: queues whichever of `round`'s entries and verdicts (the
+    /// root's complete record of them, read from its data directory) the database lacks,
+    /// written under the root's key; returns how many rows it queued. Counts decide: a round
+    /// whose counts match costs one query.
+    pub async fn fill_in(
+        &self,
+        spec: &RunSpec,
+        round: u64,
+        entries: Vec<(PeerKey, LedgerEntry)>,
+        verdicts: Vec<Signed<Verdict>>,
+    ) -> anyhow::Result<usize> {
+        let (have_entries, have_verdicts) = self.counts(&spec.run_id, round).await?;
+        let mut rows = Vec::new();
+        if entries.len() as u64 > have_entries {
+            for (peer, entry) in entries {
+                let update = crate::store::signed_update(&entry)?;
+                rows.push(Row::Entry {
+                    run_id: spec.run_id.clone(),
+                    round,
+                    peer,
+                    received_ms: entry.received_ms,
+                    samples: spec.samples_of(update.inner_steps),
+                    inner_steps: u64::from(update.inner_steps),
+                    signed: postcard::to_allocvec(&entry.signed)?,
+                });
+            }
+        }
+        if verdicts.len() as u64 > have_verdicts {
+            for signed in verdicts {
+                rows.push(Row::Verdict {
+                    verdict: postcard::from_bytes(&signed.body).context("a verdict is corrupt")?,
+                    signed: postcard::to_allocvec(&signed)?,
+                });
+            }
+        }
+        let queued = rows.len();
+        if queued > 0 {
+            self.filled_in.fetch_add(queued as u64, Ordering::Relaxed);
+            tracing::info!(
+                run = spec.run_id,
+                round,
+                rows = queued,
+                "the shared ledger lacked some of the round's rows: written again from the data directory"
+            );
+            for row in rows {
+                self.record(row);
+            }
+        }
+        Ok(queued)
+    }
+}
+
+/// A credit row as [`CREDIT_COLUMNS`] lists it.
+fn credit_of(row: &tokio_postgres::Row) -> anyhow::Result<(PeerKey, Credit)> {
+    let peer: &[u8] = row.get(0);
+    let peer = PeerKey(
+        peer.try_into()
+            .context("a shared ledger credit row has a bad peer key")?,
+    );
+    let at = |i: usize| unsigned(row.get(i));
+    let round = |i: usize| row.get::<_, Option<i64>>(i).map(unsigned).unwrap_or(0);
+    Ok((
+        peer,
+        Credit {
+            accepted_updates: at(1),
+            samples: at(2),
+            inner_steps: at(3),
+            first_round: round(4),
+            last_round: round(5),
+            verified_updates: at(6),
+            verified_samples: at(7),
+            failed_updates: at(8),
+            failed_samples: at(9),
+        },
+    ))
+}
+
+/// Writes queued rows in batches until the ledger is dropped; a batch that fails is tried
+/// again (on a new connection) after a pause that doubles up to [`MAX_BACKOFF`].
+async fn write_rows(
+    ledger: std::sync::Weak<SharedLedger>,
+    mut queue: mpsc::Receiver<(PeerKey, Row)>,
+) {
+    let mut client: Option<Client> = None;
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Some(this) = ledger.upgrade() else {
+                return;
+            };
+            let written = async {
+                if client.as_ref().is_none_or(Client::is_closed) {
+                    client = Some(connect(&this.config).await?);
+                }
+                write_batch(client.as_mut().expect("connected above"), &batch).await
+            }
+            .await;
+            match written {
+                Ok(()) => {
+                    this.written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    this.failed_writes.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        error = %e,
+                        rows = batch.len(),
+                        retry_ms = backoff.as_millis() as u64,
+                        "could not write to the shared ledger; trying again"
+                    );
+                    client = None;
+                }
+            }
+            drop(this);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        batch.clear();
+    }
+}
+
+/// One transaction for `batch`.
+async fn write_batch(client: &mut Client, batch: &[(PeerKey, Row)]) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    let entry = tx.prepare(INSERT_ENTRY).await?;
+    let verdict = tx.prepare(INSERT_VERDICT).await?;
+    for (by, row) in batch {
+        match row {
+            Row::Entry {
+                run_id,
+                round,
+                peer,
+                received_ms,
+                samples,
+                inner_steps,
+                signed,
+            } => {
+                tx.execute(
+                    &entry,
+                    &[
+                        run_id,
+                        &signed_i64(*round),
+                        &peer.0.as_slice(),
+                        &by.0.as_slice(),
+                        &signed_i64(*received_ms),
+                        &signed_i64(*samples),
+                        &signed_i64(*inner_steps),
+                        signed,
+                    ],
+                )
+                .await?;
+            }
+            Row::Verdict { verdict: v, signed } => {
+                let samples = signed_i64(v.samples);
+                let (verified, failed) = match v.outcome {
+                    Outcome::Verified => ((1i64, samples), (0i64, 0i64)),
+                    Outcome::Failed { .. } => ((0, 0), (1, samples)),
+                    Outcome::Inconclusive { .. } => ((0, 0), (0, 0)),
+                };
+                tx.execute(
+                    &verdict,
+                    &[
+                        &v.run_id,
+                        &signed_i64(v.round),
+                        &v.peer.0.as_slice(),
+                        &v.outcome.label(),
+                        &samples,
+                        signed,
+                        &verified.0,
+                        &verified.1,
+                        &failed.0,
+                        &failed.1,
+                    ],
+                )
+                .await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
