@@ -907,3 +907,69 @@ async fn a_federation_shares_one_postgres_ledger_that_loses_no_row_to_its_faults
         );
     }
 }
+
+/// The shared ledger's database on TLS only: a relay that does not trust the server's
+/// certificate does not start; one given the CA (`--ledger-ca`) writes its peers' updates over
+/// TLS and serves the leaderboard from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_ledger_reaches_its_database_over_tls_with_a_certificate_it_trusts() {
+    let Some(pg) = swarmtrain_tests::Postgres::start_tls_only() else {
+        return;
+    };
+    let url = format!("{}?sslmode=require", pg.url);
+    let ca = pg.ca();
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut untrusting =
+        RelayProcess::start(dirs[0].path(), free_port(), &["--ledger-url", &url], &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = untrusting.exited() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a relay that cannot trust the database's certificate started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "{status}");
+
+    let relay = RelayProcess::start(
+        dirs[1].path(),
+        free_port(),
+        &["--ledger-url", &url, "--ledger-ca", ca],
+        &[],
+    );
+    let address = relay.tcp_address().await;
+    two_peers_close_round_0(&address).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (counts, body) = board(&relay).await;
+        if counts.len() == 2 && counts.iter().all(|(_, n)| *n == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leaderboard: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let config: tokio_postgres::Config = url.parse().expect("a connection string");
+    let tls = swarmtrain_relay::ledger::tls(Some(std::path::Path::new(ca))).expect("tls");
+    let (client, connection) = config.connect(tls).await.expect("connect over TLS");
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM swarmtrain_entries), \
+                    (SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a \
+                     USING (pid) WHERE a.backend_type = 'client backend')",
+            &[],
+        )
+        .await
+        .expect("query");
+    assert_eq!(row.get::<_, i64>(0), 2, "both updates are in the database");
+    assert!(
+        row.get::<_, bool>(1),
+        "every connection to the database is TLS"
+    );
+}

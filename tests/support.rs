@@ -830,6 +830,21 @@ pub struct Postgres {
 impl Postgres {
     /// Starts one, or `None` (and says why) where PostgreSQL is not installed.
     pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// [`Self::start`], but taking TLS connections only: its certificate (for 127.0.0.1) is
+    /// signed by a CA of the test's own, `ca.pem` in [`Self::ca`] (made with Debian's openssl).
+    pub fn start_tls_only() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    /// The test CA's certificate (PEM) of a server from [`Self::start_tls_only`].
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> Option<Self> {
         let bin = std::env::var_os("SWARMTRAIN_POSTGRES_BIN")
             .map(PathBuf::from)
             .or_else(|| {
@@ -855,6 +870,9 @@ impl Postgres {
             port,
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         };
+        if tls {
+            this.make_certificates();
+        }
         if is_root() {
             let chown = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -872,8 +890,95 @@ impl Postgres {
             .status()
             .expect("run initdb");
         assert!(initdb.success(), "initdb");
+        if tls {
+            // TLS or nothing: no line lets a plain TCP connection in.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("pg_hba.conf");
+            let dir = this.dir.path();
+            std::fs::write(
+                data.join("postgresql.auto.conf"),
+                format!(
+                    "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                    dir.join("server.crt").display(),
+                    dir.join("server.key").display()
+                ),
+            )
+            .expect("postgresql.auto.conf");
+        }
         this.up();
         Some(this)
+    }
+
+    /// A CA, and a certificate for 127.0.0.1 it signs, in the server's directory.
+    fn make_certificates(&self) {
+        let dir = self.dir.path();
+        let openssl = |args: &[&str]| {
+            let done = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run openssl");
+            assert!(done.success(), "openssl {args:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &[
+                    "req",
+                    "-x509",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=swarmtrain test CA",
+                ][..],
+                &ec,
+                &["-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req", "-subj", "/CN=127.0.0.1"][..],
+                &ec,
+                &["-keyout", "server.key", "-out", "server.csr"],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").expect("ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod the key");
     }
 
     fn data(&self) -> PathBuf {

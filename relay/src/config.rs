@@ -93,6 +93,12 @@ pub struct ServeOptions {
     /// the data directory keeps the ledger, and an edge asks its root.
     #[arg(long, env = "SWARMTRAIN_LEDGER_URL", hide_env_values = true)]
     pub ledger_url: Option<crate::public::Secret>,
+    /// A PEM file of CA certificates for the shared ledger's TLS (`sslmode=require` in
+    /// --ledger-url): the database server's certificate must chain to one of them or to the
+    /// system's roots, and name the host the connection string gives. Default: the system's
+    /// roots only.
+    #[arg(long, env = "SWARMTRAIN_LEDGER_CA")]
+    pub ledger_ca: Option<PathBuf>,
     /// Checkpoints kept per run in the data directory (older ones are deleted). Default: 10.
     #[arg(long, env = "SWARMTRAIN_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<usize>,
@@ -634,7 +640,7 @@ impl ServeOptions {
     /// [`Self::merge`], and the names of the top-level fields it merged.
     fn merge_fields(mut self, file: Self) -> (Self, &'static [&'static str]) {
         let merged = merge_fields!(self, file; http, tcp_port, ws_port, webrtc_port, web_dir, data_dir,
-            checkpoint_store, upstream, edge_key, public_url, ledger_url, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
+            checkpoint_store, upstream, edge_key, public_url, ledger_url, ledger_ca, keep_checkpoints, history_retention_rounds, ledger_retention_rounds,
             seed, require_sealed, gossip_fanout, connections_per_ip, open_circuit_relay,
             check_windows, check_pass, check_fail, replay_fraction, replays_per_round,
             replay_tolerance, verifier_timeout_secs, verifier_spot_check, aggregation_backend,
@@ -752,6 +758,7 @@ impl ServeOptions {
             upstream: self.upstream,
             public_url: self.public_url,
             ledger_url: self.ledger_url,
+            ledger_ca: self.ledger_ca,
             edge_keys: self
                 .edge_key
                 .unwrap_or_default()
@@ -841,6 +848,7 @@ mod tests {
             "edge_key",
             "public_url",
             "ledger_url",
+            "ledger_ca",
         ];
         let c = RelayConfig::default();
         let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_owned());

@@ -31,7 +31,8 @@ use swarmtrain_shared::protocol::RunSpec;
 use swarmtrain_shared::verify::{Outcome, Verdict};
 use swarmtrain_shared::{PeerKey, Signed};
 use tokio::sync::{Mutex, mpsc};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{Credit, LedgerEntry};
 
@@ -163,6 +164,7 @@ pub struct LedgerStats {
 /// A relay's handle on the federation's shared ledger.
 pub struct SharedLedger {
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     /// The key of this relay: what it writes is recorded under it.
     relay: PeerKey,
     rows: mpsc::Sender<(PeerKey, Row)>,
@@ -184,10 +186,44 @@ impl std::fmt::Debug for SharedLedger {
     }
 }
 
+/// How the relay reaches the database: TLS where the connection string asks for it
+/// (`sslmode=require`; `prefer`, tokio-postgres's default, takes TLS when the server offers
+/// it), the server's certificate checked against the system's roots and `ca` (PEM) for the host
+/// the connection string names; plain TCP where the server has no TLS and `sslmode` allows it.
+pub fn tls(ca: Option<&std::path::Path>) -> anyhow::Result<MakeRustlsConnect> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(%error, "a system root certificate could not be read");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(ca) = ca {
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("reading {}", ca.display()))?
+        {
+            roots
+                .add(cert.with_context(|| format!("{}: not a PEM certificate", ca.display()))?)
+                .with_context(|| format!("{}: a certificate rustls refuses", ca.display()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
 /// Opens a connection and drives it on a task of its own.
-async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<Client> {
+async fn connect(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+) -> anyhow::Result<Client> {
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(tls.clone())
         .await
         .context("connecting to the shared ledger")?;
     tokio::spawn(async move {
@@ -210,11 +246,15 @@ impl SharedLedger {
     /// Connects to `url` (`postgres://user:password@host:port/db` or the key=value form), creates
     /// the tables if they are not there and starts the task that writes rows. Fails when the
     /// database cannot be reached: a relay told to share its ledger does not start without it.
-    pub async fn open(url: &str, relay: PeerKey) -> anyhow::Result<std::sync::Arc<Self>> {
+    pub async fn open(
+        url: &str,
+        tls: MakeRustlsConnect,
+        relay: PeerKey,
+    ) -> anyhow::Result<std::sync::Arc<Self>> {
         let config: tokio_postgres::Config = url
             .parse()
             .context("--ledger-url is not a PostgreSQL connection string")?;
-        let mut client = connect(&config).await?;
+        let mut client = connect(&config, &tls).await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock(7374617274)", &[])
             .await?;
@@ -225,6 +265,7 @@ impl SharedLedger {
         let (rows, queue) = mpsc::channel(QUEUE);
         let ledger = std::sync::Arc::new(Self {
             config,
+            tls,
             relay,
             rows,
             reader: Mutex::new(Some(client)),
@@ -269,7 +310,7 @@ impl SharedLedger {
     ) -> anyhow::Result<T> {
         let mut reader = self.reader.lock().await;
         if reader.as_ref().is_none_or(Client::is_closed) {
-            *reader = Some(connect(&self.config).await?);
+            *reader = Some(connect(&self.config, &self.tls).await?);
         }
         let client = reader.as_ref().expect("connected above");
         match read(client).await {
@@ -455,7 +496,7 @@ async fn write_rows(
             };
             let written = async {
                 if client.as_ref().is_none_or(Client::is_closed) {
-                    client = Some(connect(&this.config).await?);
+                    client = Some(connect(&this.config, &this.tls).await?);
                 }
                 write_batch(client.as_mut().expect("connected above"), &batch).await
             }

@@ -115,6 +115,9 @@ pub struct RelayConfig {
     /// The federation's shared ledger, a PostgreSQL connection string ([`ledger`]); `None`: the
     /// ledger is the data directory's (and an edge's, its root's).
     pub ledger_url: Option<public::Secret>,
+    /// A PEM file of CA certificates that the shared ledger's server certificate may chain to,
+    /// besides the system's.
+    pub ledger_ca: Option<PathBuf>,
 }
 
 /// The digits run: the 4,810-parameter MLP on scikit-learn's 8×8 digits, trained DiLoCo-style.
@@ -228,6 +231,7 @@ impl Default for RelayConfig {
             public_url: None,
             edge_keys: BTreeSet::new(),
             ledger_url: None,
+            ledger_ca: None,
         }
     }
 }
@@ -394,9 +398,13 @@ impl Relay {
         ));
         let ledger = match &config.ledger_url {
             Some(url) => Some(
-                ledger::SharedLedger::open(&url.0, Identity::from_seed(*seed).peer())
-                    .await
-                    .context("opening the shared ledger (--ledger-url)")?,
+                ledger::SharedLedger::open(
+                    &url.0,
+                    ledger::tls(config.ledger_ca.as_deref())?,
+                    Identity::from_seed(*seed).peer(),
+                )
+                .await
+                .context("opening the shared ledger (--ledger-url)")?,
             ),
             None => None,
         };
