@@ -4,7 +4,9 @@
 //! credits add up at the root; a peer that moves to the other edge cannot count its update
 //! twice; a root killed mid-round and started again loses no accepted update; a killed edge's
 //! peer goes on through the other edge; a hostile edge cannot forge, alter or replay what it
-//! forwards.
+//! forwards. With a PostgreSQL server of the test's own (`--ledger-url`), the relays keep one
+//! shared ledger that loses no row when the database goes down or an edge is killed, over TLS
+//! where the server demands it.
 
 use std::time::{Duration, Instant};
 

@@ -22,6 +22,10 @@
 //! stay lost, a root with a data directory fills in, one round after it closed, any of the
 //! round's entries and verdicts that the database lacks ([`SharedLedger::fill_in`]), written
 //! under the root's key.
+//!
+//! The connection takes TLS (rustls, [`tls`]) where the server offers it, or where the
+//! connection string demands it (`sslmode=require`); every query binds its values as
+//! parameters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
