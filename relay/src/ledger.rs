@@ -45,6 +45,11 @@ use crate::store::{Credit, LedgerEntry};
 pub const QUEUE: usize = 16_384;
 /// Rows one transaction writes at most.
 const BATCH: usize = 512;
+/// How long a connection attempt may take, unless the connection string says
+/// (`connect_timeout`): a read waits at most this for a database out of reach.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long reads fail at once after an attempt to reach the database failed.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 /// The longest wait between two tries of a write that failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -172,8 +177,9 @@ pub struct SharedLedger {
     /// The key of this relay: what it writes is recorded under it.
     relay: PeerKey,
     rows: mpsc::Sender<(PeerKey, Row)>,
-    /// The connection reads use (opened again when it closes).
-    reader: Mutex<Option<Client>>,
+    /// The connection reads share (tokio-postgres pipelines the queries of concurrent
+    /// requests on it); opened again when it closes.
+    reader: Mutex<Reader>,
     written: AtomicU64,
     failed_writes: AtomicU64,
     dropped: AtomicU64,
@@ -221,6 +227,14 @@ pub fn tls(ca: Option<&std::path::Path>) -> anyhow::Result<MakeRustlsConnect> {
     Ok(MakeRustlsConnect::new(config))
 }
 
+/// The reading connection, and when opening it last failed: reads fail at once for
+/// [`RECONNECT_AFTER`] after a failed attempt rather than each waiting for one of their own.
+#[derive(Default)]
+struct Reader {
+    client: Option<std::sync::Arc<Client>>,
+    failed_at: Option<tokio::time::Instant>,
+}
+
 /// Opens a connection and drives it on a task of its own.
 async fn connect(
     config: &tokio_postgres::Config,
@@ -255,9 +269,12 @@ impl SharedLedger {
         tls: MakeRustlsConnect,
         relay: PeerKey,
     ) -> anyhow::Result<std::sync::Arc<Self>> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .context("--ledger-url is not a PostgreSQL connection string")?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         let mut client = connect(&config, &tls).await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock(7374617274)", &[])
@@ -272,7 +289,10 @@ impl SharedLedger {
             tls,
             relay,
             rows,
-            reader: Mutex::new(Some(client)),
+            reader: Mutex::new(Reader {
+                client: Some(std::sync::Arc::new(client)),
+                failed_at: None,
+            }),
             written: AtomicU64::new(0),
             failed_writes: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -307,25 +327,41 @@ impl SharedLedger {
         }
     }
 
-    /// Runs `read` on the reading connection, opening it again if it closed.
+    /// Runs `read` on the reading connection, opening it again if it closed. The lock is held
+    /// only to (re)connect: concurrent reads share the connection.
     async fn read<T>(
         &self,
         read: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
     ) -> anyhow::Result<T> {
-        let mut reader = self.reader.lock().await;
-        if reader.as_ref().is_none_or(Client::is_closed) {
-            *reader = Some(connect(&self.config, &self.tls).await?);
-        }
-        let client = reader.as_ref().expect("connected above");
-        match read(client).await {
-            Ok(value) => Ok(value),
-            Err(e) => {
-                if client.is_closed() {
-                    *reader = None;
+        let client = {
+            let mut reader = self.reader.lock().await;
+            match &reader.client {
+                Some(client) if !client.is_closed() => client.clone(),
+                _ => {
+                    if reader
+                        .failed_at
+                        .is_some_and(|at| at.elapsed() < RECONNECT_AFTER)
+                    {
+                        anyhow::bail!("the shared ledger was out of reach a moment ago");
+                    }
+                    match connect(&self.config, &self.tls).await {
+                        Ok(client) => {
+                            let client = std::sync::Arc::new(client);
+                            *reader = Reader {
+                                client: Some(client.clone()),
+                                failed_at: None,
+                            };
+                            client
+                        }
+                        Err(e) => {
+                            reader.failed_at = Some(tokio::time::Instant::now());
+                            return Err(e);
+                        }
+                    }
                 }
-                Err(anyhow::Error::from(e).context("reading the shared ledger"))
             }
-        }
+        };
+        read(&client).await.context("reading the shared ledger")
     }
 
     /// `peer`'s credit in `run_id`, if any update of it was recorded or settled.
