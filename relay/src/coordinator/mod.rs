@@ -249,7 +249,15 @@ pub struct Coordinator {
     /// The federation's shared ledger (`--ledger-url`), where this relay writes its own peers'
     /// accepted updates (and a root its verdicts) and reads credits from.
     ledger: Option<Arc<crate::ledger::SharedLedger>>,
+    /// Closed rounds not yet compared with the shared ledger, at most
+    /// [`LEDGER_BEHIND_ROUNDS`], and whether a task is comparing them (one at a time; a
+    /// comparison that fails, the database out of reach, is tried again after a pause).
+    ledger_behind: Arc<std::sync::Mutex<BTreeSet<u64>>>,
+    ledger_filling: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Most rounds a root keeps to compare with the shared ledger once it is back.
+const LEDGER_BEHIND_ROUNDS: usize = 1024;
 
 /// Where a message reached this relay from: its sender's own connection, or an edge relay that
 /// checked the connection and the run's admission for it ([`crate::Runs`]).
@@ -457,6 +465,8 @@ impl Coordinator {
             edge_keys: BTreeSet::new(),
             federation: Arc::default(),
             ledger: None,
+            ledger_behind: Arc::default(),
+            ledger_filling: Arc::default(),
         })
     }
 
@@ -474,9 +484,11 @@ impl Coordinator {
 
     /// On a root with a data directory and a shared ledger, as round `open` is announced: the
     /// rows of round `open - 2` (closed a round ago, so its checks are done and its edges' rows
-    /// written) that the shared ledger lacks are written from the data directory, on a task of
-    /// their own ([`crate::ledger::SharedLedger::fill_in`]).
+    /// written) that the shared ledger lacks are written from the data directory
+    /// ([`crate::ledger::SharedLedger::fill_in`]) by a task of their own, which tries a
+    /// comparison that failed again after a pause (2 s, doubling up to a minute).
     fn fill_in_shared_ledger(&self, open: u64) {
+        use std::sync::atomic::Ordering;
         let (Some(ledger), Some(store), Some(round)) =
             (&self.ledger, &self.store, open.checked_sub(2))
         else {
@@ -485,27 +497,85 @@ impl Coordinator {
         if self.edge.is_some() {
             return;
         }
+        let behind = self.ledger_behind.clone();
+        let snapshot = |behind: &std::sync::Mutex<BTreeSet<u64>>| {
+            behind
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        };
+        {
+            let mut rounds = behind
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            rounds.insert(round);
+            while rounds.len() > LEDGER_BEHIND_ROUNDS {
+                if let Some(dropped) = rounds.pop_first() {
+                    tracing::warn!(
+                        round = dropped,
+                        "too many rounds wait to be compared with the shared ledger: the oldest is \
+                         given up (rows it lacks stay missing there; the data directory has them)"
+                    );
+                }
+            }
+        }
+        let filling = self.ledger_filling.clone();
+        if filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let (ledger, store, spec) = (ledger.clone(), store.clone(), self.spec.clone());
         tokio::spawn(async move {
-            let read = {
-                let (store, run) = (store.clone(), spec.run_id.clone());
-                tokio::task::spawn_blocking(move || {
-                    anyhow::Ok((
-                        store.updates(&run, round)?,
-                        store.round_verdicts(&run, round)?,
-                    ))
-                })
-                .await
-            };
-            let filled = match read {
-                Ok(Ok((entries, verdicts))) => {
-                    ledger.fill_in(&spec, round, entries, verdicts).await
+            let mut pause = Duration::from_secs(2);
+            loop {
+                let rounds = snapshot(&behind);
+                if rounds.is_empty() {
+                    filling.store(false, Ordering::Release);
+                    // A round queued after the look above finds `filling` still set: look again.
+                    if snapshot(&behind).is_empty() || filling.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                    continue;
                 }
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = filled {
-                tracing::warn!(error = %e, round, "could not compare the shared ledger with the data directory");
+                let mut failed = false;
+                for round in rounds {
+                    let read = {
+                        let (store, run) = (store.clone(), spec.run_id.clone());
+                        tokio::task::spawn_blocking(move || {
+                            anyhow::Ok((
+                                store.updates(&run, round)?,
+                                store.round_verdicts(&run, round)?,
+                            ))
+                        })
+                        .await
+                    };
+                    let filled = match read {
+                        Ok(Ok((entries, verdicts))) => {
+                            ledger.fill_in(&spec, round, entries, verdicts).await
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = filled {
+                        tracing::warn!(
+                            error = %e,
+                            round,
+                            retry_ms = pause.as_millis() as u64,
+                            "could not compare the shared ledger with the data directory"
+                        );
+                        failed = true;
+                        break;
+                    }
+                    behind
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&round);
+                }
+                if failed {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(60));
+                } else {
+                    pause = Duration::from_secs(2);
+                }
             }
         });
     }
