@@ -822,6 +822,8 @@ pub async fn await_next_round(
 pub struct Postgres {
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// Whether it syncs its writes to disk (off for tests, on for benchmarks).
+    fsync: bool,
     pub port: u16,
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
     pub url: String,
@@ -830,13 +832,18 @@ pub struct Postgres {
 impl Postgres {
     /// Starts one, or `None` (and says why) where PostgreSQL is not installed.
     pub fn start() -> Option<Self> {
-        Self::start_with(false)
+        Self::start_with(false, false)
+    }
+
+    /// [`Self::start`] with `fsync` on, as a server in production runs (benchmarks).
+    pub fn start_durable() -> Option<Self> {
+        Self::start_with(false, true)
     }
 
     /// [`Self::start`], but taking TLS connections only: its certificate (for 127.0.0.1) is
     /// signed by a CA of the test's own, `ca.pem` in [`Self::ca`] (made with Debian's openssl).
     pub fn start_tls_only() -> Option<Self> {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
     /// The test CA's certificate (PEM) of a server from [`Self::start_tls_only`].
@@ -844,7 +851,7 @@ impl Postgres {
         self.dir.path().join("ca.pem")
     }
 
-    fn start_with(tls: bool) -> Option<Self> {
+    fn start_with(tls: bool, fsync: bool) -> Option<Self> {
         let bin = std::env::var_os("SWARMTRAIN_POSTGRES_BIN")
             .map(PathBuf::from)
             .or_else(|| {
@@ -867,6 +874,7 @@ impl Postgres {
         let this = Self {
             bin,
             dir,
+            fsync,
             port,
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         };
@@ -1000,9 +1008,10 @@ impl Postgres {
     /// Starts the server (again) on its port and waits until it takes connections.
     pub fn up(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.fsync { "on" } else { "off" }
         );
         let started = self
             .command("pg_ctl")

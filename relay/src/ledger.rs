@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS swarmtrain_credits (
     failed_samples bigint NOT NULL,
     PRIMARY KEY (run_id, peer)
 );
+CREATE INDEX IF NOT EXISTS swarmtrain_credits_rank
+    ON swarmtrain_credits (run_id, (samples - failed_samples) DESC, verified_samples DESC, peer);
 ";
 
 /// An entry, and the credit row it adds to when it is new.
@@ -566,13 +568,17 @@ async fn write_rows(
     }
 }
 
-/// One transaction for `batch`.
+/// One transaction for `batch`, its statements pipelined (sent without waiting for each
+/// answer; the server runs them in order).
 async fn write_batch(client: &mut Client, batch: &[(PeerKey, Row)]) -> anyhow::Result<()> {
+    use tokio_postgres::types::ToSql;
+    type Param = Box<dyn ToSql + Sync + Send>;
     let tx = client.transaction().await?;
     let entry = tx.prepare(INSERT_ENTRY).await?;
     let verdict = tx.prepare(INSERT_VERDICT).await?;
-    for (by, row) in batch {
-        match row {
+    let rows: Vec<(&tokio_postgres::Statement, Vec<Param>)> = batch
+        .iter()
+        .map(|(by, row)| match row {
             Row::Entry {
                 run_id,
                 round,
@@ -582,20 +588,17 @@ async fn write_batch(client: &mut Client, batch: &[(PeerKey, Row)]) -> anyhow::R
                 inner_steps,
                 signed,
             } => {
-                tx.execute(
-                    &entry,
-                    &[
-                        run_id,
-                        &signed_i64(*round),
-                        &peer.0.as_slice(),
-                        &by.0.as_slice(),
-                        &signed_i64(*received_ms),
-                        &signed_i64(*samples),
-                        &signed_i64(*inner_steps),
-                        signed,
-                    ],
-                )
-                .await?;
+                let params: Vec<Param> = vec![
+                    Box::new(run_id.clone()),
+                    Box::new(signed_i64(*round)),
+                    Box::new(peer.0.to_vec()),
+                    Box::new(by.0.to_vec()),
+                    Box::new(signed_i64(*received_ms)),
+                    Box::new(signed_i64(*samples)),
+                    Box::new(signed_i64(*inner_steps)),
+                    Box::new(signed.clone()),
+                ];
+                (&entry, params)
             }
             Row::Verdict { verdict: v, signed } => {
                 let samples = signed_i64(v.samples);
@@ -604,25 +607,37 @@ async fn write_batch(client: &mut Client, batch: &[(PeerKey, Row)]) -> anyhow::R
                     Outcome::Failed { .. } => ((0, 0), (1, samples)),
                     Outcome::Inconclusive { .. } => ((0, 0), (0, 0)),
                 };
-                tx.execute(
-                    &verdict,
-                    &[
-                        &v.run_id,
-                        &signed_i64(v.round),
-                        &v.peer.0.as_slice(),
-                        &v.outcome.label(),
-                        &samples,
-                        signed,
-                        &verified.0,
-                        &verified.1,
-                        &failed.0,
-                        &failed.1,
-                    ],
-                )
-                .await?;
+                let params: Vec<Param> = vec![
+                    Box::new(v.run_id.clone()),
+                    Box::new(signed_i64(v.round)),
+                    Box::new(v.peer.0.to_vec()),
+                    Box::new(v.outcome.label()),
+                    Box::new(samples),
+                    Box::new(signed.clone()),
+                    Box::new(verified.0),
+                    Box::new(verified.1),
+                    Box::new(failed.0),
+                    Box::new(failed.1),
+                ];
+                (&verdict, params)
             }
-        }
-    }
+        })
+        .collect();
+    let refs: Vec<Vec<&(dyn ToSql + Sync)>> = rows
+        .iter()
+        .map(|(_, params)| {
+            params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect()
+        })
+        .collect();
+    futures::future::try_join_all(
+        rows.iter()
+            .zip(&refs)
+            .map(|((statement, _), params)| tx.execute(*statement, params)),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }

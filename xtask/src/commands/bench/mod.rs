@@ -58,6 +58,11 @@ pub(crate) const BENCHES: &[Bench] = &[
         run: |_| bench_flood(),
     },
     Bench {
+        name: "ledger",
+        about: "the federation's shared ledger (PostgreSQL) against a relay's own (redb): writes and credit reads for 10,000 peers; writes docs/benchmarks/ledger.md",
+        run: |_| bench_ledger(),
+    },
+    Bench {
         name: "verify",
         about: "the relay's checks: the loss check over seeded runs, what a check and a replay cost, a 100-round run catching a sometime cheat; writes docs/benchmarks/verify.md",
         run: |_| bench_verify(),
@@ -131,6 +136,20 @@ pub(crate) fn bench_flood() -> Result {
         cargo()
             .args(["bench", "-p", "swarmtrain-tests", "--bench", "flood"])
             .env("SWARMTRAIN_FLOOD_REPORT", &report)
+            .env("RUST_LOG", "error"),
+    )
+}
+
+/// The shared ledger in PostgreSQL against the data directory's, on the same signed entries
+/// (`tests/benches/ledger.rs`), written to docs/benchmarks/ledger.md.
+pub(crate) fn bench_ledger() -> Result {
+    let postgres = setup_postgres()?;
+    let report = root().join("docs/benchmarks/ledger.md");
+    status(
+        cargo()
+            .args(["bench", "-p", "swarmtrain-tests", "--bench", "ledger"])
+            .env("SWARMTRAIN_LEDGER_REPORT", &report)
+            .env("SWARMTRAIN_POSTGRES_BIN", postgres)
             .env("RUST_LOG", "error"),
     )
 }
