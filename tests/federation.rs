@@ -908,6 +908,56 @@ async fn a_federation_shares_one_postgres_ledger_that_loses_no_row_to_its_faults
             peer.short()
         );
     }
+
+    // The operator's audit: every row holds up; a credit raised and an entry replaced by
+    // another peer's, as a relay with write access could, do not.
+    let audit = || {
+        std::process::Command::new(swarmtrain_tests::relay_binary())
+            .args(["audit-ledger", "--ledger-url", &pg.url])
+            .output()
+            .expect("run audit-ledger")
+    };
+    let clean = audit();
+    let said = String::from_utf8_lossy(&clean.stdout).into_owned();
+    assert!(clean.status.success(), "{said}");
+    assert!(said.contains("run digits: 10 entries"), "{said}");
+    assert_eq!(
+        said.matches("entries written by relay").count(),
+        3,
+        "{said}"
+    );
+    assert!(said.contains("every row holds up"), "{said}");
+    client
+        .execute(
+            "UPDATE swarmtrain_credits SET samples = samples + 1000 WHERE peer = $1",
+            &[&key(2).0.as_slice()],
+        )
+        .await
+        .expect("raise a credit");
+    client
+        .execute(
+            "UPDATE swarmtrain_entries SET signed = (SELECT signed FROM swarmtrain_entries \
+             WHERE peer = $1 AND round = 0) WHERE peer = $2 AND round = 1",
+            &[&key(1).0.as_slice(), &key(2).0.as_slice()],
+        )
+        .await
+        .expect("replace an entry");
+    let tampered = audit();
+    let said = String::from_utf8_lossy(&tampered.stdout).into_owned();
+    assert_eq!(tampered.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("PROBLEM credit of peer {}", hex(2))),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "PROBLEM entry of round 1, peer {}: it is signed by {}, not by its peer",
+            hex(2),
+            hex(1)
+        )),
+        "{said}"
+    );
+    assert!(said.contains("2 rows do not hold up"), "{said}");
 }
 
 /// The shared ledger's database on TLS only: a relay that does not trust the server's

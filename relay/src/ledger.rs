@@ -27,6 +27,7 @@
 //! connection string demands it (`sslmode=require`); every query binds its values as
 //! parameters.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -495,6 +496,193 @@ impl SharedLedger {
         }
         Ok(queued)
     }
+}
+
+/// What [`audit`] found of one run in the shared ledger.
+#[derive(Debug, Default)]
+pub struct RunAudit {
+    pub entries: u64,
+    pub verdicts: u64,
+    /// Peers with a credit row.
+    pub peers: u64,
+    /// The relays that wrote its entries, and how many each.
+    pub recorded_by: BTreeMap<PeerKey, u64>,
+    /// The keys that signed its verdicts (a federation's root), and how many each.
+    pub verdict_signers: BTreeMap<PeerKey, u64>,
+    /// Every row that does not hold up, in words.
+    pub problems: Vec<String>,
+}
+
+/// Checks everything the shared ledger at `url` holds (or `run`'s only): each entry's signature
+/// is its peer's over an update of that run and round; each verdict's signature is good and
+/// it names its row; each credit row is what its peer's entries and verdicts add up to. What a
+/// relay with write access to the database could change without a peer's key shows here.
+pub async fn audit(
+    url: &str,
+    tls: MakeRustlsConnect,
+    run: Option<&str>,
+) -> anyhow::Result<BTreeMap<String, RunAudit>> {
+    let config: tokio_postgres::Config =
+        url.parse().context("not a PostgreSQL connection string")?;
+    let client = connect(&config, &tls).await?;
+    let runs: Vec<String> = match run {
+        Some(run) => vec![run.to_owned()],
+        None => client
+            .query(
+                "SELECT run_id FROM swarmtrain_entries UNION SELECT run_id FROM swarmtrain_credits \
+                 ORDER BY 1",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect(),
+    };
+    let mut out = BTreeMap::new();
+    for run in runs {
+        out.insert(run.clone(), audit_run(&client, &run).await?);
+    }
+    Ok(out)
+}
+
+async fn audit_run(client: &Client, run: &str) -> anyhow::Result<RunAudit> {
+    let mut audit = RunAudit::default();
+    let mut sums: BTreeMap<PeerKey, Credit> = BTreeMap::new();
+    let key = |bytes: &[u8]| <[u8; 32]>::try_from(bytes).ok().map(PeerKey);
+    for row in client
+        .query(
+            "SELECT round, peer, recorded_by, samples, inner_steps, signed \
+             FROM swarmtrain_entries WHERE run_id = $1 ORDER BY round, peer",
+            &[&run],
+        )
+        .await?
+    {
+        audit.entries += 1;
+        let round = unsigned(row.get(0));
+        let (Some(peer), Some(by)) = (key(row.get(1)), key(row.get(2))) else {
+            audit
+                .problems
+                .push(format!("round {round}: an entry with a malformed key"));
+            continue;
+        };
+        *audit.recorded_by.entry(by).or_default() += 1;
+        let (samples, inner_steps) = (unsigned(row.get(3)), unsigned(row.get(4)));
+        let what = format!("round {round}, peer {}", peer.to_hex());
+        let signed: Result<Signed<swarmtrain_shared::protocol::Envelope>, _> =
+            postcard::from_bytes(row.get(5));
+        let checked = match signed {
+            Err(e) => Err(format!("its signed update does not decode ({e})")),
+            Ok(signed) => match signed.verify_and_decode() {
+                Err(e) => Err(format!("its signature does not verify ({e})")),
+                Ok((signer, _)) if signer != peer => Err(format!(
+                    "it is signed by {}, not by its peer",
+                    signer.to_hex()
+                )),
+                Ok((_, envelope)) => match envelope.message {
+                    swarmtrain_shared::protocol::ClientToRelay::Update(update)
+                        if update.run_id == run
+                            && update.round == round
+                            && u64::from(update.inner_steps) == inner_steps =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err("it is not the peer's update of this run and round".to_owned()),
+                },
+            },
+        };
+        if let Err(why) = checked {
+            audit.problems.push(format!("entry of {what}: {why}"));
+        }
+        let credit = sums.entry(peer).or_default();
+        if credit.accepted_updates == 0 {
+            credit.first_round = round;
+        }
+        credit.accepted_updates += 1;
+        credit.samples += samples;
+        credit.inner_steps += inner_steps;
+        credit.first_round = credit.first_round.min(round);
+        credit.last_round = credit.last_round.max(round);
+    }
+    for row in client
+        .query(
+            "SELECT round, peer, outcome, samples, signed FROM swarmtrain_verdicts \
+             WHERE run_id = $1 ORDER BY round, peer",
+            &[&run],
+        )
+        .await?
+    {
+        audit.verdicts += 1;
+        let round = unsigned(row.get(0));
+        let Some(peer) = key(row.get(1)) else {
+            audit
+                .problems
+                .push(format!("round {round}: a verdict with a malformed key"));
+            continue;
+        };
+        let (outcome, samples): (&str, u64) = (row.get(2), unsigned(row.get(3)));
+        let signed: Result<Signed<Verdict>, _> = postcard::from_bytes(row.get(4));
+        let checked = match signed {
+            Err(e) => Err(format!("it does not decode ({e})")),
+            Ok(signed) => match signed.verify_and_decode() {
+                Err(e) => Err(format!("its signature does not verify ({e})")),
+                Ok((signer, verdict)) => {
+                    *audit.verdict_signers.entry(signer).or_default() += 1;
+                    if verdict.run_id == run
+                        && verdict.round == round
+                        && verdict.peer == peer
+                        && verdict.outcome.label() == outcome
+                        && verdict.samples == samples
+                    {
+                        Ok(())
+                    } else {
+                        Err("the signed verdict is not its row's".to_owned())
+                    }
+                }
+            },
+        };
+        if let Err(why) = checked {
+            audit.problems.push(format!(
+                "verdict on round {round}, peer {}: {why}",
+                peer.to_hex()
+            ));
+        }
+        let credit = sums.entry(peer).or_default();
+        match outcome {
+            "verified" => {
+                credit.verified_updates += 1;
+                credit.verified_samples += samples;
+            }
+            "failed" => {
+                credit.failed_updates += 1;
+                credit.failed_samples += samples;
+            }
+            _ => {}
+        }
+    }
+    let query = format!("SELECT {CREDIT_COLUMNS} FROM swarmtrain_credits WHERE run_id = $1");
+    for row in client.query(&query, &[&run]).await? {
+        audit.peers += 1;
+        let (peer, credit) = credit_of(&row)?;
+        let mut expected = sums.remove(&peer).unwrap_or_default();
+        if expected.accepted_updates == 0 {
+            // A credit row made by a verdict alone keeps the verdict's round.
+            expected.first_round = credit.first_round;
+            expected.last_round = credit.last_round;
+        }
+        if credit != expected {
+            audit.problems.push(format!(
+                "credit of peer {}: the row says {credit:?}, its entries and verdicts add up to {expected:?}",
+                peer.to_hex()
+            ));
+        }
+    }
+    for peer in sums.keys() {
+        audit.problems.push(format!(
+            "peer {} has entries or verdicts but no credit row",
+            peer.to_hex()
+        ));
+    }
+    Ok(audit)
 }
 
 /// A credit row as [`CREDIT_COLUMNS`] lists it.

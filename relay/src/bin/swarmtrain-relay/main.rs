@@ -39,6 +39,10 @@ enum Command {
     Credits(CreditsArgs),
     /// Download a relay's current global parameters as a safetensors checkpoint.
     Export(Export),
+    /// Check a federation's shared ledger (--ledger-url): every entry's signature is its
+    /// peer's, every verdict's is good, every credit is what its entries and verdicts add up
+    /// to. Exits with 1 when a row does not hold up.
+    AuditLedger(AuditLedger),
     /// Simulate N peers training the language model in this process (DiLoCo or data-parallel),
     /// with the real shared code, counting every byte; prints the loss curve, writes JSON.
     Simulate(Simulate),
@@ -68,6 +72,48 @@ struct Keygen {
         default_value = "swarmtrain-data/worker.key"
     )]
     key_file: PathBuf,
+}
+
+#[derive(Parser, Debug)]
+struct AuditLedger {
+    /// The shared ledger's PostgreSQL connection string, as the relays were given it.
+    #[arg(long, env = "SWARMTRAIN_LEDGER_URL", hide_env_values = true)]
+    ledger_url: swarmtrain_relay::public::Secret,
+    /// A PEM file of CA certificates for the database's TLS, besides the system's roots.
+    #[arg(long, env = "SWARMTRAIN_LEDGER_CA")]
+    ledger_ca: Option<PathBuf>,
+    /// Only this run (default: every run in the ledger).
+    #[arg(long, env = "SWARMTRAIN_RUN")]
+    run: Option<String>,
+}
+
+async fn audit_ledger(args: AuditLedger) -> anyhow::Result<()> {
+    use swarmtrain_relay::ledger;
+    let tls = ledger::tls(args.ledger_ca.as_deref())?;
+    let runs = ledger::audit(&args.ledger_url.0, tls, args.run.as_deref()).await?;
+    let mut problems = 0;
+    for (run, audit) in &runs {
+        println!(
+            "run {run}: {} entries, {} verdicts, {} peers with credit",
+            audit.entries, audit.verdicts, audit.peers
+        );
+        for (relay, n) in &audit.recorded_by {
+            println!("  entries written by relay {}: {n}", relay.to_hex());
+        }
+        for (signer, n) in &audit.verdict_signers {
+            println!("  verdicts signed by {}: {n}", signer.to_hex());
+        }
+        for problem in &audit.problems {
+            println!("  PROBLEM {problem}");
+        }
+        problems += audit.problems.len();
+    }
+    if problems > 0 {
+        println!("{problems} rows do not hold up");
+        std::process::exit(1);
+    }
+    println!("every row holds up");
+    Ok(())
 }
 
 #[derive(Parser, Debug)]
@@ -234,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(args) => return status(args).await,
         Command::Credits(args) => return credits(args).await,
         Command::Export(args) => return export(args).await,
+        Command::AuditLedger(args) => return audit_ledger(args).await,
         Command::AttackGrid(args) => {
             return tokio::task::spawn_blocking(move || attack_grid(args)).await?;
         }
