@@ -1025,3 +1025,100 @@ async fn the_shared_ledger_reaches_its_database_over_tls_with_a_certificate_it_t
         "every connection to the database is TLS"
     );
 }
+
+/// The newest closed round in `root`'s history: (round, contributors).
+async fn last_closed(root: &RelayProcess) -> (u64, u64) {
+    let status = root.json("api/status").await;
+    let row = status["history"]
+        .as_array()
+        .and_then(|rows| rows.last())
+        .cloned()
+        .unwrap_or_default();
+    (
+        row["round"].as_u64().unwrap_or(0),
+        row["contributors"].as_u64().unwrap_or(0),
+    )
+}
+
+/// A partitioned edge (frozen with SIGSTOP: its connections open and silent) does not stall
+/// the run: the root closes the round at its deadline (adapted to the peers' speed, 5 s here,
+/// not the configured 600 s) with the other edge's update, and once the edge is back (SIGCONT)
+/// rounds close with both edges' peers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_edge_does_not_stall_the_round_past_its_deadline() {
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let root = RelayProcess::start(dirs[0].path(), free_port(), &[], &[]);
+    root.json("api/status").await;
+    let edges = [edge(dirs[1].path(), &root), edge(dirs[2].path(), &root)];
+    for edge in &edges {
+        edge.json("api/status").await;
+    }
+    let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
+    let _peers: Vec<_> = edges
+        .iter()
+        .zip([1u8, 2])
+        .map(|(edge, id)| {
+            spawn_configured(PeerConfig {
+                pin_relay: true,
+                max_rounds: Some(100),
+                pause: pause.clone(),
+                ..peer_config_at(&edge.http, id)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while root.json("api/status").await["joined_peers"] != 2 {
+        assert!(Instant::now() < deadline, "the peers did not join");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pause.set(false);
+    // Three rounds at quorum set the adaptive deadline.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while last_closed(&root).await.0 < 3 {
+        assert!(Instant::now() < deadline, "three rounds did not close");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let timeout = root.json("api/status").await["round_timeout_ms"]
+        .as_u64()
+        .expect("the round timeout");
+    assert!(timeout < 600_000, "the deadline adapted: {timeout} ms");
+
+    edges[1].signal("STOP");
+    let stopped = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (partial, waited) = loop {
+        let (round, contributors) = last_closed(&root).await;
+        if contributors == 1 {
+            break (round, stopped.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no round closed without the partitioned edge's peer (last: round {round}, {contributors} updates)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "with edge B frozen, round {partial} closed with edge A's update {:.1} s later (the round timeout was {timeout} ms)",
+        waited.as_secs_f64()
+    );
+    assert!(
+        waited < Duration::from_millis(timeout + 15_000),
+        "the root waited {waited:?} for a partitioned edge"
+    );
+
+    edges[1].signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (round, contributors) = last_closed(&root).await;
+        if round > partial && contributors == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge's peer did not come back (last: round {round}, {contributors} updates)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -505,6 +505,17 @@ impl RelayProcess {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) through `kill`: `STOP` freezes the relay as a
+    /// network partition would, its connections open and silent.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
         self.child.wait().expect("reaped");
