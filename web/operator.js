@@ -134,6 +134,15 @@ async function refresh() {
       ? federation.map((m) => `${m.role} ${m.url} (${count(m.load)} connections)`).join('\n')
       : 'a lone relay';
     const metrics = parseMetrics(metricsText);
+    // The federation's shared ledger (PostgreSQL, `--ledger-url`), when the relay writes to one:
+    // what its queue did; else the ledger is the relay's own data directory (an edge's, its root's).
+    const rows = (outcome) => metrics.find((m) => m.name === 'swarmtrain_shared_ledger_rows_total' && m.labels.outcome === outcome)?.value;
+    $('ledger').textContent = rows('written') === undefined
+      ? (federation.length ? 'the root\'s data directory (no shared ledger)' : 'this relay\'s data directory')
+      : `shared (PostgreSQL): ${count(rows('written'))} rows written, ${count(metricValue(metrics, 'swarmtrain_shared_ledger_queued'))} queued, `
+        + `${count(rows('filled_in'))} filled in by the root, ${count(rows('dropped'))} dropped, `
+        + `${count(metricValue(metrics, 'swarmtrain_shared_ledger_failed_writes_total'))} failed writes, `
+        + `${count(metricValue(metrics, 'swarmtrain_shared_ledger_failed_reads_total'))} failed reads`;
     $('connections').textContent = count(metricValue(metrics, 'swarmtrain_connections'));
     // How peers came (tcp, ws, wss, webrtc-direct) and where the relay tells them to dial.
     const transports = metrics.filter((m) => m.name === 'swarmtrain_connections_by_transport' && m.value > 0);

@@ -907,8 +907,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
              counter\nswarmtrain_shared_ledger_failed_writes_total {}\n\
              # HELP swarmtrain_shared_ledger_queued Rows waiting to be written to the shared \
              ledger.\n# TYPE swarmtrain_shared_ledger_queued gauge\n\
-             swarmtrain_shared_ledger_queued {}",
-            stats.written, stats.dropped, stats.filled_in, stats.failed_writes, stats.queued
+             swarmtrain_shared_ledger_queued {}\n\
+             # HELP swarmtrain_shared_ledger_failed_reads_total Shared ledger reads that failed (the \
+             API answers those 502).\n# TYPE swarmtrain_shared_ledger_failed_reads_total counter\n\
+             swarmtrain_shared_ledger_failed_reads_total {}",
+            stats.written,
+            stats.dropped,
+            stats.filled_in,
+            stats.failed_writes,
+            stats.queued,
+            stats.failed_reads
         );
     }
     if let Some(bytes) = resident_bytes() {

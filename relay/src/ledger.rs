@@ -171,6 +171,8 @@ pub struct LedgerStats {
     pub filled_in: u64,
     /// Rows waiting in the queue.
     pub queued: u64,
+    /// Reads (credits, the leaderboard, verdicts, a root's comparisons) that failed.
+    pub failed_reads: u64,
 }
 
 /// A relay's handle on the federation's shared ledger.
@@ -187,6 +189,7 @@ pub struct SharedLedger {
     failed_writes: AtomicU64,
     dropped: AtomicU64,
     filled_in: AtomicU64,
+    failed_reads: AtomicU64,
 }
 
 impl std::fmt::Debug for SharedLedger {
@@ -300,6 +303,7 @@ impl SharedLedger {
             failed_writes: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             filled_in: AtomicU64::new(0),
+            failed_reads: AtomicU64::new(0),
         });
         tokio::spawn(write_rows(std::sync::Arc::downgrade(&ledger), queue));
         Ok(ledger)
@@ -327,12 +331,24 @@ impl SharedLedger {
             dropped: self.dropped.load(Ordering::Relaxed),
             filled_in: self.filled_in.load(Ordering::Relaxed),
             queued: (QUEUE - self.rows.capacity()) as u64,
+            failed_reads: self.failed_reads.load(Ordering::Relaxed),
         }
     }
 
     /// Runs `read` on the reading connection, opening it again if it closed. The lock is held
     /// only to (re)connect: concurrent reads share the connection.
     async fn read<T>(
+        &self,
+        read: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    ) -> anyhow::Result<T> {
+        let done = self.try_read(read).await;
+        if done.is_err() {
+            self.failed_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        done
+    }
+
+    async fn try_read<T>(
         &self,
         read: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
     ) -> anyhow::Result<T> {

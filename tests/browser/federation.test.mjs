@@ -2,14 +2,16 @@
 // own process with relay.toml's runs), and two tabs in separate browser profiles, one on each
 // edge's page. Each tab joins its edge over WebRTC-direct, agrees session keys with the edge
 // under the root's delegation, fetches θ and its text from the edge and trains; the root closes
-// every round with one update from each edge (quorum 2), and both tabs train the same model.
-// Then a tab that is not pinned chooses the federation's least loaded relay and fails over.
+// every round with one update from each edge (quorum 2), and both tabs train the same model;
+// the relays share one ledger in a PostgreSQL server of the test's own, which each tab's credit
+// and the operator view read. Then a tab that is not pinned chooses the federation's least loaded relay and fails over.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
+import { startPostgres } from './postgres.mjs';
 import { CHROMIUM_ARGS, openTab, outDir, startRelay, status } from './support.mjs';
 
 test('two tabs on two edges of one root train one model', { timeout: 400_000 }, async () => {
@@ -18,11 +20,13 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
   const relays = [];
   let browser;
   const logs = { a: [], b: [] };
+  const postgres = await startPostgres();
   try {
-    const root = startRelay(dirs[0], '127.0.0.1:0', { quorum: 2 });
+    const ledger = ['--ledger-url', postgres.url];
+    const root = startRelay(dirs[0], '127.0.0.1:0', { quorum: 2, extra: ledger });
     relays.push(root.relay);
     const rootUrl = await root.url;
-    const edges = [1, 2].map((i) => startRelay(dirs[i], '127.0.0.1:0', { quorum: 2, extra: ['--upstream', rootUrl] }));
+    const edges = [1, 2].map((i) => startRelay(dirs[i], '127.0.0.1:0', { quorum: 2, extra: ['--upstream', rootUrl, ...ledger] }));
     relays.push(...edges.map((e) => e.relay));
     const [edgeA, edgeB] = await Promise.all(edges.map((e) => e.url));
     browser = await chromium.launch({ executablePath: '/usr/bin/chromium', headless: true, args: CHROMIUM_ARGS });
@@ -40,6 +44,10 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
         throw new Error(`${e.message}\n${name}:\n${logs[name].slice(-30).join('\n')}`);
       });
     await Promise.all([trained(a, 'a'), trained(b, 'b')]);
+    // Each tab's credit, as its edge reads it from the shared ledger.
+    for (const page of [a, b]) {
+      await page.waitForFunction(() => / in \d+ updates$/.test(document.getElementById('credit')?.textContent ?? ''), null, { timeout: 60_000 });
+    }
     await a.screenshot({ path: join(outDir, 'federation-a.png'), fullPage: true });
     await b.screenshot({ path: join(outDir, 'federation-b.png'), fullPage: true });
     // The root closed the rounds (the last just after the tabs' updates were accepted), each
@@ -77,6 +85,10 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     await operator.waitForFunction(() => (document.getElementById('federation')?.textContent ?? '').split('\n').length === 3, null, { timeout: 30_000 });
     const shown = await operator.textContent('#federation');
     for (const url of [rootUrl, edgeA, edgeB]) assert.ok(shown.includes(url), `the operator view lists ${url}: ${shown}`);
+    // Its ledger is the shared one, and its credits table (read from it) lists both tabs.
+    await operator.waitForFunction(() => [...document.querySelectorAll('.credits tbody')].some((t) => t.rows.length === 2), null, { timeout: 30_000 });
+    const ledgerShown = await operator.textContent('#ledger');
+    assert.match(ledgerShown, /^shared \(PostgreSQL\): [\d,]+ rows written, 0 queued, /, ledgerShown);
     await operator.screenshot({ path: join(outDir, 'federation-operator.png'), fullPage: true });
     await operator.close();
     // Both edges follow the root: same round and θ.
@@ -115,6 +127,7 @@ test('two tabs on two edges of one root train one model', { timeout: 400_000 }, 
     if (browser) await browser.close();
     for (const relay of relays) if (relay.exitCode === null && relay.signalCode === null) relay.kill('SIGKILL');
     for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+    postgres.stop();
   }
 });
 

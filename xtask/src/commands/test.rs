@@ -29,7 +29,7 @@ pub(crate) fn test(args: &[String]) -> Result {
             .args(NATIVE)
             .args(&filter)
             .env("SWARMTRAIN_PYTHON", python)
-            .env("SWARMTRAIN_POSTGRES_BIN", postgres),
+            .env("SWARMTRAIN_POSTGRES_BIN", &postgres),
     )?;
 
     // 1b. Every command line README.md and docs/ show parses with the binaries' own clap.
@@ -77,6 +77,7 @@ pub(crate) fn test(args: &[String]) -> Result {
             .current_dir(root().join("tests/browser"))
             .env("SWARMTRAIN_RELAY_BIN", relay)
             .env("SWARMTRAIN_WGPU_PEER_BIN", wgpu_peer)
+            .env("SWARMTRAIN_POSTGRES_BIN", &postgres)
             .env("SWARMTRAIN_ROOT", root()),
     )
 }
