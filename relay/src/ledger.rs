@@ -181,7 +181,7 @@ pub struct SharedLedger {
     tls: MakeRustlsConnect,
     /// The key of this relay: what it writes is recorded under it.
     relay: PeerKey,
-    rows: mpsc::Sender<(PeerKey, Row)>,
+    rows: mpsc::Sender<Row>,
     /// The connection reads share (tokio-postgres pipelines the queries of concurrent
     /// requests on it); opened again when it closes.
     reader: Mutex<Reader>,
@@ -311,7 +311,7 @@ impl SharedLedger {
 
     /// Queues `row`, written under this relay's key; a full queue drops it (counted and logged).
     pub fn record(&self, row: Row) {
-        if self.rows.try_send((self.relay, row)).is_err() {
+        if self.rows.try_send(row).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 tracing::warn!(
@@ -728,10 +728,7 @@ fn credit_of(row: &tokio_postgres::Row) -> anyhow::Result<(PeerKey, Credit)> {
 
 /// Writes queued rows in batches until the ledger is dropped; a batch that fails is tried
 /// again (on a new connection) after a pause that doubles up to [`MAX_BACKOFF`].
-async fn write_rows(
-    ledger: std::sync::Weak<SharedLedger>,
-    mut queue: mpsc::Receiver<(PeerKey, Row)>,
-) {
+async fn write_rows(ledger: std::sync::Weak<SharedLedger>, mut queue: mpsc::Receiver<Row>) {
     let mut client: Option<Client> = None;
     let mut batch = Vec::with_capacity(BATCH);
     while queue.recv_many(&mut batch, BATCH).await > 0 {
@@ -744,7 +741,12 @@ async fn write_rows(
                 if client.as_ref().is_none_or(Client::is_closed) {
                     client = Some(connect(&this.config, &this.tls).await?);
                 }
-                write_batch(client.as_mut().expect("connected above"), &batch).await
+                write_batch(
+                    client.as_mut().expect("connected above"),
+                    &this.relay,
+                    &batch,
+                )
+                .await
             }
             .await;
             match written {
@@ -772,9 +774,9 @@ async fn write_rows(
     }
 }
 
-/// One transaction for `batch`, its statements pipelined (sent without waiting for each
+/// One transaction for `batch`, written under the key `by`, its statements pipelined (sent without waiting for each
 /// answer; the server runs them in order).
-async fn write_batch(client: &mut Client, batch: &[(PeerKey, Row)]) -> anyhow::Result<()> {
+async fn write_batch(client: &mut Client, by: &PeerKey, batch: &[Row]) -> anyhow::Result<()> {
     use tokio_postgres::types::ToSql;
     type Param = Box<dyn ToSql + Sync + Send>;
     let tx = client.transaction().await?;
@@ -782,7 +784,7 @@ async fn write_batch(client: &mut Client, batch: &[(PeerKey, Row)]) -> anyhow::R
     let verdict = tx.prepare(INSERT_VERDICT).await?;
     let rows: Vec<(&tokio_postgres::Statement, Vec<Param>)> = batch
         .iter()
-        .map(|(by, row)| match row {
+        .map(|row| match row {
             Row::Entry {
                 run_id,
                 round,
