@@ -41,8 +41,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{Credit, LedgerEntry};
 
-/// Rows waiting to be written at most; beyond it a row is dropped (counted, logged), and a root
-/// with a data directory fills it in a round later.
+/// Rows waiting to be written at most (an entry holds its peer's signed envelope, about 5.4 KB:
+/// some 90 MB while the database is away); beyond it a row is dropped (counted, logged), and a
+/// root with a data directory fills it in a round later.
 pub const QUEUE: usize = 16_384;
 /// Rows one transaction writes at most.
 const BATCH: usize = 512;
