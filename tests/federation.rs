@@ -1122,3 +1122,77 @@ async fn a_partitioned_edge_does_not_stall_the_round_past_its_deadline() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The example configs (`deploy/federation/root.toml` and `edge.toml`) start a federation: the
+/// files parse, and with the test's database and addresses given on the command line (which
+/// win over the file) a peer on each relay trains a round, the root lists the edge at the URL its
+/// file gives, and both serve the shared leaderboard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_starts_from_the_example_configs() {
+    let Some(pg) = swarmtrain_tests::Postgres::start() else {
+        return;
+    };
+    let config = |name: &str| {
+        swarmtrain_tests::package_path(&format!("../deploy/federation/{name}"))
+            .to_str()
+            .expect("a UTF-8 path")
+            .to_owned()
+    };
+    let (root_toml, edge_toml) = (config("root.toml"), config("edge.toml"));
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let root = RelayProcess::start(
+        dirs[0].path(),
+        free_port(),
+        &["--config", &root_toml, "--ledger-url", &pg.url],
+        &[],
+    );
+    root.json("api/status").await;
+    let edge = RelayProcess::start(
+        dirs[1].path(),
+        free_port(),
+        &[
+            "--config",
+            &edge_toml,
+            "--upstream",
+            &root.http,
+            "--ledger-url",
+            &pg.url,
+        ],
+        &[],
+    );
+    edge.json("api/status").await;
+    // The edge reports the URL its file gives.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !listed(&root)
+        .await
+        .contains(&"edge https://edge1.example.org/".to_owned())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the root lists {:?}",
+            listed(&root).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    train_pinned(&root, &[(&root, 1, 1), (&edge, 2, 1)], 2).await;
+    let key = |id: u8| {
+        swarmtrain_shared::Identity::from_seed([id; 32])
+            .peer()
+            .to_hex()
+    };
+    let mut expected = vec![(key(1), 1), (key(2), 1)];
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for relay in [&root, &edge] {
+        loop {
+            let (counts, body) = board(relay).await;
+            if counts == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} serves {body}", relay.http);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
