@@ -134,6 +134,23 @@ fn edge(dir: &std::path::Path, root: &RelayProcess) -> RelayProcess {
     RelayProcess::start(dir, free_port(), &["--upstream", &root.http], &[])
 }
 
+/// A root and two edges on `dirs`, each given `extra` too, once all three answer.
+async fn root_and_two_edges(
+    dirs: &[tempfile::TempDir],
+    extra: &[&str],
+) -> (RelayProcess, [RelayProcess; 2]) {
+    let root = RelayProcess::start(dirs[0].path(), free_port(), extra, &[]);
+    root.json("api/status").await;
+    let edges = [1, 2].map(|i| {
+        let args = [&["--upstream", root.http.as_str()][..], extra].concat();
+        RelayProcess::start(dirs[i].path(), free_port(), &args, &[])
+    });
+    for edge in &edges {
+        edge.json("api/status").await;
+    }
+    (root, edges)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_and_two_edges_train_one_run_as_one_relay_and_survive_their_faults() {
     let dirs: Vec<_> = (0..4)
@@ -276,44 +293,11 @@ async fn native_peers_on_two_edges_train_rounds_together() {
     let dirs: Vec<_> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
-    let root = RelayProcess::start(dirs[0].path(), free_port(), &[], &[]);
-    root.json("api/status").await;
-    let edges = [edge(dirs[1].path(), &root), edge(dirs[2].path(), &root)];
-    for edge in &edges {
-        edge.json("api/status").await;
-    }
+    let (root, edges) = root_and_two_edges(&dirs, &[]).await;
     // Both join before either trains: the root's quorum counts the peers it has heard of.
-    let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
-    let rounds = 2;
     // Pinned: each stays on its edge rather than choosing the federation's least loaded relay.
-    let peers: Vec<_> = edges
-        .iter()
-        .zip([1u8, 2])
-        .map(|(edge, id)| {
-            spawn_configured(PeerConfig {
-                pin_relay: true,
-                max_rounds: Some(rounds),
-                pause: pause.clone(),
-                ..peer_config_at(&edge.http, id)
-            })
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while root.json("api/status").await["joined_peers"] != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the peers did not join through their edges"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    pause.set(false);
-    for peer in peers {
-        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
-            .await
-            .expect("the peers finish in time");
-        assert_eq!(trained, rounds);
-        assert_eq!(accepted_updates(&events), rounds as usize, "{events:?}");
-    }
+    let rounds = 2;
+    train_pinned(&root, &[(&edges[0], 1, rounds), (&edges[1], 2, rounds)], 2).await;
     for round in 1..=rounds {
         assert_eq!(contributors(&root, round).await, 2, "round {round}");
     }
@@ -687,6 +671,26 @@ async fn a_malicious_edge_cannot_forge_alter_or_replay_its_peers_updates() {
 /// `joined` identities since it started) before any of them trains; returns once each has
 /// trained its rounds, with each one's accepted updates.
 async fn train_pinned(root: &RelayProcess, peers: &[(&RelayProcess, u8, u64)], joined: u64) {
+    let running = start_pinned(root, peers, joined).await;
+    for (peer, (_, id, rounds)) in running.into_iter().zip(peers) {
+        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
+            .await
+            .expect("the peers finish in time");
+        assert_eq!(trained, *rounds, "peer {id}");
+        assert_eq!(
+            accepted_updates(&events),
+            *rounds as usize,
+            "peer {id}: {events:?}"
+        );
+    }
+}
+
+/// [`train_pinned`]'s peers, returned training once the root counts `joined` identities.
+async fn start_pinned(
+    root: &RelayProcess,
+    peers: &[(&RelayProcess, u8, u64)],
+    joined: u64,
+) -> Vec<swarmtrain_tests::TestPeer> {
     let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
     let running: Vec<_> = peers
         .iter()
@@ -705,17 +709,7 @@ async fn train_pinned(root: &RelayProcess, peers: &[(&RelayProcess, u8, u64)], j
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pause.set(false);
-    for (peer, (_, id, rounds)) in running.into_iter().zip(peers) {
-        let (trained, events) = tokio::time::timeout(Duration::from_secs(300), peer.finish())
-            .await
-            .expect("the peers finish in time");
-        assert_eq!(trained, *rounds, "peer {id}");
-        assert_eq!(
-            accepted_updates(&events),
-            *rounds as usize,
-            "peer {id}: {events:?}"
-        );
-    }
+    running
 }
 
 /// The leaderboard `relay` serves: accepted updates by peer key (hex), and the rows as served.
@@ -750,21 +744,7 @@ async fn a_federation_shares_one_postgres_ledger_that_loses_no_row_to_its_faults
     let dirs: Vec<_> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
-    let root = RelayProcess::start(dirs[0].path(), free_port(), &["--ledger-url", &pg.url], &[]);
-    root.json("api/status").await;
-    let with_ledger = |dir: &std::path::Path| {
-        RelayProcess::start(
-            dir,
-            free_port(),
-            &["--upstream", &root.http, "--ledger-url", &pg.url],
-            &[],
-        )
-    };
-    let edge_a = with_ledger(dirs[1].path());
-    let edge_b = with_ledger(dirs[2].path());
-    for relay in [&edge_a, &edge_b] {
-        relay.json("api/status").await;
-    }
+    let (root, [edge_a, edge_b]) = root_and_two_edges(&dirs, &["--ledger-url", &pg.url]).await;
     let key = |id: u8| swarmtrain_shared::Identity::from_seed([id; 32]).peer();
     let hex = |id: u8| key(id).to_hex();
 
@@ -1049,31 +1029,8 @@ async fn a_partitioned_edge_does_not_stall_the_round_past_its_deadline() {
     let dirs: Vec<_> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
-    let root = RelayProcess::start(dirs[0].path(), free_port(), &[], &[]);
-    root.json("api/status").await;
-    let edges = [edge(dirs[1].path(), &root), edge(dirs[2].path(), &root)];
-    for edge in &edges {
-        edge.json("api/status").await;
-    }
-    let pause = std::sync::Arc::new(swarmtrain_client::Flag::new(true));
-    let _peers: Vec<_> = edges
-        .iter()
-        .zip([1u8, 2])
-        .map(|(edge, id)| {
-            spawn_configured(PeerConfig {
-                pin_relay: true,
-                max_rounds: Some(100),
-                pause: pause.clone(),
-                ..peer_config_at(&edge.http, id)
-            })
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while root.json("api/status").await["joined_peers"] != 2 {
-        assert!(Instant::now() < deadline, "the peers did not join");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    pause.set(false);
+    let (root, edges) = root_and_two_edges(&dirs, &[]).await;
+    let _peers = start_pinned(&root, &[(&edges[0], 1, 100), (&edges[1], 2, 100)], 2).await;
     // Three rounds at quorum set the adaptive deadline.
     let deadline = Instant::now() + Duration::from_secs(120);
     while last_closed(&root).await.0 < 3 {

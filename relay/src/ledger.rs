@@ -448,7 +448,7 @@ impl SharedLedger {
     }
 
     /// How many entries and verdicts of `run_id`'s `round` the database holds.
-    async fn counts(&self, run_id: &str, round: u64) -> anyhow::Result<(u64, u64)> {
+    pub async fn counts(&self, run_id: &str, round: u64) -> anyhow::Result<(u64, u64)> {
         let round = signed_i64(round);
         self.read(async |c| {
             let row = c
@@ -463,40 +463,35 @@ impl SharedLedger {
         .await
     }
 
-    /// On a root with a data directory: queues whichever of `round`'s entries and verdicts (the
-    /// root's complete record of them, read from its data directory) the database lacks,
-    /// written under the root's key; returns how many rows it queued. Counts decide: a round
-    /// whose counts match costs one query.
-    pub async fn fill_in(
+    /// On a root with a data directory: queues `round`'s `entries` and `verdicts` as its data
+    /// directory holds them (the kinds of which [`Self::counts`] found the database short),
+    /// written under the root's key; a row already there stays as it is. Returns how many rows
+    /// it queued.
+    pub fn fill_in(
         &self,
         spec: &RunSpec,
         round: u64,
         entries: Vec<(PeerKey, LedgerEntry)>,
         verdicts: Vec<Signed<Verdict>>,
     ) -> anyhow::Result<usize> {
-        let (have_entries, have_verdicts) = self.counts(&spec.run_id, round).await?;
-        let mut rows = Vec::new();
-        if entries.len() as u64 > have_entries {
-            for (peer, entry) in entries {
-                let update = crate::store::signed_update(&entry)?;
-                rows.push(Row::Entry {
-                    run_id: spec.run_id.clone(),
-                    round,
-                    peer,
-                    received_ms: entry.received_ms,
-                    samples: spec.samples_of(update.inner_steps),
-                    inner_steps: u64::from(update.inner_steps),
-                    signed: postcard::to_allocvec(&entry.signed)?,
-                });
-            }
+        let mut rows = Vec::with_capacity(entries.len() + verdicts.len());
+        for (peer, entry) in entries {
+            let update = crate::store::signed_update(&entry)?;
+            rows.push(Row::Entry {
+                run_id: spec.run_id.clone(),
+                round,
+                peer,
+                received_ms: entry.received_ms,
+                samples: spec.samples_of(update.inner_steps),
+                inner_steps: u64::from(update.inner_steps),
+                signed: postcard::to_allocvec(&entry.signed)?,
+            });
         }
-        if verdicts.len() as u64 > have_verdicts {
-            for signed in verdicts {
-                rows.push(Row::Verdict {
-                    verdict: postcard::from_bytes(&signed.body).context("a verdict is corrupt")?,
-                    signed: postcard::to_allocvec(&signed)?,
-                });
-            }
+        for signed in verdicts {
+            rows.push(Row::Verdict {
+                verdict: postcard::from_bytes(&signed.body).context("a verdict is corrupt")?,
+                signed: postcard::to_allocvec(&signed)?,
+            });
         }
         let queued = rows.len();
         if queued > 0 {

@@ -665,14 +665,48 @@ impl Store {
 
     /// Every verdict on `run_id`'s `round`, in peer order (signed by the relay).
     pub fn round_verdicts(&self, run_id: &str, round: u64) -> anyhow::Result<Vec<Signed<Verdict>>> {
+        Ok(self
+            .round_rows(VERDICTS, run_id, round, "a verdict row")?
+            .into_iter()
+            .map(|(_, verdict)| verdict)
+            .collect())
+    }
+
+    /// How many ledger entries and verdicts `run_id`'s `round` has (nothing decoded).
+    pub fn round_counts(&self, run_id: &str, round: u64) -> anyhow::Result<(usize, usize)> {
         let tx = self.db.begin_read()?;
-        let table = tx.open_table(VERDICTS)?;
+        let low: (&str, u64, &[u8]) = (run_id, round, &[]);
+        let high: (&str, u64, &[u8]) = (run_id, round, &[0xff; 33]);
+        let entries = tx.open_table(LEDGER)?.range(low..high)?.count();
+        let verdicts = tx.open_table(VERDICTS)?.range(low..high)?.count();
+        Ok((entries, verdicts))
+    }
+
+    /// The rows of a (run, round, peer)-keyed `table` for `run_id`'s `round`, in peer order,
+    /// decoded (`what` names them in errors).
+    fn round_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<(&str, u64, &[u8]), &[u8]>,
+        run_id: &str,
+        round: u64,
+        what: &str,
+    ) -> anyhow::Result<Vec<(PeerKey, T)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(table)?;
         let low: (&str, u64, &[u8]) = (run_id, round, &[]);
         let high: (&str, u64, &[u8]) = (run_id, round, &[0xff; 33]);
         let mut out = Vec::new();
         for item in table.range(low..high)? {
-            let (_, value) = item?;
-            out.push(postcard::from_bytes(value.value()).context("a verdict row is corrupt")?);
+            let (key, value) = item?;
+            let (_, _, peer) = key.value();
+            let peer: [u8; 32] = peer
+                .try_into()
+                .with_context(|| format!("{what} has a bad peer key"))?;
+            out.push((
+                PeerKey(peer),
+                postcard::from_bytes(value.value())
+                    .with_context(|| format!("{what} is corrupt"))?,
+            ));
         }
         Ok(out)
     }
@@ -695,21 +729,7 @@ impl Store {
 
     /// The ledger's updates for `round`, in peer order.
     pub fn updates(&self, run_id: &str, round: u64) -> anyhow::Result<Vec<(PeerKey, LedgerEntry)>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(LEDGER)?;
-        let low: (&str, u64, &[u8]) = (run_id, round, &[]);
-        let high: (&str, u64, &[u8]) = (run_id, round, &[0xff; 33]);
-        let mut out = Vec::new();
-        for item in table.range(low..high)? {
-            let (key, value) = item?;
-            let (_, _, peer) = key.value();
-            let peer: [u8; 32] = peer.try_into().context("a ledger key has a bad peer key")?;
-            out.push((
-                PeerKey(peer),
-                postcard::from_bytes(value.value()).context("a ledger entry is corrupt")?,
-            ));
-        }
-        Ok(out)
+        self.round_rows(LEDGER, run_id, round, "a ledger entry")
     }
 
     /// Writes the checkpoint of `round` (θ and the outer momentum, the tensor

@@ -538,23 +538,7 @@ impl Coordinator {
                 }
                 let mut failed = false;
                 for round in rounds {
-                    let read = {
-                        let (store, run) = (store.clone(), spec.run_id.clone());
-                        tokio::task::spawn_blocking(move || {
-                            anyhow::Ok((
-                                store.updates(&run, round)?,
-                                store.round_verdicts(&run, round)?,
-                            ))
-                        })
-                        .await
-                    };
-                    let filled = match read {
-                        Ok(Ok((entries, verdicts))) => {
-                            ledger.fill_in(&spec, round, entries, verdicts).await
-                        }
-                        Ok(Err(e)) => Err(e),
-                        Err(e) => Err(e.into()),
-                    };
+                    let filled = fill_in_round(&ledger, &store, &spec, round).await;
                     if let Err(e) = filled {
                         tracing::warn!(
                             error = %e,
@@ -1627,6 +1611,35 @@ fn record(closed: &RoundClosed, eval: Evaluation, now: u64, aggregation_ms: f64)
         closed_at_ms: now,
         aggregation_ms,
     }
+}
+
+/// Compares `round` in the shared ledger with the data directory by counts (one query, one
+/// read transaction) and only where the database holds fewer rows of a kind reads that kind's
+/// rows and queues them ([`crate::ledger::SharedLedger::fill_in`]).
+async fn fill_in_round(
+    ledger: &crate::ledger::SharedLedger,
+    store: &Arc<Store>,
+    spec: &RunSpec,
+    round: u64,
+) -> anyhow::Result<usize> {
+    let (have_entries, have_verdicts) = ledger.counts(&spec.run_id, round).await?;
+    let (store, run) = (store.clone(), spec.run_id.clone());
+    let (entries, verdicts) = tokio::task::spawn_blocking(move || {
+        let (own_entries, own_verdicts) = store.round_counts(&run, round)?;
+        let entries = if own_entries as u64 > have_entries {
+            store.updates(&run, round)?
+        } else {
+            Vec::new()
+        };
+        let verdicts = if own_verdicts as u64 > have_verdicts {
+            store.round_verdicts(&run, round)?
+        } else {
+            Vec::new()
+        };
+        anyhow::Ok((entries, verdicts))
+    })
+    .await??;
+    ledger.fill_in(spec, round, entries, verdicts)
 }
 
 /// Writes the open round's checkpoint, described by `spec` (the run spec and seed), then points
