@@ -21,22 +21,19 @@ pub enum AggregateError {
 
 pub use crate::robust::{Contribution, in_peer_order};
 
-/// The coordinate-wise mean, summed in peer order (bitwise independent of arrival order).
-/// Returns `None` for no contributions or mismatched lengths.
+/// The coordinate-wise mean, summed exactly ([`crate::exact::ExactSum`]): bitwise independent
+/// of the contributions' order and of how they were grouped into partial sums. Returns `None`
+/// for no contributions, mismatched lengths, non-finite values or more than
+/// [`crate::exact::MAX_TERMS`].
 pub fn mean(contributions: &[Contribution]) -> Option<Vec<f32>> {
-    let (sorted, n) = in_peer_order(contributions)?;
-    let mut sum = vec![0.0f32; n];
-    for c in &sorted {
-        for (s, d) in sum.iter_mut().zip(&c.delta) {
-            *s += d;
-        }
+    let mut sum = crate::exact::ExactSum::new(contributions.first()?.delta.len());
+    for c in contributions {
+        sum.add(&c.delta).ok()?;
     }
-    let scale = 1.0 / sorted.len() as f32;
-    sum.iter_mut().for_each(|s| *s *= scale);
-    Some(sum)
+    sum.mean()
 }
 
-/// The mean of the contributions (in peer order) followed by the outer Nesterov step, computed
+/// The (exact) mean of the contributions followed by the outer Nesterov step, computed
 /// on any Burn backend (ndarray, wgpu, cuda). Returns θ_{t+1} and the new momentum; reads back
 /// asynchronously, so it is safe in browsers too.
 pub async fn outer_step_on<B: Backend>(
@@ -165,7 +162,11 @@ pub async fn outer_step_with<B: Backend>(
         None => None,
     };
     let aggregate = robust::aggregate_tensor(rule, deltas, center)
-        .map_err(|e| AggregateError::Rule(e.to_string()))?; // [n]
+        .await
+        .map_err(|e| match e {
+            RobustError::Readback(e) => AggregateError::Readback(e),
+            other => AggregateError::Rule(other.to_string()),
+        })?; // [n]
     let theta = Tensor::<B, 1>::from_data(TensorData::new(params.to_vec(), [n]), device);
     let v = Tensor::<B, 1>::from_data(TensorData::new(velocity.to_vec(), [n]), device);
     let v = v.mul_scalar(spec.momentum).add(aggregate.clone());
@@ -216,6 +217,77 @@ mod tests {
         assert!((m[0] - 1.0).abs() < 1e-6 && (m[1] - 1.0 / 3.0).abs() < 1e-6);
         assert_eq!(mean(&[]), None);
         assert_eq!(mean(&[c(1, vec![1.0]), c(2, vec![1.0, 2.0])]), None);
+    }
+
+    /// What an edge relay's partial sum would give: the round's updates split between relays,
+    /// each summed exactly, merged at the root in any order, then the outer step: θ bitwise the
+    /// lone relay's (`step_cpu` over all of them), and the same on a Burn backend.
+    #[test]
+    fn partial_sums_merged_in_any_order_step_to_the_lone_relays_theta() {
+        let n = 3000;
+        let contributions: Vec<Contribution> = (0..11u8)
+            .map(|p| {
+                c(
+                    p,
+                    (0..n)
+                        .map(|i| {
+                            ((i as f32 * 0.37 + f32::from(p)).sin()) * 10f32.powi(-(i as i32 % 9))
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let params: Vec<f32> = (0..n).map(|i| (i as f32 * 0.1).cos()).collect();
+        let velocity: Vec<f32> = (0..n).map(|i| (i as f32).sin() * 1e-3).collect();
+        let spec = OuterSpec::default();
+        let inputs = RoundInputs {
+            params: &params,
+            velocity: &velocity,
+            contributions: &contributions,
+            rule: &Rule::Mean,
+            center: None,
+            outer: &spec,
+        };
+        let lone = step_cpu(&inputs).expect("lone relay");
+        let edges: [&[usize]; 3] = [&[7, 0, 3, 10], &[1, 9, 4], &[2, 8, 5, 6]];
+        let mut merged = crate::exact::ExactSum::new(n);
+        for edge in edges.iter().rev() {
+            let mut partial = crate::exact::ExactSum::new(n);
+            edge.iter()
+                .for_each(|i| partial.add(&contributions[*i].delta).expect("add"));
+            merged.merge(&partial).expect("merge");
+        }
+        let aggregate = merged.mean().expect("mean");
+        assert!(
+            aggregate
+                .iter()
+                .zip(&lone.aggregate)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let mut theta = params.clone();
+        let mut outer = OuterOptimizer {
+            spec: spec.clone(),
+            velocity: velocity.clone(),
+        };
+        outer.step(&mut theta, &aggregate).expect("shape");
+        assert!(
+            theta
+                .iter()
+                .zip(&lone.params)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let device = Default::default();
+        let tensor = futures::executor::block_on(outer_step_with::<burn::backend::NdArray>(
+            &device, &inputs,
+        ))
+        .expect("tensor path");
+        assert!(
+            tensor
+                .aggregate
+                .iter()
+                .zip(&lone.aggregate)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod compress;
 pub mod crypto;
 pub mod data;
+pub mod exact;
 pub mod leaves;
 pub mod lm;
 pub mod lm_train;

@@ -169,6 +169,10 @@ pub enum RobustError {
     NonFinite(String),
     #[error("rule needs more contributions: {0}")]
     TooFew(String),
+    #[error("{0} contributions: the exact mean sums at most {max}", max = crate::exact::MAX_TERMS)]
+    TooMany(usize),
+    #[error("could not read the exact sums back from the device: {0}")]
+    Readback(String),
     #[error(
         "bucketing is a pre-step: bucket the contributions (robust::bucket), then aggregate with the inner rule"
     )]
@@ -215,9 +219,12 @@ pub fn validated(
 
 /// `rule` on Burn tensors: `deltas` is `[peers, n]` in peer order (finite), `center` the
 /// previous aggregate for centered clipping. The same rules as [`aggregate`], on any backend
-/// (ndarray, wgpu, cuda), without reading anything back. Sums run in f32 on the device, so
-/// results agree with the CPU rules to rounding (and Krum's choice can differ on exact ties).
-pub fn aggregate_tensor<B: burn::prelude::Backend>(
+/// (ndarray, wgpu, cuda). The mean sums exactly ([`crate::exact`]): its integer limbs add up on
+/// the device and are read back once for the division, so it is bitwise the CPU's. The other
+/// rules read nothing back; their sums run in f32 on the device, so they agree with the CPU
+/// rules to rounding (bitwise for median and trimmed mean; Krum's choice can differ on exact
+/// ties).
+pub async fn aggregate_tensor<B: burn::prelude::Backend>(
     rule: &Rule,
     deltas: burn::prelude::Tensor<B, 2>,
     center: Option<burn::prelude::Tensor<B, 1>>,
@@ -230,7 +237,7 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
     let mean_of = |t: Tensor<B, 2>| t.mean_dim(0).reshape([n]);
     // Rows added one after another in order, as the CPU kernels add them, and scaled by a
     // reciprocal (a product rounds the same everywhere; WGSL's division may not): the same
-    // roundings, so mean, median and trimmed mean are bitwise equal to [`aggregate`]'s.
+    // roundings, so median and trimmed mean are bitwise equal to [`aggregate`]'s.
     let row_sum = |t: &Tensor<B, 2>, from: usize, count: usize| {
         (from + 1..from + count).fold(t.clone().narrow(0, from, 1), |acc, r| {
             acc + t.clone().narrow(0, r, 1)
@@ -239,9 +246,31 @@ pub fn aggregate_tensor<B: burn::prelude::Backend>(
     let norms = |t: Tensor<B, 2>| t.powi_scalar(2).sum_dim(1).sqrt(); // [rows, 1]
     Ok(match *rule {
         Rule::Bucketed { .. } => return Err(RobustError::Unbucketed),
-        Rule::Mean => row_sum(&deltas, 0, m)
-            .mul_scalar(1.0 / m as f32)
-            .reshape([n]),
+        Rule::Mean => {
+            // The integer limbs of the exact sum add up on the device; one readback, and the
+            // division on the host, as the CPU kernel does it (bitwise the same).
+            if m > crate::exact::MAX_TERMS {
+                return Err(RobustError::TooMany(m));
+            }
+            let device = deltas.device();
+            let mut sums = Vec::with_capacity(crate::exact::LIMB_SHIFTS.len());
+            for limb in crate::exact::limbs(deltas) {
+                let data = limb
+                    .sum_dim(0)
+                    .into_data_async()
+                    .await
+                    .map_err(|e| RobustError::Readback(e.to_string()))?;
+                sums.push(data.iter::<i64>().collect::<Vec<i64>>());
+            }
+            let mean: Vec<f32> = (0..n)
+                .map(|j| {
+                    let sum =
+                        crate::exact::from_limbs([sums[0][j], sums[1][j], sums[2][j], sums[3][j]]);
+                    crate::exact::mean_of(sum, m)
+                })
+                .collect();
+            Tensor::from_data(TensorData::new(mean, [n]), &device)
+        }
         Rule::Median => {
             let sorted = deltas.sort(0);
             if m % 2 == 1 {
@@ -333,6 +362,7 @@ pub fn aggregate(
     }
     match *rule {
         Rule::Bucketed { .. } => Err(RobustError::Unbucketed),
+        Rule::Mean if rows.len() > crate::exact::MAX_TERMS => Err(RobustError::TooMany(rows.len())),
         Rule::Mean => fused(mean(&rows, n)),
         Rule::Median => {
             // Only the middle rank (or the middle two, as a pair) is read.
@@ -466,33 +496,37 @@ fn for_each_chunk(
 }
 
 /// Coordinates summed together in [`mean`].
-const TILE: usize = 4096;
+const TILE: usize = 2048;
 
-/// The coordinate-wise mean in one pass over the rows, or `None` if a value was not finite
-/// (a NaN or infinity in any input makes its coordinate's sum non-finite).
+/// The coordinate-wise mean in one pass over the rows, summed exactly on the fixed-point grid
+/// of [`crate::exact`] (so bitwise independent of the order and grouping of the rows), or
+/// `None` if a value was not finite.
 fn mean(rows: &[&[f32]], n: usize) -> Option<Vec<f32>> {
-    let scale = 1.0 / rows.len() as f32;
+    let m = rows.len();
     let mut out = vec![0.0f32; n];
     let chunk = part_size(n, TILE);
     let finite = for_each_chunk(&mut out, chunk, |i, part| {
-        let mut finite = true;
+        let mut check = [0.0f32; TILE];
         // Tiles keep the accumulator (16 KiB) in L1 while the rows stream past once.
         for (t, tile) in part.chunks_mut(TILE).enumerate() {
             let start = i * chunk + t * TILE;
-            let mut acc = [0.0f32; TILE];
+            let mut acc = [0i64; TILE];
             let acc = &mut acc[..tile.len()];
             for row in rows {
                 acc.iter_mut()
+                    .zip(check.iter_mut())
                     .zip(&row[start..start + tile.len()])
-                    .for_each(|(a, v)| *a += v);
+                    .for_each(|((a, c), v)| {
+                        *a += crate::exact::fixed(*v);
+                        // x·0 is 0 for finite x and NaN otherwise: a branch-free check.
+                        *c += v * 0.0;
+                    });
             }
-            // x·0 is 0 for finite x and NaN otherwise: a branch-free check.
-            finite &= acc.iter().fold(0.0f32, |z, a| z + a * 0.0) == 0.0;
             tile.iter_mut()
                 .zip(acc.iter())
-                .for_each(|(o, a)| *o = a * scale);
+                .for_each(|(o, a)| *o = crate::exact::mean_of(*a, m));
         }
-        finite
+        check.iter().all(|c| *c == 0.0)
     });
     finite.then_some(out)
 }
@@ -751,8 +785,17 @@ fn multi_krum(rows: &[&[f32]], n: usize, f: usize, m: usize) -> Result<Vec<f32>,
 }
 
 fn geometric_median(rows: &[&[f32]], n: usize, iterations: u32) -> Vec<f32> {
-    // Inputs are finite here; only an overflowing sum has no mean: then start from zero.
-    let mut z = mean(rows, n).unwrap_or_else(|| vec![0.0; n]);
+    // Start from the plain mean (in f64: finite inputs never overflow it; not the exact mean,
+    // which clamps what an attacker makes huge).
+    let scale = 1.0 / rows.len() as f64;
+    let mut start = vec![0.0f64; n];
+    for row in rows {
+        start
+            .iter_mut()
+            .zip(row.iter())
+            .for_each(|(acc, v)| *acc += f64::from(*v));
+    }
+    let mut z: Vec<f32> = start.into_iter().map(|v| (v * scale) as f32).collect();
     for _ in 0..iterations {
         let weights: Vec<f64> = rows
             .iter()
@@ -1088,13 +1131,11 @@ mod tests {
                 }
             }
         }
-        // Finite values whose sum overflows are refused too, never returned as ∞.
+        // Finite values whose f32 sum would overflow: the exact mean counts each as ±LIMIT.
         let mut huge = clean.clone();
         huge.iter_mut().for_each(|c| c.delta[9] = f32::MAX);
-        assert!(matches!(
-            aggregate(&Rule::Mean, &huge, n, None),
-            Err(RobustError::NonFinite(_))
-        ));
+        let mean = aggregate(&Rule::Mean, &huge, n, None).expect("finite");
+        assert_eq!(mean[9], crate::exact::LIMIT);
     }
 
     /// The tensor rules (any Burn backend; ndarray here, wgpu and CUDA in the relay's backend
@@ -1128,11 +1169,12 @@ mod tests {
                     Tensor::<NdArray, 2>::from_data(TensorData::new(rows, [count, n]), &device);
                 let center =
                     Tensor::<NdArray, 1>::from_data(TensorData::new(center.clone(), [n]), &device);
-                let gpu = aggregate_tensor(&rule, deltas, Some(center))
-                    .expect("tensor")
-                    .into_data()
-                    .to_vec::<f32>()
-                    .expect("f32");
+                let gpu =
+                    futures::executor::block_on(aggregate_tensor(&rule, deltas, Some(center)))
+                        .expect("tensor")
+                        .into_data()
+                        .to_vec::<f32>()
+                        .expect("f32");
                 let scale = cpu.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1.0);
                 let worst = cpu
                     .iter()
@@ -1147,7 +1189,7 @@ mod tests {
         }
         let empty = Tensor::<NdArray, 2>::zeros([0, 4], &device);
         assert_eq!(
-            aggregate_tensor(&Rule::Median, empty, None).err(),
+            futures::executor::block_on(aggregate_tensor(&Rule::Median, empty, None)).err(),
             Some(RobustError::Empty)
         );
     }
