@@ -958,6 +958,15 @@ impl RunSpec {
                 self.aggregator, self.quorum
             ));
         }
+        if self.aggregator == crate::robust::Rule::Mean
+            && self.quorum as usize > crate::exact::MAX_TERMS
+        {
+            return fail(format!(
+                "a quorum of {} is more updates than the exact mean sums in one round ({})",
+                self.quorum,
+                crate::exact::MAX_TERMS
+            ));
+        }
         if self.round_deadline_ms == 0 {
             return fail("the round deadline must be positive".into());
         }

@@ -29,7 +29,8 @@ pub fn in_peer_order(contributions: &[Contribution]) -> Option<(Vec<&Contributio
 /// An aggregation rule and its parameters.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Rule {
-    /// The coordinate-wise mean.
+    /// The coordinate-wise mean, summed exactly ([`crate::exact`]): the same bits whatever the
+    /// order or grouping of the updates.
     Mean,
     /// The coordinate-wise median.
     Median,

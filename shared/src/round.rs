@@ -919,7 +919,20 @@ mod tests {
         assert!((s.params()[0] + 0.1).abs() < 1e-6, "{:?}", s.params());
 
         // A quorum below what the rule needs is refused when the run is set up.
-        let err = RunSpec { quorum: 3, ..krum }.validate().unwrap_err();
+        let err = RunSpec {
+            quorum: 3,
+            ..krum.clone()
+        }
+        .validate()
+        .unwrap_err();
         assert!(err.reason.contains("needs at least 5 updates"), "{err}");
+        // A quorum the exact mean cannot sum in one round too.
+        let mean = RunSpec {
+            aggregator: Rule::Mean,
+            quorum: crate::exact::MAX_TERMS as u32 + 1,
+            ..krum
+        };
+        let err = mean.validate().unwrap_err();
+        assert!(err.reason.contains("exact mean"), "{err}");
     }
 }
