@@ -785,31 +785,28 @@ fn multi_krum(rows: &[&[f32]], n: usize, f: usize, m: usize) -> Result<Vec<f32>,
     mean(&chosen, n).ok_or_else(|| RobustError::NonFinite("the sum (overflow)".into()))
 }
 
+/// Σ wᵢ·rowᵢ / Σ wᵢ, accumulated in f64.
+fn weighted_mean(rows: &[&[f32]], weights: &[f64], n: usize) -> Vec<f32> {
+    let total: f64 = weights.iter().sum();
+    let mut sum = vec![0.0f64; n];
+    for (row, w) in rows.iter().zip(weights) {
+        for (acc, v) in sum.iter_mut().zip(row.iter()) {
+            *acc += w * f64::from(*v);
+        }
+    }
+    sum.into_iter().map(|v| (v / total) as f32).collect()
+}
+
 fn geometric_median(rows: &[&[f32]], n: usize, iterations: u32) -> Vec<f32> {
     // Start from the plain mean (in f64: finite inputs never overflow it; not the exact mean,
     // which clamps what an attacker makes huge).
-    let scale = 1.0 / rows.len() as f64;
-    let mut start = vec![0.0f64; n];
-    for row in rows {
-        start
-            .iter_mut()
-            .zip(row.iter())
-            .for_each(|(acc, v)| *acc += f64::from(*v));
-    }
-    let mut z: Vec<f32> = start.into_iter().map(|v| (v * scale) as f32).collect();
+    let mut z = weighted_mean(rows, &vec![1.0; rows.len()], n);
     for _ in 0..iterations {
         let weights: Vec<f64> = rows
             .iter()
             .map(|r| 1.0 / squared_distance(r, &z).sqrt().max(1e-8))
             .collect();
-        let total: f64 = weights.iter().sum();
-        let mut next = vec![0.0f64; n];
-        for (row, w) in rows.iter().zip(&weights) {
-            for (acc, v) in next.iter_mut().zip(row.iter()) {
-                *acc += w * f64::from(*v);
-            }
-        }
-        z = next.into_iter().map(|v| (v / total) as f32).collect();
+        z = weighted_mean(rows, &weights, n);
     }
     z
 }
